@@ -1,0 +1,73 @@
+// Row softmax of the scratch S in place (S becomes the weights P), max-subtracted, and the
+// log-sum-exp of each row into LSE [batch, q_heads, M].
+// One workgroup per row: invocations stride over the keys, then reduce in workgroup memory.
+//!include common/params.wgsl
+
+@group(0) @binding(0) var<uniform> p: AttnParams;
+@group(0) @binding(1) var<storage, read_write> s: array<f32>;
+@group(0) @binding(2) var<storage, read_write> lse: array<f32>;
+
+const WG: u32 = 128u;
+
+var<workgroup> red: array<f32, 128>;
+
+fn reduce_max(t: u32, x: f32) -> f32 {
+    red[t] = x;
+    workgroupBarrier();
+    for (var w = WG / 2u; w > 0u; w /= 2u) {
+        if t < w {
+            red[t] = max(red[t], red[t + w]);
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn reduce_sum(t: u32, x: f32) -> f32 {
+    red[t] = x;
+    workgroupBarrier();
+    for (var w = WG / 2u; w > 0u; w /= 2u) {
+        if t < w {
+            red[t] = red[t] + red[t + w];
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+@compute @workgroup_size(128, 1, 1)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let row = wg.x;
+    let lbh = wg.y;
+    let base = (lbh * p.rows + row) * p.n;
+
+    var mx = NEG_BIG;
+    for (var j = t; j < p.n; j += WG) {
+        mx = max(mx, s[base + j]);
+    }
+    mx = reduce_max(t, mx);
+
+    var sum = 0.0;
+    for (var j = t; j < p.n; j += WG) {
+        sum += exp(s[base + j] - mx);
+    }
+    sum = reduce_sum(t, sum);
+
+    // The row's max contributes exp(0) = 1, so sum ≥ 1 here; the guard keeps later masked
+    // rows (all keys removed) at weight 0 instead of 0/0.
+    var inv = 0.0;
+    if sum > 0.0 {
+        inv = 1.0 / sum;
+    }
+    for (var j = t; j < p.n; j += WG) {
+        s[base + j] = exp(s[base + j] - mx) * inv;
+    }
+    if t == 0u {
+        let bh = p.bh_offset + lbh;
+        lse[bh * p.m + p.row_offset + row] = mx + log(sum);
+    }
+}

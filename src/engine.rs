@@ -1,0 +1,276 @@
+//! The public entry point: an [`Engine`] owns the pipeline cache and the planner for one device.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::gpu::context::Context;
+use crate::gpu::executor::{self, GpuTimer};
+use crate::gpu::pipelines::PipelineCache;
+use crate::gpu::tensor::Tensor;
+use crate::plan::{DeviceCaps, Path, Plan, Request, Slot};
+use crate::shape::AttnShape;
+
+/// Options of one attention call.
+///
+/// ```
+/// let opts = xattn::Attention::default().with_weights().with_scale(0.125);
+/// assert_eq!(opts.scale_for(64), 0.125);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Attention {
+    scale: Option<f32>,
+    weights: bool,
+    path: Option<Path>,
+}
+
+impl Attention {
+    /// Multiplies the logits Q·Kᵀ by `scale` instead of the default `1/√d_k`.
+    pub fn with_scale(mut self, scale: f32) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+    /// Also return the attention weights P `[batch, q_heads, M, N]` (forces the three-pass path).
+    pub fn with_weights(mut self) -> Self {
+        self.weights = true;
+        self
+    }
+    /// Forces a path instead of the planner's choice.
+    pub fn with_path(mut self, path: Path) -> Self {
+        self.path = Some(path);
+        self
+    }
+    /// Like [`Attention::with_path`], `None` restoring the planner's choice.
+    pub fn with_path_choice(mut self, path: Option<Path>) -> Self {
+        self.path = path;
+        self
+    }
+    /// The scale used for head dim `d_k`.
+    pub fn scale_for(&self, d_k: usize) -> f32 {
+        self.scale.unwrap_or(1.0 / (d_k as f32).sqrt())
+    }
+    /// Whether the weights are requested.
+    pub fn weights(&self) -> bool {
+        self.weights
+    }
+}
+
+/// Results on the device.
+#[derive(Debug)]
+pub struct Output {
+    /// O `[batch, M, q_heads, d_v]`.
+    pub o: Tensor,
+    /// LSE `[batch, q_heads, M]`: natural-log log-sum-exp of each row's scaled logits.
+    pub lse: Tensor,
+    /// P `[batch, q_heads, M, N]`, when requested.
+    pub weights: Option<Tensor>,
+}
+
+/// Results on the host, same layouts as [`Output`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostOutput {
+    /// O `[batch, M, q_heads, d_v]`.
+    pub o: Vec<f32>,
+    /// LSE `[batch, q_heads, M]`.
+    pub lse: Vec<f32>,
+    /// P `[batch, q_heads, M, N]`, when requested.
+    pub weights: Option<Vec<f32>>,
+}
+
+/// Scaled dot-product attention on one device: `O = softmax(scale·Q·Kᵀ)·V`.
+///
+/// Layouts (row-major f32): Q `[batch, M, q_heads, d_k]`, K `[batch, N, kv_heads, d_k]`,
+/// V `[batch, N, kv_heads, d_v]`, O `[batch, M, q_heads, d_v]`. `q_heads` must be a multiple of
+/// `kv_heads`; query head `h` reads K/V head `h / (q_heads / kv_heads)`.
+#[derive(Debug)]
+pub struct Engine {
+    ctx: Context,
+    caps: DeviceCaps,
+    cache: PipelineCache,
+}
+
+fn dims4(t: &Tensor, name: &str) -> Result<[usize; 4]> {
+    t.dims().try_into().map_err(|_| {
+        Error::Shape(format!("{name} must have 4 dims [batch, seq, heads, dim], got {:?}", t.dims()))
+    })
+}
+
+impl Engine {
+    /// An engine on `ctx` planning for the device's own limits.
+    pub fn new(ctx: &Context) -> Self {
+        Self::with_caps(ctx, DeviceCaps::from_limits(&ctx.limits))
+    }
+
+    /// An engine that plans as if the device's limits were `caps` (each clamped to the real
+    /// limit). Lets tests and users force the work-splitting paths.
+    pub fn with_caps(ctx: &Context, caps: DeviceCaps) -> Self {
+        let real = DeviceCaps::from_limits(&ctx.limits);
+        let caps = DeviceCaps {
+            max_binding: caps.max_binding.min(real.max_binding),
+            max_buffer: caps.max_buffer.min(real.max_buffer),
+            max_workgroups: caps.max_workgroups.min(real.max_workgroups),
+            max_workgroup_bytes: caps.max_workgroup_bytes.min(real.max_workgroup_bytes),
+            uniform_align: real.uniform_align,
+        };
+        Self { ctx: ctx.clone(), caps, cache: PipelineCache::default() }
+    }
+
+    /// The device context.
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    /// The limits the planner respects.
+    pub fn caps(&self) -> &DeviceCaps {
+        &self.caps
+    }
+
+    /// Uploads a host tensor (e.g. Q `[batch, M, heads, d_k]`).
+    pub fn upload(&self, data: &[f32], dims: &[usize]) -> Result<Tensor> {
+        Tensor::upload(&self.ctx, "input", data, dims)
+    }
+
+    fn request(&self, q: &Tensor, k: &Tensor, v: &Tensor, opts: &Attention) -> Result<Request> {
+        let shape = AttnShape::from_qkv(dims4(q, "q")?, dims4(k, "k")?, dims4(v, "v")?)?;
+        let scale = opts.scale_for(shape.d_k);
+        if !scale.is_finite() {
+            return Err(Error::Shape(format!("scale must be finite, got {scale}")));
+        }
+        Ok(Request { shape, scale, weights: opts.weights, path: opts.path })
+    }
+
+    /// What [`Engine::attention`] would run: path, tiles, splits, bytes.
+    pub fn plan(&self, q: &Tensor, k: &Tensor, v: &Tensor, opts: &Attention) -> Result<Plan> {
+        Plan::new(&self.request(q, k, v, opts)?, &self.caps)
+    }
+
+    /// Allocates outputs for `plan` (O, LSE and, if planned, weights).
+    pub fn alloc_output(&self, plan: &Plan) -> Result<Output> {
+        let s = plan.shape;
+        let wants_weights = plan.outputs.iter().any(|(slot, _)| *slot == Slot::Weights);
+        Ok(Output {
+            o: Tensor::empty(&self.ctx, "o", &s.o_dims())?,
+            lse: Tensor::empty(&self.ctx, "lse", &s.lse_dims())?,
+            weights: if wants_weights {
+                Some(Tensor::empty(&self.ctx, "weights", &s.weights_dims())?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Computes attention on device tensors into new output tensors.
+    pub fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, opts: &Attention) -> Result<Output> {
+        let plan = self.plan(q, k, v, opts)?;
+        let out = self.alloc_output(&plan)?;
+        self.run(&plan, q, k, v, &out, None)?;
+        Ok(out)
+    }
+
+    /// Runs a plan made by [`Engine::plan`] into existing outputs (from
+    /// [`Engine::alloc_output`]); with a timer, GPU timestamps bracket the work.
+    pub fn run(
+        &self,
+        plan: &Plan,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Output,
+        timer: Option<&GpuTimer>,
+    ) -> Result<()> {
+        let s = plan.shape;
+        let expect = |t: &Tensor, name: &str, dims: &[usize]| -> Result<()> {
+            if t.dims() != dims {
+                return Err(Error::Shape(format!(
+                    "{name} has dims {:?} but the plan needs {dims:?}",
+                    t.dims()
+                )));
+            }
+            Ok(())
+        };
+        expect(q, "q", &s.q_dims())?;
+        expect(k, "k", &s.k_dims())?;
+        expect(v, "v", &s.v_dims())?;
+        expect(&out.o, "output o", &s.o_dims())?;
+        expect(&out.lse, "output lse", &s.lse_dims())?;
+        let mut slots: HashMap<Slot, &wgpu::Buffer> = HashMap::from([
+            (Slot::Q, q.buffer()),
+            (Slot::K, k.buffer()),
+            (Slot::V, v.buffer()),
+            (Slot::O, out.o.buffer()),
+            (Slot::Lse, out.lse.buffer()),
+        ]);
+        if let Some(w) = &out.weights {
+            expect(w, "output weights", &s.weights_dims())?;
+            slots.insert(Slot::Weights, w.buffer());
+        }
+        executor::run(&self.ctx, &self.cache, plan, &slots, timer)
+    }
+
+    /// Attention on host slices: uploads, runs, downloads. `q_dims` etc. as in the layouts above.
+    pub fn attention_host(
+        &self,
+        q: (&[f32], [usize; 4]),
+        k: (&[f32], [usize; 4]),
+        v: (&[f32], [usize; 4]),
+        opts: &Attention,
+    ) -> Result<HostOutput> {
+        let q = Tensor::upload(&self.ctx, "q", q.0, &q.1)?;
+        let k = Tensor::upload(&self.ctx, "k", k.0, &k.1)?;
+        let v = Tensor::upload(&self.ctx, "v", v.0, &v.1)?;
+        let out = self.attention(&q, &k, &v, opts)?;
+        Ok(HostOutput {
+            o: out.o.to_host()?,
+            lse: out.lse.to_host()?,
+            weights: out.weights.map(|w| w.to_host()).transpose()?,
+        })
+    }
+
+    /// Exact merge of results over disjoint K/V shards of the same queries.
+    ///
+    /// Each shard is `(O_i [batch, M, q_heads, d_v], LSE_i [batch, q_heads, M])`, computed by
+    /// attention of the same Q over shard i of K/V. The result equals attention over all
+    /// shards' keys: `LSE = log Σ exp(LSE_i)`, `O = Σ exp(LSE_i − LSE)·O_i`. A shard whose LSE
+    /// is −∞ (it saw no key) weighs 0.
+    pub fn merge(&self, shards: &[(&Tensor, &Tensor)]) -> Result<(Tensor, Tensor)> {
+        let (o0, _) = shards.first().ok_or_else(|| Error::Shape("merge needs at least one shard".into()))?;
+        let [batch, m, q_heads, d_v] = dims4(o0, "shard 0 o")?;
+        let shape = AttnShape { batch, m, n: 1, q_heads, kv_heads: q_heads, d_k: d_v, d_v };
+        for (i, (o, lse)) in shards.iter().enumerate() {
+            if o.dims() != o0.dims() || lse.dims() != shape.lse_dims() {
+                return Err(Error::Shape(format!(
+                    "shard {i} has o {:?} and lse {:?}; expected o {:?} and lse {:?} like shard 0",
+                    o.dims(),
+                    lse.dims(),
+                    o0.dims(),
+                    shape.lse_dims()
+                )));
+            }
+        }
+        let plan = Plan::merge(&shape, shards.len(), &self.caps)?;
+        let o = Tensor::empty(&self.ctx, "merged_o", &shape.o_dims())?;
+        let lse = Tensor::empty(&self.ctx, "merged_lse", &shape.lse_dims())?;
+        let mut slots: HashMap<Slot, &wgpu::Buffer> =
+            HashMap::from([(Slot::O, o.buffer()), (Slot::Lse, lse.buffer())]);
+        for (i, (so, sl)) in shards.iter().enumerate() {
+            slots.insert(Slot::ShardO(i), so.buffer());
+            slots.insert(Slot::ShardLse(i), sl.buffer());
+        }
+        executor::run(&self.ctx, &self.cache, &plan, &slots, None)?;
+        Ok((o, lse))
+    }
+
+    /// [`Engine::merge`] on host slices: `o_dims` is `[batch, M, q_heads, d_v]`.
+    pub fn merge_host(&self, o_dims: [usize; 4], shards: &[(&[f32], &[f32])]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let [b, m, h, _] = o_dims;
+        let mut tensors = Vec::with_capacity(shards.len());
+        for (o, lse) in shards {
+            tensors.push((
+                Tensor::upload(&self.ctx, "shard_o", o, &o_dims)?,
+                Tensor::upload(&self.ctx, "shard_lse", lse, &[b, h, m])?,
+            ));
+        }
+        let refs: Vec<(&Tensor, &Tensor)> = tensors.iter().map(|(o, l)| (o, l)).collect();
+        let (o, lse) = self.merge(&refs)?;
+        Ok((o.to_host()?, lse.to_host()?))
+    }
+}

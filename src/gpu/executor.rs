@@ -1,0 +1,204 @@
+//! Turns a [`Plan`] into compute passes and copies on the device.
+
+use std::collections::HashMap;
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use crate::gpu::context::Context;
+use crate::gpu::pipelines::PipelineCache;
+use crate::params::AttnParams;
+use crate::plan::{Plan, Slot, Step};
+
+/// GPU timestamps around a whole plan (on adapters with `TIMESTAMP_QUERY`).
+#[derive(Debug)]
+pub struct GpuTimer {
+    queries: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    period_ns: f32,
+}
+
+impl GpuTimer {
+    /// A timer, or `None` where the device has no timestamp queries.
+    pub fn new(ctx: &Context) -> Option<Self> {
+        if !ctx.has_timestamps() {
+            return None;
+        }
+        let queries = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("xattn.timer"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("xattn.timer.resolve"),
+            size: 16,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        Some(Self { queries, resolve, period_ns: ctx.queue.get_timestamp_period() })
+    }
+
+    /// Milliseconds between the first pass's start and the last pass's end of the last run.
+    pub fn read_ms(&self, ctx: &Context) -> Result<f64> {
+        let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("xattn.timer.read"),
+            size: 16,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&self.resolve, 0, &staging, 0, 16);
+        ctx.queue.submit([enc.finish()]);
+        staging.map_async(wgpu::MapMode::Read, .., |_| {});
+        ctx.check()?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Gpu(format!("reading timestamps failed: {e}")))?;
+        let t: &[u64] = bytemuck::cast_slice(&view);
+        let ns = t[1].saturating_sub(t[0]) as f64 * f64::from(self.period_ns);
+        Ok(ns / 1e6)
+    }
+}
+
+/// Runs `plan` with the given buffers for its input/output slots; allocates its scratch.
+/// Waits for completion and reports any device error.
+pub fn run(
+    ctx: &Context,
+    cache: &PipelineCache,
+    plan: &Plan,
+    slots: &HashMap<Slot, &wgpu::Buffer>,
+    timer: Option<&GpuTimer>,
+) -> Result<()> {
+    let scratch: Vec<(Slot, wgpu::Buffer)> = plan
+        .scratch
+        .iter()
+        .map(|(slot, size)| {
+            let buf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(&format!("xattn.scratch.{slot:?}")),
+                size: (*size).max(4),
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            (*slot, buf)
+        })
+        .collect();
+    let buffer = |slot: Slot| -> Result<&wgpu::Buffer> {
+        scratch
+            .iter()
+            .find(|(s, _)| *s == slot)
+            .map(|(_, b)| b)
+            .or_else(|| slots.get(&slot).copied())
+            .ok_or_else(|| Error::Unsupported(format!("plan uses buffer {slot:?} that was not supplied")))
+    };
+
+    // All params in one uniform buffer, one aligned record per dispatch.
+    let stride = (std::mem::size_of::<AttnParams>() as u64)
+        .next_multiple_of(u64::from(ctx.limits.min_uniform_buffer_offset_alignment));
+    let mut uniform_bytes = Vec::new();
+    for step in &plan.steps {
+        if let Step::Dispatch(d) = step {
+            uniform_bytes.extend_from_slice(bytemuck::bytes_of(&d.params));
+            uniform_bytes.resize(uniform_bytes.len().next_multiple_of(stride as usize), 0);
+        }
+    }
+    if uniform_bytes.is_empty() {
+        uniform_bytes.resize(stride as usize, 0);
+    }
+    let uniforms = ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("xattn.params"),
+        contents: &uniform_bytes,
+        usage: wgpu::BufferUsages::UNIFORM,
+    });
+
+    // Bind groups first (they borrow nothing from the encoder).
+    let mut bound = Vec::new();
+    let mut record = 0u64;
+    for step in &plan.steps {
+        if let Step::Dispatch(d) = step {
+            let pipeline = cache.get(&ctx.device, d.kernel)?;
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &uniforms,
+                    offset: record * stride,
+                    size: wgpu::BufferSize::new(std::mem::size_of::<AttnParams>() as u64),
+                }),
+            }];
+            for (i, slot) in d.buffers.iter().enumerate() {
+                entries.push(wgpu::BindGroupEntry {
+                    binding: i as u32 + 1,
+                    resource: buffer(*slot)?.as_entire_binding(),
+                });
+            }
+            let group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(&d.kernel.label()),
+                layout: &pipeline.layout,
+                entries: &entries,
+            });
+            bound.push((pipeline, group));
+            record += 1;
+        }
+    }
+
+    // Consecutive dispatches share a pass; copies go between passes.
+    let pass_count = count_passes(&plan.steps);
+    let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+        label: Some("xattn.plan"),
+    });
+    let mut bound_iter = bound.iter();
+    let mut steps = plan.steps.iter().peekable();
+    let mut pass_index = 0;
+    while let Some(step) = steps.next() {
+        match step {
+            Step::Copy { src, src_offset, dst, dst_offset, size } => {
+                enc.copy_buffer_to_buffer(buffer(*src)?, *src_offset, buffer(*dst)?, *dst_offset, *size);
+            }
+            Step::Dispatch(first) => {
+                let timestamp_writes = timer.map(|t| wgpu::ComputePassTimestampWrites {
+                    query_set: &t.queries,
+                    beginning_of_pass_write_index: (pass_index == 0).then_some(0),
+                    end_of_pass_write_index: (pass_index + 1 == pass_count).then_some(1),
+                });
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("xattn.pass"),
+                    timestamp_writes,
+                });
+                let mut d = first;
+                loop {
+                    let (pipeline, group) = bound_iter.next().expect("one bind group per dispatch");
+                    pass.set_pipeline(&pipeline.pipeline);
+                    pass.set_bind_group(0, group, &[]);
+                    pass.dispatch_workgroups(d.grid[0], d.grid[1], d.grid[2]);
+                    match steps.peek() {
+                        Some(Step::Dispatch(next)) => {
+                            d = next;
+                            steps.next();
+                        }
+                        _ => break,
+                    }
+                }
+                pass_index += 1;
+            }
+        }
+    }
+    if let Some(t) = timer {
+        enc.resolve_query_set(&t.queries, 0..2, &t.resolve, 0);
+    }
+    ctx.queue.submit([enc.finish()]);
+    ctx.check()
+}
+
+fn count_passes(steps: &[Step]) -> usize {
+    let mut passes = 0;
+    let mut in_pass = false;
+    for step in steps {
+        let is_dispatch = matches!(step, Step::Dispatch(_));
+        if is_dispatch && !in_pass {
+            passes += 1;
+        }
+        in_pass = is_dispatch;
+    }
+    passes
+}

@@ -1,0 +1,156 @@
+//! The kernel registry: every WGSL file, its bindings, its specialization and its label.
+//!
+//! One kernel = `shaders/<name>.wgsl` + an entry here + a CPU twin `src/cpu/<name>.rs`.
+//! Bindings follow the house convention: binding 0 is the params uniform, then read-only
+//! inputs in argument order, then read-write outputs. `tests/shaders.rs` checks these lists
+//! against what naga reads from each shader, validates every specialization, and fails if a
+//! file in `shaders/` is not registered here.
+
+use crate::error::{Error, Result};
+
+/// How one binding of a kernel is accessed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// `var<uniform>` params.
+    Uniform,
+    /// `var<storage, read>`.
+    Read,
+    /// `var<storage, read_write>`.
+    ReadWrite,
+}
+
+/// A kernel together with its compile-time specialization: the pipeline cache key.
+/// Sequence lengths and batch sizes are never part of it; they travel in `AttnParams`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// `S = scale·Q·Kᵀ`, tiled.
+    QkScores,
+    /// Stable row softmax of S in place, with LSE.
+    SoftmaxRows,
+    /// `O = P·V`, tiled.
+    WeightedSum,
+    /// Fused online-softmax attention (also each split of split-K).
+    Flash {
+        /// Head dim of Q/K, rounded up to a multiple of 4.
+        dk: u32,
+        /// Head dim of V, rounded up to a multiple of 4.
+        dv: u32,
+        /// Keys per K/V tile in workgroup memory.
+        bc: u32,
+        /// Query rows (= invocations) per workgroup.
+        br: u32,
+    },
+    /// Merge of partial (O, LSE) over disjoint key ranges.
+    MergePartials,
+}
+
+/// The shader file of each kernel name, embedded at build time.
+pub const SHADER_FILES: &[(&str, &str)] = &[
+    ("qk_scores", include_str!("../../shaders/qk_scores.wgsl")),
+    ("softmax_rows", include_str!("../../shaders/softmax_rows.wgsl")),
+    ("weighted_sum", include_str!("../../shaders/weighted_sum.wgsl")),
+    ("flash", include_str!("../../shaders/flash.wgsl")),
+    ("merge_partials", include_str!("../../shaders/merge_partials.wgsl")),
+];
+
+/// Shared WGSL pulled in by `//!include <path>` lines.
+const COMMON_FILES: &[(&str, &str)] =
+    &[("common/params.wgsl", include_str!("../../shaders/common/params.wgsl"))];
+
+use Access::{Read, ReadWrite, Uniform};
+
+impl Kernel {
+    /// The file name (without `.wgsl`) of this kernel, also the first part of its label.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kernel::QkScores => "qk_scores",
+            Kernel::SoftmaxRows => "softmax_rows",
+            Kernel::WeightedSum => "weighted_sum",
+            Kernel::Flash { .. } => "flash",
+            Kernel::MergePartials => "merge_partials",
+        }
+    }
+
+    /// Bindings of `@group(0)` in order.
+    pub fn bindings(&self) -> &'static [Access] {
+        match self {
+            Kernel::QkScores | Kernel::WeightedSum => &[Uniform, Read, Read, ReadWrite],
+            Kernel::SoftmaxRows => &[Uniform, ReadWrite, ReadWrite],
+            Kernel::Flash { .. } => &[Uniform, Read, Read, Read, ReadWrite, ReadWrite],
+            Kernel::MergePartials => &[Uniform, Read, Read, ReadWrite, ReadWrite],
+        }
+    }
+
+    /// Pipeline label: name plus specialization, e.g. `xattn.flash_dk64_dv64_bc32_br64`.
+    pub fn label(&self) -> String {
+        match self {
+            Kernel::Flash { dk, dv, bc, br } => {
+                format!("xattn.flash_dk{dk}_dv{dv}_bc{bc}_br{br}")
+            }
+            other => format!("xattn.{}", other.name()),
+        }
+    }
+
+    /// Workgroup-memory bytes the kernel declares (checked against the device limit).
+    pub fn workgroup_bytes(&self) -> u64 {
+        match *self {
+            Kernel::QkScores | Kernel::WeightedSum => 2 * 1024 * 4,
+            Kernel::SoftmaxRows => 128 * 4,
+            Kernel::Flash { dk, dv, bc, .. } => u64::from(bc * (dk + dv)) * 4,
+            Kernel::MergePartials => 0,
+        }
+    }
+
+    /// The full WGSL source: specialization prelude, the file, and its includes resolved.
+    pub fn source(&self) -> String {
+        let file = SHADER_FILES
+            .iter()
+            .find(|(name, _)| *name == self.name())
+            .map(|(_, src)| *src)
+            .expect("every Kernel variant has an entry in SHADER_FILES");
+        let mut out = String::new();
+        if let Kernel::Flash { dk, dv, bc, br } = self {
+            out.push_str(&format!(
+                "const DK: u32 = {dk}u;\nconst DV: u32 = {dv}u;\nconst BC: u32 = {bc}u;\nconst BR: u32 = {br}u;\n"
+            ));
+        }
+        out.push_str(&resolve_includes(file));
+        out
+    }
+
+    /// Parses and validates the source with naga; returns the module for introspection.
+    pub fn validate(&self) -> Result<naga::Module> {
+        let label = self.label();
+        let source = self.source();
+        let module = naga::front::wgsl::parse_str(&source).map_err(|e| Error::Shader {
+            kernel: label.clone(),
+            message: e.emit_to_string(&source),
+        })?;
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::empty(),
+        )
+        .validate(&module)
+        .map_err(|e| Error::Shader { kernel: label, message: e.emit_to_string(&source) })?;
+        Ok(module)
+    }
+}
+
+/// Replaces each `//!include <path>` line with the named common file.
+pub fn resolve_includes(file: &str) -> String {
+    let mut out = String::with_capacity(file.len() + 2048);
+    for line in file.lines() {
+        match line.trim().strip_prefix("//!include ") {
+            Some(path) => {
+                let (_, src) = COMMON_FILES
+                    .iter()
+                    .find(|(p, _)| *p == path.trim())
+                    .expect("include names a file listed in COMMON_FILES");
+                out.push_str(src);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,8 @@
+//! Everything that touches wgpu: the device context, the kernel registry, the pipeline
+//! cache, tensors and the executor that runs plans.
+
+pub mod context;
+pub mod executor;
+pub mod kernels;
+pub mod pipelines;
+pub mod tensor;

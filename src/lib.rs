@@ -1,0 +1,45 @@
+//! xattn — cross-attention on any GPU wgpu reaches (Vulkan, Metal, DX12, GL).
+//!
+//! `O = softmax(scale · Q·Kᵀ) · V` with Q from the target sequence (M rows) and K, V from the
+//! source (N rows), computed by WGSL kernels and checked against a CPU reference.
+//!
+//! ```no_run
+//! # fn main() -> xattn::Result<()> {
+//! let ctx = xattn::Context::new()?;          // headless; honours WGPU_BACKEND, WGPU_ADAPTER_NAME
+//! let engine = xattn::Engine::new(&ctx);
+//! let (b, m, n, h, d) = (1, 4, 77, 8, 40);
+//! let q = engine.upload(&vec![0.1; b * m * h * d], &[b, m, h, d])?;
+//! let k = engine.upload(&vec![0.2; b * n * h * d], &[b, n, h, d])?;   // reusable across calls
+//! let v = engine.upload(&vec![0.3; b * n * h * d], &[b, n, h, d])?;
+//! let opts = xattn::Attention::default();
+//! println!("{}", engine.plan(&q, &k, &v, &opts)?);  // path, tiles, splits, bytes
+//! let out = engine.attention(&q, &k, &v, &opts)?;
+//! let o: Vec<f32> = out.o.to_host()?;              // [b, m, h, d]
+//! # Ok(()) }
+//! ```
+//!
+//! Layouts, all row-major f32:
+//!
+//! | tensor | shape |
+//! |---|---|
+//! | Q | `[batch, M, q_heads, d_k]` |
+//! | K | `[batch, N, kv_heads, d_k]` |
+//! | V | `[batch, N, kv_heads, d_v]` |
+//! | O | `[batch, M, q_heads, d_v]` |
+//! | weights P | `[batch, q_heads, M, N]` |
+//! | LSE | `[batch, q_heads, M]`, natural log of Σ exp(scaled logits) |
+
+pub mod cpu;
+mod engine;
+mod error;
+pub mod gpu;
+pub mod params;
+pub mod plan;
+pub mod shape;
+
+pub use engine::{Attention, Engine, HostOutput, Output};
+pub use error::{Error, Result};
+pub use gpu::context::Context;
+pub use gpu::tensor::Tensor;
+pub use plan::{Path, Plan};
+pub use shape::AttnShape;

@@ -1,0 +1,601 @@
+//! The scheduler: shape + options + device limits → a plan of dispatches and copies.
+//!
+//! A plan holds no wgpu objects. It names buffers by [`Slot`], lists every dispatch with its
+//! params and grid (already checked against the device's limits), and the scratch it needs.
+//! The executor (`gpu::executor`) turns it into passes.
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+use crate::gpu::kernels::Kernel;
+use crate::params::AttnParams;
+use crate::shape::{AttnShape, F32};
+
+/// Which kernels compute the attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// `qk_scores` → `softmax_rows` → `weighted_sum`, through an M×N scratch (chunked to fit).
+    /// The only path that can return the weights P.
+    ThreePass,
+    /// One fused online-softmax kernel; nothing M×N is stored.
+    Fused,
+    /// The fused kernel over key splits in parallel, then `merge_partials`: for few query
+    /// rows and long K/V (decoding, Perceiver).
+    SplitK,
+}
+
+impl Path {
+    /// Name used by the CLI (`three-pass`, `fused`, `split-k`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Path::ThreePass => "three-pass",
+            Path::Fused => "fused",
+            Path::SplitK => "split-k",
+        }
+    }
+    /// All paths, in CLI order.
+    pub const ALL: [Path; 3] = [Path::ThreePass, Path::Fused, Path::SplitK];
+}
+
+impl std::str::FromStr for Path {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Path::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| {
+            Error::Unsupported(format!("unknown path `{s}` (expected three-pass, fused or split-k)"))
+        })
+    }
+}
+
+/// The device limits the planner respects. Built from `wgpu::Limits`; tests may shrink them
+/// to force the splitting paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceCaps {
+    /// `max_storage_buffer_binding_size`.
+    pub max_binding: u64,
+    /// `max_buffer_size`.
+    pub max_buffer: u64,
+    /// `max_compute_workgroups_per_dimension`.
+    pub max_workgroups: u32,
+    /// `max_compute_workgroup_storage_size`.
+    pub max_workgroup_bytes: u64,
+    /// `min_uniform_buffer_offset_alignment`.
+    pub uniform_align: u64,
+}
+
+impl DeviceCaps {
+    /// The caps of a device with these limits.
+    pub fn from_limits(l: &wgpu::Limits) -> Self {
+        Self {
+            max_binding: l.max_storage_buffer_binding_size,
+            max_buffer: l.max_buffer_size,
+            max_workgroups: l.max_compute_workgroups_per_dimension,
+            max_workgroup_bytes: u64::from(l.max_compute_workgroup_storage_size),
+            uniform_align: u64::from(l.min_uniform_buffer_offset_alignment),
+        }
+    }
+}
+
+/// A buffer named by its role. The executor maps slots to real buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Slot {
+    /// Queries (input).
+    Q,
+    /// Keys (input).
+    K,
+    /// Values (input).
+    V,
+    /// Output O.
+    O,
+    /// Output LSE.
+    Lse,
+    /// Output weights P (three-pass only).
+    Weights,
+    /// M×N score/weight scratch of one chunk (three-pass).
+    Scores,
+    /// Stacked partial outputs `[splits, batch, M, q_heads, d_v]` (split-K, merge).
+    PartO,
+    /// Stacked partial LSE `[splits, batch, q_heads, M]` (split-K, merge).
+    PartLse,
+    /// Shard `i`'s O, an input of an explicit merge.
+    ShardO(usize),
+    /// Shard `i`'s LSE, an input of an explicit merge.
+    ShardLse(usize),
+}
+
+/// One compute dispatch.
+#[derive(Clone, Debug)]
+pub struct Dispatch {
+    /// Kernel and specialization.
+    pub kernel: Kernel,
+    /// Its uniform params.
+    pub params: AttnParams,
+    /// Workgroups in x, y, z (each ≤ `max_workgroups`).
+    pub grid: [u32; 3],
+    /// Buffers for bindings 1.. (binding 0 is the params uniform).
+    pub buffers: Vec<Slot>,
+}
+
+/// A step of a plan, executed in order.
+#[derive(Clone, Debug)]
+pub enum Step {
+    /// Run a kernel.
+    Dispatch(Dispatch),
+    /// Copy bytes between buffers.
+    Copy {
+        /// Source buffer.
+        src: Slot,
+        /// Byte offset in the source.
+        src_offset: u64,
+        /// Destination buffer.
+        dst: Slot,
+        /// Byte offset in the destination.
+        dst_offset: u64,
+        /// Bytes to copy.
+        size: u64,
+    },
+}
+
+/// What to compute, as the planner needs it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Request {
+    /// The shape.
+    pub shape: AttnShape,
+    /// Logit scale.
+    pub scale: f32,
+    /// Whether the weights P must be returned.
+    pub weights: bool,
+    /// Forced path, or `None` for the planner's choice.
+    pub path: Option<Path>,
+}
+
+/// The work for one attention call.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The path chosen.
+    pub path: Path,
+    /// The problem.
+    pub shape: AttnShape,
+    /// Steps in order.
+    pub steps: Vec<Step>,
+    /// Scratch buffers and their sizes in bytes (allocated by the executor).
+    pub scratch: Vec<(Slot, u64)>,
+    /// Output buffers and their sizes in bytes.
+    pub outputs: Vec<(Slot, u64)>,
+    /// One line on the tiling (for people).
+    pub tiling: String,
+}
+
+/// Query rows per fused workgroup (one invocation each).
+pub const FUSED_ROWS: u32 = 64;
+/// Fewer workgroups than this on the fused path leaves a GPU idle: split the keys instead.
+const TARGET_WORKGROUPS: usize = 256;
+/// Smallest key range worth a split of its own.
+const MIN_SPLIT_KEYS: usize = 128;
+/// The three-pass scratch is capped here even where bindings may be larger.
+const SCRATCH_BUDGET: u64 = 256 << 20;
+/// Largest head dim the fused kernel keeps in registers.
+pub const FUSED_MAX_HEAD_DIM: usize = 256;
+/// Tile of the three-pass GEMM kernels (rows and columns per workgroup).
+const GEMM_TILE: usize = 64;
+/// Invocations per workgroup of merge_partials.
+const MERGE_WG: usize = 64;
+
+fn bytes(elems: usize) -> u64 {
+    elems as u64 * F32
+}
+
+fn limit_err(what: String, asked: u64, limit_name: &'static str, limit: u64) -> Error {
+    Error::Limit { what, asked, limit_name, limit }
+}
+
+impl Plan {
+    /// Plans `req` for a device with `caps`.
+    pub fn new(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
+        let s = req.shape;
+        for (name, dims) in
+            [("q", s.q_dims()), ("k", s.k_dims()), ("v", s.v_dims()), ("output o", s.o_dims())]
+        {
+            let size = bytes(dims.iter().product());
+            if size > caps.max_binding {
+                return Err(limit_err(
+                    format!("{name} {dims:?} (bound whole to every kernel)"),
+                    size,
+                    "max_storage_buffer_binding_size",
+                    caps.max_binding,
+                ));
+            }
+        }
+        let fused_ok = s.d_k <= FUSED_MAX_HEAD_DIM && s.d_v <= FUSED_MAX_HEAD_DIM;
+        let path = match req.path {
+            Some(p) => p,
+            None if req.weights || !fused_ok => Path::ThreePass,
+            None => {
+                let row_blocks = s.m.div_ceil(FUSED_ROWS as usize);
+                if row_blocks * s.bh() < TARGET_WORKGROUPS && s.n >= 2 * MIN_SPLIT_KEYS {
+                    Path::SplitK
+                } else {
+                    Path::Fused
+                }
+            }
+        };
+        if req.weights && path != Path::ThreePass {
+            return Err(Error::Unsupported(format!(
+                "the weights P are only produced by the three-pass path, not {}",
+                path.name()
+            )));
+        }
+        if path != Path::ThreePass && !fused_ok {
+            return Err(Error::Unsupported(format!(
+                "the {} path supports head dims up to {FUSED_MAX_HEAD_DIM}, got d_k {} d_v {}",
+                path.name(),
+                s.d_k,
+                s.d_v
+            )));
+        }
+        let mut plan = match path {
+            Path::ThreePass => three_pass(req, caps)?,
+            Path::Fused => fused(req, caps, None)?,
+            Path::SplitK => fused(req, caps, Some(split_count(&s, caps)))?,
+        };
+        plan.outputs.push((Slot::O, bytes(s.o_dims().iter().product())));
+        plan.outputs.push((Slot::Lse, bytes(s.lse_dims().iter().product())));
+        if req.weights {
+            let size = bytes(s.weights_dims().iter().product());
+            if size > caps.max_buffer {
+                return Err(limit_err(
+                    format!("weights {:?}", s.weights_dims()),
+                    size,
+                    "max_buffer_size",
+                    caps.max_buffer,
+                ));
+            }
+            plan.outputs.push((Slot::Weights, size));
+        }
+        Ok(plan)
+    }
+
+    /// Plans an exact merge of `shards` results over disjoint K/V of the same queries.
+    pub fn merge(shape: &AttnShape, shards: usize, caps: &DeviceCaps) -> Result<Plan> {
+        if shards == 0 {
+            return Err(Error::Shape("merge needs at least one shard".into()));
+        }
+        let o_bytes = bytes(shape.o_dims().iter().product());
+        let lse_bytes = bytes(shape.lse_dims().iter().product());
+        let mut steps = Vec::new();
+        for i in 0..shards {
+            steps.push(Step::Copy {
+                src: Slot::ShardO(i),
+                src_offset: 0,
+                dst: Slot::PartO,
+                dst_offset: i as u64 * o_bytes,
+                size: o_bytes,
+            });
+            steps.push(Step::Copy {
+                src: Slot::ShardLse(i),
+                src_offset: 0,
+                dst: Slot::PartLse,
+                dst_offset: i as u64 * lse_bytes,
+                size: lse_bytes,
+            });
+        }
+        let part_o = check_binding("stacked shard outputs", o_bytes * shards as u64, caps)?;
+        let part_lse = check_binding("stacked shard LSE", lse_bytes * shards as u64, caps)?;
+        steps.push(merge_step(shape, shards as u32, caps)?);
+        Ok(Plan {
+            path: Path::SplitK,
+            shape: *shape,
+            steps,
+            scratch: vec![(Slot::PartO, part_o), (Slot::PartLse, part_lse)],
+            outputs: vec![(Slot::O, o_bytes), (Slot::Lse, lse_bytes)],
+            tiling: format!("merge of {shards} shards, one invocation per output row"),
+        })
+    }
+
+    /// Bytes of scratch plus outputs this plan allocates on the device.
+    pub fn bytes_allocated(&self) -> u64 {
+        self.scratch.iter().chain(&self.outputs).map(|(_, b)| b).sum()
+    }
+
+    /// Number of dispatches.
+    pub fn dispatches(&self) -> usize {
+        self.steps.iter().filter(|s| matches!(s, Step::Dispatch(_))).count()
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "plan {} for {}", self.path.name(), self.shape)?;
+        writeln!(f, "  tiling: {}", self.tiling)?;
+        let copies = self.steps.len() - self.dispatches();
+        writeln!(f, "  steps: {} dispatches, {} copies", self.dispatches(), copies)?;
+        let mut kernels: Vec<String> = Vec::new();
+        for step in &self.steps {
+            if let Step::Dispatch(d) = step {
+                let label = d.kernel.label();
+                if !kernels.contains(&label) {
+                    kernels.push(label);
+                }
+            }
+        }
+        writeln!(f, "  kernels: {}", kernels.join(", "))?;
+        for (slot, size) in self.scratch.iter().chain(&self.outputs) {
+            writeln!(f, "  buffer {slot:?}: {}", human_bytes(*size))?;
+        }
+        write!(f, "  allocated: {}", human_bytes(self.bytes_allocated()))
+    }
+}
+
+/// `1.5 MiB`-style sizes.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut x = b as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{x:.1} {}", UNITS[u])
+    }
+}
+
+fn check_binding(what: &str, size: u64, caps: &DeviceCaps) -> Result<u64> {
+    if size > caps.max_binding {
+        return Err(limit_err(
+            what.to_string(),
+            size,
+            "max_storage_buffer_binding_size",
+            caps.max_binding,
+        ));
+    }
+    Ok(size)
+}
+
+fn check_grid(what: &str, count: usize, caps: &DeviceCaps) -> Result<u32> {
+    if count > caps.max_workgroups as usize {
+        return Err(limit_err(
+            format!("{what} workgroups"),
+            count as u64,
+            "max_compute_workgroups_per_dimension",
+            u64::from(caps.max_workgroups),
+        ));
+    }
+    Ok(count as u32)
+}
+
+fn base_params(s: &AttnShape, scale: f32) -> AttnParams {
+    AttnParams {
+        batch: s.batch as u32,
+        m: s.m as u32,
+        n: s.n as u32,
+        q_heads: s.q_heads as u32,
+        kv_heads: s.kv_heads as u32,
+        d_k: s.d_k as u32,
+        d_v: s.d_v as u32,
+        scale,
+        n_splits: 1,
+        split_len: s.n as u32,
+        ..Default::default()
+    }
+}
+
+/// Chunks of (batch·head range, row range) whose work fits one dispatch each.
+/// `bh_max` and `rows_max` bound one chunk; rows are only split when one bh is over the cap.
+fn chunks(s: &AttnShape, bh_max: usize, rows_max: usize) -> Vec<(usize, usize, usize, usize)> {
+    let mut out = Vec::new();
+    if rows_max >= s.m {
+        let mut bh0 = 0;
+        while bh0 < s.bh() {
+            let nbh = bh_max.min(s.bh() - bh0);
+            out.push((bh0, nbh, 0, s.m));
+            bh0 += nbh;
+        }
+    } else {
+        for bh in 0..s.bh() {
+            let mut r0 = 0;
+            while r0 < s.m {
+                let nr = rows_max.min(s.m - r0);
+                out.push((bh, 1, r0, nr));
+                r0 += nr;
+            }
+        }
+    }
+    out
+}
+
+fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
+    let s = req.shape;
+    let row_bytes = bytes(s.n);
+    let budget = caps.max_binding.min(caps.max_buffer).min(SCRATCH_BUDGET);
+    let max_wg = caps.max_workgroups as usize;
+    let kernel_mem = Kernel::QkScores.workgroup_bytes();
+    if kernel_mem > caps.max_workgroup_bytes {
+        return Err(limit_err(
+            "qk_scores tiles".into(),
+            kernel_mem,
+            "max_compute_workgroup_storage_size",
+            caps.max_workgroup_bytes,
+        ));
+    }
+    let rows_fit = (budget / row_bytes) as usize;
+    if rows_fit == 0 {
+        return Err(limit_err(
+            format!("one row of {} scores", s.n),
+            row_bytes,
+            "max_storage_buffer_binding_size",
+            budget,
+        ));
+    }
+    // Rows per chunk: the softmax grid has one workgroup per row in x.
+    let rows_cap = rows_fit.min(max_wg);
+    let (bh_max, rows_max) = if rows_cap >= s.m {
+        ((rows_fit / s.m).clamp(1, max_wg), s.m)
+    } else if rows_cap >= GEMM_TILE {
+        (1, rows_cap / GEMM_TILE * GEMM_TILE)
+    } else {
+        (1, rows_cap)
+    };
+    check_grid("qk_scores key-tile", s.n.div_ceil(GEMM_TILE), caps)?;
+    check_grid("weighted_sum dim-tile", s.d_v.div_ceil(GEMM_TILE), caps)?;
+
+    let base = base_params(&s, req.scale);
+    let mut steps = Vec::new();
+    let mut scratch_elems = 0;
+    for (bh0, nbh, r0, nr) in chunks(&s, bh_max, rows_max) {
+        scratch_elems = scratch_elems.max(nbh * nr * s.n);
+        let params = AttnParams {
+            bh_offset: bh0 as u32,
+            bh_count: nbh as u32,
+            row_offset: r0 as u32,
+            rows: nr as u32,
+            ..base
+        };
+        let row_tiles = nr.div_ceil(GEMM_TILE) as u32;
+        steps.push(Step::Dispatch(Dispatch {
+            kernel: Kernel::QkScores,
+            params,
+            grid: [s.n.div_ceil(GEMM_TILE) as u32, row_tiles, nbh as u32],
+            buffers: vec![Slot::Q, Slot::K, Slot::Scores],
+        }));
+        steps.push(Step::Dispatch(Dispatch {
+            kernel: Kernel::SoftmaxRows,
+            params,
+            grid: [nr as u32, nbh as u32, 1],
+            buffers: vec![Slot::Scores, Slot::Lse],
+        }));
+        steps.push(Step::Dispatch(Dispatch {
+            kernel: Kernel::WeightedSum,
+            params,
+            grid: [s.d_v.div_ceil(GEMM_TILE) as u32, row_tiles, nbh as u32],
+            buffers: vec![Slot::Scores, Slot::V, Slot::O],
+        }));
+        if req.weights {
+            // P is [bh, M, N]: a chunk of whole bh is one contiguous range, a row block too.
+            steps.push(Step::Copy {
+                src: Slot::Scores,
+                src_offset: 0,
+                dst: Slot::Weights,
+                dst_offset: bytes((bh0 * s.m + r0) * s.n),
+                size: bytes(nbh * nr * s.n),
+            });
+        }
+    }
+    let n_chunks = steps.iter().filter(|st| matches!(st, Step::Dispatch(d) if d.kernel == Kernel::QkScores)).count();
+    Ok(Plan {
+        path: Path::ThreePass,
+        shape: s,
+        steps,
+        scratch: vec![(Slot::Scores, bytes(scratch_elems))],
+        outputs: Vec::new(),
+        tiling: format!(
+            "64×64 output tiles (16×16 invocations, 4×4 each, 16-deep K/V steps); \
+             {n_chunks} chunk(s) of ≤{bh_max} head(s) × ≤{rows_max} rows; scores scratch {}",
+            human_bytes(bytes(scratch_elems))
+        ),
+    })
+}
+
+/// Keys per tile of the fused kernel: the largest power of two ≤ 64 whose K and V tiles fit
+/// in 16 KiB of workgroup memory (the WebGPU default limit), or the device's limit if lower.
+fn fused_kernel(s: &AttnShape, caps: &DeviceCaps) -> Result<Kernel> {
+    let dk = s.d_k.next_multiple_of(4) as u32;
+    let dv = s.d_v.next_multiple_of(4) as u32;
+    let budget = caps.max_workgroup_bytes.min(16 << 10);
+    let bc = [64u32, 32, 16, 8, 4]
+        .into_iter()
+        .find(|bc| u64::from(bc * (dk + dv)) * F32 <= budget)
+        .ok_or_else(|| {
+            limit_err(
+                format!("fused K/V tiles of 4 keys × (d_k {dk} + d_v {dv})"),
+                u64::from(4 * (dk + dv)) * F32,
+                "max_compute_workgroup_storage_size",
+                caps.max_workgroup_bytes,
+            )
+        })?;
+    Ok(Kernel::Flash { dk, dv, bc, br: FUSED_ROWS })
+}
+
+/// Key splits for split-K: enough workgroups to fill a GPU, each split ≥ MIN_SPLIT_KEYS.
+fn split_count(s: &AttnShape, caps: &DeviceCaps) -> usize {
+    let row_blocks = s.m.div_ceil(FUSED_ROWS as usize);
+    let wanted = TARGET_WORKGROUPS.div_ceil(row_blocks * s.bh());
+    let most = s.n.div_ceil(MIN_SPLIT_KEYS).max(1);
+    let mut splits = wanted.clamp(1, most).min(caps.max_workgroups as usize);
+    // Partials must fit one binding each.
+    let o_bytes = bytes(s.o_dims().iter().product());
+    while splits > 1 && o_bytes * splits as u64 > caps.max_binding {
+        splits /= 2;
+    }
+    splits
+}
+
+/// The fused kernel over all keys (`splits` = None), or split-K with partials and a merge.
+fn fused(req: &Request, caps: &DeviceCaps, splits: Option<usize>) -> Result<Plan> {
+    let s = req.shape;
+    let kernel = fused_kernel(&s, caps)?;
+    let Kernel::Flash { bc, .. } = kernel else { unreachable!("fused_kernel returns Flash") };
+    let max_wg = caps.max_workgroups as usize;
+    // Split lengths are whole tiles, so no tile straddles two splits.
+    let split_k = splits.is_some();
+    let split_len = s.n.div_ceil(splits.unwrap_or(1)).next_multiple_of(bc as usize);
+    let splits = s.n.div_ceil(split_len);
+    check_grid("split-K key-split", splits, caps)?;
+    let rows_max = max_wg * FUSED_ROWS as usize;
+    let (out_o, out_lse) = if split_k { (Slot::PartO, Slot::PartLse) } else { (Slot::O, Slot::Lse) };
+    let base = AttnParams { n_splits: splits as u32, split_len: split_len as u32, ..base_params(&s, req.scale) };
+    let mut steps = Vec::new();
+    for (bh0, nbh, r0, nr) in chunks(&s, max_wg, rows_max) {
+        let params = AttnParams {
+            bh_offset: bh0 as u32,
+            bh_count: nbh as u32,
+            row_offset: r0 as u32,
+            rows: nr as u32,
+            ..base
+        };
+        steps.push(Step::Dispatch(Dispatch {
+            kernel,
+            params,
+            grid: [nr.div_ceil(FUSED_ROWS as usize) as u32, splits as u32, nbh as u32],
+            buffers: vec![Slot::Q, Slot::K, Slot::V, out_o, out_lse],
+        }));
+    }
+    let mut scratch = Vec::new();
+    let path = if split_k {
+        let part_o = bytes(s.o_dims().iter().product()) * splits as u64;
+        let part_lse = bytes(s.lse_dims().iter().product()) * splits as u64;
+        scratch.push((Slot::PartO, check_binding("split-K partial outputs", part_o, caps)?));
+        scratch.push((Slot::PartLse, check_binding("split-K partial LSE", part_lse, caps)?));
+        steps.push(merge_step(&s, splits as u32, caps)?);
+        Path::SplitK
+    } else {
+        Path::Fused
+    };
+    Ok(Plan {
+        path,
+        shape: s,
+        steps,
+        scratch,
+        outputs: Vec::new(),
+        tiling: format!(
+            "{} (one query row per invocation, {bc}-key K/V tiles in workgroup memory); \
+             {splits} key split(s) of {split_len}",
+            kernel.label()
+        ),
+    })
+}
+
+fn merge_step(s: &AttnShape, splits: u32, caps: &DeviceCaps) -> Result<Step> {
+    let rows = s.batch * s.m * s.q_heads;
+    let groups = rows.div_ceil(MERGE_WG);
+    let x = groups.min(caps.max_workgroups as usize);
+    let y = check_grid("merge_partials", groups.div_ceil(x), caps)?;
+    let params = AttnParams { n_splits: splits, ..base_params(s, 1.0) };
+    Ok(Step::Dispatch(Dispatch {
+        kernel: Kernel::MergePartials,
+        params,
+        grid: [x as u32, y, 1],
+        buffers: vec![Slot::PartO, Slot::PartLse, Slot::O, Slot::Lse],
+    }))
+}
