@@ -1,16 +1,19 @@
 // Fused attention with an online softmax: never stores the M×N scores.
 // Each invocation owns one query row: Q in registers (pre-scaled by scale·log2 e, so exp2 is
 // the exponential), a running max `m` and sum `l`, and the f32 accumulator of O. The
-// workgroup walks its keys in tiles of BC rows of K and V staged in workgroup memory; every
-// invocation reads the same tile element at once (a broadcast). O is rescaled once per tile
-// when the max grows and divided once at the end.
+// workgroup walks its keys in tiles of BC rows of K and V staged in workgroup memory as vec4;
+// every invocation reads the same tile element at once (a broadcast). O is rescaled once per
+// tile when the max grows and divided once at the end.
 //
 // Split-K: workgroup_id.y picks a key range [split·split_len, …); each split writes its own
 // normalized (O, LSE) into slice `split` of o/lse, and merge_partials combines them by LSE.
 // With n_splits = 1 slice 0 is the final output.
 //
-// Specialized by the host (prelude): DK, DV (head dims rounded up to a multiple of 4; the
-// padding is zero), BC (keys per tile), BR (rows = invocations per workgroup).
+// Specialized by the host (prelude): DK4, DV4 (head dims in vec4s, zero-padded), BC (keys per
+// tile), BR (rows = invocations per workgroup), and the straight-line helpers `score`,
+// `rescale` and `accumulate` over DK4/DV4 vec4s. They are generated unrolled because the head
+// dim is known and because Mesa's llvmpipe stops any loop after 65535 cumulative iterations,
+// which per-element inner loops over d reach after a few hundred keys.
 //!include common/params.wgsl
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
@@ -23,8 +26,31 @@
 const LOG2E: f32 = 1.4426950408889634;
 const LN2: f32 = 0.6931471805599453;
 
-var<workgroup> k_tile: array<f32, BC * DK>;
-var<workgroup> v_tile: array<f32, BC * DV>;
+var<workgroup> k_tile: array<vec4<f32>, BC * DK4>;
+var<workgroup> v_tile: array<vec4<f32>, BC * DV4>;
+var<private> qr: array<vec4<f32>, DK4>;
+var<private> acc: array<vec4<f32>, DV4>;
+
+// Four consecutive elements of a row of `len` valid elements at `base`, zero past the end.
+fn load4_k(base: u32, d: u32, len: u32) -> vec4<f32> {
+    var x = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        if d + i < len {
+            x[i] = k[base + d + i];
+        }
+    }
+    return x;
+}
+
+fn load4_v(base: u32, d: u32, len: u32) -> vec4<f32> {
+    var x = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        if d + i < len {
+            x[i] = v[base + d + i];
+        }
+    }
+    return x;
+}
 
 @compute @workgroup_size(BR, 1, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -38,61 +64,44 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let key_begin = split * p.split_len;
     let key_end = min(p.n, key_begin + p.split_len);
 
-    var qr: array<f32, DK>;
     if live {
         let qbase = ((hd.b * p.m + grow) * p.q_heads + hd.h) * p.d_k;
         let qs = p.scale * LOG2E;
         for (var d = 0u; d < p.d_k; d++) {
-            qr[d] = q[qbase + d] * qs;
+            qr[d / 4u][d % 4u] = q[qbase + d] * qs;
         }
     }
-    var acc: array<f32, DV>;
     var sc: array<f32, BC>;
     var m = NEG_BIG;
     var l = 0.0;
 
     for (var t0 = key_begin; t0 < key_end; t0 += BC) {
         let len = min(BC, key_end - t0);
-        for (var e = li; e < BC * DK; e += BR) {
-            let c = e / DK;
-            let d = e % DK;
-            var x = 0.0;
-            if c < len && d < p.d_k {
-                x = k[((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_k + d];
-            }
-            k_tile[e] = x;
+        for (var e = li; e < BC * DK4; e += BR) {
+            let c = min(e / DK4, len - 1u);
+            let kbase = ((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_k;
+            k_tile[e] = load4_k(kbase, (e % DK4) * 4u, p.d_k);
         }
-        for (var e = li; e < BC * DV; e += BR) {
-            let c = e / DV;
-            let d = e % DV;
-            var x = 0.0;
-            if c < len && d < p.d_v {
-                x = v[((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_v + d];
-            }
-            v_tile[e] = x;
+        for (var e = li; e < BC * DV4; e += BR) {
+            let c = min(e / DV4, len - 1u);
+            let vbase = ((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_v;
+            v_tile[e] = load4_v(vbase, (e % DV4) * 4u, p.d_v);
         }
         workgroupBarrier();
         if live {
             var tmax = m;
             for (var c = 0u; c < len; c++) {
-                var dot = 0.0;
-                for (var d = 0u; d < DK; d++) {
-                    dot = fma(qr[d], k_tile[c * DK + d], dot);
-                }
-                sc[c] = dot;
-                tmax = max(tmax, dot);
+                let s = score(c * DK4);
+                sc[c] = s;
+                tmax = max(tmax, s);
             }
             let alpha = exp2(m - tmax);
             l *= alpha;
-            for (var d = 0u; d < DV; d++) {
-                acc[d] *= alpha;
-            }
+            rescale(alpha);
             for (var c = 0u; c < len; c++) {
                 let pc = exp2(sc[c] - tmax);
                 l += pc;
-                for (var d = 0u; d < DV; d++) {
-                    acc[d] = fma(pc, v_tile[c * DV + d], acc[d]);
-                }
+                accumulate(pc, c * DV4);
             }
             m = tmax;
         }
@@ -109,7 +118,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
         let obase = (((split * p.batch + hd.b) * p.m + grow) * p.q_heads + hd.h) * p.d_v;
         for (var d = 0u; d < p.d_v; d++) {
-            o[obase + d] = acc[d] * inv;
+            o[obase + d] = acc[d / 4u][d % 4u] * inv;
         }
         lse[(split * p.batch * p.q_heads + bh) * p.m + grow] = row_lse;
     }

@@ -90,7 +90,10 @@ pub struct Engine {
 
 fn dims4(t: &Tensor, name: &str) -> Result<[usize; 4]> {
     t.dims().try_into().map_err(|_| {
-        Error::Shape(format!("{name} must have 4 dims [batch, seq, heads, dim], got {:?}", t.dims()))
+        Error::Shape(format!(
+            "{name} must have 4 dims [batch, seq, heads, dim], got {:?}",
+            t.dims()
+        ))
     })
 }
 
@@ -111,7 +114,11 @@ impl Engine {
             max_workgroup_bytes: caps.max_workgroup_bytes.min(real.max_workgroup_bytes),
             uniform_align: real.uniform_align,
         };
-        Self { ctx: ctx.clone(), caps, cache: PipelineCache::default() }
+        Self {
+            ctx: ctx.clone(),
+            caps,
+            cache: PipelineCache::default(),
+        }
     }
 
     /// The device context.
@@ -135,7 +142,12 @@ impl Engine {
         if !scale.is_finite() {
             return Err(Error::Shape(format!("scale must be finite, got {scale}")));
         }
-        Ok(Request { shape, scale, weights: opts.weights, path: opts.path })
+        Ok(Request {
+            shape,
+            scale,
+            weights: opts.weights,
+            path: opts.path,
+        })
     }
 
     /// What [`Engine::attention`] would run: path, tiles, splits, bytes.
@@ -159,7 +171,13 @@ impl Engine {
     }
 
     /// Computes attention on device tensors into new output tensors.
-    pub fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, opts: &Attention) -> Result<Output> {
+    pub fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        opts: &Attention,
+    ) -> Result<Output> {
         let plan = self.plan(q, k, v, opts)?;
         let out = self.alloc_output(&plan)?;
         self.run(&plan, q, k, v, &out, None)?;
@@ -232,9 +250,19 @@ impl Engine {
     /// shards' keys: `LSE = log Σ exp(LSE_i)`, `O = Σ exp(LSE_i − LSE)·O_i`. A shard whose LSE
     /// is −∞ (it saw no key) weighs 0.
     pub fn merge(&self, shards: &[(&Tensor, &Tensor)]) -> Result<(Tensor, Tensor)> {
-        let (o0, _) = shards.first().ok_or_else(|| Error::Shape("merge needs at least one shard".into()))?;
+        let (o0, _) = shards
+            .first()
+            .ok_or_else(|| Error::Shape("merge needs at least one shard".into()))?;
         let [batch, m, q_heads, d_v] = dims4(o0, "shard 0 o")?;
-        let shape = AttnShape { batch, m, n: 1, q_heads, kv_heads: q_heads, d_k: d_v, d_v };
+        let shape = AttnShape {
+            batch,
+            m,
+            n: 1,
+            q_heads,
+            kv_heads: q_heads,
+            d_k: d_v,
+            d_v,
+        };
         for (i, (o, lse)) in shards.iter().enumerate() {
             if o.dims() != o0.dims() || lse.dims() != shape.lse_dims() {
                 return Err(Error::Shape(format!(
@@ -260,7 +288,11 @@ impl Engine {
     }
 
     /// [`Engine::merge`] on host slices: `o_dims` is `[batch, M, q_heads, d_v]`.
-    pub fn merge_host(&self, o_dims: [usize; 4], shards: &[(&[f32], &[f32])]) -> Result<(Vec<f32>, Vec<f32>)> {
+    pub fn merge_host(
+        &self,
+        o_dims: [usize; 4],
+        shards: &[(&[f32], &[f32])],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         let [b, m, h, _] = o_dims;
         let mut tensors = Vec::with_capacity(shards.len());
         for (o, lse) in shards {

@@ -40,9 +40,14 @@ impl Path {
 impl std::str::FromStr for Path {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Path::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| {
-            Error::Unsupported(format!("unknown path `{s}` (expected three-pass, fused or split-k)"))
-        })
+        Path::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "unknown path `{s}` (expected three-pass, fused or split-k)"
+                ))
+            })
     }
 }
 
@@ -185,16 +190,24 @@ fn bytes(elems: usize) -> u64 {
 }
 
 fn limit_err(what: String, asked: u64, limit_name: &'static str, limit: u64) -> Error {
-    Error::Limit { what, asked, limit_name, limit }
+    Error::Limit {
+        what,
+        asked,
+        limit_name,
+        limit,
+    }
 }
 
 impl Plan {
     /// Plans `req` for a device with `caps`.
     pub fn new(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
         let s = req.shape;
-        for (name, dims) in
-            [("q", s.q_dims()), ("k", s.k_dims()), ("v", s.v_dims()), ("output o", s.o_dims())]
-        {
+        for (name, dims) in [
+            ("q", s.q_dims()),
+            ("k", s.k_dims()),
+            ("v", s.v_dims()),
+            ("output o", s.o_dims()),
+        ] {
             let size = bytes(dims.iter().product());
             if size > caps.max_binding {
                 return Err(limit_err(
@@ -237,8 +250,10 @@ impl Plan {
             Path::Fused => fused(req, caps, None)?,
             Path::SplitK => fused(req, caps, Some(split_count(&s, caps)))?,
         };
-        plan.outputs.push((Slot::O, bytes(s.o_dims().iter().product())));
-        plan.outputs.push((Slot::Lse, bytes(s.lse_dims().iter().product())));
+        plan.outputs
+            .push((Slot::O, bytes(s.o_dims().iter().product())));
+        plan.outputs
+            .push((Slot::Lse, bytes(s.lse_dims().iter().product())));
         if req.weights {
             let size = bytes(s.weights_dims().iter().product());
             if size > caps.max_buffer {
@@ -293,12 +308,19 @@ impl Plan {
 
     /// Bytes of scratch plus outputs this plan allocates on the device.
     pub fn bytes_allocated(&self) -> u64 {
-        self.scratch.iter().chain(&self.outputs).map(|(_, b)| b).sum()
+        self.scratch
+            .iter()
+            .chain(&self.outputs)
+            .map(|(_, b)| b)
+            .sum()
     }
 
     /// Number of dispatches.
     pub fn dispatches(&self) -> usize {
-        self.steps.iter().filter(|s| matches!(s, Step::Dispatch(_))).count()
+        self.steps
+            .iter()
+            .filter(|s| matches!(s, Step::Dispatch(_)))
+            .count()
     }
 }
 
@@ -307,7 +329,12 @@ impl fmt::Display for Plan {
         writeln!(f, "plan {} for {}", self.path.name(), self.shape)?;
         writeln!(f, "  tiling: {}", self.tiling)?;
         let copies = self.steps.len() - self.dispatches();
-        writeln!(f, "  steps: {} dispatches, {} copies", self.dispatches(), copies)?;
+        writeln!(
+            f,
+            "  steps: {} dispatches, {} copies",
+            self.dispatches(),
+            copies
+        )?;
         let mut kernels: Vec<String> = Vec::new();
         for step in &self.steps {
             if let Step::Dispatch(d) = step {
@@ -482,7 +509,10 @@ fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
             });
         }
     }
-    let n_chunks = steps.iter().filter(|st| matches!(st, Step::Dispatch(d) if d.kernel == Kernel::QkScores)).count();
+    let n_chunks = steps
+        .iter()
+        .filter(|st| matches!(st, Step::Dispatch(d) if d.kernel == Kernel::QkScores))
+        .count();
     Ok(Plan {
         path: Path::ThreePass,
         shape: s,
@@ -514,7 +544,12 @@ fn fused_kernel(s: &AttnShape, caps: &DeviceCaps) -> Result<Kernel> {
                 caps.max_workgroup_bytes,
             )
         })?;
-    Ok(Kernel::Flash { dk, dv, bc, br: FUSED_ROWS })
+    Ok(Kernel::Flash {
+        dk,
+        dv,
+        bc,
+        br: FUSED_ROWS,
+    })
 }
 
 /// Key splits for split-K: enough workgroups to fill a GPU, each split ≥ MIN_SPLIT_KEYS.
@@ -535,16 +570,28 @@ fn split_count(s: &AttnShape, caps: &DeviceCaps) -> usize {
 fn fused(req: &Request, caps: &DeviceCaps, splits: Option<usize>) -> Result<Plan> {
     let s = req.shape;
     let kernel = fused_kernel(&s, caps)?;
-    let Kernel::Flash { bc, .. } = kernel else { unreachable!("fused_kernel returns Flash") };
+    let Kernel::Flash { bc, .. } = kernel else {
+        unreachable!("fused_kernel returns Flash")
+    };
     let max_wg = caps.max_workgroups as usize;
     // Split lengths are whole tiles, so no tile straddles two splits.
     let split_k = splits.is_some();
-    let split_len = s.n.div_ceil(splits.unwrap_or(1)).next_multiple_of(bc as usize);
+    let split_len =
+        s.n.div_ceil(splits.unwrap_or(1))
+            .next_multiple_of(bc as usize);
     let splits = s.n.div_ceil(split_len);
     check_grid("split-K key-split", splits, caps)?;
     let rows_max = max_wg * FUSED_ROWS as usize;
-    let (out_o, out_lse) = if split_k { (Slot::PartO, Slot::PartLse) } else { (Slot::O, Slot::Lse) };
-    let base = AttnParams { n_splits: splits as u32, split_len: split_len as u32, ..base_params(&s, req.scale) };
+    let (out_o, out_lse) = if split_k {
+        (Slot::PartO, Slot::PartLse)
+    } else {
+        (Slot::O, Slot::Lse)
+    };
+    let base = AttnParams {
+        n_splits: splits as u32,
+        split_len: split_len as u32,
+        ..base_params(&s, req.scale)
+    };
     let mut steps = Vec::new();
     for (bh0, nbh, r0, nr) in chunks(&s, max_wg, rows_max) {
         let params = AttnParams {
@@ -557,7 +604,11 @@ fn fused(req: &Request, caps: &DeviceCaps, splits: Option<usize>) -> Result<Plan
         steps.push(Step::Dispatch(Dispatch {
             kernel,
             params,
-            grid: [nr.div_ceil(FUSED_ROWS as usize) as u32, splits as u32, nbh as u32],
+            grid: [
+                nr.div_ceil(FUSED_ROWS as usize) as u32,
+                splits as u32,
+                nbh as u32,
+            ],
             buffers: vec![Slot::Q, Slot::K, Slot::V, out_o, out_lse],
         }));
     }
@@ -565,8 +616,14 @@ fn fused(req: &Request, caps: &DeviceCaps, splits: Option<usize>) -> Result<Plan
     let path = if split_k {
         let part_o = bytes(s.o_dims().iter().product()) * splits as u64;
         let part_lse = bytes(s.lse_dims().iter().product()) * splits as u64;
-        scratch.push((Slot::PartO, check_binding("split-K partial outputs", part_o, caps)?));
-        scratch.push((Slot::PartLse, check_binding("split-K partial LSE", part_lse, caps)?));
+        scratch.push((
+            Slot::PartO,
+            check_binding("split-K partial outputs", part_o, caps)?,
+        ));
+        scratch.push((
+            Slot::PartLse,
+            check_binding("split-K partial LSE", part_lse, caps)?,
+        ));
         steps.push(merge_step(&s, splits as u32, caps)?);
         Path::SplitK
     } else {
@@ -591,7 +648,10 @@ fn merge_step(s: &AttnShape, splits: u32, caps: &DeviceCaps) -> Result<Step> {
     let groups = rows.div_ceil(MERGE_WG);
     let x = groups.min(caps.max_workgroups as usize);
     let y = check_grid("merge_partials", groups.div_ceil(x), caps)?;
-    let params = AttnParams { n_splits: splits, ..base_params(s, 1.0) };
+    let params = AttnParams {
+        n_splits: splits,
+        ..base_params(s, 1.0)
+    };
     Ok(Step::Dispatch(Dispatch {
         kernel: Kernel::MergePartials,
         params,

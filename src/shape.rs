@@ -29,9 +29,13 @@ pub struct AttnShape {
 pub const F32: u64 = 4;
 
 fn dims_product(name: &str, dims: &[usize]) -> Result<usize> {
-    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
-        Error::Shape(format!("{name}: the product of dimensions {dims:?} overflows usize"))
-    })
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            Error::Shape(format!(
+                "{name}: the product of dimensions {dims:?} overflows usize"
+            ))
+        })
 }
 
 impl AttnShape {
@@ -57,17 +61,29 @@ impl AttnShape {
             return Err(Error::Shape(format!("k has {n} rows but v has {vn}")));
         }
         if vh != kv_heads {
-            return Err(Error::Shape(format!("k has {kv_heads} heads but v has {vh}")));
+            return Err(Error::Shape(format!(
+                "k has {kv_heads} heads but v has {vh}"
+            )));
         }
         if kd != d_k {
-            return Err(Error::Shape(format!("q head dim {d_k} differs from k head dim {kd}")));
+            return Err(Error::Shape(format!(
+                "q head dim {d_k} differs from k head dim {kd}"
+            )));
         }
         if q_heads % kv_heads != 0 {
             return Err(Error::Shape(format!(
                 "q heads ({q_heads}) must be a multiple of k/v heads ({kv_heads})"
             )));
         }
-        let shape = Self { batch, m, n, q_heads, kv_heads, d_k, d_v };
+        let shape = Self {
+            batch,
+            m,
+            n,
+            q_heads,
+            kv_heads,
+            d_k,
+            d_v,
+        };
         // Everything later multiplies these; make sure the largest products fit.
         dims_product("weights", &[batch, q_heads, m, n])?;
         dims_product("output", &[batch, m, q_heads, d_v])?;
@@ -108,7 +124,10 @@ impl AttnShape {
     }
     /// Floating-point operations of QKᵀ and PV: 2·B·H·M·N·(d_k + d_v) (= 4·B·H·M·N·d when equal).
     pub fn flops(&self) -> f64 {
-        2.0 * (self.bh() as f64) * (self.m as f64) * (self.n as f64) * ((self.d_k + self.d_v) as f64)
+        2.0 * (self.bh() as f64)
+            * (self.m as f64)
+            * (self.n as f64)
+            * ((self.d_k + self.d_v) as f64)
     }
     /// Bytes of Q, K, V read and O written once each: the floor on memory traffic.
     pub fn min_bytes(&self) -> u64 {
@@ -135,7 +154,12 @@ impl std::fmt::Display for AttnShape {
 pub fn check_len(name: &'static str, dims: &[usize], got: usize) -> Result<()> {
     let expected = dims_product(name, dims)?;
     if expected != got {
-        return Err(Error::Length { name, shape: dims.to_vec(), expected, got });
+        return Err(Error::Length {
+            name,
+            shape: dims.to_vec(),
+            expected,
+            got,
+        });
     }
     Ok(())
 }

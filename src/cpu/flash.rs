@@ -6,7 +6,15 @@ use crate::params::AttnParams;
 
 /// Writes split `split`'s normalized O into slice `split` of `o [n_splits, batch, M, q_heads, d_v]`
 /// and its LSE into `lse [n_splits, batch, q_heads, M]`, for every split of the chunk.
-pub fn flash(p: &AttnParams, bc: u32, q: &[f32], k: &[f32], v: &[f32], o: &mut [f32], lse: &mut [f32]) {
+pub fn flash(
+    p: &AttnParams,
+    bc: u32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &mut [f32],
+    lse: &mut [f32],
+) {
     let (dk, dv) = (p.d_k as usize, p.d_v as usize);
     let qs = p.scale * std::f32::consts::LOG2_E;
     for lbh in 0..p.bh_count {
@@ -29,7 +37,10 @@ pub fn flash(p: &AttnParams, bc: u32, q: &[f32], k: &[f32], v: &[f32], o: &mut [
                     let mut tmax = m;
                     for c in 0..len {
                         let kbase = (((b * p.n + t0 + c) * p.kv_heads + hk) * p.d_k) as usize;
-                        let dot = qr.iter().zip(&k[kbase..kbase + dk]).fold(0.0f32, |a, (&x, &y)| x.mul_add(y, a));
+                        let dot = qr
+                            .iter()
+                            .zip(&k[kbase..kbase + dk])
+                            .fold(0.0f32, |a, (&x, &y)| x.mul_add(y, a));
                         sc[c as usize] = dot;
                         tmax = tmax.max(dot);
                     }
@@ -52,7 +63,8 @@ pub fn flash(p: &AttnParams, bc: u32, q: &[f32], k: &[f32], v: &[f32], o: &mut [
                 } else {
                     (0.0, f32::NEG_INFINITY)
                 };
-                let obase = ((((split * p.batch + b) * p.m + grow) * p.q_heads + h) * p.d_v) as usize;
+                let obase =
+                    ((((split * p.batch + b) * p.m + grow) * p.q_heads + h) * p.d_v) as usize;
                 for (d, a) in acc.iter().enumerate() {
                     o[obase + d] = a * inv;
                 }

@@ -14,7 +14,8 @@ pub fn qk_scores(p: &AttnParams, q: &[f32], k: &[f32], s: &mut [f32]) {
             for key in 0..p.n {
                 let mut acc = 0.0f32;
                 for d in 0..p.d_k {
-                    let qv = q[(((b * p.m + p.row_offset + row) * p.q_heads + h) * p.d_k + d) as usize];
+                    let qv =
+                        q[(((b * p.m + p.row_offset + row) * p.q_heads + h) * p.d_k + d) as usize];
                     let kv = k[(((b * p.n + key) * p.kv_heads + hk) * p.d_k + d) as usize];
                     acc = qv.mul_add(kv, acc);
                 }

@@ -28,7 +28,11 @@ pub fn attention(s: &AttnShape, q: &[f32], k: &[f32], v: &[f32], scale: f64) -> 
                 let qrow = &q[((b * m_n + i) * hq + h) * dk..][..dk];
                 for (j, logit) in logits.iter_mut().enumerate() {
                     let krow = &k[((b * n_n + j) * hk + kh) * dk..][..dk];
-                    let dot: f64 = qrow.iter().zip(krow).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum();
+                    let dot: f64 = qrow
+                        .iter()
+                        .zip(krow)
+                        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                        .sum();
                     *logit = dot * scale;
                 }
                 let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);

@@ -60,12 +60,16 @@ impl Context {
                         detail: format!(" named like WGPU_ADAPTER_NAME={want}{}", backend_filter()),
                     })?
             }
-            Err(_) => pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-                power_preference: wgpu::PowerPreference::from_env()
-                    .unwrap_or(wgpu::PowerPreference::HighPerformance),
-                ..Default::default()
-            }))
-            .map_err(|e| Error::NoAdapter { detail: format!("{} ({e})", backend_filter()) })?,
+            Err(_) => pollster::block_on(
+                instance.request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::from_env()
+                        .unwrap_or(wgpu::PowerPreference::HighPerformance),
+                    ..Default::default()
+                }),
+            )
+            .map_err(|e| Error::NoAdapter {
+                detail: format!("{} ({e})", backend_filter()),
+            })?,
         };
         Self::from_adapter(&adapter)
     }
@@ -81,7 +85,10 @@ impl Context {
             memory_hints: wgpu::MemoryHints::Performance,
             ..Default::default()
         }))
-        .map_err(|e| Error::RequestDevice { adapter: info.name.clone(), reason: e.to_string() })?;
+        .map_err(|e| Error::RequestDevice {
+            adapter: info.name.clone(),
+            reason: e.to_string(),
+        })?;
         Ok(Self::from_device(device, queue, info))
     }
 

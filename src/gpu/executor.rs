@@ -35,7 +35,11 @@ impl GpuTimer {
             usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         });
-        Some(Self { queries, resolve, period_ns: ctx.queue.get_timestamp_period() })
+        Some(Self {
+            queries,
+            resolve,
+            period_ns: ctx.queue.get_timestamp_period(),
+        })
     }
 
     /// Milliseconds between the first pass's start and the last pass's end of the last run.
@@ -90,7 +94,9 @@ pub fn run(
             .find(|(s, _)| *s == slot)
             .map(|(_, b)| b)
             .or_else(|| slots.get(&slot).copied())
-            .ok_or_else(|| Error::Unsupported(format!("plan uses buffer {slot:?} that was not supplied")))
+            .ok_or_else(|| {
+                Error::Unsupported(format!("plan uses buffer {slot:?} that was not supplied"))
+            })
     };
 
     // All params in one uniform buffer, one aligned record per dispatch.
@@ -106,11 +112,13 @@ pub fn run(
     if uniform_bytes.is_empty() {
         uniform_bytes.resize(stride as usize, 0);
     }
-    let uniforms = ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("xattn.params"),
-        contents: &uniform_bytes,
-        usage: wgpu::BufferUsages::UNIFORM,
-    });
+    let uniforms = ctx
+        .device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("xattn.params"),
+            contents: &uniform_bytes,
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
 
     // Bind groups first (they borrow nothing from the encoder).
     let mut bound = Vec::new();
@@ -144,16 +152,30 @@ pub fn run(
 
     // Consecutive dispatches share a pass; copies go between passes.
     let pass_count = count_passes(&plan.steps);
-    let mut enc = ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-        label: Some("xattn.plan"),
-    });
+    let mut enc = ctx
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("xattn.plan"),
+        });
     let mut bound_iter = bound.iter();
     let mut steps = plan.steps.iter().peekable();
     let mut pass_index = 0;
     while let Some(step) = steps.next() {
         match step {
-            Step::Copy { src, src_offset, dst, dst_offset, size } => {
-                enc.copy_buffer_to_buffer(buffer(*src)?, *src_offset, buffer(*dst)?, *dst_offset, *size);
+            Step::Copy {
+                src,
+                src_offset,
+                dst,
+                dst_offset,
+                size,
+            } => {
+                enc.copy_buffer_to_buffer(
+                    buffer(*src)?,
+                    *src_offset,
+                    buffer(*dst)?,
+                    *dst_offset,
+                    *size,
+                );
             }
             Step::Dispatch(first) => {
                 let timestamp_writes = timer.map(|t| wgpu::ComputePassTimestampWrites {

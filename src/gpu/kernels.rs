@@ -47,15 +47,26 @@ pub enum Kernel {
 /// The shader file of each kernel name, embedded at build time.
 pub const SHADER_FILES: &[(&str, &str)] = &[
     ("qk_scores", include_str!("../../shaders/qk_scores.wgsl")),
-    ("softmax_rows", include_str!("../../shaders/softmax_rows.wgsl")),
-    ("weighted_sum", include_str!("../../shaders/weighted_sum.wgsl")),
+    (
+        "softmax_rows",
+        include_str!("../../shaders/softmax_rows.wgsl"),
+    ),
+    (
+        "weighted_sum",
+        include_str!("../../shaders/weighted_sum.wgsl"),
+    ),
     ("flash", include_str!("../../shaders/flash.wgsl")),
-    ("merge_partials", include_str!("../../shaders/merge_partials.wgsl")),
+    (
+        "merge_partials",
+        include_str!("../../shaders/merge_partials.wgsl"),
+    ),
 ];
 
 /// Shared WGSL pulled in by `//!include <path>` lines.
-const COMMON_FILES: &[(&str, &str)] =
-    &[("common/params.wgsl", include_str!("../../shaders/common/params.wgsl"))];
+const COMMON_FILES: &[(&str, &str)] = &[(
+    "common/params.wgsl",
+    include_str!("../../shaders/common/params.wgsl"),
+)];
 
 use Access::{Read, ReadWrite, Uniform};
 
@@ -109,10 +120,8 @@ impl Kernel {
             .map(|(_, src)| *src)
             .expect("every Kernel variant has an entry in SHADER_FILES");
         let mut out = String::new();
-        if let Kernel::Flash { dk, dv, bc, br } = self {
-            out.push_str(&format!(
-                "const DK: u32 = {dk}u;\nconst DV: u32 = {dv}u;\nconst BC: u32 = {bc}u;\nconst BR: u32 = {br}u;\n"
-            ));
+        if let Kernel::Flash { dk, dv, bc, br } = *self {
+            out.push_str(&flash_prelude(dk / 4, dv / 4, bc, br));
         }
         out.push_str(&resolve_includes(file));
         out
@@ -131,9 +140,32 @@ impl Kernel {
             naga::valid::Capabilities::empty(),
         )
         .validate(&module)
-        .map_err(|e| Error::Shader { kernel: label, message: e.emit_to_string(&source) })?;
+        .map_err(|e| Error::Shader {
+            kernel: label,
+            message: e.emit_to_string(&source),
+        })?;
         Ok(module)
     }
+}
+
+/// Constants and unrolled vec4 helpers of one flash specialization (see shaders/flash.wgsl).
+fn flash_prelude(dk4: u32, dv4: u32, bc: u32, br: u32) -> String {
+    let terms: Vec<String> = (0..dk4)
+        .map(|i| format!("dot(qr[{i}], k_tile[base + {i}u])"))
+        .collect();
+    let scales: String = (0..dv4)
+        .map(|i| format!("    acc[{i}] *= alpha;\n"))
+        .collect();
+    let adds: String = (0..dv4)
+        .map(|i| format!("    acc[{i}] = fma(vec4<f32>(pc), v_tile[base + {i}u], acc[{i}]);\n"))
+        .collect();
+    format!(
+        "const DK4: u32 = {dk4}u;\nconst DV4: u32 = {dv4}u;\nconst BC: u32 = {bc}u;\nconst BR: u32 = {br}u;\n\
+         fn score(base: u32) -> f32 {{\n    return {};\n}}\n\
+         fn rescale(alpha: f32) {{\n{scales}}}\n\
+         fn accumulate(pc: f32, base: u32) {{\n{adds}}}\n",
+        terms.join("\n        + ")
+    )
 }
 
 /// Replaces each `//!include <path>` line with the named common file.

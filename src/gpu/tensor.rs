@@ -41,12 +41,18 @@ impl Tensor {
             return Err(Error::Shape(format!("{name}: empty tensor {dims:?}")));
         }
         check_buffer_size(ctx, name, dims)?;
-        let buffer = ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(&format!("xattn.tensor.{name}")),
-            contents: bytemuck::cast_slice(data),
-            usage: USAGE,
-        });
-        Ok(Self { buffer, dims: dims.to_vec(), ctx: ctx.clone() })
+        let buffer = ctx
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(&format!("xattn.tensor.{name}")),
+                contents: bytemuck::cast_slice(data),
+                usage: USAGE,
+            });
+        Ok(Self {
+            buffer,
+            dims: dims.to_vec(),
+            ctx: ctx.clone(),
+        })
     }
 
     /// An uninitialized (zeroed by wgpu) tensor of shape `dims`.
@@ -58,7 +64,11 @@ impl Tensor {
             usage: USAGE,
             mapped_at_creation: false,
         });
-        Ok(Self { buffer, dims: dims.to_vec(), ctx: ctx.clone() })
+        Ok(Self {
+            buffer,
+            dims: dims.to_vec(),
+            ctx: ctx.clone(),
+        })
     }
 
     /// The dims, row-major.
@@ -84,7 +94,9 @@ impl Tensor {
     /// Overwrites the contents with `data` (same number of elements).
     pub fn write(&self, data: &[f32]) -> Result<()> {
         check_len("write", &self.dims, data.len())?;
-        self.ctx.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
+        self.ctx
+            .queue
+            .write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
         self.ctx.check()
     }
 
@@ -105,7 +117,9 @@ impl Tensor {
         let mut enc = self
             .ctx
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("xattn.readback") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("xattn.readback"),
+            });
         enc.copy_buffer_to_buffer(&self.buffer, 0, &staging, 0, size);
         self.ctx.queue.submit([enc.finish()]);
         let (tx, rx) = std::sync::mpsc::channel();

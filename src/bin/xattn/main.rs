@@ -1,1 +1,137 @@
-fn main() {}
+//! `xattn`: the command-line face of the library.
+//!
+//! - `xattn info` lists the adapters wgpu can see and which one [`xattn::Context::new`] picks.
+//! - `xattn run` computes attention on `.npy` files.
+//! - `xattn bench` times every path on standard or custom shapes, headless.
+//!
+//! Every failure a user can cause ends the process with a non-zero status and one line on
+//! stderr, `xattn: error: ...`; nothing a user does should reach a panic.
+
+mod bench;
+mod info;
+mod npy;
+mod run;
+mod suite;
+
+use std::fmt;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use xattn::Path;
+
+/// Cross-attention on any GPU wgpu reaches (Vulkan, Metal, DX12, GL).
+///
+/// Adapter selection: WGPU_BACKEND restricts the backends (vulkan, gl, metal, dx12),
+/// WGPU_ADAPTER_NAME picks an adapter by a substring of its name.
+#[derive(Debug, Parser)]
+#[command(name = "xattn", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the adapters, their limits and features, and the one used by default.
+    Info(info::InfoArgs),
+    /// Compute attention on .npy files: O = softmax(scale · Q·Kᵀ) · V.
+    Run(run::RunArgs),
+    /// Time the attention paths on standard or custom shapes.
+    Bench(bench::BenchArgs),
+}
+
+/// A failure reported to the user as one line: `xattn: error: <message>`.
+#[derive(Debug)]
+pub struct CliError(String);
+
+impl CliError {
+    /// A failure with this message.
+    pub fn new(msg: impl Into<String>) -> Self {
+        Self(msg.into())
+    }
+}
+
+impl fmt::Display for CliError {
+    /// Folds multi-line messages (wgpu validation errors have several lines) into one, so
+    /// scripts can rely on the error being the last line of stderr.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut words = self.0.split_whitespace();
+        if let Some(first) = words.next() {
+            f.write_str(first)?;
+        }
+        for w in words {
+            write!(f, " {w}")?;
+        }
+        Ok(())
+    }
+}
+
+impl From<xattn::Error> for CliError {
+    fn from(e: xattn::Error) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// Result of the subcommands.
+pub type CliResult<T> = Result<T, CliError>;
+
+/// A `--path` value: a forced [`Path`], or `None` for the planner's choice (`auto`).
+///
+/// A newtype because clap reads a field of type `Option<T>` as "flag may be absent".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathChoice(pub Option<Path>);
+
+/// Parses `auto` or a [`Path`] name (the library's `FromStr`, so the names live in one place).
+pub fn parse_path_choice(s: &str) -> Result<PathChoice, String> {
+    if s == "auto" {
+        return Ok(PathChoice(None));
+    }
+    s.parse::<Path>()
+        .map(|p| PathChoice(Some(p)))
+        .map_err(|_| path_names_hint(s, &["auto"]))
+}
+
+/// "unknown path `x`; expected one of ..." listing the library's path names plus `extra`.
+pub fn path_names_hint(got: &str, extra: &[&str]) -> String {
+    let names: Vec<&str> = extra
+        .iter()
+        .copied()
+        .chain(Path::ALL.iter().map(|p| p.name()))
+        .collect();
+    format!("unknown path `{got}`; expected one of {}", names.join(", "))
+}
+
+/// Replaces the default panic message (several lines and a backtrace hint) with the same
+/// one-line shape as every other error, so a bug still reads as `xattn: error: ...`.
+/// With RUST_BACKTRACE set, the default hook runs as well, for whoever debugs it.
+fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info: &std::panic::PanicHookInfo<'_>| {
+        let msg = CliError::new(format!(
+            "internal error (a bug in xattn, please report it): {info}"
+        ));
+        eprintln!("xattn: error: {msg}");
+        if std::env::var_os("RUST_BACKTRACE").is_some() {
+            default(info);
+        }
+    }));
+}
+
+fn main() -> ExitCode {
+    install_panic_hook();
+    let cli = Cli::parse();
+    let result = std::panic::catch_unwind(|| match cli.command {
+        Command::Info(args) => info::info(&args),
+        Command::Run(args) => run::run(&args),
+        Command::Bench(args) => bench::bench(&args),
+    });
+    match result {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
+            eprintln!("xattn: error: {e}");
+            ExitCode::FAILURE
+        }
+        // The hook has already printed the one line.
+        Err(_) => ExitCode::FAILURE,
+    }
+}

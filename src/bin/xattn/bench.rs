@@ -1,0 +1,540 @@
+//! `xattn bench`: headless timings of each path on standard or custom shapes.
+//!
+//! Times GPU completion, not submission: with `TIMESTAMP_QUERY` the GPU's own timestamps
+//! bracket the plan's passes; otherwise the host clock brackets `Engine::run`, which waits
+//! until the device is idle. Inputs are uploaded once per shape and outputs allocated once
+//! per (shape, path), so only the attention itself is measured.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use xattn::cpu::reference;
+use xattn::gpu::executor::GpuTimer;
+use xattn::{Attention, AttnShape, Context, Engine, Path, Plan, Tensor};
+
+use crate::suite::{self, SuiteShape};
+use crate::{parse_path_choice, path_names_hint, CliError, CliResult};
+
+/// Named shape suites.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SuiteName {
+    /// diffusion, decode, square, perceiver, long.
+    Standard,
+}
+
+/// Which paths to time on each shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathSet {
+    /// Every path that plans.
+    All,
+    /// One path, or the planner's choice (`None`).
+    One(Option<Path>),
+}
+
+fn parse_path_set(s: &str) -> Result<PathSet, String> {
+    if s == "all" {
+        return Ok(PathSet::All);
+    }
+    parse_path_choice(s)
+        .map(|c| PathSet::One(c.0))
+        .map_err(|_| path_names_hint(s, &["all", "auto"]))
+}
+
+/// Options of `xattn bench`.
+///
+/// Without --suite or a custom shape (--m, --n, --dk …) the standard suite runs; with both,
+/// the custom shape runs after the suite.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Shape suite to run.
+    #[arg(long, value_enum)]
+    suite: Option<SuiteName>,
+    /// Name of the custom shape in the table and JSON.
+    #[arg(long, default_value = "custom")]
+    name: String,
+    /// Custom shape: batch size (default 1).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Custom shape: query heads (default 1).
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Custom shape: key/value heads (default: --heads).
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    /// Custom shape: query rows M.
+    #[arg(long)]
+    m: Option<usize>,
+    /// Custom shape: key/value rows N.
+    #[arg(long)]
+    n: Option<usize>,
+    /// Custom shape: query/key head dim.
+    #[arg(long)]
+    dk: Option<usize>,
+    /// Custom shape: value head dim (default: --dk).
+    #[arg(long)]
+    dv: Option<usize>,
+    /// Paths to time: all (every path that plans), auto, three-pass, fused or split-k.
+    #[arg(long, default_value = "all", value_parser = parse_path_set)]
+    path: PathSet,
+    /// Untimed runs before timing (default 2, 1 with --quick).
+    #[arg(long)]
+    warmup: Option<u32>,
+    /// Timed runs; the median is reported (default 5, 3 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: Option<u32>,
+    /// Fewer runs: warmup 1, runs 3 (explicit --warmup/--runs still win).
+    #[arg(long)]
+    quick: bool,
+    /// Compare O with the CPU reference (f64) and report the max abs error.
+    #[arg(long)]
+    check: bool,
+    /// With --check, skip the reference for shapes above this many GFLOP (it is naive f64).
+    #[arg(long, default_value_t = 4.0)]
+    check_max_gflop: f64,
+    /// With --check, the max abs error above which a result counts as failed.
+    #[arg(long, default_value_t = 1e-3)]
+    tolerance: f64,
+    /// Write one JSON record per (shape, path) timed to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Seed of the random inputs (uniform in [-1, 1]).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Time with the host clock even where GPU timestamps are available.
+    #[arg(long)]
+    wall_clock: bool,
+}
+
+/// The custom shape given by flags, if any.
+fn custom_shape(a: &BenchArgs) -> CliResult<Option<SuiteShape>> {
+    let dims = [a.batch, a.heads, a.kv_heads, a.m, a.n, a.dk, a.dv];
+    if dims.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    let (Some(m), Some(n), Some(dk)) = (a.m, a.n, a.dk) else {
+        return Err(CliError::new(
+            "a custom shape needs at least --m, --n and --dk",
+        ));
+    };
+    let (b, h) = (a.batch.unwrap_or(1), a.heads.unwrap_or(1));
+    let kvh = a.kv_heads.unwrap_or(h);
+    let dv = a.dv.unwrap_or(dk);
+    let shape = AttnShape::from_qkv([b, m, h, dk], [b, n, kvh, dk], [b, n, kvh, dv])?;
+    Ok(Some(SuiteShape {
+        name: a.name.clone(),
+        shape,
+        only: None,
+    }))
+}
+
+/// How one (shape, path) was timed.
+#[derive(Clone, Debug)]
+struct Timing {
+    median_ms: f64,
+    min_ms: f64,
+}
+
+/// Outcome of the comparison with the CPU reference.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Check {
+    /// `--check` not given.
+    Off,
+    /// Shape above `--check-max-gflop`.
+    Skipped,
+    /// Max abs error (NaN if any element was not finite).
+    Err(f64),
+}
+
+/// One timed (shape, path).
+#[derive(Clone, Debug)]
+struct Record {
+    name: String,
+    shape: AttnShape,
+    requested: Option<Path>,
+    path: Path,
+    timing: Timing,
+    check: Check,
+}
+
+impl Record {
+    fn gflops(&self) -> f64 {
+        self.shape.flops() / (self.timing.median_ms * 1e6)
+    }
+    fn failed(&self, tolerance: f64) -> bool {
+        matches!(self.check, Check::Err(e) if !(e <= tolerance))
+    }
+}
+
+/// The device and the settings every measurement shares.
+struct Bench<'a> {
+    ctx: &'a Context,
+    engine: Engine,
+    timer: Option<GpuTimer>,
+    warmup: u32,
+    runs: u32,
+    args: &'a BenchArgs,
+}
+
+/// Seeded uniform values in [-1, 1].
+fn random(rng: &mut StdRng, len: usize) -> Vec<f32> {
+    (0..len).map(|_| rng.random_range(-1.0f32..=1.0)).collect()
+}
+
+fn median(sorted: &[f64]) -> f64 {
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    }
+}
+
+/// Host copies and device tensors of one shape's inputs.
+struct Inputs {
+    host: [Vec<f32>; 3],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// The reference O, computed on first use.
+    reference_o: Option<Vec<f64>>,
+}
+
+impl Bench<'_> {
+    fn timing_method(&self) -> &'static str {
+        if self.timer.is_some() {
+            "timestamp"
+        } else {
+            "wall"
+        }
+    }
+
+    fn inputs(&self, s: &AttnShape, seed: u64) -> CliResult<Inputs> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let len = |d: [usize; 4]| d.iter().product::<usize>();
+        let host = [
+            random(&mut rng, len(s.q_dims())),
+            random(&mut rng, len(s.k_dims())),
+            random(&mut rng, len(s.v_dims())),
+        ];
+        let q = self.engine.upload(&host[0], &s.q_dims())?;
+        let k = self.engine.upload(&host[1], &s.k_dims())?;
+        let v = self.engine.upload(&host[2], &s.v_dims())?;
+        Ok(Inputs {
+            host,
+            q,
+            k,
+            v,
+            reference_o: None,
+        })
+    }
+
+    /// One run, in milliseconds to GPU completion.
+    fn time_once(&self, plan: &Plan, x: &Inputs, out: &xattn::Output) -> CliResult<f64> {
+        let start = Instant::now();
+        self.engine
+            .run(plan, &x.q, &x.k, &x.v, out, self.timer.as_ref())?;
+        let wall_ms = start.elapsed().as_secs_f64() * 1e3;
+        match &self.timer {
+            Some(t) => Ok(t.read_ms(self.ctx)?),
+            None => Ok(wall_ms),
+        }
+    }
+
+    /// Warmup, timed runs and (with --check) the comparison for one planned path.
+    fn measure(&self, plan: &Plan, x: &mut Inputs) -> CliResult<(Timing, Check)> {
+        let out = self.engine.alloc_output(plan)?;
+        for _ in 0..self.warmup {
+            self.time_once(plan, x, &out)?;
+        }
+        let mut times = (0..self.runs)
+            .map(|_| self.time_once(plan, x, &out))
+            .collect::<CliResult<Vec<f64>>>()?;
+        times.sort_by(f64::total_cmp);
+        let timing = Timing {
+            median_ms: median(&times),
+            min_ms: times[0],
+        };
+        let s = plan.shape;
+        let check = if !self.args.check {
+            Check::Off
+        } else if s.flops() > self.args.check_max_gflop * 1e9 {
+            Check::Skipped
+        } else {
+            let got = out.o.to_host()?;
+            let want = x.reference_o.get_or_insert_with(|| {
+                eprintln!(
+                    "      CPU reference for {s} ({:.2} GFLOP, f64) ...",
+                    s.flops() / 1e9
+                );
+                let scale = f64::from(Attention::default().scale_for(s.d_k));
+                reference::attention(&s, &x.host[0], &x.host[1], &x.host[2], scale).o
+            });
+            let err = got
+                .iter()
+                .zip(want.iter())
+                .map(|(&g, &w)| {
+                    if g.is_finite() {
+                        (f64::from(g) - w).abs()
+                    } else {
+                        f64::NAN
+                    }
+                })
+                .fold(0.0, |acc: f64, e| {
+                    if e.is_nan() || acc.is_nan() {
+                        f64::NAN
+                    } else {
+                        acc.max(e)
+                    }
+                });
+            Check::Err(err)
+        };
+        Ok((timing, check))
+    }
+}
+
+/// Paths to try on one shape, with a reason for those the suite excludes.
+fn candidates(set: PathSet, shape: &SuiteShape) -> Vec<(Option<Path>, Option<&'static str>)> {
+    let requested: Vec<Option<Path>> = match set {
+        PathSet::All => Path::ALL.iter().copied().map(Some).collect(),
+        PathSet::One(p) => vec![p],
+    };
+    requested
+        .into_iter()
+        .map(|p| match (p, shape.only) {
+            (Some(p), Some((only, why))) if p != only => (Some(p), Some(why)),
+            _ => (p, None),
+        })
+        .collect()
+}
+
+fn path_label(requested: Option<Path>, actual: Option<Path>) -> String {
+    match (requested, actual) {
+        (None, Some(p)) => format!("auto→{}", p.name()),
+        (None, None) => "auto".to_string(),
+        (Some(p), _) => p.name().to_string(),
+    }
+}
+
+fn print_header() {
+    println!(
+        "{:<10} {:<26} {:<16} {:>11} {:>11} {:>9} {:>10}",
+        "shape", "dims", "path", "median ms", "min ms", "GFLOP/s", "max |err|"
+    );
+}
+
+fn print_row(r: &Record, tolerance: f64) {
+    let err = match r.check {
+        Check::Off => "-".to_string(),
+        Check::Skipped => "skipped".to_string(),
+        Check::Err(e) => format!("{e:.2e}{}", if r.failed(tolerance) { " FAIL" } else { "" }),
+    };
+    println!(
+        "{:<10} {:<26} {:<16} {:>11.3} {:>11.3} {:>9.2} {:>10}",
+        r.name,
+        r.shape.to_string(),
+        path_label(r.requested, Some(r.path)),
+        r.timing.median_ms,
+        r.timing.min_ms,
+        r.gflops(),
+        err
+    );
+}
+
+fn print_note(s: &SuiteShape, requested: Option<Path>, note: &str) {
+    let note = CliError::new(note).to_string();
+    println!(
+        "{:<10} {:<26} {:<16} {note}",
+        s.name,
+        s.shape.to_string(),
+        path_label(requested, None)
+    );
+}
+
+/// `fused/three-pass 0.42×  split-k/fused 1.10×` for the paths that ran on one shape.
+fn print_ratios(records: &[Record]) {
+    let ms = |p: Path| {
+        records
+            .iter()
+            .find(|r| r.path == p)
+            .map(|r| r.timing.median_ms)
+    };
+    let mut parts = Vec::new();
+    for (num, den) in [(Path::Fused, Path::ThreePass), (Path::SplitK, Path::Fused)] {
+        if let (Some(a), Some(b)) = (ms(num), ms(den)) {
+            parts.push(format!("{}/{} {:.2}×", num.name(), den.name(), a / b));
+        }
+    }
+    if !parts.is_empty() {
+        println!("{:<10} time ratios: {}", "", parts.join("   "));
+    }
+}
+
+fn json_record(r: &Record, ctx: &Context, b: &Bench) -> Value {
+    let s = r.shape;
+    let (err, check) = match r.check {
+        Check::Off => (Value::Null, Value::Null),
+        Check::Skipped => (Value::Null, json!("skipped")),
+        Check::Err(e) => (
+            if e.is_finite() { json!(e) } else { Value::Null },
+            json!(if r.failed(b.args.tolerance) {
+                "failed"
+            } else {
+                "passed"
+            }),
+        ),
+    };
+    json!({
+        "name": r.name,
+        "batch": s.batch,
+        "heads": s.q_heads,
+        "kv_heads": s.kv_heads,
+        "m": s.m,
+        "n": s.n,
+        "d_k": s.d_k,
+        "d_v": s.d_v,
+        "path": r.path.name(),
+        "requested_path": r.requested.map_or("auto", |p| p.name()),
+        "adapter": ctx.info.name,
+        "backend": format!("{:?}", ctx.info.backend),
+        "driver": ctx.info.driver,
+        "driver_info": ctx.info.driver_info,
+        "timing": b.timing_method(),
+        "warmup": b.warmup,
+        "runs": b.runs,
+        "median_ms": r.timing.median_ms,
+        "min_ms": r.timing.min_ms,
+        "gflops": r.gflops(),
+        "min_bytes": s.min_bytes(),
+        "max_abs_err": err,
+        "check": check,
+    })
+}
+
+/// Runs the benchmark and prints the table; fails (after writing the JSON) if any run failed
+/// or any check exceeded the tolerance.
+pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
+    let custom = custom_shape(args)?;
+    let mut shapes = Vec::new();
+    if args.suite == Some(SuiteName::Standard) || custom.is_none() {
+        shapes.extend(suite::standard());
+    }
+    shapes.extend(custom);
+    if let Some(path) = &args.json {
+        // Fail now rather than after minutes of benchmarking.
+        std::fs::File::create(path)
+            .map_err(|e| CliError::new(format!("cannot write {}: {e}", path.display())))?;
+    }
+
+    let ctx = Context::new()?;
+    let timer = if args.wall_clock {
+        None
+    } else {
+        GpuTimer::new(&ctx)
+    };
+    let b = Bench {
+        ctx: &ctx,
+        engine: Engine::new(&ctx),
+        timer,
+        warmup: args.warmup.unwrap_or(if args.quick { 1 } else { 2 }),
+        runs: args.runs.unwrap_or(if args.quick { 3 } else { 5 }),
+        args,
+    };
+    println!("adapter: {}", ctx.describe());
+    println!(
+        "timing: {}, warmup {}, median of {} runs",
+        b.timing_method(),
+        b.warmup,
+        b.runs
+    );
+    print_header();
+
+    let total: usize = shapes
+        .iter()
+        .map(|s| {
+            candidates(args.path, s)
+                .iter()
+                .filter(|(_, skip)| skip.is_none())
+                .count()
+        })
+        .sum();
+    let mut done = 0;
+    let mut records: Vec<Record> = Vec::new();
+    let mut errors = 0;
+    for (index, s) in shapes.iter().enumerate() {
+        let mut inputs: Option<Inputs> = None;
+        let first = records.len();
+        for (requested, skip) in candidates(args.path, s) {
+            if let Some(why) = skip {
+                print_note(s, requested, &format!("skipped: {why}"));
+                continue;
+            }
+            done += 1;
+            eprintln!(
+                "[{done}/{total}] {} {} ...",
+                s.name,
+                path_label(requested, None)
+            );
+            let x = match &mut inputs {
+                Some(x) => x,
+                None => inputs.insert(b.inputs(&s.shape, args.seed.wrapping_add(index as u64))?),
+            };
+            let opts = Attention::default().with_path_choice(requested);
+            let plan = match b.engine.plan(&x.q, &x.k, &x.v, &opts) {
+                Ok(plan) => plan,
+                Err(e) => {
+                    print_note(s, requested, &format!("skipped, does not plan: {e}"));
+                    continue;
+                }
+            };
+            // `auto` may plan a path the suite excludes for this shape.
+            if let Some((_, why)) = s.only.filter(|(only, _)| *only != plan.path) {
+                print_note(s, requested, &format!("skipped: {why}"));
+                continue;
+            }
+            match b.measure(&plan, x) {
+                Ok((timing, check)) => {
+                    let r = Record {
+                        name: s.name.clone(),
+                        shape: s.shape,
+                        requested,
+                        path: plan.path,
+                        timing,
+                        check,
+                    };
+                    print_row(&r, args.tolerance);
+                    records.push(r);
+                }
+                Err(e) => {
+                    errors += 1;
+                    print_note(s, requested, &format!("error: {e}"));
+                }
+            }
+        }
+        print_ratios(&records[first..]);
+    }
+
+    if let Some(path) = &args.json {
+        let list: Vec<Value> = records.iter().map(|r| json_record(r, &ctx, &b)).collect();
+        let text = serde_json::to_string_pretty(&list).expect("JSON values always serialize");
+        std::fs::write(path, text + "\n")
+            .map_err(|e| CliError::new(format!("cannot write {}: {e}", path.display())))?;
+        eprintln!(
+            "xattn: wrote {} record(s) to {}",
+            list.len(),
+            path.display()
+        );
+    }
+    let failed = records.iter().filter(|r| r.failed(args.tolerance)).count();
+    if failed > 0 || errors > 0 {
+        return Err(CliError::new(format!(
+            "{failed} result(s) above the tolerance {:.0e}, {errors} run(s) failed",
+            args.tolerance
+        )));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,178 @@
+//! The CPU twins of the kernels against the f64 reference: each kernel's algorithm is
+//! checked without a GPU, with the same params the planner gives the shaders.
+
+mod common;
+
+use common::*;
+use xattn::cpu::{
+    flash::flash, merge_partials::merge_partials, qk_scores::qk_scores, reference,
+    softmax_rows::softmax_rows, weighted_sum::weighted_sum,
+};
+use xattn::plan::{DeviceCaps, Plan, Request, Slot, Step};
+use xattn::{AttnShape, Path};
+
+const CAPS: DeviceCaps = DeviceCaps {
+    max_binding: 128 << 20,
+    max_buffer: 2 << 30,
+    max_workgroups: 65535,
+    max_workgroup_bytes: 32 << 10,
+    uniform_align: 256,
+};
+
+/// Executes a plan with the CPU twins in place of the kernels.
+fn run_twins(plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let s = plan.shape;
+    let size = |slot: Slot| -> usize {
+        plan.scratch
+            .iter()
+            .chain(&plan.outputs)
+            .find(|(x, _)| *x == slot)
+            .map_or(0, |(_, b)| *b as usize / 4)
+    };
+    let mut bufs: std::collections::HashMap<Slot, Vec<f32>> = [
+        Slot::O,
+        Slot::Lse,
+        Slot::Weights,
+        Slot::Scores,
+        Slot::PartO,
+        Slot::PartLse,
+    ]
+    .into_iter()
+    .map(|slot| (slot, vec![f32::NAN; size(slot)]))
+    .collect();
+    for step in &plan.steps {
+        match step {
+            Step::Copy {
+                src,
+                src_offset,
+                dst,
+                dst_offset,
+                size,
+            } => {
+                let data = bufs[src][*src_offset as usize / 4..][..*size as usize / 4].to_vec();
+                bufs.get_mut(dst).unwrap()[*dst_offset as usize / 4..][..data.len()]
+                    .copy_from_slice(&data);
+            }
+            Step::Dispatch(d) => {
+                let p = &d.params;
+                let mut take = |slot: Slot| std::mem::take(bufs.get_mut(&slot).unwrap());
+                match d.kernel {
+                    xattn::gpu::kernels::Kernel::QkScores => {
+                        let mut sc = take(Slot::Scores);
+                        qk_scores(p, q, k, &mut sc);
+                        bufs.insert(Slot::Scores, sc);
+                    }
+                    xattn::gpu::kernels::Kernel::SoftmaxRows => {
+                        let (mut sc, mut lse) = (take(Slot::Scores), take(Slot::Lse));
+                        softmax_rows(p, &mut sc, &mut lse);
+                        bufs.insert(Slot::Scores, sc);
+                        bufs.insert(Slot::Lse, lse);
+                    }
+                    xattn::gpu::kernels::Kernel::WeightedSum => {
+                        let (sc, mut o) = (take(Slot::Scores), take(Slot::O));
+                        weighted_sum(p, &sc, v, &mut o);
+                        bufs.insert(Slot::Scores, sc);
+                        bufs.insert(Slot::O, o);
+                    }
+                    xattn::gpu::kernels::Kernel::Flash { bc, .. } => {
+                        let (os, ls) = (d.buffers[3], d.buffers[4]);
+                        let (mut o, mut lse) = (take(os), take(ls));
+                        flash(p, bc, q, k, v, &mut o, &mut lse);
+                        bufs.insert(os, o);
+                        bufs.insert(ls, lse);
+                    }
+                    xattn::gpu::kernels::Kernel::MergePartials => {
+                        let (po, pl, mut o, mut lse) = (
+                            take(Slot::PartO),
+                            take(Slot::PartLse),
+                            take(Slot::O),
+                            take(Slot::Lse),
+                        );
+                        merge_partials(p, &po, &pl, &mut o, &mut lse);
+                        bufs.insert(Slot::O, o);
+                        bufs.insert(Slot::Lse, lse);
+                    }
+                }
+            }
+        }
+    }
+    let _ = s;
+    (
+        bufs.remove(&Slot::O).unwrap(),
+        bufs.remove(&Slot::Lse).unwrap(),
+        bufs.remove(&Slot::Weights).unwrap(),
+    )
+}
+
+#[test]
+fn twins_follow_every_plan_to_the_reference() {
+    let shapes = [
+        AttnShape {
+            batch: 1,
+            m: 1,
+            n: 1500,
+            q_heads: 2,
+            kv_heads: 2,
+            d_k: 64,
+            d_v: 64,
+        },
+        AttnShape {
+            batch: 2,
+            m: 7,
+            n: 33,
+            q_heads: 3,
+            kv_heads: 3,
+            d_k: 3,
+            d_v: 5,
+        },
+        AttnShape {
+            batch: 1,
+            m: 33,
+            n: 700,
+            q_heads: 2,
+            kv_heads: 1,
+            d_k: 256,
+            d_v: 40,
+        },
+        AttnShape {
+            batch: 1,
+            m: 77,
+            n: 257,
+            q_heads: 2,
+            kv_heads: 2,
+            d_k: 40,
+            d_v: 40,
+        },
+    ];
+    for (i, s) in shapes.iter().enumerate() {
+        let (q, k, v) = qkv(s, 1.0, 500 + i as u64);
+        let scale = 1.0 / (s.d_k as f32).sqrt();
+        let want = reference::attention(s, &q, &k, &v, f64::from(scale));
+        let tol = budget(s, scale, &q, &k, &v);
+        for path in Path::ALL {
+            let req = Request {
+                shape: *s,
+                scale,
+                weights: path == Path::ThreePass,
+                path: Some(path),
+            };
+            let plan = Plan::new(&req, &CAPS).unwrap();
+            let (o, lse, w) = run_twins(&plan, &q, &k, &v);
+            assert_close(&format!("twin {} {s} O", path.name()), &o, &want.o, tol.o);
+            assert_close(
+                &format!("twin {} {s} LSE", path.name()),
+                &lse,
+                &want.lse,
+                tol.lse * 10.0,
+            );
+            if path == Path::ThreePass {
+                assert_close(
+                    &format!("twin {} {s} P", path.name()),
+                    &w,
+                    &want.weights,
+                    tol.weights,
+                );
+            }
+        }
+    }
+}
