@@ -134,9 +134,16 @@ fn paths_agree() {
 #[test]
 fn split_work_under_small_limits() {
     let Some(engine) = engine() else { return };
-    let small = xattn::plan::DeviceCaps { max_binding: 512 << 10, max_workgroups: 16, ..*engine.caps() };
+    let small = xattn::plan::DeviceCaps {
+        max_binding: 512 << 10,
+        max_workgroups: 16,
+        ..*engine.caps()
+    };
     let tight = xattn::Engine::with_caps(engine.context(), small);
-    for s in [shape(2, 257, 77, 3, 3, 16, 16), shape(1, 200, 60, 20, 4, 8, 8)] {
+    for s in [
+        shape(2, 257, 77, 3, 3, 16, 16),
+        shape(1, 200, 60, 20, 4, 8, 8),
+    ] {
         let (q, k, v) = qkv(&s, 1.0, 21);
         for path in Path::ALL {
             let mut opts = Attention::default().with_path(path);
@@ -150,8 +157,19 @@ fn split_work_under_small_limits() {
                 Path::Fused => s.bh().div_ceil(16),
                 Path::SplitK => 1 + s.bh().div_ceil(16),
             };
-            assert_eq!(plan.dispatches(), min_dispatches, "{}: unexpected split\n{plan}", path.name());
-            check_against_reference(&format!("small limits {}", path.name()), &s, opts.scale_for(s.d_k), (&q, &k, &v), &got);
+            assert_eq!(
+                plan.dispatches(),
+                min_dispatches,
+                "{}: unexpected split\n{plan}",
+                path.name()
+            );
+            check_against_reference(
+                &format!("small limits {}", path.name()),
+                &s,
+                opts.scale_for(s.d_k),
+                (&q, &k, &v),
+                &got,
+            );
         }
     }
 }
