@@ -178,6 +178,8 @@ const TARGET_WORKGROUPS: usize = 256;
 const MIN_SPLIT_KEYS: usize = 128;
 /// The three-pass scratch is capped here even where bindings may be larger.
 const SCRATCH_BUDGET: u64 = 256 << 20;
+/// Most keys one fused invocation walks; longer key ranges are split (split-K).
+pub const MAX_KEYS_PER_PASS: usize = 32768;
 /// Largest head dim the fused kernel keeps in registers.
 pub const FUSED_MAX_HEAD_DIM: usize = 256;
 /// Tile of the three-pass GEMM kernels (rows and columns per workgroup).
@@ -247,6 +249,11 @@ impl Plan {
         }
         let mut plan = match path {
             Path::ThreePass => three_pass(req, caps)?,
+            // One invocation walking more keys than this breaks on llvmpipe (see flash.wgsl):
+            // such sources are split, which also gives real GPUs more parallel work.
+            Path::Fused if s.n > MAX_KEYS_PER_PASS => {
+                fused(req, caps, Some(split_count(&s, caps)))?
+            }
             Path::Fused => fused(req, caps, None)?,
             Path::SplitK => fused(req, caps, Some(split_count(&s, caps)))?,
         };
@@ -557,10 +564,14 @@ fn split_count(s: &AttnShape, caps: &DeviceCaps) -> usize {
     let row_blocks = s.m.div_ceil(FUSED_ROWS as usize);
     let wanted = TARGET_WORKGROUPS.div_ceil(row_blocks * s.bh());
     let most = s.n.div_ceil(MIN_SPLIT_KEYS).max(1);
-    let mut splits = wanted.clamp(1, most).min(caps.max_workgroups as usize);
+    let needed = s.n.div_ceil(MAX_KEYS_PER_PASS);
+    let mut splits = wanted
+        .clamp(1, most)
+        .max(needed)
+        .min(caps.max_workgroups as usize);
     // Partials must fit one binding each.
     let o_bytes = bytes(s.o_dims().iter().product());
-    while splits > 1 && o_bytes * splits as u64 > caps.max_binding {
+    while splits > needed && o_bytes * splits as u64 > caps.max_binding {
         splits /= 2;
     }
     splits
@@ -636,9 +647,13 @@ fn fused(req: &Request, caps: &DeviceCaps, splits: Option<usize>) -> Result<Plan
         scratch,
         outputs: Vec::new(),
         tiling: format!(
-            "{} (one query row per invocation, {bc}-key K/V tiles in workgroup memory); \
-             {splits} key split(s) of {split_len}",
-            kernel.label()
+            "{} (one query row per invocation, {bc}-key K/V tiles in workgroup memory); {}",
+            kernel.label(),
+            if split_k {
+                format!("{splits} key split(s) of {split_len}")
+            } else {
+                "all keys in one pass".into()
+            }
         ),
     })
 }

@@ -18,31 +18,65 @@ fn rows(x: &[f32], s: &AttnShape, d: usize, from: usize, to: usize) -> Vec<f32> 
 #[test]
 fn merged_shards_equal_attention_over_all_keys() {
     let Some(engine) = engine() else { return };
-    let s = AttnShape { batch: 2, m: 9, n: 300, q_heads: 4, kv_heads: 2, d_k: 40, d_v: 24 };
+    let s = AttnShape {
+        batch: 2,
+        m: 9,
+        n: 300,
+        q_heads: 4,
+        kv_heads: 2,
+        d_k: 40,
+        d_v: 24,
+    };
     let (q, k, v) = qkv(&s, 1.0, 31);
     let scale = 1.0 / (s.d_k as f32).sqrt();
     // 2 to 5 shards, one of them a single key; each shard by a different path.
     let cuts: [&[usize]; 4] = [&[150], &[1, 200], &[10, 11, 250], &[50, 51, 120, 299]];
     for (case, cut) in cuts.iter().enumerate() {
-        let bounds: Vec<usize> = std::iter::once(0).chain(cut.iter().copied()).chain(std::iter::once(s.n)).collect();
+        let bounds: Vec<usize> = std::iter::once(0)
+            .chain(cut.iter().copied())
+            .chain(std::iter::once(s.n))
+            .collect();
         let q_t = engine.upload(&q, &s.q_dims()).unwrap();
         let mut outs = Vec::new();
         for (i, w) in bounds.windows(2).enumerate() {
-            let sh = AttnShape { n: w[1] - w[0], ..s };
-            let k_t = engine.upload(&rows(&k, &s, s.d_k, w[0], w[1]), &sh.k_dims()).unwrap();
-            let v_t = engine.upload(&rows(&v, &s, s.d_v, w[0], w[1]), &sh.v_dims()).unwrap();
+            let sh = AttnShape {
+                n: w[1] - w[0],
+                ..s
+            };
+            let k_t = engine
+                .upload(&rows(&k, &s, s.d_k, w[0], w[1]), &sh.k_dims())
+                .unwrap();
+            let v_t = engine
+                .upload(&rows(&v, &s, s.d_v, w[0], w[1]), &sh.v_dims())
+                .unwrap();
             let path = Path::ALL[(case + i) % 3];
             let opts = Attention::default().with_scale(scale).with_path(path);
             outs.push(engine.attention(&q_t, &k_t, &v_t, &opts).unwrap());
         }
         let refs: Vec<_> = outs.iter().map(|o| (&o.o, &o.lse)).collect();
         let (o, lse) = engine.merge(&refs).unwrap();
-        let got = xattn::HostOutput { o: o.to_host().unwrap(), lse: lse.to_host().unwrap(), weights: None };
-        check_against_reference(&format!("merge of {} shards", bounds.len() - 1), &s, scale, (&q, &k, &v), &got);
+        let got = xattn::HostOutput {
+            o: o.to_host().unwrap(),
+            lse: lse.to_host().unwrap(),
+            weights: None,
+        };
+        check_against_reference(
+            &format!("merge of {} shards", bounds.len() - 1),
+            &s,
+            scale,
+            (&q, &k, &v),
+            &got,
+        );
 
         // The host-slice form gives the same numbers.
-        let host: Vec<(Vec<f32>, Vec<f32>)> = outs.iter().map(|o| (o.o.to_host().unwrap(), o.lse.to_host().unwrap())).collect();
-        let slices: Vec<(&[f32], &[f32])> = host.iter().map(|(o, l)| (o.as_slice(), l.as_slice())).collect();
+        let host: Vec<(Vec<f32>, Vec<f32>)> = outs
+            .iter()
+            .map(|o| (o.o.to_host().unwrap(), o.lse.to_host().unwrap()))
+            .collect();
+        let slices: Vec<(&[f32], &[f32])> = host
+            .iter()
+            .map(|(o, l)| (o.as_slice(), l.as_slice()))
+            .collect();
         let (ho, hl) = engine.merge_host(s.o_dims(), &slices).unwrap();
         assert_eq!((ho, hl), (got.o, got.lse));
     }
@@ -57,10 +91,14 @@ fn empty_shards_weigh_nothing() {
     let lse1 = vec![0.7f32, -3.0];
     let empty_o = vec![0.0f32; 8];
     let empty_lse = vec![f32::NEG_INFINITY; 2];
-    let (o, lse) = engine.merge_host(dims, &[(&empty_o, &empty_lse), (&o1, &lse1)]).unwrap();
+    let (o, lse) = engine
+        .merge_host(dims, &[(&empty_o, &empty_lse), (&o1, &lse1)])
+        .unwrap();
     assert_eq!(o, o1);
     assert_eq!(lse, lse1);
-    let (o, lse) = engine.merge_host(dims, &[(&empty_o, &empty_lse), (&empty_o, &empty_lse)]).unwrap();
+    let (o, lse) = engine
+        .merge_host(dims, &[(&empty_o, &empty_lse), (&empty_o, &empty_lse)])
+        .unwrap();
     assert!(o.iter().all(|&x| x == 0.0), "{o:?}");
     assert!(lse.iter().all(|&x| x == f32::NEG_INFINITY), "{lse:?}");
 }

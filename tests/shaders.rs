@@ -15,11 +15,29 @@ const CAPS: DeviceCaps = DeviceCaps {
 
 /// Every kernel specialization the planner can produce for head dims 1..=256.
 fn all_kernels() -> Vec<Kernel> {
-    let mut out = vec![Kernel::QkScores, Kernel::SoftmaxRows, Kernel::WeightedSum, Kernel::MergePartials];
+    let mut out = vec![
+        Kernel::QkScores,
+        Kernel::SoftmaxRows,
+        Kernel::WeightedSum,
+        Kernel::MergePartials,
+    ];
     for d_k in 1..=256 {
         for d_v in [d_k, 257 - d_k] {
-            let shape = AttnShape { batch: 1, m: 1, n: 1, q_heads: 1, kv_heads: 1, d_k, d_v };
-            let req = Request { shape, scale: 1.0, weights: false, path: Some(Path::Fused) };
+            let shape = AttnShape {
+                batch: 1,
+                m: 1,
+                n: 1,
+                q_heads: 1,
+                kv_heads: 1,
+                d_k,
+                d_v,
+            };
+            let req = Request {
+                shape,
+                scale: 1.0,
+                weights: false,
+                path: Some(Path::Fused),
+            };
             for step in Plan::new(&req, &CAPS).unwrap().steps {
                 if let Step::Dispatch(d) = step {
                     if !out.contains(&d.kernel) {
@@ -35,7 +53,11 @@ fn all_kernels() -> Vec<Kernel> {
 #[test]
 fn every_specialization_validates() {
     let kernels = all_kernels();
-    assert!(kernels.len() > 100, "expected many flash specializations, got {}", kernels.len());
+    assert!(
+        kernels.len() > 100,
+        "expected many flash specializations, got {}",
+        kernels.len()
+    );
     for k in kernels {
         if let Err(e) = k.validate() {
             panic!("{e}");
@@ -51,8 +73,13 @@ fn every_shader_file_is_registered() {
         if path.extension().is_some_and(|e| e == "wgsl") {
             let name = path.file_stem().unwrap().to_str().unwrap();
             let registered = SHADER_FILES.iter().find(|(n, _)| *n == name);
-            let (_, src) = registered.unwrap_or_else(|| panic!("shaders/{name}.wgsl is not registered in SHADER_FILES"));
-            assert_eq!(*src, std::fs::read_to_string(&path).unwrap(), "{name}: embedded source is stale");
+            let (_, src) = registered
+                .unwrap_or_else(|| panic!("shaders/{name}.wgsl is not registered in SHADER_FILES"));
+            assert_eq!(
+                *src,
+                std::fs::read_to_string(&path).unwrap(),
+                "{name}: embedded source is stale"
+            );
         }
     }
 }
@@ -69,7 +96,11 @@ fn bindings_match_the_registry() {
                 assert_eq!(binding.group, 0, "{}: only group 0 is used", k.label());
                 let access = match var.space {
                     naga::AddressSpace::Uniform => Access::Uniform,
-                    naga::AddressSpace::Storage { access } if access.contains(naga::StorageAccess::STORE) => Access::ReadWrite,
+                    naga::AddressSpace::Storage { access }
+                        if access.contains(naga::StorageAccess::STORE) =>
+                    {
+                        Access::ReadWrite
+                    }
                     naga::AddressSpace::Storage { .. } => Access::Read,
                     other => panic!("{}: unexpected address space {other:?}", k.label()),
                 };
@@ -77,8 +108,18 @@ fn bindings_match_the_registry() {
             })
             .collect();
         found.sort_by_key(|(b, _)| *b);
-        let expected: Vec<(u32, Access)> = k.bindings().iter().enumerate().map(|(i, a)| (i as u32, *a)).collect();
-        assert_eq!(found, expected, "{}: shader bindings differ from the registry", k.label());
+        let expected: Vec<(u32, Access)> = k
+            .bindings()
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (i as u32, *a))
+            .collect();
+        assert_eq!(
+            found,
+            expected,
+            "{}: shader bindings differ from the registry",
+            k.label()
+        );
     }
 }
 
@@ -87,9 +128,19 @@ fn params_layout_matches_wgsl() {
     let module = Kernel::QkScores.validate().unwrap();
     let mut layouter = naga::proc::Layouter::default();
     layouter.update(module.to_ctx()).unwrap();
-    let (handle, ty) = module.types.iter().find(|(_, t)| t.name.as_deref() == Some("AttnParams")).unwrap();
-    assert_eq!(layouter[handle].size as usize, std::mem::size_of::<AttnParams>(), "AttnParams size");
-    let naga::TypeInner::Struct { members, .. } = &ty.inner else { panic!("AttnParams is not a struct") };
+    let (handle, ty) = module
+        .types
+        .iter()
+        .find(|(_, t)| t.name.as_deref() == Some("AttnParams"))
+        .unwrap();
+    assert_eq!(
+        layouter[handle].size as usize,
+        std::mem::size_of::<AttnParams>(),
+        "AttnParams size"
+    );
+    let naga::TypeInner::Struct { members, .. } = &ty.inner else {
+        panic!("AttnParams is not a struct")
+    };
     let rust_offsets = [
         ("batch", std::mem::offset_of!(AttnParams, batch)),
         ("m", std::mem::offset_of!(AttnParams, m)),
@@ -107,7 +158,10 @@ fn params_layout_matches_wgsl() {
         ("split_len", std::mem::offset_of!(AttnParams, split_len)),
     ];
     for (name, offset) in rust_offsets {
-        let member = members.iter().find(|m| m.name.as_deref() == Some(name)).unwrap_or_else(|| panic!("WGSL AttnParams lacks {name}"));
+        let member = members
+            .iter()
+            .find(|m| m.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("WGSL AttnParams lacks {name}"));
         assert_eq!(member.offset as usize, offset, "offset of {name}");
     }
 }
@@ -115,6 +169,11 @@ fn params_layout_matches_wgsl() {
 #[test]
 fn workgroup_memory_fits_the_portable_limit() {
     for k in all_kernels() {
-        assert!(k.workgroup_bytes() <= 16 << 10, "{} declares {} bytes", k.label(), k.workgroup_bytes());
+        assert!(
+            k.workgroup_bytes() <= 16 << 10,
+            "{} declares {} bytes",
+            k.label(),
+            k.workgroup_bytes()
+        );
     }
 }

@@ -114,7 +114,8 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) -> f64 {
         } else {
             f64::INFINITY
         };
-        if !(err <= tol) {
+        // NaN errors (an unwritten, poisoned element) must fail too.
+        if err.is_nan() || err > tol {
             panic!("{what}: element {i} is {g}, reference {w} (error {err:e} > tolerance {tol:e})");
         }
         if err > worst.1 {

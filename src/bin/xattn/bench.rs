@@ -18,7 +18,7 @@ use xattn::gpu::executor::GpuTimer;
 use xattn::{Attention, AttnShape, Context, Engine, Path, Plan, Tensor};
 
 use crate::suite::{self, SuiteShape};
-use crate::{parse_path_choice, path_names_hint, CliError, CliResult};
+use crate::{one_line, parse_path_choice, path_names_hint, CliError, CliResult};
 
 /// Named shape suites.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -45,10 +45,7 @@ fn parse_path_set(s: &str) -> Result<PathSet, String> {
         .map_err(|_| path_names_hint(s, &["all", "auto"]))
 }
 
-/// Options of `xattn bench`.
-///
-/// Without --suite or a custom shape (--m, --n, --dk …) the standard suite runs; with both,
-/// the custom shape runs after the suite.
+/// Options of `xattn bench` (the subcommand's help in `main.rs` says how they combine).
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Shape suite to run.
@@ -166,7 +163,7 @@ impl Record {
         self.shape.flops() / (self.timing.median_ms * 1e6)
     }
     fn failed(&self, tolerance: f64) -> bool {
-        matches!(self.check, Check::Err(e) if !(e <= tolerance))
+        matches!(self.check, Check::Err(e) if e.is_nan() || e > tolerance)
     }
 }
 
@@ -346,7 +343,7 @@ fn print_row(r: &Record, tolerance: f64) {
 }
 
 fn print_note(s: &SuiteShape, requested: Option<Path>, note: &str) {
-    let note = CliError::new(note).to_string();
+    let note = one_line(note);
     println!(
         "{:<10} {:<26} {:<16} {note}",
         s.name,

@@ -35,8 +35,17 @@ enum Command {
     /// List the adapters, their limits and features, and the one used by default.
     Info(info::InfoArgs),
     /// Compute attention on .npy files: O = softmax(scale · Q·Kᵀ) · V.
+    ///
+    /// Inputs are float32, C order: Q [batch, M, heads, d_k], K [batch, N, kv_heads, d_k],
+    /// V [batch, N, kv_heads, d_v]; 3-D inputs [seq, heads, d] mean batch 1 and give outputs
+    /// without the batch axis. Outputs: O [batch, M, heads, d_v], weights [batch, heads, M, N],
+    /// LSE [batch, heads, M]. Query head h reads K/V head h / (heads / kv_heads).
     Run(run::RunArgs),
     /// Time the attention paths on standard or custom shapes.
+    ///
+    /// Without --suite or a custom shape (--m, --n, --dk …) the standard suite runs; with
+    /// both, the custom shape runs after the suite. Times are to GPU completion (GPU
+    /// timestamps where the adapter has them, else the host clock around a waited run).
     Bench(bench::BenchArgs),
 }
 
@@ -51,18 +60,15 @@ impl CliError {
     }
 }
 
+/// `s` with every run of whitespace, newlines included, folded into one space: wgpu
+/// validation errors span several lines, and scripts rely on an error being one line.
+pub fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 impl fmt::Display for CliError {
-    /// Folds multi-line messages (wgpu validation errors have several lines) into one, so
-    /// scripts can rely on the error being the last line of stderr.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut words = self.0.split_whitespace();
-        if let Some(first) = words.next() {
-            f.write_str(first)?;
-        }
-        for w in words {
-            write!(f, " {w}")?;
-        }
-        Ok(())
+        f.write_str(&one_line(&self.0))
     }
 }
 

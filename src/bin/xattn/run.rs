@@ -14,11 +14,7 @@ use xattn::{Attention, AttnShape, Context, Engine};
 use crate::npy::{read_f32, write_f32, Array};
 use crate::{parse_path_choice, CliError, CliResult, PathChoice};
 
-/// Options of `xattn run`.
-///
-/// Layouts (float32, C order): Q [batch, M, heads, d_k], K [batch, N, kv_heads, d_k],
-/// V [batch, N, kv_heads, d_v]. Three-dimensional inputs [seq, heads, d] mean batch 1, and the
-/// outputs then drop the batch axis as well.
+/// Options of `xattn run` (layouts in the subcommand's help in `main.rs`).
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Queries, [batch, M, heads, d_k] or [M, heads, d_k].
