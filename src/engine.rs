@@ -140,7 +140,9 @@ impl Engine {
         let shape = AttnShape::from_qkv(dims4(q, "q")?, dims4(k, "k")?, dims4(v, "v")?)?;
         let scale = opts.scale_for(shape.d_k);
         if !scale.is_finite() {
-            return Err(Error::Shape(format!("scale must be finite, got {scale}")));
+            return Err(Error::Argument(format!(
+                "scale must be finite, got {scale}"
+            )));
         }
         Ok(Request {
             shape,

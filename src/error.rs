@@ -49,6 +49,9 @@ pub enum Error {
         /// The device's value of that limit.
         limit: u64,
     },
+    /// An argument outside its domain (e.g. a non-finite scale).
+    #[error("invalid argument: {0}")]
+    Argument(String),
     /// An option combination the chosen path cannot serve.
     #[error("unsupported: {0}")]
     Unsupported(String),
