@@ -8,16 +8,8 @@ use xattn::cpu::{
     flash::flash, merge_partials::merge_partials, qk_scores::qk_scores, reference,
     softmax_rows::softmax_rows, weighted_sum::weighted_sum,
 };
-use xattn::plan::{DeviceCaps, Plan, Request, Slot, Step};
+use xattn::plan::{Plan, Request, Slot, Step};
 use xattn::{AttnShape, Path};
-
-const CAPS: DeviceCaps = DeviceCaps {
-    max_binding: 128 << 20,
-    max_buffer: 2 << 30,
-    max_workgroups: 65535,
-    max_workgroup_bytes: 32 << 10,
-    uniform_align: 256,
-};
 
 /// Executes a plan with the CPU twins in place of the kernels.
 fn run_twins(plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {

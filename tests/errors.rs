@@ -3,16 +3,8 @@
 mod common;
 
 use common::*;
-use xattn::plan::{DeviceCaps, Plan, Request};
+use xattn::plan::{Plan, Request};
 use xattn::{Attention, AttnShape, Error, Path};
-
-const CAPS: DeviceCaps = DeviceCaps {
-    max_binding: 128 << 20,
-    max_buffer: 2 << 30,
-    max_workgroups: 65535,
-    max_workgroup_bytes: 32 << 10,
-    uniform_align: 256,
-};
 
 #[test]
 fn shape_validation_without_a_gpu() {

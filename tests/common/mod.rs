@@ -31,6 +31,15 @@ pub fn engine() -> Option<&'static Engine> {
         .as_ref()
 }
 
+/// Limits of a lavapipe-like device, for planner tests that need no GPU.
+pub const CAPS: xattn::plan::DeviceCaps = xattn::plan::DeviceCaps {
+    max_binding: 128 << 20,
+    max_buffer: 2 << 30,
+    max_workgroups: 65535,
+    max_workgroup_bytes: 32 << 10,
+    uniform_align: 256,
+};
+
 /// Uniform values in [-amp, amp), seeded.
 pub fn random(len: usize, amp: f32, seed: u64) -> Vec<f32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
