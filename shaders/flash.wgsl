@@ -32,6 +32,7 @@ var<private> qr: array<vec4<f32>, DK4>;
 var<private> acc: array<vec4<f32>, DV4>;
 
 // Four consecutive elements of a row of `len` valid elements at `base`, zero past the end.
+// One function per buffer: WGSL functions cannot take a pointer to a storage array.
 fn load4_k(base: u32, d: u32, len: u32) -> vec4<f32> {
     var x = vec4<f32>(0.0);
     for (var i = 0u; i < 4u; i++) {

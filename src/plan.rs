@@ -210,15 +210,11 @@ impl Plan {
             ("v", s.v_dims()),
             ("output o", s.o_dims()),
         ] {
-            let size = bytes(dims.iter().product());
-            if size > caps.max_binding {
-                return Err(limit_err(
-                    format!("{name} {dims:?} (bound whole to every kernel)"),
-                    size,
-                    "max_storage_buffer_binding_size",
-                    caps.max_binding,
-                ));
-            }
+            check_binding(
+                &format!("{name} {dims:?} (bound whole to every kernel)"),
+                bytes(dims.iter().product()),
+                caps,
+            )?;
         }
         let fused_ok = s.d_k <= FUSED_MAX_HEAD_DIM && s.d_v <= FUSED_MAX_HEAD_DIM;
         let path = match req.path {
@@ -477,7 +473,9 @@ fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
     let base = base_params(&s, req.scale);
     let mut steps = Vec::new();
     let mut scratch_elems = 0;
-    for (bh0, nbh, r0, nr) in chunks(&s, bh_max, rows_max) {
+    let chunk_list = chunks(&s, bh_max, rows_max);
+    let n_chunks = chunk_list.len();
+    for (bh0, nbh, r0, nr) in chunk_list {
         scratch_elems = scratch_elems.max(nbh * nr * s.n);
         let params = AttnParams {
             bh_offset: bh0 as u32,
@@ -516,10 +514,6 @@ fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
             });
         }
     }
-    let n_chunks = steps
-        .iter()
-        .filter(|st| matches!(st, Step::Dispatch(d) if d.kernel == Kernel::QkScores))
-        .count();
     Ok(Plan {
         path: Path::ThreePass,
         shape: s,

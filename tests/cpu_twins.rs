@@ -13,7 +13,6 @@ use xattn::{AttnShape, Path};
 
 /// Executes a plan with the CPU twins in place of the kernels.
 fn run_twins(plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let s = plan.shape;
     let size = |slot: Slot| -> usize {
         plan.scratch
             .iter()
@@ -88,7 +87,6 @@ fn run_twins(plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32
             }
         }
     }
-    let _ = s;
     (
         bufs.remove(&Slot::O).unwrap(),
         bufs.remove(&Slot::Lse).unwrap(),
