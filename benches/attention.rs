@@ -12,7 +12,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use xattn::{Attention, AttnShape, Context, Engine, Output, Plan, Tensor};
+use xattn::{Attention, AttnShape, Context, Engine, MaskInputs, Output, Plan, Tensor};
 
 #[allow(dead_code)] // the CLI uses parts of the suite this bench does not
 #[path = "../src/bin/xattn/suite.rs"]
@@ -23,6 +23,7 @@ struct Prepared {
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    masks: MaskInputs,
     plan: Plan,
     out: Output,
 }
@@ -48,9 +49,17 @@ fn prepare(
         upload(shape.v_dims())?,
     );
     let plan = engine.plan(&q, &k, &v, opts)?;
+    let masks = engine.upload_masks(&plan, opts)?;
     let out = engine.alloc_output(&plan)?;
-    engine.run(&plan, &q, &k, &v, &out, None)?;
-    Ok(Prepared { q, k, v, plan, out })
+    engine.run(&plan, &q, &k, &v, &masks, &out, None)?;
+    Ok(Prepared {
+        q,
+        k,
+        v,
+        masks,
+        plan,
+        out,
+    })
 }
 
 fn attention(c: &mut Criterion) {
@@ -75,7 +84,14 @@ fn attention(c: &mut Criterion) {
         .enumerate()
     {
         let shape = s.shape;
-        let Prepared { q, k, v, plan, out } = match prepare(&engine, &shape, index as u64, &opts) {
+        let Prepared {
+            q,
+            k,
+            v,
+            masks,
+            plan,
+            out,
+        } = match prepare(&engine, &shape, index as u64, &opts) {
             Ok(p) => p,
             Err(e) => {
                 eprintln!("attention bench: skipping {} ({shape}): {e}", s.name);
@@ -87,7 +103,7 @@ fn attention(c: &mut Criterion) {
         group.bench_function(format!("{} {shape} {}", s.name, plan.path.name()), |b| {
             b.iter(|| {
                 engine
-                    .run(&plan, &q, &k, &v, &out, None)
+                    .run(&plan, &q, &k, &v, &masks, &out, None)
                     .expect("the same run succeeded before timing")
             })
         });

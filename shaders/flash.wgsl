@@ -5,6 +5,11 @@
 // every invocation reads the same tile element at once (a broadcast). O is rescaled once per
 // tile when the max grows and divided once at the end.
 //
+// Masks (common/mask.wgsl): lengths and the causal/local window bound each workgroup's key
+// loop, so tiles no row of the workgroup may see are neither loaded nor computed; a row skips
+// tiles its own range or bool-mask bits leave empty. Tiles that every row sees whole, with no
+// per-key logit control, take the plain loop; others check each key.
+//
 // Split-K: workgroup_id.y picks a key range [split·split_len, …); each split writes its own
 // normalized (O, LSE) into slice `split` of o/lse, and merge_partials combines them by LSE.
 // With n_splits = 1 slice 0 is the final output.
@@ -15,16 +20,22 @@
 // dim is known and because Mesa's llvmpipe stops any loop after 65535 cumulative iterations,
 // which per-element inner loops over d reach after a few hundred keys.
 //!include common/params.wgsl
+//!include common/mask.wgsl
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> k: array<f32>;
 @group(0) @binding(3) var<storage, read> v: array<f32>;
-@group(0) @binding(4) var<storage, read_write> o: array<f32>;
-@group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(4) var<storage, read> lens: array<u32>;
+@group(0) @binding(5) var<storage, read> mask_bits: array<u32>;
+@group(0) @binding(6) var<storage, read> bias: array<f32>;
+@group(0) @binding(7) var<storage, read_write> o: array<f32>;
+@group(0) @binding(8) var<storage, read_write> lse: array<f32>;
 
 const LOG2E: f32 = 1.4426950408889634;
 const LN2: f32 = 0.6931471805599453;
+// Flags that need a look at every key's logit.
+const LOGIT_FLAGS: u32 = FLAG_BIAS | FLAG_SOFTCAP | FLAG_SEGMENTS;
 
 var<workgroup> k_tile: array<vec4<f32>, BC * DK4>;
 var<workgroup> v_tile: array<vec4<f32>, BC * DV4>;
@@ -65,6 +76,26 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let key_begin = split * p.split_len;
     let key_end = min(p.n, key_begin + p.split_len);
 
+    // Lengths are read from a read-only buffer at a workgroup-uniform index, so the key range
+    // below is uniform and may bound the tile loop with its barriers. Diagonals grow with the
+    // row, so the union of the rows' ranges runs from the first row's start to the last valid
+    // row's end; it starts on a tile boundary.
+    let ql = q_len(hd.b);
+    let kl = kv_len(hd.b);
+    let first = p.row_offset + wg.x * BR;
+    var lo = key_begin;
+    var hi = min(key_end, kl);
+    if first >= ql {
+        hi = lo;
+    } else {
+        let last = min(p.row_offset + min(wg.x * BR + BR, p.rows), ql) - 1u;
+        lo = max(lo, window_lo(diagonal(first, ql, kl)));
+        hi = min(hi, window_hi(diagonal(last, ql, kl), kl));
+    }
+    lo = key_begin + (lo - key_begin) / BC * BC;
+    let rk = key_range(grow, ql, kl);
+    let mbase = mask_row_base(hd.b, hd.h, grow);
+
     if live {
         let qbase = ((hd.b * p.m + grow) * p.q_heads + hd.h) * p.d_k;
         let qs = p.scale * LOG2E;
@@ -76,8 +107,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var m = NEG_BIG;
     var l = 0.0;
 
-    for (var t0 = key_begin; t0 < key_end; t0 += BC) {
-        let len = min(BC, key_end - t0);
+    for (var t0 = lo; t0 < hi; t0 += BC) {
+        let len = min(BC, hi - t0);
         for (var e = li; e < BC * DK4; e += BR) {
             let c = min(e / DK4, len - 1u);
             let kbase = ((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_k;
@@ -89,20 +120,41 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             v_tile[e] = load4_v(vbase, (e % DV4) * 4u, p.d_v);
         }
         workgroupBarrier();
-        if live {
+        let t1 = t0 + len;
+        if live && rk.lo < t1 && rk.hi > t0 {
             var tmax = m;
-            for (var c = 0u; c < len; c++) {
-                let s = score(c * DK4);
-                sc[c] = s;
-                tmax = max(tmax, s);
+            let whole = (p.flags & (FLAG_MASK | LOGIT_FLAGS)) == 0u && rk.lo <= t0 && rk.hi >= t1;
+            if whole {
+                for (var c = 0u; c < len; c++) {
+                    let s = score(c * DK4);
+                    sc[c] = s;
+                    tmax = max(tmax, s);
+                }
+            } else {
+                for (var c = 0u; c < len; c++) {
+                    let j = t0 + c;
+                    var s = MASKED;
+                    if j >= rk.lo && j < rk.hi
+                        && ((p.flags & FLAG_MASK) == 0u || mask_bit(mbase, j)) {
+                        s = score(c * DK4);
+                        if (p.flags & LOGIT_FLAGS) != 0u {
+                            s = shape_logit(s * LN2, hd.b, hd.h, grow, j) * LOG2E;
+                        }
+                    }
+                    sc[c] = s;
+                    tmax = max(tmax, s);
+                }
             }
             let alpha = exp2(m - tmax);
             l *= alpha;
             rescale(alpha);
             for (var c = 0u; c < len; c++) {
-                let pc = exp2(sc[c] - tmax);
-                l += pc;
-                accumulate(pc, c * DV4);
+                // Removed keys (≤ NEG_BIG) add nothing.
+                if sc[c] > NEG_BIG {
+                    let pc = exp2(sc[c] - tmax);
+                    l += pc;
+                    accumulate(pc, c * DV4);
+                }
             }
             m = tmax;
         }
@@ -110,7 +162,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 
     if live {
-        // l = 0 only when the split saw no key: output 0 and LSE = −∞, never 0/0.
+        // l = 0 only when the row saw no key in this split: output 0 and LSE = −∞, never 0/0.
         var inv = 0.0;
         var row_lse = neg_inf();
         if l > 0.0 {

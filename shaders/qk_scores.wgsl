@@ -1,14 +1,19 @@
-// S = scale · Q·Kᵀ for one chunk of (batch·head, query rows).
+// S = scale · Q·Kᵀ for one chunk of (batch·head, query rows), with the masks and logit
+// controls of common/mask.wgsl applied (a removed key's score is MASKED).
 // S is the chunk's scratch: [bh_count, rows, N], row-major.
 // A 16×16 workgroup computes a 64×64 tile of S; each invocation owns a 4×4 register block
 // whose rows and columns are strided by 16, so shared-memory reads are conflict-free and
 // stores to S are coalesced. Q and K tiles of BK head-dim steps are staged in workgroup memory.
 //!include common/params.wgsl
+//!include common/mask.wgsl
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> k: array<f32>;
-@group(0) @binding(3) var<storage, read_write> s: array<f32>;
+@group(0) @binding(3) var<storage, read> lens: array<u32>;
+@group(0) @binding(4) var<storage, read> mask_bits: array<u32>;
+@group(0) @binding(5) var<storage, read> bias: array<f32>;
+@group(0) @binding(6) var<storage, read_write> s: array<f32>;
 
 const TILE: u32 = 64u;
 const BK: u32 = 16u;
@@ -71,7 +76,9 @@ fn main(
         for (var j = 0u; j < PER; j++) {
             let key = key0 + lid.x + j * WG;
             if row < p.rows && key < p.n {
-                s[(lbh * p.rows + row) * p.n + key] = acc[i * PER + j] * p.scale;
+                let x = acc[i * PER + j] * p.scale;
+                s[(lbh * p.rows + row) * p.n + key] =
+                    masked_logit(x, hd.b, hd.h, p.row_offset + row, key);
             }
         }
     }

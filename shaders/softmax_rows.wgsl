@@ -1,5 +1,6 @@
 // Row softmax of the scratch S in place (S becomes the weights P), max-subtracted, and the
-// log-sum-exp of each row into LSE [batch, q_heads, M].
+// log-sum-exp of each row into LSE [batch, q_heads, M]. Scores ≤ NEG_BIG are removed keys
+// (qk_scores writes MASKED): weight 0; a row with none left gets weights 0 and LSE −∞.
 // One workgroup per row: invocations stride over the keys, then reduce in workgroup memory.
 //!include common/params.wgsl
 
@@ -39,6 +40,11 @@ fn reduce_sum(t: u32, x: f32) -> f32 {
     return r;
 }
 
+// exp(x − mx) for a kept key, 0 for a removed one.
+fn kept_exp(x: f32, mx: f32) -> f32 {
+    return select(0.0, exp(x - mx), x > NEG_BIG);
+}
+
 @compute @workgroup_size(128, 1, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let row = wg.x;
@@ -53,21 +59,22 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
 
     var sum = 0.0;
     for (var j = t; j < p.n; j += WG) {
-        sum += exp(s[base + j] - mx);
+        sum += kept_exp(s[base + j], mx);
     }
     sum = reduce_sum(t, sum);
 
-    // The row's max contributes exp(0) = 1, so sum ≥ 1 here; the guard keeps later masked
-    // rows (all keys removed) at weight 0 instead of 0/0.
+    // sum = 0 only when every key was removed: weights 0 and LSE −∞, never 0/0.
     var inv = 0.0;
+    var row_lse = neg_inf();
     if sum > 0.0 {
         inv = 1.0 / sum;
+        row_lse = mx + log(sum);
     }
     for (var j = t; j < p.n; j += WG) {
-        s[base + j] = exp(s[base + j] - mx) * inv;
+        s[base + j] = kept_exp(s[base + j], mx) * inv;
     }
     if t == 0u {
         let bh = p.bh_offset + lbh;
-        lse[bh * p.m + p.row_offset + row] = mx + log(sum);
+        lse[bh * p.m + p.row_offset + row] = row_lse;
     }
 }

@@ -7,20 +7,27 @@ use crate::gpu::context::Context;
 use crate::gpu::executor::{self, GpuTimer};
 use crate::gpu::pipelines::PipelineCache;
 use crate::gpu::tensor::Tensor;
+use crate::mask::{Alignment, Broadcast, KeySegment, Masking, Window};
 use crate::plan::{DeviceCaps, Path, Plan, Request, Slot};
 use crate::shape::AttnShape;
 
-/// Options of one attention call.
+/// Options of one attention call: scale, path, and the masks and logit controls of
+/// [`crate::mask`] (where their semantics are spelled out).
 ///
 /// ```
-/// let opts = xattn::Attention::default().with_weights().with_scale(0.125);
+/// use xattn::{Alignment, Attention};
+/// let opts = Attention::default()
+///     .with_scale(0.125)
+///     .with_causal(Alignment::BottomRight)
+///     .with_kv_lens(vec![1500, 1200]);
 /// assert_eq!(opts.scale_for(64), 0.125);
 /// ```
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Attention {
     scale: Option<f32>,
     weights: bool,
     path: Option<Path>,
+    masking: Masking,
 }
 
 impl Attention {
@@ -44,6 +51,63 @@ impl Attention {
         self.path = path;
         self
     }
+    /// Causal mask: row i sees keys up to its diagonal, aligned as `align` says (no default:
+    /// PyTorch and JAX align top-left, FlashAttention ≥ 2.1 bottom-right). Combines with a
+    /// window of the same alignment.
+    pub fn with_causal(mut self, align: Alignment) -> Self {
+        self.masking.narrow_window(Window {
+            align,
+            left: None,
+            right: Some(0),
+        });
+        self
+    }
+    /// Local window: row i sees keys `diag − left ..= diag + right` (see [`crate::mask`]).
+    pub fn with_window(mut self, align: Alignment, left: usize, right: usize) -> Self {
+        self.masking.narrow_window(Window {
+            align,
+            left: Some(left),
+            right: Some(right),
+        });
+        self
+    }
+    /// Valid query rows per batch entry; rows at or past `q_lens[b]` output 0 and LSE −∞.
+    pub fn with_q_lens(mut self, q_lens: Vec<u32>) -> Self {
+        self.masking.q_lens = Some(q_lens);
+        self
+    }
+    /// Valid keys per batch entry; keys at or past `kv_lens[b]` are ignored.
+    pub fn with_kv_lens(mut self, kv_lens: Vec<u32>) -> Self {
+        self.masking.kv_lens = Some(kv_lens);
+        self
+    }
+    /// Bool mask, `true` = may attend, dims `[batch|1, q_heads|1, M|1, N]` row-major.
+    pub fn with_mask(mut self, dims: [usize; 4], mask: Vec<bool>) -> Self {
+        self.masking.mask = Some(Broadcast { dims, data: mask });
+        self
+    }
+    /// Additive logit bias, dims `[batch|1, q_heads|1, M|1, N]` row-major; −∞ removes a key.
+    pub fn with_bias(mut self, dims: [usize; 4], bias: Vec<f32>) -> Self {
+        self.masking.bias = Some(Broadcast { dims, data: bias });
+        self
+    }
+    /// Soft-caps logits: `cap·tanh(logit/cap)`, after the scale and segment factors, before
+    /// the bias.
+    pub fn with_softcap(mut self, cap: f32) -> Self {
+        self.masking.softcap = Some(cap);
+        self
+    }
+    /// Multiplies the logits of keys `start..end` by `factor` (at most four disjoint segments).
+    pub fn with_key_segment(mut self, start: usize, end: usize, factor: f32) -> Self {
+        self.masking
+            .segments
+            .push(KeySegment { start, end, factor });
+        self
+    }
+    /// The masks and logit controls.
+    pub fn masking(&self) -> &Masking {
+        &self.masking
+    }
     /// The scale used for head dim `d_k`.
     pub fn scale_for(&self, d_k: usize) -> f32 {
         self.scale.unwrap_or(1.0 / (d_k as f32).sqrt())
@@ -52,6 +116,15 @@ impl Attention {
     pub fn weights(&self) -> bool {
         self.weights
     }
+}
+
+/// Lengths, mask bits and bias of one call on the device, made by [`Engine::upload_masks`].
+/// Unused ones are 4-byte placeholders (bindings cannot be empty).
+#[derive(Debug)]
+pub struct MaskInputs {
+    lens: Tensor,
+    mask: Tensor,
+    bias: Tensor,
 }
 
 /// Results on the device.
@@ -149,12 +222,34 @@ impl Engine {
             scale,
             weights: opts.weights,
             path: opts.path,
+            masks: opts.masking.spec(&shape)?,
         })
     }
 
     /// What [`Engine::attention`] would run: path, tiles, splits, bytes.
     pub fn plan(&self, q: &Tensor, k: &Tensor, v: &Tensor, opts: &Attention) -> Result<Plan> {
         Plan::new(&self.request(q, k, v, opts)?, &self.caps)
+    }
+
+    /// Uploads the lengths, mask and bias of `opts` for `plan` (which must come from the same
+    /// options).
+    pub fn upload_masks(&self, plan: &Plan, opts: &Attention) -> Result<MaskInputs> {
+        let m = &opts.masking;
+        if m.spec(&plan.shape)? != plan.masks {
+            return Err(Error::Argument(
+                "the plan was made with other masks than these options".into(),
+            ));
+        }
+        let lens = m.lens_words(&plan.shape);
+        let placeholder = [0u32];
+        let mask = m.mask_words();
+        let mask = mask.as_deref().unwrap_or(&placeholder);
+        let bias = m.bias.as_ref().map_or(&[0.0f32][..], |b| &b.data);
+        Ok(MaskInputs {
+            lens: Tensor::upload_u32(&self.ctx, "lens", &lens, &[lens.len()])?,
+            mask: Tensor::upload_u32(&self.ctx, "mask", mask, &[mask.len()])?,
+            bias: Tensor::upload(&self.ctx, "bias", bias, &[bias.len()])?,
+        })
     }
 
     /// Allocates outputs for `plan` (O, LSE and, if planned, weights).
@@ -181,19 +276,23 @@ impl Engine {
         opts: &Attention,
     ) -> Result<Output> {
         let plan = self.plan(q, k, v, opts)?;
+        let masks = self.upload_masks(&plan, opts)?;
         let out = self.alloc_output(&plan)?;
-        self.run(&plan, q, k, v, &out, None)?;
+        self.run(&plan, q, k, v, &masks, &out, None)?;
         Ok(out)
     }
 
-    /// Runs a plan made by [`Engine::plan`] into existing outputs (from
-    /// [`Engine::alloc_output`]); with a timer, GPU timestamps bracket the work.
+    /// Runs a plan made by [`Engine::plan`] with the masks of [`Engine::upload_masks`] into
+    /// existing outputs (from [`Engine::alloc_output`]); with a timer, GPU timestamps bracket
+    /// the work.
+    #[allow(clippy::too_many_arguments)]
     pub fn run(
         &self,
         plan: &Plan,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
+        masks: &MaskInputs,
         out: &Output,
         timer: Option<&GpuTimer>,
     ) -> Result<()> {
@@ -216,6 +315,9 @@ impl Engine {
             (Slot::Q, q.buffer()),
             (Slot::K, k.buffer()),
             (Slot::V, v.buffer()),
+            (Slot::Lens, masks.lens.buffer()),
+            (Slot::MaskBits, masks.mask.buffer()),
+            (Slot::Bias, masks.bias.buffer()),
             (Slot::O, out.o.buffer()),
             (Slot::Lse, out.lse.buffer()),
         ]);

@@ -33,13 +33,15 @@ pub mod cpu;
 mod engine;
 mod error;
 pub mod gpu;
+pub mod mask;
 pub mod params;
 pub mod plan;
 pub mod shape;
 
-pub use engine::{Attention, Engine, HostOutput, Output};
+pub use engine::{Attention, Engine, HostOutput, MaskInputs, Output};
 pub use error::{Error, Result};
 pub use gpu::context::Context;
 pub use gpu::tensor::Tensor;
+pub use mask::Alignment;
 pub use plan::{Path, Plan};
 pub use shape::AttnShape;

@@ -38,6 +38,51 @@ pub struct AttnParams {
     pub n_splits: u32,
     /// Keys per split.
     pub split_len: u32,
+    /// Which per-key logit controls are on (`mask::flags`).
+    pub flags: u32,
+    /// Softcap `cap` of `cap·tanh(logit/cap)` (with `flags::SOFTCAP`).
+    pub softcap: f32,
+    /// Keys a row sees before its diagonal, or [`UNBOUNDED`].
+    pub win_left: u32,
+    /// Keys a row sees after its diagonal (0 = causal), or [`UNBOUNDED`].
+    pub win_right: u32,
+    /// 1 when the diagonal is bottom-right aligned (row i ↔ key i + kv_len − q_len), else 0.
+    pub bottom_right: u32,
+    /// Key segments with their own temperature (≤ 4).
+    pub n_segments: u32,
+    /// Bool-mask strides in u32 words over batch, head and row (0 = broadcast).
+    pub mask_b: u32,
+    /// See `mask_b`.
+    pub mask_h: u32,
+    /// See `mask_b`.
+    pub mask_row: u32,
+    /// Bias strides in elements over batch, head and row (0 = broadcast).
+    pub bias_b: u32,
+    /// See `bias_b`.
+    pub bias_h: u32,
+    /// See `bias_b`.
+    pub bias_row: u32,
     /// Padding to a multiple of 16 bytes.
     pub _pad: [u32; 2],
+    /// First key of each segment.
+    pub seg_start: [u32; 4],
+    /// One past the last key of each segment.
+    pub seg_end: [u32; 4],
+    /// Logit factor (inverse temperature) of each segment.
+    pub seg_factor: [f32; 4],
+}
+
+/// `win_left`/`win_right` value for "no bound on this side".
+pub const UNBOUNDED: u32 = u32::MAX;
+
+/// Bits of [`AttnParams::flags`]: per-key work the kernels must do.
+pub mod flags {
+    /// A bool mask is bound (`mask_*` strides).
+    pub const MASK: u32 = 1;
+    /// An additive bias is bound (`bias_*` strides).
+    pub const BIAS: u32 = 2;
+    /// Logits are soft-capped.
+    pub const SOFTCAP: u32 = 4;
+    /// Key segments scale their logits.
+    pub const SEGMENTS: u32 = 8;
 }

@@ -8,6 +8,7 @@ use std::fmt;
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::Kernel;
+use crate::mask::MaskSpec;
 use crate::params::AttnParams;
 use crate::shape::{AttnShape, F32};
 
@@ -89,6 +90,12 @@ pub enum Slot {
     K,
     /// Values (input).
     V,
+    /// `[q_lens; batch] ++ [kv_lens; batch]` as u32 (input).
+    Lens,
+    /// Packed bool-mask bits (input; a placeholder when unused).
+    MaskBits,
+    /// Additive bias (input; a placeholder when unused).
+    Bias,
     /// Output O.
     O,
     /// Output LSE.
@@ -151,6 +158,8 @@ pub struct Request {
     pub weights: bool,
     /// Forced path, or `None` for the planner's choice.
     pub path: Option<Path>,
+    /// Masks, lengths and logit controls.
+    pub masks: MaskSpec,
 }
 
 /// The work for one attention call.
@@ -160,6 +169,8 @@ pub struct Plan {
     pub path: Path,
     /// The problem.
     pub shape: AttnShape,
+    /// Masks, lengths and logit controls baked into the params.
+    pub masks: MaskSpec,
     /// Steps in order.
     pub steps: Vec<Step>,
     /// Scratch buffers and their sizes in bytes (allocated by the executor).
@@ -216,6 +227,13 @@ impl Plan {
                 caps,
             )?;
         }
+        if let Some(d) = req.masks.mask_dims {
+            let words = d[0] * d[1] * d[2] * d[3].div_ceil(32);
+            check_binding(&format!("mask bits {d:?}"), bytes(words), caps)?;
+        }
+        if let Some(d) = req.masks.bias_dims {
+            check_binding(&format!("bias {d:?}"), bytes(d.iter().product()), caps)?;
+        }
         let fused_ok = s.d_k <= FUSED_MAX_HEAD_DIM && s.d_v <= FUSED_MAX_HEAD_DIM;
         let path = match req.path {
             Some(p) => p,
@@ -253,6 +271,7 @@ impl Plan {
             Path::Fused => fused(req, caps, None)?,
             Path::SplitK => fused(req, caps, Some(split_count(&s, caps)))?,
         };
+        plan.masks = req.masks;
         plan.outputs
             .push((Slot::O, bytes(s.o_dims().iter().product())));
         plan.outputs
@@ -302,6 +321,7 @@ impl Plan {
         Ok(Plan {
             path: Path::SplitK,
             shape: *shape,
+            masks: MaskSpec::default(),
             steps,
             scratch: vec![(Slot::PartO, part_o), (Slot::PartLse, part_lse)],
             outputs: vec![(Slot::O, o_bytes), (Slot::Lse, lse_bytes)],
@@ -331,6 +351,9 @@ impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "plan {} for {}", self.path.name(), self.shape)?;
         writeln!(f, "  tiling: {}", self.tiling)?;
+        if !self.masks.is_empty() {
+            writeln!(f, "  masks: {}", self.masks)?;
+        }
         let copies = self.steps.len() - self.dispatches();
         writeln!(
             f,
@@ -395,8 +418,8 @@ fn check_grid(what: &str, count: usize, caps: &DeviceCaps) -> Result<u32> {
     Ok(count as u32)
 }
 
-fn base_params(s: &AttnShape, scale: f32) -> AttnParams {
-    AttnParams {
+fn base_params(s: &AttnShape, scale: f32, masks: &MaskSpec) -> AttnParams {
+    let mut p = AttnParams {
         batch: s.batch as u32,
         m: s.m as u32,
         n: s.n as u32,
@@ -408,7 +431,9 @@ fn base_params(s: &AttnShape, scale: f32) -> AttnParams {
         n_splits: 1,
         split_len: s.n as u32,
         ..Default::default()
-    }
+    };
+    masks.apply(&mut p);
+    p
 }
 
 /// Chunks of (batch·head range, row range) whose work fits one dispatch each.
@@ -470,7 +495,7 @@ fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
     check_grid("qk_scores key-tile", s.n.div_ceil(GEMM_TILE), caps)?;
     check_grid("weighted_sum dim-tile", s.d_v.div_ceil(GEMM_TILE), caps)?;
 
-    let base = base_params(&s, req.scale);
+    let base = base_params(&s, req.scale, &req.masks);
     let mut steps = Vec::new();
     let mut scratch_elems = 0;
     let chunk_list = chunks(&s, bh_max, rows_max);
@@ -489,7 +514,14 @@ fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
             kernel: Kernel::QkScores,
             params,
             grid: [s.n.div_ceil(GEMM_TILE) as u32, row_tiles, nbh as u32],
-            buffers: vec![Slot::Q, Slot::K, Slot::Scores],
+            buffers: vec![
+                Slot::Q,
+                Slot::K,
+                Slot::Lens,
+                Slot::MaskBits,
+                Slot::Bias,
+                Slot::Scores,
+            ],
         }));
         steps.push(Step::Dispatch(Dispatch {
             kernel: Kernel::SoftmaxRows,
@@ -517,6 +549,7 @@ fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
     Ok(Plan {
         path: Path::ThreePass,
         shape: s,
+        masks: req.masks,
         steps,
         scratch: vec![(Slot::Scores, bytes(scratch_elems))],
         outputs: Vec::new(),
@@ -595,7 +628,7 @@ fn fused(req: &Request, caps: &DeviceCaps, splits: Option<usize>) -> Result<Plan
     let base = AttnParams {
         n_splits: splits as u32,
         split_len: split_len as u32,
-        ..base_params(&s, req.scale)
+        ..base_params(&s, req.scale, &req.masks)
     };
     let mut steps = Vec::new();
     for (bh0, nbh, r0, nr) in chunks(&s, max_wg, rows_max) {
@@ -614,7 +647,16 @@ fn fused(req: &Request, caps: &DeviceCaps, splits: Option<usize>) -> Result<Plan
                 splits as u32,
                 nbh as u32,
             ],
-            buffers: vec![Slot::Q, Slot::K, Slot::V, out_o, out_lse],
+            buffers: vec![
+                Slot::Q,
+                Slot::K,
+                Slot::V,
+                Slot::Lens,
+                Slot::MaskBits,
+                Slot::Bias,
+                out_o,
+                out_lse,
+            ],
         }));
     }
     let mut scratch = Vec::new();
@@ -637,6 +679,7 @@ fn fused(req: &Request, caps: &DeviceCaps, splits: Option<usize>) -> Result<Plan
     Ok(Plan {
         path,
         shape: s,
+        masks: req.masks,
         steps,
         scratch,
         outputs: Vec::new(),
@@ -659,7 +702,7 @@ fn merge_step(s: &AttnShape, splits: u32, caps: &DeviceCaps) -> Result<Step> {
     let y = check_grid("merge_partials", groups.div_ceil(x), caps)?;
     let params = AttnParams {
         n_splits: splits,
-        ..base_params(s, 1.0)
+        ..base_params(s, 1.0, &MaskSpec::default())
     };
     Ok(Step::Dispatch(Dispatch {
         kernel: Kernel::MergePartials,

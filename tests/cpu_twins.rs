@@ -5,14 +5,27 @@ mod common;
 
 use common::*;
 use xattn::cpu::{
-    flash::flash, merge_partials::merge_partials, qk_scores::qk_scores, reference,
+    flash::flash, mask::MaskData, merge_partials::merge_partials, qk_scores::qk_scores, reference,
     softmax_rows::softmax_rows, weighted_sum::weighted_sum,
 };
+use xattn::mask::Masking;
 use xattn::plan::{Plan, Request, Slot, Step};
 use xattn::{AttnShape, Path};
 
 /// Executes a plan with the CPU twins in place of the kernels.
-fn run_twins(plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+fn run_twins(
+    plan: &Plan,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    masking: &Masking,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let lens = masking.lens_words(&plan.shape);
+    let words = masking.mask_words().unwrap_or_default();
+    let bias = masking.bias.as_ref().map_or(&[][..], |b| &b.data[..]);
+    let masks = MaskData {
+        lens: &lens,
+        mask_bits: &words,
+        bias,
+    };
     let size = |slot: Slot| -> usize {
         plan.scratch
             .iter()
@@ -50,7 +63,7 @@ fn run_twins(plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32
                 match d.kernel {
                     xattn::gpu::kernels::Kernel::QkScores => {
                         let mut sc = take(Slot::Scores);
-                        qk_scores(p, q, k, &mut sc);
+                        qk_scores(p, q, k, &masks, &mut sc);
                         bufs.insert(Slot::Scores, sc);
                     }
                     xattn::gpu::kernels::Kernel::SoftmaxRows => {
@@ -65,10 +78,10 @@ fn run_twins(plan: &Plan, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32
                         bufs.insert(Slot::Scores, sc);
                         bufs.insert(Slot::O, o);
                     }
-                    xattn::gpu::kernels::Kernel::Flash { bc, .. } => {
-                        let (os, ls) = (d.buffers[3], d.buffers[4]);
+                    xattn::gpu::kernels::Kernel::Flash { bc, br, .. } => {
+                        let (os, ls) = (d.buffers[6], d.buffers[7]);
                         let (mut o, mut lse) = (take(os), take(ls));
-                        flash(p, bc, q, k, v, &mut o, &mut lse);
+                        flash(p, (bc, br), q, k, v, &masks, &mut o, &mut lse);
                         bufs.insert(os, o);
                         bufs.insert(ls, lse);
                     }
@@ -145,9 +158,10 @@ fn twins_follow_every_plan_to_the_reference() {
                 scale,
                 weights: path == Path::ThreePass,
                 path: Some(path),
+                masks: Default::default(),
             };
             let plan = Plan::new(&req, &CAPS).unwrap();
-            let (o, lse, w) = run_twins(&plan, &q, &k, &v);
+            let (o, lse, w) = run_twins(&plan, (&q, &k, &v), &Masking::default());
             assert_close(&format!("twin {} {s} O", path.name()), &o, &want.o, tol.o);
             assert_close(
                 &format!("twin {} {s} LSE", path.name()),
@@ -162,6 +176,34 @@ fn twins_follow_every_plan_to_the_reference() {
                     &want.weights,
                     tol.weights,
                 );
+            }
+        }
+    }
+}
+
+#[test]
+fn twins_follow_masked_plans_to_the_reference() {
+    for (i, (name, s, opts)) in mask_cases().into_iter().enumerate() {
+        let (q, k, v) = qkv(&s, 1.0, 700 + i as u64);
+        let scale = opts.scale_for(s.d_k);
+        let m = opts.masking();
+        let want = reference::attention_masked(&s, &q, &k, &v, f64::from(scale), m);
+        let tol = budget_masked(&s, scale, (&q, &k, &v), m);
+        for path in Path::ALL {
+            let req = Request {
+                shape: s,
+                scale,
+                weights: path == Path::ThreePass,
+                path: Some(path),
+                masks: m.spec(&s).unwrap(),
+            };
+            let plan = Plan::new(&req, &CAPS).unwrap();
+            let (o, lse, w) = run_twins(&plan, (&q, &k, &v), m);
+            let what = format!("twin {} {name} {s}", path.name());
+            assert_close(&format!("{what} O"), &o, &want.o, tol.o);
+            assert_close(&format!("{what} LSE"), &lse, &want.lse, tol.lse * 10.0);
+            if path == Path::ThreePass {
+                assert_close(&format!("{what} P"), &w, &want.weights, tol.weights);
             }
         }
     }

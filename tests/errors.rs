@@ -52,6 +52,7 @@ fn planner_names_the_limit_when_no_split_helps() {
         scale: 1.0,
         weights: true,
         path: None,
+        masks: Default::default(),
     };
     let err = Plan::new(&req, &CAPS).unwrap_err();
     match &err {
@@ -82,6 +83,7 @@ fn planner_names_the_limit_when_no_split_helps() {
             scale: 1.0,
             weights: false,
             path: None,
+            masks: Default::default(),
         },
         &CAPS,
     )
@@ -106,6 +108,7 @@ fn planner_names_the_limit_when_no_split_helps() {
             scale: 1.0,
             weights: true,
             path: Some(Path::Fused),
+            masks: Default::default(),
         },
         &CAPS,
     )
@@ -118,6 +121,7 @@ fn planner_names_the_limit_when_no_split_helps() {
             scale: 1.0,
             weights: false,
             path: Some(Path::SplitK),
+            masks: Default::default(),
         },
         &CAPS,
     )
@@ -129,6 +133,7 @@ fn planner_names_the_limit_when_no_split_helps() {
             scale: 1.0,
             weights: false,
             path: None,
+            masks: Default::default(),
         },
         &CAPS,
     )
@@ -186,7 +191,7 @@ fn bad_host_input_is_an_error_on_the_device_too() {
             (&q, s.q_dims()),
             (&k, s.k_dims()),
             (&v, s.v_dims()),
-            &opts.with_scale(f32::NAN),
+            &opts.clone().with_scale(f32::NAN),
         )
         .unwrap_err();
     assert!(err.to_string().contains("scale"), "{err}");
@@ -209,7 +214,10 @@ fn bad_host_input_is_an_error_on_the_device_too() {
     let out = engine
         .alloc_output(&engine.plan(&q_other, &k4, &v4, &opts).unwrap())
         .unwrap();
-    let err = engine.run(&plan, &q4, &k4, &v4, &out, None).unwrap_err();
+    let masks = engine.upload_masks(&plan, &opts).unwrap();
+    let err = engine
+        .run(&plan, &q4, &k4, &v4, &masks, &out, None)
+        .unwrap_err();
     assert!(err.to_string().contains("output o"), "{err}");
     // Merge of mismatched shards.
     let o = vec![0.5; 24];

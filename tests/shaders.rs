@@ -37,6 +37,7 @@ fn all_kernels() -> Vec<Kernel> {
                 scale: 1.0,
                 weights: false,
                 path: Some(Path::Fused),
+                masks: Default::default(),
             };
             for step in Plan::new(&req, &CAPS).unwrap().steps {
                 if let Step::Dispatch(d) = step {
@@ -156,7 +157,30 @@ fn params_layout_matches_wgsl() {
         ("rows", std::mem::offset_of!(AttnParams, rows)),
         ("n_splits", std::mem::offset_of!(AttnParams, n_splits)),
         ("split_len", std::mem::offset_of!(AttnParams, split_len)),
+        ("flags", std::mem::offset_of!(AttnParams, flags)),
+        ("softcap", std::mem::offset_of!(AttnParams, softcap)),
+        ("win_left", std::mem::offset_of!(AttnParams, win_left)),
+        ("win_right", std::mem::offset_of!(AttnParams, win_right)),
+        (
+            "bottom_right",
+            std::mem::offset_of!(AttnParams, bottom_right),
+        ),
+        ("n_segments", std::mem::offset_of!(AttnParams, n_segments)),
+        ("mask_b", std::mem::offset_of!(AttnParams, mask_b)),
+        ("mask_h", std::mem::offset_of!(AttnParams, mask_h)),
+        ("mask_row", std::mem::offset_of!(AttnParams, mask_row)),
+        ("bias_b", std::mem::offset_of!(AttnParams, bias_b)),
+        ("bias_h", std::mem::offset_of!(AttnParams, bias_h)),
+        ("bias_row", std::mem::offset_of!(AttnParams, bias_row)),
+        ("seg_start", std::mem::offset_of!(AttnParams, seg_start)),
+        ("seg_end", std::mem::offset_of!(AttnParams, seg_end)),
+        ("seg_factor", std::mem::offset_of!(AttnParams, seg_factor)),
     ];
+    assert_eq!(
+        members.len(),
+        rust_offsets.len() + 2,
+        "every member but the two pads is checked"
+    );
     for (name, offset) in rust_offsets {
         let member = members
             .iter()

@@ -14,8 +14,23 @@ struct AttnParams {
     rows: u32,
     n_splits: u32,
     split_len: u32,
+    flags: u32,
+    softcap: f32,
+    win_left: u32,
+    win_right: u32,
+    bottom_right: u32,
+    n_segments: u32,
+    mask_b: u32,
+    mask_h: u32,
+    mask_row: u32,
+    bias_b: u32,
+    bias_h: u32,
+    bias_row: u32,
     _pad0: u32,
     _pad1: u32,
+    seg_start: vec4<u32>,
+    seg_end: vec4<u32>,
+    seg_factor: vec4<f32>,
 }
 
 // Head coordinates of one batch·head problem; GQA maps query head h to kv head h / group.

@@ -7,6 +7,7 @@
 //! own, without a GPU.
 
 pub mod flash;
+pub mod mask;
 pub mod merge_partials;
 pub mod qk_scores;
 pub mod reference;

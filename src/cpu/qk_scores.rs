@@ -1,11 +1,12 @@
-//! CPU twin of `shaders/qk_scores.wgsl`: S = scale·Q·Kᵀ for one chunk, in f32.
+//! CPU twin of `shaders/qk_scores.wgsl`: S = scale·Q·Kᵀ for one chunk, in f32, with masks.
 //! The shader's tiles change where operands live, not the order of the sum over d, so the
 //! twin is the per-element loop with the shader's index math.
 
+use crate::cpu::mask::{masked_logit, MaskData};
 use crate::params::AttnParams;
 
-/// Writes the chunk's scores `s [bh_count, rows, N]`.
-pub fn qk_scores(p: &AttnParams, q: &[f32], k: &[f32], s: &mut [f32]) {
+/// Writes the chunk's scores `s [bh_count, rows, N]` (removed keys: `MASKED`).
+pub fn qk_scores(p: &AttnParams, q: &[f32], k: &[f32], masks: &MaskData, s: &mut [f32]) {
     for lbh in 0..p.bh_count {
         let bh = p.bh_offset + lbh;
         let (b, h) = (bh / p.q_heads, bh % p.q_heads);
@@ -19,7 +20,8 @@ pub fn qk_scores(p: &AttnParams, q: &[f32], k: &[f32], s: &mut [f32]) {
                     let kv = k[(((b * p.n + key) * p.kv_heads + hk) * p.d_k + d) as usize];
                     acc = qv.mul_add(kv, acc);
                 }
-                s[((lbh * p.rows + row) * p.n + key) as usize] = acc * p.scale;
+                s[((lbh * p.rows + row) * p.n + key) as usize] =
+                    masked_logit(p, masks, acc * p.scale, [b, h, p.row_offset + row, key]);
             }
         }
     }

@@ -1,5 +1,8 @@
-//! The reference: naive scaled dot-product attention, f64 accumulation, max-subtracted softmax.
+//! The reference: naive scaled dot-product attention, f64 accumulation, max-subtracted softmax,
+//! with the masks and logit controls of [`crate::mask`] applied literally from their
+//! definitions (no shared code with the kernels or their packing of masks).
 
+use crate::mask::{Alignment, Masking};
 use crate::shape::AttnShape;
 
 /// Reference results in f64, same layouts as the GPU outputs.
@@ -7,7 +10,7 @@ use crate::shape::AttnShape;
 pub struct Reference {
     /// O `[batch, M, q_heads, d_v]`.
     pub o: Vec<f64>,
-    /// LSE `[batch, q_heads, M]`.
+    /// LSE `[batch, q_heads, M]` (−∞ for a row with no key left).
     pub lse: Vec<f64>,
     /// P `[batch, q_heads, M, N]`.
     pub weights: Vec<f64>,
@@ -15,31 +18,110 @@ pub struct Reference {
 
 /// Computes attention of `q`, `k`, `v` (layouts of [`AttnShape`]) with logit scale `scale`.
 pub fn attention(s: &AttnShape, q: &[f32], k: &[f32], v: &[f32], scale: f64) -> Reference {
+    attention_masked(s, q, k, v, scale, &Masking::default())
+}
+
+/// Element `[b, h, i, j]` of a tensor broadcast from `dims` (size-1 dims repeat).
+fn broadcast_at<T: Copy>(dims: [usize; 4], data: &[T], [b, h, i, j]: [usize; 4]) -> T {
+    let pick = |x: usize, d: usize| if d == 1 { 0 } else { x };
+    data[((pick(b, dims[0]) * dims[1] + pick(h, dims[1])) * dims[2] + pick(i, dims[2])) * dims[3]
+        + j]
+}
+
+/// Whether row `i` of batch `b`, head `h` may see key `j`.
+fn keeps(m: &Masking, s: &AttnShape, [b, h, i, j]: [usize; 4]) -> bool {
+    let q_len = m.q_lens.as_ref().map_or(s.m, |l| l[b] as usize) as i64;
+    let kv_len = m.kv_lens.as_ref().map_or(s.n, |l| l[b] as usize) as i64;
+    let (i, j) = (i as i64, j as i64);
+    if i >= q_len || j >= kv_len {
+        return false;
+    }
+    if let Some(w) = m.window {
+        let diag = match w.align {
+            Alignment::TopLeft => i,
+            Alignment::BottomRight => i + kv_len - q_len,
+        };
+        if w.left.is_some_and(|left| j < diag - left as i64) {
+            return false;
+        }
+        if w.right.is_some_and(|right| j > diag + right as i64) {
+            return false;
+        }
+    }
+    m.mask
+        .as_ref()
+        .is_none_or(|mask| broadcast_at(mask.dims, &mask.data, [b, h, i as usize, j as usize]))
+}
+
+/// The final logit of a kept key from its scaled dot product.
+fn shaped(m: &Masking, at: [usize; 4], mut x: f64) -> f64 {
+    if let Some(seg) = m
+        .segments
+        .iter()
+        .find(|g| (g.start..g.end).contains(&at[3]))
+    {
+        x *= f64::from(seg.factor);
+    }
+    if let Some(cap) = m.softcap {
+        let cap = f64::from(cap);
+        x = cap * (x / cap).tanh();
+    }
+    if let Some(bias) = &m.bias {
+        x += f64::from(broadcast_at(bias.dims, &bias.data, at));
+    }
+    x
+}
+
+/// [`attention`] with masks, lengths and logit controls. A row with no key left has O = 0,
+/// LSE = −∞ and weights 0.
+pub fn attention_masked(
+    s: &AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f64,
+    masking: &Masking,
+) -> Reference {
     let (b_n, m_n, n_n, hq, hk, dk, dv) = (s.batch, s.m, s.n, s.q_heads, s.kv_heads, s.d_k, s.d_v);
     let group = hq / hk;
     let mut o = vec![0.0; b_n * m_n * hq * dv];
     let mut lse = vec![0.0; b_n * hq * m_n];
     let mut weights = vec![0.0; b_n * hq * m_n * n_n];
-    let mut logits = vec![0.0f64; n_n];
+    // None = key removed.
+    let mut logits = vec![None; n_n];
     for b in 0..b_n {
         for h in 0..hq {
             let kh = h / group;
             for i in 0..m_n {
                 let qrow = &q[((b * m_n + i) * hq + h) * dk..][..dk];
                 for (j, logit) in logits.iter_mut().enumerate() {
-                    let krow = &k[((b * n_n + j) * hk + kh) * dk..][..dk];
-                    let dot: f64 = qrow
-                        .iter()
-                        .zip(krow)
-                        .map(|(&x, &y)| f64::from(x) * f64::from(y))
-                        .sum();
-                    *logit = dot * scale;
+                    let at = [b, h, i, j];
+                    *logit = keeps(masking, s, at).then(|| {
+                        let krow = &k[((b * n_n + j) * hk + kh) * dk..][..dk];
+                        let dot: f64 = qrow
+                            .iter()
+                            .zip(krow)
+                            .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                            .sum();
+                        shaped(masking, at, dot * scale)
+                    });
                 }
-                let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = logits.iter().map(|&x| (x - max).exp()).sum();
-                lse[(b * hq + h) * m_n + i] = max + sum.ln();
+                let max = logits
+                    .iter()
+                    .flatten()
+                    .cloned()
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let row_lse = &mut lse[(b * hq + h) * m_n + i];
+                if max == f64::NEG_INFINITY {
+                    // No key left (removed, or every bias −∞): zeros, LSE −∞.
+                    *row_lse = f64::NEG_INFINITY;
+                    continue;
+                }
+                let sum: f64 = logits.iter().flatten().map(|&x| (x - max).exp()).sum();
+                *row_lse = max + sum.ln();
                 let orow = &mut o[((b * m_n + i) * hq + h) * dv..][..dv];
-                for (j, &logit) in logits.iter().enumerate() {
+                for (j, logit) in logits.iter().enumerate() {
+                    let Some(logit) = logit else { continue };
                     let p = (logit - max).exp() / sum;
                     weights[((b * hq + h) * m_n + i) * n_n + j] = p;
                     let vrow = &v[((b * n_n + j) * hk + kh) * dv..][..dv];

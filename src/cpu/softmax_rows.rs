@@ -1,4 +1,5 @@
-//! CPU twin of `shaders/softmax_rows.wgsl`: row softmax of the scratch in place, plus LSE.
+//! CPU twin of `shaders/softmax_rows.wgsl`: row softmax of the scratch in place, plus LSE;
+//! scores ≤ `NEG_BIG` are removed keys.
 
 use crate::params::AttnParams;
 
@@ -13,12 +14,17 @@ pub fn softmax_rows(p: &AttnParams, s: &mut [f32], lse: &mut [f32]) {
             let base = ((lbh * p.rows + row) * p.n) as usize;
             let r = &mut s[base..base + n];
             let mx = r.iter().fold(NEG_BIG, |a, &x| a.max(x));
-            let sum: f32 = r.iter().map(|&x| (x - mx).exp()).sum();
-            let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+            let kept_exp = |x: f32| if x > NEG_BIG { (x - mx).exp() } else { 0.0 };
+            let sum: f32 = r.iter().map(|&x| kept_exp(x)).sum();
+            let (inv, row_lse) = if sum > 0.0 {
+                (1.0 / sum, mx + sum.ln())
+            } else {
+                (0.0, f32::NEG_INFINITY)
+            };
             for x in r.iter_mut() {
-                *x = (*x - mx).exp() * inv;
+                *x = kept_exp(*x) * inv;
             }
-            lse[((p.bh_offset + lbh) * p.m + p.row_offset + row) as usize] = mx + sum.ln();
+            lse[((p.bh_offset + lbh) * p.m + p.row_offset + row) as usize] = row_lse;
         }
     }
 }

@@ -63,10 +63,16 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
 ];
 
 /// Shared WGSL pulled in by `//!include <path>` lines.
-const COMMON_FILES: &[(&str, &str)] = &[(
-    "common/params.wgsl",
-    include_str!("../../shaders/common/params.wgsl"),
-)];
+const COMMON_FILES: &[(&str, &str)] = &[
+    (
+        "common/params.wgsl",
+        include_str!("../../shaders/common/params.wgsl"),
+    ),
+    (
+        "common/mask.wgsl",
+        include_str!("../../shaders/common/mask.wgsl"),
+    ),
+];
 
 use Access::{Read, ReadWrite, Uniform};
 
@@ -85,9 +91,12 @@ impl Kernel {
     /// Bindings of `@group(0)` in order.
     pub fn bindings(&self) -> &'static [Access] {
         match self {
-            Kernel::QkScores | Kernel::WeightedSum => &[Uniform, Read, Read, ReadWrite],
+            Kernel::QkScores => &[Uniform, Read, Read, Read, Read, Read, ReadWrite],
+            Kernel::WeightedSum => &[Uniform, Read, Read, ReadWrite],
             Kernel::SoftmaxRows => &[Uniform, ReadWrite, ReadWrite],
-            Kernel::Flash { .. } => &[Uniform, Read, Read, Read, ReadWrite, ReadWrite],
+            Kernel::Flash { .. } => &[
+                Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite,
+            ],
             Kernel::MergePartials => &[Uniform, Read, Read, ReadWrite, ReadWrite],
         }
     }

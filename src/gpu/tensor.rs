@@ -36,6 +36,26 @@ fn check_buffer_size(ctx: &Context, what: &str, dims: &[usize]) -> Result<u64> {
 impl Tensor {
     /// Uploads `data` as a tensor of shape `dims`.
     pub fn upload(ctx: &Context, name: &'static str, data: &[f32], dims: &[usize]) -> Result<Self> {
+        Self::upload_pod(ctx, name, data, dims)
+    }
+
+    /// Uploads 32-bit words (lengths, packed mask bits); the kernels read them as `u32`.
+    /// `to_host` would reinterpret them as f32.
+    pub fn upload_u32(
+        ctx: &Context,
+        name: &'static str,
+        data: &[u32],
+        dims: &[usize],
+    ) -> Result<Self> {
+        Self::upload_pod(ctx, name, data, dims)
+    }
+
+    fn upload_pod<T: bytemuck::Pod>(
+        ctx: &Context,
+        name: &'static str,
+        data: &[T],
+        dims: &[usize],
+    ) -> Result<Self> {
         check_len(name, dims, data.len())?;
         if data.is_empty() {
             return Err(Error::Shape(format!("{name}: empty tensor {dims:?}")));

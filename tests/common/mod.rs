@@ -74,7 +74,8 @@ pub fn run_poisoned(
     if let Some(w) = &out.weights {
         poison(w)?;
     }
-    engine.run(&plan, &q, &k, &v, &out, None)?;
+    let masks = engine.upload_masks(&plan, opts)?;
+    engine.run(&plan, &q, &k, &v, &masks, &out, None)?;
     let host = HostOutput {
         o: out.o.to_host()?,
         lse: out.lse.to_host()?,
@@ -162,4 +163,173 @@ pub fn check_against_reference(
         }
     }
     err
+}
+
+/// [`budget`] with the logit bound widened by the masking: segment factors multiply it, a
+/// softcap bounds it by the cap, a bias adds its largest finite magnitude.
+pub fn budget_masked(
+    s: &AttnShape,
+    scale: f32,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    m: &xattn::mask::Masking,
+) -> Budget {
+    let amax = |x: &[f32]| x.iter().fold(0.0f64, |a, &y| a.max(f64::from(y.abs())));
+    let eps = f64::from(f32::EPSILON);
+    let factor = m
+        .segments
+        .iter()
+        .fold(1.0f64, |a, g| a.max(f64::from(g.factor)));
+    let mut max_logit = f64::from(scale.abs()) * s.d_k as f64 * amax(q) * amax(k) * factor;
+    if let Some(cap) = m.softcap {
+        max_logit = max_logit.min(f64::from(cap));
+    }
+    if let Some(b) = &m.bias {
+        max_logit += b
+            .data
+            .iter()
+            .filter(|x| x.is_finite())
+            .fold(0.0f64, |a, &x| a.max(f64::from(x.abs())));
+    }
+    let base = eps * (4.0 * (1.0 + max_logit) + s.n as f64);
+    Budget {
+        o: base * amax(v).max(1e-3),
+        lse: base,
+        weights: base,
+    }
+}
+
+fn shape(batch: usize, m: usize, n: usize, hq: usize, hkv: usize, d: usize) -> AttnShape {
+    AttnShape {
+        batch,
+        m,
+        n,
+        q_heads: hq,
+        kv_heads: hkv,
+        d_k: d,
+        d_v: d,
+    }
+}
+
+/// Seeded bools, `true` with probability `p`.
+pub fn random_bools(len: usize, p: f64, seed: u64) -> Vec<bool> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..len).map(|_| rng.random_bool(p)).collect()
+}
+
+/// Masking cases over shapes that are not tile multiples, with several row blocks (64 rows)
+/// and key tiles, M ≠ N both ways: (name, shape, options).
+pub fn mask_cases() -> Vec<(String, AttnShape, Attention)> {
+    use xattn::Alignment::{BottomRight, TopLeft};
+    let a = Attention::default;
+    let mut cases = Vec::new();
+    let mut add = |name: &str, s: AttnShape, o: Attention| cases.push((name.to_string(), s, o));
+    let wide = shape(1, 70, 300, 2, 1, 16); // M < N
+    let tall = shape(1, 150, 45, 2, 2, 8); // M > N: bottom-right rows before the diagonal see nothing
+    for (sn, s) in [("M<N", wide), ("M>N", tall)] {
+        add(
+            &format!("causal top-left {sn}"),
+            s,
+            a().with_causal(TopLeft),
+        );
+        add(
+            &format!("causal bottom-right {sn}"),
+            s,
+            a().with_causal(BottomRight),
+        );
+        add(
+            &format!("window top-left {sn}"),
+            s,
+            a().with_window(TopLeft, 5, 3),
+        );
+        add(
+            &format!("window bottom-right {sn}"),
+            s,
+            a().with_window(BottomRight, 40, 0),
+        );
+        add(
+            &format!("causal+window bottom-right {sn}"),
+            s,
+            a().with_causal(BottomRight).with_window(BottomRight, 7, 2),
+        );
+    }
+    let lens = shape(3, 67, 130, 4, 2, 12);
+    add(
+        "lengths 0, 1 and full",
+        lens,
+        a().with_q_lens(vec![67, 1, 0])
+            .with_kv_lens(vec![1, 130, 0]),
+    );
+    add(
+        "lengths with causal bottom-right",
+        lens,
+        a().with_q_lens(vec![30, 67, 5])
+            .with_kv_lens(vec![100, 20, 130])
+            .with_causal(BottomRight),
+    );
+    let ms = shape(2, 66, 97, 4, 4, 8);
+    let full = [2, 4, 66, 97];
+    let mut rows_off = random_bools(full.iter().product(), 0.6, 91);
+    for j in 0..97 {
+        rows_off[(66 + 5) * 97 + j] = false; // b0 h1 row 5: fully masked
+    }
+    add("mask full", ms, a().with_mask(full, rows_off));
+    add(
+        "mask [1,1,M,N]",
+        ms,
+        a().with_mask([1, 1, 66, 97], random_bools(66 * 97, 0.3, 92)),
+    );
+    let mut pad = vec![true; 2 * 97];
+    pad[80..97].iter_mut().for_each(|x| *x = false);
+    pad[97..97 + 64].iter_mut().for_each(|x| *x = false); // whole 64-key tiles removed
+    add(
+        "mask [B,1,1,N] padding",
+        ms,
+        a().with_mask([2, 1, 1, 97], pad),
+    );
+    let alibi: Vec<f32> = (0..4 * 66 * 97usize)
+        .map(|e| {
+            let (h, i, j) = (e / (66 * 97), (e / 97) % 66, e % 97);
+            -(0.5f32.powi(h as i32 + 1)) * (i as f32 - j as f32).abs()
+        })
+        .collect();
+    add(
+        "bias ALiBi [1,H,M,N]",
+        ms,
+        a().with_bias([1, 4, 66, 97], alibi),
+    );
+    let mut kb = random(2 * 97, 2.0, 93);
+    kb[3] = f32::NEG_INFINITY;
+    kb[97 + 50] = f32::NEG_INFINITY;
+    add(
+        "bias [B,1,1,N] with −∞",
+        ms,
+        a().with_bias([2, 1, 1, 97], kb),
+    );
+    add("softcap", ms, a().with_softcap(0.7).with_scale(2.0));
+    add(
+        "key segments",
+        shape(1, 77, 120, 2, 2, 40),
+        a().with_key_segment(0, 20, 2.5)
+            .with_key_segment(60, 64, 0.5),
+    );
+    for (g, hkv) in [(2, 4), (4, 2), (8, 1)] {
+        add(
+            &format!("GQA ×{g} causal top-left"),
+            shape(1, 40, 90, 8, hkv, 16),
+            a().with_causal(TopLeft),
+        );
+    }
+    let mix = shape(2, 70, 200, 4, 1, 16);
+    add(
+        "MQA bottom-right + kv_lens + mask + bias + softcap + segment",
+        mix,
+        a().with_causal(BottomRight)
+            .with_kv_lens(vec![200, 150])
+            .with_q_lens(vec![70, 64])
+            .with_mask([2, 1, 1, 200], random_bools(400, 0.8, 94))
+            .with_bias([1, 4, 70, 200], random(4 * 70 * 200, 1.0, 95))
+            .with_softcap(3.0)
+            .with_key_segment(100, 150, 1.5),
+    );
+    cases
 }

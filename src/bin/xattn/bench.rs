@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use xattn::cpu::reference;
 use xattn::gpu::executor::GpuTimer;
-use xattn::{Attention, AttnShape, Context, Engine, Path, Plan, Tensor};
+use xattn::{Attention, AttnShape, Context, Engine, MaskInputs, Path, Plan, Tensor};
 
 use crate::suite::{self, SuiteShape};
 use crate::{one_line, parse_path_choice, path_names_hint, CliError, CliResult};
@@ -231,10 +231,16 @@ impl Bench<'_> {
     }
 
     /// One run, in milliseconds to GPU completion.
-    fn time_once(&self, plan: &Plan, x: &Inputs, out: &xattn::Output) -> CliResult<f64> {
+    fn time_once(
+        &self,
+        plan: &Plan,
+        x: &Inputs,
+        masks: &MaskInputs,
+        out: &xattn::Output,
+    ) -> CliResult<f64> {
         let start = Instant::now();
         self.engine
-            .run(plan, &x.q, &x.k, &x.v, out, self.timer.as_ref())?;
+            .run(plan, &x.q, &x.k, &x.v, masks, out, self.timer.as_ref())?;
         let wall_ms = start.elapsed().as_secs_f64() * 1e3;
         match &self.timer {
             Some(t) => Ok(t.read_ms(self.ctx)?),
@@ -243,13 +249,14 @@ impl Bench<'_> {
     }
 
     /// Warmup, timed runs and (with --check) the comparison for one planned path.
-    fn measure(&self, plan: &Plan, x: &mut Inputs) -> CliResult<(Timing, Check)> {
+    fn measure(&self, plan: &Plan, opts: &Attention, x: &mut Inputs) -> CliResult<(Timing, Check)> {
         let out = self.engine.alloc_output(plan)?;
+        let masks = self.engine.upload_masks(plan, opts)?;
         for _ in 0..self.warmup {
-            self.time_once(plan, x, &out)?;
+            self.time_once(plan, x, &masks, &out)?;
         }
         let mut times = (0..self.runs)
-            .map(|_| self.time_once(plan, x, &out))
+            .map(|_| self.time_once(plan, x, &masks, &out))
             .collect::<CliResult<Vec<f64>>>()?;
         times.sort_by(f64::total_cmp);
         let timing = Timing {
@@ -493,7 +500,7 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                 print_note(s, requested, &format!("skipped: {why}"));
                 continue;
             }
-            match b.measure(&plan, x) {
+            match b.measure(&plan, &opts, x) {
                 Ok((timing, check)) => {
                     let r = Record {
                         name: s.name.clone(),

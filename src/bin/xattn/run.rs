@@ -134,9 +134,10 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     if args.plan {
         eprintln!("{plan}");
     }
+    let masks = engine.upload_masks(&plan, &opts)?;
     let out = engine.alloc_output(&plan)?;
     let t_run = Instant::now();
-    engine.run(&plan, &qt, &kt, &vt, &out, None)?;
+    engine.run(&plan, &qt, &kt, &vt, &masks, &out, None)?;
     let run_ms = t_run.elapsed().as_secs_f64() * 1e3;
 
     write_f32(

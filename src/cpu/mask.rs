@@ -1,0 +1,120 @@
+//! CPU twin of `shaders/common/mask.wgsl`: lengths, window, mask bits and logit controls as
+//! the kernels read them from params and their three mask buffers.
+
+use crate::params::{flags, AttnParams, UNBOUNDED};
+
+/// Logit of a removed key, as `MASKED` in the shaders.
+pub const MASKED: f32 = -3.0e38;
+
+/// The kernels' mask buffers: `lens` (`q_lens[batch]` then `kv_lens[batch]`), packed mask bits
+/// and bias (placeholders when unused).
+#[derive(Clone, Copy, Debug)]
+pub struct MaskData<'a> {
+    /// Lengths.
+    pub lens: &'a [u32],
+    /// Mask words.
+    pub mask_bits: &'a [u32],
+    /// Bias.
+    pub bias: &'a [f32],
+}
+
+/// Keys `[lo, hi)` of one row; empty when `lo ≥ hi`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyRange {
+    /// First key.
+    pub lo: u32,
+    /// One past the last key.
+    pub hi: u32,
+}
+
+impl MaskData<'_> {
+    /// `q_len` of batch entry `b`.
+    pub fn q_len(&self, b: u32) -> u32 {
+        self.lens[b as usize]
+    }
+    /// `kv_len` of batch entry `b`.
+    pub fn kv_len(&self, p: &AttnParams, b: u32) -> u32 {
+        self.lens[(p.batch + b) as usize]
+    }
+}
+
+/// Row i's diagonal key (may be negative).
+pub fn diagonal(p: &AttnParams, i: u32, ql: u32, kl: u32) -> i32 {
+    i as i32
+        + if p.bottom_right != 0 {
+            kl as i32 - ql as i32
+        } else {
+            0
+        }
+}
+
+/// First key of the window around `dg`.
+pub fn window_lo(p: &AttnParams, dg: i32) -> u32 {
+    if p.win_left == UNBOUNDED {
+        return 0;
+    }
+    (dg - p.win_left as i32).max(0) as u32
+}
+
+/// One past the last key of the window around `dg`, within `kl`.
+pub fn window_hi(p: &AttnParams, dg: i32, kl: u32) -> u32 {
+    if p.win_right == UNBOUNDED {
+        return kl;
+    }
+    (dg + p.win_right as i32 + 1).clamp(0, kl as i32) as u32
+}
+
+/// Keys row `i` may see by lengths and window.
+pub fn key_range(p: &AttnParams, i: u32, ql: u32, kl: u32) -> KeyRange {
+    if i >= ql {
+        return KeyRange { lo: 0, hi: 0 };
+    }
+    let dg = diagonal(p, i, ql, kl);
+    KeyRange {
+        lo: window_lo(p, dg),
+        hi: window_hi(p, dg, kl),
+    }
+}
+
+/// First mask word of row `i`.
+pub fn mask_row_base(p: &AttnParams, b: u32, h: u32, i: u32) -> u32 {
+    b * p.mask_b + h * p.mask_h + i * p.mask_row
+}
+
+/// Whether key `j` of the row at `base` may be attended.
+pub fn mask_bit(m: &MaskData, base: u32, j: u32) -> bool {
+    (m.mask_bits[(base + j / 32) as usize] >> (j % 32)) & 1 != 0
+}
+
+fn segment_factor(p: &AttnParams, j: u32) -> f32 {
+    (0..p.n_segments as usize)
+        .find(|&g| j >= p.seg_start[g] && j < p.seg_end[g])
+        .map_or(1.0, |g| p.seg_factor[g])
+}
+
+/// The logit `x` of key `j` after segment factor, softcap and bias.
+pub fn shape_logit(p: &AttnParams, m: &MaskData, x: f32, [b, h, i, j]: [u32; 4]) -> f32 {
+    let mut y = x;
+    if p.flags & flags::SEGMENTS != 0 {
+        y *= segment_factor(p, j);
+    }
+    if p.flags & flags::SOFTCAP != 0 {
+        y = p.softcap * (y / p.softcap).clamp(-15.0, 15.0).tanh();
+    }
+    if p.flags & flags::BIAS != 0 {
+        y += m.bias[(b * p.bias_b + h * p.bias_h + i * p.bias_row + j) as usize];
+    }
+    y
+}
+
+/// The logit key `j` gives row `i`, or [`MASKED`].
+pub fn masked_logit(p: &AttnParams, m: &MaskData, x: f32, [b, h, i, j]: [u32; 4]) -> f32 {
+    let r = key_range(p, i, m.q_len(b), m.kv_len(p, b));
+    if j < r.lo || j >= r.hi {
+        return MASKED;
+    }
+    if p.flags & flags::MASK != 0 && !mask_bit(m, mask_row_base(p, b, h, i), j) {
+        return MASKED;
+    }
+    shape_logit(p, m, x, [b, h, i, j])
+}
