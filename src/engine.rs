@@ -112,6 +112,10 @@ impl Attention {
     pub fn scale_for(&self, d_k: usize) -> f32 {
         self.scale.unwrap_or(1.0 / (d_k as f32).sqrt())
     }
+    /// The forced path, if any.
+    pub fn path(&self) -> Option<Path> {
+        self.path
+    }
     /// Whether the weights are requested.
     pub fn weights(&self) -> bool {
         self.weights
@@ -125,6 +129,18 @@ pub struct MaskInputs {
     lens: Tensor,
     mask: Tensor,
     bias: Tensor,
+}
+
+impl MaskInputs {
+    pub(crate) fn lens(&self) -> &wgpu::Buffer {
+        self.lens.buffer()
+    }
+    pub(crate) fn mask(&self) -> &wgpu::Buffer {
+        self.mask.buffer()
+    }
+    pub(crate) fn bias(&self) -> &wgpu::Buffer {
+        self.bias.buffer()
+    }
 }
 
 /// Results on the device.
@@ -154,11 +170,13 @@ pub struct HostOutput {
 /// Layouts (row-major f32): Q `[batch, M, q_heads, d_k]`, K `[batch, N, kv_heads, d_k]`,
 /// V `[batch, N, kv_heads, d_v]`, O `[batch, M, q_heads, d_v]`. `q_heads` must be a multiple of
 /// `kv_heads`; query head `h` reads K/V head `h / (q_heads / kv_heads)`.
-#[derive(Debug)]
+///
+/// Cloning is cheap: clones share the device and the pipeline cache.
+#[derive(Clone, Debug)]
 pub struct Engine {
     ctx: Context,
     caps: DeviceCaps,
-    cache: PipelineCache,
+    cache: std::sync::Arc<PipelineCache>,
 }
 
 fn dims4(t: &Tensor, name: &str) -> Result<[usize; 4]> {
@@ -190,13 +208,65 @@ impl Engine {
         Self {
             ctx: ctx.clone(),
             caps,
-            cache: PipelineCache::default(),
+            cache: Default::default(),
         }
     }
 
     /// The device context.
     pub fn context(&self) -> &Context {
         &self.ctx
+    }
+
+    /// `y [rows, out] = x [rows, in]·wᵀ + b` (PyTorch `Linear`: `w` is `[out, in]`, `b` is
+    /// `[out]`) with the tiled `linear` kernel; `x` may have any leading dims (`[…, in]`).
+    pub fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let (Some((&in_dim, lead)), [out_dim, w_in]) = (x.dims().split_last(), w.dims()) else {
+            return Err(Error::Shape(format!(
+                "linear needs x [.., in] and w [out, in], got x {:?} and w {:?}",
+                x.dims(),
+                w.dims()
+            )));
+        };
+        if *w_in != in_dim {
+            return Err(Error::Shape(format!(
+                "x has {in_dim} features but w is {:?} ([out, in])",
+                w.dims()
+            )));
+        }
+        if let Some(b) = b.filter(|b| b.dims() != [*out_dim]) {
+            return Err(Error::Shape(format!(
+                "bias has dims {:?}; it must be [{out_dim}]",
+                b.dims()
+            )));
+        }
+        let rows = lead.iter().product::<usize>();
+        let bias_slot = Slot::Bias;
+        let steps = crate::plan::linear_steps(
+            rows,
+            in_dim,
+            *out_dim,
+            [Slot::Q, Slot::K, bias_slot, Slot::O],
+            b.is_some(),
+            &self.caps,
+        )?;
+        let mut dims = lead.to_vec();
+        dims.push(*out_dim);
+        let y = Tensor::empty(&self.ctx, "linear_out", &dims)?;
+        let placeholder = Tensor::upload(&self.ctx, "no_bias", &[0.0], &[1])?;
+        let plan = Plan::steps_only(steps, "linear");
+        let slots = HashMap::from([
+            (Slot::Q, x.buffer()),
+            (Slot::K, w.buffer()),
+            (bias_slot, b.unwrap_or(&placeholder).buffer()),
+            (Slot::O, y.buffer()),
+        ]);
+        self.execute(&plan, &slots)?;
+        Ok(y)
+    }
+
+    /// Runs any plan with these buffers for its non-scratch slots (the layer's way in).
+    pub(crate) fn execute(&self, plan: &Plan, slots: &HashMap<Slot, &wgpu::Buffer>) -> Result<()> {
+        executor::run(&self.ctx, &self.cache, plan, slots, None)
     }
 
     /// The limits the planner respects.

@@ -49,6 +49,9 @@ pub enum Error {
         /// The device's value of that limit.
         limit: u64,
     },
+    /// Layer weights missing, mis-shaped or of an unsupported dtype in a weights file.
+    #[error("weights: {0}")]
+    Weights(String),
     /// An argument outside its domain (e.g. a non-finite scale).
     #[error("invalid argument: {0}")]
     Argument(String),

@@ -86,3 +86,24 @@ pub mod flags {
     /// Key segments scale their logits.
     pub const SEGMENTS: u32 = 8;
 }
+
+/// Parameters of the `linear` kernel: `Y[r, o] = Σ_i X[r, i]·W[o, i] + b[o]` for rows
+/// `row_offset .. row_offset + rows` (PyTorch `Linear` layout: W is `[out_dim, in_dim]`).
+///
+/// Keep in sync with `LinearParams` in `shaders/linear.wgsl`; `tests/shaders.rs` checks it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
+pub struct LinearParams {
+    /// First row of this chunk.
+    pub row_offset: u32,
+    /// Rows in this chunk.
+    pub rows: u32,
+    /// Input features.
+    pub in_dim: u32,
+    /// Output features.
+    pub out_dim: u32,
+    /// 1 when a bias is bound, else 0.
+    pub has_bias: u32,
+    /// Padding to a multiple of 16 bytes.
+    pub _pad: [u32; 3],
+}

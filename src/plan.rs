@@ -9,7 +9,7 @@ use std::fmt;
 use crate::error::{Error, Result};
 use crate::gpu::kernels::Kernel;
 use crate::mask::MaskSpec;
-use crate::params::AttnParams;
+use crate::params::{AttnParams, LinearParams};
 use crate::shape::{AttnShape, F32};
 
 /// Which kernels compute the attention.
@@ -112,6 +112,66 @@ pub enum Slot {
     ShardO(usize),
     /// Shard `i`'s LSE, an input of an explicit merge.
     ShardLse(usize),
+    /// A buffer of a multi-head attention layer.
+    Layer(LayerSlot),
+}
+
+/// Buffers of a multi-head attention layer's forward pass (besides Q, K, V, O of attention).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LayerSlot {
+    /// Query input `[batch, M, embed_dim]`.
+    Query,
+    /// Key input `[batch, N, kdim]`.
+    Key,
+    /// Value input `[batch, N, vdim]`.
+    Value,
+    /// A projection weight `[out, in]`.
+    Weight(Proj),
+    /// A projection bias `[out]` (a placeholder when the layer has none).
+    Bias(Proj),
+    /// Layer output `[batch, M, embed_dim]`.
+    Out,
+    /// Weights averaged over heads `[batch, M, N]`.
+    MeanWeights,
+}
+
+/// The four projections of a multi-head attention layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Proj {
+    /// W^Q.
+    Q,
+    /// W^K.
+    K,
+    /// W^V.
+    V,
+    /// W^O.
+    O,
+}
+
+/// Uniform parameters of one dispatch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Params {
+    /// Attention kernels (and merge, mean_heads).
+    Attn(AttnParams),
+    /// The `linear` kernel.
+    Linear(LinearParams),
+}
+
+impl Params {
+    /// The bytes uploaded to the uniform buffer.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Params::Attn(p) => bytemuck::bytes_of(p),
+            Params::Linear(p) => bytemuck::bytes_of(p),
+        }
+    }
+    /// The attention params; panics for a linear dispatch (a planner bug).
+    pub fn attn(&self) -> &AttnParams {
+        match self {
+            Params::Attn(p) => p,
+            Params::Linear(_) => panic!("a linear dispatch has no attention params"),
+        }
+    }
 }
 
 /// One compute dispatch.
@@ -120,7 +180,7 @@ pub struct Dispatch {
     /// Kernel and specialization.
     pub kernel: Kernel,
     /// Its uniform params.
-    pub params: AttnParams,
+    pub params: Params,
     /// Workgroups in x, y, z (each ≤ `max_workgroups`).
     pub grid: [u32; 3],
     /// Buffers for bindings 1.. (binding 0 is the params uniform).
@@ -329,6 +389,27 @@ impl Plan {
         })
     }
 
+    /// A plan of bare steps on caller-supplied buffers (layers, projections).
+    pub fn steps_only(steps: Vec<Step>, what: &str) -> Plan {
+        Plan {
+            path: Path::Fused,
+            shape: AttnShape {
+                batch: 1,
+                m: 1,
+                n: 1,
+                q_heads: 1,
+                kv_heads: 1,
+                d_k: 1,
+                d_v: 1,
+            },
+            masks: MaskSpec::default(),
+            steps,
+            scratch: Vec::new(),
+            outputs: Vec::new(),
+            tiling: what.to_string(),
+        }
+    }
+
     /// Bytes of scratch plus outputs this plan allocates on the device.
     pub fn bytes_allocated(&self) -> u64 {
         self.scratch
@@ -512,7 +593,7 @@ fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
         let row_tiles = nr.div_ceil(GEMM_TILE) as u32;
         steps.push(Step::Dispatch(Dispatch {
             kernel: Kernel::QkScores,
-            params,
+            params: Params::Attn(params),
             grid: [s.n.div_ceil(GEMM_TILE) as u32, row_tiles, nbh as u32],
             buffers: vec![
                 Slot::Q,
@@ -525,13 +606,13 @@ fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
         }));
         steps.push(Step::Dispatch(Dispatch {
             kernel: Kernel::SoftmaxRows,
-            params,
+            params: Params::Attn(params),
             grid: [nr as u32, nbh as u32, 1],
             buffers: vec![Slot::Scores, Slot::Lse],
         }));
         steps.push(Step::Dispatch(Dispatch {
             kernel: Kernel::WeightedSum,
-            params,
+            params: Params::Attn(params),
             grid: [s.d_v.div_ceil(GEMM_TILE) as u32, row_tiles, nbh as u32],
             buffers: vec![Slot::Scores, Slot::V, Slot::O],
         }));
@@ -641,7 +722,7 @@ fn fused(req: &Request, caps: &DeviceCaps, splits: Option<usize>) -> Result<Plan
         };
         steps.push(Step::Dispatch(Dispatch {
             kernel,
-            params,
+            params: Params::Attn(params),
             grid: [
                 nr.div_ceil(FUSED_ROWS as usize) as u32,
                 splits as u32,
@@ -706,8 +787,78 @@ fn merge_step(s: &AttnShape, splits: u32, caps: &DeviceCaps) -> Result<Step> {
     };
     Ok(Step::Dispatch(Dispatch {
         kernel: Kernel::MergePartials,
-        params,
+        params: Params::Attn(params),
         grid: [x as u32, y, 1],
         buffers: vec![Slot::PartO, Slot::PartLse, Slot::O, Slot::Lse],
+    }))
+}
+
+/// Output features per workgroup tile of `linear` (and rows per tile).
+const LINEAR_TILE: usize = 64;
+
+/// `y [rows, out_dim] = x [rows, in_dim]·w [out_dim, in_dim]ᵀ (+ b)`: one dispatch per chunk
+/// of rows that fits the grid (one, for any realistic layer).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_steps(
+    rows: usize,
+    in_dim: usize,
+    out_dim: usize,
+    [x, w, b, y]: [Slot; 4],
+    has_bias: bool,
+    caps: &DeviceCaps,
+) -> Result<Vec<Step>> {
+    check_binding(
+        &format!("linear input [{rows}, {in_dim}]"),
+        bytes(rows * in_dim),
+        caps,
+    )?;
+    check_binding(
+        &format!("linear weight [{out_dim}, {in_dim}]"),
+        bytes(out_dim * in_dim),
+        caps,
+    )?;
+    check_binding(
+        &format!("linear output [{rows}, {out_dim}]"),
+        bytes(rows * out_dim),
+        caps,
+    )?;
+    let col_tiles = check_grid(
+        "linear output-feature tile",
+        out_dim.div_ceil(LINEAR_TILE),
+        caps,
+    )?;
+    let rows_max = caps.max_workgroups as usize * LINEAR_TILE;
+    let mut steps = Vec::new();
+    let mut r0 = 0;
+    while r0 < rows {
+        let nr = rows_max.min(rows - r0);
+        steps.push(Step::Dispatch(Dispatch {
+            kernel: Kernel::Linear,
+            params: Params::Linear(LinearParams {
+                row_offset: r0 as u32,
+                rows: nr as u32,
+                in_dim: in_dim as u32,
+                out_dim: out_dim as u32,
+                has_bias: u32::from(has_bias),
+                ..Default::default()
+            }),
+            grid: [col_tiles, nr.div_ceil(LINEAR_TILE) as u32, 1],
+            buffers: vec![x, w, b, y],
+        }));
+        r0 += nr;
+    }
+    Ok(steps)
+}
+
+/// Weights `[batch, q_heads, M, N]` in `from` averaged over heads into `to` `[batch, M, N]`.
+pub fn mean_heads_step(s: &AttnShape, from: Slot, to: Slot, caps: &DeviceCaps) -> Result<Step> {
+    let groups = (s.batch * s.m * s.n).div_ceil(MERGE_WG);
+    let x = groups.min(caps.max_workgroups as usize);
+    let y = check_grid("mean_heads", groups.div_ceil(x), caps)?;
+    Ok(Step::Dispatch(Dispatch {
+        kernel: Kernel::MeanHeads,
+        params: Params::Attn(base_params(s, 1.0, &MaskSpec::default())),
+        grid: [x as u32, y, 1],
+        buffers: vec![from, to],
     }))
 }

@@ -58,7 +58,7 @@ fn run_twins(
                     .copy_from_slice(&data);
             }
             Step::Dispatch(d) => {
-                let p = &d.params;
+                let p = d.params.attn();
                 let mut take = |slot: Slot| std::mem::take(bufs.get_mut(&slot).unwrap());
                 match d.kernel {
                     xattn::gpu::kernels::Kernel::QkScores => {
@@ -84,6 +84,10 @@ fn run_twins(
                         flash(p, (bc, br), q, k, v, &masks, &mut o, &mut lse);
                         bufs.insert(os, o);
                         bufs.insert(ls, lse);
+                    }
+                    xattn::gpu::kernels::Kernel::Linear
+                    | xattn::gpu::kernels::Kernel::MeanHeads => {
+                        unreachable!("attention plans have no layer kernels")
                     }
                     xattn::gpu::kernels::Kernel::MergePartials => {
                         let (po, pl, mut o, mut lse) = (
@@ -207,4 +211,57 @@ fn twins_follow_masked_plans_to_the_reference() {
             }
         }
     }
+}
+
+#[test]
+fn linear_and_mean_heads_twins_match_f64() {
+    use xattn::cpu::{linear::linear, mean_heads::mean_heads};
+    use xattn::params::{AttnParams, LinearParams};
+    let (rows, in_dim, out_dim) = (67, 130, 65);
+    let x = random(rows * in_dim, 1.0, 1);
+    let w = random(out_dim * in_dim, 0.5, 2);
+    let b = random(out_dim, 0.5, 3);
+    let want = reference::linear(&x, &w, Some(&b), in_dim);
+    let mut y = vec![f32::NAN; rows * out_dim];
+    // Two chunks of rows, as the planner makes for very tall inputs.
+    for (row_offset, n) in [(0, 40), (40, 27)] {
+        let p = LinearParams {
+            row_offset,
+            rows: n,
+            in_dim: in_dim as u32,
+            out_dim: out_dim as u32,
+            has_bias: 1,
+            ..Default::default()
+        };
+        linear(&p, &x, &w, &b, &mut y);
+    }
+    let eps = f64::from(f32::EPSILON);
+    assert_close(
+        "linear twin",
+        &y,
+        &want,
+        eps * in_dim as f64 * 0.5 * in_dim as f64,
+    );
+
+    let (batch, heads, m, n) = (2, 3, 5, 7);
+    let weights = random(batch * heads * m * n, 1.0, 4);
+    let p = AttnParams {
+        batch: batch as u32,
+        q_heads: heads as u32,
+        m: m as u32,
+        n: n as u32,
+        ..Default::default()
+    };
+    let mut mean = vec![f32::NAN; batch * m * n];
+    mean_heads(&p, &weights, &mut mean);
+    let want: Vec<f64> = (0..batch * m * n)
+        .map(|e| {
+            let (b, ij) = (e / (m * n), e % (m * n));
+            (0..heads)
+                .map(|h| f64::from(weights[(b * heads + h) * m * n + ij]))
+                .sum::<f64>()
+                / heads as f64
+        })
+        .collect();
+    assert_close("mean_heads twin", &mean, &want, 4.0 * eps);
 }

@@ -1,7 +1,7 @@
 //! Every WGSL file validated by naga (no GPU needed), registered, and bound as declared.
 
 use xattn::gpu::kernels::{Access, Kernel, SHADER_FILES};
-use xattn::params::AttnParams;
+use xattn::params::{AttnParams, LinearParams};
 use xattn::plan::{DeviceCaps, Plan, Request, Step};
 use xattn::{AttnShape, Path};
 
@@ -20,6 +20,8 @@ fn all_kernels() -> Vec<Kernel> {
         Kernel::SoftmaxRows,
         Kernel::WeightedSum,
         Kernel::MergePartials,
+        Kernel::Linear,
+        Kernel::MeanHeads,
     ];
     for d_k in 1..=256 {
         for d_v in [d_k, 257 - d_k] {
@@ -121,6 +123,47 @@ fn bindings_match_the_registry() {
             "{}: shader bindings differ from the registry",
             k.label()
         );
+    }
+}
+
+/// Size and offsets of the WGSL struct `name` in `kernel`'s module.
+fn wgsl_layout(kernel: Kernel, name: &str) -> (usize, Vec<(String, usize)>) {
+    let module = kernel.validate().unwrap();
+    let mut layouter = naga::proc::Layouter::default();
+    layouter.update(module.to_ctx()).unwrap();
+    let (handle, ty) = module
+        .types
+        .iter()
+        .find(|(_, t)| t.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("{} declares no {name}", kernel.label()));
+    let naga::TypeInner::Struct { members, .. } = &ty.inner else {
+        panic!("{name} is not a struct")
+    };
+    let offsets = members
+        .iter()
+        .map(|m| (m.name.clone().unwrap_or_default(), m.offset as usize))
+        .collect();
+    (layouter[handle].size as usize, offsets)
+}
+
+#[test]
+fn linear_params_layout_matches_wgsl() {
+    let (size, members) = wgsl_layout(Kernel::Linear, "LinearParams");
+    assert_eq!(
+        size,
+        std::mem::size_of::<LinearParams>(),
+        "LinearParams size"
+    );
+    let rust = [
+        ("row_offset", std::mem::offset_of!(LinearParams, row_offset)),
+        ("rows", std::mem::offset_of!(LinearParams, rows)),
+        ("in_dim", std::mem::offset_of!(LinearParams, in_dim)),
+        ("out_dim", std::mem::offset_of!(LinearParams, out_dim)),
+        ("has_bias", std::mem::offset_of!(LinearParams, has_bias)),
+    ];
+    for (name, offset) in rust {
+        let found = members.iter().find(|(n, _)| n == name);
+        assert_eq!(found.map(|m| m.1), Some(offset), "offset of {name}");
     }
 }
 

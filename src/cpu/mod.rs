@@ -7,7 +7,9 @@
 //! own, without a GPU.
 
 pub mod flash;
+pub mod linear;
 pub mod mask;
+pub mod mean_heads;
 pub mod merge_partials;
 pub mod qk_scores;
 pub mod reference;

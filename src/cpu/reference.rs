@@ -74,11 +74,11 @@ fn shaped(m: &Masking, at: [usize; 4], mut x: f64) -> f64 {
 
 /// [`attention`] with masks, lengths and logit controls. A row with no key left has O = 0,
 /// LSE = −∞ and weights 0.
-pub fn attention_masked(
+pub fn attention_masked<T: Copy + Into<f64>>(
     s: &AttnShape,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    q: &[T],
+    k: &[T],
+    v: &[T],
     scale: f64,
     masking: &Masking,
 ) -> Reference {
@@ -101,7 +101,7 @@ pub fn attention_masked(
                         let dot: f64 = qrow
                             .iter()
                             .zip(krow)
-                            .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                            .map(|(&x, &y)| x.into() * y.into())
                             .sum();
                         shaped(masking, at, dot * scale)
                     });
@@ -126,11 +126,33 @@ pub fn attention_masked(
                     weights[((b * hq + h) * m_n + i) * n_n + j] = p;
                     let vrow = &v[((b * n_n + j) * hk + kh) * dv..][..dv];
                     for (acc, &x) in orow.iter_mut().zip(vrow) {
-                        *acc += p * f64::from(x);
+                        *acc += p * x.into();
                     }
                 }
             }
         }
     }
     Reference { o, lse, weights }
+}
+
+/// `y [rows, out] = x [rows, in]·wᵀ (+ b)` in f64 (PyTorch `Linear`).
+pub fn linear<T: Copy + Into<f64>>(
+    x: &[T],
+    w: &[f32],
+    b: Option<&[f32]>,
+    in_dim: usize,
+) -> Vec<f64> {
+    let out_dim = w.len() / in_dim;
+    let mut y = Vec::with_capacity(x.len() / in_dim * out_dim);
+    for row in x.chunks(in_dim) {
+        for (o, wrow) in w.chunks(in_dim).enumerate() {
+            let dot: f64 = row
+                .iter()
+                .zip(wrow)
+                .map(|(&a, &c)| a.into() * f64::from(c))
+                .sum();
+            y.push(dot + b.map_or(0.0, |b| f64::from(b[o])));
+        }
+    }
+    y
 }

@@ -7,7 +7,7 @@ use wgpu::util::DeviceExt;
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::gpu::pipelines::PipelineCache;
-use crate::params::AttnParams;
+use crate::params::{AttnParams, LinearParams};
 use crate::plan::{Plan, Slot, Step};
 
 /// GPU timestamps around a whole plan (on adapters with `TIMESTAMP_QUERY`).
@@ -100,12 +100,13 @@ pub fn run(
     };
 
     // All params in one uniform buffer, one aligned record per dispatch.
-    let stride = (std::mem::size_of::<AttnParams>() as u64)
+    let largest = std::mem::size_of::<AttnParams>().max(std::mem::size_of::<LinearParams>());
+    let stride = (largest as u64)
         .next_multiple_of(u64::from(ctx.limits.min_uniform_buffer_offset_alignment));
     let mut uniform_bytes = Vec::new();
     for step in &plan.steps {
         if let Step::Dispatch(d) = step {
-            uniform_bytes.extend_from_slice(bytemuck::bytes_of(&d.params));
+            uniform_bytes.extend_from_slice(d.params.bytes());
             uniform_bytes.resize(uniform_bytes.len().next_multiple_of(stride as usize), 0);
         }
     }
@@ -131,7 +132,7 @@ pub fn run(
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                     buffer: &uniforms,
                     offset: record * stride,
-                    size: wgpu::BufferSize::new(std::mem::size_of::<AttnParams>() as u64),
+                    size: wgpu::BufferSize::new(d.params.bytes().len() as u64),
                 }),
             }];
             for (i, slot) in d.buffers.iter().enumerate() {

@@ -42,6 +42,10 @@ pub enum Kernel {
     },
     /// Merge of partial (O, LSE) over disjoint key ranges.
     MergePartials,
+    /// `Y = X·Wᵀ + b`, tiled (the projections of a layer).
+    Linear,
+    /// Attention weights averaged over heads.
+    MeanHeads,
 }
 
 /// The shader file of each kernel name, embedded at build time.
@@ -60,6 +64,8 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
         "merge_partials",
         include_str!("../../shaders/merge_partials.wgsl"),
     ),
+    ("linear", include_str!("../../shaders/linear.wgsl")),
+    ("mean_heads", include_str!("../../shaders/mean_heads.wgsl")),
 ];
 
 /// Shared WGSL pulled in by `//!include <path>` lines.
@@ -85,6 +91,8 @@ impl Kernel {
             Kernel::WeightedSum => "weighted_sum",
             Kernel::Flash { .. } => "flash",
             Kernel::MergePartials => "merge_partials",
+            Kernel::Linear => "linear",
+            Kernel::MeanHeads => "mean_heads",
         }
     }
 
@@ -98,6 +106,8 @@ impl Kernel {
                 Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite,
             ],
             Kernel::MergePartials => &[Uniform, Read, Read, ReadWrite, ReadWrite],
+            Kernel::Linear => &[Uniform, Read, Read, Read, ReadWrite],
+            Kernel::MeanHeads => &[Uniform, Read, ReadWrite],
         }
     }
 
@@ -114,10 +124,10 @@ impl Kernel {
     /// Workgroup-memory bytes the kernel declares (checked against the device limit).
     pub fn workgroup_bytes(&self) -> u64 {
         match *self {
-            Kernel::QkScores | Kernel::WeightedSum => 2 * 1024 * 4,
+            Kernel::QkScores | Kernel::WeightedSum | Kernel::Linear => 2 * 1024 * 4,
             Kernel::SoftmaxRows => 128 * 4,
             Kernel::Flash { dk, dv, bc, .. } => u64::from(bc * (dk + dv)) * 4,
-            Kernel::MergePartials => 0,
+            Kernel::MergePartials | Kernel::MeanHeads => 0,
         }
     }
 

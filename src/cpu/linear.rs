@@ -1,0 +1,23 @@
+//! CPU twin of `shaders/linear.wgsl`: `Y = X·Wᵀ + b` for a chunk of rows, in f32. The tiles
+//! change where operands live, not the order of the sum over input features.
+
+use crate::params::LinearParams;
+
+/// Writes rows `row_offset .. row_offset + rows` of `y [rows, out_dim]`.
+pub fn linear(p: &LinearParams, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {
+    for row in p.row_offset..p.row_offset + p.rows {
+        for col in 0..p.out_dim {
+            let mut acc = 0.0f32;
+            for d in 0..p.in_dim {
+                acc =
+                    x[(row * p.in_dim + d) as usize].mul_add(w[(col * p.in_dim + d) as usize], acc);
+            }
+            let bias = if p.has_bias != 0 {
+                b[col as usize]
+            } else {
+                0.0
+            };
+            y[(row * p.out_dim + col) as usize] = acc + bias;
+        }
+    }
+}

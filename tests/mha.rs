@@ -1,0 +1,403 @@
+//! The multi-head attention layer against an f64 reference built from the same weights:
+//! projections, GQA, kdim/vdim ≠ E, biases, masks, weights, and the source cache.
+
+mod common;
+
+use common::*;
+use xattn::cpu::reference;
+use xattn::mha::{MhaWeights, SourceCache};
+use xattn::{
+    Alignment, Attention, AttnShape, Engine, MhaConfig, MhaOptions, MultiHeadAttention,
+    NeedWeights, Tensor,
+};
+
+fn random_weights(c: &MhaConfig, seed: u64) -> MhaWeights {
+    let (e, kv) = (c.embed_dim, c.kv_dim());
+    // Xavier-like amplitude keeps activations O(1) whatever the widths.
+    let w = |out: usize, inp: usize, s: u64| random(out * inp, (3.0 / inp as f32).sqrt(), s);
+    let b = |len: usize, s: u64| c.bias.then(|| random(len, 0.5, s));
+    MhaWeights {
+        q: w(e, e, seed),
+        k: w(kv, c.kdim, seed + 1),
+        v: w(kv, c.vdim, seed + 2),
+        o: w(e, e, seed + 3),
+        q_bias: b(e, seed + 4),
+        k_bias: b(kv, seed + 5),
+        v_bias: b(kv, seed + 6),
+        o_bias: b(e, seed + 7),
+    }
+}
+
+/// The layer in f64: project, attend per head, project out. Returns (out, per-head weights).
+fn reference_layer(
+    c: &MhaConfig,
+    w: &MhaWeights,
+    (b, m, n): (usize, usize, usize),
+    (query, key, value): (&[f32], &[f32], &[f32]),
+    attention: &Attention,
+) -> (Vec<f64>, Vec<f64>) {
+    let q = reference::linear(query, &w.q, w.q_bias.as_deref(), c.embed_dim);
+    let k = reference::linear(key, &w.k, w.k_bias.as_deref(), c.kdim);
+    let v = reference::linear(value, &w.v, w.v_bias.as_deref(), c.vdim);
+    let shape = AttnShape {
+        batch: b,
+        m,
+        n,
+        q_heads: c.num_heads,
+        kv_heads: c.kv_heads,
+        d_k: c.head_dim(),
+        d_v: c.head_dim(),
+    };
+    let scale = f64::from(attention.scale_for(c.head_dim()));
+    let att = reference::attention_masked(&shape, &q, &k, &v, scale, attention.masking());
+    let out = reference::linear(&att.o, &w.o, w.o_bias.as_deref(), c.embed_dim);
+    (out, att.weights)
+}
+
+/// Largest Σ_i |x_ri·w_oi| over rows r and outputs o: what the rounding of an f32 dot
+/// product scales with.
+fn abs_dot_max<T: Copy + Into<f64>>(x: &[T], w: &[f32], in_dim: usize) -> f64 {
+    let mut worst = 0.0f64;
+    for row in x.chunks(in_dim) {
+        for wrow in w.chunks(in_dim) {
+            let s: f64 = row
+                .iter()
+                .zip(wrow)
+                .map(|(&a, &b)| (a.into() * f64::from(b)).abs())
+                .sum();
+            worst = worst.max(s);
+        }
+    }
+    worst
+}
+
+/// Error budget of the layer from the magnitudes of its actual intermediates (as `budget`
+/// does for attention): each f32 projection is off by ≤ c·ε·Σ|x·w|; Q/K errors move a
+/// logit by ≤ scale·d·(δq·|k| + |q|·δk); attention adds its own budget ε·(4(1+L) + N)·|v|,
+/// a logit error δ moves O by ≤ 2δ·|v|, a V error passes through; W^O carries an O error δ
+/// into ≤ δ·Σ_i|W^O_oi| and rounds once more.
+fn layer_tolerance(
+    c: &MhaConfig,
+    w: &MhaWeights,
+    [query, key, value]: [&[f32]; 3],
+    n: usize,
+    scale: f64,
+) -> (f64, f64) {
+    let eps = f64::from(f32::EPSILON);
+    let amax = |x: &[f64]| x.iter().fold(0.0f64, |a, &y| a.max(y.abs()));
+    let q = reference::linear(query, &w.q, w.q_bias.as_deref(), c.embed_dim);
+    let k = reference::linear(key, &w.k, w.k_bias.as_deref(), c.kdim);
+    let v = reference::linear(value, &w.v, w.v_bias.as_deref(), c.vdim);
+    let round = |x: &[f32], m: &[f32], width: usize, y: &[f64]| {
+        4.0 * eps * (abs_dot_max(x, m, width) + amax(y))
+    };
+    let (dq, dk, dv) = (
+        round(query, &w.q, c.embed_dim, &q),
+        round(key, &w.k, c.kdim, &k),
+        round(value, &w.v, c.vdim, &v),
+    );
+    let (qm, km, vm) = (amax(&q), amax(&k), amax(&v));
+    let d = c.head_dim() as f64;
+    let logit = scale * d * qm * km;
+    let dlogit = scale * d * (dq * km + qm * dk);
+    let d_o = eps * (4.0 * (1.0 + logit) + n as f64) * vm + 2.0 * dlogit * vm + dv;
+    let wo_l1 = w.o.chunks(c.embed_dim).fold(0.0f64, |a, r| {
+        a.max(r.iter().map(|x| f64::from(x.abs())).sum::<f64>())
+    });
+    // |O| ≤ max|V|, so Σ|O·w| ≤ max|V|·Σ|w|.
+    let out = d_o * wo_l1 + 4.0 * eps * vm * wo_l1;
+    // A weight is off relatively by its logit's error plus the softmax's own rounding.
+    let weights = eps * (4.0 * (1.0 + logit) + n as f64) + 2.0 * dlogit;
+    (out, weights)
+}
+
+struct Case {
+    config: MhaConfig,
+    dims: (usize, usize, usize),
+    opts: MhaOptions,
+}
+
+fn upload3(engine: &Engine, data: &[f32], dims: [usize; 3]) -> Tensor {
+    engine.upload(data, &dims).unwrap()
+}
+
+fn check_case(engine: &Engine, name: &str, case: &Case, seed: u64) -> f64 {
+    let c = case.config;
+    let (b, m, n) = case.dims;
+    let w = random_weights(&c, seed);
+    let layer = MultiHeadAttention::new(engine, c, &w).unwrap();
+    let query = random(b * m * c.embed_dim, 1.0, seed + 10);
+    let key = random(b * n * c.kdim, 1.0, seed + 11);
+    let value = random(b * n * c.vdim, 1.0, seed + 12);
+    let mut attention = case.opts.attention.clone();
+    if let Some(kpm) = &case.opts.key_padding_mask {
+        let keep = kpm.iter().map(|&x| !x).collect();
+        attention = attention.with_mask([b, 1, 1, n], keep);
+    }
+    let (want, want_w) = reference_layer(&c, &w, case.dims, (&query, &key, &value), &attention);
+    let scale = f64::from(attention.scale_for(c.head_dim()));
+    let (tol, w_tol) = layer_tolerance(&c, &w, [&query, &key, &value], n, scale);
+    let q = upload3(engine, &query, [b, m, c.embed_dim]);
+    let k = upload3(engine, &key, [b, n, c.kdim]);
+    let v = upload3(engine, &value, [b, n, c.vdim]);
+    let got = layer.forward(&q, &k, &v, &case.opts).unwrap();
+    let err = assert_close(
+        &format!("{name} out"),
+        &got.out.to_host().unwrap(),
+        &want,
+        tol,
+    );
+    let h = c.num_heads;
+    match (case.opts.need_weights, &got.weights) {
+        (NeedWeights::None, None) => {}
+        (NeedWeights::PerHead, Some(t)) => {
+            assert_eq!(t.dims(), [b, h, m, n]);
+            assert_close(
+                &format!("{name} weights"),
+                &t.to_host().unwrap(),
+                &want_w,
+                w_tol,
+            );
+        }
+        (NeedWeights::Averaged, Some(t)) => {
+            assert_eq!(t.dims(), [b, m, n]);
+            let mean: Vec<f64> = (0..b * m * n)
+                .map(|e| {
+                    let (bb, ij) = (e / (m * n), e % (m * n));
+                    (0..h)
+                        .map(|hh| want_w[(bb * h + hh) * m * n + ij])
+                        .sum::<f64>()
+                        / h as f64
+                })
+                .collect();
+            assert_close(
+                &format!("{name} mean weights"),
+                &t.to_host().unwrap(),
+                &mean,
+                w_tol,
+            );
+        }
+        (need, got) => panic!("{name}: asked {need:?}, got weights {:?}", got.is_some()),
+    }
+    err
+}
+
+fn cases() -> Vec<(&'static str, Case)> {
+    let base = MhaConfig::new(32, 4);
+    let o = MhaOptions::default;
+    vec![
+        (
+            "plain E32 H4",
+            Case {
+                config: base,
+                dims: (2, 5, 37),
+                opts: o(),
+            },
+        ),
+        (
+            "kdim/vdim ≠ E, GQA 4/2, not tile multiples",
+            Case {
+                config: MhaConfig::new(80, 4)
+                    .with_kv_heads(2)
+                    .with_kdim(130)
+                    .with_vdim(7),
+                dims: (1, 67, 129),
+                opts: o(),
+            },
+        ),
+        (
+            "no bias, MQA",
+            Case {
+                config: base.with_bias(false).with_kv_heads(1),
+                dims: (2, 3, 20),
+                opts: o(),
+            },
+        ),
+        (
+            "key padding + averaged weights",
+            Case {
+                config: base.with_kdim(24),
+                dims: (2, 6, 19),
+                opts: o()
+                    .with_key_padding_mask((0..38).map(|j| j % 19 >= 15 + j / 19).collect())
+                    .with_need_weights(NeedWeights::Averaged),
+            },
+        ),
+        (
+            "per-head weights, causal bottom-right",
+            Case {
+                config: base,
+                dims: (1, 9, 14),
+                opts: o()
+                    .with_need_weights(NeedWeights::PerHead)
+                    .with_attention(Attention::default().with_causal(Alignment::BottomRight)),
+            },
+        ),
+        (
+            "decode M=1 over N=1500 (split-k)",
+            Case {
+                config: MhaConfig::new(64, 4),
+                dims: (1, 1, 1500),
+                opts: o(),
+            },
+        ),
+    ]
+}
+
+#[test]
+fn layer_matches_the_f64_reference() {
+    let Some(engine) = engine() else { return };
+    let mut worst = 0.0f64;
+    for (i, (name, case)) in cases().iter().enumerate() {
+        worst = worst.max(check_case(engine, name, case, 40 + 20 * i as u64));
+    }
+    eprintln!("layer: largest output error vs reference {worst:e}");
+}
+
+#[test]
+fn self_attention_is_the_same_layer() {
+    let Some(engine) = engine() else { return };
+    let c = MhaConfig::new(32, 8);
+    let w = random_weights(&c, 5);
+    let layer = MultiHeadAttention::new(engine, c, &w).unwrap();
+    let x = random(2 * 11 * 32, 1.0, 6);
+    let t = upload3(engine, &x, [2, 11, 32]);
+    let opts =
+        MhaOptions::default().with_attention(Attention::default().with_causal(Alignment::TopLeft));
+    let got = layer
+        .forward(&t, &t, &t, &opts)
+        .unwrap()
+        .out
+        .to_host()
+        .unwrap();
+    let (want, _) = reference_layer(&c, &w, (2, 11, 11), (&x, &x, &x), &opts.attention);
+    assert_close(
+        "self-attention",
+        &got,
+        &want,
+        layer_tolerance(&c, &w, [&x, &x, &x], 11, 1.0 / (c.head_dim() as f64).sqrt()).0,
+    );
+}
+
+#[test]
+fn source_cache_equals_recompute_and_belongs_to_its_layer() {
+    let Some(engine) = engine() else { return };
+    let c = MhaConfig::new(48, 6).with_kdim(20).with_vdim(20);
+    let layer = MultiHeadAttention::new(engine, c, &random_weights(&c, 70)).unwrap();
+    let source = random(2 * 40 * 20, 1.0, 71);
+    let src = upload3(engine, &source, [2, 40, 20]);
+    let cache: SourceCache = layer.project_source(&src, &src).unwrap();
+    assert_eq!(cache.dims(), (2, 40));
+    for step in 0..3 {
+        let query = random(2 * 48, 1.0, 72 + step);
+        let q = upload3(engine, &query, [2, 1, 48]);
+        let opts = MhaOptions::default();
+        let fresh = layer
+            .forward(&q, &src, &src, &opts)
+            .unwrap()
+            .out
+            .to_host()
+            .unwrap();
+        let cached = layer
+            .forward_cached(&q, &cache, &opts)
+            .unwrap()
+            .out
+            .to_host()
+            .unwrap();
+        // Same kernels on the same values: bit-for-bit equal, not merely close.
+        assert_eq!(fresh, cached, "step {step}");
+        assert!(fresh.iter().all(|x| x.is_finite()));
+    }
+    let other = MultiHeadAttention::new(engine, c, &random_weights(&c, 70)).unwrap();
+    let q = upload3(engine, &random(2 * 48, 1.0, 80), [2, 1, 48]);
+    let err = other
+        .forward_cached(&q, &cache, &MhaOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("source cache was projected by layer"), "{err}");
+}
+
+#[test]
+fn bad_layer_input_gets_a_typed_error() {
+    let Some(engine) = engine() else { return };
+    let c = MhaConfig::new(32, 4).with_kdim(16);
+    let w = random_weights(&c, 1);
+    assert!(MultiHeadAttention::new(engine, MhaConfig::new(30, 4), &w)
+        .unwrap_err()
+        .to_string()
+        .contains("multiple of num_heads"));
+    let short = MhaWeights {
+        k: vec![0.5; 10],
+        ..w.clone()
+    };
+    assert!(MultiHeadAttention::new(engine, c, &short)
+        .unwrap_err()
+        .to_string()
+        .contains("W_k has 10 elements"));
+    let layer = MultiHeadAttention::new(engine, c, &w).unwrap();
+    let q = upload3(engine, &random(2 * 3 * 32, 1.0, 2), [2, 3, 32]);
+    let k_bad = upload3(engine, &random(2 * 5 * 32, 1.0, 3), [2, 5, 32]);
+    let k = upload3(engine, &random(2 * 5 * 16, 1.0, 3), [2, 5, 16]);
+    let v = upload3(engine, &random(2 * 5 * 32, 1.0, 4), [2, 5, 32]);
+    let opts = MhaOptions::default();
+    let e = layer
+        .forward(&q, &k_bad, &v, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("key has dims [2, 5, 32]: axis 2 must be 16"),
+        "{e}"
+    );
+    let e = layer
+        .forward(
+            &q,
+            &k,
+            &v,
+            &opts.clone().with_key_padding_mask(vec![false; 9]),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("[batch, N] = [2, 5]"), "{e}");
+}
+
+/// The projection kernel alone, over sizes that are not tile multiples, against f64 with the
+/// rounding bound of an f32 dot product: n·ε·Σ_i|x_i·w_i| per element, plus the bias add.
+#[test]
+fn linear_matches_f64_over_awkward_sizes() {
+    let Some(engine) = engine() else { return };
+    for (i, &(rows, in_dim, out_dim, bias)) in [
+        (1, 1, 1, true),
+        (5, 7, 3, false),
+        (67, 130, 80, true),
+        (130, 64, 65, true),
+        (64, 16, 64, false),
+        (2, 300, 1, true),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 200 + 10 * i as u64;
+        let x = random(rows * in_dim, 1.0, seed);
+        let w = random(out_dim * in_dim, 0.5, seed + 1);
+        let b = bias.then(|| random(out_dim, 0.5, seed + 2));
+        let xt = engine.upload(&x, &[rows, in_dim]).unwrap();
+        let wt = engine.upload(&w, &[out_dim, in_dim]).unwrap();
+        let bt = b.as_ref().map(|b| engine.upload(b, &[out_dim]).unwrap());
+        let y = engine.linear(&xt, &wt, bt.as_ref()).unwrap();
+        assert_eq!(y.dims(), [rows, out_dim]);
+        let got = y.to_host().unwrap();
+        let want = reference::linear(&x, &w, b.as_deref(), in_dim);
+        let eps = f64::from(f32::EPSILON);
+        for (e, (&g, &r)) in got.iter().zip(&want).enumerate() {
+            let (row, col) = (e / out_dim, e % out_dim);
+            let abs_sum: f64 = (0..in_dim)
+                .map(|d| f64::from(x[row * in_dim + d] * w[col * in_dim + d]).abs())
+                .sum();
+            let tol = eps * (in_dim as f64 * abs_sum + 2.0 * r.abs());
+            assert!(
+                (f64::from(g) - r).abs() <= tol,
+                "linear {rows}×{in_dim}→{out_dim} element {e}: got {g}, want {r}, tol {tol:e}"
+            );
+        }
+    }
+}
