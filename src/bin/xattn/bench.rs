@@ -17,6 +17,7 @@ use xattn::cpu::reference;
 use xattn::gpu::executor::GpuTimer;
 use xattn::{Attention, AttnShape, Context, Engine, MaskInputs, Path, Plan, Tensor};
 
+use crate::masks::AlignArg;
 use crate::suite::{self, SuiteShape};
 use crate::{one_line, parse_path_choice, path_names_hint, CliError, CliResult};
 
@@ -51,6 +52,14 @@ pub struct BenchArgs {
     /// Shape suite to run.
     #[arg(long, value_enum)]
     suite: Option<SuiteName>,
+    /// Run only the shapes of this name (repeatable; suite names or the custom --name).
+    #[arg(long, value_name = "NAME")]
+    only: Vec<String>,
+    /// Causal mask on every shape, aligned top-left (row i sees keys ≤ i) or bottom-right
+    /// (row i sees keys ≤ i + N − M). --check compares with the masked reference. GFLOP/s
+    /// still counts the full M×N work, so it compares directly with unmasked runs.
+    #[arg(long, value_enum, value_name = "ALIGN")]
+    causal: Option<AlignArg>,
     /// Name of the custom shape in the table and JSON.
     #[arg(long, default_value = "custom")]
     name: String,
@@ -156,6 +165,8 @@ struct Record {
     path: Path,
     timing: Timing,
     check: Check,
+    /// `none` or `causal top-left`/`causal bottom-right`.
+    masks: String,
 }
 
 impl Record {
@@ -175,6 +186,22 @@ struct Bench<'a> {
     warmup: u32,
     runs: u32,
     args: &'a BenchArgs,
+}
+
+/// The masks every shape runs with, for tables and JSON.
+fn masks_label(causal: Option<AlignArg>) -> String {
+    causal.map_or("none".to_string(), |a| {
+        format!("causal {}", xattn::Alignment::from(a).name())
+    })
+}
+
+/// The options of one (shape, path): the requested path and the --causal mask.
+fn options(args: &BenchArgs, requested: Option<Path>) -> Attention {
+    let opts = Attention::default().with_path_choice(requested);
+    match args.causal {
+        Some(a) => opts.with_causal(a.into()),
+        None => opts,
+    }
 }
 
 /// Seeded uniform values in [-1, 1].
@@ -275,8 +302,10 @@ impl Bench<'_> {
                     "      CPU reference for {s} ({:.2} GFLOP, f64) ...",
                     s.flops() / 1e9
                 );
-                let scale = f64::from(Attention::default().scale_for(s.d_k));
-                reference::attention(&s, &x.host[0], &x.host[1], &x.host[2], scale).o
+                // Same masks for every path of a shape, so one reference serves them all.
+                let scale = f64::from(opts.scale_for(s.d_k));
+                let [q, k, v] = &x.host;
+                reference::attention_masked(&s, q, k, v, scale, opts.masking()).o
             });
             let err = got
                 .iter()
@@ -326,7 +355,7 @@ fn path_label(requested: Option<Path>, actual: Option<Path>) -> String {
 
 fn print_header() {
     println!(
-        "{:<10} {:<26} {:<16} {:>11} {:>11} {:>9} {:>10}",
+        "{:<10} {:<26} {:<16} {:>11} {:>11} {:>9} {:>10}  masks",
         "shape", "dims", "path", "median ms", "min ms", "GFLOP/s", "max |err|"
     );
 }
@@ -338,14 +367,15 @@ fn print_row(r: &Record, tolerance: f64) {
         Check::Err(e) => format!("{e:.2e}{}", if r.failed(tolerance) { " FAIL" } else { "" }),
     };
     println!(
-        "{:<10} {:<26} {:<16} {:>11.3} {:>11.3} {:>9.2} {:>10}",
+        "{:<10} {:<26} {:<16} {:>11.3} {:>11.3} {:>9.2} {:>10}  {}",
         r.name,
         r.shape.to_string(),
         path_label(r.requested, Some(r.path)),
         r.timing.median_ms,
         r.timing.min_ms,
         r.gflops(),
-        err
+        err,
+        r.masks
     );
 }
 
@@ -403,6 +433,8 @@ fn json_record(r: &Record, ctx: &Context, b: &Bench) -> Value {
         "d_v": s.d_v,
         "path": r.path.name(),
         "requested_path": r.requested.map_or("auto", |p| p.name()),
+        "masks": r.masks,
+        "causal": b.args.causal.map(|a| xattn::Alignment::from(a).name()),
         "adapter": ctx.info.name,
         "backend": format!("{:?}", ctx.info.backend),
         "driver": ctx.info.driver,
@@ -428,6 +460,16 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
         shapes.extend(suite::standard());
     }
     shapes.extend(custom);
+    if !args.only.is_empty() {
+        let names: Vec<&str> = shapes.iter().map(|s| s.name.as_str()).collect();
+        if let Some(bad) = args.only.iter().find(|o| !names.contains(&o.as_str())) {
+            return Err(CliError::new(format!(
+                "--only {bad}: no such shape; the shapes are {}",
+                names.join(", ")
+            )));
+        }
+        shapes.retain(|s| args.only.contains(&s.name));
+    }
     if let Some(path) = &args.json {
         // Fail now rather than after minutes of benchmarking.
         std::fs::File::create(path)
@@ -455,6 +497,7 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
         b.warmup,
         b.runs
     );
+    println!("masks: {} (every shape)", masks_label(args.causal));
     print_header();
 
     let total: usize = shapes
@@ -487,7 +530,7 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                 Some(x) => x,
                 None => inputs.insert(b.inputs(&s.shape, args.seed.wrapping_add(index as u64))?),
             };
-            let opts = Attention::default().with_path_choice(requested);
+            let opts = options(args, requested);
             let plan = match b.engine.plan(&x.q, &x.k, &x.v, &opts) {
                 Ok(plan) => plan,
                 Err(e) => {
@@ -509,6 +552,7 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                         path: plan.path,
                         timing,
                         check,
+                        masks: masks_label(args.causal),
                     };
                     print_row(&r, args.tolerance);
                     records.push(r);

@@ -9,6 +9,7 @@
 
 mod bench;
 mod info;
+mod masks;
 mod npy;
 mod run;
 mod suite;
@@ -39,13 +40,18 @@ enum Command {
     /// Inputs are float32, C order: Q [batch, M, heads, d_k], K [batch, N, kv_heads, d_k],
     /// V [batch, N, kv_heads, d_v]; 3-D inputs [seq, heads, d] mean batch 1 and give outputs
     /// without the batch axis. Outputs: O [batch, M, heads, d_v], weights [batch, heads, M, N],
-    /// LSE [batch, heads, M]. Query head h reads K/V head h / (heads / kv_heads).
+    /// LSE [batch, heads, M]. Query head h reads K/V head h / (heads / kv_heads) (GQA/MQA
+    /// when kv_heads < heads; the summary shows it as H<heads>/<kv_heads>).
+    ///
+    /// Masks and logit controls (causal, window, lengths, bool mask, bias, softcap, key
+    /// segments) combine; a row left with no key outputs zeros and LSE −inf.
     Run(run::RunArgs),
     /// Time the attention paths on standard or custom shapes.
     ///
     /// Without --suite or a custom shape (--m, --n, --dk …) the standard suite runs; with
-    /// both, the custom shape runs after the suite. Times are to GPU completion (GPU
-    /// timestamps where the adapter has them, else the host clock around a waited run).
+    /// both, the custom shape runs after the suite; --only NAME keeps the shapes of that name.
+    /// --causal ALIGN masks every shape. Times are to GPU completion (GPU timestamps where the
+    /// adapter has them, else the host clock around a waited run).
     Bench(bench::BenchArgs),
 }
 

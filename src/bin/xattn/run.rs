@@ -11,6 +11,7 @@ use std::time::Instant;
 use clap::Args;
 use xattn::{Attention, AttnShape, Context, Engine};
 
+use crate::masks::MaskArgs;
 use crate::npy::{read_f32, write_f32, Array};
 use crate::{parse_path_choice, CliError, CliResult, PathChoice};
 
@@ -44,6 +45,8 @@ pub struct RunArgs {
     /// Print the plan (path, tiles, splits, buffers) to stderr before running.
     #[arg(long)]
     plan: bool,
+    #[command(flatten)]
+    masks: MaskArgs,
 }
 
 /// Q, K or V as `[batch, seq, heads, dim]`, and whether the file had no batch axis.
@@ -116,6 +119,7 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     if args.weights.is_some() {
         opts = opts.with_weights();
     }
+    let opts = args.masks.apply(opts, &shape)?;
     for path in [Some(&args.out), args.weights.as_ref(), args.lse.as_ref()]
         .into_iter()
         .flatten()
@@ -163,8 +167,14 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
         )?;
     }
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let masks = if plan.masks.is_empty() {
+        String::new()
+    } else {
+        format!(" (masks: {})", plan.masks)
+    };
+    // The shape shows GQA as `H8/2` (query heads / K/V heads).
     eprintln!(
-        "xattn: {shape} on {} via {}: attention {run_ms:.1} ms, with transfers and writes {total_ms:.1} ms",
+        "xattn: {shape}{masks} on {} via {}: attention {run_ms:.1} ms, with transfers and writes {total_ms:.1} ms",
         ctx.describe(),
         plan.path.name(),
     );

@@ -1,0 +1,254 @@
+//! The mask and logit-control options of `xattn run` (and the alignment `xattn bench` shares).
+//!
+//! Semantics are the library's (`xattn::mask`); this module reads the files, resolves the
+//! alignment rules of the command line and attributes each library error to the flag (and
+//! file) that caused it. Everything here runs before a device is opened.
+
+use std::path::{Path as FsPath, PathBuf};
+
+use clap::{Args, ValueEnum};
+use xattn::{Alignment, Attention, AttnShape};
+
+use crate::npy::{read_bool, read_f32, read_lens};
+use crate::{CliError, CliResult};
+
+/// `top-left` or `bottom-right`, as a clap value (so `--help` lists the choices).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AlignArg {
+    /// Row i sits on key i (PyTorch and JAX `is_causal`).
+    TopLeft,
+    /// The last row sits on the last key: row i on key i + kv_len − q_len (FlashAttention ≥ 2.1,
+    /// decoding with a cache).
+    BottomRight,
+}
+
+impl From<AlignArg> for Alignment {
+    fn from(a: AlignArg) -> Self {
+        match a {
+            AlignArg::TopLeft => Alignment::TopLeft,
+            AlignArg::BottomRight => Alignment::BottomRight,
+        }
+    }
+}
+
+/// Masks and logit controls of `xattn run`.
+///
+/// Key j takes part in row i of batch b, head h when j < kv_len[b], i < q_len[b], j is inside
+/// the causal/window band, and the mask is true at [b, h, i, j]. Its logit is scale·q·k, times
+/// its key segment's factor, soft-capped, plus the bias. A row left with no key outputs
+/// zeros (LSE −∞).
+#[derive(Debug, Default, Args)]
+#[command(next_help_heading = "Masks and logit controls")]
+pub struct MaskArgs {
+    /// Causal mask: row i sees keys up to its diagonal. top-left: the diagonal of row i is key
+    /// i (PyTorch, JAX). bottom-right: it is key i + kv_len − q_len, so the last row sees every
+    /// key (FlashAttention ≥ 2.1, decoding with a cache); rows before the diagonal starts see
+    /// nothing when q_len > kv_len. No default: say which.
+    #[arg(long, value_enum, value_name = "ALIGN")]
+    pub causal: Option<AlignArg>,
+    /// Local window: row i sees keys diag − LEFT ..= diag + RIGHT (diag as for --causal, per
+    /// --align). With --causal the right side is 0 (both apply).
+    #[arg(long, num_args = 2, value_names = ["LEFT", "RIGHT"])]
+    pub window: Option<Vec<usize>>,
+    /// Alignment of --window; default: that of --causal. One of the two is required with
+    /// --window, and they must agree when both are given.
+    #[arg(long, value_enum, value_name = "ALIGN", requires = "window")]
+    pub align: Option<AlignArg>,
+    /// Valid query rows per batch entry: int32 (or int64) .npy of shape [batch]. Rows at or
+    /// past q_len[b] output zeros (LSE −∞); bottom-right diagonals use it.
+    #[arg(long, value_name = "FILE")]
+    pub q_lens: Option<PathBuf>,
+    /// Valid keys per batch entry: int32 (or int64) .npy of shape [batch]. Keys at or past
+    /// kv_len[b] are ignored (padding).
+    #[arg(long, value_name = "FILE")]
+    pub kv_lens: Option<PathBuf>,
+    /// Bool mask .npy, true = may attend, broadcast to [batch, heads, M, N]: each of the
+    /// first three dims 1 or full, the last N; fewer dims are padded with leading 1s as numpy
+    /// does ([M, N], [N]). uint8 holding only 0/1 is accepted too.
+    #[arg(long, value_name = "FILE")]
+    pub mask: Option<PathBuf>,
+    /// Additive logit bias .npy (float32, e.g. ALiBi), broadcast like --mask; added after the
+    /// softcap. −inf (or ≤ −1e30) removes the key; NaN and +inf are errors.
+    #[arg(long, value_name = "FILE")]
+    pub bias: Option<PathBuf>,
+    /// Soft-cap the logits: C·tanh(logit / C) (after scale and key-segment factors, before
+    /// the bias). C > 0.
+    #[arg(long, value_name = "C", allow_negative_numbers = true)]
+    pub softcap: Option<f32>,
+    /// Multiply the logits of keys START..END (END exclusive) by FACTOR > 0 (an inverse
+    /// temperature per key segment). Repeatable, up to 4 disjoint segments.
+    #[arg(
+        long,
+        num_args = 3,
+        value_names = ["START", "END", "FACTOR"],
+        allow_negative_numbers = true
+    )]
+    pub key_segment: Vec<String>,
+}
+
+/// The alignment of `--window`: `--align`, else `--causal`'s; an error if neither or if they
+/// disagree.
+fn window_alignment(causal: Option<AlignArg>, align: Option<AlignArg>) -> CliResult<Alignment> {
+    let name = |a: AlignArg| Alignment::from(a).name();
+    match (causal, align) {
+        (Some(c), Some(a)) if c != a => Err(CliError::new(format!(
+            "--causal {} and --align {} disagree; a causal mask and a window share one \
+             alignment (drop --align, or make them equal)",
+            name(c),
+            name(a)
+        ))),
+        (_, Some(a)) | (Some(a), None) => Ok(a.into()),
+        (None, None) => Err(CliError::new(
+            "--window needs an alignment: add --align top-left (row i on key i, PyTorch/JAX) \
+             or --align bottom-right (last row on last key, FlashAttention/decoding), \
+             or give --causal",
+        )),
+    }
+}
+
+/// `dims` left-padded with 1s to 4 (numpy broadcasting), or an error naming the file.
+fn broadcast_dims(flag: &str, path: &FsPath, shape: &[usize]) -> CliResult<[usize; 4]> {
+    if shape.len() > 4 {
+        return Err(CliError::new(format!(
+            "{flag} {} has shape {shape:?}; it needs at most 4 dims [batch, heads, M, N]",
+            path.display()
+        )));
+    }
+    let mut dims = [1; 4];
+    dims[4 - shape.len()..].copy_from_slice(shape);
+    Ok(dims)
+}
+
+/// Parses one `--key-segment START END FACTOR`.
+fn key_segment(words: &[String]) -> CliResult<(usize, usize, f32)> {
+    let bad = |what: &str, got: &str| {
+        CliError::new(format!(
+            "--key-segment {}: {what} `{got}` is not {}",
+            words.join(" "),
+            if what == "FACTOR" {
+                "a number"
+            } else {
+                "a non-negative integer"
+            }
+        ))
+    };
+    let [start, end, factor] = words else {
+        return Err(CliError::new(format!(
+            "--key-segment takes START END FACTOR, got {words:?}"
+        )));
+    };
+    Ok((
+        start.parse().map_err(|_| bad("START", start))?,
+        end.parse().map_err(|_| bad("END", end))?,
+        factor.parse().map_err(|_| bad("FACTOR", factor))?,
+    ))
+}
+
+impl MaskArgs {
+    /// `opts` with every mask and logit control of the command line, validated against `s`.
+    pub fn apply(&self, mut opts: Attention, s: &AttnShape) -> CliResult<Attention> {
+        // Checks what has been added so far; the first failing addition is the culprit.
+        let check = |opts: &Attention, context: &dyn Fn() -> String| {
+            opts.masking()
+                .spec(s)
+                .map(|_| ())
+                .map_err(|e| CliError::new(format!("{}: {e}", context())))
+        };
+        if let Some(c) = self.causal {
+            opts = opts.with_causal(c.into());
+        }
+        if let Some(w) = &self.window {
+            let align = window_alignment(self.causal, self.align)?;
+            let [left, right] = w[..] else {
+                return Err(CliError::new(format!(
+                    "--window takes LEFT RIGHT, got {w:?}"
+                )));
+            };
+            opts = opts.with_window(align, left, right);
+        }
+        if self.causal.is_some() || self.window.is_some() {
+            check(&opts, &|| "--causal/--window".to_string())?;
+        }
+        if let Some(path) = &self.q_lens {
+            opts = opts.with_q_lens(read_lens(path)?.data);
+            check(&opts, &|| format!("--q-lens {}", path.display()))?;
+        }
+        if let Some(path) = &self.kv_lens {
+            opts = opts.with_kv_lens(read_lens(path)?.data);
+            check(&opts, &|| format!("--kv-lens {}", path.display()))?;
+        }
+        if let Some(path) = &self.mask {
+            let a = read_bool(path)?;
+            let dims = broadcast_dims("--mask", path, &a.shape)?;
+            opts = opts.with_mask(dims, a.data);
+            check(&opts, &|| {
+                format!("--mask {} (shape {:?})", path.display(), a.shape)
+            })?;
+        }
+        if let Some(path) = &self.bias {
+            let a = read_f32(path)?;
+            let dims = broadcast_dims("--bias", path, &a.shape)?;
+            opts = opts.with_bias(dims, a.data);
+            check(&opts, &|| {
+                format!("--bias {} (shape {:?})", path.display(), a.shape)
+            })?;
+        }
+        if let Some(cap) = self.softcap {
+            opts = opts.with_softcap(cap);
+            check(&opts, &|| "--softcap".to_string())?;
+        }
+        for words in self.key_segment.chunks(3) {
+            let (start, end, factor) = key_segment(words)?;
+            opts = opts.with_key_segment(start, end, factor);
+        }
+        if !self.key_segment.is_empty() {
+            check(&opts, &|| "--key-segment".to_string())?;
+        }
+        Ok(opts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_alignment_rules() {
+        use AlignArg::*;
+        assert_eq!(
+            window_alignment(Some(TopLeft), None).unwrap(),
+            Alignment::TopLeft
+        );
+        assert_eq!(
+            window_alignment(None, Some(BottomRight)).unwrap(),
+            Alignment::BottomRight
+        );
+        assert_eq!(
+            window_alignment(Some(BottomRight), Some(BottomRight)).unwrap(),
+            Alignment::BottomRight
+        );
+        assert!(window_alignment(Some(TopLeft), Some(BottomRight)).is_err());
+        assert!(window_alignment(None, None).is_err());
+    }
+
+    #[test]
+    fn broadcast_pads_leading_ones() {
+        let p = FsPath::new("m.npy");
+        assert_eq!(broadcast_dims("--mask", p, &[5]).unwrap(), [1, 1, 1, 5]);
+        assert_eq!(broadcast_dims("--mask", p, &[3, 5]).unwrap(), [1, 1, 3, 5]);
+        assert_eq!(
+            broadcast_dims("--mask", p, &[2, 1, 3, 5]).unwrap(),
+            [2, 1, 3, 5]
+        );
+        assert!(broadcast_dims("--mask", p, &[1, 2, 1, 3, 5]).is_err());
+    }
+
+    #[test]
+    fn key_segment_words() {
+        let w = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        assert_eq!(key_segment(&w("0 4 1.5")).unwrap(), (0, 4, 1.5));
+        let e = key_segment(&w("0 x 1.5")).unwrap_err().to_string();
+        assert!(e.contains("END `x`"), "{e}");
+        assert!(key_segment(&w("-1 4 1")).is_err());
+    }
+}

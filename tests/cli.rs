@@ -1,0 +1,501 @@
+//! The `xattn` binary end to end: `run` with masks on .npy files written here, checked
+//! against the f64 reference, and the errors a user gets for bad mask, length and alignment
+//! input (checked on the host, before any device is opened, so they need no GPU).
+
+mod common;
+
+use std::path::{Path as FsPath, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+use npyz::WriterBuilder;
+use xattn::cpu::reference;
+use xattn::{Alignment, Attention, AttnShape};
+
+/// A fresh folder for one test's files, removed when the test passes.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("xattn-cli-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the temp folder");
+        Self(dir)
+    }
+    fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Writes `data` with shape `shape` as a C-ordered .npy of `T`'s default dtype.
+fn write_npy<T: npyz::AutoSerialize + Copy>(path: &FsPath, data: &[T], shape: &[usize]) {
+    assert_eq!(data.len(), shape.iter().product::<usize>());
+    let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(&dims)
+        .writer(std::io::BufWriter::new(
+            std::fs::File::create(path).expect("create .npy"),
+        ))
+        .begin_nd()
+        .expect("npy header");
+    w.extend(data.iter().copied()).expect("npy data");
+    w.finish().expect("npy finish");
+}
+
+fn read_npy(path: &FsPath) -> (Vec<f32>, Vec<u64>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let npy = npyz::NpyFile::new(&bytes[..]).expect("valid .npy");
+    let shape = npy.shape().to_vec();
+    (npy.into_vec().expect("float32 data"), shape)
+}
+
+fn xattn(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xattn"))
+        .args(args)
+        .output()
+        .expect("start the xattn binary")
+}
+
+fn s(p: &FsPath) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Seeded bools, true with probability `p`.
+fn bools(len: usize, p: f32, seed: u64) -> Vec<bool> {
+    random(len, 1.0, seed)
+        .into_iter()
+        .map(|x| (x + 1.0) / 2.0 < p)
+        .collect()
+}
+
+/// Q, K, V files for `sh` (4-D) under `dir`, and their host data.
+fn write_qkv(dir: &TempDir, sh: &AttnShape, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (q, k, v) = qkv(sh, 1.0, seed);
+    write_npy(&dir.path("q.npy"), &q, &sh.q_dims());
+    write_npy(&dir.path("k.npy"), &k, &sh.k_dims());
+    write_npy(&dir.path("v.npy"), &v, &sh.v_dims());
+    (q, k, v)
+}
+
+/// `run --q --k --v --out --lse` on the files of `write_qkv`, plus `extra`.
+fn run_args(dir: &TempDir, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec!["run".into()];
+    for (flag, file) in [
+        ("--q", "q.npy"),
+        ("--k", "k.npy"),
+        ("--v", "v.npy"),
+        ("--out", "o.npy"),
+        ("--lse", "lse.npy"),
+    ] {
+        a.push(flag.into());
+        a.push(s(&dir.path(file)).into());
+    }
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
+
+/// Runs the binary, asserting success, and compares O and LSE with the masked reference.
+fn run_and_check(
+    what: &str,
+    dir: &TempDir,
+    sh: &AttnShape,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    extra: &[&str],
+    opts: &Attention,
+) -> String {
+    let args = run_args(dir, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = xattn(&args);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{what}: xattn failed: {err}");
+    let scale = opts.scale_for(sh.d_k);
+    let m = opts.masking();
+    let want = reference::attention_masked(sh, q, k, v, f64::from(scale), m);
+    let tol = budget_masked(sh, scale, (q, k, v), m);
+    let (o, o_shape) = read_npy(&dir.path("o.npy"));
+    assert_eq!(o_shape, sh.o_dims().map(|d| d as u64), "{what}: O shape");
+    let worst = assert_close(&format!("{what} O"), &o, &want.o, tol.o);
+    let (lse, _) = read_npy(&dir.path("lse.npy"));
+    let lse_max = want
+        .lse
+        .iter()
+        .filter(|x| x.is_finite())
+        .fold(0.0f64, |a, x| a.max(x.abs()));
+    assert_close(
+        &format!("{what} LSE"),
+        &lse,
+        &want.lse,
+        tol.lse * (1.0 + lse_max),
+    );
+    eprintln!("{what}: largest O error {worst:e} (tolerance {:e})", tol.o);
+    err
+}
+
+#[test]
+fn run_with_every_mask_on_gqa_matches_the_reference() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("gqa");
+    let sh = AttnShape {
+        batch: 2,
+        m: 9,
+        n: 40,
+        q_heads: 4,
+        kv_heads: 2,
+        d_k: 8,
+        d_v: 6,
+    };
+    let (q, k, v) = write_qkv(&dir, &sh, 7);
+    let q_lens = [9i32, 6];
+    let kv_lens = [40i32, 25];
+    let mask = bools(2 * 9 * 40, 0.8, 11); // [B, 1, M, N]
+    let mut bias = random(4 * 40, 1.0, 12); // [H, 1, N] → [1, H, 1, N]
+    bias[5] = f32::NEG_INFINITY;
+    write_npy(&dir.path("ql.npy"), &q_lens, &[2]);
+    write_npy(&dir.path("kl.npy"), &kv_lens, &[2]);
+    write_npy(&dir.path("m.npy"), &mask, &[2, 1, 9, 40]);
+    write_npy(&dir.path("b.npy"), &bias, &[4, 1, 40]);
+    let (ql, kl, m, b) = (
+        dir.path("ql.npy"),
+        dir.path("kl.npy"),
+        dir.path("m.npy"),
+        dir.path("b.npy"),
+    );
+    let opts = Attention::default()
+        .with_causal(Alignment::BottomRight)
+        .with_window(Alignment::BottomRight, 12, 3)
+        .with_q_lens(vec![9, 6])
+        .with_kv_lens(vec![40, 25])
+        .with_mask([2, 1, 9, 40], mask.clone())
+        .with_bias([1, 4, 1, 40], bias.clone())
+        .with_softcap(2.5)
+        .with_key_segment(0, 4, 1.5)
+        .with_key_segment(30, 40, 0.5);
+    for path in ["auto", "three-pass", "fused"] {
+        let extra = [
+            "--causal",
+            "bottom-right",
+            "--window",
+            "12",
+            "3",
+            "--q-lens",
+            s(&ql),
+            "--kv-lens",
+            s(&kl),
+            "--mask",
+            s(&m),
+            "--bias",
+            s(&b),
+            "--softcap",
+            "2.5",
+            "--key-segment",
+            "0",
+            "4",
+            "1.5",
+            "--key-segment",
+            "30",
+            "40",
+            "0.5",
+            "--path",
+            path,
+        ];
+        let what = format!("masked GQA via {path}");
+        let err = run_and_check(&what, &dir, &sh, (&q, &k, &v), &extra, &opts);
+        assert!(err.contains("H4/2"), "{what}: summary shows GQA: {err}");
+        assert!(err.contains("masks:"), "{what}: summary shows masks: {err}");
+    }
+}
+
+#[test]
+fn run_with_a_2d_uint8_mask_int64_lengths_and_3d_inputs() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("small");
+    let sh = AttnShape {
+        batch: 1,
+        m: 12,
+        n: 10,
+        q_heads: 2,
+        kv_heads: 2,
+        d_k: 4,
+        d_v: 4,
+    };
+    let (q, k, v) = qkv(&sh, 1.0, 21);
+    // 3-D files: [seq, heads, d], batch 1.
+    write_npy(&dir.path("q.npy"), &q, &sh.q_dims()[1..]);
+    write_npy(&dir.path("k.npy"), &k, &sh.k_dims()[1..]);
+    write_npy(&dir.path("v.npy"), &v, &sh.v_dims()[1..]);
+    let mask = bools(12 * 10, 0.7, 22);
+    let mask_u8: Vec<u8> = mask.iter().map(|&x| u8::from(x)).collect();
+    write_npy(&dir.path("m.npy"), &mask_u8, &[12, 10]); // [M, N] → [1, 1, M, N]
+    write_npy(&dir.path("kl.npy"), &[8i64], &[1]);
+    let (m, kl) = (dir.path("m.npy"), dir.path("kl.npy"));
+    let opts = Attention::default()
+        .with_causal(Alignment::TopLeft)
+        .with_window(Alignment::TopLeft, 2, 5)
+        .with_kv_lens(vec![8])
+        .with_mask([1, 1, 12, 10], mask);
+    let args = run_args(
+        &dir,
+        &[
+            "--window",
+            "2",
+            "5",
+            "--causal",
+            "top-left",
+            "--align",
+            "top-left",
+            "--mask",
+            s(&m),
+            "--kv-lens",
+            s(&kl),
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = xattn(&args);
+    assert!(out.status.success(), "xattn failed: {}", stderr(&out));
+    let scale = opts.scale_for(sh.d_k);
+    let want = reference::attention_masked(&sh, &q, &k, &v, f64::from(scale), opts.masking());
+    let tol = budget_masked(&sh, scale, (&q, &k, &v), opts.masking());
+    let (o, o_shape) = read_npy(&dir.path("o.npy"));
+    assert_eq!(o_shape, [12, 2, 4], "3-D inputs give 3-D outputs");
+    assert_close("2-D mask O", &o, &want.o, tol.o);
+    let (lse, _) = read_npy(&dir.path("lse.npy"));
+    // Rows 10, 11 of a top-left causal window over 8 keys see keys 8..=11: none is valid.
+    for h in 0..2 {
+        for i in [10, 11] {
+            assert_eq!(lse[h * 12 + i], f32::NEG_INFINITY, "head {h} row {i}");
+        }
+    }
+}
+
+/// Runs `args`, asserts failure, and returns stderr.
+fn fails(args: &[&str]) -> String {
+    let out = xattn(args);
+    let err = stderr(&out);
+    assert!(
+        !out.status.success(),
+        "xattn {args:?} should fail; stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+fn assert_mentions(err: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(err.contains(p), "error should mention `{p}`: {err}");
+    }
+}
+
+/// A small valid problem on disk for the error cases: B2 H2 M4 N6 d3.
+fn error_setup(name: &str) -> TempDir {
+    let dir = TempDir::new(name);
+    let sh = AttnShape {
+        batch: 2,
+        m: 4,
+        n: 6,
+        q_heads: 2,
+        kv_heads: 2,
+        d_k: 3,
+        d_v: 3,
+    };
+    write_qkv(&dir, &sh, 1);
+    dir
+}
+
+fn run_err(dir: &TempDir, extra: &[&str]) -> String {
+    let args = run_args(dir, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = fails(&args);
+    assert!(!dir.path("o.npy").exists(), "no output is written on error");
+    err
+}
+
+#[test]
+fn float64_mask_is_rejected_with_the_fix() {
+    let dir = error_setup("f64mask");
+    let m = dir.path("m.npy");
+    write_npy(&m, &[1.0f64; 24], &[4, 6]);
+    let err = run_err(&dir, &["--mask", s(&m)]);
+    assert_mentions(&err, &["m.npy", "float64", "bool", "astype(bool)"]);
+}
+
+#[test]
+fn uint8_mask_with_other_values_is_rejected() {
+    let dir = error_setup("u8mask");
+    let m = dir.path("m.npy");
+    let mut data = [1u8; 24];
+    data[7] = 2;
+    write_npy(&m, &data, &[4, 6]);
+    let err = run_err(&dir, &["--mask", s(&m)]);
+    assert_mentions(&err, &["m.npy", "uint8", "0 and 1"]);
+}
+
+#[test]
+fn mismatched_mask_dims_are_rejected() {
+    let dir = error_setup("maskdims");
+    let m = dir.path("m.npy");
+    write_npy(&m, &[true; 15], &[3, 5]); // M = 4, N = 6
+    let err = run_err(&dir, &["--mask", s(&m)]);
+    assert_mentions(
+        &err,
+        &["--mask", "m.npy", "[3, 5]", "broadcast", "[2, 2, 4, 6]"],
+    );
+    let m5 = dir.path("m5.npy");
+    write_npy(&m5, &[true; 48], &[1, 2, 1, 4, 6]);
+    let err = run_err(&dir, &["--mask", s(&m5)]);
+    assert_mentions(&err, &["m5.npy", "at most 4 dims"]);
+}
+
+#[test]
+fn mismatched_bias_dims_are_rejected() {
+    let dir = error_setup("biasdims");
+    let b = dir.path("b.npy");
+    write_npy(&b, &[0.5f32; 3 * 6], &[3, 1, 6]); // heads is 2
+    let err = run_err(&dir, &["--bias", s(&b)]);
+    assert_mentions(&err, &["--bias", "b.npy", "broadcast"]);
+}
+
+#[test]
+fn window_without_alignment_is_rejected() {
+    let dir = error_setup("window");
+    let err = run_err(&dir, &["--window", "2", "0"]);
+    assert_mentions(&err, &["--window", "--align", "top-left", "bottom-right"]);
+}
+
+#[test]
+fn causal_and_align_must_agree() {
+    let dir = error_setup("disagree");
+    let err = run_err(
+        &dir,
+        &[
+            "--causal",
+            "top-left",
+            "--window",
+            "2",
+            "0",
+            "--align",
+            "bottom-right",
+        ],
+    );
+    assert_mentions(
+        &err,
+        &["--causal top-left", "--align bottom-right", "disagree"],
+    );
+}
+
+#[test]
+fn lens_of_the_wrong_length_are_rejected() {
+    let dir = error_setup("lens");
+    let kl = dir.path("kl.npy");
+    write_npy(&kl, &[6i32, 6, 6], &[3]); // batch is 2
+    let err = run_err(&dir, &["--kv-lens", s(&kl)]);
+    assert_mentions(&err, &["--kv-lens", "kl.npy", "3 entries", "batch"]);
+}
+
+#[test]
+fn negative_or_float_lens_are_rejected() {
+    let dir = error_setup("badlens");
+    let ql = dir.path("ql.npy");
+    write_npy(&ql, &[4i32, -1], &[2]);
+    let err = run_err(&dir, &["--q-lens", s(&ql)]);
+    assert_mentions(&err, &["ql.npy[1] = -1", "between 0"]);
+    let qf = dir.path("qf.npy");
+    write_npy(&qf, &[4.0f32, 3.0], &[2]);
+    let err = run_err(&dir, &["--q-lens", s(&qf)]);
+    assert_mentions(&err, &["qf.npy", "float32", "int32", "astype(np.int32)"]);
+    let too_long = dir.path("ql5.npy");
+    write_npy(&too_long, &[5i32, 4], &[2]); // M = 4
+    let err = run_err(&dir, &["--q-lens", s(&too_long)]);
+    assert_mentions(&err, &["--q-lens", "q_lens[0] = 5"]);
+}
+
+#[test]
+fn bad_key_segments_and_softcap_are_rejected() {
+    let dir = error_setup("segments");
+    let err = run_err(
+        &dir,
+        &[
+            "--key-segment",
+            "0",
+            "3",
+            "2",
+            "--key-segment",
+            "2",
+            "5",
+            "1",
+        ],
+    );
+    assert_mentions(&err, &["--key-segment", "overlap"]);
+    let err = run_err(&dir, &["--key-segment", "0", "x", "2"]);
+    assert_mentions(&err, &["--key-segment", "END `x`"]);
+    let err = run_err(&dir, &["--softcap", "-1"]);
+    assert_mentions(&err, &["--softcap", "softcap must be finite and > 0"]);
+}
+
+#[test]
+fn align_needs_window() {
+    let dir = error_setup("align");
+    let err = run_err(&dir, &["--align", "top-left"]);
+    assert_mentions(&err, &["--window"]);
+}
+
+#[test]
+fn bench_only_names_a_shape() {
+    let err = fails(&["bench", "--suite", "standard", "--only", "nope"]);
+    assert_mentions(&err, &["--only nope", "square"]);
+}
+
+#[test]
+fn bench_causal_checks_against_the_masked_reference() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("bench");
+    let json = dir.path("b.json");
+    let out = xattn(&[
+        "bench",
+        "--m",
+        "40",
+        "--n",
+        "70",
+        "--dk",
+        "8",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--name",
+        "tiny",
+        "--quick",
+        "--check",
+        "--causal",
+        "bottom-right",
+        "--json",
+        s(&json),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {text}\n{}",
+        stderr(&out)
+    );
+    assert!(text.contains("causal bottom-right"), "{text}");
+    let records: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let records = records.as_array().expect("a JSON list");
+    assert!(!records.is_empty());
+    for r in records {
+        assert_eq!(r["masks"], "causal bottom-right", "{r}");
+        assert_eq!(r["check"], "passed", "{r}");
+    }
+}
