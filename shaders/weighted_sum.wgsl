@@ -1,20 +1,13 @@
 // O = P·V for one chunk: P is the chunk's scratch [bh_count, rows, N]; O is [batch, M, q_heads, d_v].
-// Same tiling as qk_scores: a 16×16 workgroup computes 64 rows × 64 output dims, each
-// invocation a 4×4 block strided by 16; P and V tiles of BK keys staged in workgroup memory.
+// Tiling of common/tile_gemm.wgsl: P rows in a_tile, V columns (output dims) in b_tile, BK
+// keys at a time.
 //!include common/params.wgsl
+//!include common/tile_gemm.wgsl
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
 @group(0) @binding(1) var<storage, read> w: array<f32>;
 @group(0) @binding(2) var<storage, read> v: array<f32>;
 @group(0) @binding(3) var<storage, read_write> o: array<f32>;
-
-const TILE: u32 = 64u;
-const BK: u32 = 16u;
-const WG: u32 = 16u;
-const PER: u32 = 4u;
-
-var<workgroup> p_tile: array<f32, 1024>; // [BK][TILE], indexed kk * TILE + row
-var<workgroup> v_tile: array<f32, 1024>; // [BK][TILE], indexed kk * TILE + dim
 
 @compute @workgroup_size(16, 16, 1)
 fn main(
@@ -38,7 +31,7 @@ fn main(
             if row < p.rows && j0 + kk < p.n {
                 pv = w[(lbh * p.rows + row) * p.n + j0 + kk];
             }
-            p_tile[kk * TILE + r] = pv;
+            a_tile[kk * TILE + r] = pv;
             // V: consecutive invocations read consecutive dims of a key.
             let vk = e / TILE;
             let c = e % TILE;
@@ -46,22 +39,10 @@ fn main(
             if j0 + vk < p.n && dim0 + c < p.d_v {
                 vv = v[((hd.b * p.n + j0 + vk) * p.kv_heads + hd.hk) * p.d_v + dim0 + c];
             }
-            v_tile[vk * TILE + c] = vv;
+            b_tile[vk * TILE + c] = vv;
         }
         workgroupBarrier();
-        for (var kk = 0u; kk < BK; kk++) {
-            var a: array<f32, 4>;
-            var c: array<f32, 4>;
-            for (var i = 0u; i < PER; i++) {
-                a[i] = p_tile[kk * TILE + lid.y + i * WG];
-                c[i] = v_tile[kk * TILE + lid.x + i * WG];
-            }
-            for (var i = 0u; i < PER; i++) {
-                for (var j = 0u; j < PER; j++) {
-                    acc[i * PER + j] = fma(a[i], c[j], acc[i * PER + j]);
-                }
-            }
-        }
+        accumulate_tile(&acc, lid);
         workgroupBarrier();
     }
 

@@ -395,17 +395,19 @@ impl std::fmt::Display for MaskSpec {
                 x.to_string()
             }
         };
-        if self.win_left != UNBOUNDED || self.win_right != UNBOUNDED {
-            let align = if self.bottom_right == 1 {
-                "bottom-right"
-            } else {
-                "top-left"
-            };
-            parts.push(format!(
+        let align = if self.bottom_right == 1 {
+            "bottom-right"
+        } else {
+            "top-left"
+        };
+        match (self.win_left, self.win_right) {
+            (UNBOUNDED, UNBOUNDED) => {}
+            (UNBOUNDED, 0) => parts.push(format!("causal {align}")),
+            (left, right) => parts.push(format!(
                 "window {align} (left {}, right {})",
-                bound(self.win_left),
-                bound(self.win_right)
-            ));
+                bound(left),
+                bound(right)
+            )),
         }
         if self.lens {
             parts.push("per-sequence lengths".into());

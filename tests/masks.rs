@@ -166,7 +166,7 @@ fn plans_describe_their_masks() {
     };
     let text = xattn::Plan::new(&req, &CAPS).unwrap().to_string();
     assert!(
-        text.contains("masks: window bottom-right (left ∞, right 0), softcap 30"),
+        text.contains("masks: causal bottom-right, softcap 30"),
         "{text}"
     );
 }

@@ -78,6 +78,10 @@ const COMMON_FILES: &[(&str, &str)] = &[
         "common/mask.wgsl",
         include_str!("../../shaders/common/mask.wgsl"),
     ),
+    (
+        "common/tile_gemm.wgsl",
+        include_str!("../../shaders/common/tile_gemm.wgsl"),
+    ),
 ];
 
 use Access::{Read, ReadWrite, Uniform};
