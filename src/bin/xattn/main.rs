@@ -2,6 +2,7 @@
 //!
 //! - `xattn info` lists the adapters wgpu can see and which one [`xattn::Context::new`] picks.
 //! - `xattn run` computes attention on `.npy` files.
+//! - `xattn mha` runs a multi-head attention layer (weights from safetensors) on `.npy` files.
 //! - `xattn bench` times every path on standard or custom shapes, headless.
 //!
 //! Every failure a user can cause ends the process with a non-zero status and one line on
@@ -10,6 +11,7 @@
 mod bench;
 mod info;
 mod masks;
+mod mha;
 mod npy;
 mod run;
 mod suite;
@@ -46,6 +48,26 @@ enum Command {
     /// Masks and logit controls (causal, window, lengths, bool mask, bias, softcap, key
     /// segments) combine; a row left with no key outputs zeros and LSE −inf.
     Run(run::RunArgs),
+    /// Run a multi-head attention layer (PyTorch nn.MultiheadAttention) on .npy files.
+    ///
+    /// Q = query·W_qᵀ + b_q, K = key·W_kᵀ + b_k, V = value·W_vᵀ + b_v, split into heads;
+    /// attention per head; heads concatenated and projected: out = O·W_oᵀ + b_o.
+    ///
+    /// Inputs are float32, C order, batch first (PyTorch batch_first=True): query [batch, M, E],
+    /// key [batch, N, kdim], value [batch, N, vdim]; 2-D inputs [seq, features] mean batch 1 and
+    /// give outputs without the batch axis. E, kdim and vdim are read from the inputs' last
+    /// dims, and the weights must fit them. Output: [batch, M, E].
+    ///
+    /// Weight names, after --prefix: PyTorch in_proj_weight [3E, E] (only when kdim = vdim = E)
+    /// or q_proj_weight [E, E], k_proj_weight [E, kdim], v_proj_weight [E, vdim]; in_proj_bias
+    /// [3E]; out_proj.weight [E, E], out_proj.bias [E]. Or Hugging Face q_proj.weight,
+    /// k_proj.weight, v_proj.weight, out_proj.weight, each with an optional .bias.
+    ///
+    /// The masks and logit controls of `xattn run` apply to the attention inside, with heads =
+    /// --heads and d = E / H; --key-padding-mask adds PyTorch's padding mask (true = ignore).
+    /// A query row left with no key gets a zero attention output, so out = b_o there (PyTorch
+    /// gives NaN).
+    Mha(mha::MhaArgs),
     /// Time the attention paths on standard or custom shapes.
     ///
     /// Without --suite or a custom shape (--m, --n, --dk …) the standard suite runs; with
@@ -135,6 +157,7 @@ fn main() -> ExitCode {
     let result = std::panic::catch_unwind(|| match cli.command {
         Command::Info(args) => info::info(&args),
         Command::Run(args) => run::run(&args),
+        Command::Mha(args) => mha::mha(&args),
         Command::Bench(args) => bench::bench(&args),
     });
     match result {

@@ -115,8 +115,13 @@ pub fn read_f32(path: &Path) -> CliResult<Array> {
 }
 
 /// Reads a C-ordered bool `.npy` file; uint8 holding only 0 and 1 is accepted as well
-/// (PyTorch's old byte masks).
+/// (PyTorch's old byte masks). True means "may attend".
 pub fn read_bool(path: &Path) -> CliResult<Array<bool>> {
+    read_bool_meaning(path, "true = attend")
+}
+
+/// [`read_bool`] for a mask whose `true` means what `meaning` says (named in the dtype hint).
+pub fn read_bool_meaning(path: &Path, meaning: &str) -> CliResult<Array<bool>> {
     let shown = path.display();
     let (npy, ts) = open(path, "bool (|b1)")?;
     if is(&ts, TypeChar::Bool, 1) {
@@ -140,7 +145,7 @@ pub fn read_bool(path: &Path) -> CliResult<Array<bool>> {
         });
     }
     Err(CliError::new(format!(
-        "{shown} has dtype {}, expected bool (|b1), true = attend; convert with a.astype(bool) \
+        "{shown} has dtype {}, expected bool (|b1), {meaning}; convert with a.astype(bool) \
          (or a != 0)",
         dtype_name(&ts)
     )))

@@ -61,7 +61,7 @@ fn as_4d(name: &str, a: &Array) -> CliResult<([usize; 4], bool)> {
 }
 
 /// Fails early if an output could not be created after the run.
-fn check_writable(path: &FsPath) -> CliResult<()> {
+pub fn check_writable(path: &FsPath) -> CliResult<()> {
     let parent = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -1,0 +1,416 @@
+//! `xattn mha`: a multi-head attention layer (PyTorch `nn.MultiheadAttention`, batch first) on
+//! `.npy` inputs, its weights read from a safetensors file.
+//!
+//! As in `xattn run`, everything that can be checked on the host is checked before a device is
+//! opened: the inputs' shapes against each other, the head counts against E, the weights file
+//! against the sizes the inputs imply (the loader reads the file on the host), the key padding
+//! mask, the masks and the output folders. Errors name the flag and file they come from.
+
+use std::path::{Path as FsPath, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Args;
+use xattn::mha::MhaWeights;
+use xattn::{
+    Attention, AttnShape, Context, Engine, MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights,
+};
+
+use crate::masks::MaskArgs;
+use crate::npy::{read_bool_meaning, read_f32, write_f32, Array};
+use crate::run::check_writable;
+use crate::{CliError, CliResult};
+
+/// Options of `xattn mha` (layouts and weight names in the subcommand's help in `main.rs`).
+#[derive(Debug, Args)]
+pub struct MhaArgs {
+    /// Layer weights: a safetensors file (f32, f16 or bf16 tensors) with PyTorch or Hugging Face
+    /// names under --prefix.
+    #[arg(long, value_name = "FILE")]
+    weights: PathBuf,
+    /// What precedes the layer's tensor names in the file, trailing dot included, e.g.
+    /// `decoder.layers.0.encoder_attn.`. Default: none.
+    #[arg(long, value_name = "P", default_value = "", hide_default_value = true)]
+    prefix: String,
+    /// Query heads; E (the last dim of --query) must be a multiple of it. Head dim = E / H.
+    #[arg(long, value_name = "H", value_parser = positive)]
+    heads: usize,
+    /// Key/value heads (GQA/MQA: the K and V projections output N · E/H features); must divide
+    /// --heads. Default: --heads.
+    #[arg(long, value_name = "N", value_parser = positive)]
+    kv_heads: Option<usize>,
+    /// The layer has no biases (PyTorch bias=False); a bias tensor in the file is then an error.
+    /// Without it, PyTorch names must include in_proj_bias and out_proj.bias, while Hugging Face
+    /// names may leave a projection without its .bias (it then adds nothing).
+    #[arg(long)]
+    no_bias: bool,
+    /// Query input, float32 [batch, M, E] or [M, E].
+    #[arg(long, value_name = "FILE")]
+    query: PathBuf,
+    /// Key input, float32 [batch, N, kdim] or [N, kdim].
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// Value input, float32 [batch, N, vdim] or [N, vdim].
+    #[arg(long, value_name = "FILE")]
+    value: PathBuf,
+    /// Output, [batch, M, E] ([M, E] for 2-D inputs).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Also write the attention weights averaged over heads, [batch, M, N] ([M, N] for 2-D
+    /// inputs); PyTorch need_weights=True. Forces the three-pass attention path.
+    #[arg(long, value_name = "FILE")]
+    need_weights: Option<PathBuf>,
+    /// With --need-weights: write the weights of every head instead, [batch, H, M, N]
+    /// ([H, M, N] for 2-D inputs); PyTorch average_attn_weights=False.
+    #[arg(long, requires = "need_weights")]
+    per_head_weights: bool,
+    /// PyTorch's key_padding_mask: bool (or uint8 0/1) [batch, N] ([N] for 2-D inputs), where
+    /// true = ignore that key (PyTorch's polarity, the opposite of --mask). Cannot be combined
+    /// with --mask: fold it into the mask file instead.
+    #[arg(long, value_name = "FILE")]
+    key_padding_mask: Option<PathBuf>,
+    /// Logit scale; default 1/sqrt(E/H), as in PyTorch.
+    #[arg(long, allow_negative_numbers = true)]
+    scale: Option<f32>,
+    #[command(flatten)]
+    masks: MaskArgs,
+}
+
+/// Parses a count ≥ 1.
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not a positive integer")),
+    }
+}
+
+/// One input file: its array, its dims as `[batch, seq, features]`, and the flag it came from.
+struct Input<'a> {
+    flag: &'static str,
+    path: &'a FsPath,
+    array: Array,
+    dims: [usize; 3],
+    /// The file had no batch axis.
+    two_d: bool,
+}
+
+impl<'a> Input<'a> {
+    fn read(flag: &'static str, path: &'a FsPath, features: &str) -> CliResult<Self> {
+        let array = read_f32(path)?;
+        let shown = path.display();
+        let (dims, two_d) = match *array.shape.as_slice() {
+            [s, f] => ([1, s, f], true),
+            [b, s, f] => ([b, s, f], false),
+            ref other => {
+                return Err(CliError::new(format!(
+                    "{flag} {shown} has shape {other:?}; it must be [batch, seq, {features}] or \
+                     [seq, {features}]"
+                )))
+            }
+        };
+        if array.shape.contains(&0) {
+            return Err(CliError::new(format!(
+                "{flag} {shown} has shape {:?}; every dim must be at least 1",
+                array.shape
+            )));
+        }
+        Ok(Self {
+            flag,
+            path,
+            array,
+            dims,
+            two_d,
+        })
+    }
+
+    /// `--flag file (shape [..])`, for messages.
+    fn describe(&self) -> String {
+        format!(
+            "{} {} (shape {:?})",
+            self.flag,
+            self.path.display(),
+            self.array.shape
+        )
+    }
+}
+
+/// Checks that `a` and `b` agree on `axis` (`what` names it), for the inputs' batch and N.
+fn same_axis(a: &Input, b: &Input, axis: usize, what: &str) -> CliResult<()> {
+    if a.dims[axis] == b.dims[axis] {
+        return Ok(());
+    }
+    Err(CliError::new(format!(
+        "{} and {} differ in {what}: {} vs {}",
+        a.describe(),
+        b.describe(),
+        a.dims[axis],
+        b.dims[axis]
+    )))
+}
+
+/// The tensor-name prefixes under which `bytes` (a safetensors file) holds projection weights.
+fn layer_prefixes(bytes: &[u8]) -> Vec<String> {
+    let Ok(st) = safetensors::SafeTensors::deserialize(bytes) else {
+        return Vec::new();
+    };
+    let mut prefixes: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter_map(|name| {
+            ["in_proj_weight", "q_proj_weight", "q_proj.weight"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .map(str::to_string)
+        })
+        .collect();
+    prefixes.sort_unstable();
+    prefixes.dedup();
+    prefixes
+}
+
+/// A hint for a failed load: a prefix missing its dot, a bias setting the other way round, or
+/// the prefixes the file does use. Empty when none applies.
+fn load_hint(bytes: &[u8], prefix: &str, config: &MhaConfig) -> String {
+    let loads = |prefix: &str, config: &MhaConfig| {
+        MhaWeights::from_safetensors(bytes, prefix, config).is_ok()
+    };
+    if !prefix.is_empty() && !prefix.ends_with('.') && loads(&format!("{prefix}."), config) {
+        return format!(" (did you mean --prefix `{prefix}.`? the prefix ends with the dot)");
+    }
+    if loads(prefix, &config.with_bias(!config.bias)) {
+        return if config.bias {
+            " (the file's layer has no biases: add --no-bias)".into()
+        } else {
+            " (the file's layer has biases: drop --no-bias)".into()
+        };
+    }
+    let prefixes = layer_prefixes(bytes);
+    if prefixes.is_empty() || prefixes.iter().any(|p| p == prefix) {
+        return String::new();
+    }
+    let shown: Vec<String> = prefixes.iter().take(6).map(|p| format!("`{p}`")).collect();
+    format!(
+        " (the file has projection weights under --prefix {}{})",
+        shown.join(", "),
+        if prefixes.len() > shown.len() {
+            format!(" and {} more", prefixes.len() - shown.len())
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// Reads the layer's weights on the host; errors say which sizes came from which input.
+fn load_weights(args: &MhaArgs, config: &MhaConfig) -> CliResult<MhaWeights> {
+    let shown = args.weights.display();
+    let bytes = std::fs::read(&args.weights)
+        .map_err(|e| CliError::new(format!("cannot read --weights {shown}: {e}")))?;
+    MhaWeights::from_safetensors(&bytes, &args.prefix, config).map_err(|e| {
+        let prefix = if args.prefix.is_empty() {
+            "no prefix".to_string()
+        } else {
+            format!("prefix `{}`", args.prefix)
+        };
+        CliError::new(format!(
+            "--weights {shown} ({prefix}; E {} from --query, kdim {} from --key, vdim {} from \
+             --value, {} heads{}, {}): {e}{}",
+            config.embed_dim,
+            config.kdim,
+            config.vdim,
+            config.num_heads,
+            if config.kv_heads == config.num_heads {
+                String::new()
+            } else {
+                format!(" / {} kv heads", config.kv_heads)
+            },
+            if config.bias {
+                "biases on"
+            } else {
+                "--no-bias"
+            },
+            load_hint(&bytes, &args.prefix, config)
+        ))
+    })
+}
+
+/// Reads `--key-padding-mask` and checks it is `[batch, N]` (or `[N]` for 2-D inputs).
+fn key_padding_mask(path: &FsPath, batch: usize, n: usize, two_d: bool) -> CliResult<Vec<bool>> {
+    let a = read_bool_meaning(path, "true = ignore that key")?;
+    if a.shape == [batch, n] || (two_d && a.shape == [n]) {
+        return Ok(a.data);
+    }
+    Err(CliError::new(format!(
+        "--key-padding-mask {} has shape {:?}; it must be [batch, N] = [{batch}, {n}]{} \
+         (batch from --query, N from --key; true = ignore that key)",
+        path.display(),
+        a.shape,
+        if two_d {
+            format!(" or [N] = [{n}]")
+        } else {
+            String::new()
+        }
+    )))
+}
+
+/// `dims` without its leading batch axis (which is 1) when the inputs had none.
+fn out_dims(dims: &[usize], squeeze: bool) -> Vec<usize> {
+    if squeeze {
+        dims[1..].to_vec()
+    } else {
+        dims.to_vec()
+    }
+}
+
+/// Reads the inputs and weights, runs the layer on the default adapter, writes the outputs.
+pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
+    let q = Input::read("--query", &args.query, "E")?;
+    let k = Input::read("--key", &args.key, "kdim")?;
+    let v = Input::read("--value", &args.value, "vdim")?;
+    if q.two_d != k.two_d || q.two_d != v.two_d {
+        return Err(CliError::new(format!(
+            "--query, --key and --value must all be 3-D [batch, seq, features] or all 2-D \
+             [seq, features], got {}, {}, {}",
+            q.describe(),
+            k.describe(),
+            v.describe()
+        )));
+    }
+    same_axis(&q, &k, 0, "batch")?;
+    same_axis(&q, &v, 0, "batch")?;
+    same_axis(&k, &v, 1, "N (the number of keys)")?;
+    let squeeze = q.two_d;
+    let ([batch, m, e], [_, n, kdim], vdim) = (q.dims, k.dims, v.dims[2]);
+
+    let heads = args.heads;
+    let kv_heads = args.kv_heads.unwrap_or(heads);
+    if e % heads != 0 {
+        return Err(CliError::new(format!(
+            "--heads {heads} does not divide E = {e} (the last dim of {}); the head dim is E / H",
+            q.describe()
+        )));
+    }
+    if heads % kv_heads != 0 {
+        return Err(CliError::new(format!(
+            "--kv-heads {kv_heads} does not divide --heads {heads}"
+        )));
+    }
+    let config = MhaConfig::new(e, heads)
+        .with_kv_heads(kv_heads)
+        .with_kdim(kdim)
+        .with_vdim(vdim)
+        .with_bias(!args.no_bias);
+    let weights = load_weights(args, &config)?;
+
+    let kpm = args
+        .key_padding_mask
+        .as_deref()
+        .map(|path| key_padding_mask(path, batch, n, squeeze))
+        .transpose()?;
+    if kpm.is_some() && args.masks.mask.is_some() {
+        return Err(CliError::new(
+            "--key-padding-mask and --mask cannot be combined: fold the padding into the --mask \
+             file (mask & ~key_padding_mask[:, None, None, :]; --mask is true = attend)",
+        ));
+    }
+    let d = config.head_dim();
+    let shape = AttnShape {
+        batch,
+        m,
+        n,
+        q_heads: heads,
+        kv_heads,
+        d_k: d,
+        d_v: d,
+    };
+    let mut attention = Attention::default();
+    if let Some(s) = args.scale {
+        if !s.is_finite() {
+            return Err(CliError::new(format!(
+                "--scale must be a finite number, got {s}"
+            )));
+        }
+        attention = attention.with_scale(s);
+    }
+    let attention = args.masks.apply(attention, &shape)?;
+    let mask_spec = attention.masking().spec(&shape)?;
+    let need = match (&args.need_weights, args.per_head_weights) {
+        (None, _) => NeedWeights::None,
+        (Some(_), false) => NeedWeights::Averaged,
+        (Some(_), true) => NeedWeights::PerHead,
+    };
+    let mut opts = MhaOptions::default()
+        .with_attention(attention)
+        .with_need_weights(need);
+    if let Some(kpm) = kpm {
+        opts = opts.with_key_padding_mask(kpm);
+    }
+    for path in [Some(&args.out), args.need_weights.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        check_writable(path)?;
+    }
+
+    let ctx = Context::new()?;
+    let engine = Engine::new(&ctx);
+    let t0 = Instant::now();
+    let layer = MultiHeadAttention::new(&engine, config, &weights)
+        .map_err(|e| CliError::new(format!("--weights {}: {e}", args.weights.display())))?;
+    drop(weights);
+    let qt = engine.upload(&q.array.data, &q.dims)?;
+    let kt = engine.upload(&k.array.data, &k.dims)?;
+    let vt = engine.upload(&v.array.data, &v.dims)?;
+    drop((q, k, v));
+    let t_run = Instant::now();
+    let out = layer.forward(&qt, &kt, &vt, &opts)?;
+    let run_ms = t_run.elapsed().as_secs_f64() * 1e3;
+
+    write_f32(
+        &args.out,
+        &out.out.to_host()?,
+        &out_dims(&[batch, m, e], squeeze),
+    )?;
+    if let Some(path) = &args.need_weights {
+        let w = out
+            .weights
+            .as_ref()
+            .ok_or_else(|| CliError::new("the layer returned no attention weights"))?;
+        let dims = match need {
+            NeedWeights::PerHead => vec![batch, heads, m, n],
+            _ => vec![batch, m, n],
+        };
+        write_f32(path, &w.to_host()?, &out_dims(&dims, squeeze))?;
+    }
+    let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+    let mut masks = Vec::new();
+    if !mask_spec.is_empty() {
+        masks.push(mask_spec.to_string());
+    }
+    if opts.key_padding_mask.is_some() {
+        masks.push("key padding".to_string());
+    }
+    let masks = if masks.is_empty() {
+        String::new()
+    } else {
+        format!(" (masks: {})", masks.join(", "))
+    };
+    let dims = if kdim == e && vdim == e {
+        format!("E{e}")
+    } else {
+        format!("E{e} kdim{kdim} vdim{vdim}")
+    };
+    let weights = match need {
+        NeedWeights::None => "",
+        NeedWeights::Averaged => ", weights averaged",
+        NeedWeights::PerHead => ", weights per head",
+    };
+    // The shape shows GQA as `H8/2` (query heads / K/V heads).
+    eprintln!(
+        "xattn: mha {shape} {dims}{masks}{weights} on {}: layer {run_ms:.1} ms, with uploads \
+         and writes {total_ms:.1} ms",
+        ctx.describe(),
+    );
+    Ok(ExitCode::SUCCESS)
+}
