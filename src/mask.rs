@@ -12,6 +12,9 @@
 //! soft-capped `cap·tanh(x/cap)` (if set), then plus the bias at `[b, h, i, j]` (if any).
 //! A bias of −∞ (or ≤ −1e30) removes the key like a `false` mask element.
 //!
+//! Keys past `kv_len` are never read. Other removed keys get weight exactly 0, and their
+//! values are multiplied by it, so they must be finite (as in PyTorch, where 0·NaN = NaN too).
+//!
 //! A row with no key left outputs zeros and LSE = −∞ on every path. PyTorch's
 //! `nn.MultiheadAttention` returns NaN there and JAX's `dot_product_attention` the mean of V.
 

@@ -96,14 +96,12 @@ pub fn flash(
                             l *= alpha;
                             acc.iter_mut().for_each(|a| *a *= alpha);
                             for (j, &s) in (t0..t1).zip(&sc) {
-                                if s > NEG_BIG {
-                                    let pc = (s - tmax).exp2();
-                                    l += pc;
-                                    let vbase =
-                                        (((b * p.n + j) * p.kv_heads + hk) * p.d_v) as usize;
-                                    for (a, &x) in acc.iter_mut().zip(&v[vbase..vbase + dv]) {
-                                        *a = pc.mul_add(x, *a);
-                                    }
+                                // Removed keys add 0 (branchless, as in the shader).
+                                let pc = if s > NEG_BIG { (s - tmax).exp2() } else { 0.0 };
+                                l += pc;
+                                let vbase = (((b * p.n + j) * p.kv_heads + hk) * p.d_v) as usize;
+                                for (a, &x) in acc.iter_mut().zip(&v[vbase..vbase + dv]) {
+                                    *a = pc.mul_add(x, *a);
                                 }
                             }
                             m = tmax;
