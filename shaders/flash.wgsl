@@ -15,9 +15,9 @@
 // With n_splits = 1 slice 0 is the final output.
 //
 // Specialized by the host (prelude): DK4, DV4 (head dims in vec4s, zero-padded), BC (keys per
-// tile), BR (rows = invocations per workgroup), and the straight-line helpers `score`,
-// `rescale` and `accumulate` over DK4/DV4 vec4s. They are generated unrolled because the head
-// dim is known and because Mesa's llvmpipe stops any loop after 65535 cumulative iterations,
+// tile), BR (rows = invocations per workgroup), ANY_MASKING (whether the call masks anything),
+// and the straight-line helpers `score`, `rescale` and `accumulate` over DK4/DV4 vec4s. They
+// are generated unrolled because the head dim is known and because Mesa's llvmpipe stops any loop after 65535 cumulative iterations,
 // which per-element inner loops over d reach after a few hundred keys.
 //!include common/params.wgsl
 //!include common/mask.wgsl
@@ -123,7 +123,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let t1 = t0 + len;
         if live && rk.lo < t1 && rk.hi > t0 {
             var tmax = m;
-            let whole = (p.flags & (FLAG_MASK | LOGIT_FLAGS)) == 0u && rk.lo <= t0 && rk.hi >= t1;
+            // ANY_MASKING (a specialization) is false when the call masks nothing: every tile
+            // is whole then, and the compiler drops the per-key loop.
+            let whole = !ANY_MASKING
+                || ((p.flags & (FLAG_MASK | LOGIT_FLAGS)) == 0u && rk.lo <= t0 && rk.hi >= t1);
             if whole {
                 for (var c = 0u; c < len; c++) {
                     let s = score(c * DK4);

@@ -644,7 +644,7 @@ fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
 
 /// Keys per tile of the fused kernel: the largest power of two ≤ 64 whose K and V tiles fit
 /// in 16 KiB of workgroup memory (the WebGPU default limit), or the device's limit if lower.
-fn fused_kernel(s: &AttnShape, caps: &DeviceCaps) -> Result<Kernel> {
+fn fused_kernel(s: &AttnShape, caps: &DeviceCaps, masked: bool) -> Result<Kernel> {
     let dk = s.d_k.next_multiple_of(4) as u32;
     let dv = s.d_v.next_multiple_of(4) as u32;
     let budget = caps.max_workgroup_bytes.min(16 << 10);
@@ -664,6 +664,7 @@ fn fused_kernel(s: &AttnShape, caps: &DeviceCaps) -> Result<Kernel> {
         dv,
         bc,
         br: FUSED_ROWS,
+        masked,
     })
 }
 
@@ -688,7 +689,7 @@ fn split_count(s: &AttnShape, caps: &DeviceCaps) -> usize {
 /// The fused kernel over all keys (`splits` = None), or split-K with partials and a merge.
 fn fused(req: &Request, caps: &DeviceCaps, splits: Option<usize>) -> Result<Plan> {
     let s = req.shape;
-    let kernel = fused_kernel(&s, caps)?;
+    let kernel = fused_kernel(&s, caps, !req.masks.is_empty())?;
     let Kernel::Flash { bc, .. } = kernel else {
         unreachable!("fused_kernel returns Flash")
     };

@@ -3,7 +3,7 @@
 use xattn::gpu::kernels::{Access, Kernel, SHADER_FILES};
 use xattn::params::{AttnParams, LinearParams};
 use xattn::plan::{DeviceCaps, Plan, Request, Step};
-use xattn::{AttnShape, Path};
+use xattn::{Alignment, Attention, AttnShape, Path};
 
 const CAPS: DeviceCaps = DeviceCaps {
     max_binding: 128 << 20,
@@ -13,7 +13,8 @@ const CAPS: DeviceCaps = DeviceCaps {
     uniform_align: 256,
 };
 
-/// Every kernel specialization the planner can produce for head dims 1..=256.
+/// Every kernel specialization the planner can produce for head dims 1..=256, unmasked and
+/// masked.
 fn all_kernels() -> Vec<Kernel> {
     let mut out = vec![
         Kernel::QkScores,
@@ -34,17 +35,20 @@ fn all_kernels() -> Vec<Kernel> {
                 d_k,
                 d_v,
             };
-            let req = Request {
-                shape,
-                scale: 1.0,
-                weights: false,
-                path: Some(Path::Fused),
-                masks: Default::default(),
-            };
-            for step in Plan::new(&req, &CAPS).unwrap().steps {
-                if let Step::Dispatch(d) = step {
-                    if !out.contains(&d.kernel) {
-                        out.push(d.kernel);
+            let causal = Attention::default().with_causal(Alignment::TopLeft);
+            for masks in [Default::default(), causal.masking().spec(&shape).unwrap()] {
+                let req = Request {
+                    shape,
+                    scale: 1.0,
+                    weights: false,
+                    path: Some(Path::Fused),
+                    masks,
+                };
+                for step in Plan::new(&req, &CAPS).unwrap().steps {
+                    if let Step::Dispatch(d) = step {
+                        if !out.contains(&d.kernel) {
+                            out.push(d.kernel);
+                        }
                     }
                 }
             }
