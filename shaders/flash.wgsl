@@ -17,8 +17,9 @@
 // Specialized by the host (prelude): DK4, DV4 (head dims in vec4s, zero-padded), BC (keys per
 // tile), BR (rows = invocations per workgroup), ANY_MASKING (whether the call masks anything),
 // and the straight-line helpers `score`, `rescale` and `accumulate` over DK4/DV4 vec4s. They
-// are generated unrolled because the head dim is known and because Mesa's llvmpipe stops any loop after 65535 cumulative iterations,
-// which per-element inner loops over d reach after a few hundred keys.
+// are generated unrolled because the head dim is known and because Mesa's llvmpipe stops any
+// loop after 65535 cumulative iterations, which per-element inner loops over d reach after a
+// few hundred keys.
 //!include common/params.wgsl
 //!include common/mask.wgsl
 
