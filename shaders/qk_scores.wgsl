@@ -1,6 +1,7 @@
 // S = scale · Q·Kᵀ for one chunk of (batch·head, query rows), with the masks and logit
 // controls of common/mask.wgsl applied (a removed key's score is MASKED).
-// S is the chunk's scratch: [bh_count, rows, N], row-major.
+// S is the chunk's scratch: [bh_count, rows, N], row-major. Specialized by the host (prelude):
+// ANY_MASKING, whether the call masks anything.
 // Tiling of common/tile_gemm.wgsl: Q rows in a_tile, K rows in b_tile, BK head dims at a time.
 //!include common/params.wgsl
 //!include common/tile_gemm.wgsl
@@ -55,9 +56,12 @@ fn main(
         for (var j = 0u; j < PER; j++) {
             let key = key0 + lid.x + j * WG;
             if row < p.rows && key < p.n {
-                let x = acc[i * PER + j] * p.scale;
-                s[(lbh * p.rows + row) * p.n + key] =
-                    masked_logit(x, hd.b, hd.h, p.row_offset + row, key);
+                var x = acc[i * PER + j] * p.scale;
+                // ANY_MASKING (a specialization) is false when the call masks nothing.
+                if ANY_MASKING {
+                    x = masked_logit(x, hd.b, hd.h, p.row_offset + row, key);
+                }
+                s[(lbh * p.rows + row) * p.n + key] = x;
             }
         }
     }

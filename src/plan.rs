@@ -546,7 +546,10 @@ fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
     let row_bytes = bytes(s.n);
     let budget = caps.max_binding.min(caps.max_buffer).min(SCRATCH_BUDGET);
     let max_wg = caps.max_workgroups as usize;
-    let kernel_mem = Kernel::QkScores.workgroup_bytes();
+    let qk_scores = Kernel::QkScores {
+        masked: !req.masks.is_empty(),
+    };
+    let kernel_mem = qk_scores.workgroup_bytes();
     if kernel_mem > caps.max_workgroup_bytes {
         return Err(limit_err(
             "qk_scores tiles".into(),
@@ -592,7 +595,7 @@ fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
         };
         let row_tiles = nr.div_ceil(GEMM_TILE) as u32;
         steps.push(Step::Dispatch(Dispatch {
-            kernel: Kernel::QkScores,
+            kernel: qk_scores,
             params: Params::Attn(params),
             grid: [s.n.div_ceil(GEMM_TILE) as u32, row_tiles, nbh as u32],
             buffers: vec![

@@ -61,7 +61,7 @@ fn run_twins(
                 let p = d.params.attn();
                 let mut take = |slot: Slot| std::mem::take(bufs.get_mut(&slot).unwrap());
                 match d.kernel {
-                    xattn::gpu::kernels::Kernel::QkScores => {
+                    xattn::gpu::kernels::Kernel::QkScores { .. } => {
                         let mut sc = take(Slot::Scores);
                         qk_scores(p, q, k, &masks, &mut sc);
                         bufs.insert(Slot::Scores, sc);

@@ -17,7 +17,8 @@ const CAPS: DeviceCaps = DeviceCaps {
 /// masked.
 fn all_kernels() -> Vec<Kernel> {
     let mut out = vec![
-        Kernel::QkScores,
+        Kernel::QkScores { masked: false },
+        Kernel::QkScores { masked: true },
         Kernel::SoftmaxRows,
         Kernel::WeightedSum,
         Kernel::MergePartials,
@@ -173,7 +174,7 @@ fn linear_params_layout_matches_wgsl() {
 
 #[test]
 fn params_layout_matches_wgsl() {
-    let module = Kernel::QkScores.validate().unwrap();
+    let module = Kernel::QkScores { masked: true }.validate().unwrap();
     let mut layouter = naga::proc::Layouter::default();
     layouter.update(module.to_ctx()).unwrap();
     let (handle, ty) = module
