@@ -112,6 +112,22 @@ impl Attention {
     pub fn scale_for(&self, d_k: usize) -> f32 {
         self.scale.unwrap_or(1.0 / (d_k as f32).sqrt())
     }
+    /// Validates these options for `shape` (finite scale, masks) into what the planner needs.
+    pub fn request(&self, shape: AttnShape) -> Result<Request> {
+        let scale = self.scale_for(shape.d_k);
+        if !scale.is_finite() {
+            return Err(Error::Argument(format!(
+                "scale must be finite, got {scale}"
+            )));
+        }
+        Ok(Request {
+            shape,
+            scale,
+            weights: self.weights,
+            path: self.path,
+            masks: self.masking.spec(&shape)?,
+        })
+    }
     /// The forced path, if any.
     pub fn path(&self) -> Option<Path> {
         self.path
@@ -281,19 +297,7 @@ impl Engine {
 
     fn request(&self, q: &Tensor, k: &Tensor, v: &Tensor, opts: &Attention) -> Result<Request> {
         let shape = AttnShape::from_qkv(dims4(q, "q")?, dims4(k, "k")?, dims4(v, "v")?)?;
-        let scale = opts.scale_for(shape.d_k);
-        if !scale.is_finite() {
-            return Err(Error::Argument(format!(
-                "scale must be finite, got {scale}"
-            )));
-        }
-        Ok(Request {
-            shape,
-            scale,
-            weights: opts.weights,
-            path: opts.path,
-            masks: opts.masking.spec(&shape)?,
-        })
+        opts.request(shape)
     }
 
     /// What [`Engine::attention`] would run: path, tiles, splits, bytes.
@@ -314,7 +318,8 @@ impl Engine {
         let placeholder = [0u32];
         let mask = m.mask_words();
         let mask = mask.as_deref().unwrap_or(&placeholder);
-        let bias = m.bias.as_ref().map_or(&[0.0f32][..], |b| &b.data);
+        let bias = m.bias_values();
+        let bias = bias.as_deref().unwrap_or(&[0.0]);
         Ok(MaskInputs {
             lens: Tensor::upload_u32(&self.ctx, "lens", &lens, &[lens.len()])?,
             mask: Tensor::upload_u32(&self.ctx, "mask", mask, &[mask.len()])?,

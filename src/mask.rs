@@ -10,10 +10,11 @@
 //!
 //! Its logit is `scale·q·k`, times the factor of the key segment holding `j` (if any), then
 //! soft-capped `cap·tanh(x/cap)` (if set), then plus the bias at `[b, h, i, j]` (if any).
-//! A bias of −∞ (or ≤ −1e30) removes the key like a `false` mask element.
+//! A bias of −∞, or of any value ≤ −1e30 ([`BIAS_REMOVES`], taken as −∞ on every path),
+//! removes the key like a `false` mask element.
 //!
-//! Keys past `kv_len` are never read. Other removed keys get weight exactly 0, and their
-//! values are multiplied by it, so they must be finite (as in PyTorch, where 0·NaN = NaN too).
+//! Removed keys get weight exactly 0, and a path may still multiply their values by it, so V
+//! must be finite everywhere, padding included (as in PyTorch, where 0·NaN = NaN too).
 //!
 //! A row with no key left outputs zeros and LSE = −∞ on every path. PyTorch's
 //! `nn.MultiheadAttention` returns NaN there and JAX's `dot_product_attention` the mean of V.
@@ -79,6 +80,9 @@ pub struct KeySegment {
     pub factor: f32,
 }
 
+/// Bias values at or below this count as −∞: the key is removed, alike on every path.
+pub const BIAS_REMOVES: f32 = -1.0e30;
+
 /// Most key segments one call may carry.
 pub const MAX_SEGMENTS: usize = 4;
 
@@ -126,7 +130,8 @@ pub struct MaskSpec {
     pub win_right: u32,
     /// 1 for bottom-right alignment.
     pub bottom_right: u32,
-    /// Whether lengths were given (for display only: they are always applied).
+    /// Whether lengths were given (the kernels always apply them; given lengths select the
+    /// masked kernel variants).
     pub lens: bool,
     /// Bool-mask dims, if any.
     pub mask_dims: Option<[usize; 4]>,
@@ -241,12 +246,14 @@ impl Masking {
             )));
         }
         let mut spec = MaskSpec::default();
-        if s.m + s.n > i32::MAX as usize {
+        // The kernels add a diagonal (< M + N) and a window bound (≤ M + N) in i32.
+        let i32_room = (i32::MAX as usize - 1) / 2;
+        if s.m + s.n > i32_room {
             return Err(Error::Limit {
                 what: format!("M + N = {}", s.m + s.n),
                 asked: (s.m + s.n) as u64,
-                limit_name: "i32 row/key arithmetic",
-                limit: i32::MAX as u64,
+                limit_name: "i32 row/key arithmetic of the masks",
+                limit: i32_room as u64,
             });
         }
         if let Some(w) = self.window {
@@ -341,6 +348,23 @@ impl Masking {
             .clone()
             .unwrap_or_else(|| vec![s.n as u32; s.batch]);
         q.into_iter().chain(kv).collect()
+    }
+
+    /// The bias as the kernels read it: values ≤ [`BIAS_REMOVES`] become −∞.
+    pub fn bias_values(&self) -> Option<Vec<f32>> {
+        let b = self.bias.as_ref()?;
+        Some(
+            b.data
+                .iter()
+                .map(|&x| {
+                    if x <= BIAS_REMOVES {
+                        f32::NEG_INFINITY
+                    } else {
+                        x
+                    }
+                })
+                .collect(),
+        )
     }
 
     /// The bool mask packed as the kernels read it: each row of N keys in ⌈N/32⌉ u32 words,

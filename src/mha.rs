@@ -121,7 +121,8 @@ pub enum NeedWeights {
 /// Options of one forward call.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MhaOptions {
-    /// Masks, lengths, logit controls, scale and path of the attention inside.
+    /// Masks, lengths, logit controls, scale and path of the attention inside (its
+    /// `with_weights` is ignored: `need_weights` decides).
     pub attention: Attention,
     /// PyTorch-style key padding mask `[batch, N]`, `true` = ignore the key.
     pub key_padding_mask: Option<Vec<bool>>,
@@ -403,11 +404,8 @@ impl MultiHeadAttention {
         let attention = self.attention_options(opts, batch, n)?;
         let need = opts.need_weights;
         let req = Request {
-            shape,
-            scale: attention.scale_for(c.head_dim()),
             weights: need != NeedWeights::None,
-            path: attention.path(),
-            masks: attention.masking().spec(&shape)?,
+            ..attention.request(shape)?
         };
         let caps = self.engine.caps();
         let attn = Plan::new(&req, caps)?;

@@ -38,7 +38,7 @@ pub struct AttnParams {
     pub n_splits: u32,
     /// Keys per split.
     pub split_len: u32,
-    /// Which per-key logit controls are on (`mask::flags`).
+    /// Which per-key logit controls are on ([`flags`]).
     pub flags: u32,
     /// Softcap `cap` of `cap·tanh(logit/cap)` (with `flags::SOFTCAP`).
     pub softcap: f32,

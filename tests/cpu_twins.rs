@@ -20,11 +20,11 @@ fn run_twins(
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let lens = masking.lens_words(&plan.shape);
     let words = masking.mask_words().unwrap_or_default();
-    let bias = masking.bias.as_ref().map_or(&[][..], |b| &b.data[..]);
+    let bias = masking.bias_values().unwrap_or_default();
     let masks = MaskData {
         lens: &lens,
         mask_bits: &words,
-        bias,
+        bias: &bias,
     };
     let size = |slot: Slot| -> usize {
         plan.scratch

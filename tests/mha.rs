@@ -358,6 +358,14 @@ fn bad_layer_input_gets_a_typed_error() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("[batch, N] = [2, 5]"), "{e}");
+    let nan_scale = opts
+        .clone()
+        .with_attention(Attention::default().with_scale(f32::NAN));
+    let e = layer
+        .forward(&q, &k, &v, &nan_scale)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("scale must be finite"), "{e}");
 }
 
 /// The projection kernel alone, over sizes that are not tile multiples, against f64 with the

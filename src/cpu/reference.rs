@@ -2,7 +2,7 @@
 //! with the masks and logit controls of [`crate::mask`] applied literally from their
 //! definitions (no shared code with the kernels or their packing of masks).
 
-use crate::mask::{Alignment, Masking};
+use crate::mask::{Alignment, Masking, BIAS_REMOVES};
 use crate::shape::AttnShape;
 
 /// Reference results in f64, same layouts as the GPU outputs.
@@ -67,7 +67,12 @@ fn shaped(m: &Masking, at: [usize; 4], mut x: f64) -> f64 {
         x = cap * (x / cap).tanh();
     }
     if let Some(bias) = &m.bias {
-        x += f64::from(broadcast_at(bias.dims, &bias.data, at));
+        let b = broadcast_at(bias.dims, &bias.data, at);
+        x += if b <= BIAS_REMOVES {
+            f64::NEG_INFINITY
+        } else {
+            f64::from(b)
+        };
     }
     x
 }

@@ -305,6 +305,16 @@ pub fn mask_cases() -> Vec<(String, AttnShape, Attention)> {
         ms,
         a().with_bias([2, 1, 1, 97], kb),
     );
+    // Finite values ≤ −1e30 count as −∞ on every path; row 3 has nothing else.
+    let mut huge = random(66 * 97, 1.0, 96);
+    huge[3 * 97..4 * 97].iter_mut().for_each(|x| *x = -2.0e30);
+    huge[10 * 97 + 7] = -1.0e30;
+    huge[20 * 97 + 9] = f32::MIN;
+    add(
+        "bias ≤ −1e30 as −∞",
+        ms,
+        a().with_bias([1, 1, 66, 97], huge),
+    );
     add("softcap", ms, a().with_softcap(0.7).with_scale(2.0));
     add(
         "key segments",
