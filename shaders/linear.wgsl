@@ -55,16 +55,18 @@ fn main(
         workgroupBarrier();
     }
 
-    for (var i = 0u; i < PER; i++) {
-        let row = row0 + lid.y + i * WG;
-        for (var j = 0u; j < PER; j++) {
-            let col = out0 + lid.x + j * WG;
-            if row < p.rows && col < p.out_dim {
-                var bias = 0.0;
-                if p.has_bias != 0u {
-                    bias = b[col];
+    for (var j = 0u; j < PER; j++) {
+        let col = out0 + lid.x + j * WG;
+        if col < p.out_dim {
+            var bias = 0.0;
+            if p.has_bias != 0u {
+                bias = b[col];
+            }
+            for (var i = 0u; i < PER; i++) {
+                let row = row0 + lid.y + i * WG;
+                if row < p.rows {
+                    y[(p.row_offset + row) * p.out_dim + col] = acc[i * PER + j] + bias;
                 }
-                y[(p.row_offset + row) * p.out_dim + col] = acc[i * PER + j] + bias;
             }
         }
     }

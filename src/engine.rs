@@ -8,7 +8,7 @@ use crate::gpu::executor::{self, GpuTimer};
 use crate::gpu::pipelines::PipelineCache;
 use crate::gpu::tensor::Tensor;
 use crate::mask::{Alignment, Broadcast, KeySegment, Masking, Window};
-use crate::plan::{DeviceCaps, Path, Plan, Request, Slot};
+use crate::plan::{linear_steps, DeviceCaps, LayerSlot, Path, Plan, Proj, Request, Slot};
 use crate::shape::AttnShape;
 
 /// Options of one attention call: scale, path, and the masks and logit controls of
@@ -256,25 +256,39 @@ impl Engine {
             )));
         }
         let rows = lead.iter().product::<usize>();
-        let bias_slot = Slot::Bias;
-        let steps = crate::plan::linear_steps(
+        let [xs, ws, bs, ys] = [
+            LayerSlot::Query,
+            LayerSlot::Weight(Proj::Q),
+            LayerSlot::Bias(Proj::Q),
+            LayerSlot::Out,
+        ]
+        .map(Slot::Layer);
+        let steps = linear_steps(
             rows,
             in_dim,
             *out_dim,
-            [Slot::Q, Slot::K, bias_slot, Slot::O],
+            [xs, ws, bs, ys],
             b.is_some(),
             &self.caps,
         )?;
         let mut dims = lead.to_vec();
         dims.push(*out_dim);
         let y = Tensor::empty(&self.ctx, "linear_out", &dims)?;
-        let placeholder = Tensor::upload(&self.ctx, "no_bias", &[0.0], &[1])?;
+        // Bindings cannot be empty: a one-element stand-in where there is no bias.
+        let no_bias;
+        let b = match b {
+            Some(b) => b,
+            None => {
+                no_bias = Tensor::upload(&self.ctx, "no_bias", &[0.0], &[1])?;
+                &no_bias
+            }
+        };
         let plan = Plan::steps_only(steps, "linear");
         let slots = HashMap::from([
-            (Slot::Q, x.buffer()),
-            (Slot::K, w.buffer()),
-            (bias_slot, b.unwrap_or(&placeholder).buffer()),
-            (Slot::O, y.buffer()),
+            (xs, x.buffer()),
+            (ws, w.buffer()),
+            (bs, b.buffer()),
+            (ys, y.buffer()),
         ]);
         self.execute(&plan, &slots)?;
         Ok(y)

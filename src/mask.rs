@@ -423,10 +423,11 @@ impl std::fmt::Display for MaskSpec {
             }
         };
         let align = if self.bottom_right == 1 {
-            "bottom-right"
+            Alignment::BottomRight
         } else {
-            "top-left"
-        };
+            Alignment::TopLeft
+        }
+        .name();
         match (self.win_left, self.win_right) {
             (UNBOUNDED, UNBOUNDED) => {}
             (UNBOUNDED, 0) => parts.push(format!("causal {align}")),

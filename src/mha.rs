@@ -14,6 +14,7 @@
 
 pub mod weights;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -83,6 +84,19 @@ impl MhaConfig {
     pub fn kv_dim(&self) -> usize {
         self.kv_heads * self.head_dim()
     }
+    /// The attention problem inside the layer for a batch of M queries over N keys.
+    pub fn attn_shape(&self, batch: usize, m: usize, n: usize) -> AttnShape {
+        let d = self.head_dim();
+        AttnShape {
+            batch,
+            m,
+            n,
+            q_heads: self.num_heads,
+            kv_heads: self.kv_heads,
+            d_k: d,
+            d_v: d,
+        }
+    }
 
     fn validate(&self) -> Result<()> {
         let c = self;
@@ -151,6 +165,31 @@ impl MhaOptions {
     }
 }
 
+impl MhaOptions {
+    /// The attention options for a batch over N keys, with the key padding mask folded in as
+    /// a bool mask `[batch, 1, 1, N]` (borrowed as they are when there is none).
+    pub fn attention_for(&self, batch: usize, n: usize) -> Result<Cow<'_, Attention>> {
+        let Some(kpm) = &self.key_padding_mask else {
+            return Ok(Cow::Borrowed(&self.attention));
+        };
+        if self.attention.masking().mask.is_some() {
+            return Err(Error::Unsupported(
+                "a key padding mask and a bool mask together: fold them into one bool mask".into(),
+            ));
+        }
+        if kpm.len() != batch * n {
+            return Err(Error::Shape(format!(
+                "key_padding_mask has {} elements; it must be [batch, N] = [{batch}, {n}]",
+                kpm.len()
+            )));
+        }
+        let keep = kpm.iter().map(|&ignore| !ignore).collect();
+        Ok(Cow::Owned(
+            self.attention.clone().with_mask([batch, 1, 1, n], keep),
+        ))
+    }
+}
+
 /// Results of a forward call, on the device.
 #[derive(Debug)]
 pub struct MhaOutput {
@@ -197,8 +236,10 @@ pub struct MultiHeadAttention {
     id: u64,
     /// W^Q, W^K, W^V, W^O in that order, `[out, in]`.
     weights: [Tensor; 4],
-    /// Biases in the same order; a 1-element placeholder where a projection has none.
-    biases: [(Tensor, bool); 4],
+    /// Biases in the same order, where a projection has one.
+    biases: [Option<Tensor>; 4],
+    /// Bound in place of a missing bias (bindings cannot be empty).
+    no_bias: Tensor,
 }
 
 const PROJS: [Proj; 4] = [Proj::Q, Proj::K, Proj::V, Proj::O];
@@ -239,13 +280,10 @@ impl MultiHeadAttention {
         for (i, proj) in PROJS.iter().enumerate() {
             let (data, bias) = weights.get(*proj);
             w.push(Tensor::upload(ctx, "layer_weight", data, &shapes[i])?);
-            b.push(match bias {
-                Some(bias) => (
-                    Tensor::upload(ctx, "layer_bias", bias, &[bias.len()])?,
-                    true,
-                ),
-                None => (Tensor::upload(ctx, "layer_bias", &[0.0], &[1])?, false),
-            });
+            b.push(
+                bias.map(|bias| Tensor::upload(ctx, "layer_bias", bias, &[bias.len()]))
+                    .transpose()?,
+            );
         }
         Ok(Self {
             engine: engine.clone(),
@@ -253,6 +291,7 @@ impl MultiHeadAttention {
             id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
             weights: w.try_into().expect("four projections"),
             biases: b.try_into().expect("four projections"),
+            no_bias: Tensor::upload(ctx, "no_bias", &[0.0], &[1])?,
         })
     }
 
@@ -275,19 +314,6 @@ impl MultiHeadAttention {
         &self.config
     }
 
-    fn attn_shape(&self, batch: usize, m: usize, n: usize) -> AttnShape {
-        let d = self.config.head_dim();
-        AttnShape {
-            batch,
-            m,
-            n,
-            q_heads: self.config.num_heads,
-            kv_heads: self.config.kv_heads,
-            d_k: d,
-            d_v: d,
-        }
-    }
-
     fn proj_slots(&self, proj: Proj, x: Slot, y: Slot) -> [Slot; 4] {
         [
             x,
@@ -298,7 +324,7 @@ impl MultiHeadAttention {
     }
 
     fn has_bias(&self, proj: Proj) -> bool {
-        self.biases[proj as usize].1
+        self.biases[proj as usize].is_some()
     }
 
     fn bind_weights<'a>(&'a self, slots: &mut HashMap<Slot, &'a wgpu::Buffer>) {
@@ -307,10 +333,8 @@ impl MultiHeadAttention {
                 Slot::Layer(LayerSlot::Weight(*proj)),
                 self.weights[i].buffer(),
             );
-            slots.insert(
-                Slot::Layer(LayerSlot::Bias(*proj)),
-                self.biases[i].0.buffer(),
-            );
+            let bias = self.biases[i].as_ref().unwrap_or(&self.no_bias);
+            slots.insert(Slot::Layer(LayerSlot::Bias(*proj)), bias.buffer());
         }
     }
 
@@ -400,8 +424,8 @@ impl MultiHeadAttention {
     ) -> Result<MhaOutput> {
         let c = self.config;
         let [_, m, _] = dims3(query, "query", [Some(batch), None, Some(c.embed_dim)])?;
-        let shape = self.attn_shape(batch, m, n);
-        let attention = self.attention_options(opts, batch, n)?;
+        let shape = c.attn_shape(batch, m, n);
+        let attention = opts.attention_for(batch, n)?;
         let need = opts.need_weights;
         let req = Request {
             weights: need != NeedWeights::None,
@@ -513,26 +537,6 @@ impl MultiHeadAttention {
         self.bind_weights(&mut slots);
         self.engine.execute(&plan, &slots)?;
         Ok(MhaOutput { out, weights })
-    }
-
-    /// The attention options with the key padding mask folded in as a bool mask `[B,1,1,N]`.
-    fn attention_options(&self, opts: &MhaOptions, batch: usize, n: usize) -> Result<Attention> {
-        let Some(kpm) = &opts.key_padding_mask else {
-            return Ok(opts.attention.clone());
-        };
-        if opts.attention.masking().mask.is_some() {
-            return Err(Error::Unsupported(
-                "a key padding mask and a bool mask together: fold them into one bool mask".into(),
-            ));
-        }
-        if kpm.len() != batch * n {
-            return Err(Error::Shape(format!(
-                "key_padding_mask has {} elements; it must be [batch, N] = [{batch}, {n}]",
-                kpm.len()
-            )));
-        }
-        let keep = kpm.iter().map(|&ignore| !ignore).collect();
-        Ok(opts.attention.clone().with_mask([batch, 1, 1, n], keep))
     }
 }
 

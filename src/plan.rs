@@ -255,7 +255,7 @@ pub const MAX_KEYS_PER_PASS: usize = 32768;
 pub const FUSED_MAX_HEAD_DIM: usize = 256;
 /// Tile of the three-pass GEMM kernels (rows and columns per workgroup).
 const GEMM_TILE: usize = 64;
-/// Invocations per workgroup of merge_partials.
+/// Invocations per workgroup of merge_partials and mean_heads.
 const MERGE_WG: usize = 64;
 
 fn bytes(elems: usize) -> u64 {
@@ -780,11 +780,17 @@ fn fused(req: &Request, caps: &DeviceCaps, splits: Option<usize>) -> Result<Plan
     })
 }
 
-fn merge_step(s: &AttnShape, splits: u32, caps: &DeviceCaps) -> Result<Step> {
-    let rows = s.batch * s.m * s.q_heads;
-    let groups = rows.div_ceil(MERGE_WG);
+/// A grid of 64-invocation workgroups over `threads`, folded into y where x runs out
+/// (merge_partials and mean_heads index `gid.x + gid.y·num_workgroups.x·64`).
+fn fold_grid(what: &str, threads: usize, caps: &DeviceCaps) -> Result<[u32; 3]> {
+    let groups = threads.div_ceil(MERGE_WG);
     let x = groups.min(caps.max_workgroups as usize);
-    let y = check_grid("merge_partials", groups.div_ceil(x), caps)?;
+    let y = check_grid(what, groups.div_ceil(x), caps)?;
+    Ok([x as u32, y, 1])
+}
+
+fn merge_step(s: &AttnShape, splits: u32, caps: &DeviceCaps) -> Result<Step> {
+    let grid = fold_grid("merge_partials", s.batch * s.m * s.q_heads, caps)?;
     let params = AttnParams {
         n_splits: splits,
         ..base_params(s, 1.0, &MaskSpec::default())
@@ -792,7 +798,7 @@ fn merge_step(s: &AttnShape, splits: u32, caps: &DeviceCaps) -> Result<Step> {
     Ok(Step::Dispatch(Dispatch {
         kernel: Kernel::MergePartials,
         params: Params::Attn(params),
-        grid: [x as u32, y, 1],
+        grid,
         buffers: vec![Slot::PartO, Slot::PartLse, Slot::O, Slot::Lse],
     }))
 }
@@ -802,7 +808,6 @@ const LINEAR_TILE: usize = 64;
 
 /// `y [rows, out_dim] = x [rows, in_dim]·w [out_dim, in_dim]ᵀ (+ b)`: one dispatch per chunk
 /// of rows that fits the grid (one, for any realistic layer).
-#[allow(clippy::too_many_arguments)]
 pub fn linear_steps(
     rows: usize,
     in_dim: usize,
@@ -856,13 +861,10 @@ pub fn linear_steps(
 
 /// Weights `[batch, q_heads, M, N]` in `from` averaged over heads into `to` `[batch, M, N]`.
 pub fn mean_heads_step(s: &AttnShape, from: Slot, to: Slot, caps: &DeviceCaps) -> Result<Step> {
-    let groups = (s.batch * s.m * s.n).div_ceil(MERGE_WG);
-    let x = groups.min(caps.max_workgroups as usize);
-    let y = check_grid("mean_heads", groups.div_ceil(x), caps)?;
     Ok(Step::Dispatch(Dispatch {
         kernel: Kernel::MeanHeads,
         params: Params::Attn(base_params(s, 1.0, &MaskSpec::default())),
-        grid: [x as u32, y, 1],
+        grid: fold_grid("mean_heads", s.batch * s.m * s.n, caps)?,
         buffers: vec![from, to],
     }))
 }

@@ -12,13 +12,11 @@ use std::time::Instant;
 
 use clap::Args;
 use xattn::mha::MhaWeights;
-use xattn::{
-    Attention, AttnShape, Context, Engine, MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights,
-};
+use xattn::{Attention, Context, Engine, MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights};
 
 use crate::masks::MaskArgs;
 use crate::npy::{read_bool_meaning, read_f32, write_f32, Array};
-use crate::run::check_writable;
+use crate::run::{check_writable, out_dims};
 use crate::{CliError, CliResult};
 
 /// Options of `xattn mha` (layouts and weight names in the subcommand's help in `main.rs`).
@@ -253,15 +251,6 @@ fn key_padding_mask(path: &FsPath, batch: usize, n: usize, two_d: bool) -> CliRe
     )))
 }
 
-/// `dims` without its leading batch axis (which is 1) when the inputs had none.
-fn out_dims(dims: &[usize], squeeze: bool) -> Vec<usize> {
-    if squeeze {
-        dims[1..].to_vec()
-    } else {
-        dims.to_vec()
-    }
-}
-
 /// Reads the inputs and weights, runs the layer on the default adapter, writes the outputs.
 pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     let q = Input::read("--query", &args.query, "E")?;
@@ -313,16 +302,7 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
              file (mask & ~key_padding_mask[:, None, None, :]; --mask is true = attend)",
         ));
     }
-    let d = config.head_dim();
-    let shape = AttnShape {
-        batch,
-        m,
-        n,
-        q_heads: heads,
-        kv_heads,
-        d_k: d,
-        d_v: d,
-    };
+    let shape = config.attn_shape(batch, m, n);
     let mut attention = Attention::default();
     if let Some(s) = args.scale {
         if !s.is_finite() {

@@ -83,7 +83,7 @@ pub fn check_writable(path: &FsPath) -> CliResult<()> {
 }
 
 /// Drops the leading batch axis of `dims` (which is 1) when the inputs had none.
-fn out_dims(dims: &[usize], squeeze: bool) -> Vec<usize> {
+pub fn out_dims(dims: &[usize], squeeze: bool) -> Vec<usize> {
     if squeeze {
         dims[1..].to_vec()
     } else {
