@@ -10,60 +10,19 @@
 use std::time::Instant;
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use xattn::cpu::reference;
-use xattn::mask::Masking;
-use xattn::mha::MhaWeights;
-use xattn::{Attention, AttnShape, Context, Engine, MhaConfig, MhaOptions, MultiHeadAttention};
+use rand::SeedableRng;
+use xattn::{Context, Engine, MhaConfig, MhaOptions, MultiHeadAttention};
 
-type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+mod common;
 
-fn uniform(rng: &mut StdRng, len: usize, a: f32) -> Vec<f32> {
-    (0..len).map(|_| rng.random_range(-a..a)).collect()
-}
-
-/// Seeded Xavier-like weights (±√(3/fan_in)); like Whisper, `k_proj` has no bias.
-fn random_weights(c: &MhaConfig, rng: &mut StdRng) -> MhaWeights {
-    let (e, kv) = (c.embed_dim, c.kv_dim());
-    let mut mat = |out: usize, inp: usize| uniform(rng, out * inp, (3.0 / inp as f32).sqrt());
-    let (q, k, v, o) = (mat(e, e), mat(kv, c.kdim), mat(kv, c.vdim), mat(e, e));
-    MhaWeights {
-        q,
-        k,
-        v,
-        o,
-        q_bias: Some(uniform(rng, e, 0.1)),
-        k_bias: None,
-        v_bias: Some(uniform(rng, kv, 0.1)),
-        o_bias: Some(uniform(rng, e, 0.1)),
-    }
-}
-
-fn median(ms: &[f64]) -> f64 {
-    let mut s = ms.to_vec();
-    s.sort_by(f64::total_cmp);
-    let h = s.len() / 2;
-    if s.len() % 2 == 0 {
-        (s[h - 1] + s[h]) / 2.0
-    } else {
-        s[h]
-    }
-}
+use common::*;
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("whisper_decoder: {e}");
-        std::process::exit(1);
-    }
+    exit_on_error("whisper_decoder", run);
 }
 
 fn run() -> AnyResult<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let small = match args.as_slice() {
-        [] => false,
-        [a] if a == "--small" => true,
-        _ => return Err("usage: whisper_decoder [--small]".into()),
-    };
+    let small = small_flag("whisper_decoder")?;
     // (source frames, E, heads, decoder steps)
     let (n, e, heads, steps) = if small {
         (64, 32, 4, 4)
@@ -76,7 +35,7 @@ fn run() -> AnyResult<()> {
 
     let config = MhaConfig::new(e, heads);
     let mut rng = StdRng::seed_from_u64(5);
-    let weights = random_weights(&config, &mut rng);
+    let weights = random_weights(&config, &mut rng, false);
     let layer = MultiHeadAttention::new(&engine, config, &weights)?;
     let encoder = uniform(&mut rng, n * e, 1.0);
     let queries_host: Vec<Vec<f32>> = (0..steps).map(|_| uniform(&mut rng, e, 1.0)).collect();
@@ -149,31 +108,13 @@ fn run() -> AnyResult<()> {
 
     // Check 2 (a sanity check; the rigorous tolerances live in tests/): the last step against
     // the f64 reference, within 1e-3 of the largest output.
-    let w = &weights;
-    let q = reference::linear(&queries_host[steps - 1], &w.q, w.q_bias.as_deref(), e);
-    let k = reference::linear(&encoder, &w.k, w.k_bias.as_deref(), e);
-    let v = reference::linear(&encoder, &w.v, w.v_bias.as_deref(), e);
-    let d = config.head_dim();
-    let shape = AttnShape {
-        batch: 1,
-        m: 1,
-        n,
-        q_heads: heads,
-        kv_heads: heads,
-        d_k: d,
-        d_v: d,
-    };
-    let scale = f64::from(Attention::default().scale_for(d));
-    let att = reference::attention_masked(&shape, &q, &k, &v, scale, &Masking::default());
-    let want = reference::linear(&att.o, &w.o, w.o_bias.as_deref(), e);
-    let got = &cached_out[steps - 1];
-    let err = (got.iter().zip(&want))
-        .map(|(&g, &r)| (f64::from(g) - r).abs())
-        .fold(0.0, f64::max);
-    let bound = 1e-3 * want.iter().fold(0.0, |m: f64, x| m.max(x.abs()));
-    println!("last step vs f64 reference: max |err| = {err:.2e} (bound {bound:.2e})");
-    if err > bound {
-        return Err("the output differs from the CPU reference".into());
-    }
+    let last = &queries_host[steps - 1];
+    check_rows(
+        &config,
+        &weights,
+        (last, &encoder, &encoder),
+        &[0],
+        &cached_out[steps - 1],
+    )?;
     Ok(())
 }

@@ -7,8 +7,7 @@ use common::*;
 use xattn::cpu::reference;
 use xattn::mha::{MhaWeights, SourceCache};
 use xattn::{
-    Alignment, Attention, AttnShape, Engine, MhaConfig, MhaOptions, MultiHeadAttention,
-    NeedWeights, Tensor,
+    Alignment, Attention, Engine, MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights, Tensor,
 };
 
 fn random_weights(c: &MhaConfig, seed: u64) -> MhaWeights {
@@ -28,30 +27,17 @@ fn random_weights(c: &MhaConfig, seed: u64) -> MhaWeights {
     }
 }
 
-/// The layer in f64: project, attend per head, project out. Returns (out, per-head weights).
+/// The layer in f64 (`reference::layer`) with these attention options: (out, per-head weights).
 fn reference_layer(
     c: &MhaConfig,
     w: &MhaWeights,
-    (b, m, n): (usize, usize, usize),
-    (query, key, value): (&[f32], &[f32], &[f32]),
+    batch: usize,
+    inputs: (&[f32], &[f32], &[f32]),
     attention: &Attention,
 ) -> (Vec<f64>, Vec<f64>) {
-    let q = reference::linear(query, &w.q, w.q_bias.as_deref(), c.embed_dim);
-    let k = reference::linear(key, &w.k, w.k_bias.as_deref(), c.kdim);
-    let v = reference::linear(value, &w.v, w.v_bias.as_deref(), c.vdim);
-    let shape = AttnShape {
-        batch: b,
-        m,
-        n,
-        q_heads: c.num_heads,
-        kv_heads: c.kv_heads,
-        d_k: c.head_dim(),
-        d_v: c.head_dim(),
-    };
     let scale = f64::from(attention.scale_for(c.head_dim()));
-    let att = reference::attention_masked(&shape, &q, &k, &v, scale, attention.masking());
-    let out = reference::linear(&att.o, &w.o, w.o_bias.as_deref(), c.embed_dim);
-    (out, att.weights)
+    let r = reference::layer(c, w, inputs, batch, scale, attention.masking());
+    (r.o, r.weights)
 }
 
 /// Largest Σ_i |x_ri·w_oi| over rows r and outputs o: what the rounding of an f32 dot
@@ -134,7 +120,7 @@ fn check_case(engine: &Engine, name: &str, case: &Case, seed: u64) -> f64 {
         let keep = kpm.iter().map(|&x| !x).collect();
         attention = attention.with_mask([b, 1, 1, n], keep);
     }
-    let (want, want_w) = reference_layer(&c, &w, case.dims, (&query, &key, &value), &attention);
+    let (want, want_w) = reference_layer(&c, &w, b, (&query, &key, &value), &attention);
     let scale = f64::from(attention.scale_for(c.head_dim()));
     let (tol, w_tol) = layer_tolerance(&c, &w, [&query, &key, &value], n, scale);
     let q = upload3(engine, &query, [b, m, c.embed_dim]);
@@ -270,7 +256,7 @@ fn self_attention_is_the_same_layer() {
         .out
         .to_host()
         .unwrap();
-    let (want, _) = reference_layer(&c, &w, (2, 11, 11), (&x, &x, &x), &opts.attention);
+    let (want, _) = reference_layer(&c, &w, 2, (&x, &x, &x), &opts.attention);
     assert_close(
         "self-attention",
         &got,

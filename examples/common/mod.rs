@@ -1,0 +1,105 @@
+//! Helpers shared by the layer examples: seeded weights and inputs, the `--small` flag, and a
+//! sanity check against the f64 reference (the rigorous tolerances live in `tests/`).
+#![allow(dead_code)] // each example uses a subset
+
+use rand::rngs::StdRng;
+use rand::Rng;
+use xattn::cpu::reference;
+use xattn::mask::Masking;
+use xattn::mha::MhaWeights;
+use xattn::{Attention, MhaConfig};
+
+pub type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Runs an example's body; an error prints `<name>: <error>` and exits with 1.
+pub fn exit_on_error(name: &str, run: fn() -> AnyResult<()>) {
+    if let Err(e) = run() {
+        eprintln!("{name}: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Whether `--small` (tiny sizes, for CI) was given; anything else is a usage error.
+pub fn small_flag(name: &str) -> AnyResult<bool> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [] => Ok(false),
+        [a] if a == "--small" => Ok(true),
+        _ => Err(format!("usage: {name} [--small]").into()),
+    }
+}
+
+/// Seeded values in [-a, a).
+pub fn uniform(rng: &mut StdRng, len: usize, a: f32) -> Vec<f32> {
+    (0..len).map(|_| rng.random_range(-a..a)).collect()
+}
+
+/// Seeded Xavier-like weights (±√(3/fan_in)) and small biases; `k_bias: false` leaves W^K
+/// without one, as in Whisper.
+pub fn random_weights(c: &MhaConfig, rng: &mut StdRng, k_bias: bool) -> MhaWeights {
+    let (e, kv) = (c.embed_dim, c.kv_dim());
+    let mut mat = |out: usize, inp: usize| uniform(rng, out * inp, (3.0 / inp as f32).sqrt());
+    let (q, k, v, o) = (mat(e, e), mat(kv, c.kdim), mat(kv, c.vdim), mat(e, e));
+    MhaWeights {
+        q,
+        k,
+        v,
+        o,
+        q_bias: Some(uniform(rng, e, 0.1)),
+        k_bias: k_bias.then(|| uniform(rng, kv, 0.1)),
+        v_bias: Some(uniform(rng, kv, 0.1)),
+        o_bias: Some(uniform(rng, e, 0.1)),
+    }
+}
+
+/// Median of a few timings.
+pub fn median(ms: &[f64]) -> f64 {
+    let mut s = ms.to_vec();
+    s.sort_by(f64::total_cmp);
+    let h = s.len() / 2;
+    if s.len() % 2 == 0 {
+        (s[h - 1] + s[h]) / 2.0
+    } else {
+        s[h]
+    }
+}
+
+/// Compares query rows `rows` of a batch-1 layer output `got [M, E]` with the f64 reference
+/// and fails if any element is off by more than 1e-3 of the largest reference output.
+pub fn check_rows(
+    c: &MhaConfig,
+    w: &MhaWeights,
+    (query, key, value): (&[f32], &[f32], &[f32]),
+    rows: &[usize],
+    got: &[f32],
+) -> AnyResult<()> {
+    let e = c.embed_dim;
+    let pick = |x: &[f32]| -> Vec<f32> {
+        rows.iter()
+            .flat_map(|&r| &x[r * e..][..e])
+            .copied()
+            .collect()
+    };
+    let scale = f64::from(Attention::default().scale_for(c.head_dim()));
+    let want = reference::layer(
+        c,
+        w,
+        (&pick(query), key, value),
+        1,
+        scale,
+        &Masking::default(),
+    )
+    .o;
+    let err = (pick(got).iter().zip(&want))
+        .map(|(&g, &r)| (f64::from(g) - r).abs())
+        .fold(0.0, f64::max);
+    let bound = 1e-3 * want.iter().fold(0.0, |m: f64, x| m.max(x.abs()));
+    println!(
+        "vs f64 reference on {} row(s): max |err| = {err:.2e} (bound {bound:.2e})",
+        rows.len()
+    );
+    if err > bound {
+        return Err("the output differs from the CPU reference".into());
+    }
+    Ok(())
+}
