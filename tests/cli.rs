@@ -4,59 +4,13 @@
 
 mod common;
 
-use std::path::{Path as FsPath, PathBuf};
+use std::path::Path as FsPath;
 use std::process::{Command, Output};
 
+use common::files::*;
 use common::*;
-use npyz::WriterBuilder;
 use xattn::cpu::reference;
 use xattn::{Alignment, Attention, AttnShape};
-
-/// A fresh folder for one test's files, removed when the test passes.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("xattn-cli-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the temp folder");
-        Self(dir)
-    }
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-/// Writes `data` with shape `shape` as a C-ordered .npy of `T`'s default dtype.
-fn write_npy<T: npyz::AutoSerialize + Copy>(path: &FsPath, data: &[T], shape: &[usize]) {
-    assert_eq!(data.len(), shape.iter().product::<usize>());
-    let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-    let mut w = npyz::WriteOptions::new()
-        .default_dtype()
-        .shape(&dims)
-        .writer(std::io::BufWriter::new(
-            std::fs::File::create(path).expect("create .npy"),
-        ))
-        .begin_nd()
-        .expect("npy header");
-    w.extend(data.iter().copied()).expect("npy data");
-    w.finish().expect("npy finish");
-}
-
-fn read_npy(path: &FsPath) -> (Vec<f32>, Vec<u64>) {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    let npy = npyz::NpyFile::new(&bytes[..]).expect("valid .npy");
-    let shape = npy.shape().to_vec();
-    (npy.into_vec().expect("float32 data"), shape)
-}
 
 fn xattn(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_xattn"))
@@ -125,10 +79,10 @@ fn run_and_check(
     let m = opts.masking();
     let want = reference::attention_masked(sh, q, k, v, f64::from(scale), m);
     let tol = budget_masked(sh, scale, (q, k, v), m);
-    let (o, o_shape) = read_npy(&dir.path("o.npy"));
-    assert_eq!(o_shape, sh.o_dims().map(|d| d as u64), "{what}: O shape");
+    let (o, o_shape) = read_npy::<f32>(&dir.path("o.npy"));
+    assert_eq!(o_shape, sh.o_dims(), "{what}: O shape");
     let worst = assert_close(&format!("{what} O"), &o, &want.o, tol.o);
-    let (lse, _) = read_npy(&dir.path("lse.npy"));
+    let (lse, _) = read_npy::<f32>(&dir.path("lse.npy"));
     let lse_max = want
         .lse
         .iter()
@@ -268,10 +222,10 @@ fn run_with_a_2d_uint8_mask_int64_lengths_and_3d_inputs() {
     let scale = opts.scale_for(sh.d_k);
     let want = reference::attention_masked(&sh, &q, &k, &v, f64::from(scale), opts.masking());
     let tol = budget_masked(&sh, scale, (&q, &k, &v), opts.masking());
-    let (o, o_shape) = read_npy(&dir.path("o.npy"));
+    let (o, o_shape) = read_npy::<f32>(&dir.path("o.npy"));
     assert_eq!(o_shape, [12, 2, 4], "3-D inputs give 3-D outputs");
     assert_close("2-D mask O", &o, &want.o, tol.o);
-    let (lse, _) = read_npy(&dir.path("lse.npy"));
+    let (lse, _) = read_npy::<f32>(&dir.path("lse.npy"));
     // Rows 10, 11 of a top-left causal window over 8 keys see keys 8..=11: none is valid.
     for h in 0..2 {
         for i in [10, 11] {
