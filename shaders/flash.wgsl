@@ -122,7 +122,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
         workgroupBarrier();
         let t1 = t0 + len;
-        if live && rk.lo < t1 && rk.hi > t0 {
+        // Rows skip tiles their range or mask bits leave empty (a padding mask shared by the
+        // rows skips whole tiles for all of them).
+        var row_sees = live && rk.lo < t1 && rk.hi > t0;
+        if ANY_MASKING && row_sees && (p.flags & FLAG_MASK) != 0u {
+            row_sees = mask_any(mbase, max(t0, rk.lo), min(t1, rk.hi));
+        }
+        if row_sees {
             var tmax = m;
             // ANY_MASKING (a specialization) is false when the call masks nothing: every tile
             // is whole then, and the compiler drops the per-key loop.

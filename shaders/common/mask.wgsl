@@ -64,6 +64,19 @@ fn mask_bit(base: u32, j: u32) -> bool {
     return ((mask_bits[base + j / 32u] >> (j % 32u)) & 1u) != 0u;
 }
 
+// Whether the row at `base` may attend any key of [lo, hi) by its mask bits (lo < hi).
+fn mask_any(base: u32, lo: u32, hi: u32) -> bool {
+    for (var w = lo / 32u; w <= (hi - 1u) / 32u; w++) {
+        let first = max(lo, w * 32u) - w * 32u;
+        let last = min(hi, w * 32u + 32u) - w * 32u; // one past, ≤ 32
+        let ones = select((1u << last) - 1u, 0xffffffffu, last == 32u);
+        if (mask_bits[base + w] & ones & ~((1u << first) - 1u)) != 0u {
+            return true;
+        }
+    }
+    return false;
+}
+
 fn segment_factor(j: u32) -> f32 {
     for (var g = 0u; g < p.n_segments; g++) {
         if j >= p.seg_start[g] && j < p.seg_end[g] {

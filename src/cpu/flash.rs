@@ -3,8 +3,8 @@
 //! pre-scaled by scale·log2 e, one rescale per tile, removed keys skipped.
 
 use crate::cpu::mask::{
-    diagonal, key_range, mask_bit, mask_row_base, shape_logit, window_hi, window_lo, MaskData,
-    MASKED,
+    diagonal, key_range, mask_any, mask_bit, mask_row_base, shape_logit, window_hi, window_lo,
+    MaskData, MASKED,
 };
 use crate::cpu::softmax_rows::NEG_BIG;
 use crate::params::{flags, AttnParams};
@@ -67,7 +67,11 @@ pub fn flash(
                     while t0 < hi {
                         let len = bc.min(hi - t0);
                         let t1 = t0 + len;
-                        if rk.lo < t1 && rk.hi > t0 {
+                        let mut row_sees = rk.lo < t1 && rk.hi > t0;
+                        if row_sees && p.flags & flags::MASK != 0 {
+                            row_sees = mask_any(masks, mbase, t0.max(rk.lo), t1.min(rk.hi));
+                        }
+                        if row_sees {
                             let whole = p.flags & (flags::MASK | logit_flags) == 0
                                 && rk.lo <= t0
                                 && rk.hi >= t1;

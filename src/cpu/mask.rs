@@ -86,6 +86,20 @@ pub fn mask_bit(m: &MaskData, base: u32, j: u32) -> bool {
     (m.mask_bits[(base + j / 32) as usize] >> (j % 32)) & 1 != 0
 }
 
+/// Whether the row at `base` may attend any key of `lo..hi` (non-empty) by its mask bits.
+pub fn mask_any(m: &MaskData, base: u32, lo: u32, hi: u32) -> bool {
+    (lo / 32..=(hi - 1) / 32).any(|w| {
+        let first = lo.max(w * 32) - w * 32;
+        let last = hi.min(w * 32 + 32) - w * 32;
+        let ones = if last == 32 {
+            u32::MAX
+        } else {
+            (1 << last) - 1
+        };
+        m.mask_bits[(base + w) as usize] & ones & !((1u32 << first) - 1) != 0
+    })
+}
+
 fn segment_factor(p: &AttnParams, j: u32) -> f32 {
     (0..p.n_segments as usize)
         .find(|&g| j >= p.seg_start[g] && j < p.seg_end[g])
