@@ -236,13 +236,7 @@ fn check(
     assert_eq!(got.len(), want.len(), "{what}: length");
     let mut worst = (0.0f64, 0.0f64);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = if g.is_finite() || w.is_finite() {
-            (f64::from(g) - w).abs()
-        } else if f64::from(g) == w {
-            0.0
-        } else {
-            f64::INFINITY
-        };
+        let err = elem_err(g, w);
         let t = tol(w);
         if err.is_nan() || err > t {
             let (gn, wn) = names;

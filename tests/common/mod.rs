@@ -117,18 +117,24 @@ pub fn budget(s: &AttnShape, scale: f32, q: &[f32], k: &[f32], v: &[f32]) -> Bud
     }
 }
 
+/// |got − want|, with equal infinities (LSE −∞ of an empty row) 0 and NaN (an unwritten,
+/// poisoned element) staying NaN so that any comparison with it fails.
+pub fn elem_err(got: f32, want: f64) -> f64 {
+    if got.is_finite() || want.is_finite() {
+        (f64::from(got) - want).abs()
+    } else if f64::from(got) == want {
+        0.0
+    } else {
+        f64::INFINITY
+    }
+}
+
 /// Asserts |got − want| ≤ tol for every element; reports the worst element on failure.
 pub fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) -> f64 {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let mut worst = (0usize, 0.0f64);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = if g.is_finite() || w.is_finite() {
-            (f64::from(g) - w).abs()
-        } else if f64::from(g) == w {
-            0.0
-        } else {
-            f64::INFINITY
-        };
+        let err = elem_err(g, w);
         // NaN errors (an unwritten, poisoned element) must fail too.
         if err.is_nan() || err > tol {
             panic!("{what}: element {i} is {g}, reference {w} (error {err:e} > tolerance {tol:e})");
