@@ -43,26 +43,22 @@ var<workgroup> v_tile: array<vec4<f32>, BC * DV4>;
 var<private> qr: array<vec4<f32>, DK4>;
 var<private> acc: array<vec4<f32>, DV4>;
 
-// Four consecutive elements of a row of `len` valid elements at `base`, zero past the end.
+// Four consecutive elements of a row of `len` valid elements at `base`, zero past the end;
+// written out, not looped (llvmpipe's loop cap counts every iteration: gpu::kernels::LoopCost).
+// An element past the end reads the row's last one (in bounds) and is replaced by 0.
 // One function per buffer: WGSL functions cannot take a pointer to a storage array.
 fn load4_k(base: u32, d: u32, len: u32) -> vec4<f32> {
-    var x = vec4<f32>(0.0);
-    for (var i = 0u; i < 4u; i++) {
-        if d + i < len {
-            x[i] = k[base + d + i];
-        }
-    }
-    return x;
+    let last = base + len - 1u;
+    let x = vec4<f32>(k[min(base + d, last)], k[min(base + d + 1u, last)],
+        k[min(base + d + 2u, last)], k[min(base + d + 3u, last)]);
+    return select(vec4<f32>(0.0), x, vec4<u32>(d) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(len));
 }
 
 fn load4_v(base: u32, d: u32, len: u32) -> vec4<f32> {
-    var x = vec4<f32>(0.0);
-    for (var i = 0u; i < 4u; i++) {
-        if d + i < len {
-            x[i] = v[base + d + i];
-        }
-    }
-    return x;
+    let last = base + len - 1u;
+    let x = vec4<f32>(v[min(base + d, last)], v[min(base + d + 1u, last)],
+        v[min(base + d + 2u, last)], v[min(base + d + 3u, last)]);
+    return select(vec4<f32>(0.0), x, vec4<u32>(d) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(len));
 }
 
 @compute @workgroup_size(BR, 1, 1)
@@ -105,7 +101,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
     }
     var sc: array<f32, BC>;
-    var m = NEG_BIG;
+    var m = MASKED;
     var l = 0.0;
 
     for (var t0 = lo; t0 < hi; t0 += BC) {
@@ -148,7 +144,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                         && ((p.flags & FLAG_MASK) == 0u || mask_bit(mbase, j)) {
                         s = score(c * DK4);
                         if (p.flags & LOGIT_FLAGS) != 0u {
-                            s = shape_logit(s * LN2, hd.b, hd.h, grow, j) * LOG2E;
+                            // Shaped in natural units, where the removal rules are stated.
+                            let y = shape_logit(s * LN2, hd.b, hd.h, grow, j);
+                            s = select(MASKED, y * LOG2E, y > REMOVED_BELOW);
                         }
                     }
                     sc[c] = s;
@@ -159,11 +157,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             l *= alpha;
             rescale(alpha);
             for (var c = 0u; c < len; c++) {
-                // Removed keys (≤ NEG_BIG) add 0. Branchless on purpose: lanes of one row
+                // Removed keys (MASKED) add 0. Branchless on purpose: lanes of one row
                 // block rarely agree on a bool mask, and a divergent branch around the
                 // accumulator writes cost llvmpipe 2.6× on a 50% random mask; on GPUs the
                 // skipped lanes would idle anyway.
-                let pc = select(0.0, exp2(sc[c] - tmax), sc[c] > NEG_BIG);
+                let pc = select(0.0, exp2(sc[c] - tmax), sc[c] > REMOVED_BELOW);
                 l += pc;
                 accumulate(pc, c * DV4);
             }
@@ -175,15 +173,24 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if live {
         // l = 0 only when the row saw no key in this split: output 0 and LSE = −∞, never 0/0.
         var inv = 0.0;
-        var row_lse = neg_inf();
+        var row_max = neg_inf();
+        var log_sum = 0.0;
         if l > 0.0 {
             inv = 1.0 / l;
-            row_lse = (m + log2(l)) * LN2;
+            row_max = m * LN2;
+            log_sum = log(l);
         }
         let obase = (((split * p.batch + hd.b) * p.m + grow) * p.q_heads + hd.h) * p.d_v;
         for (var d = 0u; d < p.d_v; d++) {
             o[obase + d] = acc[d / 4u][d % 4u] * inv;
         }
-        lse[(split * p.batch * p.q_heads + bh) * p.m + grow] = row_lse;
+        let rows = p.batch * p.q_heads * p.m;
+        let at = bh * p.m + grow;
+        if (p.flags & FLAG_SPLIT_STATS) != 0u {
+            lse[2u * split * rows + at] = row_max;
+            lse[(2u * split + 1u) * rows + at] = log_sum;
+        } else {
+            lse[split * rows + at] = row_max + log_sum;
+        }
     }
 }

@@ -31,7 +31,7 @@ fn main(
 ) {
     let row0 = wg.y * TILE;
     let out0 = wg.x * TILE;
-    var acc: array<f32, 16>;
+    var acc: array<vec4<f32>, 4>;
 
     for (var d0 = 0u; d0 < p.in_dim; d0 += BK) {
         // Consecutive invocations load consecutive input features (coalesced).
@@ -65,7 +65,7 @@ fn main(
             for (var i = 0u; i < PER; i++) {
                 let row = row0 + lid.y + i * WG;
                 if row < p.rows {
-                    y[(p.row_offset + row) * p.out_dim + col] = acc[i * PER + j] + bias;
+                    y[(p.row_offset + row) * p.out_dim + col] = acc[i][j] + bias;
                 }
             }
         }

@@ -1,6 +1,6 @@
 // Attention weights averaged over heads (PyTorch `average_attn_weights`):
 // mean[b, i, j] = (1/q_heads)·Σ_h P[b, h, i, j], P [batch, q_heads, M, N], mean [batch, M, N].
-// One invocation per output element; the grid folds into x and y for large outputs.
+// One invocation per output element; the grid folds into x, y and z for large outputs.
 //!include common/params.wgsl
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
@@ -14,7 +14,7 @@ fn main(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let idx = gid.x + gid.y * nwg.x * WG;
+    let idx = gid.x + (gid.y + gid.z * nwg.y) * nwg.x * WG;
     let mn = p.m * p.n;
     if idx >= p.batch * mn {
         return;

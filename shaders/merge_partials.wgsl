@@ -1,64 +1,72 @@
-// Exact merge of n_splits partial results over disjoint key ranges, by their LSE:
+// Exact merge of n_splits partial results over disjoint key ranges, by their log-sum-exp:
 //   LSE = log Σ_s exp(LSE_s),  O = Σ_s exp(LSE_s − LSE) · O_s.
-// Inputs are stacked slices: o_parts [n_splits, batch, M, q_heads, d_v] and
-// lse_parts [n_splits, batch, q_heads, M]. A slice with LSE = −∞ (no keys) weighs 0; if every
-// slice is empty the row outputs 0 and LSE = −∞. One invocation per output row.
+// Inputs are stacked slices: o_parts [n_splits, batch, M, q_heads, d_v] and the statistics,
+// either one LSE row per slice, [n_splits, batch, q_heads, M] (shards), or, with
+// FLAG_SPLIT_STATS (split-K), two: the max logit and ln(sum), [n_splits, 2, batch, q_heads, M],
+// weighed as exp((max_s − max) + ln sum_s) so that ln sum_s is not lost next to huge logits.
+// A slice whose max (or LSE) is ≤ REMOVED_BELOW (−∞: no keys) weighs 0; if every slice is
+// empty the row outputs 0 and LSE = −∞.
+// One invocation per output element (row, d): its loops run over the splits only, so their
+// length does not grow with d_v (llvmpipe's loop cap, gpu::kernels::LoopCost); the element
+// with d = 0 writes the row's LSE.
 //!include common/params.wgsl
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
 @group(0) @binding(1) var<storage, read> o_parts: array<f32>;
-@group(0) @binding(2) var<storage, read> lse_parts: array<f32>;
+@group(0) @binding(2) var<storage, read> stats: array<f32>;
 @group(0) @binding(3) var<storage, read_write> o: array<f32>;
 @group(0) @binding(4) var<storage, read_write> lse: array<f32>;
 
 const WG: u32 = 64u;
 
-// Slices whose LSE is below this saw no keys (their LSE is −∞).
-const EMPTY: f32 = -1.0e29;
+// Slice s's (max, ln sum) of statistics row `r`.
+fn slice_stats(s: u32, r: u32, rows: u32) -> vec2<f32> {
+    if (p.flags & FLAG_SPLIT_STATS) != 0u {
+        return vec2<f32>(stats[2u * s * rows + r], stats[(2u * s + 1u) * rows + r]);
+    }
+    return vec2<f32>(stats[s * rows + r], 0.0);
+}
 
 @compute @workgroup_size(64, 1, 1)
 fn main(
     @builtin(global_invocation_id) gid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
-    let idx = gid.x + gid.y * nwg.x * WG;
+    let at = gid.x + (gid.y + gid.z * nwg.y) * nwg.x * WG;
     let rows = p.batch * p.m * p.q_heads;
-    if idx >= rows {
+    if at >= rows * p.d_v {
         return;
     }
+    let idx = at / p.d_v;
+    let d = at % p.d_v;
     let h = idx % p.q_heads;
     let i = (idx / p.q_heads) % p.m;
     let b = idx / (p.q_heads * p.m);
     let lrow = (b * p.q_heads + h) * p.m + i;
-    let lse_stride = p.batch * p.q_heads * p.m;
     let o_stride = rows * p.d_v;
 
-    var mx = NEG_BIG;
+    var mx = MASKED;
     for (var s = 0u; s < p.n_splits; s++) {
-        mx = max(mx, lse_parts[s * lse_stride + lrow]);
+        mx = max(mx, slice_stats(s, lrow, rows).x);
     }
     var total = 0.0;
+    var acc = 0.0;
     for (var s = 0u; s < p.n_splits; s++) {
-        let ls = lse_parts[s * lse_stride + lrow];
-        if ls > EMPTY {
-            total += exp(ls - mx);
+        let st = slice_stats(s, lrow, rows);
+        if st.x > REMOVED_BELOW {
+            let w = exp((st.x - mx) + st.y);
+            total += w;
+            acc += w * o_parts[s * o_stride + at];
         }
     }
-    var inv = 0.0;
+    var out = 0.0;
     var out_lse = neg_inf();
     if total > 0.0 {
-        inv = 1.0 / total;
+        out = acc / total;
         out_lse = mx + log(total);
     }
-    for (var d = 0u; d < p.d_v; d++) {
-        var acc = 0.0;
-        for (var s = 0u; s < p.n_splits; s++) {
-            let ls = lse_parts[s * lse_stride + lrow];
-            if ls > EMPTY {
-                acc += exp(ls - mx) * inv * o_parts[s * o_stride + idx * p.d_v + d];
-            }
-        }
-        o[idx * p.d_v + d] = acc;
+    o[at] = out;
+    if d == 0u {
+        lse[lrow] = out_lse;
     }
-    lse[lrow] = out_lse;
 }

@@ -25,7 +25,7 @@ fn main(
     let hd = head_of(p, p.bh_offset + lbh);
     let row0 = wg.y * TILE;
     let key0 = wg.x * TILE;
-    var acc: array<f32, 16>;
+    var acc: array<vec4<f32>, 4>;
 
     for (var d0 = 0u; d0 < p.d_k; d0 += BK) {
         // Consecutive invocations load consecutive head-dim elements (coalesced).
@@ -56,7 +56,7 @@ fn main(
         for (var j = 0u; j < PER; j++) {
             let key = key0 + lid.x + j * WG;
             if row < p.rows && key < p.n {
-                var x = acc[i * PER + j] * p.scale;
+                var x = acc[i][j] * p.scale;
                 // ANY_MASKING (a specialization) is false when the call masks nothing.
                 if ANY_MASKING {
                     x = masked_logit(x, hd.b, hd.h, p.row_offset + row, key);

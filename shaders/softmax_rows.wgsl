@@ -1,16 +1,17 @@
 // Row softmax of the scratch S in place (S becomes the weights P), max-subtracted, and the
-// log-sum-exp of each row into LSE [batch, q_heads, M]. Scores ≤ NEG_BIG are removed keys
-// (qk_scores writes MASKED): weight 0; a row with none left gets weights 0 and LSE −∞.
+// log-sum-exp of each row into LSE [batch, q_heads, M]. Scores ≤ REMOVED_BELOW are removed
+// keys (qk_scores writes MASKED): weight 0; a row with none left gets weights 0 and LSE −∞.
 // One workgroup per row: invocations stride over the keys, then reduce in workgroup memory.
+// 256 invocations keep each one's key loops short (llvmpipe's loop cap: gpu::kernels::LoopCost).
 //!include common/params.wgsl
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
 @group(0) @binding(1) var<storage, read_write> s: array<f32>;
 @group(0) @binding(2) var<storage, read_write> lse: array<f32>;
 
-const WG: u32 = 128u;
+const WG: u32 = 256u;
 
-var<workgroup> red: array<f32, 128>;
+var<workgroup> red: array<f32, WG>;
 
 fn reduce_max(t: u32, x: f32) -> f32 {
     red[t] = x;
@@ -42,16 +43,16 @@ fn reduce_sum(t: u32, x: f32) -> f32 {
 
 // exp(x − mx) for a kept key, 0 for a removed one.
 fn kept_exp(x: f32, mx: f32) -> f32 {
-    return select(0.0, exp(x - mx), x > NEG_BIG);
+    return select(0.0, exp(x - mx), x > REMOVED_BELOW);
 }
 
-@compute @workgroup_size(128, 1, 1)
+@compute @workgroup_size(WG, 1, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let row = wg.x;
     let lbh = wg.y;
     let base = (lbh * p.rows + row) * p.n;
 
-    var mx = NEG_BIG;
+    var mx = MASKED;
     for (var j = t; j < p.n; j += WG) {
         mx = max(mx, s[base + j]);
     }

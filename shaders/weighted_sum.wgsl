@@ -1,4 +1,6 @@
 // O = P·V for one chunk: P is the chunk's scratch [bh_count, rows, N]; O is [batch, M, q_heads, d_v].
+// One dispatch sums keys [key_begin, key_end): the first range writes O, later ones add to it,
+// so the planner can bound each dispatch's key loop (llvmpipe's loop cap, gpu::kernels::LoopCost).
 // Tiling of common/tile_gemm.wgsl: P rows in a_tile, V columns (output dims) in b_tile, BK
 // keys at a time.
 //!include common/params.wgsl
@@ -19,16 +21,16 @@ fn main(
     let hd = head_of(p, p.bh_offset + lbh);
     let row0 = wg.y * TILE;
     let dim0 = wg.x * TILE;
-    var acc: array<f32, 16>;
+    var acc: array<vec4<f32>, 4>;
 
-    for (var j0 = 0u; j0 < p.n; j0 += BK) {
+    for (var j0 = p.key_begin; j0 < p.key_end; j0 += BK) {
         for (var e = li; e < BK * TILE; e += WG * WG) {
             // P: consecutive invocations read consecutive keys of a row.
             let r = e / BK;
             let kk = e % BK;
             let row = row0 + r;
             var pv = 0.0;
-            if row < p.rows && j0 + kk < p.n {
+            if row < p.rows && j0 + kk < p.key_end {
                 pv = w[(lbh * p.rows + row) * p.n + j0 + kk];
             }
             a_tile[kk * TILE + r] = pv;
@@ -36,7 +38,7 @@ fn main(
             let vk = e / TILE;
             let c = e % TILE;
             var vv = 0.0;
-            if j0 + vk < p.n && dim0 + c < p.d_v {
+            if j0 + vk < p.key_end && dim0 + c < p.d_v {
                 vv = v[((hd.b * p.n + j0 + vk) * p.kv_heads + hd.hk) * p.d_v + dim0 + c];
             }
             b_tile[vk * TILE + c] = vv;
@@ -51,7 +53,12 @@ fn main(
         for (var j = 0u; j < PER; j++) {
             let dim = dim0 + lid.x + j * WG;
             if row < p.rows && dim < p.d_v {
-                o[((hd.b * p.m + p.row_offset + row) * p.q_heads + hd.h) * p.d_v + dim] = acc[i * PER + j];
+                let at = ((hd.b * p.m + p.row_offset + row) * p.q_heads + hd.h) * p.d_v + dim;
+                var sum = acc[i][j];
+                if p.key_begin > 0u {
+                    sum += o[at];
+                }
+                o[at] = sum;
             }
         }
     }

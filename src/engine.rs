@@ -115,17 +115,14 @@ impl Attention {
     /// Validates these options for `shape` (finite scale, masks) into what the planner needs.
     pub fn request(&self, shape: AttnShape) -> Result<Request> {
         let scale = self.scale_for(shape.d_k);
-        if !scale.is_finite() {
-            return Err(Error::Argument(format!(
-                "scale must be finite, got {scale}"
-            )));
-        }
+        let masks = self.masking.spec(&shape)?;
+        self.masking.check_scale(scale)?;
         Ok(Request {
             shape,
             scale,
             weights: self.weights,
             path: self.path,
-            masks: self.masking.spec(&shape)?,
+            masks,
         })
     }
     /// The forced path, if any.
@@ -205,21 +202,26 @@ fn dims4(t: &Tensor, name: &str) -> Result<[usize; 4]> {
 }
 
 impl Engine {
-    /// An engine on `ctx` planning for the device's own limits.
+    /// An engine on `ctx` planning for the device's own limits and quirks.
     pub fn new(ctx: &Context) -> Self {
-        Self::with_caps(ctx, DeviceCaps::from_limits(&ctx.limits))
+        Self::with_caps(ctx, DeviceCaps::of(ctx))
     }
 
     /// An engine that plans as if the device's limits were `caps` (each clamped to the real
-    /// limit). Lets tests and users force the work-splitting paths.
+    /// limit; a loop cap of the adapter's stays). Lets tests and users force the
+    /// work-splitting paths, the loop-cap splits included on any device.
     pub fn with_caps(ctx: &Context, caps: DeviceCaps) -> Self {
-        let real = DeviceCaps::from_limits(&ctx.limits);
+        let real = DeviceCaps::of(ctx);
         let caps = DeviceCaps {
             max_binding: caps.max_binding.min(real.max_binding),
             max_buffer: caps.max_buffer.min(real.max_buffer),
             max_workgroups: caps.max_workgroups.min(real.max_workgroups),
             max_workgroup_bytes: caps.max_workgroup_bytes.min(real.max_workgroup_bytes),
             uniform_align: real.uniform_align,
+            loop_cap: match (caps.loop_cap, real.loop_cap) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
         };
         Self {
             ctx: ctx.clone(),

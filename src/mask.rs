@@ -83,6 +83,12 @@ pub struct KeySegment {
 /// Bias values at or below this count as −∞: the key is removed, alike on every path.
 pub const BIAS_REMOVES: f32 = -1.0e30;
 
+/// Largest magnitude of each factor that shapes a logit: the scale, the scale times a key
+/// segment's factor, the softcap and a kept bias. The kernels multiply logits by log2 e and
+/// tell removed keys by a sentinel near −3e38, so logits must stay far inside f32's range
+/// (3.4e38); within these bounds they do for any |q·k| up to 1e7.
+pub const LOGIT_FACTOR_MAX: f32 = 1.0e30;
+
 /// Most key segments one call may carry.
 pub const MAX_SEGMENTS: usize = 4;
 
@@ -277,18 +283,21 @@ impl Masking {
         }
         if let Some(b) = &self.bias {
             check_broadcast("bias", b.dims, b.data.len(), s)?;
-            if let Some(x) = b.data.iter().find(|x| x.is_nan() || **x == f32::INFINITY) {
+            if let Some(x) = b.data.iter().find(|x| x.is_nan() || **x > LOGIT_FACTOR_MAX) {
                 return Err(Error::Argument(format!(
-                    "bias must be finite or −∞, found {x}"
+                    "bias holds {x}; each value must be finite and at most {LOGIT_FACTOR_MAX:e} \
+                     (larger logits overflow f32 inside the kernels), or −∞ (any value ≤ \
+                     {BIAS_REMOVES:e}) to remove its key"
                 )));
             }
             spec.flags |= flags::BIAS;
             spec.bias_dims = Some(b.dims);
         }
         if let Some(cap) = self.softcap {
-            if !(cap.is_finite() && cap > 0.0) {
+            if !(cap > 0.0 && cap <= LOGIT_FACTOR_MAX) {
                 return Err(Error::Argument(format!(
-                    "softcap must be finite and > 0, got {cap}"
+                    "softcap must be > 0 and at most {LOGIT_FACTOR_MAX:e} (capped logits are \
+                     carried in f32), got {cap}"
                 )));
             }
             spec.flags |= flags::SOFTCAP;
@@ -303,6 +312,31 @@ impl Masking {
             spec.flags |= flags::SEGMENTS;
         }
         Ok(spec)
+    }
+
+    /// Refuses a scale whose logits, alone or times a key segment's factor, f32 cannot carry
+    /// through the kernels (see [`LOGIT_FACTOR_MAX`]).
+    pub(crate) fn check_scale(&self, scale: f32) -> Result<()> {
+        if !scale.is_finite() {
+            return Err(Error::Argument(format!(
+                "scale must be finite, got {scale}"
+            )));
+        }
+        let segments = self.segments.iter().map(|g| {
+            let what = format!("scale × factor of key segment [{}, {})", g.start, g.end);
+            (g.factor, what)
+        });
+        for (factor, what) in std::iter::once((1.0, "scale".to_string())).chain(segments) {
+            // A product that overflows is inf, refused like any other beyond the bound.
+            let x = scale * factor;
+            if x.abs() > LOGIT_FACTOR_MAX {
+                return Err(Error::Argument(format!(
+                    "{what} is {x:e}; it must be within ±{LOGIT_FACTOR_MAX:e} (logits are \
+                     carried in f32 after the kernels pre-scale them by log2 e)"
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn check_segments(&self, s: &AttnShape) -> Result<()> {

@@ -62,8 +62,10 @@ pub struct AttnParams {
     pub bias_h: u32,
     /// See `bias_b`.
     pub bias_row: u32,
-    /// Padding to a multiple of 16 bytes.
-    pub _pad: [u32; 2],
+    /// First key `weighted_sum` sums in this dispatch (0 writes O, later ranges add to it).
+    pub key_begin: u32,
+    /// One past the last key `weighted_sum` sums in this dispatch.
+    pub key_end: u32,
     /// First key of each segment.
     pub seg_start: [u32; 4],
     /// One past the last key of each segment.
@@ -85,6 +87,10 @@ pub mod flags {
     pub const SOFTCAP: u32 = 4;
     /// Key segments scale their logits.
     pub const SEGMENTS: u32 = 8;
+    /// Split-K partial statistics: `flash` writes, and `merge_partials` reads, two rows per
+    /// split, the max logit and the log of the sum, instead of their sum, the LSE. Kept apart,
+    /// ln(sum) survives logits so large (a bias of −9e29) that f32 would absorb it in the LSE.
+    pub const SPLIT_STATS: u32 = 16;
 }
 
 /// Parameters of the `linear` kernel: `Y[r, o] = Σ_i X[r, i]·W[o, i] + b[o]` for rows

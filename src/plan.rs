@@ -7,9 +7,9 @@
 use std::fmt;
 
 use crate::error::{Error, Result};
-use crate::gpu::kernels::Kernel;
+use crate::gpu::kernels::{Kernel, LoopCost};
 use crate::mask::MaskSpec;
-use crate::params::{AttnParams, LinearParams};
+use crate::params::{flags, AttnParams, LinearParams};
 use crate::shape::{AttnShape, F32};
 
 /// Which kernels compute the attention.
@@ -66,18 +66,54 @@ pub struct DeviceCaps {
     pub max_workgroup_bytes: u64,
     /// `min_uniform_buffer_offset_alignment`.
     pub uniform_align: u64,
+    /// Most loop iterations one shader invocation may run where the device ends loops early
+    /// without an error ([`LLVMPIPE_LOOP_CAP`] on Mesa's llvmpipe), or `None`. The planner
+    /// keeps every dispatch under it by the kernels' [`LoopCost`]: it splits the keys of
+    /// the fused and `weighted_sum` kernels and refuses what no split can bound.
+    pub loop_cap: Option<u64>,
+}
+
+/// Mesa's llvmpipe (lavapipe on Vulkan, llvmpipe under wgpu's GL backend) ends every loop of a
+/// shader invocation once that invocation has run 65,535 loop iterations in all (gallivm's
+/// `LP_MAX_TGSI_LOOP_ITERATIONS`, a guard against endless loops). The shader then goes on
+/// with partial sums: a wrong answer, no error.
+pub const LLVMPIPE_LOOP_CAP: u64 = 65_535;
+
+/// The loop cap of an adapter: [`LLVMPIPE_LOOP_CAP`] for Mesa's llvmpipe (by adapter name or
+/// driver, on every backend), `None` for the rest.
+pub fn loop_cap_of(info: &wgpu::AdapterInfo) -> Option<u64> {
+    let llvmpipe = [&info.name, &info.driver]
+        .iter()
+        .any(|s| s.to_lowercase().contains("llvmpipe"));
+    llvmpipe.then_some(LLVMPIPE_LOOP_CAP)
 }
 
 impl DeviceCaps {
-    /// The caps of a device with these limits.
+    /// The caps of a device with these limits, on an adapter with no loop cap.
     pub fn from_limits(l: &wgpu::Limits) -> Self {
         Self {
+            loop_cap: None,
             max_binding: l.max_storage_buffer_binding_size,
             max_buffer: l.max_buffer_size,
             max_workgroups: l.max_compute_workgroups_per_dimension,
             max_workgroup_bytes: u64::from(l.max_compute_workgroup_storage_size),
             uniform_align: u64::from(l.min_uniform_buffer_offset_alignment),
         }
+    }
+
+    /// The caps of an opened device: its limits and its adapter's quirks.
+    pub fn of(ctx: &crate::Context) -> Self {
+        Self {
+            loop_cap: loop_cap_of(&ctx.info),
+            ..Self::from_limits(&ctx.limits)
+        }
+    }
+
+    /// The longest loop a kernel with `cost` may run on this device (unbounded without a cap).
+    fn loop_len(&self, cost: &LoopCost) -> u64 {
+        // Strictly under the cap: the iteration that reaches it is the one cut.
+        self.loop_cap
+            .map_or(u64::MAX, |cap| cost.max_len(cap.saturating_sub(1)))
     }
 }
 
@@ -106,7 +142,8 @@ pub enum Slot {
     Scores,
     /// Stacked partial outputs `[splits, batch, M, q_heads, d_v]` (split-K, merge).
     PartO,
-    /// Stacked partial LSE `[splits, batch, q_heads, M]` (split-K, merge).
+    /// Stacked partial statistics: split-K's max logit and ln(sum) `[splits, 2, batch, q_heads,
+    /// M]`, or the shards' LSE `[shards, batch, q_heads, M]` of an explicit merge.
     PartLse,
     /// Shard `i`'s O, an input of an explicit merge.
     ShardO(usize),
@@ -249,8 +286,6 @@ const TARGET_WORKGROUPS: usize = 256;
 const MIN_SPLIT_KEYS: usize = 128;
 /// The three-pass scratch is capped here even where bindings may be larger.
 const SCRATCH_BUDGET: u64 = 256 << 20;
-/// Most keys one fused invocation walks; longer key ranges are split (split-K).
-pub const MAX_KEYS_PER_PASS: usize = 32768;
 /// Largest head dim the fused kernel keeps in registers.
 pub const FUSED_MAX_HEAD_DIM: usize = 256;
 /// Tile of the three-pass GEMM kernels (rows and columns per workgroup).
@@ -323,14 +358,22 @@ impl Plan {
         }
         let mut plan = match path {
             Path::ThreePass => three_pass(req, caps)?,
-            // One invocation walking more keys than this breaks on llvmpipe (see flash.wgsl):
-            // such sources are split, which also gives real GPUs more parallel work.
-            Path::Fused if s.n > MAX_KEYS_PER_PASS => {
-                fused(req, caps, Some(split_count(&s, caps)))?
+            Path::Fused | Path::SplitK => {
+                let kernel = fused_kernel(&s, caps, !req.masks.is_empty())?;
+                // Where the device caps loop iterations, a source longer than one pass may
+                // walk is split (split-K) even when the fused path was asked for.
+                let params = Params::Attn(base_params(&s, req.scale, &req.masks));
+                let per_pass = caps.loop_len(&kernel.loop_cost(&params).0);
+                let per_pass = usize::try_from(per_pass).unwrap_or(usize::MAX);
+                if path == Path::Fused && s.n <= per_pass {
+                    fused(req, caps, kernel, None)?
+                } else {
+                    let splits = split_count(&s, caps, per_pass.max(1));
+                    fused(req, caps, kernel, Some(splits))?
+                }
             }
-            Path::Fused => fused(req, caps, None)?,
-            Path::SplitK => fused(req, caps, Some(split_count(&s, caps)))?,
         };
+        check_loops(&plan.steps, caps)?;
         plan.masks = req.masks;
         plan.outputs
             .push((Slot::O, bytes(s.o_dims().iter().product())));
@@ -377,7 +420,8 @@ impl Plan {
         }
         let part_o = check_binding("stacked shard outputs", o_bytes * shards as u64, caps)?;
         let part_lse = check_binding("stacked shard LSE", lse_bytes * shards as u64, caps)?;
-        steps.push(merge_step(shape, shards as u32, caps)?);
+        steps.push(merge_step(shape, shards as u32, false, caps)?);
+        check_loops(&steps, caps)?;
         Ok(Plan {
             path: Path::SplitK,
             shape: *shape,
@@ -385,7 +429,7 @@ impl Plan {
             steps,
             scratch: vec![(Slot::PartO, part_o), (Slot::PartLse, part_lse)],
             outputs: vec![(Slot::O, o_bytes), (Slot::Lse, lse_bytes)],
-            tiling: format!("merge of {shards} shards, one invocation per output row"),
+            tiling: format!("merge of {shards} shards, one invocation per output element"),
         })
     }
 
@@ -511,6 +555,7 @@ fn base_params(s: &AttnShape, scale: f32, masks: &MaskSpec) -> AttnParams {
         scale,
         n_splits: 1,
         split_len: s.n as u32,
+        key_end: s.n as u32,
         ..Default::default()
     };
     masks.apply(&mut p);
@@ -580,6 +625,10 @@ fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
     check_grid("weighted_sum dim-tile", s.d_v.div_ceil(GEMM_TILE), caps)?;
 
     let base = base_params(&s, req.scale, &req.masks);
+    // Keys one weighted_sum dispatch sums; later key ranges add to O (the loop cap).
+    let key_span = caps.loop_len(&Kernel::WeightedSum.loop_cost(&Params::Attn(base)).0);
+    let key_span = usize::try_from(key_span).unwrap_or(usize::MAX).max(1);
+    let key_ranges = s.n.div_ceil(key_span);
     let mut steps = Vec::new();
     let mut scratch_elems = 0;
     let chunk_list = chunks(&s, bh_max, rows_max);
@@ -613,12 +662,18 @@ fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
             grid: [nr as u32, nbh as u32, 1],
             buffers: vec![Slot::Scores, Slot::Lse],
         }));
-        steps.push(Step::Dispatch(Dispatch {
-            kernel: Kernel::WeightedSum,
-            params: Params::Attn(params),
-            grid: [s.d_v.div_ceil(GEMM_TILE) as u32, row_tiles, nbh as u32],
-            buffers: vec![Slot::Scores, Slot::V, Slot::O],
-        }));
+        for r in 0..key_ranges {
+            steps.push(Step::Dispatch(Dispatch {
+                kernel: Kernel::WeightedSum,
+                params: Params::Attn(AttnParams {
+                    key_begin: (r * key_span) as u32,
+                    key_end: s.n.min((r + 1) * key_span) as u32,
+                    ..params
+                }),
+                grid: [s.d_v.div_ceil(GEMM_TILE) as u32, row_tiles, nbh as u32],
+                buffers: vec![Slot::Scores, Slot::V, Slot::O],
+            }));
+        }
         if req.weights {
             // P is [bh, M, N]: a chunk of whole bh is one contiguous range, a row block too.
             steps.push(Step::Copy {
@@ -639,8 +694,13 @@ fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
         outputs: Vec::new(),
         tiling: format!(
             "64×64 output tiles (16×16 invocations, 4×4 each, 16-deep K/V steps); \
-             {n_chunks} chunk(s) of ≤{bh_max} head(s) × ≤{rows_max} rows; scores scratch {}",
-            human_bytes(bytes(scratch_elems))
+             {n_chunks} chunk(s) of ≤{bh_max} head(s) × ≤{rows_max} rows; scores scratch {}{}",
+            human_bytes(bytes(scratch_elems)),
+            if key_ranges > 1 {
+                format!("; P·V over {key_ranges} key ranges of ≤{key_span}")
+            } else {
+                String::new()
+            }
         ),
     })
 }
@@ -671,12 +731,13 @@ fn fused_kernel(s: &AttnShape, caps: &DeviceCaps, masked: bool) -> Result<Kernel
     })
 }
 
-/// Key splits for split-K: enough workgroups to fill a GPU, each split ≥ MIN_SPLIT_KEYS.
-fn split_count(s: &AttnShape, caps: &DeviceCaps) -> usize {
+/// Key splits for split-K: enough workgroups to fill a GPU, each split ≥ MIN_SPLIT_KEYS, and
+/// none longer than `per_pass` keys (a multiple of the key tile).
+fn split_count(s: &AttnShape, caps: &DeviceCaps, per_pass: usize) -> usize {
     let row_blocks = s.m.div_ceil(FUSED_ROWS as usize);
     let wanted = TARGET_WORKGROUPS.div_ceil(row_blocks * s.bh());
     let most = s.n.div_ceil(MIN_SPLIT_KEYS).max(1);
-    let needed = s.n.div_ceil(MAX_KEYS_PER_PASS);
+    let needed = s.n.div_ceil(per_pass);
     let mut splits = wanted
         .clamp(1, most)
         .max(needed)
@@ -690,9 +751,8 @@ fn split_count(s: &AttnShape, caps: &DeviceCaps) -> usize {
 }
 
 /// The fused kernel over all keys (`splits` = None), or split-K with partials and a merge.
-fn fused(req: &Request, caps: &DeviceCaps, splits: Option<usize>) -> Result<Plan> {
+fn fused(req: &Request, caps: &DeviceCaps, kernel: Kernel, splits: Option<usize>) -> Result<Plan> {
     let s = req.shape;
-    let kernel = fused_kernel(&s, caps, !req.masks.is_empty())?;
     let Kernel::Flash { bc, .. } = kernel else {
         unreachable!("fused_kernel returns Flash")
     };
@@ -710,11 +770,14 @@ fn fused(req: &Request, caps: &DeviceCaps, splits: Option<usize>) -> Result<Plan
     } else {
         (Slot::O, Slot::Lse)
     };
-    let base = AttnParams {
+    let mut base = AttnParams {
         n_splits: splits as u32,
         split_len: split_len as u32,
         ..base_params(&s, req.scale, &req.masks)
     };
+    if split_k {
+        base.flags |= flags::SPLIT_STATS;
+    }
     let mut steps = Vec::new();
     for (bh0, nbh, r0, nr) in chunks(&s, max_wg, rows_max) {
         let params = AttnParams {
@@ -747,16 +810,16 @@ fn fused(req: &Request, caps: &DeviceCaps, splits: Option<usize>) -> Result<Plan
     let mut scratch = Vec::new();
     let path = if split_k {
         let part_o = bytes(s.o_dims().iter().product()) * splits as u64;
-        let part_lse = bytes(s.lse_dims().iter().product()) * splits as u64;
+        let part_stats = 2 * bytes(s.lse_dims().iter().product()) * splits as u64;
         scratch.push((
             Slot::PartO,
             check_binding("split-K partial outputs", part_o, caps)?,
         ));
         scratch.push((
             Slot::PartLse,
-            check_binding("split-K partial LSE", part_lse, caps)?,
+            check_binding("split-K partial statistics", part_stats, caps)?,
         ));
-        steps.push(merge_step(&s, splits as u32, caps)?);
+        steps.push(merge_step(&s, splits as u32, true, caps)?);
         Path::SplitK
     } else {
         Path::Fused
@@ -780,21 +843,28 @@ fn fused(req: &Request, caps: &DeviceCaps, splits: Option<usize>) -> Result<Plan
     })
 }
 
-/// A grid of 64-invocation workgroups over `threads`, folded into y where x runs out
-/// (merge_partials and mean_heads index `gid.x + gid.y·num_workgroups.x·64`).
+/// A grid of 64-invocation workgroups over `threads`, folded into y and z where x runs out
+/// (merge_partials and mean_heads index `gid.x + (gid.y + gid.z·nwg.y)·nwg.x·64`).
 fn fold_grid(what: &str, threads: usize, caps: &DeviceCaps) -> Result<[u32; 3]> {
+    let most = caps.max_workgroups as usize;
     let groups = threads.div_ceil(MERGE_WG);
-    let x = groups.min(caps.max_workgroups as usize);
-    let y = check_grid(what, groups.div_ceil(x), caps)?;
-    Ok([x as u32, y, 1])
+    let x = groups.min(most);
+    let y = groups.div_ceil(x).min(most);
+    let z = check_grid(what, groups.div_ceil(x * y), caps)?;
+    Ok([x as u32, y as u32, z])
 }
 
-fn merge_step(s: &AttnShape, splits: u32, caps: &DeviceCaps) -> Result<Step> {
-    let grid = fold_grid("merge_partials", s.batch * s.m * s.q_heads, caps)?;
-    let params = AttnParams {
+/// The merge of `splits` stacked partials: split-K statistics (`split_stats`, two rows per
+/// split) or one LSE row per shard.
+fn merge_step(s: &AttnShape, splits: u32, split_stats: bool, caps: &DeviceCaps) -> Result<Step> {
+    let grid = fold_grid("merge_partials", s.batch * s.m * s.q_heads * s.d_v, caps)?;
+    let mut params = AttnParams {
         n_splits: splits,
         ..base_params(s, 1.0, &MaskSpec::default())
     };
+    if split_stats {
+        params.flags |= flags::SPLIT_STATS;
+    }
     Ok(Step::Dispatch(Dispatch {
         kernel: Kernel::MergePartials,
         params: Params::Attn(params),
@@ -856,15 +926,45 @@ pub fn linear_steps(
         }));
         r0 += nr;
     }
+    check_loops(&steps, caps)?;
     Ok(steps)
 }
 
 /// Weights `[batch, q_heads, M, N]` in `from` averaged over heads into `to` `[batch, M, N]`.
 pub fn mean_heads_step(s: &AttnShape, from: Slot, to: Slot, caps: &DeviceCaps) -> Result<Step> {
-    Ok(Step::Dispatch(Dispatch {
+    let step = Step::Dispatch(Dispatch {
         kernel: Kernel::MeanHeads,
         params: Params::Attn(base_params(s, 1.0, &MaskSpec::default())),
         grid: fold_grid("mean_heads", s.batch * s.m * s.n, caps)?,
         buffers: vec![from, to],
-    }))
+    });
+    check_loops(std::slice::from_ref(&step), caps)?;
+    Ok(step)
+}
+
+/// Refuses steps whose loops the device would cut short (see [`DeviceCaps::loop_cap`]).
+/// The planner splits what it can before this; what reaches here has no split.
+fn check_loops(steps: &[Step], caps: &DeviceCaps) -> Result<()> {
+    let Some(cap) = caps.loop_cap else {
+        return Ok(());
+    };
+    for step in steps {
+        let Step::Dispatch(d) = step else { continue };
+        let (cost, len) = d.kernel.loop_cost(&d.params);
+        let trips = cost.trips(len);
+        if trips >= cap {
+            return Err(limit_err(
+                format!(
+                    "{} over {len} {} (at most {} fit one dispatch on this device)",
+                    d.kernel.name(),
+                    d.kernel.long_loop(),
+                    cost.max_len(cap - 1),
+                ),
+                trips,
+                "loop iterations per invocation (Mesa llvmpipe ends loops past it)",
+                cap,
+            ));
+        }
+    }
+    Ok(())
 }

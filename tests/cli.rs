@@ -395,7 +395,7 @@ fn bad_key_segments_and_softcap_are_rejected() {
     let err = run_err(&dir, &["--key-segment", "0", "x", "2"]);
     assert_mentions(&err, &["--key-segment", "END `x`"]);
     let err = run_err(&dir, &["--softcap", "-1"]);
-    assert_mentions(&err, &["--softcap", "softcap must be finite and > 0"]);
+    assert_mentions(&err, &["--softcap", "softcap must be > 0 and at most 1e30"]);
 }
 
 #[test]

@@ -81,8 +81,7 @@ fn fully_masked_rows_output_zero_and_lse_minus_infinity() {
 }
 
 fn plan_err(s: &AttnShape, opts: &Attention) -> Error {
-    let req_masks = opts.masking().spec(s);
-    match req_masks {
+    match opts.request(*s) {
         Err(e) => e,
         Ok(_) => panic!("{s}: masking {:?} was accepted", opts.masking()),
     }
@@ -115,6 +114,15 @@ fn bad_masking_input_gets_a_typed_error() {
         (a().with_q_lens(vec![6, 0]), "q_lens[0] = 6"),
         (a().with_softcap(0.0), "softcap"),
         (a().with_softcap(f32::INFINITY), "softcap"),
+        // Finite values whose logits f32 cannot carry through the kernels' pre-scaling.
+        (a().with_bias([1, 1, 1, 7], vec![3e38; 7]), "at most 1e30"),
+        (a().with_softcap(1e31), "at most 1e30"),
+        (a().with_scale(3.4e38), "scale is 3.4e38"),
+        (a().with_scale(f32::INFINITY), "scale must be finite"),
+        (
+            a().with_scale(0.5).with_key_segment(0, 5, 1e38),
+            "scale × factor of key segment [0, 5) is 5e37",
+        ),
         (a().with_key_segment(2, 2, 1.0), "non-empty"),
         (a().with_key_segment(0, 8, 1.0), "within the 7 keys"),
         (a().with_key_segment(0, 3, f32::NAN), "factor"),

@@ -11,6 +11,7 @@ const CAPS: DeviceCaps = DeviceCaps {
     max_workgroups: 65535,
     max_workgroup_bytes: 16 << 10,
     uniform_align: 256,
+    loop_cap: Some(xattn::plan::LLVMPIPE_LOOP_CAP),
 };
 
 /// Every kernel specialization the planner can produce for head dims 1..=256, unmasked and

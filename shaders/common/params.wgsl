@@ -26,8 +26,8 @@ struct AttnParams {
     bias_b: u32,
     bias_h: u32,
     bias_row: u32,
-    _pad0: u32,
-    _pad1: u32,
+    key_begin: u32,
+    key_end: u32,
     seg_start: vec4<u32>,
     seg_end: vec4<u32>,
     seg_factor: vec4<f32>,
@@ -45,8 +45,16 @@ fn head_of(p: AttnParams, bh: u32) -> Head {
     return Head(bh / p.q_heads, h, h / (p.q_heads / p.kv_heads));
 }
 
-// Finite stand-in for −∞ as a running max: −∞ − (−∞) would be NaN.
-const NEG_BIG: f32 = -1.0e30;
+// flags bit (src/params.rs flags::SPLIT_STATS): split-K partial statistics come as two rows
+// per split, max logit and ln(sum), not one LSE.
+const FLAG_SPLIT_STATS: u32 = 16u;
+
+// Logit of a removed key: finite (no reliance on IEEE infinities) and far below every kept
+// logit, in natural and log2 units alike: the host bounds scale, segment factors, softcap and
+// bias (src/mask.rs, LOGIT_FACTOR_MAX), so `x > REMOVED_BELOW` tells kept keys from removed
+// ones on every path. MASKED also starts running maxima: exp(MASKED − max) is 0, never NaN.
+const MASKED: f32 = -3.0e38;
+const REMOVED_BELOW: f32 = -1.0e38;
 
 // −∞ for LSE of rows that saw no key (built at run time: WGSL has no infinite literals).
 fn neg_inf() -> f32 {

@@ -12,19 +12,18 @@ const PER: u32 = 4u; // TILE / WG
 var<workgroup> a_tile: array<f32, 1024>;
 var<workgroup> b_tile: array<f32, 1024>;
 
-// acc[i·PER + j] += Σ_kk a_tile[kk][lid.y + i·WG] · b_tile[kk][lid.x + j·WG].
-fn accumulate_tile(acc: ptr<function, array<f32, 16>>, lid: vec3<u32>) {
+// acc[i][j] += Σ_kk a_tile[kk][lid.y + i·WG] · b_tile[kk][lid.x + j·WG]. The 4×4 block is
+// written out as vec4 operations: llvmpipe counts every loop iteration against its cap
+// (gpu::kernels::LoopCost), so the BK loop is the only loop here.
+fn accumulate_tile(acc: ptr<function, array<vec4<f32>, 4>>, lid: vec3<u32>) {
     for (var kk = 0u; kk < BK; kk++) {
-        var a: array<f32, 4>;
-        var c: array<f32, 4>;
-        for (var i = 0u; i < PER; i++) {
-            a[i] = a_tile[kk * TILE + lid.y + i * WG];
-            c[i] = b_tile[kk * TILE + lid.x + i * WG];
-        }
-        for (var i = 0u; i < PER; i++) {
-            for (var j = 0u; j < PER; j++) {
-                (*acc)[i * PER + j] = fma(a[i], c[j], (*acc)[i * PER + j]);
-            }
-        }
+        let ra = kk * TILE + lid.y;
+        let rb = kk * TILE + lid.x;
+        let a = vec4<f32>(a_tile[ra], a_tile[ra + WG], a_tile[ra + 2u * WG], a_tile[ra + 3u * WG]);
+        let c = vec4<f32>(b_tile[rb], b_tile[rb + WG], b_tile[rb + 2u * WG], b_tile[rb + 3u * WG]);
+        (*acc)[0] = fma(vec4<f32>(a.x), c, (*acc)[0]);
+        (*acc)[1] = fma(vec4<f32>(a.y), c, (*acc)[1]);
+        (*acc)[2] = fma(vec4<f32>(a.z), c, (*acc)[2]);
+        (*acc)[3] = fma(vec4<f32>(a.w), c, (*acc)[3]);
     }
 }

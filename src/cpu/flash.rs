@@ -4,16 +4,16 @@
 
 use crate::cpu::mask::{
     diagonal, key_range, mask_any, mask_bit, mask_row_base, shape_logit, window_hi, window_lo,
-    MaskData, MASKED,
+    MaskData, MASKED, REMOVED_BELOW,
 };
-use crate::cpu::softmax_rows::NEG_BIG;
 use crate::params::{flags, AttnParams};
 
 use std::f32::consts::{LN_2, LOG2_E};
 
 /// Writes split `split`'s normalized O into slice `split` of `o [n_splits, batch, M, q_heads, d_v]`
-/// and its LSE into `lse [n_splits, batch, q_heads, M]`, for every split of the chunk; `br`
-/// rows share a workgroup's key range.
+/// and its LSE into `lse [n_splits, batch, q_heads, M]` (with `flags::SPLIT_STATS`, its max
+/// logit and ln(sum) into `lse [n_splits, 2, batch, q_heads, M]`), for every split of the
+/// chunk; `br` rows share a workgroup's key range.
 #[allow(clippy::too_many_arguments)]
 pub fn flash(
     p: &AttnParams,
@@ -62,7 +62,7 @@ pub fn flash(
                             .fold(0.0f32, |a, (&x, &y)| x.mul_add(y, a))
                     };
                     let mut acc = vec![0.0f32; dv];
-                    let (mut m, mut l) = (NEG_BIG, 0.0f32);
+                    let (mut m, mut l) = (MASKED, 0.0f32);
                     let mut t0 = lo;
                     while t0 < hi {
                         let len = bc.min(hi - t0);
@@ -88,10 +88,15 @@ pub fn flash(
                                         return MASKED;
                                     }
                                     let s = score(j);
-                                    if p.flags & logit_flags != 0 {
-                                        shape_logit(p, masks, s * LN_2, [b, h, grow, j]) * LOG2_E
+                                    if p.flags & logit_flags == 0 {
+                                        return s;
+                                    }
+                                    // Shaped in natural units, as in the shader.
+                                    let y = shape_logit(p, masks, s * LN_2, [b, h, grow, j]);
+                                    if y > REMOVED_BELOW {
+                                        y * LOG2_E
                                     } else {
-                                        s
+                                        MASKED
                                     }
                                 })
                                 .collect();
@@ -101,7 +106,11 @@ pub fn flash(
                             acc.iter_mut().for_each(|a| *a *= alpha);
                             for (j, &s) in (t0..t1).zip(&sc) {
                                 // Removed keys add 0 (branchless, as in the shader).
-                                let pc = if s > NEG_BIG { (s - tmax).exp2() } else { 0.0 };
+                                let pc = if s > REMOVED_BELOW {
+                                    (s - tmax).exp2()
+                                } else {
+                                    0.0
+                                };
                                 l += pc;
                                 let vbase = (((b * p.n + j) * p.kv_heads + hk) * p.d_v) as usize;
                                 for (a, &x) in acc.iter_mut().zip(&v[vbase..vbase + dv]) {
@@ -112,17 +121,24 @@ pub fn flash(
                         }
                         t0 += bc;
                     }
-                    let (inv, row_lse) = if l > 0.0 {
-                        (1.0 / l, (m + l.log2()) * LN_2)
+                    let (inv, row_max, log_sum) = if l > 0.0 {
+                        (1.0 / l, m * LN_2, l.ln())
                     } else {
-                        (0.0, f32::NEG_INFINITY)
+                        (0.0, f32::NEG_INFINITY, 0.0)
                     };
                     let obase =
                         ((((split * p.batch + b) * p.m + grow) * p.q_heads + h) * p.d_v) as usize;
                     for (d, a) in acc.iter().enumerate() {
                         o[obase + d] = a * inv;
                     }
-                    lse[((split * p.batch * p.q_heads + bh) * p.m + grow) as usize] = row_lse;
+                    let rows = p.batch * p.q_heads * p.m;
+                    let at = bh * p.m + grow;
+                    if p.flags & flags::SPLIT_STATS != 0 {
+                        lse[(2 * split * rows + at) as usize] = row_max;
+                        lse[((2 * split + 1) * rows + at) as usize] = log_sum;
+                    } else {
+                        lse[(split * rows + at) as usize] = row_max + log_sum;
+                    }
                 }
             }
         }

@@ -3,8 +3,11 @@
 
 use crate::params::{flags, AttnParams, UNBOUNDED};
 
-/// Logit of a removed key, as `MASKED` in the shaders.
+/// Logit of a removed key, as `MASKED` in the shaders; also the start of running maxima.
 pub const MASKED: f32 = -3.0e38;
+/// Logits at or below this are removed keys, as `REMOVED_BELOW` in the shaders: far below
+/// every kept logit in natural and log2 units (the host bounds the factors that shape them).
+pub const REMOVED_BELOW: f32 = -1.0e38;
 
 /// The kernels' mask buffers: `lens` (`q_lens[batch]` then `kv_lens[batch]`), packed mask bits
 /// and bias (placeholders when unused).
@@ -106,17 +109,45 @@ fn segment_factor(p: &AttnParams, j: u32) -> f32 {
         .map_or(1.0, |g| p.seg_factor[g])
 }
 
-/// The logit `x` of key `j` after segment factor, softcap and bias.
+/// `cap·tanh(y/cap)` in f32 as `soft_cap` in the shader: the odd series of tanh(t)/t below
+/// |t| = 0.5, `1 − 2/(e^{2|t|} + 1)` up to 15, ±1 beyond.
+pub fn soft_cap(y: f32, cap: f32) -> f32 {
+    let a = y.abs();
+    if a < 0.5 * cap {
+        let t2 = (y / cap) * (y / cap);
+        let r = 1.0
+            + t2 * (-1.0 / 3.0
+                + t2 * (2.0 / 15.0
+                    + t2 * (-17.0 / 315.0
+                        + t2 * (62.0 / 2835.0
+                            + t2 * (-1382.0 / 155925.0
+                                + t2 * (21844.0 / 6081075.0 + t2 * (-929569.0 / 638512875.0)))))));
+        return y * r;
+    }
+    let th = if a < 15.0 * cap {
+        1.0 - 2.0 / ((2.0 * (a / cap)).exp() + 1.0)
+    } else {
+        1.0
+    };
+    y.signum() * cap * th
+}
+
+/// The logit `x` of key `j` after segment factor, softcap and bias, or [`MASKED`] when its
+/// bias (≤ `mask::BIAS_REMOVES`) removes the key.
 pub fn shape_logit(p: &AttnParams, m: &MaskData, x: f32, [b, h, i, j]: [u32; 4]) -> f32 {
     let mut y = x;
     if p.flags & flags::SEGMENTS != 0 {
         y *= segment_factor(p, j);
     }
     if p.flags & flags::SOFTCAP != 0 {
-        y = p.softcap * (y / p.softcap).clamp(-15.0, 15.0).tanh();
+        y = soft_cap(y, p.softcap);
     }
     if p.flags & flags::BIAS != 0 {
-        y += m.bias[(b * p.bias_b + h * p.bias_h + i * p.bias_row + j) as usize];
+        let bias = m.bias[(b * p.bias_b + h * p.bias_h + i * p.bias_row + j) as usize];
+        if bias <= crate::mask::BIAS_REMOVES {
+            return MASKED;
+        }
+        y += bias;
     }
     y
 }

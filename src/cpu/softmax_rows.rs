@@ -1,10 +1,8 @@
 //! CPU twin of `shaders/softmax_rows.wgsl`: row softmax of the scratch in place, plus LSE;
-//! scores ≤ `NEG_BIG` are removed keys.
+//! scores ≤ `REMOVED_BELOW` are removed keys.
 
+use crate::cpu::mask::{MASKED, REMOVED_BELOW};
 use crate::params::AttnParams;
-
-/// Finite running-max start, as `NEG_BIG` in the shaders.
-pub const NEG_BIG: f32 = -1.0e30;
 
 /// Turns `s [bh_count, rows, N]` into weights and writes `lse [batch, q_heads, M]`.
 pub fn softmax_rows(p: &AttnParams, s: &mut [f32], lse: &mut [f32]) {
@@ -13,8 +11,14 @@ pub fn softmax_rows(p: &AttnParams, s: &mut [f32], lse: &mut [f32]) {
         for row in 0..p.rows {
             let base = ((lbh * p.rows + row) * p.n) as usize;
             let r = &mut s[base..base + n];
-            let mx = r.iter().fold(NEG_BIG, |a, &x| a.max(x));
-            let kept_exp = |x: f32| if x > NEG_BIG { (x - mx).exp() } else { 0.0 };
+            let mx = r.iter().fold(MASKED, |a, &x| a.max(x));
+            let kept_exp = |x: f32| {
+                if x > REMOVED_BELOW {
+                    (x - mx).exp()
+                } else {
+                    0.0
+                }
+            };
             let sum: f32 = r.iter().map(|&x| kept_exp(x)).sum();
             let (inv, row_lse) = if sum > 0.0 {
                 (1.0 / sum, mx + sum.ln())

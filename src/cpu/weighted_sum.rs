@@ -1,8 +1,9 @@
-//! CPU twin of `shaders/weighted_sum.wgsl`: O = P·V for one chunk, in f32.
+//! CPU twin of `shaders/weighted_sum.wgsl`: O = P·V for one chunk and key range, in f32.
 
 use crate::params::AttnParams;
 
-/// Reads weights `w [bh_count, rows, N]` and writes the chunk's rows of `o [batch, M, q_heads, d_v]`.
+/// Reads weights `w [bh_count, rows, N]` over keys `key_begin..key_end` and writes the chunk's
+/// rows of `o [batch, M, q_heads, d_v]` (the first key range) or adds to them (later ones).
 pub fn weighted_sum(p: &AttnParams, w: &[f32], v: &[f32], o: &mut [f32]) {
     for lbh in 0..p.bh_count {
         let bh = p.bh_offset + lbh;
@@ -11,12 +12,13 @@ pub fn weighted_sum(p: &AttnParams, w: &[f32], v: &[f32], o: &mut [f32]) {
         for row in 0..p.rows {
             for dim in 0..p.d_v {
                 let mut acc = 0.0f32;
-                for j in 0..p.n {
+                for j in p.key_begin..p.key_end {
                     let pv = w[((lbh * p.rows + row) * p.n + j) as usize];
                     let vv = v[(((b * p.n + j) * p.kv_heads + hk) * p.d_v + dim) as usize];
                     acc = pv.mul_add(vv, acc);
                 }
-                o[(((b * p.m + p.row_offset + row) * p.q_heads + h) * p.d_v + dim) as usize] = acc;
+                let at = (((b * p.m + p.row_offset + row) * p.q_heads + h) * p.d_v + dim) as usize;
+                o[at] = if p.key_begin > 0 { acc + o[at] } else { acc };
             }
         }
     }

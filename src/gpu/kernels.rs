@@ -94,6 +94,45 @@ const COMMON_FILES: &[(&str, &str)] = &[
 
 use Access::{Read, ReadWrite, Uniform};
 
+/// Invocations of a `softmax_rows` workgroup (`WG` in the shader).
+const SOFTMAX_WG: u64 = 256;
+/// Depth of one operand slice of the tiled GEMM kernels (`BK` in common/tile_gemm.wgsl).
+const GEMM_BK: u64 = 16;
+
+/// Loop iterations one invocation of a kernel may run in one dispatch, as
+/// `fixed + per_step · ⌈len / step⌉` over the kernel's one long loop (keys, a reduction dim or
+/// splits; [`Kernel::loop_cost`] says which). Every loop the shader executes is counted as its
+/// iterations + 1 (the exit test counts on Mesa's llvmpipe, which ends a shader's loops once
+/// 65,535 iterations have run in one invocation, all loops together: see
+/// `plan::DeviceCaps::loop_cap`); loops over compile-time constants the shaders write out.
+/// An upper bound: the planner keeps every dispatch at or under the device's cap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoopCost {
+    /// Iterations whatever the length.
+    pub fixed: u64,
+    /// Iterations per step of the long loop.
+    pub per_step: u64,
+    /// Elements one step covers.
+    pub step: u64,
+}
+
+impl LoopCost {
+    /// Iterations for a long loop over `len` elements.
+    pub fn trips(&self, len: u64) -> u64 {
+        self.fixed + self.per_step * len.div_ceil(self.step)
+    }
+
+    /// The longest loop (a multiple of `step`) whose iterations stay within `cap`; 0 if none.
+    pub fn max_len(&self, cap: u64) -> u64 {
+        cap.saturating_sub(self.fixed) / self.per_step * self.step
+    }
+}
+
+/// The iterations of a loop of `n` iterations, exit test included.
+const fn looped(n: u64) -> u64 {
+    n + 1
+}
+
 impl Kernel {
     /// The file name (without `.wgsl`) of this kernel, also the first part of its label.
     pub fn name(&self) -> &'static str {
@@ -145,9 +184,104 @@ impl Kernel {
     pub fn workgroup_bytes(&self) -> u64 {
         match *self {
             Kernel::QkScores { .. } | Kernel::WeightedSum | Kernel::Linear => 2 * 1024 * 4,
-            Kernel::SoftmaxRows => 128 * 4,
+            Kernel::SoftmaxRows => SOFTMAX_WG * 4,
             Kernel::Flash { dk, dv, bc, .. } => u64::from(bc * (dk + dv)) * 4,
             Kernel::MergePartials | Kernel::MeanHeads => 0,
+        }
+    }
+
+    /// What the kernel's long loop runs over (for messages).
+    pub fn long_loop(&self) -> &'static str {
+        match self {
+            Kernel::QkScores { .. } => "head dims d_k",
+            Kernel::SoftmaxRows => "keys per row",
+            Kernel::WeightedSum => "keys",
+            Kernel::Flash { .. } => "keys per split",
+            Kernel::MergePartials => "splits",
+            Kernel::Linear => "input features",
+            Kernel::MeanHeads => "heads",
+        }
+    }
+
+    /// What bounds this kernel's loops for a dispatch with params `p` (see [`LoopCost`]), and
+    /// the long loop's length in that dispatch.
+    pub fn loop_cost(&self, p: &crate::plan::Params) -> (LoopCost, u64) {
+        use crate::params::flags;
+        use crate::plan::Params;
+        // The tiled GEMM step: its loop, the staging loop (1024 elements / 256 invocations)
+        // and the BK loop of accumulate_tile. The 4×4 output loops and, where the logit is
+        // shaped per element, the segment lookup (≤ n_segments + 1 each) run once.
+        let gemm = |segments: u64| LoopCost {
+            fixed: looped(0) + looped(4) + 4 * looped(4) + 16 * segments,
+            per_step: 1 + looped(4) + looped(GEMM_BK),
+            step: GEMM_BK,
+        };
+        let attn = match p {
+            Params::Attn(a) => *a,
+            Params::Linear(l) => {
+                return (gemm(0), u64::from(l.in_dim));
+            }
+        };
+        let segments = if attn.flags & flags::SEGMENTS != 0 {
+            looped(u64::from(attn.n_segments))
+        } else {
+            0
+        };
+        match *self {
+            Kernel::QkScores { .. } => (gemm(segments), u64::from(attn.d_k)),
+            Kernel::WeightedSum => (gemm(0), u64::from(attn.key_end - attn.key_begin)),
+            Kernel::Linear => unreachable!("linear dispatches carry LinearParams"),
+            // Three strided key loops; two tree reductions of log2(WG) levels.
+            Kernel::SoftmaxRows => (
+                LoopCost {
+                    fixed: 3 * looped(0) + 2 * looped(SOFTMAX_WG.ilog2().into()),
+                    per_step: 3,
+                    step: SOFTMAX_WG,
+                },
+                u64::from(attn.n),
+            ),
+            // Two loops over the splits.
+            Kernel::MergePartials => (
+                LoopCost {
+                    fixed: 2 * looped(0),
+                    per_step: 2,
+                    step: 1,
+                },
+                u64::from(attn.n_splits),
+            ),
+            Kernel::MeanHeads => (
+                LoopCost {
+                    fixed: looped(0),
+                    per_step: 1,
+                    step: 1,
+                },
+                u64::from(attn.q_heads),
+            ),
+            // Per tile of bc keys: the tile loop, K and V staging, the mask-word scan, the
+            // score loop (with the segment lookup per key) and the accumulate loop. Fixed:
+            // loading the Q row and storing the O row.
+            Kernel::Flash { dk, dv, bc, br, .. } => {
+                let [dk, dv, bc, br] = [dk, dv, bc, br].map(u64::from);
+                let mask_words = if attn.flags & flags::MASK != 0 {
+                    looped(bc.div_ceil(32) + 1)
+                } else {
+                    0
+                };
+                (
+                    LoopCost {
+                        fixed: looped(0) + looped(dk) + looped(dv),
+                        per_step: 1
+                            + looped((bc * dk / 4).div_ceil(br))
+                            + looped((bc * dv / 4).div_ceil(br))
+                            + mask_words
+                            + looped(bc)
+                            + bc * segments
+                            + looped(bc),
+                        step: bc,
+                    },
+                    u64::from(attn.split_len.min(attn.n)),
+                )
+            }
         }
     }
 

@@ -43,7 +43,17 @@ pub const CAPS: xattn::plan::DeviceCaps = xattn::plan::DeviceCaps {
     max_workgroups: 65535,
     max_workgroup_bytes: 32 << 10,
     uniform_align: 256,
+    loop_cap: Some(xattn::plan::LLVMPIPE_LOOP_CAP),
 };
+
+/// V = key index / N in every dim: O is the softmax-weighted mean position, which moves by
+/// the mass of any key a kernel drops.
+pub fn positions(s: &AttnShape) -> Vec<f32> {
+    let per_key = s.kv_heads * s.d_v;
+    (0..s.batch * s.n * per_key)
+        .map(|e| ((e / per_key) % s.n) as f32 / s.n as f32)
+        .collect()
+}
 
 /// Uniform values in [-amp, amp), seeded.
 pub fn random(len: usize, amp: f32, seed: u64) -> Vec<f32> {
