@@ -11,15 +11,16 @@
 // per-key logit control, take the plain loop; others check each key.
 //
 // Split-K: workgroup_id.y picks a key range [split·split_len, …); each split writes its own
-// normalized (O, LSE) into slice `split` of o/lse, and merge_partials combines them by LSE.
-// With n_splits = 1 slice 0 is the final output.
+// normalized O into slice `split` of o and, with FLAG_SPLIT_STATS, its max logit and ln(sum)
+// into two rows of lse; merge_partials combines them. With n_splits = 1 slice 0 is the final
+// output and lse the final LSE.
 //
 // Specialized by the host (prelude): DK4, DV4 (head dims in vec4s, zero-padded), BC (keys per
 // tile), BR (rows = invocations per workgroup), ANY_MASKING (whether the call masks anything),
 // and the straight-line helpers `score`, `rescale` and `accumulate` over DK4/DV4 vec4s. They
-// are generated unrolled because the head dim is known and because Mesa's llvmpipe stops any
-// loop after 65535 cumulative iterations, which per-element inner loops over d reach after a
-// few hundred keys.
+// are generated unrolled because the head dim is known and because Mesa's llvmpipe ends an
+// invocation's loops after 65535 iterations in all: the planner bounds the keys of one pass by
+// this kernel's LoopCost (gpu/kernels.rs), which counts every loop left here.
 //!include common/params.wgsl
 //!include common/mask.wgsl
 

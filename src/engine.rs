@@ -31,7 +31,10 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Multiplies the logits Q·Kᵀ by `scale` instead of the default `1/√d_k`.
+    /// Multiplies the logits Q·Kᵀ by `scale` instead of the default `1/√d_k`. `|scale|`, and
+    /// its product with every key segment's factor, must be at most
+    /// [`LOGIT_FACTOR_MAX`](crate::mask::LOGIT_FACTOR_MAX) (1e30), else the call returns
+    /// [`Error::Argument`].
     pub fn with_scale(mut self, scale: f32) -> Self {
         self.scale = Some(scale);
         self
@@ -86,13 +89,14 @@ impl Attention {
         self.masking.mask = Some(Broadcast { dims, data: mask });
         self
     }
-    /// Additive logit bias, dims `[batch|1, q_heads|1, M|1, N]` row-major; −∞ removes a key.
+    /// Additive logit bias, dims `[batch|1, q_heads|1, M|1, N]` row-major; −∞, or any value
+    /// ≤ −1e30, removes a key; values must not be NaN or above 1e30.
     pub fn with_bias(mut self, dims: [usize; 4], bias: Vec<f32>) -> Self {
         self.masking.bias = Some(Broadcast { dims, data: bias });
         self
     }
     /// Soft-caps logits: `cap·tanh(logit/cap)`, after the scale and segment factors, before
-    /// the bias.
+    /// the bias; `0 < cap ≤ 1e30`, computed to f32 accuracy over that whole range.
     pub fn with_softcap(mut self, cap: f32) -> Self {
         self.masking.softcap = Some(cap);
         self

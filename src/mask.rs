@@ -11,7 +11,12 @@
 //! Its logit is `scale·q·k`, times the factor of the key segment holding `j` (if any), then
 //! soft-capped `cap·tanh(x/cap)` (if set), then plus the bias at `[b, h, i, j]` (if any).
 //! A bias of −∞, or of any value ≤ −1e30 ([`BIAS_REMOVES`], taken as −∞ on every path),
-//! removes the key like a `false` mask element.
+//! removes the key like a `false` mask element; the rule looks at the bias value alone, in
+//! natural units, whatever log base a kernel computes in.
+//!
+//! The factors that shape a logit are bounded by [`LOGIT_FACTOR_MAX`] (1e30): |scale|,
+//! |scale × segment factor|, the softcap and a kept bias. Beyond, the kernels' f32 logits would
+//! overflow or meet the removed-key sentinel, so such calls are refused with a typed error.
 //!
 //! Removed keys get weight exactly 0, and a path may still multiply their values by it, so V
 //! must be finite everywhere, padding included (as in PyTorch, where 0·NaN = NaN too).

@@ -745,7 +745,7 @@ fn split_count(s: &AttnShape, caps: &DeviceCaps, per_pass: usize) -> usize {
     // Partials must fit one binding each.
     let o_bytes = bytes(s.o_dims().iter().product());
     while splits > needed && o_bytes * splits as u64 > caps.max_binding {
-        splits /= 2;
+        splits = (splits / 2).max(needed);
     }
     splits
 }

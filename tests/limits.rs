@@ -473,3 +473,27 @@ fn generated_inputs_are_right_or_refused() {
         "{refused} of {cases} cases refused"
     );
 }
+
+/// The softcap formula the kernels use (its CPU twin, in f32) against f64's tanh: within a few
+/// ulp for every cap from 1e-3 to 1e30 and arguments from 1e-9 to past saturation. The
+/// exp-based tanh it replaces lost all digits from t ≈ 1e-8.
+#[test]
+fn softcap_is_f32_accurate_for_every_cap() {
+    use xattn::cpu::mask::soft_cap;
+    for cap in [1e-3f32, 0.1, 1.0, 30.0, 1e4, 1e8, 1e30] {
+        for t in [
+            1e-9f64, 1e-4, 0.1, 0.49, 0.5, 0.51, 1.0, 5.0, 14.9, 15.0, 100.0,
+        ] {
+            for sign in [1.0, -1.0] {
+                let y = (sign * t * f64::from(cap)) as f32;
+                let got = f64::from(soft_cap(y, cap));
+                let want = f64::from(cap) * (f64::from(y) / f64::from(cap)).tanh();
+                let ulps = (got - want).abs() / (want.abs() * f64::from(f32::EPSILON));
+                assert!(
+                    ulps <= 4.0,
+                    "cap {cap} y {y}: {got} vs {want} ({ulps:.1} ulp)"
+                );
+            }
+        }
+    }
+}
