@@ -269,10 +269,21 @@ fn error_setup(name: &str) -> TempDir {
 }
 
 fn run_err(dir: &TempDir, extra: &[&str]) -> String {
-    let args = run_args(dir, extra);
+    fails_in(dir, &run_args(dir, extra))
+}
+
+/// [`fails`] on `args`, asserting that no output or temporary file is left in `dir`.
+fn fails_in(dir: &TempDir, args: &[String]) -> String {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let err = fails(&args);
-    assert!(!dir.path("o.npy").exists(), "no output is written on error");
+    for file in std::fs::read_dir(dir.path("")).unwrap() {
+        let name = file.unwrap().file_name().to_string_lossy().into_owned();
+        let output = matches!(name.as_str(), "o.npy" | "lse.npy" | "w.npy");
+        assert!(
+            !output && !name.ends_with(".tmp"),
+            "{name} is left after an error: {err}"
+        );
+    }
     err
 }
 
@@ -372,7 +383,10 @@ fn negative_or_float_lens_are_rejected() {
     let too_long = dir.path("ql5.npy");
     write_npy(&too_long, &[5i32, 4], &[2]); // M = 4
     let err = run_err(&dir, &["--q-lens", s(&too_long)]);
-    assert_mentions(&err, &["--q-lens", "q_lens[0] = 5"]);
+    assert_mentions(&err, &["--q-lens", "entry 0 is 5", "more than M = 4"]);
+    write_npy(&too_long, &[6i32, 7], &[2]); // N = 6
+    let err = run_err(&dir, &["--kv-lens", s(&too_long)]);
+    assert_mentions(&err, &["--kv-lens", "entry 1 is 7", "more than N = 6"]);
 }
 
 #[test]
@@ -403,6 +417,151 @@ fn align_needs_window() {
     let dir = error_setup("align");
     let err = run_err(&dir, &["--align", "top-left"]);
     assert_mentions(&err, &["--window"]);
+}
+
+#[test]
+fn a_truncated_npy_header_says_truncated() {
+    let dir = error_setup("trunchead");
+    truncate(&dir.path("q.npy"), 30);
+    let err = run_err(&dir, &[]);
+    assert_mentions(
+        &err,
+        &["q.npy", "truncated header", "after 30 bytes", "needs 128"],
+    );
+}
+
+#[test]
+fn npy_header_errors_name_the_token_or_dtype_in_one_line() {
+    let dir = error_setup("badhead");
+    let q = dir.path("q.npy");
+    let dict = |descr: &str, order: &str| {
+        format!("{{'descr': '{descr}', 'fortran_order': {order}, 'shape': (2, 4, 2, 3), }}")
+    };
+    write_npy_raw(&q, &dict("<f4", "Flase"), &[0; 4 * 48]);
+    let err = run_err(&dir, &[]);
+    assert_mentions(
+        &err,
+        &["q.npy", "does not parse at `Flase`", "column 35", "False"],
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!err.contains("-->"), "no parser diagnostic: {err}");
+    write_npy_raw(&q, &dict("<q9", "False"), &[0; 4 * 48]);
+    let err = run_err(&dir, &[]);
+    assert_mentions(
+        &err,
+        &["q.npy", "dtype `<q9`", "not a numpy type string", "float32"],
+    );
+}
+
+#[test]
+fn string_arrays_are_not_numbers() {
+    let dir = error_setup("strings");
+    let dict = |descr: &str, shape: &str| {
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}")
+    };
+    let m = dir.path("m.npy");
+    write_npy_raw(&m, &dict("|S1", "(4, 6)"), &[b'1'; 24]);
+    let err = run_err(&dir, &["--mask", s(&m)]);
+    assert_mentions(&err, &["m.npy", "strings", "not numbers", "bool"]);
+    assert!(!err.contains("astype"), "no cast for strings: {err}");
+    write_npy_raw(
+        &dir.path("q.npy"),
+        &dict("<U2", "(2, 4, 2, 3)"),
+        &[0; 8 * 48],
+    );
+    let err = run_err(&dir, &[]);
+    assert_mentions(&err, &["q.npy", "strings", "not numbers", "float32"]);
+    assert!(!err.contains("astype"), "no cast for strings: {err}");
+}
+
+#[test]
+fn a_truncated_bool_mask_gets_no_value_hint() {
+    let dir = error_setup("truncmask");
+    let m = dir.path("m.npy");
+    write_npy(&m, &[true; 24], &[4, 6]);
+    truncate(&m, std::fs::metadata(&m).unwrap().len() - 10);
+    let err = run_err(&dir, &["--mask", s(&m)]);
+    assert_mentions(&err, &["m.npy", "truncated", "24 elements"]);
+    assert!(!err.contains("0 and 1"), "{err}");
+}
+
+#[test]
+fn outputs_are_checked_before_the_run_and_left_whole_or_not_at_all() {
+    let dir = error_setup("outputs");
+    let args = |flag: &str, file: &FsPath| with(run_args(&dir, &[]), flag, s(file));
+    // A file where a folder should be.
+    let err = fails_in(&dir, &args("--out", &dir.path("q.npy").join("o.npy")));
+    assert_mentions(&err, &["--out", "q.npy is a file, not a folder"]);
+    // The last output unwritable: nothing is computed and no other output is written.
+    let err = fails_in(&dir, &args("--lse", &dir.path("none").join("lse.npy")));
+    assert_mentions(&err, &["--lse", "folder", "none", "does not exist"]);
+    let err = fails_in(&dir, &args("--lse", &dir.path("o.npy")));
+    assert_mentions(&err, &["--lse", "--out writes it too"]);
+}
+
+#[test]
+fn an_overflowing_scale_says_so() {
+    let dir = error_setup("scale");
+    let err = run_err(&dir, &["--scale", "1e39"]);
+    assert_mentions(&err, &["--scale", "1e39", "overflows f32"]);
+    assert!(!err.contains("got inf"), "{err}");
+}
+
+#[test]
+fn a_negative_window_says_sides_are_at_least_zero() {
+    let dir = error_setup("negwindow");
+    let err = run_err(&dir, &["--causal", "top-left", "--window", "-1", "0"]);
+    assert_mentions(&err, &["--window", "`-1`", "≥ 0"]);
+}
+
+#[cfg(unix)]
+#[test]
+fn fifos_and_devices_are_refused_without_blocking() {
+    let dir = error_setup("fifo");
+    let fifo = dir.path("f.npy");
+    let made = Command::new("mkfifo").arg(&fifo).status();
+    if made.is_ok_and(|st| st.success()) {
+        let err = run_err(&dir, &["--mask", s(&fifo)]);
+        assert_mentions(&err, &["f.npy", "FIFO", "regular files"]);
+    } else {
+        eprintln!("no mkfifo: the FIFO case is skipped");
+    }
+    let err = run_err(&dir, &["--bias", "/dev/null"]);
+    assert_mentions(&err, &["/dev/null", "a device", "regular files"]);
+    let err = run_err(&dir, &["--bias", s(&dir.path(""))]);
+    assert_mentions(&err, &["a folder", "regular files"]);
+}
+
+/// Three-pass is limited to 65535 · 64 keys where a grid dim is limited to 65535 workgroups
+/// (the WebGPU default); fused and split-K are not.
+#[test]
+fn a_three_pass_limit_names_the_limit_and_the_way_out() {
+    let Some(engine) = engine() else { return };
+    let workgroups = engine.caps().max_workgroups as usize;
+    let n = workgroups * 64 + 1;
+    if n > 1 << 24 {
+        eprintln!("max_compute_workgroups_per_dimension {workgroups}: the case would be too big");
+        return;
+    }
+    let dir = TempDir::new("threepass");
+    write_npy(&dir.path("q.npy"), &[1.0f32], &[1, 1, 1, 1]);
+    write_npy(&dir.path("k.npy"), &vec![0.0f32; n], &[1, n, 1, 1]);
+    write_npy(&dir.path("v.npy"), &vec![0.0f32; n], &[1, n, 1, 1]);
+    let w = dir.path("w.npy");
+    for (flags, fix) in [
+        (["--path", "three-pass"], "drop --path three-pass"),
+        (["--weights", s(&w)], "drop --weights"),
+    ] {
+        let err = run_err(&dir, &flags);
+        assert_mentions(
+            &err,
+            &[
+                "max_compute_workgroups_per_dimension",
+                "fused and split-k",
+                fix,
+            ],
+        );
+    }
 }
 
 #[test]

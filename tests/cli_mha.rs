@@ -250,15 +250,6 @@ fn assert_mentions(err: &str, parts: &[&str]) {
     }
 }
 
-/// `args` with the value after `flag` replaced by `value` (the flag added if absent).
-fn with(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
-    match args.iter().position(|a| a == flag) {
-        Some(i) => args[i + 1] = value.to_string(),
-        None => args.extend([flag.to_string(), value.to_string()]),
-    }
-    args
-}
-
 #[test]
 fn a_wrong_prefix_names_the_tensors_looked_for() {
     let c = Case::load("packed_bias");
@@ -290,6 +281,28 @@ fn a_wrong_prefix_names_the_tensors_looked_for() {
         &err,
         &["q_proj.weight", "`model.decoder.layers.0.encoder_attn.`"],
     );
+}
+
+#[test]
+fn a_truncated_weights_file_says_truncated() {
+    let c = Case::load("packed_bias");
+    let dir = TempDir::new("truncweights");
+    let w = dir.path("w.safetensors");
+    std::fs::copy(c.file("weights.safetensors"), &w).unwrap();
+    // Cut inside the data, the JSON header, the header's length.
+    for len in [std::fs::metadata(&w).unwrap().len() - 10, 100, 5] {
+        truncate(&w, len);
+        let err = fails(&dir, &with(c.fixture_args(&dir), "--weights", &s(&w)));
+        assert_mentions(
+            &err,
+            &[
+                "--weights",
+                "w.safetensors",
+                "truncated",
+                &format!("after {len} bytes"),
+            ],
+        );
+    }
 }
 
 #[test]

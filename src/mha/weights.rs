@@ -13,7 +13,7 @@
 //! file is an error rather than silently dropped. Tensors may be f32, f16 or bf16 (widened to
 //! f32). K and V projections output `kv_heads · head_dim` features.
 
-use safetensors::{Dtype, SafeTensors};
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use crate::error::{Error, Result};
 use crate::mha::MhaConfig;
@@ -79,6 +79,37 @@ fn load(st: &SafeTensors, name: &str, want: &[usize]) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// The error for `bytes` that do not deserialize: "truncated", with the sizes, when the file
+/// ends before the header or the tensors it declares do.
+fn parse_error(bytes: &[u8], e: SafeTensorError) -> Error {
+    // An 8-byte little-endian header length, the JSON header, then the tensors' data.
+    let header_end = bytes
+        .get(..8)
+        .map(|n| (u64::from_le_bytes(n.try_into().expect("8 bytes")) as usize).saturating_add(8));
+    let need = match e {
+        SafeTensorError::HeaderTooSmall => Some(8),
+        SafeTensorError::InvalidHeaderLength => header_end,
+        SafeTensorError::MetadataIncompleteBuffer => header_end.and_then(|end| {
+            let header: serde_json::Value = serde_json::from_slice(bytes.get(8..end)?).ok()?;
+            let data_end = header
+                .as_object()?
+                .values()
+                .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
+                .max()
+                .unwrap_or(0);
+            Some(end.saturating_add(data_end as usize))
+        }),
+        _ => None,
+    };
+    match need {
+        Some(need) if need > bytes.len() => Error::Weights(format!(
+            "the safetensors file is truncated: it ends after {} bytes but needs {need}",
+            bytes.len()
+        )),
+        _ => Error::Weights(format!("not a safetensors file: {e}")),
+    }
+}
+
 /// `name` if the file has it (any shape), for telling naming schemes apart.
 fn has(st: &SafeTensors, name: &str) -> bool {
     st.tensor(name).is_ok()
@@ -135,8 +166,7 @@ impl MhaWeights {
     /// Reads the weights of `config` from safetensors `bytes` under `prefix` (see the module
     /// docs for the names).
     pub fn from_safetensors(bytes: &[u8], prefix: &str, c: &MhaConfig) -> Result<Self> {
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| Error::Weights(format!("not a safetensors file: {e}")))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| parse_error(bytes, e))?;
         let name = |n: &str| format!("{prefix}{n}");
         let (e, kv) = (c.embed_dim, c.kv_dim());
         let optional_bias = |n: &str, len: usize| -> Result<Option<Vec<f32>>> {

@@ -1,4 +1,5 @@
-//! Files for the CLI tests: a temporary folder per test and .npy reading and writing.
+//! Files for the CLI tests: a temporary folder per test, .npy reading and writing, and editing
+//! an argument list.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -60,4 +61,39 @@ pub fn write_npy<T: npyz::AutoSerialize + Copy>(path: &Path, data: &[T], shape: 
         .expect("npy header");
     w.extend(data.iter().copied()).expect("npy data");
     w.finish().expect("npy finish");
+}
+
+/// Writes a .npy file whose header dict is `dict` verbatim (padded as numpy pads it) followed
+/// by the bytes `data`: for headers no writer here would produce (bad syntax, string dtypes).
+pub fn write_npy_raw(path: &Path, dict: &str, data: &[u8]) {
+    // Magic, version, a 2-byte length, the dict and a newline, in a multiple of 64 bytes.
+    let pad = (64 - (11 + dict.len()) % 64) % 64;
+    let text = format!("{dict}{}\n", " ".repeat(pad));
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend(
+        u16::try_from(text.len())
+            .expect("a short dict")
+            .to_le_bytes(),
+    );
+    bytes.extend(text.as_bytes());
+    bytes.extend(data);
+    std::fs::write(path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// Cuts the file at `path` to its first `len` bytes.
+pub fn truncate(path: &Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(len))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// `args` with the value after `flag` replaced by `value` (the flag added if absent).
+pub fn with(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
+    match args.iter().position(|a| a == flag) {
+        Some(i) => args[i + 1] = value.to_string(),
+        None => args.extend([flag.to_string(), value.to_string()]),
+    }
+    args
 }

@@ -13,14 +13,18 @@ mod info;
 mod masks;
 mod mha;
 mod npy;
+mod outputs;
 mod run;
 mod suite;
 
 use std::fmt;
+use std::fs::{File, FileType};
+use std::path::Path as FsPath;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use xattn::Path;
+use xattn::plan::{DeviceCaps, Request};
+use xattn::{Path, Plan};
 
 /// Cross-attention on any GPU wgpu reaches (Vulkan, Metal, DX12, GL).
 ///
@@ -133,6 +137,94 @@ pub fn path_names_hint(got: &str, extra: &[&str]) -> String {
         .chain(Path::ALL.iter().map(|p| p.name()))
         .collect();
     format!("unknown path `{got}`; expected one of {}", names.join(", "))
+}
+
+/// Parses a finite f32. A literal beyond f32's range is named as such, not as the infinity
+/// it would round to.
+pub fn parse_finite_f32(s: &str) -> Result<f32, String> {
+    let x: f32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if x.is_finite() {
+        Ok(x)
+    } else if x.is_nan() || s.to_ascii_lowercase().contains("inf") {
+        Err(format!("`{s}` is not finite; give a finite number"))
+    } else {
+        Err(format!(
+            "`{s}` overflows f32 (whose largest value is {:e}); give a smaller number",
+            f32::MAX
+        ))
+    }
+}
+
+/// What a file type is, for the message refusing a non-regular input.
+fn file_kind(t: FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+        if t.is_char_device() || t.is_block_device() {
+            return "a device";
+        }
+    }
+    if t.is_dir() {
+        "a folder"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Opens the input `path` and returns it with its length. Only a regular file is opened: a
+/// folder or a device is refused by what it is, and a FIFO without blocking on it.
+pub fn open_file(path: &FsPath) -> CliResult<(File, u64)> {
+    let fail = |e: std::io::Error| CliError::new(format!("cannot open {}: {e}", path.display()));
+    let meta = std::fs::metadata(path).map_err(fail)?;
+    if !meta.is_file() {
+        return Err(CliError::new(format!(
+            "{} is {}; inputs must be regular files",
+            path.display(),
+            file_kind(meta.file_type())
+        )));
+    }
+    Ok((File::open(path).map_err(fail)?, meta.len()))
+}
+
+/// `e`, with the way out when it is a device limit hit by the three-pass path that `forced_by`
+/// (the flags that require it) imposed, and the fused path (with split-K) plans the same
+/// attention, `req()`, within the limits of `caps`.
+pub fn three_pass_limit(
+    e: xattn::Error,
+    forced_by: &[&str],
+    req: impl FnOnce() -> xattn::Result<Request>,
+    caps: &DeviceCaps,
+) -> CliError {
+    if !matches!(e, xattn::Error::Limit { .. }) || forced_by.is_empty() {
+        return e.into();
+    }
+    let Ok(req) = req() else { return e.into() };
+    let plan = |path, weights| {
+        Plan::new(
+            &Request {
+                path: Some(path),
+                weights,
+                ..req
+            },
+            caps,
+        )
+    };
+    let three_pass_hits_it =
+        matches!(plan(Path::ThreePass, req.weights), Err(p) if p.to_string() == e.to_string());
+    if !three_pass_hits_it || plan(Path::Fused, false).is_err() {
+        return e.into();
+    }
+    let flags = forced_by.join(" and ");
+    CliError::new(format!(
+        "the three-pass path, which {flags} requires, hits a device limit: {e}; the fused and \
+         split-k paths handle this shape: drop {flags}"
+    ))
 }
 
 /// Replaces the default panic message (several lines and a backtrace hint) with the same

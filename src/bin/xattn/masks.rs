@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use xattn::{Alignment, Attention, AttnShape};
 
 use crate::npy::{read_bool, read_f32, read_lens};
-use crate::{CliError, CliResult};
+use crate::{parse_finite_f32, CliError, CliResult};
 
 /// `top-left` or `bottom-right`, as a clap value (so `--help` lists the choices).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -48,7 +48,13 @@ pub struct MaskArgs {
     pub causal: Option<AlignArg>,
     /// Local window: row i sees keys diag − LEFT ..= diag + RIGHT (diag as for --causal, per
     /// --align). With --causal the right side is 0 (both apply).
-    #[arg(long, num_args = 2, value_names = ["LEFT", "RIGHT"])]
+    #[arg(
+        long,
+        num_args = 2,
+        value_names = ["LEFT", "RIGHT"],
+        allow_negative_numbers = true,
+        value_parser = window_side
+    )]
     pub window: Option<Vec<usize>>,
     /// Alignment of --window; default: that of --causal. One of the two is required with
     /// --window, and they must agree when both are given.
@@ -73,7 +79,12 @@ pub struct MaskArgs {
     pub bias: Option<PathBuf>,
     /// Soft-cap the logits: C·tanh(logit / C) (after scale and key-segment factors, before
     /// the bias). C > 0.
-    #[arg(long, value_name = "C", allow_negative_numbers = true)]
+    #[arg(
+        long,
+        value_name = "C",
+        allow_negative_numbers = true,
+        value_parser = parse_finite_f32
+    )]
     pub softcap: Option<f32>,
     /// Multiply the logits of keys START..END (END exclusive) by FACTOR > 0 (an inverse
     /// temperature per key segment). Repeatable, up to 4 disjoint segments.
@@ -84,6 +95,29 @@ pub struct MaskArgs {
         allow_negative_numbers = true
     )]
     pub key_segment: Vec<String>,
+}
+
+/// Parses one side of `--window`: a key count ≥ 0.
+fn window_side(s: &str) -> Result<usize, String> {
+    s.parse().map_err(|_| {
+        format!(
+            "`{s}` is not a window side: LEFT and RIGHT count the keys before and after the \
+             diagonal, so each is an integer ≥ 0"
+        )
+    })
+}
+
+/// The lengths in `path` (given as `flag`), each at most `bound`, the size of axis `axis`.
+fn read_bounded_lens(flag: &str, path: &FsPath, axis: &str, bound: usize) -> CliResult<Vec<u32>> {
+    let lens = read_lens(path)?.data;
+    if let Some((b, &l)) = lens.iter().enumerate().find(|(_, &l)| l as usize > bound) {
+        return Err(CliError::new(format!(
+            "{flag} {}: entry {b} is {l}, more than {axis} = {bound}; each length must be at \
+             most {axis}",
+            path.display()
+        )));
+    }
+    Ok(lens)
 }
 
 /// The alignment of `--window`: `--align`, else `--causal`'s; an error if neither or if they
@@ -170,11 +204,11 @@ impl MaskArgs {
             check(&opts, &|| "--causal/--window".to_string())?;
         }
         if let Some(path) = &self.q_lens {
-            opts = opts.with_q_lens(read_lens(path)?.data);
+            opts = opts.with_q_lens(read_bounded_lens("--q-lens", path, "M", s.m)?);
             check(&opts, &|| format!("--q-lens {}", path.display()))?;
         }
         if let Some(path) = &self.kv_lens {
-            opts = opts.with_kv_lens(read_lens(path)?.data);
+            opts = opts.with_kv_lens(read_bounded_lens("--kv-lens", path, "N", s.n)?);
             check(&opts, &|| format!("--kv-lens {}", path.display()))?;
         }
         if let Some(path) = &self.mask {

@@ -6,18 +6,21 @@
 //! against the sizes the inputs imply (the loader reads the file on the host), the key padding
 //! mask, the masks and the output folders. Errors name the flag and file they come from.
 
+use std::io::Read;
 use std::path::{Path as FsPath, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Args;
 use xattn::mha::MhaWeights;
+use xattn::plan::Request;
 use xattn::{Attention, Context, Engine, MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights};
 
 use crate::masks::MaskArgs;
-use crate::npy::{read_bool_meaning, read_f32, write_f32, Array};
-use crate::run::{check_writable, out_dims};
-use crate::{CliError, CliResult};
+use crate::npy::{read_bool_meaning, read_f32, Array};
+use crate::outputs::Outputs;
+use crate::run::out_dims;
+use crate::{open_file, parse_finite_f32, three_pass_limit, CliError, CliResult};
 
 /// Options of `xattn mha` (layouts and weight names in the subcommand's help in `main.rs`).
 #[derive(Debug, Args)]
@@ -68,7 +71,7 @@ pub struct MhaArgs {
     #[arg(long, value_name = "FILE")]
     key_padding_mask: Option<PathBuf>,
     /// Logit scale; default 1/sqrt(E/H), as in PyTorch.
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_finite_f32)]
     scale: Option<f32>,
     #[command(flatten)]
     masks: MaskArgs,
@@ -202,7 +205,9 @@ fn load_hint(bytes: &[u8], prefix: &str, config: &MhaConfig) -> String {
 /// Reads the layer's weights on the host; errors say which sizes came from which input.
 fn load_weights(args: &MhaArgs, config: &MhaConfig) -> CliResult<MhaWeights> {
     let shown = args.weights.display();
-    let bytes = std::fs::read(&args.weights)
+    let (mut file, len) = open_file(&args.weights)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.read_to_end(&mut bytes)
         .map_err(|e| CliError::new(format!("cannot read --weights {shown}: {e}")))?;
     MhaWeights::from_safetensors(&bytes, &args.prefix, config).map_err(|e| {
         let prefix = if args.prefix.is_empty() {
@@ -305,11 +310,6 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     let shape = config.attn_shape(batch, m, n);
     let mut attention = Attention::default();
     if let Some(s) = args.scale {
-        if !s.is_finite() {
-            return Err(CliError::new(format!(
-                "--scale must be a finite number, got {s}"
-            )));
-        }
         attention = attention.with_scale(s);
     }
     let attention = args.masks.apply(attention, &shape)?;
@@ -325,12 +325,10 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     if let Some(kpm) = kpm {
         opts = opts.with_key_padding_mask(kpm);
     }
-    for path in [Some(&args.out), args.need_weights.as_ref()]
-        .into_iter()
-        .flatten()
-    {
-        check_writable(path)?;
-    }
+    let mut outputs = Outputs::create(&[
+        ("--out", Some(&args.out)),
+        ("--need-weights", args.need_weights.as_ref()),
+    ])?;
 
     let ctx = Context::new()?;
     let engine = Engine::new(&ctx);
@@ -343,10 +341,22 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     let vt = engine.upload(&v.array.data, &v.dims)?;
     drop((q, k, v));
     let t_run = Instant::now();
-    let out = layer.forward(&qt, &kt, &vt, &opts)?;
+    let out = layer.forward(&qt, &kt, &vt, &opts).map_err(|e| {
+        let forced_by = args
+            .need_weights
+            .as_ref()
+            .map_or(&[][..], |_| &["--need-weights"]);
+        let req = || {
+            Ok(Request {
+                weights: need != NeedWeights::None,
+                ..opts.attention_for(batch, n)?.request(shape)?
+            })
+        };
+        three_pass_limit(e, forced_by, req, engine.caps())
+    })?;
     let run_ms = t_run.elapsed().as_secs_f64() * 1e3;
 
-    write_f32(
+    outputs.write(
         &args.out,
         &out.out.to_host()?,
         &out_dims(&[batch, m, e], squeeze),
@@ -360,8 +370,9 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
             NeedWeights::PerHead => vec![batch, heads, m, n],
             _ => vec![batch, m, n],
         };
-        write_f32(path, &w.to_host()?, &out_dims(&dims, squeeze))?;
+        outputs.write(path, &w.to_host()?, &out_dims(&dims, squeeze))?;
     }
+    outputs.commit()?;
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
 
     let mut masks = Vec::new();

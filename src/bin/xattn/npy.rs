@@ -6,13 +6,14 @@
 //! and unambiguous: lengths may be any 32- or 64-bit integer type, masks bool or uint8
 //! holding only 0 and 1.
 
+use std::fmt::Display;
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{BufReader, BufWriter, Read};
 use std::path::Path;
 
-use npyz::{DType, Deserialize, NpyFile, Order, TypeChar, TypeStr, WriterBuilder};
+use npyz::{DType, Deserialize, NpyFile, NpyHeader, Order, TypeChar, TypeStr, WriterBuilder};
 
-use crate::{CliError, CliResult};
+use crate::{open_file, CliError, CliResult};
 
 /// An array read from a `.npy` file, row-major.
 #[derive(Debug)]
@@ -40,13 +41,119 @@ fn dtype_name(ts: &TypeStr) -> String {
     format!("{name} ({ts})")
 }
 
+/// Reads the header of a `.npy` file of `len` bytes (magic, version, dict length, dict text),
+/// leaving `r` at the data. Returns the header's bytes and where its dict text starts. A file
+/// that ends inside the header is reported as truncated, with the sizes.
+fn read_header(r: &mut impl Read, shown: &dyn Display, len: u64) -> CliResult<(Vec<u8>, usize)> {
+    let io = |e: std::io::Error| CliError::new(format!("cannot read {shown}: {e}"));
+    let truncated = |need: usize| {
+        CliError::new(format!(
+            "{shown} has a truncated header: the file ends after {len} bytes, its .npy header \
+             needs {need}; save the array again (np.save)"
+        ))
+    };
+    let mut header = vec![0; len.min(10) as usize];
+    r.read_exact(&mut header).map_err(io)?;
+    let magic = b"\x93NUMPY";
+    if !header.starts_with(&magic[..header.len().min(magic.len())]) {
+        return Err(CliError::new(format!(
+            "{shown} is not a .npy file: it does not start with \\x93NUMPY (np.save writes one)"
+        )));
+    }
+    // Version 1 stores the dict's length in 2 bytes, versions 2 and 3 in 4.
+    let text_start = if header.get(6).is_some_and(|&v| v >= 2) {
+        12
+    } else {
+        10
+    };
+    if len < text_start as u64 {
+        return Err(truncated(text_start));
+    }
+    header.resize(text_start, 0);
+    r.read_exact(&mut header[10..]).map_err(io)?;
+    let text_len = header[8..]
+        .iter()
+        .rev()
+        .fold(0usize, |n, &b| n << 8 | usize::from(b));
+    let need = text_start + text_len;
+    if len < need as u64 {
+        return Err(truncated(need));
+    }
+    header.resize(need, 0);
+    r.read_exact(&mut header[text_start..]).map_err(io)?;
+    Ok((header, text_start))
+}
+
+/// The 1-based line and column a syntax error of the header's Python literal points at (its
+/// message carries them as `--> line:col`).
+fn syntax_error_position(msg: &str) -> Option<(usize, usize)> {
+    let pos = msg.split_once("--> ")?.1.split_whitespace().next()?;
+    let (line, col) = pos.split_once(':')?;
+    Some((line.parse().ok()?, col.parse().ok()?))
+}
+
+/// The word (or the single character) at `line`:`col` of `text`, quoted, for messages.
+fn token_at(text: &str, (line, col): (usize, usize)) -> String {
+    let rest: Vec<char> = text
+        .lines()
+        .nth(line.saturating_sub(1))
+        .unwrap_or("")
+        .chars()
+        .skip(col.saturating_sub(1))
+        .collect();
+    let word = rest
+        .iter()
+        .take_while(|c| c.is_alphanumeric() || **c == '_')
+        .count();
+    match rest.get(..word.max(1)) {
+        Some(token) => format!("`{}`", token.iter().collect::<String>()),
+        None => "the end".to_string(),
+    }
+}
+
+/// The `descr` of a header's dict text when it is a quoted string (a plain dtype).
+fn descr(text: &str) -> Option<&str> {
+    let value = text.split_once("'descr'")?.1.trim_start();
+    let value = value.strip_prefix(':')?.trim_start();
+    let quote = value.chars().next().filter(|&c| c == '\'' || c == '"')?;
+    value[1..].split(quote).next()
+}
+
+/// One line for a header that does not parse: the token a syntax error points at, or a dtype
+/// that is not a numpy type string (`expected` says which one was wanted).
+fn header_error(shown: &dyn Display, text: &str, e: &std::io::Error, expected: &str) -> CliError {
+    let msg = e.to_string();
+    if let Some(pos) = syntax_error_position(&msg) {
+        return CliError::new(format!(
+            "{shown}: the .npy header does not parse at {} (line {}, column {}) in {text}; \
+             np.save writes a Python dict like {{'descr': '<f4', 'fortran_order': False, \
+             'shape': (2, 3), }}",
+            token_at(text, pos),
+            pos.0,
+            pos.1
+        ));
+    }
+    if let Some(d) = descr(text).filter(|d| d.parse::<TypeStr>().is_err()) {
+        return CliError::new(format!(
+            "{shown} has dtype `{d}`, which is not a numpy type string; expected {expected}"
+        ));
+    }
+    CliError::new(format!(
+        "{shown} has an invalid .npy header ({msg}): {text}"
+    ))
+}
+
 /// Opens `path` and reads its header; rejects Fortran order and structured dtypes.
 /// Returns the file and its plain dtype.
 fn open(path: &Path, expected: &str) -> CliResult<(Npy, TypeStr)> {
     let shown = path.display();
-    let file = File::open(path).map_err(|e| CliError::new(format!("cannot open {shown}: {e}")))?;
-    let npy = NpyFile::new(BufReader::new(file))
-        .map_err(|e| CliError::new(format!("{shown} is not a valid .npy file: {e}")))?;
+    let (mut file, len) = open_file(path)?;
+    let (header, text_start) = read_header(&mut file, &shown, len)?;
+    let header = NpyHeader::from_reader(&header[..]).map_err(|e| {
+        let text = String::from_utf8_lossy(&header[text_start..]);
+        header_error(&shown, text.trim_end(), &e, expected)
+    })?;
+    let npy = NpyFile::with_header(header, BufReader::new(file));
     let ts = match npy.dtype() {
         DType::Plain(ts) => ts,
         other => {
@@ -64,8 +171,9 @@ fn open(path: &Path, expected: &str) -> CliResult<(Npy, TypeStr)> {
     Ok((npy, ts))
 }
 
-/// The shape and elements of an opened file, as `T` (which must match its dtype).
-fn read_data<T: Deserialize>(path: &Path, npy: Npy) -> CliResult<Array<T>> {
+/// The shape and elements of an opened file, as `T` (which must match its dtype). `invalid` is
+/// appended to the error for an element the dtype does not allow (a bool byte other than 0, 1).
+fn read_data<T: Deserialize>(path: &Path, npy: Npy, invalid: &str) -> CliResult<Array<T>> {
     let shown = path.display();
     let shape = npy
         .shape()
@@ -79,14 +187,12 @@ fn read_data<T: Deserialize>(path: &Path, npy: Npy) -> CliResult<Array<T>> {
             ))
         })?;
     let expected = npy.len();
-    let data: Vec<T> = npy.into_vec().map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            CliError::new(format!(
-                "{shown} is truncated: its header promises {expected} elements"
-            ))
-        } else {
-            CliError::new(format!("{shown}: reading the data failed: {e}"))
-        }
+    let data: Vec<T> = npy.into_vec().map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => CliError::new(format!(
+            "{shown} is truncated: its header promises {expected} elements"
+        )),
+        std::io::ErrorKind::InvalidData => CliError::new(format!("{shown}: {e}{invalid}")),
+        _ => CliError::new(format!("{shown}: reading the data failed: {e}")),
     })?;
     if data.len() as u64 != expected {
         return Err(CliError::new(format!(
@@ -101,17 +207,33 @@ fn is(ts: &TypeStr, c: TypeChar, size: u64) -> bool {
     ts.type_char() == c && ts.size_field() == size
 }
 
+/// The error for `path` of dtype `ts` where `expected` was wanted: `convert` is the numpy call
+/// that fixes a numeric array. Strings are not numbers, so they get no such call.
+fn wrong_dtype(path: &Path, ts: &TypeStr, expected: &str, convert: &str) -> CliError {
+    let shown = path.display();
+    if matches!(ts.type_char(), TypeChar::ByteStr | TypeChar::UnicodeStr) {
+        return CliError::new(format!(
+            "{shown} holds strings (dtype {ts}), and strings are not numbers; expected {expected}"
+        ));
+    }
+    CliError::new(format!(
+        "{shown} has dtype {}, expected {expected}; convert with {convert}",
+        dtype_name(ts)
+    ))
+}
+
 /// Reads a C-ordered float32 `.npy` file (either endianness).
 pub fn read_f32(path: &Path) -> CliResult<Array> {
     let (npy, ts) = open(path, "float32 (<f4)")?;
     if !is(&ts, TypeChar::Float, 4) {
-        return Err(CliError::new(format!(
-            "{} has dtype {}, expected float32 (<f4); convert with a.astype(np.float32)",
-            path.display(),
-            dtype_name(&ts)
-        )));
+        return Err(wrong_dtype(
+            path,
+            &ts,
+            "float32 (<f4)",
+            "a.astype(np.float32)",
+        ));
     }
-    read_data(path, npy)
+    read_data(path, npy, "")
 }
 
 /// Reads a C-ordered bool `.npy` file; uint8 holding only 0 and 1 is accepted as well
@@ -125,14 +247,14 @@ pub fn read_bool_meaning(path: &Path, meaning: &str) -> CliResult<Array<bool>> {
     let shown = path.display();
     let (npy, ts) = open(path, "bool (|b1)")?;
     if is(&ts, TypeChar::Bool, 1) {
-        return read_data(path, npy).map_err(|e| {
-            CliError::new(format!(
-                "{e} (a bool array holds only bytes 0 and 1; rewrite it with a.astype(bool))"
-            ))
-        });
+        return read_data(
+            path,
+            npy,
+            " (a bool array holds only bytes 0 and 1; rewrite it with a.astype(bool))",
+        );
     }
     if is(&ts, TypeChar::Uint, 1) {
-        let a: Array<u8> = read_data(path, npy)?;
+        let a: Array<u8> = read_data(path, npy, "")?;
         if let Some((i, x)) = a.data.iter().enumerate().find(|(_, &x)| x > 1) {
             return Err(CliError::new(format!(
                 "{shown} is uint8 with value {x} at flat index {i}; a uint8 mask must hold only \
@@ -144,11 +266,12 @@ pub fn read_bool_meaning(path: &Path, meaning: &str) -> CliResult<Array<bool>> {
             shape: a.shape,
         });
     }
-    Err(CliError::new(format!(
-        "{shown} has dtype {}, expected bool (|b1), {meaning}; convert with a.astype(bool) \
-         (or a != 0)",
-        dtype_name(&ts)
-    )))
+    Err(wrong_dtype(
+        path,
+        &ts,
+        &format!("bool (|b1), {meaning}"),
+        "a.astype(bool) (or a != 0)",
+    ))
 }
 
 /// `a` if it is 1-D (one length per batch entry).
@@ -168,18 +291,18 @@ pub fn read_lens(path: &Path) -> CliResult<Array<u32>> {
     let shown = path.display();
     let (npy, ts) = open(path, "int32 (<i4)")?;
     let wide: Array<i64> = if is(&ts, TypeChar::Int, 4) {
-        let a: Array<i32> = read_data(path, npy)?;
+        let a: Array<i32> = read_data(path, npy, "")?;
         Array {
             data: a.data.into_iter().map(i64::from).collect(),
             shape: a.shape,
         }
     } else if is(&ts, TypeChar::Int, 8) {
-        read_data(path, npy)?
+        read_data(path, npy, "")?
     } else if is(&ts, TypeChar::Uint, 4) {
-        let a: Array<u32> = read_data(path, npy)?;
+        let a: Array<u32> = read_data(path, npy, "")?;
         return check_1d(path, a);
     } else if is(&ts, TypeChar::Uint, 8) {
-        let a: Array<u64> = read_data(path, npy)?;
+        let a: Array<u64> = read_data(path, npy, "")?;
         // Above i64::MAX is above u32::MAX too: saturate and let the range check report it.
         Array {
             data: a
@@ -190,11 +313,12 @@ pub fn read_lens(path: &Path) -> CliResult<Array<u32>> {
             shape: a.shape,
         }
     } else {
-        return Err(CliError::new(format!(
-            "{shown} has dtype {}, expected int32 (<i4) or int64 lengths; convert with \
-             a.astype(np.int32)",
-            dtype_name(&ts)
-        )));
+        return Err(wrong_dtype(
+            path,
+            &ts,
+            "int32 (<i4) or int64 lengths",
+            "a.astype(np.int32)",
+        ));
     };
     let wide = check_1d(path, wide)?;
     let data = wide
@@ -216,8 +340,9 @@ pub fn read_lens(path: &Path) -> CliResult<Array<u32>> {
     })
 }
 
-/// Writes `data` as a C-ordered little-endian float32 `.npy` array of shape `shape`.
-pub fn write_f32(path: &Path, data: &[f32], shape: &[usize]) -> CliResult<()> {
+/// Writes `data` to `file` as a C-ordered little-endian float32 `.npy` array of shape `shape`;
+/// `path` names the output in errors.
+pub fn write_f32(file: File, path: &Path, data: &[f32], shape: &[usize]) -> CliResult<()> {
     let shown = path.display();
     let fail = |e: std::io::Error| CliError::new(format!("writing {shown} failed: {e}"));
     debug_assert_eq!(
@@ -225,7 +350,6 @@ pub fn write_f32(path: &Path, data: &[f32], shape: &[usize]) -> CliResult<()> {
         shape.iter().product::<usize>(),
         "shape matches the data"
     );
-    let file = File::create(path).map_err(fail)?;
     let dims: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
     let mut writer = npyz::WriteOptions::new()
         .default_dtype()

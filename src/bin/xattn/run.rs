@@ -4,16 +4,19 @@
 //! is checked before a device is opened, so a typo fails in milliseconds rather than after
 //! a long run.
 
-use std::path::{Path as FsPath, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Args;
-use xattn::{Attention, AttnShape, Context, Engine};
+use xattn::{Attention, AttnShape, Context, Engine, Path};
 
 use crate::masks::MaskArgs;
-use crate::npy::{read_f32, write_f32, Array};
-use crate::{parse_path_choice, CliError, CliResult, PathChoice};
+use crate::npy::{read_f32, Array};
+use crate::outputs::Outputs;
+use crate::{
+    parse_finite_f32, parse_path_choice, three_pass_limit, CliError, CliResult, PathChoice,
+};
 
 /// Options of `xattn run` (layouts in the subcommand's help in `main.rs`).
 #[derive(Debug, Args)]
@@ -37,7 +40,7 @@ pub struct RunArgs {
     #[arg(long)]
     lse: Option<PathBuf>,
     /// Logit scale; default 1/sqrt(d_k).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_finite_f32)]
     scale: Option<f32>,
     /// Kernel path: auto (the planner's choice), three-pass, fused or split-k.
     #[arg(long, default_value = "auto", value_parser = parse_path_choice)]
@@ -58,28 +61,6 @@ fn as_4d(name: &str, a: &Array) -> CliResult<([usize; 4], bool)> {
             "{name} must have 3 dims [seq, heads, d] or 4 dims [batch, seq, heads, d], got shape {other:?}"
         ))),
     }
-}
-
-/// Fails early if an output could not be created after the run.
-pub fn check_writable(path: &FsPath) -> CliResult<()> {
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(FsPath::new("."));
-    if !parent.is_dir() {
-        return Err(CliError::new(format!(
-            "cannot write {}: folder {} does not exist",
-            path.display(),
-            parent.display()
-        )));
-    }
-    if path.is_dir() {
-        return Err(CliError::new(format!(
-            "cannot write {}: it is a folder",
-            path.display()
-        )));
-    }
-    Ok(())
 }
 
 /// Drops the leading batch axis of `dims` (which is 1) when the inputs had none.
@@ -109,23 +90,17 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     let shape = AttnShape::from_qkv(q_dims, k_dims, v_dims)?;
     let mut opts = Attention::default().with_path_choice(args.path.0);
     if let Some(s) = args.scale {
-        if !s.is_finite() {
-            return Err(CliError::new(format!(
-                "--scale must be a finite number, got {s}"
-            )));
-        }
         opts = opts.with_scale(s);
     }
     if args.weights.is_some() {
         opts = opts.with_weights();
     }
     let opts = args.masks.apply(opts, &shape)?;
-    for path in [Some(&args.out), args.weights.as_ref(), args.lse.as_ref()]
-        .into_iter()
-        .flatten()
-    {
-        check_writable(path)?;
-    }
+    let mut outputs = Outputs::create(&[
+        ("--out", Some(&args.out)),
+        ("--lse", args.lse.as_ref()),
+        ("--weights", args.weights.as_ref()),
+    ])?;
 
     let ctx = Context::new()?;
     let engine = Engine::new(&ctx);
@@ -134,7 +109,16 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     let kt = engine.upload(&k.data, &k_dims)?;
     let vt = engine.upload(&v.data, &v_dims)?;
     drop((q, k, v));
-    let plan = engine.plan(&qt, &kt, &vt, &opts)?;
+    let plan = engine.plan(&qt, &kt, &vt, &opts).map_err(|e| {
+        let forced_by: Vec<&str> = [
+            (args.path.0 == Some(Path::ThreePass)).then_some("--path three-pass"),
+            args.weights.is_some().then_some("--weights"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        three_pass_limit(e, &forced_by, || opts.request(shape), engine.caps())
+    })?;
     if args.plan {
         eprintln!("{plan}");
     }
@@ -144,13 +128,13 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     engine.run(&plan, &qt, &kt, &vt, &masks, &out, None)?;
     let run_ms = t_run.elapsed().as_secs_f64() * 1e3;
 
-    write_f32(
+    outputs.write(
         &args.out,
         &out.o.to_host()?,
         &out_dims(&shape.o_dims(), squeeze),
     )?;
     if let Some(path) = &args.lse {
-        write_f32(
+        outputs.write(
             path,
             &out.lse.to_host()?,
             &out_dims(&shape.lse_dims(), squeeze),
@@ -160,12 +144,13 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
         let w = out.weights.as_ref().ok_or_else(|| {
             CliError::new(format!("the {} plan returned no weights", plan.path.name()))
         })?;
-        write_f32(
+        outputs.write(
             path,
             &w.to_host()?,
             &out_dims(&shape.weights_dims(), squeeze),
         )?;
     }
+    outputs.commit()?;
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
     let masks = if plan.masks.is_empty() {
         String::new()
