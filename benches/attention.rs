@@ -78,11 +78,7 @@ fn attention(c: &mut Criterion) {
     // linear sampling take 55 iterations per shape.
     group.sampling_mode(SamplingMode::Flat);
     let opts = Attention::default();
-    for (index, s) in suite::standard()
-        .into_iter()
-        .filter(|s| s.name != suite::LONG)
-        .enumerate()
-    {
+    for (index, s) in suite::standard().into_iter().enumerate() {
         let shape = s.shape;
         let Prepared {
             q,

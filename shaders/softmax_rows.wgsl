@@ -2,14 +2,16 @@
 // log-sum-exp of each row into LSE [batch, q_heads, M]. Scores ≤ REMOVED_BELOW are removed
 // keys (qk_scores writes MASKED): weight 0; a row with none left gets weights 0 and LSE −∞.
 // One workgroup per row: invocations stride over the keys, then reduce in workgroup memory.
-// 256 invocations keep each one's key loops short (llvmpipe's loop cap: gpu::kernels::LoopCost).
+// Its loops bound the keys per row on a device with a loop cap (gpu::kernels::LoopCost: about
+// 2.8M keys under llvmpipe's); 256 invocations would reach further but cost diffusion-shaped
+// calls (many rows of 77 keys) 30% on llvmpipe in their barriers.
 //!include common/params.wgsl
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
 @group(0) @binding(1) var<storage, read_write> s: array<f32>;
 @group(0) @binding(2) var<storage, read_write> lse: array<f32>;
 
-const WG: u32 = 256u;
+const WG: u32 = 128u;
 
 var<workgroup> red: array<f32, WG>;
 

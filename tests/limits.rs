@@ -112,7 +112,7 @@ fn plans_keep_every_dispatch_under_the_loop_cap() {
         .with_softcap(30.0)
         .with_key_segment(0, 5, 2.0)
         .with_key_segment(5, 9, 0.5);
-    for n in [1, 77, 45_567, 70_000, 1_000_000, 4_000_000] {
+    for n in [1, 77, 45_567, 70_000, 1_000_000, 2_500_000] {
         for d in [1, 64, 256, 1024] {
             for (opts, name) in [(Attention::default(), "plain"), (masked.clone(), "masked")] {
                 let mut s = shape(1, 3, n, 2, 1, d);
@@ -150,6 +150,16 @@ fn plans_keep_every_dispatch_under_the_loop_cap() {
     for part in ["qk_scores", "head dims d_k", "at most 45568", "llvmpipe"] {
         assert!(text.contains(part), "`{part}` missing from: {text}");
     }
+    // Three-pass rows longer than one softmax_rows dispatch may loop over.
+    let long = shape(1, 1, 3_000_000, 1, 1, 1);
+    let e = Plan::new(&request(long, &Attention::default().with_weights()), &CAPS).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("softmax_rows over 3000000 keys per row"),
+        "{e}"
+    );
+    let fused = Plan::new(&request(long, &Attention::default()), &CAPS).unwrap();
+    assert_within_cap(&fused, LLVMPIPE_LOOP_CAP);
     // Without a cap the same head dim plans.
     let uncapped = DeviceCaps {
         loop_cap: None,

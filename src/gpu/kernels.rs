@@ -95,7 +95,7 @@ const COMMON_FILES: &[(&str, &str)] = &[
 use Access::{Read, ReadWrite, Uniform};
 
 /// Invocations of a `softmax_rows` workgroup (`WG` in the shader).
-const SOFTMAX_WG: u64 = 256;
+const SOFTMAX_WG: u64 = 128;
 /// Depth of one operand slice of the tiled GEMM kernels (`BK` in common/tile_gemm.wgsl).
 const GEMM_BK: u64 = 16;
 

@@ -24,8 +24,12 @@ use crate::{one_line, parse_path_choice, path_names_hint, CliError, CliResult};
 /// Named shape suites.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SuiteName {
-    /// diffusion, decode, square, perceiver, long.
+    /// The standard patterns at small sizes, checked against the reference (the default).
+    Quick,
+    /// diffusion, decode, square, perceiver at their real sizes.
     Standard,
+    /// The standard suite and the 16384×16384 `long` shape.
+    Full,
 }
 
 /// Which paths to time on each shape.
@@ -87,16 +91,17 @@ pub struct BenchArgs {
     /// Paths to time: all (every path that plans), auto, three-pass, fused or split-k.
     #[arg(long, default_value = "all", value_parser = parse_path_set)]
     path: PathSet,
-    /// Untimed runs before timing (default 2, 1 with --quick).
+    /// Untimed runs before timing (default 2, 1 with --quick or the quick suite).
     #[arg(long)]
     warmup: Option<u32>,
-    /// Timed runs; the median is reported (default 5, 3 with --quick).
+    /// Timed runs; the median is reported (default 5, 3 with --quick or the quick suite).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     runs: Option<u32>,
     /// Fewer runs: warmup 1, runs 3 (explicit --warmup/--runs still win).
     #[arg(long)]
     quick: bool,
-    /// Compare O with the CPU reference (f64) and report the max abs error.
+    /// Compare O with the CPU reference (f64) and report the max abs error (always on for the
+    /// quick suite).
     #[arg(long)]
     check: bool,
     /// With --check, skip the reference for shapes above this many GFLOP (it is naive f64).
@@ -185,7 +190,51 @@ struct Bench<'a> {
     timer: Option<GpuTimer>,
     warmup: u32,
     runs: u32,
+    /// Whether O is compared with the reference.
+    check: bool,
     args: &'a BenchArgs,
+}
+
+/// What is left of a benchmark, estimated from the time the work so far took per FLOP (the
+/// paths differ in speed, so it is an estimate; it firms up as the run goes).
+struct Progress {
+    start: Instant,
+    done: f64,
+    total: f64,
+}
+
+impl Progress {
+    fn new(shapes: &[SuiteShape], set: PathSet) -> Self {
+        let total = shapes
+            .iter()
+            .map(|s| {
+                let runs = candidates(set, s)
+                    .iter()
+                    .filter(|(_, skip)| skip.is_none())
+                    .count();
+                s.shape.flops() * runs as f64
+            })
+            .sum();
+        Self {
+            start: Instant::now(),
+            done: 0.0,
+            total,
+        }
+    }
+
+    fn advance(&mut self, shape: &AttnShape) {
+        self.done += shape.flops();
+    }
+
+    /// ` (12 s so far, about 40 s left)`, once something has been measured.
+    fn left(&self) -> String {
+        if self.done == 0.0 {
+            return String::new();
+        }
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let left = elapsed * (self.total - self.done).max(0.0) / self.done;
+        format!(" ({elapsed:.0} s so far, about {left:.0} s left)")
+    }
 }
 
 /// The masks every shape runs with, for tables and JSON.
@@ -291,7 +340,7 @@ impl Bench<'_> {
             min_ms: times[0],
         };
         let s = plan.shape;
-        let check = if !self.args.check {
+        let check = if !self.check {
             Check::Off
         } else if s.flops() > self.args.check_max_gflop * 1e9 {
             Check::Skipped
@@ -455,10 +504,17 @@ fn json_record(r: &Record, ctx: &Context, b: &Bench) -> Value {
 /// or any check exceeded the tolerance.
 pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
     let custom = custom_shape(args)?;
-    let mut shapes = Vec::new();
-    if args.suite == Some(SuiteName::Standard) || custom.is_none() {
-        shapes.extend(suite::standard());
-    }
+    let suite = match (args.suite, &custom) {
+        (None, None) => Some(SuiteName::Quick),
+        (chosen, _) => chosen,
+    };
+    let quick = args.quick || suite == Some(SuiteName::Quick);
+    let mut shapes = match suite {
+        Some(SuiteName::Quick) => suite::quick(),
+        Some(SuiteName::Standard) => suite::standard(),
+        Some(SuiteName::Full) => suite::full(),
+        None => Vec::new(),
+    };
     shapes.extend(custom);
     if !args.only.is_empty() {
         let names: Vec<&str> = shapes.iter().map(|s| s.name.as_str()).collect();
@@ -486,8 +542,9 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
         ctx: &ctx,
         engine: Engine::new(&ctx),
         timer,
-        warmup: args.warmup.unwrap_or(if args.quick { 1 } else { 2 }),
-        runs: args.runs.unwrap_or(if args.quick { 3 } else { 5 }),
+        warmup: args.warmup.unwrap_or(if quick { 1 } else { 2 }),
+        runs: args.runs.unwrap_or(if quick { 3 } else { 5 }),
+        check: args.check || suite == Some(SuiteName::Quick),
         args,
     };
     println!("adapter: {}", ctx.describe());
@@ -509,6 +566,7 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                 .count()
         })
         .sum();
+    let mut progress = Progress::new(&shapes, args.path);
     let mut done = 0;
     let mut records: Vec<Record> = Vec::new();
     let mut errors = 0;
@@ -522,9 +580,10 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
             }
             done += 1;
             eprintln!(
-                "[{done}/{total}] {} {} ...",
+                "[{done}/{total}] {} {} ...{}",
                 s.name,
-                path_label(requested, None)
+                path_label(requested, None),
+                progress.left()
             );
             let x = match &mut inputs {
                 Some(x) => x,
@@ -543,7 +602,9 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                 print_note(s, requested, &format!("skipped: {why}"));
                 continue;
             }
-            match b.measure(&plan, &opts, x) {
+            let measured = b.measure(&plan, &opts, x);
+            progress.advance(&s.shape);
+            match measured {
                 Ok((timing, check)) => {
                     let r = Record {
                         name: s.name.clone(),

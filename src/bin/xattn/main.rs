@@ -74,8 +74,9 @@ enum Command {
     Mha(mha::MhaArgs),
     /// Time the attention paths on standard or custom shapes.
     ///
-    /// Without --suite or a custom shape (--m, --n, --dk …) the standard suite runs; with
-    /// both, the custom shape runs after the suite; --only NAME keeps the shapes of that name.
+    /// Without --suite or a custom shape (--m, --n, --dk …) the quick suite runs (small sizes,
+    /// checked against the CPU reference, about a minute on a slow software device); with both,
+    /// the custom shape runs after the suite; --only NAME keeps the shapes of that name.
     /// --causal ALIGN masks every shape. Times are to GPU completion (GPU timestamps where the
     /// adapter has them, else the host clock around a waited run).
     Bench(bench::BenchArgs),
@@ -243,7 +244,36 @@ fn install_panic_hook() {
     }));
 }
 
+/// Mesa's Vulkan and EGL drivers print "XDG_RUNTIME_DIR is invalid or not set" on every start
+/// where the variable is missing (containers, CI, ssh without a session), though they need no
+/// runtime files to compute. Give the process a private one (0700, owned by this user) before
+/// any instance exists; a valid setting is left alone, and any other failure stays visible.
+#[cfg(target_os = "linux")]
+fn ensure_runtime_dir() {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let valid = |d: &std::path::Path| {
+        std::fs::metadata(d).is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o077 == 0)
+    };
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| valid(d.as_ref())) {
+        return;
+    }
+    let Ok(uid) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("xattn-runtime-{uid}"));
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+    let ours = std::fs::metadata(&dir).is_ok_and(|m| m.uid() == uid);
+    if ours && valid(&dir) {
+        // Single-threaded still: nothing else reads the environment yet.
+        std::env::set_var("XDG_RUNTIME_DIR", &dir);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn ensure_runtime_dir() {}
+
 fn main() -> ExitCode {
+    ensure_runtime_dir();
     install_panic_hook();
     let cli = Cli::parse();
     let result = std::panic::catch_unwind(|| match cli.command {
