@@ -149,14 +149,14 @@ pub struct MaskInputs {
 }
 
 impl MaskInputs {
-    pub(crate) fn lens(&self) -> &wgpu::Buffer {
-        self.lens.buffer()
+    pub(crate) fn lens(&self) -> &Tensor {
+        &self.lens
     }
-    pub(crate) fn mask(&self) -> &wgpu::Buffer {
-        self.mask.buffer()
+    pub(crate) fn mask(&self) -> &Tensor {
+        &self.mask
     }
-    pub(crate) fn bias(&self) -> &wgpu::Buffer {
-        self.bias.buffer()
+    pub(crate) fn bias(&self) -> &Tensor {
+        &self.bias
     }
 }
 
@@ -290,18 +290,13 @@ impl Engine {
             }
         };
         let plan = Plan::steps_only(steps, "linear");
-        let slots = HashMap::from([
-            (xs, x.buffer()),
-            (ws, w.buffer()),
-            (bs, b.buffer()),
-            (ys, y.buffer()),
-        ]);
+        let slots = HashMap::from([(xs, x), (ws, w), (bs, b), (ys, &y)]);
         self.execute(&plan, &slots)?;
         Ok(y)
     }
 
     /// Runs any plan with these buffers for its non-scratch slots (the layer's way in).
-    pub(crate) fn execute(&self, plan: &Plan, slots: &HashMap<Slot, &wgpu::Buffer>) -> Result<()> {
+    pub(crate) fn execute(&self, plan: &Plan, slots: &HashMap<Slot, &Tensor>) -> Result<()> {
         executor::run(&self.ctx, &self.cache, plan, slots, None)
     }
 
@@ -406,19 +401,34 @@ impl Engine {
         expect(v, "v", &s.v_dims())?;
         expect(&out.o, "output o", &s.o_dims())?;
         expect(&out.lse, "output lse", &s.lse_dims())?;
-        let mut slots: HashMap<Slot, &wgpu::Buffer> = HashMap::from([
-            (Slot::Q, q.buffer()),
-            (Slot::K, k.buffer()),
-            (Slot::V, v.buffer()),
-            (Slot::Lens, masks.lens.buffer()),
-            (Slot::MaskBits, masks.mask.buffer()),
-            (Slot::Bias, masks.bias.buffer()),
-            (Slot::O, out.o.buffer()),
-            (Slot::Lse, out.lse.buffer()),
+        // wgpu tracks usage per whole buffer: one dispatch cannot read a buffer and write it.
+        let outputs = [Some(&out.o), Some(&out.lse), out.weights.as_ref()];
+        let inputs = [q, k, v, &masks.lens, &masks.mask, &masks.bias];
+        if let Some(shared) = outputs
+            .into_iter()
+            .flatten()
+            .find(|o| inputs.iter().any(|i| i.buffer() == o.buffer()))
+        {
+            return Err(Error::Argument(format!(
+                "an output {:?} shares its wgpu buffer with an input; wgpu cannot bind one buffer \
+                 for reading and writing in a dispatch, so outputs need buffers of their own \
+                 (inputs may share one)",
+                shared.dims()
+            )));
+        }
+        let mut slots: HashMap<Slot, &Tensor> = HashMap::from([
+            (Slot::Q, q),
+            (Slot::K, k),
+            (Slot::V, v),
+            (Slot::Lens, &masks.lens),
+            (Slot::MaskBits, &masks.mask),
+            (Slot::Bias, &masks.bias),
+            (Slot::O, &out.o),
+            (Slot::Lse, &out.lse),
         ]);
         if let Some(w) = &out.weights {
             expect(w, "output weights", &s.weights_dims())?;
-            slots.insert(Slot::Weights, w.buffer());
+            slots.insert(Slot::Weights, w);
         }
         executor::run(&self.ctx, &self.cache, plan, &slots, timer)
     }
@@ -476,11 +486,10 @@ impl Engine {
         let plan = Plan::merge(&shape, shards.len(), &self.caps)?;
         let o = Tensor::empty(&self.ctx, "merged_o", &shape.o_dims())?;
         let lse = Tensor::empty(&self.ctx, "merged_lse", &shape.lse_dims())?;
-        let mut slots: HashMap<Slot, &wgpu::Buffer> =
-            HashMap::from([(Slot::O, o.buffer()), (Slot::Lse, lse.buffer())]);
+        let mut slots: HashMap<Slot, &Tensor> = HashMap::from([(Slot::O, &o), (Slot::Lse, &lse)]);
         for (i, (so, sl)) in shards.iter().enumerate() {
-            slots.insert(Slot::ShardO(i), so.buffer());
-            slots.insert(Slot::ShardLse(i), sl.buffer());
+            slots.insert(Slot::ShardO(i), so);
+            slots.insert(Slot::ShardLse(i), sl);
         }
         executor::run(&self.ctx, &self.cache, &plan, &slots, None)?;
         Ok((o, lse))

@@ -327,14 +327,11 @@ impl MultiHeadAttention {
         self.biases[proj as usize].is_some()
     }
 
-    fn bind_weights<'a>(&'a self, slots: &mut HashMap<Slot, &'a wgpu::Buffer>) {
+    fn bind_weights<'a>(&'a self, slots: &mut HashMap<Slot, &'a Tensor>) {
         for (i, proj) in PROJS.iter().enumerate() {
-            slots.insert(
-                Slot::Layer(LayerSlot::Weight(*proj)),
-                self.weights[i].buffer(),
-            );
+            slots.insert(Slot::Layer(LayerSlot::Weight(*proj)), &self.weights[i]);
             let bias = self.biases[i].as_ref().unwrap_or(&self.no_bias);
-            slots.insert(Slot::Layer(LayerSlot::Bias(*proj)), bias.buffer());
+            slots.insert(Slot::Layer(LayerSlot::Bias(*proj)), bias);
         }
     }
 
@@ -371,10 +368,10 @@ impl MultiHeadAttention {
         };
         let plan = Plan::steps_only(steps, "K and V projections");
         let mut slots = HashMap::from([
-            (Slot::Layer(LayerSlot::Key), key.buffer()),
-            (Slot::Layer(LayerSlot::Value), value.buffer()),
-            (Slot::K, cache.k.buffer()),
-            (Slot::V, cache.v.buffer()),
+            (Slot::Layer(LayerSlot::Key), key),
+            (Slot::Layer(LayerSlot::Value), value),
+            (Slot::K, &cache.k),
+            (Slot::V, &cache.v),
         ]);
         self.bind_weights(&mut slots);
         self.engine.execute(&plan, &slots)?;
@@ -508,29 +505,29 @@ impl MultiHeadAttention {
             ),
         };
 
-        let mut slots: HashMap<Slot, &wgpu::Buffer> = HashMap::from([
-            (Slot::Layer(LayerSlot::Query), query.buffer()),
-            (Slot::Layer(LayerSlot::Out), out.buffer()),
+        let mut slots: HashMap<Slot, &Tensor> = HashMap::from([
+            (Slot::Layer(LayerSlot::Query), query),
+            (Slot::Layer(LayerSlot::Out), &out),
             (Slot::Lens, masks.lens()),
             (Slot::MaskBits, masks.mask()),
             (Slot::Bias, masks.bias()),
         ]);
         match source {
             Source::Raw { key, value } => {
-                slots.insert(Slot::Layer(LayerSlot::Key), key.buffer());
-                slots.insert(Slot::Layer(LayerSlot::Value), value.buffer());
+                slots.insert(Slot::Layer(LayerSlot::Key), key);
+                slots.insert(Slot::Layer(LayerSlot::Value), value);
             }
             Source::Cached(cache) => {
-                slots.insert(Slot::K, cache.k.buffer());
-                slots.insert(Slot::V, cache.v.buffer());
+                slots.insert(Slot::K, &cache.k);
+                slots.insert(Slot::V, &cache.v);
             }
         }
         match (&weights, need) {
             (Some(w), NeedWeights::PerHead) => {
-                slots.insert(Slot::Weights, w.buffer());
+                slots.insert(Slot::Weights, w);
             }
             (Some(w), NeedWeights::Averaged) => {
-                slots.insert(Slot::Layer(LayerSlot::MeanWeights), w.buffer());
+                slots.insert(Slot::Layer(LayerSlot::MeanWeights), w);
             }
             _ => {}
         }

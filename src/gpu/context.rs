@@ -6,9 +6,12 @@ use crate::error::{Error, Result};
 
 /// A headless wgpu device and queue plus what we know about the adapter.
 ///
-/// Cheap to clone (wgpu handles are reference counted). Errors the device reports outside
-/// any scope (validation, out of memory) and device loss are recorded and turned into
-/// [`Error`] by the next operation that checks ([`Context::check`]).
+/// Cheap to clone (wgpu handles are reference counted). xattn's own device work runs inside
+/// wgpu error scopes ([`Context::scoped`]), so its validation and out-of-memory errors come
+/// back as [`Error`] from the call that caused them. On a device xattn opened itself, errors
+/// outside any scope and device loss are also recorded and reported by the next
+/// [`Context::check`]; on a caller's device ([`Context::from_wgpu`]) the caller's handlers
+/// stay in place.
 #[derive(Clone, Debug)]
 pub struct Context {
     /// The wgpu device.
@@ -89,29 +92,63 @@ impl Context {
             adapter: info.name.clone(),
             reason: e.to_string(),
         })?;
-        Ok(Self::from_device(device, queue, info))
+        let ctx = Self::from_wgpu(device, queue)?;
+        ctx.watch_device();
+        Ok(ctx)
     }
 
-    /// Wraps a device the caller already owns (its limits and features are read from it).
-    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, info: wgpu::AdapterInfo) -> Self {
-        let fault: Arc<Mutex<Option<Error>>> = Arc::default();
-        let on_error = fault.clone();
-        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-            let mut slot = on_error.lock().unwrap_or_else(|p| p.into_inner());
-            slot.get_or_insert(Error::Gpu(e.to_string()));
-        }));
-        let on_lost = fault.clone();
-        device.set_device_lost_callback(move |reason, message| {
-            let mut slot = on_lost.lock().unwrap_or_else(|p| p.into_inner());
-            *slot = Some(Error::DeviceLost(format!("{reason:?}: {message}")));
-        });
-        Self {
+    /// Wraps a device and queue the caller already owns: adapter info, limits and features
+    /// are read from the device, and the caller's uncaptured-error and device-lost handlers
+    /// are left alone (xattn's errors reach xattn's calls through error scopes).
+    pub fn from_wgpu(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
+        Ok(Self {
+            info: device.adapter_info(),
             limits: device.limits(),
             features: device.features(),
             device,
             queue,
-            info,
-            fault,
+            fault: Arc::default(),
+        })
+    }
+
+    /// On a device xattn owns: records errors outside any scope and device loss for
+    /// [`Context::check`].
+    fn watch_device(&self) {
+        let on_error = self.fault.clone();
+        self.device
+            .on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                let mut slot = on_error.lock().unwrap_or_else(|p| p.into_inner());
+                slot.get_or_insert(Error::Gpu(e.to_string()));
+            }));
+        let on_lost = self.fault.clone();
+        self.device
+            .set_device_lost_callback(move |reason, message| {
+                let mut slot = on_lost.lock().unwrap_or_else(|p| p.into_inner());
+                *slot = Some(Error::DeviceLost(format!("{reason:?}: {message}")));
+            });
+    }
+
+    /// Runs `work` (device calls of this thread) inside wgpu error scopes and returns the
+    /// first error they caught, else `work`'s result. wgpu's scopes are per thread, so
+    /// another thread's errors, the caller's own included, never land here.
+    pub fn scoped<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<T> {
+        let scopes = [
+            wgpu::ErrorFilter::Validation,
+            wgpu::ErrorFilter::OutOfMemory,
+            wgpu::ErrorFilter::Internal,
+        ]
+        .map(|filter| self.device.push_error_scope(filter));
+        let result = work();
+        let mut caught = None;
+        // Scopes pop innermost first.
+        for scope in scopes.into_iter().rev() {
+            if let Some(e) = pollster::block_on(scope.pop()) {
+                caught.get_or_insert(Error::Gpu(e.to_string()));
+            }
+        }
+        match caught {
+            Some(e) => Err(e),
+            None => result,
         }
     }
 

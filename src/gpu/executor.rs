@@ -7,6 +7,7 @@ use wgpu::util::DeviceExt;
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::gpu::pipelines::PipelineCache;
+use crate::gpu::tensor::Tensor;
 use crate::params::{AttnParams, LinearParams};
 use crate::plan::{Plan, Slot, Step};
 
@@ -64,13 +65,33 @@ impl GpuTimer {
     }
 }
 
-/// Runs `plan` with the given buffers for its input/output slots; allocates its scratch.
-/// Waits for completion and reports any device error.
+/// A buffer range a step reads or writes: a tensor's, or a whole scratch buffer.
+#[derive(Clone, Copy)]
+struct Range<'a> {
+    buffer: &'a wgpu::Buffer,
+    offset: u64,
+    size: Option<wgpu::BufferSize>,
+}
+
+/// Runs `plan` with the given tensors for its input/output slots (each bound at its own
+/// offset); allocates its scratch. Waits for completion and reports any device error of
+/// this call.
 pub fn run(
     ctx: &Context,
     cache: &PipelineCache,
     plan: &Plan,
-    slots: &HashMap<Slot, &wgpu::Buffer>,
+    slots: &HashMap<Slot, &Tensor>,
+    timer: Option<&GpuTimer>,
+) -> Result<()> {
+    ctx.scoped(|| record_and_submit(ctx, cache, plan, slots, timer))?;
+    ctx.check()
+}
+
+fn record_and_submit(
+    ctx: &Context,
+    cache: &PipelineCache,
+    plan: &Plan,
+    slots: &HashMap<Slot, &Tensor>,
     timer: Option<&GpuTimer>,
 ) -> Result<()> {
     let scratch: Vec<(Slot, wgpu::Buffer)> = plan
@@ -88,15 +109,25 @@ pub fn run(
             (*slot, buf)
         })
         .collect();
-    let buffer = |slot: Slot| -> Result<&wgpu::Buffer> {
-        scratch
+    let buffer = |slot: Slot| -> Result<Range> {
+        let own = scratch
             .iter()
             .find(|(s, _)| *s == slot)
-            .map(|(_, b)| b)
-            .or_else(|| slots.get(&slot).copied())
-            .ok_or_else(|| {
-                Error::Unsupported(format!("plan uses buffer {slot:?} that was not supplied"))
+            .map(|(_, b)| Range {
+                buffer: b,
+                offset: 0,
+                size: None,
+            });
+        own.or_else(|| {
+            slots.get(&slot).map(|t| Range {
+                buffer: t.buffer(),
+                offset: t.offset(),
+                size: wgpu::BufferSize::new(t.byte_len()),
             })
+        })
+        .ok_or_else(|| {
+            Error::Unsupported(format!("plan uses buffer {slot:?} that was not supplied"))
+        })
     };
 
     // All params in one uniform buffer, one aligned record per dispatch.
@@ -136,9 +167,14 @@ pub fn run(
                 }),
             }];
             for (i, slot) in d.buffers.iter().enumerate() {
+                let r = buffer(*slot)?;
                 entries.push(wgpu::BindGroupEntry {
                     binding: i as u32 + 1,
-                    resource: buffer(*slot)?.as_entire_binding(),
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: r.buffer,
+                        offset: r.offset,
+                        size: r.size,
+                    }),
                 });
             }
             let group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -170,11 +206,12 @@ pub fn run(
                 dst_offset,
                 size,
             } => {
+                let (from, to) = (buffer(*src)?, buffer(*dst)?);
                 enc.copy_buffer_to_buffer(
-                    buffer(*src)?,
-                    *src_offset,
-                    buffer(*dst)?,
-                    *dst_offset,
+                    from.buffer,
+                    from.offset + *src_offset,
+                    to.buffer,
+                    to.offset + *dst_offset,
                     *size,
                 );
             }
@@ -210,7 +247,7 @@ pub fn run(
         enc.resolve_query_set(&t.queries, 0..2, &t.resolve, 0);
     }
     ctx.queue.submit([enc.finish()]);
-    ctx.check()
+    Ok(())
 }
 
 fn count_passes(steps: &[Step]) -> usize {

@@ -1,4 +1,4 @@
-//! Device-resident f32 tensors.
+//! Device-resident f32 tensors: xattn's own buffers, or a range of a caller's buffer.
 
 use wgpu::util::DeviceExt;
 
@@ -6,12 +6,14 @@ use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::shape::{check_len, F32};
 
-/// An f32 tensor in a device buffer, row-major with the given dims.
+/// An f32 tensor in a device buffer, row-major with the given dims, starting `offset` bytes
+/// into the buffer (0 for xattn's own; any aligned offset for [`Tensor::from_buffer`]).
 ///
 /// K and V uploaded once serve any number of attention calls (the decoder pattern).
 #[derive(Debug)]
 pub struct Tensor {
     buffer: wgpu::Buffer,
+    offset: u64,
     dims: Vec<usize>,
     ctx: Context,
 }
@@ -61,15 +63,66 @@ impl Tensor {
             return Err(Error::Shape(format!("{name}: empty tensor {dims:?}")));
         }
         check_buffer_size(ctx, name, dims)?;
-        let buffer = ctx
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(&format!("xattn.tensor.{name}")),
-                contents: bytemuck::cast_slice(data),
-                usage: USAGE,
-            });
+        let buffer = ctx.scoped(|| {
+            Ok(ctx
+                .device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(&format!("xattn.tensor.{name}")),
+                    contents: bytemuck::cast_slice(data),
+                    usage: USAGE,
+                }))
+        })?;
         Ok(Self {
             buffer,
+            offset: 0,
+            dims: dims.to_vec(),
+            ctx: ctx.clone(),
+        })
+    }
+
+    /// Wraps `dims` f32 elements of a caller's buffer starting `offset_bytes` into it, without
+    /// a copy: xattn reads (or, for outputs, writes) that range in place. The buffer needs
+    /// `STORAGE` usage (and `COPY_SRC` / `COPY_DST` for [`Tensor::to_host`] /
+    /// [`Tensor::write`]); the offset must be a multiple of the device's
+    /// `min_storage_buffer_offset_alignment`; the range must lie within the buffer.
+    pub fn from_buffer(
+        ctx: &Context,
+        buffer: &wgpu::Buffer,
+        offset_bytes: u64,
+        dims: &[usize],
+    ) -> Result<Self> {
+        let elems = dims.iter().product::<usize>();
+        if elems == 0 {
+            return Err(Error::Shape(format!("from_buffer: empty tensor {dims:?}")));
+        }
+        if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(Error::Argument(format!(
+                "from_buffer: the buffer's usage {:?} lacks STORAGE, which the kernels bind",
+                buffer.usage()
+            )));
+        }
+        let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment);
+        if offset_bytes % align != 0 {
+            return Err(Error::Argument(format!(
+                "from_buffer: offset {offset_bytes} is not a multiple of this device's \
+                 min_storage_buffer_offset_alignment ({align})"
+            )));
+        }
+        let size = elems as u64 * F32;
+        if offset_bytes
+            .checked_add(size)
+            .is_none_or(|end| end > buffer.size())
+        {
+            return Err(Error::Argument(format!(
+                "from_buffer: {dims:?} at offset {offset_bytes} needs bytes up to {}, past the \
+                 buffer's end ({} bytes)",
+                offset_bytes.saturating_add(size),
+                buffer.size()
+            )));
+        }
+        Ok(Self {
+            buffer: buffer.clone(),
+            offset: offset_bytes,
             dims: dims.to_vec(),
             ctx: ctx.clone(),
         })
@@ -78,14 +131,17 @@ impl Tensor {
     /// An uninitialized (zeroed by wgpu) tensor of shape `dims`.
     pub fn empty(ctx: &Context, name: &str, dims: &[usize]) -> Result<Self> {
         let size = check_buffer_size(ctx, name, dims)?;
-        let buffer = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(&format!("xattn.tensor.{name}")),
-            size: size.max(F32),
-            usage: USAGE,
-            mapped_at_creation: false,
-        });
+        let buffer = ctx.scoped(|| {
+            Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(&format!("xattn.tensor.{name}")),
+                size: size.max(F32),
+                usage: USAGE,
+                mapped_at_creation: false,
+            }))
+        })?;
         Ok(Self {
             buffer,
+            offset: 0,
             dims: dims.to_vec(),
             ctx: ctx.clone(),
         })
@@ -106,17 +162,31 @@ impl Tensor {
         self.len() == 0
     }
 
-    /// The wgpu buffer (for callers who record their own work around xattn's).
+    /// The wgpu buffer (for callers who record their own work around xattn's); the tensor
+    /// occupies [`Tensor::byte_len`] bytes from [`Tensor::offset`].
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
+    }
+
+    /// Where the tensor starts in [`Tensor::buffer`], in bytes.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The tensor's size in bytes.
+    pub fn byte_len(&self) -> u64 {
+        self.len() as u64 * F32
     }
 
     /// Overwrites the contents with `data` (same number of elements).
     pub fn write(&self, data: &[f32]) -> Result<()> {
         check_len("write", &self.dims, data.len())?;
-        self.ctx
-            .queue
-            .write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
+        self.ctx.scoped(|| {
+            self.ctx
+                .queue
+                .write_buffer(&self.buffer, self.offset, bytemuck::cast_slice(data));
+            Ok(())
+        })?;
         self.ctx.check()
     }
 
@@ -127,7 +197,11 @@ impl Tensor {
 
     /// Copies the tensor back to the host, waiting for all queued work.
     pub fn to_host(&self) -> Result<Vec<f32>> {
-        let size = self.len() as u64 * F32;
+        self.ctx.scoped(|| self.read_back())
+    }
+
+    fn read_back(&self) -> Result<Vec<f32>> {
+        let size = self.byte_len();
         let staging = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("xattn.readback"),
             size,
@@ -140,7 +214,7 @@ impl Tensor {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("xattn.readback"),
             });
-        enc.copy_buffer_to_buffer(&self.buffer, 0, &staging, 0, size);
+        enc.copy_buffer_to_buffer(&self.buffer, self.offset, &staging, 0, size);
         self.ctx.queue.submit([enc.finish()]);
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {

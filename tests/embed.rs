@@ -1,0 +1,212 @@
+//! xattn inside a caller's GPU work: the caller's device (`Context::from_wgpu`) with its own
+//! error handler left in place, and the caller's buffers at offsets (`Tensor::from_buffer`).
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use xattn::cpu::reference;
+use xattn::{Attention, AttnShape, Context, Engine, Error, Output, Tensor};
+
+/// A device of the caller's own on the test adapter, with an app error handler that records.
+fn app_device(engine: &Engine) -> (Context, Arc<Mutex<Vec<String>>>) {
+    let want = engine.context().info.name.clone();
+    let adapter = xattn::gpu::context::adapters()
+        .into_iter()
+        .find(|a| a.get_info().name == want)
+        .expect("the test adapter is listed");
+    let (device, queue) =
+        pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor::default()))
+            .expect("a device on the test adapter");
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+        log.lock().unwrap().push(e.to_string());
+    }));
+    (Context::from_wgpu(device, queue).unwrap(), seen)
+}
+
+#[test]
+fn public_handles_are_send_and_sync() {
+    fn both<T: Send + Sync>() {}
+    both::<Context>();
+    both::<Engine>();
+    both::<Tensor>();
+}
+
+/// Q, K, V in one caller buffer, O and LSE in another, all at aligned offsets: the result
+/// equals the reference and not a byte outside O's and LSE's ranges changes. An output in the
+/// inputs' buffer is refused (wgpu cannot read and write one buffer in a dispatch).
+#[test]
+fn attention_reads_and_writes_callers_buffers_at_offsets() {
+    let Some(engine) = engine() else { return };
+    let (ctx, app_errors) = app_device(engine);
+    let engine = Engine::new(&ctx);
+    let s = AttnShape {
+        batch: 1,
+        m: 5,
+        n: 19,
+        q_heads: 2,
+        kv_heads: 1,
+        d_k: 8,
+        d_v: 4,
+    };
+    let (q, k, v) = qkv(&s, 1.0, 5);
+    let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment);
+    // Consecutive ranges from `align` on (not 0: offsets must be honoured), each aligned.
+    let place = |lens: &[usize]| {
+        let mut offsets = Vec::new();
+        let mut at = align;
+        for len in lens {
+            offsets.push(at);
+            at = (at + 4 * *len as u64).next_multiple_of(align);
+        }
+        (offsets, at + align)
+    };
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let app_buffer = |label, host: &[f32]| {
+        let b = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: 4 * host.len() as u64,
+            usage,
+            mapped_at_creation: false,
+        });
+        ctx.queue.write_buffer(&b, 0, bytemuck::cast_slice(host));
+        b
+    };
+    let (in_at, in_size) = place(&[q.len(), k.len(), v.len()]);
+    let mut host_in = vec![f32::NAN; in_size as usize / 4];
+    for (off, data) in in_at.iter().zip([&q, &k, &v]) {
+        host_in[*off as usize / 4..][..data.len()].copy_from_slice(data);
+    }
+    let inputs = app_buffer("app.qkv", &host_in);
+    let o_len = s.o_dims().iter().product::<usize>();
+    let lse_len = s.lse_dims().iter().product::<usize>();
+    let (out_at, out_size) = place(&[o_len, lse_len]);
+    let host_out = vec![f32::NAN; out_size as usize / 4];
+    let outputs = app_buffer("app.o_lse", &host_out);
+    let wrap = |b, off, dims: &[usize]| Tensor::from_buffer(&ctx, b, off, dims).unwrap();
+    let (tq, tk, tv) = (
+        wrap(&inputs, in_at[0], &s.q_dims()),
+        wrap(&inputs, in_at[1], &s.k_dims()),
+        wrap(&inputs, in_at[2], &s.v_dims()),
+    );
+    let opts = Attention::default();
+    let plan = engine.plan(&tq, &tk, &tv, &opts).unwrap();
+    let masks = engine.upload_masks(&plan, &opts).unwrap();
+    let out = Output {
+        o: wrap(&outputs, out_at[0], &s.o_dims()),
+        lse: wrap(&outputs, out_at[1], &s.lse_dims()),
+        weights: None,
+    };
+    engine
+        .run(&plan, &tq, &tk, &tv, &masks, &out, None)
+        .unwrap();
+
+    let after = wrap(&outputs, 0, &[out_size as usize / 4])
+        .to_host()
+        .unwrap();
+    let want = reference::attention(&s, &q, &k, &v, f64::from(opts.scale_for(s.d_k)));
+    let tol = budget(&s, opts.scale_for(s.d_k), &q, &k, &v);
+    let (o_at, lse_at) = (out_at[0] as usize / 4, out_at[1] as usize / 4);
+    assert_close(
+        "O in the caller's buffer",
+        &after[o_at..][..o_len],
+        &want.o,
+        tol.o,
+    );
+    assert_close(
+        "LSE in the caller's buffer",
+        &after[lse_at..][..lse_len],
+        &want.lse,
+        tol.lse * (1.0 + want.lse.iter().fold(0.0f64, |a, x| a.max(x.abs()))),
+    );
+    for (i, x) in after.iter().enumerate() {
+        let written = (o_at..o_at + o_len).contains(&i) || (lse_at..lse_at + lse_len).contains(&i);
+        assert!(
+            written || x.is_nan(),
+            "element {i} outside O and LSE changed to {x}"
+        );
+    }
+    let inputs_after = wrap(&inputs, 0, &[in_size as usize / 4]).to_host().unwrap();
+    assert!(inputs_after
+        .iter()
+        .zip(&host_in)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+
+    let clash = Output {
+        o: wrap(&inputs, in_at[0], &s.o_dims()),
+        lse: wrap(&outputs, out_at[1], &s.lse_dims()),
+        weights: None,
+    };
+    let e = engine
+        .run(&plan, &tq, &tk, &tv, &masks, &clash, None)
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Argument(m) if m.contains("shares its wgpu buffer")),
+        "{e}"
+    );
+    assert!(
+        app_errors.lock().unwrap().is_empty(),
+        "{:?}",
+        app_errors.lock().unwrap()
+    );
+}
+
+/// Bad wraps are typed errors; xattn's own invalid use comes back to its call, and the app's
+/// errors stay with the app's handler.
+#[test]
+fn errors_go_to_the_call_that_caused_them() {
+    let Some(engine) = engine() else { return };
+    let (ctx, app_errors) = app_device(engine);
+    let make = |usage, size| {
+        ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("app.buffer"),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let storage = wgpu::BufferUsages::STORAGE;
+    let no_storage = make(wgpu::BufferUsages::COPY_DST, 256);
+    let e = Tensor::from_buffer(&ctx, &no_storage, 0, &[4]).unwrap_err();
+    assert!(
+        matches!(&e, Error::Argument(m) if m.contains("STORAGE")),
+        "{e}"
+    );
+    let buf = make(storage, 1024);
+    let e = Tensor::from_buffer(&ctx, &buf, 4, &[4]).unwrap_err();
+    assert!(
+        matches!(&e, Error::Argument(m) if m.contains("min_storage_buffer_offset_alignment")),
+        "{e}"
+    );
+    let e = Tensor::from_buffer(&ctx, &buf, 0, &[257]).unwrap_err();
+    assert!(
+        matches!(&e, Error::Argument(m) if m.contains("past the buffer's end")),
+        "{e}"
+    );
+
+    // Reading back a buffer the app made without COPY_SRC: xattn's call fails, the app's
+    // handler hears nothing.
+    let t = Tensor::from_buffer(&ctx, &buf, 0, &[16]).unwrap();
+    let e = t.to_host().unwrap_err();
+    assert!(matches!(e, Error::Gpu(_)), "{e}");
+    assert!(
+        app_errors.lock().unwrap().is_empty(),
+        "{:?}",
+        app_errors.lock().unwrap()
+    );
+
+    // The app's own invalid call still reaches the app's handler.
+    let _ = make(wgpu::BufferUsages::MAP_READ | storage, 16);
+    ctx.device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .unwrap();
+    assert_eq!(
+        app_errors.lock().unwrap().len(),
+        1,
+        "the app's error reached its handler"
+    );
+}
