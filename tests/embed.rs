@@ -210,3 +210,35 @@ fn errors_go_to_the_call_that_caused_them() {
         "the app's error reached its handler"
     );
 }
+
+/// Eight threads calling one engine at once, on every path, each checked against the
+/// reference (on GL, xattn serializes its own device work, so wgpu's context lock never
+/// times out).
+#[test]
+fn eight_threads_share_one_engine() {
+    let Some(engine) = engine() else { return };
+    std::thread::scope(|scope| {
+        for t in 0..8u64 {
+            scope.spawn(move || {
+                let s = AttnShape {
+                    batch: 1,
+                    m: 3 + t as usize,
+                    n: 40 + 13 * t as usize,
+                    q_heads: 2,
+                    kv_heads: 1,
+                    d_k: 8,
+                    d_v: 8,
+                };
+                let (q, k, v) = qkv(&s, 1.0, 100 + t);
+                for round in 0..3 {
+                    let path = xattn::Path::ALL[(t as usize + round) % 3];
+                    let opts = Attention::default().with_path(path);
+                    let (_, got) = run_poisoned(engine, &s, (&q, &k, &v), &opts)
+                        .unwrap_or_else(|e| panic!("thread {t} {}: {e}", path.name()));
+                    let what = format!("thread {t} round {round} {}", path.name());
+                    check_against_reference(&what, &s, opts.scale_for(s.d_k), (&q, &k, &v), &got);
+                }
+            });
+        }
+    });
+}

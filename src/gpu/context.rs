@@ -25,6 +25,9 @@ pub struct Context {
     /// Features enabled on the device.
     pub features: wgpu::Features,
     fault: Arc<Mutex<Option<Error>>>,
+    /// On wgpu's GL backend, held across each xattn call's device work (see
+    /// [`Context::scoped`]); `None` elsewhere.
+    gl_serial: Option<Arc<Mutex<()>>>,
 }
 
 /// Features xattn uses where the adapter has them.
@@ -101,8 +104,10 @@ impl Context {
     /// are read from the device, and the caller's uncaptured-error and device-lost handlers
     /// are left alone (xattn's errors reach xattn's calls through error scopes).
     pub fn from_wgpu(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
+        let info = device.adapter_info();
         Ok(Self {
-            info: device.adapter_info(),
+            gl_serial: (info.backend == wgpu::Backend::Gl).then(Arc::default),
+            info,
             limits: device.limits(),
             features: device.features(),
             device,
@@ -131,7 +136,16 @@ impl Context {
     /// Runs `work` (device calls of this thread) inside wgpu error scopes and returns the
     /// first error they caught, else `work`'s result. wgpu's scopes are per thread, so
     /// another thread's errors, the caller's own included, never land here.
+    ///
+    /// On wgpu's GL backend the work of xattn's calls is also serialized: that backend holds
+    /// one context lock across a blocking wait, and a thread that waits more than 6 s for it
+    /// panics inside wgpu (wgpu-hal's `CONTEXT_LOCK_TIMEOUT_SECS`); threads queue here
+    /// instead, with no timeout.
     pub fn scoped<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _serial = self
+            .gl_serial
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
         let scopes = [
             wgpu::ErrorFilter::Validation,
             wgpu::ErrorFilter::OutOfMemory,

@@ -45,23 +45,25 @@ impl GpuTimer {
 
     /// Milliseconds between the first pass's start and the last pass's end of the last run.
     pub fn read_ms(&self, ctx: &Context) -> Result<f64> {
-        let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("xattn.timer.read"),
-            size: 16,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut enc = ctx.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(&self.resolve, 0, &staging, 0, 16);
-        ctx.queue.submit([enc.finish()]);
-        staging.map_async(wgpu::MapMode::Read, .., |_| {});
-        ctx.check()?;
-        let view = staging
-            .get_mapped_range(..)
-            .map_err(|e| Error::Gpu(format!("reading timestamps failed: {e}")))?;
-        let t: &[u64] = bytemuck::cast_slice(&view);
-        let ns = t[1].saturating_sub(t[0]) as f64 * f64::from(self.period_ns);
-        Ok(ns / 1e6)
+        ctx.scoped(|| {
+            let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("xattn.timer.read"),
+                size: 16,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(&self.resolve, 0, &staging, 0, 16);
+            ctx.queue.submit([enc.finish()]);
+            staging.map_async(wgpu::MapMode::Read, .., |_| {});
+            ctx.check()?;
+            let view = staging
+                .get_mapped_range(..)
+                .map_err(|e| Error::Gpu(format!("reading timestamps failed: {e}")))?;
+            let t: &[u64] = bytemuck::cast_slice(&view);
+            let ns = t[1].saturating_sub(t[0]) as f64 * f64::from(self.period_ns);
+            Ok(ns / 1e6)
+        })
     }
 }
 
@@ -83,8 +85,10 @@ pub fn run(
     slots: &HashMap<Slot, &Tensor>,
     timer: Option<&GpuTimer>,
 ) -> Result<()> {
-    ctx.scoped(|| record_and_submit(ctx, cache, plan, slots, timer))?;
-    ctx.check()
+    ctx.scoped(|| {
+        record_and_submit(ctx, cache, plan, slots, timer)?;
+        ctx.check()
+    })
 }
 
 fn record_and_submit(

@@ -185,9 +185,8 @@ impl Tensor {
             self.ctx
                 .queue
                 .write_buffer(&self.buffer, self.offset, bytemuck::cast_slice(data));
-            Ok(())
-        })?;
-        self.ctx.check()
+            self.ctx.check()
+        })
     }
 
     /// Fills every element with `value` (tests poison outputs with NaN this way).
