@@ -357,7 +357,8 @@ impl Engine {
         })
     }
 
-    /// Computes attention on device tensors into new output tensors.
+    /// Computes attention on device tensors into new output tensors: [`Engine::prepare`]
+    /// and one [`Prepared::run`].
     pub fn attention(
         &self,
         q: &Tensor,
@@ -365,11 +366,64 @@ impl Engine {
         v: &Tensor,
         opts: &Attention,
     ) -> Result<Output> {
+        let call = self.prepare(q, k, v, opts)?;
+        call.run()?;
+        Ok(call.into_output())
+    }
+
+    /// Validates and plans one call once and binds it to `q`, `k`, `v`, its masks, new
+    /// outputs and scratch: [`Prepared::run`] and [`Prepared::encode`] then allocate nothing
+    /// and read the inputs' contents as they are at each run (a decoder writes the next query
+    /// into `q` and runs again).
+    pub fn prepare(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        opts: &Attention,
+    ) -> Result<Prepared> {
         let plan = self.plan(q, k, v, opts)?;
-        let masks = self.upload_masks(&plan, opts)?;
         let out = self.alloc_output(&plan)?;
-        self.run(&plan, q, k, v, &masks, &out, None)?;
-        Ok(out)
+        self.bind(plan, (q, k, v), opts, out)
+    }
+
+    /// [`Engine::prepare`] writing O into the caller's tensor `o` (e.g. a range of an app's
+    /// buffer, [`Tensor::from_buffer`]) and LSE into `lse` if given (else into a tensor of
+    /// its own). Outputs need buffers no input of the call uses.
+    pub fn prepare_into(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        o: &Tensor,
+        lse: Option<&Tensor>,
+        opts: &Attention,
+    ) -> Result<Prepared> {
+        let plan = self.plan(q, k, v, opts)?;
+        let mut out = self.alloc_output(&plan)?;
+        out.o = o.clone();
+        if let Some(lse) = lse {
+            out.lse = lse.clone();
+        }
+        self.bind(plan, (q, k, v), opts, out)
+    }
+
+    fn bind(
+        &self,
+        plan: Plan,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        opts: &Attention,
+        out: Output,
+    ) -> Result<Prepared> {
+        let masks = self.upload_masks(&plan, opts)?;
+        let slots = self.slots(&plan, (q, k, v), &masks, &out)?;
+        let bound = self
+            .ctx
+            .scoped(|| executor::bind(&self.ctx, &self.cache, &plan, &slots))?;
+        Ok(Prepared {
+            ctx: self.ctx.clone(),
+            plan,
+            out,
+            bound,
+        })
     }
 
     /// Runs a plan made by [`Engine::plan`] with the masks of [`Engine::upload_masks`] into
@@ -386,6 +440,19 @@ impl Engine {
         out: &Output,
         timer: Option<&GpuTimer>,
     ) -> Result<()> {
+        let slots = self.slots(plan, (q, k, v), masks, out)?;
+        executor::run(&self.ctx, &self.cache, plan, &slots, timer)
+    }
+
+    /// The tensors of a call by slot, checked against the plan's dims; outputs may not share
+    /// a buffer with inputs.
+    fn slots<'a>(
+        &self,
+        plan: &Plan,
+        (q, k, v): (&'a Tensor, &'a Tensor, &'a Tensor),
+        masks: &'a MaskInputs,
+        out: &'a Output,
+    ) -> Result<HashMap<Slot, &'a Tensor>> {
         let s = plan.shape;
         let expect = |t: &Tensor, name: &str, dims: &[usize]| -> Result<()> {
             if t.dims() != dims {
@@ -430,7 +497,7 @@ impl Engine {
             expect(w, "output weights", &s.weights_dims())?;
             slots.insert(Slot::Weights, w);
         }
-        executor::run(&self.ctx, &self.cache, plan, &slots, timer)
+        Ok(slots)
     }
 
     /// Attention on host slices: uploads, runs, downloads. `q_dims` etc. as in the layouts above.
@@ -512,5 +579,55 @@ impl Engine {
         let refs: Vec<(&Tensor, &Tensor)> = tensors.iter().map(|(o, l)| (o, l)).collect();
         let (o, lse) = self.merge(&refs)?;
         Ok((o.to_host()?, lse.to_host()?))
+    }
+}
+
+/// One attention call, validated, planned and bound once ([`Engine::prepare`]): its plan,
+/// masks, outputs, scratch, params and bind groups. Running it again allocates nothing and
+/// reads the inputs' contents at that time.
+#[derive(Debug)]
+pub struct Prepared {
+    ctx: Context,
+    plan: Plan,
+    out: Output,
+    bound: executor::Bound,
+}
+
+impl Prepared {
+    /// Submits the call's passes and waits for them; reports any device error of this call.
+    pub fn run(&self) -> Result<()> {
+        self.bound.submit(&self.ctx, None)
+    }
+
+    /// Records the call's passes into the caller's encoder, after whatever the caller
+    /// recorded before and before what it records next; neither submits nor waits. Device
+    /// errors of the recorded work surface where the caller submits (in its error scopes).
+    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
+        self.bound.record(encoder, None);
+    }
+
+    /// O `[batch, M, q_heads, d_v]`, as of the last completed run.
+    pub fn o(&self) -> &Tensor {
+        &self.out.o
+    }
+
+    /// LSE `[batch, q_heads, M]`, as of the last completed run.
+    pub fn lse(&self) -> &Tensor {
+        &self.out.lse
+    }
+
+    /// The weights P, when the call asked for them.
+    pub fn weights(&self) -> Option<&Tensor> {
+        self.out.weights.as_ref()
+    }
+
+    /// What runs.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The output tensors.
+    pub fn into_output(self) -> Output {
+        self.out
     }
 }

@@ -39,7 +39,7 @@ pub mod params;
 pub mod plan;
 pub mod shape;
 
-pub use engine::{Attention, Engine, HostOutput, MaskInputs, Output};
+pub use engine::{Attention, Engine, HostOutput, MaskInputs, Output, Prepared};
 pub use error::{Error, Result};
 pub use gpu::context::Context;
 pub use gpu::tensor::Tensor;

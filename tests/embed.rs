@@ -242,3 +242,108 @@ fn eight_threads_share_one_engine() {
         }
     });
 }
+
+/// A prepared call reads its inputs at each run: the decoder pattern (write the next query
+/// into the same tensor, run again) gives each step's own answer.
+#[test]
+fn a_prepared_call_reads_its_inputs_at_every_run() {
+    let Some(engine) = engine() else { return };
+    let s = AttnShape {
+        batch: 1,
+        m: 1,
+        n: 300,
+        q_heads: 4,
+        kv_heads: 2,
+        d_k: 16,
+        d_v: 16,
+    };
+    let (_, k, v) = qkv(&s, 1.0, 61);
+    let tq = engine
+        .upload(&random(s.q_dims().iter().product(), 1.0, 0), &s.q_dims())
+        .unwrap();
+    let tk = engine.upload(&k, &s.k_dims()).unwrap();
+    let tv = engine.upload(&v, &s.v_dims()).unwrap();
+    for path in xattn::Path::ALL {
+        let opts = Attention::default().with_path(path);
+        let call = engine.prepare(&tq, &tk, &tv, &opts).unwrap();
+        for step in 1..=3u64 {
+            let q = random(s.q_dims().iter().product(), 1.0, step);
+            tq.write(&q).unwrap();
+            call.o().fill(f32::NAN).unwrap();
+            call.run().unwrap();
+            let got = xattn::HostOutput {
+                o: call.o().to_host().unwrap(),
+                lse: call.lse().to_host().unwrap(),
+                weights: call.weights().map(|w| w.to_host().unwrap()),
+            };
+            let what = format!("{} step {step}", path.name());
+            check_against_reference(&what, &s, opts.scale_for(s.d_k), (&q, &k, &v), &got);
+        }
+    }
+}
+
+/// The app's own work and xattn's prepared call in one encoder and one submit: the app copies
+/// the query in, xattn attends, the app copies O out of xattn's caller-owned output.
+#[test]
+fn a_prepared_call_records_into_the_callers_encoder() {
+    let Some(engine) = engine() else { return };
+    let (ctx, app_errors) = app_device(engine);
+    let engine = Engine::new(&ctx);
+    let s = AttnShape {
+        batch: 1,
+        m: 2,
+        n: 77,
+        q_heads: 2,
+        kv_heads: 2,
+        d_k: 8,
+        d_v: 8,
+    };
+    let (q, k, v) = qkv(&s, 1.0, 71);
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let app = |label, size: u64, usage| {
+        ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let q_bytes = 4 * q.len() as u64;
+    let o_len = s.o_dims().iter().product::<usize>();
+    let staging_q = app(
+        "app.next_q",
+        q_bytes,
+        wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+    );
+    let q_buf = app("app.q", q_bytes, usage);
+    let o_buf = app("app.o", 4 * o_len as u64, usage);
+    let o_copy = app("app.o_copy", 4 * o_len as u64, usage);
+    let tq = Tensor::from_buffer(&ctx, &q_buf, 0, &s.q_dims()).unwrap();
+    let tk = engine.upload(&k, &s.k_dims()).unwrap();
+    let tv = engine.upload(&v, &s.v_dims()).unwrap();
+    let to = Tensor::from_buffer(&ctx, &o_buf, 0, &s.o_dims()).unwrap();
+    let opts = Attention::default();
+    let call = engine
+        .prepare_into((&tq, &tk, &tv), &to, None, &opts)
+        .unwrap();
+    ctx.queue
+        .write_buffer(&staging_q, 0, bytemuck::cast_slice(&q));
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(&staging_q, 0, &q_buf, 0, q_bytes);
+    call.encode(&mut enc);
+    enc.copy_buffer_to_buffer(&o_buf, 0, &o_copy, 0, 4 * o_len as u64);
+    ctx.queue.submit([enc.finish()]);
+    let o = Tensor::from_buffer(&ctx, &o_copy, 0, &[o_len])
+        .unwrap()
+        .to_host()
+        .unwrap();
+    let want = reference::attention(&s, &q, &k, &v, f64::from(opts.scale_for(s.d_k)));
+    let tol = budget(&s, opts.scale_for(s.d_k), &q, &k, &v);
+    assert_close("O through the app's encoder", &o, &want.o, tol.o);
+    assert!(
+        app_errors.lock().unwrap().is_empty(),
+        "{:?}",
+        app_errors.lock().unwrap()
+    );
+}

@@ -1,12 +1,13 @@
 //! Turns a [`Plan`] into compute passes and copies on the device.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
-use crate::gpu::pipelines::PipelineCache;
+use crate::gpu::pipelines::{Pipeline, PipelineCache};
 use crate::gpu::tensor::Tensor;
 use crate::params::{AttnParams, LinearParams};
 use crate::plan::{Plan, Slot, Step};
@@ -75,29 +76,38 @@ struct Range<'a> {
     size: Option<wgpu::BufferSize>,
 }
 
-/// Runs `plan` with the given tensors for its input/output slots (each bound at its own
-/// offset); allocates its scratch. Waits for completion and reports any device error of
-/// this call.
-pub fn run(
-    ctx: &Context,
-    cache: &PipelineCache,
-    plan: &Plan,
-    slots: &HashMap<Slot, &Tensor>,
-    timer: Option<&GpuTimer>,
-) -> Result<()> {
-    ctx.scoped(|| {
-        record_and_submit(ctx, cache, plan, slots, timer)?;
-        ctx.check()
-    })
+/// One recorded operation of a bound plan.
+#[derive(Debug)]
+enum Op {
+    /// Consecutive dispatches in one compute pass.
+    Pass(Vec<(Arc<Pipeline>, wgpu::BindGroup, [u32; 3])>),
+    /// A buffer copy between passes.
+    Copy {
+        src: wgpu::Buffer,
+        src_offset: u64,
+        dst: wgpu::Buffer,
+        dst_offset: u64,
+        size: u64,
+    },
 }
 
-fn record_and_submit(
+/// A plan bound to its buffers: scratch allocated, params uploaded, pipelines compiled and
+/// bind groups made. Recording it allocates nothing and reads the bound buffers' contents
+/// at execution time; the bind groups keep every bound buffer alive.
+#[derive(Debug)]
+pub struct Bound {
+    ops: Vec<Op>,
+    passes: usize,
+}
+
+/// Binds `plan` to the given tensors for its input/output slots (each at its own offset)
+/// and to new scratch buffers. Device calls: run it inside [`Context::scoped`].
+pub fn bind(
     ctx: &Context,
     cache: &PipelineCache,
     plan: &Plan,
     slots: &HashMap<Slot, &Tensor>,
-    timer: Option<&GpuTimer>,
-) -> Result<()> {
+) -> Result<Bound> {
     let scratch: Vec<(Slot, wgpu::Buffer)> = plan
         .scratch
         .iter()
@@ -156,52 +166,10 @@ fn record_and_submit(
             usage: wgpu::BufferUsages::UNIFORM,
         });
 
-    // Bind groups first (they borrow nothing from the encoder).
-    let mut bound = Vec::new();
+    // Consecutive dispatches share a pass; copies go between passes.
+    let mut ops: Vec<Op> = Vec::new();
     let mut record = 0u64;
     for step in &plan.steps {
-        if let Step::Dispatch(d) = step {
-            let pipeline = cache.get(&ctx.device, d.kernel)?;
-            let mut entries = vec![wgpu::BindGroupEntry {
-                binding: 0,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: &uniforms,
-                    offset: record * stride,
-                    size: wgpu::BufferSize::new(d.params.bytes().len() as u64),
-                }),
-            }];
-            for (i, slot) in d.buffers.iter().enumerate() {
-                let r = buffer(*slot)?;
-                entries.push(wgpu::BindGroupEntry {
-                    binding: i as u32 + 1,
-                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                        buffer: r.buffer,
-                        offset: r.offset,
-                        size: r.size,
-                    }),
-                });
-            }
-            let group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(&d.kernel.label()),
-                layout: &pipeline.layout,
-                entries: &entries,
-            });
-            bound.push((pipeline, group));
-            record += 1;
-        }
-    }
-
-    // Consecutive dispatches share a pass; copies go between passes.
-    let pass_count = count_passes(&plan.steps);
-    let mut enc = ctx
-        .device
-        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("xattn.plan"),
-        });
-    let mut bound_iter = bound.iter();
-    let mut steps = plan.steps.iter().peekable();
-    let mut pass_index = 0;
-    while let Some(step) = steps.next() {
         match step {
             Step::Copy {
                 src,
@@ -211,58 +179,115 @@ fn record_and_submit(
                 size,
             } => {
                 let (from, to) = (buffer(*src)?, buffer(*dst)?);
-                enc.copy_buffer_to_buffer(
-                    from.buffer,
-                    from.offset + *src_offset,
-                    to.buffer,
-                    to.offset + *dst_offset,
-                    *size,
-                );
+                ops.push(Op::Copy {
+                    src: from.buffer.clone(),
+                    src_offset: from.offset + *src_offset,
+                    dst: to.buffer.clone(),
+                    dst_offset: to.offset + *dst_offset,
+                    size: *size,
+                });
             }
-            Step::Dispatch(first) => {
-                let timestamp_writes = timer.map(|t| wgpu::ComputePassTimestampWrites {
-                    query_set: &t.queries,
-                    beginning_of_pass_write_index: (pass_index == 0).then_some(0),
-                    end_of_pass_write_index: (pass_index + 1 == pass_count).then_some(1),
-                });
-                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("xattn.pass"),
-                    timestamp_writes,
-                });
-                let mut d = first;
-                loop {
-                    let (pipeline, group) = bound_iter.next().expect("one bind group per dispatch");
-                    pass.set_pipeline(&pipeline.pipeline);
-                    pass.set_bind_group(0, group, &[]);
-                    pass.dispatch_workgroups(d.grid[0], d.grid[1], d.grid[2]);
-                    match steps.peek() {
-                        Some(Step::Dispatch(next)) => {
-                            d = next;
-                            steps.next();
-                        }
-                        _ => break,
-                    }
+            Step::Dispatch(d) => {
+                let pipeline = cache.get(&ctx.device, d.kernel)?;
+                let mut entries = vec![wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &uniforms,
+                        offset: record * stride,
+                        size: wgpu::BufferSize::new(d.params.bytes().len() as u64),
+                    }),
+                }];
+                for (i, slot) in d.buffers.iter().enumerate() {
+                    let r = buffer(*slot)?;
+                    entries.push(wgpu::BindGroupEntry {
+                        binding: i as u32 + 1,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: r.buffer,
+                            offset: r.offset,
+                            size: r.size,
+                        }),
+                    });
                 }
-                pass_index += 1;
+                let group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some(&d.kernel.label()),
+                    layout: &pipeline.layout,
+                    entries: &entries,
+                });
+                record += 1;
+                let dispatch = (pipeline, group, d.grid);
+                match ops.last_mut() {
+                    Some(Op::Pass(pass)) => pass.push(dispatch),
+                    _ => ops.push(Op::Pass(vec![dispatch])),
+                }
             }
         }
     }
-    if let Some(t) = timer {
-        enc.resolve_query_set(&t.queries, 0..2, &t.resolve, 0);
-    }
-    ctx.queue.submit([enc.finish()]);
-    Ok(())
+    let passes = ops.iter().filter(|op| matches!(op, Op::Pass(_))).count();
+    Ok(Bound { ops, passes })
 }
 
-fn count_passes(steps: &[Step]) -> usize {
-    let mut passes = 0;
-    let mut in_pass = false;
-    for step in steps {
-        let is_dispatch = matches!(step, Step::Dispatch(_));
-        if is_dispatch && !in_pass {
-            passes += 1;
+impl Bound {
+    /// Records the plan's passes and copies into `enc`; with a timer, timestamps bracket
+    /// them. Neither submits nor waits.
+    pub fn record(&self, enc: &mut wgpu::CommandEncoder, timer: Option<&GpuTimer>) {
+        let mut pass_index = 0;
+        for op in &self.ops {
+            match op {
+                Op::Copy {
+                    src,
+                    src_offset,
+                    dst,
+                    dst_offset,
+                    size,
+                } => enc.copy_buffer_to_buffer(src, *src_offset, dst, *dst_offset, *size),
+                Op::Pass(dispatches) => {
+                    let timestamp_writes = timer.map(|t| wgpu::ComputePassTimestampWrites {
+                        query_set: &t.queries,
+                        beginning_of_pass_write_index: (pass_index == 0).then_some(0),
+                        end_of_pass_write_index: (pass_index + 1 == self.passes).then_some(1),
+                    });
+                    let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("xattn.pass"),
+                        timestamp_writes,
+                    });
+                    for (pipeline, group, grid) in dispatches {
+                        pass.set_pipeline(&pipeline.pipeline);
+                        pass.set_bind_group(0, group, &[]);
+                        pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+                    }
+                    pass_index += 1;
+                }
+            }
         }
-        in_pass = is_dispatch;
+        if let Some(t) = timer {
+            enc.resolve_query_set(&t.queries, 0..2, &t.resolve, 0);
+        }
     }
-    passes
+
+    /// Records, submits and waits; reports any device error of this call.
+    pub fn submit(&self, ctx: &Context, timer: Option<&GpuTimer>) -> Result<()> {
+        ctx.scoped(|| {
+            let mut enc = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("xattn.plan"),
+                });
+            self.record(&mut enc, timer);
+            ctx.queue.submit([enc.finish()]);
+            ctx.check()
+        })
+    }
+}
+
+/// Binds `plan` (see [`bind`]) and runs it once: submits and waits, reporting any device
+/// error of this call.
+pub fn run(
+    ctx: &Context,
+    cache: &PipelineCache,
+    plan: &Plan,
+    slots: &HashMap<Slot, &Tensor>,
+    timer: Option<&GpuTimer>,
+) -> Result<()> {
+    let bound = ctx.scoped(|| bind(ctx, cache, plan, slots))?;
+    bound.submit(ctx, timer)
 }

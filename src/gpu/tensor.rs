@@ -9,8 +9,9 @@ use crate::shape::{check_len, F32};
 /// An f32 tensor in a device buffer, row-major with the given dims, starting `offset` bytes
 /// into the buffer (0 for xattn's own; any aligned offset for [`Tensor::from_buffer`]).
 ///
-/// K and V uploaded once serve any number of attention calls (the decoder pattern).
-#[derive(Debug)]
+/// K and V uploaded once serve any number of attention calls (the decoder pattern). A clone
+/// is another handle to the same device memory (no copy).
+#[derive(Clone, Debug)]
 pub struct Tensor {
     buffer: wgpu::Buffer,
     offset: u64,
