@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::gpu::executor::{self, GpuTimer};
 use crate::gpu::pipelines::PipelineCache;
+use crate::gpu::pool::BufferPool;
 use crate::gpu::tensor::Tensor;
 use crate::mask::{Alignment, Broadcast, KeySegment, Masking, Window};
 use crate::plan::{linear_steps, DeviceCaps, LayerSlot, Path, Plan, Proj, Request, Slot};
@@ -194,6 +195,7 @@ pub struct Engine {
     ctx: Context,
     caps: DeviceCaps,
     cache: std::sync::Arc<PipelineCache>,
+    pool: std::sync::Arc<BufferPool>,
 }
 
 fn dims4(t: &Tensor, name: &str) -> Result<[usize; 4]> {
@@ -231,6 +233,7 @@ impl Engine {
             ctx: ctx.clone(),
             caps,
             cache: Default::default(),
+            pool: Default::default(),
         }
     }
 
@@ -297,7 +300,13 @@ impl Engine {
 
     /// Runs any plan with these buffers for its non-scratch slots (the layer's way in).
     pub(crate) fn execute(&self, plan: &Plan, slots: &HashMap<Slot, &Tensor>) -> Result<()> {
-        executor::run(&self.ctx, &self.cache, plan, slots, None)
+        executor::run(&self.ctx, (&self.cache, &self.pool), plan, slots, None)
+    }
+
+    /// Scratch and params buffers this engine's pool has created so far (a loop of calls of
+    /// one shape stops adding to it after its first call).
+    pub fn pooled_buffers_created(&self) -> u64 {
+        self.pool.created()
     }
 
     /// The limits the planner respects.
@@ -357,8 +366,9 @@ impl Engine {
         })
     }
 
-    /// Computes attention on device tensors into new output tensors: [`Engine::prepare`]
-    /// and one [`Prepared::run`].
+    /// Computes attention on device tensors into new output tensors. Scratch and params
+    /// come from the engine's pool, so a loop of calls of one shape allocates only outputs;
+    /// [`Engine::prepare`] allocates nothing per run.
     pub fn attention(
         &self,
         q: &Tensor,
@@ -366,9 +376,11 @@ impl Engine {
         v: &Tensor,
         opts: &Attention,
     ) -> Result<Output> {
-        let call = self.prepare(q, k, v, opts)?;
-        call.run()?;
-        Ok(call.into_output())
+        let plan = self.plan(q, k, v, opts)?;
+        let masks = self.upload_masks(&plan, opts)?;
+        let out = self.alloc_output(&plan)?;
+        self.run(&plan, q, k, v, &masks, &out, None)?;
+        Ok(out)
     }
 
     /// Validates and plans one call once and binds it to `q`, `k`, `v`, its masks, new
@@ -415,9 +427,12 @@ impl Engine {
     ) -> Result<Prepared> {
         let masks = self.upload_masks(&plan, opts)?;
         let slots = self.slots(&plan, (q, k, v), &masks, &out)?;
+        // Buffers of its own, not the shared pool's: work it recorded into a caller's encoder
+        // may still be unsubmitted when it is dropped.
+        let own = Default::default();
         let bound = self
             .ctx
-            .scoped(|| executor::bind(&self.ctx, &self.cache, &plan, &slots))?;
+            .scoped(|| executor::bind(&self.ctx, (&self.cache, &own), &plan, &slots))?;
         Ok(Prepared {
             ctx: self.ctx.clone(),
             plan,
@@ -441,7 +456,7 @@ impl Engine {
         timer: Option<&GpuTimer>,
     ) -> Result<()> {
         let slots = self.slots(plan, (q, k, v), masks, out)?;
-        executor::run(&self.ctx, &self.cache, plan, &slots, timer)
+        executor::run(&self.ctx, (&self.cache, &self.pool), plan, &slots, timer)
     }
 
     /// The tensors of a call by slot, checked against the plan's dims; outputs may not share
@@ -558,7 +573,7 @@ impl Engine {
             slots.insert(Slot::ShardO(i), so);
             slots.insert(Slot::ShardLse(i), sl);
         }
-        executor::run(&self.ctx, &self.cache, &plan, &slots, None)?;
+        executor::run(&self.ctx, (&self.cache, &self.pool), &plan, &slots, None)?;
         Ok((o, lse))
     }
 

@@ -347,3 +347,41 @@ fn a_prepared_call_records_into_the_callers_encoder() {
         app_errors.lock().unwrap()
     );
 }
+
+/// A loop of one-shot calls of one shape takes its scratch and params from the engine's pool:
+/// after the first call of each path, no more pooled buffers are created.
+#[test]
+fn repeated_calls_reuse_pooled_buffers() {
+    let Some(engine) = engine() else { return };
+    let engine = Engine::new(engine.context());
+    let s = AttnShape {
+        batch: 1,
+        m: 2,
+        n: 500,
+        q_heads: 2,
+        kv_heads: 1,
+        d_k: 8,
+        d_v: 8,
+    };
+    let (q, k, v) = qkv(&s, 1.0, 81);
+    let (tq, tk, tv) = (
+        engine.upload(&q, &s.q_dims()).unwrap(),
+        engine.upload(&k, &s.k_dims()).unwrap(),
+        engine.upload(&v, &s.v_dims()).unwrap(),
+    );
+    for path in xattn::Path::ALL {
+        let opts = Attention::default().with_path(path);
+        engine.attention(&tq, &tk, &tv, &opts).unwrap();
+        let after_first = engine.pooled_buffers_created();
+        for _ in 0..20 {
+            let out = engine.attention(&tq, &tk, &tv, &opts).unwrap();
+            assert!(out.o.to_host().unwrap().iter().all(|x| x.is_finite()));
+        }
+        assert_eq!(
+            engine.pooled_buffers_created(),
+            after_first,
+            "{}: 20 more calls created pooled buffers",
+            path.name()
+        );
+    }
+}

@@ -3,11 +3,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use wgpu::util::DeviceExt;
-
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::gpu::pipelines::{Pipeline, PipelineCache};
+use crate::gpu::pool::{BufferPool, Pooled};
 use crate::gpu::tensor::Tensor;
 use crate::params::{AttnParams, LinearParams};
 use crate::plan::{Plan, Slot, Step};
@@ -98,39 +97,37 @@ enum Op {
 pub struct Bound {
     ops: Vec<Op>,
     passes: usize,
+    /// Scratch and params, back to the pool when the bound plan is dropped.
+    _buffers: Vec<Pooled>,
 }
 
 /// Binds `plan` to the given tensors for its input/output slots (each at its own offset)
 /// and to new scratch buffers. Device calls: run it inside [`Context::scoped`].
 pub fn bind(
     ctx: &Context,
-    cache: &PipelineCache,
+    (cache, pool): (&PipelineCache, &Arc<BufferPool>),
     plan: &Plan,
     slots: &HashMap<Slot, &Tensor>,
 ) -> Result<Bound> {
-    let scratch: Vec<(Slot, wgpu::Buffer)> = plan
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let scratch: Vec<(Slot, u64, Pooled)> = plan
         .scratch
         .iter()
         .map(|(slot, size)| {
-            let buf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(&format!("xattn.scratch.{slot:?}")),
-                size: (*size).max(4),
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            (*slot, buf)
+            let label = format!("xattn.scratch.{slot:?}");
+            (*slot, *size, pool.take(&ctx.device, &label, *size, usage))
         })
         .collect();
     let buffer = |slot: Slot| -> Result<Range> {
+        // A pooled buffer may be larger: bind the plan's size.
         let own = scratch
             .iter()
-            .find(|(s, _)| *s == slot)
-            .map(|(_, b)| Range {
-                buffer: b,
+            .find(|(s, ..)| *s == slot)
+            .map(|(_, size, b)| Range {
+                buffer: b.buffer(),
                 offset: 0,
-                size: None,
+                size: wgpu::BufferSize::new((*size).max(4)),
             });
         own.or_else(|| {
             slots.get(&slot).map(|t| Range {
@@ -158,13 +155,14 @@ pub fn bind(
     if uniform_bytes.is_empty() {
         uniform_bytes.resize(stride as usize, 0);
     }
-    let uniforms = ctx
-        .device
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("xattn.params"),
-            contents: &uniform_bytes,
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
+    let params = pool.take(
+        &ctx.device,
+        "xattn.params",
+        uniform_bytes.len() as u64,
+        wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+    );
+    let uniforms = params.buffer();
+    ctx.queue.write_buffer(uniforms, 0, &uniform_bytes);
 
     // Consecutive dispatches share a pass; copies go between passes.
     let mut ops: Vec<Op> = Vec::new();
@@ -192,7 +190,7 @@ pub fn bind(
                 let mut entries = vec![wgpu::BindGroupEntry {
                     binding: 0,
                     resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                        buffer: &uniforms,
+                        buffer: uniforms,
                         offset: record * stride,
                         size: wgpu::BufferSize::new(d.params.bytes().len() as u64),
                     }),
@@ -223,7 +221,13 @@ pub fn bind(
         }
     }
     let passes = ops.iter().filter(|op| matches!(op, Op::Pass(_))).count();
-    Ok(Bound { ops, passes })
+    let mut buffers: Vec<Pooled> = scratch.into_iter().map(|(.., b)| b).collect();
+    buffers.push(params);
+    Ok(Bound {
+        ops,
+        passes,
+        _buffers: buffers,
+    })
 }
 
 impl Bound {
@@ -283,11 +287,11 @@ impl Bound {
 /// error of this call.
 pub fn run(
     ctx: &Context,
-    cache: &PipelineCache,
+    resources: (&PipelineCache, &Arc<BufferPool>),
     plan: &Plan,
     slots: &HashMap<Slot, &Tensor>,
     timer: Option<&GpuTimer>,
 ) -> Result<()> {
-    let bound = ctx.scoped(|| bind(ctx, cache, plan, slots))?;
+    let bound = ctx.scoped(|| bind(ctx, resources, plan, slots))?;
     bound.submit(ctx, timer)
 }

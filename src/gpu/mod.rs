@@ -5,4 +5,5 @@ pub mod context;
 pub mod executor;
 pub mod kernels;
 pub mod pipelines;
+pub mod pool;
 pub mod tensor;
