@@ -614,6 +614,21 @@ impl Prepared {
         self.bound.submit(&self.ctx, None)
     }
 
+    /// [`Prepared::run`] as a future: submits now and resolves when the device has finished,
+    /// without blocking the awaiting thread (on native a waiter thread polls the device).
+    pub async fn run_async(&self) -> Result<()> {
+        let done = self.ctx.scoped(|| {
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            self.bound.record(&mut enc, None);
+            self.ctx.queue.submit([enc.finish()]);
+            Ok(self
+                .ctx
+                .completion(|fire| self.ctx.queue.on_submitted_work_done(fire)))
+        })?;
+        done.await;
+        self.ctx.take_fault()
+    }
+
     /// Records the call's passes into the caller's encoder, after whatever the caller
     /// recorded before and before what it records next; neither submits nor waits. Device
     /// errors of the recorded work surface where the caller submits (in its error scopes).

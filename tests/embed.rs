@@ -385,3 +385,42 @@ fn repeated_calls_reuse_pooled_buffers() {
         );
     }
 }
+
+/// The async forms give the blocking forms' results: run_async, then to_host_async.
+#[test]
+fn async_run_and_readback_match_the_reference() {
+    let Some(engine) = engine() else { return };
+    let s = AttnShape {
+        batch: 2,
+        m: 7,
+        n: 90,
+        q_heads: 2,
+        kv_heads: 2,
+        d_k: 12,
+        d_v: 12,
+    };
+    let (q, k, v) = qkv(&s, 1.0, 91);
+    let (tq, tk, tv) = (
+        engine.upload(&q, &s.q_dims()).unwrap(),
+        engine.upload(&k, &s.k_dims()).unwrap(),
+        engine.upload(&v, &s.v_dims()).unwrap(),
+    );
+    for path in xattn::Path::ALL {
+        let opts = Attention::default().with_path(path);
+        let call = engine.prepare(&tq, &tk, &tv, &opts).unwrap();
+        call.o().fill(f32::NAN).unwrap();
+        pollster::block_on(call.run_async()).unwrap();
+        let got = xattn::HostOutput {
+            o: pollster::block_on(call.o().to_host_async()).unwrap(),
+            lse: pollster::block_on(call.lse().to_host_async()).unwrap(),
+            weights: None,
+        };
+        check_against_reference(
+            &format!("async {}", path.name()),
+            &s,
+            opts.scale_for(s.d_k),
+            (&q, &k, &v),
+            &got,
+        );
+    }
+}

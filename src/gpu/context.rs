@@ -142,10 +142,7 @@ impl Context {
     /// panics inside wgpu (wgpu-hal's `CONTEXT_LOCK_TIMEOUT_SECS`); threads queue here
     /// instead, with no timeout.
     pub fn scoped<T>(&self, work: impl FnOnce() -> Result<T>) -> Result<T> {
-        let _serial = self
-            .gl_serial
-            .as_ref()
-            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()));
+        let _serial = self.serial();
         let scopes = [
             wgpu::ErrorFilter::Validation,
             wgpu::ErrorFilter::OutOfMemory,
@@ -166,12 +163,24 @@ impl Context {
         }
     }
 
+    /// On the GL backend, xattn's lock on the device (see [`Context::scoped`]).
+    pub(crate) fn serial(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        self.gl_serial
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// Blocks until the queue is idle, then reports any error the device recorded since the
     /// last check. A device-loss error stays: the device cannot be used again.
     pub fn check(&self) -> Result<()> {
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::DeviceLost(e.to_string()))?;
+        self.take_fault()
+    }
+
+    /// The error the device recorded since the last check, if any (without waiting).
+    pub(crate) fn take_fault(&self) -> Result<()> {
         let mut slot = self.fault.lock().unwrap_or_else(|p| p.into_inner());
         match slot.take() {
             None => Ok(()),

@@ -1,6 +1,7 @@
 //! Everything that touches wgpu: the device context, the kernel registry, the pipeline
 //! cache, tensors and the executor that runs plans.
 
+pub mod completion;
 pub mod context;
 pub mod executor;
 pub mod kernels;

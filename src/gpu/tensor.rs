@@ -1,5 +1,7 @@
 //! Device-resident f32 tensors: xattn's own buffers, or a range of a caller's buffer.
 
+use std::sync::{Arc, Mutex};
+
 use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
@@ -198,6 +200,46 @@ impl Tensor {
     /// Copies the tensor back to the host, waiting for all queued work.
     pub fn to_host(&self) -> Result<Vec<f32>> {
         self.ctx.scoped(|| self.read_back())
+    }
+
+    /// [`Tensor::to_host`] as a future that does not block the awaiting thread (on native a
+    /// waiter thread polls the device).
+    pub async fn to_host_async(&self) -> Result<Vec<f32>> {
+        let size = self.byte_len();
+        let (staging, done) = self.ctx.scoped(|| {
+            let staging = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("xattn.readback"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(&self.buffer, self.offset, &staging, 0, size);
+            self.ctx.queue.submit([enc.finish()]);
+            let mapped = Arc::new(Mutex::new(None));
+            let result = mapped.clone();
+            let done = self.ctx.completion(|fire| {
+                staging.map_async(wgpu::MapMode::Read, .., move |r| {
+                    *result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                    fire();
+                });
+            });
+            Ok((staging, (done, mapped)))
+        })?;
+        let (done, mapped) = done;
+        done.await;
+        self.ctx.take_fault()?;
+        let outcome = mapped.lock().unwrap_or_else(|p| p.into_inner()).take();
+        outcome
+            .ok_or_else(|| Error::DeviceLost("readback callback never ran".into()))?
+            .map_err(|e| Error::Gpu(format!("mapping the readback buffer failed: {e}")))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Gpu(format!("reading the readback buffer failed: {e}")))?;
+        let out = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
     }
 
     fn read_back(&self) -> Result<Vec<f32>> {
