@@ -288,12 +288,55 @@ fn fails_in(dir: &TempDir, args: &[String]) -> String {
 }
 
 #[test]
-fn float64_mask_is_rejected_with_the_fix() {
-    let dir = error_setup("f64mask");
+fn int64_mask_is_rejected_with_the_cast() {
+    // Hugging Face's attention_mask: int64, 1 = attend, which a.astype(bool) keeps.
+    let dir = error_setup("i64mask");
     let m = dir.path("m.npy");
-    write_npy(&m, &[1.0f64; 24], &[4, 6]);
+    write_npy(&m, &[1i64; 24], &[4, 6]);
     let err = run_err(&dir, &["--mask", s(&m)]);
-    assert_mentions(&err, &["m.npy", "float64", "bool", "astype(bool)"]);
+    assert_mentions(&err, &["m.npy", "int64", "bool", "astype(bool)"]);
+}
+
+/// Issue 13: casting as the hints once said would invert a PyTorch float mask (0 / −inf
+/// becomes false / true) and turn a bool mask into a +1/0 bias; each belongs to the other flag.
+#[test]
+fn a_float_mask_points_to_bias_and_a_bool_bias_to_mask() {
+    let dir = error_setup("hints");
+    let m = dir.path("m.npy");
+    for (i, dtype) in ["float32", "float64"].into_iter().enumerate() {
+        let mask = [0.0, f32::NEG_INFINITY].repeat(12);
+        if i == 0 {
+            write_npy(&m, &mask, &[4, 6]);
+        } else {
+            let mask: Vec<f64> = mask.iter().map(|&x| f64::from(x)).collect();
+            write_npy(&m, &mask, &[4, 6]);
+        }
+        let err = run_err(&dir, &["--mask", s(&m)]);
+        assert_mentions(
+            &err,
+            &[
+                "m.npy",
+                dtype,
+                "additive",
+                "pass it as --bias (as float32) instead",
+                "a.astype(bool) would invert it",
+            ],
+        );
+        assert!(!err.contains("convert with"), "{err}");
+    }
+    let b = dir.path("b.npy");
+    write_npy(&b, &[true, false].repeat(12), &[4, 6]);
+    let err = run_err(&dir, &["--bias", s(&b)]);
+    assert_mentions(
+        &err,
+        &[
+            "b.npy",
+            "bool",
+            "a bool array is a mask (true = may attend): pass it as --mask instead",
+            "removes no key",
+        ],
+    );
+    assert!(!err.contains("convert with"), "{err}");
 }
 
 #[test]

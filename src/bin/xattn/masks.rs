@@ -9,7 +9,7 @@ use std::path::{Path as FsPath, PathBuf};
 use clap::{Args, ValueEnum};
 use xattn::{Alignment, Attention, AttnShape};
 
-use crate::npy::{read_bool, read_f32, read_lens};
+use crate::npy::{read_bias, read_bool, read_lens};
 use crate::{parse_finite_f32, CliError, CliResult};
 
 /// `top-left` or `bottom-right`, as a clap value (so `--help` lists the choices).
@@ -70,11 +70,13 @@ pub struct MaskArgs {
     pub kv_lens: Option<PathBuf>,
     /// Bool mask .npy, true = may attend, broadcast to [batch, heads, M, N]: each of the
     /// first three dims 1 or full, the last N; fewer dims are padded with leading 1s as numpy
-    /// does ([M, N], [N]). uint8 holding only 0/1 is accepted too.
+    /// does ([M, N], [N]). uint8 holding only 0/1 is accepted too. A float mask (PyTorch's
+    /// additive 0 / −inf attn_mask) is a bias: give it to --bias.
     #[arg(long, value_name = "FILE")]
     pub mask: Option<PathBuf>,
-    /// Additive logit bias .npy (float32, e.g. ALiBi), broadcast like --mask; added after the
-    /// softcap. −inf (or ≤ −1e30) removes the key; NaN and +inf are errors.
+    /// Additive logit bias .npy (float32, e.g. ALiBi, or PyTorch's float attn_mask), broadcast
+    /// like --mask; added after the softcap. −inf (or ≤ −1e30) removes the key; NaN and +inf
+    /// are errors.
     #[arg(long, value_name = "FILE")]
     pub bias: Option<PathBuf>,
     /// Soft-cap the logits: C·tanh(logit / C) (after scale and key-segment factors, before
@@ -220,7 +222,7 @@ impl MaskArgs {
             })?;
         }
         if let Some(path) = &self.bias {
-            let a = read_f32(path)?;
+            let a = read_bias(path)?;
             let dims = broadcast_dims("--bias", path, &a.shape)?;
             opts = opts.with_bias(dims, a.data);
             check(&opts, &|| {

@@ -207,9 +207,9 @@ fn is(ts: &TypeStr, c: TypeChar, size: u64) -> bool {
     ts.type_char() == c && ts.size_field() == size
 }
 
-/// The error for `path` of dtype `ts` where `expected` was wanted: `convert` is the numpy call
-/// that fixes a numeric array. Strings are not numbers, so they get no such call.
-fn wrong_dtype(path: &Path, ts: &TypeStr, expected: &str, convert: &str) -> CliError {
+/// The error for `path` of dtype `ts` where `expected` was wanted: `fix` says what to do with
+/// a numeric array. Strings are not numbers, so they get no fix.
+fn wrong_dtype(path: &Path, ts: &TypeStr, expected: &str, fix: &str) -> CliError {
     let shown = path.display();
     if matches!(ts.type_char(), TypeChar::ByteStr | TypeChar::UnicodeStr) {
         return CliError::new(format!(
@@ -217,33 +217,68 @@ fn wrong_dtype(path: &Path, ts: &TypeStr, expected: &str, convert: &str) -> CliE
         ));
     }
     CliError::new(format!(
-        "{shown} has dtype {}, expected {expected}; convert with {convert}",
+        "{shown} has dtype {}, expected {expected}; {fix}",
         dtype_name(ts)
     ))
 }
 
+const F32: &str = "float32 (<f4)";
+
 /// Reads a C-ordered float32 `.npy` file (either endianness).
 pub fn read_f32(path: &Path) -> CliResult<Array> {
-    let (npy, ts) = open(path, "float32 (<f4)")?;
-    if !is(&ts, TypeChar::Float, 4) {
-        return Err(wrong_dtype(
-            path,
-            &ts,
-            "float32 (<f4)",
-            "a.astype(np.float32)",
-        ));
+    read_float(path, None)
+}
+
+/// [`read_f32`] for an additive bias. A bool (or uint8) array is a mask, and the error says to
+/// give it as one: cast to float it would add 1 to the logits of the keys it keeps and remove
+/// none.
+pub fn read_bias(path: &Path) -> CliResult<Array> {
+    read_float(
+        path,
+        Some(
+            "a bool array is a mask (true = may attend): pass it as --mask instead \
+             (a.astype(np.float32) would make it a +1/0 bias that removes no key)",
+        ),
+    )
+}
+
+/// [`read_f32`], with `mask_fix` as the fix for a bool or uint8 array when given.
+fn read_float(path: &Path, mask_fix: Option<&str>) -> CliResult<Array> {
+    let (npy, ts) = open(path, F32)?;
+    if is(&ts, TypeChar::Float, 4) {
+        return read_data(path, npy, "");
     }
-    read_data(path, npy, "")
+    let fix = match mask_fix {
+        Some(fix) if is(&ts, TypeChar::Bool, 1) || is(&ts, TypeChar::Uint, 1) => fix,
+        _ => "convert with a.astype(np.float32)",
+    };
+    Err(wrong_dtype(path, &ts, F32, fix))
 }
 
 /// Reads a C-ordered bool `.npy` file; uint8 holding only 0 and 1 is accepted as well
-/// (PyTorch's old byte masks). True means "may attend".
+/// (PyTorch's old byte masks). True means "may attend". A float array is refused with a
+/// pointer to `--bias`: PyTorch's float attention masks are additive (0 keeps a key, −inf
+/// removes it), and `a.astype(bool)` would invert one.
 pub fn read_bool(path: &Path) -> CliResult<Array<bool>> {
-    read_bool_meaning(path, "true = attend")
+    read_mask(
+        path,
+        "true = attend",
+        Some(
+            "a float mask is additive (PyTorch's float attn_mask: 0 keeps a key, −inf removes \
+             it), so it is a bias: pass it as --bias (as float32) instead; a.astype(bool) would \
+             invert it",
+        ),
+    )
 }
 
-/// [`read_bool`] for a mask whose `true` means what `meaning` says (named in the dtype hint).
+/// [`read_bool`] for a mask whose `true` means what `meaning` says (named in the dtype hint),
+/// where casting a float array is the fix.
 pub fn read_bool_meaning(path: &Path, meaning: &str) -> CliResult<Array<bool>> {
+    read_mask(path, meaning, None)
+}
+
+/// Reads a bool (or uint8 0/1) mask; `float_fix`, when given, is the fix for a float array.
+fn read_mask(path: &Path, meaning: &str, float_fix: Option<&str>) -> CliResult<Array<bool>> {
     let shown = path.display();
     let (npy, ts) = open(path, "bool (|b1)")?;
     if is(&ts, TypeChar::Bool, 1) {
@@ -266,11 +301,15 @@ pub fn read_bool_meaning(path: &Path, meaning: &str) -> CliResult<Array<bool>> {
             shape: a.shape,
         });
     }
+    let fix = match float_fix {
+        Some(fix) if ts.type_char() == TypeChar::Float => fix,
+        _ => "convert with a.astype(bool) (or a != 0)",
+    };
     Err(wrong_dtype(
         path,
         &ts,
         &format!("bool (|b1), {meaning}"),
-        "a.astype(bool) (or a != 0)",
+        fix,
     ))
 }
 
@@ -317,7 +356,7 @@ pub fn read_lens(path: &Path) -> CliResult<Array<u32>> {
             path,
             &ts,
             "int32 (<i4) or int64 lengths",
-            "a.astype(np.int32)",
+            "convert with a.astype(np.int32)",
         ));
     };
     let wide = check_1d(path, wide)?;
