@@ -872,3 +872,130 @@ fn expect_is_checked_before_the_run() {
     let err = run_err(&dir, &["--expect", s(&reference), "--atol", "-1"]);
     assert_mentions(&err, &["--atol", "negative"]);
 }
+
+/// A fixture's inputs in one safetensors file, as `safetensors.torch.save_file` writes them
+/// (lengths int64, as torch makes them), give the numbers of the separate files.
+#[test]
+fn qkv_from_one_safetensors_file_equals_separate_files() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("qkv");
+    let case = "lens_mask_bias";
+    let input = |name: &str| fixture(case, &format!("{name}.npy"));
+    let mut tensors: Vec<(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for name in ["q", "k", "v", "bias"] {
+        let (data, shape) = read_npy::<f32>(&input(name));
+        let bytes = le_bytes(&data, f32::to_le_bytes);
+        tensors.push((name, safetensors::Dtype::F32, shape, bytes));
+    }
+    let (mask, shape) = read_npy::<bool>(&input("mask"));
+    let bytes = le_bytes(&mask, |x| [u8::from(x)]);
+    tensors.push(("mask", safetensors::Dtype::BOOL, shape, bytes));
+    for name in ["q_lens", "kv_lens"] {
+        let (lens, shape) = read_npy::<i32>(&input(name));
+        let bytes = le_bytes(&lens, |x| i64::from(x).to_le_bytes());
+        tensors.push((name, safetensors::Dtype::I64, shape, bytes));
+    }
+    let file = dir.path("inputs.safetensors");
+    let list: Vec<_> = tensors
+        .iter()
+        .map(|(n, t, shape, bytes)| (*n, *t, &shape[..], &bytes[..]))
+        .collect();
+    write_safetensors(&file, &list);
+    let (separate, bundled) = (dir.path("o_files.npy"), dir.path("o_qkv.npy"));
+    let mut args = vec!["run".to_string()];
+    for (flag, name) in [
+        ("--q", "q"),
+        ("--k", "k"),
+        ("--v", "v"),
+        ("--mask", "mask"),
+        ("--bias", "bias"),
+        ("--q-lens", "q_lens"),
+        ("--kv-lens", "kv_lens"),
+    ] {
+        args.extend([flag.to_string(), s(&input(name)).to_string()]);
+    }
+    args.extend(["--out".to_string(), s(&separate).to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_exit("separate files", &xattn(&args), 0);
+    let out = xattn(&[
+        "run",
+        "--qkv",
+        s(&file),
+        "--out",
+        s(&bundled),
+        "--expect",
+        s(&input("o")),
+    ]);
+    let err = assert_exit("--qkv", &out, 0);
+    assert_mentions(&err, &["passed"]);
+    assert_eq!(
+        read_npy::<f32>(&bundled),
+        read_npy::<f32>(&separate),
+        "--qkv gives the numbers of the separate files"
+    );
+}
+
+#[test]
+fn qkv_files_are_checked_by_name_and_dtype() {
+    use safetensors::Dtype::{BF16, BOOL, F32};
+    let dir = error_setup("qkverr"); // q [2, 4, 2, 3], k, v [2, 6, 2, 3]
+    let read = |name: &str| {
+        let (data, shape) = read_npy::<f32>(&dir.path(&format!("{name}.npy")));
+        (le_bytes(&data, f32::to_le_bytes), shape)
+    };
+    let ((q, qs), (k, ks), (v, vs)) = (read("q"), read("k"), read("v"));
+    let qkv = [
+        ("q", F32, &qs[..], &q[..]),
+        ("k", F32, &ks, &k),
+        ("v", F32, &vs, &v),
+    ];
+    let file = dir.path("x.safetensors");
+    let o = dir.path("o.npy");
+    let args = |extra: &[&str]| {
+        let mut a: Vec<String> = ["run", "--qkv", s(&file), "--out", s(&o)]
+            .map(String::from)
+            .to_vec();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let err_with = |extra: &[(&str, safetensors::Dtype, &[usize], &[u8])], flags: &[&str]| {
+        write_safetensors(&file, &[&qkv[..], extra].concat());
+        fails_in(&dir, &args(flags))
+    };
+    let err = err_with(&[("attn_mask", BOOL, &[4, 6], &[1; 24])], &[]);
+    assert_mentions(
+        &err,
+        &[
+            "x.safetensors holds a tensor `attn_mask`, which xattn does not read",
+            "q, k, v, mask, bias, q_lens, kv_lens",
+        ],
+    );
+    let float_mask = le_bytes(&[0.0f32; 24], f32::to_le_bytes);
+    let err = err_with(&[("mask", F32, &[4, 6], &float_mask)], &[]);
+    assert_mentions(
+        &err,
+        &["tensor `mask` of --qkv", "save it as the tensor `bias`"],
+    );
+    let m = dir.path("m.npy");
+    write_npy(&m, &[true; 24], &[4, 6]);
+    let err = err_with(&[("mask", BOOL, &[4, 6], &[1; 24])], &["--mask", s(&m)]);
+    assert_mentions(&err, &["--mask", "m.npy", "both give `mask`", "drop one"]);
+    write_safetensors(
+        &file,
+        &[qkv[0], qkv[1], ("v", BF16, &vs, &v[..v.len() / 2])],
+    );
+    let err = fails_in(&dir, &args(&[]));
+    assert_mentions(&err, &["tensor `v`", "BF16", "float32"]);
+    write_safetensors(&file, &qkv[..2]);
+    let err = fails_in(&dir, &args(&[]));
+    assert_mentions(&err, &["no tensor `v`", "save_file"]);
+    std::fs::write(&file, b"PK\x03\x04 an npz").unwrap();
+    let err = fails_in(&dir, &args(&[]));
+    assert_mentions(&err, &["zip archive (.npz)", "safetensors"]);
+    // --qkv replaces --q, --k, --v: clap refuses both, with its usage status.
+    let mut both = args(&[]);
+    both.extend(["--q".to_string(), s(&o).to_string()]);
+    let out = xattn(&both.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = assert_exit("--qkv with --q", &out, 2);
+    assert_mentions(&err, &["--qkv", "--q"]);
+}

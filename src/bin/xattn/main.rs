@@ -16,6 +16,7 @@ mod masks;
 mod mha;
 mod npy;
 mod outputs;
+mod qkv;
 mod run;
 mod suite;
 

@@ -1,4 +1,4 @@
-//! `xattn run`: attention on `.npy` files.
+//! `xattn run`: attention on `.npy` files (or one safetensors file, `--qkv`).
 //!
 //! Everything that can be checked on the host (files, dtypes, ranks, shapes, output folders,
 //! the `--expect` reference) is checked before a device is opened, so a typo fails in
@@ -16,6 +16,7 @@ use crate::layout::Layout;
 use crate::masks::MaskArgs;
 use crate::npy::read_f32;
 use crate::outputs::Outputs;
+use crate::qkv::Bundle;
 use crate::{
     parse_finite_f32, parse_path_choice, three_pass_limit, CliError, CliResult, PathChoice,
 };
@@ -24,14 +25,20 @@ use crate::{
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Queries, [batch, M, heads, d_k] (bhsd: [batch, heads, M, d_k]); 3-D without batch.
-    #[arg(long, value_name = "FILE")]
-    q: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "qkv")]
+    q: Option<PathBuf>,
     /// Keys, [batch, N, kv_heads, d_k] (bhsd: [batch, kv_heads, N, d_k]); 3-D without batch.
-    #[arg(long, value_name = "FILE")]
-    k: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "qkv")]
+    k: Option<PathBuf>,
     /// Values, [batch, N, kv_heads, d_v] (bhsd: [batch, kv_heads, N, d_v]); 3-D without batch.
-    #[arg(long, value_name = "FILE")]
-    v: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "qkv")]
+    v: Option<PathBuf>,
+    /// Q, K and V from one safetensors file, instead of --q, --k, --v: tensors named q, k, v,
+    /// and optionally mask, bias, q_lens, kv_lens (each as its flag takes it), as
+    /// safetensors.torch.save_file({"q": q, "k": k, "v": v}, path) writes them. No other name
+    /// is allowed; .npz is not read.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["q", "k", "v"])]
+    qkv: Option<PathBuf>,
     /// Axis order of Q, K, V and O: bshd [batch, seq, heads, d] (default) or bhsd [batch,
     /// heads, seq, d], PyTorch scaled_dot_product_attention's (3-D files drop batch either
     /// way). Weights, LSE and masks are [batch, heads, ...] in both. A shape cannot show its
@@ -77,9 +84,17 @@ pub fn out_dims(dims: &[usize], squeeze: bool) -> Vec<usize> {
 /// Reads the inputs, runs the plan on the default adapter, writes the outputs; with
 /// `--expect`, the exit status says whether O matches.
 pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
-    let q = read_f32(&args.q)?;
-    let k = read_f32(&args.k)?;
-    let v = read_f32(&args.v)?;
+    let bundle = args.qkv.as_deref().map(Bundle::read).transpose()?;
+    let read = |name: &str, path: Option<&PathBuf>| match (&bundle, path) {
+        (Some(bundle), _) => read_f32(bundle.required(name)?),
+        (None, Some(path)) => read_f32(path),
+        (None, None) => unreachable!("clap requires --{name} without --qkv"),
+    };
+    let (q, k, v) = (
+        read("q", args.q.as_ref())?,
+        read("k", args.k.as_ref())?,
+        read("v", args.v.as_ref())?,
+    );
     let layout = args.layout.unwrap_or_default();
     let (q_file, q3) = layout.file_dims("q", &q.shape)?;
     let (k_file, k3) = layout.file_dims("k", &k.shape)?;
@@ -103,7 +118,8 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     if args.weights.is_some() {
         opts = opts.with_weights();
     }
-    let opts = args.masks.apply(opts, &shape)?;
+    let opts = args.masks.apply_with(opts, &shape, bundle.as_ref())?;
+    drop(bundle);
     let mut outputs = Outputs::create(&[
         ("--out", args.out.as_ref()),
         ("--lse", args.lse.as_ref()),
