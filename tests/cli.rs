@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path as FsPath;
+use std::path::{Path as FsPath, PathBuf};
 use std::process::{Command, Output};
 
 use common::files::*;
@@ -288,12 +288,55 @@ fn fails_in(dir: &TempDir, args: &[String]) -> String {
 }
 
 #[test]
-fn float64_mask_is_rejected_with_the_fix() {
-    let dir = error_setup("f64mask");
+fn int64_mask_is_rejected_with_the_cast() {
+    // Hugging Face's attention_mask: int64, 1 = attend, which a.astype(bool) keeps.
+    let dir = error_setup("i64mask");
     let m = dir.path("m.npy");
-    write_npy(&m, &[1.0f64; 24], &[4, 6]);
+    write_npy(&m, &[1i64; 24], &[4, 6]);
     let err = run_err(&dir, &["--mask", s(&m)]);
-    assert_mentions(&err, &["m.npy", "float64", "bool", "astype(bool)"]);
+    assert_mentions(&err, &["m.npy", "int64", "bool", "astype(bool)"]);
+}
+
+/// Issue 13: casting as the hints once said would invert a PyTorch float mask (0 / −inf
+/// becomes false / true) and turn a bool mask into a +1/0 bias; each belongs to the other flag.
+#[test]
+fn a_float_mask_points_to_bias_and_a_bool_bias_to_mask() {
+    let dir = error_setup("hints");
+    let m = dir.path("m.npy");
+    for (i, dtype) in ["float32", "float64"].into_iter().enumerate() {
+        let mask = [0.0, f32::NEG_INFINITY].repeat(12);
+        if i == 0 {
+            write_npy(&m, &mask, &[4, 6]);
+        } else {
+            let mask: Vec<f64> = mask.iter().map(|&x| f64::from(x)).collect();
+            write_npy(&m, &mask, &[4, 6]);
+        }
+        let err = run_err(&dir, &["--mask", s(&m)]);
+        assert_mentions(
+            &err,
+            &[
+                "m.npy",
+                dtype,
+                "additive",
+                "pass it as --bias (as float32) instead",
+                "a.astype(bool) would invert it",
+            ],
+        );
+        assert!(!err.contains("convert with"), "{err}");
+    }
+    let b = dir.path("b.npy");
+    write_npy(&b, &[true, false].repeat(12), &[4, 6]);
+    let err = run_err(&dir, &["--bias", s(&b)]);
+    assert_mentions(
+        &err,
+        &[
+            "b.npy",
+            "bool",
+            "a bool array is a mask (true = may attend): pass it as --mask instead",
+            "removes no key",
+        ],
+    );
+    assert!(!err.contains("convert with"), "{err}");
 }
 
 #[test]
@@ -611,4 +654,348 @@ fn bench_causal_checks_against_the_masked_reference() {
         assert_eq!(r["masks"], "causal bottom-right", "{r}");
         assert_eq!(r["check"], "passed", "{r}");
     }
+}
+
+/// The fixture file `file` of case `case` (computed by PyTorch, bshd).
+fn fixture(case: &str, file: &str) -> PathBuf {
+    FsPath::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/masks")
+        .join(case)
+        .join(file)
+}
+
+/// `data` of bshd `shape` [b, s, h, d] in PyTorch SDPA's layout, bhsd [b, h, s, d].
+fn to_bhsd(data: &[f32], shape: &[usize]) -> (Vec<f32>, Vec<usize>) {
+    let &[b, s, h, d] = shape else {
+        panic!("4-D, got {shape:?}")
+    };
+    let mut out = vec![0.0; data.len()];
+    for (i, &x) in data.iter().enumerate() {
+        let (bi, si, hi, di) = (i / (s * h * d), i / (h * d) % s, i / d % h, i % d);
+        out[((bi * h + hi) * s + si) * d + di] = x;
+    }
+    (out, vec![b, h, s, d])
+}
+
+fn assert_exit(what: &str, out: &Output, code: i32) -> String {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(code), "{what}: {err}");
+    err
+}
+
+/// `--layout bhsd` on PyTorch SDPA's layout (4-D, and 3-D for batch 1): O is bshd's O
+/// transposed, bit for bit, and matches PyTorch's (`--expect`).
+#[test]
+fn layout_bhsd_reads_and_writes_pytorch_sdpa_tensors() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("bhsd");
+    // gqa_r2: q [2, 12, 4, 8], k, v [2, 20, 2, 8]; mqa_h3: q [1, 10, 3, 8], k, v [1, 18, 1, 8].
+    for (case, three_d) in [("gqa_r2", false), ("mqa_h3", true)] {
+        let file = |name: &str| dir.path(&format!("{case}_{name}.npy"));
+        for name in ["q", "k", "v", "o"] {
+            let (data, shape) = read_npy::<f32>(&fixture(case, &format!("{name}.npy")));
+            let (data, shape) = to_bhsd(&data, &shape);
+            write_npy(&file(name), &data, &shape[usize::from(three_d)..]);
+        }
+        let mask = fixture(case, "mask.npy");
+        let bshd_o = file("o_bshd");
+        let input = |name: &str| fixture(case, &format!("{name}.npy"));
+        let out = xattn(&[
+            "run",
+            "--q",
+            s(&input("q")),
+            "--k",
+            s(&input("k")),
+            "--v",
+            s(&input("v")),
+            "--mask",
+            s(&mask),
+            "--out",
+            s(&bshd_o),
+        ]);
+        assert_exit(case, &out, 0);
+        let bhsd_o = file("o_bhsd");
+        let out = xattn(&[
+            "run",
+            "--layout",
+            "bhsd",
+            "--q",
+            s(&file("q")),
+            "--k",
+            s(&file("k")),
+            "--v",
+            s(&file("v")),
+            "--mask",
+            s(&mask),
+            "--out",
+            s(&bhsd_o),
+            "--expect",
+            s(&file("o")),
+        ]);
+        let err = assert_exit(case, &out, 0);
+        assert_mentions(&err, &["passed", "max abs error"]);
+        let (got, got_shape) = read_npy::<f32>(&bhsd_o);
+        let (want, want_shape) = read_npy::<f32>(&bshd_o);
+        let (want, want_shape) = to_bhsd(&want, &want_shape);
+        assert_eq!(got_shape, want_shape[usize::from(three_d)..], "{case}");
+        assert!(
+            got == want,
+            "{case}: bhsd O is bshd's transposed, bit for bit"
+        );
+    }
+}
+
+#[test]
+fn a_layout_mix_up_names_the_layout_the_files_fit() {
+    let dir = error_setup("mixup"); // bshd: q [2, 4, 2, 3], k, v [2, 6, 2, 3]
+    let err = run_err(&dir, &["--layout", "bhsd"]);
+    assert_mentions(
+        &err,
+        &[
+            "read as --layout bhsd",
+            "they fit --layout bshd",
+            "pass --layout bshd",
+        ],
+    );
+    // The same files as PyTorch holds them, read in the default layout: 4 heads over 6.
+    for name in ["q", "k", "v"] {
+        let path = dir.path(&format!("{name}.npy"));
+        let (data, shape) = read_npy::<f32>(&path);
+        let (data, shape) = to_bhsd(&data, &shape);
+        write_npy(&path, &data, &shape);
+    }
+    let err = run_err(&dir, &[]);
+    assert_mentions(
+        &err,
+        &[
+            "q heads (4) must be a multiple of k/v heads (6)",
+            "read as --layout bshd",
+            "pass --layout bhsd",
+        ],
+    );
+}
+
+/// Equal lengths and head counts fit both layouts: no error can catch a mix-up, so without
+/// --layout a note asks to name it.
+#[test]
+fn shapes_that_fit_both_layouts_get_a_note_unless_the_layout_is_named() {
+    let dir = TempDir::new("ambiguous");
+    let x = random(2 * 4 * 4 * 3, 1.0, 5);
+    for name in ["q.npy", "k.npy", "v.npy"] {
+        write_npy(&dir.path(name), &x, &[2, 4, 4, 3]);
+    }
+    // The run stops at the missing output folder, after the shapes are read.
+    let args = with(
+        run_args(&dir, &[]),
+        "--out",
+        s(&dir.path("none").join("o.npy")),
+    );
+    let err = fails_in(&dir, &args);
+    assert_mentions(
+        &err,
+        &["note: q, k, v fit both layouts", "pass --layout", "bhsd"],
+    );
+    for layout in ["bshd", "bhsd"] {
+        let err = fails_in(&dir, &with(args.clone(), "--layout", layout));
+        assert!(!err.contains("note"), "{layout}: {err}");
+    }
+}
+
+#[test]
+fn expect_passes_within_tolerance_and_exits_3_on_a_mismatch() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("expect");
+    let sh = AttnShape {
+        batch: 2,
+        m: 5,
+        n: 7,
+        q_heads: 2,
+        kv_heads: 2,
+        d_k: 4,
+        d_v: 4,
+    };
+    let (q, k, v) = write_qkv(&dir, &sh, 31);
+    let opts = Attention::default();
+    let scale = f64::from(opts.scale_for(sh.d_k));
+    let want = reference::attention_masked(&sh, &q, &k, &v, scale, opts.masking());
+    let mut o: Vec<f32> = want.o.iter().map(|&x| x as f32).collect();
+    let reference = dir.path("ref.npy");
+    write_npy(&reference, &o, &sh.o_dims());
+    let (qp, kp, vp) = (dir.path("q.npy"), dir.path("k.npy"), dir.path("v.npy"));
+    let run = |extra: &[&str]| {
+        let base = ["run", "--q", s(&qp), "--k", s(&kp), "--v", s(&vp)];
+        xattn(&[&base[..], &["--expect", s(&reference)], extra].concat())
+    };
+    let err = assert_exit("expect, no --out", &run(&[]), 0);
+    assert_mentions(
+        &err,
+        &[
+            "ref.npy: passed",
+            "max abs error",
+            "max rel error",
+            "worst [",
+        ],
+    );
+    // One element off by 0.01, beyond atol 1e-5 + rtol 1e-4·|want|.
+    o[13] += 0.01;
+    write_npy(&reference, &o, &sh.o_dims());
+    let o_file = dir.path("o.npy");
+    let err = assert_exit("mismatch", &run(&["--out", s(&o_file)]), 3);
+    assert_mentions(
+        &err,
+        &[
+            "ref.npy: MISMATCH: |got − want| > atol + rtol·|want| in 1 of 80 elements",
+            "(atol 1e-5, rtol 1e-4)",
+            "max abs error 1.000e-2",
+            "worst [0, 1, 1, 1]",
+        ],
+    );
+    assert!(o_file.exists(), "O is written on a mismatch too");
+    assert_exit("--atol 0.02", &run(&["--atol", "0.02"]), 0);
+}
+
+#[test]
+fn expect_is_checked_before_the_run() {
+    let dir = error_setup("expectshape"); // O is [2, 4, 2, 3]
+    let reference = dir.path("ref.npy");
+    write_npy(&reference, &[0.0f32; 48], &[2, 2, 4, 3]);
+    let err = run_err(&dir, &["--expect", s(&reference)]);
+    assert_mentions(
+        &err,
+        &[
+            "ref.npy has shape [2, 2, 4, 3], but O has shape [2, 4, 2, 3]",
+            "O in --layout bhsd",
+        ],
+    );
+    let err = run_err(&dir, &["--rtol", "1e-3"]);
+    assert_mentions(&err, &["--rtol", "--expect"]);
+    let err = run_err(&dir, &["--expect", s(&reference), "--atol", "-1"]);
+    assert_mentions(&err, &["--atol", "negative"]);
+}
+
+/// A fixture's inputs in one safetensors file, as `safetensors.torch.save_file` writes them
+/// (lengths int64, as torch makes them), give the numbers of the separate files.
+#[test]
+fn qkv_from_one_safetensors_file_equals_separate_files() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("qkv");
+    let case = "lens_mask_bias";
+    let input = |name: &str| fixture(case, &format!("{name}.npy"));
+    let mut tensors: Vec<(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for name in ["q", "k", "v", "bias"] {
+        let (data, shape) = read_npy::<f32>(&input(name));
+        let bytes = le_bytes(&data, f32::to_le_bytes);
+        tensors.push((name, safetensors::Dtype::F32, shape, bytes));
+    }
+    let (mask, shape) = read_npy::<bool>(&input("mask"));
+    let bytes = le_bytes(&mask, |x| [u8::from(x)]);
+    tensors.push(("mask", safetensors::Dtype::BOOL, shape, bytes));
+    for name in ["q_lens", "kv_lens"] {
+        let (lens, shape) = read_npy::<i32>(&input(name));
+        let bytes = le_bytes(&lens, |x| i64::from(x).to_le_bytes());
+        tensors.push((name, safetensors::Dtype::I64, shape, bytes));
+    }
+    let file = dir.path("inputs.safetensors");
+    let list: Vec<_> = tensors
+        .iter()
+        .map(|(n, t, shape, bytes)| (*n, *t, &shape[..], &bytes[..]))
+        .collect();
+    write_safetensors(&file, &list);
+    let (separate, bundled) = (dir.path("o_files.npy"), dir.path("o_qkv.npy"));
+    let mut args = vec!["run".to_string()];
+    for (flag, name) in [
+        ("--q", "q"),
+        ("--k", "k"),
+        ("--v", "v"),
+        ("--mask", "mask"),
+        ("--bias", "bias"),
+        ("--q-lens", "q_lens"),
+        ("--kv-lens", "kv_lens"),
+    ] {
+        args.extend([flag.to_string(), s(&input(name)).to_string()]);
+    }
+    args.extend(["--out".to_string(), s(&separate).to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_exit("separate files", &xattn(&args), 0);
+    let out = xattn(&[
+        "run",
+        "--qkv",
+        s(&file),
+        "--out",
+        s(&bundled),
+        "--expect",
+        s(&input("o")),
+    ]);
+    let err = assert_exit("--qkv", &out, 0);
+    assert_mentions(&err, &["passed"]);
+    assert_eq!(
+        read_npy::<f32>(&bundled),
+        read_npy::<f32>(&separate),
+        "--qkv gives the numbers of the separate files"
+    );
+}
+
+#[test]
+fn qkv_files_are_checked_by_name_and_dtype() {
+    use safetensors::Dtype::{BF16, BOOL, F32};
+    let dir = error_setup("qkverr"); // q [2, 4, 2, 3], k, v [2, 6, 2, 3]
+    let read = |name: &str| {
+        let (data, shape) = read_npy::<f32>(&dir.path(&format!("{name}.npy")));
+        (le_bytes(&data, f32::to_le_bytes), shape)
+    };
+    let ((q, qs), (k, ks), (v, vs)) = (read("q"), read("k"), read("v"));
+    let qkv = [
+        ("q", F32, &qs[..], &q[..]),
+        ("k", F32, &ks, &k),
+        ("v", F32, &vs, &v),
+    ];
+    let file = dir.path("x.safetensors");
+    let o = dir.path("o.npy");
+    let args = |extra: &[&str]| {
+        let mut a: Vec<String> = ["run", "--qkv", s(&file), "--out", s(&o)]
+            .map(String::from)
+            .to_vec();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let err_with = |extra: &[(&str, safetensors::Dtype, &[usize], &[u8])], flags: &[&str]| {
+        write_safetensors(&file, &[&qkv[..], extra].concat());
+        fails_in(&dir, &args(flags))
+    };
+    let err = err_with(&[("attn_mask", BOOL, &[4, 6], &[1; 24])], &[]);
+    assert_mentions(
+        &err,
+        &[
+            "x.safetensors holds a tensor `attn_mask`, which xattn does not read",
+            "q, k, v, mask, bias, q_lens, kv_lens",
+        ],
+    );
+    let float_mask = le_bytes(&[0.0f32; 24], f32::to_le_bytes);
+    let err = err_with(&[("mask", F32, &[4, 6], &float_mask)], &[]);
+    assert_mentions(
+        &err,
+        &["tensor `mask` of --qkv", "save it as the tensor `bias`"],
+    );
+    let m = dir.path("m.npy");
+    write_npy(&m, &[true; 24], &[4, 6]);
+    let err = err_with(&[("mask", BOOL, &[4, 6], &[1; 24])], &["--mask", s(&m)]);
+    assert_mentions(&err, &["--mask", "m.npy", "both give `mask`", "drop one"]);
+    write_safetensors(
+        &file,
+        &[qkv[0], qkv[1], ("v", BF16, &vs, &v[..v.len() / 2])],
+    );
+    let err = fails_in(&dir, &args(&[]));
+    assert_mentions(&err, &["tensor `v`", "BF16", "float32"]);
+    write_safetensors(&file, &qkv[..2]);
+    let err = fails_in(&dir, &args(&[]));
+    assert_mentions(&err, &["no tensor `v`", "save_file"]);
+    std::fs::write(&file, b"PK\x03\x04 an npz").unwrap();
+    let err = fails_in(&dir, &args(&[]));
+    assert_mentions(&err, &["zip archive (.npz)", "safetensors"]);
+    // --qkv replaces --q, --k, --v: clap refuses both, with its usage status.
+    let mut both = args(&[]);
+    both.extend(["--q".to_string(), s(&o).to_string()]);
+    let out = xattn(&both.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = assert_exit("--qkv with --q", &out, 2);
+    assert_mentions(&err, &["--qkv", "--q"]);
 }

@@ -1,5 +1,5 @@
-//! Files for the CLI tests: a temporary folder per test, .npy reading and writing, and editing
-//! an argument list.
+//! Files for the CLI tests: a temporary folder per test, .npy reading and writing, safetensors
+//! writing, and editing an argument list.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -96,4 +96,21 @@ pub fn with(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
         None => args.extend([flag.to_string(), value.to_string()]),
     }
     args
+}
+
+/// Writes `tensors` (name, dtype, shape, little-endian bytes) as a safetensors file, as
+/// `safetensors.torch.save_file` does.
+pub fn write_safetensors(path: &Path, tensors: &[(&str, safetensors::Dtype, &[usize], &[u8])]) {
+    let views = tensors.iter().map(|&(name, dtype, shape, bytes)| {
+        let view = safetensors::tensor::TensorView::new(dtype, shape.to_vec(), bytes)
+            .unwrap_or_else(|e| panic!("tensor {name}: {e}"));
+        (name, view)
+    });
+    safetensors::tensor::serialize_to_file(views, None, path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// The little-endian bytes of `data`.
+pub fn le_bytes<T: Copy, const N: usize>(data: &[T], bytes: fn(T) -> [u8; N]) -> Vec<u8> {
+    data.iter().flat_map(|&x| bytes(x)).collect()
 }

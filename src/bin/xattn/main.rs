@@ -9,11 +9,14 @@
 //! stderr, `xattn: error: ...`; nothing a user does should reach a panic.
 
 mod bench;
+mod expect;
 mod info;
+mod layout;
 mod masks;
 mod mha;
 mod npy;
 mod outputs;
+mod qkv;
 mod run;
 mod suite;
 
@@ -46,11 +49,15 @@ enum Command {
     /// Inputs are float32, C order: Q [batch, M, heads, d_k], K [batch, N, kv_heads, d_k],
     /// V [batch, N, kv_heads, d_v]; 3-D inputs [seq, heads, d] mean batch 1 and give outputs
     /// without the batch axis. Outputs: O [batch, M, heads, d_v], weights [batch, heads, M, N],
-    /// LSE [batch, heads, M]. Query head h reads K/V head h / (heads / kv_heads) (GQA/MQA
+    /// LSE [batch, heads, M]. With --layout bhsd, Q, K, V and O are [batch, heads, seq, d]
+    /// instead (PyTorch SDPA). Query head h reads K/V head h / (heads / kv_heads) (GQA/MQA
     /// when kv_heads < heads; the summary shows it as H<heads>/<kv_heads>).
     ///
     /// Masks and logit controls (causal, window, lengths, bool mask, bias, softcap, key
     /// segments) combine; a row left with no key outputs zeros and LSE −inf.
+    ///
+    /// Exit status: 0 done (and O matches --expect), 1 an error, 2 a usage error, 3 O does
+    /// not match --expect.
     Run(run::RunArgs),
     /// Run a multi-head attention layer (PyTorch nn.MultiheadAttention) on .npy files.
     ///

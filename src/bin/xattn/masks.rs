@@ -4,12 +4,13 @@
 //! alignment rules of the command line and attributes each library error to the flag (and
 //! file) that caused it. Everything here runs before a device is opened.
 
-use std::path::{Path as FsPath, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use xattn::{Alignment, Attention, AttnShape};
 
-use crate::npy::{read_bool, read_f32, read_lens};
+use crate::npy::{read_bias, read_bool, read_lens, Source};
+use crate::qkv::Bundle;
 use crate::{parse_finite_f32, CliError, CliResult};
 
 /// `top-left` or `bottom-right`, as a clap value (so `--help` lists the choices).
@@ -70,11 +71,13 @@ pub struct MaskArgs {
     pub kv_lens: Option<PathBuf>,
     /// Bool mask .npy, true = may attend, broadcast to [batch, heads, M, N]: each of the
     /// first three dims 1 or full, the last N; fewer dims are padded with leading 1s as numpy
-    /// does ([M, N], [N]). uint8 holding only 0/1 is accepted too.
+    /// does ([M, N], [N]). uint8 holding only 0/1 is accepted too. A float mask (PyTorch's
+    /// additive 0 / −inf attn_mask) is a bias: give it to --bias.
     #[arg(long, value_name = "FILE")]
     pub mask: Option<PathBuf>,
-    /// Additive logit bias .npy (float32, e.g. ALiBi), broadcast like --mask; added after the
-    /// softcap. −inf (or ≤ −1e30) removes the key; NaN and +inf are errors.
+    /// Additive logit bias .npy (float32, e.g. ALiBi, or PyTorch's float attn_mask), broadcast
+    /// like --mask; added after the softcap. −inf (or ≤ −1e30) removes the key; NaN and +inf
+    /// are errors.
     #[arg(long, value_name = "FILE")]
     pub bias: Option<PathBuf>,
     /// Soft-cap the logits: C·tanh(logit / C) (after scale and key-segment factors, before
@@ -107,14 +110,48 @@ fn window_side(s: &str) -> Result<usize, String> {
     })
 }
 
-/// The lengths in `path` (given as `flag`), each at most `bound`, the size of axis `axis`.
-fn read_bounded_lens(flag: &str, path: &FsPath, axis: &str, bound: usize) -> CliResult<Vec<u32>> {
-    let lens = read_lens(path)?.data;
+/// One mask input: `label` names it in messages (`--mask m.npy`, or the tensor of `--qkv`).
+struct Given<'a> {
+    label: String,
+    src: Source<'a>,
+}
+
+/// The input of `flag` (its file, `path`) or the tensor `name` of the `--qkv` file; an error
+/// when both give it.
+fn given<'a>(
+    flag: &str,
+    path: Option<&'a PathBuf>,
+    bundle: Option<&'a Bundle>,
+    name: &str,
+) -> CliResult<Option<Given<'a>>> {
+    let tensor = bundle.map(|b| b.get(name)).transpose()?.flatten();
+    Ok(match (path, tensor) {
+        (Some(path), Some(tensor)) => {
+            return Err(CliError::new(format!(
+                "{flag} {} and the {tensor} both give `{name}`; drop one",
+                path.display()
+            )))
+        }
+        (Some(path), None) => Some(Given {
+            label: format!("{flag} {}", path.display()),
+            src: Source::File(path),
+        }),
+        (None, Some(src)) => Some(Given {
+            label: src.to_string(),
+            src,
+        }),
+        (None, None) => None,
+    })
+}
+
+/// The lengths of `input`, each at most `bound`, the size of axis `axis`.
+fn read_bounded_lens(input: &Given, axis: &str, bound: usize) -> CliResult<Vec<u32>> {
+    let lens = read_lens(input.src.clone())?.data;
     if let Some((b, &l)) = lens.iter().enumerate().find(|(_, &l)| l as usize > bound) {
         return Err(CliError::new(format!(
-            "{flag} {}: entry {b} is {l}, more than {axis} = {bound}; each length must be at \
-             most {axis}",
-            path.display()
+            "{}: entry {b} is {l}, more than {axis} = {bound}; each length must be at most \
+             {axis}",
+            input.label
         )));
     }
     Ok(lens)
@@ -140,12 +177,11 @@ fn window_alignment(causal: Option<AlignArg>, align: Option<AlignArg>) -> CliRes
     }
 }
 
-/// `dims` left-padded with 1s to 4 (numpy broadcasting), or an error naming the file.
-fn broadcast_dims(flag: &str, path: &FsPath, shape: &[usize]) -> CliResult<[usize; 4]> {
+/// `dims` left-padded with 1s to 4 (numpy broadcasting), or an error naming the input.
+fn broadcast_dims(label: &str, shape: &[usize]) -> CliResult<[usize; 4]> {
     if shape.len() > 4 {
         return Err(CliError::new(format!(
-            "{flag} {} has shape {shape:?}; it needs at most 4 dims [batch, heads, M, N]",
-            path.display()
+            "{label} has shape {shape:?}; it needs at most 4 dims [batch, heads, M, N]"
         )));
     }
     let mut dims = [1; 4];
@@ -180,7 +216,17 @@ fn key_segment(words: &[String]) -> CliResult<(usize, usize, f32)> {
 
 impl MaskArgs {
     /// `opts` with every mask and logit control of the command line, validated against `s`.
-    pub fn apply(&self, mut opts: Attention, s: &AttnShape) -> CliResult<Attention> {
+    pub fn apply(&self, opts: Attention, s: &AttnShape) -> CliResult<Attention> {
+        self.apply_with(opts, s, None)
+    }
+
+    /// [`MaskArgs::apply`], with the mask, bias and lengths that `bundle` (`--qkv`) holds.
+    pub fn apply_with(
+        &self,
+        mut opts: Attention,
+        s: &AttnShape,
+        bundle: Option<&Bundle>,
+    ) -> CliResult<Attention> {
         // Checks what has been added so far; the first failing addition is the culprit.
         let check = |opts: &Attention, context: &dyn Fn() -> String| {
             opts.masking()
@@ -203,29 +249,23 @@ impl MaskArgs {
         if self.causal.is_some() || self.window.is_some() {
             check(&opts, &|| "--causal/--window".to_string())?;
         }
-        if let Some(path) = &self.q_lens {
-            opts = opts.with_q_lens(read_bounded_lens("--q-lens", path, "M", s.m)?);
-            check(&opts, &|| format!("--q-lens {}", path.display()))?;
+        if let Some(input) = given("--q-lens", self.q_lens.as_ref(), bundle, "q_lens")? {
+            opts = opts.with_q_lens(read_bounded_lens(&input, "M", s.m)?);
+            check(&opts, &|| input.label.clone())?;
         }
-        if let Some(path) = &self.kv_lens {
-            opts = opts.with_kv_lens(read_bounded_lens("--kv-lens", path, "N", s.n)?);
-            check(&opts, &|| format!("--kv-lens {}", path.display()))?;
+        if let Some(input) = given("--kv-lens", self.kv_lens.as_ref(), bundle, "kv_lens")? {
+            opts = opts.with_kv_lens(read_bounded_lens(&input, "N", s.n)?);
+            check(&opts, &|| input.label.clone())?;
         }
-        if let Some(path) = &self.mask {
-            let a = read_bool(path)?;
-            let dims = broadcast_dims("--mask", path, &a.shape)?;
-            opts = opts.with_mask(dims, a.data);
-            check(&opts, &|| {
-                format!("--mask {} (shape {:?})", path.display(), a.shape)
-            })?;
+        if let Some(Given { label, src }) = given("--mask", self.mask.as_ref(), bundle, "mask")? {
+            let a = read_bool(src)?;
+            opts = opts.with_mask(broadcast_dims(&label, &a.shape)?, a.data);
+            check(&opts, &|| format!("{label} (shape {:?})", a.shape))?;
         }
-        if let Some(path) = &self.bias {
-            let a = read_f32(path)?;
-            let dims = broadcast_dims("--bias", path, &a.shape)?;
-            opts = opts.with_bias(dims, a.data);
-            check(&opts, &|| {
-                format!("--bias {} (shape {:?})", path.display(), a.shape)
-            })?;
+        if let Some(Given { label, src }) = given("--bias", self.bias.as_ref(), bundle, "bias")? {
+            let a = read_bias(src)?;
+            opts = opts.with_bias(broadcast_dims(&label, &a.shape)?, a.data);
+            check(&opts, &|| format!("{label} (shape {:?})", a.shape))?;
         }
         if let Some(cap) = self.softcap {
             opts = opts.with_softcap(cap);
@@ -267,14 +307,11 @@ mod tests {
 
     #[test]
     fn broadcast_pads_leading_ones() {
-        let p = FsPath::new("m.npy");
-        assert_eq!(broadcast_dims("--mask", p, &[5]).unwrap(), [1, 1, 1, 5]);
-        assert_eq!(broadcast_dims("--mask", p, &[3, 5]).unwrap(), [1, 1, 3, 5]);
-        assert_eq!(
-            broadcast_dims("--mask", p, &[2, 1, 3, 5]).unwrap(),
-            [2, 1, 3, 5]
-        );
-        assert!(broadcast_dims("--mask", p, &[1, 2, 1, 3, 5]).is_err());
+        let m = "--mask m.npy";
+        assert_eq!(broadcast_dims(m, &[5]).unwrap(), [1, 1, 1, 5]);
+        assert_eq!(broadcast_dims(m, &[3, 5]).unwrap(), [1, 1, 3, 5]);
+        assert_eq!(broadcast_dims(m, &[2, 1, 3, 5]).unwrap(), [2, 1, 3, 5]);
+        assert!(broadcast_dims(m, &[1, 2, 1, 3, 5]).is_err());
     }
 
     #[test]

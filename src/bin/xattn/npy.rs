@@ -1,15 +1,18 @@
 //! Reading and writing `.npy` arrays: float32 tensors, bool masks, integer lengths.
 //!
+//! An array comes from a [`Source`]: a `.npy` file, or a tensor of another container (a
+//! safetensors file) given as a `.npy` header and its data, so both pass the same checks.
+//!
 //! Only C-ordered arrays of the expected dtype are accepted: converting dtypes or transposing
 //! silently would hide mistakes (a float64 array saved by accident, a transposed layout), and
 //! the fix on the numpy side is one call, which the error names. The exceptions are lossless
 //! and unambiguous: lengths may be any 32- or 64-bit integer type, masks bool or uint8
 //! holding only 0 and 1.
 
-use std::fmt::Display;
+use std::fmt::{self, Display};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use npyz::{DType, Deserialize, NpyFile, NpyHeader, Order, TypeChar, TypeStr, WriterBuilder};
 
@@ -24,8 +27,63 @@ pub struct Array<T = f32> {
     pub shape: Vec<usize>,
 }
 
-/// An open `.npy` file and its name for messages.
-type Npy = NpyFile<BufReader<File>>;
+/// An opened array: its header and a reader at its data.
+type Npy<'a> = NpyFile<Box<dyn Read + 'a>>;
+
+/// Where an array is read from.
+#[derive(Clone)]
+pub enum Source<'a> {
+    /// A `.npy` file.
+    File(&'a Path),
+    /// A tensor of a container: `shown` names it in messages, `header` describes `data`.
+    Tensor {
+        shown: String,
+        header: NpyHeader,
+        data: &'a [u8],
+    },
+}
+
+impl<'a> From<&'a Path> for Source<'a> {
+    fn from(path: &'a Path) -> Self {
+        Self::File(path)
+    }
+}
+
+impl<'a> From<&'a PathBuf> for Source<'a> {
+    fn from(path: &'a PathBuf) -> Self {
+        Self::File(path)
+    }
+}
+
+impl Display for Source<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(path) => path.display().fmt(f),
+            Self::Tensor { shown, .. } => f.write_str(shown),
+        }
+    }
+}
+
+impl Source<'_> {
+    /// How to give this array as the input `flag` (a file) or `name` (a tensor) instead.
+    fn give_as(&self, flag: &str, name: &str) -> String {
+        match self {
+            Self::File(_) => format!("pass it as {flag}"),
+            Self::Tensor { .. } => format!("save it as the tensor `{name}`"),
+        }
+    }
+}
+
+/// The header of a C-ordered array of numpy dtype `descr` and `shape`, for [`Source::Tensor`].
+pub fn header(descr: &str, shape: &[usize]) -> std::io::Result<NpyHeader> {
+    let dims: String = shape.iter().map(|d| format!("{d}, ")).collect();
+    let dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({dims}), }}\n");
+    let len = u16::try_from(dict.len()).map_err(std::io::Error::other)?;
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend(len.to_le_bytes());
+    bytes.extend(dict.as_bytes());
+    NpyHeader::from_reader(&bytes[..])
+}
 
 /// numpy's name of a plain dtype (`float64`, `int32`, `bool`), with its type string.
 fn dtype_name(ts: &TypeStr) -> String {
@@ -143,29 +201,37 @@ fn header_error(shown: &dyn Display, text: &str, e: &std::io::Error, expected: &
     ))
 }
 
-/// Opens `path` and reads its header; rejects Fortran order and structured dtypes.
-/// Returns the file and its plain dtype.
-fn open(path: &Path, expected: &str) -> CliResult<(Npy, TypeStr)> {
-    let shown = path.display();
-    let (mut file, len) = open_file(path)?;
-    let (header, text_start) = read_header(&mut file, &shown, len)?;
-    let header = NpyHeader::from_reader(&header[..]).map_err(|e| {
-        let text = String::from_utf8_lossy(&header[text_start..]);
-        header_error(&shown, text.trim_end(), &e, expected)
-    })?;
-    let npy = NpyFile::with_header(header, BufReader::new(file));
+/// Opens `src` and reads its header; rejects Fortran order and structured dtypes.
+/// Returns the array and its plain dtype.
+fn open<'a>(src: &Source<'a>, expected: &str) -> CliResult<(Npy<'a>, TypeStr)> {
+    let npy = match src {
+        Source::File(path) => {
+            let (mut file, len) = open_file(path)?;
+            let (header, text_start) = read_header(&mut file, src, len)?;
+            let header = NpyHeader::from_reader(&header[..]).map_err(|e| {
+                let text = String::from_utf8_lossy(&header[text_start..]);
+                header_error(src, text.trim_end(), &e, expected)
+            })?;
+            let data: Box<dyn Read> = Box::new(BufReader::new(file));
+            NpyFile::with_header(header, data)
+        }
+        Source::Tensor { header, data, .. } => {
+            let data: Box<dyn Read + 'a> = Box::new(*data);
+            NpyFile::with_header(header.clone(), data)
+        }
+    };
     let ts = match npy.dtype() {
         DType::Plain(ts) => ts,
         other => {
             return Err(CliError::new(format!(
-                "{shown} has a structured dtype {}, expected {expected}",
+                "{src} has a structured dtype {}, expected {expected}",
                 other.descr().replace(", ]", "]")
             )))
         }
     };
     if npy.order() == Order::Fortran {
         return Err(CliError::new(format!(
-            "{shown} is in Fortran order; save a C-ordered array (np.ascontiguousarray(a))"
+            "{src} is in Fortran order; save a C-ordered array (np.ascontiguousarray(a))"
         )));
     }
     Ok((npy, ts))
@@ -173,8 +239,7 @@ fn open(path: &Path, expected: &str) -> CliResult<(Npy, TypeStr)> {
 
 /// The shape and elements of an opened file, as `T` (which must match its dtype). `invalid` is
 /// appended to the error for an element the dtype does not allow (a bool byte other than 0, 1).
-fn read_data<T: Deserialize>(path: &Path, npy: Npy, invalid: &str) -> CliResult<Array<T>> {
-    let shown = path.display();
+fn read_data<T: Deserialize>(shown: &Source, npy: Npy, invalid: &str) -> CliResult<Array<T>> {
     let shape = npy
         .shape()
         .iter()
@@ -207,57 +272,88 @@ fn is(ts: &TypeStr, c: TypeChar, size: u64) -> bool {
     ts.type_char() == c && ts.size_field() == size
 }
 
-/// The error for `path` of dtype `ts` where `expected` was wanted: `convert` is the numpy call
-/// that fixes a numeric array. Strings are not numbers, so they get no such call.
-fn wrong_dtype(path: &Path, ts: &TypeStr, expected: &str, convert: &str) -> CliError {
-    let shown = path.display();
+/// The error for `shown` of dtype `ts` where `expected` was wanted: `fix` says what to do with
+/// a numeric array. Strings are not numbers, so they get no fix.
+fn wrong_dtype(shown: &Source, ts: &TypeStr, expected: &str, fix: &str) -> CliError {
     if matches!(ts.type_char(), TypeChar::ByteStr | TypeChar::UnicodeStr) {
         return CliError::new(format!(
             "{shown} holds strings (dtype {ts}), and strings are not numbers; expected {expected}"
         ));
     }
     CliError::new(format!(
-        "{shown} has dtype {}, expected {expected}; convert with {convert}",
+        "{shown} has dtype {}, expected {expected}; {fix}",
         dtype_name(ts)
     ))
 }
 
-/// Reads a C-ordered float32 `.npy` file (either endianness).
-pub fn read_f32(path: &Path) -> CliResult<Array> {
-    let (npy, ts) = open(path, "float32 (<f4)")?;
-    if !is(&ts, TypeChar::Float, 4) {
-        return Err(wrong_dtype(
-            path,
-            &ts,
-            "float32 (<f4)",
-            "a.astype(np.float32)",
-        ));
+const F32: &str = "float32 (<f4)";
+
+/// Reads a C-ordered float32 array (either endianness).
+pub fn read_f32<'a>(src: impl Into<Source<'a>>) -> CliResult<Array> {
+    read_float(&src.into(), None)
+}
+
+/// [`read_f32`] for an additive bias. A bool (or uint8) array is a mask, and the error says to
+/// give it as one: cast to float it would add 1 to the logits of the keys it keeps and remove
+/// none.
+pub fn read_bias<'a>(src: impl Into<Source<'a>>) -> CliResult<Array> {
+    let src = src.into();
+    let fix = format!(
+        "a bool array is a mask (true = may attend): {} instead (a.astype(np.float32) would \
+         make it a +1/0 bias that removes no key)",
+        src.give_as("--mask", "mask")
+    );
+    read_float(&src, Some(&fix))
+}
+
+/// [`read_f32`], with `mask_fix` as the fix for a bool or uint8 array when given.
+fn read_float(src: &Source, mask_fix: Option<&str>) -> CliResult<Array> {
+    let (npy, ts) = open(src, F32)?;
+    if is(&ts, TypeChar::Float, 4) {
+        return read_data(src, npy, "");
     }
-    read_data(path, npy, "")
+    let fix = match mask_fix {
+        Some(fix) if is(&ts, TypeChar::Bool, 1) || is(&ts, TypeChar::Uint, 1) => fix,
+        _ => "convert with a.astype(np.float32)",
+    };
+    Err(wrong_dtype(src, &ts, F32, fix))
 }
 
-/// Reads a C-ordered bool `.npy` file; uint8 holding only 0 and 1 is accepted as well
-/// (PyTorch's old byte masks). True means "may attend".
-pub fn read_bool(path: &Path) -> CliResult<Array<bool>> {
-    read_bool_meaning(path, "true = attend")
+/// Reads a C-ordered bool array; uint8 holding only 0 and 1 is accepted as well (PyTorch's
+/// old byte masks). True means "may attend". A float array is refused with a pointer to
+/// `--bias`: PyTorch's float attention masks are additive (0 keeps a key, −inf removes it),
+/// and `a.astype(bool)` would invert one.
+pub fn read_bool<'a>(src: impl Into<Source<'a>>) -> CliResult<Array<bool>> {
+    let src = src.into();
+    let fix = format!(
+        "a float mask is additive (PyTorch's float attn_mask: 0 keeps a key, −inf removes it), \
+         so it is a bias: {} (as float32) instead; a.astype(bool) would invert it",
+        src.give_as("--bias", "bias")
+    );
+    read_mask(&src, "true = attend", Some(&fix))
 }
 
-/// [`read_bool`] for a mask whose `true` means what `meaning` says (named in the dtype hint).
-pub fn read_bool_meaning(path: &Path, meaning: &str) -> CliResult<Array<bool>> {
-    let shown = path.display();
-    let (npy, ts) = open(path, "bool (|b1)")?;
+/// [`read_bool`] for a mask whose `true` means what `meaning` says (named in the dtype hint),
+/// where casting a float array is the fix.
+pub fn read_bool_meaning<'a>(src: impl Into<Source<'a>>, meaning: &str) -> CliResult<Array<bool>> {
+    read_mask(&src.into(), meaning, None)
+}
+
+/// Reads a bool (or uint8 0/1) mask; `float_fix`, when given, is the fix for a float array.
+fn read_mask(src: &Source, meaning: &str, float_fix: Option<&str>) -> CliResult<Array<bool>> {
+    let (npy, ts) = open(src, "bool (|b1)")?;
     if is(&ts, TypeChar::Bool, 1) {
         return read_data(
-            path,
+            src,
             npy,
             " (a bool array holds only bytes 0 and 1; rewrite it with a.astype(bool))",
         );
     }
     if is(&ts, TypeChar::Uint, 1) {
-        let a: Array<u8> = read_data(path, npy, "")?;
+        let a: Array<u8> = read_data(src, npy, "")?;
         if let Some((i, x)) = a.data.iter().enumerate().find(|(_, &x)| x > 1) {
             return Err(CliError::new(format!(
-                "{shown} is uint8 with value {x} at flat index {i}; a uint8 mask must hold only \
+                "{src} is uint8 with value {x} at flat index {i}; a uint8 mask must hold only \
                  0 and 1 (convert with (a != 0) or a.astype(bool))"
             )));
         }
@@ -266,43 +362,46 @@ pub fn read_bool_meaning(path: &Path, meaning: &str) -> CliResult<Array<bool>> {
             shape: a.shape,
         });
     }
+    let fix = match float_fix {
+        Some(fix) if ts.type_char() == TypeChar::Float => fix,
+        _ => "convert with a.astype(bool) (or a != 0)",
+    };
     Err(wrong_dtype(
-        path,
+        src,
         &ts,
         &format!("bool (|b1), {meaning}"),
-        "a.astype(bool) (or a != 0)",
+        fix,
     ))
 }
 
 /// `a` if it is 1-D (one length per batch entry).
-fn check_1d<T>(path: &Path, a: Array<T>) -> CliResult<Array<T>> {
+fn check_1d<T>(src: &Source, a: Array<T>) -> CliResult<Array<T>> {
     if a.shape.len() != 1 {
         return Err(CliError::new(format!(
-            "{} has shape {:?}; lengths must be 1-D, one per batch entry",
-            path.display(),
+            "{src} has shape {:?}; lengths must be 1-D, one per batch entry",
             a.shape
         )));
     }
     Ok(a)
 }
 
-/// Reads a 1-D `.npy` file of non-negative int32 or int64 lengths (uint32 and uint64 too).
-pub fn read_lens(path: &Path) -> CliResult<Array<u32>> {
-    let shown = path.display();
-    let (npy, ts) = open(path, "int32 (<i4)")?;
+/// Reads a 1-D array of non-negative int32 or int64 lengths (uint32 and uint64 too).
+pub fn read_lens<'a>(src: impl Into<Source<'a>>) -> CliResult<Array<u32>> {
+    let src = src.into();
+    let (npy, ts) = open(&src, "int32 (<i4)")?;
     let wide: Array<i64> = if is(&ts, TypeChar::Int, 4) {
-        let a: Array<i32> = read_data(path, npy, "")?;
+        let a: Array<i32> = read_data(&src, npy, "")?;
         Array {
             data: a.data.into_iter().map(i64::from).collect(),
             shape: a.shape,
         }
     } else if is(&ts, TypeChar::Int, 8) {
-        read_data(path, npy, "")?
+        read_data(&src, npy, "")?
     } else if is(&ts, TypeChar::Uint, 4) {
-        let a: Array<u32> = read_data(path, npy, "")?;
-        return check_1d(path, a);
+        let a: Array<u32> = read_data(&src, npy, "")?;
+        return check_1d(&src, a);
     } else if is(&ts, TypeChar::Uint, 8) {
-        let a: Array<u64> = read_data(path, npy, "")?;
+        let a: Array<u64> = read_data(&src, npy, "")?;
         // Above i64::MAX is above u32::MAX too: saturate and let the range check report it.
         Array {
             data: a
@@ -314,13 +413,13 @@ pub fn read_lens(path: &Path) -> CliResult<Array<u32>> {
         }
     } else {
         return Err(wrong_dtype(
-            path,
+            &src,
             &ts,
             "int32 (<i4) or int64 lengths",
-            "a.astype(np.int32)",
+            "convert with a.astype(np.int32)",
         ));
     };
-    let wide = check_1d(path, wide)?;
+    let wide = check_1d(&src, wide)?;
     let data = wide
         .data
         .iter()
@@ -328,7 +427,7 @@ pub fn read_lens(path: &Path) -> CliResult<Array<u32>> {
         .map(|(b, &x)| {
             u32::try_from(x).map_err(|_| {
                 CliError::new(format!(
-                    "{shown}[{b}] = {x}; lengths must be between 0 and {}",
+                    "{src}[{b}] = {x}; lengths must be between 0 and {}",
                     u32::MAX
                 ))
             })

@@ -1,19 +1,22 @@
-//! `xattn run`: attention on `.npy` files.
+//! `xattn run`: attention on `.npy` files (or one safetensors file, `--qkv`).
 //!
-//! Everything that can be checked on the host (files, dtypes, ranks, shapes, output folders)
-//! is checked before a device is opened, so a typo fails in milliseconds rather than after
-//! a long run.
+//! Everything that can be checked on the host (files, dtypes, ranks, shapes, output folders,
+//! the `--expect` reference) is checked before a device is opened, so a typo fails in
+//! milliseconds rather than after a long run.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Args;
-use xattn::{Attention, AttnShape, Context, Engine, Path};
+use xattn::{Attention, Context, Engine, Path};
 
+use crate::expect::ExpectArgs;
+use crate::layout::Layout;
 use crate::masks::MaskArgs;
-use crate::npy::{read_f32, Array};
+use crate::npy::read_f32;
 use crate::outputs::Outputs;
+use crate::qkv::Bundle;
 use crate::{
     parse_finite_f32, parse_path_choice, three_pass_limit, CliError, CliResult, PathChoice,
 };
@@ -21,18 +24,33 @@ use crate::{
 /// Options of `xattn run` (layouts in the subcommand's help in `main.rs`).
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Queries, [batch, M, heads, d_k] or [M, heads, d_k].
-    #[arg(long)]
-    q: PathBuf,
-    /// Keys, [batch, N, kv_heads, d_k] or [N, kv_heads, d_k].
-    #[arg(long)]
-    k: PathBuf,
-    /// Values, [batch, N, kv_heads, d_v] or [N, kv_heads, d_v].
-    #[arg(long)]
-    v: PathBuf,
-    /// Output O, [batch, M, heads, d_v] ([M, heads, d_v] for 3-D inputs).
-    #[arg(long)]
-    out: PathBuf,
+    /// Queries, [batch, M, heads, d_k] (bhsd: [batch, heads, M, d_k]); 3-D without batch.
+    #[arg(long, value_name = "FILE", required_unless_present = "qkv")]
+    q: Option<PathBuf>,
+    /// Keys, [batch, N, kv_heads, d_k] (bhsd: [batch, kv_heads, N, d_k]); 3-D without batch.
+    #[arg(long, value_name = "FILE", required_unless_present = "qkv")]
+    k: Option<PathBuf>,
+    /// Values, [batch, N, kv_heads, d_v] (bhsd: [batch, kv_heads, N, d_v]); 3-D without batch.
+    #[arg(long, value_name = "FILE", required_unless_present = "qkv")]
+    v: Option<PathBuf>,
+    /// Q, K and V from one safetensors file, instead of --q, --k, --v: tensors named q, k, v,
+    /// and optionally mask, bias, q_lens, kv_lens (each as its flag takes it), as
+    /// safetensors.torch.save_file({"q": q, "k": k, "v": v}, path) writes them. No other name
+    /// is allowed; .npz is not read.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["q", "k", "v"])]
+    qkv: Option<PathBuf>,
+    /// Axis order of Q, K, V and O: bshd [batch, seq, heads, d] (default) or bhsd [batch,
+    /// heads, seq, d], PyTorch scaled_dot_product_attention's (3-D files drop batch either
+    /// way). Weights, LSE and masks are [batch, heads, ...] in both. A shape cannot show its
+    /// layout: where q, k, v fit only the other layout the error says so, but where they fit
+    /// both (e.g. equal lengths and head counts) a wrong layout gives wrong numbers with no
+    /// error; without --layout a note then asks to name it.
+    #[arg(long, value_enum, value_name = "LAYOUT")]
+    layout: Option<Layout>,
+    /// Output O, [batch, M, heads, d_v] (bhsd: [batch, heads, M, d_v]), 3-D for 3-D inputs.
+    /// Optional with --expect.
+    #[arg(long, value_name = "FILE", required_unless_present = "expect")]
+    out: Option<PathBuf>,
     /// Also write the attention weights P, [batch, heads, M, N] (needs the three-pass path).
     #[arg(long)]
     weights: Option<PathBuf>,
@@ -50,17 +68,8 @@ pub struct RunArgs {
     plan: bool,
     #[command(flatten)]
     masks: MaskArgs,
-}
-
-/// Q, K or V as `[batch, seq, heads, dim]`, and whether the file had no batch axis.
-fn as_4d(name: &str, a: &Array) -> CliResult<([usize; 4], bool)> {
-    match *a.shape.as_slice() {
-        [s, h, d] => Ok(([1, s, h, d], true)),
-        [b, s, h, d] => Ok(([b, s, h, d], false)),
-        ref other => Err(CliError::new(format!(
-            "{name} must have 3 dims [seq, heads, d] or 4 dims [batch, seq, heads, d], got shape {other:?}"
-        ))),
-    }
+    #[command(flatten)]
+    expect: ExpectArgs,
 }
 
 /// Drops the leading batch axis of `dims` (which is 1) when the inputs had none.
@@ -72,14 +81,24 @@ pub fn out_dims(dims: &[usize], squeeze: bool) -> Vec<usize> {
     }
 }
 
-/// Reads the inputs, runs the plan on the default adapter, writes the outputs.
+/// Reads the inputs, runs the plan on the default adapter, writes the outputs; with
+/// `--expect`, the exit status says whether O matches.
 pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
-    let q = read_f32(&args.q)?;
-    let k = read_f32(&args.k)?;
-    let v = read_f32(&args.v)?;
-    let (q_dims, q3) = as_4d("q", &q)?;
-    let (k_dims, k3) = as_4d("k", &k)?;
-    let (v_dims, v3) = as_4d("v", &v)?;
+    let bundle = args.qkv.as_deref().map(Bundle::read).transpose()?;
+    let read = |name: &str, path: Option<&PathBuf>| match (&bundle, path) {
+        (Some(bundle), _) => read_f32(bundle.required(name)?),
+        (None, Some(path)) => read_f32(path),
+        (None, None) => unreachable!("clap requires --{name} without --qkv"),
+    };
+    let (q, k, v) = (
+        read("q", args.q.as_ref())?,
+        read("k", args.k.as_ref())?,
+        read("v", args.v.as_ref())?,
+    );
+    let layout = args.layout.unwrap_or_default();
+    let (q_file, q3) = layout.file_dims("q", &q.shape)?;
+    let (k_file, k3) = layout.file_dims("k", &k.shape)?;
+    let (v_file, v3) = layout.file_dims("v", &v.shape)?;
     if q3 != k3 || q3 != v3 {
         return Err(CliError::new(format!(
             "q, k and v must all be 3-D or all 4-D, got shapes {:?}, {:?}, {:?}",
@@ -87,7 +106,11 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
         )));
     }
     let squeeze = q3;
-    let shape = AttnShape::from_qkv(q_dims, k_dims, v_dims)?;
+    let shape = layout.attn_shape([q_file, k_file, v_file], args.layout.is_some())?;
+    let o_dims = out_dims(&layout.dims(shape.o_dims()), squeeze);
+    let other = layout.other();
+    let other_o_dims = out_dims(&other.dims(shape.o_dims()), squeeze);
+    let expect = args.expect.read(&o_dims, (&other_o_dims, other.name()))?;
     let mut opts = Attention::default().with_path_choice(args.path.0);
     if let Some(s) = args.scale {
         opts = opts.with_scale(s);
@@ -95,9 +118,10 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     if args.weights.is_some() {
         opts = opts.with_weights();
     }
-    let opts = args.masks.apply(opts, &shape)?;
+    let opts = args.masks.apply_with(opts, &shape, bundle.as_ref())?;
+    drop(bundle);
     let mut outputs = Outputs::create(&[
-        ("--out", Some(&args.out)),
+        ("--out", args.out.as_ref()),
         ("--lse", args.lse.as_ref()),
         ("--weights", args.weights.as_ref()),
     ])?;
@@ -105,10 +129,9 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     let ctx = Context::new()?;
     let engine = Engine::new(&ctx);
     let t0 = Instant::now();
-    let qt = engine.upload(&q.data, &q_dims)?;
-    let kt = engine.upload(&k.data, &k_dims)?;
-    let vt = engine.upload(&v.data, &v_dims)?;
-    drop((q, k, v));
+    let qt = engine.upload(&layout.data(q.data, q_file), &shape.q_dims())?;
+    let kt = engine.upload(&layout.data(k.data, k_file), &shape.k_dims())?;
+    let vt = engine.upload(&layout.data(v.data, v_file), &shape.v_dims())?;
     let plan = engine.plan(&qt, &kt, &vt, &opts).map_err(|e| {
         let forced_by: Vec<&str> = [
             (args.path.0 == Some(Path::ThreePass)).then_some("--path three-pass"),
@@ -128,11 +151,10 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     engine.run(&plan, &qt, &kt, &vt, &masks, &out, None)?;
     let run_ms = t_run.elapsed().as_secs_f64() * 1e3;
 
-    outputs.write(
-        &args.out,
-        &out.o.to_host()?,
-        &out_dims(&shape.o_dims(), squeeze),
-    )?;
+    let o = layout.data(out.o.to_host()?, shape.o_dims());
+    if let Some(path) = &args.out {
+        outputs.write(path, &o, &o_dims)?;
+    }
     if let Some(path) = &args.lse {
         outputs.write(
             path,
@@ -163,5 +185,5 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
         ctx.describe(),
         plan.path.name(),
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(expect.map_or(ExitCode::SUCCESS, |e| e.check(&o)))
 }
