@@ -999,3 +999,16 @@ fn qkv_files_are_checked_by_name_and_dtype() {
     let err = assert_exit("--qkv with --q", &out, 2);
     assert_mentions(&err, &["--qkv", "--q"]);
 }
+
+/// Without XDG_RUNTIME_DIR (containers, CI, ssh without a session) Mesa's drivers would print
+/// "XDG_RUNTIME_DIR is invalid or not set" on every start; the CLI gives itself a private one.
+#[test]
+fn the_cli_is_quiet_without_a_runtime_dir() {
+    let out = Command::new(env!("CARGO_BIN_EXE_xattn"))
+        .arg("info")
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .expect("start the xattn binary");
+    let err = stderr(&out);
+    assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
+}
