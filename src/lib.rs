@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! xattn — cross-attention on any GPU wgpu reaches (Vulkan, Metal, DX12, GL).
 //!
 //! `O = softmax(scale · Q·Kᵀ) · V` with Q from the target sequence (M rows) and K, V from the
