@@ -105,7 +105,7 @@ impl Tensor {
             )));
         }
         let align = u64::from(ctx.limits.min_storage_buffer_offset_alignment);
-        if offset_bytes % align != 0 {
+        if !offset_bytes.is_multiple_of(align) {
             return Err(Error::Argument(format!(
                 "from_buffer: offset {offset_bytes} is not a multiple of this device's \
                  min_storage_buffer_offset_alignment ({align})"
