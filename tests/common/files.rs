@@ -1,5 +1,5 @@
-//! Files for the CLI tests: a temporary folder per test, .npy reading and writing, and editing
-//! an argument list.
+//! Files for the CLI tests: a temporary folder per test, .npy reading and writing, safetensors
+//! writing, and editing an argument list.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -78,6 +78,39 @@ pub fn write_npy_raw(path: &Path, dict: &str, data: &[u8]) {
     bytes.extend(text.as_bytes());
     bytes.extend(data);
     std::fs::write(path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// A named F32 tensor for a safetensors file: `(name, shape, values)`.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
+/// F32 tensors as the bytes of a safetensors file, laid out by hand (8-byte header length,
+/// JSON header, little-endian data): no code shared with the crate's reader.
+pub fn safetensors_bytes(tensors: &[NamedTensor]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, shape, values) in tensors {
+        assert_eq!(values.len(), shape.iter().product::<usize>(), "{name}");
+        let start = data.len();
+        data.extend(values.iter().flat_map(|x| x.to_le_bytes()));
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("a JSON header");
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&json);
+    bytes.extend_from_slice(&data);
+    bytes
+}
+
+/// Writes F32 tensors as a safetensors file.
+pub fn write_safetensors(path: &Path, tensors: &[NamedTensor]) {
+    std::fs::write(path, safetensors_bytes(tensors))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
 
 /// Cuts the file at `path` to its first `len` bytes.
