@@ -34,7 +34,8 @@ fn s(p: &Path) -> String {
 /// How `xattn mha` is run on a case.
 impl Case {
     /// `query`, `key`, `value` (and `kpm`), writing `out.npy` (and `w.npy`) under `dir`; only
-    /// the flags a user needs (no `--no-bias`: the loader sees which biases the file holds).
+    /// the flags a user needs (no `--no-bias` or `--names`: the loader sees them in the file;
+    /// `--scale` for T5).
     fn args(
         &self,
         dir: &TempDir,
@@ -46,6 +47,9 @@ impl Case {
         a.extend(["--heads".into(), self.heads.to_string()]);
         if !self.prefix.is_empty() {
             a.extend(["--prefix".into(), self.prefix.clone()]);
+        }
+        if let Some(scale) = self.scale {
+            a.extend(["--scale".into(), scale.to_string()]);
         }
         for (flag, path) in [("--query", query), ("--key", key), ("--value", value)] {
             a.extend([flag.into(), s(path)]);
@@ -144,7 +148,7 @@ fn run_and_compare(
     (out_err, w_err, err)
 }
 
-const CASES: [&str; 12] = [
+const CASES: [&str; 17] = [
     "packed_bias",
     "separate_kdim_vdim",
     "no_bias",
@@ -157,10 +161,16 @@ const CASES: [&str; 12] = [
     "hf_kdim_vdim",
     "decode_m1",
     "one_head",
+    "whisper",
+    "bart",
+    "t5",
+    "unet_attn2",
+    "diffusers_inner",
 ];
 
 /// Every fixture through the binary: packed and separate PyTorch names, prefixes, kdim ≠ vdim,
-/// no bias, key padding, averaged and per-head weights, Hugging Face names, M = 1.
+/// no bias, key padding, averaged and per-head weights, Hugging Face names, M = 1; the layers
+/// of Whisper, BART, T5 and diffusers models, with the names and prefixes their state dicts use.
 #[test]
 fn mha_matches_pytorch_on_every_fixture() {
     let Some(_) = engine() else { return };

@@ -1,4 +1,5 @@
-//! The multi-head attention layer (`xattn::mha`) against PyTorch's `nn.MultiheadAttention`.
+//! The multi-head attention layer (`xattn::mha`) against PyTorch's `nn.MultiheadAttention` and
+//! the attention layers of Whisper, BART, T5 and diffusers models.
 //!
 //! The fixtures under `tests/fixtures/mha/` come from `tests/fixtures/generate_mha.py` (see its
 //! docstring for the file layout and how each reference was computed). Every case is checked
@@ -33,15 +34,26 @@ fn cases() -> Vec<Case> {
     names.sort();
     let cases: Vec<Case> = names.iter().map(|n| Case::load(n)).collect();
     // Guard against an empty or partial fixture directory passing vacuously.
-    assert!(cases.len() >= 12, "only {} MHA fixture cases", cases.len());
+    assert!(cases.len() >= 17, "only {} MHA fixture cases", cases.len());
     let has = |f: &dyn Fn(&Case) -> bool| cases.iter().any(f);
-    assert!(has(&|c| !c.hf && c.kdim == c.e && c.vdim == c.e && c.bias));
+    let torch = |c: &Case| c.naming == Naming::Torch;
+    // Module names whose query projection is `q`.
+    let module = |c: &Case, q: &str| matches!(c.naming, Naming::Modules([m, ..]) if m == q);
+    assert!(has(&|c| torch(c)
+        && c.kdim == c.e
+        && c.vdim == c.e
+        && c.bias));
     assert!(has(&|c| c.kdim != c.e && c.vdim != c.e && c.kdim != c.vdim));
     assert!(has(&|c| !c.bias));
     assert!(has(&|c| c.key_padding_mask.is_some()));
     assert!(has(&|c| c.need == Need::Averaged) && has(&|c| c.need == Need::PerHead));
     assert!(has(&|c| c.self_attention));
-    assert!(has(&|c| c.hf && !c.prefix.is_empty()));
+    assert!(has(&|c| module(c, "q_proj") && !c.prefix.is_empty()));
+    // The model layers: Whisper, BART, T5 (inner width ≠ E, scale 1) and diffusers.
+    assert!(has(&|c| module(c, "to_q") && c.inner != c.e));
+    assert!(has(&|c| module(c, "q")
+        && c.inner != c.e
+        && c.scale == Some(1.0)));
     assert!(has(&|c| c.m == 1));
     cases
 }
@@ -120,6 +132,9 @@ fn mha_layer_matches_pytorch() {
                 )
             };
             let mut opts = MhaOptions::default();
+            if let Some(scale) = c.scale {
+                opts = opts.with_attention(xattn::Attention::default().with_scale(scale as f32));
+            }
             if let Some(mask) = &c.key_padding_mask {
                 opts = opts.with_key_padding_mask(mask.clone());
             }
