@@ -22,7 +22,8 @@
 //! must be finite everywhere, padding included (as in PyTorch, where 0·NaN = NaN too).
 //!
 //! A row with no key left outputs zeros and LSE = −∞ on every path. PyTorch's
-//! `nn.MultiheadAttention` returns NaN there and JAX's `dot_product_attention` the mean of V.
+//! `nn.MultiheadAttention` returns NaN there with `need_weights=True` and zeros (before
+//! `out_proj`) with `need_weights=False`; JAX's `dot_product_attention` returns the mean of V.
 
 use crate::error::{Error, Result};
 use crate::params::{flags, AttnParams, UNBOUNDED};

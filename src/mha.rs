@@ -1,10 +1,12 @@
 //! Multi-head (cross-)attention as a layer: `Q = X_q·W^Qᵀ + b_q`, `K = X_s·W^Kᵀ + b_k`,
 //! `V = X_s·W^Vᵀ + b_v`, attention per head, heads concatenated and projected by W^O.
 //!
-//! Compatible with PyTorch `nn.MultiheadAttention(batch_first=True)` (weights in its state-dict
-//! names, or Hugging Face's separate `q_proj`/`k_proj`/`v_proj`/`out_proj`; see [`weights`]).
-//! Inputs are batch-first: query `[batch, M, embed_dim]`, key `[batch, N, kdim]`, value
-//! `[batch, N, vdim]`; the output is `[batch, M, embed_dim]`. The projections run on the GPU
+//! Compatible with PyTorch `nn.MultiheadAttention(batch_first=True)` and the cross-attention of
+//! Hugging Face (Whisper, BART, T5) and diffusers models (weights in their state-dict names; see
+//! [`weights`]). Inputs are batch-first: query `[batch, M, embed_dim]`, key `[batch, N, kdim]`,
+//! value `[batch, N, vdim]`; the output is `[batch, M, embed_dim]`. Q, K and V are projected to
+//! the inner width (`heads · head_dim`, E unless set: T5 v1.1 and some diffusers blocks differ)
+//! and W^O projects the heads back to E. The projections run on the GPU
 //! (one `linear` dispatch per matrix, all heads at once) and write `[batch, seq, heads, d]`,
 //! the layout attention reads, so nothing returns to the host between them. Self-attention is
 //! the same layer with query = key = value.
@@ -26,12 +28,16 @@ use crate::shape::{AttnShape, F32};
 
 pub use weights::MhaWeights;
 
-/// Sizes of a layer. `embed_dim` must be a multiple of `num_heads` (head dim = E / heads),
-/// `num_heads` a multiple of `kv_heads` (GQA when smaller).
+/// Sizes of a layer. `inner_dim` (E unless set) must be a multiple of `num_heads` (head dim =
+/// inner / heads), `num_heads` a multiple of `kv_heads` (GQA when smaller).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MhaConfig {
     /// E: width of the query input and the output.
     pub embed_dim: usize,
+    /// Width of the projected queries, `num_heads · head_dim`: the output width of W^Q and the
+    /// input width of W^O. E in PyTorch, Whisper and BART; T5 v1.1 and some diffusers blocks
+    /// differ.
+    pub inner_dim: usize,
     /// Query heads.
     pub num_heads: usize,
     /// Key/value heads (K and V projections output `kv_heads · head_dim` features).
@@ -40,21 +46,30 @@ pub struct MhaConfig {
     pub kdim: usize,
     /// Width of the value input (PyTorch `vdim`).
     pub vdim: usize,
-    /// Whether the projections have biases (see [`weights`] for how files are read).
+    /// Whether the layer adds the biases its weights carry. With `false` the layer adds none:
+    /// [`weights`] then ignores the biases a file holds, and [`MhaWeights::check`] refuses
+    /// weights that carry one.
     pub bias: bool,
 }
 
 impl MhaConfig {
-    /// `num_heads` heads over width `embed_dim`; `kdim = vdim = embed_dim`, biases on, no GQA.
+    /// `num_heads` heads over width `embed_dim`; inner width, `kdim` and `vdim` = `embed_dim`,
+    /// biases on, no GQA.
     pub fn new(embed_dim: usize, num_heads: usize) -> Self {
         Self {
             embed_dim,
+            inner_dim: embed_dim,
             num_heads,
             kv_heads: num_heads,
             kdim: embed_dim,
             vdim: embed_dim,
             bias: true,
         }
+    }
+    /// Width of the projected queries, `num_heads · head_dim`, when it differs from E.
+    pub fn with_inner_dim(mut self, inner_dim: usize) -> Self {
+        self.inner_dim = inner_dim;
+        self
     }
     /// Key/value heads (GQA/MQA).
     pub fn with_kv_heads(mut self, kv_heads: usize) -> Self {
@@ -76,9 +91,9 @@ impl MhaConfig {
         self.bias = bias;
         self
     }
-    /// Per-head dimension `embed_dim / num_heads`.
+    /// Per-head dimension `inner_dim / num_heads`.
     pub fn head_dim(&self) -> usize {
-        self.embed_dim / self.num_heads
+        self.inner_dim / self.num_heads
     }
     /// Output features of the K and V projections.
     pub fn kv_dim(&self) -> usize {
@@ -100,16 +115,25 @@ impl MhaConfig {
 
     fn validate(&self) -> Result<()> {
         let c = self;
-        if [c.embed_dim, c.num_heads, c.kv_heads, c.kdim, c.vdim].contains(&0) {
+        let sizes = [
+            c.embed_dim,
+            c.inner_dim,
+            c.num_heads,
+            c.kv_heads,
+            c.kdim,
+            c.vdim,
+        ];
+        if sizes.contains(&0) {
             return Err(Error::Shape(format!("layer sizes must be ≥ 1: {c:?}")));
         }
-        if c.embed_dim % c.num_heads != 0 {
+        if !c.inner_dim.is_multiple_of(c.num_heads) {
             return Err(Error::Shape(format!(
-                "embed_dim {} is not a multiple of num_heads {}",
-                c.embed_dim, c.num_heads
+                "inner_dim {} (heads × head dim; embed_dim {} unless set) is not a multiple of \
+                 num_heads {}",
+                c.inner_dim, c.embed_dim, c.num_heads
             )));
         }
-        if c.num_heads % c.kv_heads != 0 {
+        if !c.num_heads.is_multiple_of(c.kv_heads) {
             return Err(Error::Shape(format!(
                 "num_heads {} is not a multiple of kv_heads {}",
                 c.num_heads, c.kv_heads
@@ -268,12 +292,12 @@ impl MultiHeadAttention {
         config.validate()?;
         weights.check(&config)?;
         let ctx = engine.context();
-        let e = config.embed_dim;
+        let (e, inner) = (config.embed_dim, config.inner_dim);
         let shapes = [
-            [e, e],
+            [inner, e],
             [config.kv_dim(), config.kdim],
             [config.kv_dim(), config.vdim],
-            [e, e],
+            [e, inner],
         ];
         let mut w = Vec::with_capacity(4);
         let mut b = Vec::with_capacity(4);
@@ -295,8 +319,9 @@ impl MultiHeadAttention {
         })
     }
 
-    /// A layer whose weights come from a safetensors file (PyTorch or Hugging Face names under
-    /// `prefix`; see [`weights`]).
+    /// A layer whose weights come from a safetensors file: the names under `prefix` of one of
+    /// the families [`weights::Names`] lists, detected; biases where the file has them (none
+    /// with `config.bias = false`). See [`weights`].
     pub fn from_safetensors(
         engine: &Engine,
         config: MhaConfig,
@@ -436,15 +461,15 @@ impl MultiHeadAttention {
         let mut steps = linear_steps(
             rows_q,
             c.embed_dim,
-            c.embed_dim,
+            c.inner_dim,
             self.proj_slots(Proj::Q, Slot::Layer(LayerSlot::Query), Slot::Q),
             self.has_bias(Proj::Q),
             caps,
         )?;
         let kv_bytes = (batch * n * c.kv_dim()) as u64 * F32;
         let mut scratch = vec![
-            (Slot::Q, (rows_q * c.embed_dim) as u64 * F32),
-            (Slot::O, (rows_q * c.embed_dim) as u64 * F32),
+            (Slot::Q, (rows_q * c.inner_dim) as u64 * F32),
+            (Slot::O, (rows_q * c.inner_dim) as u64 * F32),
             (Slot::Lse, (batch * c.num_heads * m) as u64 * F32),
         ];
         if let Source::Raw { .. } = source {
@@ -485,7 +510,7 @@ impl MultiHeadAttention {
         };
         steps.extend(linear_steps(
             rows_q,
-            c.embed_dim,
+            c.inner_dim,
             c.embed_dim,
             self.proj_slots(Proj::O, Slot::O, Slot::Layer(LayerSlot::Out)),
             self.has_bias(Proj::O),

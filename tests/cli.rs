@@ -900,7 +900,7 @@ fn qkv_from_one_safetensors_file_equals_separate_files() {
         .iter()
         .map(|(n, t, shape, bytes)| (*n, *t, &shape[..], &bytes[..]))
         .collect();
-    write_safetensors(&file, &list);
+    write_safetensors_raw(&file, &list);
     let (separate, bundled) = (dir.path("o_files.npy"), dir.path("o_qkv.npy"));
     let mut args = vec!["run".to_string()];
     for (flag, name) in [
@@ -959,7 +959,7 @@ fn qkv_files_are_checked_by_name_and_dtype() {
         a
     };
     let err_with = |extra: &[(&str, safetensors::Dtype, &[usize], &[u8])], flags: &[&str]| {
-        write_safetensors(&file, &[&qkv[..], extra].concat());
+        write_safetensors_raw(&file, &[&qkv[..], extra].concat());
         fails_in(&dir, &args(flags))
     };
     let err = err_with(&[("attn_mask", BOOL, &[4, 6], &[1; 24])], &[]);
@@ -980,13 +980,13 @@ fn qkv_files_are_checked_by_name_and_dtype() {
     write_npy(&m, &[true; 24], &[4, 6]);
     let err = err_with(&[("mask", BOOL, &[4, 6], &[1; 24])], &["--mask", s(&m)]);
     assert_mentions(&err, &["--mask", "m.npy", "both give `mask`", "drop one"]);
-    write_safetensors(
+    write_safetensors_raw(
         &file,
         &[qkv[0], qkv[1], ("v", BF16, &vs, &v[..v.len() / 2])],
     );
     let err = fails_in(&dir, &args(&[]));
     assert_mentions(&err, &["tensor `v`", "BF16", "float32"]);
-    write_safetensors(&file, &qkv[..2]);
+    write_safetensors_raw(&file, &qkv[..2]);
     let err = fails_in(&dir, &args(&[]));
     assert_mentions(&err, &["no tensor `v`", "save_file"]);
     std::fs::write(&file, b"PK\x03\x04 an npz").unwrap();

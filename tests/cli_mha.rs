@@ -1,8 +1,9 @@
 //! `xattn mha` end to end: the binary on the PyTorch fixtures of `tests/fixtures/mha/` (see
 //! `tests/fixtures/generate_mha.py`), outputs and attention weights compared with PyTorch's
-//! within a derived error bound; and the errors a user gets for a wrong prefix, head count,
-//! mismatched inputs or flags (checked on the host before a device is opened, so they need no
-//! GPU).
+//! within a derived error bound; on random layers saved under diffusers, T5 and Hugging Face
+//! names (biases as models save them, inner width ≠ E), against the f64 layer; and the errors a
+//! user gets for a wrong prefix, head count, mismatched inputs or flags (checked on the host
+//! before a device is opened, so they need no GPU).
 
 mod common;
 
@@ -10,8 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::files::*;
+use common::layer::*;
 use common::mha_fixture::*;
 use common::*;
+use xattn::MhaConfig;
 
 fn xattn(args: &[String]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_xattn"))
@@ -30,7 +33,9 @@ fn s(p: &Path) -> String {
 
 /// How `xattn mha` is run on a case.
 impl Case {
-    /// `query`, `key`, `value` (and `kpm`), writing `out.npy` (and `w.npy`) under `dir`.
+    /// `query`, `key`, `value` (and `kpm`), writing `out.npy` (and `w.npy`) under `dir`; only
+    /// the flags a user needs (no `--no-bias` or `--names`: the loader sees them in the file;
+    /// `--scale` for T5).
     fn args(
         &self,
         dir: &TempDir,
@@ -43,8 +48,8 @@ impl Case {
         if !self.prefix.is_empty() {
             a.extend(["--prefix".into(), self.prefix.clone()]);
         }
-        if !self.bias {
-            a.push("--no-bias".into());
+        if let Some(scale) = self.scale {
+            a.extend(["--scale".into(), scale.to_string()]);
         }
         for (flag, path) in [("--query", query), ("--key", key), ("--value", value)] {
             a.extend([flag.into(), s(path)]);
@@ -143,7 +148,7 @@ fn run_and_compare(
     (out_err, w_err, err)
 }
 
-const CASES: [&str; 12] = [
+const CASES: [&str; 17] = [
     "packed_bias",
     "separate_kdim_vdim",
     "no_bias",
@@ -156,10 +161,16 @@ const CASES: [&str; 12] = [
     "hf_kdim_vdim",
     "decode_m1",
     "one_head",
+    "whisper",
+    "bart",
+    "t5",
+    "unet_attn2",
+    "diffusers_inner",
 ];
 
 /// Every fixture through the binary: packed and separate PyTorch names, prefixes, kdim ≠ vdim,
-/// no bias, key padding, averaged and per-head weights, Hugging Face names, M = 1.
+/// no bias, key padding, averaged and per-head weights, Hugging Face names, M = 1; the layers
+/// of Whisper, BART, T5 and diffusers models, with the names and prefixes their state dicts use.
 #[test]
 fn mha_matches_pytorch_on_every_fixture() {
     let Some(_) = engine() else { return };
@@ -257,7 +268,12 @@ fn a_wrong_prefix_names_the_tensors_looked_for() {
     let err = fails(&dir, &with(c.fixture_args(&dir), "--prefix", "nope."));
     assert_mentions(
         &err,
-        &["--weights", "weights.safetensors", "nope.in_proj_weight"],
+        &[
+            "--weights",
+            "weights.safetensors",
+            "`nope.`",
+            "`in_proj_weight`",
+        ],
     );
     // A prefix without its trailing dot: the hint gives the one that loads.
     let c = Case::load("separate_kdim_vdim");
@@ -310,7 +326,10 @@ fn heads_not_dividing_e_is_rejected() {
     let c = Case::load("packed_bias");
     let dir = TempDir::new("heads");
     let err = fails(&dir, &with(c.fixture_args(&dir), "--heads", "5"));
-    assert_mentions(&err, &["--heads 5", "E = 32", "query.npy"]);
+    assert_mentions(
+        &err,
+        &["--heads 5", "inner width 32", "E = 32", "query.npy"],
+    );
     let err = fails(&dir, &with(c.fixture_args(&dir), "--kv-heads", "3"));
     assert_mentions(&err, &["--kv-heads 3", "--heads 4"]);
     let err = fails(&dir, &with(c.fixture_args(&dir), "--heads", "0"));
@@ -379,24 +398,6 @@ fn per_head_weights_need_need_weights() {
 }
 
 #[test]
-fn bias_setting_and_file_must_agree() {
-    let dir = TempDir::new("bias");
-    let c = Case::load("no_bias");
-    let args: Vec<String> = c
-        .fixture_args(&dir)
-        .into_iter()
-        .filter(|a| a != "--no-bias")
-        .collect();
-    let err = fails(&dir, &args);
-    assert_mentions(&err, &["in_proj_bias", "add --no-bias"]);
-    let c = Case::load("packed_bias");
-    let mut args = c.fixture_args(&dir);
-    args.push("--no-bias".into());
-    let err = fails(&dir, &args);
-    assert_mentions(&err, &["in_proj_bias", "drop --no-bias"]);
-}
-
-#[test]
 fn bad_key_padding_masks_are_rejected() {
     let c = Case::load("weights_averaged");
     let dir = TempDir::new("kpm");
@@ -444,7 +445,7 @@ fn bad_key_padding_masks_are_rejected() {
 /// the same options (same kernels, same device), and something else than without them.
 #[test]
 fn run_masks_reach_the_layer() {
-    use xattn::{Alignment, Attention, MhaConfig, MhaOptions, MultiHeadAttention};
+    use xattn::{Alignment, Attention, MhaOptions, MultiHeadAttention};
     let Some(engine) = engine() else { return };
     let c = Case::load("weights_averaged");
     let dir = TempDir::new("masks");
@@ -492,4 +493,285 @@ fn run_masks_reach_the_layer() {
         moved > 1e-2,
         "the masks changed nothing (max change {moved:e})"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Random layers saved as diffusers, T5 and Hugging Face models save them.
+
+/// Writes `[batch, seq, width]` inputs for `c` (batch 2, M 5, N 7) under `dir`: the paths of
+/// query, key, value and their values.
+fn write_inputs(dir: &TempDir, c: &MhaConfig, seed: u64) -> ([PathBuf; 3], [Vec<f32>; 3]) {
+    let (b, m, n) = (2, 5, 7);
+    let dims = [[b, m, c.embed_dim], [b, n, c.kdim], [b, n, c.vdim]];
+    let names = ["query.npy", "key.npy", "value.npy"];
+    let values: [Vec<f32>; 3] =
+        std::array::from_fn(|i| random(dims[i].iter().product(), 1.0, seed + i as u64));
+    for i in 0..3 {
+        write_npy(&dir.path(names[i]), &values[i], &dims[i]);
+    }
+    (names.map(|f| dir.path(f)), values)
+}
+
+/// `xattn mha` on the files of `dir` with this weights file, prefix and heads, plus `flags`.
+fn layer_args(
+    dir: &TempDir,
+    weights: &Path,
+    prefix: &str,
+    heads: usize,
+    flags: &[&str],
+) -> Vec<String> {
+    let mut a: Vec<String> = vec!["mha".into(), "--weights".into(), s(weights)];
+    a.extend([
+        "--prefix".into(),
+        prefix.into(),
+        "--heads".into(),
+        heads.to_string(),
+    ]);
+    for (flag, f) in [
+        ("--query", "query.npy"),
+        ("--key", "key.npy"),
+        ("--value", "value.npy"),
+    ] {
+        a.extend([flag.into(), s(&dir.path(f))]);
+    }
+    a.extend(["--out".into(), s(&dir.path("out.npy"))]);
+    a.extend(flags.iter().map(|f| f.to_string()));
+    a
+}
+
+/// A random layer saved under a family's names.
+struct Saved {
+    what: &'static str,
+    names: &'static str,
+    prefix: &'static str,
+    config: MhaConfig,
+    /// Which of Q, K, V, O have a bias in the file.
+    biases: [bool; 4],
+    /// Flags beyond the files, prefix and heads.
+    flags: &'static [&'static str],
+}
+
+/// Each layer through the binary with only the flags its model needs (T5: `--scale 1`; no
+/// `--no-bias`), against the f64 layer with the biases the file holds.
+#[test]
+fn model_families_match_the_f64_layer() {
+    let Some(_) = engine() else { return };
+    let e16 = MhaConfig::new(16, 2);
+    let e8 = MhaConfig::new(8, 2);
+    let attn2 = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.";
+    let t5 = "decoder.block.0.layer.1.EncDecAttention.";
+    let whisper = "model.decoder.layers.0.encoder_attn.";
+    let cases = [
+        Saved {
+            what: "diffusers attn2, only to_out.0 biased",
+            names: "diffusers",
+            prefix: attn2,
+            config: e16.with_kdim(12).with_vdim(12),
+            biases: [false, false, false, true],
+            flags: &[],
+        },
+        Saved {
+            what: "diffusers attn2, to_q biased too",
+            names: "diffusers",
+            prefix: attn2,
+            config: e16.with_kdim(12).with_vdim(12),
+            biases: [true, false, false, true],
+            flags: &[],
+        },
+        Saved {
+            what: "T5 v1.1: E 8, 2 heads of 6",
+            names: "t5",
+            prefix: t5,
+            config: e8.with_inner_dim(12),
+            biases: [false; 4],
+            flags: &["--scale", "1"],
+        },
+        Saved {
+            what: "T5 v1.1: E 8, 3 heads of 4",
+            names: "t5",
+            prefix: t5,
+            config: MhaConfig::new(8, 3).with_inner_dim(12),
+            biases: [false; 4],
+            flags: &["--scale", "1"],
+        },
+        Saved {
+            what: "Hugging Face without biases",
+            names: "hf",
+            prefix: whisper,
+            config: e16.with_kdim(10),
+            biases: [false; 4],
+            flags: &[],
+        },
+        Saved {
+            what: "Whisper: k_proj unbiased",
+            names: "hf",
+            prefix: whisper,
+            config: e16,
+            biases: [true, false, true, true],
+            flags: &[],
+        },
+        Saved {
+            what: "--no-bias ignores the file's biases",
+            names: "hf",
+            prefix: whisper,
+            config: e16,
+            biases: [true; 4],
+            flags: &["--no-bias"],
+        },
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let (c, what) = (case.config, case.what);
+        let dir = TempDir::new(&format!("family-{i}"));
+        let seed = 500 + 10 * i as u64;
+        let saved = keep_biases(random_weights(&c, seed), case.biases);
+        let weights = dir.path("layer.safetensors");
+        write_safetensors(
+            &weights,
+            &layer_tensors(case.names, case.prefix, &c, &saved),
+        );
+        let (_, [query, key, value]) = write_inputs(&dir, &c, seed + 5);
+        let args = layer_args(&dir, &weights, case.prefix, c.num_heads, case.flags);
+        let out = xattn(&args);
+        let err = stderr(&out);
+        assert!(out.status.success(), "{what}: xattn failed: {err}");
+        assert_mentions(&err, &[&format!("({} names)", case.names)]);
+        let (got, dims) = read_npy::<f32>(&dir.path("out.npy"));
+        assert_eq!(dims, [2, 5, c.embed_dim], "{what}");
+        let used = if case.flags.contains(&"--no-bias") {
+            keep_biases(saved, [false; 4])
+        } else {
+            saved
+        };
+        let mut attention = xattn::Attention::default();
+        if case.flags.contains(&"--scale") {
+            attention = attention.with_scale(1.0);
+        }
+        let inputs = (&query[..], &key[..], &value[..]);
+        let (want, _) = reference_layer(&c, &used, 2, inputs, &attention);
+        let scale = f64::from(attention.scale_for(c.head_dim()));
+        let (tol, _) = layer_tolerance(&c, &used, [&query, &key, &value], 7, scale);
+        let e = assert_close(what, &got, &want, tol);
+        eprintln!("{what:40} max err {e:.2e} (bound {tol:.2e})");
+    }
+}
+
+/// A UNet-like file: 240 unrelated tensors, diffusers layers `attn1` and `attn2` in two blocks,
+/// and under `mid_block.attn2.` a layer missing `to_out.0`. Errors list what lies near the
+/// prefix — the layers below it, the tensors under it, or the closest layers — never the
+/// file's first names.
+#[test]
+fn weights_errors_list_what_is_near_the_prefix() {
+    let dir = TempDir::new("near");
+    let c = MhaConfig::new(8, 2);
+    write_inputs(&dir, &c, 1);
+    let mut tensors: Vec<NamedTensor> = (0..240)
+        .map(|i| {
+            (
+                format!("down_blocks.{}.resnets.{i}.conv.weight", i % 3),
+                vec![1],
+                vec![0.5],
+            )
+        })
+        .collect();
+    let block =
+        |b: usize, a: usize| format!("down_blocks.{b}.attentions.0.transformer_blocks.0.attn{a}.");
+    for b in 0..2 {
+        for a in [1, 2] {
+            tensors.extend(layer_tensors(
+                "diffusers",
+                &block(b, a),
+                &c,
+                &random_weights(&c, 9),
+            ));
+        }
+    }
+    let mid = "mid_block.attn2.";
+    tensors.extend(
+        layer_tensors("diffusers", mid, &c, &random_weights(&c, 9))
+            .into_iter()
+            .filter(|(n, _, _)| !n.contains("to_out")),
+    );
+    tensors.push((format!("{mid}norm_cross.weight"), vec![8], vec![1.0; 8]));
+    let weights = dir.path("unet.safetensors");
+    write_safetensors(&weights, &tensors);
+    let err_for = |prefix: &str| fails(&dir, &layer_args(&dir, &weights, prefix, 2, &[]));
+    let no_unrelated =
+        |err: &str| assert!(!err.contains("resnets"), "unrelated names listed: {err}");
+
+    // A prefix that names nothing: the closest layers, the nearest first.
+    let err = err_for(&block(1, 3));
+    let closest = format!(
+        "closest prefixes holding a layer are `{}` (diffusers), `{}` (diffusers), `{}`",
+        block(1, 1),
+        block(1, 2),
+        block(0, 1)
+    );
+    assert_mentions(&err, &[&closest]);
+    no_unrelated(&err);
+    // A block above the layers: the layers below it.
+    let err = err_for("down_blocks.1.");
+    assert_mentions(
+        &err,
+        &[&format!(
+            "`{}` (diffusers), `{}` (diffusers)",
+            block(1, 1),
+            block(1, 2)
+        )],
+    );
+    assert!(!err.contains(&block(0, 1)), "{err}");
+    no_unrelated(&err);
+    // An incomplete layer: the missing tensor, and every tensor under the prefix.
+    let err = err_for(mid);
+    assert_mentions(
+        &err,
+        &[
+            "tensor `mid_block.attn2.to_out.0.weight` is missing (diffusers names)",
+            "`mid_block.attn2.norm_cross.weight`",
+            "`mid_block.attn2.to_q.weight`",
+            "`mid_block.attn2.to_v.weight`",
+        ],
+    );
+    no_unrelated(&err);
+}
+
+/// Where one prefix holds two families the error says to pass --names; with it, the layer's
+/// inner width (from the named family's W^Q) is what --heads must divide.
+#[test]
+fn names_choose_between_families_under_one_prefix() {
+    let dir = TempDir::new("names");
+    let c = MhaConfig::new(8, 2);
+    write_inputs(&dir, &c, 1);
+    let wide = c.with_inner_dim(12);
+    let mut tensors = layer_tensors("t5", "attn.", &wide, &random_weights(&wide, 2));
+    tensors.extend(layer_tensors(
+        "diffusers",
+        "attn.",
+        &c,
+        &random_weights(&c, 3),
+    ));
+    let weights = dir.path("both.safetensors");
+    write_safetensors(&weights, &tensors);
+    let err = fails(&dir, &layer_args(&dir, &weights, "attn.", 2, &[]));
+    assert_mentions(
+        &err,
+        &["diffusers", "t5", "choose one with --names diffusers|t5"],
+    );
+    let err = fails(
+        &dir,
+        &layer_args(&dir, &weights, "attn.", 5, &["--names", "t5"]),
+    );
+    assert_mentions(
+        &err,
+        &["--heads 5 does not divide the inner width 12", "E = 8"],
+    );
+    let err = fails(
+        &dir,
+        &layer_args(&dir, &weights, "attn.", 5, &["--names", "diffusers"]),
+    );
+    assert_mentions(&err, &["--heads 5 does not divide the inner width 8"]);
+    let err = fails(
+        &dir,
+        &layer_args(&dir, &weights, "attn.", 2, &["--names", "torch"]),
+    );
+    assert_mentions(&err, &["--names", "pytorch, hf, diffusers or t5"]);
 }

@@ -1,101 +1,18 @@
 //! The multi-head attention layer against an f64 reference built from the same weights:
-//! projections, GQA, kdim/vdim ≠ E, biases, masks, weights, and the source cache.
+//! projections, GQA, kdim/vdim ≠ E, inner width ≠ E, biases, masks, weights, and the source
+//! cache; and its weights read back from safetensors files in every name family (no GPU).
 
 mod common;
 
+use common::files::safetensors_bytes;
+use common::layer::*;
 use common::*;
 use xattn::cpu::reference;
+use xattn::mha::weights::{LayerFile, Names};
 use xattn::mha::{MhaWeights, SourceCache};
 use xattn::{
     Alignment, Attention, Engine, MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights, Tensor,
 };
-
-fn random_weights(c: &MhaConfig, seed: u64) -> MhaWeights {
-    let (e, kv) = (c.embed_dim, c.kv_dim());
-    // Xavier-like amplitude keeps activations O(1) whatever the widths.
-    let w = |out: usize, inp: usize, s: u64| random(out * inp, (3.0 / inp as f32).sqrt(), s);
-    let b = |len: usize, s: u64| c.bias.then(|| random(len, 0.5, s));
-    MhaWeights {
-        q: w(e, e, seed),
-        k: w(kv, c.kdim, seed + 1),
-        v: w(kv, c.vdim, seed + 2),
-        o: w(e, e, seed + 3),
-        q_bias: b(e, seed + 4),
-        k_bias: b(kv, seed + 5),
-        v_bias: b(kv, seed + 6),
-        o_bias: b(e, seed + 7),
-    }
-}
-
-/// The layer in f64 (`reference::layer`) with these attention options: (out, per-head weights).
-fn reference_layer(
-    c: &MhaConfig,
-    w: &MhaWeights,
-    batch: usize,
-    inputs: (&[f32], &[f32], &[f32]),
-    attention: &Attention,
-) -> (Vec<f64>, Vec<f64>) {
-    let scale = f64::from(attention.scale_for(c.head_dim()));
-    let r = reference::layer(c, w, inputs, batch, scale, attention.masking());
-    (r.o, r.weights)
-}
-
-/// Largest Σ_i |x_ri·w_oi| over rows r and outputs o: what the rounding of an f32 dot
-/// product scales with.
-fn abs_dot_max<T: Copy + Into<f64>>(x: &[T], w: &[f32], in_dim: usize) -> f64 {
-    let mut worst = 0.0f64;
-    for row in x.chunks(in_dim) {
-        for wrow in w.chunks(in_dim) {
-            let s: f64 = row
-                .iter()
-                .zip(wrow)
-                .map(|(&a, &b)| (a.into() * f64::from(b)).abs())
-                .sum();
-            worst = worst.max(s);
-        }
-    }
-    worst
-}
-
-/// Error budget of the layer from the magnitudes of its actual intermediates (as `budget`
-/// does for attention): each f32 projection is off by ≤ c·ε·Σ|x·w|; Q/K errors move a
-/// logit by ≤ scale·d·(δq·|k| + |q|·δk); attention adds its own budget ε·(4(1+L) + N)·|v|,
-/// a logit error δ moves O by ≤ 2δ·|v|, a V error passes through; W^O carries an O error δ
-/// into ≤ δ·Σ_i|W^O_oi| and rounds once more.
-fn layer_tolerance(
-    c: &MhaConfig,
-    w: &MhaWeights,
-    [query, key, value]: [&[f32]; 3],
-    n: usize,
-    scale: f64,
-) -> (f64, f64) {
-    let eps = f64::from(f32::EPSILON);
-    let amax = |x: &[f64]| x.iter().fold(0.0f64, |a, &y| a.max(y.abs()));
-    let q = reference::linear(query, &w.q, w.q_bias.as_deref(), c.embed_dim);
-    let k = reference::linear(key, &w.k, w.k_bias.as_deref(), c.kdim);
-    let v = reference::linear(value, &w.v, w.v_bias.as_deref(), c.vdim);
-    let round = |x: &[f32], m: &[f32], width: usize, y: &[f64]| {
-        4.0 * eps * (abs_dot_max(x, m, width) + amax(y))
-    };
-    let (dq, dk, dv) = (
-        round(query, &w.q, c.embed_dim, &q),
-        round(key, &w.k, c.kdim, &k),
-        round(value, &w.v, c.vdim, &v),
-    );
-    let (qm, km, vm) = (amax(&q), amax(&k), amax(&v));
-    let d = c.head_dim() as f64;
-    let logit = scale * d * qm * km;
-    let dlogit = scale * d * (dq * km + qm * dk);
-    let d_o = eps * (4.0 * (1.0 + logit) + n as f64) * vm + 2.0 * dlogit * vm + dv;
-    let wo_l1 = w.o.chunks(c.embed_dim).fold(0.0f64, |a, r| {
-        a.max(r.iter().map(|x| f64::from(x.abs())).sum::<f64>())
-    });
-    // |O| ≤ max|V|, so Σ|O·w| ≤ max|V|·Σ|w|.
-    let out = d_o * wo_l1 + 4.0 * eps * vm * wo_l1;
-    // A weight is off relatively by its logit's error plus the softmax's own rounding.
-    let weights = eps * (4.0 * (1.0 + logit) + n as f64) + 2.0 * dlogit;
-    (out, weights)
-}
 
 struct Case {
     config: MhaConfig,
@@ -217,6 +134,17 @@ fn cases() -> Vec<(&'static str, Case)> {
                 opts: o()
                     .with_need_weights(NeedWeights::PerHead)
                     .with_attention(Attention::default().with_causal(Alignment::BottomRight)),
+            },
+        ),
+        (
+            "inner width 24 ≠ E 16 (T5 v1.1), GQA 4/2, kdim 10",
+            Case {
+                config: MhaConfig::new(16, 4)
+                    .with_inner_dim(24)
+                    .with_kv_heads(2)
+                    .with_kdim(10),
+                dims: (2, 5, 13),
+                opts: o().with_need_weights(NeedWeights::PerHead),
             },
         ),
         (
@@ -394,4 +322,85 @@ fn linear_matches_f64_over_awkward_sizes() {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weights from safetensors files (no GPU).
+
+/// Every name family reads back exactly the weights written under its names: the biases the
+/// file holds and no others, the inner width from W^Q, PyTorch's packed blocks split right.
+#[test]
+fn every_name_family_reads_back_what_was_written() {
+    let e8 = MhaConfig::new(8, 2);
+    let cases = [
+        ("pytorch", e8, [true; 4]),
+        (
+            "pytorch",
+            e8.with_kdim(6).with_vdim(5),
+            [false, false, false, true],
+        ),
+        ("hf", e8.with_kdim(6), [true, false, true, true]),
+        ("hf", e8, [false; 4]),
+        (
+            "diffusers",
+            e8.with_kdim(6).with_inner_dim(12),
+            [false, false, false, true],
+        ),
+        (
+            "diffusers",
+            e8.with_inner_dim(4).with_kv_heads(1),
+            [true, false, false, true],
+        ),
+        ("t5", e8.with_inner_dim(12), [false; 4]),
+    ];
+    let prefix = "model.layers.3.attn.";
+    for (i, (names, c, keep)) in cases.into_iter().enumerate() {
+        let what = format!("{names} {c:?} biases {keep:?}");
+        let w = keep_biases(random_weights(&c, 300 + i as u64), keep);
+        let bytes = safetensors_bytes(&layer_tensors(names, prefix, &c, &w));
+        let file = LayerFile::open(&bytes, prefix, None).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(file.names().as_str(), names, "{what}");
+        assert_eq!(file.inner_dim(), c.inner_dim, "{what}");
+        assert_eq!(file.weights(&c).unwrap(), w, "{what}");
+        assert_eq!(
+            file.weights(&c.with_bias(false)).unwrap(),
+            keep_biases(w, [false; 4]),
+            "{what}: bias = false ignores the file's biases"
+        );
+    }
+}
+
+/// A prefix holding the projections of two families loads only with one named; a config whose
+/// inner width disagrees with the file says how to set it.
+#[test]
+fn two_families_under_one_prefix_need_one_named() {
+    let c = MhaConfig::new(8, 2);
+    let (t5, diffusers) = (random_weights(&c, 1), random_weights(&c, 2));
+    let mut tensors = layer_tensors("t5", "attn.", &c, &t5);
+    tensors.extend(layer_tensors("diffusers", "attn.", &c, &diffusers));
+    let bytes = safetensors_bytes(&tensors);
+    let err = LayerFile::open(&bytes, "attn.", None)
+        .unwrap_err()
+        .to_string();
+    for part in [
+        "`attn.`",
+        "diffusers (`attn.to_q.weight`)",
+        "t5 (`attn.q.weight`)",
+    ] {
+        assert!(err.contains(part), "`{err}` should mention {part}");
+    }
+    for (names, w) in [(Names::T5, &t5), (Names::Diffusers, &diffusers)] {
+        let file = LayerFile::open(&bytes, "attn.", Some(names)).unwrap();
+        assert_eq!(&file.weights(&c).unwrap(), w, "{names}");
+    }
+    assert_eq!("t5".parse::<Names>(), Ok(Names::T5));
+    let err = "torch".parse::<Names>().unwrap_err();
+    assert!(err.contains("pytorch, hf, diffusers or t5"), "{err}");
+
+    let wide = MhaConfig::new(8, 2).with_inner_dim(12);
+    let bytes = safetensors_bytes(&layer_tensors("t5", "", &wide, &random_weights(&wide, 3)));
+    let err = MhaWeights::from_safetensors(&bytes, "", &c)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("with_inner_dim(12)"), "{err}");
 }

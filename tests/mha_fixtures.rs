@@ -1,4 +1,5 @@
-//! The multi-head attention layer (`xattn::mha`) against PyTorch's `nn.MultiheadAttention`.
+//! The multi-head attention layer (`xattn::mha`) against PyTorch's `nn.MultiheadAttention` and
+//! the attention layers of Whisper, BART, T5 and diffusers models.
 //!
 //! The fixtures under `tests/fixtures/mha/` come from `tests/fixtures/generate_mha.py` (see its
 //! docstring for the file layout and how each reference was computed). Every case is checked
@@ -11,41 +12,17 @@
 //!   * on the GPU, `MultiHeadAttention::from_safetensors` + `forward` must match PyTorch within
 //!     a forward-error bound derived for an f32 implementation (see `reference` there).
 //!
-//! Loading errors (wrong prefix, mis-shaped tensors, missing bias) must name the tensor and,
-//! for a shape mismatch, the expected and found shapes.
+//! Loading errors (wrong prefix, mis-shaped tensors) must name the tensor and, for a shape
+//! mismatch, the expected and found shapes.
 
 mod common;
 
 use std::path::Path;
 
-use common::files::TempDir;
+use common::files::{write_safetensors, NamedTensor, TempDir};
 use common::mha_fixture::*;
 use common::*;
 use xattn::mha::{MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights};
-
-/// Writes F32 tensors (values 0.01·index) as a safetensors file.
-fn write_safetensors(path: &Path, tensors: &[(&str, &[usize])]) {
-    let mut header = serde_json::Map::new();
-    let mut data = Vec::new();
-    for (name, shape) in tensors {
-        let start = data.len();
-        for i in 0..shape.iter().product::<usize>() {
-            data.extend_from_slice(&(0.01 * i as f32).to_le_bytes());
-        }
-        header.insert(
-            name.to_string(),
-            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
-        );
-    }
-    let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
-    while json.len() % 8 != 0 {
-        json.push(b' ');
-    }
-    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(&json);
-    bytes.extend_from_slice(&data);
-    std::fs::write(path, bytes).unwrap();
-}
 
 fn cases() -> Vec<Case> {
     let mut names: Vec<String> = std::fs::read_dir(fixture_dir())
@@ -57,15 +34,26 @@ fn cases() -> Vec<Case> {
     names.sort();
     let cases: Vec<Case> = names.iter().map(|n| Case::load(n)).collect();
     // Guard against an empty or partial fixture directory passing vacuously.
-    assert!(cases.len() >= 12, "only {} MHA fixture cases", cases.len());
+    assert!(cases.len() >= 17, "only {} MHA fixture cases", cases.len());
     let has = |f: &dyn Fn(&Case) -> bool| cases.iter().any(f);
-    assert!(has(&|c| !c.hf && c.kdim == c.e && c.vdim == c.e && c.bias));
+    let torch = |c: &Case| c.naming == Naming::Torch;
+    // Module names whose query projection is `q`.
+    let module = |c: &Case, q: &str| matches!(c.naming, Naming::Modules([m, ..]) if m == q);
+    assert!(has(&|c| torch(c)
+        && c.kdim == c.e
+        && c.vdim == c.e
+        && c.bias));
     assert!(has(&|c| c.kdim != c.e && c.vdim != c.e && c.kdim != c.vdim));
     assert!(has(&|c| !c.bias));
     assert!(has(&|c| c.key_padding_mask.is_some()));
     assert!(has(&|c| c.need == Need::Averaged) && has(&|c| c.need == Need::PerHead));
     assert!(has(&|c| c.self_attention));
-    assert!(has(&|c| c.hf && !c.prefix.is_empty()));
+    assert!(has(&|c| module(c, "q_proj") && !c.prefix.is_empty()));
+    // The model layers: Whisper, BART, T5 (inner width ≠ E, scale 1) and diffusers.
+    assert!(has(&|c| module(c, "to_q") && c.inner != c.e));
+    assert!(has(&|c| module(c, "q")
+        && c.inner != c.e
+        && c.scale == Some(1.0)));
     assert!(has(&|c| c.m == 1));
     cases
 }
@@ -144,6 +132,9 @@ fn mha_layer_matches_pytorch() {
                 )
             };
             let mut opts = MhaOptions::default();
+            if let Some(scale) = c.scale {
+                opts = opts.with_attention(xattn::Attention::default().with_scale(scale as f32));
+            }
             if let Some(mask) = &c.key_padding_mask {
                 opts = opts.with_key_padding_mask(mask.clone());
             }
@@ -340,17 +331,16 @@ fn loading_errors_name_the_tensor_and_both_shapes() {
     ];
     for t in bad {
         let path = dir.path(&format!("{}.safetensors", t.name));
-        let names: Vec<String> = t
+        // Values 0.01·index: only the shapes matter here.
+        let tensors: Vec<NamedTensor> = t
             .tensors
             .iter()
-            .map(|(n, _)| format!("{}{n}", t.prefix))
+            .map(|(n, shape)| {
+                let values = (0..shape.iter().product()).map(|i| 0.01 * i as f32);
+                (format!("{}{n}", t.prefix), shape.clone(), values.collect())
+            })
             .collect();
-        let refs: Vec<(&str, &[usize])> = names
-            .iter()
-            .zip(&t.tensors)
-            .map(|(n, (_, s))| (n.as_str(), &s[..]))
-            .collect();
-        write_safetensors(&path, &refs);
+        write_safetensors(&path, &tensors);
         let msg = load_err(engine, t.config, &path, t.prefix);
         let name = t.name;
         assert!(
@@ -371,14 +361,17 @@ fn loading_errors_name_the_tensor_and_both_shapes() {
     }
 }
 
-/// A configuration that disagrees with the file is an error too.
+/// A file without biases loads as a layer without them (bias = true means "add those the
+/// file holds"); a configuration whose sizes disagree with the file is an error.
 #[test]
 fn config_and_file_disagreeing_is_an_error() {
+    let no_bias = std::fs::read(fixture_dir().join("no_bias/weights.safetensors")).unwrap();
+    let w = xattn::mha::MhaWeights::from_safetensors(&no_bias, "", &MhaConfig::new(32, 2))
+        .expect("a layer without biases");
+    assert!([w.q_bias, w.k_bias, w.v_bias, w.o_bias]
+        .iter()
+        .all(Option::is_none));
     let Some(engine) = engine() else { return };
-    // bias = true, but the file has no biases.
-    let no_bias = fixture_dir().join("no_bias/weights.safetensors");
-    let msg = load_err(engine, MhaConfig::new(32, 2), &no_bias, "");
-    assert!(msg.contains("bias"), "`{msg}` should name the missing bias");
     // kdim = vdim = E assumed, but the file's key and value projections are 32×24 and 32×40.
     let sep = fixture_dir().join("separate_kdim_vdim/weights.safetensors");
     let msg = load_err(

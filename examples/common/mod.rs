@@ -57,7 +57,7 @@ pub fn median(ms: &[f64]) -> f64 {
     let mut s = ms.to_vec();
     s.sort_by(f64::total_cmp);
     let h = s.len() / 2;
-    if s.len() % 2 == 0 {
+    if s.len().is_multiple_of(2) {
         (s[h - 1] + s[h]) / 2.0
     } else {
         s[h]

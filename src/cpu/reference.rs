@@ -165,7 +165,7 @@ pub fn linear<T: Copy + Into<f64>>(
 
 /// The multi-head attention layer in f64: queries `[batch, M, E]`, keys `[batch, N, kdim]`,
 /// values `[batch, N, vdim]` (batch-first, as [`crate::MultiHeadAttention`]) are projected by
-/// `w`, attended per head with `scale` and `masking`, and projected out. `o` is the layer
+/// `w` (Q to `inner_dim` features), attended per head with `scale` and `masking`, and projected out. `o` is the layer
 /// output `[batch, M, E]`; `lse` and `weights` are the attention's.
 pub fn layer(
     c: &MhaConfig,
@@ -184,7 +184,7 @@ pub fn layer(
     );
     let att = attention_masked(&c.attn_shape(batch, m, n), &q, &k, &v, scale, masking);
     Reference {
-        o: linear(&att.o, &w.o, w.o_bias.as_deref(), c.embed_dim),
+        o: linear(&att.o, &w.o, w.o_bias.as_deref(), c.inner_dim),
         ..att
     }
 }

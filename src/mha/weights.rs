@@ -1,17 +1,25 @@
 //! Layer weights on the host, from slices or from safetensors files.
 //!
-//! Names read (after `prefix`), in this order of preference:
-//! - PyTorch `nn.MultiheadAttention`, packed: `in_proj_weight` `[3E, E]` (rows: W^Q, W^K, W^V;
-//!   only when `kdim = vdim = E`), `in_proj_bias` `[3E]`;
-//! - PyTorch, separate: `q_proj_weight` `[E, E]`, `k_proj_weight` `[E, kdim]`,
-//!   `v_proj_weight` `[E, vdim]`, `in_proj_bias` `[3E]`;
-//! - Hugging Face: `q_proj.weight`, `k_proj.weight`, `v_proj.weight` with `.bias` each.
+//! A safetensors file holds a layer's tensors under a prefix (what precedes the names, e.g.
+//! `model.decoder.layers.0.encoder_attn.`), named by one of these families ([`Names`]):
 //!
-//! and `out_proj.weight` `[E, E]`, `out_proj.bias` `[E]` in every case. With `bias = true`
-//! PyTorch names must carry their biases; Hugging Face names may leave a projection without
-//! one (Whisper's `k_proj` has none), which then adds nothing. With `bias = false` a bias in the
-//! file is an error rather than silently dropped. Tensors may be f32, f16 or bf16 (widened to
-//! f32). K and V projections output `kv_heads · head_dim` features.
+//! | family | W^Q, W^K, W^V | W^O | biases |
+//! |---|---|---|---|
+//! | `pytorch` (`nn.MultiheadAttention`) | `in_proj_weight` (packed, rows W^Q, W^K, W^V; needs kdim = vdim = E and no GQA) or `q_proj_weight`, `k_proj_weight`, `v_proj_weight` | `out_proj.weight` | `in_proj_bias` (packed likewise), `out_proj.bias` |
+//! | `hf` (Hugging Face Whisper, BART, …) | `q_proj.weight`, `k_proj.weight`, `v_proj.weight` | `out_proj.weight` | `.bias` beside each weight |
+//! | `diffusers` (`Attention`) | `to_q.weight`, `to_k.weight`, `to_v.weight` | `to_out.0.weight` | `.bias` beside each weight |
+//! | `t5` (Hugging Face T5) | `q.weight`, `k.weight`, `v.weight` | `o.weight` | `.bias` beside each weight |
+//!
+//! in PyTorch `Linear` layout: W^Q `[inner, E]`, W^K `[kv, kdim]`, W^V `[kv, vdim]`, W^O
+//! `[E, inner]`, a bias `[rows of its weight]`, where inner = heads · head_dim (E except in
+//! T5 v1.1 and some diffusers blocks; [`LayerFile::inner_dim`] reads it from W^Q) and
+//! kv = kv_heads · head_dim. [`LayerFile::open`] finds the family under the prefix unless it is
+//! named. A projection has a bias when the file holds one (Whisper's `k_proj`, diffusers'
+//! `to_q/k/v` and T5 have none); with `MhaConfig::bias = false` the biases in the file are
+//! ignored. Tensors may be f32, f16 or bf16 (widened to f32).
+
+use std::fmt;
+use std::str::FromStr;
 
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
@@ -22,15 +30,15 @@ use crate::plan::Proj;
 /// The four projections in PyTorch `Linear` layout (`[out, in]`, row-major f32).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MhaWeights {
-    /// W^Q `[embed_dim, embed_dim]`.
+    /// W^Q `[inner_dim, embed_dim]`.
     pub q: Vec<f32>,
     /// W^K `[kv_heads·head_dim, kdim]`.
     pub k: Vec<f32>,
     /// W^V `[kv_heads·head_dim, vdim]`.
     pub v: Vec<f32>,
-    /// W^O `[embed_dim, embed_dim]`.
+    /// W^O `[embed_dim, inner_dim]`.
     pub o: Vec<f32>,
-    /// b_q `[embed_dim]`.
+    /// b_q `[inner_dim]`.
     pub q_bias: Option<Vec<f32>>,
     /// b_k `[kv_heads·head_dim]`.
     pub k_bias: Option<Vec<f32>>,
@@ -39,6 +47,110 @@ pub struct MhaWeights {
     /// b_o `[embed_dim]`.
     pub o_bias: Option<Vec<f32>>,
 }
+
+/// A family of tensor names for a layer's projections (see the [module docs](self)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Names {
+    /// PyTorch `nn.MultiheadAttention`: `in_proj_weight` or `q_proj_weight`…, `out_proj`.
+    PyTorch,
+    /// Hugging Face Whisper, BART and the like: `q_proj`, `k_proj`, `v_proj`, `out_proj`.
+    HuggingFace,
+    /// diffusers `Attention`: `to_q`, `to_k`, `to_v`, `to_out.0`.
+    Diffusers,
+    /// Hugging Face T5: `q`, `k`, `v`, `o`.
+    T5,
+}
+
+impl Names {
+    /// Every family, in the order detection tries them.
+    pub const ALL: [Names; 4] = [
+        Names::PyTorch,
+        Names::HuggingFace,
+        Names::Diffusers,
+        Names::T5,
+    ];
+
+    /// The family's short name: `pytorch`, `hf`, `diffusers` or `t5`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Names::PyTorch => "pytorch",
+            Names::HuggingFace => "hf",
+            Names::Diffusers => "diffusers",
+            Names::T5 => "t5",
+        }
+    }
+
+    /// The modules of Q, K, V, O for the families with one `Linear` each.
+    fn modules(self) -> Option<[&'static str; 4]> {
+        match self {
+            Names::PyTorch => None,
+            Names::HuggingFace => Some(["q_proj", "k_proj", "v_proj", "out_proj"]),
+            Names::Diffusers => Some(["to_q", "to_k", "to_v", "to_out.0"]),
+            Names::T5 => Some(["q", "k", "v", "o"]),
+        }
+    }
+
+    /// Weight and bias of Q, K, V and O under `prefix`; `packed`: PyTorch's W^Q, W^K and W^V
+    /// are blocks of `in_proj_weight` (its biases always are blocks of `in_proj_bias`).
+    fn parts(self, prefix: &str, packed: bool) -> Parts {
+        let one = |name: &str| Part {
+            name: format!("{prefix}{name}"),
+            block: None,
+        };
+        let block = |name: &str, i| Part {
+            block: Some(i),
+            ..one(name)
+        };
+        std::array::from_fn(|i| match (self.modules(), i) {
+            (Some(m), _) => [
+                one(&format!("{}.weight", m[i])),
+                one(&format!("{}.bias", m[i])),
+            ],
+            (None, 3) => [one("out_proj.weight"), one("out_proj.bias")],
+            (None, _) if packed => [block("in_proj_weight", i), block("in_proj_bias", i)],
+            (None, _) => [
+                one(&format!("{}_proj_weight", ["q", "k", "v"][i])),
+                block("in_proj_bias", i),
+            ],
+        })
+    }
+
+    /// The family's parts under `prefix` if the file holds its W^Q there.
+    fn present(self, st: &SafeTensors, prefix: &str) -> Option<Parts> {
+        [true, false]
+            .map(|packed| self.parts(prefix, packed))
+            .into_iter()
+            .find(|parts| has(st, &parts[0][0].name))
+    }
+}
+
+impl fmt::Display for Names {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Names {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Names::ALL
+            .into_iter()
+            .find(|n| n.as_str() == s)
+            .ok_or_else(|| format!("`{s}` is no name family; use pytorch, hf, diffusers or t5"))
+    }
+}
+
+/// Where one weight or bias lives in the file: tensor `name`, or block `i` of Q, K, V stacked
+/// in its rows (PyTorch's `in_proj_weight` and `in_proj_bias`).
+#[derive(Clone, Debug)]
+struct Part {
+    name: String,
+    block: Option<usize>,
+}
+
+/// `[weight, bias]` of Q, K, V and O.
+type Parts = [[Part; 2]; 4];
 
 fn shape_text(shape: &[usize]) -> String {
     format!("{shape:?}")
@@ -115,6 +227,272 @@ fn has(st: &SafeTensors, name: &str) -> bool {
     st.tensor(name).is_ok()
 }
 
+/// Whether the file holds all four weights of `parts`.
+fn complete(st: &SafeTensors, parts: &Parts) -> bool {
+    parts.iter().all(|[w, _]| has(st, &w.name))
+}
+
+/// The first `max` of `items`, and how many more.
+fn listed(items: &[String], max: usize) -> String {
+    let shown = items[..max.min(items.len())].join(", ");
+    match items.len().saturating_sub(max) {
+        0 => shown,
+        more => format!("{shown} and {more} more"),
+    }
+}
+
+/// Where names with `prefix` lie, for messages.
+fn at(prefix: &str) -> String {
+    if prefix.is_empty() {
+        "at the top level (no prefix)".into()
+    } else {
+        format!("under prefix `{prefix}`")
+    }
+}
+
+/// `name` in backquotes.
+fn quoted(name: &str) -> String {
+    format!("`{name}`")
+}
+
+/// Edit distance between `a` and `b` (characters inserted, removed or replaced).
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (diag + usize::from(ca != cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diag = std::mem::replace(&mut row[j + 1], next);
+        }
+    }
+    row[b.len()]
+}
+
+/// Every prefix under which the file holds the four weights of a family, with the family.
+fn layers(st: &SafeTensors) -> Vec<(String, Names)> {
+    // The name of W^Q in each family, packed or not.
+    let queries: Vec<(Names, bool, String)> = Names::ALL
+        .into_iter()
+        .flat_map(|n| {
+            [true, false].map(|packed| (n, packed, n.parts("", packed)[0][0].name.clone()))
+        })
+        .collect();
+    let mut found: Vec<(String, Names)> = Vec::new();
+    for name in st.names() {
+        for (family, packed, q) in &queries {
+            let Some(prefix) = name.strip_suffix(q.as_str()) else {
+                continue;
+            };
+            let layer = (prefix.is_empty() || prefix.ends_with('.'))
+                && complete(st, &family.parts(prefix, *packed));
+            if layer && !found.iter().any(|(p, f)| p == prefix && f == family) {
+                found.push((prefix.to_string(), *family));
+            }
+        }
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    found
+}
+
+/// What the file holds near `prefix`, for errors: the layers under it, else the tensors under
+/// it, else the prefixes of the layers closest to it.
+fn nearby(st: &SafeTensors, prefix: &str) -> String {
+    let show = |layers: &[&(String, Names)]| {
+        let items: Vec<String> = layers
+            .iter()
+            .map(|(p, f)| match p.as_str() {
+                "" => format!("no prefix ({f})"),
+                p => format!("`{p}` ({f})"),
+            })
+            .collect();
+        listed(&items, 6)
+    };
+    let all = layers(st);
+    let deeper: Vec<&(String, Names)> = all
+        .iter()
+        .filter(|(p, _)| p.len() > prefix.len() && p.starts_with(prefix))
+        .collect();
+    if !deeper.is_empty() {
+        return format!("layers lie deeper, under prefix {}", show(&deeper));
+    }
+    let mut under: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with(prefix))
+        .map(quoted)
+        .collect();
+    if !under.is_empty() {
+        under.sort_unstable();
+        return format!("the tensors {} are {}", at(prefix), listed(&under, 16));
+    }
+    let mut closest: Vec<&(String, Names)> = all.iter().collect();
+    if closest.is_empty() {
+        return format!(
+            "the file's {} tensors hold no layer of any name family (pytorch, hf, diffusers, t5)",
+            st.len()
+        );
+    }
+    closest.sort_by_key(|(p, _)| distance(p, prefix));
+    format!(
+        "no tensor starts with `{prefix}`; the closest prefixes holding a layer are {}",
+        show(&closest)
+    )
+}
+
+/// The tensors of one layer in a safetensors file: its name family and where each projection's
+/// weight and bias lie under the prefix.
+pub struct LayerFile<'a> {
+    st: SafeTensors<'a>,
+    names: Names,
+    parts: Parts,
+}
+
+impl fmt::Debug for LayerFile<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LayerFile")
+            .field("names", &self.names)
+            .field("parts", &self.parts)
+            .finish()
+    }
+}
+
+impl<'a> LayerFile<'a> {
+    /// Finds the layer under `prefix` in safetensors `bytes`: in family `names`, or in the one
+    /// family whose W^Q the file holds there (of several, the one whose four weights are all
+    /// there). Errors when none or several are found, or when one of the four weights is
+    /// missing; they list what the file holds near `prefix`.
+    pub fn open(bytes: &'a [u8], prefix: &str, names: Option<Names>) -> Result<Self> {
+        let st = SafeTensors::deserialize(bytes).map_err(|e| parse_error(bytes, e))?;
+        let mut found: Vec<(Names, Parts)> = Names::ALL
+            .into_iter()
+            .filter(|n| names.is_none_or(|x| x == *n))
+            .filter_map(|n| Some((n, n.present(&st, prefix)?)))
+            .collect();
+        if found.len() > 1 && found.iter().filter(|(_, p)| complete(&st, p)).count() == 1 {
+            found.retain(|(_, p)| complete(&st, p));
+        }
+        if found.len() > 1 {
+            let which: Vec<String> = found
+                .iter()
+                .map(|(n, parts)| format!("{n} (`{}`)", parts[0][0].name))
+                .collect();
+            return Err(Error::Weights(format!(
+                "the file holds the projections of {} {}: name the family to read",
+                which.join(" and "),
+                at(prefix)
+            )));
+        }
+        let Some((names, parts)) = found.pop() else {
+            let mut looked: Vec<String> = Names::ALL
+                .into_iter()
+                .filter(|n| names.is_none_or(|x| x == *n))
+                .flat_map(|n| [true, false].map(|packed| quoted(&n.parts("", packed)[0][0].name)))
+                .collect();
+            looked.dedup();
+            return Err(Error::Weights(format!(
+                "no projection weights {}: none of {} is there; {}",
+                at(prefix),
+                listed(&looked, looked.len()),
+                nearby(&st, prefix)
+            )));
+        };
+        if let Some([w, _]) = parts.iter().find(|[w, _]| !has(&st, &w.name)) {
+            return Err(Error::Weights(format!(
+                "tensor `{}` is missing ({names} names); {}",
+                w.name,
+                nearby(&st, prefix)
+            )));
+        }
+        let q = st.tensor(&parts[0][0].name).expect("present");
+        if q.shape().len() != 2 {
+            return Err(Error::Weights(format!(
+                "tensor `{}` has shape {}; a projection weight is 2-D [out, in]",
+                parts[0][0].name,
+                shape_text(q.shape())
+            )));
+        }
+        Ok(Self { st, names, parts })
+    }
+
+    /// The family the names belong to.
+    pub fn names(&self) -> Names {
+        self.names
+    }
+
+    /// The inner width (heads · head_dim) the file's W^Q gives: its rows, or its columns when
+    /// it is PyTorch's packed `in_proj_weight` `[3E, E]`.
+    pub fn inner_dim(&self) -> usize {
+        let q = &self.parts[0][0];
+        let t = self.st.tensor(&q.name).expect("checked in open");
+        t.shape()[usize::from(q.block.is_some())]
+    }
+
+    /// Reads the four projections with the sizes of `c`, and each bias the file holds unless
+    /// `c.bias` is false.
+    pub fn weights(&self, c: &MhaConfig) -> Result<MhaWeights> {
+        let (e, inner, kv) = (c.embed_dim, c.inner_dim, c.kv_dim());
+        let wq = &self.parts[0][0];
+        if wq.block.is_some() && (c.kdim != e || c.vdim != e || kv != inner) {
+            return Err(Error::Weights(format!(
+                "`{}` packs W^Q, W^K, W^V as [3E, E], which needs kdim = vdim = E and no GQA; \
+                 the layer has E {e}, kdim {}, vdim {}, {} kv heads of {}",
+                wq.name, c.kdim, c.vdim, c.kv_heads, c.num_heads
+            )));
+        }
+        if self.inner_dim() != inner {
+            return Err(Error::Weights(format!(
+                "`{}` gives inner width {} (heads × head dim) but the layer has {inner}: set \
+                 MhaConfig::with_inner_dim({})",
+                wq.name,
+                self.inner_dim(),
+                self.inner_dim()
+            )));
+        }
+        let rows = [inner, kv, kv, e];
+        let cols = [e, c.kdim, c.vdim, inner];
+        let read = |i: usize| -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+            let [w, b] = &self.parts[i];
+            let weight = self.read(w, &[rows[i], cols[i]], &rows)?;
+            let bias = (c.bias && has(&self.st, &b.name))
+                .then(|| self.read(b, &[rows[i]], &rows))
+                .transpose()?;
+            Ok((weight, bias))
+        };
+        let ((q, q_bias), (k, k_bias), (v, v_bias), (o, o_bias)) =
+            (read(0)?, read(1)?, read(2)?, read(3)?);
+        let w = MhaWeights {
+            q,
+            k,
+            v,
+            o,
+            q_bias,
+            k_bias,
+            v_bias,
+            o_bias,
+        };
+        w.check(c)?;
+        Ok(w)
+    }
+
+    /// One part of shape `want`; a block of a packed tensor is rows of it, whose blocks have
+    /// `rows[0..3]` rows.
+    fn read(&self, part: &Part, want: &[usize], rows: &[usize; 4]) -> Result<Vec<f32>> {
+        let Some(i) = part.block else {
+            return load(&self.st, &part.name, want);
+        };
+        let mut whole = want.to_vec();
+        whole[0] = rows[..3].iter().sum();
+        let data = load(&self.st, &part.name, &whole)?;
+        let row: usize = want[1..].iter().product();
+        let start: usize = rows[..i].iter().sum();
+        Ok(data[start * row..(start + rows[i]) * row].to_vec())
+    }
+}
+
 impl MhaWeights {
     /// Weight and bias of one projection.
     pub(crate) fn get(&self, proj: Proj) -> (&[f32], Option<&[f32]>) {
@@ -129,13 +507,12 @@ impl MhaWeights {
 
     /// Checks every length against `config`.
     pub fn check(&self, c: &MhaConfig) -> Result<()> {
-        let e = c.embed_dim;
-        let kv = c.kv_dim();
+        let (e, inner, kv) = (c.embed_dim, c.inner_dim, c.kv_dim());
         for (name, proj, w_len, b_len) in [
-            ("q", Proj::Q, e * e, e),
+            ("q", Proj::Q, inner * e, inner),
             ("k", Proj::K, kv * c.kdim, kv),
             ("v", Proj::V, kv * c.vdim, kv),
-            ("o", Proj::O, e * e, e),
+            ("o", Proj::O, e * inner, e),
         ] {
             let (w, b) = self.get(proj);
             if w.len() != w_len {
@@ -163,113 +540,9 @@ impl MhaWeights {
         Ok(())
     }
 
-    /// Reads the weights of `config` from safetensors `bytes` under `prefix` (see the module
-    /// docs for the names).
+    /// Reads the weights of `config` from safetensors `bytes` under `prefix`, in the name
+    /// family found there ([`LayerFile`]).
     pub fn from_safetensors(bytes: &[u8], prefix: &str, c: &MhaConfig) -> Result<Self> {
-        let st = SafeTensors::deserialize(bytes).map_err(|e| parse_error(bytes, e))?;
-        let name = |n: &str| format!("{prefix}{n}");
-        let (e, kv) = (c.embed_dim, c.kv_dim());
-        let optional_bias = |n: &str, len: usize| -> Result<Option<Vec<f32>>> {
-            let full = name(n);
-            if !has(&st, &full) {
-                return Ok(None);
-            }
-            load(&st, &full, &[len]).map(Some)
-        };
-        let bias_names: Vec<String> = [
-            "in_proj_bias",
-            "q_proj.bias",
-            "k_proj.bias",
-            "v_proj.bias",
-            "out_proj.bias",
-        ]
-        .iter()
-        .map(|n| name(n))
-        .filter(|n| has(&st, n))
-        .collect();
-        if !c.bias && !bias_names.is_empty() {
-            return Err(Error::Weights(format!(
-                "the file has bias tensors {bias_names:?} but the layer has bias = false"
-            )));
-        }
-        let mut w = if has(&st, &name("in_proj_weight")) {
-            if c.kdim != e || c.vdim != e || c.kv_heads != c.num_heads {
-                return Err(Error::Weights(format!(
-                    "`{}` packs W^Q, W^K, W^V as [3E, E], which needs kdim = vdim = E and no \
-                     GQA; the layer has E {e}, kdim {}, vdim {}, {} kv heads of {}",
-                    name("in_proj_weight"),
-                    c.kdim,
-                    c.vdim,
-                    c.kv_heads,
-                    c.num_heads
-                )));
-            }
-            let packed = load(&st, &name("in_proj_weight"), &[3 * e, e])?;
-            let part = |i: usize| packed[i * e * e..(i + 1) * e * e].to_vec();
-            Self::torch_split(part(0), part(1), part(2))
-        } else if has(&st, &name("q_proj_weight")) {
-            Self::torch_split(
-                load(&st, &name("q_proj_weight"), &[e, e])?,
-                load(&st, &name("k_proj_weight"), &[kv, c.kdim])?,
-                load(&st, &name("v_proj_weight"), &[kv, c.vdim])?,
-            )
-        } else if has(&st, &name("q_proj.weight")) {
-            let mut w = Self::torch_split(
-                load(&st, &name("q_proj.weight"), &[e, e])?,
-                load(&st, &name("k_proj.weight"), &[kv, c.kdim])?,
-                load(&st, &name("v_proj.weight"), &[kv, c.vdim])?,
-            );
-            w.q_bias = optional_bias("q_proj.bias", e)?;
-            w.k_bias = optional_bias("k_proj.bias", kv)?;
-            w.v_bias = optional_bias("v_proj.bias", kv)?;
-            w
-        } else {
-            let mut names: Vec<&str> = st.names();
-            names.sort_unstable();
-            names.truncate(12);
-            return Err(Error::Weights(format!(
-                "no projection weights under prefix `{prefix}`: looked for `{}`, `{}` and \
-                 `{}`; the file has {names:?}{}",
-                name("in_proj_weight"),
-                name("q_proj_weight"),
-                name("q_proj.weight"),
-                if st.len() > 12 { " …" } else { "" }
-            )));
-        };
-        let packed_bias = name("in_proj_bias");
-        if has(&st, &packed_bias) {
-            let b = load(&st, &packed_bias, &[e + 2 * kv])?;
-            w.q_bias = Some(b[..e].to_vec());
-            w.k_bias = Some(b[e..e + kv].to_vec());
-            w.v_bias = Some(b[e + kv..].to_vec());
-        } else if c.bias && !has(&st, &name("q_proj.weight")) {
-            return Err(Error::Weights(format!(
-                "tensor `{packed_bias}` [{}] is missing (the layer has bias = true)",
-                e + 2 * kv
-            )));
-        }
-        w.o = load(&st, &name("out_proj.weight"), &[e, e])?;
-        w.o_bias = optional_bias("out_proj.bias", e)?;
-        if c.bias && w.o_bias.is_none() && !has(&st, &name("q_proj.weight")) {
-            return Err(Error::Weights(format!(
-                "tensor `{}` [{e}] is missing (the layer has bias = true)",
-                name("out_proj.bias")
-            )));
-        }
-        w.check(c)?;
-        Ok(w)
-    }
-
-    fn torch_split(q: Vec<f32>, k: Vec<f32>, v: Vec<f32>) -> Self {
-        Self {
-            q,
-            k,
-            v,
-            o: Vec::new(),
-            q_bias: None,
-            k_bias: None,
-            v_bias: None,
-            o_bias: None,
-        }
+        LayerFile::open(bytes, prefix, None)?.weights(c)
     }
 }

@@ -80,6 +80,39 @@ pub fn write_npy_raw(path: &Path, dict: &str, data: &[u8]) {
     std::fs::write(path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
 
+/// A named F32 tensor for a safetensors file: `(name, shape, values)`.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
+/// F32 tensors as the bytes of a safetensors file, laid out by hand (8-byte header length,
+/// JSON header, little-endian data): no code shared with the crate's reader.
+pub fn safetensors_bytes(tensors: &[NamedTensor]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, shape, values) in tensors {
+        assert_eq!(values.len(), shape.iter().product::<usize>(), "{name}");
+        let start = data.len();
+        data.extend(values.iter().flat_map(|x| x.to_le_bytes()));
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("a JSON header");
+    while !json.len().is_multiple_of(8) {
+        json.push(b' ');
+    }
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&json);
+    bytes.extend_from_slice(&data);
+    bytes
+}
+
+/// Writes F32 tensors as a safetensors file.
+pub fn write_safetensors(path: &Path, tensors: &[NamedTensor]) {
+    std::fs::write(path, safetensors_bytes(tensors))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
 /// Cuts the file at `path` to its first `len` bytes.
 pub fn truncate(path: &Path, len: u64) {
     std::fs::OpenOptions::new()
@@ -100,7 +133,7 @@ pub fn with(mut args: Vec<String>, flag: &str, value: &str) -> Vec<String> {
 
 /// Writes `tensors` (name, dtype, shape, little-endian bytes) as a safetensors file, as
 /// `safetensors.torch.save_file` does.
-pub fn write_safetensors(path: &Path, tensors: &[(&str, safetensors::Dtype, &[usize], &[u8])]) {
+pub fn write_safetensors_raw(path: &Path, tensors: &[(&str, safetensors::Dtype, &[usize], &[u8])]) {
     let views = tensors.iter().map(|&(name, dtype, shape, bytes)| {
         let view = safetensors::tensor::TensorView::new(dtype, shape.to_vec(), bytes)
             .unwrap_or_else(|e| panic!("tensor {name}: {e}"));

@@ -1,5 +1,6 @@
-//! The PyTorch `nn.MultiheadAttention` fixtures under `tests/fixtures/mha/` (written by
-//! `tests/fixtures/generate_mha.py`; see its docstring for the file layout) and an f64 forward
+//! The fixtures under `tests/fixtures/mha/` — PyTorch `nn.MultiheadAttention` and the
+//! attention layers of Whisper, BART, T5 and diffusers models (written by
+//! `tests/fixtures/generate_mha.py`; see its docstring for the file layout) — and an f64 forward
 //! pass of the layer with a per-element error bound for an f32 implementation, shared by
 //! `tests/mha_fixtures.rs` (the library) and `tests/cli_mha.rs` (the binary).
 //!
@@ -55,6 +56,15 @@ fn read_safetensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     out
 }
 
+/// The tensor names of a fixture (case.txt `naming`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Naming {
+    /// `nn.MultiheadAttention`'s state dict.
+    Torch,
+    /// One `Linear` per projection, with these module names for Q, K, V, O.
+    Modules([&'static str; 4]),
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Need {
     None,
@@ -70,9 +80,13 @@ pub struct Case {
     pub e: usize,
     pub kdim: usize,
     pub vdim: usize,
+    /// heads · head dim (case.txt `inner_dim`, E unless given).
+    pub inner: usize,
+    /// The logit scale the model uses, when not 1/√head_dim (T5: 1).
+    pub scale: Option<f64>,
     pub bias: bool,
     pub prefix: String,
-    pub hf: bool,
+    pub naming: Naming,
     pub need: Need,
     pub self_attention: bool,
     pub b: usize,
@@ -122,11 +136,15 @@ impl Case {
             "per_head" => Need::PerHead,
             v => panic!("{name}: need_weights = {v}"),
         };
-        let hf = match get("naming").as_str() {
-            "torch" => false,
-            "hf" => true,
+        let naming = match get("naming").as_str() {
+            "torch" => Naming::Torch,
+            "hf" => Naming::Modules(["q_proj", "k_proj", "v_proj", "out_proj"]),
+            "diffusers" => Naming::Modules(["to_q", "to_k", "to_v", "to_out.0"]),
+            "t5" => Naming::Modules(["q", "k", "v", "o"]),
             v => panic!("{name}: naming = {v}"),
         };
+        let inner = kv.get("inner_dim").map_or(e, |v| v.parse().unwrap());
+        let scale = kv.get("scale").map(|v| v.parse::<f64>().unwrap());
         let (query, qs) = read_npy::<f32>(&dir.join("query.npy"));
         let (key, ks) = read_npy::<f32>(&dir.join("key.npy"));
         let (value, vs) = read_npy::<f32>(&dir.join("value.npy"));
@@ -162,9 +180,11 @@ impl Case {
             e,
             kdim,
             vdim,
+            inner,
+            scale,
             bias,
             prefix,
-            hf,
+            naming,
             need,
             self_attention,
             b,
@@ -181,6 +201,7 @@ impl Case {
 
     pub fn config(&self) -> MhaConfig {
         MhaConfig::new(self.e, self.heads)
+            .with_inner_dim(self.inner)
             .with_kdim(self.kdim)
             .with_vdim(self.vdim)
             .with_bias(self.bias)
@@ -217,58 +238,61 @@ struct Params {
 
 impl Params {
     /// Reads the case's safetensors file under the naming its case.txt states (not detected:
-    /// the layer's own detection is what is under test).
+    /// the layer's own detection is what is under test). Every tensor of the file must be used.
     fn load(c: &Case) -> Params {
         let t = read_safetensors(&c.file("weights.safetensors"));
-        let e = c.e;
-        let get = |name: &str, shape: &[usize]| -> Vec<f64> {
+        let (e, inner) = (c.e, c.inner);
+        let mut used = 0;
+        let mut get = |name: &str, shape: &[usize]| -> Vec<f64> {
             let full = format!("{}{name}", c.prefix);
             let (s, v) = t
                 .get(&full)
                 .unwrap_or_else(|| panic!("{}: no tensor {full}", c.name));
             assert_eq!(s, shape, "{}: {full}", c.name);
+            used += 1;
             v.iter().map(|&x| f64::from(x)).collect()
         };
-        let zeros = || vec![0.0; e];
-        let bias = |name: &str| if c.bias { get(name, &[e]) } else { zeros() };
-        let (wq, wk, wv, bq, bk, bv, count) = if c.hf {
-            let (bq, bk, bv) = (
-                bias("q_proj.bias"),
-                bias("k_proj.bias"),
-                bias("v_proj.bias"),
-            );
-            let (wq, wk, wv) = (
-                get("q_proj.weight", &[e, e]),
-                get("k_proj.weight", &[e, c.kdim]),
-                get("v_proj.weight", &[e, c.vdim]),
-            );
-            (wq, wk, wv, bq, bk, bv, if c.bias { 8 } else { 4 })
-        } else {
-            let (wq, wk, wv, count) = if c.kdim == e && c.vdim == e {
-                let w = get("in_proj_weight", &[3 * e, e]);
-                let (q, kv) = w.split_at(e * e);
-                let (k, v) = kv.split_at(e * e);
-                (q.to_vec(), k.to_vec(), v.to_vec(), 2)
-            } else {
-                let w = (
-                    get("q_proj_weight", &[e, e]),
-                    get("k_proj_weight", &[e, c.kdim]),
-                    get("v_proj_weight", &[e, c.vdim]),
-                );
-                (w.0, w.1, w.2, 4)
-            };
-            let b = if c.bias {
-                get("in_proj_bias", &[3 * e])
-            } else {
-                vec![0.0; 3 * e]
-            };
-            let (bq, bk, bv) = (b[..e].to_vec(), b[e..2 * e].to_vec(), b[2 * e..].to_vec());
-            (wq, wk, wv, bq, bk, bv, count + if c.bias { 2 } else { 0 })
+        let shapes = [[inner, e], [inner, c.kdim], [inner, c.vdim], [e, inner]];
+        let [(wq, bq), (wk, bk), (wv, bv), (wo, bo)] = match c.naming {
+            Naming::Modules(modules) => std::array::from_fn(|i| {
+                let bias = format!("{}{}.bias", c.prefix, modules[i]);
+                let b = if t.contains_key(&bias) {
+                    get(&format!("{}.bias", modules[i]), &[shapes[i][0]])
+                } else {
+                    vec![0.0; shapes[i][0]]
+                };
+                (get(&format!("{}.weight", modules[i]), &shapes[i]), b)
+            }),
+            Naming::Torch => {
+                let w = if c.kdim == e && c.vdim == e {
+                    let w = get("in_proj_weight", &[3 * e, e]);
+                    [0, 1, 2].map(|i| w[i * e * e..(i + 1) * e * e].to_vec())
+                } else {
+                    let names = ["q_proj_weight", "k_proj_weight", "v_proj_weight"];
+                    std::array::from_fn(|i| get(names[i], &shapes[i]))
+                };
+                let b = if c.bias {
+                    get("in_proj_bias", &[3 * e])
+                } else {
+                    vec![0.0; 3 * e]
+                };
+                let bo = if c.bias {
+                    get("out_proj.bias", &[e])
+                } else {
+                    vec![0.0; e]
+                };
+                let [wq, wk, wv] = w;
+                [
+                    (wq, b[..e].to_vec()),
+                    (wk, b[e..2 * e].to_vec()),
+                    (wv, b[2 * e..].to_vec()),
+                    (get("out_proj.weight", &[e, e]), bo),
+                ]
+            }
         };
-        let (wo, bo) = (get("out_proj.weight", &[e, e]), bias("out_proj.bias"));
         assert_eq!(
+            used,
             t.len(),
-            count,
             "{}: unexpected tensors {:?}",
             c.name,
             t.keys().collect::<Vec<_>>()
@@ -342,8 +366,8 @@ pub struct Reference {
 /// 4. head output o_f = Σ_j p_j·v_jf:
 ///    |δo_f| ≤ (ρ_i + N·ε)·Σ_j p_j·|v_jf| + (vdim+1)·ε·Σ_j p_j·v̄_jf
 ///    (weight errors, the N-term sum, the V projection error).
-/// 5. output projection out_e = Σ_f Wo_ef·o_f + bo_e:
-///    |δout_e| ≤ Σ_f |Wo_ef|·|δo_f| + (E+1)·ε·(Σ_f |Wo_ef|·|o_f| + |bo_e|).
+/// 5. output projection out_e = Σ_f Wo_ef·o_f + bo_e over the I = heads · d_h inner features:
+///    |δout_e| ≤ Σ_f |Wo_ef|·|δo_f| + (I+1)·ε·(Σ_f |Wo_ef|·|o_f| + |bo_e|).
 ///
 /// The bound is worst case (n·ε per sum where √n·ε is typical, and the |terms| sums rather than
 /// the results), derived, not fitted, so it sits orders of magnitude above the errors a correct
@@ -352,16 +376,16 @@ pub struct Reference {
 /// Comparisons with the f32-rounded PyTorch files add ε·|reference| for that rounding.
 pub fn reference(c: &Case) -> Reference {
     let w = &Params::load(c);
-    let (b, m, n, e, h) = (c.b, c.m, c.n, c.e, c.heads);
-    let dh = e / h;
-    let scale = 1.0 / (dh as f64).sqrt();
+    let (b, m, n, e, h, inner) = (c.b, c.m, c.n, c.e, c.heads, c.inner);
+    let dh = inner / h;
+    let scale = c.scale.unwrap_or(1.0 / (dh as f64).sqrt());
     let (q, qa) = project(&c.query, e, &w.wq, &w.bq);
     let (k, ka) = project(&c.key, c.kdim, &w.wk, &w.bk);
     let (v, va) = project(&c.value, c.vdim, &w.wv, &w.bv);
     let mut p = vec![0.0; b * h * m * n];
     let mut p_tol = vec![0.0; b * h * m * n];
-    let mut o = vec![0.0; b * m * e];
-    let mut o_tol = vec![0.0; b * m * e];
+    let mut o = vec![0.0; b * m * inner];
+    let mut o_tol = vec![0.0; b * m * inner];
     let mut max_logit = 0.0f64;
     let nf = n as f64;
     let (ce, ck, cd) = ((e + 1) as f64, (c.kdim + 1) as f64, (dh + 1) as f64);
@@ -373,11 +397,11 @@ pub fn reference(c: &Case) -> Reference {
         };
         for hi in 0..h {
             for i in 0..m {
-                let qrow = (bi * m + i) * e + hi * dh;
+                let qrow = (bi * m + i) * inner + hi * dh;
                 let mut s = vec![f64::NEG_INFINITY; n];
                 let (mut big_a, mut delta) = (0.0f64, 0.0f64);
                 for j in (0..n).filter(|&j| kept(j)) {
-                    let krow = (bi * n + j) * e + hi * dh;
+                    let krow = (bi * n + j) * inner + hi * dh;
                     let (mut dot, mut err) = (0.0, 0.0);
                     for d in 0..dh {
                         let (qd, kd) = (q[qrow + d], k[krow + d]);
@@ -404,12 +428,12 @@ pub fn reference(c: &Case) -> Reference {
                 for f in 0..dh {
                     let (mut acc, mut mag, mut bar) = (0.0, 0.0, 0.0);
                     for j in 0..n {
-                        let (pj, vi) = (p[prow + j], (bi * n + j) * e + hi * dh + f);
+                        let (pj, vi) = (p[prow + j], (bi * n + j) * inner + hi * dh + f);
                         acc += pj * v[vi];
                         mag += pj * v[vi].abs();
                         bar += pj * va[vi];
                     }
-                    let oi = (bi * m + i) * e + hi * dh + f;
+                    let oi = (bi * m + i) * inner + hi * dh + f;
                     o[oi] = acc;
                     o_tol[oi] = (rho + EPS * nf) * mag + EPS * (c.vdim + 1) as f64 * bar;
                 }
@@ -418,17 +442,20 @@ pub fn reference(c: &Case) -> Reference {
     }
     let mut out = vec![0.0; b * m * e];
     let mut out_tol = vec![0.0; b * m * e];
+    let ci = (inner + 1) as f64;
     for r in 0..b * m {
+        let orow = &o[r * inner..(r + 1) * inner];
+        let tol_row = &o_tol[r * inner..(r + 1) * inner];
         for oe in 0..e {
-            let wr = &w.wo[oe * e..(oe + 1) * e];
+            let wr = &w.wo[oe * inner..(oe + 1) * inner];
             let (mut acc, mut prop, mut mag) = (w.bo[oe], 0.0, w.bo[oe].abs());
-            for f in 0..e {
-                acc += wr[f] * o[r * e + f];
-                prop += wr[f].abs() * o_tol[r * e + f];
-                mag += (wr[f] * o[r * e + f]).abs();
+            for f in 0..inner {
+                acc += wr[f] * orow[f];
+                prop += wr[f].abs() * tol_row[f];
+                mag += (wr[f] * orow[f]).abs();
             }
             out[r * e + oe] = acc;
-            out_tol[r * e + oe] = prop + EPS * ce * mag;
+            out_tol[r * e + oe] = prop + EPS * ci * mag;
         }
     }
     Reference {

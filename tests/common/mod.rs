@@ -1,9 +1,10 @@
 //! Shared test helpers: the test device, seeded inputs, poisoned runs, tolerances; temp folders
 //! and .npy files in [`files`], the PyTorch MHA fixtures and their f64 reference in
-//! [`mha_fixture`].
+//! [`mha_fixture`], random layers and their f64 reference in [`layer`].
 #![allow(dead_code)]
 
 pub mod files;
+pub mod layer;
 pub mod mha_fixture;
 
 use std::sync::OnceLock;

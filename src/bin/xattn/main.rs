@@ -59,7 +59,8 @@ enum Command {
     /// Exit status: 0 done (and O matches --expect), 1 an error, 2 a usage error, 3 O does
     /// not match --expect.
     Run(run::RunArgs),
-    /// Run a multi-head attention layer (PyTorch nn.MultiheadAttention) on .npy files.
+    /// Run a multi-head attention layer (PyTorch nn.MultiheadAttention, Hugging Face
+    /// Whisper/BART/T5, diffusers Attention) on .npy files.
     ///
     /// Q = query·W_qᵀ + b_q, K = key·W_kᵀ + b_k, V = value·W_vᵀ + b_v, split into heads;
     /// attention per head; heads concatenated and projected: out = O·W_oᵀ + b_o.
@@ -69,15 +70,14 @@ enum Command {
     /// give outputs without the batch axis. E, kdim and vdim are read from the inputs' last
     /// dims, and the weights must fit them. Output: [batch, M, E].
     ///
-    /// Weight names, after --prefix: PyTorch in_proj_weight [3E, E] (only when kdim = vdim = E)
-    /// or q_proj_weight [E, E], k_proj_weight [E, kdim], v_proj_weight [E, vdim]; in_proj_bias
-    /// [3E]; out_proj.weight [E, E], out_proj.bias [E]. Or Hugging Face q_proj.weight,
-    /// k_proj.weight, v_proj.weight, out_proj.weight, each with an optional .bias.
+    /// Weights: PyTorch, Hugging Face, diffusers or T5 names under --prefix, detected (see the
+    /// list after the options); biases where the file has them; the inner width (heads × head
+    /// dim) comes from the weights.
     ///
     /// The masks and logit controls of `xattn run` apply to the attention inside, with heads =
-    /// --heads and d = E / H; --key-padding-mask adds PyTorch's padding mask (true = ignore).
-    /// A query row left with no key gets a zero attention output, so out = b_o there (PyTorch
-    /// gives NaN).
+    /// --heads and d = inner width / H; --key-padding-mask adds PyTorch's padding mask (true =
+    /// ignore). A query row left with no key gets a zero attention output, so out = b_o there,
+    /// as PyTorch gives with need_weights=False (with need_weights=True it gives NaN).
     Mha(mha::MhaArgs),
     /// Time the attention paths on standard or custom shapes.
     ///

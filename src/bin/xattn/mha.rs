@@ -1,10 +1,12 @@
-//! `xattn mha`: a multi-head attention layer (PyTorch `nn.MultiheadAttention`, batch first) on
-//! `.npy` inputs, its weights read from a safetensors file.
+//! `xattn mha`: a multi-head attention layer (PyTorch `nn.MultiheadAttention`, the
+//! cross-attention of Hugging Face and diffusers models; batch first) on `.npy` inputs, its
+//! weights read from a safetensors file.
 //!
 //! As in `xattn run`, everything that can be checked on the host is checked before a device is
-//! opened: the inputs' shapes against each other, the head counts against E, the weights file
-//! against the sizes the inputs imply (the loader reads the file on the host), the key padding
-//! mask, the masks and the output folders. Errors name the flag and file they come from.
+//! opened: the inputs' shapes against each other, the head counts against the layer's inner
+//! width (read from the weights file), the weights file against the sizes the inputs imply (the
+//! loader reads the file on the host), the key padding mask, the masks and the output folders.
+//! Errors name the flag and file they come from.
 
 use std::io::Read;
 use std::path::{Path as FsPath, PathBuf};
@@ -12,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Args;
-use xattn::mha::MhaWeights;
+use xattn::mha::weights::{LayerFile, Names};
 use xattn::plan::Request;
 use xattn::{Attention, Context, Engine, MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights};
 
@@ -22,27 +24,46 @@ use crate::outputs::Outputs;
 use crate::run::out_dims;
 use crate::{open_file, parse_finite_f32, three_pass_limit, CliError, CliResult};
 
-/// Options of `xattn mha` (layouts and weight names in the subcommand's help in `main.rs`).
+/// Which names each model saves and whether it scales its logits, shown after `xattn mha --help`.
+const MODELS: &str = "\
+Models (--names is detected from the names under --prefix; pass it when a prefix holds several):
+  PyTorch nn.MultiheadAttention  --names pytorch    in_proj_weight [3E, E] or q_proj_weight,
+      k_proj_weight, v_proj_weight; in_proj_bias; out_proj.weight, out_proj.bias. Scale 1/sqrt(d).
+  Whisper, BART (Hugging Face)   --names hf         q_proj, k_proj, v_proj, out_proj (.weight,
+      .bias where saved), e.g. --prefix model.decoder.layers.0.encoder_attn. Scale 1/sqrt(d).
+  diffusers Attention            --names diffusers  to_q, to_k, to_v (usually unbiased), to_out.0,
+      e.g. --prefix down_blocks.1.attentions.0.transformer_blocks.0.attn2. Scale 1/sqrt(d).
+  T5 (Hugging Face)              --names t5         q, k, v, o (no biases), e.g. --prefix
+      decoder.block.0.layer.1.EncDecAttention. T5 does not scale its logits: pass --scale 1.
+The inner width (heads x head dim) is the rows of the query projection, so layers where it
+differs from E (T5 v1.1, some diffusers blocks) load as saved; --heads must divide it.";
+
+/// Options of `xattn mha` (layouts in the subcommand's help in `main.rs`, models in [`MODELS`]).
 #[derive(Debug, Args)]
+#[command(after_long_help = MODELS)]
 pub struct MhaArgs {
-    /// Layer weights: a safetensors file (f32, f16 or bf16 tensors) with PyTorch or Hugging Face
-    /// names under --prefix.
+    /// Layer weights: a safetensors file (f32, f16 or bf16 tensors) with PyTorch, Hugging Face,
+    /// diffusers or T5 names under --prefix.
     #[arg(long, value_name = "FILE")]
     weights: PathBuf,
     /// What precedes the layer's tensor names in the file, trailing dot included, e.g.
-    /// `decoder.layers.0.encoder_attn.`. Default: none.
+    /// `model.decoder.layers.0.encoder_attn.`. Default: none.
     #[arg(long, value_name = "P", default_value = "", hide_default_value = true)]
     prefix: String,
-    /// Query heads; E (the last dim of --query) must be a multiple of it. Head dim = E / H.
+    /// The names to read under --prefix: pytorch, hf, diffusers or t5. Default: the one family
+    /// whose query projection is there (needed only when a prefix holds more than one).
+    #[arg(long, value_name = "SET")]
+    names: Option<Names>,
+    /// Query heads; the inner width (rows of the query projection in --weights: E in most
+    /// models) must be a multiple of it. Head dim = inner width / H.
     #[arg(long, value_name = "H", value_parser = positive)]
     heads: usize,
-    /// Key/value heads (GQA/MQA: the K and V projections output N · E/H features); must divide
-    /// --heads. Default: --heads.
+    /// Key/value heads (GQA/MQA: the K and V projections output N · head dim features); must
+    /// divide --heads. Default: --heads.
     #[arg(long, value_name = "N", value_parser = positive)]
     kv_heads: Option<usize>,
-    /// The layer has no biases (PyTorch bias=False); a bias tensor in the file is then an error.
-    /// Without it, PyTorch names must include in_proj_bias and out_proj.bias, while Hugging Face
-    /// names may leave a projection without its .bias (it then adds nothing).
+    /// Ignore the biases in --weights: the layer adds none. Without it each projection adds the
+    /// bias the file holds for it, if any.
     #[arg(long)]
     no_bias: bool,
     /// Query input, float32 [batch, M, E] or [M, E].
@@ -70,7 +91,8 @@ pub struct MhaArgs {
     /// with --mask: fold it into the mask file instead.
     #[arg(long, value_name = "FILE")]
     key_padding_mask: Option<PathBuf>,
-    /// Logit scale; default 1/sqrt(E/H), as in PyTorch.
+    /// Logit scale; default 1/sqrt(head dim), as in PyTorch MHA, Whisper, BART and diffusers.
+    /// T5 does not scale its logits: pass --scale 1.
     #[arg(long, allow_negative_numbers = true, value_parser = parse_finite_f32)]
     scale: Option<f32>,
     #[command(flatten)]
@@ -150,91 +172,67 @@ fn same_axis(a: &Input, b: &Input, axis: usize, what: &str) -> CliResult<()> {
     )))
 }
 
-/// The tensor-name prefixes under which `bytes` (a safetensors file) holds projection weights.
-fn layer_prefixes(bytes: &[u8]) -> Vec<String> {
-    let Ok(st) = safetensors::SafeTensors::deserialize(bytes) else {
-        return Vec::new();
-    };
-    let mut prefixes: Vec<String> = st
-        .names()
-        .into_iter()
-        .filter_map(|name| {
-            ["in_proj_weight", "q_proj_weight", "q_proj.weight"]
-                .iter()
-                .find_map(|suffix| name.strip_suffix(suffix))
-                .map(str::to_string)
-        })
-        .collect();
-    prefixes.sort_unstable();
-    prefixes.dedup();
-    prefixes
-}
-
-/// A hint for a failed load: a prefix missing its dot, a bias setting the other way round, or
-/// the prefixes the file does use. Empty when none applies.
-fn load_hint(bytes: &[u8], prefix: &str, config: &MhaConfig) -> String {
-    let loads = |prefix: &str, config: &MhaConfig| {
-        MhaWeights::from_safetensors(bytes, prefix, config).is_ok()
-    };
-    if !prefix.is_empty() && !prefix.ends_with('.') && loads(&format!("{prefix}."), config) {
+/// A hint for a layer not found under `prefix`: a prefix missing its dot, or several name
+/// families to choose from. Empty when none applies.
+fn open_hint(bytes: &[u8], prefix: &str, names: Option<Names>) -> String {
+    let opens = |prefix: &str, names| LayerFile::open(bytes, prefix, names).is_ok();
+    if !prefix.is_empty() && !prefix.ends_with('.') && opens(&format!("{prefix}."), names) {
         return format!(" (did you mean --prefix `{prefix}.`? the prefix ends with the dot)");
     }
-    if loads(prefix, &config.with_bias(!config.bias)) {
-        return if config.bias {
-            " (the file's layer has no biases: add --no-bias)".into()
-        } else {
-            " (the file's layer has biases: drop --no-bias)".into()
-        };
+    let families: Vec<&str> = Names::ALL
+        .into_iter()
+        .filter(|&n| names.is_none() && opens(prefix, Some(n)))
+        .map(Names::as_str)
+        .collect();
+    if families.len() > 1 {
+        return format!(" (choose one with --names {})", families.join("|"));
     }
-    let prefixes = layer_prefixes(bytes);
-    if prefixes.is_empty() || prefixes.iter().any(|p| p == prefix) {
-        return String::new();
-    }
-    let shown: Vec<String> = prefixes.iter().take(6).map(|p| format!("`{p}`")).collect();
-    format!(
-        " (the file has projection weights under --prefix {}{})",
-        shown.join(", "),
-        if prefixes.len() > shown.len() {
-            format!(" and {} more", prefixes.len() - shown.len())
-        } else {
-            String::new()
-        }
-    )
+    String::new()
 }
 
-/// Reads the layer's weights on the host; errors say which sizes came from which input.
-fn load_weights(args: &MhaArgs, config: &MhaConfig) -> CliResult<MhaWeights> {
-    let shown = args.weights.display();
-    let (mut file, len) = open_file(&args.weights)?;
+/// Reads the `--weights` file on the host.
+fn read_weights(path: &FsPath) -> CliResult<Vec<u8>> {
+    let (mut file, len) = open_file(path)?;
     let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
     file.read_to_end(&mut bytes)
-        .map_err(|e| CliError::new(format!("cannot read --weights {shown}: {e}")))?;
-    MhaWeights::from_safetensors(&bytes, &args.prefix, config).map_err(|e| {
-        let prefix = if args.prefix.is_empty() {
-            "no prefix".to_string()
-        } else {
-            format!("prefix `{}`", args.prefix)
-        };
-        CliError::new(format!(
-            "--weights {shown} ({prefix}; E {} from --query, kdim {} from --key, vdim {} from \
-             --value, {} heads{}, {}): {e}{}",
-            config.embed_dim,
-            config.kdim,
-            config.vdim,
-            config.num_heads,
-            if config.kv_heads == config.num_heads {
+        .map_err(|e| CliError::new(format!("cannot read --weights {}: {e}", path.display())))?;
+    Ok(bytes)
+}
+
+/// A failure reading the layer from `--weights`, with the prefix and, once the sizes are
+/// known, which input each came from; `hint` follows the message.
+fn weights_error(
+    args: &MhaArgs,
+    config: Option<&MhaConfig>,
+    e: xattn::Error,
+    hint: &str,
+) -> CliError {
+    let prefix = if args.prefix.is_empty() {
+        "no prefix".to_string()
+    } else {
+        format!("prefix `{}`", args.prefix)
+    };
+    let sizes = config.map_or(String::new(), |c| {
+        format!(
+            "; E {} from --query, kdim {} from --key, vdim {} from --value, inner width {} from \
+             the file, {} heads{}{}",
+            c.embed_dim,
+            c.kdim,
+            c.vdim,
+            c.inner_dim,
+            c.num_heads,
+            if c.kv_heads == c.num_heads {
                 String::new()
             } else {
-                format!(" / {} kv heads", config.kv_heads)
+                format!(" / {} kv heads", c.kv_heads)
             },
-            if config.bias {
-                "biases on"
-            } else {
-                "--no-bias"
-            },
-            load_hint(&bytes, &args.prefix, config)
-        ))
-    })
+            if c.bias { "" } else { ", --no-bias" },
+        )
+    });
+    CliError::new(format!(
+        "--weights {} ({prefix}{sizes}): {e}{hint}",
+        args.weights.display()
+    ))
 }
 
 /// Reads `--key-padding-mask` and checks it is `[batch, N]` (or `[N]` for 2-D inputs).
@@ -276,25 +274,37 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     let squeeze = q.two_d;
     let ([batch, m, e], [_, n, kdim], vdim) = (q.dims, k.dims, v.dims[2]);
 
+    let bytes = read_weights(&args.weights)?;
+    let file = LayerFile::open(&bytes, &args.prefix, args.names)
+        .map_err(|e| weights_error(args, None, e, &open_hint(&bytes, &args.prefix, args.names)))?;
+    let inner = file.inner_dim();
     let heads = args.heads;
     let kv_heads = args.kv_heads.unwrap_or(heads);
-    if e % heads != 0 {
+    if inner % heads != 0 {
         return Err(CliError::new(format!(
-            "--heads {heads} does not divide E = {e} (the last dim of {}); the head dim is E / H",
+            "--heads {heads} does not divide the inner width {inner} of the layer in --weights {} \
+             (heads × head dim; E = {e} from {})",
+            args.weights.display(),
             q.describe()
         )));
     }
-    if heads % kv_heads != 0 {
+    if !heads.is_multiple_of(kv_heads) {
         return Err(CliError::new(format!(
             "--kv-heads {kv_heads} does not divide --heads {heads}"
         )));
     }
     let config = MhaConfig::new(e, heads)
+        .with_inner_dim(inner)
         .with_kv_heads(kv_heads)
         .with_kdim(kdim)
         .with_vdim(vdim)
         .with_bias(!args.no_bias);
-    let weights = load_weights(args, &config)?;
+    let weights = file
+        .weights(&config)
+        .map_err(|e| weights_error(args, Some(&config), e, ""))?;
+    let names = file.names();
+    drop(file);
+    drop(bytes);
 
     let kpm = args
         .key_padding_mask
@@ -387,11 +397,13 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     } else {
         format!(" (masks: {})", masks.join(", "))
     };
-    let dims = if kdim == e && vdim == e {
-        format!("E{e}")
-    } else {
-        format!("E{e} kdim{kdim} vdim{vdim}")
-    };
+    let mut dims = format!("E{e}");
+    if inner != e {
+        dims += &format!(" inner{inner}");
+    }
+    if kdim != e || vdim != e {
+        dims += &format!(" kdim{kdim} vdim{vdim}");
+    }
     let weights = match need {
         NeedWeights::None => "",
         NeedWeights::Averaged => ", weights averaged",
@@ -399,7 +411,7 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     };
     // The shape shows GQA as `H8/2` (query heads / K/V heads).
     eprintln!(
-        "xattn: mha {shape} {dims}{masks}{weights} on {}: layer {run_ms:.1} ms, with uploads \
+        "xattn: mha {shape} {dims} ({names} names){masks}{weights} on {}: layer {run_ms:.1} ms, with uploads \
          and writes {total_ms:.1} ms",
         ctx.describe(),
     );
