@@ -427,16 +427,23 @@ impl Engine {
     ) -> Result<Prepared> {
         let masks = self.upload_masks(&plan, opts)?;
         let slots = self.slots(&plan, (q, k, v), &masks, &out)?;
-        // Buffers of its own, not the shared pool's: work it recorded into a caller's encoder
-        // may still be unsubmitted when it is dropped.
+        Ok(Prepared {
+            call: self.bind_plan(&plan, &slots)?,
+            plan,
+            out,
+        })
+    }
+
+    /// Binds any plan to these buffers for repeated runs (the layer's way in). The bound call
+    /// keeps buffers of its own, not the shared pool's: work it recorded into a caller's
+    /// encoder may still be unsubmitted when it is dropped.
+    pub(crate) fn bind_plan(&self, plan: &Plan, slots: &HashMap<Slot, &Tensor>) -> Result<Bound> {
         let own = Default::default();
         let bound = self
             .ctx
-            .scoped(|| executor::bind(&self.ctx, (&self.cache, &own), &plan, &slots))?;
-        Ok(Prepared {
+            .scoped(|| executor::bind(&self.ctx, (&self.cache, &own), plan, slots))?;
+        Ok(Bound {
             ctx: self.ctx.clone(),
-            plan,
-            out,
             bound,
         })
     }
@@ -602,21 +609,24 @@ impl Engine {
 /// reads the inputs' contents at that time.
 #[derive(Debug)]
 pub struct Prepared {
-    ctx: Context,
+    call: Bound,
     plan: Plan,
     out: Output,
+}
+
+/// A plan bound to its buffers on one device: what prepared calls run.
+#[derive(Debug)]
+pub(crate) struct Bound {
+    ctx: Context,
     bound: executor::Bound,
 }
 
-impl Prepared {
-    /// Submits the call's passes and waits for them; reports any device error of this call.
-    pub fn run(&self) -> Result<()> {
+impl Bound {
+    pub(crate) fn run(&self) -> Result<()> {
         self.bound.submit(&self.ctx, None)
     }
 
-    /// [`Prepared::run`] as a future: submits now and resolves when the device has finished,
-    /// without blocking the awaiting thread (on native a waiter thread polls the device).
-    pub async fn run_async(&self) -> Result<()> {
+    pub(crate) async fn run_async(&self) -> Result<()> {
         let done = self.ctx.scoped(|| {
             let mut enc = self.ctx.device.create_command_encoder(&Default::default());
             self.bound.record(&mut enc, None);
@@ -629,11 +639,28 @@ impl Prepared {
         self.ctx.take_fault()
     }
 
+    pub(crate) fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
+        self.bound.record(encoder, None);
+    }
+}
+
+impl Prepared {
+    /// Submits the call's passes and waits for them; reports any device error of this call.
+    pub fn run(&self) -> Result<()> {
+        self.call.run()
+    }
+
+    /// [`Prepared::run`] as a future: submits now and resolves when the device has finished,
+    /// without blocking the awaiting thread (on native a waiter thread polls the device).
+    pub async fn run_async(&self) -> Result<()> {
+        self.call.run_async().await
+    }
+
     /// Records the call's passes into the caller's encoder, after whatever the caller
     /// recorded before and before what it records next; neither submits nor waits. Device
     /// errors of the recorded work surface where the caller submits (in its error scopes).
     pub fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
-        self.bound.record(encoder, None);
+        self.call.encode(encoder);
     }
 
     /// O `[batch, M, q_heads, d_v]`, as of the last completed run.

@@ -45,6 +45,6 @@ pub use error::{Error, Result};
 pub use gpu::context::Context;
 pub use gpu::tensor::Tensor;
 pub use mask::Alignment;
-pub use mha::{MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights};
+pub use mha::{MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights, PreparedLayer};
 pub use plan::{Path, Plan};
 pub use shape::AttnShape;

@@ -412,10 +412,23 @@ impl MultiHeadAttention {
         value: &Tensor,
         opts: &MhaOptions,
     ) -> Result<MhaOutput> {
+        self.prepare(query, key, value, opts)?.finish()
+    }
+
+    /// [`MultiHeadAttention::forward`] validated, planned and bound once: the projections,
+    /// the attention and the output projection run again with no allocation, reading
+    /// `query`, `key` and `value` as they are at each run.
+    pub fn prepare(
+        &self,
+        query: &Tensor,
+        key: &Tensor,
+        value: &Tensor,
+        opts: &MhaOptions,
+    ) -> Result<PreparedLayer> {
         let c = &self.config;
         let [batch, n, _] = dims3(key, "key", [None, None, Some(c.kdim)])?;
         dims3(value, "value", [Some(batch), Some(n), Some(c.vdim)])?;
-        self.run_forward(query, Source::Raw { key, value }, batch, n, opts)
+        self.prepare_forward(query, Source::Raw { key, value }, batch, n, opts)
     }
 
     /// [`MultiHeadAttention::forward`] reading K/V from a cache this layer projected. Equal to
@@ -426,6 +439,18 @@ impl MultiHeadAttention {
         cache: &SourceCache,
         opts: &MhaOptions,
     ) -> Result<MhaOutput> {
+        self.prepare_cached(query, cache, opts)?.finish()
+    }
+
+    /// [`MultiHeadAttention::forward_cached`] prepared once (see
+    /// [`MultiHeadAttention::prepare`]): a decoder step that writes the next query into
+    /// `query` and runs again.
+    pub fn prepare_cached(
+        &self,
+        query: &Tensor,
+        cache: &SourceCache,
+        opts: &MhaOptions,
+    ) -> Result<PreparedLayer> {
         if cache.layer_id != self.id {
             return Err(Error::Argument(format!(
                 "this source cache was projected by layer #{}, not by this layer (#{}): \
@@ -433,17 +458,17 @@ impl MultiHeadAttention {
                 cache.layer_id, self.id
             )));
         }
-        self.run_forward(query, Source::Cached(cache), cache.batch, cache.n, opts)
+        self.prepare_forward(query, Source::Cached(cache), cache.batch, cache.n, opts)
     }
 
-    fn run_forward(
+    fn prepare_forward(
         &self,
         query: &Tensor,
         source: Source,
         batch: usize,
         n: usize,
         opts: &MhaOptions,
-    ) -> Result<MhaOutput> {
+    ) -> Result<PreparedLayer> {
         let c = self.config;
         let [_, m, _] = dims3(query, "query", [Some(batch), None, Some(c.embed_dim)])?;
         let shape = c.attn_shape(batch, m, n);
@@ -557,8 +582,46 @@ impl MultiHeadAttention {
             _ => {}
         }
         self.bind_weights(&mut slots);
-        self.engine.execute(&plan, &slots)?;
-        Ok(MhaOutput { out, weights })
+        Ok(PreparedLayer {
+            call: self.engine.bind_plan(&plan, &slots)?,
+            output: MhaOutput { out, weights },
+        })
+    }
+}
+
+/// A layer forward bound once ([`MultiHeadAttention::prepare`],
+/// [`MultiHeadAttention::prepare_cached`]).
+#[derive(Debug)]
+pub struct PreparedLayer {
+    call: crate::engine::Bound,
+    output: MhaOutput,
+}
+
+impl PreparedLayer {
+    /// Submits the forward pass and waits; reports any device error of this call.
+    pub fn run(&self) -> Result<()> {
+        self.call.run()
+    }
+
+    /// [`PreparedLayer::run`] as a future that does not block the awaiting thread.
+    pub async fn run_async(&self) -> Result<()> {
+        self.call.run_async().await
+    }
+
+    /// Records the forward pass into the caller's encoder; neither submits nor waits.
+    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
+        self.call.encode(encoder);
+    }
+
+    /// The layer output `[batch, M, embed_dim]` (and weights, if requested), as of the last
+    /// completed run.
+    pub fn output(&self) -> &MhaOutput {
+        &self.output
+    }
+
+    fn finish(self) -> Result<MhaOutput> {
+        self.run()?;
+        Ok(self.output)
     }
 }
 

@@ -231,6 +231,35 @@ fn source_cache_equals_recompute_and_belongs_to_its_layer() {
     assert!(err.contains("source cache was projected by layer"), "{err}");
 }
 
+/// A prepared decoder step (cached source) run again after writing the next query gives,
+/// bit for bit, what a fresh `forward_cached` gives for that query.
+#[test]
+fn a_prepared_decoder_step_equals_forward_cached() {
+    let Some(engine) = engine() else { return };
+    let c = MhaConfig::new(48, 6).with_kdim(20).with_vdim(20);
+    let layer = MultiHeadAttention::new(engine, c, &random_weights(&c, 90)).unwrap();
+    let src = upload3(engine, &random(2 * 40 * 20, 1.0, 91), [2, 40, 20]);
+    let cache = layer.project_source(&src, &src).unwrap();
+    let q = upload3(engine, &random(2 * 48, 1.0, 92), [2, 1, 48]);
+    let opts = MhaOptions::default();
+    let step = layer.prepare_cached(&q, &cache, &opts).unwrap();
+    for i in 0..3 {
+        let query = random(2 * 48, 1.0, 93 + i);
+        q.write(&query).unwrap();
+        step.output().out.fill(f32::NAN).unwrap();
+        step.run().unwrap();
+        let prepared = step.output().out.to_host().unwrap();
+        let fresh = layer
+            .forward_cached(&q, &cache, &opts)
+            .unwrap()
+            .out
+            .to_host()
+            .unwrap();
+        assert_eq!(prepared, fresh, "step {i}");
+        assert!(prepared.iter().all(|x| x.is_finite()));
+    }
+}
+
 #[test]
 fn bad_layer_input_gets_a_typed_error() {
     let Some(engine) = engine() else { return };
