@@ -1,6 +1,7 @@
 //! Whisper-shaped cross-attention in a decoder loop: the encoder output (1500 frames × 384,
 //! Whisper tiny) is projected into K/V once with `project_source`, then each of 32 decoder
-//! steps attends to it with one new token (`forward_cached`). The same steps are run again
+//! steps attends to it with one new token (`forward_cached`, and a step prepared once with
+//! `prepare_cached`, the query written into its input each step). The same steps are run again
 //! with `forward`, which re-projects the 1500-row source every step, to show what the cache
 //! saves. Both paths must give bit-identical outputs; the last step is also checked against the
 //! f64 CPU reference.
@@ -82,8 +83,24 @@ fn run() -> AnyResult<()> {
     };
     let (cached_ms, cached_out) = timed(true)?;
     let (full_ms, full_out) = timed(false)?;
+    // The decoder's own loop: one prepared step, the next query written into its input.
+    let q_step = engine.upload(&queries_host[0], &[1, 1, e])?;
+    let step = layer.prepare_cached(&q_step, &cache, &opts)?;
+    step.run()?;
+    let (mut prepared_ms, mut prepared_out) = (Vec::new(), Vec::new());
+    for q in &queries_host {
+        let start = Instant::now();
+        q_step.write(q)?;
+        step.run()?;
+        prepared_out.push(step.output().out.to_host()?);
+        prepared_ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    if prepared_out != cached_out {
+        return Err("the prepared step and forward_cached differ".into());
+    }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     for (name, ms) in [
+        ("prepared, cached", &prepared_ms),
         ("with source cache", &cached_ms),
         ("without (re-project)", &full_ms),
     ] {

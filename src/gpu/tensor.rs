@@ -181,14 +181,16 @@ impl Tensor {
         self.len() as u64 * F32
     }
 
-    /// Overwrites the contents with `data` (same number of elements).
+    /// Overwrites the contents with `data` (same number of elements). Does not wait: the
+    /// write takes effect before any work submitted after it (a decoder writes the next query,
+    /// then runs its prepared step).
     pub fn write(&self, data: &[f32]) -> Result<()> {
         check_len("write", &self.dims, data.len())?;
         self.ctx.scoped(|| {
             self.ctx
                 .queue
                 .write_buffer(&self.buffer, self.offset, bytemuck::cast_slice(data));
-            self.ctx.check()
+            Ok(())
         })
     }
 
