@@ -424,3 +424,56 @@ fn async_run_and_readback_match_the_reference() {
         );
     }
 }
+
+/// Resident memory of this process, from /proc (Linux), in bytes.
+fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// Two thousand one-shot calls keep the process's memory flat: what a call allocates (outputs,
+/// masks, bind groups) is freed, and scratch and params come back to the pool.
+#[test]
+fn two_thousand_calls_keep_memory_flat() {
+    let Some(engine) = engine() else { return };
+    let Some(_) = rss_bytes() else {
+        eprintln!("no /proc/self/statm here; nothing to measure");
+        return;
+    };
+    let s = AttnShape {
+        batch: 1,
+        m: 4,
+        n: 64,
+        q_heads: 2,
+        kv_heads: 2,
+        d_k: 8,
+        d_v: 8,
+    };
+    let (q, k, v) = qkv(&s, 1.0, 3);
+    let (tq, tk, tv) = (
+        engine.upload(&q, &s.q_dims()).unwrap(),
+        engine.upload(&k, &s.k_dims()).unwrap(),
+        engine.upload(&v, &s.v_dims()).unwrap(),
+    );
+    let opts = Attention::default().with_path(xattn::Path::SplitK);
+    let call = || {
+        let out = engine.attention(&tq, &tk, &tv, &opts).unwrap();
+        out.o.to_host().unwrap()
+    };
+    for _ in 0..200 {
+        call();
+    }
+    let before = rss_bytes().unwrap();
+    for _ in 0..2000 {
+        call();
+    }
+    let after = rss_bytes().unwrap();
+    let growth = after.saturating_sub(before);
+    eprintln!("2,000 calls: resident memory {before} → {after} bytes");
+    assert!(
+        growth < 8 << 20,
+        "2,000 calls grew resident memory by {} KiB ({before} → {after} bytes)",
+        growth >> 10
+    );
+}
