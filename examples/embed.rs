@@ -5,6 +5,8 @@
 //!
 //! `cargo run --release --example embed`
 
+mod common;
+
 use xattn::{Attention, AttnShape, Context, Engine, Tensor};
 
 /// The app's own kernel: the query of step `step`, q[i] = ((7i + 13·step) mod 17)/8 − 1 (exact
@@ -191,18 +193,7 @@ fn main() -> xattn::Result<()> {
         &v_host,
         f64::from(opts.scale_for(s.d_k)),
     );
-    let max_err = got
-        .iter()
-        .zip(&want.o)
-        .map(|(&g, &w)| (f64::from(g) - w).abs())
-        // A NaN (an element never written) makes the maximum NaN, never hides.
-        .fold(0.0, |a: f64, e| {
-            if a.is_nan() || e.is_nan() {
-                f64::NAN
-            } else {
-                a.max(e)
-            }
-        });
+    let max_err = common::max_abs_err(&got, &want.o);
     println!("last step: max |O − reference| = {max_err:.2e}");
     if max_err.is_nan() || max_err > 1e-4 {
         eprintln!("embed: the last step differs from the CPU reference");

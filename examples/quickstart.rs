@@ -3,6 +3,8 @@
 //!
 //! `cargo run --release --example quickstart`
 
+mod common;
+
 use rand::{Rng, SeedableRng};
 
 fn main() -> xattn::Result<()> {
@@ -47,18 +49,7 @@ fn main() -> xattn::Result<()> {
     };
     let reference =
         xattn::cpu::reference::attention(&shape, &q, &k, &v, f64::from(opts.scale_for(d)));
-    let max_err = o
-        .iter()
-        .zip(&reference.o)
-        .map(|(&g, &w)| (f64::from(g) - w).abs())
-        // A NaN (an element never written) makes the maximum NaN, never hides.
-        .fold(0.0, |a: f64, e| {
-            if a.is_nan() || e.is_nan() {
-                f64::NAN
-            } else {
-                a.max(e)
-            }
-        });
+    let max_err = common::max_abs_err(&o, &reference.o);
     println!("max |O − reference| = {max_err:.2e}");
     if max_err.is_nan() || max_err > 1e-4 {
         eprintln!("quickstart: result differs from the CPU reference");

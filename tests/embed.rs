@@ -27,6 +27,19 @@ fn app_device(engine: &Engine) -> (Context, Arc<Mutex<Vec<String>>>) {
     (Context::from_wgpu(device, queue).unwrap(), seen)
 }
 
+type HostQkv = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// Seeded Q, K, V for `s`, on the host and uploaded.
+fn uploaded(engine: &Engine, s: &AttnShape, seed: u64) -> (HostQkv, (Tensor, Tensor, Tensor)) {
+    let (q, k, v) = qkv(s, 1.0, seed);
+    let t = (
+        engine.upload(&q, &s.q_dims()).unwrap(),
+        engine.upload(&k, &s.k_dims()).unwrap(),
+        engine.upload(&v, &s.v_dims()).unwrap(),
+    );
+    ((q, k, v), t)
+}
+
 #[test]
 fn public_handles_are_send_and_sync() {
     fn both<T: Send + Sync>() {}
@@ -363,12 +376,7 @@ fn repeated_calls_reuse_pooled_buffers() {
         d_k: 8,
         d_v: 8,
     };
-    let (q, k, v) = qkv(&s, 1.0, 81);
-    let (tq, tk, tv) = (
-        engine.upload(&q, &s.q_dims()).unwrap(),
-        engine.upload(&k, &s.k_dims()).unwrap(),
-        engine.upload(&v, &s.v_dims()).unwrap(),
-    );
+    let (_, (tq, tk, tv)) = uploaded(&engine, &s, 81);
     for path in xattn::Path::ALL {
         let opts = Attention::default().with_path(path);
         engine.attention(&tq, &tk, &tv, &opts).unwrap();
@@ -399,12 +407,7 @@ fn async_run_and_readback_match_the_reference() {
         d_k: 12,
         d_v: 12,
     };
-    let (q, k, v) = qkv(&s, 1.0, 91);
-    let (tq, tk, tv) = (
-        engine.upload(&q, &s.q_dims()).unwrap(),
-        engine.upload(&k, &s.k_dims()).unwrap(),
-        engine.upload(&v, &s.v_dims()).unwrap(),
-    );
+    let ((q, k, v), (tq, tk, tv)) = uploaded(engine, &s, 91);
     for path in xattn::Path::ALL {
         let opts = Attention::default().with_path(path);
         let call = engine.prepare(&tq, &tk, &tv, &opts).unwrap();
@@ -450,12 +453,7 @@ fn two_thousand_calls_keep_memory_flat() {
         d_k: 8,
         d_v: 8,
     };
-    let (q, k, v) = qkv(&s, 1.0, 3);
-    let (tq, tk, tv) = (
-        engine.upload(&q, &s.q_dims()).unwrap(),
-        engine.upload(&k, &s.k_dims()).unwrap(),
-        engine.upload(&v, &s.v_dims()).unwrap(),
-    );
+    let (_, (tq, tk, tv)) = uploaded(engine, &s, 3);
     let opts = Attention::default().with_path(xattn::Path::SplitK);
     let call = || {
         let out = engine.attention(&tq, &tk, &tv, &opts).unwrap();

@@ -11,6 +11,20 @@ use xattn::{Attention, MhaConfig};
 
 pub type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// max |got − want|; a NaN (an element never written) makes it NaN, never hides.
+pub fn max_abs_err(got: &[f32], want: &[f64]) -> f64 {
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| (f64::from(g) - w).abs())
+        .fold(0.0, |a: f64, e| {
+            if a.is_nan() || e.is_nan() {
+                f64::NAN
+            } else {
+                a.max(e)
+            }
+        })
+}
+
 /// Runs an example's body; an error prints `<name>: <error>` and exits with 1.
 pub fn exit_on_error(name: &str, run: fn() -> AnyResult<()>) {
     if let Err(e) = run() {
@@ -90,16 +104,7 @@ pub fn check_rows(
         &Masking::default(),
     )
     .o;
-    let err = (pick(got).iter().zip(&want))
-        .map(|(&g, &r)| (f64::from(g) - r).abs())
-        // A NaN (an element never written) makes the maximum NaN, never hides.
-        .fold(0.0, |a: f64, e| {
-            if a.is_nan() || e.is_nan() {
-                f64::NAN
-            } else {
-                a.max(e)
-            }
-        });
+    let err = max_abs_err(&pick(got), &want);
     let bound = 1e-3 * want.iter().fold(0.0, |m: f64, x| m.max(x.abs()));
     println!(
         "vs f64 reference on {} row(s): max |err| = {err:.2e} (bound {bound:.2e})",

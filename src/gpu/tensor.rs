@@ -201,24 +201,23 @@ impl Tensor {
 
     /// Copies the tensor back to the host, waiting for all queued work.
     pub fn to_host(&self) -> Result<Vec<f32>> {
-        self.ctx.scoped(|| self.read_back())
+        self.ctx.scoped(|| {
+            let staging = self.stage();
+            let (tx, rx) = std::sync::mpsc::channel();
+            staging.map_async(wgpu::MapMode::Read, .., move |r| {
+                let _ = tx.send(r);
+            });
+            self.ctx.check()?;
+            read_mapped(&staging, rx.recv().ok())
+        })
     }
 
     /// [`Tensor::to_host`] as a future that does not block the awaiting thread (on native a
     /// waiter thread polls the device).
     pub async fn to_host_async(&self) -> Result<Vec<f32>> {
-        let size = self.byte_len();
-        let (staging, done) = self.ctx.scoped(|| {
-            let staging = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("xattn.readback"),
-                size,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-            enc.copy_buffer_to_buffer(&self.buffer, self.offset, &staging, 0, size);
-            self.ctx.queue.submit([enc.finish()]);
-            let mapped = Arc::new(Mutex::new(None));
+        let (staging, (done, mapped)) = self.ctx.scoped(|| {
+            let staging = self.stage();
+            let mapped: MapOutcome = Arc::default();
             let result = mapped.clone();
             let done = self.ctx.completion(|fire| {
                 staging.map_async(wgpu::MapMode::Read, .., move |r| {
@@ -228,23 +227,14 @@ impl Tensor {
             });
             Ok((staging, (done, mapped)))
         })?;
-        let (done, mapped) = done;
         done.await;
         self.ctx.take_fault()?;
         let outcome = mapped.lock().unwrap_or_else(|p| p.into_inner()).take();
-        outcome
-            .ok_or_else(|| Error::DeviceLost("readback callback never ran".into()))?
-            .map_err(|e| Error::Gpu(format!("mapping the readback buffer failed: {e}")))?;
-        let view = staging
-            .get_mapped_range(..)
-            .map_err(|e| Error::Gpu(format!("reading the readback buffer failed: {e}")))?;
-        let out = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
-        drop(view);
-        staging.unmap();
-        Ok(out)
+        read_mapped(&staging, outcome)
     }
 
-    fn read_back(&self) -> Result<Vec<f32>> {
+    /// Submits a copy of the tensor into a new mappable buffer.
+    fn stage(&self) -> wgpu::Buffer {
         let size = self.byte_len();
         let staging = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("xattn.readback"),
@@ -260,20 +250,26 @@ impl Tensor {
             });
         enc.copy_buffer_to_buffer(&self.buffer, self.offset, &staging, 0, size);
         self.ctx.queue.submit([enc.finish()]);
-        let (tx, rx) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        self.ctx.check()?;
-        rx.recv()
-            .map_err(|_| Error::DeviceLost("readback callback never ran".into()))?
-            .map_err(|e| Error::Gpu(format!("mapping the readback buffer failed: {e}")))?;
-        let view = staging
-            .get_mapped_range(..)
-            .map_err(|e| Error::Gpu(format!("reading the readback buffer failed: {e}")))?;
-        let out = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
-        drop(view);
-        staging.unmap();
-        Ok(out)
+        staging
     }
+}
+
+/// Where a `map_async` callback leaves its outcome.
+type MapOutcome = Arc<Mutex<Option<std::result::Result<(), wgpu::BufferAsyncError>>>>;
+
+/// The contents of a staging buffer whose mapping finished with `outcome`.
+fn read_mapped(
+    staging: &wgpu::Buffer,
+    outcome: Option<std::result::Result<(), wgpu::BufferAsyncError>>,
+) -> Result<Vec<f32>> {
+    outcome
+        .ok_or_else(|| Error::DeviceLost("readback callback never ran".into()))?
+        .map_err(|e| Error::Gpu(format!("mapping the readback buffer failed: {e}")))?;
+    let view = staging
+        .get_mapped_range(..)
+        .map_err(|e| Error::Gpu(format!("reading the readback buffer failed: {e}")))?;
+    let out = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
+    drop(view);
+    staging.unmap();
+    Ok(out)
 }
