@@ -33,18 +33,24 @@
 pub mod cpu;
 mod engine;
 mod error;
+// Internals, public for the tests, the CLI and the benches; what a user needs is re-exported
+// below.
+#[doc(hidden)]
 pub mod gpu;
 pub mod mask;
 pub mod mha;
+#[doc(hidden)]
 pub mod params;
+#[doc(hidden)]
 pub mod plan;
 pub mod shape;
 
 pub use engine::{Attention, Engine, HostOutput, MaskInputs, Output, Prepared};
 pub use error::{Error, Result};
 pub use gpu::context::Context;
+pub use gpu::executor::GpuTimer;
 pub use gpu::tensor::Tensor;
 pub use mask::Alignment;
 pub use mha::{MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights, PreparedLayer};
-pub use plan::{Path, Plan};
+pub use plan::{loop_cap_of, DeviceCaps, Path, Plan, Request, LLVMPIPE_LOOP_CAP};
 pub use shape::AttnShape;

@@ -1,17 +1,27 @@
 //! CPU code: the independent reference and the CPU twins of each kernel.
 //!
-//! The reference ([`reference`]) is naive, accumulates in f64 and shares nothing with the
+//! The reference ([`mod@reference`]) is naive, accumulates in f64 and shares nothing with the
 //! kernels: it is the oracle every GPU path is tested against. The twins mirror the WGSL
 //! loops one for one (same tiling, same f32 arithmetic order where it matters) so a reader
 //! can hold a shader beside its twin, and so the algorithm of each kernel is tested on its
 //! own, without a GPU.
 
-pub mod flash;
-pub mod linear;
-pub mod mask;
-pub mod mean_heads;
-pub mod merge_partials;
-pub mod qk_scores;
 pub mod reference;
+
+// The twins: internals, public for the tests.
+#[doc(hidden)]
+pub mod flash;
+#[doc(hidden)]
+pub mod linear;
+#[doc(hidden)]
+pub mod mask;
+#[doc(hidden)]
+pub mod mean_heads;
+#[doc(hidden)]
+pub mod merge_partials;
+#[doc(hidden)]
+pub mod qk_scores;
+#[doc(hidden)]
 pub mod softmax_rows;
+#[doc(hidden)]
 pub mod weighted_sum;
