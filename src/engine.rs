@@ -628,9 +628,7 @@ impl Bound {
 
     pub(crate) async fn run_async(&self) -> Result<()> {
         let done = self.ctx.scoped(|| {
-            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
-            self.bound.record(&mut enc, None);
-            self.ctx.queue.submit([enc.finish()]);
+            self.bound.enqueue(&self.ctx, None);
             Ok(self
                 .ctx
                 .completion(|fire| self.ctx.queue.on_submitted_work_done(fire)))

@@ -951,16 +951,15 @@ fn check_loops(steps: &[Step], caps: &DeviceCaps) -> Result<()> {
     for step in steps {
         let Step::Dispatch(d) = step else { continue };
         let (cost, len) = d.kernel.loop_cost(&d.params);
-        let trips = cost.trips(len);
-        if trips >= cap {
+        let most = caps.loop_len(&cost);
+        if len > most {
             return Err(limit_err(
                 format!(
-                    "{} over {len} {} (at most {} fit one dispatch on this device)",
+                    "{} over {len} {} (at most {most} fit one dispatch on this device)",
                     d.kernel.name(),
                     d.kernel.long_loop(),
-                    cost.max_len(cap - 1),
                 ),
-                trips,
+                cost.trips(len),
                 "loop iterations per invocation (Mesa llvmpipe ends loops past it)",
                 cap,
             ));

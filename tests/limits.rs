@@ -13,18 +13,6 @@ use xattn::cpu::reference;
 use xattn::plan::{DeviceCaps, Plan, Request, Step, LLVMPIPE_LOOP_CAP};
 use xattn::{Alignment, Attention, AttnShape, Engine, Error, HostOutput, Path};
 
-fn shape(batch: usize, m: usize, n: usize, q_heads: usize, kv_heads: usize, d: usize) -> AttnShape {
-    AttnShape {
-        batch,
-        m,
-        n,
-        q_heads,
-        kv_heads,
-        d_k: d,
-        d_v: d,
-    }
-}
-
 /// The test engine planning with llvmpipe's loop cap, whatever the adapter.
 fn capped(engine: &Engine) -> Engine {
     let caps = DeviceCaps {

@@ -67,14 +67,6 @@ impl GpuTimer {
     }
 }
 
-/// A buffer range a step reads or writes: a tensor's, or a whole scratch buffer.
-#[derive(Clone, Copy)]
-struct Range<'a> {
-    buffer: &'a wgpu::Buffer,
-    offset: u64,
-    size: Option<wgpu::BufferSize>,
-}
-
 /// One recorded operation of a bound plan.
 #[derive(Debug)]
 enum Op {
@@ -119,18 +111,18 @@ pub fn bind(
             (*slot, *size, pool.take(&ctx.device, &label, *size, usage))
         })
         .collect();
-    let buffer = |slot: Slot| -> Result<Range> {
+    let buffer = |slot: Slot| -> Result<wgpu::BufferBinding> {
         // A pooled buffer may be larger: bind the plan's size.
         let own = scratch
             .iter()
             .find(|(s, ..)| *s == slot)
-            .map(|(_, size, b)| Range {
+            .map(|(_, size, b)| wgpu::BufferBinding {
                 buffer: b.buffer(),
                 offset: 0,
                 size: wgpu::BufferSize::new((*size).max(4)),
             });
         own.or_else(|| {
-            slots.get(&slot).map(|t| Range {
+            slots.get(&slot).map(|t| wgpu::BufferBinding {
                 buffer: t.buffer(),
                 offset: t.offset(),
                 size: wgpu::BufferSize::new(t.byte_len()),
@@ -196,14 +188,9 @@ pub fn bind(
                     }),
                 }];
                 for (i, slot) in d.buffers.iter().enumerate() {
-                    let r = buffer(*slot)?;
                     entries.push(wgpu::BindGroupEntry {
                         binding: i as u32 + 1,
-                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: r.buffer,
-                            offset: r.offset,
-                            size: r.size,
-                        }),
+                        resource: wgpu::BindingResource::Buffer(buffer(*slot)?),
                     });
                 }
                 let group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -268,16 +255,21 @@ impl Bound {
         }
     }
 
+    /// Records into a new encoder and submits; neither waits nor opens error scopes.
+    pub fn enqueue(&self, ctx: &Context, timer: Option<&GpuTimer>) {
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("xattn.plan"),
+            });
+        self.record(&mut enc, timer);
+        ctx.queue.submit([enc.finish()]);
+    }
+
     /// Records, submits and waits; reports any device error of this call.
     pub fn submit(&self, ctx: &Context, timer: Option<&GpuTimer>) -> Result<()> {
         ctx.scoped(|| {
-            let mut enc = ctx
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("xattn.plan"),
-                });
-            self.record(&mut enc, timer);
-            ctx.queue.submit([enc.finish()]);
+            self.enqueue(ctx, timer);
             ctx.check()
         })
     }

@@ -220,7 +220,8 @@ pub fn budget_masked(
     }
 }
 
-fn shape(batch: usize, m: usize, n: usize, hq: usize, hkv: usize, d: usize) -> AttnShape {
+/// A shape with `d_k = d_v = d`.
+pub fn shape(batch: usize, m: usize, n: usize, hq: usize, hkv: usize, d: usize) -> AttnShape {
     AttnShape {
         batch,
         m,
