@@ -4,13 +4,14 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
-use crate::gpu::executor::{self, GpuTimer};
+use crate::gpu::executor::{self, Bindings, GpuTimer};
 use crate::gpu::pipelines::PipelineCache;
 use crate::gpu::pool::BufferPool;
 use crate::gpu::tensor::Tensor;
-use crate::mask::{Alignment, Broadcast, KeySegment, Masking, Window};
-use crate::plan::{linear_steps, DeviceCaps, LayerSlot, Path, Plan, Proj, Request, Slot};
-use crate::shape::AttnShape;
+use crate::mask::{Alignment, Broadcast, KeySegment, MaskSpec, Masking, Window};
+use crate::plan::{self, DeviceCaps, MergePlan, Path, Plan, Request};
+use crate::program::Program;
+use crate::shape::{AttnShape, F32};
 
 /// Options of one attention call: scale, path, and the masks and logit controls of
 /// [`crate::mask`] (where their semantics are spelled out).
@@ -150,13 +151,16 @@ pub struct MaskInputs {
 }
 
 impl MaskInputs {
-    pub(crate) fn lens(&self) -> &Tensor {
+    /// `[q_lens; batch] ++ [kv_lens; batch]` as u32 (a plan's `io.lens`).
+    pub fn lens(&self) -> &Tensor {
         &self.lens
     }
-    pub(crate) fn mask(&self) -> &Tensor {
+    /// The packed bool-mask bits (a plan's `io.mask`).
+    pub fn mask(&self) -> &Tensor {
         &self.mask
     }
-    pub(crate) fn bias(&self) -> &Tensor {
+    /// The additive bias as the kernels read it (a plan's `io.bias`).
+    pub fn bias(&self) -> &Tensor {
         &self.bias
     }
 }
@@ -210,14 +214,14 @@ fn dims4(t: &Tensor, name: &str) -> Result<[usize; 4]> {
 impl Engine {
     /// An engine on `ctx` planning for the device's own limits and quirks.
     pub fn new(ctx: &Context) -> Self {
-        Self::with_caps(ctx, DeviceCaps::of(ctx))
+        Self::with_caps(ctx, ctx.caps())
     }
 
     /// An engine that plans as if the device's limits were `caps` (each clamped to the real
     /// limit; a loop cap of the adapter's stays). Lets tests and users force the
     /// work-splitting paths, the loop-cap splits included on any device.
     pub fn with_caps(ctx: &Context, caps: DeviceCaps) -> Self {
-        let real = DeviceCaps::of(ctx);
+        let real = ctx.caps();
         let caps = DeviceCaps {
             max_binding: caps.max_binding.min(real.max_binding),
             max_buffer: caps.max_buffer.min(real.max_buffer),
@@ -265,17 +269,14 @@ impl Engine {
             )));
         }
         let rows = lead.iter().product::<usize>();
-        let [xs, ws, bs, ys] = [
-            LayerSlot::Query,
-            LayerSlot::Weight(Proj::Q),
-            LayerSlot::Bias(Proj::Q),
-            LayerSlot::Out,
-        ]
-        .map(Slot::Layer);
-        let steps = linear_steps(
-            rows,
-            in_dim,
-            *out_dim,
+        let mut program = Program::new();
+        let xs = program.input("x", (rows * in_dim) as u64 * F32);
+        let ws = program.input("w", (*out_dim * in_dim) as u64 * F32);
+        let bs = program.input("b", b.map_or(F32, |_| *out_dim as u64 * F32));
+        let ys = program.output("y", (rows * *out_dim) as u64 * F32);
+        plan::linear(
+            &mut program,
+            (rows, in_dim, *out_dim),
             [xs, ws, bs, ys],
             b.is_some(),
             &self.caps,
@@ -292,15 +293,33 @@ impl Engine {
                 &no_bias
             }
         };
-        let plan = Plan::steps_only(steps, "linear");
-        let slots = HashMap::from([(xs, x), (ws, w), (bs, b), (ys, &y)]);
-        self.execute(&plan, &slots)?;
+        self.execute(
+            &program,
+            &HashMap::from([(xs, x), (ws, w), (bs, b), (ys, &y)]),
+        )?;
         Ok(y)
     }
 
-    /// Runs any plan with these buffers for its non-scratch slots (the layer's way in).
-    pub(crate) fn execute(&self, plan: &Plan, slots: &HashMap<Slot, &Tensor>) -> Result<()> {
-        executor::run(&self.ctx, (&self.cache, &self.pool), plan, slots, None)
+    /// Runs any program once with these tensors for its inputs and outputs (the layer's way
+    /// in), scratch from the pool.
+    pub(crate) fn execute(&self, program: &Program, tensors: &Bindings) -> Result<()> {
+        self.execute_timed(program, tensors, None)
+    }
+
+    fn execute_timed(
+        &self,
+        program: &Program,
+        tensors: &Bindings,
+        timer: Option<&GpuTimer>,
+    ) -> Result<()> {
+        plan::check_loops(program, &self.caps)?;
+        executor::run(
+            &self.ctx,
+            (&self.cache, &self.pool),
+            program,
+            tensors,
+            timer,
+        )
     }
 
     /// Scratch and params buffers this engine's pool has created so far (a loop of calls of
@@ -332,13 +351,23 @@ impl Engine {
     /// Uploads the lengths, mask and bias of `opts` for `plan` (which must come from the same
     /// options).
     pub fn upload_masks(&self, plan: &Plan, opts: &Attention) -> Result<MaskInputs> {
+        self.upload_mask_inputs(&plan.shape, &plan.masks, opts)
+    }
+
+    /// The mask inputs of `opts` for a program planned with `spec` on `shape`.
+    pub(crate) fn upload_mask_inputs(
+        &self,
+        shape: &AttnShape,
+        spec: &MaskSpec,
+        opts: &Attention,
+    ) -> Result<MaskInputs> {
         let m = &opts.masking;
-        if m.spec(&plan.shape)? != plan.masks {
+        if m.spec(shape)? != *spec {
             return Err(Error::Argument(
                 "the plan was made with other masks than these options".into(),
             ));
         }
-        let lens = m.lens_words(&plan.shape);
+        let lens = m.lens_words(shape);
         let placeholder = [0u32];
         let mask = m.mask_words();
         let mask = mask.as_deref().unwrap_or(&placeholder);
@@ -354,7 +383,7 @@ impl Engine {
     /// Allocates outputs for `plan` (O, LSE and, if planned, weights).
     pub fn alloc_output(&self, plan: &Plan) -> Result<Output> {
         let s = plan.shape;
-        let wants_weights = plan.outputs.iter().any(|(slot, _)| *slot == Slot::Weights);
+        let wants_weights = plan.io.weights.is_some();
         Ok(Output {
             o: Tensor::empty(&self.ctx, "o", &s.o_dims())?,
             lse: Tensor::empty(&self.ctx, "lse", &s.lse_dims())?,
@@ -426,22 +455,23 @@ impl Engine {
         out: Output,
     ) -> Result<Prepared> {
         let masks = self.upload_masks(&plan, opts)?;
-        let slots = self.slots(&plan, (q, k, v), &masks, &out)?;
+        let tensors = self.tensors(&plan, (q, k, v), &masks, &out)?;
         Ok(Prepared {
-            call: self.bind_plan(&plan, &slots)?,
+            call: self.bind_program(&plan.program, &tensors)?,
             plan,
             out,
         })
     }
 
-    /// Binds any plan to these buffers for repeated runs (the layer's way in). The bound call
-    /// keeps buffers of its own, not the shared pool's: work it recorded into a caller's
+    /// Binds any program to these tensors for repeated runs (the layer's way in). The bound
+    /// call keeps buffers of its own, not the shared pool's: work it recorded into a caller's
     /// encoder may still be unsubmitted when it is dropped.
-    pub(crate) fn bind_plan(&self, plan: &Plan, slots: &HashMap<Slot, &Tensor>) -> Result<Bound> {
+    pub(crate) fn bind_program(&self, program: &Program, tensors: &Bindings) -> Result<Bound> {
+        plan::check_loops(program, &self.caps)?;
         let own = Default::default();
         let bound = self
             .ctx
-            .scoped(|| executor::bind(&self.ctx, (&self.cache, &own), plan, slots))?;
+            .scoped(|| executor::bind(&self.ctx, (&self.cache, &own), program, tensors))?;
         Ok(Bound {
             ctx: self.ctx.clone(),
             bound,
@@ -462,19 +492,18 @@ impl Engine {
         out: &Output,
         timer: Option<&GpuTimer>,
     ) -> Result<()> {
-        let slots = self.slots(plan, (q, k, v), masks, out)?;
-        executor::run(&self.ctx, (&self.cache, &self.pool), plan, &slots, timer)
+        let tensors = self.tensors(plan, (q, k, v), masks, out)?;
+        self.execute_timed(&plan.program, &tensors, timer)
     }
 
-    /// The tensors of a call by slot, checked against the plan's dims; outputs may not share
-    /// a buffer with inputs.
-    fn slots<'a>(
+    /// The tensors of a call by buffer id, checked against the plan's dims.
+    fn tensors<'a>(
         &self,
         plan: &Plan,
         (q, k, v): (&'a Tensor, &'a Tensor, &'a Tensor),
         masks: &'a MaskInputs,
         out: &'a Output,
-    ) -> Result<HashMap<Slot, &'a Tensor>> {
+    ) -> Result<Bindings<'a>> {
         let s = plan.shape;
         let expect = |t: &Tensor, name: &str, dims: &[usize]| -> Result<()> {
             if t.dims() != dims {
@@ -490,36 +519,30 @@ impl Engine {
         expect(v, "v", &s.v_dims())?;
         expect(&out.o, "output o", &s.o_dims())?;
         expect(&out.lse, "output lse", &s.lse_dims())?;
-        // wgpu tracks usage per whole buffer: one dispatch cannot read a buffer and write it.
-        let outputs = [Some(&out.o), Some(&out.lse), out.weights.as_ref()];
-        let inputs = [q, k, v, &masks.lens, &masks.mask, &masks.bias];
-        if let Some(shared) = outputs
-            .into_iter()
-            .flatten()
-            .find(|o| inputs.iter().any(|i| i.buffer() == o.buffer()))
-        {
-            return Err(Error::Argument(format!(
-                "an output {:?} shares its wgpu buffer with an input; wgpu cannot bind one buffer \
-                 for reading and writing in a dispatch, so outputs need buffers of their own \
-                 (inputs may share one)",
-                shared.dims()
-            )));
-        }
-        let mut slots: HashMap<Slot, &Tensor> = HashMap::from([
-            (Slot::Q, q),
-            (Slot::K, k),
-            (Slot::V, v),
-            (Slot::Lens, &masks.lens),
-            (Slot::MaskBits, &masks.mask),
-            (Slot::Bias, &masks.bias),
-            (Slot::O, &out.o),
-            (Slot::Lse, &out.lse),
+        let io = &plan.io;
+        let mut tensors: Bindings = HashMap::from([
+            (io.q, q),
+            (io.k, k),
+            (io.v, v),
+            (io.lens, &masks.lens),
+            (io.mask, &masks.mask),
+            (io.bias, &masks.bias),
+            (io.o, &out.o),
+            (io.lse, &out.lse),
         ]);
-        if let Some(w) = &out.weights {
-            expect(w, "output weights", &s.weights_dims())?;
-            slots.insert(Slot::Weights, w);
+        match (io.weights, &out.weights) {
+            (Some(id), Some(w)) => {
+                expect(w, "output weights", &s.weights_dims())?;
+                tensors.insert(id, w);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(Error::Argument(
+                    "the output has weights iff the plan computes them".into(),
+                ))
+            }
         }
-        Ok(slots)
+        Ok(tensors)
     }
 
     /// Attention on host slices: uploads, runs, downloads. `q_dims` etc. as in the layouts above.
@@ -572,15 +595,15 @@ impl Engine {
                 )));
             }
         }
-        let plan = Plan::merge(&shape, shards.len(), &self.caps)?;
+        let plan = MergePlan::new(&shape, shards.len(), &self.caps)?;
         let o = Tensor::empty(&self.ctx, "merged_o", &shape.o_dims())?;
         let lse = Tensor::empty(&self.ctx, "merged_lse", &shape.lse_dims())?;
-        let mut slots: HashMap<Slot, &Tensor> = HashMap::from([(Slot::O, &o), (Slot::Lse, &lse)]);
-        for (i, (so, sl)) in shards.iter().enumerate() {
-            slots.insert(Slot::ShardO(i), so);
-            slots.insert(Slot::ShardLse(i), sl);
+        let mut tensors: Bindings = HashMap::from([(plan.o, &o), (plan.lse, &lse)]);
+        for ((so, sl), (o_id, lse_id)) in shards.iter().zip(&plan.shards) {
+            tensors.insert(*o_id, so);
+            tensors.insert(*lse_id, sl);
         }
-        executor::run(&self.ctx, (&self.cache, &self.pool), &plan, &slots, None)?;
+        self.execute(&plan.program, &tensors)?;
         Ok((o, lse))
     }
 

@@ -37,12 +37,16 @@ mod error;
 // below.
 #[doc(hidden)]
 pub mod gpu;
+#[doc(hidden)]
+pub mod kernels;
 pub mod mask;
 pub mod mha;
 #[doc(hidden)]
 pub mod params;
 #[doc(hidden)]
 pub mod plan;
+#[doc(hidden)]
+pub mod program;
 pub mod shape;
 
 pub use engine::{Attention, Engine, HostOutput, MaskInputs, Output, Prepared};

@@ -22,8 +22,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::engine::{Attention, Engine};
 use crate::error::{Error, Result};
+use crate::gpu::executor::Bindings;
 use crate::gpu::tensor::Tensor;
-use crate::plan::{linear_steps, mean_heads_step, LayerSlot, Plan, Proj, Request, Slot};
+use crate::plan::{self, AttnIo, DeviceCaps, Path, Request};
+use crate::program::{BufferId, Program};
 use crate::shape::{AttnShape, F32};
 
 pub use weights::MhaWeights;
@@ -266,7 +268,186 @@ pub struct MultiHeadAttention {
     no_bias: Tensor,
 }
 
+/// The four projections of a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Proj {
+    /// W^Q.
+    Q,
+    /// W^K.
+    K,
+    /// W^V.
+    V,
+    /// W^O.
+    O,
+}
+
 const PROJS: [Proj; 4] = [Proj::Q, Proj::K, Proj::V, Proj::O];
+
+fn f32_bytes(elems: usize) -> u64 {
+    elems as u64 * F32
+}
+
+/// Declares each projection's weight and bias (one placeholder element where it has none).
+fn declare_params(program: &mut Program, c: &MhaConfig, has_bias: [bool; 4]) -> [[BufferId; 2]; 4] {
+    let (e, inner, kv) = (c.embed_dim, c.inner_dim, c.kv_dim());
+    let sizes = [(inner, e), (kv, c.kdim), (kv, c.vdim), (e, inner)];
+    let names = ["q", "k", "v", "o"];
+    std::array::from_fn(|i| {
+        let (out, inp) = sizes[i];
+        [
+            program.input(&format!("w_{}", names[i]), f32_bytes(out * inp)),
+            program.input(
+                &format!("b_{}", names[i]),
+                f32_bytes(if has_bias[i] { out } else { 1 }),
+            ),
+        ]
+    })
+}
+
+/// A layer forward as one program (see [`layer_program`]) and its buffers.
+#[derive(Clone, Debug)]
+pub struct LayerProgram {
+    /// Projections, attention and output projection.
+    pub program: Program,
+    /// Query input `[batch, M, embed_dim]`.
+    pub query: BufferId,
+    /// Key and value: the raw inputs `[batch, N, kdim]` and `[batch, N, vdim]`, or a
+    /// cache's projected K and V `[batch, N, kv_heads, head_dim]`.
+    pub source: [BufferId; 2],
+    /// Weight and bias of W^Q, W^K, W^V, W^O.
+    pub params: [[BufferId; 2]; 4],
+    /// The attention's lengths, mask and bias inputs.
+    pub masks: [BufferId; 3],
+    /// Layer output `[batch, M, embed_dim]`.
+    pub out: BufferId,
+    /// Weights per head `[batch, heads, M, N]` or averaged `[batch, M, N]`, as asked.
+    pub weights: Option<BufferId>,
+    /// The attention's path.
+    pub path: Path,
+    /// The attention's tiling (for people).
+    pub tiling: String,
+}
+
+/// The forward program of a layer with sizes `c` for the attention `req` (its shape from
+/// [`MhaConfig::attn_shape`], `req.weights` iff `need` asks for weights): Q (and, unless
+/// `cached`, K and V) projections, the attention on their outputs, weights averaged over
+/// heads where asked, and W^O.
+pub fn layer_program(
+    c: &MhaConfig,
+    req: &Request,
+    cached: bool,
+    need: NeedWeights,
+    has_bias: [bool; 4],
+    caps: &DeviceCaps,
+) -> Result<LayerProgram> {
+    let s = req.shape;
+    let (batch, m, n) = (s.batch, s.m, s.n);
+    let mut program = Program::new();
+    let query = program.input("query", f32_bytes(batch * m * c.embed_dim));
+    let kv_bytes = f32_bytes(batch * n * c.kv_dim());
+    let source = if cached {
+        [
+            program.input("cached_k", kv_bytes),
+            program.input("cached_v", kv_bytes),
+        ]
+    } else {
+        [
+            program.input("key", f32_bytes(batch * n * c.kdim)),
+            program.input("value", f32_bytes(batch * n * c.vdim)),
+        ]
+    };
+    let params = declare_params(&mut program, c, has_bias);
+    let [lens, mask, bias] = plan::mask_input_bytes(&s, &req.masks);
+    let masks = [
+        program.input("lens", lens),
+        program.input("mask", mask),
+        program.input("bias", bias),
+    ];
+    let out = program.output("out", f32_bytes(batch * m * c.embed_dim));
+    let p_bytes = f32_bytes(s.weights_dims().iter().product());
+    let (p, weights) = match need {
+        NeedWeights::None => (None, None),
+        NeedWeights::PerHead => {
+            let w = program.output("weights", p_bytes);
+            (Some(w), Some(w))
+        }
+        NeedWeights::Averaged => (
+            Some(program.scratch("weights_per_head", p_bytes)),
+            Some(program.output("mean_weights", f32_bytes(batch * m * n))),
+        ),
+    };
+    let rows_q = batch * m;
+    let q_bytes = f32_bytes(rows_q * c.inner_dim);
+    let io = AttnIo {
+        q: program.scratch("q", q_bytes),
+        k: if cached {
+            source[0]
+        } else {
+            program.scratch("k", kv_bytes)
+        },
+        v: if cached {
+            source[1]
+        } else {
+            program.scratch("v", kv_bytes)
+        },
+        lens: masks[0],
+        mask: masks[1],
+        bias: masks[2],
+        o: program.scratch("o", q_bytes),
+        lse: program.scratch("lse", f32_bytes(s.lse_dims().iter().product())),
+        weights: p,
+    };
+    let proj = |program: &mut Program, i: usize, dims, x, y| {
+        let [w, b] = params[i];
+        plan::linear(program, dims, [x, w, b, y], has_bias[i], caps)
+    };
+    proj(
+        &mut program,
+        0,
+        (rows_q, c.embed_dim, c.inner_dim),
+        query,
+        io.q,
+    )?;
+    if !cached {
+        proj(
+            &mut program,
+            1,
+            (batch * n, c.kdim, c.kv_dim()),
+            source[0],
+            io.k,
+        )?;
+        proj(
+            &mut program,
+            2,
+            (batch * n, c.vdim, c.kv_dim()),
+            source[1],
+            io.v,
+        )?;
+    }
+    let (path, tiling) = plan::attention(req, caps, &mut program, &io)?;
+    if let (NeedWeights::Averaged, Some(p), Some(mean)) = (need, p, weights) {
+        plan::mean_heads(&mut program, &s, [p, mean], caps)?;
+    }
+    proj(
+        &mut program,
+        3,
+        (rows_q, c.inner_dim, c.embed_dim),
+        io.o,
+        out,
+    )?;
+    plan::check_loops(&program, caps)?;
+    Ok(LayerProgram {
+        program,
+        query,
+        source,
+        params,
+        masks,
+        out,
+        weights,
+        path,
+        tiling: format!("projections: 64×64 linear tiles; attention: {tiling}"),
+    })
+}
 
 fn dims3(t: &Tensor, name: &str, want: [Option<usize>; 3]) -> Result<[usize; 3]> {
     let dims: [usize; 3] = t.dims().try_into().map_err(|_| {
@@ -339,24 +520,14 @@ impl MultiHeadAttention {
         &self.config
     }
 
-    fn proj_slots(&self, proj: Proj, x: Slot, y: Slot) -> [Slot; 4] {
-        [
-            x,
-            Slot::Layer(LayerSlot::Weight(proj)),
-            Slot::Layer(LayerSlot::Bias(proj)),
-            y,
-        ]
+    fn has_biases(&self) -> [bool; 4] {
+        self.biases.each_ref().map(Option::is_some)
     }
 
-    fn has_bias(&self, proj: Proj) -> bool {
-        self.biases[proj as usize].is_some()
-    }
-
-    fn bind_weights<'a>(&'a self, slots: &mut HashMap<Slot, &'a Tensor>) {
-        for (i, proj) in PROJS.iter().enumerate() {
-            slots.insert(Slot::Layer(LayerSlot::Weight(*proj)), &self.weights[i]);
-            let bias = self.biases[i].as_ref().unwrap_or(&self.no_bias);
-            slots.insert(Slot::Layer(LayerSlot::Bias(*proj)), bias);
+    fn bind_params<'a>(&'a self, ids: &[[BufferId; 2]; 4], tensors: &mut Bindings<'a>) {
+        for (i, [w, b]) in ids.iter().enumerate() {
+            tensors.insert(*w, &self.weights[i]);
+            tensors.insert(*b, self.biases[i].as_ref().unwrap_or(&self.no_bias));
         }
     }
 
@@ -366,22 +537,24 @@ impl MultiHeadAttention {
         let [batch, n, _] = dims3(key, "key", [None, None, Some(c.kdim)])?;
         dims3(value, "value", [Some(batch), Some(n), Some(c.vdim)])?;
         let caps = self.engine.caps();
-        let mut steps = linear_steps(
-            batch * n,
-            c.kdim,
-            c.kv_dim(),
-            self.proj_slots(Proj::K, Slot::Layer(LayerSlot::Key), Slot::K),
-            self.has_bias(Proj::K),
-            caps,
-        )?;
-        steps.extend(linear_steps(
-            batch * n,
-            c.vdim,
-            c.kv_dim(),
-            self.proj_slots(Proj::V, Slot::Layer(LayerSlot::Value), Slot::V),
-            self.has_bias(Proj::V),
-            caps,
-        )?);
+        let has_bias = self.has_biases();
+        let mut program = Program::new();
+        let key_in = program.input("key", f32_bytes(batch * n * c.kdim));
+        let value_in = program.input("value", f32_bytes(batch * n * c.vdim));
+        let params = declare_params(&mut program, c, has_bias);
+        let kv_bytes = f32_bytes(batch * n * c.kv_dim());
+        let k_out = program.output("cached_k", kv_bytes);
+        let v_out = program.output("cached_v", kv_bytes);
+        for (i, x, y, in_dim) in [(1, key_in, k_out, c.kdim), (2, value_in, v_out, c.vdim)] {
+            let [w, b] = params[i];
+            plan::linear(
+                &mut program,
+                (batch * n, in_dim, c.kv_dim()),
+                [x, w, b, y],
+                has_bias[i],
+                caps,
+            )?;
+        }
         let kv = [batch, n, c.kv_heads, c.head_dim()];
         let ctx = self.engine.context();
         let cache = SourceCache {
@@ -391,15 +564,14 @@ impl MultiHeadAttention {
             k: Tensor::empty(ctx, "cached_k", &kv)?,
             v: Tensor::empty(ctx, "cached_v", &kv)?,
         };
-        let plan = Plan::steps_only(steps, "K and V projections");
-        let mut slots = HashMap::from([
-            (Slot::Layer(LayerSlot::Key), key),
-            (Slot::Layer(LayerSlot::Value), value),
-            (Slot::K, &cache.k),
-            (Slot::V, &cache.v),
+        let mut tensors: Bindings = HashMap::from([
+            (key_in, key),
+            (value_in, value),
+            (k_out, &cache.k),
+            (v_out, &cache.v),
         ]);
-        self.bind_weights(&mut slots);
-        self.engine.execute(&plan, &slots)?;
+        self.bind_params(&params, &mut tensors);
+        self.engine.execute(&program, &tensors)?;
         Ok(cache)
     }
 
@@ -478,112 +650,46 @@ impl MultiHeadAttention {
             weights: need != NeedWeights::None,
             ..attention.request(shape)?
         };
-        let caps = self.engine.caps();
-        let attn = Plan::new(&req, caps)?;
-        let masks = self.engine.upload_masks(&attn, &attention)?;
-
-        let rows_q = batch * m;
-        let mut steps = linear_steps(
-            rows_q,
-            c.embed_dim,
-            c.inner_dim,
-            self.proj_slots(Proj::Q, Slot::Layer(LayerSlot::Query), Slot::Q),
-            self.has_bias(Proj::Q),
-            caps,
+        let layer = layer_program(
+            &c,
+            &req,
+            matches!(source, Source::Cached(_)),
+            need,
+            self.has_biases(),
+            self.engine.caps(),
         )?;
-        let kv_bytes = (batch * n * c.kv_dim()) as u64 * F32;
-        let mut scratch = vec![
-            (Slot::Q, (rows_q * c.inner_dim) as u64 * F32),
-            (Slot::O, (rows_q * c.inner_dim) as u64 * F32),
-            (Slot::Lse, (batch * c.num_heads * m) as u64 * F32),
-        ];
-        if let Source::Raw { .. } = source {
-            for (proj, x, y, in_dim) in [
-                (Proj::K, LayerSlot::Key, Slot::K, c.kdim),
-                (Proj::V, LayerSlot::Value, Slot::V, c.vdim),
-            ] {
-                steps.extend(linear_steps(
-                    batch * n,
-                    in_dim,
-                    c.kv_dim(),
-                    self.proj_slots(proj, Slot::Layer(x), y),
-                    self.has_bias(proj),
-                    caps,
-                )?);
-                scratch.push((y, kv_bytes));
-            }
-        }
-        steps.extend(attn.steps.iter().cloned());
-        scratch.extend(attn.scratch.iter().copied());
-        let weights_bytes = (batch * c.num_heads * m * n) as u64 * F32;
+        let masks = self
+            .engine
+            .upload_mask_inputs(&shape, &req.masks, &attention)?;
         let ctx = self.engine.context();
         let weights = match need {
             NeedWeights::None => None,
             NeedWeights::PerHead => {
                 Some(Tensor::empty(ctx, "weights", &[batch, c.num_heads, m, n])?)
             }
-            NeedWeights::Averaged => {
-                scratch.push((Slot::Weights, weights_bytes));
-                steps.push(mean_heads_step(
-                    &shape,
-                    Slot::Weights,
-                    Slot::Layer(LayerSlot::MeanWeights),
-                    caps,
-                )?);
-                Some(Tensor::empty(ctx, "mean_weights", &[batch, m, n])?)
-            }
+            NeedWeights::Averaged => Some(Tensor::empty(ctx, "mean_weights", &[batch, m, n])?),
         };
-        steps.extend(linear_steps(
-            rows_q,
-            c.inner_dim,
-            c.embed_dim,
-            self.proj_slots(Proj::O, Slot::O, Slot::Layer(LayerSlot::Out)),
-            self.has_bias(Proj::O),
-            caps,
-        )?);
         let out = Tensor::empty(ctx, "layer_out", &[batch, m, c.embed_dim])?;
-        let plan = Plan {
-            path: attn.path,
-            shape,
-            masks: attn.masks,
-            steps,
-            scratch,
-            outputs: Vec::new(),
-            tiling: format!(
-                "projections: 64×64 linear tiles; attention: {}",
-                attn.tiling
-            ),
+        let (key, value) = match source {
+            Source::Raw { key, value } => (key, value),
+            Source::Cached(cache) => (&cache.k, &cache.v),
         };
-
-        let mut slots: HashMap<Slot, &Tensor> = HashMap::from([
-            (Slot::Layer(LayerSlot::Query), query),
-            (Slot::Layer(LayerSlot::Out), &out),
-            (Slot::Lens, masks.lens()),
-            (Slot::MaskBits, masks.mask()),
-            (Slot::Bias, masks.bias()),
+        let [lens, mask, bias] = layer.masks;
+        let mut tensors: Bindings = HashMap::from([
+            (layer.query, query),
+            (layer.source[0], key),
+            (layer.source[1], value),
+            (lens, masks.lens()),
+            (mask, masks.mask()),
+            (bias, masks.bias()),
+            (layer.out, &out),
         ]);
-        match source {
-            Source::Raw { key, value } => {
-                slots.insert(Slot::Layer(LayerSlot::Key), key);
-                slots.insert(Slot::Layer(LayerSlot::Value), value);
-            }
-            Source::Cached(cache) => {
-                slots.insert(Slot::K, &cache.k);
-                slots.insert(Slot::V, &cache.v);
-            }
+        if let (Some(id), Some(w)) = (layer.weights, &weights) {
+            tensors.insert(id, w);
         }
-        match (&weights, need) {
-            (Some(w), NeedWeights::PerHead) => {
-                slots.insert(Slot::Weights, w);
-            }
-            (Some(w), NeedWeights::Averaged) => {
-                slots.insert(Slot::Layer(LayerSlot::MeanWeights), w);
-            }
-            _ => {}
-        }
-        self.bind_weights(&mut slots);
+        self.bind_params(&layer.params, &mut tensors);
         Ok(PreparedLayer {
-            call: self.engine.bind_plan(&plan, &slots)?,
+            call: self.engine.bind_program(&layer.program, &tensors)?,
             output: MhaOutput { out, weights },
         })
     }

@@ -1,15 +1,18 @@
 //! The scheduler: shape + options + device limits → a plan of dispatches and copies.
 //!
-//! A plan holds no wgpu objects. It names buffers by [`Slot`], lists every dispatch with its
-//! params and grid (already checked against the device's limits), and the scratch it needs.
-//! The executor (`gpu::executor`) turns it into passes.
+//! The planner builds a [`Program`]: every dispatch with its params and grid (already checked
+//! against the device's limits) over the buffers it declares. It holds no wgpu objects; the
+//! executor (`gpu::executor`) turns it into passes, the CPU executor (`cpu::program`) runs it
+//! through the kernels' twins.
 
 use std::fmt;
 
 use crate::error::{Error, Result};
-use crate::gpu::kernels::{Kernel, LoopCost};
+use crate::kernels::{Kernel, LoopCost};
 use crate::mask::MaskSpec;
 use crate::params::{flags, AttnParams, LinearParams};
+pub use crate::program::{human_bytes, Params};
+use crate::program::{BufferId, Program};
 use crate::shape::{AttnShape, F32};
 
 /// Which kernels compute the attention.
@@ -101,147 +104,12 @@ impl DeviceCaps {
         }
     }
 
-    /// The caps of an opened device: its limits and its adapter's quirks.
-    pub fn of(ctx: &crate::Context) -> Self {
-        Self {
-            loop_cap: loop_cap_of(&ctx.info),
-            ..Self::from_limits(&ctx.limits)
-        }
-    }
-
     /// The longest loop a kernel with `cost` may run on this device (unbounded without a cap).
     fn loop_len(&self, cost: &LoopCost) -> u64 {
         // Strictly under the cap: the iteration that reaches it is the one cut.
         self.loop_cap
             .map_or(u64::MAX, |cap| cost.max_len(cap.saturating_sub(1)))
     }
-}
-
-/// A buffer named by its role. The executor maps slots to real buffers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Slot {
-    /// Queries (input).
-    Q,
-    /// Keys (input).
-    K,
-    /// Values (input).
-    V,
-    /// `[q_lens; batch] ++ [kv_lens; batch]` as u32 (input).
-    Lens,
-    /// Packed bool-mask bits (input; a placeholder when unused).
-    MaskBits,
-    /// Additive bias (input; a placeholder when unused).
-    Bias,
-    /// Output O.
-    O,
-    /// Output LSE.
-    Lse,
-    /// Output weights P (three-pass only).
-    Weights,
-    /// M×N score/weight scratch of one chunk (three-pass).
-    Scores,
-    /// Stacked partial outputs `[splits, batch, M, q_heads, d_v]` (split-K, merge).
-    PartO,
-    /// Stacked partial statistics: split-K's max logit and ln(sum) `[splits, 2, batch, q_heads,
-    /// M]`, or the shards' LSE `[shards, batch, q_heads, M]` of an explicit merge.
-    PartLse,
-    /// Shard `i`'s O, an input of an explicit merge.
-    ShardO(usize),
-    /// Shard `i`'s LSE, an input of an explicit merge.
-    ShardLse(usize),
-    /// A buffer of a multi-head attention layer.
-    Layer(LayerSlot),
-}
-
-/// Buffers of a multi-head attention layer's forward pass (besides Q, K, V, O of attention).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LayerSlot {
-    /// Query input `[batch, M, embed_dim]`.
-    Query,
-    /// Key input `[batch, N, kdim]`.
-    Key,
-    /// Value input `[batch, N, vdim]`.
-    Value,
-    /// A projection weight `[out, in]`.
-    Weight(Proj),
-    /// A projection bias `[out]` (a placeholder when the layer has none).
-    Bias(Proj),
-    /// Layer output `[batch, M, embed_dim]`.
-    Out,
-    /// Weights averaged over heads `[batch, M, N]`.
-    MeanWeights,
-}
-
-/// The four projections of a multi-head attention layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Proj {
-    /// W^Q.
-    Q,
-    /// W^K.
-    K,
-    /// W^V.
-    V,
-    /// W^O.
-    O,
-}
-
-/// Uniform parameters of one dispatch.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Params {
-    /// Attention kernels (and merge, mean_heads).
-    Attn(AttnParams),
-    /// The `linear` kernel.
-    Linear(LinearParams),
-}
-
-impl Params {
-    /// The bytes uploaded to the uniform buffer.
-    pub fn bytes(&self) -> &[u8] {
-        match self {
-            Params::Attn(p) => bytemuck::bytes_of(p),
-            Params::Linear(p) => bytemuck::bytes_of(p),
-        }
-    }
-    /// The attention params; panics for a linear dispatch (a planner bug).
-    pub fn attn(&self) -> &AttnParams {
-        match self {
-            Params::Attn(p) => p,
-            Params::Linear(_) => panic!("a linear dispatch has no attention params"),
-        }
-    }
-}
-
-/// One compute dispatch.
-#[derive(Clone, Debug)]
-pub struct Dispatch {
-    /// Kernel and specialization.
-    pub kernel: Kernel,
-    /// Its uniform params.
-    pub params: Params,
-    /// Workgroups in x, y, z (each ≤ `max_workgroups`).
-    pub grid: [u32; 3],
-    /// Buffers for bindings 1.. (binding 0 is the params uniform).
-    pub buffers: Vec<Slot>,
-}
-
-/// A step of a plan, executed in order.
-#[derive(Clone, Debug)]
-pub enum Step {
-    /// Run a kernel.
-    Dispatch(Dispatch),
-    /// Copy bytes between buffers.
-    Copy {
-        /// Source buffer.
-        src: Slot,
-        /// Byte offset in the source.
-        src_offset: u64,
-        /// Destination buffer.
-        dst: Slot,
-        /// Byte offset in the destination.
-        dst_offset: u64,
-        /// Bytes to copy.
-        size: u64,
-    },
 }
 
 /// What to compute, as the planner needs it.
@@ -259,7 +127,59 @@ pub struct Request {
     pub masks: MaskSpec,
 }
 
-/// The work for one attention call.
+/// The buffers of one attention in a [`Program`]: declared by [`AttnIo::declare`] for a
+/// call of its own, or by a layer that feeds the attention from its projections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnIo {
+    /// Queries `[batch, M, q_heads, d_k]`.
+    pub q: BufferId,
+    /// Keys `[batch, N, kv_heads, d_k]`.
+    pub k: BufferId,
+    /// Values `[batch, N, kv_heads, d_v]`.
+    pub v: BufferId,
+    /// `[q_lens; batch] ++ [kv_lens; batch]` as u32.
+    pub lens: BufferId,
+    /// Packed bool-mask bits (one placeholder word when unused).
+    pub mask: BufferId,
+    /// Additive bias (one placeholder element when unused).
+    pub bias: BufferId,
+    /// O `[batch, M, q_heads, d_v]`.
+    pub o: BufferId,
+    /// LSE `[batch, q_heads, M]`.
+    pub lse: BufferId,
+    /// Weights P `[batch, q_heads, M, N]`, where asked for (three-pass).
+    pub weights: Option<BufferId>,
+}
+
+/// Bytes of the lengths, mask and bias inputs as the engine uploads them.
+pub fn mask_input_bytes(s: &AttnShape, masks: &MaskSpec) -> [u64; 3] {
+    let mask_words = masks
+        .mask_dims
+        .map_or(1, |d| d[0] * d[1] * d[2] * d[3].div_ceil(32));
+    let bias = masks.bias_dims.map_or(1, |d| d.iter().product());
+    [bytes(2 * s.batch), bytes(mask_words), bytes(bias)]
+}
+
+impl AttnIo {
+    /// Declares Q, K, V and the masks as inputs and O, LSE (and P if `weights`) as outputs.
+    pub fn declare(program: &mut Program, s: &AttnShape, masks: &MaskSpec, weights: bool) -> Self {
+        let size = |dims: Vec<usize>| bytes(dims.iter().product());
+        let [lens, mask, bias] = mask_input_bytes(s, masks);
+        Self {
+            q: program.input("q", size(s.q_dims().to_vec())),
+            k: program.input("k", size(s.k_dims().to_vec())),
+            v: program.input("v", size(s.v_dims().to_vec())),
+            lens: program.input("lens", lens),
+            mask: program.input("mask", mask),
+            bias: program.input("bias", bias),
+            o: program.output("o", size(s.o_dims().to_vec())),
+            lse: program.output("lse", size(s.lse_dims().to_vec())),
+            weights: weights.then(|| program.output("weights", size(s.weights_dims().to_vec()))),
+        }
+    }
+}
+
+/// The work for one attention call: its program and how it was chosen.
 #[derive(Clone, Debug)]
 pub struct Plan {
     /// The path chosen.
@@ -268,12 +188,10 @@ pub struct Plan {
     pub shape: AttnShape,
     /// Masks, lengths and logit controls baked into the params.
     pub masks: MaskSpec,
-    /// Steps in order.
-    pub steps: Vec<Step>,
-    /// Scratch buffers and their sizes in bytes (allocated by the executor).
-    pub scratch: Vec<(Slot, u64)>,
-    /// Output buffers and their sizes in bytes.
-    pub outputs: Vec<(Slot, u64)>,
+    /// The steps and buffers.
+    pub program: Program,
+    /// The call's buffers in `program`.
+    pub io: AttnIo,
     /// One line on the tiling (for people).
     pub tiling: String,
 }
@@ -307,168 +225,26 @@ fn limit_err(what: String, asked: u64, limit_name: &'static str, limit: u64) -> 
 }
 
 impl Plan {
-    /// Plans `req` for a device with `caps`.
+    /// Plans `req` for a device with `caps`: a program of its own, inputs and outputs
+    /// declared by [`AttnIo::declare`].
     pub fn new(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
-        let s = req.shape;
-        for (name, dims) in [
-            ("q", s.q_dims()),
-            ("k", s.k_dims()),
-            ("v", s.v_dims()),
-            ("output o", s.o_dims()),
-        ] {
-            check_binding(
-                &format!("{name} {dims:?} (bound whole to every kernel)"),
-                bytes(dims.iter().product()),
-                caps,
-            )?;
-        }
-        if let Some(d) = req.masks.mask_dims {
-            let words = d[0] * d[1] * d[2] * d[3].div_ceil(32);
-            check_binding(&format!("mask bits {d:?}"), bytes(words), caps)?;
-        }
-        if let Some(d) = req.masks.bias_dims {
-            check_binding(&format!("bias {d:?}"), bytes(d.iter().product()), caps)?;
-        }
-        let fused_ok = s.d_k <= FUSED_MAX_HEAD_DIM && s.d_v <= FUSED_MAX_HEAD_DIM;
-        let path = match req.path {
-            Some(p) => p,
-            None if req.weights || !fused_ok => Path::ThreePass,
-            None => {
-                let row_blocks = s.m.div_ceil(FUSED_ROWS as usize);
-                if row_blocks * s.bh() < TARGET_WORKGROUPS && s.n >= 2 * MIN_SPLIT_KEYS {
-                    Path::SplitK
-                } else {
-                    Path::Fused
-                }
-            }
-        };
-        if req.weights && path != Path::ThreePass {
-            return Err(Error::Unsupported(format!(
-                "the weights P are only produced by the three-pass path, not {}",
-                path.name()
-            )));
-        }
-        if path != Path::ThreePass && !fused_ok {
-            return Err(Error::Unsupported(format!(
-                "the {} path supports head dims up to {FUSED_MAX_HEAD_DIM}, got d_k {} d_v {}",
-                path.name(),
-                s.d_k,
-                s.d_v
-            )));
-        }
-        let mut plan = match path {
-            Path::ThreePass => three_pass(req, caps)?,
-            Path::Fused | Path::SplitK => {
-                let kernel = fused_kernel(&s, caps, !req.masks.is_empty())?;
-                // Where the device caps loop iterations, a source longer than one pass may
-                // walk is split (split-K) even when the fused path was asked for.
-                let params = Params::Attn(base_params(&s, req.scale, &req.masks));
-                let per_pass = caps.loop_len(&kernel.loop_cost(&params).0);
-                let per_pass = usize::try_from(per_pass).unwrap_or(usize::MAX);
-                if path == Path::Fused && s.n <= per_pass {
-                    fused(req, caps, kernel, None)?
-                } else {
-                    let splits = split_count(&s, caps, per_pass.max(1));
-                    fused(req, caps, kernel, Some(splits))?
-                }
-            }
-        };
-        check_loops(&plan.steps, caps)?;
-        plan.masks = req.masks;
-        plan.outputs
-            .push((Slot::O, bytes(s.o_dims().iter().product())));
-        plan.outputs
-            .push((Slot::Lse, bytes(s.lse_dims().iter().product())));
-        if req.weights {
-            let size = bytes(s.weights_dims().iter().product());
-            if size > caps.max_buffer {
-                return Err(limit_err(
-                    format!("weights {:?}", s.weights_dims()),
-                    size,
-                    "max_buffer_size",
-                    caps.max_buffer,
-                ));
-            }
-            plan.outputs.push((Slot::Weights, size));
-        }
-        Ok(plan)
-    }
-
-    /// Plans an exact merge of `shards` results over disjoint K/V of the same queries.
-    pub fn merge(shape: &AttnShape, shards: usize, caps: &DeviceCaps) -> Result<Plan> {
-        if shards == 0 {
-            return Err(Error::Shape("merge needs at least one shard".into()));
-        }
-        let o_bytes = bytes(shape.o_dims().iter().product());
-        let lse_bytes = bytes(shape.lse_dims().iter().product());
-        let mut steps = Vec::new();
-        for i in 0..shards {
-            steps.push(Step::Copy {
-                src: Slot::ShardO(i),
-                src_offset: 0,
-                dst: Slot::PartO,
-                dst_offset: i as u64 * o_bytes,
-                size: o_bytes,
-            });
-            steps.push(Step::Copy {
-                src: Slot::ShardLse(i),
-                src_offset: 0,
-                dst: Slot::PartLse,
-                dst_offset: i as u64 * lse_bytes,
-                size: lse_bytes,
-            });
-        }
-        let part_o = check_binding("stacked shard outputs", o_bytes * shards as u64, caps)?;
-        let part_lse = check_binding("stacked shard LSE", lse_bytes * shards as u64, caps)?;
-        steps.push(merge_step(shape, shards as u32, false, caps)?);
-        check_loops(&steps, caps)?;
+        let mut program = Program::new();
+        let io = AttnIo::declare(&mut program, &req.shape, &req.masks, req.weights);
+        let (path, tiling) = attention(req, caps, &mut program, &io)?;
+        check_loops(&program, caps)?;
         Ok(Plan {
-            path: Path::SplitK,
-            shape: *shape,
-            masks: MaskSpec::default(),
-            steps,
-            scratch: vec![(Slot::PartO, part_o), (Slot::PartLse, part_lse)],
-            outputs: vec![(Slot::O, o_bytes), (Slot::Lse, lse_bytes)],
-            tiling: format!("merge of {shards} shards, one invocation per output element"),
+            path,
+            shape: req.shape,
+            masks: req.masks,
+            program,
+            io,
+            tiling,
         })
-    }
-
-    /// A plan of bare steps on caller-supplied buffers (layers, projections).
-    pub fn steps_only(steps: Vec<Step>, what: &str) -> Plan {
-        Plan {
-            path: Path::Fused,
-            shape: AttnShape {
-                batch: 1,
-                m: 1,
-                n: 1,
-                q_heads: 1,
-                kv_heads: 1,
-                d_k: 1,
-                d_v: 1,
-            },
-            masks: MaskSpec::default(),
-            steps,
-            scratch: Vec::new(),
-            outputs: Vec::new(),
-            tiling: what.to_string(),
-        }
-    }
-
-    /// Bytes of scratch plus outputs this plan allocates on the device.
-    pub fn bytes_allocated(&self) -> u64 {
-        self.scratch
-            .iter()
-            .chain(&self.outputs)
-            .map(|(_, b)| b)
-            .sum()
     }
 
     /// Number of dispatches.
     pub fn dispatches(&self) -> usize {
-        self.steps
-            .iter()
-            .filter(|s| matches!(s, Step::Dispatch(_)))
-            .count()
+        self.program.dispatches().count()
     }
 }
 
@@ -479,43 +255,159 @@ impl fmt::Display for Plan {
         if !self.masks.is_empty() {
             writeln!(f, "  masks: {}", self.masks)?;
         }
-        let copies = self.steps.len() - self.dispatches();
-        writeln!(
-            f,
-            "  steps: {} dispatches, {} copies",
-            self.dispatches(),
-            copies
-        )?;
-        let mut kernels: Vec<String> = Vec::new();
-        for step in &self.steps {
-            if let Step::Dispatch(d) = step {
-                let label = d.kernel.label();
-                if !kernels.contains(&label) {
-                    kernels.push(label);
-                }
-            }
-        }
-        writeln!(f, "  kernels: {}", kernels.join(", "))?;
-        for (slot, size) in self.scratch.iter().chain(&self.outputs) {
-            writeln!(f, "  buffer {slot:?}: {}", human_bytes(*size))?;
-        }
-        write!(f, "  allocated: {}", human_bytes(self.bytes_allocated()))
+        write!(f, "{}", self.program)
     }
 }
 
-/// `1.5 MiB`-style sizes.
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut x = b as f64;
-    let mut u = 0;
-    while x >= 1024.0 && u + 1 < UNITS.len() {
-        x /= 1024.0;
-        u += 1;
+/// Appends the attention of `req` on `io`'s buffers to `program`: the planner. Returns the
+/// path chosen and a line on its tiling.
+pub fn attention(
+    req: &Request,
+    caps: &DeviceCaps,
+    program: &mut Program,
+    io: &AttnIo,
+) -> Result<(Path, String)> {
+    let s = req.shape;
+    assert_eq!(
+        req.weights,
+        io.weights.is_some(),
+        "the weights buffer is declared iff the request asks for P"
+    );
+    for (name, dims) in [
+        ("q", s.q_dims()),
+        ("k", s.k_dims()),
+        ("v", s.v_dims()),
+        ("output o", s.o_dims()),
+    ] {
+        check_binding(
+            &format!("{name} {dims:?} (bound whole to every kernel)"),
+            bytes(dims.iter().product()),
+            caps,
+        )?;
     }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{x:.1} {}", UNITS[u])
+    if let Some(d) = req.masks.mask_dims {
+        let words = d[0] * d[1] * d[2] * d[3].div_ceil(32);
+        check_binding(&format!("mask bits {d:?}"), bytes(words), caps)?;
+    }
+    if let Some(d) = req.masks.bias_dims {
+        check_binding(&format!("bias {d:?}"), bytes(d.iter().product()), caps)?;
+    }
+    if req.weights {
+        let size = bytes(s.weights_dims().iter().product());
+        if size > caps.max_buffer {
+            return Err(limit_err(
+                format!("weights {:?}", s.weights_dims()),
+                size,
+                "max_buffer_size",
+                caps.max_buffer,
+            ));
+        }
+    }
+    let fused_ok = s.d_k <= FUSED_MAX_HEAD_DIM && s.d_v <= FUSED_MAX_HEAD_DIM;
+    let path = match req.path {
+        Some(p) => p,
+        None if req.weights || !fused_ok => Path::ThreePass,
+        None => {
+            let row_blocks = s.m.div_ceil(FUSED_ROWS as usize);
+            if row_blocks * s.bh() < TARGET_WORKGROUPS && s.n >= 2 * MIN_SPLIT_KEYS {
+                Path::SplitK
+            } else {
+                Path::Fused
+            }
+        }
+    };
+    if req.weights && path != Path::ThreePass {
+        return Err(Error::Unsupported(format!(
+            "the weights P are only produced by the three-pass path, not {}",
+            path.name()
+        )));
+    }
+    if path != Path::ThreePass && !fused_ok {
+        return Err(Error::Unsupported(format!(
+            "the {} path supports head dims up to {FUSED_MAX_HEAD_DIM}, got d_k {} d_v {}",
+            path.name(),
+            s.d_k,
+            s.d_v
+        )));
+    }
+    match path {
+        Path::ThreePass => three_pass(req, caps, program, io),
+        Path::Fused | Path::SplitK => {
+            let kernel = fused_kernel(&s, caps, !req.masks.is_empty())?;
+            // Where the device caps loop iterations, a source longer than one pass may
+            // walk is split (split-K) even when the fused path was asked for.
+            let params = Params::Attn(base_params(&s, req.scale, &req.masks));
+            let per_pass = caps.loop_len(&kernel.loop_cost(&params).0);
+            let per_pass = usize::try_from(per_pass).unwrap_or(usize::MAX);
+            if path == Path::Fused && s.n <= per_pass {
+                fused(req, caps, kernel, None, program, io)
+            } else {
+                let splits = split_count(&s, caps, per_pass.max(1));
+                fused(req, caps, kernel, Some(splits), program, io)
+            }
+        }
+    }
+}
+
+/// An exact merge of results over disjoint K/V of the same queries: its program and buffers.
+#[derive(Clone, Debug)]
+pub struct MergePlan {
+    /// The copies into stacked partials and the merge.
+    pub program: Program,
+    /// Each shard's (O, LSE) inputs.
+    pub shards: Vec<(BufferId, BufferId)>,
+    /// Merged O.
+    pub o: BufferId,
+    /// Merged LSE.
+    pub lse: BufferId,
+}
+
+impl MergePlan {
+    /// Plans an exact merge of `shards` results over disjoint K/V of the same queries.
+    pub fn new(shape: &AttnShape, shards: usize, caps: &DeviceCaps) -> Result<MergePlan> {
+        if shards == 0 {
+            return Err(Error::Shape("merge needs at least one shard".into()));
+        }
+        let o_bytes = bytes(shape.o_dims().iter().product());
+        let lse_bytes = bytes(shape.lse_dims().iter().product());
+        let mut program = Program::new();
+        let inputs: Vec<(BufferId, BufferId)> = (0..shards)
+            .map(|i| {
+                (
+                    program.input(&format!("shard{i}.o"), o_bytes),
+                    program.input(&format!("shard{i}.lse"), lse_bytes),
+                )
+            })
+            .collect();
+        let o = program.output("o", o_bytes);
+        let lse = program.output("lse", lse_bytes);
+        let part_o = program.scratch(
+            "shard_o_stack",
+            check_binding("stacked shard outputs", o_bytes * shards as u64, caps)?,
+        );
+        let part_lse = program.scratch(
+            "shard_lse_stack",
+            check_binding("stacked shard LSE", lse_bytes * shards as u64, caps)?,
+        );
+        for (i, (so, sl)) in inputs.iter().enumerate() {
+            program.copy((*so, 0), (part_o, i as u64 * o_bytes), o_bytes);
+            program.copy((*sl, 0), (part_lse, i as u64 * lse_bytes), lse_bytes);
+        }
+        merge_step(
+            shape,
+            shards as u32,
+            false,
+            caps,
+            &mut program,
+            [part_o, part_lse, o, lse],
+        )?;
+        check_loops(&program, caps)?;
+        Ok(MergePlan {
+            program,
+            shards: inputs,
+            o,
+            lse,
+        })
     }
 }
 
@@ -586,7 +478,12 @@ fn chunks(s: &AttnShape, bh_max: usize, rows_max: usize) -> Vec<(usize, usize, u
     out
 }
 
-fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
+fn three_pass(
+    req: &Request,
+    caps: &DeviceCaps,
+    program: &mut Program,
+    io: &AttnIo,
+) -> Result<(Path, String)> {
     let s = req.shape;
     let row_bytes = bytes(s.n);
     let budget = caps.max_binding.min(caps.max_buffer).min(SCRATCH_BUDGET);
@@ -629,12 +526,15 @@ fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
     let key_span = caps.loop_len(&Kernel::WeightedSum.loop_cost(&Params::Attn(base)).0);
     let key_span = usize::try_from(key_span).unwrap_or(usize::MAX).max(1);
     let key_ranges = s.n.div_ceil(key_span);
-    let mut steps = Vec::new();
-    let mut scratch_elems = 0;
     let chunk_list = chunks(&s, bh_max, rows_max);
     let n_chunks = chunk_list.len();
+    let scratch_elems = chunk_list
+        .iter()
+        .map(|&(_, nbh, _, nr)| nbh * nr * s.n)
+        .max()
+        .unwrap_or(0);
+    let scores = program.scratch("scores", bytes(scratch_elems));
     for (bh0, nbh, r0, nr) in chunk_list {
-        scratch_elems = scratch_elems.max(nbh * nr * s.n);
         let params = AttnParams {
             bh_offset: bh0 as u32,
             bh_count: nbh as u32,
@@ -643,56 +543,42 @@ fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
             ..base
         };
         let row_tiles = nr.div_ceil(GEMM_TILE) as u32;
-        steps.push(Step::Dispatch(Dispatch {
-            kernel: qk_scores,
-            params: Params::Attn(params),
-            grid: [s.n.div_ceil(GEMM_TILE) as u32, row_tiles, nbh as u32],
-            buffers: vec![
-                Slot::Q,
-                Slot::K,
-                Slot::Lens,
-                Slot::MaskBits,
-                Slot::Bias,
-                Slot::Scores,
-            ],
-        }));
-        steps.push(Step::Dispatch(Dispatch {
-            kernel: Kernel::SoftmaxRows,
-            params: Params::Attn(params),
-            grid: [nr as u32, nbh as u32, 1],
-            buffers: vec![Slot::Scores, Slot::Lse],
-        }));
+        program.dispatch(
+            qk_scores,
+            Params::Attn(params),
+            [s.n.div_ceil(GEMM_TILE) as u32, row_tiles, nbh as u32],
+            &[io.q, io.k, io.lens, io.mask, io.bias, scores],
+        );
+        program.dispatch(
+            Kernel::SoftmaxRows,
+            Params::Attn(params),
+            [nr as u32, nbh as u32, 1],
+            &[scores, io.lse],
+        );
         for r in 0..key_ranges {
-            steps.push(Step::Dispatch(Dispatch {
-                kernel: Kernel::WeightedSum,
-                params: Params::Attn(AttnParams {
+            program.dispatch(
+                Kernel::WeightedSum,
+                Params::Attn(AttnParams {
                     key_begin: (r * key_span) as u32,
                     key_end: s.n.min((r + 1) * key_span) as u32,
                     ..params
                 }),
-                grid: [s.d_v.div_ceil(GEMM_TILE) as u32, row_tiles, nbh as u32],
-                buffers: vec![Slot::Scores, Slot::V, Slot::O],
-            }));
+                [s.d_v.div_ceil(GEMM_TILE) as u32, row_tiles, nbh as u32],
+                &[scores, io.v, io.o],
+            );
         }
-        if req.weights {
+        if let Some(weights) = io.weights {
             // P is [bh, M, N]: a chunk of whole bh is one contiguous range, a row block too.
-            steps.push(Step::Copy {
-                src: Slot::Scores,
-                src_offset: 0,
-                dst: Slot::Weights,
-                dst_offset: bytes((bh0 * s.m + r0) * s.n),
-                size: bytes(nbh * nr * s.n),
-            });
+            program.copy(
+                (scores, 0),
+                (weights, bytes((bh0 * s.m + r0) * s.n)),
+                bytes(nbh * nr * s.n),
+            );
         }
     }
-    Ok(Plan {
-        path: Path::ThreePass,
-        shape: s,
-        masks: req.masks,
-        steps,
-        scratch: vec![(Slot::Scores, bytes(scratch_elems))],
-        outputs: Vec::new(),
-        tiling: format!(
+    Ok((
+        Path::ThreePass,
+        format!(
             "64×64 output tiles (16×16 invocations, 4×4 each, 16-deep K/V steps); \
              {n_chunks} chunk(s) of ≤{bh_max} head(s) × ≤{rows_max} rows; scores scratch {}{}",
             human_bytes(bytes(scratch_elems)),
@@ -702,7 +588,7 @@ fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
                 String::new()
             }
         ),
-    })
+    ))
 }
 
 /// Keys per tile of the fused kernel: the largest power of two ≤ 64 whose K and V tiles fit
@@ -751,7 +637,14 @@ fn split_count(s: &AttnShape, caps: &DeviceCaps, per_pass: usize) -> usize {
 }
 
 /// The fused kernel over all keys (`splits` = None), or split-K with partials and a merge.
-fn fused(req: &Request, caps: &DeviceCaps, kernel: Kernel, splits: Option<usize>) -> Result<Plan> {
+fn fused(
+    req: &Request,
+    caps: &DeviceCaps,
+    kernel: Kernel,
+    splits: Option<usize>,
+    program: &mut Program,
+    io: &AttnIo,
+) -> Result<(Path, String)> {
     let s = req.shape;
     let Kernel::Flash { bc, .. } = kernel else {
         unreachable!("fused_kernel returns Flash")
@@ -766,9 +659,20 @@ fn fused(req: &Request, caps: &DeviceCaps, kernel: Kernel, splits: Option<usize>
     check_grid("split-K key-split", splits, caps)?;
     let rows_max = max_wg * FUSED_ROWS as usize;
     let (out_o, out_lse) = if split_k {
-        (Slot::PartO, Slot::PartLse)
+        let part_o = bytes(s.o_dims().iter().product()) * splits as u64;
+        let part_stats = 2 * bytes(s.lse_dims().iter().product()) * splits as u64;
+        (
+            program.scratch(
+                "split_o",
+                check_binding("split-K partial outputs", part_o, caps)?,
+            ),
+            program.scratch(
+                "split_stats",
+                check_binding("split-K partial statistics", part_stats, caps)?,
+            ),
+        )
     } else {
-        (Slot::O, Slot::Lse)
+        (io.o, io.lse)
     };
     let mut base = AttnParams {
         n_splits: splits as u32,
@@ -778,7 +682,6 @@ fn fused(req: &Request, caps: &DeviceCaps, kernel: Kernel, splits: Option<usize>
     if split_k {
         base.flags |= flags::SPLIT_STATS;
     }
-    let mut steps = Vec::new();
     for (bh0, nbh, r0, nr) in chunks(&s, max_wg, rows_max) {
         let params = AttnParams {
             bh_offset: bh0 as u32,
@@ -787,51 +690,33 @@ fn fused(req: &Request, caps: &DeviceCaps, kernel: Kernel, splits: Option<usize>
             rows: nr as u32,
             ..base
         };
-        steps.push(Step::Dispatch(Dispatch {
+        program.dispatch(
             kernel,
-            params: Params::Attn(params),
-            grid: [
+            Params::Attn(params),
+            [
                 nr.div_ceil(FUSED_ROWS as usize) as u32,
                 splits as u32,
                 nbh as u32,
             ],
-            buffers: vec![
-                Slot::Q,
-                Slot::K,
-                Slot::V,
-                Slot::Lens,
-                Slot::MaskBits,
-                Slot::Bias,
-                out_o,
-                out_lse,
-            ],
-        }));
+            &[io.q, io.k, io.v, io.lens, io.mask, io.bias, out_o, out_lse],
+        );
     }
-    let mut scratch = Vec::new();
     let path = if split_k {
-        let part_o = bytes(s.o_dims().iter().product()) * splits as u64;
-        let part_stats = 2 * bytes(s.lse_dims().iter().product()) * splits as u64;
-        scratch.push((
-            Slot::PartO,
-            check_binding("split-K partial outputs", part_o, caps)?,
-        ));
-        scratch.push((
-            Slot::PartLse,
-            check_binding("split-K partial statistics", part_stats, caps)?,
-        ));
-        steps.push(merge_step(&s, splits as u32, true, caps)?);
+        merge_step(
+            &s,
+            splits as u32,
+            true,
+            caps,
+            program,
+            [out_o, out_lse, io.o, io.lse],
+        )?;
         Path::SplitK
     } else {
         Path::Fused
     };
-    Ok(Plan {
+    Ok((
         path,
-        shape: s,
-        masks: req.masks,
-        steps,
-        scratch,
-        outputs: Vec::new(),
-        tiling: format!(
+        format!(
             "{} (one query row per invocation, {bc}-key K/V tiles in workgroup memory); {}",
             kernel.label(),
             if split_k {
@@ -840,7 +725,7 @@ fn fused(req: &Request, caps: &DeviceCaps, kernel: Kernel, splits: Option<usize>
                 "all keys in one pass".into()
             }
         ),
-    })
+    ))
 }
 
 /// A grid of 64-invocation workgroups over `threads`, folded into y and z where x runs out
@@ -856,7 +741,14 @@ fn fold_grid(what: &str, threads: usize, caps: &DeviceCaps) -> Result<[u32; 3]> 
 
 /// The merge of `splits` stacked partials: split-K statistics (`split_stats`, two rows per
 /// split) or one LSE row per shard.
-fn merge_step(s: &AttnShape, splits: u32, split_stats: bool, caps: &DeviceCaps) -> Result<Step> {
+fn merge_step(
+    s: &AttnShape,
+    splits: u32,
+    split_stats: bool,
+    caps: &DeviceCaps,
+    program: &mut Program,
+    buffers: [BufferId; 4],
+) -> Result<()> {
     let grid = fold_grid("merge_partials", s.batch * s.m * s.q_heads * s.d_v, caps)?;
     let mut params = AttnParams {
         n_splits: splits,
@@ -865,27 +757,22 @@ fn merge_step(s: &AttnShape, splits: u32, split_stats: bool, caps: &DeviceCaps) 
     if split_stats {
         params.flags |= flags::SPLIT_STATS;
     }
-    Ok(Step::Dispatch(Dispatch {
-        kernel: Kernel::MergePartials,
-        params: Params::Attn(params),
-        grid,
-        buffers: vec![Slot::PartO, Slot::PartLse, Slot::O, Slot::Lse],
-    }))
+    program.dispatch(Kernel::MergePartials, Params::Attn(params), grid, &buffers);
+    Ok(())
 }
 
 /// Output features per workgroup tile of `linear` (and rows per tile).
 const LINEAR_TILE: usize = 64;
 
-/// `y [rows, out_dim] = x [rows, in_dim]·w [out_dim, in_dim]ᵀ (+ b)`: one dispatch per chunk
-/// of rows that fits the grid (one, for any realistic layer).
-pub fn linear_steps(
-    rows: usize,
-    in_dim: usize,
-    out_dim: usize,
-    [x, w, b, y]: [Slot; 4],
+/// Appends `y [rows, out_dim] = x [rows, in_dim]·w [out_dim, in_dim]ᵀ (+ b)` to `program`:
+/// one dispatch per chunk of rows that fits the grid (one, for any realistic layer).
+pub fn linear(
+    program: &mut Program,
+    (rows, in_dim, out_dim): (usize, usize, usize),
+    [x, w, b, y]: [BufferId; 4],
     has_bias: bool,
     caps: &DeviceCaps,
-) -> Result<Vec<Step>> {
+) -> Result<()> {
     check_binding(
         &format!("linear input [{rows}, {in_dim}]"),
         bytes(rows * in_dim),
@@ -907,13 +794,12 @@ pub fn linear_steps(
         caps,
     )?;
     let rows_max = caps.max_workgroups as usize * LINEAR_TILE;
-    let mut steps = Vec::new();
     let mut r0 = 0;
     while r0 < rows {
         let nr = rows_max.min(rows - r0);
-        steps.push(Step::Dispatch(Dispatch {
-            kernel: Kernel::Linear,
-            params: Params::Linear(LinearParams {
+        program.dispatch(
+            Kernel::Linear,
+            Params::Linear(LinearParams {
                 row_offset: r0 as u32,
                 rows: nr as u32,
                 in_dim: in_dim as u32,
@@ -921,35 +807,39 @@ pub fn linear_steps(
                 has_bias: u32::from(has_bias),
                 ..Default::default()
             }),
-            grid: [col_tiles, nr.div_ceil(LINEAR_TILE) as u32, 1],
-            buffers: vec![x, w, b, y],
-        }));
+            [col_tiles, nr.div_ceil(LINEAR_TILE) as u32, 1],
+            &[x, w, b, y],
+        );
         r0 += nr;
     }
-    check_loops(&steps, caps)?;
-    Ok(steps)
+    Ok(())
 }
 
-/// Weights `[batch, q_heads, M, N]` in `from` averaged over heads into `to` `[batch, M, N]`.
-pub fn mean_heads_step(s: &AttnShape, from: Slot, to: Slot, caps: &DeviceCaps) -> Result<Step> {
-    let step = Step::Dispatch(Dispatch {
-        kernel: Kernel::MeanHeads,
-        params: Params::Attn(base_params(s, 1.0, &MaskSpec::default())),
-        grid: fold_grid("mean_heads", s.batch * s.m * s.n, caps)?,
-        buffers: vec![from, to],
-    });
-    check_loops(std::slice::from_ref(&step), caps)?;
-    Ok(step)
+/// Appends the weights `[batch, q_heads, M, N]` in `from` averaged over heads into `to`
+/// `[batch, M, N]`.
+pub fn mean_heads(
+    program: &mut Program,
+    s: &AttnShape,
+    [from, to]: [BufferId; 2],
+    caps: &DeviceCaps,
+) -> Result<()> {
+    program.dispatch(
+        Kernel::MeanHeads,
+        Params::Attn(base_params(s, 1.0, &MaskSpec::default())),
+        fold_grid("mean_heads", s.batch * s.m * s.n, caps)?,
+        &[from, to],
+    );
+    Ok(())
 }
 
-/// Refuses steps whose loops the device would cut short (see [`DeviceCaps::loop_cap`]).
-/// The planner splits what it can before this; what reaches here has no split.
-fn check_loops(steps: &[Step], caps: &DeviceCaps) -> Result<()> {
+/// Refuses programs with a dispatch whose loops the device would cut short (see
+/// [`DeviceCaps::loop_cap`]). The planner splits what it can before this; what reaches here
+/// has no split. Every program the engine binds passes through here.
+pub fn check_loops(program: &Program, caps: &DeviceCaps) -> Result<()> {
     let Some(cap) = caps.loop_cap else {
         return Ok(());
     };
-    for step in steps {
-        let Step::Dispatch(d) = step else { continue };
+    for d in program.dispatches() {
         let (cost, len) = d.kernel.loop_cost(&d.params);
         let most = caps.loop_len(&cost);
         if len > most {

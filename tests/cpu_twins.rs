@@ -4,111 +4,45 @@
 mod common;
 
 use common::*;
-use xattn::cpu::{
-    flash::flash, mask::MaskData, merge_partials::merge_partials, qk_scores::qk_scores, reference,
-    softmax_rows::softmax_rows, weighted_sum::weighted_sum,
-};
-use xattn::mask::Masking;
-use xattn::plan::{Plan, Request, Slot, Step};
-use xattn::{AttnShape, Path};
+use std::collections::HashMap;
 
-/// Executes a plan with the CPU twins in place of the kernels.
+use xattn::cpu::program::{floats, run, words, HostBuffers};
+use xattn::cpu::reference;
+use xattn::mask::Masking;
+use xattn::mha::{layer_program, MhaConfig, NeedWeights};
+use xattn::plan::{MergePlan, Plan, Request};
+use xattn::program::Role;
+use xattn::{Alignment, Attention, AttnShape, Path};
+
+/// Runs an attention plan with the CPU executor: (O, LSE, P or empty).
 fn run_twins(
     plan: &Plan,
     (q, k, v): (&[f32], &[f32], &[f32]),
     masking: &Masking,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let lens = masking.lens_words(&plan.shape);
-    let words = masking.mask_words().unwrap_or_default();
-    let bias = masking.bias_values().unwrap_or_default();
-    let masks = MaskData {
-        lens: &lens,
-        mask_bits: &words,
-        bias: &bias,
-    };
-    let size = |slot: Slot| -> usize {
-        plan.scratch
-            .iter()
-            .chain(&plan.outputs)
-            .find(|(x, _)| *x == slot)
-            .map_or(0, |(_, b)| *b as usize / 4)
-    };
-    let mut bufs: std::collections::HashMap<Slot, Vec<f32>> = [
-        Slot::O,
-        Slot::Lse,
-        Slot::Weights,
-        Slot::Scores,
-        Slot::PartO,
-        Slot::PartLse,
-    ]
-    .into_iter()
-    .map(|slot| (slot, vec![f32::NAN; size(slot)]))
-    .collect();
-    for step in &plan.steps {
-        match step {
-            Step::Copy {
-                src,
-                src_offset,
-                dst,
-                dst_offset,
-                size,
-            } => {
-                let data = bufs[src][*src_offset as usize / 4..][..*size as usize / 4].to_vec();
-                bufs.get_mut(dst).unwrap()[*dst_offset as usize / 4..][..data.len()]
-                    .copy_from_slice(&data);
-            }
-            Step::Dispatch(d) => {
-                let p = d.params.attn();
-                let mut take = |slot: Slot| std::mem::take(bufs.get_mut(&slot).unwrap());
-                match d.kernel {
-                    xattn::gpu::kernels::Kernel::QkScores { .. } => {
-                        let mut sc = take(Slot::Scores);
-                        qk_scores(p, q, k, &masks, &mut sc);
-                        bufs.insert(Slot::Scores, sc);
-                    }
-                    xattn::gpu::kernels::Kernel::SoftmaxRows => {
-                        let (mut sc, mut lse) = (take(Slot::Scores), take(Slot::Lse));
-                        softmax_rows(p, &mut sc, &mut lse);
-                        bufs.insert(Slot::Scores, sc);
-                        bufs.insert(Slot::Lse, lse);
-                    }
-                    xattn::gpu::kernels::Kernel::WeightedSum => {
-                        let (sc, mut o) = (take(Slot::Scores), take(Slot::O));
-                        weighted_sum(p, &sc, v, &mut o);
-                        bufs.insert(Slot::Scores, sc);
-                        bufs.insert(Slot::O, o);
-                    }
-                    xattn::gpu::kernels::Kernel::Flash { bc, br, .. } => {
-                        let (os, ls) = (d.buffers[6], d.buffers[7]);
-                        let (mut o, mut lse) = (take(os), take(ls));
-                        flash(p, (bc, br), q, k, v, &masks, &mut o, &mut lse);
-                        bufs.insert(os, o);
-                        bufs.insert(ls, lse);
-                    }
-                    xattn::gpu::kernels::Kernel::Linear
-                    | xattn::gpu::kernels::Kernel::MeanHeads => {
-                        unreachable!("attention plans have no layer kernels")
-                    }
-                    xattn::gpu::kernels::Kernel::MergePartials => {
-                        let (po, pl, mut o, mut lse) = (
-                            take(Slot::PartO),
-                            take(Slot::PartLse),
-                            take(Slot::O),
-                            take(Slot::Lse),
-                        );
-                        merge_partials(p, &po, &pl, &mut o, &mut lse);
-                        bufs.insert(Slot::O, o);
-                        bufs.insert(Slot::Lse, lse);
-                    }
-                }
-            }
-        }
-    }
-    (
-        bufs.remove(&Slot::O).unwrap(),
-        bufs.remove(&Slot::Lse).unwrap(),
-        bufs.remove(&Slot::Weights).unwrap(),
-    )
+    let io = &plan.io;
+    let inputs = mask_inputs(masking, &plan.shape, [io.lens, io.mask, io.bias])
+        .into_iter()
+        .chain([(io.q, words(q)), (io.k, words(k)), (io.v, words(v))])
+        .collect();
+    let mut out = run(&plan.program, &inputs).unwrap();
+    let mut take = |id| floats(&out.remove(&id).unwrap());
+    let (o, lse) = (take(io.o), take(io.lse));
+    let w = io.weights.map(take).unwrap_or_default();
+    (o, lse, w)
+}
+
+/// The lengths, mask and bias words the engine would upload, for these ids.
+fn mask_inputs(
+    masking: &Masking,
+    s: &AttnShape,
+    [lens, mask, bias]: [xattn::program::BufferId; 3],
+) -> HostBuffers {
+    HashMap::from([
+        (lens, masking.lens_words(s)),
+        (mask, masking.mask_words().unwrap_or(vec![0])),
+        (bias, words(&masking.bias_values().unwrap_or(vec![0.0]))),
+    ])
 }
 
 #[test]
@@ -264,4 +198,149 @@ fn linear_and_mean_heads_twins_match_f64() {
         })
         .collect();
     assert_close("mean_heads twin", &mean, &want, 4.0 * eps);
+}
+
+#[test]
+fn the_cpu_executor_runs_merge_plans() {
+    let s = shape(2, 5, 90, 3, 3, 7);
+    let (q, k, v) = qkv(&s, 1.0, 41);
+    let scale = 1.0 / (s.d_k as f32).sqrt();
+    let want = reference::attention(&s, &q, &k, &v, f64::from(scale));
+    // Three shards of the keys, each planned and run on its own, then merged.
+    let bounds = [0, 20, 21, 90];
+    let mut shards = Vec::new();
+    for w in bounds.windows(2) {
+        let n = w[1] - w[0];
+        let sub = AttnShape { n, ..s };
+        let take_keys = |x: &[f32], d: usize| -> Vec<f32> {
+            (0..s.batch)
+                .flat_map(|b| {
+                    let row = s.kv_heads * d;
+                    x[(b * s.n + w[0]) * row..(b * s.n + w[1]) * row].to_vec()
+                })
+                .collect()
+        };
+        let req = Request {
+            shape: sub,
+            scale,
+            weights: false,
+            path: Some(Path::Fused),
+            masks: Default::default(),
+        };
+        let plan = Plan::new(&req, &CAPS).unwrap();
+        let (o, lse, _) = run_twins(
+            &plan,
+            (&q, &take_keys(&k, s.d_k), &take_keys(&v, s.d_v)),
+            &Masking::default(),
+        );
+        shards.push((o, lse));
+    }
+    let merge = MergePlan::new(&s, shards.len(), &CAPS).unwrap();
+    let inputs: HostBuffers = merge
+        .shards
+        .iter()
+        .zip(&shards)
+        .flat_map(|((o_id, lse_id), (o, lse))| [(*o_id, words(o)), (*lse_id, words(lse))])
+        .collect();
+    let mut out = run(&merge.program, &inputs).unwrap();
+    let tol = budget(&s, scale, &q, &k, &v);
+    assert_close(
+        "merged O",
+        &floats(&out.remove(&merge.o).unwrap()),
+        &want.o,
+        tol.o,
+    );
+    assert_close(
+        "merged LSE",
+        &floats(&out.remove(&merge.lse).unwrap()),
+        &want.lse,
+        10.0 * tol.lse,
+    );
+}
+
+#[test]
+fn the_cpu_executor_runs_layer_programs() {
+    use common::layer::{layer_tolerance, random_weights, reference_layer};
+    let c = MhaConfig {
+        kv_heads: 2,
+        kdim: 24,
+        vdim: 20,
+        ..MhaConfig::new(32, 4)
+    };
+    let (batch, m, n) = (2, 5, 37);
+    let w = random_weights(&c, 61);
+    let query = random(batch * m * c.embed_dim, 1.0, 62);
+    let key = random(batch * n * c.kdim, 1.0, 63);
+    let value = random(batch * n * c.vdim, 1.0, 64);
+    let attention = Attention::default().with_causal(Alignment::BottomRight);
+    let (want, want_p) = reference_layer(&c, &w, batch, (&query, &key, &value), &attention);
+    let scale = f64::from(attention.scale_for(c.head_dim()));
+    let (tol, tol_p) = layer_tolerance(&c, &w, [&query, &key, &value], n, scale);
+    let shape = c.attn_shape(batch, m, n);
+    let k_proj = reference::linear(&key, &w.k, w.k_bias.as_deref(), c.kdim);
+    let v_proj = reference::linear(&value, &w.v, w.v_bias.as_deref(), c.vdim);
+    let narrow = |x: &[f64]| x.iter().map(|&y| y as f32).collect::<Vec<f32>>();
+    for cached in [false, true] {
+        for need in [
+            NeedWeights::None,
+            NeedWeights::PerHead,
+            NeedWeights::Averaged,
+        ] {
+            for path in Path::ALL {
+                let weights = need != NeedWeights::None;
+                if weights && path != Path::ThreePass {
+                    continue;
+                }
+                let req = Request {
+                    weights,
+                    path: Some(path),
+                    ..attention.request(shape).unwrap()
+                };
+                let lp = layer_program(&c, &req, cached, need, [true; 4], &CAPS).unwrap();
+                let mut inputs = mask_inputs(attention.masking(), &shape, lp.masks);
+                inputs.insert(lp.query, words(&query));
+                let source = if cached {
+                    [narrow(&k_proj), narrow(&v_proj)]
+                } else {
+                    [key.clone(), value.clone()]
+                };
+                for (id, data) in lp.source.iter().zip(&source) {
+                    inputs.insert(*id, words(data));
+                }
+                let params = [&w.q, &w.k, &w.v, &w.o];
+                let biases = [&w.q_bias, &w.k_bias, &w.v_bias, &w.o_bias];
+                for (i, [wid, bid]) in lp.params.iter().enumerate() {
+                    inputs.insert(*wid, words(params[i]));
+                    inputs.insert(*bid, words(biases[i].as_ref().unwrap()));
+                }
+                assert_eq!(
+                    lp.program.ids(Role::Input).count(),
+                    inputs.len(),
+                    "every input given"
+                );
+                let mut out = run(&lp.program, &inputs).unwrap();
+                let what = format!("layer cached={cached} {need:?} {}", path.name());
+                let got = floats(&out.remove(&lp.out).unwrap());
+                assert_close(&format!("{what} out"), &got, &want, tol);
+                let p = lp.weights.map(|id| floats(&out.remove(&id).unwrap()));
+                match need {
+                    NeedWeights::None => assert!(p.is_none()),
+                    NeedWeights::PerHead => {
+                        assert_close(&format!("{what} P"), &p.unwrap(), &want_p, tol_p);
+                    }
+                    NeedWeights::Averaged => {
+                        let (hs, mn) = (c.num_heads, m * n);
+                        let mean: Vec<f64> = (0..batch * mn)
+                            .map(|e| {
+                                let (b, ij) = (e / mn, e % mn);
+                                (0..hs).map(|h| want_p[(b * hs + h) * mn + ij]).sum::<f64>()
+                                    / hs as f64
+                            })
+                            .collect();
+                        assert_close(&format!("{what} mean P"), &p.unwrap(), &mean, tol_p);
+                    }
+                }
+            }
+        }
+    }
 }

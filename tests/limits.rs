@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use rand::{Rng, SeedableRng};
 use xattn::cpu::reference;
-use xattn::plan::{DeviceCaps, Plan, Request, Step, LLVMPIPE_LOOP_CAP};
+use xattn::plan::{DeviceCaps, Plan, Request, LLVMPIPE_LOOP_CAP};
 use xattn::{Alignment, Attention, AttnShape, Engine, Error, HostOutput, Path};
 
 /// The test engine planning with llvmpipe's loop cap, whatever the adapter.
@@ -60,29 +60,23 @@ fn check(
 
 /// The longest loop the first `kernel` dispatch of `plan` may run under `cap`.
 fn max_len(plan: &Plan, kernel: &str, cap: u64) -> usize {
-    plan.steps
-        .iter()
-        .find_map(|step| match step {
-            Step::Dispatch(d) if d.kernel.name() == kernel => {
-                Some(d.kernel.loop_cost(&d.params).0.max_len(cap) as usize)
-            }
-            _ => None,
-        })
+    plan.program
+        .dispatches()
+        .find(|d| d.kernel.name() == kernel)
+        .map(|d| d.kernel.loop_cost(&d.params).0.max_len(cap) as usize)
         .unwrap_or_else(|| panic!("no {kernel} dispatch in\n{plan}"))
 }
 
 /// Every dispatch's loops within the cap, by the kernels' own cost model.
 fn assert_within_cap(plan: &Plan, cap: u64) {
-    for step in &plan.steps {
-        if let Step::Dispatch(d) = step {
-            let (cost, len) = d.kernel.loop_cost(&d.params);
-            assert!(
-                cost.trips(len) < cap,
-                "{} runs {} loop iterations over {len}\n{plan}",
-                d.kernel.label(),
-                cost.trips(len)
-            );
-        }
+    for d in plan.program.dispatches() {
+        let (cost, len) = d.kernel.loop_cost(&d.params);
+        assert!(
+            cost.trips(len) < cap,
+            "{} runs {} loop iterations over {len}\n{plan}",
+            d.kernel.label(),
+            cost.trips(len)
+        );
     }
 }
 
@@ -186,9 +180,26 @@ fn llvmpipe_cuts_loops_that_the_planner_does_not_split() {
     let tv = engine.upload(&v, &s.v_dims()).unwrap();
     let masks = engine.upload_masks(&plan, &opts).unwrap();
     let out = engine.alloc_output(&plan).unwrap();
-    engine
-        .run(&plan, &tq, &tk, &tv, &masks, &out, None)
-        .unwrap();
+    // The engine refuses this plan (it checks every program against its device's cap), so
+    // it goes to the executor directly.
+    let io = &plan.io;
+    let tensors = std::collections::HashMap::from([
+        (io.q, &tq),
+        (io.k, &tk),
+        (io.v, &tv),
+        (io.lens, masks.lens()),
+        (io.mask, masks.mask()),
+        (io.bias, masks.bias()),
+        (io.o, &out.o),
+        (io.lse, &out.lse),
+    ]);
+    let resources = (&Default::default(), &Default::default());
+    xattn::gpu::executor::run(engine.context(), resources, &plan.program, &tensors, None).unwrap();
+    let refused = engine.run(&plan, &tq, &tk, &tv, &masks, &out, None);
+    assert!(
+        matches!(refused, Err(xattn::Error::Limit { .. })),
+        "the engine ran a plan over its device's loop cap: {refused:?}"
+    );
     let o = out.o.to_host().unwrap();
     let want = reference::attention(&s, &q, &k, &v, f64::from(opts.scale_for(s.d_k)));
     let worst = o
@@ -311,7 +322,7 @@ fn split_k_over_eight_million_keys() {
         assert_within_cap(&plan, LLVMPIPE_LOOP_CAP);
         // The error model's N·ε term (one f32 sum over all keys) would allow anything here;
         // split-K sums at most one split's keys, then the splits.
-        let Some(Step::Dispatch(flash)) = plan.steps.first() else {
+        let Some(flash) = plan.program.dispatches().next() else {
             panic!("{plan}")
         };
         let p = flash.params.attn();

@@ -1,8 +1,9 @@
 //! Every WGSL file validated by naga (no GPU needed), registered, and bound as declared.
 
-use xattn::gpu::kernels::{Access, Kernel, SHADER_FILES};
+use xattn::kernels::{Access, Kernel, SHADER_FILES};
+use xattn::mha::{layer_program, MhaConfig, NeedWeights};
 use xattn::params::{AttnParams, LinearParams};
-use xattn::plan::{DeviceCaps, Plan, Request, Step};
+use xattn::plan::{DeviceCaps, MergePlan, Plan, Request};
 use xattn::{Alignment, Attention, AttnShape, Path};
 
 const CAPS: DeviceCaps = DeviceCaps {
@@ -14,18 +15,18 @@ const CAPS: DeviceCaps = DeviceCaps {
     loop_cap: Some(xattn::plan::LLVMPIPE_LOOP_CAP),
 };
 
-/// Every kernel specialization the planner can produce for head dims 1..=256, unmasked and
-/// masked.
+fn collect(out: &mut Vec<Kernel>, program: &xattn::program::Program) {
+    for d in program.dispatches() {
+        if !out.contains(&d.kernel) {
+            out.push(d.kernel);
+        }
+    }
+}
+
+/// Every kernel specialization the planners produce: attention on every path for head dims
+/// 1..=256, unmasked and masked, a merge and a layer.
 fn all_kernels() -> Vec<Kernel> {
-    let mut out = vec![
-        Kernel::QkScores { masked: false },
-        Kernel::QkScores { masked: true },
-        Kernel::SoftmaxRows,
-        Kernel::WeightedSum,
-        Kernel::MergePartials,
-        Kernel::Linear,
-        Kernel::MeanHeads,
-    ];
+    let mut out = Vec::new();
     for d_k in 1..=256 {
         for d_v in [d_k, 257 - d_k] {
             let shape = AttnShape {
@@ -39,24 +40,49 @@ fn all_kernels() -> Vec<Kernel> {
             };
             let causal = Attention::default().with_causal(Alignment::TopLeft);
             for masks in [Default::default(), causal.masking().spec(&shape).unwrap()] {
-                let req = Request {
-                    shape,
-                    scale: 1.0,
-                    weights: false,
-                    path: Some(Path::Fused),
-                    masks,
-                };
-                for step in Plan::new(&req, &CAPS).unwrap().steps {
-                    if let Step::Dispatch(d) = step {
-                        if !out.contains(&d.kernel) {
-                            out.push(d.kernel);
-                        }
-                    }
+                for path in Path::ALL {
+                    let req = Request {
+                        shape,
+                        scale: 1.0,
+                        weights: false,
+                        path: Some(path),
+                        masks,
+                    };
+                    collect(&mut out, &Plan::new(&req, &CAPS).unwrap().program);
                 }
             }
         }
     }
+    let shape = AttnShape {
+        batch: 1,
+        m: 3,
+        n: 5,
+        q_heads: 2,
+        kv_heads: 2,
+        d_k: 4,
+        d_v: 4,
+    };
+    collect(&mut out, &MergePlan::new(&shape, 2, &CAPS).unwrap().program);
+    let c = MhaConfig::new(8, 2);
+    let req = Request {
+        weights: true,
+        path: Some(Path::ThreePass),
+        ..Attention::default().request(c.attn_shape(1, 3, 5)).unwrap()
+    };
+    let layer = layer_program(&c, &req, false, NeedWeights::Averaged, [true; 4], &CAPS).unwrap();
+    collect(&mut out, &layer.program);
     out
+}
+
+#[test]
+fn the_planners_use_every_kernel() {
+    let kernels = all_kernels();
+    for (name, _) in SHADER_FILES {
+        assert!(
+            kernels.iter().any(|k| k.name() == *name),
+            "no plan dispatches {name}: the kernel tests would not reach it"
+        );
+    }
 }
 
 #[test]
@@ -95,7 +121,7 @@ fn every_shader_file_is_registered() {
 
 #[test]
 fn bindings_match_the_registry() {
-    for k in all_kernels().into_iter().take(6) {
+    for k in all_kernels() {
         let module = k.validate().unwrap();
         let mut found: Vec<(u32, Access)> = module
             .global_variables

@@ -197,6 +197,14 @@ impl Context {
         describe_info(&self.info)
     }
 
+    /// The limits and quirks the planner respects on this device.
+    pub fn caps(&self) -> crate::plan::DeviceCaps {
+        crate::plan::DeviceCaps {
+            loop_cap: crate::plan::loop_cap_of(&self.info),
+            ..crate::plan::DeviceCaps::from_limits(&self.limits)
+        }
+    }
+
     /// Whether GPU timestamps can bracket compute passes.
     pub fn has_timestamps(&self) -> bool {
         self.features.contains(wgpu::Features::TIMESTAMP_QUERY)

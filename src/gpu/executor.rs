@@ -1,4 +1,4 @@
-//! Turns a [`Plan`] into compute passes and copies on the device.
+//! Turns a [`Program`] into compute passes and copies on the device.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use crate::gpu::pipelines::{Pipeline, PipelineCache};
 use crate::gpu::pool::{BufferPool, Pooled};
 use crate::gpu::tensor::Tensor;
 use crate::params::{AttnParams, LinearParams};
-use crate::plan::{Plan, Slot, Step};
+use crate::program::{BufferId, Program, Role, Step};
 
 /// GPU timestamps around a whole plan (on adapters with `TIMESTAMP_QUERY`).
 #[derive(Debug)]
@@ -93,44 +93,96 @@ pub struct Bound {
     _buffers: Vec<Pooled>,
 }
 
-/// Binds `plan` to the given tensors for its input/output slots (each at its own offset)
-/// and to new scratch buffers. Device calls: run it inside [`Context::scoped`].
+/// The caller's tensors for a program's inputs and outputs, by id.
+pub type Bindings<'a> = HashMap<BufferId, &'a Tensor>;
+
+/// Checks that `tensors` bind exactly the program's inputs and outputs, each large enough,
+/// and that no output shares a wgpu buffer with an input (wgpu tracks usage per whole
+/// buffer: one dispatch cannot read a buffer and write it).
+fn check_bindings(program: &Program, tensors: &Bindings) -> Result<()> {
+    for (id, decl) in program.declared() {
+        match (decl.role, tensors.get(&id)) {
+            (Role::Scratch, Some(_)) => {
+                return Err(Error::Argument(format!(
+                    "buffer `{}` is the program's scratch; it is not bound by the caller",
+                    decl.name
+                )))
+            }
+            (Role::Scratch, None) => {}
+            (_, None) => {
+                return Err(Error::Argument(format!(
+                    "the program's {:?} buffer `{}` was not bound",
+                    decl.role, decl.name
+                )))
+            }
+            (_, Some(t)) if t.byte_len() < decl.bytes => {
+                return Err(Error::Shape(format!(
+                    "buffer `{}` needs {} bytes but its tensor {:?} holds {}",
+                    decl.name,
+                    decl.bytes,
+                    t.dims(),
+                    t.byte_len()
+                )))
+            }
+            _ => {}
+        }
+    }
+    if tensors.len() != program.ids(Role::Input).count() + program.ids(Role::Output).count() {
+        return Err(Error::Argument(
+            "a tensor is bound to a buffer the program does not declare".into(),
+        ));
+    }
+    let of = |role| program.ids(role).map(|id| tensors[&id]);
+    if let Some(shared) =
+        of(Role::Output).find(|o| of(Role::Input).any(|i| i.buffer() == o.buffer()))
+    {
+        return Err(Error::Argument(format!(
+            "an output {:?} shares its wgpu buffer with an input; wgpu cannot bind one buffer \
+             for reading and writing in a dispatch, so outputs need buffers of their own \
+             (inputs may share one)",
+            shared.dims()
+        )));
+    }
+    Ok(())
+}
+
+/// Binds `program` to the caller's tensors for its inputs and outputs (each at its own
+/// offset) and to pooled buffers for its scratch. Device calls: run it inside
+/// [`Context::scoped`].
 pub fn bind(
     ctx: &Context,
     (cache, pool): (&PipelineCache, &Arc<BufferPool>),
-    plan: &Plan,
-    slots: &HashMap<Slot, &Tensor>,
+    program: &Program,
+    tensors: &Bindings,
 ) -> Result<Bound> {
+    check_bindings(program, tensors)?;
     let usage =
         wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-    let scratch: Vec<(Slot, u64, Pooled)> = plan
-        .scratch
-        .iter()
-        .map(|(slot, size)| {
-            let label = format!("xattn.scratch.{slot:?}");
-            (*slot, *size, pool.take(&ctx.device, &label, *size, usage))
+    let scratch: HashMap<BufferId, Pooled> = program
+        .ids(Role::Scratch)
+        .map(|id| {
+            let decl = program.decl(id);
+            let label = format!("xattn.scratch.{}", decl.name);
+            (id, pool.take(&ctx.device, &label, decl.bytes, usage))
         })
         .collect();
-    let buffer = |slot: Slot| -> Result<wgpu::BufferBinding> {
-        // A pooled buffer may be larger: bind the plan's size.
-        let own = scratch
-            .iter()
-            .find(|(s, ..)| *s == slot)
-            .map(|(_, size, b)| wgpu::BufferBinding {
+    let buffer = |id: BufferId| -> wgpu::BufferBinding {
+        match scratch.get(&id) {
+            // A pooled buffer may be larger: bind the declared size.
+            Some(b) => wgpu::BufferBinding {
                 buffer: b.buffer(),
                 offset: 0,
-                size: wgpu::BufferSize::new((*size).max(4)),
-            });
-        own.or_else(|| {
-            slots.get(&slot).map(|t| wgpu::BufferBinding {
-                buffer: t.buffer(),
-                offset: t.offset(),
-                size: wgpu::BufferSize::new(t.byte_len()),
-            })
-        })
-        .ok_or_else(|| {
-            Error::Unsupported(format!("plan uses buffer {slot:?} that was not supplied"))
-        })
+                size: wgpu::BufferSize::new(program.decl(id).bytes.max(4)),
+            },
+            None => {
+                let t = tensors[&id];
+                wgpu::BufferBinding {
+                    buffer: t.buffer(),
+                    offset: t.offset(),
+                    size: wgpu::BufferSize::new(t.byte_len()),
+                }
+            }
+        }
     };
 
     // All params in one uniform buffer, one aligned record per dispatch.
@@ -138,11 +190,9 @@ pub fn bind(
     let stride = (largest as u64)
         .next_multiple_of(u64::from(ctx.limits.min_uniform_buffer_offset_alignment));
     let mut uniform_bytes = Vec::new();
-    for step in &plan.steps {
-        if let Step::Dispatch(d) = step {
-            uniform_bytes.extend_from_slice(d.params.bytes());
-            uniform_bytes.resize(uniform_bytes.len().next_multiple_of(stride as usize), 0);
-        }
+    for d in program.dispatches() {
+        uniform_bytes.extend_from_slice(d.params.bytes());
+        uniform_bytes.resize(uniform_bytes.len().next_multiple_of(stride as usize), 0);
     }
     if uniform_bytes.is_empty() {
         uniform_bytes.resize(stride as usize, 0);
@@ -159,7 +209,7 @@ pub fn bind(
     // Consecutive dispatches share a pass; copies go between passes.
     let mut ops: Vec<Op> = Vec::new();
     let mut record = 0u64;
-    for step in &plan.steps {
+    for step in program.steps() {
         match step {
             Step::Copy {
                 src,
@@ -168,7 +218,7 @@ pub fn bind(
                 dst_offset,
                 size,
             } => {
-                let (from, to) = (buffer(*src)?, buffer(*dst)?);
+                let (from, to) = (buffer(*src), buffer(*dst));
                 ops.push(Op::Copy {
                     src: from.buffer.clone(),
                     src_offset: from.offset + *src_offset,
@@ -190,7 +240,7 @@ pub fn bind(
                 for (i, slot) in d.buffers.iter().enumerate() {
                     entries.push(wgpu::BindGroupEntry {
                         binding: i as u32 + 1,
-                        resource: wgpu::BindingResource::Buffer(buffer(*slot)?),
+                        resource: wgpu::BindingResource::Buffer(buffer(*slot)),
                     });
                 }
                 let group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -208,7 +258,7 @@ pub fn bind(
         }
     }
     let passes = ops.iter().filter(|op| matches!(op, Op::Pass(_))).count();
-    let mut buffers: Vec<Pooled> = scratch.into_iter().map(|(.., b)| b).collect();
+    let mut buffers: Vec<Pooled> = scratch.into_values().collect();
     buffers.push(params);
     Ok(Bound {
         ops,
@@ -275,15 +325,15 @@ impl Bound {
     }
 }
 
-/// Binds `plan` (see [`bind`]) and runs it once: submits and waits, reporting any device
+/// Binds `program` (see [`bind`]) and runs it once: submits and waits, reporting any device
 /// error of this call.
 pub fn run(
     ctx: &Context,
     resources: (&PipelineCache, &Arc<BufferPool>),
-    plan: &Plan,
-    slots: &HashMap<Slot, &Tensor>,
+    program: &Program,
+    tensors: &Bindings,
     timer: Option<&GpuTimer>,
 ) -> Result<()> {
-    let bound = ctx.scoped(|| bind(ctx, resources, plan, slots))?;
+    let bound = ctx.scoped(|| bind(ctx, resources, program, tensors))?;
     bound.submit(ctx, timer)
 }

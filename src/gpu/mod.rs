@@ -4,7 +4,6 @@
 pub mod completion;
 pub mod context;
 pub mod executor;
-pub mod kernels;
 pub mod pipelines;
 pub mod pool;
 pub mod tensor;

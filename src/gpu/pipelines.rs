@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::error::Result;
-use crate::gpu::kernels::{Access, Kernel};
+use crate::kernels::{Access, Kernel};
 
 /// A compiled kernel and the bind group layout its bindings follow.
 #[derive(Debug)]

@@ -25,7 +25,7 @@ use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use crate::error::{Error, Result};
 use crate::mha::MhaConfig;
-use crate::plan::Proj;
+use crate::mha::Proj;
 
 /// The four projections in PyTorch `Linear` layout (`[out, in]`, row-major f32).
 #[derive(Clone, Debug, PartialEq)]

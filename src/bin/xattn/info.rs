@@ -85,7 +85,7 @@ fn print_adapter(index: usize, adapter: &wgpu::Adapter, all_features: bool) {
     ];
     for (name, value) in limits {
         let human = if name.ends_with("_size") {
-            format!(" ({})", xattn::plan::human_bytes(value))
+            format!(" ({})", xattn::program::human_bytes(value))
         } else {
             String::new()
         };

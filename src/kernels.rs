@@ -1,6 +1,7 @@
 //! The kernel registry: every WGSL file, its bindings, its specialization and its label.
 //!
-//! One kernel = `shaders/<name>.wgsl` + an entry here + a CPU twin `src/cpu/<name>.rs`.
+//! One kernel = `shaders/<name>.wgsl` + an entry here (bindings, specialization, workgroup
+//! memory, loop cost, the call of its twin) + a CPU twin `src/cpu/<name>.rs`.
 //! Bindings follow the house convention: binding 0 is the params uniform, then read-only
 //! inputs in argument order, then read-write outputs. `tests/shaders.rs` checks these lists
 //! against what naga reads from each shader, validates every specialization, and fails if a
@@ -58,37 +59,31 @@ pub enum Kernel {
 
 /// The shader file of each kernel name, embedded at build time.
 pub const SHADER_FILES: &[(&str, &str)] = &[
-    ("qk_scores", include_str!("../../shaders/qk_scores.wgsl")),
-    (
-        "softmax_rows",
-        include_str!("../../shaders/softmax_rows.wgsl"),
-    ),
-    (
-        "weighted_sum",
-        include_str!("../../shaders/weighted_sum.wgsl"),
-    ),
-    ("flash", include_str!("../../shaders/flash.wgsl")),
+    ("qk_scores", include_str!("../shaders/qk_scores.wgsl")),
+    ("softmax_rows", include_str!("../shaders/softmax_rows.wgsl")),
+    ("weighted_sum", include_str!("../shaders/weighted_sum.wgsl")),
+    ("flash", include_str!("../shaders/flash.wgsl")),
     (
         "merge_partials",
-        include_str!("../../shaders/merge_partials.wgsl"),
+        include_str!("../shaders/merge_partials.wgsl"),
     ),
-    ("linear", include_str!("../../shaders/linear.wgsl")),
-    ("mean_heads", include_str!("../../shaders/mean_heads.wgsl")),
+    ("linear", include_str!("../shaders/linear.wgsl")),
+    ("mean_heads", include_str!("../shaders/mean_heads.wgsl")),
 ];
 
 /// Shared WGSL pulled in by `//!include <path>` lines.
 const COMMON_FILES: &[(&str, &str)] = &[
     (
         "common/params.wgsl",
-        include_str!("../../shaders/common/params.wgsl"),
+        include_str!("../shaders/common/params.wgsl"),
     ),
     (
         "common/mask.wgsl",
-        include_str!("../../shaders/common/mask.wgsl"),
+        include_str!("../shaders/common/mask.wgsl"),
     ),
     (
         "common/tile_gemm.wgsl",
-        include_str!("../../shaders/common/tile_gemm.wgsl"),
+        include_str!("../shaders/common/tile_gemm.wgsl"),
     ),
 ];
 
@@ -205,9 +200,9 @@ impl Kernel {
 
     /// What bounds this kernel's loops for a dispatch with params `p` (see [`LoopCost`]), and
     /// the long loop's length in that dispatch.
-    pub fn loop_cost(&self, p: &crate::plan::Params) -> (LoopCost, u64) {
+    pub fn loop_cost(&self, p: &crate::program::Params) -> (LoopCost, u64) {
         use crate::params::flags;
-        use crate::plan::Params;
+        use crate::program::Params;
         // The tiled GEMM step: its loop, the staging loop (1024 elements / 256 invocations)
         // and the BK loop of accumulate_tile. The 4×4 output loops and, where the logit is
         // shaped per element, the segment lookup (≤ n_segments + 1 each) run once.
@@ -281,6 +276,74 @@ impl Kernel {
                     },
                     u64::from(attn.split_len.min(attn.n)),
                 )
+            }
+        }
+    }
+
+    /// Runs the kernel's CPU twin (`src/cpu/<name>.rs`) on host buffers given in binding
+    /// order (bindings 1..) as 32-bit words; what the kernel writes is written in place.
+    /// Panics if the buffers do not match the bindings (a program bug).
+    pub fn run_twin(&self, params: &crate::program::Params, buffers: &mut [Vec<u32>]) {
+        use crate::cpu;
+        use bytemuck::{cast_slice as f, cast_slice_mut as fm};
+        fn masks<'a>(
+            lens: &'a [u32],
+            mask_bits: &'a [u32],
+            bias: &'a [u32],
+        ) -> cpu::mask::MaskData<'a> {
+            cpu::mask::MaskData {
+                lens,
+                mask_bits,
+                bias: f(bias),
+            }
+        }
+        let arity = |n: usize| -> ! { panic!("{} got {n} buffers", self.label()) };
+        match *self {
+            Kernel::QkScores { .. } => {
+                let [q, k, lens, mask, bias, scores] = buffers else {
+                    arity(buffers.len())
+                };
+                let m = masks(lens, mask, bias);
+                cpu::qk_scores::qk_scores(params.attn(), f(q), f(k), &m, fm(scores));
+            }
+            Kernel::SoftmaxRows => {
+                let [scores, lse] = buffers else {
+                    arity(buffers.len())
+                };
+                cpu::softmax_rows::softmax_rows(params.attn(), fm(scores), fm(lse));
+            }
+            Kernel::WeightedSum => {
+                let [scores, v, o] = buffers else {
+                    arity(buffers.len())
+                };
+                cpu::weighted_sum::weighted_sum(params.attn(), f(scores), f(v), fm(o));
+            }
+            Kernel::Flash { bc, br, .. } => {
+                let [q, k, v, lens, mask, bias, o, lse] = buffers else {
+                    arity(buffers.len())
+                };
+                let m = masks(lens, mask, bias);
+                let p = params.attn();
+                cpu::flash::flash(p, (bc, br), f(q), f(k), f(v), &m, fm(o), fm(lse));
+            }
+            Kernel::MergePartials => {
+                let [part_o, part_stats, o, lse] = buffers else {
+                    arity(buffers.len())
+                };
+                let p = params.attn();
+                cpu::merge_partials::merge_partials(p, f(part_o), f(part_stats), fm(o), fm(lse));
+            }
+            Kernel::Linear => {
+                let [x, w, b, y] = buffers else {
+                    arity(buffers.len())
+                };
+                cpu::linear::linear(params.linear(), f(x), f(w), f(b), fm(y));
+            }
+            Kernel::MeanHeads => {
+                let [w, mean] = buffers else {
+                    arity(buffers.len())
+                };
+                cpu::mean_heads::mean_heads(params.attn(), f(w), fm(mean));
             }
         }
     }

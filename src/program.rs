@@ -1,0 +1,303 @@
+//! The program IR: what every plan compiles to and every executor runs.
+//!
+//! A [`Program`] is a list of [`Step`]s (kernel dispatches and buffer copies) over buffers
+//! it declares itself: each declaration gets a [`BufferId`], a name for people, a
+//! [`Role`] and a byte size. Inputs and outputs are bound by the caller (device tensors on
+//! the GPU executor, host vectors on the CPU one); scratch is the executor's to provide. The
+//! attention planner, the merge and the layer all build programs, so one executor on each
+//! side runs them all. Programs hold no wgpu objects.
+
+use std::fmt;
+
+use crate::kernels::Kernel;
+use crate::params::{AttnParams, LinearParams};
+
+/// A buffer of one [`Program`], issued by the program's builder methods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BufferId(u32);
+
+impl BufferId {
+    /// Position in [`Program::buffers`].
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// Who provides a buffer and who reads it afterwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Bound by the caller; read (never written) by the program.
+    Input,
+    /// Bound by the caller; written by the program.
+    Output,
+    /// Provided by the executor for the program's own use.
+    Scratch,
+}
+
+/// One declared buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BufferDecl {
+    /// For plans, errors and labels (`q`, `scores`, `layer.w_q`).
+    pub name: String,
+    /// Who provides it.
+    pub role: Role,
+    /// Bytes the program reads or writes (a bound buffer may be larger).
+    pub bytes: u64,
+}
+
+/// Uniform parameters of one dispatch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Params {
+    /// Attention kernels (and merge, mean_heads).
+    Attn(AttnParams),
+    /// The `linear` kernel.
+    Linear(LinearParams),
+}
+
+impl Params {
+    /// The bytes uploaded to the uniform buffer.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Params::Attn(p) => bytemuck::bytes_of(p),
+            Params::Linear(p) => bytemuck::bytes_of(p),
+        }
+    }
+    /// The attention params; panics for a linear dispatch (a planner bug).
+    pub fn attn(&self) -> &AttnParams {
+        match self {
+            Params::Attn(p) => p,
+            Params::Linear(_) => panic!("a linear dispatch has no attention params"),
+        }
+    }
+    /// The linear params; panics for an attention dispatch (a planner bug).
+    pub fn linear(&self) -> &LinearParams {
+        match self {
+            Params::Linear(p) => p,
+            Params::Attn(_) => panic!("an attention dispatch has no linear params"),
+        }
+    }
+}
+
+/// One compute dispatch.
+#[derive(Clone, Debug)]
+pub struct Dispatch {
+    /// Kernel and specialization.
+    pub kernel: Kernel,
+    /// Its uniform params.
+    pub params: Params,
+    /// Workgroups in x, y, z (each ≤ `max_workgroups`).
+    pub grid: [u32; 3],
+    /// Buffers for bindings 1.. (binding 0 is the params uniform).
+    pub buffers: Vec<BufferId>,
+}
+
+/// A step of a program, executed in order.
+#[derive(Clone, Debug)]
+pub enum Step {
+    /// Run a kernel.
+    Dispatch(Dispatch),
+    /// Copy bytes between buffers.
+    Copy {
+        /// Source buffer.
+        src: BufferId,
+        /// Byte offset in the source.
+        src_offset: u64,
+        /// Destination buffer.
+        dst: BufferId,
+        /// Byte offset in the destination.
+        dst_offset: u64,
+        /// Bytes to copy.
+        size: u64,
+    },
+}
+
+/// Steps over declared buffers (see the module docs). Built by [`Program::input`],
+/// [`Program::output`], [`Program::scratch`], [`Program::dispatch`] and [`Program::copy`].
+#[derive(Clone, Debug, Default)]
+pub struct Program {
+    buffers: Vec<BufferDecl>,
+    steps: Vec<Step>,
+}
+
+impl Program {
+    /// An empty program.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn declare(&mut self, name: &str, role: Role, bytes: u64) -> BufferId {
+        let id = BufferId(u32::try_from(self.buffers.len()).expect("fewer than 2^32 buffers"));
+        self.buffers.push(BufferDecl {
+            name: name.to_string(),
+            role,
+            bytes,
+        });
+        id
+    }
+
+    /// Declares a buffer the caller binds and the program only reads.
+    pub fn input(&mut self, name: &str, bytes: u64) -> BufferId {
+        self.declare(name, Role::Input, bytes)
+    }
+
+    /// Declares a buffer the caller binds and the program writes.
+    pub fn output(&mut self, name: &str, bytes: u64) -> BufferId {
+        self.declare(name, Role::Output, bytes)
+    }
+
+    /// Declares a buffer the executor provides.
+    pub fn scratch(&mut self, name: &str, bytes: u64) -> BufferId {
+        self.declare(name, Role::Scratch, bytes)
+    }
+
+    /// Appends a dispatch of `kernel` on `buffers` (bindings 1.. in order).
+    ///
+    /// Panics (a planner bug, caught by the tests) if the buffers do not match the kernel's
+    /// bindings in number, or if the kernel would write an input.
+    pub fn dispatch(
+        &mut self,
+        kernel: Kernel,
+        params: Params,
+        grid: [u32; 3],
+        buffers: &[BufferId],
+    ) {
+        let access = &kernel.bindings()[1..];
+        assert_eq!(
+            access.len(),
+            buffers.len(),
+            "{} takes {} buffers",
+            kernel.label(),
+            access.len()
+        );
+        for (id, a) in buffers.iter().zip(access) {
+            let decl = &self.buffers[id.index()];
+            assert!(
+                !(*a == crate::kernels::Access::ReadWrite && decl.role == Role::Input),
+                "{} would write input `{}`",
+                kernel.label(),
+                decl.name
+            );
+        }
+        self.steps.push(Step::Dispatch(Dispatch {
+            kernel,
+            params,
+            grid,
+            buffers: buffers.to_vec(),
+        }));
+    }
+
+    /// Appends a copy of `size` bytes.
+    pub fn copy(
+        &mut self,
+        (src, src_offset): (BufferId, u64),
+        (dst, dst_offset): (BufferId, u64),
+        size: u64,
+    ) {
+        assert_ne!(
+            self.buffers[dst.index()].role,
+            Role::Input,
+            "a copy would write input `{}`",
+            self.buffers[dst.index()].name
+        );
+        self.steps.push(Step::Copy {
+            src,
+            src_offset,
+            dst,
+            dst_offset,
+            size,
+        });
+    }
+
+    /// Every declared buffer, indexed by [`BufferId::index`].
+    pub fn buffers(&self) -> &[BufferDecl] {
+        &self.buffers
+    }
+
+    /// The declaration of `id`.
+    pub fn decl(&self, id: BufferId) -> &BufferDecl {
+        &self.buffers[id.index()]
+    }
+
+    /// Every declared buffer with its id.
+    pub fn declared(&self) -> impl Iterator<Item = (BufferId, &BufferDecl)> {
+        (0u32..).map(BufferId).zip(&self.buffers)
+    }
+
+    /// Ids of the buffers with `role`.
+    pub fn ids(&self, role: Role) -> impl Iterator<Item = BufferId> + '_ {
+        self.declared()
+            .filter(move |(_, d)| d.role == role)
+            .map(|(id, _)| id)
+    }
+
+    /// The steps in order.
+    pub fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    /// The dispatches in order.
+    pub fn dispatches(&self) -> impl Iterator<Item = &Dispatch> {
+        self.steps.iter().filter_map(|s| match s {
+            Step::Dispatch(d) => Some(d),
+            Step::Copy { .. } => None,
+        })
+    }
+
+    /// Bytes of all buffers with `role`.
+    pub fn bytes(&self, role: Role) -> u64 {
+        self.buffers
+            .iter()
+            .filter(|b| b.role == role)
+            .map(|b| b.bytes)
+            .sum()
+    }
+}
+
+impl fmt::Display for Program {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let copies = self.steps.len() - self.dispatches().count();
+        writeln!(
+            f,
+            "  steps: {} dispatches, {} copies",
+            self.dispatches().count(),
+            copies
+        )?;
+        let mut kernels: Vec<String> = Vec::new();
+        for d in self.dispatches() {
+            let label = d.kernel.label();
+            if !kernels.contains(&label) {
+                kernels.push(label);
+            }
+        }
+        writeln!(f, "  kernels: {}", kernels.join(", "))?;
+        for b in self.buffers.iter().filter(|b| b.role != Role::Input) {
+            let role = if b.role == Role::Output {
+                "output"
+            } else {
+                "scratch"
+            };
+            writeln!(f, "  {role} {}: {}", b.name, human_bytes(b.bytes))?;
+        }
+        write!(
+            f,
+            "  allocated: {}",
+            human_bytes(self.bytes(Role::Scratch) + self.bytes(Role::Output))
+        )
+    }
+}
+
+/// `1.5 MiB`-style sizes.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut x = b as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{x:.1} {}", UNITS[u])
+    }
+}
