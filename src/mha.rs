@@ -502,7 +502,9 @@ impl MultiHeadAttention {
 
     /// A layer whose weights come from a safetensors file: the names under `prefix` of one of
     /// the families [`weights::Names`] lists, detected; biases where the file has them (none
-    /// with `config.bias = false`). See [`weights`].
+    /// with `config.bias = false`). See [`weights`]. Needs the `safetensors` feature (on by
+    /// default).
+    #[cfg(feature = "safetensors")]
     pub fn from_safetensors(
         engine: &Engine,
         config: MhaConfig,
