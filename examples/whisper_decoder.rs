@@ -67,9 +67,15 @@ fn run() -> AnyResult<()> {
         .to_host()?;
 
     // Each step's time runs from the call to the output on the host (a decoder needs it).
-    let timed = |cached: bool| -> AnyResult<(Vec<f64>, Vec<Vec<f32>>)> {
-        let (mut ms, mut outs) = (Vec::new(), Vec::new());
-        for q in &queries {
+    // Device objects (buffers, bind groups) xattn creates per step after the first, the
+    // output's readback staging buffer included.
+    let per_step = |before: u64| (ctx.objects_created() - before) as f64 / (steps - 1) as f64;
+    let timed = |cached: bool| -> AnyResult<(Vec<f64>, Vec<Vec<f32>>, f64)> {
+        let (mut ms, mut outs, mut before) = (Vec::new(), Vec::new(), 0);
+        for (i, q) in queries.iter().enumerate() {
+            if i == 1 {
+                before = ctx.objects_created();
+            }
             let start = Instant::now();
             let out = if cached {
                 layer.forward_cached(q, &cache, &opts)?
@@ -79,33 +85,38 @@ fn run() -> AnyResult<()> {
             outs.push(out.out.to_host()?);
             ms.push(start.elapsed().as_secs_f64() * 1e3);
         }
-        Ok((ms, outs))
+        Ok((ms, outs, per_step(before)))
     };
-    let (cached_ms, cached_out) = timed(true)?;
-    let (full_ms, full_out) = timed(false)?;
+    let (cached_ms, cached_out, cached_objects) = timed(true)?;
+    let (full_ms, full_out, full_objects) = timed(false)?;
     // The decoder's own loop: one prepared step, the next query written into its input.
     let q_step = engine.upload(&queries_host[0], &[1, 1, e])?;
     let step = layer.prepare_cached(&q_step, &cache, &opts)?;
     step.run()?;
-    let (mut prepared_ms, mut prepared_out) = (Vec::new(), Vec::new());
-    for q in &queries_host {
+    let (mut prepared_ms, mut prepared_out, mut before) = (Vec::new(), Vec::new(), 0);
+    for (i, q) in queries_host.iter().enumerate() {
+        if i == 1 {
+            before = ctx.objects_created();
+        }
         let start = Instant::now();
         q_step.write(q)?;
         step.run()?;
         prepared_out.push(step.output().out.to_host()?);
         prepared_ms.push(start.elapsed().as_secs_f64() * 1e3);
     }
+    let prepared_objects = per_step(before);
     if prepared_out != cached_out {
         return Err("the prepared step and forward_cached differ".into());
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    for (name, ms) in [
-        ("prepared, cached", &prepared_ms),
-        ("with source cache", &cached_ms),
-        ("without (re-project)", &full_ms),
+    for (name, ms, objects) in [
+        ("prepared, cached", &prepared_ms, prepared_objects),
+        ("with source cache", &cached_ms, cached_objects),
+        ("without (re-project)", &full_ms, full_objects),
     ] {
         println!(
-            "per step {name:<21}: median {:8.3} ms, mean {:8.3} ms",
+            "per step {name:<21}: median {:8.3} ms, mean {:8.3} ms, {objects:.0} device objects \
+             created (1: the readback)",
             median(ms),
             mean(ms)
         );

@@ -475,3 +475,100 @@ fn two_thousand_calls_keep_memory_flat() {
         growth >> 10
     );
 }
+
+/// A 32-step decode loop on a prepared layer (cached source) and on a prepared attention
+/// call: after the first step, writing the next query and running creates no buffer and no
+/// bind group, and the last step's output is the reference's.
+#[test]
+fn a_decode_loop_creates_no_device_objects_after_its_first_step() {
+    use common::layer::{layer_tolerance, random_weights, reference_layer};
+    use xattn::{MhaConfig, MhaOptions, MultiHeadAttention};
+    let Some(engine) = engine() else { return };
+    // A device of its own: the count is per context, and other tests share the engine's.
+    let (ctx, _) = app_device(engine);
+    let engine = Engine::new(&ctx);
+    let c = MhaConfig::new(48, 4);
+    let n = 300;
+    let w = random_weights(&c, 71);
+    let layer = MultiHeadAttention::new(&engine, c, &w).unwrap();
+    let source_host = random(n * c.embed_dim, 1.0, 72);
+    let source = engine.upload(&source_host, &[1, n, c.embed_dim]).unwrap();
+    let cache = layer.project_source(&source, &source).unwrap();
+    let queries: Vec<Vec<f32>> = (0..32).map(|i| random(c.embed_dim, 1.0, 100 + i)).collect();
+    let q = engine.upload(&queries[0], &[1, 1, c.embed_dim]).unwrap();
+    let step = layer
+        .prepare_cached(&q, &cache, &MhaOptions::default())
+        .unwrap();
+    step.run().unwrap();
+    let after_first = ctx.objects_created();
+    for query in &queries[1..] {
+        q.write(query).unwrap();
+        step.run().unwrap();
+    }
+    assert_eq!(
+        ctx.objects_created(),
+        after_first,
+        "31 more prepared layer steps created device objects"
+    );
+    let got = step.output().out.to_host().unwrap();
+    let last = queries.last().unwrap();
+    let (want, _) = reference_layer(
+        &c,
+        &w,
+        1,
+        (last, &source_host, &source_host),
+        &Attention::default(),
+    );
+    let scale = f64::from(Attention::default().scale_for(c.head_dim()));
+    let (tol, _) = layer_tolerance(&c, &w, [last, &source_host, &source_host], n, scale);
+    assert_close("step 32 of the prepared layer", &got, &want, tol);
+
+    // The attention alone, prepared, on every path.
+    let s = AttnShape {
+        batch: 1,
+        m: 1,
+        n,
+        q_heads: 4,
+        kv_heads: 4,
+        d_k: 16,
+        d_v: 16,
+    };
+    let ((_, k, v), (tq, tk, tv)) = uploaded(&engine, &s, 73);
+    for path in xattn::Path::ALL {
+        let opts = Attention::default().with_path(path);
+        let call = engine.prepare(&tq, &tk, &tv, &opts).unwrap();
+        call.run().unwrap();
+        let after_first = ctx.objects_created();
+        let mut last = Vec::new();
+        for i in 1..32 {
+            last = random(s.m * s.q_heads * s.d_k, 1.0, 200 + i);
+            tq.write(&last).unwrap();
+            call.run().unwrap();
+        }
+        assert_eq!(
+            ctx.objects_created(),
+            after_first,
+            "{}: 31 more prepared steps created device objects",
+            path.name()
+        );
+        let got = xattn::HostOutput {
+            o: call.o().to_host().unwrap(),
+            lse: call.lse().to_host().unwrap(),
+            weights: None,
+        };
+        check_against_reference(
+            &format!("step 32 of prepared {}", path.name()),
+            &s,
+            opts.scale_for(s.d_k),
+            (&last, &k, &v),
+            &got,
+        );
+        // The count is live: a one-shot call creates its outputs, masks and bind groups.
+        let before = ctx.objects_created();
+        engine.attention(&tq, &tk, &tv, &opts).unwrap();
+        assert!(
+            ctx.objects_created() > before,
+            "a one-shot call counted nothing"
+        );
+    }
+}

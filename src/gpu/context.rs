@@ -1,5 +1,6 @@
 //! Opening a headless wgpu device: instance → adapter → device, with the adapter's own limits.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
@@ -28,6 +29,9 @@ pub struct Context {
     /// On wgpu's GL backend, held across each xattn call's device work (see
     /// [`Context::scoped`]); `None` elsewhere.
     gl_serial: Option<Arc<Mutex<()>>>,
+    /// Buffers and bind groups xattn has created on this device (see
+    /// [`Context::objects_created`]).
+    created: Arc<AtomicU64>,
 }
 
 /// Features xattn uses where the adapter has them.
@@ -113,6 +117,7 @@ impl Context {
             device,
             queue,
             fault: Arc::default(),
+            created: Arc::default(),
         })
     }
 
@@ -195,6 +200,35 @@ impl Context {
     /// One line naming the adapter: `name (backend, device type, driver)`.
     pub fn describe(&self) -> String {
         describe_info(&self.info)
+    }
+
+    /// Buffers and bind groups xattn has created on this device so far, by every call on any
+    /// engine or tensor of this context (staging buffers of reads included). A prepared call
+    /// that runs again adds none.
+    pub fn objects_created(&self) -> u64 {
+        self.created.load(Ordering::Relaxed)
+    }
+
+    /// `device.create_buffer`, counted.
+    pub(crate) fn create_buffer(&self, desc: &wgpu::BufferDescriptor) -> wgpu::Buffer {
+        self.created.fetch_add(1, Ordering::Relaxed);
+        self.device.create_buffer(desc)
+    }
+
+    /// `device.create_buffer_init`, counted.
+    pub(crate) fn create_buffer_init(
+        &self,
+        desc: &wgpu::util::BufferInitDescriptor,
+    ) -> wgpu::Buffer {
+        use wgpu::util::DeviceExt;
+        self.created.fetch_add(1, Ordering::Relaxed);
+        self.device.create_buffer_init(desc)
+    }
+
+    /// `device.create_bind_group`, counted.
+    pub(crate) fn create_bind_group(&self, desc: &wgpu::BindGroupDescriptor) -> wgpu::BindGroup {
+        self.created.fetch_add(1, Ordering::Relaxed);
+        self.device.create_bind_group(desc)
     }
 
     /// The limits and quirks the planner respects on this device.

@@ -30,7 +30,7 @@ impl GpuTimer {
             ty: wgpu::QueryType::Timestamp,
             count: 2,
         });
-        let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        let resolve = ctx.create_buffer(&wgpu::BufferDescriptor {
             label: Some("xattn.timer.resolve"),
             size: 16,
             usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
@@ -46,7 +46,7 @@ impl GpuTimer {
     /// Milliseconds between the first pass's start and the last pass's end of the last run.
     pub fn read_ms(&self, ctx: &Context) -> Result<f64> {
         ctx.scoped(|| {
-            let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            let staging = ctx.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("xattn.timer.read"),
                 size: 16,
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
@@ -163,7 +163,7 @@ pub fn bind(
         .map(|id| {
             let decl = program.decl(id);
             let label = format!("xattn.scratch.{}", decl.name);
-            (id, pool.take(&ctx.device, &label, decl.bytes, usage))
+            (id, pool.take(ctx, &label, decl.bytes, usage))
         })
         .collect();
     let buffer = |id: BufferId| -> wgpu::BufferBinding {
@@ -198,7 +198,7 @@ pub fn bind(
         uniform_bytes.resize(stride as usize, 0);
     }
     let params = pool.take(
-        &ctx.device,
+        ctx,
         "xattn.params",
         uniform_bytes.len() as u64,
         wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
@@ -243,7 +243,7 @@ pub fn bind(
                         resource: wgpu::BindingResource::Buffer(buffer(*slot)),
                     });
                 }
-                let group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                let group = ctx.create_bind_group(&wgpu::BindGroupDescriptor {
                     label: Some(&d.kernel.label()),
                     layout: &pipeline.layout,
                     entries: &entries,

@@ -53,7 +53,7 @@ impl BufferPool {
     /// A buffer of at least `size` bytes with `usage`, idle or new.
     pub fn take(
         self: &Arc<Self>,
-        device: &wgpu::Device,
+        ctx: &crate::Context,
         label: &str,
         size: u64,
         usage: wgpu::BufferUsages,
@@ -65,7 +65,7 @@ impl BufferPool {
         };
         let buffer = reused.unwrap_or_else(|| {
             self.created.fetch_add(1, Ordering::Relaxed);
-            device.create_buffer(&wgpu::BufferDescriptor {
+            ctx.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
                 size,
                 usage,

@@ -2,8 +2,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use wgpu::util::DeviceExt;
-
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::shape::{check_len, F32};
@@ -67,13 +65,11 @@ impl Tensor {
         }
         check_buffer_size(ctx, name, dims)?;
         let buffer = ctx.scoped(|| {
-            Ok(ctx
-                .device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some(&format!("xattn.tensor.{name}")),
-                    contents: bytemuck::cast_slice(data),
-                    usage: USAGE,
-                }))
+            Ok(ctx.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(&format!("xattn.tensor.{name}")),
+                contents: bytemuck::cast_slice(data),
+                usage: USAGE,
+            }))
         })?;
         Ok(Self {
             buffer,
@@ -135,7 +131,7 @@ impl Tensor {
     pub fn empty(ctx: &Context, name: &str, dims: &[usize]) -> Result<Self> {
         let size = check_buffer_size(ctx, name, dims)?;
         let buffer = ctx.scoped(|| {
-            Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            Ok(ctx.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(&format!("xattn.tensor.{name}")),
                 size: size.max(F32),
                 usage: USAGE,
@@ -236,7 +232,7 @@ impl Tensor {
     /// Submits a copy of the tensor into a new mappable buffer.
     fn stage(&self) -> wgpu::Buffer {
         let size = self.byte_len();
-        let staging = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        let staging = self.ctx.create_buffer(&wgpu::BufferDescriptor {
             label: Some("xattn.readback"),
             size,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
