@@ -25,9 +25,9 @@
 //!include common/mask.wgsl
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<f32>;
-@group(0) @binding(3) var<storage, read> v: array<f32>;
+@group(0) @binding(1) var<storage, read> q: array<Elem>;
+@group(0) @binding(2) var<storage, read> k: array<Elem>;
+@group(0) @binding(3) var<storage, read> v: array<Elem>;
 @group(0) @binding(4) var<storage, read> lens: array<u32>;
 @group(0) @binding(5) var<storage, read> mask_bits: array<u32>;
 @group(0) @binding(6) var<storage, read> bias: array<f32>;
@@ -50,15 +50,15 @@ var<private> acc: array<vec4<f32>, DV4>;
 // One function per buffer: WGSL functions cannot take a pointer to a storage array.
 fn load4_k(base: u32, d: u32, len: u32) -> vec4<f32> {
     let last = base + len - 1u;
-    let x = vec4<f32>(k[min(base + d, last)], k[min(base + d + 1u, last)],
-        k[min(base + d + 2u, last)], k[min(base + d + 3u, last)]);
+    let x = vec4<f32>(load_k(min(base + d, last)), load_k(min(base + d + 1u, last)),
+        load_k(min(base + d + 2u, last)), load_k(min(base + d + 3u, last)));
     return select(vec4<f32>(0.0), x, vec4<u32>(d) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(len));
 }
 
 fn load4_v(base: u32, d: u32, len: u32) -> vec4<f32> {
     let last = base + len - 1u;
-    let x = vec4<f32>(v[min(base + d, last)], v[min(base + d + 1u, last)],
-        v[min(base + d + 2u, last)], v[min(base + d + 3u, last)]);
+    let x = vec4<f32>(load_v(min(base + d, last)), load_v(min(base + d + 1u, last)),
+        load_v(min(base + d + 2u, last)), load_v(min(base + d + 3u, last)));
     return select(vec4<f32>(0.0), x, vec4<u32>(d) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(len));
 }
 
@@ -98,7 +98,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let qbase = ((hd.b * p.m + grow) * p.q_heads + hd.h) * p.d_k;
         let qs = p.scale * LOG2E;
         for (var d = 0u; d < p.d_k; d++) {
-            qr[d / 4u][d % 4u] = q[qbase + d] * qs;
+            qr[d / 4u][d % 4u] = load_q(qbase + d) * qs;
         }
     }
     var sc: array<f32, BC>;

@@ -18,9 +18,9 @@ struct LinearParams {
 //!include common/tile_gemm.wgsl
 
 @group(0) @binding(0) var<uniform> p: LinearParams;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> w: array<f32>;
-@group(0) @binding(3) var<storage, read> b: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<XElem>;
+@group(0) @binding(2) var<storage, read> w: array<WElem>;
+@group(0) @binding(3) var<storage, read> b: array<WElem>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 
 @compute @workgroup_size(16, 16, 1)
@@ -41,12 +41,12 @@ fn main(
             let d = d0 + kk;
             var xv = 0.0;
             if row0 + r < p.rows && d < p.in_dim {
-                xv = x[(p.row_offset + row0 + r) * p.in_dim + d];
+                xv = load_x((p.row_offset + row0 + r) * p.in_dim + d);
             }
             a_tile[kk * TILE + r] = xv;
             var wv = 0.0;
             if out0 + r < p.out_dim && d < p.in_dim {
-                wv = w[(out0 + r) * p.in_dim + d];
+                wv = load_w((out0 + r) * p.in_dim + d);
             }
             b_tile[kk * TILE + r] = wv;
         }
@@ -60,7 +60,7 @@ fn main(
         if col < p.out_dim {
             var bias = 0.0;
             if p.has_bias != 0u {
-                bias = b[col];
+                bias = load_b(col);
             }
             for (var i = 0u; i < PER; i++) {
                 let row = row0 + lid.y + i * WG;

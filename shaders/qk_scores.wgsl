@@ -8,8 +8,8 @@
 //!include common/mask.wgsl
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<f32>;
+@group(0) @binding(1) var<storage, read> q: array<Elem>;
+@group(0) @binding(2) var<storage, read> k: array<Elem>;
 @group(0) @binding(3) var<storage, read> lens: array<u32>;
 @group(0) @binding(4) var<storage, read> mask_bits: array<u32>;
 @group(0) @binding(5) var<storage, read> bias: array<f32>;
@@ -36,13 +36,13 @@ fn main(
             let row = row0 + r;
             var qv = 0.0;
             if row < p.rows && d < p.d_k {
-                qv = q[((hd.b * p.m + p.row_offset + row) * p.q_heads + hd.h) * p.d_k + d];
+                qv = load_q(((hd.b * p.m + p.row_offset + row) * p.q_heads + hd.h) * p.d_k + d);
             }
             a_tile[kk * TILE + r] = qv;
             let key = key0 + r;
             var kv = 0.0;
             if key < p.n && d < p.d_k {
-                kv = k[((hd.b * p.n + key) * p.kv_heads + hd.hk) * p.d_k + d];
+                kv = load_k(((hd.b * p.n + key) * p.kv_heads + hd.hk) * p.d_k + d);
             }
             b_tile[kk * TILE + r] = kv;
         }

@@ -8,7 +8,7 @@
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
 @group(0) @binding(1) var<storage, read> w: array<f32>;
-@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(2) var<storage, read> v: array<Elem>;
 @group(0) @binding(3) var<storage, read_write> o: array<f32>;
 
 @compute @workgroup_size(16, 16, 1)
@@ -39,7 +39,7 @@ fn main(
             let c = e % TILE;
             var vv = 0.0;
             if j0 + vk < p.key_end && dim0 + c < p.d_v {
-                vv = v[((hd.b * p.n + j0 + vk) * p.kv_heads + hd.hk) * p.d_v + dim0 + c];
+                vv = load_v(((hd.b * p.n + j0 + vk) * p.kv_heads + hd.hk) * p.d_v + dim0 + c);
             }
             b_tile[vk * TILE + c] = vv;
         }

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
 use crate::gpu::executor::{self, Bindings, GpuTimer};
@@ -29,6 +30,7 @@ pub struct Attention {
     scale: Option<f32>,
     weights: bool,
     path: Option<Path>,
+    out_dtype: Option<DType>,
     masking: Masking,
 }
 
@@ -118,8 +120,23 @@ impl Attention {
     pub fn scale_for(&self, d_k: usize) -> f32 {
         self.scale.unwrap_or(1.0 / (d_k as f32).sqrt())
     }
-    /// Validates these options for `shape` (finite scale, masks) into what the planner needs.
+    /// Writes O as `dtype` instead of the inputs' type (e.g. f32 from f16 inputs). LSE,
+    /// weights and every statistic are f32 whatever the types.
+    pub fn with_out_dtype(mut self, dtype: DType) -> Self {
+        self.out_dtype = Some(dtype);
+        self
+    }
+    /// The type O is written in for inputs of type `input`.
+    pub fn out_dtype_for(&self, input: DType) -> DType {
+        self.out_dtype.unwrap_or(input)
+    }
+    /// Validates these options for `shape` with f32 inputs (finite scale, masks) into what
+    /// the planner needs.
     pub fn request(&self, shape: AttnShape) -> Result<Request> {
+        self.request_typed(shape, DType::F32)
+    }
+    /// [`Attention::request`] for inputs of type `dtype`.
+    pub fn request_typed(&self, shape: AttnShape, dtype: DType) -> Result<Request> {
         let scale = self.scale_for(shape.d_k);
         let masks = self.masking.spec(&shape)?;
         self.masking.check_scale(scale)?;
@@ -129,6 +146,8 @@ impl Attention {
             weights: self.weights,
             path: self.path,
             masks,
+            dtype,
+            out_dtype: self.out_dtype_for(dtype),
         })
     }
     /// The forced path, if any.
@@ -228,6 +247,7 @@ impl Engine {
             max_workgroups: caps.max_workgroups.min(real.max_workgroups),
             max_workgroup_bytes: caps.max_workgroup_bytes.min(real.max_workgroup_bytes),
             uniform_align: real.uniform_align,
+            native_f16: caps.native_f16 && real.native_f16,
             loop_cap: match (caps.loop_cap, real.loop_cap) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -236,8 +256,8 @@ impl Engine {
         Self {
             ctx: ctx.clone(),
             caps,
-            cache: Default::default(),
-            pool: Default::default(),
+            cache: std::sync::Arc::new(PipelineCache::new(ctx)),
+            pool: std::sync::Arc::new(BufferPool::new(ctx)),
         }
     }
 
@@ -270,14 +290,22 @@ impl Engine {
         }
         let rows = lead.iter().product::<usize>();
         let mut program = Program::new();
-        let xs = program.input("x", (rows * in_dim) as u64 * F32);
-        let ws = program.input("w", (*out_dim * in_dim) as u64 * F32);
-        let bs = program.input("b", b.map_or(F32, |_| *out_dim as u64 * F32));
+        let xs = program.input("x", x.dtype().bytes(rows * in_dim));
+        let ws = program.input("w", w.dtype().bytes(*out_dim * in_dim));
+        let bs = program.input("b", b.map_or(4, |_| w.dtype().bytes(*out_dim)));
         let ys = program.output("y", (rows * *out_dim) as u64 * F32);
+        if let Some(b) = b.filter(|b| b.dtype() != w.dtype()) {
+            return Err(Error::Argument(format!(
+                "the bias is {} but the weight is {}; they are read as one type",
+                b.dtype(),
+                w.dtype()
+            )));
+        }
         plan::linear(
             &mut program,
             (rows, in_dim, *out_dim),
             [xs, ws, bs, ys],
+            (x.dtype(), w.dtype()),
             b.is_some(),
             &self.caps,
         )?;
@@ -289,7 +317,7 @@ impl Engine {
         let b = match b {
             Some(b) => b,
             None => {
-                no_bias = Tensor::upload(&self.ctx, "no_bias", &[0.0], &[1])?;
+                no_bias = Tensor::upload_as(&self.ctx, "no_bias", &[0.0], &[1], w.dtype())?;
                 &no_bias
             }
         };
@@ -340,7 +368,15 @@ impl Engine {
 
     fn request(&self, q: &Tensor, k: &Tensor, v: &Tensor, opts: &Attention) -> Result<Request> {
         let shape = AttnShape::from_qkv(dims4(q, "q")?, dims4(k, "k")?, dims4(v, "v")?)?;
-        opts.request(shape)
+        if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+            return Err(Error::Argument(format!(
+                "q, k and v must share one type; got q {}, k {}, v {}",
+                q.dtype(),
+                k.dtype(),
+                v.dtype()
+            )));
+        }
+        opts.request_typed(shape, q.dtype())
     }
 
     /// What [`Engine::attention`] would run: path, tiles, splits, bytes.
@@ -385,7 +421,7 @@ impl Engine {
         let s = plan.shape;
         let wants_weights = plan.io.weights.is_some();
         Ok(Output {
-            o: Tensor::empty(&self.ctx, "o", &s.o_dims())?,
+            o: Tensor::empty_as(&self.ctx, "o", &s.o_dims(), plan.out_dtype)?,
             lse: Tensor::empty(&self.ctx, "lse", &s.lse_dims())?,
             weights: if wants_weights {
                 Some(Tensor::empty(&self.ctx, "weights", &s.weights_dims())?)
@@ -468,7 +504,7 @@ impl Engine {
     /// encoder may still be unsubmitted when it is dropped.
     pub(crate) fn bind_program(&self, program: &Program, tensors: &Bindings) -> Result<Bound> {
         plan::check_loops(program, &self.caps)?;
-        let own = Default::default();
+        let own = std::sync::Arc::new(BufferPool::new(&self.ctx));
         let bound = self
             .ctx
             .scoped(|| executor::bind(&self.ctx, (&self.cache, &own), program, tensors))?;
@@ -519,6 +555,21 @@ impl Engine {
         expect(v, "v", &s.v_dims())?;
         expect(&out.o, "output o", &s.o_dims())?;
         expect(&out.lse, "output lse", &s.lse_dims())?;
+        let dtype = plan.in_dtype;
+        for (t, name, want) in [
+            (q, "q", dtype),
+            (k, "k", dtype),
+            (v, "v", dtype),
+            (&out.o, "output o", plan.out_dtype),
+            (&out.lse, "output lse", DType::F32),
+        ] {
+            if t.dtype() != want {
+                return Err(Error::Argument(format!(
+                    "{name} is {} but the plan reads and writes it as {want}",
+                    t.dtype()
+                )));
+            }
+        }
         let io = &plan.io;
         let mut tensors: Bindings = HashMap::from([
             (io.q, q),
@@ -585,6 +636,14 @@ impl Engine {
             d_v,
         };
         for (i, (o, lse)) in shards.iter().enumerate() {
+            if o.dtype() != DType::F32 || lse.dtype() != DType::F32 {
+                return Err(Error::Unsupported(format!(
+                    "merge reads f32 shards; shard {i} has o {} and lse {} (compute the shards \
+                     with Attention::with_out_dtype(DType::F32))",
+                    o.dtype(),
+                    lse.dtype()
+                )));
+            }
             if o.dims() != o0.dims() || lse.dims() != shape.lse_dims() {
                 return Err(Error::Shape(format!(
                     "shard {i} has o {:?} and lse {:?}; expected o {:?} and lse {:?} like shard 0",

@@ -7,6 +7,7 @@
 //! against what naga reads from each shader, validates every specialization, and fails if a
 //! file in `shaders/` is not registered here.
 
+use crate::dtype::{DType, Storage};
 use crate::error::{Error, Result};
 
 /// How one binding of a kernel is accessed.
@@ -29,11 +30,16 @@ pub enum Kernel {
         /// Whether the call has any masking; without, the per-element mask code is compiled
         /// out (it cost 15% of three-pass time on llvmpipe).
         masked: bool,
+        /// How Q and K are read.
+        storage: Storage,
     },
     /// Stable row softmax of S in place, with LSE.
     SoftmaxRows,
     /// `O = P·V`, tiled.
-    WeightedSum,
+    WeightedSum {
+        /// How V is read.
+        storage: Storage,
+    },
     /// Fused online-softmax attention (also each split of split-K).
     Flash {
         /// Head dim of Q/K, rounded up to a multiple of 4.
@@ -48,13 +54,25 @@ pub enum Kernel {
         /// segments). Without, every tile is whole and the per-key loop is compiled out:
         /// its mere presence slowed unmasked runs by up to 16% on llvmpipe.
         masked: bool,
+        /// How Q, K and V are read.
+        storage: Storage,
     },
     /// Merge of partial (O, LSE) over disjoint key ranges.
     MergePartials,
     /// `Y = X·Wᵀ + b`, tiled (the projections of a layer).
-    Linear,
+    Linear {
+        /// How X is read.
+        x: Storage,
+        /// How W and b are read.
+        w: Storage,
+    },
     /// Attention weights averaged over heads.
     MeanHeads,
+    /// f32 values packed into f16 or bf16 pairs (half-precision outputs).
+    Pack {
+        /// `DType::F16` or `DType::Bf16`.
+        to: DType,
+    },
 }
 
 /// The shader file of each kernel name, embedded at build time.
@@ -69,6 +87,7 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
     ),
     ("linear", include_str!("../shaders/linear.wgsl")),
     ("mean_heads", include_str!("../shaders/mean_heads.wgsl")),
+    ("pack", include_str!("../shaders/pack.wgsl")),
 ];
 
 /// Shared WGSL pulled in by `//!include <path>` lines.
@@ -117,9 +136,14 @@ impl LoopCost {
         self.fixed + self.per_step * len.div_ceil(self.step)
     }
 
-    /// The longest loop (a multiple of `step`) whose iterations stay within `cap`; 0 if none.
+    /// The longest loop (a multiple of `step`) whose iterations stay within `cap`; 0 if none,
+    /// unbounded for a kernel without a long loop.
     pub fn max_len(&self, cap: u64) -> u64 {
-        cap.saturating_sub(self.fixed) / self.per_step * self.step
+        match self.per_step {
+            0 if self.fixed <= cap => u64::MAX,
+            0 => 0,
+            per_step => cap.saturating_sub(self.fixed) / per_step * self.step,
+        }
     }
 }
 
@@ -134,11 +158,12 @@ impl Kernel {
         match self {
             Kernel::QkScores { .. } => "qk_scores",
             Kernel::SoftmaxRows => "softmax_rows",
-            Kernel::WeightedSum => "weighted_sum",
+            Kernel::WeightedSum { .. } => "weighted_sum",
             Kernel::Flash { .. } => "flash",
             Kernel::MergePartials => "merge_partials",
-            Kernel::Linear => "linear",
+            Kernel::Linear { .. } => "linear",
             Kernel::MeanHeads => "mean_heads",
+            Kernel::Pack { .. } => "pack",
         }
     }
 
@@ -146,14 +171,14 @@ impl Kernel {
     pub fn bindings(&self) -> &'static [Access] {
         match self {
             Kernel::QkScores { .. } => &[Uniform, Read, Read, Read, Read, Read, ReadWrite],
-            Kernel::WeightedSum => &[Uniform, Read, Read, ReadWrite],
+            Kernel::WeightedSum { .. } => &[Uniform, Read, Read, ReadWrite],
             Kernel::SoftmaxRows => &[Uniform, ReadWrite, ReadWrite],
             Kernel::Flash { .. } => &[
                 Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite,
             ],
             Kernel::MergePartials => &[Uniform, Read, Read, ReadWrite, ReadWrite],
-            Kernel::Linear => &[Uniform, Read, Read, Read, ReadWrite],
-            Kernel::MeanHeads => &[Uniform, Read, ReadWrite],
+            Kernel::Linear { .. } => &[Uniform, Read, Read, Read, ReadWrite],
+            Kernel::MeanHeads | Kernel::Pack { .. } => &[Uniform, Read, ReadWrite],
         }
     }
 
@@ -166,11 +191,25 @@ impl Kernel {
                 bc,
                 br,
                 masked,
+                storage,
             } => {
                 let suffix = if *masked { "_masked" } else { "" };
-                format!("xattn.flash_dk{dk}_dv{dv}_bc{bc}_br{br}{suffix}")
+                let storage = storage_suffix(*storage);
+                format!("xattn.flash_dk{dk}_dv{dv}_bc{bc}_br{br}{storage}{suffix}")
             }
-            Kernel::QkScores { masked: true } => "xattn.qk_scores_masked".into(),
+            Kernel::QkScores { masked, storage } => {
+                let suffix = if *masked { "_masked" } else { "" };
+                format!("xattn.qk_scores{}{suffix}", storage_suffix(*storage))
+            }
+            Kernel::WeightedSum { storage } => {
+                format!("xattn.weighted_sum{}", storage_suffix(*storage))
+            }
+            Kernel::Linear { x, w } => format!(
+                "xattn.linear{}{}",
+                storage_suffix(*x).replacen('_', "_x_", 1),
+                storage_suffix(*w).replacen('_', "_w_", 1)
+            ),
+            Kernel::Pack { to } => format!("xattn.pack_{to}"),
             other => format!("xattn.{}", other.name()),
         }
     }
@@ -178,10 +217,12 @@ impl Kernel {
     /// Workgroup-memory bytes the kernel declares (checked against the device limit).
     pub fn workgroup_bytes(&self) -> u64 {
         match *self {
-            Kernel::QkScores { .. } | Kernel::WeightedSum | Kernel::Linear => 2 * 1024 * 4,
+            Kernel::QkScores { .. } | Kernel::WeightedSum { .. } | Kernel::Linear { .. } => {
+                2 * 1024 * 4
+            }
             Kernel::SoftmaxRows => SOFTMAX_WG * 4,
             Kernel::Flash { dk, dv, bc, .. } => u64::from(bc * (dk + dv)) * 4,
-            Kernel::MergePartials | Kernel::MeanHeads => 0,
+            Kernel::MergePartials | Kernel::MeanHeads | Kernel::Pack { .. } => 0,
         }
     }
 
@@ -190,11 +231,12 @@ impl Kernel {
         match self {
             Kernel::QkScores { .. } => "head dims d_k",
             Kernel::SoftmaxRows => "keys per row",
-            Kernel::WeightedSum => "keys",
+            Kernel::WeightedSum { .. } => "keys",
             Kernel::Flash { .. } => "keys per split",
             Kernel::MergePartials => "splits",
-            Kernel::Linear => "input features",
+            Kernel::Linear { .. } => "input features",
             Kernel::MeanHeads => "heads",
+            Kernel::Pack { .. } => "(none)",
         }
     }
 
@@ -216,6 +258,15 @@ impl Kernel {
             Params::Linear(l) => {
                 return (gemm(0), u64::from(l.in_dim));
             }
+            // One word per invocation, no loop.
+            Params::Pack(_) => {
+                let none = LoopCost {
+                    fixed: 0,
+                    per_step: 0,
+                    step: 1,
+                };
+                return (none, 0);
+            }
         };
         let segments = if attn.flags & flags::SEGMENTS != 0 {
             looped(u64::from(attn.n_segments))
@@ -224,8 +275,10 @@ impl Kernel {
         };
         match *self {
             Kernel::QkScores { .. } => (gemm(segments), u64::from(attn.d_k)),
-            Kernel::WeightedSum => (gemm(0), u64::from(attn.key_end - attn.key_begin)),
-            Kernel::Linear => unreachable!("linear dispatches carry LinearParams"),
+            Kernel::WeightedSum { .. } => (gemm(0), u64::from(attn.key_end - attn.key_begin)),
+            Kernel::Linear { .. } | Kernel::Pack { .. } => {
+                unreachable!("linear and pack dispatches carry their own params")
+            }
             // Three strided key loops; two tree reductions of log2(WG) levels.
             Kernel::SoftmaxRows => (
                 LoopCost {
@@ -285,6 +338,7 @@ impl Kernel {
     /// Panics if the buffers do not match the bindings (a program bug).
     pub fn run_twin(&self, params: &crate::program::Params, buffers: &mut [Vec<u32>]) {
         use crate::cpu;
+        use crate::program::Params;
         use bytemuck::{cast_slice as f, cast_slice_mut as fm};
         fn masks<'a>(
             lens: &'a [u32],
@@ -298,13 +352,20 @@ impl Kernel {
             }
         }
         let arity = |n: usize| -> ! { panic!("{} got {n} buffers", self.label()) };
+        // Every element the words of this storage hold, widened.
+        let widen = |storage: Storage, words: &[u32]| -> Vec<f32> {
+            let dtype = storage.dtype();
+            let elems = words.len() * 4 / dtype.size() as usize;
+            dtype.decode(bytemuck::cast_slice(words), elems)
+        };
         match *self {
-            Kernel::QkScores { .. } => {
+            Kernel::QkScores { storage, .. } => {
                 let [q, k, lens, mask, bias, scores] = buffers else {
                     arity(buffers.len())
                 };
                 let m = masks(lens, mask, bias);
-                cpu::qk_scores::qk_scores(params.attn(), f(q), f(k), &m, fm(scores));
+                let (q, k) = (widen(storage, q), widen(storage, k));
+                cpu::qk_scores::qk_scores(params.attn(), &q, &k, &m, fm(scores));
             }
             Kernel::SoftmaxRows => {
                 let [scores, lse] = buffers else {
@@ -312,19 +373,23 @@ impl Kernel {
                 };
                 cpu::softmax_rows::softmax_rows(params.attn(), fm(scores), fm(lse));
             }
-            Kernel::WeightedSum => {
+            Kernel::WeightedSum { storage } => {
                 let [scores, v, o] = buffers else {
                     arity(buffers.len())
                 };
-                cpu::weighted_sum::weighted_sum(params.attn(), f(scores), f(v), fm(o));
+                let v = widen(storage, v);
+                cpu::weighted_sum::weighted_sum(params.attn(), f(scores), &v, fm(o));
             }
-            Kernel::Flash { bc, br, .. } => {
+            Kernel::Flash {
+                bc, br, storage, ..
+            } => {
                 let [q, k, v, lens, mask, bias, o, lse] = buffers else {
                     arity(buffers.len())
                 };
                 let m = masks(lens, mask, bias);
                 let p = params.attn();
-                cpu::flash::flash(p, (bc, br), f(q), f(k), f(v), &m, fm(o), fm(lse));
+                let (q, k, v) = (widen(storage, q), widen(storage, k), widen(storage, v));
+                cpu::flash::flash(p, (bc, br), &q, &k, &v, &m, fm(o), fm(lse));
             }
             Kernel::MergePartials => {
                 let [part_o, part_stats, o, lse] = buffers else {
@@ -333,17 +398,27 @@ impl Kernel {
                 let p = params.attn();
                 cpu::merge_partials::merge_partials(p, f(part_o), f(part_stats), fm(o), fm(lse));
             }
-            Kernel::Linear => {
+            Kernel::Linear { x: xs, w: ws } => {
                 let [x, w, b, y] = buffers else {
                     arity(buffers.len())
                 };
-                cpu::linear::linear(params.linear(), f(x), f(w), f(b), fm(y));
+                let (x, w, b) = (widen(xs, x), widen(ws, w), widen(ws, b));
+                cpu::linear::linear(params.linear(), &x, &w, &b, fm(y));
             }
             Kernel::MeanHeads => {
                 let [w, mean] = buffers else {
                     arity(buffers.len())
                 };
                 cpu::mean_heads::mean_heads(params.attn(), f(w), fm(mean));
+            }
+            Kernel::Pack { to } => {
+                let [src, dst] = buffers else {
+                    arity(buffers.len())
+                };
+                let Params::Pack(p) = params else {
+                    panic!("pack dispatches carry PackParams")
+                };
+                cpu::pack::pack(p, to, f(src), dst);
             }
         }
     }
@@ -356,22 +431,62 @@ impl Kernel {
             .map(|(_, src)| *src)
             .expect("every Kernel variant has an entry in SHADER_FILES");
         let mut out = String::new();
+        if self.storages().iter().any(|s| s.needs_f16()) {
+            out.push_str("enable f16;\n");
+        }
+        match *self {
+            Kernel::QkScores { storage, .. }
+            | Kernel::WeightedSum { storage }
+            | Kernel::Flash { storage, .. } => {
+                out.push_str(&storage.wgsl("Elem", self.half_arrays()));
+            }
+            Kernel::Linear { x, w } => {
+                out.push_str(&x.wgsl("XElem", &["x"]));
+                out.push_str(&w.wgsl("WElem", &["w", "b"]));
+            }
+            Kernel::Pack { to } => {
+                out.push_str(&format!("const TO_BF16: bool = {};\n", to == DType::Bf16));
+            }
+            _ => {}
+        }
         if let Kernel::Flash {
             dk,
             dv,
             bc,
             br,
             masked,
+            ..
         } = *self
         {
             out.push_str(&flash_prelude(dk / 4, dv / 4, bc, br));
             out.push_str(&format!("const ANY_MASKING: bool = {masked};\n"));
         }
-        if let Kernel::QkScores { masked } = *self {
+        if let Kernel::QkScores { masked, .. } = *self {
             out.push_str(&format!("const ANY_MASKING: bool = {masked};\n"));
         }
         out.push_str(&resolve_includes(file));
         out
+    }
+
+    /// How the kernel reads its element arrays (empty for kernels that read only f32).
+    pub fn storages(&self) -> Vec<Storage> {
+        match *self {
+            Kernel::QkScores { storage, .. }
+            | Kernel::WeightedSum { storage }
+            | Kernel::Flash { storage, .. } => vec![storage],
+            Kernel::Linear { x, w } => vec![x, w],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The arrays a kernel with one storage reads through `load_<array>`.
+    fn half_arrays(&self) -> &'static [&'static str] {
+        match self {
+            Kernel::QkScores { .. } => &["q", "k"],
+            Kernel::WeightedSum { .. } => &["v"],
+            Kernel::Flash { .. } => &["q", "k", "v"],
+            _ => &[],
+        }
     }
 
     /// Parses and validates the source with naga; returns the module for introspection.
@@ -382,16 +497,27 @@ impl Kernel {
             kernel: label.clone(),
             message: e.emit_to_string(&source),
         })?;
-        naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::empty(),
-        )
-        .validate(&module)
-        .map_err(|e| Error::Shader {
-            kernel: label,
-            message: e.emit_to_string(&source),
-        })?;
+        // (Un)packing f16 in u32 words needs SHADER_FLOAT16_IN_FLOAT32, which wgpu grants on
+        // every native backend (downlevel flag SHADER_F16_IN_F32).
+        let mut capabilities = naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+        if self.storages().iter().any(|s| s.needs_f16()) {
+            capabilities |= naga::valid::Capabilities::SHADER_FLOAT16;
+        }
+        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities)
+            .validate(&module)
+            .map_err(|e| Error::Shader {
+                kernel: label,
+                message: e.emit_to_string(&source),
+            })?;
         Ok(module)
+    }
+}
+
+/// `_<storage>` for half storage, nothing for f32 (labels of f32 kernels are unchanged).
+fn storage_suffix(storage: Storage) -> String {
+    match storage {
+        Storage::F32 => String::new(),
+        other => format!("_{}", other.name().replace('-', "_")),
     }
 }
 

@@ -31,6 +31,7 @@
 //! | LSE | `[batch, q_heads, M]`, natural log of Σ exp(scaled logits) |
 
 pub mod cpu;
+mod dtype;
 mod engine;
 mod error;
 // Internals, public for the tests, the CLI and the benches; what a user needs is re-exported
@@ -49,6 +50,7 @@ pub mod plan;
 pub mod program;
 pub mod shape;
 
+pub use dtype::{DType, Storage};
 pub use engine::{Attention, Engine, HostOutput, MaskInputs, Output, Prepared};
 pub use error::{Error, Result};
 pub use gpu::context::Context;

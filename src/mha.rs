@@ -20,6 +20,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::dtype::DType;
 use crate::engine::{Attention, Engine};
 use crate::error::{Error, Result};
 use crate::gpu::executor::Bindings;
@@ -288,17 +289,22 @@ fn f32_bytes(elems: usize) -> u64 {
 }
 
 /// Declares each projection's weight and bias (one placeholder element where it has none).
-fn declare_params(program: &mut Program, c: &MhaConfig, has_bias: [bool; 4]) -> [[BufferId; 2]; 4] {
+fn declare_params(
+    program: &mut Program,
+    c: &MhaConfig,
+    has_bias: [bool; 4],
+    dtype: DType,
+) -> [[BufferId; 2]; 4] {
     let (e, inner, kv) = (c.embed_dim, c.inner_dim, c.kv_dim());
     let sizes = [(inner, e), (kv, c.kdim), (kv, c.vdim), (e, inner)];
     let names = ["q", "k", "v", "o"];
     std::array::from_fn(|i| {
         let (out, inp) = sizes[i];
         [
-            program.input(&format!("w_{}", names[i]), f32_bytes(out * inp)),
+            program.input(&format!("w_{}", names[i]), dtype.bytes(out * inp)),
             program.input(
                 &format!("b_{}", names[i]),
-                f32_bytes(if has_bias[i] { out } else { 1 }),
+                dtype.bytes(if has_bias[i] { out } else { 1 }),
             ),
         ]
     })
@@ -328,22 +334,39 @@ pub struct LayerProgram {
     pub tiling: String,
 }
 
+/// Element types of a layer's forward pass. Projections, attention and W^O compute in f32
+/// and keep their intermediates (projected Q, K, V, O and a cache's K, V) in f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LayerTypes {
+    /// Query, key and value inputs.
+    pub input: DType,
+    /// Weights and biases.
+    pub weights: DType,
+    /// The output.
+    pub out: DType,
+}
+
 /// The forward program of a layer with sizes `c` for the attention `req` (its shape from
-/// [`MhaConfig::attn_shape`], `req.weights` iff `need` asks for weights): Q (and, unless
-/// `cached`, K and V) projections, the attention on their outputs, weights averaged over
-/// heads where asked, and W^O.
+/// [`MhaConfig::attn_shape`], `req.weights` iff `need` asks for weights, f32 in and out):
+/// Q (and, unless `cached`, K and V) projections, the attention on their outputs, weights
+/// averaged over heads where asked, and W^O, with inputs, weights and output of `types`.
 pub fn layer_program(
     c: &MhaConfig,
     req: &Request,
-    cached: bool,
-    need: NeedWeights,
-    has_bias: [bool; 4],
+    (cached, need, has_bias): (bool, NeedWeights, [bool; 4]),
+    types: LayerTypes,
     caps: &DeviceCaps,
 ) -> Result<LayerProgram> {
+    assert_eq!(
+        (req.dtype, req.out_dtype),
+        (DType::F32, DType::F32),
+        "the layer's attention runs on its f32 projections"
+    );
     let s = req.shape;
     let (batch, m, n) = (s.batch, s.m, s.n);
     let mut program = Program::new();
-    let query = program.input("query", f32_bytes(batch * m * c.embed_dim));
+    let input = |elems| types.input.bytes(elems);
+    let query = program.input("query", input(batch * m * c.embed_dim));
     let kv_bytes = f32_bytes(batch * n * c.kv_dim());
     let source = if cached {
         [
@@ -352,18 +375,19 @@ pub fn layer_program(
         ]
     } else {
         [
-            program.input("key", f32_bytes(batch * n * c.kdim)),
-            program.input("value", f32_bytes(batch * n * c.vdim)),
+            program.input("key", input(batch * n * c.kdim)),
+            program.input("value", input(batch * n * c.vdim)),
         ]
     };
-    let params = declare_params(&mut program, c, has_bias);
+    let params = declare_params(&mut program, c, has_bias, types.weights);
     let [lens, mask, bias] = plan::mask_input_bytes(&s, &req.masks);
     let masks = [
         program.input("lens", lens),
         program.input("mask", mask),
         program.input("bias", bias),
     ];
-    let out = program.output("out", f32_bytes(batch * m * c.embed_dim));
+    let out_elems = batch * m * c.embed_dim;
+    let out = program.output("out", types.out.bytes(out_elems));
     let p_bytes = f32_bytes(s.weights_dims().iter().product());
     let (p, weights) = match need {
         NeedWeights::None => (None, None),
@@ -397,16 +421,18 @@ pub fn layer_program(
         lse: program.scratch("lse", f32_bytes(s.lse_dims().iter().product())),
         weights: p,
     };
-    let proj = |program: &mut Program, i: usize, dims, x, y| {
+    let proj = |program: &mut Program, i: usize, dims, x, (y, x_type)| {
         let [w, b] = params[i];
-        plan::linear(program, dims, [x, w, b, y], has_bias[i], caps)
+        let dtypes = (x_type, types.weights);
+        plan::linear(program, dims, [x, w, b, y], dtypes, has_bias[i], caps)
     };
+    let x_in = types.input;
     proj(
         &mut program,
         0,
         (rows_q, c.embed_dim, c.inner_dim),
         query,
-        io.q,
+        (io.q, x_in),
     )?;
     if !cached {
         proj(
@@ -414,27 +440,36 @@ pub fn layer_program(
             1,
             (batch * n, c.kdim, c.kv_dim()),
             source[0],
-            io.k,
+            (io.k, x_in),
         )?;
         proj(
             &mut program,
             2,
             (batch * n, c.vdim, c.kv_dim()),
             source[1],
-            io.v,
+            (io.v, x_in),
         )?;
     }
     let (path, tiling) = plan::attention(req, caps, &mut program, &io)?;
     if let (NeedWeights::Averaged, Some(p), Some(mean)) = (need, p, weights) {
         plan::mean_heads(&mut program, &s, [p, mean], caps)?;
     }
+    // W^O writes f32; a half output is packed from scratch.
+    let out32 = if types.out == DType::F32 {
+        out
+    } else {
+        program.scratch("out_f32", f32_bytes(out_elems))
+    };
     proj(
         &mut program,
         3,
         (rows_q, c.inner_dim, c.embed_dim),
         io.o,
-        out,
+        (out32, DType::F32),
     )?;
+    if out32 != out {
+        plan::pack(&mut program, out_elems, types.out, [out32, out], caps)?;
+    }
     plan::check_loops(&program, caps)?;
     Ok(LayerProgram {
         program,
@@ -447,6 +482,18 @@ pub fn layer_program(
         path,
         tiling: format!("projections: 64×64 linear tiles; attention: {tiling}"),
     })
+}
+
+/// The one type of a source's key and value.
+fn source_type(key: &Tensor, value: &Tensor) -> Result<DType> {
+    if key.dtype() != value.dtype() {
+        return Err(Error::Argument(format!(
+            "key is {} but value is {}; a layer reads them as one type",
+            key.dtype(),
+            value.dtype()
+        )));
+    }
+    Ok(key.dtype())
 }
 
 fn dims3(t: &Tensor, name: &str, want: [Option<usize>; 3]) -> Result<[usize; 3]> {
@@ -468,8 +515,20 @@ fn dims3(t: &Tensor, name: &str, want: [Option<usize>; 3]) -> Result<[usize; 3]>
 
 impl MultiHeadAttention {
     /// A layer with `weights` (host slices in PyTorch `Linear` layout) uploaded to `engine`'s
-    /// device.
+    /// device in f32.
     pub fn new(engine: &Engine, config: MhaConfig, weights: &MhaWeights) -> Result<Self> {
+        Self::new_as(engine, config, weights, DType::F32)
+    }
+
+    /// [`MultiHeadAttention::new`] keeping the weights in `dtype` on the device (rounded to
+    /// nearest once; exact for weights that came from a file of that type): f16 or bf16
+    /// halve their memory, and the projections read them as stored, accumulating in f32.
+    pub fn new_as(
+        engine: &Engine,
+        config: MhaConfig,
+        weights: &MhaWeights,
+        dtype: DType,
+    ) -> Result<Self> {
         config.validate()?;
         weights.check(&config)?;
         let ctx = engine.context();
@@ -484,9 +543,15 @@ impl MultiHeadAttention {
         let mut b = Vec::with_capacity(4);
         for (i, proj) in PROJS.iter().enumerate() {
             let (data, bias) = weights.get(*proj);
-            w.push(Tensor::upload(ctx, "layer_weight", data, &shapes[i])?);
+            w.push(Tensor::upload_as(
+                ctx,
+                "layer_weight",
+                data,
+                &shapes[i],
+                dtype,
+            )?);
             b.push(
-                bias.map(|bias| Tensor::upload(ctx, "layer_bias", bias, &[bias.len()]))
+                bias.map(|bias| Tensor::upload_as(ctx, "layer_bias", bias, &[bias.len()], dtype))
                     .transpose()?,
             );
         }
@@ -496,7 +561,7 @@ impl MultiHeadAttention {
             id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
             weights: w.try_into().expect("four projections"),
             biases: b.try_into().expect("four projections"),
-            no_bias: Tensor::upload(ctx, "no_bias", &[0.0], &[1])?,
+            no_bias: Tensor::upload_as(ctx, "no_bias", &[0.0], &[1], dtype)?,
         })
     }
 
@@ -522,6 +587,11 @@ impl MultiHeadAttention {
         &self.config
     }
 
+    /// The type the weights are kept in.
+    pub fn dtype(&self) -> DType {
+        self.weights[0].dtype()
+    }
+
     fn has_biases(&self) -> [bool; 4] {
         self.biases.each_ref().map(Option::is_some)
     }
@@ -541,9 +611,10 @@ impl MultiHeadAttention {
         let caps = self.engine.caps();
         let has_bias = self.has_biases();
         let mut program = Program::new();
-        let key_in = program.input("key", f32_bytes(batch * n * c.kdim));
-        let value_in = program.input("value", f32_bytes(batch * n * c.vdim));
-        let params = declare_params(&mut program, c, has_bias);
+        let x_type = source_type(key, value)?;
+        let key_in = program.input("key", x_type.bytes(batch * n * c.kdim));
+        let value_in = program.input("value", x_type.bytes(batch * n * c.vdim));
+        let params = declare_params(&mut program, c, has_bias, self.dtype());
         let kv_bytes = f32_bytes(batch * n * c.kv_dim());
         let k_out = program.output("cached_k", kv_bytes);
         let v_out = program.output("cached_v", kv_bytes);
@@ -553,6 +624,7 @@ impl MultiHeadAttention {
                 &mut program,
                 (batch * n, in_dim, c.kv_dim()),
                 [x, w, b, y],
+                (x_type, self.dtype()),
                 has_bias[i],
                 caps,
             )?;
@@ -650,14 +722,29 @@ impl MultiHeadAttention {
         let need = opts.need_weights;
         let req = Request {
             weights: need != NeedWeights::None,
+            out_dtype: DType::F32,
             ..attention.request(shape)?
         };
+        if let Source::Raw { key, value } = source {
+            let source = source_type(key, value)?;
+            if source != query.dtype() {
+                return Err(Error::Argument(format!(
+                    "query is {} but key and value are {source}; a layer reads them as one type",
+                    query.dtype()
+                )));
+            }
+        }
+        let types = LayerTypes {
+            input: query.dtype(),
+            weights: self.dtype(),
+            out: attention.out_dtype_for(query.dtype()),
+        };
+        let cached = matches!(source, Source::Cached(_));
         let layer = layer_program(
             &c,
             &req,
-            matches!(source, Source::Cached(_)),
-            need,
-            self.has_biases(),
+            (cached, need, self.has_biases()),
+            types,
             self.engine.caps(),
         )?;
         let masks = self
@@ -671,7 +758,7 @@ impl MultiHeadAttention {
             }
             NeedWeights::Averaged => Some(Tensor::empty(ctx, "mean_weights", &[batch, m, n])?),
         };
-        let out = Tensor::empty(ctx, "layer_out", &[batch, m, c.embed_dim])?;
+        let out = Tensor::empty_as(ctx, "layer_out", &[batch, m, c.embed_dim], types.out)?;
         let (key, value) = match source {
             Source::Raw { key, value } => (key, value),
             Source::Cached(cache) => (&cache.k, &cache.v),

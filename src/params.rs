@@ -113,3 +113,15 @@ pub struct LinearParams {
     /// Padding to a multiple of 16 bytes.
     pub _pad: [u32; 3],
 }
+
+/// Parameters of the `pack` kernel: how many f32 elements to pack into half pairs.
+///
+/// Keep in sync with `PackParams` in `shaders/pack.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
+pub struct PackParams {
+    /// Elements to pack.
+    pub elems: u32,
+    /// Padding to 16 bytes.
+    pub _pad: [u32; 3],
+}

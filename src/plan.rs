@@ -7,10 +7,11 @@
 
 use std::fmt;
 
+use crate::dtype::{DType, Storage};
 use crate::error::{Error, Result};
 use crate::kernels::{Kernel, LoopCost};
 use crate::mask::MaskSpec;
-use crate::params::{flags, AttnParams, LinearParams};
+use crate::params::{flags, AttnParams, LinearParams, PackParams};
 pub use crate::program::{human_bytes, Params};
 use crate::program::{BufferId, Program};
 use crate::shape::{AttnShape, F32};
@@ -74,6 +75,9 @@ pub struct DeviceCaps {
     /// keeps every dispatch under it by the kernels' [`LoopCost`]: it splits the keys of
     /// the fused and `weighted_sum` kernels and refuses what no split can bound.
     pub loop_cap: Option<u64>,
+    /// Whether kernels may declare `f16` arrays (`SHADER_F16` enabled on the device); without,
+    /// f16 tensors are read as packed pairs ([`Storage`]).
+    pub native_f16: bool,
 }
 
 /// Mesa's llvmpipe (lavapipe on Vulkan, llvmpipe under wgpu's GL backend) ends every loop of a
@@ -96,6 +100,7 @@ impl DeviceCaps {
     pub fn from_limits(l: &wgpu::Limits) -> Self {
         Self {
             loop_cap: None,
+            native_f16: false,
             max_binding: l.max_storage_buffer_binding_size,
             max_buffer: l.max_buffer_size,
             max_workgroups: l.max_compute_workgroups_per_dimension,
@@ -125,6 +130,10 @@ pub struct Request {
     pub path: Option<Path>,
     /// Masks, lengths and logit controls.
     pub masks: MaskSpec,
+    /// Element type of Q, K and V.
+    pub dtype: DType,
+    /// Element type of O (LSE, P and all statistics are f32).
+    pub out_dtype: DType,
 }
 
 /// The buffers of one attention in a [`Program`]: declared by [`AttnIo::declare`] for a
@@ -161,20 +170,24 @@ pub fn mask_input_bytes(s: &AttnShape, masks: &MaskSpec) -> [u64; 3] {
 }
 
 impl AttnIo {
-    /// Declares Q, K, V and the masks as inputs and O, LSE (and P if `weights`) as outputs.
-    pub fn declare(program: &mut Program, s: &AttnShape, masks: &MaskSpec, weights: bool) -> Self {
-        let size = |dims: Vec<usize>| bytes(dims.iter().product());
-        let [lens, mask, bias] = mask_input_bytes(s, masks);
+    /// Declares Q, K, V and the masks of `req` as inputs and O, LSE (and P if asked) as
+    /// outputs, each in its element type.
+    pub fn declare(program: &mut Program, req: &Request) -> Self {
+        let s = &req.shape;
+        let size = |dtype: DType, dims: &[usize]| dtype.bytes(dims.iter().product());
+        let [lens, mask, bias] = mask_input_bytes(s, &req.masks);
         Self {
-            q: program.input("q", size(s.q_dims().to_vec())),
-            k: program.input("k", size(s.k_dims().to_vec())),
-            v: program.input("v", size(s.v_dims().to_vec())),
+            q: program.input("q", size(req.dtype, &s.q_dims())),
+            k: program.input("k", size(req.dtype, &s.k_dims())),
+            v: program.input("v", size(req.dtype, &s.v_dims())),
             lens: program.input("lens", lens),
             mask: program.input("mask", mask),
             bias: program.input("bias", bias),
-            o: program.output("o", size(s.o_dims().to_vec())),
-            lse: program.output("lse", size(s.lse_dims().to_vec())),
-            weights: weights.then(|| program.output("weights", size(s.weights_dims().to_vec()))),
+            o: program.output("o", size(req.out_dtype, &s.o_dims())),
+            lse: program.output("lse", size(DType::F32, &s.lse_dims())),
+            weights: req
+                .weights
+                .then(|| program.output("weights", size(DType::F32, &s.weights_dims()))),
         }
     }
 }
@@ -192,6 +205,10 @@ pub struct Plan {
     pub program: Program,
     /// The call's buffers in `program`.
     pub io: AttnIo,
+    /// Element type of Q, K and V.
+    pub in_dtype: DType,
+    /// Element type of O.
+    pub out_dtype: DType,
     /// One line on the tiling (for people).
     pub tiling: String,
 }
@@ -229,7 +246,7 @@ impl Plan {
     /// declared by [`AttnIo::declare`].
     pub fn new(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
         let mut program = Program::new();
-        let io = AttnIo::declare(&mut program, &req.shape, &req.masks, req.weights);
+        let io = AttnIo::declare(&mut program, req);
         let (path, tiling) = attention(req, caps, &mut program, &io)?;
         check_loops(&program, caps)?;
         Ok(Plan {
@@ -238,6 +255,8 @@ impl Plan {
             masks: req.masks,
             program,
             io,
+            in_dtype: req.dtype,
+            out_dtype: req.out_dtype,
             tiling,
         })
     }
@@ -252,6 +271,19 @@ impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "plan {} for {}", self.path.name(), self.shape)?;
         writeln!(f, "  tiling: {}", self.tiling)?;
+        if let Some(storage) = self
+            .program
+            .dispatches()
+            .find_map(|d| d.kernel.storages().first().copied())
+        {
+            writeln!(
+                f,
+                "  dtype: q, k, v {} (read as {}), o {}; computed in f32",
+                storage.dtype(),
+                storage.name(),
+                self.out_dtype
+            )?;
+        }
         if !self.masks.is_empty() {
             writeln!(f, "  masks: {}", self.masks)?;
         }
@@ -273,15 +305,15 @@ pub fn attention(
         io.weights.is_some(),
         "the weights buffer is declared iff the request asks for P"
     );
-    for (name, dims) in [
-        ("q", s.q_dims()),
-        ("k", s.k_dims()),
-        ("v", s.v_dims()),
-        ("output o", s.o_dims()),
+    for (name, dims, dtype) in [
+        ("q", s.q_dims(), req.dtype),
+        ("k", s.k_dims(), req.dtype),
+        ("v", s.v_dims(), req.dtype),
+        ("output o", s.o_dims(), DType::F32),
     ] {
         check_binding(
-            &format!("{name} {dims:?} (bound whole to every kernel)"),
-            bytes(dims.iter().product()),
+            &format!("{name} {dims:?} {dtype} (bound whole to every kernel)"),
+            dtype.bytes(dims.iter().product()),
             caps,
         )?;
     }
@@ -330,23 +362,71 @@ pub fn attention(
             s.d_v
         )));
     }
-    match path {
-        Path::ThreePass => three_pass(req, caps, program, io),
+    // Kernels write O in f32; a half O is packed from an f32 scratch at the end.
+    let packed_o = (req.out_dtype != DType::F32).then(|| {
+        let o32 = program.scratch("o_f32", bytes(s.o_dims().iter().product()));
+        (o32, io.o)
+    });
+    let io = &AttnIo {
+        o: packed_o.map_or(io.o, |(o32, _)| o32),
+        ..*io
+    };
+    let storage = Storage::of(req.dtype, caps.native_f16);
+    let (path, tiling) = match path {
+        Path::ThreePass => three_pass(req, caps, storage, program, io)?,
         Path::Fused | Path::SplitK => {
-            let kernel = fused_kernel(&s, caps, !req.masks.is_empty())?;
+            let kernel = fused_kernel(&s, caps, !req.masks.is_empty(), storage)?;
             // Where the device caps loop iterations, a source longer than one pass may
             // walk is split (split-K) even when the fused path was asked for.
             let params = Params::Attn(base_params(&s, req.scale, &req.masks));
             let per_pass = caps.loop_len(&kernel.loop_cost(&params).0);
             let per_pass = usize::try_from(per_pass).unwrap_or(usize::MAX);
             if path == Path::Fused && s.n <= per_pass {
-                fused(req, caps, kernel, None, program, io)
+                fused(req, caps, kernel, None, program, io)?
             } else {
                 let splits = split_count(&s, caps, per_pass.max(1));
-                fused(req, caps, kernel, Some(splits), program, io)
+                fused(req, caps, kernel, Some(splits), program, io)?
             }
         }
+    };
+    if let Some((o32, o)) = packed_o {
+        pack(
+            program,
+            s.o_dims().iter().product(),
+            req.out_dtype,
+            [o32, o],
+            caps,
+        )?;
     }
+    Ok((path, tiling))
+}
+
+/// Appends packing `elems` f32 values of `from` into `to` as `dtype` pairs.
+pub fn pack(
+    program: &mut Program,
+    elems: usize,
+    dtype: DType,
+    [from, to]: [BufferId; 2],
+    caps: &DeviceCaps,
+) -> Result<()> {
+    let elems32 = u32::try_from(elems).map_err(|_| {
+        limit_err(
+            format!("{elems} elements to pack"),
+            elems as u64,
+            "elements per pack dispatch",
+            u64::from(u32::MAX),
+        )
+    })?;
+    program.dispatch(
+        Kernel::Pack { to: dtype },
+        Params::Pack(PackParams {
+            elems: elems32,
+            ..Default::default()
+        }),
+        fold_grid("pack", elems.div_ceil(2), caps)?,
+        &[from, to],
+    );
+    Ok(())
 }
 
 /// An exact merge of results over disjoint K/V of the same queries: its program and buffers.
@@ -481,6 +561,7 @@ fn chunks(s: &AttnShape, bh_max: usize, rows_max: usize) -> Vec<(usize, usize, u
 fn three_pass(
     req: &Request,
     caps: &DeviceCaps,
+    storage: Storage,
     program: &mut Program,
     io: &AttnIo,
 ) -> Result<(Path, String)> {
@@ -490,7 +571,9 @@ fn three_pass(
     let max_wg = caps.max_workgroups as usize;
     let qk_scores = Kernel::QkScores {
         masked: !req.masks.is_empty(),
+        storage,
     };
+    let weighted_sum = Kernel::WeightedSum { storage };
     let kernel_mem = qk_scores.workgroup_bytes();
     if kernel_mem > caps.max_workgroup_bytes {
         return Err(limit_err(
@@ -523,7 +606,7 @@ fn three_pass(
 
     let base = base_params(&s, req.scale, &req.masks);
     // Keys one weighted_sum dispatch sums; later key ranges add to O (the loop cap).
-    let key_span = caps.loop_len(&Kernel::WeightedSum.loop_cost(&Params::Attn(base)).0);
+    let key_span = caps.loop_len(&weighted_sum.loop_cost(&Params::Attn(base)).0);
     let key_span = usize::try_from(key_span).unwrap_or(usize::MAX).max(1);
     let key_ranges = s.n.div_ceil(key_span);
     let chunk_list = chunks(&s, bh_max, rows_max);
@@ -557,7 +640,7 @@ fn three_pass(
         );
         for r in 0..key_ranges {
             program.dispatch(
-                Kernel::WeightedSum,
+                weighted_sum,
                 Params::Attn(AttnParams {
                     key_begin: (r * key_span) as u32,
                     key_end: s.n.min((r + 1) * key_span) as u32,
@@ -593,7 +676,12 @@ fn three_pass(
 
 /// Keys per tile of the fused kernel: the largest power of two ≤ 64 whose K and V tiles fit
 /// in 16 KiB of workgroup memory (the WebGPU default limit), or the device's limit if lower.
-fn fused_kernel(s: &AttnShape, caps: &DeviceCaps, masked: bool) -> Result<Kernel> {
+fn fused_kernel(
+    s: &AttnShape,
+    caps: &DeviceCaps,
+    masked: bool,
+    storage: Storage,
+) -> Result<Kernel> {
     let dk = s.d_k.next_multiple_of(4) as u32;
     let dv = s.d_v.next_multiple_of(4) as u32;
     let budget = caps.max_workgroup_bytes.min(16 << 10);
@@ -614,6 +702,7 @@ fn fused_kernel(s: &AttnShape, caps: &DeviceCaps, masked: bool) -> Result<Kernel
         bc,
         br: FUSED_ROWS,
         masked,
+        storage,
     })
 }
 
@@ -770,17 +859,22 @@ pub fn linear(
     program: &mut Program,
     (rows, in_dim, out_dim): (usize, usize, usize),
     [x, w, b, y]: [BufferId; 4],
+    (x_type, w_type): (DType, DType),
     has_bias: bool,
     caps: &DeviceCaps,
 ) -> Result<()> {
+    let kernel = Kernel::Linear {
+        x: Storage::of(x_type, caps.native_f16),
+        w: Storage::of(w_type, caps.native_f16),
+    };
     check_binding(
-        &format!("linear input [{rows}, {in_dim}]"),
-        bytes(rows * in_dim),
+        &format!("linear input [{rows}, {in_dim}] {x_type}"),
+        x_type.bytes(rows * in_dim),
         caps,
     )?;
     check_binding(
-        &format!("linear weight [{out_dim}, {in_dim}]"),
-        bytes(out_dim * in_dim),
+        &format!("linear weight [{out_dim}, {in_dim}] {w_type}"),
+        w_type.bytes(out_dim * in_dim),
         caps,
     )?;
     check_binding(
@@ -798,7 +892,7 @@ pub fn linear(
     while r0 < rows {
         let nr = rows_max.min(rows - r0);
         program.dispatch(
-            Kernel::Linear,
+            kernel,
             Params::Linear(LinearParams {
                 row_offset: r0 as u32,
                 rows: nr as u32,

@@ -10,7 +10,7 @@
 use std::fmt;
 
 use crate::kernels::Kernel;
-use crate::params::{AttnParams, LinearParams};
+use crate::params::{AttnParams, LinearParams, PackParams};
 
 /// A buffer of one [`Program`], issued by the program's builder methods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -52,6 +52,8 @@ pub enum Params {
     Attn(AttnParams),
     /// The `linear` kernel.
     Linear(LinearParams),
+    /// The `pack` kernel.
+    Pack(PackParams),
 }
 
 impl Params {
@@ -60,20 +62,21 @@ impl Params {
         match self {
             Params::Attn(p) => bytemuck::bytes_of(p),
             Params::Linear(p) => bytemuck::bytes_of(p),
+            Params::Pack(p) => bytemuck::bytes_of(p),
         }
     }
-    /// The attention params; panics for a linear dispatch (a planner bug).
+    /// The attention params; panics for another dispatch (a planner bug).
     pub fn attn(&self) -> &AttnParams {
         match self {
             Params::Attn(p) => p,
-            Params::Linear(_) => panic!("a linear dispatch has no attention params"),
+            _ => panic!("only attention dispatches have attention params"),
         }
     }
-    /// The linear params; panics for an attention dispatch (a planner bug).
+    /// The linear params; panics for another dispatch (a planner bug).
     pub fn linear(&self) -> &LinearParams {
         match self {
             Params::Linear(p) => p,
-            Params::Attn(_) => panic!("an attention dispatch has no linear params"),
+            _ => panic!("only linear dispatches have linear params"),
         }
     }
 }

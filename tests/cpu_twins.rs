@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use xattn::cpu::program::{floats, run, words, HostBuffers};
 use xattn::cpu::reference;
 use xattn::mask::Masking;
-use xattn::mha::{layer_program, MhaConfig, NeedWeights};
+use xattn::mha::{layer_program, LayerTypes, MhaConfig, NeedWeights};
 use xattn::plan::{MergePlan, Plan, Request};
 use xattn::program::Role;
 use xattn::{Alignment, Attention, AttnShape, Path};
@@ -97,6 +97,8 @@ fn twins_follow_every_plan_to_the_reference() {
                 weights: path == Path::ThreePass,
                 path: Some(path),
                 masks: Default::default(),
+                dtype: xattn::DType::F32,
+                out_dtype: xattn::DType::F32,
             };
             let plan = Plan::new(&req, &CAPS).unwrap();
             let (o, lse, w) = run_twins(&plan, (&q, &k, &v), &Masking::default());
@@ -134,6 +136,8 @@ fn twins_follow_masked_plans_to_the_reference() {
                 weights: path == Path::ThreePass,
                 path: Some(path),
                 masks: m.spec(&s).unwrap(),
+                dtype: xattn::DType::F32,
+                out_dtype: xattn::DType::F32,
             };
             let plan = Plan::new(&req, &CAPS).unwrap();
             let (o, lse, w) = run_twins(&plan, (&q, &k, &v), m);
@@ -226,6 +230,8 @@ fn the_cpu_executor_runs_merge_plans() {
             weights: false,
             path: Some(Path::Fused),
             masks: Default::default(),
+            dtype: xattn::DType::F32,
+            out_dtype: xattn::DType::F32,
         };
         let plan = Plan::new(&req, &CAPS).unwrap();
         let (o, lse, _) = run_twins(
@@ -296,7 +302,8 @@ fn the_cpu_executor_runs_layer_programs() {
                     path: Some(path),
                     ..attention.request(shape).unwrap()
                 };
-                let lp = layer_program(&c, &req, cached, need, [true; 4], &CAPS).unwrap();
+                let kind = (cached, need, [true; 4]);
+                let lp = layer_program(&c, &req, kind, LayerTypes::default(), &CAPS).unwrap();
                 let mut inputs = mask_inputs(attention.masking(), &shape, lp.masks);
                 inputs.insert(lp.query, words(&query));
                 let source = if cached {

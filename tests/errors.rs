@@ -53,6 +53,8 @@ fn planner_names_the_limit_when_no_split_helps() {
         weights: true,
         path: None,
         masks: Default::default(),
+        dtype: xattn::DType::F32,
+        out_dtype: xattn::DType::F32,
     };
     let err = Plan::new(&req, &CAPS).unwrap_err();
     match &err {
@@ -84,6 +86,8 @@ fn planner_names_the_limit_when_no_split_helps() {
             weights: false,
             path: None,
             masks: Default::default(),
+            dtype: xattn::DType::F32,
+            out_dtype: xattn::DType::F32,
         },
         &CAPS,
     )
@@ -109,6 +113,8 @@ fn planner_names_the_limit_when_no_split_helps() {
             weights: true,
             path: Some(Path::Fused),
             masks: Default::default(),
+            dtype: xattn::DType::F32,
+            out_dtype: xattn::DType::F32,
         },
         &CAPS,
     )
@@ -122,6 +128,8 @@ fn planner_names_the_limit_when_no_split_helps() {
             weights: false,
             path: Some(Path::SplitK),
             masks: Default::default(),
+            dtype: xattn::DType::F32,
+            out_dtype: xattn::DType::F32,
         },
         &CAPS,
     )
@@ -134,6 +142,8 @@ fn planner_names_the_limit_when_no_split_helps() {
             weights: false,
             path: None,
             masks: Default::default(),
+            dtype: xattn::DType::F32,
+            out_dtype: xattn::DType::F32,
         },
         &CAPS,
     )

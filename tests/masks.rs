@@ -171,6 +171,8 @@ fn plans_describe_their_masks() {
         weights: false,
         path: None,
         masks: opts.masking().spec(&s).unwrap(),
+        dtype: xattn::DType::F32,
+        out_dtype: xattn::DType::F32,
     };
     let text = xattn::Plan::new(&req, &CAPS).unwrap().to_string();
     assert!(

@@ -1,10 +1,11 @@
 //! Every WGSL file validated by naga (no GPU needed), registered, and bound as declared.
 
 use xattn::kernels::{Access, Kernel, SHADER_FILES};
-use xattn::mha::{layer_program, MhaConfig, NeedWeights};
+use xattn::mha::{layer_program, LayerTypes, MhaConfig, NeedWeights};
 use xattn::params::{AttnParams, LinearParams};
 use xattn::plan::{DeviceCaps, MergePlan, Plan, Request};
 use xattn::{Alignment, Attention, AttnShape, Path};
+use xattn::{DType, Storage};
 
 const CAPS: DeviceCaps = DeviceCaps {
     max_binding: 128 << 20,
@@ -13,6 +14,7 @@ const CAPS: DeviceCaps = DeviceCaps {
     max_workgroup_bytes: 16 << 10,
     uniform_align: 256,
     loop_cap: Some(xattn::plan::LLVMPIPE_LOOP_CAP),
+    native_f16: true,
 };
 
 fn collect(out: &mut Vec<Kernel>, program: &xattn::program::Program) {
@@ -23,12 +25,32 @@ fn collect(out: &mut Vec<Kernel>, program: &xattn::program::Program) {
     }
 }
 
+/// Planner caps with and without native f16.
+fn caps_for(native_f16: bool) -> DeviceCaps {
+    DeviceCaps { native_f16, ..CAPS }
+}
+
 /// Every kernel specialization the planners produce: attention on every path for head dims
-/// 1..=256, unmasked and masked, a merge and a layer.
+/// 1..=256 in f32 (and a spread of head dims in every half storage, native and packed, with
+/// half outputs), unmasked and masked; a merge; layers of every type.
 fn all_kernels() -> Vec<Kernel> {
     let mut out = Vec::new();
+    let typed = [
+        (DType::F32, true),
+        (DType::F16, true),
+        (DType::F16, false),
+        (DType::Bf16, false),
+    ];
     for d_k in 1..=256 {
-        for d_v in [d_k, 257 - d_k] {
+        let types: &[(DType, bool)] = if d_k <= 9 || [40, 64, 128, 255, 256].contains(&d_k) {
+            &typed
+        } else {
+            &typed[..1]
+        };
+        for (d_v, &(dtype, native_f16)) in [d_k, 257 - d_k]
+            .into_iter()
+            .flat_map(|d| types.iter().map(move |t| (d, t)))
+        {
             let shape = AttnShape {
                 batch: 1,
                 m: 1,
@@ -47,8 +69,11 @@ fn all_kernels() -> Vec<Kernel> {
                         weights: false,
                         path: Some(path),
                         masks,
+                        dtype,
+                        out_dtype: dtype,
                     };
-                    collect(&mut out, &Plan::new(&req, &CAPS).unwrap().program);
+                    let caps = caps_for(native_f16);
+                    collect(&mut out, &Plan::new(&req, &caps).unwrap().program);
                 }
             }
         }
@@ -69,8 +94,24 @@ fn all_kernels() -> Vec<Kernel> {
         path: Some(Path::ThreePass),
         ..Attention::default().request(c.attn_shape(1, 3, 5)).unwrap()
     };
-    let layer = layer_program(&c, &req, false, NeedWeights::Averaged, [true; 4], &CAPS).unwrap();
-    collect(&mut out, &layer.program);
+    for (dtype, native_f16) in typed {
+        for weights in [DType::F32, dtype] {
+            let types = LayerTypes {
+                input: dtype,
+                weights,
+                out: dtype,
+            };
+            let layer = layer_program(
+                &c,
+                &req,
+                (false, NeedWeights::Averaged, [true; 4]),
+                types,
+                &caps_for(native_f16),
+            )
+            .unwrap();
+            collect(&mut out, &layer.program);
+        }
+    }
     out
 }
 
@@ -180,7 +221,11 @@ fn wgsl_layout(kernel: Kernel, name: &str) -> (usize, Vec<(String, usize)>) {
 
 #[test]
 fn linear_params_layout_matches_wgsl() {
-    let (size, members) = wgsl_layout(Kernel::Linear, "LinearParams");
+    let f32s = Kernel::Linear {
+        x: Storage::F32,
+        w: Storage::F32,
+    };
+    let (size, members) = wgsl_layout(f32s, "LinearParams");
     assert_eq!(
         size,
         std::mem::size_of::<LinearParams>(),
@@ -201,7 +246,11 @@ fn linear_params_layout_matches_wgsl() {
 
 #[test]
 fn params_layout_matches_wgsl() {
-    let (size, members) = wgsl_layout(Kernel::QkScores { masked: true }, "AttnParams");
+    let qk = Kernel::QkScores {
+        masked: true,
+        storage: Storage::F32,
+    };
+    let (size, members) = wgsl_layout(qk, "AttnParams");
     assert_eq!(size, std::mem::size_of::<AttnParams>(), "AttnParams size");
     let rust_offsets = [
         ("batch", std::mem::offset_of!(AttnParams, batch)),
@@ -258,4 +307,15 @@ fn workgroup_memory_fits_the_portable_limit() {
             k.workgroup_bytes()
         );
     }
+}
+
+#[test]
+fn pack_params_layout_matches_wgsl() {
+    let (size, members) = wgsl_layout(Kernel::Pack { to: DType::F16 }, "PackParams");
+    assert_eq!(size, std::mem::size_of::<xattn::params::PackParams>());
+    let elems = members.iter().find(|(n, _)| n == "elems").map(|m| m.1);
+    assert_eq!(
+        elems,
+        Some(std::mem::offset_of!(xattn::params::PackParams, elems))
+    );
 }

@@ -20,6 +20,8 @@ pub mod mean_heads;
 #[doc(hidden)]
 pub mod merge_partials;
 #[doc(hidden)]
+pub mod pack;
+#[doc(hidden)]
 pub mod program;
 #[doc(hidden)]
 pub mod qk_scores;

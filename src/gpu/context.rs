@@ -34,8 +34,49 @@ pub struct Context {
     created: Arc<AtomicU64>,
 }
 
+/// xattn's lock on a GL device, `None` elsewhere. wgpu's GL backend takes its one context
+/// lock (6 s timeout, then a panic) to create and to destroy objects and holds it across
+/// blocking waits, so xattn serializes all of these on its own lock, which waits without a
+/// timeout.
+pub(crate) type SerialLock = Option<Arc<Mutex<()>>>;
+
+thread_local! {
+    /// The serial lock this thread holds (its address; 0 for none): taking it again must not
+    /// deadlock.
+    static HELD_SERIAL: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A held serial lock (see [`SerialLock`]).
+pub(crate) struct SerialGuard<'a> {
+    _guard: std::sync::MutexGuard<'a, ()>,
+    outer: usize,
+}
+
+impl Drop for SerialGuard<'_> {
+    fn drop(&mut self) {
+        HELD_SERIAL.with(|h| h.set(self.outer));
+    }
+}
+
+/// Takes `lock` unless there is none or this thread already holds it.
+pub(crate) fn lock_serial(lock: &SerialLock) -> Option<SerialGuard<'_>> {
+    let lock = lock.as_ref()?;
+    let id = Arc::as_ptr(lock) as usize;
+    let outer = HELD_SERIAL.with(|h| h.get());
+    if outer == id {
+        return None;
+    }
+    let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+    HELD_SERIAL.with(|h| h.set(id));
+    Some(SerialGuard {
+        _guard: guard,
+        outer,
+    })
+}
+
 /// Features xattn uses where the adapter has them.
-const WANTED_FEATURES: wgpu::Features = wgpu::Features::TIMESTAMP_QUERY;
+const WANTED_FEATURES: wgpu::Features =
+    wgpu::Features::TIMESTAMP_QUERY.union(wgpu::Features::SHADER_F16);
 
 /// Creates the instance from the environment (`WGPU_BACKEND`, `WGPU_DEBUG`, …).
 pub fn instance() -> wgpu::Instance {
@@ -169,10 +210,14 @@ impl Context {
     }
 
     /// On the GL backend, xattn's lock on the device (see [`Context::scoped`]).
-    pub(crate) fn serial(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
-        self.gl_serial
-            .as_ref()
-            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    pub(crate) fn serial(&self) -> Option<SerialGuard<'_>> {
+        lock_serial(&self.gl_serial)
+    }
+
+    /// The lock [`Context::serial`] takes, for what outlives a call and must drop device
+    /// objects under it (pools, pipeline caches).
+    pub(crate) fn serial_lock(&self) -> SerialLock {
+        self.gl_serial.clone()
     }
 
     /// Blocks until the queue is idle, then reports any error the device recorded since the
@@ -235,6 +280,7 @@ impl Context {
     pub fn caps(&self) -> crate::plan::DeviceCaps {
         crate::plan::DeviceCaps {
             loop_cap: crate::plan::loop_cap_of(&self.info),
+            native_f16: self.features.contains(wgpu::Features::SHADER_F16),
             ..crate::plan::DeviceCaps::from_limits(&self.limits)
         }
     }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::gpu::context::Context;
+use crate::gpu::context::{lock_serial, Context, SerialLock};
 use crate::gpu::pipelines::{Pipeline, PipelineCache};
 use crate::gpu::pool::{BufferPool, Pooled};
 use crate::gpu::tensor::Tensor;
@@ -90,7 +90,17 @@ pub struct Bound {
     ops: Vec<Op>,
     passes: usize,
     /// Scratch and params, back to the pool when the bound plan is dropped.
-    _buffers: Vec<Pooled>,
+    buffers: Vec<Pooled>,
+    /// What it holds is dropped under it (see `context::SerialLock`).
+    serial: SerialLock,
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        let _serial = lock_serial(&self.serial);
+        self.ops.clear();
+        self.buffers.clear();
+    }
 }
 
 /// The caller's tensors for a program's inputs and outputs, by id.
@@ -263,7 +273,8 @@ pub fn bind(
     Ok(Bound {
         ops,
         passes,
-        _buffers: buffers,
+        buffers,
+        serial: ctx.serial_lock(),
     })
 }
 

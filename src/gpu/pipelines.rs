@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::error::Result;
+use crate::gpu::context::{lock_serial, SerialLock};
 use crate::kernels::{Access, Kernel};
 
 /// A compiled kernel and the bind group layout its bindings follow.
@@ -19,9 +20,29 @@ pub struct Pipeline {
 #[derive(Debug, Default)]
 pub struct PipelineCache {
     pipelines: Mutex<HashMap<Kernel, Arc<Pipeline>>>,
+    /// Pipelines are destroyed under it (see `context::SerialLock`).
+    serial: SerialLock,
+}
+
+impl Drop for PipelineCache {
+    fn drop(&mut self) {
+        let _serial = lock_serial(&self.serial);
+        self.pipelines
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
 }
 
 impl PipelineCache {
+    /// An empty cache for pipelines of `ctx`'s device.
+    pub fn new(ctx: &crate::Context) -> Self {
+        Self {
+            pipelines: Mutex::default(),
+            serial: ctx.serial_lock(),
+        }
+    }
+
     /// The pipeline for `kernel`, compiling it on first use. The source is validated by naga
     /// first, so a shader bug surfaces as [`crate::Error::Shader`] with the kernel's label.
     pub fn get(&self, device: &wgpu::Device, kernel: Kernel) -> Result<Arc<Pipeline>> {

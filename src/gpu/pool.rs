@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::gpu::context::{lock_serial, SerialLock};
+
 /// Idle buffers kept per (size, usage).
 const IDLE_PER_KEY: usize = 4;
 
@@ -17,6 +19,15 @@ const IDLE_PER_KEY: usize = 4;
 pub struct BufferPool {
     idle: Mutex<HashMap<(u64, u32), Vec<wgpu::Buffer>>>,
     created: AtomicU64,
+    /// Buffers are destroyed under it (see `context::SerialLock`).
+    serial: SerialLock,
+}
+
+impl Drop for BufferPool {
+    fn drop(&mut self) {
+        let _serial = lock_serial(&self.serial);
+        self.idle.get_mut().unwrap_or_else(|p| p.into_inner()).clear();
+    }
 }
 
 /// A buffer on loan from a pool; returns to it when dropped.
@@ -45,11 +56,24 @@ impl Drop for Pooled {
         let list = idle.entry(key).or_default();
         if list.len() < IDLE_PER_KEY {
             list.push(buffer);
+        } else {
+            drop(idle);
+            let _serial = lock_serial(&self.pool.serial);
+            drop(buffer);
         }
     }
 }
 
 impl BufferPool {
+    /// An empty pool for buffers of `ctx`'s device.
+    pub fn new(ctx: &crate::Context) -> Self {
+        Self {
+            idle: Mutex::default(),
+            created: AtomicU64::new(0),
+            serial: ctx.serial_lock(),
+        }
+    }
+
     /// A buffer of at least `size` bytes with `usage`, idle or new.
     pub fn take(
         self: &Arc<Self>,

@@ -1,21 +1,27 @@
-//! Device-resident f32 tensors: xattn's own buffers, or a range of a caller's buffer.
+//! Device-resident tensors of f32, f16 or bf16: xattn's own buffers, or a range of a caller's
+//! buffer.
 
 use std::sync::{Arc, Mutex};
 
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::context::Context;
-use crate::shape::{check_len, F32};
+use crate::shape::check_len;
 
-/// An f32 tensor in a device buffer, row-major with the given dims, starting `offset` bytes
-/// into the buffer (0 for xattn's own; any aligned offset for [`Tensor::from_buffer`]).
+/// A tensor in a device buffer, row-major with the given dims, of one element type
+/// ([`DType`]; half types pack two elements per 32-bit word, element `2j` in the low half),
+/// starting `offset` bytes into the buffer (0 for xattn's own; any aligned offset for
+/// [`Tensor::from_buffer`]).
 ///
 /// K and V uploaded once serve any number of attention calls (the decoder pattern). A clone
 /// is another handle to the same device memory (no copy).
 #[derive(Clone, Debug)]
 pub struct Tensor {
-    buffer: wgpu::Buffer,
+    /// Always `Some` until dropped (taken out to drop it under the device's serial lock).
+    buffer: Option<wgpu::Buffer>,
     offset: u64,
     dims: Vec<usize>,
+    dtype: DType,
     ctx: Context,
 }
 
@@ -23,8 +29,8 @@ const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
 
-fn check_buffer_size(ctx: &Context, what: &str, dims: &[usize]) -> Result<u64> {
-    let size = dims.iter().product::<usize>() as u64 * F32;
+fn check_buffer_size(ctx: &Context, what: &str, dims: &[usize], dtype: DType) -> Result<u64> {
+    let size = dtype.bytes(dims.iter().product());
     if size > ctx.limits.max_buffer_size {
         return Err(Error::Limit {
             what: format!("{what} {dims:?}"),
@@ -37,9 +43,47 @@ fn check_buffer_size(ctx: &Context, what: &str, dims: &[usize]) -> Result<u64> {
 }
 
 impl Tensor {
-    /// Uploads `data` as a tensor of shape `dims`.
+    /// Uploads `data` as an f32 tensor of shape `dims`.
     pub fn upload(ctx: &Context, name: &'static str, data: &[f32], dims: &[usize]) -> Result<Self> {
         Self::upload_pod(ctx, name, data, dims)
+    }
+
+    /// Uploads f32 `data` stored as `dtype` (rounded to nearest once, on the host).
+    pub fn upload_as(
+        ctx: &Context,
+        name: &'static str,
+        data: &[f32],
+        dims: &[usize],
+        dtype: DType,
+    ) -> Result<Self> {
+        check_len(name, dims, data.len())?;
+        Self::upload_bytes(ctx, name, &dtype.encode(data), dims, dtype)
+    }
+
+    /// Uploads f16 `data` as it is.
+    pub fn upload_f16(
+        ctx: &Context,
+        name: &'static str,
+        data: &[half::f16],
+        dims: &[usize],
+    ) -> Result<Self> {
+        check_len(name, dims, data.len())?;
+        let mut bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        bytes.resize(DType::F16.bytes(data.len()) as usize, 0);
+        Self::upload_bytes(ctx, name, &bytes, dims, DType::F16)
+    }
+
+    /// Uploads bf16 `data` as it is.
+    pub fn upload_bf16(
+        ctx: &Context,
+        name: &'static str,
+        data: &[half::bf16],
+        dims: &[usize],
+    ) -> Result<Self> {
+        check_len(name, dims, data.len())?;
+        let mut bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        bytes.resize(DType::Bf16.bytes(data.len()) as usize, 0);
+        Self::upload_bytes(ctx, name, &bytes, dims, DType::Bf16)
     }
 
     /// Uploads 32-bit words (lengths, packed mask bits); the kernels read them as `u32`.
@@ -60,21 +104,33 @@ impl Tensor {
         dims: &[usize],
     ) -> Result<Self> {
         check_len(name, dims, data.len())?;
-        if data.is_empty() {
+        Self::upload_bytes(ctx, name, bytemuck::cast_slice(data), dims, DType::F32)
+    }
+
+    /// Uploads `bytes` (the elements of `dims` in `dtype`, padded to whole words).
+    fn upload_bytes(
+        ctx: &Context,
+        name: &'static str,
+        bytes: &[u8],
+        dims: &[usize],
+        dtype: DType,
+    ) -> Result<Self> {
+        if bytes.is_empty() {
             return Err(Error::Shape(format!("{name}: empty tensor {dims:?}")));
         }
-        check_buffer_size(ctx, name, dims)?;
+        check_buffer_size(ctx, name, dims, dtype)?;
         let buffer = ctx.scoped(|| {
             Ok(ctx.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(&format!("xattn.tensor.{name}")),
-                contents: bytemuck::cast_slice(data),
+                contents: bytes,
                 usage: USAGE,
             }))
         })?;
         Ok(Self {
-            buffer,
+            buffer: Some(buffer),
             offset: 0,
             dims: dims.to_vec(),
+            dtype,
             ctx: ctx.clone(),
         })
     }
@@ -89,6 +145,17 @@ impl Tensor {
         buffer: &wgpu::Buffer,
         offset_bytes: u64,
         dims: &[usize],
+    ) -> Result<Self> {
+        Self::from_buffer_as(ctx, buffer, offset_bytes, dims, DType::F32)
+    }
+
+    /// [`Tensor::from_buffer`] for elements of `dtype` (a half tensor spans whole words).
+    pub fn from_buffer_as(
+        ctx: &Context,
+        buffer: &wgpu::Buffer,
+        offset_bytes: u64,
+        dims: &[usize],
+        dtype: DType,
     ) -> Result<Self> {
         let elems = dims.iter().product::<usize>();
         if elems == 0 {
@@ -107,7 +174,7 @@ impl Tensor {
                  min_storage_buffer_offset_alignment ({align})"
             )));
         }
-        let size = elems as u64 * F32;
+        let size = dtype.bytes(elems);
         if offset_bytes
             .checked_add(size)
             .is_none_or(|end| end > buffer.size())
@@ -120,30 +187,42 @@ impl Tensor {
             )));
         }
         Ok(Self {
-            buffer: buffer.clone(),
+            buffer: Some(buffer.clone()),
             offset: offset_bytes,
             dims: dims.to_vec(),
+            dtype,
             ctx: ctx.clone(),
         })
     }
 
-    /// An uninitialized (zeroed by wgpu) tensor of shape `dims`.
+    /// An uninitialized (zeroed by wgpu) f32 tensor of shape `dims`.
     pub fn empty(ctx: &Context, name: &str, dims: &[usize]) -> Result<Self> {
-        let size = check_buffer_size(ctx, name, dims)?;
+        Self::empty_as(ctx, name, dims, DType::F32)
+    }
+
+    /// An uninitialized (zeroed by wgpu) tensor of shape `dims` and type `dtype`.
+    pub fn empty_as(ctx: &Context, name: &str, dims: &[usize], dtype: DType) -> Result<Self> {
+        let size = check_buffer_size(ctx, name, dims, dtype)?;
         let buffer = ctx.scoped(|| {
             Ok(ctx.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(&format!("xattn.tensor.{name}")),
-                size: size.max(F32),
+                size: size.max(4),
                 usage: USAGE,
                 mapped_at_creation: false,
             }))
         })?;
         Ok(Self {
-            buffer,
+            buffer: Some(buffer),
             offset: 0,
             dims: dims.to_vec(),
+            dtype,
             ctx: ctx.clone(),
         })
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The dims, row-major.
@@ -164,7 +243,7 @@ impl Tensor {
     /// The wgpu buffer (for callers who record their own work around xattn's); the tensor
     /// occupies [`Tensor::byte_len`] bytes from [`Tensor::offset`].
     pub fn buffer(&self) -> &wgpu::Buffer {
-        &self.buffer
+        self.buffer.as_ref().expect("a tensor has its buffer until dropped")
     }
 
     /// Where the tensor starts in [`Tensor::buffer`], in bytes.
@@ -172,20 +251,21 @@ impl Tensor {
         self.offset
     }
 
-    /// The tensor's size in bytes.
+    /// The tensor's size in bytes (whole 32-bit words).
     pub fn byte_len(&self) -> u64 {
-        self.len() as u64 * F32
+        self.dtype.bytes(self.len())
     }
 
-    /// Overwrites the contents with `data` (same number of elements). Does not wait: the
-    /// write takes effect before any work submitted after it (a decoder writes the next query,
-    /// then runs its prepared step).
+    /// Overwrites the contents with `data` (same number of elements), rounded to the tensor's
+    /// type. Does not wait: the write takes effect before any work submitted after it (a
+    /// decoder writes the next query, then runs its prepared step).
     pub fn write(&self, data: &[f32]) -> Result<()> {
         check_len("write", &self.dims, data.len())?;
+        let bytes = self.dtype.encode(data);
         self.ctx.scoped(|| {
             self.ctx
                 .queue
-                .write_buffer(&self.buffer, self.offset, bytemuck::cast_slice(data));
+                .write_buffer(self.buffer(), self.offset, &bytes);
             Ok(())
         })
     }
@@ -195,8 +275,47 @@ impl Tensor {
         self.write(&vec![value; self.len()])
     }
 
-    /// Copies the tensor back to the host, waiting for all queued work.
+    /// Copies the tensor back to the host as f32 (half types widened exactly), waiting for all
+    /// queued work.
     pub fn to_host(&self) -> Result<Vec<f32>> {
+        let bytes = self.to_host_bytes()?;
+        Ok(self.dtype.decode(&bytes, self.len()))
+    }
+
+    /// The f16 elements as stored; an error for another type.
+    pub fn to_host_f16(&self) -> Result<Vec<half::f16>> {
+        self.expect_dtype(DType::F16)?;
+        let bytes = self.to_host_bytes()?;
+        Ok(bytes
+            .chunks_exact(2)
+            .take(self.len())
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]))
+            .collect())
+    }
+
+    /// The bf16 elements as stored; an error for another type.
+    pub fn to_host_bf16(&self) -> Result<Vec<half::bf16>> {
+        self.expect_dtype(DType::Bf16)?;
+        let bytes = self.to_host_bytes()?;
+        Ok(bytes
+            .chunks_exact(2)
+            .take(self.len())
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]))
+            .collect())
+    }
+
+    fn expect_dtype(&self, dtype: DType) -> Result<()> {
+        if self.dtype != dtype {
+            return Err(Error::Argument(format!(
+                "the tensor {:?} holds {}, not {dtype}",
+                self.dims, self.dtype
+            )));
+        }
+        Ok(())
+    }
+
+    /// The stored bytes.
+    fn to_host_bytes(&self) -> Result<Vec<u8>> {
         self.ctx.scoped(|| {
             let staging = self.stage();
             let (tx, rx) = std::sync::mpsc::channel();
@@ -211,6 +330,11 @@ impl Tensor {
     /// [`Tensor::to_host`] as a future that does not block the awaiting thread (on native a
     /// waiter thread polls the device).
     pub async fn to_host_async(&self) -> Result<Vec<f32>> {
+        let bytes = self.to_host_bytes_async().await?;
+        Ok(self.dtype.decode(&bytes, self.len()))
+    }
+
+    async fn to_host_bytes_async(&self) -> Result<Vec<u8>> {
         let (staging, (done, mapped)) = self.ctx.scoped(|| {
             let staging = self.stage();
             let mapped: MapOutcome = Arc::default();
@@ -226,7 +350,10 @@ impl Tensor {
         done.await;
         self.ctx.take_fault()?;
         let outcome = mapped.lock().unwrap_or_else(|p| p.into_inner()).take();
-        read_mapped(&staging, outcome)
+        let bytes = read_mapped(&staging, outcome);
+        let _serial = self.ctx.serial();
+        drop(staging);
+        bytes
     }
 
     /// Submits a copy of the tensor into a new mappable buffer.
@@ -244,7 +371,7 @@ impl Tensor {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("xattn.readback"),
             });
-        enc.copy_buffer_to_buffer(&self.buffer, self.offset, &staging, 0, size);
+        enc.copy_buffer_to_buffer(self.buffer(), self.offset, &staging, 0, size);
         self.ctx.queue.submit([enc.finish()]);
         staging
     }
@@ -257,15 +384,24 @@ type MapOutcome = Arc<Mutex<Option<std::result::Result<(), wgpu::BufferAsyncErro
 fn read_mapped(
     staging: &wgpu::Buffer,
     outcome: Option<std::result::Result<(), wgpu::BufferAsyncError>>,
-) -> Result<Vec<f32>> {
+) -> Result<Vec<u8>> {
     outcome
         .ok_or_else(|| Error::DeviceLost("readback callback never ran".into()))?
         .map_err(|e| Error::Gpu(format!("mapping the readback buffer failed: {e}")))?;
     let view = staging
         .get_mapped_range(..)
         .map_err(|e| Error::Gpu(format!("reading the readback buffer failed: {e}")))?;
-    let out = bytemuck::cast_slice::<u8, f32>(&view).to_vec();
+    let out = view.to_vec();
     drop(view);
     staging.unmap();
     Ok(out)
+}
+
+impl Drop for Tensor {
+    /// On GL, destroying a buffer takes wgpu's context lock: under xattn's serial lock, so a
+    /// tensor dropped while another thread's call waits on the device queues behind it.
+    fn drop(&mut self) {
+        let _serial = self.ctx.serial();
+        self.buffer = None;
+    }
 }

@@ -45,6 +45,7 @@ pub const CAPS: xattn::plan::DeviceCaps = xattn::plan::DeviceCaps {
     max_workgroup_bytes: 32 << 10,
     uniform_align: 256,
     loop_cap: Some(xattn::plan::LLVMPIPE_LOOP_CAP),
+    native_f16: true,
 };
 
 /// V = key index / N in every dim: O is the softmax-weighted mean position, which moves by
