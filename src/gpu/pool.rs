@@ -26,7 +26,10 @@ pub struct BufferPool {
 impl Drop for BufferPool {
     fn drop(&mut self) {
         let _serial = lock_serial(&self.serial);
-        self.idle.get_mut().unwrap_or_else(|p| p.into_inner()).clear();
+        self.idle
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }
 

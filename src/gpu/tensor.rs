@@ -243,7 +243,9 @@ impl Tensor {
     /// The wgpu buffer (for callers who record their own work around xattn's); the tensor
     /// occupies [`Tensor::byte_len`] bytes from [`Tensor::offset`].
     pub fn buffer(&self) -> &wgpu::Buffer {
-        self.buffer.as_ref().expect("a tensor has its buffer until dropped")
+        self.buffer
+            .as_ref()
+            .expect("a tensor has its buffer until dropped")
     }
 
     /// Where the tensor starts in [`Tensor::buffer`], in bytes.
