@@ -278,8 +278,13 @@ pub struct Plan {
     pub tiling: String,
 }
 
-/// Query rows per fused workgroup (one invocation each).
+/// Invocations per fused workgroup; each owns R query rows (`fused_kernel`), so a workgroup
+/// covers `FUSED_ROWS · R` rows. (64 measured best on llvmpipe against 16, 32 and 128 at R = 4.)
 pub const FUSED_ROWS: u32 = 64;
+/// Floats of Q and O rows one fused invocation may hold: R · (d_k + d_v) stays within this,
+/// the footprint of one row at the largest head dim (256 + 256), so larger R only where rows
+/// are short (R = 4 up to d_k + d_v = 128, R = 2 up to 256).
+const FUSED_ROW_FLOATS: u32 = 512;
 /// Fewer workgroups than this on the fused path leaves a GPU idle: split the keys instead.
 const TARGET_WORKGROUPS: usize = 256;
 /// Smallest key range worth a split of its own.
@@ -707,6 +712,9 @@ fn three_pass(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
 
 /// Keys per tile of the fused kernel: the largest power of two ≤ 64 whose K and V tiles fit
 /// in 16 KiB of workgroup memory (the WebGPU default limit), or the device's limit if lower.
+/// Rows per invocation R: the largest of 4, 2, 1 whose rows fit [`FUSED_ROW_FLOATS`] and that
+/// M fills (R ≤ ⌈M / FUSED_ROWS⌉: a decode step's single row gets R = 1, not three idle rows),
+/// unless a test forced R ([`with_rows_per_invocation`]).
 fn fused_kernel(s: &AttnShape, caps: &DeviceCaps, masked: bool) -> Result<Kernel> {
     let dk = s.d_k.next_multiple_of(4) as u32;
     let dv = s.d_v.next_multiple_of(4) as u32;
@@ -722,13 +730,45 @@ fn fused_kernel(s: &AttnShape, caps: &DeviceCaps, masked: bool) -> Result<Kernel
                 caps.max_workgroup_bytes,
             )
         })?;
+    let filled = s.m.div_ceil(FUSED_ROWS as usize);
+    let r = FORCED_ROWS.with(std::cell::Cell::get).unwrap_or_else(|| {
+        [4u32, 2, 1]
+            .into_iter()
+            .find(|&r| r * (dk + dv) <= FUSED_ROW_FLOATS && r as usize <= filled)
+            .unwrap_or(1)
+    });
     Ok(Kernel::Flash {
         dk,
         dv,
         bc,
-        br: FUSED_ROWS,
+        br: FUSED_ROWS * r,
+        r,
         masked,
     })
+}
+
+thread_local! {
+    static FORCED_ROWS: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every fused kernel planned on this thread using `r` query rows per
+/// invocation (1, 2 or 4) instead of the planner's choice: how tests run each variant on
+/// every path. Not for production use.
+#[doc(hidden)]
+pub fn with_rows_per_invocation<T>(r: u32, f: impl FnOnce() -> T) -> T {
+    assert!(
+        matches!(r, 1 | 2 | 4),
+        "rows per invocation: 1, 2 or 4, got {r}"
+    );
+    let before = FORCED_ROWS.with(|c| c.replace(Some(r)));
+    struct Restore(Option<u32>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED_ROWS.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(before);
+    f()
 }
 
 /// Key splits for split-K: enough workgroups to fill a GPU, each split ≥ MIN_SPLIT_KEYS, and
@@ -753,7 +793,7 @@ fn split_count(s: &AttnShape, caps: &DeviceCaps, per_pass: usize) -> usize {
 /// The fused kernel over all keys (`splits` = None), or split-K with partials and a merge.
 fn fused(req: &Request, caps: &DeviceCaps, kernel: Kernel, splits: Option<usize>) -> Result<Plan> {
     let s = req.shape;
-    let Kernel::Flash { bc, .. } = kernel else {
+    let Kernel::Flash { bc, br, r, .. } = kernel else {
         unreachable!("fused_kernel returns Flash")
     };
     let max_wg = caps.max_workgroups as usize;
@@ -764,7 +804,7 @@ fn fused(req: &Request, caps: &DeviceCaps, kernel: Kernel, splits: Option<usize>
             .next_multiple_of(bc as usize);
     let splits = s.n.div_ceil(split_len);
     check_grid("split-K key-split", splits, caps)?;
-    let rows_max = max_wg * FUSED_ROWS as usize;
+    let rows_max = max_wg * br as usize;
     let (out_o, out_lse) = if split_k {
         (Slot::PartO, Slot::PartLse)
     } else {
@@ -790,11 +830,7 @@ fn fused(req: &Request, caps: &DeviceCaps, kernel: Kernel, splits: Option<usize>
         steps.push(Step::Dispatch(Dispatch {
             kernel,
             params: Params::Attn(params),
-            grid: [
-                nr.div_ceil(FUSED_ROWS as usize) as u32,
-                splits as u32,
-                nbh as u32,
-            ],
+            grid: [nr.div_ceil(br as usize) as u32, splits as u32, nbh as u32],
             buffers: vec![
                 Slot::Q,
                 Slot::K,
@@ -832,7 +868,8 @@ fn fused(req: &Request, caps: &DeviceCaps, kernel: Kernel, splits: Option<usize>
         scratch,
         outputs: Vec::new(),
         tiling: format!(
-            "{} (one query row per invocation, {bc}-key K/V tiles in workgroup memory); {}",
+            "{} ({r} query row(s) per invocation, {br} per workgroup, {bc}-key K/V tiles in \
+             workgroup memory); {}",
             kernel.label(),
             if split_k {
                 format!("{splits} key split(s) of {split_len}")

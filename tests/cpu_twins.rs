@@ -9,7 +9,7 @@ use xattn::cpu::{
     softmax_rows::softmax_rows, weighted_sum::weighted_sum,
 };
 use xattn::mask::Masking;
-use xattn::plan::{Plan, Request, Slot, Step};
+use xattn::plan::{with_rows_per_invocation, Plan, Request, Slot, Step};
 use xattn::{AttnShape, Path};
 
 /// Executes a plan with the CPU twins in place of the kernels.
@@ -78,10 +78,10 @@ fn run_twins(
                         bufs.insert(Slot::Scores, sc);
                         bufs.insert(Slot::O, o);
                     }
-                    xattn::gpu::kernels::Kernel::Flash { bc, br, .. } => {
+                    xattn::gpu::kernels::Kernel::Flash { bc, br, r, .. } => {
                         let (os, ls) = (d.buffers[6], d.buffers[7]);
                         let (mut o, mut lse) = (take(os), take(ls));
-                        flash(p, (bc, br), q, k, v, &masks, &mut o, &mut lse);
+                        flash(p, (bc, br, r), q, k, v, &masks, &mut o, &mut lse);
                         bufs.insert(os, o);
                         bufs.insert(ls, lse);
                     }
@@ -109,6 +109,35 @@ fn run_twins(
         bufs.remove(&Slot::Lse).unwrap(),
         bufs.remove(&Slot::Weights).unwrap(),
     )
+}
+
+/// The plans of `req`: the planner's own, and for the fused paths one per rows-per-invocation
+/// variant R of the flash kernel (forced through the planner), each checked to carry its R.
+fn plans(req: &Request) -> Vec<(String, Plan)> {
+    let mut out = vec![("auto".to_string(), Plan::new(req, &CAPS).unwrap())];
+    if req.path == Some(Path::ThreePass) {
+        return out;
+    }
+    for r in [1, 2, 4] {
+        let plan = with_rows_per_invocation(r, || Plan::new(req, &CAPS).unwrap());
+        let flash_rows: Vec<u32> = plan
+            .steps
+            .iter()
+            .filter_map(|step| match step {
+                Step::Dispatch(d) => match d.kernel {
+                    xattn::gpu::kernels::Kernel::Flash { r, .. } => Some(r),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        assert!(
+            !flash_rows.is_empty() && flash_rows.iter().all(|&x| x == r),
+            "forced R = {r}, planned {flash_rows:?}\n{plan}"
+        );
+        out.push((r.to_string(), plan));
+    }
+    out
 }
 
 #[test]
@@ -164,22 +193,14 @@ fn twins_follow_every_plan_to_the_reference() {
                 path: Some(path),
                 masks: Default::default(),
             };
-            let plan = Plan::new(&req, &CAPS).unwrap();
-            let (o, lse, w) = run_twins(&plan, (&q, &k, &v), &Masking::default());
-            assert_close(&format!("twin {} {s} O", path.name()), &o, &want.o, tol.o);
-            assert_close(
-                &format!("twin {} {s} LSE", path.name()),
-                &lse,
-                &want.lse,
-                tol.lse * 10.0,
-            );
-            if path == Path::ThreePass {
-                assert_close(
-                    &format!("twin {} {s} P", path.name()),
-                    &w,
-                    &want.weights,
-                    tol.weights,
-                );
+            for (r, plan) in plans(&req) {
+                let (o, lse, w) = run_twins(&plan, (&q, &k, &v), &Masking::default());
+                let what = format!("twin {} r{r} {s}", path.name());
+                assert_close(&format!("{what} O"), &o, &want.o, tol.o);
+                assert_close(&format!("{what} LSE"), &lse, &want.lse, tol.lse * 10.0);
+                if path == Path::ThreePass {
+                    assert_close(&format!("{what} P"), &w, &want.weights, tol.weights);
+                }
             }
         }
     }
@@ -201,13 +222,14 @@ fn twins_follow_masked_plans_to_the_reference() {
                 path: Some(path),
                 masks: m.spec(&s).unwrap(),
             };
-            let plan = Plan::new(&req, &CAPS).unwrap();
-            let (o, lse, w) = run_twins(&plan, (&q, &k, &v), m);
-            let what = format!("twin {} {name} {s}", path.name());
-            assert_close(&format!("{what} O"), &o, &want.o, tol.o);
-            assert_close(&format!("{what} LSE"), &lse, &want.lse, tol.lse * 10.0);
-            if path == Path::ThreePass {
-                assert_close(&format!("{what} P"), &w, &want.weights, tol.weights);
+            for (r, plan) in plans(&req) {
+                let (o, lse, w) = run_twins(&plan, (&q, &k, &v), m);
+                let what = format!("twin {} r{r} {name} {s}", path.name());
+                assert_close(&format!("{what} O"), &o, &want.o, tol.o);
+                assert_close(&format!("{what} LSE"), &lse, &want.lse, tol.lse * 10.0);
+                if path == Path::ThreePass {
+                    assert_close(&format!("{what} P"), &w, &want.weights, tol.weights);
+                }
             }
         }
     }

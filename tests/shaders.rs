@@ -2,7 +2,7 @@
 
 use xattn::gpu::kernels::{Access, Kernel, SHADER_FILES};
 use xattn::params::{AttnParams, LinearParams};
-use xattn::plan::{DeviceCaps, Plan, Request, Step};
+use xattn::plan::{with_rows_per_invocation, DeviceCaps, Plan, Request, Step};
 use xattn::{Alignment, Attention, AttnShape, Path};
 
 const CAPS: DeviceCaps = DeviceCaps {
@@ -15,7 +15,7 @@ const CAPS: DeviceCaps = DeviceCaps {
 };
 
 /// Every kernel specialization the planner can produce for head dims 1..=256, unmasked and
-/// masked.
+/// masked, with every rows-per-invocation variant.
 fn all_kernels() -> Vec<Kernel> {
     let mut out = vec![
         Kernel::QkScores { masked: false },
@@ -46,10 +46,15 @@ fn all_kernels() -> Vec<Kernel> {
                     path: Some(Path::Fused),
                     masks,
                 };
-                for step in Plan::new(&req, &CAPS).unwrap().steps {
-                    if let Step::Dispatch(d) = step {
-                        if !out.contains(&d.kernel) {
-                            out.push(d.kernel);
+                // The planner's choice and every rows-per-invocation variant R.
+                let plans = [1, 2, 4]
+                    .map(|r| with_rows_per_invocation(r, || Plan::new(&req, &CAPS).unwrap()));
+                for plan in std::iter::once(Plan::new(&req, &CAPS).unwrap()).chain(plans) {
+                    for step in plan.steps {
+                        if let Step::Dispatch(d) = step {
+                            if !out.contains(&d.kernel) {
+                                out.push(d.kernel);
+                            }
                         }
                     }
                 }
