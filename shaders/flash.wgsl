@@ -22,12 +22,12 @@
 // Specialized by the host (prelude): DK4, DV4 (head dims in vec4s, zero-padded), BC (keys per
 // tile), BR (rows per workgroup), R (rows per invocation), WG (= BR / R invocations), RV (f32,
 // vec2 or vec4: one lane per row), ANY_MASKING (whether the call masks anything), and the
-// straight-line helpers over DK4/DV4 vec4s and R rows: `score_block`, `rescale`,
-// `accumulate`, and `sees_block`, `keeps_block`, `logit_block`, which apply the per-row
-// functions below to each row. They are generated unrolled because the dims are known and
-// because Mesa's llvmpipe ends an invocation's loops after 65535 iterations in all: the
-// planner bounds the keys of one pass by this kernel's LoopCost (gpu/kernels.rs), which counts
-// every loop left here.
+// straight-line helpers over DK4/DV4 vec4s and R rows: `score_block` (one key), `score_pair`
+// (keys c and c + 1 into sc), `rescale`, `accumulate`, `accumulate_pair`, and `sees_block`,
+// `keeps_block`, `logit_block`, which apply the per-row functions below to each row. They are
+// generated unrolled because the dims are known and because Mesa's llvmpipe ends an
+// invocation's loops after 65535 iterations in all: the planner bounds the keys of one pass by
+// this kernel's LoopCost (gpu/kernels.rs), which counts every loop left here.
 //!include common/params.wgsl
 //!include common/mask.wgsl
 
@@ -58,6 +58,8 @@ var<private> row_mbase: array<u32, R>;
 var<private> row_grow: array<u32, R>;
 var<private> cur_b: u32;
 var<private> cur_h: u32;
+// The tile's logits, one RV per key.
+var<private> sc: array<RV, BC>;
 
 // Four consecutive elements of a row of `len` valid elements at `base`, zero past the end;
 // written out, not looped (llvmpipe's loop cap counts every iteration: gpu::kernels::LoopCost).
@@ -162,7 +164,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             }
         }
     }
-    var sc: array<RV, BC>;
     var m = RV(MASKED);
     var l = RV(0.0);
 
@@ -189,7 +190,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let whole = !ANY_MASKING
                 || ((p.flags & (FLAG_MASK | LOGIT_FLAGS)) == 0u && whole_lo <= t0 && whole_hi >= t1);
             if whole {
-                for (var c = 0u; c < len; c++) {
+                // Two keys at a time: each Q vec4 read serves both (the pair's scores are the
+                // ones score_block gives).
+                var c = 0u;
+                for (; c + 1u < len; c += 2u) {
+                    score_pair(c);
+                    tmax = max(tmax, max(sc[c], sc[c + 1u]));
+                }
+                if c < len {
                     let s = score_block(c * DK4);
                     sc[c] = s;
                     tmax = max(tmax, s);
@@ -208,11 +216,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let alpha = exp2(m - tmax);
             l *= alpha;
             rescale(alpha);
-            for (var c = 0u; c < len; c++) {
-                // Removed keys (MASKED) add 0. Branchless on purpose: lanes of one row
-                // block rarely agree on a bool mask, and a divergent branch around the
-                // accumulator writes cost llvmpipe 2.6× on a 50% random mask; on GPUs the
-                // skipped lanes would idle anyway.
+            // Removed keys (MASKED) add 0. Branchless on purpose: lanes of one row block rarely
+            // agree on a bool mask, and a divergent branch around the accumulator writes cost
+            // llvmpipe 2.6× on a 50% random mask; on GPUs the skipped lanes would idle anyway.
+            // Two keys at a time, each accumulator updated by key c, then key c + 1.
+            var c = 0u;
+            for (; c + 1u < len; c += 2u) {
+                let pc = select(RV(0.0), exp2(sc[c] - tmax), sc[c] > RV(REMOVED_BELOW));
+                let pd = select(RV(0.0), exp2(sc[c + 1u] - tmax), sc[c + 1u] > RV(REMOVED_BELOW));
+                l += pc;
+                l += pd;
+                accumulate_pair(pc, pd, c);
+            }
+            if c < len {
                 let pc = select(RV(0.0), exp2(sc[c] - tmax), sc[c] > RV(REMOVED_BELOW));
                 l += pc;
                 accumulate(pc, c * DV4);

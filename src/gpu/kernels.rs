@@ -262,9 +262,10 @@ impl Kernel {
                 u64::from(attn.q_heads),
             ),
             // Per tile of bc keys: the tile loop, K and V staging (by br / r invocations), the
-            // mask-word scan of each of the r rows, the score loop (with the segment lookup per
-            // key and row) and the accumulate loop. Fixed: the row set-up loop and, per row,
-            // loading its Q row and storing its O row.
+            // mask-word scan of each of the r rows, the score loop (per key with the segment
+            // lookup per key and row, or per pair of keys) and the accumulate loop (per pair of
+            // keys). Fixed: the row set-up loop and, per row, loading its Q row and storing its
+            // O row.
             Kernel::Flash {
                 dk, dv, bc, br, r, ..
             } => {
@@ -284,7 +285,7 @@ impl Kernel {
                             + mask_words
                             + looped(bc)
                             + bc * r * segments
-                            + looped(bc),
+                            + looped(bc.div_ceil(2)),
                         step: bc,
                     },
                     u64::from(attn.split_len.min(attn.n)),
@@ -366,28 +367,46 @@ fn flash_prelude(dk4: u32, dv4: u32, bc: u32, (br, r): (u32, u32)) -> String {
             format!("RV({})", parts.join(", "))
         }
     };
+    // The R rows' scores against the K row whose vec4s are named `{k}0, {k}1, …`: each a sum
+    // of vec4 dot products in the order 0, 1, … (score_block and score_pair agree exactly).
+    let sums = |k: &str| -> String {
+        rv(rows
+            .clone()
+            .map(|row| {
+                (0..dk4)
+                    .map(|i| format!("dot(qr[{}], {k}{i})", row * dk4 + i))
+                    .collect::<Vec<_>>()
+                    .join("\n        + ")
+            })
+            .collect())
+    };
     let mut score = String::new();
+    let mut score_pair = String::new();
     for i in 0..dk4 {
         score.push_str(&format!("    let k{i} = k_tile[base + {i}u];\n"));
+        score_pair.push_str(&format!(
+            "    let k{i} = k_tile[a + {i}u];\n    let x{i} = k_tile[a + DK4 + {i}u];\n"
+        ));
     }
-    let sums: Vec<String> = rows
-        .clone()
-        .map(|row| {
-            (0..dk4)
-                .map(|i| format!("dot(qr[{}], k{i})", row * dk4 + i))
-                .collect::<Vec<_>>()
-                .join("\n        + ")
-        })
-        .collect();
     let mut scales = String::new();
     let mut adds = String::new();
+    let mut add_pair = String::new();
     for i in 0..dv4 {
         adds.push_str(&format!("    let v{i} = v_tile[base + {i}u];\n"));
+        add_pair.push_str(&format!(
+            "    let v{i} = v_tile[a + {i}u];\n    let w{i} = v_tile[a + DV4 + {i}u];\n"
+        ));
         for row in rows.clone() {
             let a = row * dv4 + i;
             scales.push_str(&format!("    acc[{a}] *= {};\n", lane("alpha", row)));
             adds.push_str(&format!(
                 "    acc[{a}] = fma(vec4<f32>({}), v{i}, acc[{a}]);\n",
+                lane("pc", row)
+            ));
+            // Key c first, then key c + 1: the order of two `accumulate` calls.
+            add_pair.push_str(&format!(
+                "    acc[{a}] = fma(vec4<f32>({}), w{i}, fma(vec4<f32>({}), v{i}, acc[{a}]));\n",
+                lane("pd", row),
                 lane("pc", row)
             ));
         }
@@ -403,15 +422,19 @@ fn flash_prelude(dk4: u32, dv4: u32, bc: u32, (br, r): (u32, u32)) -> String {
          const BR: u32 = {br}u;\nconst R: u32 = {r}u;\nconst WG: u32 = {wg}u;\n\
          alias RV = {rv_type};\n\
          fn lane(v: RV, i: u32) -> f32 {{\n    return {lane_i};\n}}\n\
-         fn score_block(base: u32) -> RV {{\n{score}    return {sums};\n}}\n\
+         fn score_block(base: u32) -> RV {{\n{score}    return {score_k};\n}}\n\
+         fn score_pair(c: u32) {{\n    let a = c * DK4;\n{score_pair}    \
+         sc[c] = {score_k};\n    sc[c + 1u] = {score_x};\n}}\n\
          fn rescale(alpha: RV) {{\n{scales}}}\n\
          fn accumulate(pc: RV, base: u32) {{\n{adds}}}\n\
+         fn accumulate_pair(pc: RV, pd: RV, c: u32) {{\n    let a = c * DV4;\n{add_pair}}}\n\
          fn sees_block(t0: u32, t1: u32) -> bool {{\n    return {sees};\n}}\n\
          fn keeps_block(j: u32) -> bool {{\n    return {keeps};\n}}\n\
          fn logit_block(s: RV, j: u32) -> RV {{\n    return {logits};\n}}\n",
         wg = br / r,
         lane_i = if r == 1 { "v" } else { "v[i]" },
-        sums = rv(sums),
+        score_k = sums("k"),
+        score_x = sums("x"),
         sees = any(&|i| format!("row_sees({i}u, t0, t1)")),
         keeps = any(&|i| format!("key_kept({i}u, j)")),
         logits = rv(rows
