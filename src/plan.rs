@@ -284,7 +284,7 @@ pub const FUSED_ROWS: u32 = 64;
 /// Floats of Q and O rows one fused invocation may hold: R · (d_k + d_v) stays within this,
 /// the footprint of one row at the largest head dim (256 + 256), so larger R only where rows
 /// are short (R = 4 up to d_k + d_v = 128, R = 2 up to 256).
-const FUSED_ROW_FLOATS: u32 = 512;
+pub const FUSED_ROW_FLOATS: u32 = 512;
 /// Fewer workgroups than this on the fused path leaves a GPU idle: split the keys instead.
 const TARGET_WORKGROUPS: usize = 256;
 /// Smallest key range worth a split of its own.

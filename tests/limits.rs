@@ -10,7 +10,9 @@ mod common;
 use common::*;
 use rand::{Rng, SeedableRng};
 use xattn::cpu::reference;
-use xattn::plan::{with_rows_per_invocation, DeviceCaps, Plan, Request, Step, LLVMPIPE_LOOP_CAP};
+use xattn::plan::{
+    with_rows_per_invocation, DeviceCaps, Plan, Request, Step, FUSED_ROW_FLOATS, LLVMPIPE_LOOP_CAP,
+};
 use xattn::{Alignment, Attention, AttnShape, Engine, Error, HostOutput, Path};
 
 /// The test engine planning with llvmpipe's loop cap, whatever the adapter.
@@ -220,11 +222,13 @@ fn dispatches_at_the_loop_cap_are_right() {
     let engine = &capped(engine);
     let cap = LLVMPIPE_LOOP_CAP - 1;
     // The fused kernel over exactly the keys one pass may walk, for every rows-per-invocation
-    // variant R (M = 5: R = 2 and 4 leave dead rows in the last invocation).
-    for ((d, masked), r) in [(1, false), (64, false), (256, false), (16, true)]
+    // variant R the planner may pick at that head dim (M = 5: R = 2 and 4 leave dead rows in
+    // the last invocation).
+    let variants = [(1usize, false), (64, false), (256, false), (16, true)]
         .into_iter()
         .flat_map(|c| [1, 2, 4].map(|r| (c, r)))
-    {
+        .filter(|&((d, _), r)| r == 1 || r * 2 * d.next_multiple_of(4) as u32 <= FUSED_ROW_FLOATS);
+    for ((d, masked), r) in variants {
         with_rows_per_invocation(r, || {
             let probe = shape(1, 5, 64, 1, 1, d);
             let opts_for = |n: usize| {
