@@ -279,7 +279,7 @@ pub struct Plan {
 }
 
 /// Invocations per fused workgroup; each owns R query rows (`fused_kernel`), so a workgroup
-/// covers `FUSED_ROWS · R` rows. (64 measured best on llvmpipe against 16, 32 and 128 at R = 4.)
+/// covers `FUSED_ROWS · R` rows. (64 measured best on llvmpipe against 8, 16, 32 and 128 at R = 4.)
 pub const FUSED_ROWS: u32 = 64;
 /// Floats of Q and O rows one fused invocation may hold: R · (d_k + d_v) stays within this,
 /// the footprint of one row at the largest head dim (256 + 256), so larger R only where rows
