@@ -1,14 +1,18 @@
 // Fused attention with an online softmax: never stores the M×N scores.
-// Each invocation owns one query row: Q in registers (pre-scaled by scale·log2 e, so exp2 is
-// the exponential), a running max `m` and sum `l`, and the f32 accumulator of O. The
-// workgroup walks its keys in tiles of BC rows of K and V staged in workgroup memory as vec4;
-// every invocation reads the same tile element at once (a broadcast). O is rescaled once per
-// tile when the max grows and divided once at the end.
+// Each invocation owns R consecutive query rows (register blocking): their Q rows in registers
+// (pre-scaled by scale·log2 e, so exp2 is the exponential), a running max `m` and sum `l` per
+// row (one lane of an RV each), and the f32 accumulators of their O rows. The workgroup of
+// WG = BR / R invocations walks its keys in tiles of BC rows of K and V staged in workgroup
+// memory as vec4; every invocation reads the same tile element at once (a broadcast), and each
+// element read serves all R rows. O is rescaled once per tile when the max grows and divided
+// once at the end.
 //
 // Masks (common/mask.wgsl): lengths and the causal/local window bound each workgroup's key
-// loop, so tiles no row of the workgroup may see are neither loaded nor computed; a row skips
-// tiles its own range or bool-mask bits leave empty. Tiles that every row sees whole, with no
-// per-key logit control, take the plain loop; others check each key.
+// loop, so tiles no row of the workgroup may see are neither loaded nor computed; an
+// invocation skips tiles that its rows' ranges or bool-mask bits leave empty for all of them.
+// Tiles that every row of the invocation sees whole, with no per-key logit control, take the
+// plain loop; others check each key for each row (a row that sees no key of a tile gets only
+// removed keys there: its max, sum and accumulator are unchanged).
 //
 // Split-K: workgroup_id.y picks a key range [split·split_len, …); each split writes its own
 // normalized O into slice `split` of o and, with FLAG_SPLIT_STATS, its max logit and ln(sum)
@@ -16,9 +20,12 @@
 // output and lse the final LSE.
 //
 // Specialized by the host (prelude): DK4, DV4 (head dims in vec4s, zero-padded), BC (keys per
-// tile), BR (rows = invocations per workgroup), ANY_MASKING (whether the call masks anything),
-// and the straight-line helpers `score`, `rescale` and `accumulate` over DK4/DV4 vec4s. They
-// are generated unrolled because the head dim is known and because Mesa's llvmpipe ends an
+// tile), BR (rows per workgroup), R (rows per invocation), WG (= BR / R invocations), RV (f32,
+// vec2 or vec4: one lane per row), ANY_MASKING (whether the call masks anything), and the
+// straight-line helpers over DK4/DV4 vec4s and R rows: `score_block` (one key), `score_pair`
+// (keys c and c + 1 into sc), `rescale`, `accumulate`, `accumulate_pair`, and `sees_block`,
+// `keeps_block`, `logit_block`, which apply the per-row functions below to each row. They are
+// generated unrolled because the dims are known and because Mesa's llvmpipe ends an
 // invocation's loops after 65535 iterations in all: the planner bounds the keys of one pass by
 // this kernel's LoopCost (gpu/kernels.rs), which counts every loop left here.
 //!include common/params.wgsl
@@ -41,8 +48,18 @@ const LOGIT_FLAGS: u32 = FLAG_BIAS | FLAG_SOFTCAP | FLAG_SEGMENTS;
 
 var<workgroup> k_tile: array<vec4<f32>, BC * DK4>;
 var<workgroup> v_tile: array<vec4<f32>, BC * DV4>;
-var<private> qr: array<vec4<f32>, DK4>;
-var<private> acc: array<vec4<f32>, DV4>;
+var<private> qr: array<vec4<f32>, R * DK4>;
+var<private> acc: array<vec4<f32>, R * DV4>;
+// Per row of the invocation: its keys [lo, hi) by lengths and window (empty for rows past
+// p.rows), its first mask word and its query index; the batch and head of the workgroup.
+var<private> row_lo: array<u32, R>;
+var<private> row_hi: array<u32, R>;
+var<private> row_mbase: array<u32, R>;
+var<private> row_grow: array<u32, R>;
+var<private> cur_b: u32;
+var<private> cur_h: u32;
+// The tile's logits, one RV per key.
+var<private> sc: array<RV, BC>;
 
 // Four consecutive elements of a row of `len` valid elements at `base`, zero past the end;
 // written out, not looped (llvmpipe's loop cap counts every iteration: gpu::kernels::LoopCost).
@@ -62,15 +79,49 @@ fn load4_v(base: u32, d: u32, len: u32) -> vec4<f32> {
     return select(vec4<f32>(0.0), x, vec4<u32>(d) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(len));
 }
 
-@compute @workgroup_size(BR, 1, 1)
+// Whether row `r` may see any key of the tile [t0, t1).
+fn row_sees(r: u32, t0: u32, t1: u32) -> bool {
+    let lo = max(t0, row_lo[r]);
+    let hi = min(t1, row_hi[r]);
+    if lo >= hi {
+        return false;
+    }
+    if ANY_MASKING && (p.flags & FLAG_MASK) != 0u {
+        return mask_any(row_mbase[r], lo, hi);
+    }
+    return true;
+}
+
+// Whether row `r` keeps key j by its range and mask bits.
+fn key_kept(r: u32, j: u32) -> bool {
+    return j >= row_lo[r] && j < row_hi[r]
+        && ((p.flags & FLAG_MASK) == 0u || mask_bit(row_mbase[r], j));
+}
+
+// Row r's logit (log2 units) for key j whose plain score is s, or MASKED if it is removed.
+fn key_logit(r: u32, s: f32, j: u32) -> f32 {
+    if !key_kept(r, j) {
+        return MASKED;
+    }
+    if (p.flags & LOGIT_FLAGS) == 0u {
+        return s;
+    }
+    // Shaped in natural units, where the removal rules are stated.
+    let y = shape_logit(s * LN2, cur_b, cur_h, row_grow[r], j);
+    return select(MASKED, y * LOG2E, y > REMOVED_BELOW);
+}
+
+@compute @workgroup_size(WG, 1, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let lbh = wg.z;
     let bh = p.bh_offset + lbh;
     let hd = head_of(p, bh);
+    cur_b = hd.b;
+    cur_h = hd.h;
     let split = wg.y;
-    let row = wg.x * BR + li;
-    let live = row < p.rows;
-    let grow = p.row_offset + row;
+    // The invocation's rows: row0 + r for r < R, those < p.rows live.
+    let row0 = wg.x * BR + li * R;
+    let live = row0 < p.rows;
     let key_begin = split * p.split_len;
     let key_end = min(p.n, key_begin + p.split_len);
 
@@ -91,64 +142,72 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         hi = min(hi, window_hi(diagonal(last, ql, kl), kl));
     }
     lo = key_begin + (lo - key_begin) / BC * BC;
-    let rk = key_range(grow, ql, kl);
-    let mbase = mask_row_base(hd.b, hd.h, grow);
 
-    if live {
-        let qbase = ((hd.b * p.m + grow) * p.q_heads + hd.h) * p.d_k;
-        let qs = p.scale * LOG2E;
-        for (var d = 0u; d < p.d_k; d++) {
-            qr[d / 4u][d % 4u] = load_q(qbase + d) * qs;
+    // Per row: its key range and mask base, and its Q row. Tiles inside [whole_lo, whole_hi)
+    // are whole for every live row of the invocation.
+    let qs = p.scale * LOG2E;
+    var whole_lo = 0u;
+    var whole_hi = UNBOUNDED;
+    for (var r = 0u; r < R; r++) {
+        let grow = p.row_offset + row0 + r;
+        row_grow[r] = grow;
+        if row0 + r < p.rows {
+            let rk = key_range(grow, ql, kl);
+            row_lo[r] = rk.lo;
+            row_hi[r] = rk.hi;
+            row_mbase[r] = mask_row_base(hd.b, hd.h, grow);
+            whole_lo = max(whole_lo, rk.lo);
+            whole_hi = min(whole_hi, rk.hi);
+            let qbase = ((hd.b * p.m + grow) * p.q_heads + hd.h) * p.d_k;
+            for (var d = 0u; d < p.d_k; d++) {
+                qr[r * DK4 + d / 4u][d % 4u] = load_q(qbase + d) * qs;
+            }
         }
     }
-    var sc: array<f32, BC>;
-    var m = MASKED;
-    var l = 0.0;
+    var m = RV(MASKED);
+    var l = RV(0.0);
 
     for (var t0 = lo; t0 < hi; t0 += BC) {
         let len = min(BC, hi - t0);
-        for (var e = li; e < BC * DK4; e += BR) {
+        for (var e = li; e < BC * DK4; e += WG) {
             let c = min(e / DK4, len - 1u);
             let kbase = ((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_k;
             k_tile[e] = load4_k(kbase, (e % DK4) * 4u, p.d_k);
         }
-        for (var e = li; e < BC * DV4; e += BR) {
+        for (var e = li; e < BC * DV4; e += WG) {
             let c = min(e / DV4, len - 1u);
             let vbase = ((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_v;
             v_tile[e] = load4_v(vbase, (e % DV4) * 4u, p.d_v);
         }
         workgroupBarrier();
         let t1 = t0 + len;
-        // Rows skip tiles their range or mask bits leave empty (a padding mask shared by the
-        // rows skips whole tiles for all of them).
-        var row_sees = live && rk.lo < t1 && rk.hi > t0;
-        if ANY_MASKING && row_sees && (p.flags & FLAG_MASK) != 0u {
-            row_sees = mask_any(mbase, max(t0, rk.lo), min(t1, rk.hi));
-        }
-        if row_sees {
+        // The invocation skips tiles that none of its rows may see (a padding mask shared by
+        // the rows skips whole tiles for all of them).
+        if live && sees_block(t0, t1) {
             var tmax = m;
             // ANY_MASKING (a specialization) is false when the call masks nothing: every tile
             // is whole then, and the compiler drops the per-key loop.
             let whole = !ANY_MASKING
-                || ((p.flags & (FLAG_MASK | LOGIT_FLAGS)) == 0u && rk.lo <= t0 && rk.hi >= t1);
+                || ((p.flags & (FLAG_MASK | LOGIT_FLAGS)) == 0u && whole_lo <= t0 && whole_hi >= t1);
             if whole {
-                for (var c = 0u; c < len; c++) {
-                    let s = score(c * DK4);
+                // Two keys at a time: each Q vec4 read serves both (the pair's scores are the
+                // ones score_block gives).
+                var c = 0u;
+                for (; c + 1u < len; c += 2u) {
+                    score_pair(c);
+                    tmax = max(tmax, max(sc[c], sc[c + 1u]));
+                }
+                if c < len {
+                    let s = score_block(c * DK4);
                     sc[c] = s;
                     tmax = max(tmax, s);
                 }
             } else {
                 for (var c = 0u; c < len; c++) {
                     let j = t0 + c;
-                    var s = MASKED;
-                    if j >= rk.lo && j < rk.hi
-                        && ((p.flags & FLAG_MASK) == 0u || mask_bit(mbase, j)) {
-                        s = score(c * DK4);
-                        if (p.flags & LOGIT_FLAGS) != 0u {
-                            // Shaped in natural units, where the removal rules are stated.
-                            let y = shape_logit(s * LN2, hd.b, hd.h, grow, j);
-                            s = select(MASKED, y * LOG2E, y > REMOVED_BELOW);
-                        }
+                    var s = RV(MASKED);
+                    if keeps_block(j) {
+                        s = logit_block(score_block(c * DK4), j);
                     }
                     sc[c] = s;
                     tmax = max(tmax, s);
@@ -157,12 +216,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let alpha = exp2(m - tmax);
             l *= alpha;
             rescale(alpha);
-            for (var c = 0u; c < len; c++) {
-                // Removed keys (MASKED) add 0. Branchless on purpose: lanes of one row
-                // block rarely agree on a bool mask, and a divergent branch around the
-                // accumulator writes cost llvmpipe 2.6× on a 50% random mask; on GPUs the
-                // skipped lanes would idle anyway.
-                let pc = select(0.0, exp2(sc[c] - tmax), sc[c] > REMOVED_BELOW);
+            // Removed keys (MASKED) add 0. Branchless on purpose: lanes of one row block rarely
+            // agree on a bool mask, and a divergent branch around the accumulator writes cost
+            // llvmpipe 2.6× on a 50% random mask; on GPUs the skipped lanes would idle anyway.
+            // Two keys at a time, each accumulator updated by key c, then key c + 1.
+            var c = 0u;
+            for (; c + 1u < len; c += 2u) {
+                let pc = select(RV(0.0), exp2(sc[c] - tmax), sc[c] > RV(REMOVED_BELOW));
+                let pd = select(RV(0.0), exp2(sc[c + 1u] - tmax), sc[c + 1u] > RV(REMOVED_BELOW));
+                l += pc;
+                l += pd;
+                accumulate_pair(pc, pd, c);
+            }
+            if c < len {
+                let pc = select(RV(0.0), exp2(sc[c] - tmax), sc[c] > RV(REMOVED_BELOW));
                 l += pc;
                 accumulate(pc, c * DV4);
             }
@@ -171,27 +238,32 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
 
-    if live {
-        // l = 0 only when the row saw no key in this split: output 0 and LSE = −∞, never 0/0.
-        var inv = 0.0;
-        var row_max = neg_inf();
-        var log_sum = 0.0;
-        if l > 0.0 {
-            inv = 1.0 / l;
-            row_max = m * LN2;
-            log_sum = log(l);
-        }
-        let obase = (((split * p.batch + hd.b) * p.m + grow) * p.q_heads + hd.h) * p.d_v;
-        for (var d = 0u; d < p.d_v; d++) {
-            o[obase + d] = acc[d / 4u][d % 4u] * inv;
-        }
-        let rows = p.batch * p.q_heads * p.m;
-        let at = bh * p.m + grow;
-        if (p.flags & FLAG_SPLIT_STATS) != 0u {
-            lse[2u * split * rows + at] = row_max;
-            lse[(2u * split + 1u) * rows + at] = log_sum;
-        } else {
-            lse[split * rows + at] = row_max + log_sum;
+    let rows = p.batch * p.q_heads * p.m;
+    for (var r = 0u; r < R; r++) {
+        if row0 + r < p.rows {
+            let grow = row_grow[r];
+            let lr = lane(l, r);
+            // l = 0 only when the row saw no key in this split: output 0 and LSE = −∞, never
+            // 0/0.
+            var inv = 0.0;
+            var row_max = neg_inf();
+            var log_sum = 0.0;
+            if lr > 0.0 {
+                inv = 1.0 / lr;
+                row_max = lane(m, r) * LN2;
+                log_sum = log(lr);
+            }
+            let obase = (((split * p.batch + hd.b) * p.m + grow) * p.q_heads + hd.h) * p.d_v;
+            for (var d = 0u; d < p.d_v; d++) {
+                o[obase + d] = acc[r * DV4 + d / 4u][d % 4u] * inv;
+            }
+            let at = bh * p.m + grow;
+            if (p.flags & FLAG_SPLIT_STATS) != 0u {
+                lse[2u * split * rows + at] = row_max;
+                lse[(2u * split + 1u) * rows + at] = log_sum;
+            } else {
+                lse[split * rows + at] = row_max + log_sum;
+            }
         }
     }
 }

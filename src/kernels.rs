@@ -48,8 +48,11 @@ pub enum Kernel {
         dv: u32,
         /// Keys per K/V tile in workgroup memory.
         bc: u32,
-        /// Query rows (= invocations) per workgroup.
+        /// Query rows per workgroup.
         br: u32,
+        /// Query rows per invocation (1, 2 or 4; divides `br`): each K/V element read from
+        /// the tile serves all of them. The workgroup has `br / r` invocations.
+        r: u32,
         /// Whether the call has any masking (lengths, window, mask, bias, softcap,
         /// segments). Without, every tile is whole and the per-key loop is compiled out:
         /// its mere presence slowed unmasked runs by up to 16% on llvmpipe.
@@ -182,7 +185,7 @@ impl Kernel {
         }
     }
 
-    /// Pipeline label: name plus specialization, e.g. `xattn.flash_dk64_dv64_bc32_br64`.
+    /// Pipeline label: name plus specialization, e.g. `xattn.flash_dk64_dv64_bc32_br64_r2`.
     pub fn label(&self) -> String {
         match self {
             Kernel::Flash {
@@ -190,12 +193,13 @@ impl Kernel {
                 dv,
                 bc,
                 br,
+                r,
                 masked,
                 storage,
             } => {
                 let suffix = if *masked { "_masked" } else { "" };
                 let storage = storage_suffix(*storage);
-                format!("xattn.flash_dk{dk}_dv{dv}_bc{bc}_br{br}{storage}{suffix}")
+                format!("xattn.flash_dk{dk}_dv{dv}_bc{bc}_br{br}_r{r}{storage}{suffix}")
             }
             Kernel::QkScores { masked, storage } => {
                 let suffix = if *masked { "_masked" } else { "" };
@@ -305,26 +309,31 @@ impl Kernel {
                 },
                 u64::from(attn.q_heads),
             ),
-            // Per tile of bc keys: the tile loop, K and V staging, the mask-word scan, the
-            // score loop (with the segment lookup per key) and the accumulate loop. Fixed:
-            // loading the Q row and storing the O row.
-            Kernel::Flash { dk, dv, bc, br, .. } => {
-                let [dk, dv, bc, br] = [dk, dv, bc, br].map(u64::from);
+            // Per tile of bc keys: the tile loop, K and V staging (by br / r invocations), the
+            // mask-word scan of each of the r rows, the score loop (per key with the segment
+            // lookup per key and row, or per pair of keys) and the accumulate loop (per pair of
+            // keys). Fixed: the row set-up loop and, per row, loading its Q row and storing its
+            // O row.
+            Kernel::Flash {
+                dk, dv, bc, br, r, ..
+            } => {
+                let [dk, dv, bc, br, r] = [dk, dv, bc, br, r].map(u64::from);
+                let invocations = br / r;
                 let mask_words = if attn.flags & flags::MASK != 0 {
-                    looped(bc.div_ceil(32) + 1)
+                    r * looped(bc.div_ceil(32) + 1)
                 } else {
                     0
                 };
                 (
                     LoopCost {
-                        fixed: looped(0) + looped(dk) + looped(dv),
+                        fixed: looped(0) + looped(r) + r * looped(dk) + looped(r) + r * looped(dv),
                         per_step: 1
-                            + looped((bc * dk / 4).div_ceil(br))
-                            + looped((bc * dv / 4).div_ceil(br))
+                            + looped((bc * dk / 4).div_ceil(invocations))
+                            + looped((bc * dv / 4).div_ceil(invocations))
                             + mask_words
                             + looped(bc)
-                            + bc * segments
-                            + looped(bc),
+                            + bc * r * segments
+                            + looped(bc.div_ceil(2)),
                         step: bc,
                     },
                     u64::from(attn.split_len.min(attn.n)),
@@ -381,7 +390,7 @@ impl Kernel {
                 cpu::weighted_sum::weighted_sum(params.attn(), f(scores), &v, fm(o));
             }
             Kernel::Flash {
-                bc, br, storage, ..
+                bc, br, r, storage, ..
             } => {
                 let [q, k, v, lens, mask, bias, o, lse] = buffers else {
                     arity(buffers.len())
@@ -389,7 +398,7 @@ impl Kernel {
                 let m = masks(lens, mask, bias);
                 let p = params.attn();
                 let (q, k, v) = (widen(storage, q), widen(storage, k), widen(storage, v));
-                cpu::flash::flash(p, (bc, br), &q, &k, &v, &m, fm(o), fm(lse));
+                cpu::flash::flash(p, (bc, br, r), &q, &k, &v, &m, fm(o), fm(lse));
             }
             Kernel::MergePartials => {
                 let [part_o, part_stats, o, lse] = buffers else {
@@ -454,11 +463,12 @@ impl Kernel {
             dv,
             bc,
             br,
+            r,
             masked,
             ..
         } = *self
         {
-            out.push_str(&flash_prelude(dk / 4, dv / 4, bc, br));
+            out.push_str(&flash_prelude(dk / 4, dv / 4, bc, (br, r)));
             out.push_str(&format!("const ANY_MASKING: bool = {masked};\n"));
         }
         if let Kernel::QkScores { masked, .. } = *self {
@@ -521,23 +531,105 @@ fn storage_suffix(storage: Storage) -> String {
     }
 }
 
-/// Constants and unrolled vec4 helpers of one flash specialization (see shaders/flash.wgsl).
-fn flash_prelude(dk4: u32, dv4: u32, bc: u32, br: u32) -> String {
-    let terms: Vec<String> = (0..dk4)
-        .map(|i| format!("dot(qr[{i}], k_tile[base + {i}u])"))
-        .collect();
-    let scales: String = (0..dv4)
-        .map(|i| format!("    acc[{i}] *= alpha;\n"))
-        .collect();
-    let adds: String = (0..dv4)
-        .map(|i| format!("    acc[{i}] = fma(vec4<f32>(pc), v_tile[base + {i}u], acc[{i}]);\n"))
-        .collect();
+/// Constants and unrolled helpers of one flash specialization (see shaders/flash.wgsl): the
+/// R rows' statistics travel as one `RV` (f32, vec2 or vec4: one lane per row), their Q rows
+/// and accumulators as `qr`/`acc` slices of DK4/DV4 vec4s per row; every K/V vec4 read from the
+/// tile is used by all R rows before the next is read.
+fn flash_prelude(dk4: u32, dv4: u32, bc: u32, (br, r): (u32, u32)) -> String {
+    assert!(
+        matches!(r, 1 | 2 | 4) && br % r == 0,
+        "flash rows per invocation"
+    );
+    let rows = 0..r;
+    // Lane `i` of an RV named `v`.
+    let lane = |v: &str, i: u32| {
+        if r == 1 {
+            v.to_string()
+        } else {
+            format!("{v}[{i}]")
+        }
+    };
+    let rv = |parts: Vec<String>| {
+        if r == 1 {
+            parts.join("")
+        } else {
+            format!("RV({})", parts.join(", "))
+        }
+    };
+    // The R rows' scores against the K row whose vec4s are named `{k}0, {k}1, …`: each a sum
+    // of vec4 dot products in the order 0, 1, … (score_block and score_pair agree exactly).
+    let sums = |k: &str| -> String {
+        rv(rows
+            .clone()
+            .map(|row| {
+                (0..dk4)
+                    .map(|i| format!("dot(qr[{}], {k}{i})", row * dk4 + i))
+                    .collect::<Vec<_>>()
+                    .join("\n        + ")
+            })
+            .collect())
+    };
+    let mut score = String::new();
+    let mut score_pair = String::new();
+    for i in 0..dk4 {
+        score.push_str(&format!("    let k{i} = k_tile[base + {i}u];\n"));
+        score_pair.push_str(&format!(
+            "    let k{i} = k_tile[a + {i}u];\n    let x{i} = k_tile[a + DK4 + {i}u];\n"
+        ));
+    }
+    let mut scales = String::new();
+    let mut adds = String::new();
+    let mut add_pair = String::new();
+    for i in 0..dv4 {
+        adds.push_str(&format!("    let v{i} = v_tile[base + {i}u];\n"));
+        add_pair.push_str(&format!(
+            "    let v{i} = v_tile[a + {i}u];\n    let w{i} = v_tile[a + DV4 + {i}u];\n"
+        ));
+        for row in rows.clone() {
+            let a = row * dv4 + i;
+            scales.push_str(&format!("    acc[{a}] *= {};\n", lane("alpha", row)));
+            adds.push_str(&format!(
+                "    acc[{a}] = fma(vec4<f32>({}), v{i}, acc[{a}]);\n",
+                lane("pc", row)
+            ));
+            // Key c first, then key c + 1: the order of two `accumulate` calls.
+            add_pair.push_str(&format!(
+                "    acc[{a}] = fma(vec4<f32>({}), w{i}, fma(vec4<f32>({}), v{i}, acc[{a}]));\n",
+                lane("pd", row),
+                lane("pc", row)
+            ));
+        }
+    }
+    let any = |f: &dyn Fn(u32) -> String| rows.clone().map(f).collect::<Vec<_>>().join(" | ");
+    let rv_type = if r == 1 {
+        "f32".to_string()
+    } else {
+        format!("vec{r}<f32>")
+    };
     format!(
-        "const DK4: u32 = {dk4}u;\nconst DV4: u32 = {dv4}u;\nconst BC: u32 = {bc}u;\nconst BR: u32 = {br}u;\n\
-         fn score(base: u32) -> f32 {{\n    return {};\n}}\n\
-         fn rescale(alpha: f32) {{\n{scales}}}\n\
-         fn accumulate(pc: f32, base: u32) {{\n{adds}}}\n",
-        terms.join("\n        + ")
+        "const DK4: u32 = {dk4}u;\nconst DV4: u32 = {dv4}u;\nconst BC: u32 = {bc}u;\n\
+         const BR: u32 = {br}u;\nconst R: u32 = {r}u;\nconst WG: u32 = {wg}u;\n\
+         alias RV = {rv_type};\n\
+         fn lane(v: RV, i: u32) -> f32 {{\n    return {lane_i};\n}}\n\
+         fn score_block(base: u32) -> RV {{\n{score}    return {score_k};\n}}\n\
+         fn score_pair(c: u32) {{\n    let a = c * DK4;\n{score_pair}    \
+         sc[c] = {score_k};\n    sc[c + 1u] = {score_x};\n}}\n\
+         fn rescale(alpha: RV) {{\n{scales}}}\n\
+         fn accumulate(pc: RV, base: u32) {{\n{adds}}}\n\
+         fn accumulate_pair(pc: RV, pd: RV, c: u32) {{\n    let a = c * DV4;\n{add_pair}}}\n\
+         fn sees_block(t0: u32, t1: u32) -> bool {{\n    return {sees};\n}}\n\
+         fn keeps_block(j: u32) -> bool {{\n    return {keeps};\n}}\n\
+         fn logit_block(s: RV, j: u32) -> RV {{\n    return {logits};\n}}\n",
+        wg = br / r,
+        lane_i = if r == 1 { "v" } else { "v[i]" },
+        score_k = sums("k"),
+        score_x = sums("x"),
+        sees = any(&|i| format!("row_sees({i}u, t0, t1)")),
+        keeps = any(&|i| format!("key_kept({i}u, j)")),
+        logits = rv(rows
+            .clone()
+            .map(|i| format!("key_logit({i}u, {}, j)", lane("s", i)))
+            .collect()),
     )
 }
 

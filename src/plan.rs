@@ -213,8 +213,13 @@ pub struct Plan {
     pub tiling: String,
 }
 
-/// Query rows per fused workgroup (one invocation each).
+/// Invocations per fused workgroup; each owns R query rows (`fused_kernel`), so a workgroup
+/// covers `FUSED_ROWS · R` rows. (64 measured best on llvmpipe against 8, 16, 32 and 128 at R = 4.)
 pub const FUSED_ROWS: u32 = 64;
+/// Floats of Q and O rows one fused invocation may hold: R · (d_k + d_v) stays within this,
+/// the footprint of one row at the largest head dim (256 + 256), so larger R only where rows
+/// are short (R = 4 up to d_k + d_v = 128, R = 2 up to 256).
+pub const FUSED_ROW_FLOATS: u32 = 512;
 /// Fewer workgroups than this on the fused path leaves a GPU idle: split the keys instead.
 const TARGET_WORKGROUPS: usize = 256;
 /// Smallest key range worth a split of its own.
@@ -676,6 +681,9 @@ fn three_pass(
 
 /// Keys per tile of the fused kernel: the largest power of two ≤ 64 whose K and V tiles fit
 /// in 16 KiB of workgroup memory (the WebGPU default limit), or the device's limit if lower.
+/// Rows per invocation R: the largest of 4, 2, 1 whose rows fit [`FUSED_ROW_FLOATS`] and that
+/// M fills (R ≤ ⌈M / FUSED_ROWS⌉: a decode step's single row gets R = 1, not three idle rows),
+/// unless a test forced R ([`with_rows_per_invocation`]).
 fn fused_kernel(
     s: &AttnShape,
     caps: &DeviceCaps,
@@ -696,14 +704,46 @@ fn fused_kernel(
                 caps.max_workgroup_bytes,
             )
         })?;
+    let filled = s.m.div_ceil(FUSED_ROWS as usize);
+    let r = FORCED_ROWS.with(std::cell::Cell::get).unwrap_or_else(|| {
+        [4u32, 2, 1]
+            .into_iter()
+            .find(|&r| r * (dk + dv) <= FUSED_ROW_FLOATS && r as usize <= filled)
+            .unwrap_or(1)
+    });
     Ok(Kernel::Flash {
         dk,
         dv,
         bc,
-        br: FUSED_ROWS,
+        br: FUSED_ROWS * r,
+        r,
         masked,
         storage,
     })
+}
+
+thread_local! {
+    static FORCED_ROWS: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every fused kernel planned on this thread using `r` query rows per
+/// invocation (1, 2 or 4) instead of the planner's choice: how tests run each variant on
+/// every path. Not for production use.
+#[doc(hidden)]
+pub fn with_rows_per_invocation<T>(r: u32, f: impl FnOnce() -> T) -> T {
+    assert!(
+        matches!(r, 1 | 2 | 4),
+        "rows per invocation: 1, 2 or 4, got {r}"
+    );
+    let before = FORCED_ROWS.with(|c| c.replace(Some(r)));
+    struct Restore(Option<u32>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED_ROWS.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(before);
+    f()
 }
 
 /// Key splits for split-K: enough workgroups to fill a GPU, each split ≥ MIN_SPLIT_KEYS, and
@@ -735,7 +775,7 @@ fn fused(
     io: &AttnIo,
 ) -> Result<(Path, String)> {
     let s = req.shape;
-    let Kernel::Flash { bc, .. } = kernel else {
+    let Kernel::Flash { bc, br, r, .. } = kernel else {
         unreachable!("fused_kernel returns Flash")
     };
     let max_wg = caps.max_workgroups as usize;
@@ -746,7 +786,7 @@ fn fused(
             .next_multiple_of(bc as usize);
     let splits = s.n.div_ceil(split_len);
     check_grid("split-K key-split", splits, caps)?;
-    let rows_max = max_wg * FUSED_ROWS as usize;
+    let rows_max = max_wg * br as usize;
     let (out_o, out_lse) = if split_k {
         let part_o = bytes(s.o_dims().iter().product()) * splits as u64;
         let part_stats = 2 * bytes(s.lse_dims().iter().product()) * splits as u64;
@@ -782,11 +822,7 @@ fn fused(
         program.dispatch(
             kernel,
             Params::Attn(params),
-            [
-                nr.div_ceil(FUSED_ROWS as usize) as u32,
-                splits as u32,
-                nbh as u32,
-            ],
+            [nr.div_ceil(br as usize) as u32, splits as u32, nbh as u32],
             &[io.q, io.k, io.v, io.lens, io.mask, io.bias, out_o, out_lse],
         );
     }
@@ -806,7 +842,8 @@ fn fused(
     Ok((
         path,
         format!(
-            "{} (one query row per invocation, {bc}-key K/V tiles in workgroup memory); {}",
+            "{} ({r} query row(s) per invocation, {br} per workgroup, {bc}-key K/V tiles in \
+             workgroup memory); {}",
             kernel.label(),
             if split_k {
                 format!("{splits} key split(s) of {split_len}")

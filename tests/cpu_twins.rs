@@ -10,7 +10,7 @@ use xattn::cpu::program::{floats, run, words, HostBuffers};
 use xattn::cpu::reference;
 use xattn::mask::Masking;
 use xattn::mha::{layer_program, LayerTypes, MhaConfig, NeedWeights};
-use xattn::plan::{MergePlan, Plan, Request};
+use xattn::plan::{with_rows_per_invocation, MergePlan, Plan, Request};
 use xattn::program::Role;
 use xattn::{Alignment, Attention, AttnShape, Path};
 
@@ -43,6 +43,32 @@ fn mask_inputs(
         (mask, masking.mask_words().unwrap_or(vec![0])),
         (bias, words(&masking.bias_values().unwrap_or(vec![0.0]))),
     ])
+}
+
+/// The plans of `req`: the planner's own, and for the fused paths one per rows-per-invocation
+/// variant R of the flash kernel (forced through the planner), each checked to carry its R.
+fn plans(req: &Request) -> Vec<(String, Plan)> {
+    let mut out = vec![("auto".to_string(), Plan::new(req, &CAPS).unwrap())];
+    if req.path == Some(Path::ThreePass) {
+        return out;
+    }
+    for r in [1, 2, 4] {
+        let plan = with_rows_per_invocation(r, || Plan::new(req, &CAPS).unwrap());
+        let flash_rows: Vec<u32> = plan
+            .program
+            .dispatches()
+            .filter_map(|d| match d.kernel {
+                xattn::kernels::Kernel::Flash { r, .. } => Some(r),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            !flash_rows.is_empty() && flash_rows.iter().all(|&x| x == r),
+            "forced R = {r}, planned {flash_rows:?}\n{plan}"
+        );
+        out.push((r.to_string(), plan));
+    }
+    out
 }
 
 #[test]
@@ -100,22 +126,14 @@ fn twins_follow_every_plan_to_the_reference() {
                 dtype: xattn::DType::F32,
                 out_dtype: xattn::DType::F32,
             };
-            let plan = Plan::new(&req, &CAPS).unwrap();
-            let (o, lse, w) = run_twins(&plan, (&q, &k, &v), &Masking::default());
-            assert_close(&format!("twin {} {s} O", path.name()), &o, &want.o, tol.o);
-            assert_close(
-                &format!("twin {} {s} LSE", path.name()),
-                &lse,
-                &want.lse,
-                tol.lse * 10.0,
-            );
-            if path == Path::ThreePass {
-                assert_close(
-                    &format!("twin {} {s} P", path.name()),
-                    &w,
-                    &want.weights,
-                    tol.weights,
-                );
+            for (r, plan) in plans(&req) {
+                let (o, lse, w) = run_twins(&plan, (&q, &k, &v), &Masking::default());
+                let what = format!("twin {} r{r} {s}", path.name());
+                assert_close(&format!("{what} O"), &o, &want.o, tol.o);
+                assert_close(&format!("{what} LSE"), &lse, &want.lse, tol.lse * 10.0);
+                if path == Path::ThreePass {
+                    assert_close(&format!("{what} P"), &w, &want.weights, tol.weights);
+                }
             }
         }
     }
@@ -139,13 +157,14 @@ fn twins_follow_masked_plans_to_the_reference() {
                 dtype: xattn::DType::F32,
                 out_dtype: xattn::DType::F32,
             };
-            let plan = Plan::new(&req, &CAPS).unwrap();
-            let (o, lse, w) = run_twins(&plan, (&q, &k, &v), m);
-            let what = format!("twin {} {name} {s}", path.name());
-            assert_close(&format!("{what} O"), &o, &want.o, tol.o);
-            assert_close(&format!("{what} LSE"), &lse, &want.lse, tol.lse * 10.0);
-            if path == Path::ThreePass {
-                assert_close(&format!("{what} P"), &w, &want.weights, tol.weights);
+            for (r, plan) in plans(&req) {
+                let (o, lse, w) = run_twins(&plan, (&q, &k, &v), m);
+                let what = format!("twin {} r{r} {name} {s}", path.name());
+                assert_close(&format!("{what} O"), &o, &want.o, tol.o);
+                assert_close(&format!("{what} LSE"), &lse, &want.lse, tol.lse * 10.0);
+                if path == Path::ThreePass {
+                    assert_close(&format!("{what} P"), &w, &want.weights, tol.weights);
+                }
             }
         }
     }

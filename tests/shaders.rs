@@ -3,7 +3,7 @@
 use xattn::kernels::{Access, Kernel, SHADER_FILES};
 use xattn::mha::{layer_program, LayerTypes, MhaConfig, NeedWeights};
 use xattn::params::{AttnParams, LinearParams};
-use xattn::plan::{DeviceCaps, MergePlan, Plan, Request};
+use xattn::plan::{with_rows_per_invocation, DeviceCaps, MergePlan, Plan, Request};
 use xattn::{Alignment, Attention, AttnShape, Path};
 use xattn::{DType, Storage};
 
@@ -30,8 +30,8 @@ fn caps_for(native_f16: bool) -> DeviceCaps {
     DeviceCaps { native_f16, ..CAPS }
 }
 
-/// Every kernel specialization the planners produce: attention on every path for head dims
-/// 1..=256 in f32 (and a spread of head dims in every half storage, native and packed, with
+/// Every kernel specialization the planners produce: attention on every path (every flash
+/// rows-per-invocation variant) for head dims 1..=256 in f32 (and a spread of head dims in every half storage, native and packed, with
 /// half outputs), unmasked and masked; a merge; layers of every type.
 fn all_kernels() -> Vec<Kernel> {
     let mut out = Vec::new();
@@ -74,6 +74,13 @@ fn all_kernels() -> Vec<Kernel> {
                     };
                     let caps = caps_for(native_f16);
                     collect(&mut out, &Plan::new(&req, &caps).unwrap().program);
+                    // Every rows-per-invocation variant R of the flash kernel.
+                    if path != Path::ThreePass {
+                        for r in [1, 2, 4] {
+                            let plan = with_rows_per_invocation(r, || Plan::new(&req, &caps));
+                            collect(&mut out, &plan.unwrap().program);
+                        }
+                    }
                 }
             }
         }

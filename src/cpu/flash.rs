@@ -1,6 +1,7 @@
-//! CPU twin of `shaders/flash.wgsl`: online-softmax attention, one query row at a time,
-//! keys in tiles of `bc` within the workgroup's key range (lengths and window), exp2 with Q
-//! pre-scaled by scale·log2 e, one rescale per tile, removed keys skipped.
+//! CPU twin of `shaders/flash.wgsl`: online-softmax attention, `r` query rows at a time (one
+//! invocation's block), keys in tiles of `bc` within the workgroup's key range (lengths and
+//! window), exp2 with Q pre-scaled by scale·log2 e, one rescale per tile, tiles that none of
+//! the block's rows may see skipped, removed keys adding 0.
 
 use crate::cpu::mask::{
     diagonal, key_range, mask_any, mask_bit, mask_row_base, shape_logit, window_hi, window_lo,
@@ -10,14 +11,27 @@ use crate::params::{flags, AttnParams};
 
 use std::f32::consts::{LN_2, LOG2_E};
 
+/// One row of an invocation's block: its key range, mask base, query index and state.
+struct Row {
+    live: bool,
+    grow: u32,
+    lo: u32,
+    hi: u32,
+    mbase: u32,
+    qr: Vec<f32>,
+    acc: Vec<f32>,
+    m: f32,
+    l: f32,
+}
+
 /// Writes split `split`'s normalized O into slice `split` of `o [n_splits, batch, M, q_heads, d_v]`
 /// and its LSE into `lse [n_splits, batch, q_heads, M]` (with `flags::SPLIT_STATS`, its max
 /// logit and ln(sum) into `lse [n_splits, 2, batch, q_heads, M]`), for every split of the
-/// chunk; `br` rows share a workgroup's key range.
+/// chunk; `br` rows share a workgroup's key range, `r` rows an invocation's tiles.
 #[allow(clippy::too_many_arguments)]
 pub fn flash(
     p: &AttnParams,
-    (bc, br): (u32, u32),
+    (bc, br, r): (u32, u32, u32),
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -25,6 +39,10 @@ pub fn flash(
     o: &mut [f32],
     lse: &mut [f32],
 ) {
+    assert!(
+        r > 0 && br % r == 0,
+        "rows per invocation divide rows per workgroup"
+    );
     let (dk, dv) = (p.d_k as usize, p.d_v as usize);
     let qs = p.scale * LOG2_E;
     let logit_flags = flags::BIAS | flags::SOFTCAP | flags::SEGMENTS;
@@ -33,6 +51,12 @@ pub fn flash(
         let (b, h) = (bh / p.q_heads, bh % p.q_heads);
         let hk = h / (p.q_heads / p.kv_heads);
         let (ql, kl) = (masks.q_len(b), masks.kv_len(p, b));
+        let score = |qr: &[f32], j: u32| {
+            let kbase = (((b * p.n + j) * p.kv_heads + hk) * p.d_k) as usize;
+            qr.iter()
+                .zip(&k[kbase..kbase + dk])
+                .fold(0.0f32, |a, (&x, &y)| x.mul_add(y, a))
+        };
         for split in 0..p.n_splits {
             let key_begin = split * p.split_len;
             let key_end = p.n.min(key_begin + p.split_len);
@@ -49,95 +73,137 @@ pub fn flash(
                     hi = hi.min(window_hi(p, diagonal(p, last, ql, kl), kl));
                 }
                 lo = key_begin + (lo - key_begin) / bc * bc;
-                for row in wgx * br..((wgx + 1) * br).min(p.rows) {
-                    let grow = p.row_offset + row;
-                    let rk = key_range(p, grow, ql, kl);
-                    let mbase = mask_row_base(p, b, h, grow);
-                    let qbase = (((b * p.m + grow) * p.q_heads + h) * p.d_k) as usize;
-                    let qr: Vec<f32> = q[qbase..qbase + dk].iter().map(|&x| x * qs).collect();
-                    let score = |j: u32| {
-                        let kbase = (((b * p.n + j) * p.kv_heads + hk) * p.d_k) as usize;
-                        qr.iter()
-                            .zip(&k[kbase..kbase + dk])
-                            .fold(0.0f32, |a, (&x, &y)| x.mul_add(y, a))
+                for row0 in (wgx * br..(wgx + 1) * br).step_by(r as usize) {
+                    if row0 >= p.rows {
+                        break;
+                    }
+                    // The invocation's rows; tiles inside [whole_lo, whole_hi) are whole for
+                    // every live one.
+                    let (mut whole_lo, mut whole_hi) = (0u32, u32::MAX);
+                    let mut rows: Vec<Row> = (row0..row0 + r)
+                        .map(|row| {
+                            let grow = p.row_offset + row;
+                            let live = row < p.rows;
+                            let (mut lo, mut hi, mut qr) = (0, 0, vec![0.0; dk]);
+                            if live {
+                                let rk = key_range(p, grow, ql, kl);
+                                (lo, hi) = (rk.lo, rk.hi);
+                                whole_lo = whole_lo.max(lo);
+                                whole_hi = whole_hi.min(hi);
+                                let qbase = (((b * p.m + grow) * p.q_heads + h) * p.d_k) as usize;
+                                qr = q[qbase..qbase + dk].iter().map(|&x| x * qs).collect();
+                            }
+                            Row {
+                                live,
+                                grow,
+                                lo,
+                                hi,
+                                mbase: mask_row_base(p, b, h, grow),
+                                qr,
+                                acc: vec![0.0; dv],
+                                m: MASKED,
+                                l: 0.0,
+                            }
+                        })
+                        .collect();
+                    let kept = |row: &Row, j: u32| {
+                        j >= row.lo
+                            && j < row.hi
+                            && (p.flags & flags::MASK == 0 || mask_bit(masks, row.mbase, j))
                     };
-                    let mut acc = vec![0.0f32; dv];
-                    let (mut m, mut l) = (MASKED, 0.0f32);
                     let mut t0 = lo;
                     while t0 < hi {
                         let len = bc.min(hi - t0);
                         let t1 = t0 + len;
-                        let mut row_sees = rk.lo < t1 && rk.hi > t0;
-                        if row_sees && p.flags & flags::MASK != 0 {
-                            row_sees = mask_any(masks, mbase, t0.max(rk.lo), t1.min(rk.hi));
-                        }
-                        if row_sees {
+                        let sees = rows.iter().any(|row| {
+                            let (a, z) = (t0.max(row.lo), t1.min(row.hi));
+                            a < z
+                                && (p.flags & flags::MASK == 0 || mask_any(masks, row.mbase, a, z))
+                        });
+                        if sees {
                             let whole = p.flags & (flags::MASK | logit_flags) == 0
-                                && rk.lo <= t0
-                                && rk.hi >= t1;
-                            let sc: Vec<f32> = (t0..t1)
+                                && whole_lo <= t0
+                                && whole_hi >= t1;
+                            // Scores [key][row], as the shader's sc.
+                            let sc: Vec<Vec<f32>> = (t0..t1)
                                 .map(|j| {
                                     if whole {
-                                        return score(j);
+                                        return rows.iter().map(|row| score(&row.qr, j)).collect();
                                     }
-                                    let kept = j >= rk.lo
-                                        && j < rk.hi
-                                        && (p.flags & flags::MASK == 0
-                                            || mask_bit(masks, mbase, j));
-                                    if !kept {
-                                        return MASKED;
+                                    if !rows.iter().any(|row| kept(row, j)) {
+                                        return vec![MASKED; rows.len()];
                                     }
-                                    let s = score(j);
-                                    if p.flags & logit_flags == 0 {
-                                        return s;
-                                    }
-                                    // Shaped in natural units, as in the shader.
-                                    let y = shape_logit(p, masks, s * LN_2, [b, h, grow, j]);
-                                    if y > REMOVED_BELOW {
-                                        y * LOG2_E
-                                    } else {
-                                        MASKED
-                                    }
+                                    rows.iter()
+                                        .map(|row| {
+                                            let s = score(&row.qr, j);
+                                            if !kept(row, j) {
+                                                return MASKED;
+                                            }
+                                            if p.flags & logit_flags == 0 {
+                                                return s;
+                                            }
+                                            // Shaped in natural units, as in the shader.
+                                            let y = shape_logit(
+                                                p,
+                                                masks,
+                                                s * LN_2,
+                                                [b, h, row.grow, j],
+                                            );
+                                            if y > REMOVED_BELOW {
+                                                y * LOG2_E
+                                            } else {
+                                                MASKED
+                                            }
+                                        })
+                                        .collect()
                                 })
                                 .collect();
-                            let tmax = sc.iter().fold(m, |a, &s| a.max(s));
-                            let alpha = (m - tmax).exp2();
-                            l *= alpha;
-                            acc.iter_mut().for_each(|a| *a *= alpha);
-                            for (j, &s) in (t0..t1).zip(&sc) {
-                                // Removed keys add 0 (branchless, as in the shader).
-                                let pc = if s > REMOVED_BELOW {
-                                    (s - tmax).exp2()
-                                } else {
-                                    0.0
-                                };
-                                l += pc;
-                                let vbase = (((b * p.n + j) * p.kv_heads + hk) * p.d_v) as usize;
-                                for (a, &x) in acc.iter_mut().zip(&v[vbase..vbase + dv]) {
-                                    *a = pc.mul_add(x, *a);
+                            for (i, row) in rows.iter_mut().enumerate() {
+                                let tmax = sc.iter().fold(row.m, |a, s| a.max(s[i]));
+                                let alpha = (row.m - tmax).exp2();
+                                row.l *= alpha;
+                                row.acc.iter_mut().for_each(|a| *a *= alpha);
+                                // The shader takes keys two at a time here (and for whole tiles'
+                                // scores); each sum still adds key c, then key c + 1.
+                                for (j, s) in (t0..t1).zip(&sc) {
+                                    // Removed keys add 0 (branchless, as in the shader).
+                                    let pc = if s[i] > REMOVED_BELOW {
+                                        (s[i] - tmax).exp2()
+                                    } else {
+                                        0.0
+                                    };
+                                    row.l += pc;
+                                    let vbase =
+                                        (((b * p.n + j) * p.kv_heads + hk) * p.d_v) as usize;
+                                    for (a, &x) in row.acc.iter_mut().zip(&v[vbase..vbase + dv]) {
+                                        *a = pc.mul_add(x, *a);
+                                    }
                                 }
+                                row.m = tmax;
                             }
-                            m = tmax;
                         }
                         t0 += bc;
                     }
-                    let (inv, row_max, log_sum) = if l > 0.0 {
-                        (1.0 / l, m * LN_2, l.ln())
-                    } else {
-                        (0.0, f32::NEG_INFINITY, 0.0)
-                    };
-                    let obase =
-                        ((((split * p.batch + b) * p.m + grow) * p.q_heads + h) * p.d_v) as usize;
-                    for (d, a) in acc.iter().enumerate() {
-                        o[obase + d] = a * inv;
-                    }
-                    let rows = p.batch * p.q_heads * p.m;
-                    let at = bh * p.m + grow;
-                    if p.flags & flags::SPLIT_STATS != 0 {
-                        lse[(2 * split * rows + at) as usize] = row_max;
-                        lse[((2 * split + 1) * rows + at) as usize] = log_sum;
-                    } else {
-                        lse[(split * rows + at) as usize] = row_max + log_sum;
+                    for row in rows.iter().filter(|row| row.live) {
+                        let (grow, l, m) = (row.grow, row.l, row.m);
+                        let (inv, row_max, log_sum) = if l > 0.0 {
+                            (1.0 / l, m * LN_2, l.ln())
+                        } else {
+                            (0.0, f32::NEG_INFINITY, 0.0)
+                        };
+                        let obase = ((((split * p.batch + b) * p.m + grow) * p.q_heads + h) * p.d_v)
+                            as usize;
+                        for (d, a) in row.acc.iter().enumerate() {
+                            o[obase + d] = a * inv;
+                        }
+                        let rows = p.batch * p.q_heads * p.m;
+                        let at = bh * p.m + grow;
+                        if p.flags & flags::SPLIT_STATS != 0 {
+                            lse[(2 * split * rows + at) as usize] = row_max;
+                            lse[((2 * split + 1) * rows + at) as usize] = log_sum;
+                        } else {
+                            lse[(split * rows + at) as usize] = row_max + log_sum;
+                        }
                     }
                 }
             }
