@@ -520,7 +520,9 @@ fn check_grid(what: &str, count: usize, caps: &DeviceCaps) -> Result<u32> {
     Ok(count as u32)
 }
 
-fn base_params(s: &AttnShape, scale: f32, masks: &MaskSpec) -> AttnParams {
+/// The params of attention over all of `s` with `masks` applied (no chunk, one split): what
+/// every attention dispatch starts from.
+pub fn base_params(s: &AttnShape, scale: f32, masks: &MaskSpec) -> AttnParams {
     let mut p = AttnParams {
         batch: s.batch as u32,
         m: s.m as u32,

@@ -243,15 +243,10 @@ fn the_cpu_executor_runs_merge_plans() {
                 })
                 .collect()
         };
-        let req = Request {
-            shape: sub,
-            scale,
-            weights: false,
-            path: Some(Path::Fused),
-            masks: Default::default(),
-            dtype: xattn::DType::F32,
-            out_dtype: xattn::DType::F32,
-        };
+        let opts = Attention::default()
+            .with_scale(scale)
+            .with_path(Path::Fused);
+        let req = opts.request(sub).unwrap();
         let plan = Plan::new(&req, &CAPS).unwrap();
         let (o, lse, _) = run_twins(
             &plan,

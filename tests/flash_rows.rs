@@ -161,15 +161,10 @@ fn the_planner_picks_rows_by_head_dim_and_queries() {
             d_k: d,
             d_v: d,
         };
-        let req = xattn::plan::Request {
-            shape: s,
-            scale: 1.0,
-            weights: false,
-            path: Some(Path::Fused),
-            masks: Default::default(),
-            dtype: xattn::DType::F32,
-            out_dtype: xattn::DType::F32,
-        };
+        let req = Attention::default()
+            .with_path(Path::Fused)
+            .request(s)
+            .unwrap();
         let plan = Plan::new(&req, &CAPS).unwrap();
         assert_rows(&plan, want);
     }

@@ -11,7 +11,6 @@ use common::*;
 use xattn::cpu::mask::{masked_logit, MaskData, REMOVED_BELOW};
 use xattn::cpu::reference;
 use xattn::mask::Masking;
-use xattn::params::AttnParams;
 use xattn::plan::DeviceCaps;
 use xattn::{Attention, AttnShape, DType, Engine, Path, Tensor};
 
@@ -45,18 +44,7 @@ fn naive(
     (q, k, v): (&[f32], &[f32], &[f32]),
     m: &Masking,
 ) -> Vec<f64> {
-    let mut p = AttnParams {
-        batch: s.batch as u32,
-        m: s.m as u32,
-        n: s.n as u32,
-        q_heads: s.q_heads as u32,
-        kv_heads: s.kv_heads as u32,
-        d_k: s.d_k as u32,
-        d_v: s.d_v as u32,
-        scale,
-        ..Default::default()
-    };
-    m.spec(s).unwrap().apply(&mut p);
+    let p = xattn::plan::base_params(s, scale, &m.spec(s).unwrap());
     let lens = m.lens_words(s);
     let words = m.mask_words().unwrap_or_default();
     let bias = m.bias_values().unwrap_or_default();
