@@ -1215,17 +1215,17 @@ fn qkv_files_hold_half_tensors() {
     let o = dir.path("o.npy");
     let dims = [sh.q_dims(), sh.k_dims(), sh.v_dims()].map(|d| d.to_vec());
     for (dtype, seed) in [(F16, 64), (BF16, 65)] {
-        let (round, unit, bits): (fn(f32) -> f32, f64, fn(f32) -> [u8; 2]) = if dtype == F16 {
-            (f16_round, F16_UNIT, |x| {
-                half::f16::from_f32(x).to_le_bytes()
-            })
-        } else {
-            (bf16_round, BF16_UNIT, |x| {
-                half::bf16::from_f32(x).to_le_bytes()
-            })
-        };
-        let x = rounded_qkv(&sh, seed, round);
-        let bytes = x.each_ref().map(|t| le_bytes(t, bits));
+        let f16 = dtype == F16;
+        let x = rounded_qkv(&sh, seed, if f16 { f16_round } else { bf16_round });
+        let unit = if f16 { F16_UNIT } else { BF16_UNIT };
+        // Bit-exact: x holds values of the type.
+        let bytes = x.each_ref().map(|t| {
+            if f16 {
+                le_bytes(t, |y| half::f16::from_f32(y).to_le_bytes())
+            } else {
+                le_bytes(t, |y| half::bf16::from_f32(y).to_le_bytes())
+            }
+        });
         write_safetensors_raw(
             &file,
             &[
