@@ -985,7 +985,16 @@ fn qkv_files_are_checked_by_name_and_dtype() {
         &[qkv[0], qkv[1], ("v", BF16, &vs, &v[..v.len() / 2])],
     );
     let err = fails_in(&dir, &args(&[]));
-    assert_mentions(&err, &["tensor `v`", "BF16", "float32"]);
+    assert_mentions(
+        &err,
+        &[
+            "share one type",
+            "tensor `v`",
+            "BF16",
+            "float32",
+            "--dtype bf16",
+        ],
+    );
     write_safetensors_raw(&file, &qkv[..2]);
     let err = fails_in(&dir, &args(&[]));
     assert_mentions(&err, &["no tensor `v`", "save_file"]);

@@ -101,7 +101,7 @@ pub struct MhaArgs {
     scale: Option<f32>,
     #[command(flatten)]
     masks: MaskArgs,
-    /// --dtype also sets the type the layer's weights are kept in on the device.
+    // --dtype also sets the type the layer's weights are kept in on the device.
     #[command(flatten)]
     precision: PrecisionArgs,
 }
