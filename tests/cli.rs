@@ -985,7 +985,16 @@ fn qkv_files_are_checked_by_name_and_dtype() {
         &[qkv[0], qkv[1], ("v", BF16, &vs, &v[..v.len() / 2])],
     );
     let err = fails_in(&dir, &args(&[]));
-    assert_mentions(&err, &["tensor `v`", "BF16", "float32"]);
+    assert_mentions(
+        &err,
+        &[
+            "share one type",
+            "tensor `v`",
+            "BF16",
+            "float32",
+            "--dtype bf16",
+        ],
+    );
     write_safetensors_raw(&file, &qkv[..2]);
     let err = fails_in(&dir, &args(&[]));
     assert_mentions(&err, &["no tensor `v`", "save_file"]);
@@ -1011,4 +1020,310 @@ fn the_cli_is_quiet_without_a_runtime_dir() {
         .expect("start the xattn binary");
     let err = stderr(&out);
     assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Half precision: float16 .npy files, --dtype, --out-dtype.
+
+/// The unit roundoff (half an ulp, relative) of a stored half value: 2⁻¹¹ for f16, 2⁻⁸ for bf16.
+const F16_UNIT: f64 = 1.0 / 2048.0;
+const BF16_UNIT: f64 = 1.0 / 256.0;
+
+/// A GQA shape, not tile multiples, M ≠ N, for the half-precision runs.
+fn half_shape() -> AttnShape {
+    AttnShape {
+        batch: 2,
+        m: 7,
+        n: 19,
+        q_heads: 4,
+        kv_heads: 2,
+        d_k: 8,
+        d_v: 6,
+    }
+}
+
+/// Seeded Q, K, V for `sh`, each value passed through `round`.
+fn rounded_qkv(sh: &AttnShape, seed: u64, round: fn(f32) -> f32) -> [Vec<f32>; 3] {
+    let (q, k, v) = qkv(sh, 1.0, seed);
+    [q, k, v].map(|x| x.into_iter().map(round).collect())
+}
+
+fn f16_round(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
+fn bf16_round(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// Writes `x` as a float16 .npy (values f16 holds exactly).
+fn write_f16(path: &FsPath, x: &[f32], shape: &[usize]) {
+    let halves: Vec<half::f16> = x.iter().map(|&y| half::f16::from_f32(y)).collect();
+    write_npy(path, &halves, shape);
+}
+
+/// The reference O on `q, k, v` (unmasked) and the f32 error budget of O.
+fn reference_o(sh: &AttnShape, [q, k, v]: &[Vec<f32>; 3]) -> (Vec<f64>, f64) {
+    let opts = Attention::default();
+    let scale = opts.scale_for(sh.d_k);
+    let want = reference::attention_masked(sh, q, k, v, f64::from(scale), opts.masking());
+    let tol = budget_masked(sh, scale, (q, k, v), opts.masking());
+    (want.o, tol.o)
+}
+
+fn abs_max(x: &[f64]) -> f64 {
+    x.iter().fold(0.0f64, |a, y| a.max(y.abs()))
+}
+
+/// float16 .npy inputs run as f16 and give a float16 O, within the f32 budget on those inputs
+/// plus the one rounding of O (half an ulp of max|O|); `--plan` says f16, LSE stays float32,
+/// and `--expect` compares the f16 O.
+#[test]
+fn float16_npy_inputs_give_a_float16_o() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("f16");
+    let sh = half_shape();
+    let x = rounded_qkv(&sh, 61, f16_round);
+    for (name, data, dims) in [
+        ("q.npy", &x[0], sh.q_dims()),
+        ("k.npy", &x[1], sh.k_dims()),
+        ("v.npy", &x[2], sh.v_dims()),
+    ] {
+        write_f16(&dir.path(name), data, &dims);
+    }
+    let (want, tol) = reference_o(&sh, &x);
+    let bound = tol + F16_UNIT * abs_max(&want);
+    let reference_file = dir.path("ref.npy");
+    let want32: Vec<f32> = want.iter().map(|&w| w as f32).collect();
+    write_npy(&reference_file, &want32, &sh.o_dims());
+    for path in ["fused", "three-pass", "split-k"] {
+        let args = run_args(
+            &dir,
+            &[
+                "--path",
+                path,
+                "--plan",
+                "--expect",
+                s(&reference_file),
+                "--rtol",
+                "1e-3",
+                "--atol",
+                "1e-4",
+            ],
+        );
+        let out = xattn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let err = assert_exit(path, &out, 0);
+        assert_mentions(&err, &["dtype: q, k, v f16", "o f16", " f16 on ", "passed"]);
+        // read_npy::<f16> fails on any other dtype: O is float16.
+        let (o, shape) = read_npy::<half::f16>(&dir.path("o.npy"));
+        assert_eq!(shape, sh.o_dims(), "{path}");
+        let o: Vec<f32> = o.into_iter().map(half::f16::to_f32).collect();
+        let worst = assert_close(&format!("f16 {path} O"), &o, &want, bound);
+        let (lse, _) = read_npy::<f32>(&dir.path("lse.npy"));
+        assert_eq!(lse.len(), sh.batch * sh.q_heads * sh.m, "LSE is float32");
+        eprintln!("f16 {path}: largest O error {worst:e} (bound {bound:e})");
+    }
+}
+
+/// --dtype bf16 rounds float32 inputs once on upload; O is bf16, written as float32 (numpy
+/// has no bfloat16) holding bf16 values; with --out-dtype f32 O is f32, held to the f32 budget
+/// on the rounded inputs with no output rounding. --out-dtype f32 on float16 files likewise.
+#[test]
+fn dtype_bf16_and_out_dtype_f32() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("bf16");
+    let sh = half_shape();
+    write_qkv(&dir, &sh, 62);
+    let x = rounded_qkv(&sh, 62, bf16_round);
+    let (want, tol) = reference_o(&sh, &x);
+    let run = |extra: &[&str]| {
+        let args = run_args(&dir, extra);
+        let out = xattn(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let err = assert_exit(&format!("{extra:?}"), &out, 0);
+        let (o, shape) = read_npy::<f32>(&dir.path("o.npy"));
+        assert_eq!(shape, sh.o_dims(), "{extra:?}");
+        (o, err)
+    };
+    let (o, err) = run(&["--dtype", "bf16", "--plan"]);
+    assert_mentions(&err, &["dtype: q, k, v bf16", "o bf16"]);
+    assert!(
+        o.iter().all(|&y| bf16_round(y) == y),
+        "a bf16 O holds bf16 values"
+    );
+    assert_close("bf16 O", &o, &want, tol + BF16_UNIT * abs_max(&want));
+    let (o, err) = run(&["--dtype", "bf16", "--out-dtype", "f32", "--plan"]);
+    assert_mentions(&err, &["o f32", " bf16→f32 on "]);
+    assert!(
+        o.iter().any(|&y| bf16_round(y) != y),
+        "an f32 O is not rounded to bf16"
+    );
+    let worst = assert_close("bf16 → f32 O", &o, &want, tol);
+    eprintln!("bf16 → f32: largest O error {worst:e} (bound {tol:e})");
+
+    let x = rounded_qkv(&sh, 63, f16_round);
+    for (name, data, dims) in [
+        ("q.npy", &x[0], sh.q_dims()),
+        ("k.npy", &x[1], sh.k_dims()),
+        ("v.npy", &x[2], sh.v_dims()),
+    ] {
+        write_f16(&dir.path(name), data, &dims);
+    }
+    let (want, tol) = reference_o(&sh, &x);
+    let (o, _) = run(&["--out-dtype", "f32"]);
+    assert_close("f16 → f32 O", &o, &want, tol);
+}
+
+/// Inputs of different types are refused before the run, with the files and the way out;
+/// --dtype rounds float32 inputs but not one half type to the other.
+#[test]
+fn mixed_input_types_are_refused() {
+    let dir = error_setup("mixed"); // q [2, 4, 2, 3], k, v [2, 6, 2, 3], float32
+    let (k, shape) = read_npy::<f32>(&dir.path("k.npy"));
+    write_f16(&dir.path("k.npy"), &k, &shape);
+    let err = run_err(&dir, &[]);
+    assert_mentions(
+        &err,
+        &[
+            "the inputs must share one type",
+            "k.npy is float16 (<f2)",
+            "q.npy is float32 (<f4)",
+            "pass --dtype f16",
+        ],
+    );
+    let err = run_err(&dir, &["--dtype", "bf16"]);
+    assert_mentions(
+        &err,
+        &["--dtype bf16", "k.npy is float16 (<f2)", "round twice"],
+    );
+    let err = run_err(&dir, &["--out-dtype", "half"]);
+    assert_mentions(&err, &["--out-dtype", "same", "f32"]);
+    let (q, shape) = read_npy::<f32>(&dir.path("q.npy"));
+    write_npy(
+        &dir.path("q.npy"),
+        &q.iter().map(|&x| f64::from(x)).collect::<Vec<_>>(),
+        &shape,
+    );
+    let err = run_err(&dir, &[]);
+    assert_mentions(
+        &err,
+        &[
+            "q.npy has dtype float64 (<f8)",
+            "float32 (<f4) or float16 (<f2)",
+        ],
+    );
+}
+
+/// q, k, v as F16 or BF16 tensors of a --qkv file run in that type, as separate files would.
+#[test]
+fn qkv_files_hold_half_tensors() {
+    use safetensors::Dtype::{BF16, F16};
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("qkvhalf");
+    let sh = half_shape();
+    let file = dir.path("x.safetensors");
+    let o = dir.path("o.npy");
+    let dims = [sh.q_dims(), sh.k_dims(), sh.v_dims()].map(|d| d.to_vec());
+    for (dtype, seed) in [(F16, 64), (BF16, 65)] {
+        let f16 = dtype == F16;
+        let x = rounded_qkv(&sh, seed, if f16 { f16_round } else { bf16_round });
+        let unit = if f16 { F16_UNIT } else { BF16_UNIT };
+        // Bit-exact: x holds values of the type.
+        let bytes = x.each_ref().map(|t| {
+            if f16 {
+                le_bytes(t, |y| half::f16::from_f32(y).to_le_bytes())
+            } else {
+                le_bytes(t, |y| half::bf16::from_f32(y).to_le_bytes())
+            }
+        });
+        write_safetensors_raw(
+            &file,
+            &[
+                ("q", dtype, &dims[0], &bytes[0]),
+                ("k", dtype, &dims[1], &bytes[1]),
+                ("v", dtype, &dims[2], &bytes[2]),
+            ],
+        );
+        let out = xattn(&["run", "--qkv", s(&file), "--out", s(&o), "--plan"]);
+        let err = assert_exit(&format!("{dtype:?}"), &out, 0);
+        let name = if dtype == F16 { "f16" } else { "bf16" };
+        assert_mentions(&err, &[&format!("dtype: q, k, v {name}")]);
+        let got: Vec<f32> = if dtype == F16 {
+            let (h, _) = read_npy::<half::f16>(&o);
+            h.into_iter().map(half::f16::to_f32).collect()
+        } else {
+            read_npy::<f32>(&o).0
+        };
+        let (want, tol) = reference_o(&sh, &x);
+        assert_close(
+            &format!("--qkv {name} O"),
+            &got,
+            &want,
+            tol + unit * abs_max(&want),
+        );
+    }
+}
+
+/// `bench --dtype` on a tiny shape: every record names its type and storage, passes --check
+/// against the reference on the rounded inputs, and is allowed no more than --tolerance plus
+/// the half O's rounding (|O| ≤ max|V| ≤ 1 here); the table gives the dtype time ratios.
+#[test]
+fn bench_dtype_checks_half_runs_against_the_rounded_reference() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("benchhalf");
+    let json = dir.path("b.json");
+    let out = xattn(&[
+        "bench",
+        "--m",
+        "20",
+        "--n",
+        "37",
+        "--dk",
+        "8",
+        "--heads",
+        "2",
+        "--name",
+        "tiny",
+        "--quick",
+        "--check",
+        "--dtype",
+        "f32,f16,bf16",
+        "--tolerance",
+        "1e-4",
+        "--json",
+        s(&json),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {text}\n{}",
+        stderr(&out)
+    );
+    assert_mentions(
+        &text,
+        &[
+            "dtypes: f32",
+            "bf16 (read as bf16-packed)",
+            "f16/f32 fused",
+            "bf16/f32 fused",
+        ],
+    );
+    let records: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let records = records.as_array().expect("a JSON list");
+    for (dtype, unit) in [("f32", 0.0), ("f16", F16_UNIT), ("bf16", BF16_UNIT)] {
+        let of_type: Vec<_> = records.iter().filter(|r| r["dtype"] == dtype).collect();
+        assert!(of_type.len() >= 2, "{dtype}: {records:?}");
+        for r in of_type {
+            assert_eq!(r["check"], "passed", "{r}");
+            assert!(r["storage"].as_str().unwrap().starts_with(dtype), "{r}");
+            let tol = r["tolerance"].as_f64().unwrap();
+            assert!(
+                tol >= 1e-4 && tol <= 1e-4 + unit,
+                "{dtype}: tolerance {tol}: {r}"
+            );
+            let size = if dtype == "f32" { 4 } else { 2 };
+            let elems = 2 * (20 * 8 + 37 * 8 + 37 * 8 + 20 * 8);
+            assert_eq!(r["min_bytes"], elems * size, "{r}");
+        }
+    }
 }

@@ -775,3 +775,134 @@ fn names_choose_between_families_under_one_prefix() {
     );
     assert_mentions(&err, &["--names", "pytorch, hf, diffusers or t5"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Half precision: --dtype keeps the weights and inputs in f16 or bf16, --out-dtype.
+
+/// `x` rounded to f16 (`true`) or bf16.
+fn round_all(x: &[f32], f16: bool) -> Vec<f32> {
+    x.iter()
+        .map(|&y| {
+            if f16 {
+                half::f16::from_f32(y).to_f32()
+            } else {
+                half::bf16::from_f32(y).to_f32()
+            }
+        })
+        .collect()
+}
+
+/// `w` with every weight and bias rounded as [`round_all`] does.
+fn round_weights(w: &xattn::mha::MhaWeights, f16: bool) -> xattn::mha::MhaWeights {
+    let rb = |b: &Option<Vec<f32>>| b.as_deref().map(|b| round_all(b, f16));
+    xattn::mha::MhaWeights {
+        q: round_all(&w.q, f16),
+        k: round_all(&w.k, f16),
+        v: round_all(&w.v, f16),
+        o: round_all(&w.o, f16),
+        q_bias: rb(&w.q_bias),
+        k_bias: rb(&w.k_bias),
+        v_bias: rb(&w.v_bias),
+        o_bias: rb(&w.o_bias),
+    }
+}
+
+/// `mha --dtype f16` (float32 files and weights, rounded on upload) writes a float16 output
+/// within the f32 layer's budget on the rounded weights and inputs plus the output's one
+/// rounding (2⁻¹¹·max|out|); float16 input files without --dtype give the same bits. `--dtype
+/// bf16 --out-dtype f32` writes float32 within the budget on the bf16-rounded layer alone.
+#[test]
+fn mha_dtype_keeps_the_layer_in_half_precision() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("half");
+    let prefix = "model.decoder.layers.0.encoder_attn.";
+    let c = MhaConfig::new(16, 4)
+        .with_kv_heads(2)
+        .with_kdim(12)
+        .with_vdim(12);
+    let saved = random_weights(&c, 700);
+    let weights = dir.path("layer.safetensors");
+    write_safetensors(&weights, &layer_tensors("hf", prefix, &c, &saved));
+    let (_, inputs) = write_inputs(&dir, &c, 705);
+    let attention = xattn::Attention::default();
+    let scale = f64::from(attention.scale_for(c.head_dim()));
+    let expected = |f16: bool| {
+        let w = round_weights(&saved, f16);
+        let [q, k, v] = inputs.each_ref().map(|x| round_all(x, f16));
+        let (want, _) = reference_layer(&c, &w, 2, (&q, &k, &v), &attention);
+        let (tol, _) = layer_tolerance(&c, &w, [&q, &k, &v], 7, scale);
+        (want, tol)
+    };
+    let run = |flags: &[&str]| {
+        let flags = [&["--kv-heads", "2"], flags].concat();
+        let out = xattn(&layer_args(&dir, &weights, prefix, c.num_heads, &flags));
+        let err = stderr(&out);
+        assert!(out.status.success(), "{flags:?}: xattn failed: {err}");
+        err
+    };
+
+    let err = run(&["--dtype", "f16"]);
+    assert_mentions(&err, &["xattn: mha B2", " f16 (hf names)"]);
+    // read_npy::<f16> fails on any other dtype: the output is float16.
+    let (got, dims) = read_npy::<half::f16>(&dir.path("out.npy"));
+    assert_eq!(dims, [2, 5, c.embed_dim]);
+    let got: Vec<f32> = got.into_iter().map(half::f16::to_f32).collect();
+    let (want, tol) = expected(true);
+    let out_max = want.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+    let bound = tol + out_max / 2048.0;
+    let e = assert_close("mha --dtype f16", &got, &want, bound);
+    eprintln!("mha f16: max err {e:.2e} (bound {bound:.2e})");
+
+    // The same values in float16 files: f16 without --dtype, the same output bit for bit.
+    let dims = [[2, 5, c.embed_dim], [2, 7, c.kdim], [2, 7, c.vdim]];
+    for ((name, x), d) in ["query.npy", "key.npy", "value.npy"]
+        .iter()
+        .zip(&inputs)
+        .zip(dims)
+    {
+        let halves: Vec<half::f16> = x.iter().map(|&y| half::f16::from_f32(y)).collect();
+        write_npy(&dir.path(name), &halves, &d);
+    }
+    run(&[]);
+    let (again, _) = read_npy::<half::f16>(&dir.path("out.npy"));
+    let again: Vec<f32> = again.into_iter().map(half::f16::to_f32).collect();
+    assert!(
+        again == got,
+        "float16 files run as --dtype f16 on float32 files"
+    );
+
+    write_inputs(&dir, &c, 705); // float32 again
+    let err = run(&["--dtype", "bf16", "--out-dtype", "f32"]);
+    assert_mentions(&err, &[" bf16→f32 (hf names)"]);
+    let (got, _) = read_npy::<f32>(&dir.path("out.npy"));
+    let (want, tol) = expected(false);
+    let e = assert_close("mha --dtype bf16 --out-dtype f32", &got, &want, tol);
+    eprintln!("mha bf16 → f32: max err {e:.2e} (bound {tol:.2e})");
+}
+
+/// Inputs of different types are refused before the run, naming each file.
+#[test]
+fn mha_inputs_of_mixed_types_are_refused() {
+    let dir = TempDir::new("halfmix");
+    let c = MhaConfig::new(8, 2);
+    let prefix = "model.decoder.layers.0.encoder_attn.";
+    let weights = dir.path("layer.safetensors");
+    write_safetensors(
+        &weights,
+        &layer_tensors("hf", prefix, &c, &random_weights(&c, 710)),
+    );
+    let (paths, values) = write_inputs(&dir, &c, 711);
+    let halves: Vec<half::f16> = values[1].iter().map(|&y| half::f16::from_f32(y)).collect();
+    write_npy(&paths[1], &halves, &[2, 7, c.kdim]);
+    let err = fails(&dir, &layer_args(&dir, &weights, prefix, 2, &[]));
+    assert_mentions(
+        &err,
+        &[
+            "the inputs must share one type",
+            "--key",
+            "key.npy is float16 (<f2)",
+            "--query",
+            "pass --dtype f16",
+        ],
+    );
+}

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::npy::{read_f32, Array};
+use crate::npy::{read_floats, Array};
 use crate::{parse_finite_f32, CliError, CliResult};
 
 /// The exit status of a run whose result does not match `--expect`.
@@ -18,10 +18,12 @@ pub const MISMATCH: u8 = 3;
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Checking the result")]
 pub struct ExpectArgs {
-    /// Compare O with this float32 .npy (the shape and --layout of the O output): print the
-    /// max abs and rel errors and the worst element, and exit with status 3 if any element
-    /// has |got − want| > atol + rtol·|want| (NaN never matches), 0 if none has. Outputs are
-    /// written either way; --out is optional with --expect.
+    /// Compare O with this float32 or float16 .npy (the shape and --layout of the O output):
+    /// print the max abs and rel errors and the worst element, and exit with status 3 if any
+    /// element has |got − want| > atol + rtol·|want| (NaN never matches), 0 if none has.
+    /// Outputs are written either way; --out is optional with --expect. A half O is compared
+    /// as stored: an f16 O is within 2⁻¹¹·|O| of exact at best (bf16: 2⁻⁸), so give --rtol
+    /// at least that.
     #[arg(long, value_name = "FILE")]
     pub expect: Option<PathBuf>,
     /// Relative tolerance of --expect.
@@ -70,7 +72,7 @@ impl ExpectArgs {
         let Some(path) = &self.expect else {
             return Ok(None);
         };
-        let want = read_f32(path)?;
+        let (want, _) = read_floats(path)?;
         if want.shape != dims {
             let hint = if want.shape == other.0 {
                 format!(

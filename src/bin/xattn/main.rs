@@ -16,6 +16,7 @@ mod masks;
 mod mha;
 mod npy;
 mod outputs;
+mod precision;
 mod qkv;
 mod run;
 mod suite;
@@ -46,10 +47,11 @@ enum Command {
     Info(info::InfoArgs),
     /// Compute attention on .npy files: O = softmax(scale · Q·Kᵀ) · V.
     ///
-    /// Inputs are float32, C order: Q [batch, M, heads, d_k], K [batch, N, kv_heads, d_k],
-    /// V [batch, N, kv_heads, d_v]; 3-D inputs [seq, heads, d] mean batch 1 and give outputs
-    /// without the batch axis. Outputs: O [batch, M, heads, d_v], weights [batch, heads, M, N],
-    /// LSE [batch, heads, M]. With --layout bhsd, Q, K, V and O are [batch, heads, seq, d]
+    /// Inputs are float32 or float16 (one type; --dtype converts), C order: Q [batch, M,
+    /// heads, d_k], K [batch, N, kv_heads, d_k], V [batch, N, kv_heads, d_v]; 3-D inputs [seq,
+    /// heads, d] mean batch 1 and give outputs without the batch axis. Outputs: O [batch, M,
+    /// heads, d_v] in the inputs' type (--out-dtype), weights [batch, heads, M, N] and LSE
+    /// [batch, heads, M] in float32. With --layout bhsd, Q, K, V and O are [batch, heads, seq, d]
     /// instead (PyTorch SDPA). Query head h reads K/V head h / (heads / kv_heads) (GQA/MQA
     /// when kv_heads < heads; the summary shows it as H<heads>/<kv_heads>).
     ///
@@ -65,10 +67,12 @@ enum Command {
     /// Q = query·W_qᵀ + b_q, K = key·W_kᵀ + b_k, V = value·W_vᵀ + b_v, split into heads;
     /// attention per head; heads concatenated and projected: out = O·W_oᵀ + b_o.
     ///
-    /// Inputs are float32, C order, batch first (PyTorch batch_first=True): query [batch, M, E],
-    /// key [batch, N, kdim], value [batch, N, vdim]; 2-D inputs [seq, features] mean batch 1 and
-    /// give outputs without the batch axis. E, kdim and vdim are read from the inputs' last
-    /// dims, and the weights must fit them. Output: [batch, M, E].
+    /// Inputs are float32 or float16 (one type; --dtype converts), C order, batch first
+    /// (PyTorch batch_first=True): query [batch, M, E], key [batch, N, kdim], value [batch, N,
+    /// vdim]; 2-D inputs [seq, features] mean batch 1 and give outputs without the batch axis.
+    /// E, kdim and vdim are read from the inputs' last dims, and the weights must fit them.
+    /// Output: [batch, M, E], in the inputs' type (--out-dtype). The weights are kept in the
+    /// inputs' type (--dtype) on the device.
     ///
     /// Weights: PyTorch, Hugging Face, diffusers or T5 names under --prefix, detected (see the
     /// list after the options); biases where the file has them; the inner width (heads × head

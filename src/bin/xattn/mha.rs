@@ -16,11 +16,15 @@ use std::time::Instant;
 use clap::Args;
 use xattn::mha::weights::{LayerFile, Names};
 use xattn::plan::Request;
-use xattn::{Attention, Context, Engine, MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights};
+use xattn::{
+    Attention, Context, DType, Engine, MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights,
+    Tensor,
+};
 
 use crate::masks::MaskArgs;
-use crate::npy::{read_bool_meaning, read_f32, Array};
+use crate::npy::{read_bool_meaning, read_floats, Array};
 use crate::outputs::Outputs;
+use crate::precision::PrecisionArgs;
 use crate::run::out_dims;
 use crate::{open_file, parse_finite_f32, three_pass_limit, CliError, CliResult};
 
@@ -66,13 +70,13 @@ pub struct MhaArgs {
     /// bias the file holds for it, if any.
     #[arg(long)]
     no_bias: bool,
-    /// Query input, float32 [batch, M, E] or [M, E].
+    /// Query input, float32 or float16 [batch, M, E] or [M, E].
     #[arg(long, value_name = "FILE")]
     query: PathBuf,
-    /// Key input, float32 [batch, N, kdim] or [N, kdim].
+    /// Key input, float32 or float16 [batch, N, kdim] or [N, kdim].
     #[arg(long, value_name = "FILE")]
     key: PathBuf,
-    /// Value input, float32 [batch, N, vdim] or [N, vdim].
+    /// Value input, float32 or float16 [batch, N, vdim] or [N, vdim].
     #[arg(long, value_name = "FILE")]
     value: PathBuf,
     /// Output, [batch, M, E] ([M, E] for 2-D inputs).
@@ -97,6 +101,9 @@ pub struct MhaArgs {
     scale: Option<f32>,
     #[command(flatten)]
     masks: MaskArgs,
+    // --dtype also sets the type the layer's weights are kept in on the device.
+    #[command(flatten)]
+    precision: PrecisionArgs,
 }
 
 /// Parses a count ≥ 1.
@@ -113,6 +120,8 @@ struct Input<'a> {
     flag: &'static str,
     path: &'a FsPath,
     array: Array,
+    /// The type the file stores.
+    dtype: DType,
     dims: [usize; 3],
     /// The file had no batch axis.
     two_d: bool,
@@ -120,7 +129,7 @@ struct Input<'a> {
 
 impl<'a> Input<'a> {
     fn read(flag: &'static str, path: &'a FsPath, features: &str) -> CliResult<Self> {
-        let array = read_f32(path)?;
+        let (array, dtype) = read_floats(path)?;
         let shown = path.display();
         let (dims, two_d) = match *array.shape.as_slice() {
             [s, f] => ([1, s, f], true),
@@ -142,6 +151,7 @@ impl<'a> Input<'a> {
             flag,
             path,
             array,
+            dtype,
             dims,
             two_d,
         })
@@ -271,6 +281,9 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     same_axis(&q, &k, 0, "batch")?;
     same_axis(&q, &v, 0, "batch")?;
     same_axis(&k, &v, 1, "N (the number of keys)")?;
+    let dtype = args.precision.input_dtype(
+        &[&q, &k, &v].map(|x| (format!("{} {}", x.flag, x.path.display()), x.dtype)),
+    )?;
     let squeeze = q.two_d;
     let ([batch, m, e], [_, n, kdim], vdim) = (q.dims, k.dims, v.dims[2]);
 
@@ -319,6 +332,9 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     }
     let shape = config.attn_shape(batch, m, n);
     let mut attention = Attention::default();
+    if let Some(out) = args.precision.out_dtype() {
+        attention = attention.with_out_dtype(out);
+    }
     if let Some(s) = args.scale {
         attention = attention.with_scale(s);
     }
@@ -343,12 +359,14 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     let ctx = Context::new()?;
     let engine = Engine::new(&ctx);
     let t0 = Instant::now();
-    let layer = MultiHeadAttention::new(&engine, config, &weights)
+    let layer = MultiHeadAttention::new_as(&engine, config, &weights, dtype)
         .map_err(|e| CliError::new(format!("--weights {}: {e}", args.weights.display())))?;
     drop(weights);
-    let qt = engine.upload(&q.array.data, &q.dims)?;
-    let kt = engine.upload(&k.array.data, &k.dims)?;
-    let vt = engine.upload(&v.array.data, &v.dims)?;
+    // Half files hold values their type represents: uploading them as it is exact.
+    let upload = |name, x: &Input| Tensor::upload_as(&ctx, name, &x.array.data, &x.dims, dtype);
+    let qt = upload("query", &q)?;
+    let kt = upload("key", &k)?;
+    let vt = upload("value", &v)?;
     drop((q, k, v));
     let t_run = Instant::now();
     let out = layer.forward(&qt, &kt, &vt, &opts).map_err(|e| {
@@ -366,10 +384,13 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     })?;
     let run_ms = t_run.elapsed().as_secs_f64() * 1e3;
 
-    outputs.write(
+    // Widened to f32 (exactly); an f16 output is written back as float16.
+    let out_dtype = out.out.dtype();
+    outputs.write_as(
         &args.out,
         &out.out.to_host()?,
         &out_dims(&[batch, m, e], squeeze),
+        out_dtype,
     )?;
     if let Some(path) = &args.need_weights {
         let w = out
@@ -403,6 +424,11 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     }
     if kdim != e || vdim != e {
         dims += &format!(" kdim{kdim} vdim{vdim}");
+    }
+    if out_dtype == dtype {
+        dims += &format!(" {dtype}");
+    } else {
+        dims += &format!(" {dtype}→{out_dtype}");
     }
     let weights = match need {
         NeedWeights::None => "",

@@ -1,4 +1,4 @@
-//! Reading and writing `.npy` arrays: float32 tensors, bool masks, integer lengths.
+//! Reading and writing `.npy` arrays: float32 and float16 tensors, bool masks, integer lengths.
 //!
 //! An array comes from a [`Source`]: a `.npy` file, or a tensor of another container (a
 //! safetensors file) given as a `.npy` header and its data, so both pass the same checks.
@@ -14,7 +14,11 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read};
 use std::path::{Path, PathBuf};
 
-use npyz::{DType, Deserialize, NpyFile, NpyHeader, Order, TypeChar, TypeStr, WriterBuilder};
+use npyz::{
+    AutoSerialize, DType as NpyDType, Deserialize, NpyFile, NpyHeader, Order, TypeChar, TypeStr,
+    WriterBuilder,
+};
+use xattn::DType;
 
 use crate::{open_file, CliError, CliResult};
 
@@ -36,10 +40,13 @@ pub enum Source<'a> {
     /// A `.npy` file.
     File(&'a Path),
     /// A tensor of a container: `shown` names it in messages, `header` describes `data`.
+    /// `bf16`: the data are bfloat16, which numpy has no type for; `header` then says uint16
+    /// (`<u2`), of the same size.
     Tensor {
         shown: String,
         header: NpyHeader,
         data: &'a [u8],
+        bf16: bool,
     },
 }
 
@@ -65,6 +72,11 @@ impl Display for Source<'_> {
 }
 
 impl Source<'_> {
+    /// Whether the data are bfloat16 (a tensor; numpy has no such type).
+    fn is_bf16(&self) -> bool {
+        matches!(self, Self::Tensor { bf16: true, .. })
+    }
+
     /// How to give this array as the input `flag` (a file) or `name` (a tensor) instead.
     fn give_as(&self, flag: &str, name: &str) -> String {
         match self {
@@ -221,7 +233,7 @@ fn open<'a>(src: &Source<'a>, expected: &str) -> CliResult<(Npy<'a>, TypeStr)> {
         }
     };
     let ts = match npy.dtype() {
-        DType::Plain(ts) => ts,
+        NpyDType::Plain(ts) => ts,
         other => {
             return Err(CliError::new(format!(
                 "{src} has a structured dtype {}, expected {expected}",
@@ -275,6 +287,11 @@ fn is(ts: &TypeStr, c: TypeChar, size: u64) -> bool {
 /// The error for `shown` of dtype `ts` where `expected` was wanted: `fix` says what to do with
 /// a numeric array. Strings are not numbers, so they get no fix.
 fn wrong_dtype(shown: &Source, ts: &TypeStr, expected: &str, fix: &str) -> CliError {
+    if shown.is_bf16() {
+        return CliError::new(format!(
+            "{shown} has dtype bfloat16 (BF16), expected {expected}; {fix}"
+        ));
+    }
     if matches!(ts.type_char(), TypeChar::ByteStr | TypeChar::UnicodeStr) {
         return CliError::new(format!(
             "{shown} holds strings (dtype {ts}), and strings are not numbers; expected {expected}"
@@ -287,13 +304,50 @@ fn wrong_dtype(shown: &Source, ts: &TypeStr, expected: &str, fix: &str) -> CliEr
 }
 
 const F32: &str = "float32 (<f4)";
+const FLOATS: &str = "float32 (<f4) or float16 (<f2)";
 
-/// Reads a C-ordered float32 array (either endianness).
-pub fn read_f32<'a>(src: impl Into<Source<'a>>) -> CliResult<Array> {
-    read_float(&src.into(), None)
+/// Reads a C-ordered float32 or float16 array (either endianness), or a bfloat16 tensor:
+/// its values widened to f32 (exactly) and the type they were stored in.
+pub fn read_floats<'a>(src: impl Into<Source<'a>>) -> CliResult<(Array, DType)> {
+    let src = src.into();
+    let (npy, ts) = open(&src, FLOATS)?;
+    if src.is_bf16() {
+        let a: Array<u16> = read_data(&src, npy, "")?;
+        let data = a
+            .data
+            .into_iter()
+            .map(|b| half::bf16::from_bits(b).to_f32());
+        return Ok((
+            Array {
+                data: data.collect(),
+                shape: a.shape,
+            },
+            DType::Bf16,
+        ));
+    }
+    if is(&ts, TypeChar::Float, 4) {
+        return Ok((read_data(&src, npy, "")?, DType::F32));
+    }
+    if is(&ts, TypeChar::Float, 2) {
+        let a: Array<half::f16> = read_data(&src, npy, "")?;
+        let data = a.data.into_iter().map(half::f16::to_f32).collect();
+        return Ok((
+            Array {
+                data,
+                shape: a.shape,
+            },
+            DType::F16,
+        ));
+    }
+    Err(wrong_dtype(
+        &src,
+        &ts,
+        FLOATS,
+        "convert with a.astype(np.float32)",
+    ))
 }
 
-/// [`read_f32`] for an additive bias. A bool (or uint8) array is a mask, and the error says to
+/// Reads a C-ordered float32 array (either endianness): an additive bias. A bool (or uint8) array is a mask, and the error says to
 /// give it as one: cast to float it would add 1 to the logits of the keys it keeps and remove
 /// none.
 pub fn read_bias<'a>(src: impl Into<Source<'a>>) -> CliResult<Array> {
@@ -306,10 +360,10 @@ pub fn read_bias<'a>(src: impl Into<Source<'a>>) -> CliResult<Array> {
     read_float(&src, Some(&fix))
 }
 
-/// [`read_f32`], with `mask_fix` as the fix for a bool or uint8 array when given.
+/// Reads a float32 array, with `mask_fix` as the fix for a bool or uint8 array when given.
 fn read_float(src: &Source, mask_fix: Option<&str>) -> CliResult<Array> {
     let (npy, ts) = open(src, F32)?;
-    if is(&ts, TypeChar::Float, 4) {
+    if is(&ts, TypeChar::Float, 4) && !src.is_bf16() {
         return read_data(src, npy, "");
     }
     let fix = match mask_fix {
@@ -439,9 +493,14 @@ pub fn read_lens<'a>(src: impl Into<Source<'a>>) -> CliResult<Array<u32>> {
     })
 }
 
-/// Writes `data` to `file` as a C-ordered little-endian float32 `.npy` array of shape `shape`;
-/// `path` names the output in errors.
-pub fn write_f32(file: File, path: &Path, data: &[f32], shape: &[usize]) -> CliResult<()> {
+/// Writes `data` to `file` as a C-ordered little-endian `.npy` array of shape `shape`, float32
+/// for `f32`, float16 for `half::f16`; `path` names the output in errors.
+pub fn write_npy<T: AutoSerialize + Copy>(
+    file: File,
+    path: &Path,
+    data: &[T],
+    shape: &[usize],
+) -> CliResult<()> {
     let shown = path.display();
     let fail = |e: std::io::Error| CliError::new(format!("writing {shown} failed: {e}"));
     debug_assert_eq!(

@@ -8,7 +8,9 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use crate::npy::write_f32;
+use xattn::DType;
+
+use crate::npy::write_npy;
 use crate::{CliError, CliResult};
 
 /// One output: the flag naming it, its target, its temporary file (open until written).
@@ -76,14 +78,34 @@ impl Outputs {
         Ok(())
     }
 
-    /// Writes `data` of shape `shape` as the output `target` (one given to [`Outputs::create`]).
+    /// Writes `data` of shape `shape` as the output `target` (one given to [`Outputs::create`]),
+    /// as float32.
     pub fn write(&mut self, target: &Path, data: &[f32], shape: &[usize]) -> CliResult<()> {
+        self.write_as(target, data, shape, DType::F32)
+    }
+
+    /// [`Outputs::write`] of a tensor stored as `dtype`, whose values `data` holds widened:
+    /// float16 for f16 (narrowed back exactly), float32 otherwise (numpy has no bfloat16).
+    pub fn write_as(
+        &mut self,
+        target: &Path,
+        data: &[f32],
+        shape: &[usize],
+        dtype: DType,
+    ) -> CliResult<()> {
         let output = self
             .0
             .iter_mut()
             .find(|o| o.target == target && o.file.is_some())
             .expect("each output is created once and written once");
-        write_f32(output.file.take().expect("found open"), target, data, shape)
+        let file = output.file.take().expect("found open");
+        match dtype {
+            DType::F16 => {
+                let halves: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+                write_npy(file, target, &halves, shape)
+            }
+            DType::F32 | DType::Bf16 => write_npy(file, target, data, shape),
+        }
     }
 
     /// Moves every written output onto its target. Should a move fail, the targets already

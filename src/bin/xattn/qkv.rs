@@ -2,7 +2,8 @@
 //! `safetensors.torch.save_file({"q": q, "k": k, "v": v}, path)` writes them.
 //!
 //! Each tensor passes the checks of the `.npy` file it replaces (dtype, shape): it is handed
-//! to [`crate::npy`] as a `.npy` header over its little-endian data. `.npz` archives are
+//! to [`crate::npy`] as a `.npy` header over its little-endian data. q, k and v may be F32,
+//! F16 or BF16 (a BF16 tensor goes as uint16 words marked bfloat16: numpy has no such type). `.npz` archives are
 //! refused with the way to write safetensors instead: reading them needs a zip reader, a
 //! dependency this tool does not take for one input format.
 
@@ -96,19 +97,27 @@ impl Bundle {
             return Ok(None);
         };
         let shown = format!("tensor `{name}` of --qkv {}", self.path.display());
-        let header = descr(view.dtype())
-            .and_then(|d| header(d, view.shape()).ok())
-            .ok_or_else(|| {
-                CliError::new(format!(
-                    "{shown} has dtype {}, which numpy has no type for; save it as float32 \
-                     (t.float()), bool (t.bool()) or int64 lengths",
-                    view.dtype()
-                ))
-            })?;
+        // numpy has no bfloat16: its data are read as the uint16 words they are.
+        let bf16 = view.dtype() == Dtype::BF16;
+        let header = if bf16 {
+            Some("<u2")
+        } else {
+            descr(view.dtype())
+        }
+        .and_then(|d| header(d, view.shape()).ok())
+        .ok_or_else(|| {
+            CliError::new(format!(
+                "{shown} has dtype {}, which xattn does not read; save it as float32 \
+                     (t.float()), float16 or bfloat16 (q, k, v), bool (t.bool()) or int64 \
+                     lengths",
+                view.dtype()
+            ))
+        })?;
         Ok(Some(Source::Tensor {
             shown,
             header,
             data: view.data(),
+            bf16,
         }))
     }
 

@@ -9,13 +9,14 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Args;
-use xattn::{Attention, Context, Engine, Path};
+use xattn::{Attention, Context, Engine, Path, Tensor};
 
 use crate::expect::ExpectArgs;
 use crate::layout::Layout;
 use crate::masks::MaskArgs;
-use crate::npy::read_f32;
+use crate::npy::{read_floats, Source};
 use crate::outputs::Outputs;
+use crate::precision::PrecisionArgs;
 use crate::qkv::Bundle;
 use crate::{
     parse_finite_f32, parse_path_choice, three_pass_limit, CliError, CliResult, PathChoice,
@@ -69,6 +70,8 @@ pub struct RunArgs {
     #[command(flatten)]
     masks: MaskArgs,
     #[command(flatten)]
+    precision: PrecisionArgs,
+    #[command(flatten)]
     expect: ExpectArgs,
 }
 
@@ -85,16 +88,27 @@ pub fn out_dims(dims: &[usize], squeeze: bool) -> Vec<usize> {
 /// `--expect`, the exit status says whether O matches.
 pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     let bundle = args.qkv.as_deref().map(Bundle::read).transpose()?;
-    let read = |name: &str, path: Option<&PathBuf>| match (&bundle, path) {
-        (Some(bundle), _) => read_f32(bundle.required(name)?),
-        (None, Some(path)) => read_f32(path),
-        (None, None) => unreachable!("clap requires --{name} without --qkv"),
+    let mut types = Vec::new();
+    let mut read = |name: &str, path: Option<&PathBuf>| {
+        let src = match (&bundle, path) {
+            (Some(bundle), _) => bundle.required(name)?,
+            (None, Some(path)) => Source::from(path),
+            (None, None) => unreachable!("clap requires --{name} without --qkv"),
+        };
+        let shown = match &src {
+            Source::File(path) => format!("--{name} {}", path.display()),
+            Source::Tensor { shown, .. } => shown.clone(),
+        };
+        let (array, dtype) = read_floats(src)?;
+        types.push((shown, dtype));
+        CliResult::Ok(array)
     };
     let (q, k, v) = (
         read("q", args.q.as_ref())?,
         read("k", args.k.as_ref())?,
         read("v", args.v.as_ref())?,
     );
+    let dtype = args.precision.input_dtype(&types)?;
     let layout = args.layout.unwrap_or_default();
     let (q_file, q3) = layout.file_dims("q", &q.shape)?;
     let (k_file, k3) = layout.file_dims("k", &k.shape)?;
@@ -112,6 +126,9 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     let other_o_dims = out_dims(&other.dims(shape.o_dims()), squeeze);
     let expect = args.expect.read(&o_dims, (&other_o_dims, other.name()))?;
     let mut opts = Attention::default().with_path_choice(args.path.0);
+    if let Some(out) = args.precision.out_dtype() {
+        opts = opts.with_out_dtype(out);
+    }
     if let Some(s) = args.scale {
         opts = opts.with_scale(s);
     }
@@ -129,9 +146,13 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     let ctx = Context::new()?;
     let engine = Engine::new(&ctx);
     let t0 = Instant::now();
-    let qt = engine.upload(&layout.data(q.data, q_file), &shape.q_dims())?;
-    let kt = engine.upload(&layout.data(k.data, k_file), &shape.k_dims())?;
-    let vt = engine.upload(&layout.data(v.data, v_file), &shape.v_dims())?;
+    // Half files hold values their type represents: uploading them as it is exact.
+    let upload = |name, data: Vec<f32>, file, dims: [usize; 4]| {
+        Tensor::upload_as(&ctx, name, &layout.data(data, file), &dims, dtype)
+    };
+    let qt = upload("q", q.data, q_file, shape.q_dims())?;
+    let kt = upload("k", k.data, k_file, shape.k_dims())?;
+    let vt = upload("v", v.data, v_file, shape.v_dims())?;
     let plan = engine.plan(&qt, &kt, &vt, &opts).map_err(|e| {
         let forced_by: Vec<&str> = [
             (args.path.0 == Some(Path::ThreePass)).then_some("--path three-pass"),
@@ -140,7 +161,12 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
         .into_iter()
         .flatten()
         .collect();
-        three_pass_limit(e, &forced_by, || opts.request(shape), engine.caps())
+        three_pass_limit(
+            e,
+            &forced_by,
+            || opts.request_typed(shape, dtype),
+            engine.caps(),
+        )
     })?;
     if args.plan {
         eprintln!("{plan}");
@@ -151,9 +177,11 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     engine.run(&plan, &qt, &kt, &vt, &masks, &out, None)?;
     let run_ms = t_run.elapsed().as_secs_f64() * 1e3;
 
+    // Widened to f32 (exactly); an f16 O is written back as float16.
     let o = layout.data(out.o.to_host()?, shape.o_dims());
+    let o_dtype = out.o.dtype();
     if let Some(path) = &args.out {
-        outputs.write(path, &o, &o_dims)?;
+        outputs.write_as(path, &o, &o_dims, o_dtype)?;
     }
     if let Some(path) = &args.lse {
         outputs.write(
@@ -180,8 +208,13 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
         format!(" (masks: {})", plan.masks)
     };
     // The shape shows GQA as `H8/2` (query heads / K/V heads).
+    let types = if o_dtype == dtype {
+        format!("{dtype}")
+    } else {
+        format!("{dtype}→{o_dtype}")
+    };
     eprintln!(
-        "xattn: {shape}{masks} on {} via {}: attention {run_ms:.1} ms, with transfers and writes {total_ms:.1} ms",
+        "xattn: {shape} {types}{masks} on {} via {}: attention {run_ms:.1} ms, with transfers and writes {total_ms:.1} ms",
         ctx.describe(),
         plan.path.name(),
     );
