@@ -1327,3 +1327,38 @@ fn bench_dtype_checks_half_runs_against_the_rounded_reference() {
         }
     }
 }
+
+/// `bench --packed-f16` reads f16 as packed pairs even where the device could read it
+/// natively, and still passes --check.
+#[test]
+fn bench_packed_f16_times_the_packed_storage() {
+    let Some(_) = engine() else { return };
+    let out = xattn(&[
+        "bench",
+        "--m",
+        "20",
+        "--n",
+        "37",
+        "--dk",
+        "8",
+        "--heads",
+        "2",
+        "--name",
+        "tiny",
+        "--quick",
+        "--check",
+        "--dtype",
+        "f16",
+        "--packed-f16",
+        "--path",
+        "fused",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {text}\n{}",
+        stderr(&out)
+    );
+    assert_mentions(&text, &["f16-packed"]);
+    assert!(!text.contains("read as f16)"), "native f16 storage: {text}");
+}

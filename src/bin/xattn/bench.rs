@@ -135,6 +135,10 @@ pub struct BenchArgs {
     /// Time with the host clock even where GPU timestamps are available.
     #[arg(long)]
     wall_clock: bool,
+    /// Read f16 as packed pairs in u32 words even where the device has SHADER_F16 (to time
+    /// the packed storage against the native one on the same device).
+    #[arg(long)]
+    packed_f16: bool,
 }
 
 /// The custom shape given by flags, if any.
@@ -625,7 +629,15 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
     };
     let b = Bench {
         ctx: &ctx,
-        engine: Engine::new(&ctx),
+        engine: if args.packed_f16 {
+            let caps = xattn::DeviceCaps {
+                native_f16: false,
+                ..ctx.caps()
+            };
+            Engine::with_caps(&ctx, caps)
+        } else {
+            Engine::new(&ctx)
+        },
         timer,
         warmup: args.warmup.unwrap_or(if quick { 1 } else { 2 }),
         runs: args.runs.unwrap_or(if quick { 3 } else { 5 }),
