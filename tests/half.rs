@@ -222,8 +222,9 @@ fn half_inputs_are_within_twice_the_naive_error_on_every_path() {
         },
     ];
     let mut worst_ratio = [0.0f64; 3];
+    let variants = variants(engine);
     for case in &cases {
-        for (vi, (variant, engine)) in variants(engine).iter().enumerate() {
+        for (vi, (variant, engine)) in variants.iter().enumerate() {
             for path in Path::ALL {
                 for out in [variant.0, DType::F32] {
                     let (err, naive) = check(engine, case, *variant, out, path);
@@ -241,6 +242,7 @@ fn half_inputs_are_within_twice_the_naive_error_on_every_path() {
 #[test]
 fn half_inputs_with_every_mask_are_within_twice_the_naive_error() {
     let Some(engine) = engine() else { return };
+    let variants = variants(engine);
     for (i, (name, shape, opts)) in mask_cases().into_iter().enumerate() {
         let case = Case {
             name: &name,
@@ -248,8 +250,12 @@ fn half_inputs_with_every_mask_are_within_twice_the_naive_error() {
             opts,
             seed: 300 + i as u64,
         };
-        // Each (variant, path) pair meets a third of the cases, every case every variant.
-        for (vi, (variant, engine)) in variants(engine).iter().enumerate() {
+        // Each (variant, path) pair meets a third of the cases, every case every variant
+        // (on GL one variant per case, in turn).
+        for (vi, (variant, engine)) in variants.iter().enumerate() {
+            if on_gl(engine) && vi != i % variants.len() {
+                continue;
+            }
             check(engine, &case, *variant, variant.0, Path::ALL[(i + vi) % 3]);
         }
     }

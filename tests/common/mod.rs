@@ -367,3 +367,11 @@ pub fn mask_cases() -> Vec<(String, AttnShape, Attention)> {
     );
     cases
 }
+
+/// Whether the tests run on wgpu's GL backend, where llvmpipe compiles each shader
+/// specialization slowly (seconds, cold): sweeps whose cases only multiply specializations
+/// (every R, every storage, every mask case) run a rotating spread of them there, so that every
+/// variant still runs on GL, and in full on Vulkan.
+pub fn on_gl(engine: &Engine) -> bool {
+    engine.context().info.backend == wgpu::Backend::Gl
+}
