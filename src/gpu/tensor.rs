@@ -67,10 +67,8 @@ impl Tensor {
         data: &[half::f16],
         dims: &[usize],
     ) -> Result<Self> {
-        check_len(name, dims, data.len())?;
-        let mut bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        bytes.resize(DType::F16.bytes(data.len()) as usize, 0);
-        Self::upload_bytes(ctx, name, &bytes, dims, DType::F16)
+        let halves = data.iter().map(|x| x.to_le_bytes());
+        Self::upload_halves(ctx, name, halves, dims, DType::F16)
     }
 
     /// Uploads bf16 `data` as it is.
@@ -80,10 +78,23 @@ impl Tensor {
         data: &[half::bf16],
         dims: &[usize],
     ) -> Result<Self> {
-        check_len(name, dims, data.len())?;
-        let mut bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-        bytes.resize(DType::Bf16.bytes(data.len()) as usize, 0);
-        Self::upload_bytes(ctx, name, &bytes, dims, DType::Bf16)
+        let halves = data.iter().map(|x| x.to_le_bytes());
+        Self::upload_halves(ctx, name, halves, dims, DType::Bf16)
+    }
+
+    /// Uploads 16-bit elements (little-endian bytes) as `dtype`, padded to whole words.
+    fn upload_halves(
+        ctx: &Context,
+        name: &'static str,
+        halves: impl ExactSizeIterator<Item = [u8; 2]>,
+        dims: &[usize],
+        dtype: DType,
+    ) -> Result<Self> {
+        let len = halves.len();
+        check_len(name, dims, len)?;
+        let mut bytes: Vec<u8> = halves.flatten().collect();
+        bytes.resize(dtype.bytes(len) as usize, 0);
+        Self::upload_bytes(ctx, name, &bytes, dims, dtype)
     }
 
     /// Uploads 32-bit words (lengths, packed mask bits); the kernels read them as `u32`.
@@ -286,23 +297,24 @@ impl Tensor {
 
     /// The f16 elements as stored; an error for another type.
     pub fn to_host_f16(&self) -> Result<Vec<half::f16>> {
-        self.expect_dtype(DType::F16)?;
-        let bytes = self.to_host_bytes()?;
-        Ok(bytes
-            .chunks_exact(2)
-            .take(self.len())
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]))
-            .collect())
+        let halves = self.to_host_halves(DType::F16)?;
+        Ok(halves.into_iter().map(half::f16::from_le_bytes).collect())
     }
 
     /// The bf16 elements as stored; an error for another type.
     pub fn to_host_bf16(&self) -> Result<Vec<half::bf16>> {
-        self.expect_dtype(DType::Bf16)?;
+        let halves = self.to_host_halves(DType::Bf16)?;
+        Ok(halves.into_iter().map(half::bf16::from_le_bytes).collect())
+    }
+
+    /// The 16-bit elements as stored (little-endian bytes); an error unless they are `dtype`.
+    fn to_host_halves(&self, dtype: DType) -> Result<Vec<[u8; 2]>> {
+        self.expect_dtype(dtype)?;
         let bytes = self.to_host_bytes()?;
         Ok(bytes
             .chunks_exact(2)
             .take(self.len())
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]))
+            .map(|b| [b[0], b[1]])
             .collect())
     }
 
