@@ -322,12 +322,12 @@ pub fn attention(
             caps,
         )?;
     }
+    let [_, mask_bytes, bias_bytes] = mask_input_bytes(&s, &req.masks);
     if let Some(d) = req.masks.mask_dims {
-        let words = d[0] * d[1] * d[2] * d[3].div_ceil(32);
-        check_binding(&format!("mask bits {d:?}"), bytes(words), caps)?;
+        check_binding(&format!("mask bits {d:?}"), mask_bytes, caps)?;
     }
     if let Some(d) = req.masks.bias_dims {
-        check_binding(&format!("bias {d:?}"), bytes(d.iter().product()), caps)?;
+        check_binding(&format!("bias {d:?}"), bias_bytes, caps)?;
     }
     if req.weights {
         let size = bytes(s.weights_dims().iter().product());
