@@ -10,9 +10,10 @@ use crate::gpu::pipelines::PipelineCache;
 use crate::gpu::pool::BufferPool;
 use crate::gpu::tensor::Tensor;
 use crate::mask::{Alignment, Broadcast, KeySegment, MaskSpec, Masking, Window};
-use crate::plan::{self, DeviceCaps, MergePlan, Path, Plan, Request};
+use crate::plan::{self, DeviceCaps, MergePlan, Path, Plan, Request, StatsIo};
 use crate::program::Program;
 use crate::shape::{AttnShape, F32};
+use crate::stats::{Pool, Stats, StatsOutput};
 
 /// Options of one attention call: scale, path, and the masks and logit controls of
 /// [`crate::mask`] (where their semantics are spelled out).
@@ -31,6 +32,8 @@ pub struct Attention {
     weights: bool,
     path: Option<Path>,
     out_dtype: Option<DType>,
+    stats: Stats,
+    pool: Option<Pool>,
     masking: Masking,
 }
 
@@ -46,6 +49,19 @@ impl Attention {
     /// Also return the attention weights P `[batch, q_heads, M, N]` (forces the three-pass path).
     pub fn with_weights(mut self) -> Self {
         self.weights = true;
+        self
+    }
+    /// Also compute these statistics of the weights P (entropy, focus, coverage) on any path,
+    /// without storing P: see [`crate::stats`]. Results in [`Output::stats`].
+    pub fn with_stats(mut self, stats: Stats) -> Self {
+        self.stats = stats;
+        self
+    }
+    /// Also compute P pooled over blocks to at most `pool.max_side` values a side, on any
+    /// path, without storing P (for heatmaps of long sequences). Result in
+    /// `Output::stats.pooled`.
+    pub fn with_pooled_weights(mut self, pool: Pool) -> Self {
+        self.pool = Some(pool);
         self
     }
     /// Forces a path instead of the planner's choice.
@@ -140,7 +156,14 @@ impl Attention {
         let scale = self.scale_for(shape.d_k);
         let masks = self.masking.spec(&shape)?;
         self.masking.check_scale(scale)?;
+        if self.pool.is_some_and(|p| p.max_side == 0) {
+            return Err(Error::Argument(
+                "pooled weights need max_side ≥ 1 values a side, got 0".into(),
+            ));
+        }
         Ok(Request {
+            stats: self.stats,
+            pool: self.pool,
             shape,
             scale,
             weights: self.weights,
@@ -193,6 +216,8 @@ pub struct Output {
     pub lse: Tensor,
     /// P `[batch, q_heads, M, N]`, when requested.
     pub weights: Option<Tensor>,
+    /// Statistics and pooled P, where requested.
+    pub stats: StatsOutput<Tensor>,
 }
 
 /// Results on the host, same layouts as [`Output`].
@@ -204,6 +229,8 @@ pub struct HostOutput {
     pub lse: Vec<f32>,
     /// P `[batch, q_heads, M, N]`, when requested.
     pub weights: Option<Vec<f32>>,
+    /// Statistics and pooled P, where requested.
+    pub stats: StatsOutput<Vec<f32>>,
 }
 
 /// Scaled dot-product attention on one device: `O = softmax(scale·Q·Kᵀ)·V`.
@@ -428,6 +455,22 @@ impl Engine {
             } else {
                 None
             },
+            stats: {
+                let dims = StatsIo::dims(&s, plan.pool);
+                let mut out = [None, None, None, None];
+                for (i, (name, id)) in plan.io.stats.named().into_iter().enumerate() {
+                    if id.is_some() {
+                        out[i] = Some(Tensor::empty(&self.ctx, name, &dims[i])?);
+                    }
+                }
+                let [entropy, focus, coverage, pooled] = out;
+                StatsOutput {
+                    entropy,
+                    focus,
+                    coverage,
+                    pooled,
+                }
+            },
         })
     }
 
@@ -593,6 +636,28 @@ impl Engine {
                 ))
             }
         }
+        let dims = StatsIo::dims(&s, plan.pool);
+        let stats = io.stats.named().into_iter().zip(out.stats.named());
+        for (((name, id), (_, t)), dims) in stats.zip(dims) {
+            match (id, t) {
+                (Some(id), Some(t)) => {
+                    expect(t, &format!("output {name}"), &dims)?;
+                    if t.dtype() != DType::F32 {
+                        return Err(Error::Argument(format!(
+                            "output {name} is {} but statistics are f32",
+                            t.dtype()
+                        )));
+                    }
+                    tensors.insert(id, t);
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(Error::Argument(format!(
+                        "the output has {name} iff the plan computes it"
+                    )))
+                }
+            }
+        }
         Ok(tensors)
     }
 
@@ -612,6 +677,7 @@ impl Engine {
             o: out.o.to_host()?,
             lse: out.lse.to_host()?,
             weights: out.weights.map(|w| w.to_host()).transpose()?,
+            stats: out.stats.try_map(|t| t.to_host())?,
         })
     }
 

@@ -76,6 +76,41 @@ pub enum Kernel {
         /// `DType::F16` or `DType::Bf16`.
         to: DType,
     },
+    /// Reductions of P = exp(s − LSE), rebuilt from Q, K and the LSE, over blocks of
+    /// (query rows × keys): the statistics and pooled heatmaps.
+    WeightBlocks {
+        /// What each block reduces to.
+        op: BlockOp,
+        /// Whether the call has any masking (as `QkScores`).
+        masked: bool,
+        /// How Q and K are read.
+        storage: Storage,
+    },
+}
+
+/// What `weight_blocks` reduces a block of attention weights P to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlockOp {
+    /// `Σ P`: key coverage, mean pooling.
+    Sum,
+    /// `max P`: row focus, max pooling.
+    Max,
+    /// `Σ −P ln P`: row entropy.
+    Entropy,
+    /// The mean of P over the block's real elements: mean pooling.
+    Mean,
+}
+
+impl BlockOp {
+    /// Lower-case name, as in labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockOp::Sum => "sum",
+            BlockOp::Max => "max",
+            BlockOp::Entropy => "entropy",
+            BlockOp::Mean => "mean",
+        }
+    }
 }
 
 /// The shader file of each kernel name, embedded at build time.
@@ -91,6 +126,10 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
     ("linear", include_str!("../shaders/linear.wgsl")),
     ("mean_heads", include_str!("../shaders/mean_heads.wgsl")),
     ("pack", include_str!("../shaders/pack.wgsl")),
+    (
+        "weight_blocks",
+        include_str!("../shaders/weight_blocks.wgsl"),
+    ),
 ];
 
 /// Shared WGSL pulled in by `//!include <path>` lines.
@@ -167,6 +206,7 @@ impl Kernel {
             Kernel::Linear { .. } => "linear",
             Kernel::MeanHeads => "mean_heads",
             Kernel::Pack { .. } => "pack",
+            Kernel::WeightBlocks { .. } => "weight_blocks",
         }
     }
 
@@ -182,6 +222,9 @@ impl Kernel {
             Kernel::MergePartials => &[Uniform, Read, Read, ReadWrite, ReadWrite],
             Kernel::Linear { .. } => &[Uniform, Read, Read, Read, ReadWrite],
             Kernel::MeanHeads | Kernel::Pack { .. } => &[Uniform, Read, ReadWrite],
+            Kernel::WeightBlocks { .. } => {
+                &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite]
+            }
         }
     }
 
@@ -214,6 +257,15 @@ impl Kernel {
                 storage_suffix(*w).replacen('_', "_w_", 1)
             ),
             Kernel::Pack { to } => format!("xattn.pack_{to}"),
+            Kernel::WeightBlocks {
+                op,
+                masked,
+                storage,
+            } => {
+                let suffix = if *masked { "_masked" } else { "" };
+                let storage = storage_suffix(*storage);
+                format!("xattn.weight_blocks_{}{storage}{suffix}", op.name())
+            }
             other => format!("xattn.{}", other.name()),
         }
     }
@@ -226,7 +278,10 @@ impl Kernel {
             }
             Kernel::SoftmaxRows => SOFTMAX_WG * 4,
             Kernel::Flash { dk, dv, bc, .. } => u64::from(bc * (dk + dv)) * 4,
-            Kernel::MergePartials | Kernel::MeanHeads | Kernel::Pack { .. } => 0,
+            Kernel::MergePartials
+            | Kernel::MeanHeads
+            | Kernel::Pack { .. }
+            | Kernel::WeightBlocks { .. } => 0,
         }
     }
 
@@ -241,6 +296,7 @@ impl Kernel {
             Kernel::Linear { .. } => "input features",
             Kernel::MeanHeads => "heads",
             Kernel::Pack { .. } => "(none)",
+            Kernel::WeightBlocks { .. } => "(query row, key) pairs per block and pass",
         }
     }
 
@@ -308,6 +364,17 @@ impl Kernel {
                     step: 1,
                 },
                 u64::from(attn.q_heads),
+            ),
+            // Per (row, key) pair of the pass: its share of the row loop (one iteration per
+            // row, at most one per pair) and of the key loop (with each row's exit test: at
+            // most one per pair), the head-dim loop and the segment lookup.
+            Kernel::WeightBlocks { .. } => (
+                LoopCost {
+                    fixed: looped(0),
+                    per_step: 1 + 2 + looped(u64::from(attn.d_k)) + segments,
+                    step: 1,
+                },
+                u64::from(attn.rows) * u64::from(attn.key_end - attn.key_begin),
             ),
             // Per tile of bc keys: the tile loop, K and V staging (by br / r invocations), the
             // mask-word scan of each of the r rows, the score loop (per key with the segment
@@ -429,6 +496,15 @@ impl Kernel {
                 };
                 cpu::pack::pack(p, to, f(src), dst);
             }
+            Kernel::WeightBlocks { op, storage, .. } => {
+                let [q, k, lens, mask, bias, lse, out] = buffers else {
+                    arity(buffers.len())
+                };
+                let m = masks(lens, mask, bias);
+                let (q, k) = (widen(storage, q), widen(storage, k));
+                let p = params.attn();
+                cpu::weight_blocks::weight_blocks(p, op, (&q, &k), &m, f(lse), fm(out));
+            }
         }
     }
 
@@ -446,7 +522,8 @@ impl Kernel {
         match *self {
             Kernel::QkScores { storage, .. }
             | Kernel::WeightedSum { storage }
-            | Kernel::Flash { storage, .. } => {
+            | Kernel::Flash { storage, .. }
+            | Kernel::WeightBlocks { storage, .. } => {
                 out.push_str(&storage.wgsl("Elem", self.half_arrays()));
             }
             Kernel::Linear { x, w } => {
@@ -474,6 +551,17 @@ impl Kernel {
         if let Kernel::QkScores { masked, .. } = *self {
             out.push_str(&format!("const ANY_MASKING: bool = {masked};\n"));
         }
+        if let Kernel::WeightBlocks { op, masked, .. } = *self {
+            let op = match op {
+                BlockOp::Sum => 0,
+                BlockOp::Max => 1,
+                BlockOp::Entropy => 2,
+                BlockOp::Mean => 3,
+            };
+            out.push_str(&format!(
+                "const OP: u32 = {op}u;\nconst ANY_MASKING: bool = {masked};\n"
+            ));
+        }
         out.push_str(&resolve_includes(file));
         out
     }
@@ -483,7 +571,8 @@ impl Kernel {
         match *self {
             Kernel::QkScores { storage, .. }
             | Kernel::WeightedSum { storage }
-            | Kernel::Flash { storage, .. } => vec![storage],
+            | Kernel::Flash { storage, .. }
+            | Kernel::WeightBlocks { storage, .. } => vec![storage],
             Kernel::Linear { x, w } => vec![x, w],
             _ => Vec::new(),
         }
@@ -495,6 +584,7 @@ impl Kernel {
             Kernel::QkScores { .. } => &["q", "k"],
             Kernel::WeightedSum { .. } => &["v"],
             Kernel::Flash { .. } => &["q", "k", "v"],
+            Kernel::WeightBlocks { .. } => &["q", "k"],
             _ => &[],
         }
     }

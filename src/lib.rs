@@ -49,6 +49,7 @@ pub mod plan;
 #[doc(hidden)]
 pub mod program;
 pub mod shape;
+pub mod stats;
 
 pub use dtype::{DType, Storage};
 pub use engine::{Attention, Engine, HostOutput, MaskInputs, Output, Prepared};
@@ -60,3 +61,4 @@ pub use mask::Alignment;
 pub use mha::{MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights, PreparedLayer};
 pub use plan::{loop_cap_of, DeviceCaps, Path, Plan, Request, LLVMPIPE_LOOP_CAP};
 pub use shape::AttnShape;
+pub use stats::{Pool, PoolOp, Stats};

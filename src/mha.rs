@@ -420,6 +420,7 @@ pub fn layer_program(
         o: program.scratch("o", q_bytes),
         lse: program.scratch("lse", f32_bytes(s.lse_dims().iter().product())),
         weights: p,
+        stats: plan::StatsIo::default(),
     };
     let proj = |program: &mut Program, i: usize, dims, x, (y, x_type)| {
         let [w, b] = params[i];

@@ -30,9 +30,9 @@ pub struct AttnParams {
     pub bh_offset: u32,
     /// Batch·head problems in this chunk.
     pub bh_count: u32,
-    /// First query row of this chunk.
+    /// First query row of this chunk (`weight_blocks`: of each block's pass, block-relative).
     pub row_offset: u32,
-    /// Query rows in this chunk.
+    /// Query rows in this chunk (`weight_blocks`: of each block's pass).
     pub rows: u32,
     /// Key splits (split-K) or merged shards; 1 otherwise.
     pub n_splits: u32,
@@ -62,10 +62,19 @@ pub struct AttnParams {
     pub bias_h: u32,
     /// See `bias_b`.
     pub bias_row: u32,
-    /// First key `weighted_sum` sums in this dispatch (0 writes O, later ranges add to it).
+    /// First key `weighted_sum` sums in this dispatch (0 writes O, later ranges add to it);
+    /// for `weight_blocks`, the first key of each block's pass, block-relative.
     pub key_begin: u32,
-    /// One past the last key `weighted_sum` sums in this dispatch.
+    /// One past the last key `weighted_sum` (`weight_blocks`) sums in this dispatch.
     pub key_end: u32,
+    /// Query rows per block of `weight_blocks`.
+    pub block_rows: u32,
+    /// Keys per block of `weight_blocks`.
+    pub block_cols: u32,
+    /// Blocks down the M rows (`⌈M / block_rows⌉`).
+    pub grid_rows: u32,
+    /// Blocks across the N keys (`⌈N / block_cols⌉`).
+    pub grid_cols: u32,
     /// First key of each segment.
     pub seg_start: [u32; 4],
     /// One past the last key of each segment.
@@ -91,6 +100,8 @@ pub mod flags {
     /// split, the max logit and the log of the sum, instead of their sum, the LSE. Kept apart,
     /// ln(sum) survives logits so large (a bias of −9e29) that f32 would absorb it in the LSE.
     pub const SPLIT_STATS: u32 = 16;
+    /// `weight_blocks` combines this pass with what earlier passes wrote (sum or max).
+    pub const ACCUMULATE: u32 = 32;
 }
 
 /// Parameters of the `linear` kernel: `Y[r, o] = Σ_i X[r, i]·W[o, i] + b[o]` for rows

@@ -9,12 +9,13 @@ use std::fmt;
 
 use crate::dtype::{DType, Storage};
 use crate::error::{Error, Result};
-use crate::kernels::{Kernel, LoopCost};
+use crate::kernels::{BlockOp, Kernel, LoopCost};
 use crate::mask::MaskSpec;
 use crate::params::{flags, AttnParams, LinearParams, PackParams};
 pub use crate::program::{human_bytes, Params};
 use crate::program::{BufferId, Program};
 use crate::shape::{AttnShape, F32};
+use crate::stats::{Pool, PoolOp, Stats};
 
 /// Which kernels compute the attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -134,6 +135,10 @@ pub struct Request {
     pub dtype: DType,
     /// Element type of O (LSE, P and all statistics are f32).
     pub out_dtype: DType,
+    /// Statistics of P to compute.
+    pub stats: Stats,
+    /// A pooled map of P to compute.
+    pub pool: Option<Pool>,
 }
 
 /// The buffers of one attention in a [`Program`]: declared by [`AttnIo::declare`] for a
@@ -158,6 +163,67 @@ pub struct AttnIo {
     pub lse: BufferId,
     /// Weights P `[batch, q_heads, M, N]`, where asked for (three-pass).
     pub weights: Option<BufferId>,
+    /// The statistics and pooled map asked for.
+    pub stats: StatsIo,
+}
+
+/// The outputs of the statistics of P ([`Stats`]) and of its pooled map ([`Pool`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsIo {
+    /// Row entropy `[batch, q_heads, M]`.
+    pub entropy: Option<BufferId>,
+    /// Row focus `[batch, q_heads, M]`.
+    pub focus: Option<BufferId>,
+    /// Key coverage `[batch, q_heads, N]`.
+    pub coverage: Option<BufferId>,
+    /// Pooled P `[batch, q_heads, rows, cols]` ([`Pool::grid`]).
+    pub pooled: Option<BufferId>,
+}
+
+impl StatsIo {
+    /// Each output with its name, in the order of [`crate::stats::StatsOutput::named`].
+    pub fn named(&self) -> [(&'static str, Option<BufferId>); 4] {
+        [
+            ("entropy", self.entropy),
+            ("focus", self.focus),
+            ("coverage", self.coverage),
+            ("pooled", self.pooled),
+        ]
+    }
+
+    /// The dims of each output for shape `s`, in the order of [`StatsIo::named`].
+    pub fn dims(s: &AttnShape, pool: Option<Pool>) -> [Vec<usize>; 4] {
+        let (gr, gc) = pool.map_or((0, 0), |p| p.grid(s.m, s.n));
+        [
+            s.lse_dims().to_vec(),
+            s.lse_dims().to_vec(),
+            vec![s.batch, s.q_heads, s.n],
+            vec![s.batch, s.q_heads, gr, gc],
+        ]
+    }
+
+    /// Declares the outputs `stats` and `pool` ask for, named `{prefix}entropy` etc.
+    pub fn declare(
+        program: &mut Program,
+        prefix: &str,
+        s: &AttnShape,
+        stats: Stats,
+        pool: Option<Pool>,
+    ) -> Self {
+        let mut out = |on: bool, name: &str, elems: usize| {
+            on.then(|| program.output(&format!("{prefix}{name}"), bytes(elems)))
+        };
+        let rows = s.bh() * s.m;
+        Self {
+            entropy: out(stats.entropy, "entropy", rows),
+            focus: out(stats.focus, "focus", rows),
+            coverage: out(stats.coverage, "coverage", s.bh() * s.n),
+            pooled: pool.and_then(|pool| {
+                let (gr, gc) = pool.grid(s.m, s.n);
+                out(true, "pooled", s.bh() * gr * gc)
+            }),
+        }
+    }
 }
 
 /// Bytes of the lengths, mask and bias inputs as the engine uploads them.
@@ -188,6 +254,7 @@ impl AttnIo {
             weights: req
                 .weights
                 .then(|| program.output("weights", size(DType::F32, &s.weights_dims()))),
+            stats: StatsIo::declare(program, "", s, req.stats, req.pool),
         }
     }
 }
@@ -209,6 +276,8 @@ pub struct Plan {
     pub in_dtype: DType,
     /// Element type of O.
     pub out_dtype: DType,
+    /// The pooled map of P computed, if any.
+    pub pool: Option<Pool>,
     /// One line on the tiling (for people).
     pub tiling: String,
 }
@@ -262,6 +331,7 @@ impl Plan {
             io,
             in_dtype: req.dtype,
             out_dtype: req.out_dtype,
+            pool: req.pool,
             tiling,
         })
     }
@@ -403,7 +473,106 @@ pub fn attention(
             caps,
         )?;
     }
+    stats(req, caps, program, io)?;
     Ok((path, tiling))
+}
+
+/// Appends the statistics and the pooled map `io.stats` asks for, from the attention's LSE.
+fn stats(req: &Request, caps: &DeviceCaps, program: &mut Program, io: &AttnIo) -> Result<()> {
+    let s = &req.shape;
+    let outputs = [
+        (io.stats.entropy, BlockOp::Entropy, (1, s.n)),
+        (io.stats.focus, BlockOp::Max, (1, s.n)),
+        (io.stats.coverage, BlockOp::Sum, (s.m, 1)),
+    ];
+    for (out, op, block) in outputs {
+        if let Some(out) = out {
+            weight_blocks(req, caps, program, io, (op, block), out)?;
+        }
+    }
+    if let (Some(out), Some(pool)) = (io.stats.pooled, req.pool) {
+        let op = match pool.op {
+            PoolOp::Max => BlockOp::Max,
+            PoolOp::Mean => BlockOp::Mean,
+        };
+        weight_blocks(req, caps, program, io, (op, pool.block(s.m, s.n)), out)?;
+    }
+    Ok(())
+}
+
+/// Appends `op` over blocks of `block_rows × block_cols` of P, rebuilt from `io`'s Q, K, masks
+/// and LSE, into `out [batch·q_heads, ⌈M / block_rows⌉, ⌈N / block_cols⌉]`: as many passes
+/// over sub-blocks as the device's loop cap needs (one where it has none).
+pub fn weight_blocks(
+    req: &Request,
+    caps: &DeviceCaps,
+    program: &mut Program,
+    io: &AttnIo,
+    (op, (block_rows, block_cols)): (BlockOp, (usize, usize)),
+    out: BufferId,
+) -> Result<()> {
+    let s = &req.shape;
+    let (grid_rows, grid_cols) = (s.m.div_ceil(block_rows), s.n.div_ceil(block_cols));
+    let cells = s.bh() * grid_rows * grid_cols;
+    check_binding(
+        &format!(
+            "{} of P over {grid_rows}×{grid_cols} blocks per head",
+            op.name()
+        ),
+        bytes(cells),
+        caps,
+    )?;
+    let kernel = Kernel::WeightBlocks {
+        op,
+        masked: !req.masks.is_empty(),
+        storage: Storage::of(req.dtype, caps.native_f16),
+    };
+    let base = AttnParams {
+        block_rows: block_rows as u32,
+        block_cols: block_cols as u32,
+        grid_rows: grid_rows as u32,
+        grid_cols: grid_cols as u32,
+        bh_count: s.bh() as u32,
+        row_offset: 0,
+        rows: 1,
+        key_begin: 0,
+        key_end: 1,
+        ..base_params(s, req.scale, &req.masks)
+    };
+    // (row, key) pairs one pass may walk per block.
+    let per_pass = caps.loop_len(&kernel.loop_cost(&Params::Attn(base)).0);
+    if per_pass == 0 {
+        let cost = kernel.loop_cost(&Params::Attn(base)).0.trips(1);
+        return Err(limit_err(
+            format!("weight_blocks over one key of d_k {}", s.d_k),
+            cost,
+            "loop iterations per invocation (Mesa llvmpipe ends loops past it)",
+            caps.loop_cap.unwrap_or(0),
+        ));
+    }
+    let per_pass = usize::try_from(per_pass).unwrap_or(usize::MAX);
+    let keys = block_cols.min(per_pass);
+    let rows = block_rows.min(per_pass / keys);
+    let grid = fold_grid("weight_blocks", cells, caps)?;
+    let mut first = true;
+    for r0 in (0..block_rows).step_by(rows) {
+        for c0 in (0..block_cols).step_by(keys) {
+            let mut p = AttnParams {
+                row_offset: r0 as u32,
+                rows: rows.min(block_rows - r0) as u32,
+                key_begin: c0 as u32,
+                key_end: (c0 + keys).min(block_cols) as u32,
+                ..base
+            };
+            if !first {
+                p.flags |= flags::ACCUMULATE;
+            }
+            first = false;
+            let buffers = [io.q, io.k, io.lens, io.mask, io.bias, io.lse, out];
+            program.dispatch(kernel, Params::Attn(p), grid, &buffers);
+        }
+    }
+    Ok(())
 }
 
 /// Appends packing `elems` f32 values of `from` into `to` as `dtype` pairs.

@@ -95,6 +95,9 @@ pub struct Dispatch {
 }
 
 /// A step of a program, executed in order.
+// Dispatches (with their params inline) are nearly every step; boxing them to shrink the rare
+// copies would cost an allocation per dispatch.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Step {
     /// Run a kernel.

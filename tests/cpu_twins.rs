@@ -125,6 +125,8 @@ fn twins_follow_every_plan_to_the_reference() {
                 masks: Default::default(),
                 dtype: xattn::DType::F32,
                 out_dtype: xattn::DType::F32,
+                stats: Default::default(),
+                pool: None,
             };
             for (r, plan) in plans(&req) {
                 let (o, lse, w) = run_twins(&plan, (&q, &k, &v), &Masking::default());
@@ -156,6 +158,8 @@ fn twins_follow_masked_plans_to_the_reference() {
                 masks: m.spec(&s).unwrap(),
                 dtype: xattn::DType::F32,
                 out_dtype: xattn::DType::F32,
+                stats: Default::default(),
+                pool: None,
             };
             for (r, plan) in plans(&req) {
                 let (o, lse, w) = run_twins(&plan, (&q, &k, &v), m);
@@ -167,6 +171,66 @@ fn twins_follow_masked_plans_to_the_reference() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn weight_blocks_twins_follow_the_statistics_to_the_reference() {
+    use common::weight_stats::check_stats;
+    use xattn::{Pool, PoolOp, Stats};
+    for (i, (name, s, opts)) in mask_cases().into_iter().enumerate() {
+        let (q, k, v) = qkv(&s, 1.0, 1700 + i as u64);
+        let scale = opts.scale_for(s.d_k);
+        let m = opts.masking();
+        let want = reference::attention_masked(&s, &q, &k, &v, f64::from(scale), m);
+        let base = budget_masked(&s, scale, (&q, &k, &v), m).lse;
+        let pool = Pool {
+            max_side: 5,
+            op: [PoolOp::Max, PoolOp::Mean][i % 2],
+        };
+        let req = Request {
+            shape: s,
+            scale,
+            weights: false,
+            path: Some(Path::Fused),
+            masks: m.spec(&s).unwrap(),
+            dtype: xattn::DType::F32,
+            out_dtype: xattn::DType::F32,
+            stats: Stats::ALL,
+            pool: Some(pool),
+        };
+        // A small loop cap, so that every statistic takes several accumulating passes.
+        let caps = xattn::plan::DeviceCaps {
+            loop_cap: Some(2000),
+            ..CAPS
+        };
+        let plan = Plan::new(&req, &caps).unwrap();
+        let io = &plan.io;
+        let inputs = mask_inputs(m, &s, [io.lens, io.mask, io.bias])
+            .into_iter()
+            .chain([(io.q, words(&q)), (io.k, words(&k)), (io.v, words(&v))])
+            .collect();
+        let mut out = run(&plan.program, &inputs).unwrap();
+        let mut take = |id: Option<_>| id.map(|id| floats(&out.remove(&id).unwrap()));
+        let got = xattn::HostOutput {
+            o: Vec::new(),
+            lse: Vec::new(),
+            weights: None,
+            stats: xattn::stats::StatsOutput {
+                entropy: take(io.stats.entropy),
+                focus: take(io.stats.focus),
+                coverage: take(io.stats.coverage),
+                pooled: take(io.stats.pooled),
+            },
+        };
+        check_stats(
+            &format!("twin {name} {s}"),
+            &s,
+            &got,
+            &want.weights,
+            pool,
+            base,
+        );
     }
 }
 

@@ -113,6 +113,7 @@ fn attention_reads_and_writes_callers_buffers_at_offsets() {
         o: wrap(&outputs, out_at[0], &s.o_dims()),
         lse: wrap(&outputs, out_at[1], &s.lse_dims()),
         weights: None,
+        stats: Default::default(),
     };
     engine
         .run(&plan, &tq, &tk, &tv, &masks, &out, None)
@@ -153,6 +154,7 @@ fn attention_reads_and_writes_callers_buffers_at_offsets() {
         o: wrap(&inputs, in_at[0], &s.o_dims()),
         lse: wrap(&outputs, out_at[1], &s.lse_dims()),
         weights: None,
+        stats: Default::default(),
     };
     let e = engine
         .run(&plan, &tq, &tk, &tv, &masks, &clash, None)
@@ -288,6 +290,7 @@ fn a_prepared_call_reads_its_inputs_at_every_run() {
                 o: call.o().to_host().unwrap(),
                 lse: call.lse().to_host().unwrap(),
                 weights: call.weights().map(|w| w.to_host().unwrap()),
+                stats: Default::default(),
             };
             let what = format!("{} step {step}", path.name());
             check_against_reference(&what, &s, opts.scale_for(s.d_k), (&q, &k, &v), &got);
@@ -417,6 +420,7 @@ fn async_run_and_readback_match_the_reference() {
             o: pollster::block_on(call.o().to_host_async()).unwrap(),
             lse: pollster::block_on(call.lse().to_host_async()).unwrap(),
             weights: None,
+            stats: Default::default(),
         };
         check_against_reference(
             &format!("async {}", path.name()),
@@ -555,6 +559,7 @@ fn a_decode_loop_creates_no_device_objects_after_its_first_step() {
             o: call.o().to_host().unwrap(),
             lse: call.lse().to_host().unwrap(),
             weights: None,
+            stats: Default::default(),
         };
         check_against_reference(
             &format!("step 32 of prepared {}", path.name()),

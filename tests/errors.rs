@@ -55,6 +55,8 @@ fn planner_names_the_limit_when_no_split_helps() {
         masks: Default::default(),
         dtype: xattn::DType::F32,
         out_dtype: xattn::DType::F32,
+        stats: Default::default(),
+        pool: None,
     };
     let err = Plan::new(&req, &CAPS).unwrap_err();
     match &err {
@@ -88,6 +90,8 @@ fn planner_names_the_limit_when_no_split_helps() {
             masks: Default::default(),
             dtype: xattn::DType::F32,
             out_dtype: xattn::DType::F32,
+            stats: Default::default(),
+            pool: None,
         },
         &CAPS,
     )
@@ -115,6 +119,8 @@ fn planner_names_the_limit_when_no_split_helps() {
             masks: Default::default(),
             dtype: xattn::DType::F32,
             out_dtype: xattn::DType::F32,
+            stats: Default::default(),
+            pool: None,
         },
         &CAPS,
     )
@@ -130,6 +136,8 @@ fn planner_names_the_limit_when_no_split_helps() {
             masks: Default::default(),
             dtype: xattn::DType::F32,
             out_dtype: xattn::DType::F32,
+            stats: Default::default(),
+            pool: None,
         },
         &CAPS,
     )
@@ -144,6 +152,8 @@ fn planner_names_the_limit_when_no_split_helps() {
             masks: Default::default(),
             dtype: xattn::DType::F32,
             out_dtype: xattn::DType::F32,
+            stats: Default::default(),
+            pool: None,
         },
         &CAPS,
     )

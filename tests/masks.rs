@@ -173,6 +173,8 @@ fn plans_describe_their_masks() {
         masks: opts.masking().spec(&s).unwrap(),
         dtype: xattn::DType::F32,
         out_dtype: xattn::DType::F32,
+        stats: Default::default(),
+        pool: None,
     };
     let text = xattn::Plan::new(&req, &CAPS).unwrap().to_string();
     assert!(

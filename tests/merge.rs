@@ -59,6 +59,7 @@ fn merged_shards_equal_attention_over_all_keys() {
             o: o.to_host().unwrap(),
             lse: lse.to_host().unwrap(),
             weights: None,
+            stats: Default::default(),
         };
         check_against_reference(
             &format!("merge of {} shards", bounds.len() - 1),

@@ -4,7 +4,7 @@ use xattn::kernels::{Access, Kernel, SHADER_FILES};
 use xattn::mha::{layer_program, LayerTypes, MhaConfig, NeedWeights};
 use xattn::params::{AttnParams, LinearParams};
 use xattn::plan::{with_rows_per_invocation, DeviceCaps, MergePlan, Plan, Request};
-use xattn::{Alignment, Attention, AttnShape, Path};
+use xattn::{Alignment, Attention, AttnShape, Path, Pool, PoolOp, Stats};
 use xattn::{DType, Storage};
 
 const CAPS: DeviceCaps = DeviceCaps {
@@ -71,6 +71,15 @@ fn all_kernels() -> Vec<Kernel> {
                         masks,
                         dtype,
                         out_dtype: dtype,
+                        stats: Stats::ALL,
+                        pool: Some(Pool {
+                            max_side: 1,
+                            op: if d_k % 2 == 0 {
+                                PoolOp::Max
+                            } else {
+                                PoolOp::Mean
+                            },
+                        }),
                     };
                     let caps = caps_for(native_f16);
                     collect(&mut out, &Plan::new(&req, &caps).unwrap().program);
@@ -289,15 +298,17 @@ fn params_layout_matches_wgsl() {
         ("bias_b", std::mem::offset_of!(AttnParams, bias_b)),
         ("bias_h", std::mem::offset_of!(AttnParams, bias_h)),
         ("bias_row", std::mem::offset_of!(AttnParams, bias_row)),
+        ("key_begin", std::mem::offset_of!(AttnParams, key_begin)),
+        ("key_end", std::mem::offset_of!(AttnParams, key_end)),
+        ("block_rows", std::mem::offset_of!(AttnParams, block_rows)),
+        ("block_cols", std::mem::offset_of!(AttnParams, block_cols)),
+        ("grid_rows", std::mem::offset_of!(AttnParams, grid_rows)),
+        ("grid_cols", std::mem::offset_of!(AttnParams, grid_cols)),
         ("seg_start", std::mem::offset_of!(AttnParams, seg_start)),
         ("seg_end", std::mem::offset_of!(AttnParams, seg_end)),
         ("seg_factor", std::mem::offset_of!(AttnParams, seg_factor)),
     ];
-    assert_eq!(
-        members.len(),
-        rust_offsets.len() + 2,
-        "every member but the two pads is checked"
-    );
+    assert_eq!(members.len(), rust_offsets.len(), "every member is checked");
     for (name, offset) in rust_offsets {
         let found = members.iter().find(|(n, _)| n == name);
         assert_eq!(found.map(|m| m.1), Some(offset), "offset of {name}");

@@ -28,6 +28,10 @@ struct AttnParams {
     bias_row: u32,
     key_begin: u32,
     key_end: u32,
+    block_rows: u32,
+    block_cols: u32,
+    grid_rows: u32,
+    grid_cols: u32,
     seg_start: vec4<u32>,
     seg_end: vec4<u32>,
     seg_factor: vec4<f32>,
@@ -48,6 +52,9 @@ fn head_of(p: AttnParams, bh: u32) -> Head {
 // flags bit (src/params.rs flags::SPLIT_STATS): split-K partial statistics come as two rows
 // per split, max logit and ln(sum), not one LSE.
 const FLAG_SPLIT_STATS: u32 = 16u;
+// flags bit (src/params.rs flags::ACCUMULATE): weight_blocks combines its pass with what
+// earlier passes wrote.
+const FLAG_ACCUMULATE: u32 = 32u;
 
 // Logit of a removed key: finite (no reliance on IEEE infinities) and far below every kept
 // logit, in natural and log2 units alike: the host bounds scale, segment factors, softcap and

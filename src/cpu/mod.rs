@@ -28,4 +28,6 @@ pub mod qk_scores;
 #[doc(hidden)]
 pub mod softmax_rows;
 #[doc(hidden)]
+pub mod weight_blocks;
+#[doc(hidden)]
 pub mod weighted_sum;

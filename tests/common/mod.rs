@@ -6,6 +6,7 @@
 pub mod files;
 pub mod layer;
 pub mod mha_fixture;
+pub mod weight_stats;
 
 use std::sync::OnceLock;
 
@@ -91,12 +92,18 @@ pub fn run_poisoned(
     if let Some(w) = &out.weights {
         poison(w)?;
     }
+    for (_, t) in out.stats.named() {
+        if let Some(t) = t {
+            poison(t)?;
+        }
+    }
     let masks = engine.upload_masks(&plan, opts)?;
     engine.run(&plan, &q, &k, &v, &masks, &out, None)?;
     let host = HostOutput {
         o: out.o.to_host()?,
         lse: out.lse.to_host()?,
         weights: out.weights.as_ref().map(Tensor::to_host).transpose()?,
+        stats: out.stats.try_map(|t| t.to_host())?,
     };
     Ok((plan, host))
 }

@@ -1,0 +1,170 @@
+//! Statistics of P (entropy, focus, coverage) and pooled maps of P on every path, masks and
+//! GQA included, against the f64 reference computed from the full P.
+
+mod common;
+
+use common::weight_stats::{check, check_stats};
+use common::*;
+use xattn::cpu::reference;
+use xattn::{Attention, Error, Path, Pool, PoolOp, Stats};
+
+#[test]
+fn statistics_match_the_reference_on_every_path_and_mask() {
+    let Some(engine) = engine() else { return };
+    let gl = on_gl(engine);
+    let mut cases = mask_cases();
+    cases.push((
+        "M = 1".into(),
+        shape(2, 1, 150, 4, 2, 16),
+        Attention::default(),
+    ));
+    cases.push((
+        "N = 1".into(),
+        shape(1, 40, 1, 2, 2, 8),
+        Attention::default(),
+    ));
+    for (i, (name, s, opts)) in cases.into_iter().enumerate() {
+        let (q, k, v) = qkv(&s, 1.0, 1200 + i as u64);
+        let scale = opts.scale_for(s.d_k);
+        let m = opts.masking();
+        let want = reference::attention_masked(&s, &q, &k, &v, f64::from(scale), m);
+        let base = budget_masked(&s, scale, (&q, &k, &v), m).lse;
+        for (p, path) in Path::ALL.into_iter().enumerate() {
+            // On GL a rotating third of the cases per path (every path, op and mask kind
+            // still runs there); all of them on Vulkan.
+            if gl && (i + p) % 3 != 0 {
+                continue;
+            }
+            let pool = Pool {
+                max_side: 7,
+                op: if (i + p) % 2 == 0 {
+                    PoolOp::Max
+                } else {
+                    PoolOp::Mean
+                },
+            };
+            let o = opts
+                .clone()
+                .with_path(path)
+                .with_stats(Stats::ALL)
+                .with_pooled_weights(pool);
+            let what = format!("{} {name} {s}", path.name());
+            let (plan, got) = run_poisoned(engine, &s, (&q, &k, &v), &o)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(plan.path, path);
+            check_stats(&what, &s, &got, &want.weights, pool, base);
+        }
+    }
+}
+
+#[test]
+fn split_k_statistics_equal_the_fused_ones() {
+    let Some(engine) = engine() else { return };
+    let s = shape(1, 3, 2000, 4, 1, 32);
+    let (q, k, v) = qkv(&s, 1.0, 1301);
+    let pool = Pool {
+        max_side: 16,
+        op: PoolOp::Max,
+    };
+    let run = |path| {
+        let o = Attention::default()
+            .with_causal(xattn::Alignment::BottomRight)
+            .with_path(path)
+            .with_stats(Stats::ALL)
+            .with_pooled_weights(pool);
+        run_poisoned(engine, &s, (&q, &k, &v), &o).unwrap()
+    };
+    let (fused_plan, fused) = run(Path::Fused);
+    let (split_plan, split) = run(Path::SplitK);
+    assert_eq!(fused_plan.path, Path::Fused);
+    assert!(
+        split_plan.tiling.contains("split"),
+        "split-K plan: {}",
+        split_plan.tiling
+    );
+    // Both rebuild P from their own LSE; the LSEs agree to a few ulps, so do the statistics.
+    let base = budget(&s, 1.0 / (s.d_k as f32).sqrt(), &q, &k, &v).lse;
+    for ((name, f), (_, sp)) in fused.stats.named().into_iter().zip(split.stats.named()) {
+        let (f, sp) = (f.unwrap(), sp.unwrap());
+        let want: Vec<f64> = f.iter().map(|&x| f64::from(x)).collect();
+        check(&format!("split-K {name}"), sp, &want, |x| {
+            10.0 * base * (1.0 + x)
+        });
+    }
+}
+
+#[test]
+fn statistics_need_no_m_by_n_memory() {
+    // M = N = 16384: P would take 1 GiB per head; the plan with every statistic declares
+    // buffers of O(M + N) per head. (Run below at a size lavapipe finishes quickly.)
+    let big = shape(1, 16384, 16384, 1, 1, 64);
+    let req = Attention::default()
+        .with_path(Path::Fused)
+        .with_stats(Stats::ALL)
+        .with_pooled_weights(Pool {
+            max_side: Pool::HEATMAP_SIDE,
+            op: PoolOp::Max,
+        })
+        .request(big)
+        .unwrap();
+    let caps = xattn::DeviceCaps {
+        loop_cap: Some(xattn::LLVMPIPE_LOOP_CAP),
+        ..xattn::DeviceCaps::from_limits(&wgpu::Limits::default())
+    };
+    let plan = xattn::Plan::new(&req, &caps).unwrap();
+    let total: u64 = plan.program.buffers().iter().map(|b| b.bytes).sum();
+    let p_bytes = (big.m * big.n * 4) as u64;
+    eprintln!(
+        "M = N = 16384, d 64, every statistic and a 2048² max-pooled map: {} declared, P \
+         would be {}",
+        xattn::plan::human_bytes(total),
+        xattn::plan::human_bytes(p_bytes)
+    );
+    // Q, K, V, O (4 MiB each), LSE, three statistics and the 2048² map (16 MiB).
+    assert!(total < p_bytes / 30, "{total} bytes declared");
+    assert!(plan.program.buffers().iter().all(|b| b.bytes <= 16 << 20));
+}
+
+#[test]
+fn statistics_run_on_a_long_square_problem() {
+    let Some(engine) = engine() else { return };
+    // Long enough that every statistic takes several passes under llvmpipe's loop cap.
+    let s = shape(1, 1500, 4100, 1, 1, 32);
+    let (q, k, v) = qkv(&s, 1.0, 1401);
+    let pool = Pool {
+        max_side: 64,
+        op: PoolOp::Mean,
+    };
+    let o = Attention::default()
+        .with_path(Path::Fused)
+        .with_stats(Stats::ALL)
+        .with_pooled_weights(pool);
+    let (plan, got) = run_poisoned(engine, &s, (&q, &k, &v), &o).unwrap();
+    let passes = plan
+        .program
+        .dispatches()
+        .filter(|d| d.kernel.name() == "weight_blocks")
+        .count();
+    // Entropy and focus walk 4100 keys in ≤ 1820 per pass (36 loop iterations a key).
+    if engine.caps().loop_cap.is_some() {
+        assert!(passes >= 8, "{passes} weight_blocks passes");
+    }
+    let scale = 1.0 / (s.d_k as f64).sqrt();
+    let want = reference::attention(&s, &q, &k, &v, scale);
+    let base = budget(&s, scale as f32, &q, &k, &v).lse;
+    check_stats(&format!("{s}"), &s, &got, &want.weights, pool, base);
+}
+
+#[test]
+fn a_pool_of_zero_values_a_side_is_refused() {
+    let s = shape(1, 4, 4, 1, 1, 4);
+    let e = Attention::default()
+        .with_pooled_weights(Pool {
+            max_side: 0,
+            op: PoolOp::Max,
+        })
+        .request(s)
+        .unwrap_err();
+    assert!(matches!(e, Error::Argument(_)), "{e}");
+    assert!(e.to_string().contains("max_side"), "{e}");
+}
