@@ -207,6 +207,35 @@ impl MaskInputs {
     }
 }
 
+/// New tensors for the statistics `io` declares, per head or (`averaged`) without the head
+/// axis.
+pub(crate) fn stats_outputs(
+    ctx: &Context,
+    io: &StatsIo,
+    s: &AttnShape,
+    pool: Option<Pool>,
+    averaged: bool,
+) -> Result<StatsOutput<Tensor>> {
+    let dims = StatsIo::dims(s, pool);
+    let mut made = [None, None, None, None];
+    for (i, (name, id)) in io.named().into_iter().enumerate() {
+        if id.is_some() {
+            let mut d = dims[i].clone();
+            if averaged {
+                d.remove(1);
+            }
+            made[i] = Some(Tensor::empty(ctx, name, &d)?);
+        }
+    }
+    let [entropy, focus, coverage, pooled] = made;
+    Ok(StatsOutput {
+        entropy,
+        focus,
+        coverage,
+        pooled,
+    })
+}
+
 /// Results on the device.
 #[derive(Debug)]
 pub struct Output {
@@ -455,22 +484,7 @@ impl Engine {
             } else {
                 None
             },
-            stats: {
-                let dims = StatsIo::dims(&s, plan.pool);
-                let mut out = [None, None, None, None];
-                for (i, (name, id)) in plan.io.stats.named().into_iter().enumerate() {
-                    if id.is_some() {
-                        out[i] = Some(Tensor::empty(&self.ctx, name, &dims[i])?);
-                    }
-                }
-                let [entropy, focus, coverage, pooled] = out;
-                StatsOutput {
-                    entropy,
-                    focus,
-                    coverage,
-                    pooled,
-                }
-            },
+            stats: stats_outputs(&self.ctx, &plan.io.stats, &s, plan.pool, false)?,
         })
     }
 

@@ -28,6 +28,7 @@ use crate::gpu::tensor::Tensor;
 use crate::plan::{self, AttnIo, DeviceCaps, Path, Request};
 use crate::program::{BufferId, Program};
 use crate::shape::{AttnShape, F32};
+use crate::stats::StatsOutput;
 
 pub use weights::MhaWeights;
 
@@ -224,6 +225,12 @@ pub struct MhaOutput {
     pub out: Tensor,
     /// `[batch, M, N]` (averaged) or `[batch, num_heads, M, N]` (per head), when requested.
     pub weights: Option<Tensor>,
+    /// Statistics and pooled P per head, as the attention options ask
+    /// ([`Attention::with_stats`], [`Attention::with_pooled_weights`]).
+    pub stats: StatsOutput<Tensor>,
+    /// The same averaged over heads: entropy and focus `[batch, M]`, coverage `[batch, N]`,
+    /// the pooled map `[batch, rows, cols]` (the mean of the heads' maps).
+    pub mean_stats: StatsOutput<Tensor>,
 }
 
 /// A source projected by one layer into K `[batch, N, kv_heads, head_dim]` and V (same),
@@ -328,6 +335,10 @@ pub struct LayerProgram {
     pub out: BufferId,
     /// Weights per head `[batch, heads, M, N]` or averaged `[batch, M, N]`, as asked.
     pub weights: Option<BufferId>,
+    /// Statistics and pooled P per head, as `req` asks.
+    pub stats: plan::StatsIo,
+    /// The same averaged over heads.
+    pub mean_stats: plan::StatsIo,
     /// The attention's path.
     pub path: Path,
     /// The attention's tiling (for people).
@@ -420,8 +431,15 @@ pub fn layer_program(
         o: program.scratch("o", q_bytes),
         lse: program.scratch("lse", f32_bytes(s.lse_dims().iter().product())),
         weights: p,
-        stats: plan::StatsIo::default(),
+        stats: plan::StatsIo::declare(&mut program, "", &s, req.stats, req.pool),
     };
+    // Averaged over heads: the sizes of one head.
+    let one_head = AttnShape {
+        q_heads: 1,
+        kv_heads: 1,
+        ..s
+    };
+    let mean_stats = plan::StatsIo::declare(&mut program, "mean_", &one_head, req.stats, req.pool);
     let proj = |program: &mut Program, i: usize, dims, x, (y, x_type)| {
         let [w, b] = params[i];
         let dtypes = (x_type, types.weights);
@@ -455,6 +473,20 @@ pub fn layer_program(
     if let (NeedWeights::Averaged, Some(p), Some(mean)) = (need, p, weights) {
         plan::mean_heads(&mut program, &s, [p, mean], caps)?;
     }
+    // Each statistic [batch, heads, rows, cols] averaged over heads by the same kernel.
+    let (gr, gc) = req.pool.map_or((0, 0), |p| p.grid(m, n));
+    let stat_dims = [(m, 1), (m, 1), (1, n), (gr, gc)];
+    let per_head = io.stats.named().into_iter().zip(mean_stats.named());
+    for (((_, from), (_, to)), (rows, cols)) in per_head.zip(stat_dims) {
+        if let (Some(from), Some(to)) = (from, to) {
+            let grid = AttnShape {
+                m: rows,
+                n: cols,
+                ..s
+            };
+            plan::mean_heads(&mut program, &grid, [from, to], caps)?;
+        }
+    }
     // W^O writes f32; a half output is packed from scratch.
     let out32 = if types.out == DType::F32 {
         out
@@ -480,6 +512,8 @@ pub fn layer_program(
         masks,
         out,
         weights,
+        stats: io.stats,
+        mean_stats,
         path,
         tiling: format!("projections: 64×64 linear tiles; attention: {tiling}"),
     })
@@ -777,10 +811,26 @@ impl MultiHeadAttention {
         if let (Some(id), Some(w)) = (layer.weights, &weights) {
             tensors.insert(id, w);
         }
+        let (stats, mean_stats) = (
+            crate::engine::stats_outputs(ctx, &layer.stats, &shape, req.pool, false)?,
+            crate::engine::stats_outputs(ctx, &layer.mean_stats, &shape, req.pool, true)?,
+        );
+        for (io, out) in [(&layer.stats, &stats), (&layer.mean_stats, &mean_stats)] {
+            for ((_, id), (_, t)) in io.named().into_iter().zip(out.named()) {
+                if let (Some(id), Some(t)) = (id, t) {
+                    tensors.insert(id, t);
+                }
+            }
+        }
         self.bind_params(&layer.params, &mut tensors);
         Ok(PreparedLayer {
             call: self.engine.bind_program(&layer.program, &tensors)?,
-            output: MhaOutput { out, weights },
+            output: MhaOutput {
+                out,
+                weights,
+                stats,
+                mean_stats,
+            },
         })
     }
 }

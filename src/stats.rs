@@ -104,6 +104,19 @@ impl<T> Default for StatsOutput<T> {
     }
 }
 
+impl StatsOutput<crate::Tensor> {
+    /// Each output read back to the host.
+    pub fn to_host(&self) -> crate::Result<StatsOutput<Vec<f32>>> {
+        let host = |t: &Option<crate::Tensor>| t.as_ref().map(|t| t.to_host()).transpose();
+        Ok(StatsOutput {
+            entropy: host(&self.entropy)?,
+            focus: host(&self.focus)?,
+            coverage: host(&self.coverage)?,
+            pooled: host(&self.pooled)?,
+        })
+    }
+}
+
 impl<T> StatsOutput<T> {
     /// Each output with its name, in the order entropy, focus, coverage, pooled.
     pub fn named(&self) -> [(&'static str, Option<&T>); 4] {

@@ -433,3 +433,65 @@ fn two_families_under_one_prefix_need_one_named() {
         .to_string();
     assert!(err.contains("with_inner_dim(12)"), "{err}");
 }
+
+#[test]
+fn the_layer_computes_statistics_per_head_and_averaged() {
+    use common::weight_stats::{check, check_stats};
+    use xattn::{Path, Pool, PoolOp, Stats};
+    let Some(engine) = engine() else { return };
+    let c = MhaConfig::new(32, 4).with_kv_heads(2);
+    let (b, m, n) = (2, 19, 45);
+    let w = random_weights(&c, 1801);
+    let layer = MultiHeadAttention::new(engine, c, &w).unwrap();
+    let query = random(b * m * c.embed_dim, 1.0, 1811);
+    let key = random(b * n * c.kdim, 1.0, 1812);
+    let value = random(b * n * c.vdim, 1.0, 1813);
+    let pool = Pool {
+        max_side: 6,
+        op: PoolOp::Mean,
+    };
+    for path in Path::ALL {
+        let attention = Attention::default()
+            .with_causal(Alignment::BottomRight)
+            .with_path(path)
+            .with_stats(Stats::ALL)
+            .with_pooled_weights(pool);
+        let (_, want_w) = reference_layer(&c, &w, b, (&query, &key, &value), &attention);
+        let scale = f64::from(attention.scale_for(c.head_dim()));
+        let (_, w_tol) = layer_tolerance(&c, &w, [&query, &key, &value], n, scale);
+        let q = upload3(engine, &query, [b, m, c.embed_dim]);
+        let k = upload3(engine, &key, [b, n, c.kdim]);
+        let v = upload3(engine, &value, [b, n, c.vdim]);
+        let opts = MhaOptions::default().with_attention(attention);
+        let got = layer.forward(&q, &k, &v, &opts).unwrap();
+        let host = xattn::HostOutput {
+            o: Vec::new(),
+            lse: Vec::new(),
+            weights: None,
+            stats: got.stats.to_host().unwrap(),
+        };
+        let what = format!("layer {}", path.name());
+        let s = c.attn_shape(b, m, n);
+        check_stats(&what, &s, &host, &want_w, pool, w_tol);
+        // Averaged over heads: the mean of the per-head values, to f32 rounding.
+        let h = c.num_heads;
+        let mean = got.mean_stats.to_host().unwrap();
+        for ((name, per_head), (_, mean)) in host.stats.named().into_iter().zip(mean.named()) {
+            let (per_head, mean) = (per_head.unwrap(), mean.unwrap());
+            let inner = per_head.len() / (b * h);
+            let want: Vec<f64> = (0..b * inner)
+                .map(|e| {
+                    let (bb, x) = (e / inner, e % inner);
+                    (0..h)
+                        .map(|hh| f64::from(per_head[(bb * h + hh) * inner + x]))
+                        .sum::<f64>()
+                        / h as f64
+                })
+                .collect();
+            let eps = f64::from(f32::EPSILON);
+            check(&format!("{what} mean {name}"), mean, &want, |x| {
+                2.0 * h as f64 * eps * x.abs()
+            });
+        }
+    }
+}
