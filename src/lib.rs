@@ -61,4 +61,4 @@ pub use mask::Alignment;
 pub use mha::{MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights, PreparedLayer};
 pub use plan::{loop_cap_of, DeviceCaps, Path, Plan, Request, LLVMPIPE_LOOP_CAP};
 pub use shape::AttnShape;
-pub use stats::{Pool, PoolOp, Stats};
+pub use stats::{Pool, PoolOp, Stats, StatsOutput};

@@ -1362,3 +1362,77 @@ fn bench_packed_f16_times_the_packed_storage() {
     assert_mentions(&text, &["f16-packed"]);
     assert!(!text.contains("read as f16)"), "native f16 storage: {text}");
 }
+
+#[test]
+fn run_writes_entropy_focus_and_coverage_on_every_path() {
+    use common::weight_stats::want;
+    use xattn::{Pool, PoolOp};
+    let sh = AttnShape {
+        batch: 2,
+        m: 21,
+        n: 300,
+        q_heads: 4,
+        kv_heads: 2,
+        d_k: 16,
+        d_v: 8,
+    };
+    let dir = TempDir::new("cli_stats");
+    let (q, k, v) = write_qkv(&dir, &sh, 2101);
+    let opts = Attention::default().with_causal(Alignment::BottomRight);
+    let scale = opts.scale_for(sh.d_k);
+    let reference = reference::attention_masked(&sh, &q, &k, &v, f64::from(scale), opts.masking());
+    let pool = Pool {
+        max_side: 1,
+        op: PoolOp::Max,
+    };
+    let want = want(&sh, &reference.weights, pool);
+    let base = budget(&sh, scale, &q, &k, &v).lse;
+    for path in ["fused", "split-k", "three-pass"] {
+        let (e, f, c) = (
+            dir.path("entropy.npy"),
+            dir.path("focus.npy"),
+            dir.path("coverage.npy"),
+        );
+        run_and_check(
+            &format!("stats {path}"),
+            &dir,
+            &sh,
+            (&q, &k, &v),
+            &[
+                "--causal",
+                "bottom-right",
+                "--path",
+                path,
+                "--entropy",
+                s(&e),
+                "--focus",
+                s(&f),
+                "--coverage",
+                s(&c),
+            ],
+            &opts,
+        );
+        // The budget of tests/common/weight_stats.rs, as absolute bounds: P off by a relative
+        // 11·base, entropy ≤ ln N, focus ≤ 1, coverage ≤ M.
+        let (rel, eps) = (11.0 * base, f64::from(f32::EPSILON));
+        for (file, dims, want, tol) in [
+            (
+                &e,
+                vec![2, 4, 21],
+                &want.entropy,
+                (rel + 300.0 * eps) * (1.0 + 300f64.ln()),
+            ),
+            (&f, vec![2, 4, 21], &want.focus, rel),
+            (
+                &c,
+                vec![2, 4, 300],
+                &want.coverage,
+                (rel + 21.0 * eps) * 21.0,
+            ),
+        ] {
+            let (got, shape) = read_npy::<f32>(file);
+            assert_eq!(shape, dims, "{path} {}", file.display());
+            assert_close(&format!("{path} {}", file.display()), &got, want, tol);
+        }
+    }
+}

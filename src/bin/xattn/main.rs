@@ -8,6 +8,7 @@
 //! Every failure a user can cause ends the process with a non-zero status and one line on
 //! stderr, `xattn: error: ...`; nothing a user does should reach a panic.
 
+mod analytics;
 mod bench;
 mod expect;
 mod info;

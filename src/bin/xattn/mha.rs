@@ -21,6 +21,7 @@ use xattn::{
     Tensor,
 };
 
+use crate::analytics::AnalyticsArgs;
 use crate::masks::MaskArgs;
 use crate::npy::{read_bool_meaning, read_floats, Array};
 use crate::outputs::Outputs;
@@ -104,6 +105,9 @@ pub struct MhaArgs {
     // --dtype also sets the type the layer's weights are kept in on the device.
     #[command(flatten)]
     precision: PrecisionArgs,
+    /// Statistics per head, [batch, H, M] or [batch, H, N].
+    #[command(flatten)]
+    analytics: AnalyticsArgs,
 }
 
 /// Parses a count ≥ 1.
@@ -338,7 +342,7 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     if let Some(s) = args.scale {
         attention = attention.with_scale(s);
     }
-    let attention = args.masks.apply(attention, &shape)?;
+    let attention = args.analytics.apply(args.masks.apply(attention, &shape)?);
     let mask_spec = attention.masking().spec(&shape)?;
     let need = match (&args.need_weights, args.per_head_weights) {
         (None, _) => NeedWeights::None,
@@ -351,10 +355,12 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     if let Some(kpm) = kpm {
         opts = opts.with_key_padding_mask(kpm);
     }
-    let mut outputs = Outputs::create(&[
+    let mut targets = vec![
         ("--out", Some(&args.out)),
         ("--need-weights", args.need_weights.as_ref()),
-    ])?;
+    ];
+    targets.extend(args.analytics.targets());
+    let mut outputs = Outputs::create(&targets)?;
 
     let ctx = Context::new()?;
     let engine = Engine::new(&ctx);
@@ -403,6 +409,8 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
         };
         outputs.write(path, &w.to_host()?, &out_dims(&dims, squeeze))?;
     }
+    args.analytics
+        .write(&mut outputs, &out.stats, &shape, squeeze)?;
     outputs.commit()?;
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
 

@@ -11,6 +11,7 @@ use std::time::Instant;
 use clap::Args;
 use xattn::{Attention, Context, Engine, Path, Tensor};
 
+use crate::analytics::AnalyticsArgs;
 use crate::expect::ExpectArgs;
 use crate::layout::Layout;
 use crate::masks::MaskArgs;
@@ -71,6 +72,8 @@ pub struct RunArgs {
     masks: MaskArgs,
     #[command(flatten)]
     precision: PrecisionArgs,
+    #[command(flatten)]
+    analytics: AnalyticsArgs,
     #[command(flatten)]
     expect: ExpectArgs,
 }
@@ -136,12 +139,15 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
         opts = opts.with_weights();
     }
     let opts = args.masks.apply_with(opts, &shape, bundle.as_ref())?;
+    let opts = args.analytics.apply(opts);
     drop(bundle);
-    let mut outputs = Outputs::create(&[
+    let mut targets = vec![
         ("--out", args.out.as_ref()),
         ("--lse", args.lse.as_ref()),
         ("--weights", args.weights.as_ref()),
-    ])?;
+    ];
+    targets.extend(args.analytics.targets());
+    let mut outputs = Outputs::create(&targets)?;
 
     let ctx = Context::new()?;
     let engine = Engine::new(&ctx);
@@ -200,6 +206,8 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
             &out_dims(&shape.weights_dims(), squeeze),
         )?;
     }
+    args.analytics
+        .write(&mut outputs, &out.stats, &shape, squeeze)?;
     outputs.commit()?;
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
     let masks = if plan.masks.is_empty() {
