@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use xattn::cpu::reference;
 use xattn::gpu::executor::GpuTimer;
 use xattn::{
-    Attention, AttnShape, Context, DType, Engine, MaskInputs, Path, Plan, Storage, Tensor,
+    Attention, AttnShape, Context, DType, Engine, MaskInputs, Path, Plan, Stats, Storage, Tensor,
 };
 
 use crate::masks::AlignArg;
@@ -33,6 +33,48 @@ pub enum SuiteName {
     Standard,
     /// The standard suite and the 16384×16384 `long` shape.
     Full,
+}
+
+/// Statistics of P timed next to plain attention (`--stats`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StatArg {
+    /// Row entropy.
+    Entropy,
+    /// Row focus (max weight).
+    Focus,
+    /// Key coverage.
+    Coverage,
+    /// All three in one call.
+    All,
+}
+
+impl StatArg {
+    fn stats(self) -> Stats {
+        match self {
+            StatArg::Entropy => Stats {
+                entropy: true,
+                ..Stats::default()
+            },
+            StatArg::Focus => Stats {
+                focus: true,
+                ..Stats::default()
+            },
+            StatArg::Coverage => Stats {
+                coverage: true,
+                ..Stats::default()
+            },
+            StatArg::All => Stats::ALL,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            StatArg::Entropy => "entropy",
+            StatArg::Focus => "focus",
+            StatArg::Coverage => "coverage",
+            StatArg::All => "stats",
+        }
+    }
 }
 
 /// Which paths to time on each shape.
@@ -139,6 +181,11 @@ pub struct BenchArgs {
     /// the packed storage against the native one on the same device).
     #[arg(long)]
     packed_f16: bool,
+    /// Also time each (shape, path) computing statistics of P, each listed one on its own
+    /// (entropy, focus, coverage; all = the three in one call), next to plain attention;
+    /// the path column shows them as `fused+entropy`, the ratios as their cost.
+    #[arg(long, value_enum, value_name = "STATS", value_delimiter = ',')]
+    stats: Vec<StatArg>,
 }
 
 /// The custom shape given by flags, if any.
@@ -198,6 +245,8 @@ struct Record {
     tolerance: f64,
     /// `none` or `causal top-left`/`causal bottom-right`.
     masks: String,
+    /// The statistics computed with it, if any.
+    stats: Option<StatArg>,
 }
 
 impl Record {
@@ -250,8 +299,9 @@ struct Progress {
 }
 
 impl Progress {
-    /// Progress over `shapes`, each timed on the paths of `set` in `dtypes` types.
-    fn new(shapes: &[SuiteShape], set: PathSet, dtypes: usize) -> Self {
+    /// Progress over `shapes`, each timed on the paths of `set` in `dtypes` types and
+    /// `variants` statistics variants.
+    fn new(shapes: &[SuiteShape], set: PathSet, dtypes: usize, variants: usize) -> Self {
         let total = shapes
             .iter()
             .map(|s| {
@@ -262,7 +312,7 @@ impl Progress {
                 s.shape.flops() * runs as f64
             })
             .sum::<f64>()
-            * dtypes as f64;
+            * (dtypes * variants) as f64;
         Self {
             start: Instant::now(),
             done: 0.0,
@@ -292,9 +342,12 @@ fn masks_label(causal: Option<AlignArg>) -> String {
     })
 }
 
-/// The options of one (shape, path): the requested path and the --causal mask.
-fn options(args: &BenchArgs, requested: Option<Path>) -> Attention {
-    let opts = Attention::default().with_path_choice(requested);
+/// The options of one (shape, path, statistics): the requested path, the statistics and the
+/// --causal mask.
+fn options(args: &BenchArgs, requested: Option<Path>, stats: Option<StatArg>) -> Attention {
+    let opts = Attention::default()
+        .with_path_choice(requested)
+        .with_stats(stats.map_or(Stats::default(), StatArg::stats));
     match args.causal {
         Some(a) => opts.with_causal(a.into()),
         None => opts,
@@ -458,17 +511,21 @@ fn candidates(set: PathSet, shape: &SuiteShape) -> Vec<(Option<Path>, Option<&'s
         .collect()
 }
 
-fn path_label(requested: Option<Path>, actual: Option<Path>) -> String {
-    match (requested, actual) {
+fn path_label(requested: Option<Path>, actual: Option<Path>, stats: Option<StatArg>) -> String {
+    let path = match (requested, actual) {
         (None, Some(p)) => format!("auto→{}", p.name()),
         (None, None) => "auto".to_string(),
         (Some(p), _) => p.name().to_string(),
+    };
+    match stats {
+        Some(s) => format!("{path}+{}", s.name()),
+        None => path,
     }
 }
 
 fn print_header() {
     println!(
-        "{:<10} {:<26} {:<16} {:<11} {:>11} {:>11} {:>9} {:>8} {:>10}  masks",
+        "{:<10} {:<26} {:<22} {:<11} {:>11} {:>11} {:>9} {:>8} {:>10}  masks",
         "shape", "dims", "path", "dtype", "median ms", "min ms", "GFLOP/s", "GB/s", "max |err|"
     );
 }
@@ -480,10 +537,10 @@ fn print_row(r: &Record) {
         Check::Err(e) => format!("{e:.2e}{}", if r.failed() { " FAIL" } else { "" }),
     };
     println!(
-        "{:<10} {:<26} {:<16} {:<11} {:>11.3} {:>11.3} {:>9.2} {:>8.2} {:>10}  {}",
+        "{:<10} {:<26} {:<22} {:<11} {:>11.3} {:>11.3} {:>9.2} {:>8.2} {:>10}  {}",
         r.name,
         r.shape.to_string(),
-        path_label(r.requested, Some(r.path)),
+        path_label(r.requested, Some(r.path), r.stats),
         r.storage.name(),
         r.timing.median_ms,
         r.timing.min_ms,
@@ -494,26 +551,32 @@ fn print_row(r: &Record) {
     );
 }
 
-fn print_note(s: &SuiteShape, requested: Option<Path>, storage: Storage, note: &str) {
+fn print_note(
+    s: &SuiteShape,
+    (requested, stats): (Option<Path>, Option<StatArg>),
+    storage: Storage,
+    note: &str,
+) {
     let note = one_line(note);
     println!(
-        "{:<10} {:<26} {:<16} {:<11} {note}",
+        "{:<10} {:<26} {:<22} {:<11} {note}",
         s.name,
         s.shape.to_string(),
-        path_label(requested, None),
+        path_label(requested, None, stats),
         storage.name()
     );
 }
 
 /// The time ratios of one shape's records: between paths in each dtype (`fused/three-pass
 /// 0.42×`), and of each dtype to the first one timed, per path (`f16/f32 fused 0.61×`).
-fn print_ratios(records: &[Record], dtypes: &[DType]) {
-    let ms = |p: Path, d: DType| {
+fn print_ratios(records: &[Record], dtypes: &[DType], stats: &[StatArg]) {
+    let ms_with = |p: Path, d: DType, st: Option<StatArg>| {
         records
             .iter()
-            .find(|r| r.path == p && r.dtype == d)
+            .find(|r| r.path == p && r.dtype == d && r.stats == st)
             .map(|r| r.timing.median_ms)
     };
+    let ms = |p: Path, d: DType| ms_with(p, d, None);
     let mut parts = Vec::new();
     for &d in dtypes {
         let suffix = if dtypes.len() > 1 {
@@ -529,6 +592,22 @@ fn print_ratios(records: &[Record], dtypes: &[DType]) {
                     den.name(),
                     a / b
                 ));
+            }
+        }
+    }
+    // The cost of each statistic: its time over plain attention's, per path.
+    for &d in dtypes {
+        for p in Path::ALL {
+            for &st in stats {
+                if let (Some(a), Some(b)) = (ms_with(p, d, Some(st)), ms(p, d)) {
+                    parts.push(format!(
+                        "{}+{}/{} {:.2}×",
+                        p.name(),
+                        st.name(),
+                        p.name(),
+                        a / b
+                    ));
+                }
             }
         }
     }
@@ -569,6 +648,7 @@ fn json_record(r: &Record, ctx: &Context, b: &Bench) -> Value {
         "storage": r.storage.name(),
         "path": r.path.name(),
         "requested_path": r.requested.map_or("auto", |p| p.name()),
+        "stats": r.stats.map(StatArg::name),
         "masks": r.masks,
         "causal": b.args.causal.map(|a| xattn::Alignment::from(a).name()),
         "adapter": ctx.info.name,
@@ -669,7 +749,15 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
     );
     print_header();
 
+    let mut variants: Vec<Option<StatArg>> = vec![None];
+    for &st in &args.stats {
+        if !variants.contains(&Some(st)) {
+            variants.push(Some(st));
+        }
+    }
+    let stat_list: Vec<StatArg> = variants.iter().flatten().copied().collect();
     let total: usize = dtypes.len()
+        * variants.len()
         * shapes
             .iter()
             .map(|s| {
@@ -679,7 +767,7 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                     .count()
             })
             .sum::<usize>();
-    let mut progress = Progress::new(&shapes, args.path, dtypes.len());
+    let mut progress = Progress::new(&shapes, args.path, dtypes.len(), variants.len());
     let mut done = 0;
     let mut records: Vec<Record> = Vec::new();
     let mut errors = 0;
@@ -687,16 +775,20 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
         let first = records.len();
         for &dtype in &dtypes {
             let mut inputs: Option<Inputs> = None;
-            for (requested, skip) in candidates(args.path, s) {
+            let runs = candidates(args.path, s)
+                .into_iter()
+                .flat_map(|c| variants.iter().map(move |&st| (c, st)));
+            for ((requested, skip), stats) in runs {
+                let which = (requested, stats);
                 if let Some(why) = skip {
-                    print_note(s, requested, storage(dtype), &format!("skipped: {why}"));
+                    print_note(s, which, storage(dtype), &format!("skipped: {why}"));
                     continue;
                 }
                 done += 1;
                 eprintln!(
                     "[{done}/{total}] {} {} {dtype} ...{}",
                     s.name,
-                    path_label(requested, None),
+                    path_label(requested, None, stats),
                     progress.left()
                 );
                 let seed = args.seed.wrapping_add(index as u64);
@@ -704,18 +796,18 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                     Some(x) => x,
                     None => inputs.insert(b.inputs(&s.shape, seed, dtype)?),
                 };
-                let opts = options(args, requested);
+                let opts = options(args, requested, stats);
                 let plan = match b.engine.plan(&x.q, &x.k, &x.v, &opts) {
                     Ok(plan) => plan,
                     Err(e) => {
                         let note = format!("skipped, does not plan: {e}");
-                        print_note(s, requested, storage(dtype), &note);
+                        print_note(s, which, storage(dtype), &note);
                         continue;
                     }
                 };
                 // `auto` may plan a path the suite excludes for this shape.
                 if let Some((_, why)) = s.only.filter(|(only, _)| *only != plan.path) {
-                    print_note(s, requested, storage(dtype), &format!("skipped: {why}"));
+                    print_note(s, which, storage(dtype), &format!("skipped: {why}"));
                     continue;
                 }
                 let measured = b.measure(&plan, &opts, x);
@@ -733,18 +825,19 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                             check,
                             tolerance,
                             masks: masks_label(args.causal),
+                            stats,
                         };
                         print_row(&r);
                         records.push(r);
                     }
                     Err(e) => {
                         errors += 1;
-                        print_note(s, requested, storage(dtype), &format!("error: {e}"));
+                        print_note(s, which, storage(dtype), &format!("error: {e}"));
                     }
                 }
             }
         }
-        print_ratios(&records[first..], &dtypes);
+        print_ratios(&records[first..], &dtypes, &stat_list);
     }
 
     if let Some(path) = &args.json {
