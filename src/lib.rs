@@ -38,6 +38,8 @@ mod error;
 // below.
 #[doc(hidden)]
 pub mod gpu;
+#[cfg(feature = "heatmap")]
+pub mod heatmap;
 #[doc(hidden)]
 pub mod kernels;
 pub mod mask;
