@@ -57,9 +57,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|v| v + rng.random_range(-amp..amp))
             .collect()
     };
-    // Queries sharpened by 0.6 (the logit of a perfect match is 0.6·DIM/2·scale·√DIM).
+    // Queries sharpened by 2: a perfect match has logit 2·(DIM/2)/√DIM = 8, a distant frame
+    // about 2·√(DIM/2)·0.7/√DIM ≈ 1.
     let q: Vec<f32> = (0..TOKENS)
-        .flat_map(|i| encode(centre(i)).into_iter().map(|v| 0.6 * v))
+        .flat_map(|i| encode(centre(i)).into_iter().map(|v| 2.0 * v))
         .collect();
     let q = noisy(q, 0.05);
     let k: Vec<f32> = (0..FRAMES).flat_map(|j| encode(j as f32)).collect();
@@ -100,10 +101,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The heatmap: rows are tokens, columns frames (at most 2048 a side: here one pixel each).
     let style = HeatmapStyle {
-        caption: Some(format!(
-            "P of {TOKENS} tokens over {FRAMES} frames, {}-pooled {block_rows}x{block_cols}",
-            pool.op.name()
-        )),
+        caption: Some(if block_rows * block_cols == 1 {
+            format!("P of {TOKENS} tokens over {FRAMES} frames")
+        } else {
+            format!(
+                "P of {TOKENS} tokens over {FRAMES} frames, {}-pooled {block_rows}x{block_cols}",
+                pool.op.name()
+            )
+        }),
         q_labels: Some((0..rows).map(|i| format!("tok{i}")).collect()),
         ..HeatmapStyle::default()
     };
@@ -121,7 +126,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mean_entropy = entropy.iter().sum::<f32>() / TOKENS as f32;
     let min_focus = focus.iter().cloned().fold(f32::INFINITY, f32::min);
-    println!("alignment: {TOKENS} tokens × {FRAMES} frames on {}", ctx.describe());
+    println!(
+        "alignment: {TOKENS} tokens × {FRAMES} frames on {}",
+        ctx.describe()
+    );
     println!(
         "  argmax path: {:.1} frames from the true alignment on average, {worst:.1} at worst",
         total / TOKENS as f32
@@ -131,18 +139,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
          smallest focus {min_focus:.3}",
         (FRAMES as f32).ln()
     );
-    // Frames nobody read: coverage (Σ over tokens of P) below 1% of a token.
+    // Frames nobody read: coverage (Σ over tokens of P) below 1% of a token. Tokens are
+    // ~11 frames apart and read ~5 frames each, so short gaps between them are expected; a
+    // stretch longer than two tokens' spacing is audio no token covered.
     let unread: Vec<usize> = (0..FRAMES).filter(|&j| coverage[j] < 0.01).collect();
-    let spans = spans(&unread);
+    let spacing = (FRAMES - SILENCE.len()) / TOKENS;
+    let stretches: Vec<_> = spans(&unread)
+        .into_iter()
+        .filter(|r| r.len() > 2 * spacing)
+        .collect();
     let silence_unread = SILENCE.filter(|j| coverage[*j] < 0.01).count();
     println!(
-        "  coverage: {} frames read by nobody (< 0.01), in spans {spans:?}; {silence_unread} of \
-         the {} silent frames {SILENCE:?}",
+        "  coverage: {} frames read by nobody (< 0.01); stretches longer than {} frames: \
+         {stretches:?}; {silence_unread} of the {} silent frames {SILENCE:?} are unread",
         unread.len(),
+        2 * spacing,
         SILENCE.len()
     );
     println!("  heatmap: {}", png_path.display());
-    if worst > 8.0 || silence_unread < SILENCE.len() * 3 / 4 {
+    let found_silence = stretches
+        .iter()
+        .any(|r| r.start <= SILENCE.start + spacing && r.end + spacing >= SILENCE.end);
+    if worst > 8.0 || stretches.len() != 1 || !found_silence {
         return Err("the alignment was not recovered".into());
     }
     Ok(())

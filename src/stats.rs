@@ -31,21 +31,37 @@ impl Stats {
     }
 }
 
-/// How blocks of P are pooled into one pixel of a map.
+/// How a block of values is pooled into one value of a map (on the GPU from blocks of P,
+/// or on the host by `heatmap::pool_host`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PoolOp {
-    /// The largest weight of the block (a single strong link stays visible).
+    /// The largest value of the block: a key read strongly by one query in the block stays
+    /// visible however large the map is.
     Max,
-    /// The mean weight of the block (its real elements: edge blocks may be smaller).
+    /// The mean over the block's real values (a partial edge block is averaged over the
+    /// values it holds, not over the full block size).
     Mean,
 }
 
 impl PoolOp {
-    /// `max` or `mean`.
-    pub fn name(self) -> &'static str {
+    /// Name used by the CLI and in captions (`max`, `mean`).
+    pub fn name(&self) -> &'static str {
         match self {
             PoolOp::Max => "max",
             PoolOp::Mean => "mean",
+        }
+    }
+}
+
+impl std::str::FromStr for PoolOp {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> crate::Result<Self> {
+        match s {
+            "max" => Ok(PoolOp::Max),
+            "mean" => Ok(PoolOp::Mean),
+            _ => Err(crate::Error::Argument(format!(
+                "unknown pooling `{s}` (expected max or mean)"
+            ))),
         }
     }
 }

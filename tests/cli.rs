@@ -1436,3 +1436,88 @@ fn run_writes_entropy_focus_and_coverage_on_every_path() {
         }
     }
 }
+
+#[test]
+fn run_writes_heatmaps_per_head_and_averaged_with_labels_where_they_fit() {
+    use xattn::heatmap::{HeatmapStyle, Layout};
+    let dir = TempDir::new("cli_heatmap");
+    let labels = |name: &str, count: usize| {
+        let text: Vec<String> = (0..count).map(|i| format!("{name}{i}")).collect();
+        let path = dir.path(&format!("{name}.txt"));
+        std::fs::write(&path, text.join("\n")).unwrap();
+        (path, text)
+    };
+    // Small: one value per (query, key), labels on both axes. Large: N = 4100 keys pooled by
+    // blocks of 3 (at most 2048 columns), so the key labels are left out.
+    for (sh, pooled_cols) in [
+        (shape(2, 12, 20, 2, 1, 8), 20),
+        (shape(1, 9, 4100, 2, 2, 8), 1367),
+    ] {
+        write_qkv(&dir, &sh, 2201);
+        let maps = dir.path(&format!("maps_{}", sh.n));
+        let (q_file, q_labels) = labels("q", sh.m);
+        let (k_file, _) = labels("k", sh.n);
+        let args = run_args(
+            &dir,
+            &[
+                "--heatmap",
+                s(&maps),
+                "--q-labels",
+                s(&q_file),
+                "--k-labels",
+                s(&k_file),
+            ],
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = xattn(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        if sh.n > 2048 {
+            assert!(stderr(&out).contains("not pooled"), "{}", stderr(&out));
+        }
+        let mut names: Vec<String> = std::fs::read_dir(&maps)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        let mut want: Vec<String> = (0..sh.batch)
+            .flat_map(|b| {
+                (0..sh.q_heads)
+                    .map(move |h| format!("b{b}_h{h}.png"))
+                    .chain([format!("b{b}_mean.png")])
+            })
+            .collect();
+        want.sort();
+        assert_eq!(names, want);
+        // The picture has the size the renderer documents for this map and its labels.
+        let style = HeatmapStyle {
+            q_labels: Some(q_labels),
+            k_labels: (pooled_cols == sh.n).then(|| (0..sh.n).map(|j| format!("k{j}")).collect()),
+            caption: Some(String::new()),
+            range: None,
+        };
+        let layout = Layout::new(sh.m, pooled_cols, &style).unwrap();
+        let decoder = png::Decoder::new(std::io::BufReader::new(
+            std::fs::File::open(maps.join("b0_mean.png")).unwrap(),
+        ));
+        let info = decoder.read_info().unwrap().info().clone();
+        assert_eq!(
+            (info.width, info.height),
+            (layout.width, layout.height),
+            "{sh}"
+        );
+    }
+}
+
+#[test]
+fn heatmap_labels_must_match_the_axis() {
+    let dir = TempDir::new("cli_heatmap_labels");
+    let sh = shape(1, 5, 7, 1, 1, 4);
+    write_qkv(&dir, &sh, 2301);
+    std::fs::write(dir.path("q.txt"), "a\nb\nc").unwrap();
+    let maps = dir.path("maps");
+    let err = run_err(
+        &dir,
+        &["--heatmap", s(&maps), "--q-labels", s(&dir.path("q.txt"))],
+    );
+    assert_mentions(&err, &["--q-labels", "3 lines", "5 of them"]);
+}

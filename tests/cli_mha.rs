@@ -906,3 +906,55 @@ fn mha_inputs_of_mixed_types_are_refused() {
         ],
     );
 }
+
+#[test]
+fn mha_writes_statistics_and_heatmaps_as_the_library_computes_them() {
+    use xattn::{Attention, MhaOptions, MultiHeadAttention, Stats};
+    let Some(engine) = engine() else { return };
+    let c = Case::load("weights_averaged");
+    let dir = TempDir::new("mha_stats");
+    let mut args = c.fixture_args(&dir);
+    let maps = dir.path("maps");
+    for (flag, file) in [
+        ("--entropy", "h.npy"),
+        ("--focus", "f.npy"),
+        ("--coverage", "c.npy"),
+    ] {
+        args.extend([flag.into(), s(&dir.path(file))]);
+    }
+    args.extend(["--heatmap".into(), s(&maps)]);
+    let out = xattn(&args);
+    assert!(out.status.success(), "xattn failed: {}", stderr(&out));
+
+    let layer = MultiHeadAttention::from_safetensors(
+        engine,
+        MhaConfig::new(c.e, c.heads),
+        &c.file("weights.safetensors"),
+        &c.prefix,
+    )
+    .expect("load the layer");
+    let q = engine.upload(&c.query, &[c.b, c.m, c.e]).unwrap();
+    let k = engine.upload(&c.key, &[c.b, c.n, c.kdim]).unwrap();
+    let v = engine.upload(&c.value, &[c.b, c.n, c.vdim]).unwrap();
+    let opts = MhaOptions::default()
+        .with_attention(Attention::default().with_stats(Stats::ALL))
+        .with_key_padding_mask(c.key_padding_mask.clone().expect("a key padding mask"))
+        .with_need_weights(xattn::NeedWeights::Averaged);
+    let want = layer.forward(&q, &k, &v, &opts).expect("forward");
+    let want = want.stats.to_host().unwrap();
+    for (file, want, dims) in [
+        ("h.npy", want.entropy.unwrap(), [c.b, c.heads, c.m]),
+        ("f.npy", want.focus.unwrap(), [c.b, c.heads, c.m]),
+        ("c.npy", want.coverage.unwrap(), [c.b, c.heads, c.n]),
+    ] {
+        let (got, shape) = read_npy::<f32>(&dir.path(file));
+        assert_eq!(shape, dims, "{file}");
+        assert_eq!(got, want, "{file}: the binary and the library disagree");
+    }
+    let pngs = std::fs::read_dir(&maps).unwrap().count();
+    assert_eq!(
+        pngs,
+        c.b * (c.heads + 1),
+        "one map per head and one mean per batch entry"
+    );
+}

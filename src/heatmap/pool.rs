@@ -2,39 +2,7 @@
 
 use crate::error::{Error, Result};
 
-/// How [`pool_host`] reduces a block of values to one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PoolOp {
-    /// The largest value of the block: a key read strongly by one query in the block stays
-    /// visible however large the map is. A NaN in the block makes the result NaN.
-    Max,
-    /// The mean over the block's real values (a partial edge block is averaged over the
-    /// values it holds, not over the full block size), accumulated in f64.
-    Mean,
-}
-
-impl PoolOp {
-    /// Name used by the CLI and in captions (`max`, `mean`).
-    pub fn name(&self) -> &'static str {
-        match self {
-            PoolOp::Max => "max",
-            PoolOp::Mean => "mean",
-        }
-    }
-}
-
-impl std::str::FromStr for PoolOp {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "max" => Ok(PoolOp::Max),
-            "mean" => Ok(PoolOp::Mean),
-            _ => Err(Error::Argument(format!(
-                "unknown pooling `{s}` (expected max or mean)"
-            ))),
-        }
-    }
-}
+pub use crate::stats::PoolOp;
 
 /// Pools a row-major `rows × cols` map on the host so that neither side exceeds `max_side`.
 ///

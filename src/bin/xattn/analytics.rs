@@ -1,10 +1,12 @@
 //! What attends to what, for `xattn run` and `xattn mha`: the statistics of P written as
-//! `.npy` files (`--entropy`, `--focus`, `--coverage`) on any path, without storing P.
+//! `.npy` files (`--entropy`, `--focus`, `--coverage`) and heatmaps of P pooled on the GPU
+//! (`--heatmap DIR`), on any path, without storing P.
 
-use std::path::PathBuf;
+use std::path::{Path as FsPath, PathBuf};
 
 use clap::Args;
-use xattn::{Attention, AttnShape, Stats, StatsOutput, Tensor};
+use xattn::heatmap::{render_png, HeatmapStyle};
+use xattn::{Attention, AttnShape, Pool, PoolOp, Stats, StatsOutput, Tensor};
 
 use crate::outputs::Outputs;
 use crate::run::out_dims;
@@ -24,6 +26,46 @@ pub struct AnalyticsArgs {
     /// key no row may see.
     #[arg(long, value_name = "FILE")]
     coverage: Option<PathBuf>,
+    /// Write heatmaps of P (rows = queries, columns = keys, viridis, with a legend) into this
+    /// folder, created if missing: b<batch>_h<head>.png per head and b<batch>_mean.png, the
+    /// mean of the heads' maps. Maps over 2048 a side are pooled on the GPU (--pool) from
+    /// blocks of P, which is never stored whole.
+    #[arg(long, value_name = "DIR")]
+    heatmap: Option<PathBuf>,
+    /// How --heatmap pools blocks of P: max (a strong link stays visible) or mean.
+    #[arg(long, default_value = "max", value_name = "OP", requires = "heatmap")]
+    pool: PoolOp,
+    /// Query token labels for --heatmap, one per line (M lines), drawn where rows are tall
+    /// enough and the map is not pooled along the queries.
+    #[arg(long, value_name = "FILE", requires = "heatmap")]
+    q_labels: Option<PathBuf>,
+    /// Key token labels for --heatmap, one per line (N lines), drawn where columns are wide
+    /// enough and the map is not pooled along the keys.
+    #[arg(long, value_name = "FILE", requires = "heatmap")]
+    k_labels: Option<PathBuf>,
+}
+
+/// What `--heatmap` draws, checked before the run: the folder and the labels.
+pub struct Heatmaps {
+    dir: PathBuf,
+    pool: Pool,
+    q_labels: Option<Vec<String>>,
+    k_labels: Option<Vec<String>>,
+}
+
+/// One label per line of `path`; exactly `count` of them (the `flag`'s axis length).
+fn read_labels(flag: &str, path: &FsPath, count: usize) -> CliResult<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::new(format!("cannot read {flag} {}: {e}", path.display())))?;
+    let labels: Vec<String> = text.lines().map(str::to_string).collect();
+    if labels.len() != count {
+        return Err(CliError::new(format!(
+            "{flag} {} has {} lines; it needs one label per line, {count} of them",
+            path.display(),
+            labels.len()
+        )));
+    }
+    Ok(labels)
 }
 
 impl AnalyticsArgs {
@@ -36,9 +78,49 @@ impl AnalyticsArgs {
         }
     }
 
+    /// The pooled map `--heatmap` needs.
+    fn pool(&self) -> Option<Pool> {
+        self.heatmap.as_ref().map(|_| Pool {
+            max_side: Pool::HEATMAP_SIDE,
+            op: self.pool,
+        })
+    }
+
     /// `opts` computing what these flags ask for.
     pub fn apply(&self, opts: Attention) -> Attention {
-        opts.with_stats(self.stats())
+        let opts = opts.with_stats(self.stats());
+        match self.pool() {
+            Some(pool) => opts.with_pooled_weights(pool),
+            None => opts,
+        }
+    }
+
+    /// Reads the labels and creates the heatmap folder (before any device work), for M query
+    /// rows and N keys.
+    pub fn heatmaps(&self, m: usize, n: usize) -> CliResult<Option<Heatmaps>> {
+        let (Some(dir), Some(pool)) = (&self.heatmap, self.pool()) else {
+            return Ok(None);
+        };
+        let (q_labels, k_labels) = (
+            self.q_labels
+                .as_deref()
+                .map(|p| read_labels("--q-labels", p, m))
+                .transpose()?,
+            self.k_labels
+                .as_deref()
+                .map(|p| read_labels("--k-labels", p, n))
+                .transpose()?,
+        );
+        std::fs::create_dir_all(dir).map_err(|e| {
+            CliError::new(format!("cannot create --heatmap {}: {e}", dir.display()))
+        })?;
+
+        Ok(Some(Heatmaps {
+            dir: dir.clone(),
+            pool,
+            q_labels,
+            k_labels,
+        }))
     }
 
     /// The output files, for [`Outputs::create`].
@@ -68,5 +150,81 @@ impl AnalyticsArgs {
             outputs.write(path, &t.to_host()?, &dims)?;
         }
         Ok(())
+    }
+}
+
+impl Heatmaps {
+    /// Writes one PNG per (batch, head) of `pooled [batch, heads, rows, cols]` and one per
+    /// batch entry of `mean [batch, rows, cols]` (the mean over heads; computed here from
+    /// `pooled` when `None`). Returns the number of files written.
+    pub fn write(&self, s: &AttnShape, pooled: &Tensor, mean: Option<&Tensor>) -> CliResult<usize> {
+        let (rows, cols) = self.pool.grid(s.m, s.n);
+        let (br, bc) = self.pool.block(s.m, s.n);
+        let maps = pooled.to_host()?;
+        let area = rows * cols;
+        let mean = match mean {
+            Some(t) => t.to_host()?,
+            None => (0..s.batch * area)
+                .map(|e| {
+                    let (b, x) = (e / area, e % area);
+                    let sum: f32 = (0..s.q_heads)
+                        .map(|h| maps[(b * s.q_heads + h) * area + x])
+                        .sum();
+                    sum / s.q_heads as f32
+                })
+                .collect(),
+        };
+        // Labels only along an axis the map shows one value per token.
+        let (q_labels, k_labels) = (
+            self.q_labels.clone().filter(|_| br == 1),
+            self.k_labels.clone().filter(|_| bc == 1),
+        );
+        if (self.q_labels.is_some() && br > 1) || (self.k_labels.is_some() && bc > 1) {
+            eprintln!(
+                "xattn: labels are drawn only along an axis that is not pooled; this map pools \
+                 blocks of {br} rows × {bc} keys"
+            );
+        }
+        let what = if br * bc == 1 {
+            "P".to_string()
+        } else {
+            format!("{}-pooled {br}×{bc} blocks of P", self.pool.op.name())
+        };
+        let mut written = 0;
+        let mut draw = |values: &[f32], name: String, caption: String| -> CliResult<()> {
+            let style = HeatmapStyle {
+                q_labels: q_labels.clone(),
+                k_labels: k_labels.clone(),
+                caption: Some(caption),
+                range: None,
+            };
+            let png = render_png(values, rows, cols, &style)?;
+            let path = self.dir.join(name);
+            std::fs::write(&path, png)
+                .map_err(|e| CliError::new(format!("cannot write {}: {e}", path.display())))?;
+            written += 1;
+            Ok(())
+        };
+        for b in 0..s.batch {
+            for h in 0..s.q_heads {
+                let at = (b * s.q_heads + h) * area;
+                draw(
+                    &maps[at..at + area],
+                    format!("b{b}_h{h}.png"),
+                    format!("{what}, batch {b} head {h}"),
+                )?;
+            }
+            draw(
+                &mean[b * area..(b + 1) * area],
+                format!("b{b}_mean.png"),
+                format!("{what}, batch {b}, mean of {} heads", s.q_heads),
+            )?;
+        }
+        Ok(written)
+    }
+
+    /// The folder the maps go to.
+    pub fn dir(&self) -> &FsPath {
+        &self.dir
     }
 }

@@ -355,6 +355,7 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     if let Some(kpm) = kpm {
         opts = opts.with_key_padding_mask(kpm);
     }
+    let heatmaps = args.analytics.heatmaps(m, n)?;
     let mut targets = vec![
         ("--out", Some(&args.out)),
         ("--need-weights", args.need_weights.as_ref()),
@@ -412,6 +413,13 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     args.analytics
         .write(&mut outputs, &out.stats, &shape, squeeze)?;
     outputs.commit()?;
+    if let (Some(maps), Some(pooled)) = (&heatmaps, &out.stats.pooled) {
+        let count = maps.write(&shape, pooled, out.mean_stats.pooled.as_ref())?;
+        eprintln!(
+            "xattn: wrote {count} heatmap(s) to {}",
+            maps.dir().display()
+        );
+    }
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
 
     let mut masks = Vec::new();

@@ -140,6 +140,7 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     }
     let opts = args.masks.apply_with(opts, &shape, bundle.as_ref())?;
     let opts = args.analytics.apply(opts);
+    let heatmaps = args.analytics.heatmaps(shape.m, shape.n)?;
     drop(bundle);
     let mut targets = vec![
         ("--out", args.out.as_ref()),
@@ -209,6 +210,13 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     args.analytics
         .write(&mut outputs, &out.stats, &shape, squeeze)?;
     outputs.commit()?;
+    if let (Some(maps), Some(pooled)) = (&heatmaps, &out.stats.pooled) {
+        let count = maps.write(&shape, pooled, None)?;
+        eprintln!(
+            "xattn: wrote {count} heatmap(s) to {}",
+            maps.dir().display()
+        );
+    }
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
     let masks = if plan.masks.is_empty() {
         String::new()
