@@ -19,6 +19,12 @@
 // into two rows of lse; merge_partials combines them. With n_splits = 1 slice 0 is the final
 // output and lse the final LSE.
 //
+// Row statistics (ROW_STATS, a specialization): each row also keeps t = Σ_j p_j·(m − s_j)
+// (log2 units, p_j = exp2(s_j − m)), rebased like l when the max grows, and writes the
+// entropy of its weights over the split's keys, −Σ P ln P = ln 2·(log2 l + t/l), and their
+// focus, max P = 1/l, into `row_stats [n_splits, 2, rows]` (0 and 0 for a row with no key),
+// binding 9, declared by the prelude.
+//
 // Specialized by the host (prelude): DK4, DV4 (head dims in vec4s, zero-padded), BC (keys per
 // tile), BR (rows per workgroup), R (rows per invocation), WG (= BR / R invocations), RV (f32,
 // vec2 or vec4: one lane per row), ANY_MASKING (whether the call masks anything), and the
@@ -166,6 +172,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
     var m = RV(MASKED);
     var l = RV(0.0);
+    var t = RV(0.0);
 
     for (var t0 = lo; t0 < hi; t0 += BC) {
         let len = min(BC, hi - t0);
@@ -214,6 +221,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 }
             }
             let alpha = exp2(m - tmax);
+            if ROW_STATS {
+                // Rebased from m to tmax: Σ p·(m − s) → alpha·(t + (tmax − m)·l).
+                t = alpha * (t + select(RV(0.0), (tmax - m) * l, l > RV(0.0)));
+            }
             l *= alpha;
             rescale(alpha);
             // Removed keys (MASKED) add 0. Branchless on purpose: lanes of one row block rarely
@@ -226,11 +237,18 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 let pd = select(RV(0.0), exp2(sc[c + 1u] - tmax), sc[c + 1u] > RV(REMOVED_BELOW));
                 l += pc;
                 l += pd;
+                if ROW_STATS {
+                    t += pc * (tmax - sc[c]);
+                    t += pd * (tmax - sc[c + 1u]);
+                }
                 accumulate_pair(pc, pd, c);
             }
             if c < len {
                 let pc = select(RV(0.0), exp2(sc[c] - tmax), sc[c] > RV(REMOVED_BELOW));
                 l += pc;
+                if ROW_STATS {
+                    t += pc * (tmax - sc[c]);
+                }
                 accumulate(pc, c * DV4);
             }
             m = tmax;
@@ -263,6 +281,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 lse[(2u * split + 1u) * rows + at] = log_sum;
             } else {
                 lse[split * rows + at] = row_max + log_sum;
+            }
+            if ROW_STATS {
+                var entropy = 0.0;
+                if lr > 0.0 {
+                    entropy = LN2 * (log2(lr) + lane(t, r) / lr);
+                }
+                write_row_stats((2u * split) * rows + at, (2u * split + 1u) * rows + at, entropy, inv);
             }
         }
     }

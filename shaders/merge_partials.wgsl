@@ -9,6 +9,12 @@
 // One invocation per output element (row, d): its loops run over the splits only, so their
 // length does not grow with d_v (llvmpipe's loop cap, gpu::kernels::LoopCost); the element
 // with d = 0 writes the row's LSE.
+//
+// Row statistics (ROW_STATS, a specialization, split-K only): each split's entropy H_s and
+// focus F_s of its own weights (flash's row_stats) merge with the split weights
+// w_s = exp(LSE_s − LSE) as H = Σ_s w_s·(H_s − ln w_s) and F = max_s w_s·F_s, into
+// `row_out [2, rows]` (entropy, then focus; 0 and 0 for a row with no key). The prelude
+// declares their bindings (5: row_parts [n_splits, 2, rows], 6: row_out) after the others.
 //!include common/params.wgsl
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
@@ -68,5 +74,22 @@ fn main(
     o[at] = out;
     if d == 0u {
         lse[lrow] = out_lse;
+        if ROW_STATS {
+            var entropy = 0.0;
+            var focus = 0.0;
+            if total > 0.0 {
+                let ln_total = log(total);
+                for (var s = 0u; s < p.n_splits; s++) {
+                    let st = slice_stats(s, lrow, rows);
+                    if st.x > REMOVED_BELOW {
+                        let ln_w = (st.x - mx) + st.y - ln_total;
+                        let w = exp(ln_w);
+                        entropy += w * (row_part(2u * s * rows + lrow) - ln_w);
+                        focus = max(focus, w * row_part((2u * s + 1u) * rows + lrow));
+                    }
+                }
+            }
+            write_row_out(lrow, rows + lrow, entropy, focus);
+        }
     }
 }

@@ -59,9 +59,14 @@ pub enum Kernel {
         masked: bool,
         /// How Q, K and V are read.
         storage: Storage,
+        /// Whether each row's entropy and focus are written too (`row_stats`).
+        stats: bool,
     },
     /// Merge of partial (O, LSE) over disjoint key ranges.
-    MergePartials,
+    MergePartials {
+        /// Whether split-K's row entropy and focus are merged too.
+        stats: bool,
+    },
     /// `Y = X·Wᵀ + b`, tiled (the projections of a layer).
     Linear {
         /// How X is read.
@@ -202,7 +207,7 @@ impl Kernel {
             Kernel::SoftmaxRows => "softmax_rows",
             Kernel::WeightedSum { .. } => "weighted_sum",
             Kernel::Flash { .. } => "flash",
-            Kernel::MergePartials => "merge_partials",
+            Kernel::MergePartials { .. } => "merge_partials",
             Kernel::Linear { .. } => "linear",
             Kernel::MeanHeads => "mean_heads",
             Kernel::Pack { .. } => "pack",
@@ -216,10 +221,17 @@ impl Kernel {
             Kernel::QkScores { .. } => &[Uniform, Read, Read, Read, Read, Read, ReadWrite],
             Kernel::WeightedSum { .. } => &[Uniform, Read, Read, ReadWrite],
             Kernel::SoftmaxRows => &[Uniform, ReadWrite, ReadWrite],
-            Kernel::Flash { .. } => &[
+            Kernel::Flash { stats: false, .. } => &[
                 Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite,
             ],
-            Kernel::MergePartials => &[Uniform, Read, Read, ReadWrite, ReadWrite],
+            Kernel::Flash { stats: true, .. } => &[
+                Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite,
+            ],
+            Kernel::MergePartials { stats: false } => &[Uniform, Read, Read, ReadWrite, ReadWrite],
+            // The row statistics' bindings come after the others (declared by the prelude).
+            Kernel::MergePartials { stats: true } => {
+                &[Uniform, Read, Read, ReadWrite, ReadWrite, Read, ReadWrite]
+            }
             Kernel::Linear { .. } => &[Uniform, Read, Read, Read, ReadWrite],
             Kernel::MeanHeads | Kernel::Pack { .. } => &[Uniform, Read, ReadWrite],
             Kernel::WeightBlocks { .. } => {
@@ -239,11 +251,14 @@ impl Kernel {
                 r,
                 masked,
                 storage,
+                stats,
             } => {
                 let suffix = if *masked { "_masked" } else { "" };
                 let storage = storage_suffix(*storage);
-                format!("xattn.flash_dk{dk}_dv{dv}_bc{bc}_br{br}_r{r}{storage}{suffix}")
+                let stats = if *stats { "_stats" } else { "" };
+                format!("xattn.flash_dk{dk}_dv{dv}_bc{bc}_br{br}_r{r}{storage}{suffix}{stats}")
             }
+            Kernel::MergePartials { stats: true } => "xattn.merge_partials_stats".into(),
             Kernel::QkScores { masked, storage } => {
                 let suffix = if *masked { "_masked" } else { "" };
                 format!("xattn.qk_scores{}{suffix}", storage_suffix(*storage))
@@ -278,7 +293,7 @@ impl Kernel {
             }
             Kernel::SoftmaxRows => SOFTMAX_WG * 4,
             Kernel::Flash { dk, dv, bc, .. } => u64::from(bc * (dk + dv)) * 4,
-            Kernel::MergePartials
+            Kernel::MergePartials { .. }
             | Kernel::MeanHeads
             | Kernel::Pack { .. }
             | Kernel::WeightBlocks { .. } => 0,
@@ -292,7 +307,7 @@ impl Kernel {
             Kernel::SoftmaxRows => "keys per row",
             Kernel::WeightedSum { .. } => "keys",
             Kernel::Flash { .. } => "keys per split",
-            Kernel::MergePartials => "splits",
+            Kernel::MergePartials { .. } => "splits",
             Kernel::Linear { .. } => "input features",
             Kernel::MeanHeads => "heads",
             Kernel::Pack { .. } => "(none)",
@@ -348,15 +363,18 @@ impl Kernel {
                 },
                 u64::from(attn.n),
             ),
-            // Two loops over the splits.
-            Kernel::MergePartials => (
-                LoopCost {
-                    fixed: 2 * looped(0),
-                    per_step: 2,
-                    step: 1,
-                },
-                u64::from(attn.n_splits),
-            ),
+            // Two loops over the splits, three with the row statistics.
+            Kernel::MergePartials { stats } => {
+                let loops = if stats { 3 } else { 2 };
+                (
+                    LoopCost {
+                        fixed: loops * looped(0),
+                        per_step: loops,
+                        step: 1,
+                    },
+                    u64::from(attn.n_splits),
+                )
+            }
             Kernel::MeanHeads => (
                 LoopCost {
                     fixed: looped(0),
@@ -459,20 +477,38 @@ impl Kernel {
             Kernel::Flash {
                 bc, br, r, storage, ..
             } => {
-                let [q, k, v, lens, mask, bias, o, lse] = buffers else {
+                let (inputs, outputs) = buffers.split_at_mut(6);
+                let [q, k, v, lens, mask, bias] = inputs else {
                     arity(buffers.len())
+                };
+                let (o, lse, row_stats) = match outputs {
+                    [o, lse] => (o, lse, None),
+                    [o, lse, row_stats] => (o, lse, Some(fm(row_stats))),
+                    _ => arity(6 + outputs.len()),
                 };
                 let m = masks(lens, mask, bias);
                 let p = params.attn();
                 let (q, k, v) = (widen(storage, q), widen(storage, k), widen(storage, v));
-                cpu::flash::flash(p, (bc, br, r), &q, &k, &v, &m, fm(o), fm(lse));
+                let out = (fm(o), fm(lse), row_stats);
+                cpu::flash::flash(p, (bc, br, r), (&q, &k, &v), &m, out);
             }
-            Kernel::MergePartials => {
-                let [part_o, part_stats, o, lse] = buffers else {
-                    arity(buffers.len())
-                };
+            Kernel::MergePartials { .. } => {
                 let p = params.attn();
-                cpu::merge_partials::merge_partials(p, f(part_o), f(part_stats), fm(o), fm(lse));
+                match buffers {
+                    [part_o, part_stats, o, lse] => cpu::merge_partials::merge_partials(
+                        p,
+                        (f(part_o), f(part_stats), None),
+                        (fm(o), fm(lse), None),
+                    ),
+                    [part_o, part_stats, o, lse, row_parts, row_out] => {
+                        cpu::merge_partials::merge_partials(
+                            p,
+                            (f(part_o), f(part_stats), Some(f(row_parts))),
+                            (fm(o), fm(lse), Some(fm(row_out))),
+                        )
+                    }
+                    _ => arity(buffers.len()),
+                }
             }
             Kernel::Linear { x: xs, w: ws } => {
                 let [x, w, b, y] = buffers else {
@@ -542,11 +578,33 @@ impl Kernel {
             br,
             r,
             masked,
+            stats,
             ..
         } = *self
         {
             out.push_str(&flash_prelude(dk / 4, dv / 4, bc, (br, r)));
             out.push_str(&format!("const ANY_MASKING: bool = {masked};\n"));
+            out.push_str(&format!("const ROW_STATS: bool = {stats};\n"));
+            out.push_str(if stats {
+                "@group(0) @binding(9) var<storage, read_write> row_stats: array<f32>;\n\
+                 fn write_row_stats(i: u32, j: u32, entropy: f32, focus: f32) {\n    \
+                 row_stats[i] = entropy;\n    row_stats[j] = focus;\n}\n"
+            } else {
+                "fn write_row_stats(i: u32, j: u32, entropy: f32, focus: f32) {}\n"
+            });
+        }
+        if let Kernel::MergePartials { stats } = *self {
+            out.push_str(&format!("const ROW_STATS: bool = {stats};\n"));
+            out.push_str(if stats {
+                "@group(0) @binding(5) var<storage, read> row_parts: array<f32>;\n\
+                 @group(0) @binding(6) var<storage, read_write> row_out: array<f32>;\n\
+                 fn row_part(i: u32) -> f32 {\n    return row_parts[i];\n}\n\
+                 fn write_row_out(i: u32, j: u32, entropy: f32, focus: f32) {\n    \
+                 row_out[i] = entropy;\n    row_out[j] = focus;\n}\n"
+            } else {
+                "fn row_part(i: u32) -> f32 {\n    return 0.0;\n}\n\
+                 fn write_row_out(i: u32, j: u32, entropy: f32, focus: f32) {}\n"
+            });
         }
         if let Kernel::QkScores { masked, .. } = *self {
             out.push_str(&format!("const ANY_MASKING: bool = {masked};\n"));

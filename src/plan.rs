@@ -447,21 +447,23 @@ pub fn attention(
         ..*io
     };
     let storage = Storage::of(req.dtype, caps.native_f16);
+    // Whether the fused kernel wrote entropy and focus (the other statistics come after).
+    let mut row_stats_done = false;
     let (path, tiling) = match path {
         Path::ThreePass => three_pass(req, caps, storage, program, io)?,
         Path::Fused | Path::SplitK => {
-            let kernel = fused_kernel(&s, caps, !req.masks.is_empty(), storage)?;
+            let row_stats = req.stats.entropy || req.stats.focus;
+            let kernel = fused_kernel(&s, caps, (!req.masks.is_empty(), row_stats), storage)?;
             // Where the device caps loop iterations, a source longer than one pass may
             // walk is split (split-K) even when the fused path was asked for.
             let params = Params::Attn(base_params(&s, req.scale, &req.masks));
             let per_pass = caps.loop_len(&kernel.loop_cost(&params).0);
             let per_pass = usize::try_from(per_pass).unwrap_or(usize::MAX);
-            if path == Path::Fused && s.n <= per_pass {
-                fused(req, caps, kernel, None, program, io)?
-            } else {
-                let splits = split_count(&s, caps, per_pass.max(1));
-                fused(req, caps, kernel, Some(splits), program, io)?
-            }
+            let splits = (path == Path::SplitK || s.n > per_pass)
+                .then(|| split_count(&s, caps, per_pass.max(1)));
+            let planned = fused(req, caps, kernel, splits, program, io)?;
+            row_stats_done = row_stats;
+            planned
         }
     };
     if let Some((o32, o)) = packed_o {
@@ -473,16 +475,28 @@ pub fn attention(
             caps,
         )?;
     }
-    stats(req, caps, program, io)?;
+    stats(req, caps, program, io, row_stats_done)?;
     Ok((path, tiling))
 }
 
-/// Appends the statistics and the pooled map `io.stats` asks for, from the attention's LSE.
-fn stats(req: &Request, caps: &DeviceCaps, program: &mut Program, io: &AttnIo) -> Result<()> {
+/// Appends the statistics and the pooled map `io.stats` asks for, from the attention's LSE
+/// (entropy and focus only where the fused kernel did not write them: `rows_done`).
+fn stats(
+    req: &Request,
+    caps: &DeviceCaps,
+    program: &mut Program,
+    io: &AttnIo,
+    rows_done: bool,
+) -> Result<()> {
     let s = &req.shape;
+    let row_outputs = if rows_done {
+        [None, None]
+    } else {
+        [io.stats.entropy, io.stats.focus]
+    };
     let outputs = [
-        (io.stats.entropy, BlockOp::Entropy, (1, s.n)),
-        (io.stats.focus, BlockOp::Max, (1, s.n)),
+        (row_outputs[0], BlockOp::Entropy, (1, s.n)),
+        (row_outputs[1], BlockOp::Max, (1, s.n)),
         (io.stats.coverage, BlockOp::Sum, (s.m, 1)),
     ];
     for (out, op, block) in outputs {
@@ -650,7 +664,7 @@ impl MergePlan {
         merge_step(
             shape,
             shards as u32,
-            false,
+            (false, None),
             caps,
             &mut program,
             [part_o, part_lse, o, lse],
@@ -858,7 +872,7 @@ fn three_pass(
 fn fused_kernel(
     s: &AttnShape,
     caps: &DeviceCaps,
-    masked: bool,
+    (masked, stats): (bool, bool),
     storage: Storage,
 ) -> Result<Kernel> {
     let dk = s.d_k.next_multiple_of(4) as u32;
@@ -890,6 +904,7 @@ fn fused_kernel(
         r,
         masked,
         storage,
+        stats,
     })
 }
 
@@ -946,7 +961,10 @@ fn fused(
     io: &AttnIo,
 ) -> Result<(Path, String)> {
     let s = req.shape;
-    let Kernel::Flash { bc, br, r, .. } = kernel else {
+    let Kernel::Flash {
+        bc, br, r, stats, ..
+    } = kernel
+    else {
         unreachable!("fused_kernel returns Flash")
     };
     let max_wg = caps.max_workgroups as usize;
@@ -974,6 +992,21 @@ fn fused(
     } else {
         (io.o, io.lse)
     };
+    // Row entropy and focus: [n_splits, 2, rows] from flash (merged into [2, rows] by
+    // split-K), copied into the outputs asked for.
+    let rows = s.bh() * s.m;
+    let row_stats = stats.then(|| {
+        let final_stats = program.scratch("row_stats", bytes(2 * rows));
+        let parts = split_k.then(|| program.scratch("split_row_stats", bytes(2 * rows * splits)));
+        (final_stats, parts)
+    });
+    if let Some((_, Some(_))) = row_stats {
+        check_binding(
+            "split-K partial row statistics",
+            bytes(2 * rows * splits),
+            caps,
+        )?;
+    }
     let mut base = AttnParams {
         n_splits: splits as u32,
         split_len: split_len as u32,
@@ -990,18 +1023,23 @@ fn fused(
             rows: nr as u32,
             ..base
         };
+        let mut buffers = vec![io.q, io.k, io.v, io.lens, io.mask, io.bias, out_o, out_lse];
+        if let Some((final_stats, parts)) = row_stats {
+            buffers.push(parts.unwrap_or(final_stats));
+        }
         program.dispatch(
             kernel,
             Params::Attn(params),
             [nr.div_ceil(br as usize) as u32, splits as u32, nbh as u32],
-            &[io.q, io.k, io.v, io.lens, io.mask, io.bias, out_o, out_lse],
+            &buffers,
         );
     }
     let path = if split_k {
+        let rows = row_stats.map(|(final_stats, parts)| [parts.expect("split-K"), final_stats]);
         merge_step(
             &s,
             splits as u32,
-            true,
+            (true, rows),
             caps,
             program,
             [out_o, out_lse, io.o, io.lse],
@@ -1010,6 +1048,14 @@ fn fused(
     } else {
         Path::Fused
     };
+    if let Some((final_stats, _)) = row_stats {
+        let size = bytes(rows);
+        for (out, offset) in [(io.stats.entropy, 0), (io.stats.focus, size)] {
+            if let Some(out) = out {
+                program.copy((final_stats, offset), (out, 0), size);
+            }
+        }
+    }
     Ok((
         path,
         format!(
@@ -1038,10 +1084,11 @@ fn fold_grid(what: &str, threads: usize, caps: &DeviceCaps) -> Result<[u32; 3]> 
 
 /// The merge of `splits` stacked partials: split-K statistics (`split_stats`, two rows per
 /// split) or one LSE row per shard.
+/// With `row_stats` (`[parts, out]`), split-K's row entropy and focus are merged too.
 fn merge_step(
     s: &AttnShape,
     splits: u32,
-    split_stats: bool,
+    (split_stats, row_stats): (bool, Option<[BufferId; 2]>),
     caps: &DeviceCaps,
     program: &mut Program,
     buffers: [BufferId; 4],
@@ -1054,7 +1101,12 @@ fn merge_step(
     if split_stats {
         params.flags |= flags::SPLIT_STATS;
     }
-    program.dispatch(Kernel::MergePartials, Params::Attn(params), grid, &buffers);
+    let mut buffers = buffers.to_vec();
+    buffers.extend(row_stats.into_iter().flatten());
+    let kernel = Kernel::MergePartials {
+        stats: row_stats.is_some(),
+    };
+    program.dispatch(kernel, Params::Attn(params), grid, &buffers);
     Ok(())
 }
 

@@ -22,22 +22,22 @@ struct Row {
     acc: Vec<f32>,
     m: f32,
     l: f32,
+    /// Σ p·(m − s), log2 units (the row statistics).
+    t: f32,
 }
 
 /// Writes split `split`'s normalized O into slice `split` of `o [n_splits, batch, M, q_heads, d_v]`
 /// and its LSE into `lse [n_splits, batch, q_heads, M]` (with `flags::SPLIT_STATS`, its max
 /// logit and ln(sum) into `lse [n_splits, 2, batch, q_heads, M]`), for every split of the
-/// chunk; `br` rows share a workgroup's key range, `r` rows an invocation's tiles.
-#[allow(clippy::too_many_arguments)]
+/// chunk; `br` rows share a workgroup's key range, `r` rows an invocation's tiles. With
+/// `row_stats`, each row's entropy and focus over the split's keys into `row_stats [n_splits,
+/// 2, rows]`.
 pub fn flash(
     p: &AttnParams,
     (bc, br, r): (u32, u32, u32),
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    (q, k, v): (&[f32], &[f32], &[f32]),
     masks: &MaskData,
-    o: &mut [f32],
-    lse: &mut [f32],
+    (o, lse, mut row_stats): (&mut [f32], &mut [f32], Option<&mut [f32]>),
 ) {
     assert!(
         r > 0 && br % r == 0,
@@ -103,6 +103,7 @@ pub fn flash(
                                 acc: vec![0.0; dv],
                                 m: MASKED,
                                 l: 0.0,
+                                t: 0.0,
                             }
                         })
                         .collect();
@@ -161,6 +162,12 @@ pub fn flash(
                             for (i, row) in rows.iter_mut().enumerate() {
                                 let tmax = sc.iter().fold(row.m, |a, s| a.max(s[i]));
                                 let alpha = (row.m - tmax).exp2();
+                                let rebase = if row.l > 0.0 {
+                                    (tmax - row.m) * row.l
+                                } else {
+                                    0.0
+                                };
+                                row.t = alpha * (row.t + rebase);
                                 row.l *= alpha;
                                 row.acc.iter_mut().for_each(|a| *a *= alpha);
                                 // The shader takes keys two at a time here (and for whole tiles'
@@ -173,6 +180,7 @@ pub fn flash(
                                         0.0
                                     };
                                     row.l += pc;
+                                    row.t += pc * (tmax - s[i]);
                                     let vbase =
                                         (((b * p.n + j) * p.kv_heads + hk) * p.d_v) as usize;
                                     for (a, &x) in row.acc.iter_mut().zip(&v[vbase..vbase + dv]) {
@@ -203,6 +211,15 @@ pub fn flash(
                             lse[((2 * split + 1) * rows + at) as usize] = log_sum;
                         } else {
                             lse[(split * rows + at) as usize] = row_max + log_sum;
+                        }
+                        if let Some(out) = row_stats.as_deref_mut() {
+                            let entropy = if l > 0.0 {
+                                LN_2 * (l.log2() + row.t / l)
+                            } else {
+                                0.0
+                            };
+                            out[(2 * split * rows + at) as usize] = entropy;
+                            out[((2 * split + 1) * rows + at) as usize] = inv;
                         }
                     }
                 }

@@ -6,13 +6,13 @@ use crate::params::{flags, AttnParams};
 
 /// Merges `o_parts [n_splits, batch, M, q_heads, d_v]` with `stats` (LSE `[n_splits, batch,
 /// q_heads, M]`, or with `flags::SPLIT_STATS` max and ln(sum) `[n_splits, 2, batch, q_heads, M]`)
-/// into `o [batch, M, q_heads, d_v]` and `lse [batch, q_heads, M]`.
+/// into `o [batch, M, q_heads, d_v]` and `lse [batch, q_heads, M]`; with `row_parts`
+/// (each split's entropy and focus, `[n_splits, 2, rows]`), their merge into `row_out [2,
+/// rows]`.
 pub fn merge_partials(
     p: &AttnParams,
-    o_parts: &[f32],
-    stats: &[f32],
-    o: &mut [f32],
-    lse: &mut [f32],
+    (o_parts, stats, row_parts): (&[f32], &[f32], Option<&[f32]>),
+    (o, lse, mut row_out): (&mut [f32], &mut [f32], Option<&mut [f32]>),
 ) {
     let rows = (p.batch * p.m * p.q_heads) as usize;
     let dv = p.d_v as usize;
@@ -48,6 +48,23 @@ pub fn merge_partials(
         o[at] = out;
         if d == 0 {
             lse[lrow] = out_lse;
+            if let (Some(parts), Some(out)) = (row_parts, row_out.as_deref_mut()) {
+                let (mut entropy, mut focus) = (0.0f32, 0.0f32);
+                if total > 0.0 {
+                    let ln_total = total.ln();
+                    for s in 0..splits {
+                        let (max, log_sum) = slice(s);
+                        if max > REMOVED_BELOW {
+                            let ln_w = (max - mx) + log_sum - ln_total;
+                            let w = ln_w.exp();
+                            entropy += w * (parts[2 * s * rows + lrow] - ln_w);
+                            focus = focus.max(w * parts[(2 * s + 1) * rows + lrow]);
+                        }
+                    }
+                }
+                out[lrow] = entropy;
+                out[rows + lrow] = focus;
+            }
         }
     }
 }
