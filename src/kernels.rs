@@ -81,6 +81,18 @@ pub enum Kernel {
         /// `DType::F16` or `DType::Bf16`.
         to: DType,
     },
+    /// Each key's coverage Σ_i P_ij, P rebuilt from Q, K and the LSE; Q tiles in workgroup
+    /// memory, one key per invocation.
+    KeyCoverage {
+        /// Head dim of Q/K, rounded up to a multiple of 4.
+        dk: u32,
+        /// Query rows per tile in workgroup memory.
+        bq: u32,
+        /// Whether the call has any masking (as `QkScores`).
+        masked: bool,
+        /// How Q and K are read.
+        storage: Storage,
+    },
     /// Reductions of P = exp(s − LSE), rebuilt from Q, K and the LSE, over blocks of
     /// (query rows × keys): the statistics and pooled heatmaps.
     WeightBlocks {
@@ -135,6 +147,7 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
         "weight_blocks",
         include_str!("../shaders/weight_blocks.wgsl"),
     ),
+    ("key_coverage", include_str!("../shaders/key_coverage.wgsl")),
 ];
 
 /// Shared WGSL pulled in by `//!include <path>` lines.
@@ -212,6 +225,7 @@ impl Kernel {
             Kernel::MeanHeads => "mean_heads",
             Kernel::Pack { .. } => "pack",
             Kernel::WeightBlocks { .. } => "weight_blocks",
+            Kernel::KeyCoverage { .. } => "key_coverage",
         }
     }
 
@@ -234,7 +248,7 @@ impl Kernel {
             }
             Kernel::Linear { .. } => &[Uniform, Read, Read, Read, ReadWrite],
             Kernel::MeanHeads | Kernel::Pack { .. } => &[Uniform, Read, ReadWrite],
-            Kernel::WeightBlocks { .. } => {
+            Kernel::WeightBlocks { .. } | Kernel::KeyCoverage { .. } => {
                 &[Uniform, Read, Read, Read, Read, Read, Read, ReadWrite]
             }
         }
@@ -259,6 +273,16 @@ impl Kernel {
                 format!("xattn.flash_dk{dk}_dv{dv}_bc{bc}_br{br}_r{r}{storage}{suffix}{stats}")
             }
             Kernel::MergePartials { stats: true } => "xattn.merge_partials_stats".into(),
+            Kernel::KeyCoverage {
+                dk,
+                bq,
+                masked,
+                storage,
+            } => {
+                let suffix = if *masked { "_masked" } else { "" };
+                let storage = storage_suffix(*storage);
+                format!("xattn.key_coverage_dk{dk}_bq{bq}{storage}{suffix}")
+            }
             Kernel::QkScores { masked, storage } => {
                 let suffix = if *masked { "_masked" } else { "" };
                 format!("xattn.qk_scores{}{suffix}", storage_suffix(*storage))
@@ -293,6 +317,7 @@ impl Kernel {
             }
             Kernel::SoftmaxRows => SOFTMAX_WG * 4,
             Kernel::Flash { dk, dv, bc, .. } => u64::from(bc * (dk + dv)) * 4,
+            Kernel::KeyCoverage { dk, bq, .. } => u64::from(bq * (dk + 1)) * 4,
             Kernel::MergePartials { .. }
             | Kernel::MeanHeads
             | Kernel::Pack { .. }
@@ -312,6 +337,7 @@ impl Kernel {
             Kernel::MeanHeads => "heads",
             Kernel::Pack { .. } => "(none)",
             Kernel::WeightBlocks { .. } => "(query row, key) pairs per block and pass",
+            Kernel::KeyCoverage { .. } => "query rows per pass",
         }
     }
 
@@ -386,6 +412,25 @@ impl Kernel {
             // Per (row, key) pair of the pass: its share of the row loop (one iteration per
             // row, at most one per pair) and of the key loop (with each row's exit test: at
             // most one per pair), the head-dim loop and the segment lookup.
+            // The K row load; per tile of bq rows: the tile loop, the staging loop (with its
+            // 4-element loop per vec4) and the row loop, and per row the vec4 dot-product loop
+            // and the segment lookup.
+            Kernel::KeyCoverage { dk, bq, .. } => {
+                let (dk4, bq) = (u64::from(dk / 4), u64::from(bq));
+                let staged = (bq * dk4).div_ceil(64);
+                (
+                    LoopCost {
+                        fixed: looped(u64::from(attn.d_k)) + looped(0),
+                        per_step: 1
+                            + looped(staged)
+                            + staged * looped(4)
+                            + looped(bq)
+                            + bq * (looped(dk4) + segments),
+                        step: bq,
+                    },
+                    u64::from(attn.rows),
+                )
+            }
             Kernel::WeightBlocks { .. } => (
                 LoopCost {
                     fixed: looped(0),
@@ -532,6 +577,15 @@ impl Kernel {
                 };
                 cpu::pack::pack(p, to, f(src), dst);
             }
+            Kernel::KeyCoverage { storage, .. } => {
+                let [q, k, lens, mask, bias, lse, out] = buffers else {
+                    arity(buffers.len())
+                };
+                let m = masks(lens, mask, bias);
+                let (q, k) = (widen(storage, q), widen(storage, k));
+                let p = params.attn();
+                cpu::key_coverage::key_coverage(p, (&q, &k), &m, f(lse), fm(out));
+            }
             Kernel::WeightBlocks { op, storage, .. } => {
                 let [q, k, lens, mask, bias, lse, out] = buffers else {
                     arity(buffers.len())
@@ -559,7 +613,8 @@ impl Kernel {
             Kernel::QkScores { storage, .. }
             | Kernel::WeightedSum { storage }
             | Kernel::Flash { storage, .. }
-            | Kernel::WeightBlocks { storage, .. } => {
+            | Kernel::WeightBlocks { storage, .. }
+            | Kernel::KeyCoverage { storage, .. } => {
                 out.push_str(&storage.wgsl("Elem", self.half_arrays()));
             }
             Kernel::Linear { x, w } => {
@@ -609,6 +664,12 @@ impl Kernel {
         if let Kernel::QkScores { masked, .. } = *self {
             out.push_str(&format!("const ANY_MASKING: bool = {masked};\n"));
         }
+        if let Kernel::KeyCoverage { dk, bq, masked, .. } = *self {
+            out.push_str(&format!(
+                "const DK4: u32 = {}u;\nconst BQ: u32 = {bq}u;\nconst ANY_MASKING: bool = {masked};\n",
+                dk / 4
+            ));
+        }
         if let Kernel::WeightBlocks { op, masked, .. } = *self {
             let op = match op {
                 BlockOp::Sum => 0,
@@ -630,7 +691,8 @@ impl Kernel {
             Kernel::QkScores { storage, .. }
             | Kernel::WeightedSum { storage }
             | Kernel::Flash { storage, .. }
-            | Kernel::WeightBlocks { storage, .. } => vec![storage],
+            | Kernel::WeightBlocks { storage, .. }
+            | Kernel::KeyCoverage { storage, .. } => vec![storage],
             Kernel::Linear { x, w } => vec![x, w],
             _ => Vec::new(),
         }
@@ -642,7 +704,7 @@ impl Kernel {
             Kernel::QkScores { .. } => &["q", "k"],
             Kernel::WeightedSum { .. } => &["v"],
             Kernel::Flash { .. } => &["q", "k", "v"],
-            Kernel::WeightBlocks { .. } => &["q", "k"],
+            Kernel::WeightBlocks { .. } | Kernel::KeyCoverage { .. } => &["q", "k"],
             _ => &[],
         }
     }

@@ -494,10 +494,19 @@ fn stats(
     } else {
         [io.stats.entropy, io.stats.focus]
     };
+    // Coverage by its own kernel where K rows fit in registers as in the fused kernel.
+    let tiled_coverage = s.d_k <= FUSED_MAX_HEAD_DIM;
+    if let (Some(out), true) = (io.stats.coverage, tiled_coverage) {
+        key_coverage(req, caps, program, io, out)?;
+    }
     let outputs = [
         (row_outputs[0], BlockOp::Entropy, (1, s.n)),
         (row_outputs[1], BlockOp::Max, (1, s.n)),
-        (io.stats.coverage, BlockOp::Sum, (s.m, 1)),
+        (
+            io.stats.coverage.filter(|_| !tiled_coverage),
+            BlockOp::Sum,
+            (s.m, 1),
+        ),
     ];
     for (out, op, block) in outputs {
         if let Some(out) = out {
@@ -510,6 +519,73 @@ fn stats(
             PoolOp::Mean => BlockOp::Mean,
         };
         weight_blocks(req, caps, program, io, (op, pool.block(s.m, s.n)), out)?;
+    }
+    Ok(())
+}
+
+/// Appends each key's coverage `Σ_i P_ij` into `out [batch·q_heads, N]` by `key_coverage`:
+/// as many passes over the query rows as the device's loop cap needs.
+fn key_coverage(
+    req: &Request,
+    caps: &DeviceCaps,
+    program: &mut Program,
+    io: &AttnIo,
+    out: BufferId,
+) -> Result<()> {
+    let s = &req.shape;
+    check_binding("key coverage", bytes(s.bh() * s.n), caps)?;
+    let dk = s.d_k.next_multiple_of(4) as u32;
+    // Rows of Q (and their LSE) per tile within the portable 16 KiB of workgroup memory.
+    let budget = caps.max_workgroup_bytes.min(16 << 10);
+    let bq = [64u32, 32, 16, 8, 4]
+        .into_iter()
+        .find(|bq| u64::from(bq * (dk + 1)) * F32 <= budget)
+        .ok_or_else(|| {
+            limit_err(
+                format!("key coverage Q tiles of 4 rows × d_k {dk}"),
+                u64::from(4 * (dk + 1)) * F32,
+                "max_compute_workgroup_storage_size",
+                caps.max_workgroup_bytes,
+            )
+        })?;
+    let kernel = Kernel::KeyCoverage {
+        dk,
+        bq,
+        masked: !req.masks.is_empty(),
+        storage: Storage::of(req.dtype, caps.native_f16),
+    };
+    let base = base_params(s, req.scale, &req.masks);
+    let per_pass = caps.loop_len(&kernel.loop_cost(&Params::Attn(base)).0);
+    // Whole tiles per pass, so that only the last pass has a partial one.
+    let per_pass = usize::try_from(per_pass).unwrap_or(usize::MAX) / bq as usize * bq as usize;
+    if per_pass == 0 {
+        return Err(limit_err(
+            format!("key coverage over one tile of {bq} rows of d_k {}", s.d_k),
+            kernel.loop_cost(&Params::Attn(base)).0.trips(u64::from(bq)),
+            "loop iterations per invocation (Mesa llvmpipe ends loops past it)",
+            caps.loop_cap.unwrap_or(0),
+        ));
+    }
+    let max_wg = caps.max_workgroups as usize;
+    let groups = s.n.div_ceil(64);
+    let x = groups.min(max_wg);
+    let y = check_grid("key coverage", groups.div_ceil(x), caps)?;
+    for bh0 in (0..s.bh()).step_by(max_wg) {
+        let nbh = max_wg.min(s.bh() - bh0);
+        for r0 in (0..s.m).step_by(per_pass) {
+            let mut p = AttnParams {
+                bh_offset: bh0 as u32,
+                bh_count: nbh as u32,
+                row_offset: r0 as u32,
+                rows: per_pass.min(s.m - r0) as u32,
+                ..base
+            };
+            if r0 > 0 {
+                p.flags |= flags::ACCUMULATE;
+            }
+            let buffers = [io.q, io.k, io.lens, io.mask, io.bias, io.lse, out];
+            program.dispatch(kernel, Params::Attn(p), [x as u32, y, nbh as u32], &buffers);
+        }
     }
     Ok(())
 }

@@ -125,50 +125,45 @@ fn statistics_need_no_m_by_n_memory() {
     assert!(plan.program.buffers().iter().all(|b| b.bytes <= 16 << 20));
 }
 
+/// Dispatches of `kernel` in `plan`.
+fn passes(plan: &xattn::Plan, kernel: &str) -> usize {
+    plan.program
+        .dispatches()
+        .filter(|d| d.kernel.name() == kernel)
+        .count()
+}
+
 #[test]
-fn statistics_run_on_a_long_square_problem() {
+fn statistics_run_in_several_passes_on_long_problems() {
     let Some(engine) = engine() else { return };
-    // Long enough that weight_blocks takes several passes under llvmpipe's loop cap.
-    let s = shape(1, 1500, 4100, 1, 1, 32);
-    let (q, k, v) = qkv(&s, 1.0, 1401);
+    let capped = engine.caps().loop_cap.is_some();
     let pool = Pool {
         max_side: 64,
         op: PoolOp::Mean,
     };
-    let scale = 1.0 / (s.d_k as f64).sqrt();
-    let want = reference::attention(&s, &q, &k, &v, scale);
-    let base = budget(&s, scale as f32, &q, &k, &v).lse;
-    for path in [Path::Fused, Path::ThreePass] {
+    // Long rows: on three-pass, weight_blocks walks 4100 keys for entropy and for focus in
+    // ≤ 1820 per pass (36 loop iterations a key) under llvmpipe's cap; the fused kernel writes
+    // them itself. Many rows: key_coverage walks 9000 query rows of d 128 in ≤ 1760 per pass.
+    for (s, path, kernel, least) in [
+        (shape(1, 1500, 4100, 1, 1, 32), Path::ThreePass, "weight_blocks", 7),
+        (shape(1, 1500, 4100, 1, 1, 32), Path::Fused, "weight_blocks", 1),
+        (shape(1, 9000, 50, 2, 1, 128), Path::Fused, "key_coverage", 5),
+    ] {
+        let (q, k, v) = qkv(&s, 1.0, 1401);
+        let scale = 1.0 / (s.d_k as f64).sqrt();
+        let want = reference::attention(&s, &q, &k, &v, scale);
+        let base = budget(&s, scale as f32, &q, &k, &v).lse;
         let o = Attention::default()
             .with_path(path)
             .with_stats(Stats::ALL)
             .with_pooled_weights(pool);
         let (plan, got) = run_poisoned(engine, &s, (&q, &k, &v), &o).unwrap();
-        let passes = plan
-            .program
-            .dispatches()
-            .filter(|d| d.kernel.name() == "weight_blocks")
-            .count();
-        // The fused kernel writes entropy and focus itself; weight_blocks does coverage (1500
-        // rows in ≤ 1820 per pass) and the map (blocks of 24 × 65). On three-pass it also
-        // walks 4100 keys for entropy and for focus in ≤ 1820 per pass (36 loop iterations a
-        // key).
-        let least = if path == Path::ThreePass { 8 } else { 2 };
-        if engine.caps().loop_cap.is_some() {
-            assert!(
-                passes >= least,
-                "{} {passes} weight_blocks passes",
-                path.name()
-            );
+        let what = format!("{} {s}", path.name());
+        if capped {
+            let n = passes(&plan, kernel);
+            assert!(n >= least, "{what}: {n} {kernel} passes");
         }
-        check_stats(
-            &format!("{} {s}", path.name()),
-            &s,
-            &got,
-            &want.weights,
-            pool,
-            base,
-        );
+        check_stats(&what, &s, &got, &want.weights, pool, base);
     }
 }
 
