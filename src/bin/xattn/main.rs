@@ -59,6 +59,10 @@ enum Command {
     /// Masks and logit controls (causal, window, lengths, bool mask, bias, softcap, key
     /// segments) combine; a row left with no key outputs zeros and LSE −inf.
     ///
+    /// What attends to what, on any path and without storing P: --entropy, --focus and
+    /// --coverage write statistics of the weights (float32 .npy), --heatmap DIR writes PNG
+    /// maps of P per head and averaged, pooled on the GPU where larger than 2048 a side.
+    ///
     /// Exit status: 0 done (and O matches --expect), 1 an error, 2 a usage error, 3 O does
     /// not match --expect.
     Run(run::RunArgs),
@@ -83,6 +87,8 @@ enum Command {
     /// --heads and d = inner width / H; --key-padding-mask adds PyTorch's padding mask (true =
     /// ignore). A query row left with no key gets a zero attention output, so out = b_o there,
     /// as PyTorch gives with need_weights=False (with need_weights=True it gives NaN).
+    /// --entropy, --focus, --coverage and --heatmap work as for `xattn run`, per head (the
+    /// heatmaps also averaged over heads).
     Mha(mha::MhaArgs),
     /// Time the attention paths on standard or custom shapes.
     ///
