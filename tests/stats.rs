@@ -96,7 +96,7 @@ fn split_k_statistics_equal_the_fused_ones() {
 #[test]
 fn statistics_need_no_m_by_n_memory() {
     // M = N = 16384: P would take 1 GiB per head; the plan with every statistic declares
-    // buffers of O(M + N) per head. (Run below at a size lavapipe finishes quickly.)
+    // buffers of O(M + N) per head. (It runs in the test below, at d 8 and without the map.)
     let big = shape(1, 16384, 16384, 1, 1, 64);
     let req = Attention::default()
         .with_path(Path::Fused)
@@ -125,6 +125,84 @@ fn statistics_need_no_m_by_n_memory() {
     assert!(plan.program.buffers().iter().all(|b| b.bytes <= 16 << 20));
 }
 
+#[test]
+fn statistics_of_a_16384_square_run_on_the_fused_path() {
+    let Some(engine) = engine() else { return };
+    let s = shape(1, 16384, 16384, 1, 1, 8);
+    let (q, k, v) = qkv(&s, 2.0, 1501);
+    let opts = Attention::default()
+        .with_path(Path::Fused)
+        .with_stats(Stats::ALL);
+    let start = std::time::Instant::now();
+    let (plan, got) = run_poisoned(engine, &s, (&q, &k, &v), &opts).unwrap();
+    eprintln!(
+        "{s}: {:.1} s with uploads and readback",
+        start.elapsed().as_secs_f64()
+    );
+    let declared: u64 = plan.program.buffers().iter().map(|b| b.bytes).sum();
+    eprintln!(
+        "{s} fused with every statistic: {} declared in all ({}), P would be {}",
+        xattn::plan::human_bytes(declared),
+        plan.path.name(),
+        xattn::plan::human_bytes((s.m * s.n * 4) as u64)
+    );
+    assert!(declared < 8 << 20, "{declared} bytes");
+    let (entropy, focus, coverage) = (
+        got.stats.entropy.unwrap(),
+        got.stats.focus.unwrap(),
+        got.stats.coverage.unwrap(),
+    );
+    // Every row's weights sum to 1, so the coverage sums to M.
+    let total: f64 = coverage.iter().map(|&c| f64::from(c)).sum();
+    assert!(
+        (total - s.m as f64).abs() < 1e-3 * s.m as f64,
+        "Σ coverage {total}"
+    );
+    // A few rows and keys against f64 (the reference needs P's row or column only).
+    let scale = 1.0 / (s.d_k as f64).sqrt();
+    let logit = |i: usize, j: usize| -> f64 {
+        (0..s.d_k)
+            .map(|d| f64::from(q[i * s.d_k + d]) * f64::from(k[j * s.d_k + d]))
+            .sum::<f64>()
+            * scale
+    };
+    let lse = |i: usize| -> f64 {
+        let row: Vec<f64> = (0..s.n).map(|j| logit(i, j)).collect();
+        let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        mx + row.iter().map(|x| (x - mx).exp()).sum::<f64>().ln()
+    };
+    let base = budget(&s, scale as f32, &q, &k, &v).lse;
+    let rel = 11.0 * base;
+    for i in [0, 7777, 16383] {
+        let l = lse(i);
+        let got_lse = f64::from(got.lse[i]);
+        assert!(
+            (got_lse - l).abs() <= 10.0 * base * (1.0 + l.abs()),
+            "LSE[{i}] {got_lse} vs {l}"
+        );
+        let p: Vec<f64> = (0..s.n).map(|j| (logit(i, j) - l).exp()).collect();
+        let h: f64 = p.iter().map(|&x| -x * x.ln()).sum();
+        let f = p.iter().cloned().fold(0.0, f64::max);
+        let eps = f64::from(f32::EPSILON);
+        let (eh, ef) = (f64::from(entropy[i]), f64::from(focus[i]));
+        assert!(
+            (eh - h).abs() <= (rel + s.n as f64 * eps) * (1.0 + h),
+            "entropy[{i}] {eh} vs {h}"
+        );
+        assert!((ef - f).abs() <= rel * f, "focus[{i}] {ef} vs {f}");
+    }
+    // Coverage rebuilds P from the path's LSE (checked above for a few rows, and on every
+    // path by the other tests); an f64 LSE of all 16384 rows would take minutes unoptimized.
+    for j in [0, 12345] {
+        let c: f64 = (0..s.m)
+            .map(|i| (logit(i, j) - f64::from(got.lse[i])).exp())
+            .sum();
+        let tol = (rel + s.m as f64 * f64::from(f32::EPSILON)) * c;
+        let got = f64::from(coverage[j]);
+        assert!((got - c).abs() <= tol, "coverage[{j}] {got} vs {c}");
+    }
+}
+
 /// Dispatches of `kernel` in `plan`.
 fn passes(plan: &xattn::Plan, kernel: &str) -> usize {
     plan.program
@@ -145,9 +223,24 @@ fn statistics_run_in_several_passes_on_long_problems() {
     // ≤ 1820 per pass (36 loop iterations a key) under llvmpipe's cap; the fused kernel writes
     // them itself. Many rows: key_coverage walks 9000 query rows of d 128 in ≤ 1760 per pass.
     for (s, path, kernel, least) in [
-        (shape(1, 1500, 4100, 1, 1, 32), Path::ThreePass, "weight_blocks", 7),
-        (shape(1, 1500, 4100, 1, 1, 32), Path::Fused, "weight_blocks", 1),
-        (shape(1, 9000, 50, 2, 1, 128), Path::Fused, "key_coverage", 5),
+        (
+            shape(1, 1500, 4100, 1, 1, 32),
+            Path::ThreePass,
+            "weight_blocks",
+            7,
+        ),
+        (
+            shape(1, 1500, 4100, 1, 1, 32),
+            Path::Fused,
+            "weight_blocks",
+            1,
+        ),
+        (
+            shape(1, 9000, 50, 2, 1, 128),
+            Path::Fused,
+            "key_coverage",
+            5,
+        ),
     ] {
         let (q, k, v) = qkv(&s, 1.0, 1401);
         let scale = 1.0 / (s.d_k as f64).sqrt();
