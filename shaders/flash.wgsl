@@ -27,8 +27,9 @@
 //
 // Specialized by the host (prelude): DK4, DV4 (head dims in vec4s, zero-padded), BC (keys per
 // tile), BR (rows per workgroup), R (rows per invocation), WG (= BR / R invocations), RV (f32,
-// vec2 or vec4: one lane per row), ANY_MASKING (whether the call masks anything), and the
-// straight-line helpers over DK4/DV4 vec4s and R rows: `score_block` (one key), `score_pair`
+// vec2 or vec4: one lane per row), KEY_STEP (keys per step of the score and accumulate loops:
+// 2 where R > 1, else 1), ANY_MASKING (whether the call masks anything), and the straight-line
+// helpers over DK4/DV4 vec4s and R rows: `score_block` (one key), `score_pair`
 // (keys c and c + 1 into sc), `rescale`, `accumulate`, `accumulate_pair`, and `sees_block`,
 // `keeps_block`, `logit_block`, which apply the per-row functions below to each row. They are
 // generated unrolled because the dims are known and because Mesa's llvmpipe ends an
@@ -197,12 +198,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let whole = !ANY_MASKING
                 || ((p.flags & (FLAG_MASK | LOGIT_FLAGS)) == 0u && whole_lo <= t0 && whole_hi >= t1);
             if whole {
-                // Two keys at a time: each Q vec4 read serves both (the pair's scores are the
-                // ones score_block gives).
+                // KEY_STEP keys at a time (see the prelude): a pair's scores are the ones
+                // score_block gives, and each Q vec4 read serves both. KEY_STEP is a constant,
+                // so one side of the branch is compiled: testing the odd key here instead made
+                // diffusion about 2× slower on llvmpipe (it runs both sides of such branches).
                 var c = 0u;
-                for (; c + 1u < len; c += 2u) {
-                    score_pair(c);
-                    tmax = max(tmax, max(sc[c], sc[c + 1u]));
+                for (; c + KEY_STEP <= len; c += KEY_STEP) {
+                    if KEY_STEP == 2u {
+                        score_pair(c);
+                        tmax = max(tmax, max(sc[c], sc[c + 1u]));
+                    } else {
+                        let s = score_block(c * DK4);
+                        sc[c] = s;
+                        tmax = max(tmax, s);
+                    }
                 }
                 if c < len {
                     let s = score_block(c * DK4);
@@ -230,18 +239,25 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             // Removed keys (MASKED) add 0. Branchless on purpose: lanes of one row block rarely
             // agree on a bool mask, and a divergent branch around the accumulator writes cost
             // llvmpipe 2.6× on a 50% random mask; on GPUs the skipped lanes would idle anyway.
-            // Two keys at a time, each accumulator updated by key c, then key c + 1.
+            // KEY_STEP keys at a time; a pair updates each accumulator by key c, then c + 1.
             var c = 0u;
-            for (; c + 1u < len; c += 2u) {
+            for (; c + KEY_STEP <= len; c += KEY_STEP) {
                 let pc = select(RV(0.0), exp2(sc[c] - tmax), sc[c] > RV(REMOVED_BELOW));
-                let pd = select(RV(0.0), exp2(sc[c + 1u] - tmax), sc[c + 1u] > RV(REMOVED_BELOW));
                 l += pc;
-                l += pd;
                 if ROW_STATS {
                     t += pc * (tmax - sc[c]);
-                    t += pd * (tmax - sc[c + 1u]);
                 }
-                accumulate_pair(pc, pd, c);
+                if KEY_STEP == 2u {
+                    let pd = select(RV(0.0), exp2(sc[c + 1u] - tmax),
+                        sc[c + 1u] > RV(REMOVED_BELOW));
+                    l += pd;
+                    if ROW_STATS {
+                        t += pd * (tmax - sc[c + 1u]);
+                    }
+                    accumulate_pair(pc, pd, c);
+                } else {
+                    accumulate(pc, c * DV4);
+                }
             }
             if c < len {
                 let pc = select(RV(0.0), exp2(sc[c] - tmax), sc[c] > RV(REMOVED_BELOW));

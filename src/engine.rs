@@ -293,8 +293,9 @@ impl Engine {
     }
 
     /// An engine that plans as if the device's limits were `caps` (each clamped to the real
-    /// limit; a loop cap of the adapter's stays). Lets tests and users force the
-    /// work-splitting paths, the loop-cap splits included on any device.
+    /// limit; a loop cap of the adapter's stays; the fill estimate is taken as given). Lets
+    /// tests and users force the work-splitting paths, the loop-cap splits included on any
+    /// device.
     pub fn with_caps(ctx: &Context, caps: DeviceCaps) -> Self {
         let real = ctx.caps();
         let caps = DeviceCaps {
@@ -304,6 +305,7 @@ impl Engine {
             max_workgroup_bytes: caps.max_workgroup_bytes.min(real.max_workgroup_bytes),
             uniform_align: real.uniform_align,
             native_f16: caps.native_f16 && real.native_f16,
+            fill: caps.fill,
             loop_cap: match (caps.loop_cap, real.loop_cap) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),

@@ -61,6 +61,6 @@ pub use gpu::executor::GpuTimer;
 pub use gpu::tensor::Tensor;
 pub use mask::Alignment;
 pub use mha::{MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights, PreparedLayer};
-pub use plan::{loop_cap_of, DeviceCaps, Path, Plan, Request, LLVMPIPE_LOOP_CAP};
+pub use plan::{fill_of, loop_cap_of, DeviceCaps, Fill, Path, Plan, Request, LLVMPIPE_LOOP_CAP};
 pub use shape::AttnShape;
 pub use stats::{Pool, PoolOp, Stats, StatsOutput};

@@ -79,6 +79,50 @@ pub struct DeviceCaps {
     /// Whether kernels may declare `f16` arrays (`SHADER_F16` enabled on the device); without,
     /// f16 tensors are read as packed pairs ([`Storage`]).
     pub native_f16: bool,
+    /// How many workgroups the device runs at once: split-K splits the keys until the grid
+    /// has this many, and a grid that has them is not split.
+    pub fill: Fill,
+}
+
+/// An estimate of how many workgroups keep a device busy, and what it rests on. wgpu reports
+/// no compute-unit count, so it is derived from the adapter's device type ([`fill_of`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fill {
+    /// Workgroups the device runs at once (≥ 1).
+    pub workgroups: u32,
+    /// Why this many (for `--plan`).
+    pub basis: &'static str,
+}
+
+impl fmt::Display for Fill {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "~{} ({})", self.workgroups, self.basis)
+    }
+}
+
+/// The fill of a GPU the adapter says nothing useful about, and of a discrete one: 20–144
+/// compute units, each holding two or more of the fused kernel's workgroups at once.
+pub const GPU_FILL: Fill = Fill {
+    workgroups: 256,
+    basis: "a discrete GPU's estimate: up to ~128 compute units × 2",
+};
+
+/// The fill of an adapter of this device type: one workgroup per host thread on a CPU adapter
+/// (Mesa's lavapipe and llvmpipe, SwiftShader, WARP run each workgroup on one thread of a pool
+/// as large as the host's `host_threads`), 64 on an integrated GPU (8–32 compute units × 2),
+/// [`GPU_FILL`] for the rest.
+pub fn fill_of(device_type: wgpu::DeviceType, host_threads: usize) -> Fill {
+    match device_type {
+        wgpu::DeviceType::Cpu => Fill {
+            workgroups: u32::try_from(host_threads).unwrap_or(u32::MAX).max(1),
+            basis: "a CPU adapter: one workgroup per host thread",
+        },
+        wgpu::DeviceType::IntegratedGpu => Fill {
+            workgroups: 64,
+            basis: "an integrated GPU's estimate: up to ~32 compute units × 2",
+        },
+        _ => GPU_FILL,
+    }
 }
 
 /// Mesa's llvmpipe (lavapipe on Vulkan, llvmpipe under wgpu's GL backend) ends every loop of a
@@ -97,11 +141,13 @@ pub fn loop_cap_of(info: &wgpu::AdapterInfo) -> Option<u64> {
 }
 
 impl DeviceCaps {
-    /// The caps of a device with these limits, on an adapter with no loop cap.
+    /// The caps of a device with these limits, on an adapter with no loop cap, filled as a
+    /// discrete GPU ([`GPU_FILL`]).
     pub fn from_limits(l: &wgpu::Limits) -> Self {
         Self {
             loop_cap: None,
             native_f16: false,
+            fill: GPU_FILL,
             max_binding: l.max_storage_buffer_binding_size,
             max_buffer: l.max_buffer_size,
             max_workgroups: l.max_compute_workgroups_per_dimension,
@@ -289,8 +335,6 @@ pub const FUSED_ROWS: u32 = 64;
 /// the footprint of one row at the largest head dim (256 + 256), so larger R only where rows
 /// are short (R = 4 up to d_k + d_v = 128, R = 2 up to 256).
 pub const FUSED_ROW_FLOATS: u32 = 512;
-/// Fewer workgroups than this on the fused path leaves a GPU idle: split the keys instead.
-const TARGET_WORKGROUPS: usize = 256;
 /// Smallest key range worth a split of its own.
 const MIN_SPLIT_KEYS: usize = 128;
 /// The three-pass scratch is capped here even where bindings may be larger.
@@ -411,17 +455,11 @@ pub fn attention(
         }
     }
     let fused_ok = s.d_k <= FUSED_MAX_HEAD_DIM && s.d_v <= FUSED_MAX_HEAD_DIM;
+    // Fused or split-K, unless forced, is decided with the fused kernel's grid below.
     let path = match req.path {
         Some(p) => p,
         None if req.weights || !fused_ok => Path::ThreePass,
-        None => {
-            let row_blocks = s.m.div_ceil(FUSED_ROWS as usize);
-            if row_blocks * s.bh() < TARGET_WORKGROUPS && s.n >= 2 * MIN_SPLIT_KEYS {
-                Path::SplitK
-            } else {
-                Path::Fused
-            }
-        }
+        None => Path::Fused,
     };
     if req.weights && path != Path::ThreePass {
         return Err(Error::Unsupported(format!(
@@ -454,16 +492,24 @@ pub fn attention(
         Path::Fused | Path::SplitK => {
             let row_stats = req.stats.entropy || req.stats.focus;
             let kernel = fused_kernel(&s, caps, (!req.masks.is_empty(), row_stats), storage)?;
-            // Where the device caps loop iterations, a source longer than one pass may
-            // walk is split (split-K) even when the fused path was asked for.
+            let Kernel::Flash { br, .. } = kernel else {
+                unreachable!("fused_kernel returns Flash")
+            };
             let params = Params::Attn(base_params(&s, req.scale, &req.masks));
             let per_pass = caps.loop_len(&kernel.loop_cost(&params).0);
-            let per_pass = usize::try_from(per_pass).unwrap_or(usize::MAX);
-            let splits = (path == Path::SplitK || s.n > per_pass)
-                .then(|| split_count(&s, caps, per_pass.max(1)));
-            let planned = fused(req, caps, kernel, splits, program, io)?;
+            let per_pass = usize::try_from(per_pass).unwrap_or(usize::MAX).max(1);
+            let forced = req.path == Some(Path::SplitK);
+            let mut split = split_count(&s, br, caps, per_pass, forced);
+            // A forced fused path stays fused where one pass may walk every key; past the
+            // loop cap it is split like any other.
+            if req.path == Some(Path::Fused) && s.n <= per_pass {
+                split = KeySplits {
+                    splits: 1,
+                    why: "the fused path asked for".into(),
+                };
+            }
             row_stats_done = row_stats;
-            planned
+            fused(req, caps, kernel, split, program, io)?
         }
     };
     if let Some((o32, o)) = packed_o {
@@ -1008,31 +1054,81 @@ pub fn with_rows_per_invocation<T>(r: u32, f: impl FnOnce() -> T) -> T {
     f()
 }
 
-/// Key splits for split-K: enough workgroups to fill a GPU, each split ≥ MIN_SPLIT_KEYS, and
-/// none longer than `per_pass` keys (a multiple of the key tile).
-fn split_count(s: &AttnShape, caps: &DeviceCaps, per_pass: usize) -> usize {
-    let row_blocks = s.m.div_ceil(FUSED_ROWS as usize);
-    let wanted = TARGET_WORKGROUPS.div_ceil(row_blocks * s.bh());
-    let most = s.n.div_ceil(MIN_SPLIT_KEYS).max(1);
+/// The key splits of the fused kernel and why ([`split_count`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeySplits {
+    /// Splits asked for (the plan rounds their length up to whole tiles, which may leave
+    /// fewer).
+    pub splits: usize,
+    /// Why this many (for the plan's description).
+    pub why: String,
+}
+
+/// Key splits for the fused kernel on a grid of `br`-row workgroups: one where the grid alone
+/// fills the device ([`DeviceCaps::fill`]), else as many as fill it, each of at least
+/// [`MIN_SPLIT_KEYS`] keys; at least two when split-K is `forced`; always enough that none is
+/// longer than `per_pass` keys (the loop cap); halved while the partials outgrow a binding.
+/// A pure function of shape and caps.
+pub fn split_count(
+    s: &AttnShape,
+    br: u32,
+    caps: &DeviceCaps,
+    per_pass: usize,
+    forced: bool,
+) -> KeySplits {
+    let grid = s.m.div_ceil(br as usize) * s.bh();
+    let fill = caps.fill.workgroups as usize;
+    let mut why = format!("{grid} workgroup(s) of {br} rows for {}", caps.fill);
+    let mut splits = if grid >= fill {
+        why.push_str(" fill it");
+        1
+    } else {
+        let wanted = fill.div_ceil(grid);
+        let most = (s.n / MIN_SPLIT_KEYS).max(1);
+        why.push_str(&format!(": {wanted} split(s) fill it"));
+        if wanted > most {
+            why.push_str(&format!(", {most} with ≥ {MIN_SPLIT_KEYS} keys each"));
+        }
+        wanted.min(most)
+    };
+    if forced && splits < 2 {
+        splits = 2;
+        why.push_str("; split-K asked for: 2");
+    }
     let needed = s.n.div_ceil(per_pass);
-    let mut splits = wanted
-        .clamp(1, most)
-        .max(needed)
-        .min(caps.max_workgroups as usize);
+    if splits < needed {
+        splits = needed;
+        why.push_str(&format!(
+            "; {needed} so that no split walks more than the loop cap's {per_pass} keys"
+        ));
+    }
+    let most_grid = caps.max_workgroups as usize;
+    if splits > most_grid.max(needed) {
+        splits = most_grid.max(needed);
+        why.push_str(&format!(
+            "; {splits} by max_compute_workgroups_per_dimension"
+        ));
+    }
     // Partials must fit one binding each.
     let o_bytes = bytes(s.o_dims().iter().product());
+    let before = splits;
     while splits > needed && o_bytes * splits as u64 > caps.max_binding {
         splits = (splits / 2).max(needed);
     }
-    splits
+    if splits < before {
+        why.push_str(&format!(
+            "; {splits} so that the partial outputs fit one binding"
+        ));
+    }
+    KeySplits { splits, why }
 }
 
-/// The fused kernel over all keys (`splits` = None), or split-K with partials and a merge.
+/// The fused kernel over all keys (one split), or split-K with partials and a merge.
 fn fused(
     req: &Request,
     caps: &DeviceCaps,
     kernel: Kernel,
-    splits: Option<usize>,
+    split: KeySplits,
     program: &mut Program,
     io: &AttnIo,
 ) -> Result<(Path, String)> {
@@ -1045,10 +1141,8 @@ fn fused(
     };
     let max_wg = caps.max_workgroups as usize;
     // Split lengths are whole tiles, so no tile straddles two splits.
-    let split_k = splits.is_some();
-    let split_len =
-        s.n.div_ceil(splits.unwrap_or(1))
-            .next_multiple_of(bc as usize);
+    let split_k = split.splits > 1;
+    let split_len = s.n.div_ceil(split.splits).next_multiple_of(bc as usize);
     let splits = s.n.div_ceil(split_len);
     check_grid("split-K key-split", splits, caps)?;
     let rows_max = max_wg * br as usize;
@@ -1139,9 +1233,12 @@ fn fused(
              workgroup memory); {}",
             kernel.label(),
             if split_k {
-                format!("{splits} key split(s) of {split_len}")
+                format!(
+                    "{splits} key split(s) of {split_len} (whole tiles): {}",
+                    split.why
+                )
             } else {
-                "all keys in one pass".into()
+                format!("all keys in one pass: {}", split.why)
             }
         ),
     ))
@@ -1286,4 +1383,151 @@ pub fn check_loops(program: &Program, caps: &DeviceCaps) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAPS: DeviceCaps = DeviceCaps {
+        max_binding: 128 << 20,
+        max_buffer: 2 << 30,
+        max_workgroups: 65535,
+        max_workgroup_bytes: 32 << 10,
+        uniform_align: 256,
+        loop_cap: None,
+        native_f16: false,
+        fill: GPU_FILL,
+    };
+
+    fn caps_filled_by(workgroups: u32) -> DeviceCaps {
+        DeviceCaps {
+            fill: Fill {
+                workgroups,
+                basis: "test",
+            },
+            ..CAPS
+        }
+    }
+
+    fn shape(m: usize, n: usize, heads: usize) -> AttnShape {
+        AttnShape {
+            batch: 1,
+            m,
+            n,
+            q_heads: heads,
+            kv_heads: heads,
+            d_k: 64,
+            d_v: 64,
+        }
+    }
+
+    fn plan(s: AttnShape, path: Option<Path>, caps: &DeviceCaps) -> Plan {
+        let req = Request {
+            shape: s,
+            scale: 0.125,
+            weights: false,
+            path,
+            masks: MaskSpec::default(),
+            dtype: DType::F32,
+            out_dtype: DType::F32,
+            stats: Stats::default(),
+            pool: None,
+        };
+        Plan::new(&req, caps).expect("plans")
+    }
+
+    /// The flash dispatch's grid: [row blocks, key splits, heads].
+    fn flash_grid(plan: &Plan) -> [u32; 3] {
+        plan.program
+            .dispatches()
+            .find(|d| d.kernel.name() == "flash")
+            .expect("a flash dispatch")
+            .grid
+    }
+
+    #[test]
+    fn more_workgroups_take_fewer_splits() {
+        let caps = caps_filled_by(256);
+        let mut last = usize::MAX;
+        for heads in [1, 2, 3, 8, 64, 255, 256, 1000] {
+            let got = split_count(&shape(1, 1 << 16, heads), 64, &caps, usize::MAX, false);
+            assert_eq!(got.splits, 256usize.div_ceil(heads).max(1), "{heads} heads");
+            assert!(got.splits <= last, "{heads} heads: {got:?}");
+            last = got.splits;
+        }
+        assert_eq!(last, 1, "a grid past the fill is not split");
+    }
+
+    #[test]
+    fn a_larger_device_takes_more_splits() {
+        let s = shape(256, 16384, 1);
+        let counts: Vec<usize> = [1, 2, 16, 64, 256]
+            .map(|fill| split_count(&s, 256, &caps_filled_by(fill), usize::MAX, false).splits)
+            .to_vec();
+        // One 256-row workgroup: as many splits as the device runs workgroups, up to
+        // N / MIN_SPLIT_KEYS = 128.
+        assert_eq!(counts, [1, 2, 16, 64, 128]);
+    }
+
+    #[test]
+    fn splits_keep_min_keys_loop_cap_and_forced_minimum() {
+        let caps = caps_filled_by(256);
+        // 300 keys hold two splits of ≥ 128 keys, not 256.
+        let s = shape(1, 300, 1);
+        assert_eq!(split_count(&s, 64, &caps, usize::MAX, false).splits, 2);
+        // A grid that fills the device is split only as far as the loop cap needs.
+        let s = shape(4096, 10_000, 16);
+        assert_eq!(split_count(&s, 256, &caps, usize::MAX, false).splits, 1);
+        let capped = split_count(&s, 256, &caps, 3000, false);
+        assert_eq!(capped.splits, 4, "{capped:?}");
+        assert!(capped.why.contains("loop cap"), "{capped:?}");
+        // Split-K asked for on a filled device still splits.
+        let forced = split_count(&s, 256, &caps, usize::MAX, true);
+        assert_eq!(forced.splits, 2, "{forced:?}");
+    }
+
+    #[test]
+    fn workgroups_are_counted_in_rows_of_the_chosen_r() {
+        // Square B1 H8 M1024 d64 runs R = 4: 256 rows per workgroup, 4 × 8 = 32 workgroups.
+        // On a device filled by 64 that is 2 splits (counting 64-row blocks, 128 workgroups,
+        // would not split).
+        let p = plan(shape(1024, 1024, 8), None, &caps_filled_by(64));
+        assert_eq!(p.path, Path::SplitK, "{p}");
+        assert_eq!(flash_grid(&p), [4, 2, 8], "{p}");
+        let p = plan(shape(1024, 1024, 8), None, &caps_filled_by(32));
+        assert_eq!((p.path, flash_grid(&p)), (Path::Fused, [4, 1, 8]), "{p}");
+    }
+
+    #[test]
+    fn the_auto_path_follows_the_device() {
+        // Decode B1 H8 M1 N1500: 8 one-row workgroups fill a 2-thread CPU adapter (one pass);
+        // a discrete GPU gets splits of ≥ 128 keys.
+        let decode = shape(1, 1500, 8);
+        let cpu = DeviceCaps {
+            fill: fill_of(wgpu::DeviceType::Cpu, 2),
+            ..CAPS
+        };
+        let p = plan(decode, None, &cpu);
+        assert_eq!((p.path, flash_grid(&p)), (Path::Fused, [1, 1, 8]), "{p}");
+        assert!(p.tiling.contains("one workgroup per host thread"), "{p}");
+        let p = plan(decode, None, &CAPS);
+        assert_eq!((p.path, flash_grid(&p)), (Path::SplitK, [1, 10, 8]), "{p}");
+        // 11 splits of ≥ 128 keys asked, 10 once rounded to whole 32-key tiles.
+        assert!(p.tiling.contains("11 with ≥ 128 keys each"), "{p}");
+        // Perceiver B1 H1 M256 N16384: one workgroup; two splits fill two threads.
+        let p = plan(shape(256, 16384, 1), None, &cpu);
+        assert_eq!((p.path, flash_grid(&p)), (Path::SplitK, [1, 2, 1]), "{p}");
+    }
+
+    #[test]
+    fn fill_by_device_type() {
+        use wgpu::DeviceType::*;
+        assert_eq!(fill_of(Cpu, 16).workgroups, 16);
+        assert_eq!(fill_of(Cpu, 0).workgroups, 1);
+        assert_eq!(fill_of(IntegratedGpu, 16).workgroups, 64);
+        for t in [DiscreteGpu, VirtualGpu, Other] {
+            assert_eq!(fill_of(t, 16), GPU_FILL);
+        }
+    }
 }

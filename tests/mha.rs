@@ -148,7 +148,7 @@ fn cases() -> Vec<(&'static str, Case)> {
             },
         ),
         (
-            "decode M=1 over N=1500 (split-k)",
+            "decode M=1 over N=1500",
             Case {
                 config: MhaConfig::new(64, 4),
                 dims: (1, 1, 1500),

@@ -15,6 +15,7 @@ const CAPS: DeviceCaps = DeviceCaps {
     uniform_align: 256,
     loop_cap: Some(xattn::plan::LLVMPIPE_LOOP_CAP),
     native_f16: true,
+    fill: xattn::plan::GPU_FILL,
 };
 
 fn collect(out: &mut Vec<Kernel>, program: &xattn::program::Program) {

@@ -281,6 +281,11 @@ impl Context {
         crate::plan::DeviceCaps {
             loop_cap: crate::plan::loop_cap_of(&self.info),
             native_f16: self.features.contains(wgpu::Features::SHADER_F16),
+            // On a CPU adapter the host's threads run the workgroups.
+            fill: crate::plan::fill_of(
+                self.info.device_type,
+                std::thread::available_parallelism().map_or(1, usize::from),
+            ),
             ..crate::plan::DeviceCaps::from_limits(&self.limits)
         }
     }

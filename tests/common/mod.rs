@@ -47,6 +47,7 @@ pub const CAPS: xattn::plan::DeviceCaps = xattn::plan::DeviceCaps {
     uniform_align: 256,
     loop_cap: Some(xattn::plan::LLVMPIPE_LOOP_CAP),
     native_f16: true,
+    fill: xattn::plan::GPU_FILL,
 };
 
 /// V = key index / N in every dim: O is the softmax-weighted mean position, which moves by
