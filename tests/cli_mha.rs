@@ -443,9 +443,32 @@ fn bad_key_padding_masks_are_rejected() {
 /// The masks and logit controls of `run` reach the attention inside the layer: the binary with
 /// --causal, --softcap and a key padding mask gives what the library gives in this process for
 /// the same options (same kernels, same device), and something else than without them.
+/// The fixture's layer loaded through the library, and its inputs on the device.
+fn case_layer(
+    engine: &xattn::Engine,
+    c: &Case,
+) -> (
+    xattn::MultiHeadAttention,
+    xattn::Tensor,
+    xattn::Tensor,
+    xattn::Tensor,
+) {
+    let layer = xattn::MultiHeadAttention::from_safetensors(
+        engine,
+        MhaConfig::new(c.e, c.heads),
+        &c.file("weights.safetensors"),
+        &c.prefix,
+    )
+    .expect("load the layer");
+    let q = engine.upload(&c.query, &[c.b, c.m, c.e]).unwrap();
+    let k = engine.upload(&c.key, &[c.b, c.n, c.kdim]).unwrap();
+    let v = engine.upload(&c.value, &[c.b, c.n, c.vdim]).unwrap();
+    (layer, q, k, v)
+}
+
 #[test]
 fn run_masks_reach_the_layer() {
-    use xattn::{Alignment, Attention, MhaOptions, MultiHeadAttention};
+    use xattn::{Alignment, Attention, MhaOptions};
     let Some(engine) = engine() else { return };
     let c = Case::load("weights_averaged");
     let dir = TempDir::new("masks");
@@ -458,16 +481,7 @@ fn run_masks_reach_the_layer() {
     let (got, _) = read_npy::<f32>(&dir.path("out.npy"));
     let (got_w, _) = read_npy::<f32>(&dir.path("w.npy"));
 
-    let layer = MultiHeadAttention::from_safetensors(
-        engine,
-        MhaConfig::new(c.e, c.heads),
-        &c.file("weights.safetensors"),
-        &c.prefix,
-    )
-    .expect("load the layer");
-    let q = engine.upload(&c.query, &[c.b, c.m, c.e]).unwrap();
-    let k = engine.upload(&c.key, &[c.b, c.n, c.kdim]).unwrap();
-    let v = engine.upload(&c.value, &[c.b, c.n, c.vdim]).unwrap();
+    let (layer, q, k, v) = case_layer(engine, &c);
     let kpm = c.key_padding_mask.clone().expect("a key padding mask");
     let opts = MhaOptions::default()
         .with_attention(
@@ -909,7 +923,7 @@ fn mha_inputs_of_mixed_types_are_refused() {
 
 #[test]
 fn mha_writes_statistics_and_heatmaps_as_the_library_computes_them() {
-    use xattn::{Attention, MhaOptions, MultiHeadAttention, Stats};
+    use xattn::{Attention, MhaOptions, Stats};
     let Some(engine) = engine() else { return };
     let c = Case::load("weights_averaged");
     let dir = TempDir::new("mha_stats");
@@ -926,16 +940,7 @@ fn mha_writes_statistics_and_heatmaps_as_the_library_computes_them() {
     let out = xattn(&args);
     assert!(out.status.success(), "xattn failed: {}", stderr(&out));
 
-    let layer = MultiHeadAttention::from_safetensors(
-        engine,
-        MhaConfig::new(c.e, c.heads),
-        &c.file("weights.safetensors"),
-        &c.prefix,
-    )
-    .expect("load the layer");
-    let q = engine.upload(&c.query, &[c.b, c.m, c.e]).unwrap();
-    let k = engine.upload(&c.key, &[c.b, c.n, c.kdim]).unwrap();
-    let v = engine.upload(&c.value, &[c.b, c.n, c.vdim]).unwrap();
+    let (layer, q, k, v) = case_layer(engine, &c);
     let opts = MhaOptions::default()
         .with_attention(Attention::default().with_stats(Stats::ALL))
         .with_key_padding_mask(c.key_padding_mask.clone().expect("a key padding mask"))
