@@ -27,10 +27,9 @@
 //
 // Specialized by the host (prelude): DK4, DV4 (head dims in vec4s, zero-padded), BC (keys per
 // tile), BR (rows per workgroup), R (rows per invocation), WG (= BR / R invocations), RV (f32,
-// vec2 or vec4: one lane per row), KEY_STEP (keys per step of the score and accumulate loops:
-// 2 where R > 1, else 1), ANY_MASKING (whether the call masks anything), and the straight-line
-// helpers over DK4/DV4 vec4s and R rows: `score_block` (one key), `score_pair`
-// (keys c and c + 1 into sc), `rescale`, `accumulate`, `accumulate_pair`, and `sees_block`,
+// vec2 or vec4: one lane per row), ANY_MASKING (whether the call masks anything), and the
+// straight-line helpers over DK4/DV4 vec4s and R rows: `score_block` (one key), `score_pair`
+// (keys c and c + 1 into sc), `rescale`, `accumulate_pair`, and `sees_block`,
 // `keeps_block`, `logit_block`, which apply the per-row functions below to each row. They are
 // generated unrolled because the dims are known and because Mesa's llvmpipe ends an
 // invocation's loops after 65535 iterations in all: the planner bounds the keys of one pass by
@@ -177,6 +176,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
     for (var t0 = lo; t0 < hi; t0 += BC) {
         let len = min(BC, hi - t0);
+        // Tile rows past len repeat key len − 1 (an odd tile's last pair reads one).
         for (var e = li; e < BC * DK4; e += WG) {
             let c = min(e / DK4, len - 1u);
             let kbase = ((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_k;
@@ -198,25 +198,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let whole = !ANY_MASKING
                 || ((p.flags & (FLAG_MASK | LOGIT_FLAGS)) == 0u && whole_lo <= t0 && whole_hi >= t1);
             if whole {
-                // KEY_STEP keys at a time (see the prelude): a pair's scores are the ones
-                // score_block gives, and each Q vec4 read serves both. KEY_STEP is a constant,
-                // so one side of the branch is compiled: testing the odd key here instead made
-                // diffusion about 2× slower on llvmpipe (it runs both sides of such branches).
-                var c = 0u;
-                for (; c + KEY_STEP <= len; c += KEY_STEP) {
-                    if KEY_STEP == 2u {
-                        score_pair(c);
-                        tmax = max(tmax, max(sc[c], sc[c + 1u]));
-                    } else {
-                        let s = score_block(c * DK4);
-                        sc[c] = s;
-                        tmax = max(tmax, s);
-                    }
-                }
-                if c < len {
-                    let s = score_block(c * DK4);
-                    sc[c] = s;
-                    tmax = max(tmax, s);
+                // Two keys at a time: each Q vec4 read serves both (the pair's scores are the
+                // ones score_block gives). An odd tile's last pair also scores the staged copy
+                // of its last key and leaves it out, rather than finishing with one key: llvmpipe
+                // runs such a tail on every tile, taken or not (10% of decode's instructions).
+                for (var c = 0u; c < len; c += 2u) {
+                    score_pair(c);
+                    tmax = max(tmax, max(sc[c], select(sc[c + 1u], RV(MASKED), c + 1u == len)));
                 }
             } else {
                 for (var c = 0u; c < len; c++) {
@@ -239,33 +227,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             // Removed keys (MASKED) add 0. Branchless on purpose: lanes of one row block rarely
             // agree on a bool mask, and a divergent branch around the accumulator writes cost
             // llvmpipe 2.6× on a 50% random mask; on GPUs the skipped lanes would idle anyway.
-            // KEY_STEP keys at a time; a pair updates each accumulator by key c, then c + 1.
-            var c = 0u;
-            for (; c + KEY_STEP <= len; c += KEY_STEP) {
+            // Two keys at a time, each accumulator updated by key c, then key c + 1; past an
+            // odd tile's end key c + 1 adds 0 (its V row is a staged copy, finite).
+            for (var c = 0u; c < len; c += 2u) {
                 let pc = select(RV(0.0), exp2(sc[c] - tmax), sc[c] > RV(REMOVED_BELOW));
+                var pd = select(RV(0.0), exp2(sc[c + 1u] - tmax), sc[c + 1u] > RV(REMOVED_BELOW));
+                pd = select(pd, RV(0.0), c + 1u == len);
                 l += pc;
+                l += pd;
                 if ROW_STATS {
                     t += pc * (tmax - sc[c]);
+                    t += pd * (tmax - sc[c + 1u]);
                 }
-                if KEY_STEP == 2u {
-                    let pd = select(RV(0.0), exp2(sc[c + 1u] - tmax),
-                        sc[c + 1u] > RV(REMOVED_BELOW));
-                    l += pd;
-                    if ROW_STATS {
-                        t += pd * (tmax - sc[c + 1u]);
-                    }
-                    accumulate_pair(pc, pd, c);
-                } else {
-                    accumulate(pc, c * DV4);
-                }
-            }
-            if c < len {
-                let pc = select(RV(0.0), exp2(sc[c] - tmax), sc[c] > RV(REMOVED_BELOW));
-                l += pc;
-                if ROW_STATS {
-                    t += pc * (tmax - sc[c]);
-                }
-                accumulate(pc, c * DV4);
+                accumulate_pair(pc, pd, c);
             }
             m = tmax;
         }

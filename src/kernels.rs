@@ -441,13 +441,12 @@ impl Kernel {
             ),
             // Per tile of bc keys: the tile loop, K and V staging (by br / r invocations), the
             // mask-word scan of each of the r rows, the score loop (per key with the segment
-            // lookup per key and row, or per KEY_STEP keys) and the accumulate loop (per
-            // KEY_STEP keys). Fixed: the row set-up loop and, per row, loading its Q row and
-            // storing its O row.
+            // lookup per key and row, or per pair of keys) and the accumulate loop (per pair of
+            // keys). Fixed: the row set-up loop and, per row, loading its Q row and storing its
+            // O row.
             Kernel::Flash {
                 dk, dv, bc, br, r, ..
             } => {
-                let key_step = u64::from(flash_key_step(r));
                 let [dk, dv, bc, br, r] = [dk, dv, bc, br, r].map(u64::from);
                 let invocations = br / r;
                 let mask_words = if attn.flags & flags::MASK != 0 {
@@ -464,7 +463,7 @@ impl Kernel {
                             + mask_words
                             + looped(bc)
                             + bc * r * segments
-                            + looped(bc.div_ceil(key_step)),
+                            + looped(bc.div_ceil(2)),
                         step: bc,
                     },
                     u64::from(attn.split_len.min(attn.n)),
@@ -742,17 +741,6 @@ fn storage_suffix(storage: Storage) -> String {
     }
 }
 
-/// Keys per step of the flash kernel's score and accumulate loops (`KEY_STEP`) at `r` rows per
-/// invocation. Pairs let each Q vec4 read serve two keys, but at R = 1 they made decode 12%
-/// slower on llvmpipe than one key at a time (twice the K and V vec4s live, no row reuse).
-pub fn flash_key_step(r: u32) -> u32 {
-    if r == 1 {
-        1
-    } else {
-        2
-    }
-}
-
 /// Constants and unrolled helpers of one flash specialization (see shaders/flash.wgsl): the
 /// R rows' statistics travel as one `RV` (f32, vec2 or vec4: one lane per row), their Q rows
 /// and accumulators as `qr`/`acc` slices of DK4/DV4 vec4s per row; every K/V vec4 read from the
@@ -800,21 +788,15 @@ fn flash_prelude(dk4: u32, dv4: u32, bc: u32, (br, r): (u32, u32)) -> String {
         ));
     }
     let mut scales = String::new();
-    let mut adds = String::new();
     let mut add_pair = String::new();
     for i in 0..dv4 {
-        adds.push_str(&format!("    let v{i} = v_tile[base + {i}u];\n"));
         add_pair.push_str(&format!(
             "    let v{i} = v_tile[a + {i}u];\n    let w{i} = v_tile[a + DV4 + {i}u];\n"
         ));
         for row in rows.clone() {
             let a = row * dv4 + i;
             scales.push_str(&format!("    acc[{a}] *= {};\n", lane("alpha", row)));
-            adds.push_str(&format!(
-                "    acc[{a}] = fma(vec4<f32>({}), v{i}, acc[{a}]);\n",
-                lane("pc", row)
-            ));
-            // Key c first, then key c + 1: the order of two `accumulate` calls.
+            // Key c first, then key c + 1.
             add_pair.push_str(&format!(
                 "    acc[{a}] = fma(vec4<f32>({}), w{i}, fma(vec4<f32>({}), v{i}, acc[{a}]));\n",
                 lane("pd", row),
@@ -831,20 +813,17 @@ fn flash_prelude(dk4: u32, dv4: u32, bc: u32, (br, r): (u32, u32)) -> String {
     format!(
         "const DK4: u32 = {dk4}u;\nconst DV4: u32 = {dv4}u;\nconst BC: u32 = {bc}u;\n\
          const BR: u32 = {br}u;\nconst R: u32 = {r}u;\nconst WG: u32 = {wg}u;\n\
-         const KEY_STEP: u32 = {key_step}u;\n\
          alias RV = {rv_type};\n\
          fn lane(v: RV, i: u32) -> f32 {{\n    return {lane_i};\n}}\n\
          fn score_block(base: u32) -> RV {{\n{score}    return {score_k};\n}}\n\
          fn score_pair(c: u32) {{\n    let a = c * DK4;\n{score_pair}    \
          sc[c] = {score_k};\n    sc[c + 1u] = {score_x};\n}}\n\
          fn rescale(alpha: RV) {{\n{scales}}}\n\
-         fn accumulate(pc: RV, base: u32) {{\n{adds}}}\n\
          fn accumulate_pair(pc: RV, pd: RV, c: u32) {{\n    let a = c * DV4;\n{add_pair}}}\n\
          fn sees_block(t0: u32, t1: u32) -> bool {{\n    return {sees};\n}}\n\
          fn keeps_block(j: u32) -> bool {{\n    return {keeps};\n}}\n\
          fn logit_block(s: RV, j: u32) -> RV {{\n    return {logits};\n}}\n",
         wg = br / r,
-        key_step = flash_key_step(r),
         lane_i = if r == 1 { "v" } else { "v[i]" },
         score_k = sums("k"),
         score_x = sums("x"),

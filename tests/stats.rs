@@ -222,7 +222,9 @@ fn statistics_run_in_several_passes_on_long_problems() {
     // Long rows: on three-pass, weight_blocks walks 2100 keys for entropy and for focus in
     // ≤ 963 per pass (68 loop iterations a key) under llvmpipe's cap; the fused kernel writes
     // them itself. Many rows: key_coverage walks 4000 query rows of d 128 in ≤ 1760 per pass.
-    let cases: [(AttnShape, &[(Path, &str, usize)]); 2] = [
+    // Each shape with its runs: path, the kernel that takes passes, and at least how many.
+    type Runs = &'static [(Path, &'static str, usize)];
+    let cases: [(AttnShape, Runs); 2] = [
         (
             shape(1, 200, 2100, 1, 1, 64),
             &[

@@ -170,8 +170,8 @@ pub fn flash(
                                 row.t = alpha * (row.t + rebase);
                                 row.l *= alpha;
                                 row.acc.iter_mut().for_each(|a| *a *= alpha);
-                                // The shader takes keys two at a time here where R > 1 (and for
-                                // whole tiles' scores); each sum still adds key c, then c + 1.
+                                // The shader takes keys two at a time here (and for whole tiles'
+                                // scores); each sum still adds key c, then key c + 1.
                                 for (j, s) in (t0..t1).zip(&sc) {
                                     // Removed keys add 0 (branchless, as in the shader).
                                     let pc = if s[i] > REMOVED_BELOW {
