@@ -237,15 +237,16 @@ impl StatsIo {
         ]
     }
 
-    /// The dims of each output for shape `s`, in the order of [`StatsIo::named`].
-    pub fn dims(s: &AttnShape, pool: Option<Pool>) -> [Vec<usize>; 4] {
-        let (gr, gc) = pool.map_or((0, 0), |p| p.grid(s.m, s.n));
-        [
-            s.lse_dims().to_vec(),
-            s.lse_dims().to_vec(),
-            vec![s.batch, s.q_heads, s.n],
-            vec![s.batch, s.q_heads, gr, gc],
-        ]
+    /// The dims of output `i` (in the order of [`StatsIo::named`]) for shape `s`.
+    pub fn dims(i: usize, s: &AttnShape, pool: Option<Pool>) -> Vec<usize> {
+        match i {
+            0 | 1 => s.lse_dims().to_vec(),
+            2 => vec![s.batch, s.q_heads, s.n],
+            _ => {
+                let (gr, gc) = pool.map_or((0, 0), |p| p.grid(s.m, s.n));
+                vec![s.batch, s.q_heads, gr, gc]
+            }
+        }
     }
 
     /// Declares the outputs `stats` and `pool` ask for, named `{prefix}entropy` etc.
@@ -485,8 +486,6 @@ pub fn attention(
         ..*io
     };
     let storage = Storage::of(req.dtype, caps.native_f16);
-    // Whether the fused kernel wrote entropy and focus (the other statistics come after).
-    let mut row_stats_done = false;
     let (path, tiling) = match path {
         Path::ThreePass => three_pass(req, caps, storage, program, io)?,
         Path::Fused | Path::SplitK => {
@@ -508,7 +507,6 @@ pub fn attention(
                     why: "the fused path asked for".into(),
                 };
             }
-            row_stats_done = row_stats;
             fused(req, caps, kernel, split, program, io)?
         }
     };
@@ -521,7 +519,8 @@ pub fn attention(
             caps,
         )?;
     }
-    stats(req, caps, program, io, row_stats_done)?;
+    // The fused kernel (fused and split-K) writes entropy and focus itself.
+    stats(req, caps, program, io, path != Path::ThreePass)?;
     Ok((path, tiling))
 }
 
@@ -581,19 +580,12 @@ fn key_coverage(
     let s = &req.shape;
     check_binding("key coverage", bytes(s.bh() * s.n), caps)?;
     let dk = s.d_k.next_multiple_of(4) as u32;
-    // Rows of Q (and their LSE) per tile within the portable 16 KiB of workgroup memory.
-    let budget = caps.max_workgroup_bytes.min(16 << 10);
-    let bq = [64u32, 32, 16, 8, 4]
-        .into_iter()
-        .find(|bq| u64::from(bq * (dk + 1)) * F32 <= budget)
-        .ok_or_else(|| {
-            limit_err(
-                format!("key coverage Q tiles of 4 rows × d_k {dk}"),
-                u64::from(4 * (dk + 1)) * F32,
-                "max_compute_workgroup_storage_size",
-                caps.max_workgroup_bytes,
-            )
-        })?;
+    // Rows of Q and their LSE per tile.
+    let bq = tile_rows(
+        &format!("key coverage Q tiles (d_k {dk} + LSE per row)"),
+        dk + 1,
+        caps,
+    )?;
     let kernel = Kernel::KeyCoverage {
         dk,
         bq,
@@ -602,16 +594,11 @@ fn key_coverage(
     };
     let base = base_params(s, req.scale, &req.masks);
     let per_pass = caps.loop_len(&kernel.loop_cost(&Params::Attn(base)).0);
-    // Whole tiles per pass, so that only the last pass has a partial one.
-    let per_pass = usize::try_from(per_pass).unwrap_or(usize::MAX) / bq as usize * bq as usize;
-    if per_pass == 0 {
-        return Err(limit_err(
-            format!("key coverage over one tile of {bq} rows of d_k {}", s.d_k),
-            kernel.loop_cost(&Params::Attn(base)).0.trips(u64::from(bq)),
-            "loop iterations per invocation (Mesa llvmpipe ends loops past it)",
-            caps.loop_cap.unwrap_or(0),
-        ));
-    }
+    // Whole tiles per pass, so that only the last pass has a partial one; where not even one
+    // tile fits, check_loops refuses the plan with the cap.
+    let bq_rows = bq as usize;
+    let per_pass =
+        (usize::try_from(per_pass).unwrap_or(usize::MAX) / bq_rows * bq_rows).max(bq_rows);
     let max_wg = caps.max_workgroups as usize;
     let groups = s.n.div_ceil(64);
     let x = groups.min(max_wg);
@@ -677,16 +664,8 @@ pub fn weight_blocks(
     };
     // (row, key) pairs one pass may walk per block.
     let per_pass = caps.loop_len(&kernel.loop_cost(&Params::Attn(base)).0);
-    if per_pass == 0 {
-        let cost = kernel.loop_cost(&Params::Attn(base)).0.trips(1);
-        return Err(limit_err(
-            format!("weight_blocks over one key of d_k {}", s.d_k),
-            cost,
-            "loop iterations per invocation (Mesa llvmpipe ends loops past it)",
-            caps.loop_cap.unwrap_or(0),
-        ));
-    }
-    let per_pass = usize::try_from(per_pass).unwrap_or(usize::MAX);
+    // Where not even one pair fits, check_loops refuses the plan with the cap.
+    let per_pass = usize::try_from(per_pass).unwrap_or(usize::MAX).max(1);
     let keys = block_cols.min(per_pass);
     let rows = block_rows.min(per_pass / keys);
     let grid = fold_grid("weight_blocks", cells, caps)?;
@@ -991,6 +970,23 @@ fn three_pass(
 /// Rows per invocation R: the largest of 4, 2, 1 whose rows fit [`FUSED_ROW_FLOATS`] and that
 /// M fills (R ≤ ⌈M / FUSED_ROWS⌉: a decode step's single row gets R = 1, not three idle rows),
 /// unless a test forced R ([`with_rows_per_invocation`]).
+/// Rows per workgroup-memory tile of `floats` f32 each: the most of 64, 32, 16, 8, 4 that fit
+/// the device's workgroup memory and the portable 16 KiB.
+fn tile_rows(what: &str, floats: u32, caps: &DeviceCaps) -> Result<u32> {
+    let budget = caps.max_workgroup_bytes.min(16 << 10);
+    [64u32, 32, 16, 8, 4]
+        .into_iter()
+        .find(|rows| u64::from(rows * floats) * F32 <= budget)
+        .ok_or_else(|| {
+            limit_err(
+                format!("{what}: 4 rows × {floats} floats"),
+                u64::from(4 * floats) * F32,
+                "max_compute_workgroup_storage_size",
+                caps.max_workgroup_bytes,
+            )
+        })
+}
+
 fn fused_kernel(
     s: &AttnShape,
     caps: &DeviceCaps,
@@ -999,18 +995,11 @@ fn fused_kernel(
 ) -> Result<Kernel> {
     let dk = s.d_k.next_multiple_of(4) as u32;
     let dv = s.d_v.next_multiple_of(4) as u32;
-    let budget = caps.max_workgroup_bytes.min(16 << 10);
-    let bc = [64u32, 32, 16, 8, 4]
-        .into_iter()
-        .find(|bc| u64::from(bc * (dk + dv)) * F32 <= budget)
-        .ok_or_else(|| {
-            limit_err(
-                format!("fused K/V tiles of 4 keys × (d_k {dk} + d_v {dv})"),
-                u64::from(4 * (dk + dv)) * F32,
-                "max_compute_workgroup_storage_size",
-                caps.max_workgroup_bytes,
-            )
-        })?;
+    let bc = tile_rows(
+        &format!("fused K/V tiles (d_k {dk} + d_v {dv} per key)"),
+        dk + dv,
+        caps,
+    )?;
     let filled = s.m.div_ceil(FUSED_ROWS as usize);
     let r = FORCED_ROWS.with(std::cell::Cell::get).unwrap_or_else(|| {
         [4u32, 2, 1]
