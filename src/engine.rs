@@ -216,11 +216,10 @@ pub(crate) fn stats_outputs(
     pool: Option<Pool>,
     averaged: bool,
 ) -> Result<StatsOutput<Tensor>> {
-    let dims = StatsIo::dims(s, pool);
     let mut made = [None, None, None, None];
     for (i, (name, id)) in io.named().into_iter().enumerate() {
         if id.is_some() {
-            let mut d = dims[i].clone();
+            let mut d = StatsIo::dims(i, s, pool);
             if averaged {
                 d.remove(1);
             }
@@ -652,12 +651,15 @@ impl Engine {
                 ))
             }
         }
-        let dims = StatsIo::dims(&s, plan.pool);
         let stats = io.stats.named().into_iter().zip(out.stats.named());
-        for (((name, id), (_, t)), dims) in stats.zip(dims) {
+        for (i, ((name, id), (_, t))) in stats.enumerate() {
             match (id, t) {
                 (Some(id), Some(t)) => {
-                    expect(t, &format!("output {name}"), &dims)?;
+                    expect(
+                        t,
+                        &format!("output {name}"),
+                        &StatsIo::dims(i, &s, plan.pool),
+                    )?;
                     if t.dtype() != DType::F32 {
                         return Err(Error::Argument(format!(
                             "output {name} is {} but statistics are f32",

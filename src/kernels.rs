@@ -267,10 +267,9 @@ impl Kernel {
                 storage,
                 stats,
             } => {
-                let suffix = if *masked { "_masked" } else { "" };
-                let storage = storage_suffix(*storage);
                 let stats = if *stats { "_stats" } else { "" };
-                format!("xattn.flash_dk{dk}_dv{dv}_bc{bc}_br{br}_r{r}{storage}{suffix}{stats}")
+                let variant = variant_suffix(*storage, *masked);
+                format!("xattn.flash_dk{dk}_dv{dv}_bc{bc}_br{br}_r{r}{variant}{stats}")
             }
             Kernel::MergePartials { stats: true } => "xattn.merge_partials_stats".into(),
             Kernel::KeyCoverage {
@@ -279,13 +278,11 @@ impl Kernel {
                 masked,
                 storage,
             } => {
-                let suffix = if *masked { "_masked" } else { "" };
-                let storage = storage_suffix(*storage);
-                format!("xattn.key_coverage_dk{dk}_bq{bq}{storage}{suffix}")
+                let variant = variant_suffix(*storage, *masked);
+                format!("xattn.key_coverage_dk{dk}_bq{bq}{variant}")
             }
             Kernel::QkScores { masked, storage } => {
-                let suffix = if *masked { "_masked" } else { "" };
-                format!("xattn.qk_scores{}{suffix}", storage_suffix(*storage))
+                format!("xattn.qk_scores{}", variant_suffix(*storage, *masked))
             }
             Kernel::WeightedSum { storage } => {
                 format!("xattn.weighted_sum{}", storage_suffix(*storage))
@@ -301,9 +298,8 @@ impl Kernel {
                 masked,
                 storage,
             } => {
-                let suffix = if *masked { "_masked" } else { "" };
-                let storage = storage_suffix(*storage);
-                format!("xattn.weight_blocks_{}{storage}{suffix}", op.name())
+                let variant = variant_suffix(*storage, *masked);
+                format!("xattn.weight_blocks_{}{variant}", op.name())
             }
             other => format!("xattn.{}", other.name()),
         }
@@ -731,6 +727,12 @@ impl Kernel {
             })?;
         Ok(module)
     }
+}
+
+/// The storage suffix, then `_masked` for kernels specialized for masking.
+fn variant_suffix(storage: Storage, masked: bool) -> String {
+    let masked = if masked { "_masked" } else { "" };
+    format!("{}{masked}", storage_suffix(storage))
 }
 
 /// `_<storage>` for half storage, nothing for f32 (labels of f32 kernels are unchanged).

@@ -123,13 +123,7 @@ impl<T> Default for StatsOutput<T> {
 impl StatsOutput<crate::Tensor> {
     /// Each output read back to the host.
     pub fn to_host(&self) -> crate::Result<StatsOutput<Vec<f32>>> {
-        let host = |t: &Option<crate::Tensor>| t.as_ref().map(|t| t.to_host()).transpose();
-        Ok(StatsOutput {
-            entropy: host(&self.entropy)?,
-            focus: host(&self.focus)?,
-            coverage: host(&self.coverage)?,
-            pooled: host(&self.pooled)?,
-        })
+        self.as_ref().try_map(crate::Tensor::to_host)
     }
 }
 
@@ -142,6 +136,16 @@ impl<T> StatsOutput<T> {
             ("coverage", self.coverage.as_ref()),
             ("pooled", self.pooled.as_ref()),
         ]
+    }
+
+    /// The outputs by reference.
+    pub fn as_ref(&self) -> StatsOutput<&T> {
+        StatsOutput {
+            entropy: self.entropy.as_ref(),
+            focus: self.focus.as_ref(),
+            coverage: self.coverage.as_ref(),
+            pooled: self.pooled.as_ref(),
+        }
     }
 
     /// Applies `f` to each output present.
