@@ -489,7 +489,7 @@ fn the_layer_computes_statistics_per_head_and_averaged() {
                 })
                 .collect();
             let eps = f64::from(f32::EPSILON);
-            check(&format!("{what} mean {name}"), mean, &want, |x| {
+            check(&format!("{what} mean {name}"), mean, &want, |_, x| {
                 2.0 * h as f64 * eps * x.abs()
             });
         }

@@ -87,7 +87,7 @@ fn split_k_statistics_equal_the_fused_ones() {
     for ((name, f), (_, sp)) in fused.stats.named().into_iter().zip(split.stats.named()) {
         let (f, sp) = (f.unwrap(), sp.unwrap());
         let want: Vec<f64> = f.iter().map(|&x| f64::from(x)).collect();
-        check(&format!("split-K {name}"), sp, &want, |x| {
+        check(&format!("split-K {name}"), sp, &want, |_, x| {
             10.0 * base * (1.0 + x)
         });
     }
