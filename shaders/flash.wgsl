@@ -25,7 +25,9 @@
 // focus, max P = 1/l, into `row_stats [n_splits, 2, rows]` (0 and 0 for a row with no key),
 // binding 9, declared by the prelude.
 //
-// Specialized by the host (prelude): DK4, DV4 (head dims in vec4s, zero-padded), BC (keys per
+// Specialized by the host (prelude): how Q, K and V are read (`load_q`, `load4_k`, …: element
+// by element, or as vec4s where the head dims are multiples of 4) and O is written
+// (`store4_o`, binding 7), DK4, DV4 (head dims in vec4s, zero-padded), BC (keys per
 // tile), BR (rows per workgroup), R (rows per invocation), WG (= BR / R invocations), RV (f32,
 // vec2 or vec4: one lane per row), ANY_MASKING (whether the call masks anything), and the
 // straight-line helpers over DK4/DV4 vec4s and R rows: `score_block` (one key), `score_pair`
@@ -44,7 +46,6 @@
 @group(0) @binding(4) var<storage, read> lens: array<u32>;
 @group(0) @binding(5) var<storage, read> mask_bits: array<u32>;
 @group(0) @binding(6) var<storage, read> bias: array<f32>;
-@group(0) @binding(7) var<storage, read_write> o: array<f32>;
 @group(0) @binding(8) var<storage, read_write> lse: array<f32>;
 
 const LOG2E: f32 = 1.4426950408889634;
@@ -66,24 +67,6 @@ var<private> cur_b: u32;
 var<private> cur_h: u32;
 // The tile's logits, one RV per key.
 var<private> sc: array<RV, BC>;
-
-// Four consecutive elements of a row of `len` valid elements at `base`, zero past the end;
-// written out, not looped (llvmpipe's loop cap counts every iteration: gpu::kernels::LoopCost).
-// An element past the end reads the row's last one (in bounds) and is replaced by 0.
-// One function per buffer: WGSL functions cannot take a pointer to a storage array.
-fn load4_k(base: u32, d: u32, len: u32) -> vec4<f32> {
-    let last = base + len - 1u;
-    let x = vec4<f32>(load_k(min(base + d, last)), load_k(min(base + d + 1u, last)),
-        load_k(min(base + d + 2u, last)), load_k(min(base + d + 3u, last)));
-    return select(vec4<f32>(0.0), x, vec4<u32>(d) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(len));
-}
-
-fn load4_v(base: u32, d: u32, len: u32) -> vec4<f32> {
-    let last = base + len - 1u;
-    let x = vec4<f32>(load_v(min(base + d, last)), load_v(min(base + d + 1u, last)),
-        load_v(min(base + d + 2u, last)), load_v(min(base + d + 3u, last)));
-    return select(vec4<f32>(0.0), x, vec4<u32>(d) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(len));
-}
 
 // Whether row `r` may see any key of the tile [t0, t1).
 fn row_sees(r: u32, t0: u32, t1: u32) -> bool {
@@ -165,8 +148,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             whole_lo = max(whole_lo, rk.lo);
             whole_hi = min(whole_hi, rk.hi);
             let qbase = ((hd.b * p.m + grow) * p.q_heads + hd.h) * p.d_k;
-            for (var d = 0u; d < p.d_k; d++) {
-                qr[r * DK4 + d / 4u][d % 4u] = load_q(qbase + d) * qs;
+            for (var d4 = 0u; d4 < DK4; d4++) {
+                qr[r * DK4 + d4] = load4_q(qbase, d4 * 4u, p.d_k) * qs;
             }
         }
     }
@@ -262,8 +245,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 log_sum = log(lr);
             }
             let obase = (((split * p.batch + hd.b) * p.m + grow) * p.q_heads + hd.h) * p.d_v;
-            for (var d = 0u; d < p.d_v; d++) {
-                o[obase + d] = acc[r * DV4 + d / 4u][d % 4u] * inv;
+            for (var d4 = 0u; d4 < DV4; d4++) {
+                store4_o(obase, d4 * 4u, acc[r * DV4 + d4] * inv, p.d_v);
             }
             let at = bh * p.m + grow;
             if (p.flags & FLAG_SPLIT_STATS) != 0u {

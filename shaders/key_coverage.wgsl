@@ -42,8 +42,8 @@ fn main(
     let live = j < p.n;
     if live {
         let kbase = ((hd.b * p.n + j) * p.kv_heads + hd.hk) * p.d_k;
-        for (var d = 0u; d < p.d_k; d++) {
-            kr[d / 4u][d % 4u] = load_k(kbase + d) * p.scale;
+        for (var d4 = 0u; d4 < DK4; d4++) {
+            kr[d4] = load4_k(kbase, d4 * 4u, p.d_k) * p.scale;
         }
     }
     let row_end = p.row_offset + p.rows;
@@ -53,14 +53,7 @@ fn main(
         for (var e = li; e < BQ * DK4; e += WG) {
             let c = min(e / DK4, len - 1u);
             let qbase = ((hd.b * p.m + i0 + c) * p.q_heads + hd.h) * p.d_k;
-            let d = (e % DK4) * 4u;
-            var x = vec4<f32>(0.0);
-            for (var u = 0u; u < 4u; u++) {
-                if d + u < p.d_k {
-                    x[u] = load_q(qbase + d + u);
-                }
-            }
-            q_tile[e] = x;
+            q_tile[e] = load4_q(qbase, (e % DK4) * 4u, p.d_k);
         }
         if li < BQ {
             lse_tile[li] = lse[bh * p.m + i0 + min(li, len - 1u)];

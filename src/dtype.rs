@@ -153,28 +153,74 @@ impl Storage {
     }
 
     /// WGSL for reading arrays stored this way: `alias <ty> = …` (the element type the
-    /// shader declares the arrays with) and `fn load_<array>(i: u32) -> f32` for each array.
-    pub fn wgsl(self, ty: &str, arrays: &[&str]) -> String {
-        let elem = match self {
-            Storage::F32 => "f32",
-            Storage::F16 => "f16",
-            Storage::PackedF16 | Storage::PackedBf16 => "u32",
+    /// shader declares the arrays with), and for each array `fn load_<array>(i: u32) -> f32`
+    /// and `fn load4_<array>(base: u32, d: u32, len: u32) -> vec4<f32>`: elements d..d + 4 of
+    /// a row of `len` at `base`, zero past `len`.
+    ///
+    /// `wide` declares the arrays in units of four elements (`vec4<f32>`, `vec4<f16>`, or two
+    /// u32 words of packed pairs), so `load4_` is one aligned vector load: only for rows whose
+    /// length and start are multiples of four (head dims divisible by 4). Otherwise `load4_`
+    /// is four element loads, written out: llvmpipe's loop cap counts every loop iteration
+    /// (`gpu::kernels::LoopCost`); an element past the row reads its last one, in bounds.
+    pub fn wgsl(self, ty: &str, arrays: &[&str], wide: bool) -> String {
+        let elem = match (self, wide) {
+            (Storage::F32, false) => "f32",
+            (Storage::F32, true) => "vec4<f32>",
+            (Storage::F16, false) => "f16",
+            (Storage::F16, true) => "vec4<f16>",
+            (Storage::PackedF16 | Storage::PackedBf16, false) => "u32",
+            (Storage::PackedF16 | Storage::PackedBf16, true) => "vec2<u32>",
+        };
+        // Two elements (x: the even one) from one u32 word of pairs.
+        let pair = |w: &str| match self {
+            Storage::PackedBf16 => {
+                format!("bitcast<vec2<f32>>(vec2<u32>({w} << 16u, {w} & 0xffff0000u))")
+            }
+            _ => format!("unpack2x16float({w})"),
         };
         let mut out = format!("alias {ty} = {elem};\n");
         for a in arrays {
-            let body = match self {
-                Storage::F32 => format!("return {a}[i];"),
-                Storage::F16 => format!("return f32({a}[i]);"),
-                Storage::PackedF16 => format!(
-                    "let pair = unpack2x16float({a}[i >> 1u]);\n    \
-                     return select(pair.x, pair.y, (i & 1u) != 0u);"
-                ),
-                Storage::PackedBf16 => format!(
-                    "let w = {a}[i >> 1u];\n    \
-                     return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (i & 1u) != 0u));"
-                ),
+            let (load, load4) = if wide {
+                let word = format!("{a}[i >> 2u][(i >> 1u) & 1u]");
+                let load = match self {
+                    Storage::F32 => format!("return {a}[i >> 2u][i & 3u];"),
+                    Storage::F16 => format!("return f32({a}[i >> 2u][i & 3u]);"),
+                    _ => format!(
+                        "let pair = {};\n    return select(pair.x, pair.y, (i & 1u) != 0u);",
+                        pair(&word)
+                    ),
+                };
+                let load4 = match self {
+                    Storage::F32 => format!("return {a}[(base + d) >> 2u];"),
+                    Storage::F16 => format!("return vec4<f32>({a}[(base + d) >> 2u]);"),
+                    _ => format!(
+                        "let w = {a}[(base + d) >> 2u];\n    return vec4<f32>({}, {});",
+                        pair("w.x"),
+                        pair("w.y")
+                    ),
+                };
+                (load, load4)
+            } else {
+                let load = match self {
+                    Storage::F32 => format!("return {a}[i];"),
+                    Storage::F16 => format!("return f32({a}[i]);"),
+                    _ => format!(
+                        "let pair = {};\n    return select(pair.x, pair.y, (i & 1u) != 0u);",
+                        pair(&format!("{a}[i >> 1u]"))
+                    ),
+                };
+                let load4 = format!(
+                    "let last = base + len - 1u;\n    \
+                     let x = vec4<f32>(load_{a}(min(base + d, last)), load_{a}(min(base + d + 1u, last)),\n        \
+                     load_{a}(min(base + d + 2u, last)), load_{a}(min(base + d + 3u, last)));\n    \
+                     return select(vec4<f32>(0.0), x, vec4<u32>(d) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(len));"
+                );
+                (load, load4)
             };
-            out.push_str(&format!("fn load_{a}(i: u32) -> f32 {{\n    {body}\n}}\n"));
+            out.push_str(&format!("fn load_{a}(i: u32) -> f32 {{\n    {load}\n}}\n"));
+            out.push_str(&format!(
+                "fn load4_{a}(base: u32, d: u32, len: u32) -> vec4<f32> {{\n    {load4}\n}}\n"
+            ));
         }
         out
     }

@@ -61,6 +61,9 @@ pub enum Kernel {
         storage: Storage,
         /// Whether each row's entropy and focus are written too (`row_stats`).
         stats: bool,
+        /// Whether Q, K, V and O are bound in units of four elements (vec4 loads and stores;
+        /// both head dims divisible by 4), or element by element.
+        wide: bool,
     },
     /// Merge of partial (O, LSE) over disjoint key ranges.
     MergePartials {
@@ -266,10 +269,12 @@ impl Kernel {
                 masked,
                 storage,
                 stats,
+                wide,
             } => {
                 let stats = if *stats { "_stats" } else { "" };
+                let wide = if *wide { "" } else { "_scalar" };
                 let variant = variant_suffix(*storage, *masked);
-                format!("xattn.flash_dk{dk}_dv{dv}_bc{bc}_br{br}_r{r}{variant}{stats}")
+                format!("xattn.flash_dk{dk}_dv{dv}_bc{bc}_br{br}_r{r}{wide}{variant}{stats}")
             }
             Kernel::MergePartials { stats: true } => "xattn.merge_partials_stats".into(),
             Kernel::KeyCoverage {
@@ -408,20 +413,15 @@ impl Kernel {
             // Per (row, key) pair of the pass: its share of the row loop (one iteration per
             // row, at most one per pair) and of the key loop (with each row's exit test: at
             // most one per pair), the head-dim loop and the segment lookup.
-            // The K row load; per tile of bq rows: the tile loop, the staging loop (with its
-            // 4-element loop per vec4) and the row loop, and per row the vec4 dot-product loop
-            // and the segment lookup.
+            // The K row load (per vec4); per tile of bq rows: the tile loop, the staging loop
+            // and the row loop, and per row the vec4 dot-product loop and the segment lookup.
             Kernel::KeyCoverage { dk, bq, .. } => {
                 let (dk4, bq) = (u64::from(dk / 4), u64::from(bq));
                 let staged = (bq * dk4).div_ceil(64);
                 (
                     LoopCost {
-                        fixed: looped(u64::from(attn.d_k)) + looped(0),
-                        per_step: 1
-                            + looped(staged)
-                            + staged * looped(4)
-                            + looped(bq)
-                            + bq * (looped(dk4) + segments),
+                        fixed: looped(dk4) + looped(0),
+                        per_step: 1 + looped(staged) + looped(bq) + bq * (looped(dk4) + segments),
                         step: bq,
                     },
                     u64::from(attn.rows),
@@ -439,7 +439,7 @@ impl Kernel {
             // mask-word scan of each of the r rows, the score loop (per key with the segment
             // lookup per key and row, or per pair of keys) and the accumulate loop (per pair of
             // keys). Fixed: the row set-up loop and, per row, loading its Q row and storing its
-            // O row.
+            // O row (per vec4).
             Kernel::Flash {
                 dk, dv, bc, br, r, ..
             } => {
@@ -452,7 +452,11 @@ impl Kernel {
                 };
                 (
                     LoopCost {
-                        fixed: looped(0) + looped(r) + r * looped(dk) + looped(r) + r * looped(dv),
+                        fixed: looped(0)
+                            + looped(r)
+                            + r * looped(dk / 4)
+                            + looped(r)
+                            + r * looped(dv / 4),
                         per_step: 1
                             + looped((bc * dk / 4).div_ceil(invocations))
                             + looped((bc * dv / 4).div_ceil(invocations))
@@ -606,16 +610,19 @@ impl Kernel {
             out.push_str("enable f16;\n");
         }
         match *self {
+            Kernel::Flash { storage, wide, .. } => {
+                out.push_str(&storage.wgsl("Elem", self.half_arrays(), wide));
+                out.push_str(&store4_o(wide));
+            }
             Kernel::QkScores { storage, .. }
             | Kernel::WeightedSum { storage }
-            | Kernel::Flash { storage, .. }
             | Kernel::WeightBlocks { storage, .. }
             | Kernel::KeyCoverage { storage, .. } => {
-                out.push_str(&storage.wgsl("Elem", self.half_arrays()));
+                out.push_str(&storage.wgsl("Elem", self.half_arrays(), false));
             }
             Kernel::Linear { x, w } => {
-                out.push_str(&x.wgsl("XElem", &["x"]));
-                out.push_str(&w.wgsl("WElem", &["w", "b"]));
+                out.push_str(&x.wgsl("XElem", &["x"], false));
+                out.push_str(&w.wgsl("WElem", &["w", "b"], false));
             }
             Kernel::Pack { to } => {
                 out.push_str(&format!("const TO_BF16: bool = {};\n", to == DType::Bf16));
@@ -741,6 +748,25 @@ fn storage_suffix(storage: Storage) -> String {
         Storage::F32 => String::new(),
         other => format!("_{}", other.name().replace('-', "_")),
     }
+}
+
+/// Flash's O binding (7) and `store4_o(base, d, x, len)`, which writes elements d..d + 4 of
+/// x to the O row of `len` at `base`, those below `len`: one vec4 store where `wide`.
+fn store4_o(wide: bool) -> String {
+    let (elem, body) = if wide {
+        ("vec4<f32>", "o[(base + d) >> 2u] = x;".to_string())
+    } else {
+        let stores: String = (0..4)
+            .map(|u| {
+                format!("\n    if d + {u}u < len {{\n        o[base + d + {u}u] = x[{u}];\n    }}")
+            })
+            .collect();
+        ("f32", stores)
+    };
+    format!(
+        "@group(0) @binding(7) var<storage, read_write> o: array<{elem}>;\n\
+         fn store4_o(base: u32, d: u32, x: vec4<f32>, len: u32) {{\n    {body}\n}}\n"
+    )
 }
 
 /// Constants and unrolled helpers of one flash specialization (see shaders/flash.wgsl): the

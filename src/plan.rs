@@ -1016,6 +1016,7 @@ fn fused_kernel(
         masked,
         storage,
         stats,
+        wide: s.d_k.is_multiple_of(4) && s.d_v.is_multiple_of(4),
     })
 }
 
@@ -1123,7 +1124,12 @@ fn fused(
 ) -> Result<(Path, String)> {
     let s = req.shape;
     let Kernel::Flash {
-        bc, br, r, stats, ..
+        bc,
+        br,
+        r,
+        stats,
+        wide,
+        ..
     } = kernel
     else {
         unreachable!("fused_kernel returns Flash")
@@ -1219,8 +1225,13 @@ fn fused(
         path,
         format!(
             "{} ({r} query row(s) per invocation, {br} per workgroup, {bc}-key K/V tiles in \
-             workgroup memory); {}",
+             workgroup memory, {}); {}",
             kernel.label(),
+            if wide {
+                "Q, K, V and O in vec4s"
+            } else {
+                "Q, K, V and O element by element: a head dim is not a multiple of 4"
+            },
             if split_k {
                 format!(
                     "{splits} key split(s) of {split_len} (whole tiles): {}",
@@ -1433,6 +1444,29 @@ mod tests {
             .find(|d| d.kernel.name() == "flash")
             .expect("a flash dispatch")
             .grid
+    }
+
+    #[test]
+    fn vec4_bindings_where_both_head_dims_allow() {
+        for (d_k, d_v, wide) in [
+            (64, 64, true),
+            (40, 8, true),
+            (64, 30, false),
+            (3, 64, false),
+        ] {
+            let p = plan(
+                AttnShape {
+                    d_k,
+                    d_v,
+                    ..shape(8, 8, 1)
+                },
+                Some(Path::Fused),
+                &CAPS,
+            );
+            let flash = p.program.dispatches().find(|d| d.kernel.name() == "flash");
+            let got = matches!(flash.expect("a flash dispatch").kernel, Kernel::Flash { wide, .. } if wide);
+            assert_eq!(got, wide, "d_k {d_k}, d_v {d_v}: {p}");
+        }
     }
 
     #[test]
