@@ -100,8 +100,12 @@ fn key_logit(r: u32, s: f32, j: u32) -> f32 {
     return select(MASKED, y * LOG2E, y > REMOVED_BELOW);
 }
 
-@compute @workgroup_size(WG, 1, 1)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+// The entry point `main` (prelude) calls this with the invocation's row group (R rows) and
+// its key lane: LANES invocations of one subgroup share a row group and take its keys in
+// turn, pair by pair (pairs lane, lane + LANES, … of each tile), each with its own online
+// softmax, merged at the end by `merge_lanes` (subgroup reductions). Without subgroups
+// LANES = 1: one invocation per row group, lane 0.
+fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
     let lbh = wg.z;
     let bh = p.bh_offset + lbh;
     let hd = head_of(p, bh);
@@ -109,7 +113,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     cur_h = hd.h;
     let split = wg.y;
     // The invocation's rows: row0 + r for r < R, those < p.rows live.
-    let row0 = wg.x * BR + li * R;
+    let row0 = wg.x * BR + group * R;
     let live = row0 < p.rows;
     let key_begin = split * p.split_len;
     let key_end = min(p.n, key_begin + p.split_len);
@@ -185,12 +189,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 // ones score_block gives). An odd tile's last pair also scores the staged copy
                 // of its last key and leaves it out, rather than finishing with one key: llvmpipe
                 // runs such a tail on every tile, taken or not (10% of decode's instructions).
-                for (var c = 0u; c < len; c += 2u) {
+                for (var c = 2u * key_lane; c < len; c += 2u * LANES) {
                     score_pair(c);
                     tmax = max(tmax, max(sc[c], select(sc[c + 1u], RV(MASKED), c + 1u == len)));
                 }
             } else {
-                for (var c = 0u; c < len; c++) {
+                // The lane's keys: both of each of its pairs.
+                for (var c = 2u * key_lane; c < len; c += select(2u * LANES - 1u, 1u, c % 2u == 0u)) {
                     let j = t0 + c;
                     var s = RV(MASKED);
                     if keeps_block(j) {
@@ -212,7 +217,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             // llvmpipe 2.6× on a 50% random mask; on GPUs the skipped lanes would idle anyway.
             // Two keys at a time, each accumulator updated by key c, then key c + 1; past an
             // odd tile's end key c + 1 adds 0 (its V row is a staged copy, finite).
-            for (var c = 0u; c < len; c += 2u) {
+            for (var c = 2u * key_lane; c < len; c += 2u * LANES) {
                 let pc = select(RV(0.0), exp2(sc[c] - tmax), sc[c] > RV(REMOVED_BELOW));
                 var pd = select(RV(0.0), exp2(sc[c + 1u] - tmax), sc[c + 1u] > RV(REMOVED_BELOW));
                 pd = select(pd, RV(0.0), c + 1u == len);
@@ -229,9 +234,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
 
+    // Every lane of the subgroup takes part, live or not; lane 0 then holds the rows' state.
+    merge_lanes(&m, &l, &t);
     let rows = p.batch * p.q_heads * p.m;
     for (var r = 0u; r < R; r++) {
-        if row0 + r < p.rows {
+        if key_lane == 0u && row0 + r < p.rows {
             let grow = row_grow[r];
             let lr = lane(l, r);
             // l = 0 only when the row saw no key in this split: output 0 and LSE = −∞, never

@@ -294,7 +294,7 @@ impl Engine {
     /// An engine that plans as if the device's limits were `caps` (each clamped to the real
     /// limit; a loop cap of the adapter's stays; the fill estimate is taken as given). Lets
     /// tests and users force the work-splitting paths, the loop-cap splits included on any
-    /// device.
+    /// device; subgroup lanes stay only where both `caps` and the device have them.
     pub fn with_caps(ctx: &Context, caps: DeviceCaps) -> Self {
         let real = ctx.caps();
         let caps = DeviceCaps {
@@ -305,6 +305,10 @@ impl Engine {
             uniform_align: real.uniform_align,
             native_f16: caps.native_f16 && real.native_f16,
             fill: caps.fill,
+            // The caller may turn subgroup lanes off, not choose another size.
+            subgroup_lanes: real
+                .subgroup_lanes
+                .filter(|_| caps.subgroup_lanes.is_some()),
             loop_cap: match (caps.loop_cap, real.loop_cap) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),

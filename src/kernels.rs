@@ -64,6 +64,10 @@ pub enum Kernel {
         /// Whether Q, K, V and O are bound in units of four elements (vec4 loads and stores;
         /// both head dims divisible by 4), or element by element.
         wide: bool,
+        /// Invocations per row group (1, or the device's fixed subgroup size): the lanes of
+        /// one subgroup share R rows and take their keys in turn, merged by subgroup
+        /// reductions at the end. The workgroup has `br / r · lanes` invocations.
+        lanes: u32,
     },
     /// Merge of partial (O, LSE) over disjoint key ranges.
     MergePartials {
@@ -270,11 +274,17 @@ impl Kernel {
                 storage,
                 stats,
                 wide,
+                lanes,
             } => {
                 let stats = if *stats { "_stats" } else { "" };
                 let wide = if *wide { "" } else { "_scalar" };
+                let lanes = if *lanes > 1 {
+                    format!("_lanes{lanes}")
+                } else {
+                    String::new()
+                };
                 let variant = variant_suffix(*storage, *masked);
-                format!("xattn.flash_dk{dk}_dv{dv}_bc{bc}_br{br}_r{r}{wide}{variant}{stats}")
+                format!("xattn.flash_dk{dk}_dv{dv}_bc{bc}_br{br}_r{r}{lanes}{wide}{variant}{stats}")
             }
             Kernel::MergePartials { stats: true } => "xattn.merge_partials_stats".into(),
             Kernel::KeyCoverage {
@@ -435,16 +445,23 @@ impl Kernel {
                 },
                 u64::from(attn.rows) * u64::from(attn.key_end - attn.key_begin),
             ),
-            // Per tile of bc keys: the tile loop, K and V staging (by br / r invocations), the
-            // mask-word scan of each of the r rows, the score loop (per key with the segment
-            // lookup per key and row, or per pair of keys) and the accumulate loop (per pair of
-            // keys). Fixed: the row set-up loop and, per row, loading its Q row and storing its
-            // O row (per vec4).
+            // Per tile of bc keys: the tile loop, K and V staging (by br / r · lanes
+            // invocations), the mask-word scan of each of the r rows, the score loop over the
+            // lane's pairs of keys (per key with the segment lookup per key and row, or per
+            // pair) and the accumulate loop (per pair). Fixed: the row set-up loop and, per
+            // row, loading its Q row and storing its O row (per vec4).
             Kernel::Flash {
-                dk, dv, bc, br, r, ..
+                dk,
+                dv,
+                bc,
+                br,
+                r,
+                lanes,
+                ..
             } => {
-                let [dk, dv, bc, br, r] = [dk, dv, bc, br, r].map(u64::from);
-                let invocations = br / r;
+                let [dk, dv, bc, br, r, lanes] = [dk, dv, bc, br, r, lanes].map(u64::from);
+                let invocations = br / r * lanes;
+                let pairs = bc.div_ceil(2 * lanes);
                 let mask_words = if attn.flags & flags::MASK != 0 {
                     r * looped(bc.div_ceil(32) + 1)
                 } else {
@@ -461,9 +478,9 @@ impl Kernel {
                             + looped((bc * dk / 4).div_ceil(invocations))
                             + looped((bc * dv / 4).div_ceil(invocations))
                             + mask_words
-                            + looped(bc)
-                            + bc * r * segments
-                            + looped(bc.div_ceil(2)),
+                            + looped(2 * pairs)
+                            + 2 * pairs * r * segments
+                            + looped(pairs),
                         step: bc,
                     },
                     u64::from(attn.split_len.min(attn.n)),
@@ -520,7 +537,12 @@ impl Kernel {
                 cpu::weighted_sum::weighted_sum(params.attn(), f(scores), &v, fm(o));
             }
             Kernel::Flash {
-                bc, br, r, storage, ..
+                bc,
+                br,
+                r,
+                lanes,
+                storage,
+                ..
             } => {
                 let (inputs, outputs) = buffers.split_at_mut(6);
                 let [q, k, v, lens, mask, bias] = inputs else {
@@ -535,7 +557,7 @@ impl Kernel {
                 let p = params.attn();
                 let (q, k, v) = (widen(storage, q), widen(storage, k), widen(storage, v));
                 let out = (fm(o), fm(lse), row_stats);
-                cpu::flash::flash(p, (bc, br, r), (&q, &k, &v), &m, out);
+                cpu::flash::flash(p, (bc, br, r, lanes), (&q, &k, &v), &m, out);
             }
             Kernel::MergePartials { .. } => {
                 let p = params.attn();
@@ -637,10 +659,11 @@ impl Kernel {
             r,
             masked,
             stats,
+            lanes,
             ..
         } = *self
         {
-            out.push_str(&flash_prelude(dk / 4, dv / 4, bc, (br, r)));
+            out.push_str(&flash_prelude(dk / 4, dv / 4, bc, (br, r, lanes)));
             out.push_str(&format!("const ANY_MASKING: bool = {masked};\n"));
             out.push_str(&format!("const ROW_STATS: bool = {stats};\n"));
             out.push_str(if stats {
@@ -726,12 +749,21 @@ impl Kernel {
         if self.storages().iter().any(|s| s.needs_f16()) {
             capabilities |= naga::valid::Capabilities::SHADER_FLOAT16;
         }
-        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities)
-            .validate(&module)
-            .map_err(|e| Error::Shader {
-                kernel: label,
-                message: e.emit_to_string(&source),
-            })?;
+        let subgroups = matches!(self, Kernel::Flash { lanes, .. } if *lanes > 1);
+        if subgroups {
+            capabilities |= naga::valid::Capabilities::SUBGROUP;
+        }
+        let mut validator =
+            naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities);
+        if subgroups {
+            validator
+                .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+                .subgroup_operations(naga::valid::SubgroupOperationSet::all());
+        }
+        validator.validate(&module).map_err(|e| Error::Shader {
+            kernel: label,
+            message: e.emit_to_string(&source),
+        })?;
         Ok(module)
     }
 }
@@ -773,10 +805,10 @@ fn store4_o(wide: bool) -> String {
 /// R rows' statistics travel as one `RV` (f32, vec2 or vec4: one lane per row), their Q rows
 /// and accumulators as `qr`/`acc` slices of DK4/DV4 vec4s per row; every K/V vec4 read from the
 /// tile is used by all R rows before the next is read.
-fn flash_prelude(dk4: u32, dv4: u32, bc: u32, (br, r): (u32, u32)) -> String {
+fn flash_prelude(dk4: u32, dv4: u32, bc: u32, (br, r, lanes): (u32, u32, u32)) -> String {
     assert!(
-        matches!(r, 1 | 2 | 4) && br % r == 0,
-        "flash rows per invocation"
+        matches!(r, 1 | 2 | 4) && br % r == 0 && lanes.is_power_of_two(),
+        "flash rows per invocation and lanes"
     );
     let rows = 0..r;
     // Lane `i` of an RV named `v`.
@@ -833,6 +865,35 @@ fn flash_prelude(dk4: u32, dv4: u32, bc: u32, (br, r): (u32, u32)) -> String {
         }
     }
     let any = |f: &dyn Fn(u32) -> String| rows.clone().map(f).collect::<Vec<_>>().join(" | ");
+    // The entry point, and the merge of a row group's lanes: each lane's sum, accumulator and
+    // Σ p·(m − s) rebased from its own max to the group's (as flash.wgsl rebases per tile).
+    let (entry, merge) = if lanes == 1 {
+        (
+            "fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {\n    \
+             attend(wg, li, li, 0u);\n}\n",
+            String::new(),
+        )
+    } else {
+        let sums: String = (0..r * dv4)
+            .map(|a| {
+                format!(
+                    "    acc[{a}] = subgroupAdd(acc[{a}] * {});\n",
+                    lane("w", a / dv4)
+                )
+            })
+            .collect();
+        (
+            "fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,\n    \
+             @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) sl: u32) {\n    \
+             attend(wg, li, sg, sl);\n}\n",
+            format!(
+                "    let mx = subgroupMax(*m);\n    let w = exp2(*m - mx);\n    \
+                 if ROW_STATS {{\n        \
+                 *t = subgroupAdd(w * (*t + select(RV(0.0), (mx - *m) * *l, *l > RV(0.0))));\n    }}\n    \
+                 *l = subgroupAdd(w * *l);\n{sums}    *m = mx;\n"
+            ),
+        )
+    };
     let rv_type = if r == 1 {
         "f32".to_string()
     } else {
@@ -840,7 +901,8 @@ fn flash_prelude(dk4: u32, dv4: u32, bc: u32, (br, r): (u32, u32)) -> String {
     };
     format!(
         "const DK4: u32 = {dk4}u;\nconst DV4: u32 = {dv4}u;\nconst BC: u32 = {bc}u;\n\
-         const BR: u32 = {br}u;\nconst R: u32 = {r}u;\nconst WG: u32 = {wg}u;\n\
+         const BR: u32 = {br}u;\nconst R: u32 = {r}u;\nconst LANES: u32 = {lanes}u;\n\
+         const WG: u32 = {wg}u;\n\
          alias RV = {rv_type};\n\
          fn lane(v: RV, i: u32) -> f32 {{\n    return {lane_i};\n}}\n\
          fn score_block(base: u32) -> RV {{\n{score}    return {score_k};\n}}\n\
@@ -850,8 +912,10 @@ fn flash_prelude(dk4: u32, dv4: u32, bc: u32, (br, r): (u32, u32)) -> String {
          fn accumulate_pair(pc: RV, pd: RV, c: u32) {{\n    let a = c * DV4;\n{add_pair}}}\n\
          fn sees_block(t0: u32, t1: u32) -> bool {{\n    return {sees};\n}}\n\
          fn keeps_block(j: u32) -> bool {{\n    return {keeps};\n}}\n\
-         fn logit_block(s: RV, j: u32) -> RV {{\n    return {logits};\n}}\n",
-        wg = br / r,
+         fn logit_block(s: RV, j: u32) -> RV {{\n    return {logits};\n}}\n\
+         fn merge_lanes(m: ptr<function, RV>, l: ptr<function, RV>, t: ptr<function, RV>) {{\n{merge}}}\n\
+         @compute @workgroup_size(WG, 1, 1)\n{entry}",
+        wg = br / r * lanes,
         lane_i = if r == 1 { "v" } else { "v[i]" },
         score_k = sums("k"),
         score_x = sums("x"),

@@ -82,6 +82,11 @@ pub struct DeviceCaps {
     /// How many workgroups the device runs at once: split-K splits the keys until the grid
     /// has this many, and a grid that has them is not split.
     pub fill: Fill,
+    /// The subgroup size, where the device has subgroup operations (`Features::SUBGROUP`), one
+    /// fixed size (the adapter's min = max) and that size divides the fused kernel's 64
+    /// invocations: then `flash` may share a row group's keys among a subgroup's lanes
+    /// ([`subgroup_lanes_of`]). `None` elsewhere (wgpu's GL backend has no subgroups).
+    pub subgroup_lanes: Option<u32>,
 }
 
 /// An estimate of how many workgroups keep a device busy, and what it rests on. wgpu reports
@@ -140,6 +145,14 @@ pub fn loop_cap_of(info: &wgpu::AdapterInfo) -> Option<u64> {
     llvmpipe.then_some(LLVMPIPE_LOOP_CAP)
 }
 
+/// [`DeviceCaps::subgroup_lanes`] of a device: its subgroup size where it has `has_subgroups`,
+/// a fixed size (`min == max`: the lanes of a row group must be one whole subgroup) and one
+/// that divides [`FUSED_ROWS`] invocations into whole subgroups; `None` otherwise.
+pub fn subgroup_lanes_of(has_subgroups: bool, min: u32, max: u32) -> Option<u32> {
+    (has_subgroups && min == max && min >= 2 && min.is_power_of_two() && min <= FUSED_ROWS)
+        .then_some(min)
+}
+
 impl DeviceCaps {
     /// The caps of a device with these limits, on an adapter with no loop cap, filled as a
     /// discrete GPU ([`GPU_FILL`]).
@@ -148,6 +161,7 @@ impl DeviceCaps {
             loop_cap: None,
             native_f16: false,
             fill: GPU_FILL,
+            subgroup_lanes: None,
             max_binding: l.max_storage_buffer_binding_size,
             max_buffer: l.max_buffer_size,
             max_workgroups: l.max_compute_workgroups_per_dimension,
@@ -965,11 +979,6 @@ fn three_pass(
     ))
 }
 
-/// Keys per tile of the fused kernel: the largest power of two ≤ 64 whose K and V tiles fit
-/// in 16 KiB of workgroup memory (the WebGPU default limit), or the device's limit if lower.
-/// Rows per invocation R: the largest of 4, 2, 1 whose rows fit [`FUSED_ROW_FLOATS`] and that
-/// M fills (R ≤ ⌈M / FUSED_ROWS⌉: a decode step's single row gets R = 1, not three idle rows),
-/// unless a test forced R ([`with_rows_per_invocation`]).
 /// Rows per workgroup-memory tile of `floats` f32 each: the most of 64, 32, 16, 8, 4 that fit
 /// the device's workgroup memory and the portable 16 KiB.
 fn tile_rows(what: &str, floats: u32, caps: &DeviceCaps) -> Result<u32> {
@@ -987,6 +996,14 @@ fn tile_rows(what: &str, floats: u32, caps: &DeviceCaps) -> Result<u32> {
         })
 }
 
+/// Keys per tile of the fused kernel: the largest power of two ≤ 64 whose K and V tiles fit
+/// in 16 KiB of workgroup memory (the WebGPU default limit), or the device's limit if lower.
+/// Rows per invocation R: the largest of 4, 2, 1 whose rows fit [`FUSED_ROW_FLOATS`] and that
+/// M fills (R ≤ ⌈M / FUSED_ROWS⌉: a decode step's single row gets R = 1, not three idle rows),
+/// unless a test forced R ([`with_rows_per_invocation`]). Subgroup lanes
+/// ([`DeviceCaps::subgroup_lanes`]) where the device has them and M < [`FUSED_ROWS`]: there a
+/// plain workgroup would leave invocations idle, and with lanes each row's keys are shared by
+/// a subgroup instead; tests force them either way ([`with_subgroup_lanes`]).
 fn fused_kernel(
     s: &AttnShape,
     caps: &DeviceCaps,
@@ -1007,21 +1024,43 @@ fn fused_kernel(
             .find(|&r| r * (dk + dv) <= FUSED_ROW_FLOATS && r as usize <= filled)
             .unwrap_or(1)
     });
+    let wanted = FORCED_LANES
+        .with(std::cell::Cell::get)
+        .unwrap_or(s.m < FUSED_ROWS as usize);
+    let lanes = caps.subgroup_lanes.filter(|_| wanted).unwrap_or(1);
     Ok(Kernel::Flash {
         dk,
         dv,
         bc,
-        br: FUSED_ROWS * r,
+        br: FUSED_ROWS / lanes * r,
         r,
         masked,
         storage,
         stats,
         wide: s.d_k.is_multiple_of(4) && s.d_v.is_multiple_of(4),
+        lanes,
     })
 }
 
 thread_local! {
     static FORCED_ROWS: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+    static FORCED_LANES: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every fused kernel planned on this thread using subgroup lanes (`true`, where
+/// the device has them) or not, instead of the planner's choice: how tests run both variants
+/// on every path. Not for production use.
+#[doc(hidden)]
+pub fn with_subgroup_lanes<T>(lanes: bool, f: impl FnOnce() -> T) -> T {
+    let before = FORCED_LANES.with(|c| c.replace(Some(lanes)));
+    struct Restore(Option<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED_LANES.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(before);
+    f()
 }
 
 /// Runs `f` with every fused kernel planned on this thread using `r` query rows per
@@ -1398,6 +1437,7 @@ mod tests {
         loop_cap: None,
         native_f16: false,
         fill: GPU_FILL,
+        subgroup_lanes: None,
     };
 
     fn caps_filled_by(workgroups: u32) -> DeviceCaps {

@@ -3,7 +3,9 @@
 use xattn::kernels::{Access, Kernel, SHADER_FILES};
 use xattn::mha::{layer_program, LayerTypes, MhaConfig, NeedWeights};
 use xattn::params::{AttnParams, LinearParams};
-use xattn::plan::{with_rows_per_invocation, DeviceCaps, MergePlan, Plan, Request};
+use xattn::plan::{
+    with_rows_per_invocation, with_subgroup_lanes, DeviceCaps, MergePlan, Plan, Request,
+};
 use xattn::{Alignment, Attention, AttnShape, Path, Pool, PoolOp, Stats};
 use xattn::{DType, Storage};
 
@@ -16,6 +18,7 @@ const CAPS: DeviceCaps = DeviceCaps {
     loop_cap: Some(xattn::plan::LLVMPIPE_LOOP_CAP),
     native_f16: true,
     fill: xattn::plan::GPU_FILL,
+    subgroup_lanes: Some(32),
 };
 
 fn collect(out: &mut Vec<Kernel>, program: &xattn::program::Program) {
@@ -84,10 +87,15 @@ fn all_kernels() -> Vec<Kernel> {
                     };
                     let caps = caps_for(native_f16);
                     collect(&mut out, &Plan::new(&req, &caps).unwrap().program);
-                    // Every rows-per-invocation variant R of the flash kernel.
+                    // Every rows-per-invocation variant R of the flash kernel, with and
+                    // without subgroup lanes.
                     if path != Path::ThreePass {
-                        for r in [1, 2, 4] {
-                            let plan = with_rows_per_invocation(r, || Plan::new(&req, &caps));
+                        for (r, lanes) in
+                            [1, 2, 4].into_iter().flat_map(|r| [(r, false), (r, true)])
+                        {
+                            let plan = with_subgroup_lanes(lanes, || {
+                                with_rows_per_invocation(r, || Plan::new(&req, &caps))
+                            });
                             collect(&mut out, &plan.unwrap().program);
                         }
                     }

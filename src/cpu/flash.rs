@@ -1,7 +1,9 @@
 //! CPU twin of `shaders/flash.wgsl`: online-softmax attention, `r` query rows at a time (one
 //! invocation's block), keys in tiles of `bc` within the workgroup's key range (lengths and
 //! window), exp2 with Q pre-scaled by scale·log2 e, one rescale per tile, tiles that none of
-//! the block's rows may see skipped, removed keys adding 0.
+//! the block's rows may see skipped, removed keys adding 0. With `lanes` > 1, each lane of the
+//! block takes the pairs of keys lane, lane + lanes, … of every tile with its own state, and
+//! the lanes are merged at the end (the shader's subgroup reductions).
 
 use crate::cpu::mask::{
     diagonal, key_range, mask_any, mask_bit, mask_row_base, shape_logit, window_hi, window_lo,
@@ -12,6 +14,7 @@ use crate::params::{flags, AttnParams};
 use std::f32::consts::{LN_2, LOG2_E};
 
 /// One row of an invocation's block: its key range, mask base, query index and state.
+#[derive(Clone)]
 struct Row {
     live: bool,
     grow: u32,
@@ -34,7 +37,7 @@ struct Row {
 /// 2, rows]`.
 pub fn flash(
     p: &AttnParams,
-    (bc, br, r): (u32, u32, u32),
+    (bc, br, r, lanes): (u32, u32, u32, u32),
     (q, k, v): (&[f32], &[f32], &[f32]),
     masks: &MaskData,
     (o, lse, mut row_stats): (&mut [f32], &mut [f32], Option<&mut [f32]>),
@@ -80,7 +83,7 @@ pub fn flash(
                     // The invocation's rows; tiles inside [whole_lo, whole_hi) are whole for
                     // every live one.
                     let (mut whole_lo, mut whole_hi) = (0u32, u32::MAX);
-                    let mut rows: Vec<Row> = (row0..row0 + r)
+                    let rows: Vec<Row> = (row0..row0 + r)
                         .map(|row| {
                             let grow = p.row_offset + row;
                             let live = row < p.rows;
@@ -107,6 +110,8 @@ pub fn flash(
                             }
                         })
                         .collect();
+                    // [lane][row]: each lane's state of the block's rows.
+                    let mut lane_rows = vec![rows; lanes as usize];
                     let kept = |row: &Row, j: u32| {
                         j >= row.lo
                             && j < row.hi
@@ -116,7 +121,7 @@ pub fn flash(
                     while t0 < hi {
                         let len = bc.min(hi - t0);
                         let t1 = t0 + len;
-                        let sees = rows.iter().any(|row| {
+                        let sees = lane_rows[0].iter().any(|row| {
                             let (a, z) = (t0.max(row.lo), t1.min(row.hi));
                             a < z
                                 && (p.flags & flags::MASK == 0 || mask_any(masks, row.mbase, a, z))
@@ -125,6 +130,7 @@ pub fn flash(
                             let whole = p.flags & (flags::MASK | logit_flags) == 0
                                 && whole_lo <= t0
                                 && whole_hi >= t1;
+                            let rows = &lane_rows[0];
                             // Scores [key][row], as the shader's sc.
                             let sc: Vec<Vec<f32>> = (t0..t1)
                                 .map(|j| {
@@ -159,39 +165,50 @@ pub fn flash(
                                         .collect()
                                 })
                                 .collect();
-                            for (i, row) in rows.iter_mut().enumerate() {
-                                let tmax = sc.iter().fold(row.m, |a, s| a.max(s[i]));
-                                let alpha = (row.m - tmax).exp2();
-                                let rebase = if row.l > 0.0 {
-                                    (tmax - row.m) * row.l
-                                } else {
-                                    0.0
-                                };
-                                row.t = alpha * (row.t + rebase);
-                                row.l *= alpha;
-                                row.acc.iter_mut().for_each(|a| *a *= alpha);
-                                // The shader takes keys two at a time here (and for whole tiles'
-                                // scores); each sum still adds key c, then key c + 1.
-                                for (j, s) in (t0..t1).zip(&sc) {
-                                    // Removed keys add 0 (branchless, as in the shader).
-                                    let pc = if s[i] > REMOVED_BELOW {
-                                        (s[i] - tmax).exp2()
+                            for (lane, rows) in lane_rows.iter_mut().enumerate() {
+                                // The lane's keys: the pairs lane, lane + lanes, … of the tile.
+                                let mine = |c: &usize| (c / 2) % lanes as usize == lane;
+                                for (i, row) in rows.iter_mut().enumerate() {
+                                    let tmax = (0..sc.len())
+                                        .filter(mine)
+                                        .fold(row.m, |a, c| a.max(sc[c][i]));
+                                    let alpha = (row.m - tmax).exp2();
+                                    let rebase = if row.l > 0.0 {
+                                        (tmax - row.m) * row.l
                                     } else {
                                         0.0
                                     };
-                                    row.l += pc;
-                                    row.t += pc * (tmax - s[i]);
-                                    let vbase =
-                                        (((b * p.n + j) * p.kv_heads + hk) * p.d_v) as usize;
-                                    for (a, &x) in row.acc.iter_mut().zip(&v[vbase..vbase + dv]) {
-                                        *a = pc.mul_add(x, *a);
+                                    row.t = alpha * (row.t + rebase);
+                                    row.l *= alpha;
+                                    row.acc.iter_mut().for_each(|a| *a *= alpha);
+                                    // The shader takes keys two at a time here (and for whole tiles'
+                                    // scores); each sum still adds key c, then key c + 1.
+                                    for (c, (j, s)) in (t0..t1).zip(&sc).enumerate() {
+                                        if !mine(&c) {
+                                            continue;
+                                        }
+                                        // Removed keys add 0 (branchless, as in the shader).
+                                        let pc = if s[i] > REMOVED_BELOW {
+                                            (s[i] - tmax).exp2()
+                                        } else {
+                                            0.0
+                                        };
+                                        row.l += pc;
+                                        row.t += pc * (tmax - s[i]);
+                                        let vbase =
+                                            (((b * p.n + j) * p.kv_heads + hk) * p.d_v) as usize;
+                                        for (a, &x) in row.acc.iter_mut().zip(&v[vbase..vbase + dv])
+                                        {
+                                            *a = pc.mul_add(x, *a);
+                                        }
                                     }
+                                    row.m = tmax;
                                 }
-                                row.m = tmax;
                             }
                         }
                         t0 += bc;
                     }
+                    let rows = merge_lanes(lane_rows);
                     for row in rows.iter().filter(|row| row.live) {
                         let (grow, l, m) = (row.grow, row.l, row.m);
                         let (inv, row_max, log_sum) = if l > 0.0 {
@@ -226,4 +243,31 @@ pub fn flash(
             }
         }
     }
+}
+
+/// The lanes' states of a block's rows merged into one per row (lane order): each lane's sum,
+/// accumulator and Σ p·(m − s) rebased from its own max to the rows' max.
+fn merge_lanes(lane_rows: Vec<Vec<Row>>) -> Vec<Row> {
+    let mut rows = lane_rows[0].clone();
+    if lane_rows.len() == 1 {
+        return rows;
+    }
+    for (i, row) in rows.iter_mut().enumerate() {
+        let mx = lane_rows.iter().fold(MASKED, |a, lane| a.max(lane[i].m));
+        row.l = 0.0;
+        row.t = 0.0;
+        row.acc.iter_mut().for_each(|a| *a = 0.0);
+        for lane in &lane_rows {
+            let x = &lane[i];
+            let w = (x.m - mx).exp2();
+            let rebase = if x.l > 0.0 { (mx - x.m) * x.l } else { 0.0 };
+            row.t += w * (x.t + rebase);
+            row.l += w * x.l;
+            for (a, &y) in row.acc.iter_mut().zip(&x.acc) {
+                *a += y * w;
+            }
+        }
+        row.m = mx;
+    }
+    rows
 }

@@ -75,8 +75,9 @@ pub(crate) fn lock_serial(lock: &SerialLock) -> Option<SerialGuard<'_>> {
 }
 
 /// Features xattn uses where the adapter has them.
-const WANTED_FEATURES: wgpu::Features =
-    wgpu::Features::TIMESTAMP_QUERY.union(wgpu::Features::SHADER_F16);
+const WANTED_FEATURES: wgpu::Features = wgpu::Features::TIMESTAMP_QUERY
+    .union(wgpu::Features::SHADER_F16)
+    .union(wgpu::Features::SUBGROUP);
 
 /// Creates the instance from the environment (`WGPU_BACKEND`, `WGPU_DEBUG`, …).
 pub fn instance() -> wgpu::Instance {
@@ -281,6 +282,11 @@ impl Context {
         crate::plan::DeviceCaps {
             loop_cap: crate::plan::loop_cap_of(&self.info),
             native_f16: self.features.contains(wgpu::Features::SHADER_F16),
+            subgroup_lanes: crate::plan::subgroup_lanes_of(
+                self.features.contains(wgpu::Features::SUBGROUP),
+                self.info.subgroup_min_size,
+                self.info.subgroup_max_size,
+            ),
             // On a CPU adapter the host's threads run the workgroups.
             fill: crate::plan::fill_of(
                 self.info.device_type,

@@ -48,6 +48,7 @@ pub const CAPS: xattn::plan::DeviceCaps = xattn::plan::DeviceCaps {
     loop_cap: Some(xattn::plan::LLVMPIPE_LOOP_CAP),
     native_f16: true,
     fill: xattn::plan::GPU_FILL,
+    subgroup_lanes: Some(8),
 };
 
 /// V = key index / N in every dim: O is the softmax-weighted mean position, which moves by
