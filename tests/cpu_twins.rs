@@ -10,9 +10,9 @@ use xattn::cpu::program::{floats, run, words, HostBuffers};
 use xattn::cpu::reference;
 use xattn::mask::Masking;
 use xattn::mha::{layer_program, LayerTypes, MhaConfig, NeedWeights};
-use xattn::plan::{with_rows_per_invocation, MergePlan, Plan, Request};
+use xattn::plan::{MergePlan, Plan, Request};
 use xattn::program::Role;
-use xattn::{Alignment, Attention, AttnShape, Path};
+use xattn::{Alignment, Attention, AttnShape, FusedConfig, Path};
 
 /// Runs an attention plan with the CPU executor: (O, LSE, P or empty).
 fn run_twins(
@@ -53,7 +53,8 @@ fn plans(req: &Request) -> Vec<(String, Plan)> {
         return out;
     }
     for r in [1, 2, 4] {
-        let plan = with_rows_per_invocation(r, || Plan::new(req, &CAPS).unwrap());
+        let forced = req.clone().with_fused_config(FusedConfig::rows(r));
+        let plan = Plan::new(&forced, &CAPS).unwrap();
         let flash_rows: Vec<u32> = plan
             .program
             .dispatches()
@@ -127,6 +128,7 @@ fn twins_follow_every_plan_to_the_reference() {
                 out_dtype: xattn::DType::F32,
                 stats: Default::default(),
                 pool: None,
+                fused: None,
             };
             for (r, plan) in plans(&req) {
                 let (o, lse, w) = run_twins(&plan, (&q, &k, &v), &Masking::default());
@@ -160,6 +162,7 @@ fn twins_follow_masked_plans_to_the_reference() {
                 out_dtype: xattn::DType::F32,
                 stats: Default::default(),
                 pool: None,
+                fused: None,
             };
             for (r, plan) in plans(&req) {
                 let (o, lse, w) = run_twins(&plan, (&q, &k, &v), m);
@@ -198,6 +201,7 @@ fn weight_blocks_twins_follow_the_statistics_to_the_reference() {
             out_dtype: xattn::DType::F32,
             stats: Stats::ALL,
             pool: Some(pool),
+            fused: None,
         };
         // A small loop cap, so that every statistic takes several accumulating passes.
         let caps = xattn::plan::DeviceCaps {

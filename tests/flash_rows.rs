@@ -8,8 +8,8 @@ mod common;
 use common::*;
 use xattn::cpu::reference;
 use xattn::kernels::Kernel;
-use xattn::plan::{with_rows_per_invocation, FUSED_ROW_FLOATS};
-use xattn::{Alignment, Attention, AttnShape, Path, Plan};
+use xattn::plan::FUSED_ROW_FLOATS;
+use xattn::{Alignment, Attention, AttnShape, FusedConfig, Path, Plan};
 
 const ROWS: [u32; 3] = [1, 2, 4];
 
@@ -70,11 +70,12 @@ fn every_rows_variant_matches_the_reference() {
         let (q, k, v) = qkv(&s, 1.0, 1200 + i as u64);
         for path in [Path::Fused, Path::SplitK] {
             for r in rows_for(&s) {
-                let opts = Attention::default().with_path(path);
+                let opts = Attention::default()
+                    .with_path(path)
+                    .with_fused_config(FusedConfig::rows(r));
                 let what = format!("{} r{r} {s}", path.name());
-                let (plan, got) =
-                    with_rows_per_invocation(r, || run_poisoned(engine, &s, (&q, &k, &v), &opts))
-                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let (plan, got) = run_poisoned(engine, &s, (&q, &k, &v), &opts)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert_eq!(plan.path, path, "{what}");
                 assert_rows(&plan, r);
                 check_against_reference(&what, &s, opts.scale_for(s.d_k), (&q, &k, &v), &got);
@@ -131,11 +132,13 @@ fn every_rows_variant_masks_like_the_reference() {
                 continue;
             }
             {
-                let o = opts.clone().with_path(path);
+                let o = opts
+                    .clone()
+                    .with_path(path)
+                    .with_fused_config(FusedConfig::rows(r));
                 let what = format!("{} r{r} {name} {s}", path.name());
-                let (plan, got) =
-                    with_rows_per_invocation(r, || run_poisoned(engine, &s, (&q, &k, &v), &o))
-                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let (plan, got) = run_poisoned(engine, &s, (&q, &k, &v), &o)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert_eq!(plan.path, path, "{what}");
                 assert_rows(&plan, r);
                 assert_close(&format!("{what} O"), &got.o, &want.o, tol.o);

@@ -3,8 +3,8 @@
 use xattn::kernels::{Access, Kernel, SHADER_FILES};
 use xattn::mha::{layer_program, LayerTypes, MhaConfig, NeedWeights};
 use xattn::params::{AttnParams, LinearParams};
-use xattn::plan::{with_rows_per_invocation, DeviceCaps, MergePlan, Plan, Request};
-use xattn::{Alignment, Attention, AttnShape, Path, Pool, PoolOp, Stats};
+use xattn::plan::{DeviceCaps, MergePlan, Plan, Request};
+use xattn::{Alignment, Attention, AttnShape, FusedConfig, Path, Pool, PoolOp, Stats};
 use xattn::{DType, Storage};
 
 const CAPS: DeviceCaps = DeviceCaps {
@@ -81,14 +81,15 @@ fn all_kernels() -> Vec<Kernel> {
                                 PoolOp::Mean
                             },
                         }),
+                        fused: None,
                     };
                     let caps = caps_for(native_f16);
                     collect(&mut out, &Plan::new(&req, &caps).unwrap().program);
                     // Every rows-per-invocation variant R of the flash kernel.
                     if path != Path::ThreePass {
                         for r in [1, 2, 4] {
-                            let plan = with_rows_per_invocation(r, || Plan::new(&req, &caps));
-                            collect(&mut out, &plan.unwrap().program);
+                            let forced = req.clone().with_fused_config(FusedConfig::rows(r));
+                            collect(&mut out, &Plan::new(&forced, &caps).unwrap().program);
                         }
                     }
                 }

@@ -229,7 +229,7 @@ pub fn three_pass_limit(
             &Request {
                 path: Some(path),
                 weights,
-                ..req
+                ..req.clone()
             },
             caps,
         )
