@@ -189,7 +189,8 @@ impl TuneKey {
     }
 
     /// An entry of the cache file, or `None` where any field is missing or out of range or
-    /// no timing names a configuration the kernel has.
+    /// no timing names one of the key's candidates (a configuration the planner would not
+    /// run there is not taken from a file, whoever wrote it).
     fn from_json(v: &Value) -> Option<(Self, Vec<(FusedConfig, f64)>)> {
         let text = |name: &str| Some(v.get(name)?.as_str()?.to_string());
         let flag = |name: &str| v.get(name)?.as_bool();
@@ -211,6 +212,7 @@ impl TuneKey {
             n: size("n")?,
             bh: size("bh")?,
         };
+        let candidates = key.candidates();
         let mut timings: Vec<(FusedConfig, f64)> = v
             .get("timings")?
             .as_array()?
@@ -218,8 +220,9 @@ impl TuneKey {
             .filter_map(|t| {
                 let r = u32::try_from(t.get("rows_per_invocation")?.as_u64()?).ok()?;
                 let ms = t.get("median_ms")?.as_f64()?;
-                let config = FusedConfig::rows(r).validate().ok()?;
-                (ms.is_finite() && ms >= 0.0).then_some((config, ms))
+                let config = FusedConfig::rows(r);
+                let valid = candidates.contains(&config) && ms.is_finite() && ms >= 0.0;
+                valid.then_some((config, ms))
             })
             .collect();
         timings.sort_by(|a, b| a.1.total_cmp(&b.1));
@@ -446,10 +449,18 @@ mod tests {
         let mut negative_ms = good.clone();
         negative_ms["timings"] = json!([{"rows_per_invocation": 4, "median_ms": -1.0},
                                    {"rows_per_invocation": 2, "median_ms": 0.5}]);
-        let text = json!({"entries": [bad_r, negative_ms, {"m": "x"}]}).to_string();
-        let parsed = parse_cache(&text);
-        assert_eq!(parsed.len(), 1);
+        // R = 4 is no candidate where rows are long (d 256) or M is short.
+        let mut long_rows = key(1000, 77, 8, 256, &Attention::default())
+            .to_json(&[(FusedConfig::rows(4), 0.1), (FusedConfig::rows(1), 0.2)]);
+        let short_m =
+            key(64, 77, 8, 40, &Attention::default()).to_json(&[(FusedConfig::rows(4), 0.1)]);
+        long_rows["note"] = json!("unknown fields are fine");
+        let text = json!({"entries": [bad_r, negative_ms, {"m": "x"}, long_rows, short_m]});
+        let parsed = parse_cache(&text.to_string());
+        assert_eq!(parsed.len(), 2, "{parsed:?}");
         assert_eq!(parsed[&k], [(FusedConfig::rows(2), 0.5)]);
+        let long_key = key(1000, 77, 8, 256, &Attention::default());
+        assert_eq!(parsed[&long_key], [(FusedConfig::rows(1), 0.2)]);
     }
 
     #[test]
