@@ -356,6 +356,7 @@ pub struct Planned {
     /// One line on the tiling (for people).
     pub tiling: String,
 }
+
 /// Smallest key range worth a split of its own.
 const MIN_SPLIT_KEYS: usize = 128;
 /// The three-pass scratch is capped here even where bindings may be larger.
