@@ -1,9 +1,13 @@
 //! The public entry point: an [`Engine`] owns the pipeline cache and the planner for one device.
 
 use std::collections::HashMap;
+use std::path::Path as FsPath;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::fused_config::{ConfigChoice, ConfigSource, FusedConfig, Tuned};
 use crate::gpu::context::Context;
 use crate::gpu::executor::{self, Bindings, GpuTimer};
 use crate::gpu::pipelines::PipelineCache;
@@ -14,6 +18,7 @@ use crate::plan::{self, DeviceCaps, MergePlan, Path, Plan, Request, StatsIo};
 use crate::program::Program;
 use crate::shape::{AttnShape, F32};
 use crate::stats::{Pool, Stats, StatsOutput};
+use crate::tune::{self, AdapterId, TuneCache, TuneKey};
 
 /// Options of one attention call: scale, path, and the masks and logit controls of
 /// [`crate::mask`] (where their semantics are spelled out).
@@ -35,6 +40,7 @@ pub struct Attention {
     stats: Stats,
     pool: Option<Pool>,
     masking: Masking,
+    fused: Option<FusedConfig>,
 }
 
 impl Attention {
@@ -67,6 +73,13 @@ impl Attention {
     /// Forces a path instead of the planner's choice.
     pub fn with_path(mut self, path: Path) -> Self {
         self.path = Some(path);
+        self
+    }
+    /// Runs the fused kernel (fused and split-K paths) with `config` instead of the planner's
+    /// default or the autotuner's winner; every configuration computes the same attention.
+    /// A configuration the kernel does not have is an [`Error::Argument`] when planned.
+    pub fn with_fused_config(mut self, config: FusedConfig) -> Self {
+        self.fused = Some(config);
         self
     }
     /// Like [`Attention::with_path`], `None` restoring the planner's choice.
@@ -171,6 +184,10 @@ impl Attention {
             masks,
             dtype,
             out_dtype: self.out_dtype_for(dtype),
+            fused: self
+                .fused
+                .map(|c| c.validate().map(ConfigChoice::forced))
+                .transpose()?,
         })
     }
     /// The forced path, if any.
@@ -267,14 +284,29 @@ pub struct HostOutput {
 /// V `[batch, N, kv_heads, d_v]`, O `[batch, M, q_heads, d_v]`. `q_heads` must be a multiple of
 /// `kv_heads`; query head `h` reads K/V head `h / (q_heads / kv_heads)`.
 ///
-/// Cloning is cheap: clones share the device and the pipeline cache.
+/// Cloning is cheap: clones share the device, the pipeline cache and the autotuner's
+/// winners.
+///
+/// Autotuning ([`Engine::with_autotune`], off by default; `XATTN_AUTOTUNE=1` turns it on):
+/// the first plan of a shape bucket (see [`crate::tune::TuneKey`]) times each candidate
+/// configuration of the fused kernel on the call's inputs and plans the fastest; later plans
+/// of the bucket use the winner, kept in memory and in the user's cache folder
+/// ([`crate::tune::cache_dir`]). The plan says which configuration runs and why
+/// ([`Plan::fused`]).
 #[derive(Clone, Debug)]
 pub struct Engine {
     ctx: Context,
     caps: DeviceCaps,
-    cache: std::sync::Arc<PipelineCache>,
-    pool: std::sync::Arc<BufferPool>,
+    cache: Arc<PipelineCache>,
+    pool: Arc<BufferPool>,
+    autotune: bool,
+    tuner: Arc<TuneCache>,
 }
+
+/// Timed runs per candidate configuration at most, and the time after which the tuner
+/// stops at the first round (a large shape's single run is steady enough).
+const TUNE_RUNS: usize = 5;
+const TUNE_BUDGET: Duration = Duration::from_millis(500);
 
 fn dims4(t: &Tensor, name: &str) -> Result<[usize; 4]> {
     t.dims().try_into().map_err(|_| {
@@ -317,9 +349,41 @@ impl Engine {
         Self {
             ctx: ctx.clone(),
             caps,
-            cache: std::sync::Arc::new(PipelineCache::new(ctx)),
-            pool: std::sync::Arc::new(BufferPool::new(ctx)),
+            cache: Arc::new(PipelineCache::new(ctx)),
+            pool: Arc::new(BufferPool::new(ctx)),
+            autotune: tune::env_setting().unwrap_or(false),
+            tuner: Arc::new(TuneCache::new(tune::default_cache_file())),
         }
+    }
+
+    /// This engine with autotuning on or off (overriding `XATTN_AUTOTUNE`); see [`Engine`].
+    pub fn with_autotune(mut self, on: bool) -> Self {
+        self.autotune = on;
+        self
+    }
+
+    /// This engine keeping autotune winners in `dir` ([`tune::CACHE_FILE`]) instead of the
+    /// user's cache folder, or (`None`) in memory only; it starts a cache of its own, shared
+    /// with the clones made from it.
+    pub fn with_autotune_cache(mut self, dir: Option<&FsPath>) -> Self {
+        self.tuner = Arc::new(TuneCache::new(dir.map(|d| d.join(tune::CACHE_FILE))));
+        self
+    }
+
+    /// Whether plans are autotuned.
+    pub fn autotune(&self) -> bool {
+        self.autotune
+    }
+
+    /// The file autotune winners are kept in, if any.
+    pub fn autotune_cache_file(&self) -> Option<&FsPath> {
+        self.tuner.file()
+    }
+
+    /// Shape buckets this engine's autotuner has timed so far (a plan served by a winner
+    /// already known adds none).
+    pub fn autotune_measurements(&self) -> u64 {
+        self.tuner.measurements()
     }
 
     /// The device context.
@@ -440,9 +504,121 @@ impl Engine {
         opts.request_typed(shape, q.dtype())
     }
 
-    /// What [`Engine::attention`] would run: path, tiles, splits, bytes.
+    /// What [`Engine::attention`] would run: path, tiles, splits, bytes, and the fused
+    /// kernel's configuration. With autotuning on, the first plan of a shape bucket times the
+    /// candidate configurations on `q`, `k`, `v` and `opts`' masks (see [`Engine`]).
     pub fn plan(&self, q: &Tensor, k: &Tensor, v: &Tensor, opts: &Attention) -> Result<Plan> {
-        Plan::new(&self.request(q, k, v, opts)?, &self.caps)
+        let req = self.request(q, k, v, opts)?;
+        let plan = Plan::new(&req, &self.caps)?;
+        let default = matches!(
+            plan.fused,
+            Some(ConfigChoice {
+                source: ConfigSource::Default,
+                ..
+            })
+        );
+        if !(self.autotune && default) {
+            return Ok(plan);
+        }
+        self.tuned_plan(plan, req, (q, k, v), opts)
+    }
+
+    /// `plan` (the default configuration's) with the autotuner's winner for its bucket,
+    /// timed now if not yet known. A bucket with one candidate keeps `plan`, and so does a
+    /// winner that does not plan on this engine's caps.
+    fn tuned_plan(
+        &self,
+        plan: Plan,
+        req: Request,
+        qkv: (&Tensor, &Tensor, &Tensor),
+        opts: &Attention,
+    ) -> Result<Plan> {
+        let key = TuneKey::new(&AdapterId::of(&self.ctx.info), &req, &self.caps);
+        let (timings, measured_now) = match self.tuner.get(&key) {
+            Some(timings) => (timings, false),
+            None => {
+                let candidates = key.candidates();
+                if candidates.len() < 2 {
+                    return Ok(plan);
+                }
+                let timings = self.time_candidates(&req, &candidates, qkv, opts)?;
+                if timings.is_empty() {
+                    return Ok(plan);
+                }
+                self.tuner.store(key.clone(), timings.clone());
+                (timings, true)
+            }
+        };
+        let tuned = Tuned {
+            adapter: key.adapter.to_string(),
+            bucket: key.bucket(),
+            timings,
+            measured_now,
+        };
+        let choice = ConfigChoice {
+            config: tuned.timings[0].0,
+            source: ConfigSource::Tuned(Arc::new(tuned)),
+        };
+        let tuned_req = Request {
+            fused: Some(choice),
+            ..req
+        };
+        Ok(Plan::new(&tuned_req, &self.caps).unwrap_or(plan))
+    }
+
+    /// The median time of each of `candidates` that plans for `req`, fastest first: a warm-up
+    /// run each (it compiles the pipelines), then rounds over all of them, so that drift
+    /// touches every candidate alike, [`TUNE_RUNS`] or as many as [`TUNE_BUDGET`] allows
+    /// (at least one). GPU timestamps where the device has them, else the host clock around
+    /// a run that waits for the device. Outputs are the tuner's own.
+    fn time_candidates(
+        &self,
+        req: &Request,
+        candidates: &[FusedConfig],
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        opts: &Attention,
+    ) -> Result<Vec<(FusedConfig, f64)>> {
+        let timer = GpuTimer::new(&self.ctx);
+        let mut runs = Vec::new();
+        for &config in candidates {
+            let forced = req.clone().with_fused_config(config);
+            // A candidate this device cannot plan (a limit) is no candidate here.
+            let Ok(plan) = Plan::new(&forced, &self.caps) else {
+                continue;
+            };
+            let out = self.alloc_output(&plan)?;
+            let masks = self.upload_masks(&plan, opts)?;
+            runs.push((config, plan, out, masks, Vec::new()));
+        }
+        let time_one = |plan: &Plan, masks: &MaskInputs, out: &Output| -> Result<f64> {
+            let start = Instant::now();
+            self.run(plan, q, k, v, masks, out, timer.as_ref())?;
+            match &timer {
+                Some(t) => t.read_ms(&self.ctx),
+                None => Ok(start.elapsed().as_secs_f64() * 1e3),
+            }
+        };
+        for (_, plan, out, masks, _) in &runs {
+            time_one(plan, masks, out)?;
+        }
+        let start = Instant::now();
+        for round in 0..TUNE_RUNS {
+            if round > 0 && start.elapsed() > TUNE_BUDGET {
+                break;
+            }
+            for (_, plan, out, masks, times) in &mut runs {
+                times.push(time_one(plan, masks, out)?);
+            }
+        }
+        let mut medians: Vec<(FusedConfig, f64)> = runs
+            .into_iter()
+            .map(|(config, _, _, _, mut times)| {
+                times.sort_by(f64::total_cmp);
+                (config, median(&times))
+            })
+            .collect();
+        medians.sort_by(|a, b| a.1.total_cmp(&b.1));
+        Ok(medians)
     }
 
     /// Uploads the lengths, mask and bias of `opts` for `plan` (which must come from the same
@@ -566,7 +742,7 @@ impl Engine {
     /// encoder may still be unsubmitted when it is dropped.
     pub(crate) fn bind_program(&self, program: &Program, tensors: &Bindings) -> Result<Bound> {
         plan::check_loops(program, &self.caps)?;
-        let own = std::sync::Arc::new(BufferPool::new(&self.ctx));
+        let own = Arc::new(BufferPool::new(&self.ctx));
         let bound = self
             .ctx
             .scoped(|| executor::bind(&self.ctx, (&self.cache, &own), program, tensors))?;
@@ -771,6 +947,16 @@ impl Engine {
         let refs: Vec<(&Tensor, &Tensor)> = tensors.iter().map(|(o, l)| (o, l)).collect();
         let (o, lse) = self.merge(&refs)?;
         Ok((o.to_host()?, lse.to_host()?))
+    }
+}
+
+/// The median of sorted, non-empty `times`.
+fn median(times: &[f64]) -> f64 {
+    let mid = times.len() / 2;
+    if times.len() % 2 == 1 {
+        times[mid]
+    } else {
+        (times[mid - 1] + times[mid]) / 2.0
     }
 }
 

@@ -34,6 +34,7 @@ pub mod cpu;
 mod dtype;
 mod engine;
 mod error;
+pub mod fused_config;
 // Internals, public for the tests, the CLI and the benches; what a user needs is re-exported
 // below.
 #[doc(hidden)]
@@ -52,10 +53,12 @@ pub mod plan;
 pub mod program;
 pub mod shape;
 pub mod stats;
+pub mod tune;
 
 pub use dtype::{DType, Storage};
 pub use engine::{Attention, Engine, HostOutput, MaskInputs, Output, Prepared};
 pub use error::{Error, Result};
+pub use fused_config::{ConfigChoice, ConfigSource, FusedConfig};
 pub use gpu::context::Context;
 pub use gpu::executor::GpuTimer;
 pub use gpu::tensor::Tensor;

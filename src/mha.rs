@@ -469,7 +469,7 @@ pub fn layer_program(
             (io.v, x_in),
         )?;
     }
-    let (path, tiling) = plan::attention(req, caps, &mut program, &io)?;
+    let plan::Planned { path, tiling, .. } = plan::attention(req, caps, &mut program, &io)?;
     if let (NeedWeights::Averaged, Some(p), Some(mean)) = (need, p, weights) {
         plan::mean_heads(&mut program, &s, [p, mean], caps)?;
     }

@@ -9,6 +9,8 @@ use std::fmt;
 
 use crate::dtype::{DType, Storage};
 use crate::error::{Error, Result};
+use crate::fused_config::{ConfigChoice, ConfigSource, FusedConfig};
+pub use crate::fused_config::{FUSED_ROWS, FUSED_ROW_FLOATS};
 use crate::kernels::{BlockOp, Kernel, LoopCost};
 use crate::mask::MaskSpec;
 use crate::params::{flags, AttnParams, LinearParams, PackParams};
@@ -179,7 +181,7 @@ impl DeviceCaps {
 }
 
 /// What to compute, as the planner needs it.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Request {
     /// The shape.
     pub shape: AttnShape,
@@ -199,6 +201,19 @@ pub struct Request {
     pub stats: Stats,
     /// A pooled map of P to compute.
     pub pool: Option<Pool>,
+    /// The fused kernel's configuration (forced or tuned) and where it came from, or `None`
+    /// for the planner's default ([`FusedConfig::default_for`]).
+    pub fused: Option<ConfigChoice>,
+}
+
+impl Request {
+    /// This request with the fused kernel's configuration forced to `config`.
+    pub fn with_fused_config(self, config: FusedConfig) -> Self {
+        Self {
+            fused: Some(ConfigChoice::forced(config)),
+            ..self
+        }
+    }
 }
 
 /// The buffers of one attention in a [`Program`]: declared by [`AttnIo::declare`] for a
@@ -341,15 +356,21 @@ pub struct Plan {
     pub pool: Option<Pool>,
     /// One line on the tiling (for people).
     pub tiling: String,
+    /// The fused kernel's configuration and why, where the plan runs it.
+    pub fused: Option<ConfigChoice>,
 }
 
-/// Invocations per fused workgroup; each owns R query rows (`fused_kernel`), so a workgroup
-/// covers `FUSED_ROWS · R` rows. (64 measured best on llvmpipe against 8, 16, 32 and 128 at R = 4.)
-pub const FUSED_ROWS: u32 = 64;
-/// Floats of Q and O rows one fused invocation may hold: R · (d_k + d_v) stays within this,
-/// the footprint of one row at the largest head dim (256 + 256), so larger R only where rows
-/// are short (R = 4 up to d_k + d_v = 128, R = 2 up to 256).
-pub const FUSED_ROW_FLOATS: u32 = 512;
+/// How the planner computes one attention ([`attention`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Planned {
+    /// The path chosen.
+    pub path: Path,
+    /// The fused kernel's configuration and why, where the path runs it.
+    pub fused: Option<ConfigChoice>,
+    /// One line on the tiling (for people).
+    pub tiling: String,
+}
+
 /// Smallest key range worth a split of its own.
 const MIN_SPLIT_KEYS: usize = 128;
 /// The three-pass scratch is capped here even where bindings may be larger.
@@ -380,9 +401,14 @@ impl Plan {
     pub fn new(req: &Request, caps: &DeviceCaps) -> Result<Plan> {
         let mut program = Program::new();
         let io = AttnIo::declare(&mut program, req);
-        let (path, tiling) = attention(req, caps, &mut program, &io)?;
+        let Planned {
+            path,
+            fused,
+            tiling,
+        } = attention(req, caps, &mut program, &io)?;
         check_loops(&program, caps)?;
         Ok(Plan {
+            fused,
             path,
             shape: req.shape,
             masks: req.masks,
@@ -405,6 +431,9 @@ impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "plan {} for {}", self.path.name(), self.shape)?;
         writeln!(f, "  tiling: {}", self.tiling)?;
+        if let Some(fused) = &self.fused {
+            writeln!(f, "  config: {fused}")?;
+        }
         if let Some(storage) = self
             .program
             .dispatches()
@@ -426,13 +455,13 @@ impl fmt::Display for Plan {
 }
 
 /// Appends the attention of `req` on `io`'s buffers to `program`: the planner. Returns the
-/// path chosen and a line on its tiling.
+/// path chosen, the fused kernel's configuration and a line on the tiling.
 pub fn attention(
     req: &Request,
     caps: &DeviceCaps,
     program: &mut Program,
     io: &AttnIo,
-) -> Result<(Path, String)> {
+) -> Result<Planned> {
     let s = req.shape;
     assert_eq!(
         req.weights,
@@ -500,11 +529,30 @@ pub fn attention(
         ..*io
     };
     let storage = Storage::of(req.dtype, caps.native_f16);
-    let (path, tiling) = match path {
-        Path::ThreePass => three_pass(req, caps, storage, program, io)?,
+    let (path, fused_choice, tiling) = match path {
+        Path::ThreePass => {
+            let (path, tiling) = three_pass(req, caps, storage, program, io)?;
+            (path, None, tiling)
+        }
         Path::Fused | Path::SplitK => {
             let row_stats = req.stats.entropy || req.stats.focus;
-            let kernel = fused_kernel(&s, caps, (!req.masks.is_empty(), row_stats), storage)?;
+            let choice = match &req.fused {
+                Some(choice) => ConfigChoice {
+                    config: choice.config.validate()?,
+                    source: choice.source.clone(),
+                },
+                None => ConfigChoice {
+                    config: FusedConfig::default_for(s.d_k, s.d_v, s.m, caps.subgroup_lanes),
+                    source: ConfigSource::Default,
+                },
+            };
+            let kernel = fused_kernel(
+                &s,
+                caps,
+                (!req.masks.is_empty(), row_stats),
+                storage,
+                choice.config,
+            )?;
             let Kernel::Flash { br, .. } = kernel else {
                 unreachable!("fused_kernel returns Flash")
             };
@@ -521,7 +569,8 @@ pub fn attention(
                     why: "the fused path asked for".into(),
                 };
             }
-            fused(req, caps, kernel, split, program, io)?
+            let (path, tiling) = fused(req, caps, kernel, split, program, io)?;
+            (path, Some(choice), tiling)
         }
     };
     if let Some((o32, o)) = packed_o {
@@ -535,7 +584,11 @@ pub fn attention(
     }
     // The fused kernel (fused and split-K) writes entropy and focus itself.
     stats(req, caps, program, io, path != Path::ThreePass)?;
-    Ok((path, tiling))
+    Ok(Planned {
+        path,
+        fused: fused_choice,
+        tiling,
+    })
 }
 
 /// Appends the statistics and the pooled map `io.stats` asks for, from the attention's LSE
@@ -996,19 +1049,16 @@ fn tile_rows(what: &str, floats: u32, caps: &DeviceCaps) -> Result<u32> {
         })
 }
 
-/// Keys per tile of the fused kernel: the largest power of two ≤ 64 whose K and V tiles fit
-/// in 16 KiB of workgroup memory (the WebGPU default limit), or the device's limit if lower.
-/// Rows per invocation R: the largest of 4, 2, 1 whose rows fit [`FUSED_ROW_FLOATS`] and that
-/// M fills (R ≤ ⌈M / FUSED_ROWS⌉: a decode step's single row gets R = 1, not three idle rows),
-/// unless a test forced R ([`with_rows_per_invocation`]). Subgroup lanes
-/// ([`DeviceCaps::subgroup_lanes`]) where the device has them and M < [`FUSED_ROWS`]: there a
-/// plain workgroup would leave invocations idle, and with lanes each row's keys are shared by
-/// a subgroup instead; tests force them either way ([`with_subgroup_lanes`]).
+/// The fused kernel with `config`: keys per tile the largest power of two ≤ 64 whose K and V
+/// tiles fit in 16 KiB of workgroup memory (the WebGPU default limit), or the device's limit
+/// if lower ([`tile_rows`]); subgroup lanes where `config` asks for them and the device has
+/// them (else [`Error::Argument`]).
 fn fused_kernel(
     s: &AttnShape,
     caps: &DeviceCaps,
     (masked, stats): (bool, bool),
     storage: Storage,
+    config: FusedConfig,
 ) -> Result<Kernel> {
     let dk = s.d_k.next_multiple_of(4) as u32;
     let dv = s.d_v.next_multiple_of(4) as u32;
@@ -1017,17 +1067,18 @@ fn fused_kernel(
         dk + dv,
         caps,
     )?;
-    let filled = s.m.div_ceil(FUSED_ROWS as usize);
-    let r = FORCED_ROWS.with(std::cell::Cell::get).unwrap_or_else(|| {
-        [4u32, 2, 1]
-            .into_iter()
-            .find(|&r| r * (dk + dv) <= FUSED_ROW_FLOATS && r as usize <= filled)
-            .unwrap_or(1)
-    });
-    let wanted = FORCED_LANES
-        .with(std::cell::Cell::get)
-        .unwrap_or(s.m < FUSED_ROWS as usize);
-    let lanes = caps.subgroup_lanes.filter(|_| wanted).unwrap_or(1);
+    let r = config.rows_per_invocation;
+    let lanes = match (config.subgroup_lanes, caps.subgroup_lanes) {
+        (false, _) => 1,
+        (true, Some(lanes)) => lanes,
+        (true, None) => {
+            return Err(Error::Argument(
+                "subgroup lanes need a device with subgroup operations of one fixed size; \
+                 this one has none"
+                    .into(),
+            ))
+        }
+    };
     Ok(Kernel::Flash {
         dk,
         dv,
@@ -1040,47 +1091,6 @@ fn fused_kernel(
         wide: s.d_k.is_multiple_of(4) && s.d_v.is_multiple_of(4),
         lanes,
     })
-}
-
-thread_local! {
-    static FORCED_ROWS: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
-    static FORCED_LANES: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
-}
-
-/// Runs `f` with every fused kernel planned on this thread using subgroup lanes (`true`, where
-/// the device has them) or not, instead of the planner's choice: how tests run both variants
-/// on every path. Not for production use.
-#[doc(hidden)]
-pub fn with_subgroup_lanes<T>(lanes: bool, f: impl FnOnce() -> T) -> T {
-    let before = FORCED_LANES.with(|c| c.replace(Some(lanes)));
-    struct Restore(Option<bool>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            FORCED_LANES.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(before);
-    f()
-}
-
-/// Runs `f` with every fused kernel planned on this thread using `r` query rows per
-/// invocation (1, 2 or 4) instead of the planner's choice: how tests run each variant on
-/// every path. Not for production use.
-#[doc(hidden)]
-pub fn with_rows_per_invocation<T>(r: u32, f: impl FnOnce() -> T) -> T {
-    assert!(
-        matches!(r, 1 | 2 | 4),
-        "rows per invocation: 1, 2 or 4, got {r}"
-    );
-    let before = FORCED_ROWS.with(|c| c.replace(Some(r)));
-    struct Restore(Option<u32>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            FORCED_ROWS.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(before);
-    f()
 }
 
 /// The key splits of the fused kernel and why ([`split_count`]).
@@ -1168,6 +1178,7 @@ fn fused(
         r,
         stats,
         wide,
+        lanes,
         ..
     } = kernel
     else {
@@ -1263,9 +1274,14 @@ fn fused(
     Ok((
         path,
         format!(
-            "{} ({r} query row(s) per invocation, {br} per workgroup, {bc}-key K/V tiles in \
+            "{} ({r} query row(s) per {}, {br} per workgroup, {bc}-key K/V tiles in \
              workgroup memory, {}); {}",
             kernel.label(),
+            if lanes > 1 {
+                format!("subgroup of {lanes} lanes sharing their keys")
+            } else {
+                "invocation".to_string()
+            },
             if wide {
                 "Q, K, V and O in vec4s"
             } else {
@@ -1473,6 +1489,7 @@ mod tests {
             out_dtype: DType::F32,
             stats: Stats::default(),
             pool: None,
+            fused: None,
         };
         Plan::new(&req, caps).expect("plans")
     }

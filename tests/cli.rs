@@ -12,8 +12,15 @@ use common::*;
 use xattn::cpu::reference;
 use xattn::{Alignment, Attention, AttnShape};
 
+/// Autotune winners of the binaries these tests run, kept out of the user's cache folder
+/// (one folder for every run: winners of an adapter stay valid).
+fn autotune_cache() -> PathBuf {
+    std::env::temp_dir().join("xattn-cli-autotune")
+}
+
 fn xattn(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_xattn"))
+        .env("XATTN_CACHE_DIR", autotune_cache())
         .args(args)
         .output()
         .expect("start the xattn binary")
@@ -1279,6 +1286,58 @@ fn tiny_bench(extra: &[&str]) -> String {
         stderr(&out)
     );
     text
+}
+
+/// `bench` autotunes the fused kernel before timing and notes what it picked (M 200: R = 1, 2
+/// and 4 are candidates); --no-autotune times the planner's default. The JSON records name
+/// the configuration and where it came from, whichever candidate won.
+#[test]
+fn bench_autotunes_unless_told_not_to() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("benchtune");
+    let json = dir.path("b.json");
+    for (extra, label, sources) in [
+        (None, "autotune: on", &["tuned", "cached"][..]),
+        (
+            Some("--no-autotune"),
+            "autotune: off (--no-autotune)",
+            &["default"][..],
+        ),
+    ] {
+        let mut args = vec![
+            "bench",
+            "--m",
+            "200",
+            "--n",
+            "37",
+            "--dk",
+            "8",
+            "--heads",
+            "2",
+            "--quick",
+            "--path",
+            "fused",
+            "--json",
+            s(&json),
+        ];
+        args.extend(extra);
+        let out = xattn(&args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "bench failed: {text}\n{}",
+            stderr(&out)
+        );
+        assert!(text.contains(label), "{text}");
+        assert_eq!(text.contains("autotune: R="), extra.is_none(), "{text}");
+        let records: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let record = &records.as_array().expect("a JSON list")[0];
+        let config = record["config"].as_str().unwrap_or_default();
+        assert!(["R=1", "R=2", "R=4"].contains(&config), "{record}");
+        let source = record["config_source"].as_str().unwrap_or_default();
+        assert!(sources.contains(&source), "{record}");
+    }
 }
 
 /// `bench --dtype` on a tiny shape: every record names its type and storage, passes --check

@@ -10,9 +10,9 @@ use xattn::cpu::program::{floats, run, words, HostBuffers};
 use xattn::cpu::reference;
 use xattn::mask::Masking;
 use xattn::mha::{layer_program, LayerTypes, MhaConfig, NeedWeights};
-use xattn::plan::{with_rows_per_invocation, MergePlan, Plan, Request};
+use xattn::plan::{MergePlan, Plan, Request};
 use xattn::program::Role;
-use xattn::{Alignment, Attention, AttnShape, Path};
+use xattn::{Alignment, Attention, AttnShape, FusedConfig, Path};
 
 /// Runs an attention plan with the CPU executor: (O, LSE, P or empty).
 fn run_twins(
@@ -45,28 +45,31 @@ fn mask_inputs(
     ])
 }
 
-/// The plans of `req`: the planner's own, and for the fused paths one per rows-per-invocation
-/// variant R of the flash kernel (forced through the planner), each checked to carry its R.
+/// The plans of `req`: the planner's own, and for the fused paths one per configuration of
+/// the flash kernel (each R, with and without subgroup lanes; forced through the planner),
+/// each checked to carry it.
 fn plans(req: &Request) -> Vec<(String, Plan)> {
     let mut out = vec![("auto".to_string(), Plan::new(req, &CAPS).unwrap())];
     if req.path == Some(Path::ThreePass) {
         return out;
     }
-    for r in [1, 2, 4] {
-        let plan = with_rows_per_invocation(r, || Plan::new(req, &CAPS).unwrap());
-        let flash_rows: Vec<u32> = plan
+    for config in FusedConfig::ALL {
+        let forced = req.clone().with_fused_config(config);
+        let plan = Plan::new(&forced, &CAPS).unwrap();
+        let flash: Vec<(u32, bool)> = plan
             .program
             .dispatches()
             .filter_map(|d| match d.kernel {
-                xattn::kernels::Kernel::Flash { r, .. } => Some(r),
+                xattn::kernels::Kernel::Flash { r, lanes, .. } => Some((r, lanes > 1)),
                 _ => None,
             })
             .collect();
+        let want = (config.rows_per_invocation, config.subgroup_lanes);
         assert!(
-            !flash_rows.is_empty() && flash_rows.iter().all(|&x| x == r),
-            "forced R = {r}, planned {flash_rows:?}\n{plan}"
+            !flash.is_empty() && flash.iter().all(|&x| x == want),
+            "forced {config}, planned {flash:?}\n{plan}"
         );
-        out.push((r.to_string(), plan));
+        out.push((config.to_string(), plan));
     }
     out
 }
@@ -127,6 +130,7 @@ fn twins_follow_every_plan_to_the_reference() {
                 out_dtype: xattn::DType::F32,
                 stats: Default::default(),
                 pool: None,
+                fused: None,
             };
             for (r, plan) in plans(&req) {
                 let (o, lse, w) = run_twins(&plan, (&q, &k, &v), &Masking::default());
@@ -160,6 +164,7 @@ fn twins_follow_masked_plans_to_the_reference() {
                 out_dtype: xattn::DType::F32,
                 stats: Default::default(),
                 pool: None,
+                fused: None,
             };
             for (r, plan) in plans(&req) {
                 let (o, lse, w) = run_twins(&plan, (&q, &k, &v), m);
@@ -198,6 +203,7 @@ fn weight_blocks_twins_follow_the_statistics_to_the_reference() {
             out_dtype: xattn::DType::F32,
             stats: Stats::ALL,
             pool: Some(pool),
+            fused: None,
         };
         // A small loop cap, so that every statistic takes several accumulating passes.
         let caps = xattn::plan::DeviceCaps {

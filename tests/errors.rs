@@ -57,6 +57,7 @@ fn planner_names_the_limit_when_no_split_helps() {
         out_dtype: xattn::DType::F32,
         stats: Default::default(),
         pool: None,
+        fused: None,
     };
     let err = Plan::new(&req, &CAPS).unwrap_err();
     match &err {
@@ -92,6 +93,7 @@ fn planner_names_the_limit_when_no_split_helps() {
             out_dtype: xattn::DType::F32,
             stats: Default::default(),
             pool: None,
+            fused: None,
         },
         &CAPS,
     )
@@ -121,6 +123,7 @@ fn planner_names_the_limit_when_no_split_helps() {
             out_dtype: xattn::DType::F32,
             stats: Default::default(),
             pool: None,
+            fused: None,
         },
         &CAPS,
     )
@@ -138,6 +141,7 @@ fn planner_names_the_limit_when_no_split_helps() {
             out_dtype: xattn::DType::F32,
             stats: Default::default(),
             pool: None,
+            fused: None,
         },
         &CAPS,
     )
@@ -154,6 +158,7 @@ fn planner_names_the_limit_when_no_split_helps() {
             out_dtype: xattn::DType::F32,
             stats: Default::default(),
             pool: None,
+            fused: None,
         },
         &CAPS,
     )

@@ -1,5 +1,6 @@
-//! Every rows-per-invocation variant R of the fused kernel on the GPU, forced through the
-//! planner, on the fused and split-K paths: plain shapes (M, N not multiples of a row block,
+//! Every configuration of the fused kernel on the GPU (each rows-per-invocation R, with and,
+//! where the device has them, without subgroup lanes), forced through the planner, on the
+//! fused and split-K paths: plain shapes (M, N not multiples of a row block,
 //! head dims 1…256, GQA) and every masking case, against the f64 reference with NaN-poisoned
 //! outputs.
 
@@ -8,34 +9,38 @@ mod common;
 use common::*;
 use xattn::cpu::reference;
 use xattn::kernels::Kernel;
-use xattn::plan::{with_rows_per_invocation, FUSED_ROW_FLOATS};
-use xattn::{Alignment, Attention, AttnShape, Path, Plan};
+use xattn::plan::FUSED_ROW_FLOATS;
+use xattn::{Alignment, Attention, AttnShape, Engine, FusedConfig, Path, Plan};
 
-const ROWS: [u32; 3] = [1, 2, 4];
-
-/// The R the planner may pick for the head dims of `s` (R·(d_k + d_v) ≤ FUSED_ROW_FLOATS):
-/// forcing larger ones would only time llvmpipe compiling shaders no plan runs (naga still
-/// validates them all in tests/shaders.rs).
-fn rows_for(s: &AttnShape) -> Vec<u32> {
+/// The configurations the planner may pick for the head dims of `s` on `engine`'s device:
+/// R·(d_k + d_v) ≤ FUSED_ROW_FLOATS (forcing larger R would only time llvmpipe compiling
+/// shaders no plan runs; naga still validates them all in tests/shaders.rs), subgroup lanes
+/// where the device has them.
+fn configs_for(engine: &Engine, s: &AttnShape) -> Vec<FusedConfig> {
     let row = (s.d_k.next_multiple_of(4) + s.d_v.next_multiple_of(4)) as u32;
-    ROWS.into_iter()
-        .filter(|&r| r == 1 || r * row <= FUSED_ROW_FLOATS)
+    let lanes = engine.caps().subgroup_lanes.is_some();
+    FusedConfig::ALL
+        .into_iter()
+        .filter(|c| c.rows_per_invocation == 1 || c.rows_per_invocation * row <= FUSED_ROW_FLOATS)
+        .filter(|c| lanes || !c.subgroup_lanes)
         .collect()
 }
 
-/// The R of every flash dispatch of `plan`, asserted to be `r` (and at least one).
-fn assert_rows(plan: &Plan, r: u32) {
-    let found: Vec<u32> = plan
+/// The R and lanes of every flash dispatch of `plan`, asserted to be `config`'s (and at
+/// least one).
+fn assert_config(plan: &Plan, config: FusedConfig) {
+    let found: Vec<(u32, bool)> = plan
         .program
         .dispatches()
         .filter_map(|d| match d.kernel {
-            Kernel::Flash { r, .. } => Some(r),
+            Kernel::Flash { r, lanes, .. } => Some((r, lanes > 1)),
             _ => None,
         })
         .collect();
+    let want = (config.rows_per_invocation, config.subgroup_lanes);
     assert!(
-        !found.is_empty() && found.iter().all(|&x| x == r),
-        "forced R = {r}, planned {found:?}\n{plan}"
+        !found.is_empty() && found.iter().all(|&x| x == want),
+        "forced {config}, planned {found:?}\n{plan}"
     );
 }
 
@@ -69,14 +74,15 @@ fn every_rows_variant_matches_the_reference() {
     for (i, s) in shapes().into_iter().enumerate() {
         let (q, k, v) = qkv(&s, 1.0, 1200 + i as u64);
         for path in [Path::Fused, Path::SplitK] {
-            for r in rows_for(&s) {
-                let opts = Attention::default().with_path(path);
-                let what = format!("{} r{r} {s}", path.name());
-                let (plan, got) =
-                    with_rows_per_invocation(r, || run_poisoned(engine, &s, (&q, &k, &v), &opts))
-                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+            for config in configs_for(engine, &s) {
+                let opts = Attention::default()
+                    .with_path(path)
+                    .with_fused_config(config);
+                let what = format!("{} {config} {s}", path.name());
+                let (plan, got) = run_poisoned(engine, &s, (&q, &k, &v), &opts)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert_eq!(plan.path, path, "{what}");
-                assert_rows(&plan, r);
+                assert_config(&plan, config);
                 check_against_reference(&what, &s, opts.scale_for(s.d_k), (&q, &k, &v), &got);
             }
         }
@@ -121,23 +127,22 @@ fn every_rows_variant_masks_like_the_reference() {
         let m = opts.masking();
         let want = reference::attention_masked(&s, &q, &k, &v, f64::from(scale), m);
         let tol = budget_masked(&s, scale, (&q, &k, &v), m);
-        let variants: Vec<(Path, u32)> = [Path::Fused, Path::SplitK]
+        let variants: Vec<(Path, FusedConfig)> = [Path::Fused, Path::SplitK]
             .into_iter()
-            .flat_map(|path| rows_for(&s).into_iter().map(move |r| (path, r)))
+            .flat_map(|path| configs_for(engine, &s).into_iter().map(move |c| (path, c)))
             .collect();
         let spread = on_gl(engine);
-        for (vi, &(path, r)) in variants.iter().enumerate() {
+        for (vi, &(path, config)) in variants.iter().enumerate() {
             if spread && vi % variants.len() != i % variants.len() {
                 continue;
             }
             {
-                let o = opts.clone().with_path(path);
-                let what = format!("{} r{r} {name} {s}", path.name());
-                let (plan, got) =
-                    with_rows_per_invocation(r, || run_poisoned(engine, &s, (&q, &k, &v), &o))
-                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let o = opts.clone().with_path(path).with_fused_config(config);
+                let what = format!("{} {config} {name} {s}", path.name());
+                let (plan, got) = run_poisoned(engine, &s, (&q, &k, &v), &o)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert_eq!(plan.path, path, "{what}");
-                assert_rows(&plan, r);
+                assert_config(&plan, config);
                 assert_close(&format!("{what} O"), &got.o, &want.o, tol.o);
                 assert_close(&format!("{what} LSE"), &got.lse, &want.lse, tol.lse * 10.0);
             }
@@ -146,7 +151,8 @@ fn every_rows_variant_masks_like_the_reference() {
 }
 
 /// What the planner picks by itself: R = 4 for short rows and many queries, smaller R as
-/// rows grow (R·(d_k + d_v) ≤ 512 floats), R = 1 where M would leave rows idle.
+/// rows grow (R·(d_k + d_v) ≤ 512 floats), R = 1 where M would leave rows idle; subgroup
+/// lanes (on a device with them, as CAPS) where M < 64.
 #[test]
 fn the_planner_picks_rows_by_head_dim_and_queries() {
     for (m, d, want) in [
@@ -174,6 +180,11 @@ fn the_planner_picks_rows_by_head_dim_and_queries() {
             .request(s)
             .unwrap();
         let plan = Plan::new(&req, &CAPS).unwrap();
-        assert_rows(&plan, want);
+        assert_config(&plan, FusedConfig::rows(want).with_subgroup_lanes(m < 64));
+        let plain = xattn::DeviceCaps {
+            subgroup_lanes: None,
+            ..CAPS
+        };
+        assert_config(&Plan::new(&req, &plain).unwrap(), FusedConfig::rows(want));
     }
 }

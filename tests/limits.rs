@@ -10,10 +10,8 @@ mod common;
 use common::*;
 use rand::{Rng, SeedableRng};
 use xattn::cpu::reference;
-use xattn::plan::{
-    with_rows_per_invocation, DeviceCaps, Plan, Request, FUSED_ROW_FLOATS, LLVMPIPE_LOOP_CAP,
-};
-use xattn::{Alignment, Attention, AttnShape, Engine, Error, HostOutput, Path};
+use xattn::plan::{DeviceCaps, Plan, Request, FUSED_ROW_FLOATS, LLVMPIPE_LOOP_CAP};
+use xattn::{Alignment, Attention, AttnShape, Engine, Error, FusedConfig, HostOutput, Path};
 
 /// The test engine planning with llvmpipe's loop cap, whatever the adapter.
 fn capped(engine: &Engine) -> Engine {
@@ -232,47 +230,58 @@ fn dispatches_at_the_loop_cap_are_right() {
     let Some(engine) = engine() else { return };
     let engine = &capped(engine);
     let cap = LLVMPIPE_LOOP_CAP - 1;
-    // The fused kernel over exactly the keys one pass may walk, for every rows-per-invocation
-    // variant R the planner may pick at that head dim (M = 5: R = 2 and 4 leave dead rows in
-    // the last invocation).
+    // The fused kernel over exactly the keys one pass may walk, for every configuration the
+    // planner may pick at that head dim: each R (M = 5: R = 2 and 4 leave dead rows in the
+    // last invocation), with subgroup lanes where the device has them.
+    let lanes = engine.caps().subgroup_lanes.is_some();
     let variants = [(1usize, false), (64, false), (256, false), (16, true)]
         .into_iter()
-        .flat_map(|c| [1, 2, 4].map(|r| (c, r)))
-        .filter(|&((d, _), r)| r == 1 || r * 2 * d.next_multiple_of(4) as u32 <= FUSED_ROW_FLOATS);
-    for ((d, masked), r) in variants {
-        with_rows_per_invocation(r, || {
-            let probe = shape(1, 5, 64, 1, 1, d);
-            let opts_for = |n: usize| {
-                let opts = Attention::default().with_path(Path::Fused);
-                if !masked {
-                    return opts;
-                }
-                opts.with_mask([1, 1, 1, n], random_bools(n, 0.9, 3))
-                    .with_bias([1, 1, 1, n], random(n, 1.0, 4))
-                    .with_key_segment(0, n / 2, 1.5)
-                    .with_key_segment(n / 2 + 1, n, 0.7)
-                    .with_softcap(5.0)
-            };
-            let plan = Plan::new(&request(probe, &opts_for(64)), engine.caps()).unwrap();
-            let per_pass = max_len(&plan, "flash", cap);
-            let s = shape(1, 5, per_pass, 1, 1, d);
-            let opts = opts_for(per_pass);
-            let (qa, ka, va) = qkv(&s, 1.0, 7);
-            let (plan, got) = run_poisoned(engine, &s, (&qa, &ka, &va), &opts).unwrap();
-            assert_eq!((plan.path, plan.dispatches()), (Path::Fused, 1), "{plan}");
-            assert!(plan.tiling.contains(&format!("_r{r}")), "{plan}");
-            check(
-                &format!("fused R={r} at the cap {s}"),
-                &s,
-                &opts,
-                (&qa, &ka, &va),
-                &got,
-            );
-            // One key more is split.
-            let s1 = shape(1, 5, per_pass + 1, 1, 1, d);
-            let plan = Plan::new(&request(s1, &opts_for(per_pass + 1)), engine.caps()).unwrap();
-            assert_eq!(plan.path, Path::SplitK, "{plan}");
+        .flat_map(|c| FusedConfig::ALL.map(|config| (c, config)))
+        .filter(|&((d, _), config)| {
+            let r = config.rows_per_invocation;
+            (r == 1 || r * 2 * d.next_multiple_of(4) as u32 <= FUSED_ROW_FLOATS)
+                && (lanes || !config.subgroup_lanes)
         });
+    for ((d, masked), config) in variants {
+        let r = config.rows_per_invocation;
+        let probe = shape(1, 5, 64, 1, 1, d);
+        let opts_for = |n: usize| {
+            let opts = Attention::default()
+                .with_path(Path::Fused)
+                .with_fused_config(config);
+            if !masked {
+                return opts;
+            }
+            opts.with_mask([1, 1, 1, n], random_bools(n, 0.9, 3))
+                .with_bias([1, 1, 1, n], random(n, 1.0, 4))
+                .with_key_segment(0, n / 2, 1.5)
+                .with_key_segment(n / 2 + 1, n, 0.7)
+                .with_softcap(5.0)
+        };
+        let plan = Plan::new(&request(probe, &opts_for(64)), engine.caps()).unwrap();
+        let per_pass = max_len(&plan, "flash", cap);
+        let s = shape(1, 5, per_pass, 1, 1, d);
+        let opts = opts_for(per_pass);
+        let (qa, ka, va) = qkv(&s, 1.0, 7);
+        let (plan, got) = run_poisoned(engine, &s, (&qa, &ka, &va), &opts).unwrap();
+        assert_eq!((plan.path, plan.dispatches()), (Path::Fused, 1), "{plan}");
+        assert!(plan.tiling.contains(&format!("_r{r}")), "{plan}");
+        assert_eq!(
+            plan.tiling.contains("_lanes"),
+            config.subgroup_lanes,
+            "{plan}"
+        );
+        check(
+            &format!("fused {config} at the cap {s}"),
+            &s,
+            &opts,
+            (&qa, &ka, &va),
+            &got,
+        );
+        // One key more is split.
+        let s1 = shape(1, 5, per_pass + 1, 1, 1, d);
+        let plan = Plan::new(&request(s1, &opts_for(per_pass + 1)), engine.caps()).unwrap();
+        assert_eq!(plan.path, Path::SplitK, "{plan}");
     }
     // Three-pass with the weights: P·V over key ranges, the first one exactly at the cap.
     let probe = shape(1, 1, 1, 1, 1, 1);

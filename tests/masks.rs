@@ -175,6 +175,7 @@ fn plans_describe_their_masks() {
         out_dtype: xattn::DType::F32,
         stats: Default::default(),
         pool: None,
+        fused: None,
     };
     let text = xattn::Plan::new(&req, &CAPS).unwrap().to_string();
     assert!(

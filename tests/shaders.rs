@@ -3,10 +3,8 @@
 use xattn::kernels::{Access, Kernel, SHADER_FILES};
 use xattn::mha::{layer_program, LayerTypes, MhaConfig, NeedWeights};
 use xattn::params::{AttnParams, LinearParams};
-use xattn::plan::{
-    with_rows_per_invocation, with_subgroup_lanes, DeviceCaps, MergePlan, Plan, Request,
-};
-use xattn::{Alignment, Attention, AttnShape, Path, Pool, PoolOp, Stats};
+use xattn::plan::{DeviceCaps, MergePlan, Plan, Request};
+use xattn::{Alignment, Attention, AttnShape, FusedConfig, Path, Pool, PoolOp, Stats};
 use xattn::{DType, Storage};
 
 const CAPS: DeviceCaps = DeviceCaps {
@@ -84,19 +82,16 @@ fn all_kernels() -> Vec<Kernel> {
                                 PoolOp::Mean
                             },
                         }),
+                        fused: None,
                     };
                     let caps = caps_for(native_f16);
                     collect(&mut out, &Plan::new(&req, &caps).unwrap().program);
                     // Every rows-per-invocation variant R of the flash kernel, with and
                     // without subgroup lanes.
                     if path != Path::ThreePass {
-                        for (r, lanes) in
-                            [1, 2, 4].into_iter().flat_map(|r| [(r, false), (r, true)])
-                        {
-                            let plan = with_subgroup_lanes(lanes, || {
-                                with_rows_per_invocation(r, || Plan::new(&req, &caps))
-                            });
-                            collect(&mut out, &plan.unwrap().program);
+                        for config in FusedConfig::ALL {
+                            let forced = req.clone().with_fused_config(config);
+                            collect(&mut out, &Plan::new(&forced, &caps).unwrap().program);
                         }
                     }
                 }

@@ -3,7 +3,8 @@
 //! Times GPU completion, not submission: with `TIMESTAMP_QUERY` the GPU's own timestamps
 //! bracket the plan's passes; otherwise the host clock brackets `Engine::run`, which waits
 //! until the device is idle. Inputs are uploaded once per shape and outputs allocated once
-//! per (shape, path), so only the attention itself is measured.
+//! per (shape, path), so only the attention itself is measured. With autotuning (the default)
+//! the fused kernel's configuration is chosen while planning, before any timed run.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,7 +17,8 @@ use serde_json::{json, Value};
 use xattn::cpu::reference;
 use xattn::gpu::executor::GpuTimer;
 use xattn::{
-    Attention, AttnShape, Context, DType, Engine, MaskInputs, Path, Plan, Stats, Storage, Tensor,
+    Attention, AttnShape, ConfigChoice, ConfigSource, Context, DType, Engine, MaskInputs, Path,
+    Plan, Stats, Storage, Tensor,
 };
 
 use crate::masks::AlignArg;
@@ -186,6 +188,12 @@ pub struct BenchArgs {
     /// the path column shows them as `fused+entropy`, the ratios as their cost.
     #[arg(long, value_enum, value_name = "STATS", value_delimiter = ',')]
     stats: Vec<StatArg>,
+    /// Time the planner's default configuration of the fused kernel. Without this flag (or
+    /// XATTN_AUTOTUNE=0), a few candidate configurations are timed once per adapter and shape
+    /// bucket before the timed runs, the fastest is used, and the winner is cached in
+    /// $XATTN_CACHE_DIR, else $XDG_CACHE_HOME/xattn, else ~/.cache/xattn.
+    #[arg(long)]
+    no_autotune: bool,
 }
 
 /// The custom shape given by flags, if any.
@@ -247,6 +255,8 @@ struct Record {
     masks: String,
     /// The statistics computed with it, if any.
     stats: Option<StatArg>,
+    /// The fused kernel's configuration and why, where the path runs it.
+    config: Option<ConfigChoice>,
 }
 
 impl Record {
@@ -332,6 +342,20 @@ impl Progress {
         let elapsed = self.start.elapsed().as_secs_f64();
         let left = elapsed * (self.total - self.done).max(0.0) / self.done;
         format!(" ({elapsed:.0} s so far, about {left:.0} s left)")
+    }
+}
+
+/// Whether the autotuner runs, and where it keeps its winners.
+fn autotune_label(engine: &Engine, args: &BenchArgs) -> String {
+    if engine.autotune() {
+        match engine.autotune_cache_file() {
+            Some(file) => format!("on, winners cached in {}", file.display()),
+            None => "on, winners kept in memory (no cache folder: set XATTN_CACHE_DIR)".into(),
+        }
+    } else if args.no_autotune {
+        "off (--no-autotune): the planner's default configurations".into()
+    } else {
+        "off (XATTN_AUTOTUNE=0): the planner's default configurations".into()
     }
 }
 
@@ -624,6 +648,48 @@ fn print_ratios(records: &[Record], dtypes: &[DType], stats: &[StatArg]) {
     }
 }
 
+/// What the autotuner chose for one (shape, path), under the table's columns: the
+/// configuration, whether it was measured now or cached, and each candidate's median.
+fn print_config(
+    s: &SuiteShape,
+    which: (Option<Path>, Option<StatArg>),
+    storage: Storage,
+    choice: &ConfigChoice,
+) {
+    let note = match &choice.source {
+        ConfigSource::Tuned(t) => {
+            let medians: Vec<String> = t
+                .timings
+                .iter()
+                .map(|(c, ms)| format!("{c} {ms:.3} ms"))
+                .collect();
+            let how = if t.measured_now {
+                "tuned now"
+            } else {
+                "cached winner"
+            };
+            format!(
+                "autotune: {} ({how}; medians {})",
+                choice.config,
+                medians.join(", ")
+            )
+        }
+        ConfigSource::Default => format!("autotune: {} (default, one candidate)", choice.config),
+        ConfigSource::Forced => format!("autotune: {} (forced)", choice.config),
+    };
+    print_note(s, which, storage, &note);
+}
+
+/// `default`, `forced`, `tuned` (measured by this run) or `cached` (a winner measured before).
+fn config_source_name(source: &ConfigSource) -> &'static str {
+    match source {
+        ConfigSource::Default => "default",
+        ConfigSource::Forced => "forced",
+        ConfigSource::Tuned(t) if t.measured_now => "tuned",
+        ConfigSource::Tuned(_) => "cached",
+    }
+}
+
 fn json_record(r: &Record, ctx: &Context, b: &Bench) -> Value {
     let s = r.shape;
     let (err, check, tolerance) = match r.check {
@@ -666,6 +732,8 @@ fn json_record(r: &Record, ctx: &Context, b: &Bench) -> Value {
         "max_abs_err": err,
         "tolerance": tolerance,
         "check": check,
+        "config": r.config.as_ref().map(|c| c.config.to_string()),
+        "config_source": r.config.as_ref().map(|c| config_source_name(&c.source)),
     })
 }
 
@@ -717,7 +785,8 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
             Engine::with_caps(&ctx, caps)
         } else {
             Engine::new(&ctx)
-        },
+        }
+        .with_autotune(!args.no_autotune && xattn::tune::env_setting().unwrap_or(true)),
         timer,
         warmup: args.warmup.unwrap_or(if quick { 1 } else { 2 }),
         runs: args.runs.unwrap_or(if quick { 3 } else { 5 }),
@@ -738,6 +807,7 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
         }
     }
     let storage = |d| Storage::of(d, b.engine.caps().native_f16);
+    println!("autotune: {}", autotune_label(&b.engine, args));
     println!("masks: {} (every shape)", masks_label(args.causal));
     let read_as: Vec<String> = dtypes
         .iter()
@@ -810,6 +880,9 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                     print_note(s, which, storage(dtype), &format!("skipped: {why}"));
                     continue;
                 }
+                if let Some(choice) = plan.fused.as_ref().filter(|_| b.engine.autotune()) {
+                    print_config(s, which, storage(dtype), choice);
+                }
                 let measured = b.measure(&plan, &opts, x);
                 progress.advance(&s.shape);
                 match measured {
@@ -826,6 +899,7 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                             tolerance,
                             masks: masks_label(args.causal),
                             stats,
+                            config: plan.fused.clone(),
                         };
                         print_row(&r);
                         records.push(r);

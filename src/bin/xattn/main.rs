@@ -96,7 +96,9 @@ enum Command {
     /// checked against the CPU reference, about a minute on a slow software device); with both,
     /// the custom shape runs after the suite; --only NAME keeps the shapes of that name.
     /// --causal ALIGN masks every shape. Times are to GPU completion (GPU timestamps where the
-    /// adapter has them, else the host clock around a waited run).
+    /// adapter has them, else the host clock around a waited run). The fused kernel's
+    /// configuration is autotuned per shape bucket before the timed runs (--no-autotune
+    /// times the planner's default); the table notes what was picked.
     Bench(bench::BenchArgs),
 }
 
@@ -229,7 +231,7 @@ pub fn three_pass_limit(
             &Request {
                 path: Some(path),
                 weights,
-                ..req
+                ..req.clone()
             },
             caps,
         )
