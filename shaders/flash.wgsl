@@ -151,12 +151,13 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
             row_mbase[r] = mask_row_base(hd.b, hd.h, grow);
             whole_lo = max(whole_lo, rk.lo);
             whole_hi = min(whole_hi, rk.hi);
-            let qbase = ((hd.b * p.m + grow) * p.q_heads + hd.h) * p.d_k;
-            for (var d4 = 0u; d4 < DK4; d4++) {
-                qr[r * DK4 + d4] = load4_q(qbase, d4 * 4u, p.d_k) * qs;
-            }
         }
     }
+    // Q and O rows by straight-line helpers (prelude): qr and acc are indexed by constants
+    // only, so they can live in registers (a loop index would make them per-lane memory).
+    let live_rows = min(R, p.rows - min(row0, p.rows));
+    let q_row0 = ((hd.b * p.m + p.row_offset + row0) * p.q_heads + hd.h) * p.d_k;
+    load_q_rows(q_row0, p.q_heads * p.d_k, live_rows, qs);
     var m = RV(MASKED);
     var l = RV(0.0);
     var t = RV(0.0);
@@ -236,6 +237,9 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
 
     // Every lane of the subgroup takes part, live or not; lane 0 then holds the rows' state.
     merge_lanes(&m, &l, &t);
+    let o_row0 = (((split * p.batch + hd.b) * p.m + p.row_offset + row0) * p.q_heads + hd.h) * p.d_v;
+    let inv_rows = select(RV(0.0), RV(1.0) / l, l > RV(0.0));
+    store_o_rows(o_row0, p.q_heads * p.d_v, select(0u, live_rows, key_lane == 0u), inv_rows);
     let rows = p.batch * p.q_heads * p.m;
     for (var r = 0u; r < R; r++) {
         if key_lane == 0u && row0 + r < p.rows {
@@ -250,10 +254,6 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
                 inv = 1.0 / lr;
                 row_max = lane(m, r) * LN2;
                 log_sum = log(lr);
-            }
-            let obase = (((split * p.batch + hd.b) * p.m + grow) * p.q_heads + hd.h) * p.d_v;
-            for (var d4 = 0u; d4 < DV4; d4++) {
-                store4_o(obase, d4 * 4u, acc[r * DV4 + d4] * inv, p.d_v);
             }
             let at = bh * p.m + grow;
             if (p.flags & FLAG_SPLIT_STATS) != 0u {

@@ -448,8 +448,8 @@ impl Kernel {
             // Per tile of bc keys: the tile loop, K and V staging (by br / r · lanes
             // invocations), the mask-word scan of each of the r rows, the score loop over the
             // lane's pairs of keys (per key with the segment lookup per key and row, or per
-            // pair) and the accumulate loop (per pair). Fixed: the row set-up loop and, per
-            // row, loading its Q row and storing its O row (per vec4).
+            // pair) and the accumulate loop (per pair). Fixed: the row set-up loop and the row
+            // loop writing the LSE (Q and O rows are loaded and stored straight-line).
             Kernel::Flash {
                 dk,
                 dv,
@@ -469,11 +469,7 @@ impl Kernel {
                 };
                 (
                     LoopCost {
-                        fixed: looped(0)
-                            + looped(r)
-                            + r * looped(dk / 4)
-                            + looped(r)
-                            + r * looped(dv / 4),
+                        fixed: looped(0) + looped(r) + looped(r),
                         per_step: 1
                             + looped((bc * dk / 4).div_ceil(invocations))
                             + looped((bc * dv / 4).div_ceil(invocations))
@@ -865,6 +861,30 @@ fn flash_prelude(dk4: u32, dv4: u32, bc: u32, (br, r, lanes): (u32, u32, u32)) -
         }
     }
     let any = |f: &dyn Fn(u32) -> String| rows.clone().map(f).collect::<Vec<_>>().join(" | ");
+    // The live rows' Q rows (pre-scaled) and O rows, row `i` at `base + i·stride`.
+    let (mut q_rows, mut o_rows) = (String::new(), String::new());
+    for row in rows.clone() {
+        let at = format!("base + {row}u * stride");
+        q_rows.push_str(&format!("    if {row}u < live {{\n        let b = {at};\n"));
+        o_rows.push_str(&format!("    if {row}u < live {{\n        let b = {at};\n"));
+        for i in 0..dk4 {
+            q_rows.push_str(&format!(
+                "        qr[{}] = load4_q(b, {}u, p.d_k) * qs;\n",
+                row * dk4 + i,
+                4 * i
+            ));
+        }
+        for i in 0..dv4 {
+            o_rows.push_str(&format!(
+                "        store4_o(b, {}u, acc[{}] * {}, p.d_v);\n",
+                4 * i,
+                row * dv4 + i,
+                lane("inv", row)
+            ));
+        }
+        q_rows.push_str("    }\n");
+        o_rows.push_str("    }\n");
+    }
     // The entry point, and the merge of a row group's lanes: each lane's sum, accumulator and
     // Σ p·(m − s) rebased from its own max to the group's (as flash.wgsl rebases per tile).
     let (entry, merge) = if lanes == 1 {
@@ -913,6 +933,8 @@ fn flash_prelude(dk4: u32, dv4: u32, bc: u32, (br, r, lanes): (u32, u32, u32)) -
          fn sees_block(t0: u32, t1: u32) -> bool {{\n    return {sees};\n}}\n\
          fn keeps_block(j: u32) -> bool {{\n    return {keeps};\n}}\n\
          fn logit_block(s: RV, j: u32) -> RV {{\n    return {logits};\n}}\n\
+         fn load_q_rows(base: u32, stride: u32, live: u32, qs: f32) {{\n{q_rows}}}\n\
+         fn store_o_rows(base: u32, stride: u32, live: u32, inv: RV) {{\n{o_rows}}}\n\
          fn merge_lanes(m: ptr<function, RV>, l: ptr<function, RV>, t: ptr<function, RV>) {{\n{merge}}}\n\
          @compute @workgroup_size(WG, 1, 1)\n{entry}",
         wg = br / r * lanes,
