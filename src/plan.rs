@@ -1441,10 +1441,11 @@ pub fn check_loops(program: &Program, caps: &DeviceCaps) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const CAPS: DeviceCaps = DeviceCaps {
+    /// A device without a loop cap or subgroups, filled as a GPU (the tuner's tests start here too).
+    pub(crate) const CAPS: DeviceCaps = DeviceCaps {
         max_binding: 128 << 20,
         max_buffer: 2 << 30,
         max_workgroups: 65535,

@@ -365,19 +365,13 @@ fn write_atomically(file: &FsPath, text: &str) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::engine::Attention;
-    use crate::plan::{GPU_FILL, LLVMPIPE_LOOP_CAP};
+    use crate::plan::LLVMPIPE_LOOP_CAP;
     use crate::shape::AttnShape;
 
     const CAPS: DeviceCaps = DeviceCaps {
-        max_binding: 128 << 20,
-        max_buffer: 2 << 30,
-        max_workgroups: 65535,
-        max_workgroup_bytes: 32 << 10,
-        uniform_align: 256,
         loop_cap: Some(LLVMPIPE_LOOP_CAP),
-        native_f16: false,
-        fill: GPU_FILL,
         subgroup_lanes: Some(8),
+        ..crate::plan::tests::CAPS
     };
 
     fn adapter() -> AdapterId {
