@@ -614,7 +614,7 @@ impl Engine {
             .into_iter()
             .map(|(config, _, _, _, mut times)| {
                 times.sort_by(f64::total_cmp);
-                (config, median(&times))
+                (config, tune::median(&times))
             })
             .collect();
         medians.sort_by(|a, b| a.1.total_cmp(&b.1));
@@ -947,16 +947,6 @@ impl Engine {
         let refs: Vec<(&Tensor, &Tensor)> = tensors.iter().map(|(o, l)| (o, l)).collect();
         let (o, lse) = self.merge(&refs)?;
         Ok((o.to_host()?, lse.to_host()?))
-    }
-}
-
-/// The median of sorted, non-empty `times`.
-fn median(times: &[f64]) -> f64 {
-    let mid = times.len() / 2;
-    if times.len() % 2 == 1 {
-        times[mid]
-    } else {
-        (times[mid - 1] + times[mid]) / 2.0
     }
 }
 

@@ -141,6 +141,27 @@ pub struct Tuned {
     pub measured_now: bool,
 }
 
+impl Tuned {
+    /// `tuned now` or `cached winner`.
+    pub fn how(&self) -> &'static str {
+        if self.measured_now {
+            "tuned now"
+        } else {
+            "cached winner"
+        }
+    }
+
+    /// Each candidate with its median, fastest first: `R=4 0.336 ms, R=2 0.404 ms, …`.
+    pub fn medians(&self) -> String {
+        let timings: Vec<String> = self
+            .timings
+            .iter()
+            .map(|(c, ms)| format!("{c} {ms:.3} ms"))
+            .collect();
+        timings.join(", ")
+    }
+}
+
 /// Where a plan's fused-kernel configuration came from.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ConfigSource {
@@ -182,25 +203,14 @@ impl fmt::Display for ConfigChoice {
                  M < {FUSED_ROWS})"
             ),
             ConfigSource::Forced => write!(f, "(forced)"),
-            ConfigSource::Tuned(t) => {
-                let timings: Vec<String> = t
-                    .timings
-                    .iter()
-                    .map(|(c, ms)| format!("{c} {ms:.3} ms"))
-                    .collect();
-                write!(
-                    f,
-                    "({} for {}, bucket {}; medians {})",
-                    if t.measured_now {
-                        "tuned now"
-                    } else {
-                        "cached winner"
-                    },
-                    t.adapter,
-                    t.bucket,
-                    timings.join(", ")
-                )
-            }
+            ConfigSource::Tuned(t) => write!(
+                f,
+                "({} for {}, bucket {}; medians {})",
+                t.how(),
+                t.adapter,
+                t.bucket,
+                t.medians()
+            ),
         }
     }
 }

@@ -361,6 +361,17 @@ fn write_atomically(file: &FsPath, text: &str) -> std::io::Result<()> {
     })
 }
 
+/// The median of sorted, non-empty `times` (the mean of the middle two for an even count):
+/// how the tuner and `xattn bench` summarize runs.
+pub fn median(sorted: &[f64]) -> f64 {
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -383,15 +383,6 @@ fn random(rng: &mut StdRng, len: usize) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1.0f32..=1.0)).collect()
 }
 
-fn median(sorted: &[f64]) -> f64 {
-    let mid = sorted.len() / 2;
-    if sorted.len() % 2 == 1 {
-        sorted[mid]
-    } else {
-        (sorted[mid - 1] + sorted[mid]) / 2.0
-    }
-}
-
 /// Host copies (rounded to the dtype) and device tensors of one shape's inputs.
 struct Inputs {
     dtype: DType,
@@ -473,7 +464,7 @@ impl Bench<'_> {
             .collect::<CliResult<Vec<f64>>>()?;
         times.sort_by(f64::total_cmp);
         let timing = Timing {
-            median_ms: median(&times),
+            median_ms: xattn::tune::median(&times),
             min_ms: times[0],
         };
         let s = plan.shape;
@@ -657,23 +648,12 @@ fn print_config(
     choice: &ConfigChoice,
 ) {
     let note = match &choice.source {
-        ConfigSource::Tuned(t) => {
-            let medians: Vec<String> = t
-                .timings
-                .iter()
-                .map(|(c, ms)| format!("{c} {ms:.3} ms"))
-                .collect();
-            let how = if t.measured_now {
-                "tuned now"
-            } else {
-                "cached winner"
-            };
-            format!(
-                "autotune: {} ({how}; medians {})",
-                choice.config,
-                medians.join(", ")
-            )
-        }
+        ConfigSource::Tuned(t) => format!(
+            "autotune: {} ({}; medians {})",
+            choice.config,
+            t.how(),
+            t.medians()
+        ),
         ConfigSource::Default => format!("autotune: {} (default, one candidate)", choice.config),
         ConfigSource::Forced => format!("autotune: {} (forced)", choice.config),
     };
