@@ -2,7 +2,7 @@
 // Each invocation owns R consecutive query rows (register blocking): their Q rows in registers
 // (pre-scaled by scale·log2 e, so exp2 is the exponential), a running max `m` and sum `l` per
 // row (one lane of an RV each), and the f32 accumulators of their O rows. The workgroup of
-// WG = BR / R invocations walks its keys in tiles of BC rows of K and V staged in workgroup
+// WG = BR / R · LANES invocations walks its keys in tiles of BC rows of K and V staged in workgroup
 // memory as vec4; every invocation reads the same tile element at once (a broadcast), and each
 // element read serves all R rows. O is rescaled once per tile when the max grows and divided
 // once at the end.
@@ -28,10 +28,12 @@
 // Specialized by the host (prelude): how Q, K and V are read (`load_q`, `load4_k`, …: element
 // by element, or as vec4s where the head dims are multiples of 4) and O is written
 // (`store4_o`, binding 7), DK4, DV4 (head dims in vec4s, zero-padded), BC (keys per
-// tile), BR (rows per workgroup), R (rows per invocation), WG (= BR / R invocations), RV (f32,
+// tile), BR (rows per workgroup), R (rows per invocation), LANES (invocations sharing a row
+// group's keys: 1, or the subgroup size), WG (= BR / R · LANES invocations), RV (f32,
 // vec2 or vec4: one lane per row), ANY_MASKING (whether the call masks anything), and the
 // straight-line helpers over DK4/DV4 vec4s and R rows: `score_block` (one key), `score_pair`
-// (keys c and c + 1 into sc), `rescale`, `accumulate_pair`, and `sees_block`,
+// (keys c and c + 1 into sc), `rescale`, `accumulate_pair`, `load_q_rows`, `store_o_rows`,
+// `merge_lanes` (a no-op without lanes), the entry point `main`, and `sees_block`,
 // `keeps_block`, `logit_block`, which apply the per-row functions below to each row. They are
 // generated unrolled because the dims are known and because Mesa's llvmpipe ends an
 // invocation's loops after 65535 iterations in all: the planner bounds the keys of one pass by
