@@ -69,6 +69,28 @@ pub enum Kernel {
         /// reductions at the end. The workgroup has `br / r · lanes` invocations.
         lanes: u32,
     },
+    /// Fused online-softmax attention on matrix units (cooperative matrices), the contract of
+    /// `Flash` without row statistics: one subgroup per workgroup owns `tile` query rows.
+    FlashCoop {
+        /// Head dim of Q/K, rounded up to a multiple of `tile`.
+        dk: u32,
+        /// Head dim of V, rounded up to a multiple of `tile`.
+        dv: u32,
+        /// Keys per K/V tile in workgroup memory (a multiple of `tile`).
+        bc: u32,
+        /// Side of the device's square matrix tiles (8 or 16), also the query rows per
+        /// workgroup.
+        tile: u32,
+        /// Whether the matrix inputs (Q, K, V staged, and P) are f16 (only where Q, K and V
+        /// are f16 already, so that only P is rounded), else f32.
+        half_inputs: bool,
+        /// Whether the call has any masking (as `Flash`).
+        masked: bool,
+        /// How Q, K and V are read.
+        storage: Storage,
+        /// Invocations per workgroup: the device's fixed subgroup size.
+        lanes: u32,
+    },
     /// Merge of partial (O, LSE) over disjoint key ranges.
     MergePartials {
         /// Whether split-K's row entropy and focus are merged too.
@@ -143,6 +165,7 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
     ("softmax_rows", include_str!("../shaders/softmax_rows.wgsl")),
     ("weighted_sum", include_str!("../shaders/weighted_sum.wgsl")),
     ("flash", include_str!("../shaders/flash.wgsl")),
+    ("flash_coop", include_str!("../shaders/flash_coop.wgsl")),
     (
         "merge_partials",
         include_str!("../shaders/merge_partials.wgsl"),
@@ -227,6 +250,7 @@ impl Kernel {
             Kernel::SoftmaxRows => "softmax_rows",
             Kernel::WeightedSum { .. } => "weighted_sum",
             Kernel::Flash { .. } => "flash",
+            Kernel::FlashCoop { .. } => "flash_coop",
             Kernel::MergePartials { .. } => "merge_partials",
             Kernel::Linear { .. } => "linear",
             Kernel::MeanHeads => "mean_heads",
@@ -242,7 +266,7 @@ impl Kernel {
             Kernel::QkScores { .. } => &[Uniform, Read, Read, Read, Read, Read, ReadWrite],
             Kernel::WeightedSum { .. } => &[Uniform, Read, Read, ReadWrite],
             Kernel::SoftmaxRows => &[Uniform, ReadWrite, ReadWrite],
-            Kernel::Flash { stats: false, .. } => &[
+            Kernel::Flash { stats: false, .. } | Kernel::FlashCoop { .. } => &[
                 Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite,
             ],
             Kernel::Flash { stats: true, .. } => &[
@@ -286,6 +310,22 @@ impl Kernel {
                 let variant = variant_suffix(*storage, *masked);
                 format!("xattn.flash_dk{dk}_dv{dv}_bc{bc}_br{br}_r{r}{lanes}{wide}{variant}{stats}")
             }
+            Kernel::FlashCoop {
+                dk,
+                dv,
+                bc,
+                tile,
+                half_inputs,
+                masked,
+                storage,
+                lanes,
+            } => {
+                let inputs = if *half_inputs { "f16" } else { "f32" };
+                let variant = variant_suffix(*storage, *masked);
+                format!(
+                    "xattn.flash_coop_dk{dk}_dv{dv}_bc{bc}_t{tile}_{inputs}_lanes{lanes}{variant}"
+                )
+            }
             Kernel::MergePartials { stats: true } => "xattn.merge_partials_stats".into(),
             Kernel::KeyCoverage {
                 dk,
@@ -328,6 +368,20 @@ impl Kernel {
             }
             Kernel::SoftmaxRows => SOFTMAX_WG * 4,
             Kernel::Flash { dk, dv, bc, .. } => u64::from(bc * (dk + dv)) * 4,
+            Kernel::FlashCoop {
+                dk,
+                dv,
+                bc,
+                tile,
+                half_inputs,
+                ..
+            } => {
+                // Q, K, V and P as matrix inputs; S, O and the row factors in f32.
+                let input = if half_inputs { 2 } else { 4 };
+                let br = tile;
+                u64::from(br * dk + bc * dk + bc * dv + br * bc) * input
+                    + u64::from(br * bc + br * dv + br) * 4
+            }
             Kernel::KeyCoverage { dk, bq, .. } => u64::from(bq * (dk + 1)) * 4,
             Kernel::MergePartials { .. }
             | Kernel::MeanHeads
@@ -342,7 +396,7 @@ impl Kernel {
             Kernel::QkScores { .. } => "head dims d_k",
             Kernel::SoftmaxRows => "keys per row",
             Kernel::WeightedSum { .. } => "keys",
-            Kernel::Flash { .. } => "keys per split",
+            Kernel::Flash { .. } | Kernel::FlashCoop { .. } => "keys per split",
             Kernel::MergePartials { .. } => "splits",
             Kernel::Linear { .. } => "input features",
             Kernel::MeanHeads => "heads",
@@ -482,6 +536,39 @@ impl Kernel {
                     u64::from(attn.split_len.min(attn.n)),
                 )
             }
+            // Fixed: Q staging, O zeroing and O writing (by `lanes` invocations), the tile
+            // loop's exit. Per tile of bc keys: the tile loop, K and V staging, the score
+            // blocks (bc / tile of them, each over dk / tile), the owner's two loops over the
+            // tile's keys (with the segment lookup per key), O's rescaling and the P·V blocks
+            // (dv / tile of them, each over bc / tile).
+            Kernel::FlashCoop {
+                dk,
+                dv,
+                bc,
+                tile,
+                lanes,
+                ..
+            } => {
+                let [dk, dv, bc, tile, lanes] = [dk, dv, bc, tile, lanes].map(u64::from);
+                let spread = |elems: u64| looped(elems.div_ceil(lanes));
+                (
+                    LoopCost {
+                        fixed: spread(tile * dk) + 2 * spread(tile * dv) + looped(0),
+                        per_step: 1
+                            + spread(bc * dk)
+                            + spread(bc * dv)
+                            + looped(bc / tile)
+                            + bc / tile * looped(dk / tile)
+                            + 2 * looped(bc)
+                            + bc * segments
+                            + spread(tile * dv)
+                            + looped(dv / tile)
+                            + dv / tile * looped(bc / tile),
+                        step: bc,
+                    },
+                    u64::from(attn.split_len.min(attn.n)),
+                )
+            }
         }
     }
 
@@ -555,6 +642,27 @@ impl Kernel {
                 let out = (fm(o), fm(lse), row_stats);
                 cpu::flash::flash(p, (bc, br, r, lanes), (&q, &k, &v), &m, out);
             }
+            Kernel::FlashCoop {
+                bc,
+                tile,
+                half_inputs,
+                storage,
+                ..
+            } => {
+                let [q, k, v, lens, mask, bias, o, lse] = buffers else {
+                    arity(buffers.len())
+                };
+                let m = masks(lens, mask, bias);
+                let (q, k, v) = (widen(storage, q), widen(storage, k), widen(storage, v));
+                let shape = (bc, tile, half_inputs);
+                cpu::flash_coop::flash_coop(
+                    params.attn(),
+                    shape,
+                    (&q, &k, &v),
+                    &m,
+                    (fm(o), fm(lse)),
+                );
+            }
             Kernel::MergePartials { .. } => {
                 let p = params.attn();
                 match buffers {
@@ -624,8 +732,23 @@ impl Kernel {
             .map(|(_, src)| *src)
             .expect("every Kernel variant has an entry in SHADER_FILES");
         let mut out = String::new();
-        if self.storages().iter().any(|s| s.needs_f16()) {
+        let half_inputs = half_inputs_of(self);
+        if half_inputs || self.storages().iter().any(|s| s.needs_f16()) {
             out.push_str("enable f16;\n");
+        }
+        if let Kernel::FlashCoop {
+            dk,
+            dv,
+            bc,
+            tile,
+            masked,
+            lanes,
+            ..
+        } = *self
+        {
+            out.push_str("enable wgpu_cooperative_matrix;\n");
+            out.push_str(&flash_coop_prelude(dk, dv, bc, tile, half_inputs, lanes));
+            out.push_str(&format!("const ANY_MASKING: bool = {masked};\n"));
         }
         match *self {
             Kernel::Flash { storage, wide, .. } => {
@@ -634,6 +757,7 @@ impl Kernel {
             }
             Kernel::QkScores { storage, .. }
             | Kernel::WeightedSum { storage }
+            | Kernel::FlashCoop { storage, .. }
             | Kernel::WeightBlocks { storage, .. }
             | Kernel::KeyCoverage { storage, .. } => {
                 out.push_str(&storage.wgsl("Elem", self.half_arrays(), false));
@@ -713,6 +837,7 @@ impl Kernel {
             Kernel::QkScores { storage, .. }
             | Kernel::WeightedSum { storage }
             | Kernel::Flash { storage, .. }
+            | Kernel::FlashCoop { storage, .. }
             | Kernel::WeightBlocks { storage, .. }
             | Kernel::KeyCoverage { storage, .. } => vec![storage],
             Kernel::Linear { x, w } => vec![x, w],
@@ -725,7 +850,7 @@ impl Kernel {
         match self {
             Kernel::QkScores { .. } => &["q", "k"],
             Kernel::WeightedSum { .. } => &["v"],
-            Kernel::Flash { .. } => &["q", "k", "v"],
+            Kernel::Flash { .. } | Kernel::FlashCoop { .. } => &["q", "k", "v"],
             Kernel::WeightBlocks { .. } | Kernel::KeyCoverage { .. } => &["q", "k"],
             _ => &[],
         }
@@ -748,6 +873,12 @@ impl Kernel {
         let subgroups = matches!(self, Kernel::Flash { lanes, .. } if *lanes > 1);
         if subgroups {
             capabilities |= naga::valid::Capabilities::SUBGROUP;
+        }
+        if matches!(self, Kernel::FlashCoop { .. }) {
+            capabilities |= naga::valid::Capabilities::COOPERATIVE_MATRIX;
+            if half_inputs_of(self) {
+                capabilities |= naga::valid::Capabilities::SHADER_FLOAT16;
+            }
         }
         let mut validator =
             naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities);
@@ -947,6 +1078,43 @@ fn flash_prelude(dk4: u32, dv4: u32, bc: u32, (br, r, lanes): (u32, u32, u32)) -
             .clone()
             .map(|i| format!("key_logit({i}u, {}, j)", lane("s", i)))
             .collect()),
+    )
+}
+
+fn half_inputs_of(kernel: &Kernel) -> bool {
+    matches!(
+        kernel,
+        Kernel::FlashCoop {
+            half_inputs: true,
+            ..
+        }
+    )
+}
+
+/// Constants of one flash_coop specialization (see shaders/flash_coop.wgsl): the matrix types
+/// of `tile`×`tile` blocks with f16 or f32 inputs and f32 accumulators, the padded head dims,
+/// the key tile, one workgroup of `lanes` invocations owning `tile` rows, and O (binding 7).
+fn flash_coop_prelude(
+    dk: u32,
+    dv: u32,
+    bc: u32,
+    tile: u32,
+    half_inputs: bool,
+    lanes: u32,
+) -> String {
+    assert!(
+        matches!(tile, 8 | 16) && [dk, dv, bc].iter().all(|x| x.is_multiple_of(tile)),
+        "flash_coop tiles"
+    );
+    let ce = if half_inputs { "f16" } else { "f32" };
+    format!(
+        "alias CE = {ce};\n\
+         alias MatA = coop_mat{tile}x{tile}<CE, A>;\n\
+         alias MatB = coop_mat{tile}x{tile}<CE, B>;\n\
+         alias MatC = coop_mat{tile}x{tile}<f32, C>;\n\
+         const T: u32 = {tile}u;\nconst DKP: u32 = {dk}u;\nconst DVP: u32 = {dv}u;\n\
+         const BC: u32 = {bc}u;\nconst BR: u32 = {tile}u;\nconst WG: u32 = {lanes}u;\n\
+         @group(0) @binding(7) var<storage, read_write> o: array<f32>;\n"
     )
 }
 

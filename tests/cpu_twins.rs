@@ -435,3 +435,105 @@ fn the_cpu_executor_runs_layer_programs() {
         }
     }
 }
+
+/// Planner caps with matrix units of both input types (16×16 with f16 inputs, 8×8 with f32),
+/// as `tests/shaders.rs` validates them.
+fn matrix_caps() -> xattn::plan::DeviceCaps {
+    xattn::plan::DeviceCaps {
+        matrix_units: Some(xattn::plan::MatrixUnits {
+            f32_tile: Some(8),
+            f16_tile: Some(16),
+        }),
+        max_workgroup_bytes: 48 << 10,
+        ..CAPS
+    }
+}
+
+/// The matrix-unit kernel's twin on fused and split-K plans, unmasked over odd shapes (head
+/// dims and key counts off the tiles, GQA) and with every mask case, against the reference:
+/// with f32 inputs (8×8 tiles) within the f32 budget; with f16 inputs (16×16 tiles, the
+/// reference on the same f16 values) within the f32 budget plus what rounding each weight P to
+/// f16 may move: O by at most 2⁻¹¹ · 2·max|v| (each weight off by a factor 1 + δ, |δ| ≤ 2⁻¹¹,
+/// the sum rounded alike), the LSE by ln(1 + 2⁻¹¹).
+#[test]
+fn matrix_unit_twin_follows_the_reference() {
+    let unmasked = [
+        (shape(1, 1, 1500, 2, 2, 64), Attention::default()),
+        (
+            AttnShape {
+                batch: 2,
+                m: 19,
+                n: 45,
+                q_heads: 4,
+                kv_heads: 2,
+                d_k: 3,
+                d_v: 21,
+            },
+            Attention::default(),
+        ),
+        (shape(1, 40, 77, 2, 2, 40), Attention::default()),
+    ];
+    let cases = unmasked
+        .into_iter()
+        .map(|(s, o)| ("unmasked".to_string(), s, o))
+        .chain(mask_cases());
+    let caps = matrix_caps();
+    for (i, (name, s, opts)) in cases.enumerate() {
+        for (dtype, want_tile) in [
+            (xattn::DType::F32, (8, false)),
+            (xattn::DType::F16, (16, true)),
+        ] {
+            let (q, k, v) = qkv(&s, 1.0, 900 + i as u64);
+            let round = |x: &[f32]| x.iter().map(|&y| dtype.round(y)).collect::<Vec<f32>>();
+            let (q, k, v) = (round(&q), round(&k), round(&v));
+            let scale = opts.scale_for(s.d_k);
+            let m = opts.masking();
+            let want = reference::attention_masked(&s, &q, &k, &v, f64::from(scale), m);
+            let tol = budget_masked(&s, scale, (&q, &k, &v), m);
+            let amax_v = v.iter().fold(0.0f64, |a, &x| a.max(f64::from(x.abs())));
+            let (extra_o, extra_lse) = if want_tile.1 {
+                let delta = 2f64.powi(-11);
+                (delta * 2.0 * amax_v, delta.ln_1p())
+            } else {
+                (0.0, 0.0)
+            };
+            for path in [Path::Fused, Path::SplitK] {
+                let req = Request {
+                    path: Some(path),
+                    out_dtype: xattn::DType::F32,
+                    ..opts.request_typed(s, dtype).unwrap()
+                }
+                .with_fused_config(FusedConfig::MATRIX_UNITS);
+                let plan = Plan::new(&req, &caps).unwrap();
+                let tiles: Vec<(u32, bool)> = plan
+                    .program
+                    .dispatches()
+                    .filter_map(|d| match d.kernel {
+                        xattn::kernels::Kernel::FlashCoop {
+                            tile, half_inputs, ..
+                        } => Some((tile, half_inputs)),
+                        _ => None,
+                    })
+                    .collect();
+                assert!(
+                    !tiles.is_empty() && tiles.iter().all(|&t| t == want_tile),
+                    "{name} {dtype}: planned {tiles:?}\n{plan}"
+                );
+                let io = &plan.io;
+                let half =
+                    |x: &[f32]| -> Vec<u32> { bytemuck::pod_collect_to_vec(&dtype.encode(x)) };
+                let inputs = mask_inputs(m, &s, [io.lens, io.mask, io.bias])
+                    .into_iter()
+                    .chain([(io.q, half(&q)), (io.k, half(&k)), (io.v, half(&v))])
+                    .collect();
+                let mut out = run(&plan.program, &inputs).unwrap();
+                let o = floats(&out.remove(&io.o).unwrap());
+                let lse = floats(&out.remove(&io.lse).unwrap());
+                let what = format!("matrix-unit twin {dtype} {} {name} {s}", path.name());
+                assert_close(&format!("{what} O"), &o, &want.o, tol.o + extra_o);
+                let lse_tol = tol.lse * (1.0 + want.lse.iter().fold(0.0f64, |a, x| a.max(x.abs())));
+                assert_close(&format!("{what} LSE"), &lse, &want.lse, lse_tol + extra_lse);
+            }
+        }
+    }
+}

@@ -3,7 +3,7 @@
 use xattn::kernels::{Access, Kernel, SHADER_FILES};
 use xattn::mha::{layer_program, LayerTypes, MhaConfig, NeedWeights};
 use xattn::params::{AttnParams, LinearParams};
-use xattn::plan::{DeviceCaps, MergePlan, Plan, Request};
+use xattn::plan::{DeviceCaps, MatrixUnits, MergePlan, Plan, Request};
 use xattn::{Alignment, Attention, AttnShape, FusedConfig, Path, Pool, PoolOp, Stats};
 use xattn::{DType, Storage};
 
@@ -17,6 +17,7 @@ const CAPS: DeviceCaps = DeviceCaps {
     native_f16: true,
     fill: xattn::plan::GPU_FILL,
     subgroup_lanes: Some(32),
+    matrix_units: None,
 };
 
 fn collect(out: &mut Vec<Kernel>, program: &xattn::program::Program) {
@@ -98,6 +99,11 @@ fn all_kernels() -> Vec<Kernel> {
             }
         }
     }
+    // The matrix-unit kernel where its tiles fit the portable 16 KiB (head dims to 64; every
+    // head dim in `matrix_unit_kernels`).
+    for d in [1, 3, 8, 16, 40, 64] {
+        out.extend(matrix_unit_kernels(d, 16 << 10));
+    }
     let shape = AttnShape {
         batch: 1,
         m: 3,
@@ -133,6 +139,111 @@ fn all_kernels() -> Vec<Kernel> {
         }
     }
     out
+}
+
+/// A device with matrix units of both input types (16×16 with f16 inputs as on tensor cores,
+/// 8×8 with f32 inputs as on Apple GPUs) and `max_workgroup_bytes` of workgroup memory.
+fn matrix_caps(native_f16: bool, max_workgroup_bytes: u64) -> DeviceCaps {
+    DeviceCaps {
+        matrix_units: Some(MatrixUnits {
+            f32_tile: Some(8),
+            f16_tile: Some(16),
+        }),
+        max_workgroup_bytes,
+        ..caps_for(native_f16)
+    }
+}
+
+/// The matrix-unit kernels the planner makes for head dims `d` (d_k = d_v) on `matrix_caps`:
+/// fused and split-K, unmasked and masked, f32 and f16 inputs (f16 tiles for native f16, f32
+/// tiles for packed halves and f32).
+fn matrix_unit_kernels(d: usize, max_workgroup_bytes: u64) -> Vec<Kernel> {
+    let mut out = Vec::new();
+    let shape = AttnShape {
+        batch: 1,
+        m: 1,
+        n: 1,
+        q_heads: 1,
+        kv_heads: 1,
+        d_k: d,
+        d_v: d,
+    };
+    let causal = Attention::default().with_causal(Alignment::TopLeft);
+    for (dtype, native_f16) in [
+        (DType::F32, true),
+        (DType::F16, true),
+        (DType::F16, false),
+        (DType::Bf16, false),
+    ] {
+        let caps = matrix_caps(native_f16, max_workgroup_bytes);
+        for masks in [Default::default(), causal.masking().spec(&shape).unwrap()] {
+            for path in [Path::Fused, Path::SplitK] {
+                let req = Request {
+                    shape,
+                    scale: 1.0,
+                    weights: false,
+                    path: Some(path),
+                    masks,
+                    dtype,
+                    out_dtype: DType::F32,
+                    stats: Stats::default(),
+                    pool: None,
+                    fused: None,
+                }
+                .with_fused_config(FusedConfig::MATRIX_UNITS);
+                let plan = Plan::new(&req, &caps).unwrap_or_else(|e| panic!("d {d} {dtype}: {e}"));
+                collect(&mut out, &plan.program);
+            }
+        }
+    }
+    out.retain(|k| matches!(k, Kernel::FlashCoop { .. }));
+    out
+}
+
+#[test]
+fn matrix_unit_kernels_validate_and_write_spirv() {
+    // Every head dim at 48 KiB of workgroup memory (NVIDIA's Vulkan limit).
+    let kernels: Vec<Kernel> = (1..=256)
+        .flat_map(|d| matrix_unit_kernels(d, 48 << 10))
+        .collect();
+    for tile_and_inputs in [(8, false), (16, true)] {
+        assert!(
+            kernels
+                .iter()
+                .any(|k| matches!(k, Kernel::FlashCoop { tile, half_inputs, .. } if (*tile, *half_inputs) == tile_and_inputs)),
+            "no kernel with {tile_and_inputs:?}"
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    for k in kernels {
+        if !seen.insert(k) {
+            continue;
+        }
+        assert!(k.workgroup_bytes() <= 48 << 10, "{}", k.label());
+        let module = k.validate().unwrap_or_else(|e| panic!("{e}"));
+        // What wgpu's Vulkan backend does with it: naga's SPIR-V writer.
+        let info = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap();
+        let options = naga::back::spv::Options {
+            lang_version: (1, 3),
+            ..Default::default()
+        };
+        let words = naga::back::spv::write_vec(&module, &info, &options, None)
+            .unwrap_or_else(|e| panic!("{}: SPIR-V: {e}", k.label()));
+        assert_eq!(words[0], 0x0723_0203, "{}: SPIR-V magic", k.label());
+        // Q·Kᵀ and P·V each as OpCooperativeMatrixMulAddKHR (opcode 4459).
+        let (mut at, mut mul_adds) = (5, 0);
+        while at < words.len() {
+            let (count, opcode) = (words[at] >> 16, words[at] & 0xffff);
+            mul_adds += usize::from(opcode == 4459);
+            at += count.max(1) as usize;
+        }
+        assert_eq!(mul_adds, 2, "{}: matrix multiply-adds in SPIR-V", k.label());
+    }
 }
 
 #[test]

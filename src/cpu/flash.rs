@@ -64,18 +64,7 @@ pub fn flash(
             let key_begin = split * p.split_len;
             let key_end = p.n.min(key_begin + p.split_len);
             for wgx in 0..p.rows.div_ceil(br) {
-                // The workgroup's key range, as in the shader.
-                let first = p.row_offset + wgx * br;
-                let mut lo = key_begin;
-                let mut hi = key_end.min(kl);
-                if first >= ql {
-                    hi = lo;
-                } else {
-                    let last = (p.row_offset + (wgx * br + br).min(p.rows)).min(ql) - 1;
-                    lo = lo.max(window_lo(p, diagonal(p, first, ql, kl)));
-                    hi = hi.min(window_hi(p, diagonal(p, last, ql, kl), kl));
-                }
-                lo = key_begin + (lo - key_begin) / bc * bc;
+                let (lo, hi) = workgroup_keys(p, (ql, kl), (wgx, br), (key_begin, key_end), bc);
                 for row0 in (wgx * br..(wgx + 1) * br).step_by(r as usize) {
                     if row0 >= p.rows {
                         break;
@@ -243,6 +232,29 @@ pub fn flash(
             }
         }
     }
+}
+
+/// The keys `[lo, hi)` of workgroup `wgx` (rows `wgx·br …`) in the split `[key_begin,
+/// key_end)`: the union of its rows' ranges by lengths `(ql, kl)` and window, from a boundary
+/// of `bc`-key tiles (as flash.wgsl and flash_coop.wgsl compute it).
+pub fn workgroup_keys(
+    p: &AttnParams,
+    (ql, kl): (u32, u32),
+    (wgx, br): (u32, u32),
+    (key_begin, key_end): (u32, u32),
+    bc: u32,
+) -> (u32, u32) {
+    let first = p.row_offset + wgx * br;
+    let mut lo = key_begin;
+    let mut hi = key_end.min(kl);
+    if first >= ql {
+        hi = lo;
+    } else {
+        let last = (p.row_offset + (wgx * br + br).min(p.rows)).min(ql) - 1;
+        lo = lo.max(window_lo(p, diagonal(p, first, ql, kl)));
+        hi = hi.min(window_hi(p, diagonal(p, last, ql, kl), kl));
+    }
+    (key_begin + (lo - key_begin) / bc * bc, hi)
 }
 
 /// The lanes' states of a block's rows merged into one per row (lane order): each lane's sum,

@@ -12,6 +12,8 @@ pub mod reference;
 #[doc(hidden)]
 pub mod flash;
 #[doc(hidden)]
+pub mod flash_coop;
+#[doc(hidden)]
 pub mod key_coverage;
 #[doc(hidden)]
 pub mod linear;

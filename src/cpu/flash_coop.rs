@@ -1,0 +1,132 @@
+//! CPU twin of `shaders/flash_coop.wgsl`: online-softmax attention as the matrix units run it.
+//! A workgroup owns `tile` query rows and walks its key range in tiles of `bc` keys; the
+//! matrix inputs (Q, K, V, and the weights P) are rounded to f16 where `half_inputs`, products
+//! accumulate in f32, S is scaled by scale·log2 e after the product, each row's sum adds the
+//! rounded weights, and O is rescaled once per tile before P·V is added.
+
+use half::f16;
+
+use crate::cpu::flash::workgroup_keys;
+use crate::cpu::mask::{
+    key_range, mask_bit, mask_row_base, shape_logit, MaskData, MASKED, REMOVED_BELOW,
+};
+use crate::params::{flags, AttnParams};
+
+use std::f32::consts::{LN_2, LOG2_E};
+
+/// Writes split `split`'s normalized O and its LSE (or, with `flags::SPLIT_STATS`, its max
+/// logit and ln(sum)) for every split of the chunk, as `cpu::flash::flash` does, with the
+/// arithmetic of the matrix-unit kernel: tiles of `bc` keys, workgroups of `tile` rows,
+/// matrix inputs in f16 where `half_inputs`.
+pub fn flash_coop(
+    p: &AttnParams,
+    (bc, tile, half_inputs): (u32, u32, bool),
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    masks: &MaskData,
+    (o, lse): (&mut [f32], &mut [f32]),
+) {
+    // The matrix input type CE.
+    let input = |x: f32| {
+        if half_inputs {
+            f16::from_f32(x).to_f32()
+        } else {
+            x
+        }
+    };
+    let (dk, dv) = (p.d_k as usize, p.d_v as usize);
+    let qs = p.scale * LOG2_E;
+    let logit_flags = flags::BIAS | flags::SOFTCAP | flags::SEGMENTS;
+    let br = tile;
+    for lbh in 0..p.bh_count {
+        let bh = p.bh_offset + lbh;
+        let (b, h) = (bh / p.q_heads, bh % p.q_heads);
+        let hk = h / (p.q_heads / p.kv_heads);
+        let (ql, kl) = (masks.q_len(b), masks.kv_len(p, b));
+        let k_row = |j: u32| (((b * p.n + j) * p.kv_heads + hk) * p.d_k) as usize;
+        let v_row = |j: u32| (((b * p.n + j) * p.kv_heads + hk) * p.d_v) as usize;
+        for split in 0..p.n_splits {
+            let key_begin = split * p.split_len;
+            let key_end = p.n.min(key_begin + p.split_len);
+            for wgx in 0..p.rows.div_ceil(br) {
+                let (lo, hi) = workgroup_keys(p, (ql, kl), (wgx, br), (key_begin, key_end), bc);
+                for row in (wgx * br..(wgx + 1) * br).filter(|&row| row < p.rows) {
+                    let grow = p.row_offset + row;
+                    let rk = key_range(p, grow, ql, kl);
+                    let mbase = mask_row_base(p, b, h, grow);
+                    let qbase = (((b * p.m + grow) * p.q_heads + h) * p.d_k) as usize;
+                    let qr: Vec<f32> = q[qbase..qbase + dk].iter().map(|&x| input(x)).collect();
+                    // The row's logit of key j from its plain logit s (log2 units).
+                    let logit = |s: f32, j: u32| {
+                        if j < rk.lo
+                            || j >= rk.hi
+                            || (p.flags & flags::MASK != 0 && !mask_bit(masks, mbase, j))
+                        {
+                            return MASKED;
+                        }
+                        if p.flags & logit_flags == 0 {
+                            return s;
+                        }
+                        let y = shape_logit(p, masks, s * LN_2, [b, h, grow, j]);
+                        if y > REMOVED_BELOW {
+                            y * LOG2_E
+                        } else {
+                            MASKED
+                        }
+                    };
+                    let (mut m, mut l) = (MASKED, 0.0f32);
+                    let mut acc = vec![0.0f32; dv];
+                    let mut t0 = lo;
+                    while t0 < hi {
+                        let len = bc.min(hi - t0);
+                        let logits: Vec<f32> = (t0..t0 + len)
+                            .map(|j| {
+                                let kr = &k[k_row(j)..k_row(j) + dk];
+                                let s = qr
+                                    .iter()
+                                    .zip(kr)
+                                    .fold(0.0f32, |a, (&x, &y)| x.mul_add(input(y), a));
+                                logit(s * qs, j)
+                            })
+                            .collect();
+                        let tmax = logits.iter().fold(m, |a, &x| a.max(x));
+                        let alpha = (m - tmax).exp2();
+                        l *= alpha;
+                        acc.iter_mut().for_each(|a| *a *= alpha);
+                        for (j, &x) in (t0..).zip(&logits) {
+                            let w = input(if x > REMOVED_BELOW {
+                                (x - tmax).exp2()
+                            } else {
+                                0.0
+                            });
+                            l += w;
+                            let vr = &v[v_row(j)..v_row(j) + dv];
+                            for (a, &y) in acc.iter_mut().zip(vr) {
+                                *a = w.mul_add(input(y), *a);
+                            }
+                        }
+                        m = tmax;
+                        t0 += bc;
+                    }
+                    let (inv, row_max, log_sum) = if l > 0.0 {
+                        (1.0 / l, m * LN_2, l.ln())
+                    } else {
+                        (0.0, f32::NEG_INFINITY, 0.0)
+                    };
+                    let obase =
+                        ((((split * p.batch + b) * p.m + grow) * p.q_heads + h) * p.d_v) as usize;
+                    for (d, a) in acc.iter().enumerate() {
+                        o[obase + d] = a * inv;
+                    }
+                    let rows = p.batch * p.q_heads * p.m;
+                    let at = bh * p.m + grow;
+                    if p.flags & flags::SPLIT_STATS != 0 {
+                        lse[(2 * split * rows + at) as usize] = row_max;
+                        lse[((2 * split + 1) * rows + at) as usize] = log_sum;
+                    } else {
+                        lse[(split * rows + at) as usize] = row_max + log_sum;
+                    }
+                }
+            }
+        }
+    }
+}
