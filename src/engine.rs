@@ -76,8 +76,10 @@ impl Attention {
         self
     }
     /// Runs the fused kernel (fused and split-K paths) with `config` instead of the planner's
-    /// default or the autotuner's winner; every configuration computes the same attention.
-    /// A configuration the kernel does not have is an [`Error::Argument`] when planned.
+    /// default or the autotuner's winner; every configuration computes the same attention
+    /// (on matrix units with f16 inputs, the weights P are rounded to f16 for P·V). A
+    /// configuration the kernel or the device does not have is an [`Error::Argument`] when
+    /// planned.
     pub fn with_fused_config(mut self, config: FusedConfig) -> Self {
         self.fused = Some(config);
         self
@@ -341,6 +343,8 @@ impl Engine {
             subgroup_lanes: real
                 .subgroup_lanes
                 .filter(|_| caps.subgroup_lanes.is_some()),
+            // Likewise matrix units.
+            matrix_units: real.matrix_units.filter(|_| caps.matrix_units.is_some()),
             loop_cap: match (caps.loop_cap, real.loop_cap) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),

@@ -30,6 +30,9 @@ pub struct FusedConfig {
     /// reductions (devices with one fixed subgroup size: `DeviceCaps::subgroup_lanes`), so
     /// that few query rows still occupy whole subgroups.
     pub subgroup_lanes: bool,
+    /// Whether the fused kernel runs on the device's matrix units (`flash_coop`: cooperative
+    /// matrices, [`crate::plan::DeviceCaps::matrix_units`]) instead: [`FusedConfig::MATRIX_UNITS`].
+    pub matrix_units: bool,
 }
 
 impl FusedConfig {
@@ -44,12 +47,23 @@ impl FusedConfig {
         Self::rows(4).with_subgroup_lanes(true),
     ];
 
+    /// The fused kernel on matrix units: one subgroup per workgroup computes Q·Kᵀ and P·V in
+    /// matrix tiles. Only where forced: it has not yet run on a device with matrix units in
+    /// xattn's tests, so neither the default nor the autotuner picks it (see README,
+    /// "Matrix units").
+    pub const MATRIX_UNITS: FusedConfig = FusedConfig {
+        rows_per_invocation: 1,
+        subgroup_lanes: true,
+        matrix_units: true,
+    };
+
     /// The configuration with `r` query rows per invocation, without subgroup lanes (checked
     /// by [`FusedConfig::validate`] where a plan uses it).
     pub const fn rows(r: u32) -> Self {
         Self {
             rows_per_invocation: r,
             subgroup_lanes: false,
+            matrix_units: false,
         }
     }
 
@@ -63,12 +77,12 @@ impl FusedConfig {
 
     /// `self` if the fused kernel has it, else [`Error::Argument`].
     pub fn validate(self) -> Result<Self> {
-        if Self::ALL.contains(&self) {
+        if Self::ALL.contains(&self) || self == Self::MATRIX_UNITS {
             Ok(self)
         } else {
             Err(Error::Argument(format!(
-                "the fused kernel runs 1, 2 or 4 query rows per invocation, not {}",
-                self.rows_per_invocation
+                "the fused kernel has no configuration {self}: it runs 1, 2 or 4 query rows \
+                 per invocation, with or without subgroup lanes, or on matrix units"
             )))
         }
     }
@@ -118,11 +132,40 @@ impl FusedConfig {
 
 impl fmt::Display for FusedConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.matrix_units {
+            return write!(f, "matrix-units");
+        }
         write!(f, "R={}", self.rows_per_invocation)?;
         if self.subgroup_lanes {
             write!(f, "+lanes")?;
         }
         Ok(())
+    }
+}
+
+impl std::str::FromStr for FusedConfig {
+    type Err = Error;
+
+    /// A configuration as [`fmt::Display`] writes it: `R=1` … `R=4`, each with `+lanes`, or
+    /// `matrix-units`.
+    fn from_str(text: &str) -> Result<Self> {
+        if text == "matrix-units" {
+            return Ok(Self::MATRIX_UNITS);
+        }
+        let (rows, lanes) = match text.strip_suffix("+lanes") {
+            Some(rows) => (rows, true),
+            None => (text, false),
+        };
+        rows.strip_prefix("R=")
+            .and_then(|r| r.parse().ok())
+            .map(|r| Self::rows(r).with_subgroup_lanes(lanes))
+            .ok_or_else(|| {
+                Error::Argument(format!(
+                    "unknown fused configuration `{text}` (R=1, R=2 or R=4, each with \
+                     +lanes, or matrix-units)"
+                ))
+            })?
+            .validate()
     }
 }
 
@@ -253,10 +296,34 @@ mod tests {
     }
 
     #[test]
+    fn configs_parse_as_they_print() {
+        for c in FusedConfig::ALL
+            .into_iter()
+            .chain([FusedConfig::MATRIX_UNITS])
+        {
+            assert_eq!(c.to_string().parse::<FusedConfig>().unwrap(), c);
+        }
+        for bad in ["R=3", "R=", "4", "R=2+lane", "matrix"] {
+            assert!(
+                matches!(bad.parse::<FusedConfig>(), Err(Error::Argument(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn only_the_kernels_configs_validate() {
-        for c in FusedConfig::ALL {
+        for c in FusedConfig::ALL
+            .into_iter()
+            .chain([FusedConfig::MATRIX_UNITS])
+        {
             assert_eq!(c.validate().unwrap(), c);
         }
+        let half_matrix = FusedConfig {
+            subgroup_lanes: false,
+            ..FusedConfig::MATRIX_UNITS
+        };
+        assert!(matches!(half_matrix.validate(), Err(Error::Argument(_))));
         for r in [0, 3, 8] {
             assert!(matches!(
                 FusedConfig::rows(r).validate(),

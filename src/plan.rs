@@ -89,6 +89,45 @@ pub struct DeviceCaps {
     /// invocations: then `flash` may share a row group's keys among a subgroup's lanes
     /// ([`subgroup_lanes_of`]). `None` elsewhere (wgpu's GL backend has no subgroups).
     pub subgroup_lanes: Option<u32>,
+    /// The device's matrix units (cooperative matrices), where xattn enabled them
+    /// ([`matrix_units_of`]); `None` elsewhere.
+    pub matrix_units: Option<MatrixUnits>,
+}
+
+/// Matrix units a device offers to `flash_coop` (`Features::EXPERIMENTAL_COOPERATIVE_MATRIX`):
+/// the side of its square tiles (M = N = K, 8 or 16) with f32 accumulators, for f32 inputs and
+/// for f16 inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MatrixUnits {
+    /// Tile side with f32 inputs (Apple's simdgroup matrices: 8), if any.
+    pub f32_tile: Option<u32>,
+    /// Tile side with f16 inputs (tensor cores: 16), if any.
+    pub f16_tile: Option<u32>,
+}
+
+/// The matrix units in `configs` (`wgpu::Adapter::cooperative_matrix_properties`): for each
+/// input type, the largest square tile with f32 accumulators (the only accumulator xattn
+/// uses); `None` if there is none.
+pub fn matrix_units_of(configs: &[wgpu::CooperativeMatrixProperties]) -> Option<MatrixUnits> {
+    use wgpu::CooperativeScalarType as Ty;
+    let tile = |input: Ty| {
+        configs
+            .iter()
+            .filter(|c| {
+                c.m_size == c.n_size
+                    && c.n_size == c.k_size
+                    && matches!(c.m_size, 8 | 16)
+                    && c.ab_type == input
+                    && c.cr_type == Ty::F32
+            })
+            .map(|c| c.m_size)
+            .max()
+    };
+    let units = MatrixUnits {
+        f32_tile: tile(Ty::F32),
+        f16_tile: tile(Ty::F16),
+    };
+    (units.f32_tile.is_some() || units.f16_tile.is_some()).then_some(units)
 }
 
 /// An estimate of how many workgroups keep a device busy, and what it rests on. wgpu reports
@@ -164,6 +203,7 @@ impl DeviceCaps {
             native_f16: false,
             fill: GPU_FILL,
             subgroup_lanes: None,
+            matrix_units: None,
             max_binding: l.max_storage_buffer_binding_size,
             max_buffer: l.max_buffer_size,
             max_workgroups: l.max_compute_workgroups_per_dimension,
@@ -553,9 +593,7 @@ pub fn attention(
                 storage,
                 choice.config,
             )?;
-            let Kernel::Flash { br, .. } = kernel else {
-                unreachable!("fused_kernel returns Flash")
-            };
+            let (br, _) = fused_tiles(&kernel);
             let params = Params::Attn(base_params(&s, req.scale, &req.masks));
             let per_pass = caps.loop_len(&kernel.loop_cost(&params).0);
             let per_pass = usize::try_from(per_pass).unwrap_or(usize::MAX).max(1);
@@ -1067,6 +1105,9 @@ fn fused_kernel(
         dk + dv,
         caps,
     )?;
+    if config.matrix_units {
+        return matrix_unit_kernel(s, caps, (masked, stats), storage);
+    }
     let r = config.rows_per_invocation;
     let lanes = match (config.subgroup_lanes, caps.subgroup_lanes) {
         (false, _) => 1,
@@ -1091,6 +1132,87 @@ fn fused_kernel(
         wide: s.d_k.is_multiple_of(4) && s.d_v.is_multiple_of(4),
         lanes,
     })
+}
+
+/// The fused kernel on matrix units (`flash_coop`), where the device has them for these
+/// inputs: f16 matrix inputs only where Q, K and V are f16 already (rounding f32 or bf16
+/// inputs to f16 would change the answer), f32 inputs for any storage (widening is exact);
+/// one subgroup per workgroup; keys per tile the largest of 64, 32, 16 and 8 (a multiple of
+/// the tile side) whose workgroup memory fits the device. Else [`Error::Argument`] or a limit
+/// error saying what is missing.
+fn matrix_unit_kernel(
+    s: &AttnShape,
+    caps: &DeviceCaps,
+    (masked, stats): (bool, bool),
+    storage: Storage,
+) -> Result<Kernel> {
+    let Some(units) = caps.matrix_units else {
+        return Err(Error::Argument(
+            "matrix units need a device with cooperative matrices enabled \
+             (XATTN_MATRIX_UNITS=1 on an adapter that reports them); this one has none"
+                .into(),
+        ));
+    };
+    if stats {
+        return Err(Error::Argument(
+            "the matrix-unit kernel writes no row entropy or focus; leave them out or use \
+             the default configuration"
+                .into(),
+        ));
+    }
+    let Some(lanes) = caps.subgroup_lanes else {
+        return Err(Error::Argument(
+            "the matrix-unit kernel runs one subgroup per workgroup and needs one fixed \
+             subgroup size; this device has none"
+                .into(),
+        ));
+    };
+    let (tile, half_inputs) = match (storage, units.f16_tile, units.f32_tile) {
+        (Storage::F16, Some(t), _) => (t, true),
+        (_, _, Some(t)) => (t, false),
+        _ => {
+            return Err(Error::Argument(format!(
+                "this device's matrix units take f16 inputs only; Q, K and V are {} here, \
+                 and rounding them to f16 would change the answer (use f16 inputs)",
+                storage.name()
+            )))
+        }
+    };
+    let dk = s.d_k.next_multiple_of(tile as usize) as u32;
+    let dv = s.d_v.next_multiple_of(tile as usize) as u32;
+    let kernel = |bc| Kernel::FlashCoop {
+        dk,
+        dv,
+        bc,
+        tile,
+        half_inputs,
+        masked,
+        storage,
+        lanes,
+    };
+    let smallest = kernel(tile);
+    [64, 32, 16, 8]
+        .into_iter()
+        .filter(|bc: &u32| bc.is_multiple_of(tile))
+        .map(kernel)
+        .find(|k| k.workgroup_bytes() <= caps.max_workgroup_bytes)
+        .ok_or_else(|| {
+            limit_err(
+                format!("matrix-unit tiles (d_k {dk}, d_v {dv}, {tile}-key tiles)"),
+                smallest.workgroup_bytes(),
+                "max_compute_workgroup_storage_size",
+                caps.max_workgroup_bytes,
+            )
+        })
+}
+
+/// Query rows per workgroup and keys per tile of a fused kernel (`flash` or `flash_coop`).
+fn fused_tiles(kernel: &Kernel) -> (u32, u32) {
+    match *kernel {
+        Kernel::Flash { br, bc, .. } => (br, bc),
+        Kernel::FlashCoop { tile, bc, .. } => (tile, bc),
+        _ => unreachable!("fused_kernel returns flash or flash_coop"),
+    }
 }
 
 /// The key splits of the fused kernel and why ([`split_count`]).
@@ -1172,18 +1294,8 @@ fn fused(
     io: &AttnIo,
 ) -> Result<(Path, String)> {
     let s = req.shape;
-    let Kernel::Flash {
-        bc,
-        br,
-        r,
-        stats,
-        wide,
-        lanes,
-        ..
-    } = kernel
-    else {
-        unreachable!("fused_kernel returns Flash")
-    };
+    let (br, bc) = fused_tiles(&kernel);
+    let stats = matches!(kernel, Kernel::Flash { stats: true, .. });
     let max_wg = caps.max_workgroups as usize;
     // Split lengths are whole tiles, so no tile straddles two splits.
     let split_k = split.splits > 1;
@@ -1271,12 +1383,10 @@ fn fused(
             }
         }
     }
-    Ok((
-        path,
-        format!(
-            "{} ({r} query row(s) per {}, {br} per workgroup, {bc}-key K/V tiles in \
-             workgroup memory, {}); {}",
-            kernel.label(),
+    let how = match kernel {
+        Kernel::Flash { r, wide, lanes, .. } => format!(
+            "{r} query row(s) per {}, {br} per workgroup, {bc}-key K/V tiles in workgroup \
+             memory, {}",
             if lanes > 1 {
                 format!("subgroup of {lanes} lanes sharing their keys")
             } else {
@@ -1287,6 +1397,30 @@ fn fused(
             } else {
                 "Q, K, V and O element by element: a head dim is not a multiple of 4"
             },
+        ),
+        Kernel::FlashCoop {
+            tile,
+            half_inputs,
+            lanes,
+            ..
+        } => format!(
+            "matrix units: {tile}×{tile} tiles with {} inputs and f32 accumulators, one \
+             subgroup of {lanes} lanes per {br} query rows, {bc}-key K/V tiles in workgroup \
+             memory{}",
+            if half_inputs { "f16" } else { "f32" },
+            if half_inputs {
+                "; the weights P are rounded to f16 for P·V"
+            } else {
+                ""
+            }
+        ),
+        _ => unreachable!("fused_kernel returns flash or flash_coop"),
+    };
+    Ok((
+        path,
+        format!(
+            "{} ({how}); {}",
+            kernel.label(),
             if split_k {
                 format!(
                     "{splits} key split(s) of {split_len} (whole tiles): {}",
@@ -1455,6 +1589,7 @@ pub(crate) mod tests {
         native_f16: false,
         fill: GPU_FILL,
         subgroup_lanes: None,
+        matrix_units: None,
     };
 
     fn caps_filled_by(workgroups: u32) -> DeviceCaps {
@@ -1502,6 +1637,113 @@ pub(crate) mod tests {
             .find(|d| d.kernel.name() == "flash")
             .expect("a flash dispatch")
             .grid
+    }
+
+    /// A device with 16×16 f16 tiles and subgroups of 32 (tensor cores through Vulkan).
+    const TENSOR_CORES: DeviceCaps = DeviceCaps {
+        matrix_units: Some(MatrixUnits {
+            f32_tile: None,
+            f16_tile: Some(16),
+        }),
+        subgroup_lanes: Some(32),
+        native_f16: true,
+        max_workgroup_bytes: 48 << 10,
+        ..CAPS
+    };
+
+    fn matrix_request(dtype: DType, caps_stats: bool) -> Request {
+        Request {
+            shape: shape(40, 77, 2),
+            scale: 0.125,
+            weights: false,
+            path: None,
+            masks: MaskSpec::default(),
+            dtype,
+            out_dtype: DType::F32,
+            stats: Stats {
+                entropy: caps_stats,
+                ..Stats::default()
+            },
+            pool: None,
+            fused: None,
+        }
+    }
+
+    #[test]
+    fn matrix_units_of_keep_square_f32_accumulating_tiles() {
+        use wgpu::CooperativeScalarType::{F16, F32};
+        let config = |m, n, k, ab, cr| wgpu::CooperativeMatrixProperties {
+            m_size: m,
+            n_size: n,
+            k_size: k,
+            ab_type: ab,
+            cr_type: cr,
+            saturating_accumulation: false,
+        };
+        assert_eq!(matrix_units_of(&[]), None);
+        // f16 accumulators and non-square tiles are of no use.
+        assert_eq!(
+            matrix_units_of(&[config(16, 16, 16, F16, F16), config(16, 8, 16, F16, F32)]),
+            None
+        );
+        assert_eq!(
+            matrix_units_of(&[
+                config(8, 8, 8, F16, F32),
+                config(16, 16, 16, F16, F32),
+                config(8, 8, 8, F32, F32),
+            ]),
+            Some(MatrixUnits {
+                f32_tile: Some(8),
+                f16_tile: Some(16),
+            })
+        );
+    }
+
+    #[test]
+    fn matrix_units_run_only_where_forced_and_fitting() {
+        let label = |p: &Plan| -> Vec<String> {
+            p.program
+                .dispatches()
+                .filter(|d| d.kernel.name().starts_with("flash"))
+                .map(|d| d.kernel.label())
+                .collect()
+        };
+        // Neither the default nor any other configuration picks them.
+        let auto = Plan::new(&matrix_request(DType::F16, false), &TENSOR_CORES).unwrap();
+        assert!(
+            label(&auto).iter().all(|l| l.starts_with("xattn.flash_dk")),
+            "{auto}"
+        );
+        // Forced with f16 inputs: 16×16 f16 tiles.
+        let forced = matrix_request(DType::F16, false).with_fused_config(FusedConfig::MATRIX_UNITS);
+        let p = Plan::new(&forced, &TENSOR_CORES).unwrap();
+        assert_eq!(
+            label(&p),
+            ["xattn.flash_coop_dk64_dv64_bc64_t16_f16_lanes32_f16"],
+            "{p}"
+        );
+        // Refused, with the reason: no matrix units; f32 inputs on f16-only tiles; row
+        // statistics; no fixed subgroup size; too little workgroup memory.
+        let refused = |req: &Request, caps: &DeviceCaps, why: &str| {
+            let err = Plan::new(req, caps).unwrap_err();
+            assert!(err.to_string().contains(why), "{err}");
+        };
+        refused(&forced, &CAPS, "cooperative matrices");
+        let f32_inputs =
+            matrix_request(DType::F32, false).with_fused_config(FusedConfig::MATRIX_UNITS);
+        refused(&f32_inputs, &TENSOR_CORES, "f16 inputs only");
+        let stats = matrix_request(DType::F16, true).with_fused_config(FusedConfig::MATRIX_UNITS);
+        refused(&stats, &TENSOR_CORES, "entropy");
+        let no_lanes = DeviceCaps {
+            subgroup_lanes: None,
+            ..TENSOR_CORES
+        };
+        refused(&forced, &no_lanes, "subgroup");
+        let small = DeviceCaps {
+            max_workgroup_bytes: 4 << 10,
+            ..TENSOR_CORES
+        };
+        refused(&forced, &small, "max_compute_workgroup_storage_size");
     }
 
     #[test]

@@ -382,6 +382,7 @@ mod tests {
     const CAPS: DeviceCaps = DeviceCaps {
         loop_cap: Some(LLVMPIPE_LOOP_CAP),
         subgroup_lanes: Some(8),
+        matrix_units: None,
         ..crate::plan::tests::CAPS
     };
 

@@ -110,6 +110,7 @@ fn forced_and_default_configs_are_not_tuned() {
     // runs.
     let plain = xattn::DeviceCaps {
         subgroup_lanes: None,
+        matrix_units: None,
         ..*engine.caps()
     };
     let plain = Engine::with_caps(engine.context(), plain)

@@ -25,6 +25,9 @@ pub struct Context {
     pub limits: wgpu::Limits,
     /// Features enabled on the device.
     pub features: wgpu::Features,
+    /// The adapter's matrix-unit configurations (`cooperative_matrix_properties`) where
+    /// xattn enabled them (`XATTN_MATRIX_UNITS=1`); empty otherwise and on a caller's device.
+    pub matrix_configs: Vec<wgpu::CooperativeMatrixProperties>,
     fault: Arc<Mutex<Option<Error>>>,
     /// On wgpu's GL backend, held across each xattn call's device work (see
     /// [`Context::scoped`]); `None` elsewhere.
@@ -79,6 +82,15 @@ const WANTED_FEATURES: wgpu::Features = wgpu::Features::TIMESTAMP_QUERY
     .union(wgpu::Features::SHADER_F16)
     .union(wgpu::Features::SUBGROUP);
 
+/// Whether `XATTN_MATRIX_UNITS` asks for the adapter's matrix units (wgpu's experimental
+/// cooperative matrices; see [`crate::FusedConfig::MATRIX_UNITS`]): `1`, `true` or `on`.
+pub fn matrix_units_wanted() -> bool {
+    std::env::var("XATTN_MATRIX_UNITS")
+        .ok()
+        .and_then(|v| crate::tune::parse_setting(&v))
+        .unwrap_or(false)
+}
+
 /// Creates the instance from the environment (`WGPU_BACKEND`, `WGPU_DEBUG`, …).
 pub fn instance() -> wgpu::Instance {
     wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
@@ -126,14 +138,32 @@ impl Context {
         Self::from_adapter(&adapter)
     }
 
-    /// Opens a device on the given adapter with all of its limits and the features xattn uses.
+    /// Opens a device on the given adapter with all of its limits and the features xattn uses;
+    /// with `XATTN_MATRIX_UNITS=1` also its matrix units, where it reports them.
     pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
         let info = adapter.get_info();
-        let features = adapter.features() & WANTED_FEATURES;
+        let mut features = adapter.features() & WANTED_FEATURES;
+        let matrix = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        let matrix_configs = if matrix_units_wanted() && adapter.features().contains(matrix) {
+            features |= matrix;
+            adapter.cooperative_matrix_properties()
+        } else {
+            Vec::new()
+        };
+        let experimental_features = if features.contains(matrix) {
+            // SAFETY: wgpu asks callers of experimental features to accept that its
+            // implementation may still have bugs. xattn enables this one only where the user
+            // asked for it (XATTN_MATRIX_UNITS=1), and uses it only in flash_coop, which runs
+            // only where forced (FusedConfig::MATRIX_UNITS).
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("xattn.device"),
             required_features: features,
             required_limits: adapter.limits(),
+            experimental_features,
             memory_hints: wgpu::MemoryHints::Performance,
             ..Default::default()
         }))
@@ -141,7 +171,8 @@ impl Context {
             adapter: info.name.clone(),
             reason: e.to_string(),
         })?;
-        let ctx = Self::from_wgpu(device, queue)?;
+        let mut ctx = Self::from_wgpu(device, queue)?;
+        ctx.matrix_configs = matrix_configs;
         ctx.watch_device();
         Ok(ctx)
     }
@@ -156,6 +187,7 @@ impl Context {
             info,
             limits: device.limits(),
             features: device.features(),
+            matrix_configs: Vec::new(),
             device,
             queue,
             fault: Arc::default(),
@@ -287,6 +319,7 @@ impl Context {
                 self.info.subgroup_min_size,
                 self.info.subgroup_max_size,
             ),
+            matrix_units: crate::plan::matrix_units_of(&self.matrix_configs),
             // On a CPU adapter the host's threads run the workgroups.
             fill: crate::plan::fill_of(
                 self.info.device_type,

@@ -17,8 +17,8 @@ use serde_json::{json, Value};
 use xattn::cpu::reference;
 use xattn::gpu::executor::GpuTimer;
 use xattn::{
-    Attention, AttnShape, ConfigChoice, ConfigSource, Context, DType, Engine, MaskInputs, Path,
-    Plan, Stats, Storage, Tensor,
+    Attention, AttnShape, ConfigChoice, ConfigSource, Context, DType, Engine, FusedConfig,
+    MaskInputs, Path, Plan, Stats, Storage, Tensor,
 };
 
 use crate::masks::AlignArg;
@@ -194,6 +194,16 @@ pub struct BenchArgs {
     /// $XATTN_CACHE_DIR, else $XDG_CACHE_HOME/xattn, else ~/.cache/xattn.
     #[arg(long)]
     no_autotune: bool,
+    /// Run the fused kernel (fused and split-K paths) in this configuration instead of the
+    /// default or the autotuner's: R=1, R=2 or R=4, each with +lanes (subgroup lanes), or
+    /// matrix-units (cooperative matrices; needs XATTN_MATRIX_UNITS=1 and an adapter that
+    /// reports them, see `xattn info`).
+    #[arg(long, value_name = "CONFIG", value_parser = parse_fused_config)]
+    fused_config: Option<FusedConfig>,
+}
+
+fn parse_fused_config(text: &str) -> Result<FusedConfig, String> {
+    text.parse().map_err(|e: xattn::Error| e.to_string())
 }
 
 /// The custom shape given by flags, if any.
@@ -352,6 +362,8 @@ fn autotune_label(engine: &Engine, args: &BenchArgs) -> String {
             Some(file) => format!("on, winners cached in {}", file.display()),
             None => "on, winners kept in memory (no cache folder: set XATTN_CACHE_DIR)".into(),
         }
+    } else if let Some(config) = args.fused_config {
+        format!("off: --fused-config {config} on the fused and split-K paths")
     } else if args.no_autotune {
         "off (--no-autotune): the planner's default configurations".into()
     } else {
@@ -369,9 +381,12 @@ fn masks_label(causal: Option<AlignArg>) -> String {
 /// The options of one (shape, path, statistics): the requested path, the statistics and the
 /// --causal mask.
 fn options(args: &BenchArgs, requested: Option<Path>, stats: Option<StatArg>) -> Attention {
-    let opts = Attention::default()
+    let mut opts = Attention::default()
         .with_path_choice(requested)
         .with_stats(stats.map_or(Stats::default(), StatArg::stats));
+    if let Some(config) = args.fused_config {
+        opts = opts.with_fused_config(config);
+    }
     match args.causal {
         Some(a) => opts.with_causal(a.into()),
         None => opts,
@@ -766,7 +781,11 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
         } else {
             Engine::new(&ctx)
         }
-        .with_autotune(!args.no_autotune && xattn::tune::env_setting().unwrap_or(true)),
+        .with_autotune(
+            !args.no_autotune
+                && args.fused_config.is_none()
+                && xattn::tune::env_setting().unwrap_or(true),
+        ),
         timer,
         warmup: args.warmup.unwrap_or(if quick { 1 } else { 2 }),
         runs: args.runs.unwrap_or(if quick { 3 } else { 5 }),

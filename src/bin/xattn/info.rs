@@ -19,7 +19,7 @@ pub struct InfoArgs {
 
 /// Features worth knowing about for attention kernels: timestamps make `bench` time the GPU
 /// itself; f16 and subgroups are what faster kernels would need.
-const KEY_FEATURES: [(&str, wgpu::Features); 5] = [
+const KEY_FEATURES: [(&str, wgpu::Features); 6] = [
     ("TIMESTAMP_QUERY", wgpu::Features::TIMESTAMP_QUERY),
     (
         "TIMESTAMP_QUERY_INSIDE_PASSES",
@@ -30,6 +30,10 @@ const KEY_FEATURES: [(&str, wgpu::Features); 5] = [
     (
         "SHADER_FLOAT32_ATOMIC",
         wgpu::Features::SHADER_FLOAT32_ATOMIC,
+    ),
+    (
+        "EXPERIMENTAL_COOPERATIVE_MATRIX",
+        wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX,
     ),
 ];
 
@@ -95,6 +99,24 @@ fn print_adapter(index: usize, adapter: &wgpu::Adapter, all_features: bool) {
     for (name, flag) in KEY_FEATURES {
         println!("      {name:<40} {}", yes_no(f.contains(flag)));
     }
+    if f.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+        println!("    matrix units (cooperative_matrix_properties: M×N×K, A/B → C):");
+        for c in adapter.cooperative_matrix_properties() {
+            println!(
+                "      {}×{}×{} {:?} → {:?}{}",
+                c.m_size,
+                c.n_size,
+                c.k_size,
+                c.ab_type,
+                c.cr_type,
+                if c.saturating_accumulation {
+                    " (saturating)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
     if all_features {
         let names: Vec<&str> = f.iter_names().map(|(name, _)| name).collect();
         println!("      all ({}): {}", names.len(), names.join(" "));
@@ -121,6 +143,26 @@ pub fn info(args: &InfoArgs) -> CliResult<ExitCode> {
     println!(
         "default (Context::new): {which}{}",
         describe_info(&ctx.info)
+    );
+    println!(
+        "  matrix units: {}",
+        match ctx.caps().matrix_units {
+            Some(units) => format!(
+                "f32 inputs: {}, f16 inputs: {} (flash_coop, forced by --fused-config \
+                 matrix-units)",
+                units
+                    .f32_tile
+                    .map_or("none".into(), |t| format!("{t}×{t} tiles")),
+                units
+                    .f16_tile
+                    .map_or("none".into(), |t| format!("{t}×{t} tiles")),
+            ),
+            None if xattn::gpu::context::matrix_units_wanted() => {
+                "none fitting (square 8 or 16 tiles with f32 accumulators)".into()
+            }
+            None =>
+                "not enabled (XATTN_MATRIX_UNITS=1 enables them where the adapter has them)".into(),
+        }
     );
     println!(
         "  bench timing: {}",

@@ -1,0 +1,128 @@
+//! The fused kernel on matrix units (`flash_coop`, `FusedConfig::MATRIX_UNITS`) on the test
+//! adapter. Where the device has matrix units (`XATTN_MATRIX_UNITS=1` on an adapter that
+//! reports fitting ones: see README, "Matrix units"), this is the kernel's check on real
+//! hardware: fused and split-K, f32 and f16 inputs as its tiles allow, unmasked over odd
+//! shapes and with every mask case, NaN-poisoned outputs, against the f64 reference. Elsewhere
+//! (lavapipe, GL) forcing it must be a typed error that says why.
+
+mod common;
+
+use common::*;
+use xattn::cpu::reference;
+use xattn::kernels::Kernel;
+use xattn::{Attention, AttnShape, DType, FusedConfig, Path, Tensor};
+
+#[test]
+fn matrix_units_match_the_reference_or_are_refused() {
+    let Some(engine) = engine() else { return };
+    let Some(units) = engine.caps().matrix_units else {
+        let s = shape(1, 40, 77, 2, 2, 64);
+        let (q, k, v) = qkv(&s, 1.0, 1500);
+        for path in [Path::Fused, Path::SplitK] {
+            let opts = Attention::default()
+                .with_path(path)
+                .with_fused_config(FusedConfig::MATRIX_UNITS);
+            let err = run_poisoned(engine, &s, (&q, &k, &v), &opts).unwrap_err();
+            assert!(
+                matches!(err, xattn::Error::Argument(_))
+                    && err.to_string().contains("cooperative matrices"),
+                "{err}"
+            );
+        }
+        return;
+    };
+    let mut dtypes = Vec::new();
+    if units.f32_tile.is_some() {
+        dtypes.push(DType::F32);
+    }
+    if units.f16_tile.is_some() && engine.caps().native_f16 {
+        dtypes.push(DType::F16);
+    }
+    assert!(
+        !dtypes.is_empty(),
+        "matrix units {units:?} take none of f32, native f16"
+    );
+    let unmasked = [
+        shape(1, 1, 1500, 2, 2, 64),
+        AttnShape {
+            batch: 2,
+            m: 19,
+            n: 45,
+            q_heads: 4,
+            kv_heads: 2,
+            d_k: 3,
+            d_v: 21,
+        },
+        shape(1, 300, 77, 8, 8, 40),
+        shape(1, 33, 700, 2, 1, 128),
+    ];
+    let cases = unmasked
+        .into_iter()
+        .map(|s| ("unmasked".to_string(), s, Attention::default()))
+        .chain(mask_cases());
+    let ctx = engine.context();
+    for (i, (name, s, opts)) in cases.enumerate() {
+        for &dtype in &dtypes {
+            let (q, k, v) = qkv(&s, 1.0, 1600 + i as u64);
+            let round = |x: &[f32]| x.iter().map(|&y| dtype.round(y)).collect::<Vec<f32>>();
+            let (q, k, v) = (round(&q), round(&k), round(&v));
+            let scale = opts.scale_for(s.d_k);
+            let m = opts.masking();
+            let want = reference::attention_masked(&s, &q, &k, &v, f64::from(scale), m);
+            let tol = budget_masked(&s, scale, (&q, &k, &v), m);
+            // f16 inputs: each weight P rounded to f16 moves O by at most 2⁻¹¹·2·max|v| and
+            // the LSE by ln(1 + 2⁻¹¹) (as in tests/cpu_twins.rs).
+            let amax_v = v.iter().fold(0.0f64, |a, &x| a.max(f64::from(x.abs())));
+            let delta = if dtype == DType::F16 {
+                2f64.powi(-11)
+            } else {
+                0.0
+            };
+            let up = |x: &[f32], dims: [usize; 4]| Tensor::upload_as(ctx, "x", x, &dims, dtype);
+            let (tq, tk, tv) = (
+                up(&q, s.q_dims()).unwrap(),
+                up(&k, s.k_dims()).unwrap(),
+                up(&v, s.v_dims()).unwrap(),
+            );
+            for path in [Path::Fused, Path::SplitK] {
+                let opts = opts
+                    .clone()
+                    .with_path(path)
+                    .with_out_dtype(DType::F32)
+                    .with_fused_config(FusedConfig::MATRIX_UNITS);
+                let what = format!("matrix units {dtype} {} {name} {s}", path.name());
+                let plan = engine
+                    .plan(&tq, &tk, &tv, &opts)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert!(
+                    plan.program
+                        .dispatches()
+                        .any(|d| matches!(d.kernel, Kernel::FlashCoop { .. })),
+                    "{what}: {plan}"
+                );
+                let out = engine.alloc_output(&plan).unwrap();
+                poison(&out.o).unwrap();
+                poison(&out.lse).unwrap();
+                let masks = engine.upload_masks(&plan, &opts).unwrap();
+                engine
+                    .run(&plan, &tq, &tk, &tv, &masks, &out, None)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                let o = out.o.to_host().unwrap();
+                let lse = out.lse.to_host().unwrap();
+                assert_close(
+                    &format!("{what} O"),
+                    &o,
+                    &want.o,
+                    tol.o + delta * 2.0 * amax_v,
+                );
+                let lse_tol = tol.lse * (1.0 + want.lse.iter().fold(0.0f64, |a, x| a.max(x.abs())));
+                assert_close(
+                    &format!("{what} LSE"),
+                    &lse,
+                    &want.lse,
+                    lse_tol + delta.ln_1p(),
+                );
+            }
+        }
+    }
+}
