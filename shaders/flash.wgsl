@@ -33,7 +33,10 @@
 // vec2 or vec4: one lane per row), ANY_MASKING (whether the call masks anything), and the
 // straight-line helpers over DK4/DV4 vec4s and R rows: `score_block` (one key), `score_pair`
 // (keys c and c + 1 into sc), `rescale`, `accumulate_pair`, `load_q_rows`, `store_o_rows`,
-// `merge_lanes` (a no-op without lanes), the entry point `main`, and `sees_block`,
+// `merge_lanes` (a no-op without lanes), BROADCAST (whether K/V rows are loaded once per
+// subgroup and broadcast: then score_block, score_pair and accumulate_pair take every lane of
+// the subgroup, and `subgroup_any`/`subgroup_all` are the subgroup's votes, else the lane's
+// own value), the entry point `main`, and `sees_block`,
 // `keeps_block`, `logit_block`, which apply the per-row functions below to each row. They are
 // generated unrolled because the dims are known and because Mesa's llvmpipe ends an
 // invocation's loops after 65535 iterations in all: the planner bounds the keys of one pass by
@@ -180,13 +183,16 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
         workgroupBarrier();
         let t1 = t0 + len;
         // The invocation skips tiles that none of its rows may see (a padding mask shared by
-        // the rows skips whole tiles for all of them).
-        if live && sees_block(t0, t1) {
+        // the rows skips whole tiles for all of them). With broadcast loads (BROADCAST) the
+        // lanes of a subgroup load K and V rows together, so they take or skip each tile
+        // together, and the plain loop only where it is plain for all of them; a lane whose
+        // rows see none of a tile, or that has no live row, then adds only removed keys.
+        if subgroup_any(live && sees_block(t0, t1)) {
             var tmax = m;
             // ANY_MASKING (a specialization) is false when the call masks nothing: every tile
             // is whole then, and the compiler drops the per-key loop.
-            let whole = !ANY_MASKING
-                || ((p.flags & (FLAG_MASK | LOGIT_FLAGS)) == 0u && whole_lo <= t0 && whole_hi >= t1);
+            let whole = subgroup_all(!ANY_MASKING
+                || ((p.flags & (FLAG_MASK | LOGIT_FLAGS)) == 0u && whole_lo <= t0 && whole_hi >= t1));
             if whole {
                 // Two keys at a time: each Q vec4 read serves both (the pair's scores are the
                 // ones score_block gives). An odd tile's last pair also scores the staged copy
@@ -201,7 +207,13 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
                 for (var c = 2u * key_lane; c < len; c += select(2u * LANES - 1u, 1u, c % 2u == 0u)) {
                     let j = t0 + c;
                     var s = RV(MASKED);
-                    if keeps_block(j) {
+                    if BROADCAST {
+                        // Every lane loads its share of the key: scored before the branch.
+                        let raw = score_block(c * DK4);
+                        if keeps_block(j) {
+                            s = logit_block(raw, j);
+                        }
+                    } else if keeps_block(j) {
                         s = logit_block(score_block(c * DK4), j);
                     }
                     sc[c] = s;

@@ -343,6 +343,8 @@ impl Engine {
             subgroup_lanes: real
                 .subgroup_lanes
                 .filter(|_| caps.subgroup_lanes.is_some()),
+            // A property of the device, not a limit.
+            scalar_lane_loads: real.scalar_lane_loads,
             // Likewise matrix units.
             matrix_units: real.matrix_units.filter(|_| caps.matrix_units.is_some()),
             loop_cap: match (caps.loop_cap, real.loop_cap) {

@@ -30,21 +30,30 @@ pub struct FusedConfig {
     /// reductions (devices with one fixed subgroup size: `DeviceCaps::subgroup_lanes`), so
     /// that few query rows still occupy whole subgroups.
     pub subgroup_lanes: bool,
+    /// Whether the lanes of one subgroup load each K and V row of the tile together, one vec4
+    /// each, and pass the vec4s on by `subgroupBroadcast` (each invocation still owns its own
+    /// R rows): on a CPU adapter every lane's load is a scalar load of its own
+    /// (`DeviceCaps::scalar_lane_loads`), so one load per lane replaces one per lane per vec4.
+    /// Needs a fixed subgroup size; not with `subgroup_lanes`.
+    pub broadcast_loads: bool,
     /// Whether the fused kernel runs on the device's matrix units (`flash_coop`: cooperative
     /// matrices, [`crate::plan::DeviceCaps::matrix_units`]) instead: [`FusedConfig::MATRIX_UNITS`].
     pub matrix_units: bool,
 }
 
 impl FusedConfig {
-    /// Every configuration the fused kernel has, smallest R first, each without and with
-    /// subgroup lanes.
-    pub const ALL: [FusedConfig; 6] = [
+    /// Every configuration of `flash`, smallest R first, each plain, with subgroup lanes and
+    /// with broadcast loads.
+    pub const ALL: [FusedConfig; 9] = [
         Self::rows(1),
         Self::rows(1).with_subgroup_lanes(true),
+        Self::rows(1).with_broadcast_loads(true),
         Self::rows(2),
         Self::rows(2).with_subgroup_lanes(true),
+        Self::rows(2).with_broadcast_loads(true),
         Self::rows(4),
         Self::rows(4).with_subgroup_lanes(true),
+        Self::rows(4).with_broadcast_loads(true),
     ];
 
     /// The fused kernel on matrix units: one subgroup per workgroup computes Q·Kᵀ and P·V in
@@ -54,6 +63,7 @@ impl FusedConfig {
     pub const MATRIX_UNITS: FusedConfig = FusedConfig {
         rows_per_invocation: 1,
         subgroup_lanes: true,
+        broadcast_loads: false,
         matrix_units: true,
     };
 
@@ -63,7 +73,17 @@ impl FusedConfig {
         Self {
             rows_per_invocation: r,
             subgroup_lanes: false,
+            broadcast_loads: false,
             matrix_units: false,
+        }
+    }
+
+    /// `self` with broadcast loads on or off (a plan refuses them on a device without
+    /// subgroups of one fixed size).
+    pub const fn with_broadcast_loads(self, on: bool) -> Self {
+        Self {
+            broadcast_loads: on,
+            ..self
         }
     }
 
@@ -82,7 +102,8 @@ impl FusedConfig {
         } else {
             Err(Error::Argument(format!(
                 "the fused kernel has no configuration {self}: it runs 1, 2 or 4 query rows \
-                 per invocation, with or without subgroup lanes, or on matrix units"
+                 per invocation, plain, with subgroup lanes or with broadcast loads, or on \
+                 matrix units"
             )))
         }
     }
@@ -91,8 +112,8 @@ impl FusedConfig {
     /// device with `subgroup_lanes` (`DeviceCaps::subgroup_lanes`), smallest R first: R = 1,
     /// and each larger R whose Q and O rows fit [`FUSED_ROW_FLOATS`] and that M fills
     /// (R ≤ ⌈M / FUSED_ROWS⌉: a decode step's single row gains nothing from three idle ones);
-    /// each with subgroup lanes too where the device has them. The others are correct too,
-    /// only slower.
+    /// each with subgroup lanes and with broadcast loads too where the device has subgroups.
+    /// The others are correct too, only slower.
     pub fn candidates(
         d_k: usize,
         d_v: usize,
@@ -106,7 +127,7 @@ impl FusedConfig {
             .filter(|c| {
                 let r = u64::from(c.rows_per_invocation);
                 (r == 1 || (r * row <= u64::from(FUSED_ROW_FLOATS) && r <= filled))
-                    && (!c.subgroup_lanes || subgroup_lanes.is_some())
+                    && (!(c.subgroup_lanes || c.broadcast_loads) || subgroup_lanes.is_some())
             })
             .collect()
     }
@@ -114,19 +135,25 @@ impl FusedConfig {
     /// The planner's default: the largest R of [`FusedConfig::candidates`], measured best on
     /// llvmpipe and a sound guess elsewhere, with subgroup lanes where the device has them
     /// and M < [`FUSED_ROWS`] (a plain workgroup would leave invocations idle; with lanes a
-    /// subgroup shares each row's keys instead: decode 1.2× faster on lavapipe).
+    /// subgroup shares each row's keys instead: decode 1.2× faster on lavapipe), else with
+    /// broadcast loads where the device has subgroups and its lanes load one by one
+    /// (`scalar_lane_loads`: CPU adapters; diffusion 2.2× faster on lavapipe).
     pub fn default_for(
         d_k: usize,
         d_v: usize,
         m: usize,
         subgroup_lanes: Option<u32>,
+        scalar_lane_loads: bool,
     ) -> FusedConfig {
         let lanes = subgroup_lanes.is_some() && m < FUSED_ROWS as usize;
+        let broadcast = subgroup_lanes.is_some() && scalar_lane_loads && !lanes;
         let r = Self::candidates(d_k, d_v, m, None)
             .last()
             .expect("R = 1 is always a candidate")
             .rows_per_invocation;
-        Self::rows(r).with_subgroup_lanes(lanes)
+        Self::rows(r)
+            .with_subgroup_lanes(lanes)
+            .with_broadcast_loads(broadcast)
     }
 }
 
@@ -139,6 +166,9 @@ impl fmt::Display for FusedConfig {
         if self.subgroup_lanes {
             write!(f, "+lanes")?;
         }
+        if self.broadcast_loads {
+            write!(f, "+bcast")?;
+        }
         Ok(())
     }
 }
@@ -146,8 +176,8 @@ impl fmt::Display for FusedConfig {
 impl std::str::FromStr for FusedConfig {
     type Err = Error;
 
-    /// A configuration as [`fmt::Display`] writes it: `R=1` … `R=4`, each with `+lanes`, or
-    /// `matrix-units`.
+    /// A configuration as [`fmt::Display`] writes it: `R=1` … `R=4`, each with `+lanes` or
+    /// `+bcast`, or `matrix-units`.
     fn from_str(text: &str) -> Result<Self> {
         if text == "matrix-units" {
             return Ok(Self::MATRIX_UNITS);
@@ -156,13 +186,21 @@ impl std::str::FromStr for FusedConfig {
             Some(rows) => (rows, true),
             None => (text, false),
         };
+        let (rows, broadcast) = match rows.strip_suffix("+bcast") {
+            Some(rows) => (rows, true),
+            None => (rows, false),
+        };
         rows.strip_prefix("R=")
             .and_then(|r| r.parse().ok())
-            .map(|r| Self::rows(r).with_subgroup_lanes(lanes))
+            .map(|r| {
+                Self::rows(r)
+                    .with_subgroup_lanes(lanes)
+                    .with_broadcast_loads(broadcast)
+            })
             .ok_or_else(|| {
                 Error::Argument(format!(
                     "unknown fused configuration `{text}` (R=1, R=2 or R=4, each with \
-                     +lanes, or matrix-units)"
+                     +lanes or +bcast, or matrix-units)"
                 ))
             })?
             .validate()
@@ -277,20 +315,26 @@ mod tests {
         assert_eq!(rs(64, 64, 65), [1, 2]);
         assert_eq!(rs(3, 5, 256), [1, 2, 4]);
         assert_eq!(
-            FusedConfig::default_for(64, 64, 65, None),
+            FusedConfig::default_for(64, 64, 65, None, true),
             FusedConfig::rows(2)
         );
-        // With subgroup lanes: each R twice, lanes by default only where M < FUSED_ROWS.
+        // With subgroups: each R plain, with lanes and with broadcast loads; lanes by default
+        // only where M < FUSED_ROWS, broadcast loads by default only where lanes load one by
+        // one.
         assert_eq!(
             FusedConfig::candidates(64, 64, 65, Some(8)),
-            FusedConfig::ALL[..4]
+            FusedConfig::ALL[..6]
         );
         assert_eq!(
-            FusedConfig::default_for(64, 64, 65, Some(8)),
+            FusedConfig::default_for(64, 64, 65, Some(8), false),
             FusedConfig::rows(2)
         );
         assert_eq!(
-            FusedConfig::default_for(64, 64, 1, Some(8)),
+            FusedConfig::default_for(64, 64, 65, Some(8), true),
+            FusedConfig::rows(2).with_broadcast_loads(true)
+        );
+        assert_eq!(
+            FusedConfig::default_for(64, 64, 1, Some(8), true),
             FusedConfig::rows(1).with_subgroup_lanes(true)
         );
     }
@@ -303,7 +347,15 @@ mod tests {
         {
             assert_eq!(c.to_string().parse::<FusedConfig>().unwrap(), c);
         }
-        for bad in ["R=3", "R=", "4", "R=2+lane", "matrix"] {
+        for bad in [
+            "R=3",
+            "R=",
+            "4",
+            "R=2+lane",
+            "matrix",
+            "R=2+lanes+bcast",
+            "R=2+bcast+lanes",
+        ] {
             assert!(
                 matches!(bad.parse::<FusedConfig>(), Err(Error::Argument(_))),
                 "{bad}"

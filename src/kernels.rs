@@ -68,6 +68,10 @@ pub enum Kernel {
         /// one subgroup share R rows and take their keys in turn, merged by subgroup
         /// reductions at the end. The workgroup has `br / r · lanes` invocations.
         lanes: u32,
+        /// Lanes that load each K/V row of the tile together, one vec4 each, and pass the
+        /// vec4s on by `subgroupBroadcast` (the device's fixed subgroup size), or 1: each
+        /// invocation loads every vec4 it reads (see `FusedConfig::broadcast_loads`).
+        broadcast: u32,
     },
     /// Fused online-softmax attention on matrix units (cooperative matrices), the contract of
     /// `Flash` without row statistics: one subgroup per workgroup owns `tile` query rows.
@@ -299,14 +303,18 @@ impl Kernel {
                 stats,
                 wide,
                 lanes,
+                broadcast,
             } => {
                 let stats = if *stats { "_stats" } else { "" };
                 let wide = if *wide { "" } else { "_scalar" };
-                let lanes = if *lanes > 1 {
+                let mut lanes = if *lanes > 1 {
                     format!("_lanes{lanes}")
                 } else {
                     String::new()
                 };
+                if *broadcast > 1 {
+                    lanes.push_str(&format!("_bcast{broadcast}"));
+                }
                 let variant = variant_suffix(*storage, *masked);
                 format!("xattn.flash_dk{dk}_dv{dv}_bc{bc}_br{br}_r{r}{lanes}{wide}{variant}{stats}")
             }
@@ -780,10 +788,17 @@ impl Kernel {
             masked,
             stats,
             lanes,
+            broadcast,
             ..
         } = *self
         {
-            out.push_str(&flash_prelude(dk / 4, dv / 4, bc, (br, r, lanes)));
+            out.push_str(&flash_prelude(
+                dk / 4,
+                dv / 4,
+                bc,
+                (br, r, lanes),
+                broadcast,
+            ));
             out.push_str(&format!("const ANY_MASKING: bool = {masked};\n"));
             out.push_str(&format!("const ROW_STATS: bool = {stats};\n"));
             out.push_str(if stats {
@@ -870,7 +885,8 @@ impl Kernel {
         if self.storages().iter().any(|s| s.needs_f16()) {
             capabilities |= naga::valid::Capabilities::SHADER_FLOAT16;
         }
-        let subgroups = matches!(self, Kernel::Flash { lanes, .. } if *lanes > 1);
+        let subgroups =
+            matches!(self, Kernel::Flash { lanes, broadcast, .. } if *lanes > 1 || *broadcast > 1);
         if subgroups {
             capabilities |= naga::valid::Capabilities::SUBGROUP;
         }
@@ -932,10 +948,20 @@ fn store4_o(wide: bool) -> String {
 /// R rows' statistics travel as one `RV` (f32, vec2 or vec4: one lane per row), their Q rows
 /// and accumulators as `qr`/`acc` slices of DK4/DV4 vec4s per row; every K/V vec4 read from the
 /// tile is used by all R rows before the next is read.
-fn flash_prelude(dk4: u32, dv4: u32, bc: u32, (br, r, lanes): (u32, u32, u32)) -> String {
+fn flash_prelude(
+    dk4: u32,
+    dv4: u32,
+    bc: u32,
+    (br, r, lanes): (u32, u32, u32),
+    broadcast: u32,
+) -> String {
     assert!(
-        matches!(r, 1 | 2 | 4) && br % r == 0 && lanes.is_power_of_two(),
-        "flash rows per invocation and lanes"
+        matches!(r, 1 | 2 | 4)
+            && br % r == 0
+            && lanes.is_power_of_two()
+            && broadcast.is_power_of_two()
+            && (lanes == 1 || broadcast == 1),
+        "flash rows per invocation, lanes and broadcast"
     );
     let rows = 0..r;
     // Lane `i` of an RV named `v`.
@@ -968,18 +994,31 @@ fn flash_prelude(dk4: u32, dv4: u32, bc: u32, (br, r, lanes): (u32, u32, u32)) -
     };
     let mut score = String::new();
     let mut score_pair = String::new();
-    for i in 0..dk4 {
-        score.push_str(&format!("    let k{i} = k_tile[base + {i}u];\n"));
-        score_pair.push_str(&format!(
-            "    let k{i} = k_tile[a + {i}u];\n    let x{i} = k_tile[a + DK4 + {i}u];\n"
-        ));
+    if broadcast > 1 {
+        // Lane `sg_lane` loads vec4 j·B + sg_lane of the key (pair), B = broadcast, and vec4
+        // i comes from lane i % B of load i / B.
+        score = broadcast_loads("k_tile", "base", &[("k", 0)], dk4, broadcast);
+        score_pair = broadcast_loads("k_tile", "a", &[("k", 0), ("x", dk4)], dk4, broadcast);
+    } else {
+        for i in 0..dk4 {
+            score.push_str(&format!("    let k{i} = k_tile[base + {i}u];\n"));
+            score_pair.push_str(&format!(
+                "    let k{i} = k_tile[a + {i}u];\n    let x{i} = k_tile[a + DK4 + {i}u];\n"
+            ));
+        }
     }
     let mut scales = String::new();
-    let mut add_pair = String::new();
+    let mut add_pair = if broadcast > 1 {
+        broadcast_loads("v_tile", "a", &[("v", 0), ("w", dv4)], dv4, broadcast)
+    } else {
+        String::new()
+    };
     for i in 0..dv4 {
-        add_pair.push_str(&format!(
-            "    let v{i} = v_tile[a + {i}u];\n    let w{i} = v_tile[a + DV4 + {i}u];\n"
-        ));
+        if broadcast == 1 {
+            add_pair.push_str(&format!(
+                "    let v{i} = v_tile[a + {i}u];\n    let w{i} = v_tile[a + DV4 + {i}u];\n"
+            ));
+        }
         for row in rows.clone() {
             let a = row * dv4 + i;
             scales.push_str(&format!("    acc[{a}] *= {};\n", lane("alpha", row)));
@@ -1018,7 +1057,14 @@ fn flash_prelude(dk4: u32, dv4: u32, bc: u32, (br, r, lanes): (u32, u32, u32)) -
     }
     // The entry point, and the merge of a row group's lanes: each lane's sum, accumulator and
     // Σ p·(m − s) rebased from its own max to the group's (as flash.wgsl rebases per tile).
-    let (entry, merge) = if lanes == 1 {
+    let (entry, merge) = if lanes == 1 && broadcast > 1 {
+        (
+            "fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,\n    \
+             @builtin(subgroup_invocation_id) sl: u32) {\n    \
+             sg_lane = sl;\n    attend(wg, li, li, 0u);\n}\n",
+            String::new(),
+        )
+    } else if lanes == 1 {
         (
             "fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {\n    \
              attend(wg, li, li, 0u);\n}\n",
@@ -1053,7 +1099,7 @@ fn flash_prelude(dk4: u32, dv4: u32, bc: u32, (br, r, lanes): (u32, u32, u32)) -
     format!(
         "const DK4: u32 = {dk4}u;\nconst DV4: u32 = {dv4}u;\nconst BC: u32 = {bc}u;\n\
          const BR: u32 = {br}u;\nconst R: u32 = {r}u;\nconst LANES: u32 = {lanes}u;\n\
-         const WG: u32 = {wg}u;\n\
+         const WG: u32 = {wg}u;\nconst BROADCAST: bool = {bcast};\nvar<private> sg_lane: u32;\n\
          alias RV = {rv_type};\n\
          fn lane(v: RV, i: u32) -> f32 {{\n    return {lane_i};\n}}\n\
          fn score_block(base: u32) -> RV {{\n{score}    return {score_k};\n}}\n\
@@ -1067,8 +1113,13 @@ fn flash_prelude(dk4: u32, dv4: u32, bc: u32, (br, r, lanes): (u32, u32, u32)) -
          fn load_q_rows(base: u32, stride: u32, live: u32, qs: f32) {{\n{q_rows}}}\n\
          fn store_o_rows(base: u32, stride: u32, live: u32, inv: RV) {{\n{o_rows}}}\n\
          fn merge_lanes(m: ptr<function, RV>, l: ptr<function, RV>, t: ptr<function, RV>) {{\n{merge}}}\n\
+         fn subgroup_any(x: bool) -> bool {{\n    return {any_vote};\n}}\n\
+         fn subgroup_all(x: bool) -> bool {{\n    return {all_vote};\n}}\n\
          @compute @workgroup_size(WG, 1, 1)\n{entry}",
         wg = br / r * lanes,
+        bcast = broadcast > 1,
+        any_vote = if broadcast > 1 { "subgroupAny(x)" } else { "x" },
+        all_vote = if broadcast > 1 { "subgroupAll(x)" } else { "x" },
         lane_i = if r == 1 { "v" } else { "v[i]" },
         score_k = sums("k"),
         score_x = sums("x"),
@@ -1116,6 +1167,37 @@ fn flash_coop_prelude(
          const BC: u32 = {bc}u;\nconst BR: u32 = {tile}u;\nconst WG: u32 = {lanes}u;\n\
          @group(0) @binding(7) var<storage, read_write> o: array<f32>;\n"
     )
+}
+
+/// Straight-line loads of `n` vec4s per name from `tile` by a subgroup of `b` lanes: lane
+/// `sg_lane` loads vec4 `j·b + sg_lane` of the row(s) at `base` (clamped to the last one),
+/// then `{name}{i}` is vec4 `offset + i`, taken by `subgroupBroadcast` from the lane that
+/// loaded it. Every lane of the subgroup must run it.
+fn broadcast_loads(tile: &str, base: &str, names: &[(&str, u32)], n: u32, b: u32) -> String {
+    let total = names
+        .iter()
+        .map(|(_, offset)| offset + n)
+        .max()
+        .unwrap_or(0);
+    let mut out = String::new();
+    for j in 0..total.div_ceil(b) {
+        out.push_str(&format!(
+            "    let {tile}{j} = {tile}[min({base} + {}u + sg_lane, {base} + {}u)];\n",
+            j * b,
+            total - 1
+        ));
+    }
+    for (name, offset) in names {
+        for i in 0..n {
+            let e = offset + i;
+            out.push_str(&format!(
+                "    let {name}{i} = subgroupBroadcast({tile}{}, {}u);\n",
+                e / b,
+                e % b
+            ));
+        }
+    }
+    out
 }
 
 /// Replaces each `//!include <path>` line with the named common file.

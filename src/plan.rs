@@ -89,6 +89,12 @@ pub struct DeviceCaps {
     /// invocations: then `flash` may share a row group's keys among a subgroup's lanes
     /// ([`subgroup_lanes_of`]). `None` elsewhere (wgpu's GL backend has no subgroups).
     pub subgroup_lanes: Option<u32>,
+    /// Whether each invocation's load from workgroup or storage memory runs as a scalar load
+    /// of its own: a CPU adapter (`DeviceType::Cpu`: Mesa's llvmpipe runs invocations as SIMD
+    /// lanes and loads lane by lane unless the address is a constant). Then `flash` loads K
+    /// and V rows once per subgroup and broadcasts them by default
+    /// ([`FusedConfig::broadcast_loads`]).
+    pub scalar_lane_loads: bool,
     /// The device's matrix units (cooperative matrices), where xattn enabled them
     /// ([`matrix_units_of`]); `None` elsewhere.
     pub matrix_units: Option<MatrixUnits>,
@@ -203,6 +209,7 @@ impl DeviceCaps {
             native_f16: false,
             fill: GPU_FILL,
             subgroup_lanes: None,
+            scalar_lane_loads: false,
             matrix_units: None,
             max_binding: l.max_storage_buffer_binding_size,
             max_buffer: l.max_buffer_size,
@@ -582,7 +589,13 @@ pub fn attention(
                     source: choice.source.clone(),
                 },
                 None => ConfigChoice {
-                    config: FusedConfig::default_for(s.d_k, s.d_v, s.m, caps.subgroup_lanes),
+                    config: FusedConfig::default_for(
+                        s.d_k,
+                        s.d_v,
+                        s.m,
+                        caps.subgroup_lanes,
+                        caps.scalar_lane_loads,
+                    ),
                     source: ConfigSource::Default,
                 },
             };
@@ -1109,17 +1122,16 @@ fn fused_kernel(
         return matrix_unit_kernel(s, caps, (masked, stats), storage);
     }
     let r = config.rows_per_invocation;
-    let lanes = match (config.subgroup_lanes, caps.subgroup_lanes) {
-        (false, _) => 1,
-        (true, Some(lanes)) => lanes,
-        (true, None) => {
-            return Err(Error::Argument(
-                "subgroup lanes need a device with subgroup operations of one fixed size; \
-                 this one has none"
-                    .into(),
-            ))
-        }
+    let subgroup = |on: bool, what: &str| match (on, caps.subgroup_lanes) {
+        (false, _) => Ok(1),
+        (true, Some(lanes)) => Ok(lanes),
+        (true, None) => Err(Error::Argument(format!(
+            "{what} need a device with subgroup operations of one fixed size; this one has \
+             none"
+        ))),
     };
+    let lanes = subgroup(config.subgroup_lanes, "subgroup lanes")?;
+    let broadcast = subgroup(config.broadcast_loads, "broadcast loads")?;
     Ok(Kernel::Flash {
         dk,
         dv,
@@ -1131,6 +1143,7 @@ fn fused_kernel(
         stats,
         wide: s.d_k.is_multiple_of(4) && s.d_v.is_multiple_of(4),
         lanes,
+        broadcast,
     })
 }
 
@@ -1384,13 +1397,24 @@ fn fused(
         }
     }
     let how = match kernel {
-        Kernel::Flash { r, wide, lanes, .. } => format!(
+        Kernel::Flash {
+            r,
+            wide,
+            lanes,
+            broadcast,
+            ..
+        } => format!(
             "{r} query row(s) per {}, {br} per workgroup, {bc}-key K/V tiles in workgroup \
-             memory, {}",
+             memory{}, {}",
             if lanes > 1 {
                 format!("subgroup of {lanes} lanes sharing their keys")
             } else {
                 "invocation".to_string()
+            },
+            if broadcast > 1 {
+                format!(", each K/V row loaded once per subgroup of {broadcast} and broadcast")
+            } else {
+                String::new()
             },
             if wide {
                 "Q, K, V and O in vec4s"
@@ -1589,6 +1613,7 @@ pub(crate) mod tests {
         native_f16: false,
         fill: GPU_FILL,
         subgroup_lanes: None,
+        scalar_lane_loads: false,
         matrix_units: None,
     };
 

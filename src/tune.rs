@@ -21,7 +21,7 @@ use crate::fused_config::FusedConfig;
 use crate::plan::{DeviceCaps, Request};
 
 /// The cache file's name; the version changes with its format or with what a key means.
-pub const CACHE_FILE: &str = "autotune-v1.json";
+pub const CACHE_FILE: &str = "autotune-v2.json";
 
 /// Whether `XATTN_AUTOTUNE` turns autotuning on (`1`) or off (`0`); `None` where unset or
 /// not one of `0`, `1`, `true`, `false`, `on`, `off` (the caller's default applies).
@@ -176,6 +176,7 @@ impl TuneKey {
                 json!({
                     "rows_per_invocation": c.rows_per_invocation,
                     "subgroup_lanes": c.subgroup_lanes,
+                    "broadcast_loads": c.broadcast_loads,
                     "median_ms": ms,
                 })
             })
@@ -234,12 +235,17 @@ impl TuneKey {
             .iter()
             .filter_map(|t| {
                 let r = u32::try_from(t.get("rows_per_invocation")?.as_u64()?).ok()?;
-                // Absent: without lanes.
+                // Absent: without lanes, without broadcast loads.
                 let lanes = t
                     .get("subgroup_lanes")
                     .map_or(Some(false), Value::as_bool)?;
+                let broadcast = t
+                    .get("broadcast_loads")
+                    .map_or(Some(false), Value::as_bool)?;
                 let ms = t.get("median_ms")?.as_f64()?;
-                let config = FusedConfig::rows(r).with_subgroup_lanes(lanes);
+                let config = FusedConfig::rows(r)
+                    .with_subgroup_lanes(lanes)
+                    .with_broadcast_loads(broadcast);
                 let valid = candidates.contains(&config) && ms.is_finite() && ms >= 0.0;
                 valid.then_some((config, ms))
             })
@@ -382,6 +388,7 @@ mod tests {
     const CAPS: DeviceCaps = DeviceCaps {
         loop_cap: Some(LLVMPIPE_LOOP_CAP),
         subgroup_lanes: Some(8),
+        scalar_lane_loads: false,
         matrix_units: None,
         ..crate::plan::tests::CAPS
     };

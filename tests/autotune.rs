@@ -57,8 +57,14 @@ fn a_bucket_is_timed_once_and_its_winner_reused() {
     let first = run_checked(&tuner, &tiny(200), &opts, 1);
     let t = tuned(&first);
     assert!(t.measured_now, "{first}");
-    let lanes = engine.caps().subgroup_lanes.map_or(1, |_| 2);
-    assert_eq!(t.timings.len(), 3 * lanes, "R = 1, 2 and 4 timed: {first}");
+    // Each R plain, and with subgroup lanes and with broadcast loads where the device has
+    // subgroups.
+    let variants = engine.caps().subgroup_lanes.map_or(1, |_| 3);
+    assert_eq!(
+        t.timings.len(),
+        3 * variants,
+        "R = 1, 2 and 4 timed: {first}"
+    );
     assert_eq!(first.fused.as_ref().unwrap().config, t.timings[0].0);
     assert!(first.to_string().contains("config: R="), "{first}");
     assert_eq!(tuner.autotune_measurements(), 1);
@@ -110,6 +116,7 @@ fn forced_and_default_configs_are_not_tuned() {
     // runs.
     let plain = xattn::DeviceCaps {
         subgroup_lanes: None,
+        scalar_lane_loads: false,
         matrix_units: None,
         ..*engine.caps()
     };

@@ -56,15 +56,24 @@ fn plans(req: &Request) -> Vec<(String, Plan)> {
     for config in FusedConfig::ALL {
         let forced = req.clone().with_fused_config(config);
         let plan = Plan::new(&forced, &CAPS).unwrap();
-        let flash: Vec<(u32, bool)> = plan
+        let flash: Vec<(u32, bool, bool)> = plan
             .program
             .dispatches()
             .filter_map(|d| match d.kernel {
-                xattn::kernels::Kernel::Flash { r, lanes, .. } => Some((r, lanes > 1)),
+                xattn::kernels::Kernel::Flash {
+                    r,
+                    lanes,
+                    broadcast,
+                    ..
+                } => Some((r, lanes > 1, broadcast > 1)),
                 _ => None,
             })
             .collect();
-        let want = (config.rows_per_invocation, config.subgroup_lanes);
+        let want = (
+            config.rows_per_invocation,
+            config.subgroup_lanes,
+            config.broadcast_loads,
+        );
         assert!(
             !flash.is_empty() && flash.iter().all(|&x| x == want),
             "forced {config}, planned {flash:?}\n{plan}"

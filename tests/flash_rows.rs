@@ -1,5 +1,6 @@
-//! Every configuration of the fused kernel on the GPU (each rows-per-invocation R, with and,
-//! where the device has them, without subgroup lanes), forced through the planner, on the
+//! Every configuration of the fused kernel on the GPU (each rows-per-invocation R, plain and,
+//! where the device has subgroups, with subgroup lanes and with broadcast loads), forced
+//! through the planner, on the
 //! fused and split-K paths: plain shapes (M, N not multiples of a row block,
 //! head dims 1…256, GQA) and every masking case, against the f64 reference with NaN-poisoned
 //! outputs.
@@ -22,22 +23,31 @@ fn configs_for(engine: &Engine, s: &AttnShape) -> Vec<FusedConfig> {
     FusedConfig::ALL
         .into_iter()
         .filter(|c| c.rows_per_invocation == 1 || c.rows_per_invocation * row <= FUSED_ROW_FLOATS)
-        .filter(|c| lanes || !c.subgroup_lanes)
+        .filter(|c| lanes || !(c.subgroup_lanes || c.broadcast_loads))
         .collect()
 }
 
 /// The R and lanes of every flash dispatch of `plan`, asserted to be `config`'s (and at
 /// least one).
 fn assert_config(plan: &Plan, config: FusedConfig) {
-    let found: Vec<(u32, bool)> = plan
+    let found: Vec<(u32, bool, bool)> = plan
         .program
         .dispatches()
         .filter_map(|d| match d.kernel {
-            Kernel::Flash { r, lanes, .. } => Some((r, lanes > 1)),
+            Kernel::Flash {
+                r,
+                lanes,
+                broadcast,
+                ..
+            } => Some((r, lanes > 1, broadcast > 1)),
             _ => None,
         })
         .collect();
-    let want = (config.rows_per_invocation, config.subgroup_lanes);
+    let want = (
+        config.rows_per_invocation,
+        config.subgroup_lanes,
+        config.broadcast_loads,
+    );
     assert!(
         !found.is_empty() && found.iter().all(|&x| x == want),
         "forced {config}, planned {found:?}\n{plan}"

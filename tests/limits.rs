@@ -232,7 +232,8 @@ fn dispatches_at_the_loop_cap_are_right() {
     let cap = LLVMPIPE_LOOP_CAP - 1;
     // The fused kernel over exactly the keys one pass may walk, for every configuration the
     // planner may pick at that head dim: each R (M = 5: R = 2 and 4 leave dead rows in the
-    // last invocation), with subgroup lanes where the device has them.
+    // last invocation), with subgroup lanes and with broadcast loads where the device has
+    // subgroups.
     let lanes = engine.caps().subgroup_lanes.is_some();
     let variants = [(1usize, false), (64, false), (256, false), (16, true)]
         .into_iter()
@@ -240,7 +241,7 @@ fn dispatches_at_the_loop_cap_are_right() {
         .filter(|&((d, _), config)| {
             let r = config.rows_per_invocation;
             (r == 1 || r * 2 * d.next_multiple_of(4) as u32 <= FUSED_ROW_FLOATS)
-                && (lanes || !config.subgroup_lanes)
+                && (lanes || !(config.subgroup_lanes || config.broadcast_loads))
         });
     for ((d, masked), config) in variants {
         let r = config.rows_per_invocation;
@@ -269,6 +270,11 @@ fn dispatches_at_the_loop_cap_are_right() {
         assert_eq!(
             plan.tiling.contains("_lanes"),
             config.subgroup_lanes,
+            "{plan}"
+        );
+        assert_eq!(
+            plan.tiling.contains("_bcast"),
+            config.broadcast_loads,
             "{plan}"
         );
         check(

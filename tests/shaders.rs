@@ -17,6 +17,7 @@ const CAPS: DeviceCaps = DeviceCaps {
     native_f16: true,
     fill: xattn::plan::GPU_FILL,
     subgroup_lanes: Some(32),
+    scalar_lane_loads: false,
     matrix_units: None,
 };
 

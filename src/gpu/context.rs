@@ -319,6 +319,7 @@ impl Context {
                 self.info.subgroup_min_size,
                 self.info.subgroup_max_size,
             ),
+            scalar_lane_loads: self.info.device_type == wgpu::DeviceType::Cpu,
             matrix_units: crate::plan::matrix_units_of(&self.matrix_configs),
             // On a CPU adapter the host's threads run the workgroups.
             fill: crate::plan::fill_of(

@@ -49,6 +49,7 @@ pub const CAPS: xattn::plan::DeviceCaps = xattn::plan::DeviceCaps {
     native_f16: true,
     fill: xattn::plan::GPU_FILL,
     subgroup_lanes: Some(8),
+    scalar_lane_loads: false,
     matrix_units: None,
 };
 
