@@ -133,11 +133,12 @@ impl FusedConfig {
     }
 
     /// The planner's default: the largest R of [`FusedConfig::candidates`], measured best on
-    /// llvmpipe and a sound guess elsewhere, with subgroup lanes where the device has them
-    /// and M < [`FUSED_ROWS`] (a plain workgroup would leave invocations idle; with lanes a
-    /// subgroup shares each row's keys instead: decode 1.2× faster on lavapipe), else with
-    /// broadcast loads where the device has subgroups and its lanes load one by one
-    /// (`scalar_lane_loads`: CPU adapters; diffusion 2.2× faster on lavapipe).
+    /// llvmpipe and a sound guess elsewhere; with broadcast loads where the device has
+    /// subgroups and its lanes load one by one (`scalar_lane_loads`: CPU adapters; on
+    /// lavapipe diffusion 3× and decode 1.2× faster than without, and faster than subgroup
+    /// lanes on decode), else with subgroup lanes where the device has them and
+    /// M < [`FUSED_ROWS`] (a plain workgroup would leave invocations idle; with lanes a
+    /// subgroup shares each row's keys instead).
     pub fn default_for(
         d_k: usize,
         d_v: usize,
@@ -145,8 +146,8 @@ impl FusedConfig {
         subgroup_lanes: Option<u32>,
         scalar_lane_loads: bool,
     ) -> FusedConfig {
-        let lanes = subgroup_lanes.is_some() && m < FUSED_ROWS as usize;
-        let broadcast = subgroup_lanes.is_some() && scalar_lane_loads && !lanes;
+        let broadcast = subgroup_lanes.is_some() && scalar_lane_loads;
+        let lanes = subgroup_lanes.is_some() && m < FUSED_ROWS as usize && !broadcast;
         let r = Self::candidates(d_k, d_v, m, None)
             .last()
             .expect("R = 1 is always a candidate")
@@ -318,9 +319,8 @@ mod tests {
             FusedConfig::default_for(64, 64, 65, None, true),
             FusedConfig::rows(2)
         );
-        // With subgroups: each R plain, with lanes and with broadcast loads; lanes by default
-        // only where M < FUSED_ROWS, broadcast loads by default only where lanes load one by
-        // one.
+        // With subgroups: each R plain, with lanes and with broadcast loads; broadcast loads
+        // by default where lanes load one by one, else lanes where M < FUSED_ROWS.
         assert_eq!(
             FusedConfig::candidates(64, 64, 65, Some(8)),
             FusedConfig::ALL[..6]
@@ -334,8 +334,12 @@ mod tests {
             FusedConfig::rows(2).with_broadcast_loads(true)
         );
         assert_eq!(
-            FusedConfig::default_for(64, 64, 1, Some(8), true),
+            FusedConfig::default_for(64, 64, 1, Some(8), false),
             FusedConfig::rows(1).with_subgroup_lanes(true)
+        );
+        assert_eq!(
+            FusedConfig::default_for(64, 64, 1, Some(8), true),
+            FusedConfig::rows(1).with_broadcast_loads(true)
         );
     }
 
