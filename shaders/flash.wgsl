@@ -72,6 +72,20 @@ var<private> cur_b: u32;
 var<private> cur_h: u32;
 // The tile's logits, one RV per key.
 var<private> sc: array<RV, BC>;
+// Where key j's K and V rows start (`k_row`, `v_row`), and the tile's first key and length:
+// broadcast loads read K and V there.
+var<private> k_row0: u32;
+var<private> v_row0: u32;
+var<private> tile_t0: u32;
+var<private> tile_len: u32;
+
+fn k_row(j: u32) -> u32 {
+    return k_row0 + j * p.kv_heads * p.d_k;
+}
+
+fn v_row(j: u32) -> u32 {
+    return v_row0 + j * p.kv_heads * p.d_v;
+}
 
 // Whether row `r` may see any key of the tile [t0, t1).
 fn row_sees(r: u32, t0: u32, t1: u32) -> bool {
@@ -161,6 +175,8 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
     // Q and O rows by straight-line helpers (prelude): qr and acc are indexed by constants
     // only, so they can live in registers (a loop index would make them per-lane memory).
     let live_rows = min(R, p.rows - min(row0, p.rows));
+    k_row0 = (hd.b * p.n * p.kv_heads + hd.hk) * p.d_k;
+    v_row0 = (hd.b * p.n * p.kv_heads + hd.hk) * p.d_v;
     let q_row0 = ((hd.b * p.m + p.row_offset + row0) * p.q_heads + hd.h) * p.d_k;
     load_q_rows(q_row0, p.q_heads * p.d_k, live_rows, qs);
     var m = RV(MASKED);
@@ -169,7 +185,12 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
 
     for (var t0 = lo; t0 < hi; t0 += BC) {
         let len = min(BC, hi - t0);
-        // Tile rows past len repeat key len − 1 (an odd tile's last pair reads one).
+        tile_t0 = t0;
+        tile_len = len;
+        // Tile rows past len repeat key len − 1 (an odd tile's last pair reads one). With
+        // broadcast loads the subgroup reads K and V itself: nothing is staged, and no barrier
+        // waits for it.
+        if !BROADCAST {
         for (var e = li; e < BC * DK4; e += WG) {
             let c = min(e / DK4, len - 1u);
             let kbase = ((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_k;
@@ -181,6 +202,7 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
             v_tile[e] = load4_v(vbase, (e % DV4) * 4u, p.d_v);
         }
         workgroupBarrier();
+        }
         let t1 = t0 + len;
         // The invocation skips tiles that none of its rows may see (a padding mask shared by
         // the rows skips whole tiles for all of them). With broadcast loads (BROADCAST) the
@@ -209,12 +231,12 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
                     var s = RV(MASKED);
                     if BROADCAST {
                         // Every lane loads its share of the key: scored before the branch.
-                        let raw = score_block(c * DK4);
+                        let raw = score_block(c);
                         if keeps_block(j) {
                             s = logit_block(raw, j);
                         }
                     } else if keeps_block(j) {
-                        s = logit_block(score_block(c * DK4), j);
+                        s = logit_block(score_block(c), j);
                     }
                     sc[c] = s;
                     tmax = max(tmax, s);
@@ -246,7 +268,9 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
             }
             m = tmax;
         }
-        workgroupBarrier();
+        if !BROADCAST {
+            workgroupBarrier();
+        }
     }
 
     // Every lane of the subgroup takes part, live or not; lane 0 then holds the rows' state.

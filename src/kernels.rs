@@ -995,11 +995,12 @@ fn flash_prelude(
     let mut score = String::new();
     let mut score_pair = String::new();
     if broadcast > 1 {
-        // Lane `sg_lane` loads vec4 j·B + sg_lane of the key (pair), B = broadcast, and vec4
-        // i comes from lane i % B of load i / B.
-        score = broadcast_loads("k_tile", "base", &[("k", 0)], dk4, broadcast);
-        score_pair = broadcast_loads("k_tile", "a", &[("k", 0), ("x", dk4)], dk4, broadcast);
+        // Lane `sg_lane` loads vec4 j·B + sg_lane of the key (pair) from K itself, B =
+        // broadcast, and vec4 i comes from lane i % B of load i / B.
+        score = broadcast_loads("k", &[("k", 0)], dk4, broadcast);
+        score_pair = broadcast_loads("k", &[("k", 0), ("x", dk4)], dk4, broadcast);
     } else {
+        score.push_str("    let base = c * DK4;\n");
         for i in 0..dk4 {
             score.push_str(&format!("    let k{i} = k_tile[base + {i}u];\n"));
             score_pair.push_str(&format!(
@@ -1009,7 +1010,7 @@ fn flash_prelude(
     }
     let mut scales = String::new();
     let mut add_pair = if broadcast > 1 {
-        broadcast_loads("v_tile", "a", &[("v", 0), ("w", dv4)], dv4, broadcast)
+        broadcast_loads("v", &[("v", 0), ("w", dv4)], dv4, broadcast)
     } else {
         String::new()
     };
@@ -1102,7 +1103,7 @@ fn flash_prelude(
          const WG: u32 = {wg}u;\nconst BROADCAST: bool = {bcast};\nvar<private> sg_lane: u32;\n\
          alias RV = {rv_type};\n\
          fn lane(v: RV, i: u32) -> f32 {{\n    return {lane_i};\n}}\n\
-         fn score_block(base: u32) -> RV {{\n{score}    return {score_k};\n}}\n\
+         fn score_block(c: u32) -> RV {{\n{score}    return {score_k};\n}}\n\
          fn score_pair(c: u32) {{\n    let a = c * DK4;\n{score_pair}    \
          sc[c] = {score_k};\n    sc[c + 1u] = {score_x};\n}}\n\
          fn rescale(alpha: RV) {{\n{scales}}}\n\
@@ -1169,11 +1170,12 @@ fn flash_coop_prelude(
     )
 }
 
-/// Straight-line loads of `n` vec4s per name from `tile` by a subgroup of `b` lanes: lane
-/// `sg_lane` loads vec4 `j·b + sg_lane` of the row(s) at `base` (clamped to the last one),
-/// then `{name}{i}` is vec4 `offset + i`, taken by `subgroupBroadcast` from the lane that
-/// loaded it. Every lane of the subgroup must run it.
-fn broadcast_loads(tile: &str, base: &str, names: &[(&str, u32)], n: u32, b: u32) -> String {
+/// Straight-line loads of the rows of keys `c`, `c + 1`, … of the tile (`names.len()` keys,
+/// `n` vec4s each) from `array` (`k` or `v`) by a subgroup of `b` lanes: lane `sg_lane` loads
+/// vec4 `j·b + sg_lane` of them (clamped to the last; keys past the tile's end read its last
+/// key), then `{name}{i}` is vec4 `i` of its key, taken by `subgroupBroadcast` from the lane
+/// that loaded it. Every lane of the subgroup must run it.
+fn broadcast_loads(array: &str, names: &[(&str, u32)], n: u32, b: u32) -> String {
     let total = names
         .iter()
         .map(|(_, offset)| offset + n)
@@ -1182,16 +1184,19 @@ fn broadcast_loads(tile: &str, base: &str, names: &[(&str, u32)], n: u32, b: u32
     let mut out = String::new();
     for j in 0..total.div_ceil(b) {
         out.push_str(&format!(
-            "    let {tile}{j} = {tile}[min({base} + {}u + sg_lane, {base} + {}u)];\n",
+            "    let e{j} = min({}u + sg_lane, {}u);\n    \
+             let {array}w{j} = load4_{array}({array}_row(tile_t0 + min(c + e{j} / {n}u, tile_len - 1u)), \
+             4u * (e{j} % {n}u), p.d_{});\n",
             j * b,
-            total - 1
+            total - 1,
+            if array == "k" { "k" } else { "v" }
         ));
     }
     for (name, offset) in names {
         for i in 0..n {
             let e = offset + i;
             out.push_str(&format!(
-                "    let {name}{i} = subgroupBroadcast({tile}{}, {}u);\n",
+                "    let {name}{i} = subgroupBroadcast({array}w{}, {}u);\n",
                 e / b,
                 e % b
             ));
