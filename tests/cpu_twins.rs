@@ -466,25 +466,9 @@ fn matrix_caps() -> xattn::plan::DeviceCaps {
 /// the sum rounded alike), the LSE by ln(1 + 2⁻¹¹).
 #[test]
 fn matrix_unit_twin_follows_the_reference() {
-    let unmasked = [
-        (shape(1, 1, 1500, 2, 2, 64), Attention::default()),
-        (
-            AttnShape {
-                batch: 2,
-                m: 19,
-                n: 45,
-                q_heads: 4,
-                kv_heads: 2,
-                d_k: 3,
-                d_v: 21,
-            },
-            Attention::default(),
-        ),
-        (shape(1, 40, 77, 2, 2, 40), Attention::default()),
-    ];
-    let cases = unmasked
+    let cases = matrix_unit_shapes()
         .into_iter()
-        .map(|(s, o)| ("unmasked".to_string(), s, o))
+        .map(|s| ("unmasked".to_string(), s, Attention::default()))
         .chain(mask_cases());
     let caps = matrix_caps();
     for (i, (name, s, opts)) in cases.enumerate() {

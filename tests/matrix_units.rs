@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use xattn::cpu::reference;
 use xattn::kernels::Kernel;
-use xattn::{Attention, AttnShape, DType, FusedConfig, Path, Tensor};
+use xattn::{Attention, DType, FusedConfig, Path, Tensor};
 
 #[test]
 fn matrix_units_match_the_reference_or_are_refused() {
@@ -42,21 +42,7 @@ fn matrix_units_match_the_reference_or_are_refused() {
         !dtypes.is_empty(),
         "matrix units {units:?} take none of f32, native f16"
     );
-    let unmasked = [
-        shape(1, 1, 1500, 2, 2, 64),
-        AttnShape {
-            batch: 2,
-            m: 19,
-            n: 45,
-            q_heads: 4,
-            kv_heads: 2,
-            d_k: 3,
-            d_v: 21,
-        },
-        shape(1, 300, 77, 8, 8, 40),
-        shape(1, 33, 700, 2, 1, 128),
-    ];
-    let cases = unmasked
+    let cases = matrix_unit_shapes()
         .into_iter()
         .map(|s| ("unmasked".to_string(), s, Attention::default()))
         .chain(mask_cases());

@@ -199,25 +199,11 @@ pub fn flash(
                     }
                     let rows = merge_lanes(lane_rows);
                     for row in rows.iter().filter(|row| row.live) {
-                        let (grow, l, m) = (row.grow, row.l, row.m);
-                        let (inv, row_max, log_sum) = if l > 0.0 {
-                            (1.0 / l, m * LN_2, l.ln())
-                        } else {
-                            (0.0, f32::NEG_INFINITY, 0.0)
-                        };
-                        let obase = ((((split * p.batch + b) * p.m + grow) * p.q_heads + h) * p.d_v)
-                            as usize;
-                        for (d, a) in row.acc.iter().enumerate() {
-                            o[obase + d] = a * inv;
-                        }
+                        let (grow, l) = (row.grow, row.l);
+                        let at = [split, b, h, grow];
+                        let inv = write_row(p, (o, lse), at, &row.acc, (row.m, l));
                         let rows = p.batch * p.q_heads * p.m;
                         let at = bh * p.m + grow;
-                        if p.flags & flags::SPLIT_STATS != 0 {
-                            lse[(2 * split * rows + at) as usize] = row_max;
-                            lse[((2 * split + 1) * rows + at) as usize] = log_sum;
-                        } else {
-                            lse[(split * rows + at) as usize] = row_max + log_sum;
-                        }
                         if let Some(out) = row_stats.as_deref_mut() {
                             let entropy = if l > 0.0 {
                                 LN_2 * (l.log2() + row.t / l)
@@ -232,6 +218,37 @@ pub fn flash(
             }
         }
     }
+}
+
+/// Writes a row's O, `acc / l`, into slice `split` of `o` and its LSE into `lse` (with
+/// `flags::SPLIT_STATS` its max logit and ln(sum) into two rows), from its max `m` (log2 units)
+/// and sum `l`; a row that saw no key (l = 0) gets 0 and LSE −∞, never 0/0. Returns 1 / l, or
+/// 0. As flash.wgsl and flash_coop.wgsl end.
+pub fn write_row(
+    p: &AttnParams,
+    (o, lse): (&mut [f32], &mut [f32]),
+    [split, b, h, grow]: [u32; 4],
+    acc: &[f32],
+    (m, l): (f32, f32),
+) -> f32 {
+    let (inv, row_max, log_sum) = if l > 0.0 {
+        (1.0 / l, m * LN_2, l.ln())
+    } else {
+        (0.0, f32::NEG_INFINITY, 0.0)
+    };
+    let obase = ((((split * p.batch + b) * p.m + grow) * p.q_heads + h) * p.d_v) as usize;
+    for (d, a) in acc.iter().enumerate() {
+        o[obase + d] = a * inv;
+    }
+    let rows = p.batch * p.q_heads * p.m;
+    let at = (b * p.q_heads + h) * p.m + grow;
+    if p.flags & flags::SPLIT_STATS != 0 {
+        lse[(2 * split * rows + at) as usize] = row_max;
+        lse[((2 * split + 1) * rows + at) as usize] = log_sum;
+    } else {
+        lse[(split * rows + at) as usize] = row_max + log_sum;
+    }
+    inv
 }
 
 /// The keys `[lo, hi)` of workgroup `wgx` (rows `wgx·br …`) in the split `[key_begin,

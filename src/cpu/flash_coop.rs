@@ -6,7 +6,7 @@
 
 use half::f16;
 
-use crate::cpu::flash::workgroup_keys;
+use crate::cpu::flash::{workgroup_keys, write_row};
 use crate::cpu::mask::{
     key_range, mask_bit, mask_row_base, shape_logit, MaskData, MASKED, REMOVED_BELOW,
 };
@@ -107,24 +107,7 @@ pub fn flash_coop(
                         m = tmax;
                         t0 += bc;
                     }
-                    let (inv, row_max, log_sum) = if l > 0.0 {
-                        (1.0 / l, m * LN_2, l.ln())
-                    } else {
-                        (0.0, f32::NEG_INFINITY, 0.0)
-                    };
-                    let obase =
-                        ((((split * p.batch + b) * p.m + grow) * p.q_heads + h) * p.d_v) as usize;
-                    for (d, a) in acc.iter().enumerate() {
-                        o[obase + d] = a * inv;
-                    }
-                    let rows = p.batch * p.q_heads * p.m;
-                    let at = bh * p.m + grow;
-                    if p.flags & flags::SPLIT_STATS != 0 {
-                        lse[(2 * split * rows + at) as usize] = row_max;
-                        lse[((2 * split + 1) * rows + at) as usize] = log_sum;
-                    } else {
-                        lse[(split * rows + at) as usize] = row_max + log_sum;
-                    }
+                    write_row(p, (&mut *o, &mut *lse), [split, b, h, grow], &acc, (m, l));
                 }
             }
         }

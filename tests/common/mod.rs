@@ -232,6 +232,26 @@ pub fn budget_masked(
     }
 }
 
+/// Unmasked shapes for the matrix-unit kernel: a decode row over many keys, head dims and key
+/// counts off its 8- and 16-wide tiles with GQA, a diffusion-like block, a long GQA source
+/// at a wide head.
+pub fn matrix_unit_shapes() -> Vec<AttnShape> {
+    vec![
+        shape(1, 1, 1500, 2, 2, 64),
+        AttnShape {
+            batch: 2,
+            m: 19,
+            n: 45,
+            q_heads: 4,
+            kv_heads: 2,
+            d_k: 3,
+            d_v: 21,
+        },
+        shape(1, 300, 77, 8, 8, 40),
+        shape(1, 33, 700, 2, 1, 128),
+    ]
+}
+
 /// A shape with `d_k = d_v = d`.
 pub fn shape(batch: usize, m: usize, n: usize, hq: usize, hkv: usize, d: usize) -> AttnShape {
     AttnShape {
