@@ -4,7 +4,9 @@
 // row (one lane of an RV each), and the f32 accumulators of their O rows. The workgroup of
 // WG = BR / R · LANES invocations walks its keys in tiles of BC rows of K and V staged in workgroup
 // memory as vec4; every invocation reads the same tile element at once (a broadcast), and each
-// element read serves all R rows. O is rescaled once per tile when the max grows and divided
+// element read serves all R rows. With broadcast loads (BROADCAST, below) nothing is staged:
+// the lanes of a subgroup read each K/V row from storage together, one vec4 each, and pass
+// the vec4s on by subgroupBroadcast. O is rescaled once per tile when the max grows and divided
 // once at the end.
 //
 // Masks (common/mask.wgsl): lengths and the causal/local window bound each workgroup's key
@@ -191,17 +193,17 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
         // broadcast loads the subgroup reads K and V itself: nothing is staged, and no barrier
         // waits for it.
         if !BROADCAST {
-        for (var e = li; e < BC * DK4; e += WG) {
-            let c = min(e / DK4, len - 1u);
-            let kbase = ((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_k;
-            k_tile[e] = load4_k(kbase, (e % DK4) * 4u, p.d_k);
-        }
-        for (var e = li; e < BC * DV4; e += WG) {
-            let c = min(e / DV4, len - 1u);
-            let vbase = ((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_v;
-            v_tile[e] = load4_v(vbase, (e % DV4) * 4u, p.d_v);
-        }
-        workgroupBarrier();
+            for (var e = li; e < BC * DK4; e += WG) {
+                let c = min(e / DK4, len - 1u);
+                let kbase = ((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_k;
+                k_tile[e] = load4_k(kbase, (e % DK4) * 4u, p.d_k);
+            }
+            for (var e = li; e < BC * DV4; e += WG) {
+                let c = min(e / DV4, len - 1u);
+                let vbase = ((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_v;
+                v_tile[e] = load4_v(vbase, (e % DV4) * 4u, p.d_v);
+            }
+            workgroupBarrier();
         }
         let t1 = t0 + len;
         // The invocation skips tiles that none of its rows may see (a padding mask shared by
