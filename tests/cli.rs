@@ -1334,7 +1334,11 @@ fn bench_autotunes_unless_told_not_to() {
             serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
         let record = &records.as_array().expect("a JSON list")[0];
         let config = record["config"].as_str().unwrap_or_default();
-        assert!(["R=1", "R=2", "R=4"].contains(&config), "{record}");
+        // Whichever candidate won: R = 1, 2 or 4, plain, with lanes or with broadcast loads.
+        let parsed: xattn::FusedConfig = config
+            .parse()
+            .unwrap_or_else(|e| panic!("{record}: {e}"));
+        assert!(!parsed.matrix_units, "{record}");
         let source = record["config_source"].as_str().unwrap_or_default();
         assert!(sources.contains(&source), "{record}");
     }
