@@ -1335,9 +1335,7 @@ fn bench_autotunes_unless_told_not_to() {
         let record = &records.as_array().expect("a JSON list")[0];
         let config = record["config"].as_str().unwrap_or_default();
         // Whichever candidate won: R = 1, 2 or 4, plain, with lanes or with broadcast loads.
-        let parsed: xattn::FusedConfig = config
-            .parse()
-            .unwrap_or_else(|e| panic!("{record}: {e}"));
+        let parsed: xattn::FusedConfig = config.parse().unwrap_or_else(|e| panic!("{record}: {e}"));
         assert!(!parsed.matrix_units, "{record}");
         let source = record["config_source"].as_str().unwrap_or_default();
         assert!(sources.contains(&source), "{record}");
