@@ -462,8 +462,7 @@ fn matrix_caps() -> xattn::plan::DeviceCaps {
 /// dims and key counts off the tiles, GQA) and with every mask case, against the reference:
 /// with f32 inputs (8×8 tiles) within the f32 budget; with f16 inputs (16×16 tiles, the
 /// reference on the same f16 values) within the f32 budget plus what rounding each weight P to
-/// f16 may move: O by at most 2⁻¹¹ · 2·max|v| (each weight off by a factor 1 + δ, |δ| ≤ 2⁻¹¹,
-/// the sum rounded alike), the LSE by ln(1 + 2⁻¹¹).
+/// f16 may move ([`weight_rounding`]).
 #[test]
 fn matrix_unit_twin_follows_the_reference() {
     let cases = matrix_unit_shapes()
@@ -483,13 +482,7 @@ fn matrix_unit_twin_follows_the_reference() {
             let m = opts.masking();
             let want = reference::attention_masked(&s, &q, &k, &v, f64::from(scale), m);
             let tol = budget_masked(&s, scale, (&q, &k, &v), m);
-            let amax_v = v.iter().fold(0.0f64, |a, &x| a.max(f64::from(x.abs())));
-            let (extra_o, extra_lse) = if want_tile.1 {
-                let delta = 2f64.powi(-11);
-                (delta * 2.0 * amax_v, delta.ln_1p())
-            } else {
-                (0.0, 0.0)
-            };
+            let (extra_o, extra_lse) = weight_rounding(want_tile.1, &v);
             for path in [Path::Fused, Path::SplitK] {
                 let req = Request {
                     path: Some(path),

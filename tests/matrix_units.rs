@@ -56,14 +56,7 @@ fn matrix_units_match_the_reference_or_are_refused() {
             let m = opts.masking();
             let want = reference::attention_masked(&s, &q, &k, &v, f64::from(scale), m);
             let tol = budget_masked(&s, scale, (&q, &k, &v), m);
-            // f16 inputs: each weight P rounded to f16 moves O by at most 2⁻¹¹·2·max|v| and
-            // the LSE by ln(1 + 2⁻¹¹) (as in tests/cpu_twins.rs).
-            let amax_v = v.iter().fold(0.0f64, |a, &x| a.max(f64::from(x.abs())));
-            let delta = if dtype == DType::F16 {
-                2f64.powi(-11)
-            } else {
-                0.0
-            };
+            let (extra_o, extra_lse) = weight_rounding(dtype == DType::F16, &v);
             let up = |x: &[f32], dims: [usize; 4]| Tensor::upload_as(ctx, "x", x, &dims, dtype);
             let (tq, tk, tv) = (
                 up(&q, s.q_dims()).unwrap(),
@@ -95,19 +88,9 @@ fn matrix_units_match_the_reference_or_are_refused() {
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
                 let o = out.o.to_host().unwrap();
                 let lse = out.lse.to_host().unwrap();
-                assert_close(
-                    &format!("{what} O"),
-                    &o,
-                    &want.o,
-                    tol.o + delta * 2.0 * amax_v,
-                );
+                assert_close(&format!("{what} O"), &o, &want.o, tol.o + extra_o);
                 let lse_tol = tol.lse * (1.0 + want.lse.iter().fold(0.0f64, |a, x| a.max(x.abs())));
-                assert_close(
-                    &format!("{what} LSE"),
-                    &lse,
-                    &want.lse,
-                    lse_tol + delta.ln_1p(),
-                );
+                assert_close(&format!("{what} LSE"), &lse, &want.lse, lse_tol + extra_lse);
             }
         }
     }

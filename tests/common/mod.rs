@@ -252,6 +252,19 @@ pub fn matrix_unit_shapes() -> Vec<AttnShape> {
     ]
 }
 
+/// What the matrix-unit kernel's rounding of each weight P to f16 (with f16 inputs) may add to
+/// the f32 budget: O moves by at most 2⁻¹¹·2·max|v| (each weight off by a factor 1 + δ,
+/// |δ| ≤ 2⁻¹¹, the sum rounded alike), the LSE by ln(1 + 2⁻¹¹); nothing with f32 inputs.
+/// Returns (extra O, extra LSE).
+pub fn weight_rounding(half_inputs: bool, v: &[f32]) -> (f64, f64) {
+    if !half_inputs {
+        return (0.0, 0.0);
+    }
+    let delta = 2f64.powi(-11);
+    let amax_v = v.iter().fold(0.0f64, |a, &x| a.max(f64::from(x.abs())));
+    (delta * 2.0 * amax_v, delta.ln_1p())
+}
+
 /// A shape with `d_k = d_v = d`.
 pub fn shape(batch: usize, m: usize, n: usize, hq: usize, hkv: usize, d: usize) -> AttnShape {
     AttnShape {
