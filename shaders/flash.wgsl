@@ -57,8 +57,6 @@
 
 const LOG2E: f32 = 1.4426950408889634;
 const LN2: f32 = 0.6931471805599453;
-// Flags that need a look at every key's logit.
-const LOGIT_FLAGS: u32 = FLAG_BIAS | FLAG_SOFTCAP | FLAG_SEGMENTS;
 
 var<workgroup> k_tile: array<vec4<f32>, BC * DK4>;
 var<workgroup> v_tile: array<vec4<f32>, BC * DV4>;
@@ -140,22 +138,12 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
     let key_end = min(p.n, key_begin + p.split_len);
 
     // Lengths are read from a read-only buffer at a workgroup-uniform index, so the key range
-    // below is uniform and may bound the tile loop with its barriers. Diagonals grow with the
-    // row, so the union of the rows' ranges runs from the first row's start to the last valid
-    // row's end; it starts on a tile boundary.
+    // is uniform and may bound the tile loop with its barriers.
     let ql = q_len(hd.b);
     let kl = kv_len(hd.b);
-    let first = p.row_offset + wg.x * BR;
-    var lo = key_begin;
-    var hi = min(key_end, kl);
-    if first >= ql {
-        hi = lo;
-    } else {
-        let last = min(p.row_offset + min(wg.x * BR + BR, p.rows), ql) - 1u;
-        lo = max(lo, window_lo(diagonal(first, ql, kl)));
-        hi = min(hi, window_hi(diagonal(last, ql, kl), kl));
-    }
-    lo = key_begin + (lo - key_begin) / BC * BC;
+    let keys = workgroup_keys(wg.x * BR, BR, KeyRange(key_begin, key_end), BC, ql, kl);
+    let lo = keys.lo;
+    let hi = keys.hi;
 
     // Per row: its key range and mask base, and its Q row. Tiles inside [whole_lo, whole_hi)
     // are whole for every live row of the invocation.

@@ -38,8 +38,6 @@
 
 const LOG2E: f32 = 1.4426950408889634;
 const LN2: f32 = 0.6931471805599453;
-// Flags that need a look at every key's logit.
-const LOGIT_FLAGS: u32 = FLAG_BIAS | FLAG_SOFTCAP | FLAG_SEGMENTS;
 
 var<workgroup> q_sh: array<CE, BR * DKP>;
 var<workgroup> k_sh: array<CE, BC * DKP>;
@@ -90,21 +88,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let key_begin = split * p.split_len;
     let key_end = min(p.n, key_begin + p.split_len);
 
-    // The workgroup's keys: the union of its rows' ranges, from a tile boundary (as in
-    // flash.wgsl; uniform, so it may bound the loop with the cooperative operations).
+    // The workgroup's keys (uniform, so they may bound the loop with the cooperative
+    // operations).
     let ql = q_len(hd.b);
     let kl = kv_len(hd.b);
-    let first = p.row_offset + row0;
-    var lo = key_begin;
-    var hi = min(key_end, kl);
-    if first >= ql {
-        hi = lo;
-    } else {
-        let last = min(p.row_offset + min(row0 + BR, p.rows), ql) - 1u;
-        lo = max(lo, window_lo(diagonal(first, ql, kl)));
-        hi = min(hi, window_hi(diagonal(last, ql, kl), kl));
-    }
-    lo = key_begin + (lo - key_begin) / BC * BC;
+    let keys = workgroup_keys(row0, BR, KeyRange(key_begin, key_end), BC, ql, kl);
+    let lo = keys.lo;
+    let hi = keys.hi;
 
     // Lane li < BR owns row row0 + li; rows past p.rows are owned by nobody (all keys removed).
     let owner = li < BR && row0 + li < p.rows;

@@ -281,8 +281,8 @@ impl fmt::Display for ConfigChoice {
             ConfigSource::Default => write!(
                 f,
                 "(default: the largest R of 4, 2, 1 whose Q and O rows fit {FUSED_ROW_FLOATS} \
-                 floats and that M fills; subgroup lanes where the device has them and \
-                 M < {FUSED_ROWS})"
+                 floats and that M fills; broadcast loads on a CPU adapter with subgroups, \
+                 else subgroup lanes where the device has them and M < {FUSED_ROWS})"
             ),
             ConfigSource::Forced => write!(f, "(forced)"),
             ConfigSource::Tuned(t) => write!(

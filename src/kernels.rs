@@ -740,8 +740,7 @@ impl Kernel {
             .map(|(_, src)| *src)
             .expect("every Kernel variant has an entry in SHADER_FILES");
         let mut out = String::new();
-        let half_inputs = half_inputs_of(self);
-        if half_inputs || self.storages().iter().any(|s| s.needs_f16()) {
+        if self.needs_f16() {
             out.push_str("enable f16;\n");
         }
         if let Kernel::FlashCoop {
@@ -749,6 +748,7 @@ impl Kernel {
             dv,
             bc,
             tile,
+            half_inputs,
             masked,
             lanes,
             ..
@@ -860,6 +860,18 @@ impl Kernel {
         }
     }
 
+    /// Whether the shader declares f16 values (`enable f16`): f16 arrays, or f16 matrix
+    /// inputs.
+    fn needs_f16(&self) -> bool {
+        matches!(
+            self,
+            Kernel::FlashCoop {
+                half_inputs: true,
+                ..
+            }
+        ) || self.storages().iter().any(|s| s.needs_f16())
+    }
+
     /// The arrays a kernel with one storage reads through `load_<array>`.
     fn half_arrays(&self) -> &'static [&'static str] {
         match self {
@@ -882,7 +894,7 @@ impl Kernel {
         // (Un)packing f16 in u32 words needs SHADER_FLOAT16_IN_FLOAT32, which wgpu grants on
         // every native backend (downlevel flag SHADER_F16_IN_F32).
         let mut capabilities = naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
-        if self.storages().iter().any(|s| s.needs_f16()) {
+        if self.needs_f16() {
             capabilities |= naga::valid::Capabilities::SHADER_FLOAT16;
         }
         let subgroups =
@@ -892,9 +904,6 @@ impl Kernel {
         }
         if matches!(self, Kernel::FlashCoop { .. }) {
             capabilities |= naga::valid::Capabilities::COOPERATIVE_MATRIX;
-            if half_inputs_of(self) {
-                capabilities |= naga::valid::Capabilities::SHADER_FLOAT16;
-            }
         }
         let mut validator =
             naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities);
@@ -1133,16 +1142,6 @@ fn flash_prelude(
     )
 }
 
-fn half_inputs_of(kernel: &Kernel) -> bool {
-    matches!(
-        kernel,
-        Kernel::FlashCoop {
-            half_inputs: true,
-            ..
-        }
-    )
-}
-
 /// Constants of one flash_coop specialization (see shaders/flash_coop.wgsl): the matrix types
 /// of `tile`×`tile` blocks with f16 or f32 inputs and f32 accumulators, the padded head dims,
 /// the key tile, one workgroup of `lanes` invocations owning `tile` rows, and O (binding 7).
@@ -1186,10 +1185,9 @@ fn broadcast_loads(array: &str, names: &[(&str, u32)], n: u32, b: u32) -> String
         out.push_str(&format!(
             "    let e{j} = min({}u + sg_lane, {}u);\n    \
              let {array}w{j} = load4_{array}({array}_row(tile_t0 + min(c + e{j} / {n}u, tile_len - 1u)), \
-             4u * (e{j} % {n}u), p.d_{});\n",
+             4u * (e{j} % {n}u), p.d_{array});\n",
             j * b,
             total - 1,
-            if array == "k" { "k" } else { "v" }
         ));
     }
     for (name, offset) in names {

@@ -1111,6 +1111,9 @@ fn fused_kernel(
     storage: Storage,
     config: FusedConfig,
 ) -> Result<Kernel> {
+    if config.matrix_units {
+        return matrix_unit_kernel(s, caps, (masked, stats), storage);
+    }
     let dk = s.d_k.next_multiple_of(4) as u32;
     let dv = s.d_v.next_multiple_of(4) as u32;
     let bc = tile_rows(
@@ -1118,9 +1121,6 @@ fn fused_kernel(
         dk + dv,
         caps,
     )?;
-    if config.matrix_units {
-        return matrix_unit_kernel(s, caps, (masked, stats), storage);
-    }
     let r = config.rows_per_invocation;
     let subgroup = |on: bool, what: &str| match (on, caps.subgroup_lanes) {
         (false, _) => Ok(1),
@@ -1676,7 +1676,7 @@ pub(crate) mod tests {
         ..CAPS
     };
 
-    fn matrix_request(dtype: DType, caps_stats: bool) -> Request {
+    fn matrix_request(dtype: DType, entropy: bool) -> Request {
         Request {
             shape: shape(40, 77, 2),
             scale: 0.125,
@@ -1686,7 +1686,7 @@ pub(crate) mod tests {
             dtype,
             out_dtype: DType::F32,
             stats: Stats {
-                entropy: caps_stats,
+                entropy,
                 ..Stats::default()
             },
             pool: None,

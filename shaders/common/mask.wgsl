@@ -8,6 +8,8 @@ const FLAG_BIAS: u32 = 2u;
 const FLAG_SOFTCAP: u32 = 4u;
 const FLAG_SEGMENTS: u32 = 8u;
 const UNBOUNDED: u32 = 0xffffffffu;
+// Flags that need a look at every key's logit.
+const LOGIT_FLAGS: u32 = FLAG_BIAS | FLAG_SOFTCAP | FLAG_SEGMENTS;
 // A bias at or below this removes its key (src/mask.rs BIAS_REMOVES), compared in natural
 // units before any kernel rescales the logit.
 const BIAS_REMOVES: f32 = -1.0e30;
@@ -53,6 +55,25 @@ fn key_range(i: u32, ql: u32, kl: u32) -> KeyRange {
     }
     let dg = diagonal(i, ql, kl);
     return KeyRange(window_lo(dg), window_hi(dg, kl));
+}
+
+// The keys a workgroup of query rows [row0, row0 + br) of the chunk (those below p.rows) may
+// see in the split [key_begin, key_end), for lengths ql and kl: diagonals grow with the row,
+// so the union of the rows' ranges by lengths and window runs from the first row's start to
+// the last valid row's end; lo is rounded down to a boundary of bc-key tiles. Uniform over the
+// workgroup, so it may bound a loop with barriers (CPU twin: cpu::flash::workgroup_keys).
+fn workgroup_keys(row0: u32, br: u32, split: KeyRange, bc: u32, ql: u32, kl: u32) -> KeyRange {
+    let first = p.row_offset + row0;
+    var lo = split.lo;
+    var hi = min(split.hi, kl);
+    if first >= ql {
+        hi = lo;
+    } else {
+        let last = min(p.row_offset + min(row0 + br, p.rows), ql) - 1u;
+        lo = max(lo, window_lo(diagonal(first, ql, kl)));
+        hi = min(hi, window_hi(diagonal(last, ql, kl), kl));
+    }
+    return KeyRange(split.lo + (lo - split.lo) / bc * bc, hi);
 }
 
 // First word of row i's mask bits (broadcast dims have stride 0).

@@ -6,8 +6,8 @@
 //! the lanes are merged at the end (the shader's subgroup reductions).
 
 use crate::cpu::mask::{
-    diagonal, key_range, mask_any, mask_bit, mask_row_base, shape_logit, window_hi, window_lo,
-    MaskData, MASKED, REMOVED_BELOW,
+    key_range, mask_any, mask_bit, mask_row_base, shape_logit, workgroup_keys, MaskData, MASKED,
+    REMOVED_BELOW,
 };
 use crate::params::{flags, AttnParams};
 
@@ -249,29 +249,6 @@ pub fn write_row(
         lse[(split * rows + at) as usize] = row_max + log_sum;
     }
     inv
-}
-
-/// The keys `[lo, hi)` of workgroup `wgx` (rows `wgx·br …`) in the split `[key_begin,
-/// key_end)`: the union of its rows' ranges by lengths `(ql, kl)` and window, from a boundary
-/// of `bc`-key tiles (as flash.wgsl and flash_coop.wgsl compute it).
-pub fn workgroup_keys(
-    p: &AttnParams,
-    (ql, kl): (u32, u32),
-    (wgx, br): (u32, u32),
-    (key_begin, key_end): (u32, u32),
-    bc: u32,
-) -> (u32, u32) {
-    let first = p.row_offset + wgx * br;
-    let mut lo = key_begin;
-    let mut hi = key_end.min(kl);
-    if first >= ql {
-        hi = lo;
-    } else {
-        let last = (p.row_offset + (wgx * br + br).min(p.rows)).min(ql) - 1;
-        lo = lo.max(window_lo(p, diagonal(p, first, ql, kl)));
-        hi = hi.min(window_hi(p, diagonal(p, last, ql, kl), kl));
-    }
-    (key_begin + (lo - key_begin) / bc * bc, hi)
 }
 
 /// The lanes' states of a block's rows merged into one per row (lane order): each lane's sum,

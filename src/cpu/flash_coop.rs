@@ -6,9 +6,10 @@
 
 use half::f16;
 
-use crate::cpu::flash::{workgroup_keys, write_row};
+use crate::cpu::flash::write_row;
 use crate::cpu::mask::{
-    key_range, mask_bit, mask_row_base, shape_logit, MaskData, MASKED, REMOVED_BELOW,
+    key_range, mask_bit, mask_row_base, shape_logit, workgroup_keys, MaskData, MASKED,
+    REMOVED_BELOW,
 };
 use crate::params::{flags, AttnParams};
 

@@ -163,3 +163,26 @@ pub fn masked_logit(p: &AttnParams, m: &MaskData, x: f32, [b, h, i, j]: [u32; 4]
     }
     shape_logit(p, m, x, [b, h, i, j])
 }
+
+/// The keys `[lo, hi)` of workgroup `wgx` (rows `wgx·br …`) in the split `[key_begin,
+/// key_end)`: the union of its rows' ranges by lengths `(ql, kl)` and window, from a boundary
+/// of `bc`-key tiles (`workgroup_keys` in common/mask.wgsl, which flash and flash_coop call).
+pub fn workgroup_keys(
+    p: &AttnParams,
+    (ql, kl): (u32, u32),
+    (wgx, br): (u32, u32),
+    (key_begin, key_end): (u32, u32),
+    bc: u32,
+) -> (u32, u32) {
+    let first = p.row_offset + wgx * br;
+    let mut lo = key_begin;
+    let mut hi = key_end.min(kl);
+    if first >= ql {
+        hi = lo;
+    } else {
+        let last = (p.row_offset + (wgx * br + br).min(p.rows)).min(ql) - 1;
+        lo = lo.max(window_lo(p, diagonal(p, first, ql, kl)));
+        hi = hi.min(window_hi(p, diagonal(p, last, ql, kl), kl));
+    }
+    (key_begin + (lo - key_begin) / bc * bc, hi)
+}

@@ -195,9 +195,9 @@ pub struct BenchArgs {
     #[arg(long)]
     no_autotune: bool,
     /// Run the fused kernel (fused and split-K paths) in this configuration instead of the
-    /// default or the autotuner's: R=1, R=2 or R=4, each with +lanes (subgroup lanes), or
-    /// matrix-units (cooperative matrices; needs XATTN_MATRIX_UNITS=1 and an adapter that
-    /// reports them, see `xattn info`).
+    /// default or the autotuner's: R=1, R=2 or R=4, each plain, with +lanes (subgroup lanes)
+    /// or with +bcast (broadcast loads), or matrix-units (cooperative matrices; needs
+    /// XATTN_MATRIX_UNITS=1 and an adapter that reports them, see `xattn info`).
     #[arg(long, value_name = "CONFIG", value_parser = parse_fused_config)]
     fused_config: Option<FusedConfig>,
 }
