@@ -136,3 +136,29 @@ pub struct PackParams {
     /// Padding to 16 bytes.
     pub _pad: [u32; 3],
 }
+
+/// What `weight_blocks` reduces a block of attention weights P to; the value is the
+/// shader's `OP` constant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlockOp {
+    /// `Σ P`: key coverage, mean pooling.
+    Sum = 0,
+    /// `max P`: row focus, max pooling.
+    Max = 1,
+    /// `Σ −P ln P`: row entropy.
+    Entropy = 2,
+    /// The mean of P over the block's real elements: mean pooling.
+    Mean = 3,
+}
+
+impl BlockOp {
+    /// Lower-case name, as in labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockOp::Sum => "sum",
+            BlockOp::Max => "max",
+            BlockOp::Entropy => "entropy",
+            BlockOp::Mean => "mean",
+        }
+    }
+}

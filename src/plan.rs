@@ -11,10 +11,21 @@ use crate::dtype::{DType, Storage};
 use crate::error::{Error, Result};
 use crate::fused_config::{ConfigChoice, ConfigSource, FusedConfig};
 pub use crate::fused_config::{FUSED_ROWS, FUSED_ROW_FLOATS};
-use crate::kernels::{BlockOp, Kernel, LoopCost};
+use crate::kernels::flash::Flash;
+use crate::kernels::flash_coop::FlashCoop;
+use crate::kernels::key_coverage::KeyCoverage;
+use crate::kernels::linear::Linear;
+use crate::kernels::mean_heads::MeanHeads;
+use crate::kernels::merge_partials::MergePartials;
+use crate::kernels::pack::Pack;
+use crate::kernels::qk_scores::QkScores;
+use crate::kernels::softmax_rows::SoftmaxRows;
+use crate::kernels::weight_blocks::WeightBlocks;
+use crate::kernels::weighted_sum::WeightedSum;
+use crate::kernels::{Kernel, KernelSpec, LoopCost};
 use crate::mask::MaskSpec;
-use crate::params::{flags, AttnParams, LinearParams, PackParams};
-pub use crate::program::{human_bytes, Params};
+use crate::params::{flags, AttnParams, BlockOp, LinearParams, PackParams};
+pub use crate::program::human_bytes;
 use crate::program::{BufferId, Program};
 use crate::shape::{AttnShape, F32};
 use crate::stats::{Pool, PoolOp, Stats};
@@ -607,8 +618,8 @@ pub fn attention(
                 choice.config,
             )?;
             let (br, _) = fused_tiles(&kernel);
-            let params = Params::Attn(base_params(&s, req.scale, &req.masks));
-            let per_pass = caps.loop_len(&kernel.loop_cost(&params).0);
+            let params = base_params(&s, req.scale, &req.masks);
+            let per_pass = caps.loop_len(&kernel.loop_cost(bytemuck::bytes_of(&params)).0);
             let per_pass = usize::try_from(per_pass).unwrap_or(usize::MAX).max(1);
             let forced = req.path == Some(Path::SplitK);
             let mut split = split_count(&s, br, caps, per_pass, forced);
@@ -704,14 +715,14 @@ fn key_coverage(
         dk + 1,
         caps,
     )?;
-    let kernel = Kernel::KeyCoverage {
+    let kernel = KeyCoverage {
         dk,
         bq,
         masked: !req.masks.is_empty(),
         storage: Storage::of(req.dtype, caps.native_f16),
     };
     let base = base_params(s, req.scale, &req.masks);
-    let per_pass = caps.loop_len(&kernel.loop_cost(&Params::Attn(base)).0);
+    let per_pass = caps.loop_len(&kernel.loop_cost(&base).0);
     // Whole tiles per pass, so that only the last pass has a partial one; where not even one
     // tile fits, check_loops refuses the plan with the cap.
     let bq_rows = bq as usize;
@@ -735,7 +746,7 @@ fn key_coverage(
                 p.flags |= flags::ACCUMULATE;
             }
             let buffers = [io.q, io.k, io.lens, io.mask, io.bias, io.lse, out];
-            program.dispatch(kernel, Params::Attn(p), [x as u32, y, nbh as u32], &buffers);
+            program.dispatch(kernel, &p, [x as u32, y, nbh as u32], &buffers);
         }
     }
     Ok(())
@@ -763,7 +774,7 @@ pub fn weight_blocks(
         bytes(cells),
         caps,
     )?;
-    let kernel = Kernel::WeightBlocks {
+    let kernel = WeightBlocks {
         op,
         masked: !req.masks.is_empty(),
         storage: Storage::of(req.dtype, caps.native_f16),
@@ -781,7 +792,7 @@ pub fn weight_blocks(
         ..base_params(s, req.scale, &req.masks)
     };
     // (row, key) pairs one pass may walk per block.
-    let per_pass = caps.loop_len(&kernel.loop_cost(&Params::Attn(base)).0);
+    let per_pass = caps.loop_len(&kernel.loop_cost(&base).0);
     // Where not even one pair fits, check_loops refuses the plan with the cap.
     let per_pass = usize::try_from(per_pass).unwrap_or(usize::MAX).max(1);
     let keys = block_cols.min(per_pass);
@@ -802,7 +813,7 @@ pub fn weight_blocks(
             }
             first = false;
             let buffers = [io.q, io.k, io.lens, io.mask, io.bias, io.lse, out];
-            program.dispatch(kernel, Params::Attn(p), grid, &buffers);
+            program.dispatch(kernel, &p, grid, &buffers);
         }
     }
     Ok(())
@@ -825,8 +836,8 @@ pub fn pack(
         )
     })?;
     program.dispatch(
-        Kernel::Pack { to: dtype },
-        Params::Pack(PackParams {
+        Pack { to: dtype },
+        &(PackParams {
             elems: elems32,
             ..Default::default()
         }),
@@ -978,11 +989,11 @@ fn three_pass(
     let row_bytes = bytes(s.n);
     let budget = caps.max_binding.min(caps.max_buffer).min(SCRATCH_BUDGET);
     let max_wg = caps.max_workgroups as usize;
-    let qk_scores = Kernel::QkScores {
+    let qk_scores = QkScores {
         masked: !req.masks.is_empty(),
         storage,
     };
-    let weighted_sum = Kernel::WeightedSum { storage };
+    let weighted_sum = WeightedSum { storage };
     let kernel_mem = qk_scores.workgroup_bytes();
     if kernel_mem > caps.max_workgroup_bytes {
         return Err(limit_err(
@@ -1015,7 +1026,7 @@ fn three_pass(
 
     let base = base_params(&s, req.scale, &req.masks);
     // Keys one weighted_sum dispatch sums; later key ranges add to O (the loop cap).
-    let key_span = caps.loop_len(&weighted_sum.loop_cost(&Params::Attn(base)).0);
+    let key_span = caps.loop_len(&weighted_sum.loop_cost(&base).0);
     let key_span = usize::try_from(key_span).unwrap_or(usize::MAX).max(1);
     let key_ranges = s.n.div_ceil(key_span);
     let chunk_list = chunks(&s, bh_max, rows_max);
@@ -1037,20 +1048,20 @@ fn three_pass(
         let row_tiles = nr.div_ceil(GEMM_TILE) as u32;
         program.dispatch(
             qk_scores,
-            Params::Attn(params),
+            &params,
             [s.n.div_ceil(GEMM_TILE) as u32, row_tiles, nbh as u32],
             &[io.q, io.k, io.lens, io.mask, io.bias, scores],
         );
         program.dispatch(
-            Kernel::SoftmaxRows,
-            Params::Attn(params),
+            SoftmaxRows,
+            &params,
             [nr as u32, nbh as u32, 1],
             &[scores, io.lse],
         );
         for r in 0..key_ranges {
             program.dispatch(
                 weighted_sum,
-                Params::Attn(AttnParams {
+                &(AttnParams {
                     key_begin: (r * key_span) as u32,
                     key_end: s.n.min((r + 1) * key_span) as u32,
                     ..params
@@ -1132,7 +1143,7 @@ fn fused_kernel(
     };
     let lanes = subgroup(config.subgroup_lanes, "subgroup lanes")?;
     let broadcast = subgroup(config.broadcast_loads, "broadcast loads")?;
-    Ok(Kernel::Flash {
+    Ok(Kernel::Flash(Flash {
         dk,
         dv,
         bc,
@@ -1144,7 +1155,7 @@ fn fused_kernel(
         wide: s.d_k.is_multiple_of(4) && s.d_v.is_multiple_of(4),
         lanes,
         broadcast,
-    })
+    }))
 }
 
 /// The fused kernel on matrix units (`flash_coop`), where the device has them for these
@@ -1193,15 +1204,17 @@ fn matrix_unit_kernel(
     };
     let dk = s.d_k.next_multiple_of(tile as usize) as u32;
     let dv = s.d_v.next_multiple_of(tile as usize) as u32;
-    let kernel = |bc| Kernel::FlashCoop {
-        dk,
-        dv,
-        bc,
-        tile,
-        half_inputs,
-        masked,
-        storage,
-        lanes,
+    let kernel = |bc| {
+        Kernel::FlashCoop(FlashCoop {
+            dk,
+            dv,
+            bc,
+            tile,
+            half_inputs,
+            masked,
+            storage,
+            lanes,
+        })
     };
     let smallest = kernel(tile);
     [64, 32, 16, 8]
@@ -1222,8 +1235,8 @@ fn matrix_unit_kernel(
 /// Query rows per workgroup and keys per tile of a fused kernel (`flash` or `flash_coop`).
 fn fused_tiles(kernel: &Kernel) -> (u32, u32) {
     match *kernel {
-        Kernel::Flash { br, bc, .. } => (br, bc),
-        Kernel::FlashCoop { tile, bc, .. } => (tile, bc),
+        Kernel::Flash(Flash { br, bc, .. }) => (br, bc),
+        Kernel::FlashCoop(FlashCoop { tile, bc, .. }) => (tile, bc),
         _ => unreachable!("fused_kernel returns flash or flash_coop"),
     }
 }
@@ -1308,7 +1321,7 @@ fn fused(
 ) -> Result<(Path, String)> {
     let s = req.shape;
     let (br, bc) = fused_tiles(&kernel);
-    let stats = matches!(kernel, Kernel::Flash { stats: true, .. });
+    let stats = matches!(kernel, Kernel::Flash(Flash { stats: true, .. }));
     let max_wg = caps.max_workgroups as usize;
     // Split lengths are whole tiles, so no tile straddles two splits.
     let split_k = split.splits > 1;
@@ -1369,7 +1382,7 @@ fn fused(
         }
         program.dispatch(
             kernel,
-            Params::Attn(params),
+            &params,
             [nr.div_ceil(br as usize) as u32, splits as u32, nbh as u32],
             &buffers,
         );
@@ -1397,13 +1410,13 @@ fn fused(
         }
     }
     let how = match kernel {
-        Kernel::Flash {
+        Kernel::Flash(Flash {
             r,
             wide,
             lanes,
             broadcast,
             ..
-        } => format!(
+        }) => format!(
             "{r} query row(s) per {}, {br} per workgroup, {bc}-key K/V tiles in workgroup \
              memory{}, {}",
             if lanes > 1 {
@@ -1422,12 +1435,12 @@ fn fused(
                 "Q, K, V and O element by element: a head dim is not a multiple of 4"
             },
         ),
-        Kernel::FlashCoop {
+        Kernel::FlashCoop(FlashCoop {
             tile,
             half_inputs,
             lanes,
             ..
-        } => format!(
+        }) => format!(
             "matrix units: {tile}×{tile} tiles with {} inputs and f32 accumulators, one \
              subgroup of {lanes} lanes per {br} query rows, {bc}-key K/V tiles in workgroup \
              memory{}",
@@ -1489,10 +1502,10 @@ fn merge_step(
     }
     let mut buffers = buffers.to_vec();
     buffers.extend(row_stats.into_iter().flatten());
-    let kernel = Kernel::MergePartials {
+    let kernel = MergePartials {
         stats: row_stats.is_some(),
     };
-    program.dispatch(kernel, Params::Attn(params), grid, &buffers);
+    program.dispatch(kernel, &params, grid, &buffers);
     Ok(())
 }
 
@@ -1509,7 +1522,7 @@ pub fn linear(
     has_bias: bool,
     caps: &DeviceCaps,
 ) -> Result<()> {
-    let kernel = Kernel::Linear {
+    let kernel = Linear {
         x: Storage::of(x_type, caps.native_f16),
         w: Storage::of(w_type, caps.native_f16),
     };
@@ -1539,7 +1552,7 @@ pub fn linear(
         let nr = rows_max.min(rows - r0);
         program.dispatch(
             kernel,
-            Params::Linear(LinearParams {
+            &(LinearParams {
                 row_offset: r0 as u32,
                 rows: nr as u32,
                 in_dim: in_dim as u32,
@@ -1564,8 +1577,8 @@ pub fn mean_heads(
     caps: &DeviceCaps,
 ) -> Result<()> {
     program.dispatch(
-        Kernel::MeanHeads,
-        Params::Attn(base_params(s, 1.0, &MaskSpec::default())),
+        MeanHeads,
+        &(base_params(s, 1.0, &MaskSpec::default())),
         fold_grid("mean_heads", s.batch * s.m * s.n, caps)?,
         &[from, to],
     );
@@ -1789,7 +1802,7 @@ pub(crate) mod tests {
                 &CAPS,
             );
             let flash = p.program.dispatches().find(|d| d.kernel.name() == "flash");
-            let got = matches!(flash.expect("a flash dispatch").kernel, Kernel::Flash { wide, .. } if wide);
+            let got = matches!(flash.expect("a flash dispatch").kernel, Kernel::Flash(Flash { wide, .. }) if wide);
             assert_eq!(got, wide, "d_k {d_k}, d_v {d_v}: {p}");
         }
     }

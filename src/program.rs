@@ -9,8 +9,7 @@
 
 use std::fmt;
 
-use crate::kernels::Kernel;
-use crate::params::{AttnParams, LinearParams, PackParams};
+use crate::kernels::{Access, Kernel};
 
 /// A buffer of one [`Program`], issued by the program's builder methods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -45,59 +44,28 @@ pub struct BufferDecl {
     pub bytes: u64,
 }
 
-/// Uniform parameters of one dispatch.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Params {
-    /// Attention kernels (and merge, mean_heads).
-    Attn(AttnParams),
-    /// The `linear` kernel.
-    Linear(LinearParams),
-    /// The `pack` kernel.
-    Pack(PackParams),
-}
-
-impl Params {
-    /// The bytes uploaded to the uniform buffer.
-    pub fn bytes(&self) -> &[u8] {
-        match self {
-            Params::Attn(p) => bytemuck::bytes_of(p),
-            Params::Linear(p) => bytemuck::bytes_of(p),
-            Params::Pack(p) => bytemuck::bytes_of(p),
-        }
-    }
-    /// The attention params; panics for another dispatch (a planner bug).
-    pub fn attn(&self) -> &AttnParams {
-        match self {
-            Params::Attn(p) => p,
-            _ => panic!("only attention dispatches have attention params"),
-        }
-    }
-    /// The linear params; panics for another dispatch (a planner bug).
-    pub fn linear(&self) -> &LinearParams {
-        match self {
-            Params::Linear(p) => p,
-            _ => panic!("only linear dispatches have linear params"),
-        }
-    }
-}
-
 /// One compute dispatch.
 #[derive(Clone, Debug)]
 pub struct Dispatch {
     /// Kernel and specialization.
     pub kernel: Kernel,
-    /// Its uniform params.
-    pub params: Params,
+    /// Its uniform params: the bytes of the kernel's params struct (`KernelSpec::Params`).
+    pub params: Vec<u8>,
     /// Workgroups in x, y, z (each ≤ `max_workgroups`).
     pub grid: [u32; 3],
     /// Buffers for bindings 1.. (binding 0 is the params uniform).
     pub buffers: Vec<BufferId>,
 }
 
+impl Dispatch {
+    /// The params as `P`, or `None` where `P` is not the size of the kernel's params type.
+    pub fn params_as<P: bytemuck::Pod>(&self) -> Option<P> {
+        (self.params.len() == std::mem::size_of::<P>())
+            .then(|| bytemuck::pod_read_unaligned(&self.params))
+    }
+}
+
 /// A step of a program, executed in order.
-// Dispatches (with their params inline) are nearly every step; boxing them to shrink the rare
-// copies would cost an allocation per dispatch.
-#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Step {
     /// Run a kernel.
@@ -156,17 +124,27 @@ impl Program {
         self.declare(name, Role::Scratch, bytes)
     }
 
-    /// Appends a dispatch of `kernel` on `buffers` (bindings 1.. in order).
+    /// Appends a dispatch of `kernel` with `params` on `buffers` (bindings 1.. in order).
     ///
-    /// Panics (a planner bug, caught by the tests) if the buffers do not match the kernel's
-    /// bindings in number, or if the kernel would write an input.
-    pub fn dispatch(
+    /// Panics (a planner bug, caught by the tests) if `params` is not the kernel's params
+    /// type in size, if the buffers do not match the kernel's bindings in number, or if the
+    /// kernel would write an input.
+    pub fn dispatch<P: bytemuck::Pod>(
         &mut self,
-        kernel: Kernel,
-        params: Params,
+        kernel: impl Into<Kernel>,
+        params: &P,
         grid: [u32; 3],
         buffers: &[BufferId],
     ) {
+        let kernel = kernel.into();
+        let params = bytemuck::bytes_of(params).to_vec();
+        assert_eq!(
+            params.len(),
+            kernel.params_size(),
+            "{} takes params of {} bytes",
+            kernel.label(),
+            kernel.params_size()
+        );
         let access = &kernel.bindings()[1..];
         assert_eq!(
             access.len(),
@@ -178,7 +156,7 @@ impl Program {
         for (id, a) in buffers.iter().zip(access) {
             let decl = &self.buffers[id.index()];
             assert!(
-                !(*a == crate::kernels::Access::ReadWrite && decl.role == Role::Input),
+                !(*a == Access::ReadWrite && decl.role == Role::Input),
                 "{} would write input `{}`",
                 kernel.label(),
                 decl.name

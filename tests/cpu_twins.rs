@@ -60,12 +60,12 @@ fn plans(req: &Request) -> Vec<(String, Plan)> {
             .program
             .dispatches()
             .filter_map(|d| match d.kernel {
-                xattn::kernels::Kernel::Flash {
+                xattn::kernels::Kernel::Flash(xattn::kernels::flash::Flash {
                     r,
                     lanes,
                     broadcast,
                     ..
-                } => Some((r, lanes > 1, broadcast > 1)),
+                }) => Some((r, lanes > 1, broadcast > 1)),
                 _ => None,
             })
             .collect();
@@ -495,9 +495,11 @@ fn matrix_unit_twin_follows_the_reference() {
                     .program
                     .dispatches()
                     .filter_map(|d| match d.kernel {
-                        xattn::kernels::Kernel::FlashCoop {
-                            tile, half_inputs, ..
-                        } => Some((tile, half_inputs)),
+                        xattn::kernels::Kernel::FlashCoop(
+                            xattn::kernels::flash_coop::FlashCoop {
+                                tile, half_inputs, ..
+                            },
+                        ) => Some((tile, half_inputs)),
                         _ => None,
                     })
                     .collect();

@@ -9,6 +9,7 @@ mod common;
 
 use common::*;
 use xattn::cpu::reference;
+use xattn::kernels::flash::Flash;
 use xattn::kernels::Kernel;
 use xattn::plan::FUSED_ROW_FLOATS;
 use xattn::{Alignment, Attention, AttnShape, Engine, FusedConfig, Path, Plan};
@@ -34,12 +35,12 @@ fn assert_config(plan: &Plan, config: FusedConfig) {
         .program
         .dispatches()
         .filter_map(|d| match d.kernel {
-            Kernel::Flash {
+            Kernel::Flash(Flash {
                 r,
                 lanes,
                 broadcast,
                 ..
-            } => Some((r, lanes > 1, broadcast > 1)),
+            }) => Some((r, lanes > 1, broadcast > 1)),
             _ => None,
         })
         .collect();

@@ -351,7 +351,7 @@ fn split_k_over_eight_million_keys() {
         let Some(flash) = plan.program.dispatches().next() else {
             panic!("{plan}")
         };
-        let p = flash.params.attn();
+        let p: xattn::params::AttnParams = flash.params_as().expect("attention params");
         let terms = f64::from(p.split_len + p.n_splits);
         let tol = f64::from(f32::EPSILON) * (4.0 * (1.0 + f64::from(scale)) + terms);
         let what = format!("{} N={}", path.name(), s.n);

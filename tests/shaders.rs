@@ -1,5 +1,9 @@
 //! Every WGSL file validated by naga (no GPU needed), registered, and bound as declared.
 
+use xattn::kernels::flash_coop::FlashCoop;
+use xattn::kernels::linear::Linear;
+use xattn::kernels::pack::Pack;
+use xattn::kernels::qk_scores::QkScores;
 use xattn::kernels::{Access, Kernel, SHADER_FILES};
 use xattn::mha::{layer_program, LayerTypes, MhaConfig, NeedWeights};
 use xattn::params::{AttnParams, LinearParams};
@@ -197,7 +201,7 @@ fn matrix_unit_kernels(d: usize, max_workgroup_bytes: u64) -> Vec<Kernel> {
             }
         }
     }
-    out.retain(|k| matches!(k, Kernel::FlashCoop { .. }));
+    out.retain(|k| matches!(k, Kernel::FlashCoop(_)));
     out
 }
 
@@ -211,7 +215,7 @@ fn matrix_unit_kernels_validate_and_write_spirv() {
         assert!(
             kernels
                 .iter()
-                .any(|k| matches!(k, Kernel::FlashCoop { tile, half_inputs, .. } if (*tile, *half_inputs) == tile_and_inputs)),
+                .any(|k| matches!(k, Kernel::FlashCoop(FlashCoop { tile, half_inputs, .. }) if (*tile, *half_inputs) == tile_and_inputs)),
             "no kernel with {tile_and_inputs:?}"
         );
     }
@@ -353,10 +357,10 @@ fn wgsl_layout(kernel: Kernel, name: &str) -> (usize, Vec<(String, usize)>) {
 
 #[test]
 fn linear_params_layout_matches_wgsl() {
-    let f32s = Kernel::Linear {
+    let f32s = Kernel::Linear(Linear {
         x: Storage::F32,
         w: Storage::F32,
-    };
+    });
     let (size, members) = wgsl_layout(f32s, "LinearParams");
     assert_eq!(
         size,
@@ -378,10 +382,10 @@ fn linear_params_layout_matches_wgsl() {
 
 #[test]
 fn params_layout_matches_wgsl() {
-    let qk = Kernel::QkScores {
+    let qk = Kernel::QkScores(QkScores {
         masked: true,
         storage: Storage::F32,
-    };
+    });
     let (size, members) = wgsl_layout(qk, "AttnParams");
     assert_eq!(size, std::mem::size_of::<AttnParams>(), "AttnParams size");
     let rust_offsets = [
@@ -445,7 +449,7 @@ fn workgroup_memory_fits_the_portable_limit() {
 
 #[test]
 fn pack_params_layout_matches_wgsl() {
-    let (size, members) = wgsl_layout(Kernel::Pack { to: DType::F16 }, "PackParams");
+    let (size, members) = wgsl_layout(Kernel::Pack(Pack { to: DType::F16 }), "PackParams");
     assert_eq!(size, std::mem::size_of::<xattn::params::PackParams>());
     let elems = members.iter().find(|(n, _)| n == "elems").map(|m| m.1);
     assert_eq!(

@@ -11,6 +11,8 @@ use crate::cpu::mask::{
 };
 use crate::params::{flags, AttnParams};
 
+use crate::cpu::widen;
+use crate::dtype::Storage;
 use std::f32::consts::{LN_2, LOG2_E};
 
 /// One row of an invocation's block: its key range, mask base, query index and state.
@@ -27,6 +29,33 @@ struct Row {
     l: f32,
     /// Σ p·(m − s), log2 units (the row statistics).
     t: f32,
+}
+
+/// Runs the twin on the kernel's bindings 1.. as words: q, k, v, lens, mask, bias → o, lse
+/// (and row_stats where the kernel writes them).
+pub fn run(
+    p: &AttnParams,
+    (tiles, storage): ((u32, u32, u32, u32), Storage),
+    buffers: &mut [Vec<u32>],
+) {
+    let count = buffers.len();
+    let (inputs, outputs) = buffers.split_at_mut(6.min(count));
+    let [q, k, v, lens, mask, bias] = inputs else {
+        crate::cpu::arity("flash", count)
+    };
+    let (o, lse, row_stats) = match outputs {
+        [o, lse] => (o, lse, None),
+        [o, lse, row_stats] => (o, lse, Some(bytemuck::cast_slice_mut(row_stats))),
+        _ => crate::cpu::arity("flash", count),
+    };
+    let m = MaskData::from_words(lens, mask, bias);
+    let (q, k, v) = (widen(storage, q), widen(storage, k), widen(storage, v));
+    let out = (
+        bytemuck::cast_slice_mut(o),
+        bytemuck::cast_slice_mut(lse),
+        row_stats,
+    );
+    flash(p, tiles, (&q, &k, &v), &m, out);
 }
 
 /// Writes split `split`'s normalized O into slice `split` of `o [n_splits, batch, M, q_heads, d_v]`

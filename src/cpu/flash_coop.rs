@@ -13,7 +13,24 @@ use crate::cpu::mask::{
 };
 use crate::params::{flags, AttnParams};
 
+use crate::cpu::widen;
+use crate::dtype::Storage;
 use std::f32::consts::{LN_2, LOG2_E};
+
+/// Runs the twin on the kernel's bindings 1.. as words: q, k, v, lens, mask, bias → o, lse.
+pub fn run(
+    p: &AttnParams,
+    (shape, storage): ((u32, u32, bool), Storage),
+    buffers: &mut [Vec<u32>],
+) {
+    let [q, k, v, lens, mask, bias, o, lse] = buffers else {
+        crate::cpu::arity("flash_coop", buffers.len())
+    };
+    let m = MaskData::from_words(lens, mask, bias);
+    let (q, k, v) = (widen(storage, q), widen(storage, k), widen(storage, v));
+    let out = (bytemuck::cast_slice_mut(o), bytemuck::cast_slice_mut(lse));
+    flash_coop(p, shape, (&q, &k, &v), &m, out);
+}
 
 /// Writes split `split`'s normalized O and its LSE (or, with `flags::SPLIT_STATS`, its max
 /// logit and ln(sum)) for every split of the chunk, as `cpu::flash::flash` does, with the

@@ -2,7 +2,26 @@
 //! query rows, its K row pre-scaled, the logit a sum of 4-element dot products as in the shader.
 
 use crate::cpu::mask::{masked_logit, MaskData, REMOVED_BELOW};
+use crate::cpu::widen;
+use crate::dtype::Storage;
 use crate::params::{flags, AttnParams};
+
+/// Runs the twin on the kernel's bindings 1.. as words: q, k, lens, mask, bias, lse →
+/// coverage.
+pub fn run(p: &AttnParams, storage: Storage, buffers: &mut [Vec<u32>]) {
+    let [q, k, lens, mask, bias, lse, out] = buffers else {
+        crate::cpu::arity("key_coverage", buffers.len())
+    };
+    let m = MaskData::from_words(lens, mask, bias);
+    let (q, k) = (widen(storage, q), widen(storage, k));
+    key_coverage(
+        p,
+        (&q, &k),
+        &m,
+        bytemuck::cast_slice(lse),
+        bytemuck::cast_slice_mut(out),
+    );
+}
 
 /// Adds (or with a first pass, writes) rows `row_offset .. row_offset + rows` into
 /// `coverage [bh, N]` for the `bh_count` problems from `bh_offset`.

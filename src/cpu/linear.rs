@@ -1,7 +1,21 @@
 //! CPU twin of `shaders/linear.wgsl`: `Y = X·Wᵀ + b` for a chunk of rows, in f32. The tiles
 //! change where operands live, not the order of the sum over input features.
 
+use crate::dtype::Storage;
 use crate::params::LinearParams;
+
+/// Runs the twin on the kernel's bindings 1.. as words: x, w, b → y.
+pub fn run(p: &LinearParams, (xs, ws): (Storage, Storage), buffers: &mut [Vec<u32>]) {
+    let [x, w, b, y] = buffers else {
+        crate::cpu::arity("linear", buffers.len())
+    };
+    let (x, w, b) = (
+        crate::cpu::widen(xs, x),
+        crate::cpu::widen(ws, w),
+        crate::cpu::widen(ws, b),
+    );
+    linear(p, &x, &w, &b, bytemuck::cast_slice_mut(y));
+}
 
 /// Writes rows `row_offset .. row_offset + rows` of `y [rows, out_dim]`.
 pub fn linear(p: &LinearParams, x: &[f32], w: &[f32], b: &[f32], y: &mut [f32]) {

@@ -30,6 +30,17 @@ pub struct KeyRange {
     pub hi: u32,
 }
 
+impl<'a> MaskData<'a> {
+    /// The three mask buffers as bound (bindings in words; the bias holds f32 bits).
+    pub fn from_words(lens: &'a [u32], mask_bits: &'a [u32], bias: &'a [u32]) -> Self {
+        MaskData {
+            lens,
+            mask_bits,
+            bias: bytemuck::cast_slice(bias),
+        }
+    }
+}
+
 impl MaskData<'_> {
     /// `q_len` of batch entry `b`.
     pub fn q_len(&self, b: u32) -> u32 {

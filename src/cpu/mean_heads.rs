@@ -2,6 +2,14 @@
 
 use crate::params::AttnParams;
 
+/// Runs the twin on the kernel's bindings 1.. as words: weights → mean.
+pub fn run(p: &AttnParams, buffers: &mut [Vec<u32>]) {
+    let [w, mean] = buffers else {
+        crate::cpu::arity("mean_heads", buffers.len())
+    };
+    mean_heads(p, bytemuck::cast_slice(w), bytemuck::cast_slice_mut(mean));
+}
+
 /// `mean [batch, M, N]` from `w [batch, q_heads, M, N]`.
 pub fn mean_heads(p: &AttnParams, w: &[f32], mean: &mut [f32]) {
     let mn = (p.m * p.n) as usize;

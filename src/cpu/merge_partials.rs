@@ -4,6 +4,23 @@
 use crate::cpu::mask::{MASKED, REMOVED_BELOW};
 use crate::params::{flags, AttnParams};
 
+/// Runs the twin on the kernel's bindings 1.. as words: partial o, partial stats → o, lse
+/// (and row parts → row out where split-K's row statistics are merged).
+pub fn run(p: &AttnParams, buffers: &mut [Vec<u32>]) {
+    use bytemuck::{cast_slice as f, cast_slice_mut as fm};
+    match buffers {
+        [part_o, part_stats, o, lse] => {
+            merge_partials(p, (f(part_o), f(part_stats), None), (fm(o), fm(lse), None))
+        }
+        [part_o, part_stats, o, lse, row_parts, row_out] => merge_partials(
+            p,
+            (f(part_o), f(part_stats), Some(f(row_parts))),
+            (fm(o), fm(lse), Some(fm(row_out))),
+        ),
+        _ => crate::cpu::arity("merge_partials", buffers.len()),
+    }
+}
+
 /// Merges `o_parts [n_splits, batch, M, q_heads, d_v]` with `stats` (LSE `[n_splits, batch,
 /// q_heads, M]`, or with `flags::SPLIT_STATS` max and ln(sum) `[n_splits, 2, batch, q_heads, M]`)
 /// into `o [batch, M, q_heads, d_v]` and `lse [batch, q_heads, M]`; with `row_parts`

@@ -35,3 +35,18 @@ pub mod softmax_rows;
 pub mod weight_blocks;
 #[doc(hidden)]
 pub mod weighted_sum;
+
+use crate::dtype::Storage;
+
+/// Every element the words of `storage` hold, widened to f32: a twin's view of an input
+/// bound in half precision.
+pub(crate) fn widen(storage: Storage, words: &[u32]) -> Vec<f32> {
+    let dtype = storage.dtype();
+    let elems = words.len() * 4 / dtype.size() as usize;
+    dtype.decode(bytemuck::cast_slice(words), elems)
+}
+
+/// A twin was handed the wrong number of buffers: a program bug.
+pub(crate) fn arity(kernel: &str, got: usize) -> ! {
+    panic!("{kernel} got {got} buffers")
+}

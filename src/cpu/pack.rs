@@ -3,6 +3,14 @@
 use crate::dtype::DType;
 use crate::params::PackParams;
 
+/// Runs the twin on the kernel's bindings 1.. as words: f32 values → packed words.
+pub fn run(p: &PackParams, to: DType, buffers: &mut [Vec<u32>]) {
+    let [src, dst] = buffers else {
+        crate::cpu::arity("pack", buffers.len())
+    };
+    pack(p, to, bytemuck::cast_slice(src), dst);
+}
+
 /// Writes `p.elems` values of `src` into `dst` as `to` (f16 or bf16) pairs, one word each.
 pub fn pack(p: &PackParams, to: DType, src: &[f32], dst: &mut [u32]) {
     let bytes = to.encode(&src[..p.elems as usize]);

@@ -3,7 +3,19 @@
 //! twin is the per-element loop with the shader's index math.
 
 use crate::cpu::mask::{masked_logit, MaskData};
+use crate::cpu::widen;
+use crate::dtype::Storage;
 use crate::params::AttnParams;
+
+/// Runs the twin on the kernel's bindings 1.. as words: q, k, lens, mask, bias → scores.
+pub fn run(p: &AttnParams, storage: Storage, buffers: &mut [Vec<u32>]) {
+    let [q, k, lens, mask, bias, scores] = buffers else {
+        crate::cpu::arity("qk_scores", buffers.len())
+    };
+    let m = MaskData::from_words(lens, mask, bias);
+    let (q, k) = (widen(storage, q), widen(storage, k));
+    qk_scores(p, &q, &k, &m, bytemuck::cast_slice_mut(scores));
+}
 
 /// Writes the chunk's scores `s [bh_count, rows, N]` (removed keys: `MASKED`).
 pub fn qk_scores(p: &AttnParams, q: &[f32], k: &[f32], masks: &MaskData, s: &mut [f32]) {

@@ -4,6 +4,18 @@
 use crate::cpu::mask::{MASKED, REMOVED_BELOW};
 use crate::params::AttnParams;
 
+/// Runs the twin on the kernel's bindings 1.. as words: scores (in place), lse.
+pub fn run(p: &AttnParams, buffers: &mut [Vec<u32>]) {
+    let [scores, lse] = buffers else {
+        crate::cpu::arity("softmax_rows", buffers.len())
+    };
+    softmax_rows(
+        p,
+        bytemuck::cast_slice_mut(scores),
+        bytemuck::cast_slice_mut(lse),
+    );
+}
+
 /// Turns `s [bh_count, rows, N]` into weights and writes `lse [batch, q_heads, M]`.
 pub fn softmax_rows(p: &AttnParams, s: &mut [f32], lse: &mut [f32]) {
     let n = p.n as usize;

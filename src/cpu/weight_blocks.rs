@@ -2,8 +2,28 @@
 //! (query rows × keys), one pass of block-relative rows and keys at a time.
 
 use crate::cpu::mask::{masked_logit, MaskData, REMOVED_BELOW};
-use crate::kernels::BlockOp;
+use crate::cpu::widen;
+use crate::dtype::Storage;
+use crate::params::BlockOp;
 use crate::params::{flags, AttnParams};
+
+/// Runs the twin on the kernel's bindings 1.. as words: q, k, lens, mask, bias, lse →
+/// blocks.
+pub fn run(p: &AttnParams, (op, storage): (BlockOp, Storage), buffers: &mut [Vec<u32>]) {
+    let [q, k, lens, mask, bias, lse, out] = buffers else {
+        crate::cpu::arity("weight_blocks", buffers.len())
+    };
+    let m = MaskData::from_words(lens, mask, bias);
+    let (q, k) = (widen(storage, q), widen(storage, k));
+    weight_blocks(
+        p,
+        op,
+        (&q, &k),
+        &m,
+        bytemuck::cast_slice(lse),
+        bytemuck::cast_slice_mut(out),
+    );
+}
 
 /// One pass over every block of `p`'s grid into `out [bh_count, grid_rows, grid_cols]`.
 pub fn weight_blocks(

@@ -1,6 +1,22 @@
 //! CPU twin of `shaders/weighted_sum.wgsl`: O = P·V for one chunk and key range, in f32.
 
+use crate::cpu::widen;
+use crate::dtype::Storage;
 use crate::params::AttnParams;
+
+/// Runs the twin on the kernel's bindings 1.. as words: weights, v → o.
+pub fn run(p: &AttnParams, storage: Storage, buffers: &mut [Vec<u32>]) {
+    let [scores, v, o] = buffers else {
+        crate::cpu::arity("weighted_sum", buffers.len())
+    };
+    let v = widen(storage, v);
+    weighted_sum(
+        p,
+        bytemuck::cast_slice(scores),
+        &v,
+        bytemuck::cast_slice_mut(o),
+    );
+}
 
 /// Reads weights `w [bh_count, rows, N]` over keys `key_begin..key_end` and writes the chunk's
 /// rows of `o [batch, M, q_heads, d_v]` (the first key range) or adds to them (later ones).

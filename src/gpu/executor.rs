@@ -8,7 +8,6 @@ use crate::gpu::context::{lock_serial, Context, SerialLock};
 use crate::gpu::pipelines::{Pipeline, PipelineCache};
 use crate::gpu::pool::{BufferPool, Pooled};
 use crate::gpu::tensor::Tensor;
-use crate::params::{AttnParams, LinearParams};
 use crate::program::{BufferId, Program, Role, Step};
 
 /// GPU timestamps around a whole plan (on adapters with `TIMESTAMP_QUERY`).
@@ -195,13 +194,19 @@ pub fn bind(
         }
     };
 
-    // All params in one uniform buffer, one aligned record per dispatch.
-    let largest = std::mem::size_of::<AttnParams>().max(std::mem::size_of::<LinearParams>());
-    let stride = (largest as u64)
+    // All params in one uniform buffer, one aligned record per dispatch, each record as
+    // large as the program's largest params.
+    let largest = program
+        .dispatches()
+        .map(|d| d.params.len() as u64)
+        .max()
+        .unwrap_or(0);
+    let stride = largest
+        .max(1)
         .next_multiple_of(u64::from(ctx.limits.min_uniform_buffer_offset_alignment));
     let mut uniform_bytes = Vec::new();
     for d in program.dispatches() {
-        uniform_bytes.extend_from_slice(d.params.bytes());
+        uniform_bytes.extend_from_slice(&d.params);
         uniform_bytes.resize(uniform_bytes.len().next_multiple_of(stride as usize), 0);
     }
     if uniform_bytes.is_empty() {
@@ -244,7 +249,7 @@ pub fn bind(
                     resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                         buffer: uniforms,
                         offset: record * stride,
-                        size: wgpu::BufferSize::new(d.params.bytes().len() as u64),
+                        size: wgpu::BufferSize::new(d.params.len() as u64),
                     }),
                 }];
                 for (i, slot) in d.buffers.iter().enumerate() {

@@ -1,0 +1,51 @@
+//! `weighted_sum`: `O = P·V`, tiled; the last pass of three-pass attention.
+
+use crate::cpu;
+use crate::dtype::Storage;
+use crate::kernels::common::{gemm_cost, storage_suffix, GEMM_WORKGROUP_BYTES};
+use crate::kernels::Access::{Read, ReadWrite, Uniform};
+use crate::kernels::{Access, KernelSpec, LoopCost};
+use crate::params::AttnParams;
+
+/// The specialization of `weighted_sum`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WeightedSum {
+    /// How V is read.
+    pub storage: Storage,
+}
+
+impl KernelSpec for WeightedSum {
+    type Params = AttnParams;
+    const NAME: &'static str = "weighted_sum";
+    const FILE: &'static str = include_str!("../../shaders/weighted_sum.wgsl");
+    const LONG_LOOP: &'static str = "keys";
+
+    fn bindings(&self) -> &'static [Access] {
+        // weights, v → o
+        &[Uniform, Read, Read, ReadWrite]
+    }
+
+    fn label(&self) -> String {
+        format!("xattn.weighted_sum{}", storage_suffix(self.storage))
+    }
+
+    fn workgroup_bytes(&self) -> u64 {
+        GEMM_WORKGROUP_BYTES
+    }
+
+    fn loop_cost(&self, p: &AttnParams) -> (LoopCost, u64) {
+        (gemm_cost(0), u64::from(p.key_end - p.key_begin))
+    }
+
+    fn storages(&self) -> Vec<Storage> {
+        vec![self.storage]
+    }
+
+    fn prelude(&self) -> String {
+        self.storage.wgsl("Elem", &["v"], false)
+    }
+
+    fn twin(&self, p: &AttnParams, buffers: &mut [Vec<u32>]) {
+        cpu::weighted_sum::run(p, self.storage, buffers)
+    }
+}
