@@ -1,13 +1,20 @@
 // Fused attention with an online softmax: never stores the M×N scores.
 // Each invocation owns R consecutive query rows (register blocking): their Q rows in registers
 // (pre-scaled by scale·log2 e, so exp2 is the exponential), a running max `m` and sum `l` per
-// row (one lane of an RV each), and the f32 accumulators of their O rows. The workgroup of
+// row (one lane of an RV each), and the f32 accumulators of their O rows, in the levels of
+// common/sums.wgsl (each tile's l on its own, the block's `acc`, the row's `o_sum`). The workgroup of
 // WG = BR / R · LANES invocations walks its keys in tiles of BC rows of K and V staged in workgroup
 // memory as vec4; every invocation reads the same tile element at once (a broadcast), and each
 // element read serves all R rows. With broadcast loads (BROADCAST, below) nothing is staged:
 // the lanes of a subgroup read each K/V row from storage together, one vec4 each, and pass
 // the vec4s on by subgroupBroadcast. O is rescaled once per tile when the max grows and divided
 // once at the end.
+//
+// Keys that weigh 0 add nothing, also where V holds ±∞ or NaN (0·∞ would be NaN): tile rows
+// past the tile's end are zero (staged, or loaded by broadcast), removed keys' weights are 0 and
+// tiles with removed keys accumulate by `accumulate_pair_kept`, which leaves a row's O alone
+// where its weight is 0; kept keys weigh at least MIN_WEIGHT (common/params.wgsl), so their ±∞
+// and NaN reach O as in the reference.
 //
 // Masks (common/mask.wgsl): lengths and the causal/local window bound each workgroup's key
 // loop, so tiles no row of the workgroup may see are neither loaded nor computed; an
@@ -34,17 +41,19 @@
 // group's keys: 1, or the subgroup size), WG (= BR / R · LANES invocations), RV (f32,
 // vec2 or vec4: one lane per row), ANY_MASKING (whether the call masks anything), and the
 // straight-line helpers over DK4/DV4 vec4s and R rows: `score_block` (one key), `score_pair`
-// (keys c and c + 1 into sc), `rescale`, `accumulate_pair`, `load_q_rows`, `store_o_rows`,
+// (keys c and c + 1 into sc), `rescale`, `accumulate_pair` and `accumulate_pair_kept` (into
+// acc), `fold_o` (acc into o_sum), `load_q_rows`, `store_o_rows` (from o_sum),
 // `merge_lanes` (a no-op without lanes), BROADCAST (whether K/V rows are loaded once per
-// subgroup and broadcast: then score_block, score_pair and accumulate_pair take every lane of
-// the subgroup, and `subgroup_any`/`subgroup_all` are the subgroup's votes, else the lane's
-// own value), the entry point `main`, and `sees_block`,
+// subgroup and broadcast: then score_block, score_pair and the accumulate helpers take every
+// lane of the subgroup, and `subgroup_any`/`subgroup_all` are the subgroup's votes, else the
+// lane's own value), the entry point `main`, and `sees_block`,
 // `keeps_block`, `logit_block`, which apply the per-row functions below to each row. They are
 // generated unrolled because the dims are known and because Mesa's llvmpipe ends an
 // invocation's loops after 65535 iterations in all: the planner bounds the keys of one pass by
 // this kernel's LoopCost (gpu/kernels.rs), which counts every loop left here.
 //!include common/params.wgsl
 //!include common/mask.wgsl
+//!include common/sums.wgsl
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
 @group(0) @binding(1) var<storage, read> q: array<Elem>;
@@ -61,7 +70,10 @@ const LN2: f32 = 0.6931471805599453;
 var<workgroup> k_tile: array<vec4<f32>, BC * DK4>;
 var<workgroup> v_tile: array<vec4<f32>, BC * DV4>;
 var<private> qr: array<vec4<f32>, R * DK4>;
+// The O rows of the block (relative to its max m) and of the row's folded sums (relative to
+// m_sum).
 var<private> acc: array<vec4<f32>, R * DV4>;
+var<private> o_sum: array<vec4<f32>, R * DV4>;
 // Per row of the invocation: its keys [lo, hi) by lengths and window (empty for rows past
 // p.rows), its first mask word and its query index; the batch and head of the workgroup.
 var<private> row_lo: array<u32, R>;
@@ -104,6 +116,11 @@ fn row_sees(r: u32, t0: u32, t1: u32) -> bool {
 fn key_kept(r: u32, j: u32) -> bool {
     return j >= row_lo[r] && j < row_hi[r]
         && ((p.flags & FLAG_MASK) == 0u || mask_bit(row_mbase[r], j));
+}
+
+// The weights of logits s against the max tmax: 0 for removed keys, at least MIN_WEIGHT else.
+fn weight(s: RV, tmax: RV) -> RV {
+    return select(RV(0.0), max(exp2(s - tmax), RV(MIN_WEIGHT)), s > RV(REMOVED_BELOW));
 }
 
 // Row r's logit (log2 units) for key j whose plain score is s, or MASKED if it is removed.
@@ -169,27 +186,33 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
     v_row0 = (hd.b * p.n * p.kv_heads + hd.hk) * p.d_v;
     let q_row0 = ((hd.b * p.m + p.row_offset + row0) * p.q_heads + hd.h) * p.d_k;
     load_q_rows(q_row0, p.q_heads * p.d_k, live_rows, qs);
+    // The block's max, sums and (in acc) O; the row's folded ones, relative to m_sum.
     var m = RV(MASKED);
     var l = RV(0.0);
     var t = RV(0.0);
+    var m_sum = RV(MASKED);
+    var l_sum = RV(0.0);
+    var t_sum = RV(0.0);
+    let fold_every = fold_tiles(hi - lo);
+    var tile = 0u;
 
     for (var t0 = lo; t0 < hi; t0 += BC) {
         let len = min(BC, hi - t0);
         tile_t0 = t0;
         tile_len = len;
-        // Tile rows past len repeat key len − 1 (an odd tile's last pair reads one). With
+        // Tile rows past len are zero (an odd tile's last pair reads one, with weight 0). With
         // broadcast loads the subgroup reads K and V itself: nothing is staged, and no barrier
         // waits for it.
         if !BROADCAST {
             for (var e = li; e < BC * DK4; e += WG) {
-                let c = min(e / DK4, len - 1u);
-                let kbase = ((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_k;
-                k_tile[e] = load4_k(kbase, (e % DK4) * 4u, p.d_k);
+                let c = e / DK4;
+                let kbase = ((hd.b * p.n + t0 + min(c, len - 1u)) * p.kv_heads + hd.hk) * p.d_k;
+                k_tile[e] = select(vec4<f32>(0.0), load4_k(kbase, (e % DK4) * 4u, p.d_k), c < len);
             }
             for (var e = li; e < BC * DV4; e += WG) {
-                let c = min(e / DV4, len - 1u);
-                let vbase = ((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_v;
-                v_tile[e] = load4_v(vbase, (e % DV4) * 4u, p.d_v);
+                let c = e / DV4;
+                let vbase = ((hd.b * p.n + t0 + min(c, len - 1u)) * p.kv_heads + hd.hk) * p.d_v;
+                v_tile[e] = select(vec4<f32>(0.0), load4_v(vbase, (e % DV4) * 4u, p.d_v), c < len);
             }
             workgroupBarrier();
         }
@@ -207,8 +230,8 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
                 || ((p.flags & (FLAG_MASK | LOGIT_FLAGS)) == 0u && whole_lo <= t0 && whole_hi >= t1));
             if whole {
                 // Two keys at a time: each Q vec4 read serves both (the pair's scores are the
-                // ones score_block gives). An odd tile's last pair also scores the staged copy
-                // of its last key and leaves it out, rather than finishing with one key: llvmpipe
+                // ones score_block gives). An odd tile's last pair also scores the zero row past
+                // its last key and leaves it out, rather than finishing with one key: llvmpipe
                 // runs such a tail on every tile, taken or not (10% of decode's instructions).
                 for (var c = 2u * key_lane; c < len; c += 2u * LANES) {
                     score_pair(c);
@@ -232,47 +255,69 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
                     tmax = max(tmax, s);
                 }
             }
-            let alpha = exp2(m - tmax);
+            let alpha = max(exp2(m - tmax), RV(MIN_WEIGHT));
             if ROW_STATS {
                 // Rebased from m to tmax: Σ p·(m − s) → alpha·(t + (tmax − m)·l).
                 t = alpha * (t + select(RV(0.0), (tmax - m) * l, l > RV(0.0)));
             }
             l *= alpha;
             rescale(alpha);
-            // Removed keys (MASKED) add 0. Branchless on purpose: lanes of one row block rarely
+            // Removed keys (MASKED) weigh 0. Branchless on purpose: lanes of one row block rarely
             // agree on a bool mask, and a divergent branch around the accumulator writes cost
             // llvmpipe 2.6× on a 50% random mask; on GPUs the skipped lanes would idle anyway.
             // Two keys at a time, each accumulator updated by key c, then key c + 1; past an
-            // odd tile's end key c + 1 adds 0 (its V row is a staged copy, finite).
+            // odd tile's end key c + 1 weighs 0 (its V row is zero). Whole tiles have no
+            // removed keys; others leave each row's O alone where its weight is 0, so that a
+            // removed key's ±∞ adds nothing.
+            var l_tile = RV(0.0);
+            var t_tile = RV(0.0);
             for (var c = 2u * key_lane; c < len; c += 2u * LANES) {
-                let pc = select(RV(0.0), exp2(sc[c] - tmax), sc[c] > RV(REMOVED_BELOW));
-                var pd = select(RV(0.0), exp2(sc[c + 1u] - tmax), sc[c + 1u] > RV(REMOVED_BELOW));
-                pd = select(pd, RV(0.0), c + 1u == len);
-                l += pc;
-                l += pd;
+                let pc = weight(sc[c], tmax);
+                let pd = select(weight(sc[c + 1u], tmax), RV(0.0), c + 1u == len);
+                l_tile += pc;
+                l_tile += pd;
                 if ROW_STATS {
-                    t += pc * (tmax - sc[c]);
-                    t += pd * (tmax - sc[c + 1u]);
+                    t_tile += pc * (tmax - sc[c]);
+                    t_tile += pd * (tmax - sc[c + 1u]);
                 }
-                accumulate_pair(pc, pd, c);
+                if whole {
+                    accumulate_pair(pc, pd, c);
+                } else {
+                    accumulate_pair_kept(pc, pd, c);
+                }
             }
+            l += l_tile;
+            t += t_tile;
             m = tmax;
         }
         if !BROADCAST {
             workgroupBarrier();
         }
+        // Every fold_every tiles and after the last, the block folds into the row's sums.
+        tile += 1u;
+        if tile % fold_every == 0u || t0 + BC >= hi {
+            let w = max(exp2(m_sum - m), RV(MIN_WEIGHT));
+            if ROW_STATS {
+                t_sum = fma(w, t_sum + select(RV(0.0), (m - m_sum) * l_sum, l_sum > RV(0.0)), t);
+                t = RV(0.0);
+            }
+            l_sum = fma(w, l_sum, l);
+            l = RV(0.0);
+            fold_o(w);
+            m_sum = m;
+        }
     }
 
     // Every lane of the subgroup takes part, live or not; lane 0 then holds the rows' state.
-    merge_lanes(&m, &l, &t);
+    merge_lanes(&m_sum, &l_sum, &t_sum);
     let o_row0 = (((split * p.batch + hd.b) * p.m + p.row_offset + row0) * p.q_heads + hd.h) * p.d_v;
-    let inv_rows = select(RV(0.0), RV(1.0) / l, l > RV(0.0));
+    let inv_rows = select(RV(0.0), RV(1.0) / l_sum, l_sum > RV(0.0));
     store_o_rows(o_row0, p.q_heads * p.d_v, select(0u, live_rows, key_lane == 0u), inv_rows);
     let rows = p.batch * p.q_heads * p.m;
     for (var r = 0u; r < R; r++) {
         if key_lane == 0u && row0 + r < p.rows {
             let grow = row_grow[r];
-            let lr = lane(l, r);
+            let lr = lane(l_sum, r);
             // l = 0 only when the row saw no key in this split: output 0 and LSE = −∞, never
             // 0/0.
             var inv = 0.0;
@@ -280,7 +325,7 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
             var log_sum = 0.0;
             if lr > 0.0 {
                 inv = 1.0 / lr;
-                row_max = lane(m, r) * LN2;
+                row_max = lane(m_sum, r) * LN2;
                 log_sum = log(lr);
             }
             let at = bh * p.m + grow;
@@ -293,7 +338,7 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
             if ROW_STATS {
                 var entropy = 0.0;
                 if lr > 0.0 {
-                    entropy = LN2 * (log2(lr) + lane(t, r) / lr);
+                    entropy = LN2 * (log2(lr) + lane(t_sum, r) / lr);
                 }
                 write_row_stats((2u * split) * rows + at, (2u * split + 1u) * rows + at, entropy, inv);
             }

@@ -11,21 +11,29 @@
 //   1. S = Q·Kᵀ on matrix units, T×T blocks accumulated in f32, stored to s_sh;
 //   2. lane r < BR takes row r: its logits (log2 units: scale·log2 e applied to S in f32;
 //      masks and logit controls as in flash.wgsl), the running max, P = exp2(s − max) rounded
-//      to CE (the P·V operand) and the running sum of those rounded P, and the factor alpha
-//      by which the row's O shrinks when its max grows;
-//   3. every lane rescales O (f32, workgroup memory) by its row's alpha;
-//   4. O += P·V on matrix units, O loaded and stored as the accumulator.
-// At the end O is divided by the sum and written with the LSE, as in flash.wgsl.
+//      to CE (the P·V operand) and the sum of those rounded P (the tile's on its own, then
+//      added to the block's), and the factor alpha by which the row's O shrinks when its max
+//      grows;
+//   3. every lane rescales the block's O (f32, workgroup memory) by its row's alpha;
+//   4. O += P·V on matrix units, O loaded and stored as the accumulator;
+//   5. where the tile's V holds ±∞ or NaN (staged as 0, so that the product never forms 0·∞):
+//      each row's O takes the sum of those values over the keys it keeps, as p·∞ = ∞ for
+//      every weight p > 0 in the reference (removed keys add nothing);
+//   6. every G tiles and after the last (common/sums.wgsl), the block's O and sums fold into
+//      the row's (l_sum, m_sum, and O's in the output rows themselves: no workgroup memory)
+//      and start again from zero.
+// At the end O is divided by the sum in place and the LSE written, as in flash.wgsl.
 //
 // Cooperative operations need the whole subgroup in uniform control flow: they sit only in
 // loops whose bounds are uniform over the workgroup (its key range, and constants), and the
-// per-row work of step 2 is a plain branch between barriers.
+// per-row work of steps 2, 5 and 6 is a plain branch between barriers.
 //
 // Specialized by the host (prelude): `enable wgpu_cooperative_matrix`, CE, MatA, MatB, MatC
 // (the matrix types), T, DKP, DVP, BC, BR, WG, ANY_MASKING, `load_q`/`load_k`/`load_v` (element
 // by element, widened to f32) and O (binding 7, f32).
 //!include common/params.wgsl
 //!include common/mask.wgsl
+//!include common/sums.wgsl
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
 @group(0) @binding(1) var<storage, read> q: array<Elem>;
@@ -46,10 +54,16 @@ var<workgroup> v_sh: array<CE, BC * DVP>;
 var<workgroup> s_sh: array<f32, BR * BC>;
 // The tile's weights P as the matrix input: [row][key].
 var<workgroup> p_sh: array<CE, BR * BC>;
-// The rows' unnormalized O: [row][DVP].
+// The block's unnormalized O: [row][DVP].
 var<workgroup> o_sh: array<f32, BR * DVP>;
-// Per row: alpha of the tile, then 1 / sum at the end.
+// Per row: alpha of the tile, the fold's factor, then 1 / sum at the end.
 var<workgroup> row_factor: array<f32, BR>;
+// t0 + 1 of the last tile whose V holds a value that is not finite.
+var<workgroup> v_bad: atomic<u32>;
+
+fn is_finite(x: f32) -> bool {
+    return abs(x) <= 3.40282346638528859812e38;
+}
 
 // The owning lane's row: its keys [lo, hi) by lengths and window, its first mask word, its
 // query index; the workgroup's batch and head.
@@ -109,6 +123,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     }
 
     let q_row0 = ((hd.b * p.m + p.row_offset + row0) * p.q_heads + hd.h) * p.d_k;
+    let o_row0 = (((split * p.batch + hd.b) * p.m + p.row_offset + row0) * p.q_heads + hd.h) * p.d_v;
+    let o_stride = p.q_heads * p.d_v;
     let q_stride = p.q_heads * p.d_k;
     for (var e = li; e < BR * DKP; e += WG) {
         let r = e / DKP;
@@ -122,14 +138,23 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var e = li; e < BR * DVP; e += WG) {
         o_sh[e] = 0.0;
     }
+    if li == 0u {
+        atomicStore(&v_bad, 0u);
+    }
+    workgroupBarrier();
     let qs = p.scale * LOG2E;
+    // The owning lane's block max and sum, and its row's folded ones.
     var m = MASKED;
     var l = 0.0;
+    var m_sum = MASKED;
+    var l_sum = 0.0;
+    let fold_every = fold_tiles(hi - lo);
+    var tile = 0u;
 
     for (var t0 = lo; t0 < hi; t0 += BC) {
         let len = min(BC, hi - t0);
         // Keys past len and dims past d are zero: their scores are 0 (removed below) and
-        // their V rows add nothing.
+        // their V rows add nothing. So are V's values that are not finite (step 5).
         for (var e = li; e < BC * DKP; e += WG) {
             let c = e / DKP;
             let d = e % DKP;
@@ -145,6 +170,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             var x = 0.0;
             if c < len && d < p.d_v {
                 x = load_v(((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_v + d);
+                if !is_finite(x) {
+                    atomicMax(&v_bad, t0 + 1u);
+                    x = 0.0;
+                }
             }
             v_sh[e] = CE(x);
         }
@@ -175,14 +204,16 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 s_sh[at + c] = x;
                 tmax = max(tmax, x);
             }
-            let alpha = exp2(m - tmax);
+            let alpha = max(exp2(m - tmax), MIN_WEIGHT);
             l *= alpha;
+            var l_tile = 0.0;
             for (var c = 0u; c < BC; c++) {
                 let x = s_sh[at + c];
-                let w = CE(select(0.0, exp2(x - tmax), x > REMOVED_BELOW));
+                let w = CE(select(0.0, max(exp2(x - tmax), MIN_WEIGHT), x > REMOVED_BELOW));
                 p_sh[at + c] = w;
-                l += f32(w);
+                l_tile += f32(w);
             }
+            l += l_tile;
             row_factor[li] = alpha;
             m = tmax;
         }
@@ -206,28 +237,81 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             coopStoreT(acc, &o_sh[vb], DVP);
         }
         workgroupBarrier();
+
+        // 5. The kept keys' values that are not finite, in key order (no barrier inside: the
+        // next one waits for it).
+        if atomicLoad(&v_bad) == t0 + 1u {
+            for (var e = li; e < BR * DVP; e += WG) {
+                let r = e / DVP;
+                let d = e % DVP;
+                if row0 + r < p.rows && d < p.d_v {
+                    var x = 0.0;
+                    for (var c = 0u; c < len; c++) {
+                        if s_sh[r * BC + c] > REMOVED_BELOW {
+                            let y = load_v(((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_v + d);
+                            if !is_finite(y) {
+                                x += y;
+                            }
+                        }
+                    }
+                    o_sh[e] += x;
+                }
+            }
+        }
+
+        // 6. Every fold_every tiles and after the last, the block folds into the row's sums,
+        // O's in the output rows (the first fold writes them). Each lane folds the elements it
+        // rescales in step 3 and divides at the end; the next tile's barriers order the rest.
+        tile += 1u;
+        if tile % fold_every == 0u || t0 + BC >= hi {
+            if li < BR {
+                let w = max(exp2(m_sum - m), MIN_WEIGHT);
+                l_sum = fma(w, l_sum, l);
+                l = 0.0;
+                m_sum = m;
+                row_factor[li] = w;
+            }
+            workgroupBarrier();
+            for (var e = li; e < BR * DVP; e += WG) {
+                let r = e / DVP;
+                let d = e % DVP;
+                if row0 + r < p.rows && d < p.d_v {
+                    let at = o_row0 + r * o_stride + d;
+                    if tile > fold_every {
+                        o[at] = fma(row_factor[r], o[at], o_sh[e]);
+                    } else {
+                        o[at] = o_sh[e];
+                    }
+                }
+                o_sh[e] = 0.0;
+            }
+        }
     }
 
-    // l = 0 only when the row saw no key in this split: output 0 and LSE = −∞, never 0/0.
+    // l_sum = 0 only when the row saw no key in this split: output 0 and LSE = −∞, never 0/0.
     if li < BR {
-        row_factor[li] = select(0.0, 1.0 / l, l > 0.0);
+        row_factor[li] = select(0.0, 1.0 / l_sum, l_sum > 0.0);
     }
     workgroupBarrier();
-    let o_row0 = (((split * p.batch + hd.b) * p.m + p.row_offset + row0) * p.q_heads + hd.h) * p.d_v;
-    let o_stride = p.q_heads * p.d_v;
+    // Without tiles (no keys for the workgroup) nothing was folded: O is 0.
     for (var e = li; e < BR * DVP; e += WG) {
         let r = e / DVP;
         let d = e % DVP;
         if row0 + r < p.rows && d < p.d_v {
-            o[o_row0 + r * o_stride + d] = o_sh[e] * row_factor[r];
+            let at = o_row0 + r * o_stride + d;
+            if lo < hi {
+                o[at] *= row_factor[r];
+            } else {
+                o[at] = 0.0;
+            }
         }
     }
     if owner {
         var row_max = neg_inf();
         var log_sum = 0.0;
-        if l > 0.0 {
-            row_max = m * LN2;
-            log_sum = log(l);
+        if l_sum > 0.0 {
+            row_max = m_sum * LN2;
+            log_sum = log(l_sum);
         }
         let rows = p.batch * p.q_heads * p.m;
         let at = bh * p.m + row_grow;

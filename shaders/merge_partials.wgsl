@@ -4,8 +4,9 @@
 // either one LSE row per slice, [n_splits, batch, q_heads, M] (shards), or, with
 // FLAG_SPLIT_STATS (split-K), two: the max logit and ln(sum), [n_splits, 2, batch, q_heads, M],
 // weighed as exp((max_s − max) + ln sum_s) so that ln sum_s is not lost next to huge logits.
-// A slice whose max (or LSE) is ≤ REMOVED_BELOW (−∞: no keys) weighs 0; if every slice is
-// empty the row outputs 0 and LSE = −∞.
+// A slice whose max (or LSE) is ≤ REMOVED_BELOW (−∞: no keys) weighs 0, any other at least
+// MIN_WEIGHT (so that a slice's ±∞ in O stays ±∞, never 0·∞); if every slice is empty the
+// row outputs 0 and LSE = −∞.
 // One invocation per output element (row, d): its loops run over the splits only, so their
 // length does not grow with d_v (llvmpipe's loop cap, gpu::kernels::LoopCost); the element
 // with d = 0 writes the row's LSE.
@@ -60,7 +61,7 @@ fn main(
     for (var s = 0u; s < p.n_splits; s++) {
         let st = slice_stats(s, lrow, rows);
         if st.x > REMOVED_BELOW {
-            let w = exp((st.x - mx) + st.y);
+            let w = max(exp((st.x - mx) + st.y), MIN_WEIGHT);
             total += w;
             acc += w * o_parts[s * o_stride + at];
         }

@@ -63,6 +63,13 @@ const FLAG_ACCUMULATE: u32 = 32u;
 const MASKED: f32 = -3.0e38;
 const REMOVED_BELOW: f32 = -1.0e38;
 
+// The weight of a kept key that would round to 0, and the least factor by which the fused
+// kernels and merge_partials rescale sums (the smallest normal f32, 2^−126; CPU twin:
+// cpu::mask::MIN_WEIGHT): a kept key's ±∞ or NaN in V then reaches O as in the f64 reference
+// (p·∞ = ∞ for every p > 0) instead of 0·∞ = NaN, and finite results move by at most
+// 2^−126·N·max|v|. Removed keys weigh exactly 0 and add nothing.
+const MIN_WEIGHT: f32 = 1.1754943508222875e-38;
+
 // −∞ for LSE of rows that saw no key (built at run time: WGSL has no infinite literals).
 fn neg_inf() -> f32 {
     return bitcast<f32>(0xff800000u);

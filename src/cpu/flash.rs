@@ -1,13 +1,16 @@
 //! CPU twin of `shaders/flash.wgsl`: online-softmax attention, `r` query rows at a time (one
 //! invocation's block), keys in tiles of `bc` within the workgroup's key range (lengths and
 //! window), exp2 with Q pre-scaled by scale·log2 e, one rescale per tile, tiles that none of
-//! the block's rows may see skipped, removed keys adding 0. With `lanes` > 1, each lane of the
-//! block takes the pairs of keys lane, lane + lanes, … of every tile with its own state, and
-//! the lanes are merged at the end (the shader's subgroup reductions).
+//! the block's rows may see skipped, removed keys adding nothing (also where V is ±∞), kept
+//! keys weighing at least [`MIN_WEIGHT`]. The sums in the levels of shaders/common/sums.wgsl:
+//! each tile's l and t summed on their own, the block's (l, t, O) folded into the row's every
+//! [`fold_tiles`] tiles and after the last. With `lanes` > 1, each lane of the block takes the
+//! pairs of keys lane, lane + lanes, … of every tile with its own state, and the lanes are
+//! merged at the end (the shader's subgroup reductions).
 
 use crate::cpu::mask::{
     key_range, mask_any, mask_bit, mask_row_base, shape_logit, workgroup_keys, MaskData, MASKED,
-    REMOVED_BELOW,
+    MIN_WEIGHT, REMOVED_BELOW,
 };
 use crate::params::{flags, AttnParams};
 
@@ -24,11 +27,56 @@ struct Row {
     hi: u32,
     mbase: u32,
     qr: Vec<f32>,
+    /// The block's O, max and sums (relative to `m`).
     acc: Vec<f32>,
     m: f32,
     l: f32,
     /// Σ p·(m − s), log2 units (the row statistics).
     t: f32,
+    /// The row's folded O, max and sums (relative to `m_sum`).
+    o_sum: Vec<f32>,
+    m_sum: f32,
+    l_sum: f32,
+    t_sum: f32,
+}
+
+impl Row {
+    /// Folds the block's sums into the row's, rebased from `m_sum` to `m`, and clears them.
+    fn fold(&mut self) {
+        let w = (self.m_sum - self.m).exp2().max(MIN_WEIGHT);
+        let rebase = if self.l_sum > 0.0 {
+            (self.m - self.m_sum) * self.l_sum
+        } else {
+            0.0
+        };
+        self.t_sum = w.mul_add(self.t_sum + rebase, self.t);
+        self.t = 0.0;
+        self.l_sum = w.mul_add(self.l_sum, self.l);
+        self.l = 0.0;
+        for (o, a) in self.o_sum.iter_mut().zip(&mut self.acc) {
+            *o = w.mul_add(*o, *a);
+            *a = 0.0;
+        }
+        self.m_sum = self.m;
+    }
+}
+
+/// The tiles per block of a key loop over `keys` keys in tiles of `bc` (a power of two), as
+/// `fold_tiles` in shaders/common/sums.wgsl: 2^⌊(2·⌊log2 T⌋ − log2 bc + 1) / 3⌋ for T tiles.
+pub fn fold_tiles(keys: u32, bc: u32) -> u32 {
+    let tiles = keys.div_ceil(bc).max(1);
+    let log2 = |x: u32| 31 - x.leading_zeros() as i32;
+    1 << ((2 * log2(tiles) - log2(bc) + 1).max(0) / 3)
+}
+
+/// The weight of logit `s` against the max `tmax`: 0 for a removed key, at least
+/// [`MIN_WEIGHT`] else.
+pub fn weight(s: f32, tmax: f32) -> f32 {
+    if s > REMOVED_BELOW {
+        (s - tmax).exp2().max(MIN_WEIGHT)
+    } else {
+        0.0
+    }
 }
 
 /// Runs the twin on the kernel's bindings 1.. as words: q, k, v, lens, mask, bias → o, lse
@@ -125,6 +173,10 @@ pub fn flash(
                                 m: MASKED,
                                 l: 0.0,
                                 t: 0.0,
+                                o_sum: vec![0.0; dv],
+                                m_sum: MASKED,
+                                l_sum: 0.0,
+                                t_sum: 0.0,
                             }
                         })
                         .collect();
@@ -135,6 +187,8 @@ pub fn flash(
                             && j < row.hi
                             && (p.flags & flags::MASK == 0 || mask_bit(masks, row.mbase, j))
                     };
+                    let fold_every = fold_tiles(hi.saturating_sub(lo), bc);
+                    let mut tile = 0;
                     let mut t0 = lo;
                     while t0 < hi {
                         let len = bc.min(hi - t0);
@@ -190,7 +244,7 @@ pub fn flash(
                                     let tmax = (0..sc.len())
                                         .filter(mine)
                                         .fold(row.m, |a, c| a.max(sc[c][i]));
-                                    let alpha = (row.m - tmax).exp2();
+                                    let alpha = (row.m - tmax).exp2().max(MIN_WEIGHT);
                                     let rebase = if row.l > 0.0 {
                                         (tmax - row.m) * row.l
                                     } else {
@@ -200,19 +254,21 @@ pub fn flash(
                                     row.l *= alpha;
                                     row.acc.iter_mut().for_each(|a| *a *= alpha);
                                     // The shader takes keys two at a time here (and for whole tiles'
-                                    // scores); each sum still adds key c, then key c + 1.
+                                    // scores); each sum still adds key c, then key c + 1. The
+                                    // tile's l and t are summed on their own.
+                                    let (mut l_tile, mut t_tile) = (0.0f32, 0.0f32);
                                     for (c, (j, s)) in (t0..t1).zip(&sc).enumerate() {
                                         if !mine(&c) {
                                             continue;
                                         }
-                                        // Removed keys add 0 (branchless, as in the shader).
-                                        let pc = if s[i] > REMOVED_BELOW {
-                                            (s[i] - tmax).exp2()
-                                        } else {
-                                            0.0
-                                        };
-                                        row.l += pc;
-                                        row.t += pc * (tmax - s[i]);
+                                        let pc = weight(s[i], tmax);
+                                        l_tile += pc;
+                                        t_tile += pc * (tmax - s[i]);
+                                        // Only removed keys weigh 0: they leave O alone, as the
+                                        // shader's zero rows past a tile and its kept variant.
+                                        if pc == 0.0 {
+                                            continue;
+                                        }
                                         let vbase =
                                             (((b * p.n + j) * p.kv_heads + hk) * p.d_v) as usize;
                                         for (a, &x) in row.acc.iter_mut().zip(&v[vbase..vbase + dv])
@@ -220,22 +276,29 @@ pub fn flash(
                                             *a = pc.mul_add(x, *a);
                                         }
                                     }
+                                    row.l += l_tile;
+                                    row.t += t_tile;
                                     row.m = tmax;
                                 }
                             }
+                        }
+                        // Every fold_every tiles and after the last, taken or not.
+                        tile += 1;
+                        if tile % fold_every == 0 || t0 + bc >= hi {
+                            lane_rows.iter_mut().flatten().for_each(Row::fold);
                         }
                         t0 += bc;
                     }
                     let rows = merge_lanes(lane_rows);
                     for row in rows.iter().filter(|row| row.live) {
-                        let (grow, l) = (row.grow, row.l);
+                        let (grow, l) = (row.grow, row.l_sum);
                         let at = [split, b, h, grow];
-                        let inv = write_row(p, (o, lse), at, &row.acc, (row.m, l));
+                        let inv = write_row(p, (o, lse), at, &row.o_sum, (row.m_sum, l));
                         let rows = p.batch * p.q_heads * p.m;
                         let at = bh * p.m + grow;
                         if let Some(out) = row_stats.as_deref_mut() {
                             let entropy = if l > 0.0 {
-                                LN_2 * (l.log2() + row.t / l)
+                                LN_2 * (l.log2() + row.t_sum / l)
                             } else {
                                 0.0
                             };
@@ -280,29 +343,35 @@ pub fn write_row(
     inv
 }
 
-/// The lanes' states of a block's rows merged into one per row (lane order): each lane's sum,
-/// accumulator and Σ p·(m − s) rebased from its own max to the rows' max.
+/// The lanes' folded states of a block's rows merged into one per row (lane order): each
+/// lane's sum, O and Σ p·(m − s) rebased from its own max to the rows' max.
 fn merge_lanes(lane_rows: Vec<Vec<Row>>) -> Vec<Row> {
     let mut rows = lane_rows[0].clone();
     if lane_rows.len() == 1 {
         return rows;
     }
     for (i, row) in rows.iter_mut().enumerate() {
-        let mx = lane_rows.iter().fold(MASKED, |a, lane| a.max(lane[i].m));
-        row.l = 0.0;
-        row.t = 0.0;
-        row.acc.iter_mut().for_each(|a| *a = 0.0);
+        let mx = lane_rows
+            .iter()
+            .fold(MASKED, |a, lane| a.max(lane[i].m_sum));
+        row.l_sum = 0.0;
+        row.t_sum = 0.0;
+        row.o_sum.iter_mut().for_each(|a| *a = 0.0);
         for lane in &lane_rows {
             let x = &lane[i];
-            let w = (x.m - mx).exp2();
-            let rebase = if x.l > 0.0 { (mx - x.m) * x.l } else { 0.0 };
-            row.t += w * (x.t + rebase);
-            row.l += w * x.l;
-            for (a, &y) in row.acc.iter_mut().zip(&x.acc) {
+            let w = (x.m_sum - mx).exp2().max(MIN_WEIGHT);
+            let rebase = if x.l_sum > 0.0 {
+                (mx - x.m_sum) * x.l_sum
+            } else {
+                0.0
+            };
+            row.t_sum += w * (x.t_sum + rebase);
+            row.l_sum += w * x.l_sum;
+            for (a, &y) in row.o_sum.iter_mut().zip(&x.o_sum) {
                 *a += y * w;
             }
         }
-        row.m = mx;
+        row.m_sum = mx;
     }
     rows
 }

@@ -2,13 +2,16 @@
 //! A workgroup owns `tile` query rows and walks its key range in tiles of `bc` keys; the
 //! matrix inputs (Q, K, V, and the weights P) are rounded to f16 where `half_inputs`, products
 //! accumulate in f32, S is scaled by scale·log2 e after the product, each row's sum adds the
-//! rounded weights, and O is rescaled once per tile before P·V is added.
+//! rounded weights (each tile's on its own), and O is rescaled once per tile before P·V is
+//! added. V's values that are not finite enter the product as 0 and are added to each row's O
+//! afterwards over the keys the row keeps; the block's O and sum fold into the row's every
+//! [`fold_tiles`] tiles and after the last (shaders/common/sums.wgsl).
 
 use half::f16;
 
-use crate::cpu::flash::write_row;
+use crate::cpu::flash::{fold_tiles, weight, write_row};
 use crate::cpu::mask::{
-    key_range, mask_bit, mask_row_base, shape_logit, workgroup_keys, MaskData, MASKED,
+    key_range, mask_bit, mask_row_base, shape_logit, workgroup_keys, MaskData, MASKED, MIN_WEIGHT,
     REMOVED_BELOW,
 };
 use crate::params::{flags, AttnParams};
@@ -91,8 +94,13 @@ pub fn flash_coop(
                             MASKED
                         }
                     };
+                    // The block's max, sum and O; the row's folded ones.
                     let (mut m, mut l) = (MASKED, 0.0f32);
                     let mut acc = vec![0.0f32; dv];
+                    let (mut m_sum, mut l_sum) = (MASKED, 0.0f32);
+                    let mut o_sum = vec![0.0f32; dv];
+                    let fold_every = fold_tiles(hi.saturating_sub(lo), bc);
+                    let mut tile = 0;
                     let mut t0 = lo;
                     while t0 < hi {
                         let len = bc.min(hi - t0);
@@ -107,25 +115,46 @@ pub fn flash_coop(
                             })
                             .collect();
                         let tmax = logits.iter().fold(m, |a, &x| a.max(x));
-                        let alpha = (m - tmax).exp2();
+                        let alpha = (m - tmax).exp2().max(MIN_WEIGHT);
                         l *= alpha;
                         acc.iter_mut().for_each(|a| *a *= alpha);
+                        let mut l_tile = 0.0f32;
                         for (j, &x) in (t0..).zip(&logits) {
-                            let w = input(if x > REMOVED_BELOW {
-                                (x - tmax).exp2()
-                            } else {
-                                0.0
-                            });
-                            l += w;
+                            let w = input(weight(x, tmax));
+                            l_tile += w;
                             let vr = &v[v_row(j)..v_row(j) + dv];
                             for (a, &y) in acc.iter_mut().zip(vr) {
+                                let y = if y.is_finite() { y } else { 0.0 };
                                 *a = w.mul_add(input(y), *a);
                             }
                         }
+                        l += l_tile;
                         m = tmax;
+                        // The values that are not finite, over the keys the row keeps.
+                        for (d, a) in acc.iter_mut().enumerate() {
+                            let x = (t0..)
+                                .zip(&logits)
+                                .filter(|&(_, &s)| s > REMOVED_BELOW)
+                                .map(|(j, _)| v[v_row(j) + d])
+                                .filter(|y| !y.is_finite())
+                                .fold(0.0f32, |x, y| x + y);
+                            *a += x;
+                        }
+                        tile += 1;
+                        if tile % fold_every == 0 || t0 + bc >= hi {
+                            let w = (m_sum - m).exp2().max(MIN_WEIGHT);
+                            l_sum = w.mul_add(l_sum, l);
+                            l = 0.0;
+                            m_sum = m;
+                            for (o, a) in o_sum.iter_mut().zip(&mut acc) {
+                                *o = w.mul_add(*o, *a);
+                                *a = 0.0;
+                            }
+                        }
                         t0 += bc;
                     }
-                    write_row(p, (&mut *o, &mut *lse), [split, b, h, grow], &acc, (m, l));
+                    let out = (&mut *o, &mut *lse);
+                    write_row(p, out, [split, b, h, grow], &o_sum, (m_sum, l_sum));
                 }
             }
         }

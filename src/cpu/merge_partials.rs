@@ -1,7 +1,7 @@
 //! CPU twin of `shaders/merge_partials.wgsl`: exact merge of partial (O, statistics), one
-//! output element at a time.
+//! output element at a time; a slice with keys weighs at least [`MIN_WEIGHT`].
 
-use crate::cpu::mask::{MASKED, REMOVED_BELOW};
+use crate::cpu::mask::{MASKED, MIN_WEIGHT, REMOVED_BELOW};
 use crate::params::{flags, AttnParams};
 
 /// Runs the twin on the kernel's bindings 1.. as words: partial o, partial stats → o, lse
@@ -52,7 +52,7 @@ pub fn merge_partials(
         for s in 0..splits {
             let (max, log_sum) = slice(s);
             if max > REMOVED_BELOW {
-                let w = ((max - mx) + log_sum).exp();
+                let w = ((max - mx) + log_sum).exp().max(MIN_WEIGHT);
                 total += w;
                 acc += w * o_parts[s * rows * dv + at];
             }

@@ -16,6 +16,10 @@ const COMMON_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/common/mask.wgsl"),
     ),
     (
+        "common/sums.wgsl",
+        include_str!("../../shaders/common/sums.wgsl"),
+    ),
+    (
         "common/tile_gemm.wgsl",
         include_str!("../../shaders/common/tile_gemm.wgsl"),
     ),

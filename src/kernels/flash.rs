@@ -249,6 +249,7 @@ fn flash_prelude(
         }
     }
     let mut scales = String::new();
+    let mut folds = String::new();
     let mut add_pair = if broadcast > 1 {
         broadcast_loads("v", &[("v", 0), ("w", dv4)], dv4, broadcast)
     } else {
@@ -260,14 +261,28 @@ fn flash_prelude(
                 "    let v{i} = v_tile[a + {i}u];\n    let w{i} = v_tile[a + DV4 + {i}u];\n"
             ));
         }
+    }
+    // Only removed keys weigh 0: the kept variant leaves a row's O alone for them.
+    let mut add_kept = add_pair.clone();
+    add_kept.push_str("    let kc = pc > RV(0.0);\n    let kd = pd > RV(0.0);\n");
+    for i in 0..dv4 {
         for row in rows.clone() {
             let a = row * dv4 + i;
             scales.push_str(&format!("    acc[{a}] *= {};\n", lane("alpha", row)));
+            folds.push_str(&format!(
+                "    o_sum[{a}] = fma(vec4<f32>({}), o_sum[{a}], acc[{a}]);\n    acc[{a}] = vec4<f32>(0.0);\n",
+                lane("w", row)
+            ));
             // Key c first, then key c + 1.
+            let (pc, pd) = (lane("pc", row), lane("pd", row));
             add_pair.push_str(&format!(
-                "    acc[{a}] = fma(vec4<f32>({}), w{i}, fma(vec4<f32>({}), v{i}, acc[{a}]));\n",
-                lane("pd", row),
-                lane("pc", row)
+                "    acc[{a}] = fma(vec4<f32>({pd}), w{i}, fma(vec4<f32>({pc}), v{i}, acc[{a}]));\n"
+            ));
+            add_kept.push_str(&format!(
+                "    let x{a} = select(acc[{a}], fma(vec4<f32>({pc}), v{i}, acc[{a}]), {});\n    \
+                 acc[{a}] = select(x{a}, fma(vec4<f32>({pd}), w{i}, x{a}), {});\n",
+                lane("kc", row),
+                lane("kd", row)
             ));
         }
     }
@@ -287,7 +302,7 @@ fn flash_prelude(
         }
         for i in 0..dv4 {
             o_rows.push_str(&format!(
-                "        store4_o(b, {}u, acc[{}] * {}, p.d_v);\n",
+                "        store4_o(b, {}u, o_sum[{}] * {}, p.d_v);\n",
                 4 * i,
                 row * dv4 + i,
                 lane("inv", row)
@@ -296,8 +311,8 @@ fn flash_prelude(
         q_rows.push_str("    }\n");
         o_rows.push_str("    }\n");
     }
-    // The entry point, and the merge of a row group's lanes: each lane's sum, accumulator and
-    // Σ p·(m − s) rebased from its own max to the group's (as flash.wgsl rebases per tile).
+    // The entry point, and the merge of a row group's lanes: each lane's sum, O and Σ p·(m − s)
+    // rebased from its own max to the group's (as flash.wgsl rebases per tile).
     let (entry, merge) = if lanes == 1 && broadcast > 1 {
         (
             "fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32,\n    \
@@ -315,7 +330,7 @@ fn flash_prelude(
         let sums: String = (0..r * dv4)
             .map(|a| {
                 format!(
-                    "    acc[{a}] = subgroupAdd(acc[{a}] * {});\n",
+                    "    o_sum[{a}] = subgroupAdd(o_sum[{a}] * {});\n",
                     lane("w", a / dv4)
                 )
             })
@@ -325,7 +340,7 @@ fn flash_prelude(
              @builtin(subgroup_id) sg: u32, @builtin(subgroup_invocation_id) sl: u32) {\n    \
              attend(wg, li, sg, sl);\n}\n",
             format!(
-                "    let mx = subgroupMax(*m);\n    let w = exp2(*m - mx);\n    \
+                "    let mx = subgroupMax(*m);\n    let w = max(exp2(*m - mx), RV(MIN_WEIGHT));\n    \
                  if ROW_STATS {{\n        \
                  *t = subgroupAdd(w * (*t + select(RV(0.0), (mx - *m) * *l, *l > RV(0.0))));\n    }}\n    \
                  *l = subgroupAdd(w * *l);\n{sums}    *m = mx;\n"
@@ -348,6 +363,8 @@ fn flash_prelude(
          sc[c] = {score_k};\n    sc[c + 1u] = {score_x};\n}}\n\
          fn rescale(alpha: RV) {{\n{scales}}}\n\
          fn accumulate_pair(pc: RV, pd: RV, c: u32) {{\n    let a = c * DV4;\n{add_pair}}}\n\
+         fn accumulate_pair_kept(pc: RV, pd: RV, c: u32) {{\n    let a = c * DV4;\n{add_kept}}}\n\
+         fn fold_o(w: RV) {{\n{folds}}}\n\
          fn sees_block(t0: u32, t1: u32) -> bool {{\n    return {sees};\n}}\n\
          fn keeps_block(j: u32) -> bool {{\n    return {keeps};\n}}\n\
          fn logit_block(s: RV, j: u32) -> RV {{\n    return {logits};\n}}\n\
@@ -375,9 +392,9 @@ fn flash_prelude(
 
 /// Straight-line loads of the rows of keys `c`, `c + 1`, … of the tile (`names.len()` keys,
 /// `n` vec4s each) from `array` (`k` or `v`) by a subgroup of `b` lanes: lane `sg_lane` loads
-/// vec4 `j·b + sg_lane` of them (clamped to the last; keys past the tile's end read its last
-/// key), then `{name}{i}` is vec4 `i` of its key, taken by `subgroupBroadcast` from the lane
-/// that loaded it. Every lane of the subgroup must run it.
+/// vec4 `j·b + sg_lane` of them (clamped to the last; keys past the tile's end are zero, read
+/// at its last key and not used), then `{name}{i}` is vec4 `i` of its key, taken by
+/// `subgroupBroadcast` from the lane that loaded it. Every lane of the subgroup must run it.
 fn broadcast_loads(array: &str, names: &[(&str, u32)], n: u32, b: u32) -> String {
     let total = names
         .iter()
@@ -388,8 +405,9 @@ fn broadcast_loads(array: &str, names: &[(&str, u32)], n: u32, b: u32) -> String
     for j in 0..total.div_ceil(b) {
         out.push_str(&format!(
             "    let e{j} = min({}u + sg_lane, {}u);\n    \
-             let {array}w{j} = load4_{array}({array}_row(tile_t0 + min(c + e{j} / {n}u, tile_len - 1u)), \
-             4u * (e{j} % {n}u), p.d_{array});\n",
+             let {array}c{j} = c + e{j} / {n}u;\n    \
+             let {array}w{j} = select(vec4<f32>(0.0), load4_{array}({array}_row(tile_t0 + \
+             min({array}c{j}, tile_len - 1u)), 4u * (e{j} % {n}u), p.d_{array}), {array}c{j} < tile_len);\n",
             j * b,
             total - 1,
         ));

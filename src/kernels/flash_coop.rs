@@ -61,7 +61,8 @@ impl KernelSpec for FlashCoop {
         format!("xattn.flash_coop_dk{dk}_dv{dv}_bc{bc}_t{tile}_{inputs}_lanes{lanes}{variant}")
     }
 
-    /// Q, K, V and P as matrix inputs; S, O and the row factors in f32.
+    /// Q, K, V and P as matrix inputs; S, the block's O, the row factors and the tile's flag
+    /// in f32 (u32). The folded O lives in the output rows.
     fn workgroup_bytes(&self) -> u64 {
         let FlashCoop {
             dk, dv, bc, tile, ..
@@ -69,14 +70,16 @@ impl KernelSpec for FlashCoop {
         let input = if self.half_inputs { 2 } else { 4 };
         let br = tile;
         u64::from(br * dk + bc * dk + bc * dv + br * bc) * input
-            + u64::from(br * bc + br * dv + br) * 4
+            + u64::from(br * bc + br * dv + br + 1) * 4
     }
 
     /// Fixed: Q staging, O zeroing and O writing (by `lanes` invocations), the tile loop's
     /// exit. Per tile of bc keys: the tile loop, K and V staging, the score blocks (bc / tile
     /// of them, each over dk / tile), the owner's two loops over the tile's keys (with the
-    /// segment lookup per key), O's rescaling and the P·V blocks (dv / tile of them, each
-    /// over bc / tile).
+    /// segment lookup per key), O's rescaling, the P·V blocks (dv / tile of them, each over
+    /// bc / tile), the loops over O of the values that are not finite (each over the tile's
+    /// keys; run only for tiles whose V holds one, counted for every tile) and of the fold
+    /// (counted for every tile).
     fn loop_cost(&self, p: &AttnParams) -> (LoopCost, u64) {
         let [dk, dv, bc, tile, lanes] =
             [self.dk, self.dv, self.bc, self.tile, self.lanes].map(u64::from);
@@ -92,7 +95,10 @@ impl KernelSpec for FlashCoop {
                 + bc * segment_lookup(p)
                 + spread(tile * dv)
                 + looped(dv / tile)
-                + dv / tile * looped(bc / tile),
+                + dv / tile * looped(bc / tile)
+                + spread(tile * dv)
+                + (tile * dv).div_ceil(lanes) * looped(bc)
+                + spread(tile * dv),
             step: bc,
         };
         (cost, u64::from(p.split_len.min(p.n)))
