@@ -193,119 +193,121 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
     var m_sum = RV(MASKED);
     var l_sum = RV(0.0);
     var t_sum = RV(0.0);
-    let fold_every = fold_tiles(hi - lo);
-    var tile = 0u;
-
-    for (var t0 = lo; t0 < hi; t0 += BC) {
-        let len = min(BC, hi - t0);
-        tile_t0 = t0;
-        tile_len = len;
-        // Tile rows past len are zero (an odd tile's last pair reads one, with weight 0). With
-        // broadcast loads the subgroup reads K and V itself: nothing is staged, and no barrier
-        // waits for it.
-        if !BROADCAST {
-            for (var e = li; e < BC * DK4; e += WG) {
-                let c = e / DK4;
-                let kbase = ((hd.b * p.n + t0 + min(c, len - 1u)) * p.kv_heads + hd.hk) * p.d_k;
-                k_tile[e] = select(vec4<f32>(0.0), load4_k(kbase, (e % DK4) * 4u, p.d_k), c < len);
-            }
-            for (var e = li; e < BC * DV4; e += WG) {
-                let c = e / DV4;
-                let vbase = ((hd.b * p.n + t0 + min(c, len - 1u)) * p.kv_heads + hd.hk) * p.d_v;
-                v_tile[e] = select(vec4<f32>(0.0), load4_v(vbase, (e % DV4) * 4u, p.d_v), c < len);
-            }
-            workgroupBarrier();
-        }
-        let t1 = t0 + len;
-        // The invocation skips tiles that none of its rows may see (a padding mask shared by
-        // the rows skips whole tiles for all of them). With broadcast loads (BROADCAST) the
-        // lanes of a subgroup load K and V rows together, so they take or skip each tile
-        // together, and the plain loop only where it is plain for all of them; a lane whose
-        // rows see none of a tile, or that has no live row, then adds only removed keys.
-        if subgroup_any(live && sees_block(t0, t1)) {
-            var tmax = m;
-            // ANY_MASKING (a specialization) is false when the call masks nothing: every tile
-            // is whole then, and the compiler drops the per-key loop.
-            let whole = subgroup_all(!ANY_MASKING
-                || ((p.flags & (FLAG_MASK | LOGIT_FLAGS)) == 0u && whole_lo <= t0 && whole_hi >= t1));
-            if whole {
-                // Two keys at a time: each Q vec4 read serves both (the pair's scores are the
-                // ones score_block gives). An odd tile's last pair also scores the zero row past
-                // its last key and leaves it out, rather than finishing with one key: llvmpipe
-                // runs such a tail on every tile, taken or not (10% of decode's instructions).
-                for (var c = 2u * key_lane; c < len; c += 2u * LANES) {
-                    score_pair(c);
-                    tmax = max(tmax, max(sc[c], select(sc[c + 1u], RV(MASKED), c + 1u == len)));
+    // Blocks of fold_tiles tiles (common/sums.wgsl), each folded into the row's sums after its
+    // last tile: a loop of their own, as llvmpipe runs an if's body on every pass, taken or not.
+    let block_keys = BC * fold_tiles(hi - lo);
+    for (var b0 = lo; b0 < hi; b0 += block_keys) {
+        let b1 = min(hi, b0 + block_keys);
+        for (var t0 = b0; t0 < b1; t0 += BC) {
+            let len = min(BC, hi - t0);
+            tile_t0 = t0;
+            tile_len = len;
+            // Tile rows past len (an odd tile's last pair reads one, with weight 0): K repeats key
+            // len − 1 (its score is left out), V is zero (0·V adds nothing, also where V is ±∞).
+            // With broadcast loads the subgroup reads K and V itself: nothing is staged, and no
+            // barrier waits for it.
+            if !BROADCAST {
+                for (var e = li; e < BC * DK4; e += WG) {
+                    let c = min(e / DK4, len - 1u);
+                    let kbase = ((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_k;
+                    k_tile[e] = load4_k(kbase, (e % DK4) * 4u, p.d_k);
                 }
-            } else {
-                // The lane's keys: both of each of its pairs.
-                for (var c = 2u * key_lane; c < len; c += select(2u * LANES - 1u, 1u, c % 2u == 0u)) {
-                    let j = t0 + c;
-                    var s = RV(MASKED);
-                    if BROADCAST {
-                        // Every lane loads its share of the key: scored before the branch.
-                        let raw = score_block(c);
-                        if keeps_block(j) {
-                            s = logit_block(raw, j);
-                        }
-                    } else if keeps_block(j) {
-                        s = logit_block(score_block(c), j);
-                    }
-                    sc[c] = s;
-                    tmax = max(tmax, s);
+                for (var e = li; e < BC * DV4; e += WG) {
+                    let c = e / DV4;
+                    let vbase = ((hd.b * p.n + t0 + min(c, len - 1u)) * p.kv_heads + hd.hk) * p.d_v;
+                    v_tile[e] = select(vec4<f32>(0.0), load4_v(vbase, (e % DV4) * 4u, p.d_v), c < len);
                 }
+                workgroupBarrier();
             }
-            let alpha = max(exp2(m - tmax), RV(MIN_WEIGHT));
-            if ROW_STATS {
-                // Rebased from m to tmax: Σ p·(m − s) → alpha·(t + (tmax − m)·l).
-                t = alpha * (t + select(RV(0.0), (tmax - m) * l, l > RV(0.0)));
-            }
-            l *= alpha;
-            rescale(alpha);
-            // Removed keys (MASKED) weigh 0. Branchless on purpose: lanes of one row block rarely
-            // agree on a bool mask, and a divergent branch around the accumulator writes cost
-            // llvmpipe 2.6× on a 50% random mask; on GPUs the skipped lanes would idle anyway.
-            // Two keys at a time, each accumulator updated by key c, then key c + 1; past an
-            // odd tile's end key c + 1 weighs 0 (its V row is zero). Whole tiles have no
-            // removed keys; others leave each row's O alone where its weight is 0, so that a
-            // removed key's ±∞ adds nothing.
-            var l_tile = RV(0.0);
-            var t_tile = RV(0.0);
-            for (var c = 2u * key_lane; c < len; c += 2u * LANES) {
-                let pc = weight(sc[c], tmax);
-                let pd = select(weight(sc[c + 1u], tmax), RV(0.0), c + 1u == len);
-                l_tile += pc;
-                l_tile += pd;
-                if ROW_STATS {
-                    t_tile += pc * (tmax - sc[c]);
-                    t_tile += pd * (tmax - sc[c + 1u]);
-                }
+            let t1 = t0 + len;
+            // The invocation skips tiles that none of its rows may see (a padding mask shared by
+            // the rows skips whole tiles for all of them). With broadcast loads (BROADCAST) the
+            // lanes of a subgroup load K and V rows together, so they take or skip each tile
+            // together, and the plain loop only where it is plain for all of them; a lane whose
+            // rows see none of a tile, or that has no live row, then adds only removed keys.
+            if subgroup_any(live && sees_block(t0, t1)) {
+                var tmax = m;
+                // ANY_MASKING (a specialization) is false when the call masks nothing: every tile
+                // is whole then, and the compiler drops the per-key loop.
+                let whole = subgroup_all(!ANY_MASKING
+                    || ((p.flags & (FLAG_MASK | LOGIT_FLAGS)) == 0u && whole_lo <= t0 && whole_hi >= t1));
                 if whole {
-                    accumulate_pair(pc, pd, c);
+                    // Two keys at a time: each Q vec4 read serves both (the pair's scores are the
+                    // ones score_block gives). An odd tile's last pair also scores the row past its
+                    // last key (a copy of it) and leaves it out, rather than finishing with one key: llvmpipe
+                    // runs such a tail on every tile, taken or not (10% of decode's instructions).
+                    for (var c = 2u * key_lane; c < len; c += 2u * LANES) {
+                        score_pair(c);
+                        tmax = max(tmax, max(sc[c], select(sc[c + 1u], RV(MASKED), c + 1u == len)));
+                    }
                 } else {
-                    accumulate_pair_kept(pc, pd, c);
+                    // The lane's keys: both of each of its pairs.
+                    for (var c = 2u * key_lane; c < len; c += select(2u * LANES - 1u, 1u, c % 2u == 0u)) {
+                        let j = t0 + c;
+                        var s = RV(MASKED);
+                        if BROADCAST {
+                            // Every lane loads its share of the key: scored before the branch.
+                            let raw = score_block(c);
+                            if keeps_block(j) {
+                                s = logit_block(raw, j);
+                            }
+                        } else if keeps_block(j) {
+                            s = logit_block(score_block(c), j);
+                        }
+                        sc[c] = s;
+                        tmax = max(tmax, s);
+                    }
                 }
+                let alpha = max(exp2(m - tmax), RV(MIN_WEIGHT));
+                if ROW_STATS {
+                    // Rebased from m to tmax: Σ p·(m − s) → alpha·(t + (tmax − m)·l).
+                    t = alpha * (t + select(RV(0.0), (tmax - m) * l, l > RV(0.0)));
+                }
+                l *= alpha;
+                rescale(alpha);
+                // Removed keys (MASKED) weigh 0. Branchless on purpose: lanes of one row block rarely
+                // agree on a bool mask, and a divergent branch around the accumulator writes cost
+                // llvmpipe 2.6× on a 50% random mask; on GPUs the skipped lanes would idle anyway.
+                // Two keys at a time, each accumulator updated by key c, then key c + 1; past an
+                // odd tile's end key c + 1 weighs 0 (its V row is zero). Whole tiles have no
+                // removed keys; others leave each row's O alone where its weight is 0, so that a
+                // removed key's ±∞ adds nothing.
+                // (A constant false where the call masks nothing: the kept variant is compiled out.)
+                let kept_only = ANY_MASKING && !whole;
+                var l_tile = RV(0.0);
+                var t_tile = RV(0.0);
+                for (var c = 2u * key_lane; c < len; c += 2u * LANES) {
+                    let pc = weight(sc[c], tmax);
+                    let pd = select(weight(sc[c + 1u], tmax), RV(0.0), c + 1u == len);
+                    l_tile += pc;
+                    l_tile += pd;
+                    if ROW_STATS {
+                        t_tile += pc * (tmax - sc[c]);
+                        t_tile += pd * (tmax - sc[c + 1u]);
+                    }
+                    if kept_only {
+                        accumulate_pair_kept(pc, pd, c);
+                    } else {
+                        accumulate_pair(pc, pd, c);
+                    }
+                }
+                l += l_tile;
+                t += t_tile;
+                m = tmax;
             }
-            l += l_tile;
-            t += t_tile;
-            m = tmax;
-        }
-        if !BROADCAST {
-            workgroupBarrier();
-        }
-        // Every fold_every tiles and after the last, the block folds into the row's sums.
-        tile += 1u;
-        if tile % fold_every == 0u || t0 + BC >= hi {
-            let w = max(exp2(m_sum - m), RV(MIN_WEIGHT));
-            if ROW_STATS {
-                t_sum = fma(w, t_sum + select(RV(0.0), (m - m_sum) * l_sum, l_sum > RV(0.0)), t);
-                t = RV(0.0);
+            if !BROADCAST {
+                workgroupBarrier();
             }
-            l_sum = fma(w, l_sum, l);
-            l = RV(0.0);
-            fold_o(w);
-            m_sum = m;
         }
+        let w = max(exp2(m_sum - m), RV(MIN_WEIGHT));
+        if ROW_STATS {
+            t_sum = fma(w, t_sum + select(RV(0.0), (m - m_sum) * l_sum, l_sum > RV(0.0)), t);
+            t = RV(0.0);
+        }
+        l_sum = fma(w, l_sum, l);
+        l = RV(0.0);
+        fold_o(w);
+        m_sum = m;
     }
 
     // Every lane of the subgroup takes part, live or not; lane 0 then holds the rows' state.

@@ -19,7 +19,7 @@
 //   5. where the tile's V holds ±∞ or NaN (staged as 0, so that the product never forms 0·∞):
 //      each row's O takes the sum of those values over the keys it keeps, as p·∞ = ∞ for
 //      every weight p > 0 in the reference (removed keys add nothing);
-//   6. every G tiles and after the last (common/sums.wgsl), the block's O and sums fold into
+//   6. after each block of G tiles (common/sums.wgsl), the block's O and sums fold into
 //      the row's (l_sum, m_sum, and O's in the output rows themselves: no workgroup memory)
 //      and start again from zero.
 // At the end O is divided by the sum in place and the LSE written, as in flash.wgsl.
@@ -148,143 +148,142 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     var l = 0.0;
     var m_sum = MASKED;
     var l_sum = 0.0;
-    let fold_every = fold_tiles(hi - lo);
-    var tile = 0u;
-
-    for (var t0 = lo; t0 < hi; t0 += BC) {
-        let len = min(BC, hi - t0);
-        // Keys past len and dims past d are zero: their scores are 0 (removed below) and
-        // their V rows add nothing. So are V's values that are not finite (step 5).
-        for (var e = li; e < BC * DKP; e += WG) {
-            let c = e / DKP;
-            let d = e % DKP;
-            var x = 0.0;
-            if c < len && d < p.d_k {
-                x = load_k(((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_k + d);
-            }
-            k_sh[e] = CE(x);
-        }
-        for (var e = li; e < BC * DVP; e += WG) {
-            let c = e / DVP;
-            let d = e % DVP;
-            var x = 0.0;
-            if c < len && d < p.d_v {
-                x = load_v(((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_v + d);
-                if !is_finite(x) {
-                    atomicMax(&v_bad, t0 + 1u);
-                    x = 0.0;
+    // Blocks of fold_tiles tiles (common/sums.wgsl), each folded after its last tile.
+    let block_keys = BC * fold_tiles(hi - lo);
+    for (var b0 = lo; b0 < hi; b0 += block_keys) {
+        let b1 = min(hi, b0 + block_keys);
+        for (var t0 = b0; t0 < b1; t0 += BC) {
+            let len = min(BC, hi - t0);
+            // Keys past len and dims past d are zero: their scores are 0 (removed below) and
+            // their V rows add nothing. So are V's values that are not finite (step 5).
+            for (var e = li; e < BC * DKP; e += WG) {
+                let c = e / DKP;
+                let d = e % DKP;
+                var x = 0.0;
+                if c < len && d < p.d_k {
+                    x = load_k(((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_k + d);
                 }
+                k_sh[e] = CE(x);
             }
-            v_sh[e] = CE(x);
-        }
-        workgroupBarrier();
-
-        // 1. S = Q·Kᵀ: Q row-major [BR][DKP], Kᵀ read column-major from K's rows.
-        for (var cb = 0u; cb < BC; cb += T) {
-            var s = MatC();
-            for (var d = 0u; d < DKP; d += T) {
-                let k_at = cb * DKP + d;
-                let qa = coopLoadT<MatA>(&q_sh[d], DKP);
-                let kb = coopLoad<MatB>(&k_sh[k_at], DKP);
-                s = coopMultiplyAdd(qa, kb, s);
-            }
-            coopStoreT(s, &s_sh[cb], BC);
-        }
-        workgroupBarrier();
-
-        // 2. One lane per row: logits, max, rounded weights, sum, alpha.
-        if li < BR {
-            let at = li * BC;
-            var tmax = m;
-            for (var c = 0u; c < BC; c++) {
-                var x = MASKED;
-                if owner && c < len {
-                    x = row_logit(s_sh[at + c] * qs, t0 + c);
-                }
-                s_sh[at + c] = x;
-                tmax = max(tmax, x);
-            }
-            let alpha = max(exp2(m - tmax), MIN_WEIGHT);
-            l *= alpha;
-            var l_tile = 0.0;
-            for (var c = 0u; c < BC; c++) {
-                let x = s_sh[at + c];
-                let w = CE(select(0.0, max(exp2(x - tmax), MIN_WEIGHT), x > REMOVED_BELOW));
-                p_sh[at + c] = w;
-                l_tile += f32(w);
-            }
-            l += l_tile;
-            row_factor[li] = alpha;
-            m = tmax;
-        }
-        workgroupBarrier();
-
-        // 3. O rows shrink by their alpha.
-        for (var e = li; e < BR * DVP; e += WG) {
-            o_sh[e] *= row_factor[e / DVP];
-        }
-        workgroupBarrier();
-
-        // 4. O += P·V: P row-major [BR][BC], V row-major [BC][DVP].
-        for (var vb = 0u; vb < DVP; vb += T) {
-            var acc = coopLoadT<MatC>(&o_sh[vb], DVP);
-            for (var cb = 0u; cb < BC; cb += T) {
-                let v_at = cb * DVP + vb;
-                let pa = coopLoadT<MatA>(&p_sh[cb], BC);
-                let vm = coopLoadT<MatB>(&v_sh[v_at], DVP);
-                acc = coopMultiplyAdd(pa, vm, acc);
-            }
-            coopStoreT(acc, &o_sh[vb], DVP);
-        }
-        workgroupBarrier();
-
-        // 5. The kept keys' values that are not finite, in key order (no barrier inside: the
-        // next one waits for it).
-        if atomicLoad(&v_bad) == t0 + 1u {
-            for (var e = li; e < BR * DVP; e += WG) {
-                let r = e / DVP;
+            for (var e = li; e < BC * DVP; e += WG) {
+                let c = e / DVP;
                 let d = e % DVP;
-                if row0 + r < p.rows && d < p.d_v {
-                    var x = 0.0;
-                    for (var c = 0u; c < len; c++) {
-                        if s_sh[r * BC + c] > REMOVED_BELOW {
-                            let y = load_v(((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_v + d);
-                            if !is_finite(y) {
-                                x += y;
-                            }
-                        }
+                var x = 0.0;
+                if c < len && d < p.d_v {
+                    x = load_v(((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_v + d);
+                    if !is_finite(x) {
+                        atomicMax(&v_bad, t0 + 1u);
+                        x = 0.0;
                     }
-                    o_sh[e] += x;
                 }
-            }
-        }
-
-        // 6. Every fold_every tiles and after the last, the block folds into the row's sums,
-        // O's in the output rows (the first fold writes them). Each lane folds the elements it
-        // rescales in step 3 and divides at the end; the next tile's barriers order the rest.
-        tile += 1u;
-        if tile % fold_every == 0u || t0 + BC >= hi {
-            if li < BR {
-                let w = max(exp2(m_sum - m), MIN_WEIGHT);
-                l_sum = fma(w, l_sum, l);
-                l = 0.0;
-                m_sum = m;
-                row_factor[li] = w;
+                v_sh[e] = CE(x);
             }
             workgroupBarrier();
+
+            // 1. S = Q·Kᵀ: Q row-major [BR][DKP], Kᵀ read column-major from K's rows.
+            for (var cb = 0u; cb < BC; cb += T) {
+                var s = MatC();
+                for (var d = 0u; d < DKP; d += T) {
+                    let k_at = cb * DKP + d;
+                    let qa = coopLoadT<MatA>(&q_sh[d], DKP);
+                    let kb = coopLoad<MatB>(&k_sh[k_at], DKP);
+                    s = coopMultiplyAdd(qa, kb, s);
+                }
+                coopStoreT(s, &s_sh[cb], BC);
+            }
+            workgroupBarrier();
+
+            // 2. One lane per row: logits, max, rounded weights, sum, alpha.
+            if li < BR {
+                let at = li * BC;
+                var tmax = m;
+                for (var c = 0u; c < BC; c++) {
+                    var x = MASKED;
+                    if owner && c < len {
+                        x = row_logit(s_sh[at + c] * qs, t0 + c);
+                    }
+                    s_sh[at + c] = x;
+                    tmax = max(tmax, x);
+                }
+                let alpha = max(exp2(m - tmax), MIN_WEIGHT);
+                l *= alpha;
+                var l_tile = 0.0;
+                for (var c = 0u; c < BC; c++) {
+                    let x = s_sh[at + c];
+                    let w = CE(select(0.0, max(exp2(x - tmax), MIN_WEIGHT), x > REMOVED_BELOW));
+                    p_sh[at + c] = w;
+                    l_tile += f32(w);
+                }
+                l += l_tile;
+                row_factor[li] = alpha;
+                m = tmax;
+            }
+            workgroupBarrier();
+
+            // 3. O rows shrink by their alpha.
             for (var e = li; e < BR * DVP; e += WG) {
-                let r = e / DVP;
-                let d = e % DVP;
-                if row0 + r < p.rows && d < p.d_v {
-                    let at = o_row0 + r * o_stride + d;
-                    if tile > fold_every {
-                        o[at] = fma(row_factor[r], o[at], o_sh[e]);
-                    } else {
-                        o[at] = o_sh[e];
+                o_sh[e] *= row_factor[e / DVP];
+            }
+            workgroupBarrier();
+
+            // 4. O += P·V: P row-major [BR][BC], V row-major [BC][DVP].
+            for (var vb = 0u; vb < DVP; vb += T) {
+                var acc = coopLoadT<MatC>(&o_sh[vb], DVP);
+                for (var cb = 0u; cb < BC; cb += T) {
+                    let v_at = cb * DVP + vb;
+                    let pa = coopLoadT<MatA>(&p_sh[cb], BC);
+                    let vm = coopLoadT<MatB>(&v_sh[v_at], DVP);
+                    acc = coopMultiplyAdd(pa, vm, acc);
+                }
+                coopStoreT(acc, &o_sh[vb], DVP);
+            }
+            workgroupBarrier();
+
+            // 5. The kept keys' values that are not finite, in key order (no barrier inside: the
+            // next one waits for it).
+            if atomicLoad(&v_bad) == t0 + 1u {
+                for (var e = li; e < BR * DVP; e += WG) {
+                    let r = e / DVP;
+                    let d = e % DVP;
+                    if row0 + r < p.rows && d < p.d_v {
+                        var x = 0.0;
+                        for (var c = 0u; c < len; c++) {
+                            if s_sh[r * BC + c] > REMOVED_BELOW {
+                                let y = load_v(((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_v + d);
+                                if !is_finite(y) {
+                                    x += y;
+                                }
+                            }
+                        }
+                        o_sh[e] += x;
                     }
                 }
-                o_sh[e] = 0.0;
             }
+        }
+
+        // 6. The block folds into the row's sums, O's in the output rows (the first block
+        // writes them). Each lane folds the elements it rescales in step 3 and divides at the
+        // end; the next tile's barriers order the rest.
+        if li < BR {
+            let w = max(exp2(m_sum - m), MIN_WEIGHT);
+            l_sum = fma(w, l_sum, l);
+            l = 0.0;
+            m_sum = m;
+            row_factor[li] = w;
+        }
+        workgroupBarrier();
+        for (var e = li; e < BR * DVP; e += WG) {
+            let r = e / DVP;
+            let d = e % DVP;
+            if row0 + r < p.rows && d < p.d_v {
+                let at = o_row0 + r * o_stride + d;
+                if b0 > lo {
+                    o[at] = fma(row_factor[r], o[at], o_sh[e]);
+                } else {
+                    o[at] = o_sh[e];
+                }
+            }
+            o_sh[e] = 0.0;
         }
     }
 

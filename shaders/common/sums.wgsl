@@ -11,13 +11,14 @@
 //   - every G tiles of the key loop, and after its last, the block folds into the row's sums
 //     (rebased from their max to the block's) and starts again from zero.
 // With T tiles, a block of B = G·BC keys and T / G folds round by about ε·√(B / T) and
-// ε·√(T / G) relative: G ≈ T^(2/3) / BC^(1/3) balances them (`fold_tiles`, a power of two), and
+// ε·√(T / G) relative: G ≈ T^(2/3) / BC^(1/3) balances them (`fold_tiles`, a power of two, at
+// least 4: a loop of a few tiles is one block, as the fold's own cost shows on llvmpipe), and
 // the error grows like ε·N^(1/6) where one running sum's grows like ε·√N. Rescaling factors
 // and kept keys' weights are at least MIN_WEIGHT (common/params.wgsl).
 
 // G: the tiles per block of a key loop over `keys` keys.
 fn fold_tiles(keys: u32) -> u32 {
     let tiles = max(1u, (keys + BC - 1u) / BC);
-    let e = max(0i, 2i * i32(firstLeadingBit(tiles)) - i32(firstLeadingBit(BC)) + 1i) / 3i;
+    let e = max(6i, 2i * i32(firstLeadingBit(tiles)) - i32(firstLeadingBit(BC)) + 1i) / 3i;
     return 1u << u32(e);
 }

@@ -62,11 +62,12 @@ impl Row {
 }
 
 /// The tiles per block of a key loop over `keys` keys in tiles of `bc` (a power of two), as
-/// `fold_tiles` in shaders/common/sums.wgsl: 2^⌊(2·⌊log2 T⌋ − log2 bc + 1) / 3⌋ for T tiles.
+/// `fold_tiles` in shaders/common/sums.wgsl: 2^⌊(2·⌊log2 T⌋ − log2 bc + 1) / 3⌋ for T tiles,
+/// at least 4.
 pub fn fold_tiles(keys: u32, bc: u32) -> u32 {
     let tiles = keys.div_ceil(bc).max(1);
     let log2 = |x: u32| 31 - x.leading_zeros() as i32;
-    1 << ((2 * log2(tiles) - log2(bc) + 1).max(0) / 3)
+    1 << ((2 * log2(tiles) - log2(bc) + 1).max(6) / 3)
 }
 
 /// The weight of logit `s` against the max `tmax`: 0 for a removed key, at least
@@ -187,107 +188,110 @@ pub fn flash(
                             && j < row.hi
                             && (p.flags & flags::MASK == 0 || mask_bit(masks, row.mbase, j))
                     };
-                    let fold_every = fold_tiles(hi.saturating_sub(lo), bc);
-                    let mut tile = 0;
-                    let mut t0 = lo;
-                    while t0 < hi {
-                        let len = bc.min(hi - t0);
-                        let t1 = t0 + len;
-                        let sees = lane_rows[0].iter().any(|row| {
-                            let (a, z) = (t0.max(row.lo), t1.min(row.hi));
-                            a < z
-                                && (p.flags & flags::MASK == 0 || mask_any(masks, row.mbase, a, z))
-                        });
-                        if sees {
-                            let whole = p.flags & (flags::MASK | logit_flags) == 0
-                                && whole_lo <= t0
-                                && whole_hi >= t1;
-                            let rows = &lane_rows[0];
-                            // Scores [key][row], as the shader's sc.
-                            let sc: Vec<Vec<f32>> = (t0..t1)
-                                .map(|j| {
-                                    if whole {
-                                        return rows.iter().map(|row| score(&row.qr, j)).collect();
-                                    }
-                                    if !rows.iter().any(|row| kept(row, j)) {
-                                        return vec![MASKED; rows.len()];
-                                    }
-                                    rows.iter()
-                                        .map(|row| {
-                                            let s = score(&row.qr, j);
-                                            if !kept(row, j) {
-                                                return MASKED;
-                                            }
-                                            if p.flags & logit_flags == 0 {
-                                                return s;
-                                            }
-                                            // Shaped in natural units, as in the shader.
-                                            let y = shape_logit(
-                                                p,
-                                                masks,
-                                                s * LN_2,
-                                                [b, h, row.grow, j],
-                                            );
-                                            if y > REMOVED_BELOW {
-                                                y * LOG2_E
-                                            } else {
-                                                MASKED
-                                            }
-                                        })
-                                        .collect()
-                                })
-                                .collect();
-                            for (lane, rows) in lane_rows.iter_mut().enumerate() {
-                                // The lane's keys: the pairs lane, lane + lanes, … of the tile.
-                                let mine = |c: &usize| (c / 2) % lanes as usize == lane;
-                                for (i, row) in rows.iter_mut().enumerate() {
-                                    let tmax = (0..sc.len())
-                                        .filter(mine)
-                                        .fold(row.m, |a, c| a.max(sc[c][i]));
-                                    let alpha = (row.m - tmax).exp2().max(MIN_WEIGHT);
-                                    let rebase = if row.l > 0.0 {
-                                        (tmax - row.m) * row.l
-                                    } else {
-                                        0.0
-                                    };
-                                    row.t = alpha * (row.t + rebase);
-                                    row.l *= alpha;
-                                    row.acc.iter_mut().for_each(|a| *a *= alpha);
-                                    // The shader takes keys two at a time here (and for whole tiles'
-                                    // scores); each sum still adds key c, then key c + 1. The
-                                    // tile's l and t are summed on their own.
-                                    let (mut l_tile, mut t_tile) = (0.0f32, 0.0f32);
-                                    for (c, (j, s)) in (t0..t1).zip(&sc).enumerate() {
-                                        if !mine(&c) {
-                                            continue;
+                    // Blocks of fold_tiles tiles, each folded into the rows' sums after its
+                    // last tile, taken or not.
+                    let block_keys = bc * fold_tiles(hi.saturating_sub(lo), bc);
+                    for b0 in (lo..hi).step_by(block_keys as usize) {
+                        let b1 = hi.min(b0 + block_keys);
+                        for t0 in (b0..b1).step_by(bc as usize) {
+                            let len = bc.min(hi - t0);
+                            let t1 = t0 + len;
+                            let sees = lane_rows[0].iter().any(|row| {
+                                let (a, z) = (t0.max(row.lo), t1.min(row.hi));
+                                a < z
+                                    && (p.flags & flags::MASK == 0
+                                        || mask_any(masks, row.mbase, a, z))
+                            });
+                            if sees {
+                                let whole = p.flags & (flags::MASK | logit_flags) == 0
+                                    && whole_lo <= t0
+                                    && whole_hi >= t1;
+                                let rows = &lane_rows[0];
+                                // Scores [key][row], as the shader's sc.
+                                let sc: Vec<Vec<f32>> = (t0..t1)
+                                    .map(|j| {
+                                        if whole {
+                                            return rows
+                                                .iter()
+                                                .map(|row| score(&row.qr, j))
+                                                .collect();
                                         }
-                                        let pc = weight(s[i], tmax);
-                                        l_tile += pc;
-                                        t_tile += pc * (tmax - s[i]);
-                                        // Only removed keys weigh 0: they leave O alone, as the
-                                        // shader's zero rows past a tile and its kept variant.
-                                        if pc == 0.0 {
-                                            continue;
+                                        if !rows.iter().any(|row| kept(row, j)) {
+                                            return vec![MASKED; rows.len()];
                                         }
-                                        let vbase =
-                                            (((b * p.n + j) * p.kv_heads + hk) * p.d_v) as usize;
-                                        for (a, &x) in row.acc.iter_mut().zip(&v[vbase..vbase + dv])
-                                        {
-                                            *a = pc.mul_add(x, *a);
+                                        rows.iter()
+                                            .map(|row| {
+                                                let s = score(&row.qr, j);
+                                                if !kept(row, j) {
+                                                    return MASKED;
+                                                }
+                                                if p.flags & logit_flags == 0 {
+                                                    return s;
+                                                }
+                                                // Shaped in natural units, as in the shader.
+                                                let y = shape_logit(
+                                                    p,
+                                                    masks,
+                                                    s * LN_2,
+                                                    [b, h, row.grow, j],
+                                                );
+                                                if y > REMOVED_BELOW {
+                                                    y * LOG2_E
+                                                } else {
+                                                    MASKED
+                                                }
+                                            })
+                                            .collect()
+                                    })
+                                    .collect();
+                                for (lane, rows) in lane_rows.iter_mut().enumerate() {
+                                    // The lane's keys: the pairs lane, lane + lanes, … of the tile.
+                                    let mine = |c: &usize| (c / 2) % lanes as usize == lane;
+                                    for (i, row) in rows.iter_mut().enumerate() {
+                                        let tmax = (0..sc.len())
+                                            .filter(mine)
+                                            .fold(row.m, |a, c| a.max(sc[c][i]));
+                                        let alpha = (row.m - tmax).exp2().max(MIN_WEIGHT);
+                                        let rebase = if row.l > 0.0 {
+                                            (tmax - row.m) * row.l
+                                        } else {
+                                            0.0
+                                        };
+                                        row.t = alpha * (row.t + rebase);
+                                        row.l *= alpha;
+                                        row.acc.iter_mut().for_each(|a| *a *= alpha);
+                                        // The shader takes keys two at a time here (and for whole tiles'
+                                        // scores); each sum still adds key c, then key c + 1. The
+                                        // tile's l and t are summed on their own.
+                                        let (mut l_tile, mut t_tile) = (0.0f32, 0.0f32);
+                                        for (c, (j, s)) in (t0..t1).zip(&sc).enumerate() {
+                                            if !mine(&c) {
+                                                continue;
+                                            }
+                                            let pc = weight(s[i], tmax);
+                                            l_tile += pc;
+                                            t_tile += pc * (tmax - s[i]);
+                                            // Only removed keys weigh 0: they leave O alone, as the
+                                            // shader's zero rows past a tile and its kept variant.
+                                            if pc == 0.0 {
+                                                continue;
+                                            }
+                                            let vbase = (((b * p.n + j) * p.kv_heads + hk) * p.d_v)
+                                                as usize;
+                                            for (a, &x) in
+                                                row.acc.iter_mut().zip(&v[vbase..vbase + dv])
+                                            {
+                                                *a = pc.mul_add(x, *a);
+                                            }
                                         }
+                                        row.l += l_tile;
+                                        row.t += t_tile;
+                                        row.m = tmax;
                                     }
-                                    row.l += l_tile;
-                                    row.t += t_tile;
-                                    row.m = tmax;
                                 }
                             }
                         }
-                        // Every fold_every tiles and after the last, taken or not.
-                        tile += 1;
-                        if tile % fold_every == 0 || t0 + bc >= hi {
-                            lane_rows.iter_mut().flatten().for_each(Row::fold);
-                        }
-                        t0 += bc;
+                        lane_rows.iter_mut().flatten().for_each(Row::fold);
                     }
                     let rows = merge_lanes(lane_rows);
                     for row in rows.iter().filter(|row| row.live) {

@@ -99,59 +99,56 @@ pub fn flash_coop(
                     let mut acc = vec![0.0f32; dv];
                     let (mut m_sum, mut l_sum) = (MASKED, 0.0f32);
                     let mut o_sum = vec![0.0f32; dv];
-                    let fold_every = fold_tiles(hi.saturating_sub(lo), bc);
-                    let mut tile = 0;
-                    let mut t0 = lo;
-                    while t0 < hi {
-                        let len = bc.min(hi - t0);
-                        let logits: Vec<f32> = (t0..t0 + len)
-                            .map(|j| {
-                                let kr = &k[k_row(j)..k_row(j) + dk];
-                                let s = qr
-                                    .iter()
-                                    .zip(kr)
-                                    .fold(0.0f32, |a, (&x, &y)| x.mul_add(input(y), a));
-                                logit(s * qs, j)
-                            })
-                            .collect();
-                        let tmax = logits.iter().fold(m, |a, &x| a.max(x));
-                        let alpha = (m - tmax).exp2().max(MIN_WEIGHT);
-                        l *= alpha;
-                        acc.iter_mut().for_each(|a| *a *= alpha);
-                        let mut l_tile = 0.0f32;
-                        for (j, &x) in (t0..).zip(&logits) {
-                            let w = input(weight(x, tmax));
-                            l_tile += w;
-                            let vr = &v[v_row(j)..v_row(j) + dv];
-                            for (a, &y) in acc.iter_mut().zip(vr) {
-                                let y = if y.is_finite() { y } else { 0.0 };
-                                *a = w.mul_add(input(y), *a);
+                    // Blocks of fold_tiles tiles, each folded after its last tile.
+                    let block_keys = bc * fold_tiles(hi.saturating_sub(lo), bc);
+                    for b0 in (lo..hi).step_by(block_keys as usize) {
+                        for t0 in (b0..hi.min(b0 + block_keys)).step_by(bc as usize) {
+                            let len = bc.min(hi - t0);
+                            let logits: Vec<f32> = (t0..t0 + len)
+                                .map(|j| {
+                                    let kr = &k[k_row(j)..k_row(j) + dk];
+                                    let s = qr
+                                        .iter()
+                                        .zip(kr)
+                                        .fold(0.0f32, |a, (&x, &y)| x.mul_add(input(y), a));
+                                    logit(s * qs, j)
+                                })
+                                .collect();
+                            let tmax = logits.iter().fold(m, |a, &x| a.max(x));
+                            let alpha = (m - tmax).exp2().max(MIN_WEIGHT);
+                            l *= alpha;
+                            acc.iter_mut().for_each(|a| *a *= alpha);
+                            let mut l_tile = 0.0f32;
+                            for (j, &x) in (t0..).zip(&logits) {
+                                let w = input(weight(x, tmax));
+                                l_tile += w;
+                                let vr = &v[v_row(j)..v_row(j) + dv];
+                                for (a, &y) in acc.iter_mut().zip(vr) {
+                                    let y = if y.is_finite() { y } else { 0.0 };
+                                    *a = w.mul_add(input(y), *a);
+                                }
+                            }
+                            l += l_tile;
+                            m = tmax;
+                            // The values that are not finite, over the keys the row keeps.
+                            for (d, a) in acc.iter_mut().enumerate() {
+                                let x = (t0..)
+                                    .zip(&logits)
+                                    .filter(|&(_, &s)| s > REMOVED_BELOW)
+                                    .map(|(j, _)| v[v_row(j) + d])
+                                    .filter(|y| !y.is_finite())
+                                    .fold(0.0f32, |x, y| x + y);
+                                *a += x;
                             }
                         }
-                        l += l_tile;
-                        m = tmax;
-                        // The values that are not finite, over the keys the row keeps.
-                        for (d, a) in acc.iter_mut().enumerate() {
-                            let x = (t0..)
-                                .zip(&logits)
-                                .filter(|&(_, &s)| s > REMOVED_BELOW)
-                                .map(|(j, _)| v[v_row(j) + d])
-                                .filter(|y| !y.is_finite())
-                                .fold(0.0f32, |x, y| x + y);
-                            *a += x;
+                        let w = (m_sum - m).exp2().max(MIN_WEIGHT);
+                        l_sum = w.mul_add(l_sum, l);
+                        l = 0.0;
+                        m_sum = m;
+                        for (o, a) in o_sum.iter_mut().zip(&mut acc) {
+                            *o = w.mul_add(*o, *a);
+                            *a = 0.0;
                         }
-                        tile += 1;
-                        if tile % fold_every == 0 || t0 + bc >= hi {
-                            let w = (m_sum - m).exp2().max(MIN_WEIGHT);
-                            l_sum = w.mul_add(l_sum, l);
-                            l = 0.0;
-                            m_sum = m;
-                            for (o, a) in o_sum.iter_mut().zip(&mut acc) {
-                                *o = w.mul_add(*o, *a);
-                                *a = 0.0;
-                            }
-                        }
-                        t0 += bc;
                     }
                     let out = (&mut *o, &mut *lse);
                     write_row(p, out, [split, b, h, grow], &o_sum, (m_sum, l_sum));

@@ -96,11 +96,12 @@ impl KernelSpec for Flash {
         u64::from(self.bc * (self.dk + self.dv)) * 4
     }
 
-    /// Per tile of bc keys: the tile loop, K and V staging (by br / r · lanes invocations),
-    /// the mask-word scan of each of the r rows, the score loop over the lane's pairs of keys
-    /// (per key with the segment lookup per key and row, or per pair) and the accumulate loop
-    /// (per pair). Fixed: the row set-up loop and the row loop writing the LSE (Q and O rows
-    /// are loaded and stored straight-line).
+    /// Per tile of bc keys: the tile loop, the block loop and the tile loop's exit (once per
+    /// block of tiles, counted for every tile), K and V staging (by br / r · lanes
+    /// invocations), the mask-word scan of each of the r rows, the score loop over the lane's
+    /// pairs of keys (per key with the segment lookup per key and row, or per pair) and the
+    /// accumulate loop (per pair). Fixed: the block loop's exit, the row set-up loop and the
+    /// row loop writing the LSE (Q and O rows are loaded and stored straight-line).
     fn loop_cost(&self, p: &AttnParams) -> (LoopCost, u64) {
         let [dk, dv, bc, br, r, lanes] =
             [self.dk, self.dv, self.bc, self.br, self.r, self.lanes].map(u64::from);
@@ -113,7 +114,7 @@ impl KernelSpec for Flash {
         };
         let cost = LoopCost {
             fixed: looped(0) + looped(r) + looped(r),
-            per_step: 1
+            per_step: 3
                 + looped((bc * dk / 4).div_ceil(invocations))
                 + looped((bc * dv / 4).div_ceil(invocations))
                 + mask_words
@@ -237,8 +238,8 @@ fn flash_prelude(
     if broadcast > 1 {
         // Lane `sg_lane` loads vec4 j·B + sg_lane of the key (pair) from K itself, B =
         // broadcast, and vec4 i comes from lane i % B of load i / B.
-        score = broadcast_loads("k", &[("k", 0)], dk4, broadcast);
-        score_pair = broadcast_loads("k", &[("k", 0), ("x", dk4)], dk4, broadcast);
+        score = broadcast_loads("k", &[("k", 0)], dk4, broadcast, false);
+        score_pair = broadcast_loads("k", &[("k", 0), ("x", dk4)], dk4, broadcast, false);
     } else {
         score.push_str("    let base = c * DK4;\n");
         for i in 0..dk4 {
@@ -251,7 +252,7 @@ fn flash_prelude(
     let mut scales = String::new();
     let mut folds = String::new();
     let mut add_pair = if broadcast > 1 {
-        broadcast_loads("v", &[("v", 0), ("w", dv4)], dv4, broadcast)
+        broadcast_loads("v", &[("v", 0), ("w", dv4)], dv4, broadcast, true)
     } else {
         String::new()
     };
@@ -392,10 +393,17 @@ fn flash_prelude(
 
 /// Straight-line loads of the rows of keys `c`, `c + 1`, … of the tile (`names.len()` keys,
 /// `n` vec4s each) from `array` (`k` or `v`) by a subgroup of `b` lanes: lane `sg_lane` loads
-/// vec4 `j·b + sg_lane` of them (clamped to the last; keys past the tile's end are zero, read
-/// at its last key and not used), then `{name}{i}` is vec4 `i` of its key, taken by
-/// `subgroupBroadcast` from the lane that loaded it. Every lane of the subgroup must run it.
-fn broadcast_loads(array: &str, names: &[(&str, u32)], n: u32, b: u32) -> String {
+/// vec4 `j·b + sg_lane` of them (clamped to the last), then `{name}{i}` is vec4 `i` of its key,
+/// taken by `subgroupBroadcast` from the lane that loaded it. A key past the tile's end reads
+/// its last key, as zero where `zero_past_end` (only loads that reach past key `c` test it).
+/// Every lane of the subgroup must run it.
+fn broadcast_loads(
+    array: &str,
+    names: &[(&str, u32)],
+    n: u32,
+    b: u32,
+    zero_past_end: bool,
+) -> String {
     let total = names
         .iter()
         .map(|(_, offset)| offset + n)
@@ -403,11 +411,21 @@ fn broadcast_loads(array: &str, names: &[(&str, u32)], n: u32, b: u32) -> String
         .unwrap_or(0);
     let mut out = String::new();
     for j in 0..total.div_ceil(b) {
+        let load = format!(
+            "load4_{array}({array}_row(tile_t0 + min({array}c{j}, tile_len - 1u)), \
+             4u * (e{j} % {n}u), p.d_{array})"
+        );
+        // Key c is in the tile; the load's last vec4 tells whether it reaches another.
+        let last = (j * b + b - 1).min(total - 1);
+        let load = if zero_past_end && last >= n {
+            format!("select(vec4<f32>(0.0), {load}, {array}c{j} < tile_len)")
+        } else {
+            load
+        };
         out.push_str(&format!(
             "    let e{j} = min({}u + sg_lane, {}u);\n    \
              let {array}c{j} = c + e{j} / {n}u;\n    \
-             let {array}w{j} = select(vec4<f32>(0.0), load4_{array}({array}_row(tile_t0 + \
-             min({array}c{j}, tile_len - 1u)), 4u * (e{j} % {n}u), p.d_{array}), {array}c{j} < tile_len);\n",
+             let {array}w{j} = {load};\n",
             j * b,
             total - 1,
         ));

@@ -73,20 +73,20 @@ impl KernelSpec for FlashCoop {
             + u64::from(br * bc + br * dv + br + 1) * 4
     }
 
-    /// Fixed: Q staging, O zeroing and O writing (by `lanes` invocations), the tile loop's
-    /// exit. Per tile of bc keys: the tile loop, K and V staging, the score blocks (bc / tile
+    /// Fixed: Q staging, O zeroing and O writing (by `lanes` invocations), the block loop's
+    /// exit. Per tile of bc keys: the tile loop, the block loop, the tile loop's exit and the
+    /// fold over O (once per block, counted for every tile), K and V staging, the score blocks (bc / tile
     /// of them, each over dk / tile), the owner's two loops over the tile's keys (with the
     /// segment lookup per key), O's rescaling, the P·V blocks (dv / tile of them, each over
-    /// bc / tile), the loops over O of the values that are not finite (each over the tile's
-    /// keys; run only for tiles whose V holds one, counted for every tile) and of the fold
-    /// (counted for every tile).
+    /// bc / tile) and the loop over O of the values that are not finite (each over the tile's
+    /// keys; run only for tiles whose V holds one, counted for every tile).
     fn loop_cost(&self, p: &AttnParams) -> (LoopCost, u64) {
         let [dk, dv, bc, tile, lanes] =
             [self.dk, self.dv, self.bc, self.tile, self.lanes].map(u64::from);
         let spread = |elems: u64| looped(elems.div_ceil(lanes));
         let cost = LoopCost {
             fixed: spread(tile * dk) + 2 * spread(tile * dv) + looped(0),
-            per_step: 1
+            per_step: 3
                 + spread(bc * dk)
                 + spread(bc * dv)
                 + looped(bc / tile)
