@@ -191,10 +191,13 @@ fn infinity_shapes() -> Vec<AttnShape> {
     ]
 }
 
-/// Where the infinities go, as (key, dim, value) for every batch and KV head: the first key,
-/// the last key of a 32- and of a 64-key tile, the last key (each sign, alone and with the
-/// other sign in another dim), every key, every element, and +∞ and −∞ in one dim (NaN).
-fn infinity_cases(n: usize) -> Vec<(String, Vec<(usize, usize, f32)>)> {
+/// Values to set in V, as (key, dim, value) for every batch and KV head.
+type Values = Vec<(usize, usize, f32)>;
+
+/// Where the infinities go: the first key, the last key of a 32- and of a 64-key tile, the
+/// last key (each sign, alone and with the other sign in another dim), every key, and +∞ and
+/// −∞ in one dim (NaN).
+fn infinity_cases(n: usize) -> Vec<(String, Values)> {
     let (inf, ninf) = (f32::INFINITY, f32::NEG_INFINITY);
     let mut cases = vec![
         ("+∞ at the first key".to_string(), vec![(0, 0, inf)]),
@@ -242,18 +245,22 @@ fn all_infinite(v: &[f32]) -> Vec<f32> {
     vec![f32::INFINITY; v.len()]
 }
 
-/// The cases of [`infinity_cases`] and "+∞ in every element" on `s`'s seeded inputs: (name,
-/// V, the reference, the tolerance of finite elements).
-#[allow(clippy::type_complexity)]
+/// One case of ±∞ in V: its name, V, the reference, the tolerances of finite O and LSE.
+struct InfCase {
+    name: String,
+    v: Vec<f32>,
+    want: reference::Reference,
+    tol_o: f64,
+    tol_lse: f64,
+}
+
+/// The cases of [`infinity_cases`] and "+∞ in every element" on `s`'s seeded inputs: Q, K
+/// and the cases.
 fn infinity_inputs(
     s: &AttnShape,
     seed: u64,
     opts: &Attention,
-) -> (
-    Vec<f32>,
-    Vec<f32>,
-    Vec<(String, Vec<f32>, reference::Reference, f64, f64)>,
-) {
+) -> (Vec<f32>, Vec<f32>, Vec<InfCase>) {
     let (q, k, v) = qkv(s, 1.0, seed);
     let scale = opts.scale_for(s.d_k);
     let m = opts.masking();
@@ -266,13 +273,20 @@ fn infinity_inputs(
     cases.push(("+∞ in every element".to_string(), all_infinite(&v)));
     let out = cases
         .into_iter()
-        .map(|(name, vi)| {
-            let want = reference::attention_masked(s, &q, &k, &vi, f64::from(scale), m);
+        .map(|(name, v)| {
+            let want = reference::attention_masked(s, &q, &k, &v, f64::from(scale), m);
             assert!(
                 want.o.iter().any(|x| !x.is_finite()),
                 "{name}: the reference has no infinity"
             );
-            (name, vi, want, tol.o, tol.lse)
+            let lse_max = want.lse.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+            InfCase {
+                name,
+                v,
+                want,
+                tol_o: tol.o,
+                tol_lse: tol.lse * (1.0 + lse_max),
+            }
         })
         .collect();
     (q, k, out)
@@ -284,23 +298,27 @@ fn infinite_values_give_the_references_infinities_on_every_path() {
     for (si, s) in infinity_shapes().into_iter().enumerate() {
         let opts = Attention::default();
         let (q, k, cases) = infinity_inputs(&s, 2100 + si as u64, &opts);
-        for (ci, (name, v, want, tol_o, tol_lse)) in cases.iter().enumerate() {
+        for (ci, case) in cases.iter().enumerate() {
             for variant in gpu_variants(engine, &s, ci) {
                 let o = with_variant(&opts, variant);
-                let what = format!("{} {name} {s}", variant_name(variant));
-                let (plan, got) = run_poisoned(engine, &s, (&q, &k, v), &o)
+                let what = format!("{} {} {s}", variant_name(variant), case.name);
+                let (plan, got) = run_poisoned(engine, &s, (&q, &k, &case.v), &o)
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert_eq!(plan.path, variant.0, "{what}");
-                assert_matches(&format!("{what} O"), &got.o, &want.o, *tol_o);
-                let lse_tol = tol_lse * (1.0 + want.lse.iter().fold(0.0f64, |a, x| a.max(x.abs())));
-                assert_matches(&format!("{what} LSE"), &got.lse, &want.lse, lse_tol);
+                assert_matches(&format!("{what} O"), &got.o, &case.want.o, case.tol_o);
+                assert_matches(
+                    &format!("{what} LSE"),
+                    &got.lse,
+                    &case.want.lse,
+                    case.tol_lse,
+                );
             }
         }
     }
 }
 
 /// Masks that remove keys holding ±∞ for some rows and not others: those rows stay finite.
-fn masked_infinity_cases() -> Vec<(String, AttnShape, Attention, Vec<(usize, usize, f32)>)> {
+fn masked_infinity_cases() -> Vec<(String, AttnShape, Attention, Values)> {
     let (inf, ninf) = (f32::INFINITY, f32::NEG_INFINITY);
     let tall = AttnShape {
         batch: 1,
@@ -424,16 +442,19 @@ fn twins_give_the_references_infinities() {
     for (si, s) in infinity_shapes().into_iter().enumerate() {
         let opts = Attention::default();
         let (q, k, cases) = infinity_inputs(&s, 2100 + si as u64, &opts);
-        for (name, v, want, tol_o, tol_lse) in &cases {
+        for case in &cases {
             for path in Path::ALL {
                 let req = opts.clone().with_path(path).request(s).unwrap();
                 for (config, plan) in twin_plans(&req) {
-                    let what = format!("twin {} {config} {name} {s}", path.name());
-                    let got = run_twins(&plan, (&q, &k, v), opts.masking());
-                    assert_matches(&format!("{what} O"), &got.o, &want.o, *tol_o);
-                    let lse_tol =
-                        tol_lse * (1.0 + want.lse.iter().fold(0.0f64, |a, x| a.max(x.abs())));
-                    assert_matches(&format!("{what} LSE"), &got.lse, &want.lse, lse_tol);
+                    let what = format!("twin {} {config} {} {s}", path.name(), case.name);
+                    let got = run_twins(&plan, (&q, &k, &case.v), opts.masking());
+                    assert_matches(&format!("{what} O"), &got.o, &case.want.o, case.tol_o);
+                    assert_matches(
+                        &format!("{what} LSE"),
+                        &got.lse,
+                        &case.want.lse,
+                        case.tol_lse,
+                    );
                 }
             }
         }
