@@ -2,16 +2,16 @@
 // Each invocation owns R consecutive query rows (register blocking): their Q rows in registers
 // (pre-scaled by scale·log2 e, so exp2 is the exponential), a running max `m` and sum `l` per
 // row (one lane of an RV each), and the f32 accumulators of their O rows, in the levels of
-// common/sums.wgsl (each tile's l on its own, the block's `acc`, the row's `o_sum`). The workgroup of
-// WG = BR / R · LANES invocations walks its keys in tiles of BC rows of K and V staged in workgroup
-// memory as vec4; every invocation reads the same tile element at once (a broadcast), and each
-// element read serves all R rows. With broadcast loads (BROADCAST, below) nothing is staged:
-// the lanes of a subgroup read each K/V row from storage together, one vec4 each, and pass
-// the vec4s on by subgroupBroadcast. O is rescaled once per tile when the max grows and divided
-// once at the end.
+// common/sums.wgsl (each tile's l on its own, the block's `acc`, the row's `o_sum`). The
+// workgroup of WG = BR / R · LANES invocations walks its keys in tiles of BC rows of K and V
+// staged in workgroup memory as vec4; every invocation reads the same tile element at once (a
+// broadcast), and each element read serves all R rows. With broadcast loads (BROADCAST, below)
+// nothing is staged: the lanes of a subgroup read each K/V row from storage together, one vec4
+// each, and pass the vec4s on by subgroupBroadcast. O is rescaled once per tile when the max
+// grows and divided once at the end.
 //
-// Keys that weigh 0 add nothing, also where V holds ±∞ or NaN (0·∞ would be NaN): tile rows
-// past the tile's end are zero (staged, or loaded by broadcast), removed keys' weights are 0 and
+// Keys that weigh 0 add nothing, also where V holds ±∞ or NaN (0·∞ would be NaN): V's rows
+// past a tile's end are zero (staged, or loaded by broadcast), removed keys' weights are 0 and
 // tiles with removed keys accumulate by `accumulate_pair_kept`, which leaves a row's O alone
 // where its weight is 0; kept keys weigh at least MIN_WEIGHT (common/params.wgsl), so their ±∞
 // and NaN reach O as in the reference.
@@ -202,10 +202,10 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
             let len = min(BC, hi - t0);
             tile_t0 = t0;
             tile_len = len;
-            // Tile rows past len (an odd tile's last pair reads one, with weight 0): K repeats key
-            // len − 1 (its score is left out), V is zero (0·V adds nothing, also where V is ±∞).
-            // With broadcast loads the subgroup reads K and V itself: nothing is staged, and no
-            // barrier waits for it.
+            // Tile rows past len (an odd tile's last pair reads one, with weight 0): K repeats
+            // key len − 1 (its score is left out), V is zero (0·V adds nothing, also where V
+            // is ±∞). With broadcast loads the subgroup reads K and V itself: nothing is
+            // staged, and no barrier waits for it.
             if !BROADCAST {
                 for (var e = li; e < BC * DK4; e += WG) {
                     let c = min(e / DK4, len - 1u);
@@ -214,35 +214,41 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
                 }
                 for (var e = li; e < BC * DV4; e += WG) {
                     let c = e / DV4;
-                    let vbase = ((hd.b * p.n + t0 + min(c, len - 1u)) * p.kv_heads + hd.hk) * p.d_v;
-                    v_tile[e] = select(vec4<f32>(0.0), load4_v(vbase, (e % DV4) * 4u, p.d_v), c < len);
+                    let j = t0 + min(c, len - 1u);
+                    let vbase = ((hd.b * p.n + j) * p.kv_heads + hd.hk) * p.d_v;
+                    let x = load4_v(vbase, (e % DV4) * 4u, p.d_v);
+                    v_tile[e] = select(vec4<f32>(0.0), x, c < len);
                 }
                 workgroupBarrier();
             }
             let t1 = t0 + len;
-            // The invocation skips tiles that none of its rows may see (a padding mask shared by
-            // the rows skips whole tiles for all of them). With broadcast loads (BROADCAST) the
-            // lanes of a subgroup load K and V rows together, so they take or skip each tile
-            // together, and the plain loop only where it is plain for all of them; a lane whose
-            // rows see none of a tile, or that has no live row, then adds only removed keys.
+            // The invocation skips tiles that none of its rows may see (a padding mask shared
+            // by the rows skips whole tiles for all of them). With broadcast loads (BROADCAST)
+            // the lanes of a subgroup load K and V rows together, so they take or skip each
+            // tile together, and the plain loop only where it is plain for all of them; a lane
+            // whose rows see none of a tile, or that has no live row, then adds only removed
+            // keys.
             if subgroup_any(live && sees_block(t0, t1)) {
                 var tmax = m;
-                // ANY_MASKING (a specialization) is false when the call masks nothing: every tile
-                // is whole then, and the compiler drops the per-key loop.
-                let whole = subgroup_all(!ANY_MASKING
-                    || ((p.flags & (FLAG_MASK | LOGIT_FLAGS)) == 0u && whole_lo <= t0 && whole_hi >= t1));
+                // ANY_MASKING (a specialization) is false when the call masks nothing: every
+                // tile is whole then, and the compiler drops the per-key loop.
+                let plain = (p.flags & (FLAG_MASK | LOGIT_FLAGS)) == 0u;
+                let inside = whole_lo <= t0 && whole_hi >= t1;
+                let whole = subgroup_all(!ANY_MASKING || (plain && inside));
                 if whole {
-                    // Two keys at a time: each Q vec4 read serves both (the pair's scores are the
-                    // ones score_block gives). An odd tile's last pair also scores the row past its
-                    // last key (a copy of it) and leaves it out, rather than finishing with one key: llvmpipe
-                    // runs such a tail on every tile, taken or not (10% of decode's instructions).
+                    // Two keys at a time: each Q vec4 read serves both (the pair's scores are
+                    // the ones score_block gives). An odd tile's last pair also scores the row
+                    // past its last key (a copy of it) and leaves it out, rather than finishing
+                    // with one key: llvmpipe runs such a tail on every tile, taken or not (10%
+                    // of decode's instructions).
                     for (var c = 2u * key_lane; c < len; c += 2u * LANES) {
                         score_pair(c);
                         tmax = max(tmax, max(sc[c], select(sc[c + 1u], RV(MASKED), c + 1u == len)));
                     }
                 } else {
                     // The lane's keys: both of each of its pairs.
-                    for (var c = 2u * key_lane; c < len; c += select(2u * LANES - 1u, 1u, c % 2u == 0u)) {
+                    let far = 2u * LANES - 1u;
+                    for (var c = 2u * key_lane; c < len; c += select(far, 1u, c % 2u == 0u)) {
                         let j = t0 + c;
                         var s = RV(MASKED);
                         if BROADCAST {
@@ -265,14 +271,15 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
                 }
                 l *= alpha;
                 rescale(alpha);
-                // Removed keys (MASKED) weigh 0. Branchless on purpose: lanes of one row block rarely
-                // agree on a bool mask, and a divergent branch around the accumulator writes cost
-                // llvmpipe 2.6× on a 50% random mask; on GPUs the skipped lanes would idle anyway.
-                // Two keys at a time, each accumulator updated by key c, then key c + 1; past an
-                // odd tile's end key c + 1 weighs 0 (its V row is zero). Whole tiles have no
-                // removed keys; others leave each row's O alone where its weight is 0, so that a
-                // removed key's ±∞ adds nothing.
-                // (A constant false where the call masks nothing: the kept variant is compiled out.)
+                // Removed keys (MASKED) weigh 0. Branchless on purpose: lanes of one row block
+                // rarely agree on a bool mask, and a divergent branch around the accumulator
+                // writes cost llvmpipe 2.6× on a 50% random mask; on GPUs the skipped lanes
+                // would idle anyway. Two keys at a time, each accumulator updated by key c, then
+                // key c + 1; past an odd tile's end key c + 1 weighs 0 (its V row is zero).
+                // Whole tiles have no removed keys; others leave each row's O alone where its
+                // weight is 0, so that a removed key's ±∞ adds nothing (kept_only is a constant
+                // false where the call masks nothing: the kept variant is compiled out). Each
+                // tile's l and t are summed on their own (common/sums.wgsl).
                 let kept_only = ANY_MASKING && !whole;
                 var l_tile = RV(0.0);
                 var t_tile = RV(0.0);

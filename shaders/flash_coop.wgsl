@@ -239,8 +239,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             }
             workgroupBarrier();
 
-            // 5. The kept keys' values that are not finite, in key order (no barrier inside: the
-            // next one waits for it).
+            // 5. The kept keys' values that are not finite, in key order (no barrier inside:
+            // the next one waits for it).
             if atomicLoad(&v_bad) == t0 + 1u {
                 for (var e = li; e < BR * DVP; e += WG) {
                     let r = e / DVP;
@@ -249,7 +249,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                         var x = 0.0;
                         for (var c = 0u; c < len; c++) {
                             if s_sh[r * BC + c] > REMOVED_BELOW {
-                                let y = load_v(((hd.b * p.n + t0 + c) * p.kv_heads + hd.hk) * p.d_v + d);
+                                let j = t0 + c;
+                                let at = ((hd.b * p.n + j) * p.kv_heads + hd.hk) * p.d_v + d;
+                                let y = load_v(at);
                                 if !is_finite(y) {
                                     x += y;
                                 }
@@ -287,7 +289,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
     }
 
-    // l_sum = 0 only when the row saw no key in this split: output 0 and LSE = −∞, never 0/0.
+    // The last fold's factors are read until here. l_sum = 0 only when the row saw no key in
+    // this split: output 0 and LSE = −∞, never 0/0.
+    workgroupBarrier();
     if li < BR {
         row_factor[li] = select(0.0, 1.0 / l_sum, l_sum > 0.0);
     }

@@ -843,10 +843,10 @@ fn error_table() {
             max_err(&bfoc, &facts.focus),
         ];
         let row = |name: &str, e: [f64; 4]| {
-            println!(
-                "| {n} | {name} | {:.2e} ({:.1}×) | {:.2e} ({:.1}×) | {:.2e} ({:.1}×) | {:.2e} ({:.1}×) |",
-                e[0], e[0] / base[0], e[1], e[1] / base[1], e[2], e[2] / base[2], e[3], e[3] / base[3]
-            )
+            let cells: Vec<String> = (0..4)
+                .map(|i| format!("{:.2e} ({:.1}×)", e[i], e[i] / base[i]))
+                .collect();
+            println!("| {n} | {name} | {} |", cells.join(" | "));
         };
         row(&format!("f32 pairwise (max |logit| {max_logit:.1})"), base);
         for path in Path::ALL {

@@ -41,6 +41,39 @@ struct Row {
 }
 
 impl Row {
+    /// Takes a tile's `keys` (the lane's: each key and this row's logit) as the shader's
+    /// rescale and accumulate loop does: the block rebased to the new max, the tile's l and t
+    /// summed on their own, O by each key in turn (the shader takes them two at a time, key c
+    /// then key c + 1); keys of weight 0 (removed) leave O alone, as the shader's zero V rows
+    /// past a tile and its kept variant.
+    fn add_tile<'a>(&mut self, keys: &[(u32, f32)], v_row: impl Fn(u32) -> &'a [f32]) {
+        let tmax = keys.iter().fold(self.m, |a, &(_, s)| a.max(s));
+        let alpha = (self.m - tmax).exp2().max(MIN_WEIGHT);
+        let rebase = if self.l > 0.0 {
+            (tmax - self.m) * self.l
+        } else {
+            0.0
+        };
+        self.t = alpha * (self.t + rebase);
+        self.l *= alpha;
+        self.acc.iter_mut().for_each(|a| *a *= alpha);
+        let (mut l_tile, mut t_tile) = (0.0f32, 0.0f32);
+        for &(j, s) in keys {
+            let p = weight(s, tmax);
+            l_tile += p;
+            t_tile += p * (tmax - s);
+            if p == 0.0 {
+                continue;
+            }
+            for (a, &x) in self.acc.iter_mut().zip(v_row(j)) {
+                *a = p.mul_add(x, *a);
+            }
+        }
+        self.l += l_tile;
+        self.t += t_tile;
+        self.m = tmax;
+    }
+
     /// Folds the block's sums into the row's, rebased from `m_sum` to `m`, and clears them.
     fn fold(&mut self) {
         let w = (self.m_sum - self.m).exp2().max(MIN_WEIGHT);
@@ -137,6 +170,10 @@ pub fn flash(
             qr.iter()
                 .zip(&k[kbase..kbase + dk])
                 .fold(0.0f32, |a, (&x, &y)| x.mul_add(y, a))
+        };
+        let v_row = |j: u32| {
+            let vbase = (((b * p.n + j) * p.kv_heads + hk) * p.d_v) as usize;
+            &v[vbase..vbase + dv]
         };
         for split in 0..p.n_splits {
             let key_begin = split * p.split_len;
@@ -245,48 +282,16 @@ pub fn flash(
                                     })
                                     .collect();
                                 for (lane, rows) in lane_rows.iter_mut().enumerate() {
-                                    // The lane's keys: the pairs lane, lane + lanes, … of the tile.
-                                    let mine = |c: &usize| (c / 2) % lanes as usize == lane;
                                     for (i, row) in rows.iter_mut().enumerate() {
-                                        let tmax = (0..sc.len())
-                                            .filter(mine)
-                                            .fold(row.m, |a, c| a.max(sc[c][i]));
-                                        let alpha = (row.m - tmax).exp2().max(MIN_WEIGHT);
-                                        let rebase = if row.l > 0.0 {
-                                            (tmax - row.m) * row.l
-                                        } else {
-                                            0.0
-                                        };
-                                        row.t = alpha * (row.t + rebase);
-                                        row.l *= alpha;
-                                        row.acc.iter_mut().for_each(|a| *a *= alpha);
-                                        // The shader takes keys two at a time here (and for whole tiles'
-                                        // scores); each sum still adds key c, then key c + 1. The
-                                        // tile's l and t are summed on their own.
-                                        let (mut l_tile, mut t_tile) = (0.0f32, 0.0f32);
-                                        for (c, (j, s)) in (t0..t1).zip(&sc).enumerate() {
-                                            if !mine(&c) {
-                                                continue;
-                                            }
-                                            let pc = weight(s[i], tmax);
-                                            l_tile += pc;
-                                            t_tile += pc * (tmax - s[i]);
-                                            // Only removed keys weigh 0: they leave O alone, as the
-                                            // shader's zero rows past a tile and its kept variant.
-                                            if pc == 0.0 {
-                                                continue;
-                                            }
-                                            let vbase = (((b * p.n + j) * p.kv_heads + hk) * p.d_v)
-                                                as usize;
-                                            for (a, &x) in
-                                                row.acc.iter_mut().zip(&v[vbase..vbase + dv])
-                                            {
-                                                *a = pc.mul_add(x, *a);
-                                            }
-                                        }
-                                        row.l += l_tile;
-                                        row.t += t_tile;
-                                        row.m = tmax;
+                                        // The lane's keys: the pairs lane, lane + lanes, … of
+                                        // the tile, with this row's logits.
+                                        let keys: Vec<(u32, f32)> = (t0..t1)
+                                            .zip(&sc)
+                                            .enumerate()
+                                            .filter(|(c, _)| (c / 2) % lanes as usize == lane)
+                                            .map(|(_, (j, s))| (j, s[i]))
+                                            .collect();
+                                        row.add_tile(&keys, v_row);
                                     }
                                 }
                             }

@@ -9,7 +9,7 @@ pub const MASKED: f32 = -3.0e38;
 /// every kept logit in natural and log2 units (the host bounds the factors that shape them).
 pub const REMOVED_BELOW: f32 = -1.0e38;
 /// The least weight of a kept key and the least factor by which the fused kernels rescale a
-/// row's sums, as `MIN_WEIGHT` in shaders/common/sums.wgsl: the smallest normal f32, 2⁻¹²⁶, so
+/// row's sums, as `MIN_WEIGHT` in shaders/common/params.wgsl: the smallest normal f32, 2⁻¹²⁶, so
 /// that a kept key's ±∞ or NaN in V reaches O (p·∞ = ∞ for every p > 0) as in the reference.
 pub const MIN_WEIGHT: f32 = f32::MIN_POSITIVE;
 

@@ -187,8 +187,8 @@ fn store4_o(wide: bool) -> String {
 
 /// Constants and unrolled helpers of one flash specialization (see shaders/flash.wgsl): the
 /// R rows' statistics travel as one `RV` (f32, vec2 or vec4: one lane per row), their Q rows
-/// and accumulators as `qr`/`acc` slices of DK4/DV4 vec4s per row; every K/V vec4 read from the
-/// tile is used by all R rows before the next is read.
+/// and O accumulators as `qr`/`acc`/`o_sum` slices of DK4/DV4 vec4s per row; every K/V vec4
+/// read from the tile is used by all R rows before the next is read.
 fn flash_prelude(
     dk4: u32,
     dv4: u32,
@@ -271,7 +271,8 @@ fn flash_prelude(
             let a = row * dv4 + i;
             scales.push_str(&format!("    acc[{a}] *= {};\n", lane("alpha", row)));
             folds.push_str(&format!(
-                "    o_sum[{a}] = fma(vec4<f32>({}), o_sum[{a}], acc[{a}]);\n    acc[{a}] = vec4<f32>(0.0);\n",
+                "    o_sum[{a}] = fma(vec4<f32>({}), o_sum[{a}], acc[{a}]);\n    \
+                 acc[{a}] = vec4<f32>(0.0);\n",
                 lane("w", row)
             ));
             // Key c first, then key c + 1.

@@ -61,8 +61,8 @@ impl KernelSpec for FlashCoop {
         format!("xattn.flash_coop_dk{dk}_dv{dv}_bc{bc}_t{tile}_{inputs}_lanes{lanes}{variant}")
     }
 
-    /// Q, K, V and P as matrix inputs; S, the block's O, the row factors and the tile's flag
-    /// in f32 (u32). The folded O lives in the output rows.
+    /// Q, K, V and P as matrix inputs; S, the block's O and the row factors in f32; the flag of
+    /// V's values that are not finite (u32). The folded O lives in the output rows.
     fn workgroup_bytes(&self) -> u64 {
         let FlashCoop {
             dk, dv, bc, tile, ..
@@ -75,11 +75,11 @@ impl KernelSpec for FlashCoop {
 
     /// Fixed: Q staging, O zeroing and O writing (by `lanes` invocations), the block loop's
     /// exit. Per tile of bc keys: the tile loop, the block loop, the tile loop's exit and the
-    /// fold over O (once per block, counted for every tile), K and V staging, the score blocks (bc / tile
-    /// of them, each over dk / tile), the owner's two loops over the tile's keys (with the
-    /// segment lookup per key), O's rescaling, the P·V blocks (dv / tile of them, each over
-    /// bc / tile) and the loop over O of the values that are not finite (each over the tile's
-    /// keys; run only for tiles whose V holds one, counted for every tile).
+    /// fold over O (once per block, counted for every tile), K and V staging, the score blocks
+    /// (bc / tile of them, each over dk / tile), the owner's two loops over the tile's keys
+    /// (with the segment lookup per key), O's rescaling, the P·V blocks (dv / tile of them,
+    /// each over bc / tile) and the loop over O of the values that are not finite (each over
+    /// the tile's keys; run only for tiles whose V holds one, counted for every tile).
     fn loop_cost(&self, p: &AttnParams) -> (LoopCost, u64) {
         let [dk, dv, bc, tile, lanes] =
             [self.dk, self.dv, self.bc, self.tile, self.lanes].map(u64::from);
