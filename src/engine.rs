@@ -15,7 +15,7 @@ use crate::gpu::pool::BufferPool;
 use crate::gpu::tensor::Tensor;
 use crate::mask::{Alignment, Broadcast, KeySegment, MaskSpec, Masking, Window};
 use crate::plan::{self, DeviceCaps, MergePlan, Path, Plan, Request, StatsIo};
-use crate::program::Program;
+use crate::program::{BufferId, Program};
 use crate::shape::{AttnShape, F32};
 use crate::stats::{Pool, Stats, StatsOutput};
 use crate::tune::{self, AdapterId, TuneCache, TuneKey};
@@ -202,13 +202,13 @@ impl Attention {
     }
 }
 
-/// Lengths, mask bits and bias of one call on the device, made by [`Engine::upload_masks`].
-/// Unused ones are 4-byte placeholders (bindings cannot be empty).
+/// Lengths, mask bits and bias of one call on the device, made by [`Engine::upload_masks`];
+/// a call without a mask or a bias has none (its program declares them absent).
 #[derive(Debug)]
 pub struct MaskInputs {
     lens: Tensor,
-    mask: Tensor,
-    bias: Tensor,
+    mask: Option<Tensor>,
+    bias: Option<Tensor>,
 }
 
 impl MaskInputs {
@@ -216,13 +216,28 @@ impl MaskInputs {
     pub fn lens(&self) -> &Tensor {
         &self.lens
     }
-    /// The packed bool-mask bits (a plan's `io.mask`).
-    pub fn mask(&self) -> &Tensor {
-        &self.mask
+    /// The packed bool-mask bits (a plan's `io.mask`), where the call has a mask.
+    pub fn mask(&self) -> Option<&Tensor> {
+        self.mask.as_ref()
     }
-    /// The additive bias as the kernels read it (a plan's `io.bias`).
-    pub fn bias(&self) -> &Tensor {
-        &self.bias
+    /// The additive bias as the kernels read it (a plan's `io.bias`), where the call has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Binds these to the ids `[lens, mask, bias]` of a program made for the same masks.
+    pub(crate) fn bind<'a>(
+        &'a self,
+        [lens, mask, bias]: [BufferId; 3],
+        tensors: &mut Bindings<'a>,
+    ) {
+        tensors.insert(lens, &self.lens);
+        if let Some(t) = &self.mask {
+            tensors.insert(mask, t);
+        }
+        if let Some(t) = &self.bias {
+            tensors.insert(bias, t);
+        }
     }
 }
 
@@ -423,7 +438,7 @@ impl Engine {
         let mut program = Program::new();
         let xs = program.input("x", x.dtype().bytes(rows * in_dim));
         let ws = program.input("w", w.dtype().bytes(*out_dim * in_dim));
-        let bs = program.input("b", b.map_or(4, |_| w.dtype().bytes(*out_dim)));
+        let bs = program.optional_input("b", w.dtype().bytes(*out_dim), b.is_some());
         let ys = program.output("y", (rows * *out_dim) as u64 * F32);
         if let Some(b) = b.filter(|b| b.dtype() != w.dtype()) {
             return Err(Error::Argument(format!(
@@ -443,19 +458,11 @@ impl Engine {
         let mut dims = lead.to_vec();
         dims.push(*out_dim);
         let y = Tensor::empty(&self.ctx, "linear_out", &dims)?;
-        // Bindings cannot be empty: a one-element stand-in where there is no bias.
-        let no_bias;
-        let b = match b {
-            Some(b) => b,
-            None => {
-                no_bias = Tensor::upload_as(&self.ctx, "no_bias", &[0.0], &[1], w.dtype())?;
-                &no_bias
-            }
-        };
-        self.execute(
-            &program,
-            &HashMap::from([(xs, x), (ws, w), (bs, b), (ys, &y)]),
-        )?;
+        let mut tensors = HashMap::from([(xs, x), (ws, w), (ys, &y)]);
+        if let Some(b) = b {
+            tensors.insert(bs, b);
+        }
+        self.execute(&program, &tensors)?;
         Ok(y)
     }
 
@@ -647,15 +654,18 @@ impl Engine {
             ));
         }
         let lens = m.lens_words(shape);
-        let placeholder = [0u32];
-        let mask = m.mask_words();
-        let mask = mask.as_deref().unwrap_or(&placeholder);
-        let bias = m.bias_values();
-        let bias = bias.as_deref().unwrap_or(&[0.0]);
+        let mask = m
+            .mask_words()
+            .map(|w| Tensor::upload_u32(&self.ctx, "mask", &w, &[w.len()]))
+            .transpose()?;
+        let bias = m
+            .bias_values()
+            .map(|b| Tensor::upload(&self.ctx, "bias", &b, &[b.len()]))
+            .transpose()?;
         Ok(MaskInputs {
             lens: Tensor::upload_u32(&self.ctx, "lens", &lens, &[lens.len()])?,
-            mask: Tensor::upload_u32(&self.ctx, "mask", mask, &[mask.len()])?,
-            bias: Tensor::upload(&self.ctx, "bias", bias, &[bias.len()])?,
+            mask,
+            bias,
         })
     }
 
@@ -819,12 +829,10 @@ impl Engine {
             (io.q, q),
             (io.k, k),
             (io.v, v),
-            (io.lens, &masks.lens),
-            (io.mask, &masks.mask),
-            (io.bias, &masks.bias),
             (io.o, &out.o),
             (io.lse, &out.lse),
         ]);
+        masks.bind([io.lens, io.mask, io.bias], &mut tensors);
         match (io.weights, &out.weights) {
             (Some(id), Some(w)) => {
                 expect(w, "output weights", &s.weights_dims())?;

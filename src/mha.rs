@@ -147,8 +147,6 @@ pub struct MultiHeadAttention {
     weights: [Tensor; 4],
     /// Biases in the same order, where a projection has one.
     biases: [Option<Tensor>; 4],
-    /// Bound in place of a missing bias (bindings cannot be empty).
-    no_bias: Tensor,
 }
 
 /// The four projections of a layer.
@@ -247,7 +245,6 @@ impl MultiHeadAttention {
             id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
             weights: w.try_into().expect("four projections"),
             biases: b.try_into().expect("four projections"),
-            no_bias: Tensor::upload_as(ctx, "no_bias", &[0.0], &[1], dtype)?,
         })
     }
 
@@ -285,7 +282,9 @@ impl MultiHeadAttention {
     fn bind_params<'a>(&'a self, ids: &[[BufferId; 2]; 4], tensors: &mut Bindings<'a>) {
         for (i, [w, b]) in ids.iter().enumerate() {
             tensors.insert(*w, &self.weights[i]);
-            tensors.insert(*b, self.biases[i].as_ref().unwrap_or(&self.no_bias));
+            if let Some(bias) = &self.biases[i] {
+                tensors.insert(*b, bias);
+            }
         }
     }
 
@@ -449,16 +448,13 @@ impl MultiHeadAttention {
             Source::Raw { key, value } => (key, value),
             Source::Cached(cache) => (&cache.k, &cache.v),
         };
-        let [lens, mask, bias] = layer.masks;
         let mut tensors: Bindings = HashMap::from([
             (layer.query, query),
             (layer.source[0], key),
             (layer.source[1], value),
-            (lens, masks.lens()),
-            (mask, masks.mask()),
-            (bias, masks.bias()),
             (layer.out, &out),
         ]);
+        masks.bind(layer.masks, &mut tensors);
         if let (Some(id), Some(w)) = (layer.weights, &weights) {
             tensors.insert(id, w);
         }

@@ -31,7 +31,14 @@ pub enum Role {
     Output,
     /// Provided by the executor for the program's own use.
     Scratch,
+    /// An optional input the call does not have (a mask, a bias): its kernels' params say
+    /// they never read it, and the executor binds one shared placeholder (a binding cannot be
+    /// empty). The caller binds nothing.
+    Absent,
 }
+
+/// Bytes of the placeholder an executor binds for an absent input: one word.
+pub const ABSENT_BYTES: u64 = 4;
 
 /// One declared buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,6 +129,20 @@ impl Program {
     /// Declares a buffer the executor provides.
     pub fn scratch(&mut self, name: &str, bytes: u64) -> BufferId {
         self.declare(name, Role::Scratch, bytes)
+    }
+
+    /// Declares an optional input the call does not have ([`Role::Absent`]).
+    pub fn absent(&mut self, name: &str) -> BufferId {
+        self.declare(name, Role::Absent, ABSENT_BYTES)
+    }
+
+    /// Declares `name` as an input of `bytes` where `present`, else as absent.
+    pub fn optional_input(&mut self, name: &str, bytes: u64, present: bool) -> BufferId {
+        if present {
+            self.input(name, bytes)
+        } else {
+            self.absent(name)
+        }
     }
 
     /// Appends a dispatch of `kernel` with `params` on `buffers` (bindings 1.. in order).
@@ -254,7 +275,11 @@ impl fmt::Display for Program {
             }
         }
         writeln!(f, "  kernels: {}", kernels.join(", "))?;
-        for b in self.buffers.iter().filter(|b| b.role != Role::Input) {
+        for b in self
+            .buffers
+            .iter()
+            .filter(|b| matches!(b.role, Role::Output | Role::Scratch))
+        {
             let role = if b.role == Role::Output {
                 "output"
             } else {

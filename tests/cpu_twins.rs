@@ -33,17 +33,21 @@ fn run_twins(
     (o, lse, w)
 }
 
-/// The lengths, mask and bias words the engine would upload, for these ids.
+/// The lengths, mask and bias words the engine would upload, for these ids (a call without
+/// a mask or a bias has none: its program declares them absent).
 fn mask_inputs(
     masking: &Masking,
     s: &AttnShape,
     [lens, mask, bias]: [xattn::program::BufferId; 3],
 ) -> HostBuffers {
-    HashMap::from([
-        (lens, masking.lens_words(s)),
-        (mask, masking.mask_words().unwrap_or(vec![0])),
-        (bias, words(&masking.bias_values().unwrap_or(vec![0.0]))),
-    ])
+    let mut inputs = HashMap::from([(lens, masking.lens_words(s))]);
+    if let Some(bits) = masking.mask_words() {
+        inputs.insert(mask, bits);
+    }
+    if let Some(values) = masking.bias_values() {
+        inputs.insert(bias, words(&values));
+    }
+    inputs
 }
 
 /// The plans of `req`: the planner's own, and for the fused paths one per configuration of

@@ -12,7 +12,7 @@ use crate::params::{LinearParams, PackParams};
 use crate::plan::attention::{append, base_params, Planned};
 use crate::plan::check::{bytes, check_binding, check_grid, check_loops, fold_grid, limit_err};
 use crate::plan::device::DeviceCaps;
-use crate::plan::request::{mask_input_bytes, AttnIo, Path, Request, StatsIo};
+use crate::plan::request::{declare_mask_inputs, AttnIo, Path, Request, StatsIo};
 use crate::program::{BufferId, Program};
 use crate::shape::{AttnShape, F32};
 
@@ -120,7 +120,7 @@ pub fn mean_heads(
     Ok(())
 }
 
-/// Declares each projection's weight and bias (one placeholder element where it has none).
+/// Declares each projection's weight and bias (absent where it has none).
 pub(crate) fn declare_params(
     program: &mut Program,
     c: &MhaConfig,
@@ -134,10 +134,7 @@ pub(crate) fn declare_params(
         let (out, inp) = sizes[i];
         [
             program.input(&format!("w_{}", names[i]), dtype.bytes(out * inp)),
-            program.input(
-                &format!("b_{}", names[i]),
-                dtype.bytes(if has_bias[i] { out } else { 1 }),
-            ),
+            program.optional_input(&format!("b_{}", names[i]), dtype.bytes(out), has_bias[i]),
         ]
     })
 }
@@ -216,12 +213,7 @@ pub fn layer_program(
         ]
     };
     let params = declare_params(&mut program, c, has_bias, types.weights);
-    let [lens, mask, bias] = mask_input_bytes(&s, &req.masks);
-    let masks = [
-        program.input("lens", lens),
-        program.input("mask", mask),
-        program.input("bias", bias),
-    ];
+    let masks = declare_mask_inputs(&mut program, "", &s, &req.masks);
     let out_elems = batch * m * c.embed_dim;
     let out = program.output("out", types.out.bytes(out_elems));
     let p_bytes = f32_bytes(s.weights_dims().iter().product());

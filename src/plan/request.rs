@@ -98,9 +98,9 @@ pub struct AttnIo {
     pub v: BufferId,
     /// `[q_lens; batch] ++ [kv_lens; batch]` as u32.
     pub lens: BufferId,
-    /// Packed bool-mask bits (one placeholder word when unused).
+    /// Packed bool-mask bits (absent when unused).
     pub mask: BufferId,
-    /// Additive bias (one placeholder element when unused).
+    /// Additive bias (absent when unused).
     pub bias: BufferId,
     /// O `[batch, M, q_heads, d_v]`.
     pub o: BufferId,
@@ -176,9 +176,25 @@ impl StatsIo {
 pub fn mask_input_bytes(s: &AttnShape, masks: &MaskSpec) -> [u64; 3] {
     let mask_words = masks
         .mask_dims
-        .map_or(1, |d| d[0] * d[1] * d[2] * d[3].div_ceil(32));
-    let bias = masks.bias_dims.map_or(1, |d| d.iter().product());
+        .map_or(0, |d| d[0] * d[1] * d[2] * d[3].div_ceil(32));
+    let bias = masks.bias_dims.map_or(0, |d| d.iter().product());
     [bytes(2 * s.batch), bytes(mask_words), bytes(bias)]
+}
+
+/// Declares the lengths, mask and bias inputs of `masks` on `s` (the mask and the bias absent
+/// where the call has none), named with `prefix`.
+pub fn declare_mask_inputs(
+    program: &mut Program,
+    prefix: &str,
+    s: &AttnShape,
+    masks: &MaskSpec,
+) -> [BufferId; 3] {
+    let [lens, mask, bias] = mask_input_bytes(s, masks);
+    [
+        program.input(&format!("{prefix}lens"), lens),
+        program.optional_input(&format!("{prefix}mask"), mask, masks.mask_dims.is_some()),
+        program.optional_input(&format!("{prefix}bias"), bias, masks.bias_dims.is_some()),
+    ]
 }
 
 impl AttnIo {
@@ -187,14 +203,14 @@ impl AttnIo {
     pub fn declare(program: &mut Program, req: &Request) -> Self {
         let s = &req.shape;
         let size = |dtype: DType, dims: &[usize]| dtype.bytes(dims.iter().product());
-        let [lens, mask, bias] = mask_input_bytes(s, &req.masks);
+        let [lens, mask, bias] = declare_mask_inputs(program, "", s, &req.masks);
         Self {
             q: program.input("q", size(req.dtype, &s.q_dims())),
             k: program.input("k", size(req.dtype, &s.k_dims())),
             v: program.input("v", size(req.dtype, &s.v_dims())),
-            lens: program.input("lens", lens),
-            mask: program.input("mask", mask),
-            bias: program.input("bias", bias),
+            lens,
+            mask,
+            bias,
             o: program.output("o", size(req.out_dtype, &s.o_dims())),
             lse: program.output("lse", size(DType::F32, &s.lse_dims())),
             weights: req
