@@ -5,6 +5,7 @@ use std::path::Path as FsPath;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::call::Prepared;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::fused_config::{ConfigChoice, ConfigSource, FusedConfig, Tuned};
@@ -13,7 +14,7 @@ use crate::gpu::executor::{self, Bindings, GpuTimer};
 use crate::gpu::pipelines::PipelineCache;
 use crate::gpu::pool::BufferPool;
 use crate::gpu::tensor::Tensor;
-use crate::mask::{Alignment, Broadcast, KeySegment, MaskSpec, Masking, Window};
+use crate::mask::{Alignment, Broadcast, KeySegment, Masking, Window};
 use crate::plan::{self, DeviceCaps, MergePlan, Path, Plan, Request, StatsIo};
 use crate::program::{BufferId, Program};
 use crate::shape::{AttnShape, F32};
@@ -202,29 +203,16 @@ impl Attention {
     }
 }
 
-/// Lengths, mask bits and bias of one call on the device, made by [`Engine::upload_masks`];
-/// a call without a mask or a bias has none (its program declares them absent).
+/// Lengths, mask bits and bias of one call on the device; a call without a mask or a bias
+/// has none (its program declares them absent).
 #[derive(Debug)]
-pub struct MaskInputs {
+pub(crate) struct MaskInputs {
     lens: Tensor,
     mask: Option<Tensor>,
     bias: Option<Tensor>,
 }
 
 impl MaskInputs {
-    /// `[q_lens; batch] ++ [kv_lens; batch]` as u32 (a plan's `io.lens`).
-    pub fn lens(&self) -> &Tensor {
-        &self.lens
-    }
-    /// The packed bool-mask bits (a plan's `io.mask`), where the call has a mask.
-    pub fn mask(&self) -> Option<&Tensor> {
-        self.mask.as_ref()
-    }
-    /// The additive bias as the kernels read it (a plan's `io.bias`), where the call has one.
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.bias.as_ref()
-    }
-
     /// Binds these to the ids `[lens, mask, bias]` of a program made for the same masks.
     pub(crate) fn bind<'a>(
         &'a self,
@@ -318,6 +306,16 @@ pub struct Engine {
     pool: Arc<BufferPool>,
     autotune: bool,
     tuner: Arc<TuneCache>,
+}
+
+/// Where a bound call's scratch comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scratch {
+    /// The engine's pool: for a call that runs once and waits before it returns.
+    Pool,
+    /// A pool of the call's own: for prepared calls, whose work recorded into a caller's
+    /// encoder may outlive them.
+    Own,
 }
 
 /// Timed runs per candidate configuration at most, and the time after which the tuner
@@ -455,6 +453,7 @@ impl Engine {
             b.is_some(),
             &self.caps,
         )?;
+        plan::check_loops(&program, &self.caps)?;
         let mut dims = lead.to_vec();
         dims.push(*out_dim);
         let y = Tensor::empty(&self.ctx, "linear_out", &dims)?;
@@ -467,25 +466,9 @@ impl Engine {
     }
 
     /// Runs any program once with these tensors for its inputs and outputs (the layer's way
-    /// in), scratch from the pool.
+    /// in), scratch from the pool. Its maker checked its loops against this engine's caps.
     pub(crate) fn execute(&self, program: &Program, tensors: &Bindings) -> Result<()> {
-        self.execute_timed(program, tensors, None)
-    }
-
-    fn execute_timed(
-        &self,
-        program: &Program,
-        tensors: &Bindings,
-        timer: Option<&GpuTimer>,
-    ) -> Result<()> {
-        plan::check_loops(program, &self.caps)?;
-        executor::run(
-            &self.ctx,
-            (&self.cache, &self.pool),
-            program,
-            tensors,
-            timer,
-        )
+        executor::run(&self.ctx, (&self.cache, &self.pool), program, tensors, None)
     }
 
     /// Scratch and params buffers this engine's pool has created so far (a loop of calls of
@@ -599,33 +582,34 @@ impl Engine {
             let Ok(plan) = Plan::new(&forced, &self.caps) else {
                 continue;
             };
-            let out = self.alloc_output(&plan)?;
-            let masks = self.upload_masks(&plan, opts)?;
-            runs.push((config, plan, out, masks, Vec::new()));
+            let call = self.bind(plan, (q, k, v), opts.masking(), None, Scratch::Pool)?;
+            runs.push((config, call, Vec::new()));
         }
-        let time_one = |plan: &Plan, masks: &MaskInputs, out: &Output| -> Result<f64> {
+        let time_one = |call: &Prepared| -> Result<f64> {
             let start = Instant::now();
-            self.run(plan, q, k, v, masks, out, timer.as_ref())?;
             match &timer {
-                Some(t) => t.read_ms(&self.ctx),
-                None => Ok(start.elapsed().as_secs_f64() * 1e3),
+                Some(t) => call.run_timed(t),
+                None => {
+                    call.run()?;
+                    Ok(start.elapsed().as_secs_f64() * 1e3)
+                }
             }
         };
-        for (_, plan, out, masks, _) in &runs {
-            time_one(plan, masks, out)?;
+        for (_, call, _) in &runs {
+            time_one(call)?;
         }
         let start = Instant::now();
         for round in 0..TUNE_RUNS {
             if round > 0 && start.elapsed() > TUNE_BUDGET {
                 break;
             }
-            for (_, plan, out, masks, times) in &mut runs {
-                times.push(time_one(plan, masks, out)?);
+            for (_, call, times) in &mut runs {
+                times.push(time_one(call)?);
             }
         }
         let mut medians: Vec<(FusedConfig, f64)> = runs
             .into_iter()
-            .map(|(config, _, _, _, mut times)| {
+            .map(|(config, _, mut times)| {
                 times.sort_by(f64::total_cmp);
                 (config, tune::median(&times))
             })
@@ -634,31 +618,15 @@ impl Engine {
         Ok(medians)
     }
 
-    /// Uploads the lengths, mask and bias of `opts` for `plan` (which must come from the same
-    /// options).
-    pub fn upload_masks(&self, plan: &Plan, opts: &Attention) -> Result<MaskInputs> {
-        self.upload_mask_inputs(&plan.shape, &plan.masks, opts)
-    }
-
-    /// The mask inputs of `opts` for a program planned with `spec` on `shape`.
-    pub(crate) fn upload_mask_inputs(
-        &self,
-        shape: &AttnShape,
-        spec: &MaskSpec,
-        opts: &Attention,
-    ) -> Result<MaskInputs> {
-        let m = &opts.masking;
-        if m.spec(shape)? != *spec {
-            return Err(Error::Argument(
-                "the plan was made with other masks than these options".into(),
-            ));
-        }
-        let lens = m.lens_words(shape);
-        let mask = m
+    /// The lengths, mask and bias of `masking` on `shape` on the device, for a program
+    /// planned from the same masking (its spec computed once, when the call was planned).
+    pub(crate) fn mask_inputs(&self, shape: &AttnShape, masking: &Masking) -> Result<MaskInputs> {
+        let lens = masking.lens_words(shape);
+        let mask = masking
             .mask_words()
             .map(|w| Tensor::upload_u32(&self.ctx, "mask", &w, &[w.len()]))
             .transpose()?;
-        let bias = m
+        let bias = masking
             .bias_values()
             .map(|b| Tensor::upload(&self.ctx, "bias", &b, &[b.len()]))
             .transpose()?;
@@ -669,8 +637,8 @@ impl Engine {
         })
     }
 
-    /// Allocates outputs for `plan` (O, LSE and, if planned, weights).
-    pub fn alloc_output(&self, plan: &Plan) -> Result<Output> {
+    /// New outputs for `plan` (O, LSE and, if planned, weights and statistics).
+    fn outputs(&self, plan: &Plan) -> Result<Output> {
         let s = plan.shape;
         let wants_weights = plan.io.weights.is_some();
         Ok(Output {
@@ -685,9 +653,9 @@ impl Engine {
         })
     }
 
-    /// Computes attention on device tensors into new output tensors. Scratch and params
-    /// come from the engine's pool, so a loop of calls of one shape allocates only outputs;
-    /// [`Engine::prepare`] allocates nothing per run.
+    /// Computes attention on device tensors into new output tensors: [`Engine::prepare`]
+    /// and one run, with scratch from the engine's pool, so a loop of calls of one shape
+    /// allocates only outputs.
     pub fn attention(
         &self,
         q: &Tensor,
@@ -696,16 +664,14 @@ impl Engine {
         opts: &Attention,
     ) -> Result<Output> {
         let plan = self.plan(q, k, v, opts)?;
-        let masks = self.upload_masks(&plan, opts)?;
-        let out = self.alloc_output(&plan)?;
-        self.run(&plan, q, k, v, &masks, &out, None)?;
-        Ok(out)
+        self.bind(plan, (q, k, v), opts.masking(), None, Scratch::Pool)?
+            .finish()
     }
 
     /// Validates and plans one call once and binds it to `q`, `k`, `v`, its masks, new
-    /// outputs and scratch: [`Prepared::run`] and [`Prepared::encode`] then allocate nothing
-    /// and read the inputs' contents as they are at each run (a decoder writes the next query
-    /// into `q` and runs again).
+    /// outputs and scratch of its own: [`Prepared::run`] and [`Prepared::encode`] then
+    /// allocate nothing and read the inputs' contents as they are at each run (a decoder
+    /// writes the next query into `q` and runs again).
     pub fn prepare(
         &self,
         q: &Tensor,
@@ -714,8 +680,7 @@ impl Engine {
         opts: &Attention,
     ) -> Result<Prepared> {
         let plan = self.plan(q, k, v, opts)?;
-        let out = self.alloc_output(&plan)?;
-        self.bind(plan, (q, k, v), opts, out)
+        self.bind(plan, (q, k, v), opts.masking(), None, Scratch::Own)
     }
 
     /// [`Engine::prepare`] writing O into the caller's tensor `o` (e.g. a range of an app's
@@ -729,61 +694,51 @@ impl Engine {
         opts: &Attention,
     ) -> Result<Prepared> {
         let plan = self.plan(q, k, v, opts)?;
-        let mut out = self.alloc_output(&plan)?;
-        out.o = o.clone();
-        if let Some(lse) = lse {
-            out.lse = lse.clone();
-        }
-        self.bind(plan, (q, k, v), opts, out)
+        let into = (o, lse);
+        self.bind(plan, (q, k, v), opts.masking(), Some(into), Scratch::Own)
     }
 
+    /// Binds `plan` (made from `masking`) to the inputs, its masks, new outputs (O and LSE
+    /// the caller's where `into` gives them) and scratch.
     fn bind(
         &self,
         plan: Plan,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
-        opts: &Attention,
-        out: Output,
+        masking: &Masking,
+        into: Option<(&Tensor, Option<&Tensor>)>,
+        scratch: Scratch,
     ) -> Result<Prepared> {
-        let masks = self.upload_masks(&plan, opts)?;
+        let mut out = self.outputs(&plan)?;
+        if let Some((o, lse)) = into {
+            out.o = o.clone();
+            if let Some(lse) = lse {
+                out.lse = lse.clone();
+            }
+        }
+        let masks = self.mask_inputs(&plan.shape, masking)?;
         let tensors = self.tensors(&plan, (q, k, v), &masks, &out)?;
-        Ok(Prepared {
-            call: self.bind_program(&plan.program, &tensors)?,
-            plan,
-            out,
-        })
+        let bound = self.bind_program(&plan.program, &tensors, scratch)?;
+        Ok(Prepared::new(&self.ctx, bound, Some(plan), out))
     }
 
-    /// Binds any program to these tensors for repeated runs (the layer's way in). The bound
-    /// call keeps buffers of its own, not the shared pool's: work it recorded into a caller's
-    /// encoder may still be unsubmitted when it is dropped.
-    pub(crate) fn bind_program(&self, program: &Program, tensors: &Bindings) -> Result<Bound> {
-        plan::check_loops(program, &self.caps)?;
-        let own = Arc::new(BufferPool::new(&self.ctx));
-        let bound = self
-            .ctx
-            .scoped(|| executor::bind(&self.ctx, (&self.cache, &own), program, tensors))?;
-        Ok(Bound {
-            ctx: self.ctx.clone(),
-            bound,
-        })
-    }
-
-    /// Runs a plan made by [`Engine::plan`] with the masks of [`Engine::upload_masks`] into
-    /// existing outputs (from [`Engine::alloc_output`]); with a timer, GPU timestamps bracket
-    /// the work.
-    #[allow(clippy::too_many_arguments)]
-    pub fn run(
+    /// Binds any program (checked by its maker against this engine's caps) to these tensors
+    /// for repeated runs.
+    pub(crate) fn bind_program(
         &self,
-        plan: &Plan,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        masks: &MaskInputs,
-        out: &Output,
-        timer: Option<&GpuTimer>,
-    ) -> Result<()> {
-        let tensors = self.tensors(plan, (q, k, v), masks, out)?;
-        self.execute_timed(&plan.program, &tensors, timer)
+        program: &Program,
+        tensors: &Bindings,
+        scratch: Scratch,
+    ) -> Result<executor::Bound> {
+        let own;
+        let pool = match scratch {
+            Scratch::Pool => &self.pool,
+            Scratch::Own => {
+                own = Arc::new(BufferPool::new(&self.ctx));
+                &own
+            }
+        };
+        self.ctx
+            .scoped(|| executor::bind(&self.ctx, (&self.cache, pool), program, tensors))
     }
 
     /// The tensors of a call by buffer id, checked against the plan's dims.
@@ -961,88 +916,5 @@ impl Engine {
         let refs: Vec<(&Tensor, &Tensor)> = tensors.iter().map(|(o, l)| (o, l)).collect();
         let (o, lse) = self.merge(&refs)?;
         Ok((o.to_host()?, lse.to_host()?))
-    }
-}
-
-/// One attention call, validated, planned and bound once ([`Engine::prepare`]): its plan,
-/// masks, outputs, scratch, params and bind groups. Running it again allocates nothing and
-/// reads the inputs' contents at that time.
-#[derive(Debug)]
-pub struct Prepared {
-    call: Bound,
-    plan: Plan,
-    out: Output,
-}
-
-/// A plan bound to its buffers on one device: what prepared calls run.
-#[derive(Debug)]
-pub(crate) struct Bound {
-    ctx: Context,
-    bound: executor::Bound,
-}
-
-impl Bound {
-    pub(crate) fn run(&self) -> Result<()> {
-        self.bound.submit(&self.ctx, None)
-    }
-
-    pub(crate) async fn run_async(&self) -> Result<()> {
-        let done = self.ctx.scoped(|| {
-            self.bound.enqueue(&self.ctx, None);
-            Ok(self
-                .ctx
-                .completion(|fire| self.ctx.queue.on_submitted_work_done(fire)))
-        })?;
-        done.await;
-        self.ctx.take_fault()
-    }
-
-    pub(crate) fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
-        self.bound.record(encoder, None);
-    }
-}
-
-impl Prepared {
-    /// Submits the call's passes and waits for them; reports any device error of this call.
-    pub fn run(&self) -> Result<()> {
-        self.call.run()
-    }
-
-    /// [`Prepared::run`] as a future: submits now and resolves when the device has finished,
-    /// without blocking the awaiting thread (on native a waiter thread polls the device).
-    pub async fn run_async(&self) -> Result<()> {
-        self.call.run_async().await
-    }
-
-    /// Records the call's passes into the caller's encoder, after whatever the caller
-    /// recorded before and before what it records next; neither submits nor waits. Device
-    /// errors of the recorded work surface where the caller submits (in its error scopes).
-    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
-        self.call.encode(encoder);
-    }
-
-    /// O `[batch, M, q_heads, d_v]`, as of the last completed run.
-    pub fn o(&self) -> &Tensor {
-        &self.out.o
-    }
-
-    /// LSE `[batch, q_heads, M]`, as of the last completed run.
-    pub fn lse(&self) -> &Tensor {
-        &self.out.lse
-    }
-
-    /// The weights P, when the call asked for them.
-    pub fn weights(&self) -> Option<&Tensor> {
-        self.out.weights.as_ref()
-    }
-
-    /// What runs.
-    pub fn plan(&self) -> &Plan {
-        &self.plan
-    }
-
-    /// The output tensors.
-    pub fn into_output(self) -> Output {
-        self.out
     }
 }

@@ -30,6 +30,7 @@
 //! | weights P | `[batch, q_heads, M, N]` |
 //! | LSE | `[batch, q_heads, M]`, natural log of Σ exp(scaled logits) |
 
+mod call;
 pub mod cpu;
 mod dtype;
 mod engine;
@@ -55,8 +56,9 @@ pub mod shape;
 pub mod stats;
 pub mod tune;
 
+pub use call::Prepared;
 pub use dtype::{DType, Storage};
-pub use engine::{Attention, Engine, HostOutput, MaskInputs, Output, Prepared};
+pub use engine::{Attention, Engine, HostOutput, Output};
 pub use error::{Error, Result};
 pub use fused_config::{ConfigChoice, ConfigSource, FusedConfig};
 pub use gpu::context::Context;

@@ -21,11 +21,13 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::call::Prepared;
 use crate::dtype::DType;
-use crate::engine::{Attention, Engine};
+use crate::engine::{Attention, Engine, Scratch};
 use crate::error::{Error, Result};
 use crate::gpu::executor::Bindings;
 use crate::gpu::tensor::Tensor;
+use crate::plan::check::check_loops;
 use crate::plan::layer::{declare_params, layer_program, linear, LayerTypes};
 use crate::plan::request::Request;
 use crate::program::{BufferId, Program};
@@ -314,6 +316,7 @@ impl MultiHeadAttention {
                 caps,
             )?;
         }
+        check_loops(&program, caps)?;
         let kv = [batch, n, c.kv_heads, c.head_dim()];
         let ctx = self.engine.context();
         let cache = SourceCache {
@@ -343,7 +346,9 @@ impl MultiHeadAttention {
         value: &Tensor,
         opts: &MhaOptions,
     ) -> Result<MhaOutput> {
-        self.prepare(query, key, value, opts)?.finish()
+        let source = self.raw_source(key, value)?;
+        self.prepare_forward(query, source, opts, Scratch::Pool)?
+            .finish()
     }
 
     /// [`MultiHeadAttention::forward`] validated, planned and bound once: the projections,
@@ -356,10 +361,8 @@ impl MultiHeadAttention {
         value: &Tensor,
         opts: &MhaOptions,
     ) -> Result<PreparedLayer> {
-        let c = &self.config;
-        let [batch, n, _] = dims3(key, "key", [None, None, Some(c.kdim)])?;
-        dims3(value, "value", [Some(batch), Some(n), Some(c.vdim)])?;
-        self.prepare_forward(query, Source::Raw { key, value }, batch, n, opts)
+        let source = self.raw_source(key, value)?;
+        self.prepare_forward(query, source, opts, Scratch::Own)
     }
 
     /// [`MultiHeadAttention::forward`] reading K/V from a cache this layer projected. Equal to
@@ -370,7 +373,9 @@ impl MultiHeadAttention {
         cache: &SourceCache,
         opts: &MhaOptions,
     ) -> Result<MhaOutput> {
-        self.prepare_cached(query, cache, opts)?.finish()
+        let source = self.cached_source(cache)?;
+        self.prepare_forward(query, source, opts, Scratch::Pool)?
+            .finish()
     }
 
     /// [`MultiHeadAttention::forward_cached`] prepared once (see
@@ -382,6 +387,20 @@ impl MultiHeadAttention {
         cache: &SourceCache,
         opts: &MhaOptions,
     ) -> Result<PreparedLayer> {
+        let source = self.cached_source(cache)?;
+        self.prepare_forward(query, source, opts, Scratch::Own)
+    }
+
+    /// The raw key `[batch, N, kdim]` and value `[batch, N, vdim]` as a source.
+    fn raw_source<'a>(&self, key: &'a Tensor, value: &'a Tensor) -> Result<Source<'a>> {
+        let c = &self.config;
+        let [batch, n, _] = dims3(key, "key", [None, None, Some(c.kdim)])?;
+        dims3(value, "value", [Some(batch), Some(n), Some(c.vdim)])?;
+        Ok(Source::Raw { key, value })
+    }
+
+    /// A cache as a source, if this layer projected it.
+    fn cached_source<'a>(&self, cache: &'a SourceCache) -> Result<Source<'a>> {
         if cache.layer_id != self.id {
             return Err(Error::Argument(format!(
                 "this source cache was projected by layer #{}, not by this layer (#{}): \
@@ -389,18 +408,21 @@ impl MultiHeadAttention {
                 cache.layer_id, self.id
             )));
         }
-        self.prepare_forward(query, Source::Cached(cache), cache.batch, cache.n, opts)
+        Ok(Source::Cached(cache))
     }
 
     fn prepare_forward(
         &self,
         query: &Tensor,
         source: Source,
-        batch: usize,
-        n: usize,
         opts: &MhaOptions,
+        scratch: Scratch,
     ) -> Result<PreparedLayer> {
         let c = self.config;
+        let (batch, n) = match source {
+            Source::Raw { key, .. } => (key.dims()[0], key.dims()[1]),
+            Source::Cached(cache) => (cache.batch, cache.n),
+        };
         let [_, m, _] = dims3(query, "query", [Some(batch), None, Some(c.embed_dim)])?;
         let shape = c.attn_shape(batch, m, n);
         let attention = opts.attention_for(batch, n)?;
@@ -432,9 +454,7 @@ impl MultiHeadAttention {
             types,
             self.engine.caps(),
         )?;
-        let masks = self
-            .engine
-            .upload_mask_inputs(&shape, &req.masks, &attention)?;
+        let masks = self.engine.mask_inputs(&shape, attention.masking())?;
         let ctx = self.engine.context();
         let weights = match need {
             NeedWeights::None => None,
@@ -470,53 +490,23 @@ impl MultiHeadAttention {
             }
         }
         self.bind_params(&layer.params, &mut tensors);
-        Ok(PreparedLayer {
-            call: self.engine.bind_program(&layer.program, &tensors)?,
-            output: MhaOutput {
-                out,
-                weights,
-                stats,
-                mean_stats,
-            },
-        })
+        let bound = self
+            .engine
+            .bind_program(&layer.program, &tensors, scratch)?;
+        drop(tensors);
+        let output = MhaOutput {
+            out,
+            weights,
+            stats,
+            mean_stats,
+        };
+        Ok(Prepared::new(ctx, bound, None, output))
     }
 }
 
 /// A layer forward bound once ([`MultiHeadAttention::prepare`],
-/// [`MultiHeadAttention::prepare_cached`]).
-#[derive(Debug)]
-pub struct PreparedLayer {
-    call: crate::engine::Bound,
-    output: MhaOutput,
-}
-
-impl PreparedLayer {
-    /// Submits the forward pass and waits; reports any device error of this call.
-    pub fn run(&self) -> Result<()> {
-        self.call.run()
-    }
-
-    /// [`PreparedLayer::run`] as a future that does not block the awaiting thread.
-    pub async fn run_async(&self) -> Result<()> {
-        self.call.run_async().await
-    }
-
-    /// Records the forward pass into the caller's encoder; neither submits nor waits.
-    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
-        self.call.encode(encoder);
-    }
-
-    /// The layer output `[batch, M, embed_dim]` (and weights, if requested), as of the last
-    /// completed run.
-    pub fn output(&self) -> &MhaOutput {
-        &self.output
-    }
-
-    fn finish(self) -> Result<MhaOutput> {
-        self.run()?;
-        Ok(self.output)
-    }
-}
+/// [`MultiHeadAttention::prepare_cached`]): [`Prepared`] with the layer's outputs.
+pub type PreparedLayer = Prepared<MhaOutput>;
 
 /// Where a forward call's K/V come from.
 enum Source<'a> {

@@ -163,14 +163,13 @@ fn check(
         }),
         "{what}: {plan}"
     );
-    let output = engine.alloc_output(&plan).unwrap();
-    assert_eq!(output.o.dtype(), out);
-    output.o.fill(f32::NAN).unwrap();
-    output.lse.fill(f32::NAN).unwrap();
-    let masks = engine.upload_masks(&plan, &opts).unwrap();
-    engine
-        .run(&plan, &tq, &tk, &tv, &masks, &output, None)
-        .unwrap();
+    let call = engine.prepare(&tq, &tk, &tv, &opts).unwrap();
+    assert_eq!(call.plan().to_string(), plan.to_string(), "{what}");
+    assert_eq!(call.o().dtype(), out);
+    call.o().fill(f32::NAN).unwrap();
+    call.lse().fill(f32::NAN).unwrap();
+    call.run().unwrap();
+    let output = call.into_output();
     let o = output.o.to_host().unwrap();
     let err = max_err(&o, &want.o);
     let tiny = 1e-6;

@@ -89,8 +89,8 @@ pub fn run_poisoned(
     let q = engine.upload(q, &s.q_dims())?;
     let k = engine.upload(k, &s.k_dims())?;
     let v = engine.upload(v, &s.v_dims())?;
-    let plan = engine.plan(&q, &k, &v, opts)?;
-    let out = engine.alloc_output(&plan)?;
+    let call = engine.prepare(&q, &k, &v, opts)?;
+    let out = call.output();
     poison(&out.o)?;
     poison(&out.lse)?;
     if let Some(w) = &out.weights {
@@ -101,8 +101,9 @@ pub fn run_poisoned(
             poison(t)?;
         }
     }
-    let masks = engine.upload_masks(&plan, opts)?;
-    engine.run(&plan, &q, &k, &v, &masks, &out, None)?;
+    call.run()?;
+    let plan = call.plan().clone();
+    let out = call.into_output();
     let host = HostOutput {
         o: out.o.to_host()?,
         lse: out.lse.to_host()?,

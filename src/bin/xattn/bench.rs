@@ -1,7 +1,7 @@
 //! `xattn bench`: headless timings of each path on standard or custom shapes.
 //!
 //! Times GPU completion, not submission: with `TIMESTAMP_QUERY` the GPU's own timestamps
-//! bracket the plan's passes; otherwise the host clock brackets `Engine::run`, which waits
+//! bracket the call's passes; otherwise the host clock brackets `Prepared::run`, which waits
 //! until the device is idle. Inputs are uploaded once per shape and outputs allocated once
 //! per (shape, path), so only the attention itself is measured. With autotuning (the default)
 //! the fused kernel's configuration is chosen while planning, before any timed run.
@@ -15,10 +15,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use xattn::cpu::reference;
-use xattn::gpu::executor::GpuTimer;
 use xattn::{
     Attention, AttnShape, ConfigChoice, ConfigSource, Context, DType, Engine, FusedConfig,
-    MaskInputs, Path, Plan, Stats, Storage, Tensor,
+    GpuTimer, Path, Prepared, Stats, Storage, Tensor,
 };
 
 use crate::masks::AlignArg;
@@ -300,7 +299,6 @@ fn out_rounding(dtype: DType) -> f64 {
 
 /// The device and the settings every measurement shares.
 struct Bench<'a> {
-    ctx: &'a Context,
     engine: Engine,
     timer: Option<GpuTimer>,
     warmup: u32,
@@ -444,20 +442,14 @@ impl Bench<'_> {
     }
 
     /// One run, in milliseconds to GPU completion.
-    fn time_once(
-        &self,
-        plan: &Plan,
-        x: &Inputs,
-        masks: &MaskInputs,
-        out: &xattn::Output,
-    ) -> CliResult<f64> {
+    fn time_once(&self, call: &Prepared) -> CliResult<f64> {
         let start = Instant::now();
-        self.engine
-            .run(plan, &x.q, &x.k, &x.v, masks, out, self.timer.as_ref())?;
-        let wall_ms = start.elapsed().as_secs_f64() * 1e3;
         match &self.timer {
-            Some(t) => Ok(t.read_ms(self.ctx)?),
-            None => Ok(wall_ms),
+            Some(t) => Ok(call.run_timed(t)?),
+            None => {
+                call.run()?;
+                Ok(start.elapsed().as_secs_f64() * 1e3)
+            }
         }
     }
 
@@ -465,18 +457,17 @@ impl Bench<'_> {
     /// error it is allowed.
     fn measure(
         &self,
-        plan: &Plan,
+        call: &Prepared,
         opts: &Attention,
         x: &mut Inputs,
     ) -> CliResult<(Timing, Check, f64)> {
-        let out = self.engine.alloc_output(plan)?;
-        let masks = self.engine.upload_masks(plan, opts)?;
         for _ in 0..self.warmup {
-            self.time_once(plan, x, &masks, &out)?;
+            self.time_once(call)?;
         }
         let mut times = (0..self.runs)
-            .map(|_| self.time_once(plan, x, &masks, &out))
+            .map(|_| self.time_once(call))
             .collect::<CliResult<Vec<f64>>>()?;
+        let (plan, out) = (call.plan(), call.output());
         times.sort_by(f64::total_cmp);
         let timing = Timing {
             median_ms: xattn::tune::median(&times),
@@ -771,7 +762,6 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
         GpuTimer::new(&ctx)
     };
     let b = Bench {
-        ctx: &ctx,
         engine: if args.packed_f16 {
             let caps = xattn::DeviceCaps {
                 native_f16: false,
@@ -866,14 +856,15 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                     None => inputs.insert(b.inputs(&s.shape, seed, dtype)?),
                 };
                 let opts = options(args, requested, stats);
-                let plan = match b.engine.plan(&x.q, &x.k, &x.v, &opts) {
-                    Ok(plan) => plan,
+                let call = match b.engine.prepare(&x.q, &x.k, &x.v, &opts) {
+                    Ok(call) => call,
                     Err(e) => {
                         let note = format!("skipped, does not plan: {e}");
                         print_note(s, which, storage(dtype), &note);
                         continue;
                     }
                 };
+                let plan = call.plan();
                 // `auto` may plan a path the suite excludes for this shape.
                 if let Some((_, why)) = s.only.filter(|(only, _)| *only != plan.path) {
                     print_note(s, which, storage(dtype), &format!("skipped: {why}"));
@@ -882,7 +873,7 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                 if let Some(choice) = plan.fused.as_ref().filter(|_| b.engine.autotune()) {
                     print_config(s, which, storage(dtype), choice);
                 }
-                let measured = b.measure(&plan, &opts, x);
+                let measured = b.measure(&call, &opts, x);
                 progress.advance(&s.shape);
                 match measured {
                     Ok((timing, check, tolerance)) => {

@@ -160,7 +160,7 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     let qt = upload("q", q.data, q_file, shape.q_dims())?;
     let kt = upload("k", k.data, k_file, shape.k_dims())?;
     let vt = upload("v", v.data, v_file, shape.v_dims())?;
-    let plan = engine.plan(&qt, &kt, &vt, &opts).map_err(|e| {
+    let call = engine.prepare(&qt, &kt, &vt, &opts).map_err(|e| {
         let forced_by: Vec<&str> = [
             (args.path.0 == Some(Path::ThreePass)).then_some("--path three-pass"),
             args.weights.is_some().then_some("--weights"),
@@ -176,13 +176,13 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
         )
     })?;
     if args.plan {
-        eprintln!("{plan}");
+        eprintln!("{}", call.plan());
     }
-    let masks = engine.upload_masks(&plan, &opts)?;
-    let out = engine.alloc_output(&plan)?;
     let t_run = Instant::now();
-    engine.run(&plan, &qt, &kt, &vt, &masks, &out, None)?;
+    call.run()?;
     let run_ms = t_run.elapsed().as_secs_f64() * 1e3;
+    let plan = call.plan().clone();
+    let out = call.into_output();
 
     // Widened to f32 (exactly); an f16 O is written back as float16.
     let o = layout.data(out.o.to_host()?, shape.o_dims());
