@@ -32,6 +32,7 @@
 
 mod call;
 pub mod cpu;
+pub mod device;
 mod dtype;
 mod engine;
 mod error;
@@ -66,6 +67,6 @@ pub use gpu::executor::GpuTimer;
 pub use gpu::tensor::Tensor;
 pub use mask::Alignment;
 pub use mha::{MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights, PreparedLayer};
-pub use plan::{fill_of, loop_cap_of, DeviceCaps, Fill, Path, Plan, Request, LLVMPIPE_LOOP_CAP};
+pub use plan::{DeviceCaps, Path, Plan, Request};
 pub use shape::AttnShape;
 pub use stats::{Pool, PoolOp, Stats, StatsOutput};

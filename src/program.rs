@@ -10,6 +10,7 @@
 use std::fmt;
 
 use crate::kernels::{Access, Kernel};
+use crate::shape::human_bytes;
 
 /// A buffer of one [`Program`], issued by the program's builder methods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -292,21 +293,5 @@ impl fmt::Display for Program {
             "  allocated: {}",
             human_bytes(self.bytes(Role::Scratch) + self.bytes(Role::Output))
         )
-    }
-}
-
-/// `1.5 MiB`-style sizes.
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut x = b as f64;
-    let mut u = 0;
-    while x >= 1024.0 && u + 1 < UNITS.len() {
-        x /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{x:.1} {}", UNITS[u])
     }
 }

@@ -12,7 +12,7 @@ use xattn::{Attention, AttnShape, Context, Engine, Error, Tensor};
 /// A device of the caller's own on the test adapter, with an app error handler that records.
 fn app_device(engine: &Engine) -> (Context, Arc<Mutex<Vec<String>>>) {
     let want = engine.context().info.name.clone();
-    let adapter = xattn::gpu::context::adapters()
+    let adapter = xattn::device::adapters()
         .into_iter()
         .find(|a| a.get_info().name == want)
         .expect("the test adapter is listed");

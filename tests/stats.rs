@@ -108,7 +108,7 @@ fn statistics_need_no_m_by_n_memory() {
         .request(big)
         .unwrap();
     let caps = xattn::DeviceCaps {
-        loop_cap: Some(xattn::LLVMPIPE_LOOP_CAP),
+        loop_cap: Some(xattn::device::LLVMPIPE_LOOP_CAP),
         ..xattn::DeviceCaps::from_limits(&wgpu::Limits::default())
     };
     let plan = xattn::Plan::new(&req, &caps).unwrap();
@@ -117,8 +117,8 @@ fn statistics_need_no_m_by_n_memory() {
     eprintln!(
         "M = N = 16384, d 64, every statistic and a 2048² max-pooled map: {} declared, P \
          would be {}",
-        xattn::plan::human_bytes(total),
-        xattn::plan::human_bytes(p_bytes)
+        xattn::shape::human_bytes(total),
+        xattn::shape::human_bytes(p_bytes)
     );
     // Q, K, V, O (4 MiB each), LSE, three statistics and the 2048² map (16 MiB).
     assert!(total < p_bytes / 30, "{total} bytes declared");
@@ -142,9 +142,9 @@ fn statistics_of_a_16384_square_run_on_the_fused_path() {
     let declared: u64 = plan.program.buffers().iter().map(|b| b.bytes).sum();
     eprintln!(
         "{s} fused with every statistic: {} declared in all ({}), P would be {}",
-        xattn::plan::human_bytes(declared),
+        xattn::shape::human_bytes(declared),
         plan.path.name(),
-        xattn::plan::human_bytes((s.m * s.n * 4) as u64)
+        xattn::shape::human_bytes((s.m * s.n * 4) as u64)
     );
     assert!(declared < 8 << 20, "{declared} bytes");
     let (entropy, focus, coverage) = (

@@ -22,7 +22,8 @@ use crate::plan::device::DeviceCaps;
 use crate::plan::layer::pack;
 use crate::plan::request::{mask_input_bytes, AttnIo, Path, Request};
 use crate::plan::stats::stats;
-use crate::program::{human_bytes, BufferId, Program};
+use crate::program::{BufferId, Program};
+use crate::shape::human_bytes;
 use crate::shape::AttnShape;
 use crate::stats::Pool;
 

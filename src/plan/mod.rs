@@ -20,7 +20,6 @@ pub mod stats;
 pub(crate) mod tests;
 
 pub use crate::fused_config::{FUSED_ROWS, FUSED_ROW_FLOATS};
-pub use crate::program::human_bytes;
 pub use attention::{
     base_params, split_count, KeySplits, MergePlan, Plan, Planned, FUSED_MAX_HEAD_DIM,
 };

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use xattn::gpu::context::{adapters, describe_info};
+use xattn::device::{adapters, describe_info};
 use xattn::Context;
 
 use crate::CliResult;
@@ -89,7 +89,7 @@ fn print_adapter(index: usize, adapter: &wgpu::Adapter, all_features: bool) {
     ];
     for (name, value) in limits {
         let human = if name.ends_with("_size") {
-            format!(" ({})", xattn::program::human_bytes(value))
+            format!(" ({})", xattn::shape::human_bytes(value))
         } else {
             String::new()
         };
@@ -157,7 +157,7 @@ pub fn info(args: &InfoArgs) -> CliResult<ExitCode> {
                     .f16_tile
                     .map_or("none".into(), |t| format!("{t}×{t} tiles")),
             ),
-            None if xattn::gpu::context::matrix_units_wanted() => {
+            None if xattn::device::matrix_units_wanted() => {
                 "none fitting (square 8 or 16 tiles with f32 accumulators)".into()
             }
             None =>

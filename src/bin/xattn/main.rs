@@ -28,7 +28,7 @@ use std::path::Path as FsPath;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use xattn::plan::{DeviceCaps, Request};
+use xattn::{DeviceCaps, Request};
 use xattn::{Path, Plan};
 
 /// Cross-attention on any GPU wgpu reaches (Vulkan, Metal, DX12, GL).
@@ -294,6 +294,10 @@ fn ensure_runtime_dir() {}
 
 fn main() -> ExitCode {
     ensure_runtime_dir();
+    // Warnings (xattn's: what a device lacks; wgpu's own) on stderr; RUST_LOG overrides.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp(None)
+        .init();
     install_panic_hook();
     let cli = Cli::parse();
     let result = std::panic::catch_unwind(|| match cli.command {

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use clap::Args;
 use xattn::mha::weights::{LayerFile, Names};
-use xattn::plan::Request;
+use xattn::Request;
 use xattn::{
     Attention, Context, DType, Engine, MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights,
     Tensor,
