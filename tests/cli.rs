@@ -549,6 +549,169 @@ fn outputs_are_checked_before_the_run_and_left_whole_or_not_at_all() {
     assert_mentions(&err, &["--lse", "--out writes it too"]);
 }
 
+/// An output target that exists and is not a regular file (a symbolic link, a FIFO, a
+/// device, a folder) is refused before the run, by what it is, and left as it was: the
+/// atomic rename would replace it with a regular file.
+#[cfg(unix)]
+#[test]
+fn outputs_that_are_not_regular_files_are_refused_and_left_alone() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = error_setup("notregular");
+    let real = dir.path("real.bin");
+    std::fs::write(&real, "keep").unwrap();
+    let link = dir.path("link.npy");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let dangling = dir.path("dangling.npy");
+    std::os::unix::fs::symlink(dir.path("nowhere.npy"), &dangling).unwrap();
+    let args = |flag: &str, file: &FsPath| with(run_args(&dir, &[]), flag, s(file));
+    for (flag, target) in [("--out", &link), ("--lse", &link), ("--out", &dangling)] {
+        let err = fails_in(&dir, &args(flag, target));
+        assert_mentions(
+            &err,
+            &[
+                flag,
+                s(target),
+                "a symbolic link",
+                "does not write outputs through links",
+            ],
+        );
+        assert!(std::fs::symlink_metadata(target)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+    assert_eq!(std::fs::read_to_string(&real).unwrap(), "keep");
+    // Statistics and weights outputs too.
+    let w = with(
+        run_args(&dir, &["--path", "three-pass"]),
+        "--weights",
+        s(&link),
+    );
+    assert_mentions(&fails_in(&dir, &w), &["--weights", "a symbolic link"]);
+    let e = with(run_args(&dir, &[]), "--entropy", s(&dangling));
+    assert_mentions(&fails_in(&dir, &e), &["--entropy", "a symbolic link"]);
+    let folder = dir.path("folder.npy");
+    std::fs::create_dir(&folder).unwrap();
+    assert_mentions(
+        &fails_in(&dir, &args("--lse", &folder)),
+        &["--lse", "it is a folder"],
+    );
+    let fifo = dir.path("pipe.npy");
+    if make_fifo(&fifo) {
+        let err = fails_quickly(&dir, &args("--out", &fifo));
+        assert_mentions(&err, &["--out", "pipe.npy", "a FIFO", "not a regular file"]);
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    }
+    // A character device like /dev/null (made here, so that a broken check replaces only it).
+    let null = dir.path("null");
+    let made = Command::new("mknod")
+        .arg(&null)
+        .args(["c", "1", "3"])
+        .status();
+    if made.is_ok_and(|st| st.success()) {
+        let err = fails_in(&dir, &args("--lse", &null));
+        assert_mentions(&err, &["--lse", "a character device", "leave --lse out"]);
+        assert!(std::fs::metadata(&null)
+            .unwrap()
+            .file_type()
+            .is_char_device());
+    } else {
+        eprintln!("no mknod here: the device case is skipped");
+    }
+}
+
+/// A run interrupted by SIGTERM or SIGINT after its temporary files exist removes them and
+/// dies of the signal, leaving no output. (SIGKILL cannot be caught.)
+#[cfg(unix)]
+#[test]
+fn an_interrupted_run_leaves_no_temporary_file() {
+    use std::os::unix::process::ExitStatusExt;
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("interrupted");
+    let temps = || {
+        std::fs::read_dir(dir.path(""))
+            .unwrap()
+            .filter(|e| {
+                let e = e.as_ref().unwrap();
+                e.file_name().to_string_lossy().ends_with(".tmp")
+            })
+            .count()
+    };
+    let mut interrupted = 0;
+    // Larger problems until one is caught mid-run (the run must outlast the polling).
+    let tries = [
+        ("TERM", 256),
+        ("INT", 256),
+        ("TERM", 2048),
+        ("INT", 2048),
+        ("TERM", 16384),
+    ];
+    for (try_, (sig, n)) in tries.into_iter().enumerate() {
+        let sh = shape(1, 64, n, 8, 8, 64);
+        write_qkv(&dir, &sh, 40 + try_ as u64);
+        let args = run_args(&dir, &[]);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_xattn"))
+            .env("XATTN_CACHE_DIR", autotune_cache())
+            .args(&args)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while temps() < 2 && start.elapsed().as_secs() < 60 {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let during = temps();
+        let _ = Command::new("kill")
+            .args([format!("-{sig}"), child.id().to_string()])
+            .status();
+        let status = child.wait().unwrap();
+        // Whenever the signal came: no temporary file remains.
+        assert_eq!(temps(), 0, "SIG{sig} (n {n}) left temporary files");
+        let written = dir.path("o.npy").exists();
+        if status.signal().is_none() || written {
+            eprintln!("n {n}: the run was done before the signal; trying again");
+            let _ = std::fs::remove_file(dir.path("o.npy"));
+            let _ = std::fs::remove_file(dir.path("lse.npy"));
+            continue;
+        }
+        assert_eq!(during, 2, "the temporary files of --out and --lse existed");
+        let want = if sig == "TERM" { 15 } else { 2 };
+        assert_eq!(status.signal(), Some(want), "dies of the signal");
+        assert!(!dir.path("lse.npy").exists(), "no output is left");
+        interrupted += 1;
+        if interrupted == 2 {
+            break;
+        }
+    }
+    assert!(
+        interrupted > 0,
+        "no run lasted long enough to be interrupted"
+    );
+}
+
+/// The heatmaps are part of the all-or-none set: a map that cannot be written (a folder in its
+/// place) fails the run before any work, and no other output is written.
+#[test]
+fn a_heatmap_that_cannot_be_written_fails_before_the_run_and_writes_nothing() {
+    let dir = error_setup("heatmap_clobber");
+    let maps = dir.path("maps");
+    std::fs::create_dir_all(maps.join("b1_h0.png")).unwrap();
+    let err = run_err(&dir, &["--heatmap", s(&maps)]);
+    assert_mentions(
+        &err,
+        &["--heatmap", "b1_h0.png", "a folder is where this map goes"],
+    );
+    let mut left: Vec<String> = std::fs::read_dir(&maps)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["b1_h0.png"], "no map and no temporary file is left");
+}
+
 #[test]
 fn an_overflowing_scale_says_so() {
     let dir = error_setup("scale");
@@ -564,20 +727,65 @@ fn a_negative_window_says_sides_are_at_least_zero() {
     assert_mentions(&err, &["--window", "`-1`", "≥ 0"]);
 }
 
+/// [`fails`] for a command that must fail at once (on the host, before any device work), with
+/// a deadline: a FIFO opened for reading would block a broken binary forever.
+fn fails_quickly(dir: &TempDir, args: &[String]) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xattn"));
+    cmd.env("XATTN_CACHE_DIR", autotune_cache()).args(args);
+    let out = output_within(cmd, 60);
+    let err = stderr(&out);
+    assert!(
+        !out.status.success(),
+        "xattn {args:?} should fail; stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    for file in std::fs::read_dir(dir.path("")).unwrap() {
+        let name = file.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            !matches!(name.as_str(), "o.npy" | "lse.npy" | "w.npy") && !name.ends_with(".tmp"),
+            "{name} is left after an error: {err}"
+        );
+    }
+    err
+}
+
+/// Every file input is refused at once when it is not a regular file: a FIFO (which would
+/// block the read forever), a device, a folder.
 #[cfg(unix)]
 #[test]
 fn fifos_and_devices_are_refused_without_blocking() {
     let dir = error_setup("fifo");
     let fifo = dir.path("f.npy");
-    let made = Command::new("mkfifo").arg(&fifo).status();
-    if made.is_ok_and(|st| st.success()) {
-        let err = run_err(&dir, &["--mask", s(&fifo)]);
+    if make_fifo(&fifo) {
+        let maps = dir.path("maps");
+        for flags in [
+            vec!["--mask", s(&fifo)],
+            vec!["--q-lens", s(&fifo)],
+            vec!["--expect", s(&fifo)],
+            vec!["--heatmap", s(&maps), "--q-labels", s(&fifo)],
+            vec!["--heatmap", s(&maps), "--k-labels", s(&fifo)],
+        ] {
+            let err = fails_quickly(&dir, &run_args(&dir, &flags));
+            assert_mentions(&err, &["f.npy", "FIFO", "regular files"]);
+            if flags.len() > 2 {
+                assert_mentions(&err, &[flags[2]]);
+            }
+        }
+        let q_fifo = with(run_args(&dir, &[]), "--q", s(&fifo));
+        let err = fails_quickly(&dir, &q_fifo);
         assert_mentions(&err, &["f.npy", "FIFO", "regular files"]);
-    } else {
-        eprintln!("no mkfifo: the FIFO case is skipped");
+        let qkv = vec![
+            "run".into(),
+            "--qkv".into(),
+            s(&fifo).into(),
+            "--expect".into(),
+            s(&dir.path("o.npy")).into(),
+        ];
+        let err = fails_quickly(&dir, &qkv);
+        assert_mentions(&err, &["f.npy", "FIFO", "regular files"]);
     }
     let err = run_err(&dir, &["--bias", "/dev/null"]);
-    assert_mentions(&err, &["/dev/null", "a device", "regular files"]);
+    assert_mentions(&err, &["/dev/null", "a character device", "regular files"]);
     let err = run_err(&dir, &["--bias", s(&dir.path(""))]);
     assert_mentions(&err, &["a folder", "regular files"]);
 }

@@ -440,6 +440,40 @@ fn bad_key_padding_masks_are_rejected() {
     );
 }
 
+/// Every file input of `mha` is refused at once when it is not a regular file: a FIFO would
+/// block the read forever.
+#[cfg(unix)]
+#[test]
+fn fifo_inputs_are_refused_without_blocking() {
+    let c = Case::load("weights_averaged");
+    let dir = TempDir::new("fifo");
+    let fifo = dir.path("f.npy");
+    if !make_fifo(&fifo) {
+        return;
+    }
+    for flag in [
+        "--weights",
+        "--query",
+        "--value",
+        "--key-padding-mask",
+        "--kv-lens",
+    ] {
+        let args = with(c.fixture_args(&dir), flag, &s(&fifo));
+        let out = output_within(
+            {
+                let mut cmd = Command::new(env!("CARGO_BIN_EXE_xattn"));
+                cmd.args(&args);
+                cmd
+            },
+            60,
+        );
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{flag}: should fail: {err}");
+        assert_mentions(&err, &["f.npy", "FIFO", "regular files"]);
+        assert!(!dir.path("out.npy").exists(), "{flag}: no output on error");
+    }
+}
+
 /// The masks and logit controls of `run` reach the attention inside the layer: the binary with
 /// --causal, --softcap and a key padding mask gives what the library gives in this process for
 /// the same options (same kernels, same device), and something else than without them.

@@ -63,6 +63,12 @@ enum Command {
     /// --coverage write statistics of the weights (float32 .npy), --heatmap DIR writes PNG
     /// maps of P per head and averaged, pooled on the GPU where larger than 2048 a side.
     ///
+    /// Outputs are written all or none: each to a temporary file beside it, renamed onto its
+    /// target once every output (heatmaps included) is written. An existing target must be a
+    /// regular file, which is replaced; a symbolic link, FIFO, device or folder there is
+    /// refused before the run, neither replaced nor written through (links are not followed:
+    /// name the file itself). Inputs must be regular files (or links to them).
+    ///
     /// Exit status: 0 done (and O matches --expect), 1 an error, 2 a usage error, 3 O does
     /// not match --expect.
     Run(run::RunArgs),
@@ -88,7 +94,8 @@ enum Command {
     /// ignore). A query row left with no key gets a zero attention output, so out = b_o there,
     /// as PyTorch gives with need_weights=False (with need_weights=True it gives NaN).
     /// --entropy, --focus, --coverage and --heatmap work as for `xattn run`, per head (the
-    /// heatmaps also averaged over heads).
+    /// heatmaps also averaged over heads). Outputs are written all or none, and an existing
+    /// target must be a regular file, as for `xattn run` (links, FIFOs, devices are refused).
     Mha(mha::MhaArgs),
     /// Time the attention paths on standard or custom shapes.
     ///
@@ -176,8 +183,9 @@ pub fn parse_finite_f32(s: &str) -> Result<f32, String> {
     }
 }
 
-/// What a file type is, for the message refusing a non-regular input.
-fn file_kind(t: FileType) -> &'static str {
+/// What a file type is, for the messages refusing what is not a regular file ("a FIFO (named
+/// pipe)", "a character device", "a symbolic link", "a folder", ...).
+pub fn file_kind(t: FileType) -> &'static str {
     #[cfg(unix)]
     {
         use std::os::unix::fs::FileTypeExt;
@@ -187,19 +195,27 @@ fn file_kind(t: FileType) -> &'static str {
         if t.is_socket() {
             return "a socket";
         }
-        if t.is_char_device() || t.is_block_device() {
-            return "a device";
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
         }
     }
-    if t.is_dir() {
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
         "a folder"
+    } else if t.is_file() {
+        "a regular file"
     } else {
         "not a regular file"
     }
 }
 
-/// Opens the input `path` and returns it with its length. Only a regular file is opened: a
-/// folder or a device is refused by what it is, and a FIFO without blocking on it.
+/// Opens the input `path` and returns it with its length. Only a regular file (or a symbolic
+/// link to one) is opened: a folder or a device is refused by what it is, and a FIFO without
+/// blocking on it.
 pub fn open_file(path: &FsPath) -> CliResult<(File, u64)> {
     let fail = |e: std::io::Error| CliError::new(format!("cannot open {}: {e}", path.display()));
     let meta = std::fs::metadata(path).map_err(fail)?;

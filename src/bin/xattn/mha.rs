@@ -355,13 +355,13 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     if let Some(kpm) = kpm {
         opts = opts.with_key_padding_mask(kpm);
     }
-    let heatmaps = args.analytics.heatmaps(m, n)?;
     let mut targets = vec![
         ("--out", Some(&args.out)),
         ("--need-weights", args.need_weights.as_ref()),
     ];
     targets.extend(args.analytics.targets());
     let mut outputs = Outputs::create(&targets)?;
+    let heatmaps = args.analytics.heatmaps(&shape, &mut outputs)?;
 
     let ctx = Context::new()?;
     let engine = Engine::new(&ctx);
@@ -412,9 +412,16 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     }
     args.analytics
         .write(&mut outputs, &out.stats, &shape, squeeze)?;
+    let maps = match (&heatmaps, &out.stats.pooled) {
+        (Some(maps), Some(pooled)) => {
+            let mean = out.mean_stats.pooled.as_ref();
+            Some((maps, maps.write(&mut outputs, &shape, pooled, mean)?))
+        }
+        (Some(_), None) => return Err(CliError::new("the layer computed no heatmap")),
+        (None, _) => None,
+    };
     outputs.commit()?;
-    if let (Some(maps), Some(pooled)) = (&heatmaps, &out.stats.pooled) {
-        let count = maps.write(&shape, pooled, out.mean_stats.pooled.as_ref())?;
+    if let Some((maps, count)) = maps {
         eprintln!(
             "xattn: wrote {count} heatmap(s) to {}",
             maps.dir().display()

@@ -140,7 +140,6 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     }
     let opts = args.masks.apply_with(opts, &shape, bundle.as_ref())?;
     let opts = args.analytics.apply(opts);
-    let heatmaps = args.analytics.heatmaps(shape.m, shape.n)?;
     drop(bundle);
     let mut targets = vec![
         ("--out", args.out.as_ref()),
@@ -149,6 +148,7 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     ];
     targets.extend(args.analytics.targets());
     let mut outputs = Outputs::create(&targets)?;
+    let heatmaps = args.analytics.heatmaps(&shape, &mut outputs)?;
 
     let ctx = Context::new()?;
     let engine = Engine::new(&ctx);
@@ -209,9 +209,13 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     }
     args.analytics
         .write(&mut outputs, &out.stats, &shape, squeeze)?;
+    let maps = match (&heatmaps, &out.stats.pooled) {
+        (Some(maps), Some(pooled)) => Some((maps, maps.write(&mut outputs, &shape, pooled, None)?)),
+        (Some(_), None) => return Err(CliError::new("the plan computed no heatmap")),
+        (None, _) => None,
+    };
     outputs.commit()?;
-    if let (Some(maps), Some(pooled)) = (&heatmaps, &out.stats.pooled) {
-        let count = maps.write(&shape, pooled, None)?;
+    if let Some((maps, count)) = maps {
         eprintln!(
             "xattn: wrote {count} heatmap(s) to {}",
             maps.dir().display()
