@@ -822,6 +822,33 @@ fn a_three_pass_limit_names_the_limit_and_the_way_out() {
     }
 }
 
+/// `bench --json` is an output like the others: a FIFO there is refused before any timing
+/// (opening it to write would block until a reader came).
+#[cfg(unix)]
+#[test]
+fn bench_json_must_be_a_regular_file() {
+    let dir = TempDir::new("benchjson");
+    let fifo = dir.path("b.json");
+    if !make_fifo(&fifo) {
+        return;
+    }
+    let args: Vec<String> = [
+        "bench",
+        "--m",
+        "4",
+        "--n",
+        "4",
+        "--dk",
+        "4",
+        "--json",
+        s(&fifo),
+    ]
+    .map(String::from)
+    .to_vec();
+    let err = fails_quickly(&dir, &args);
+    assert_mentions(&err, &["--json", "b.json", "a FIFO"]);
+}
+
 #[test]
 fn bench_only_names_a_shape() {
     let err = fails(&["bench", "--suite", "standard", "--only", "nope"]);

@@ -22,6 +22,7 @@ use xattn::{
 };
 
 use crate::masks::AlignArg;
+use crate::outputs::Outputs;
 use crate::precision::DtypeArg;
 use crate::suite::{self, SuiteShape};
 use crate::{one_line, parse_path_choice, path_names_hint, CliError, CliResult};
@@ -758,11 +759,9 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
         }
         shapes.retain(|s| args.only.contains(&s.name));
     }
-    if let Some(path) = &args.json {
-        // Fail now rather than after minutes of benchmarking.
-        std::fs::File::create(path)
-            .map_err(|e| CliError::new(format!("cannot write {}: {e}", path.display())))?;
-    }
+    // Checked (and its temporary file made) now rather than after minutes of benchmarking;
+    // a FIFO, device or link there is refused as for every output.
+    let mut json_out = Outputs::create(&[("--json", args.json.as_ref())])?;
 
     let ctx = Context::new()?;
     let timer = if args.wall_clock {
@@ -916,8 +915,8 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
     if let Some(path) = &args.json {
         let list: Vec<Value> = records.iter().map(|r| json_record(r, &ctx, &b)).collect();
         let text = serde_json::to_string_pretty(&list).expect("JSON values always serialize");
-        std::fs::write(path, text + "\n")
-            .map_err(|e| CliError::new(format!("cannot write {}: {e}", path.display())))?;
+        json_out.write_bytes(path, (text + "\n").as_bytes())?;
+        json_out.commit()?;
         eprintln!(
             "xattn: wrote {} record(s) to {}",
             list.len(),
