@@ -1094,6 +1094,19 @@ fn expect_passes_within_tolerance_and_exits_3_on_a_mismatch() {
     );
     assert!(o_file.exists(), "O is written on a mismatch too");
     assert_exit("--atol 0.02", &run(&["--atol", "0.02"]), 0);
+    // numpy.allclose: a finite O never matches an infinity (atol + rtol·∞ is ∞, yet
+    // np.allclose(0.5, np.inf) is False), and NaN never matches, at any tolerance.
+    for (bad, what) in [(f32::INFINITY, "inf"), (f32::NAN, "NaN")] {
+        let mut o_bad = o.clone();
+        o_bad[13] = bad;
+        write_npy(&reference, &o_bad, &sh.o_dims());
+        let loose = ["--atol", "10", "--rtol", "10"];
+        let err = assert_exit(&format!("want {what}"), &run(&loose), 3);
+        assert_mentions(
+            &err,
+            &["MISMATCH", "in 1 of 80 elements", "worst [0, 1, 1, 1]"],
+        );
+    }
 }
 
 #[test]
