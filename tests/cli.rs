@@ -180,7 +180,7 @@ fn run_with_every_mask_on_gqa_matches_the_reference() {
 }
 
 #[test]
-fn run_with_a_2d_uint8_mask_int64_lengths_and_3d_inputs() {
+fn run_with_a_2d_bool_mask_int64_lengths_and_3d_inputs() {
     let Some(_) = engine() else { return };
     let dir = TempDir::new("small");
     let sh = AttnShape {
@@ -198,8 +198,7 @@ fn run_with_a_2d_uint8_mask_int64_lengths_and_3d_inputs() {
     write_npy(&dir.path("k.npy"), &k, &sh.k_dims()[1..]);
     write_npy(&dir.path("v.npy"), &v, &sh.v_dims()[1..]);
     let mask = bools(12 * 10, 0.7, 22);
-    let mask_u8: Vec<u8> = mask.iter().map(|&x| u8::from(x)).collect();
-    write_npy(&dir.path("m.npy"), &mask_u8, &[12, 10]); // [M, N] → [1, 1, M, N]
+    write_npy(&dir.path("m.npy"), &mask, &[12, 10]); // [M, N] → [1, 1, M, N]
     write_npy(&dir.path("kl.npy"), &[8i64], &[1]);
     let (m, kl) = (dir.path("m.npy"), dir.path("kl.npy"));
     let opts = Attention::default()
@@ -294,14 +293,106 @@ fn fails_in(dir: &TempDir, args: &[String]) -> String {
     err
 }
 
+/// An integer 0/1 mask (Hugging Face's int64 attention_mask: 1 = keep; PyTorch's old uint8
+/// masks: 1 = masked out) does not say its polarity, so --mask never takes one as it is; the
+/// error gives both conversions (once, it said a.astype(bool) for every integer mask).
 #[test]
-fn int64_mask_is_rejected_with_the_cast() {
-    // Hugging Face's attention_mask: int64, 1 = attend, which a.astype(bool) keeps.
-    let dir = error_setup("i64mask");
+fn integer_masks_are_refused_with_both_conversions() {
+    let dir = error_setup("intmask");
     let m = dir.path("m.npy");
-    write_npy(&m, &[1i64; 24], &[4, 6]);
-    let err = run_err(&dir, &["--mask", s(&m)]);
-    assert_mentions(&err, &["m.npy", "int64", "bool", "astype(bool)"]);
+    let keep = bools(24, 0.7, 5);
+    let ones = |x: &bool| u8::from(*x);
+    for dtype in ["int64", "int32", "uint8", "uint8 with a 2"] {
+        match dtype {
+            "int64" => write_npy(
+                &m,
+                &keep.iter().map(|x| i64::from(ones(x))).collect::<Vec<_>>(),
+                &[4, 6],
+            ),
+            "int32" => write_npy(
+                &m,
+                &keep.iter().map(|x| i32::from(ones(x))).collect::<Vec<_>>(),
+                &[4, 6],
+            ),
+            "uint8" => write_npy(&m, &keep.iter().map(ones).collect::<Vec<_>>(), &[4, 6]),
+            _ => {
+                let mut data: Vec<u8> = keep.iter().map(ones).collect();
+                data[7] = 2;
+                write_npy(&m, &data, &[4, 6]);
+            }
+        }
+        let err = run_err(&dir, &["--mask", s(&m)]);
+        assert_mentions(
+            &err,
+            &[
+                "m.npy",
+                dtype.split(' ').next().unwrap(),
+                "true = may attend",
+                "does not say whether 1 keeps or removes a key",
+                "1 = keep) pass (a != 0)",
+                "masked out (nn.MultiheadAttention's byte masks) pass (a == 0)",
+                "--attention-mask",
+                "a.sum(1) to --kv-lens",
+            ],
+        );
+        assert!(!err.contains("astype(bool)"), "{err}");
+    }
+}
+
+/// `--attention-mask` takes Hugging Face's attention_mask as it is (int64 [batch, N], 1 =
+/// keep) and gives exactly what --mask gives for the bool mask it stands for; a padding hole
+/// in the middle shows it is a mask, not lengths.
+#[test]
+fn attention_mask_equals_the_bool_mask_it_stands_for() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("hfmask");
+    let sh = shape(2, 5, 9, 2, 2, 8);
+    let (q, k, v) = write_qkv(&dir, &sh, 61);
+    // Batch 0: keys 0..9 but 3; batch 1: right-padded to 6.
+    let keep: Vec<bool> = (0..18)
+        .map(|i| if i < 9 { i != 3 } else { i - 9 < 6 })
+        .collect();
+    let hf: Vec<i64> = keep.iter().map(|&x| i64::from(x)).collect();
+    let (a, m) = (dir.path("am.npy"), dir.path("m.npy"));
+    write_npy(&a, &hf, &[2, 9]);
+    write_npy(&m, &keep, &[2, 1, 1, 9]);
+    let opts = Attention::default().with_mask([2, 1, 1, 9], keep.clone());
+    run_and_check(
+        "--attention-mask",
+        &dir,
+        &sh,
+        (&q, &k, &v),
+        &["--attention-mask", s(&a)],
+        &opts,
+    );
+    let (by_hf, _) = read_npy::<f32>(&dir.path("o.npy"));
+    run_and_check("--mask", &dir, &sh, (&q, &k, &v), &["--mask", s(&m)], &opts);
+    let (by_mask, _) = read_npy::<f32>(&dir.path("o.npy"));
+    assert_eq!(
+        by_hf, by_mask,
+        "--attention-mask a is --mask (a != 0)[:, None, None, :]"
+    );
+    let unmasked = run_and_check("none", &dir, &sh, (&q, &k, &v), &[], &Attention::default());
+    let (plain, _) = read_npy::<f32>(&dir.path("o.npy"));
+    assert_ne!(plain, by_hf, "the mask removes keys: {unmasked}");
+    // Values other than 0 and 1, a wrong shape, and --mask as well are refused.
+    for out in ["o.npy", "lse.npy"] {
+        std::fs::remove_file(dir.path(out)).unwrap();
+    }
+    let mut bad = hf.clone();
+    bad[4] = 2;
+    write_npy(&a, &bad, &[2, 9]);
+    let err = run_err(&dir, &["--attention-mask", s(&a)]);
+    assert_mentions(
+        &err,
+        &["am.npy", "holds 2 at flat index 4", "only 1 (keep) and 0"],
+    );
+    write_npy(&a, &hf, &[18]);
+    let err = run_err(&dir, &["--attention-mask", s(&a)]);
+    assert_mentions(&err, &["--attention-mask", "[18]", "[batch, N] = [2, 9]"]);
+    write_npy(&a, &hf, &[2, 9]);
+    let err = run_err(&dir, &["--attention-mask", s(&a), "--mask", s(&m)]);
+    assert_mentions(&err, &["--attention-mask", "--mask", "cannot be combined"]);
 }
 
 /// Issue 13: casting as the hints once said would invert a PyTorch float mask (0 / −inf
@@ -344,17 +435,6 @@ fn a_float_mask_points_to_bias_and_a_bool_bias_to_mask() {
         ],
     );
     assert!(!err.contains("convert with"), "{err}");
-}
-
-#[test]
-fn uint8_mask_with_other_values_is_rejected() {
-    let dir = error_setup("u8mask");
-    let m = dir.path("m.npy");
-    let mut data = [1u8; 24];
-    data[7] = 2;
-    write_npy(&m, &data, &[4, 6]);
-    let err = run_err(&dir, &["--mask", s(&m)]);
-    assert_mentions(&err, &["m.npy", "uint8", "0 and 1"]);
 }
 
 #[test]

@@ -440,6 +440,81 @@ fn bad_key_padding_masks_are_rejected() {
     );
 }
 
+/// An integer 0/1 key padding mask is refused, naming this flag's convention (true =
+/// ignore) and both conversions: following the old hint (a.astype(bool)) on a Hugging Face
+/// attention_mask (1 = keep) would ignore every real token.
+#[test]
+fn an_integer_key_padding_mask_is_refused_with_both_conversions() {
+    let c = Case::load("weights_averaged");
+    let dir = TempDir::new("intkpm");
+    let (kpm, _) = read_npy::<bool>(&c.file("key_padding_mask.npy"));
+    let p = dir.path("kpm.npy");
+    for dtype in ["int64", "uint8"] {
+        if dtype == "int64" {
+            let hf: Vec<i64> = kpm.iter().map(|&ignore| i64::from(!ignore)).collect();
+            write_npy(&p, &hf, &[c.b, c.n]);
+        } else {
+            let torch: Vec<u8> = kpm.iter().map(|&ignore| u8::from(ignore)).collect();
+            write_npy(&p, &torch, &[c.b, c.n]);
+        }
+        let err = fails(
+            &dir,
+            &with(c.fixture_args(&dir), "--key-padding-mask", &s(&p)),
+        );
+        assert_mentions(
+            &err,
+            &[
+                "kpm.npy",
+                dtype,
+                "true = ignore that key (PyTorch's key_padding_mask)",
+                "PyTorch-style 0/1 padding mask (1 = ignore) pass (a != 0)",
+                "Hugging Face attention_mask (1 = keep) pass (a == 0)",
+                "--attention-mask",
+                "a.sum(1) to --kv-lens",
+            ],
+        );
+        assert!(!err.contains("astype(bool)"), "{err}");
+    }
+}
+
+/// `--attention-mask` (Hugging Face: 1 = keep) gives exactly what the key padding mask it
+/// inverts gives, and the two together are refused.
+#[test]
+fn attention_mask_equals_the_key_padding_mask_it_inverts() {
+    let Some(_) = engine() else { return };
+    let c = Case::load("weights_averaged");
+    let dir = TempDir::new("hfmask");
+    let (kpm, _) = read_npy::<bool>(&c.file("key_padding_mask.npy"));
+    assert!(kpm.iter().any(|&x| x), "the fixture pads some keys");
+    let run = |args: &[String]| {
+        let out = xattn(args);
+        assert!(out.status.success(), "xattn failed: {}", stderr(&out));
+        read_npy::<f32>(&dir.path("out.npy")).0
+    };
+    let by_kpm = run(&c.fixture_args(&dir));
+    let hf: Vec<i64> = kpm.iter().map(|&ignore| i64::from(!ignore)).collect();
+    let a = dir.path("attention_mask.npy");
+    write_npy(&a, &hf, &[c.b, c.n]);
+    let (q, k, v) = (c.file("query.npy"), c.file("key.npy"), c.file("value.npy"));
+    let mut args = c.args(&dir, [&q, &k, &v], None);
+    args.extend(["--attention-mask".into(), s(&a)]);
+    let by_hf = run(&args);
+    assert_eq!(
+        by_hf, by_kpm,
+        "--attention-mask a is --key-padding-mask (a == 0)"
+    );
+    let none = run(&c.args(&dir, [&q, &k, &v], None));
+    assert_ne!(none, by_kpm, "the padding changes the output");
+    let mut both = c.fixture_args(&dir);
+    both.extend(["--attention-mask".into(), s(&a)]);
+    let _ = std::fs::remove_file(dir.path("out.npy"));
+    let err = fails(&dir, &both);
+    assert_mentions(
+        &err,
+        &["--key-padding-mask", "--attention-mask", "give one"],
+    );
+}
+
 /// Every file input of `mha` is refused at once when it is not a regular file: a FIFO would
 /// block the read forever.
 #[cfg(unix)]

@@ -91,7 +91,8 @@ enum Command {
     ///
     /// The masks and logit controls of `xattn run` apply to the attention inside, with heads =
     /// --heads and d = inner width / H; --key-padding-mask adds PyTorch's padding mask (true =
-    /// ignore). A query row left with no key gets a zero attention output, so out = b_o there,
+    /// ignore), --attention-mask Hugging Face's (1 = keep); an integer 0/1 array is refused
+    /// as --key-padding-mask or --mask, with both conversions, as it does not say which it is. A query row left with no key gets a zero attention output, so out = b_o there,
     /// as PyTorch gives with need_weights=False (with need_weights=True it gives NaN).
     /// --entropy, --focus, --coverage and --heatmap work as for `xattn run`, per head (the
     /// heatmaps also averaged over heads). Outputs are written all or none, and an existing

@@ -23,7 +23,7 @@ use xattn::{
 
 use crate::analytics::AnalyticsArgs;
 use crate::masks::MaskArgs;
-use crate::npy::{read_bool_meaning, read_floats, Array};
+use crate::npy::{read_bool_as, read_floats, Array, Polarity};
 use crate::outputs::Outputs;
 use crate::precision::PrecisionArgs;
 use crate::run::out_dims;
@@ -91,9 +91,11 @@ pub struct MhaArgs {
     /// ([H, M, N] for 2-D inputs); PyTorch average_attn_weights=False.
     #[arg(long, requires = "need_weights")]
     per_head_weights: bool,
-    /// PyTorch's key_padding_mask: bool (or uint8 0/1) [batch, N] ([N] for 2-D inputs), where
-    /// true = ignore that key (PyTorch's polarity, the opposite of --mask). Cannot be combined
-    /// with --mask: fold it into the mask file instead.
+    /// PyTorch's key_padding_mask: bool [batch, N] ([N] for 2-D inputs), where true = ignore
+    /// that key (PyTorch's polarity, the opposite of --mask and of Hugging Face's
+    /// attention_mask, which --attention-mask takes as it is). An integer 0/1 array is refused:
+    /// it does not say which is which. Cannot be combined with --mask or --attention-mask: fold
+    /// it into the mask file instead.
     #[arg(long, value_name = "FILE")]
     key_padding_mask: Option<PathBuf>,
     /// Logit scale; default 1/sqrt(head dim), as in PyTorch MHA, Whisper, BART and diffusers.
@@ -251,7 +253,7 @@ fn weights_error(
 
 /// Reads `--key-padding-mask` and checks it is `[batch, N]` (or `[N]` for 2-D inputs).
 fn key_padding_mask(path: &FsPath, batch: usize, n: usize, two_d: bool) -> CliResult<Vec<bool>> {
-    let a = read_bool_meaning(path, "true = ignore that key")?;
+    let a = read_bool_as(path, Polarity::IgnoreKey)?;
     if a.shape == [batch, n] || (two_d && a.shape == [n]) {
         return Ok(a.data);
     }
@@ -328,6 +330,12 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
         .as_deref()
         .map(|path| key_padding_mask(path, batch, n, squeeze))
         .transpose()?;
+    if kpm.is_some() && args.masks.attention_mask.is_some() {
+        return Err(CliError::new(
+            "--key-padding-mask and --attention-mask give the same thing in opposite \
+             polarities (true = ignore, 1 = keep): give one",
+        ));
+    }
     if kpm.is_some() && args.masks.mask.is_some() {
         return Err(CliError::new(
             "--key-padding-mask and --mask cannot be combined: fold the padding into the --mask \

@@ -6,8 +6,10 @@
 //! Only C-ordered arrays of the expected dtype are accepted: converting dtypes or transposing
 //! silently would hide mistakes (a float64 array saved by accident, a transposed layout), and
 //! the fix on the numpy side is one call, which the error names. The exceptions are lossless
-//! and unambiguous: lengths may be any 32- or 64-bit integer type, masks bool or uint8
-//! holding only 0 and 1.
+//! and unambiguous: lengths may be any 32- or 64-bit integer type. Bool masks must be bool: an
+//! integer 0/1 array does not say whether 1 keeps a key (Hugging Face) or removes it (PyTorch's
+//! byte masks), so it is refused with both conversions; `--attention-mask` reads Hugging
+//! Face's integer attention_mask, whose convention its name fixes.
 
 use std::fmt::{self, Display};
 use std::fs::File;
@@ -373,10 +375,60 @@ fn read_float(src: &Source, mask_fix: Option<&str>) -> CliResult<Array> {
     Err(wrong_dtype(src, &ts, F32, fix))
 }
 
-/// Reads a C-ordered bool array; uint8 holding only 0 and 1 is accepted as well (PyTorch's
-/// old byte masks). True means "may attend". A float array is refused with a pointer to
-/// `--bias`: PyTorch's float attention masks are additive (0 keeps a key, −inf removes it),
-/// and `a.astype(bool)` would invert one.
+/// How to turn an integer 0/1 array (Hugging Face's int64 attention_mask, PyTorch's old
+/// uint8 masks) into the bool mask `flag` wants, whose `true` means `meaning`. Such an array
+/// does not say whether 1 keeps or removes a key, so it is never taken as it is: both
+/// conversions are named, with the one that inverts it for the other convention.
+pub enum Polarity {
+    /// `--mask`: true = may attend (PyTorch SDPA's bool attn_mask, JAX).
+    Attend,
+    /// `--key-padding-mask`: true = ignore that key (PyTorch's key_padding_mask).
+    IgnoreKey,
+}
+
+impl Polarity {
+    fn meaning(&self) -> &'static str {
+        match self {
+            Self::Attend => "true = may attend (PyTorch SDPA's bool attn_mask)",
+            Self::IgnoreKey => "true = ignore that key (PyTorch's key_padding_mask)",
+        }
+    }
+
+    /// The conversions of an integer 0/1 array `src` to this polarity.
+    fn int_fix(&self, src: &Source) -> String {
+        let flag = match self {
+            Self::Attend => "--mask",
+            Self::IgnoreKey => "--key-padding-mask",
+        };
+        let (keep, ignore) = ("(a != 0)", "(a == 0)");
+        let hf = "or give a Hugging Face attention_mask [batch, N] as it is to --attention-mask \
+                  (1 = keep), or its lengths a.sum(1) to --kv-lens (right padding only)";
+        let how = match self {
+            Self::Attend => format!(
+                "where 1 means attend (SDPA-style, or a Hugging Face attention_mask: 1 = keep) \
+                 pass {keep}; where 1 means masked out (nn.MultiheadAttention's byte masks) \
+                 pass {ignore}; {hf}"
+            ),
+            Self::IgnoreKey => format!(
+                "from a PyTorch-style 0/1 padding mask (1 = ignore) pass {keep}; from a Hugging \
+                 Face attention_mask (1 = keep) pass {ignore}, {hf}"
+            ),
+        };
+        let as_ = match src {
+            Source::File(_) => format!("as {flag}"),
+            Source::Tensor { .. } => "as the tensor".to_string(),
+        };
+        format!(
+            "an integer 0/1 mask does not say whether 1 keeps or removes a key, so it is not \
+             read as it is; save a bool array {as_}: {how}"
+        )
+    }
+}
+
+/// Reads a C-ordered bool array for `--mask`: true means "may attend". A float array is
+/// refused with a pointer to `--bias`: PyTorch's float attention masks are additive (0 keeps a
+/// key, −inf removes it), and `a.astype(bool)` would invert one. An integer array (uint8
+/// included) is refused with both conversions ([`Polarity`]).
 pub fn read_bool<'a>(src: impl Into<Source<'a>>) -> CliResult<Array<bool>> {
     let src = src.into();
     let fix = format!(
@@ -384,17 +436,17 @@ pub fn read_bool<'a>(src: impl Into<Source<'a>>) -> CliResult<Array<bool>> {
          so it is a bias: {} (as float32) instead; a.astype(bool) would invert it",
         src.give_as("--bias", "bias")
     );
-    read_mask(&src, "true = attend", Some(&fix))
+    read_mask(&src, &Polarity::Attend, Some(&fix))
 }
 
-/// [`read_bool`] for a mask whose `true` means what `meaning` says (named in the dtype hint),
-/// where casting a float array is the fix.
-pub fn read_bool_meaning<'a>(src: impl Into<Source<'a>>, meaning: &str) -> CliResult<Array<bool>> {
-    read_mask(&src.into(), meaning, None)
+/// [`read_bool`] for a mask of `polarity`, where casting a float array is the fix.
+pub fn read_bool_as<'a>(src: impl Into<Source<'a>>, polarity: Polarity) -> CliResult<Array<bool>> {
+    read_mask(&src.into(), &polarity, None)
 }
 
-/// Reads a bool (or uint8 0/1) mask; `float_fix`, when given, is the fix for a float array.
-fn read_mask(src: &Source, meaning: &str, float_fix: Option<&str>) -> CliResult<Array<bool>> {
+/// Reads a bool mask; `float_fix`, when given, is the fix for a float array. Integer arrays
+/// are refused with the conversions for `polarity`.
+fn read_mask(src: &Source, polarity: &Polarity, float_fix: Option<&str>) -> CliResult<Array<bool>> {
     let (npy, ts) = open(src, "bool (|b1)")?;
     if is(&ts, TypeChar::Bool, 1) {
         return read_data(
@@ -403,29 +455,72 @@ fn read_mask(src: &Source, meaning: &str, float_fix: Option<&str>) -> CliResult<
             " (a bool array holds only bytes 0 and 1; rewrite it with a.astype(bool))",
         );
     }
-    if is(&ts, TypeChar::Uint, 1) {
-        let a: Array<u8> = read_data(src, npy, "")?;
-        if let Some((i, x)) = a.data.iter().enumerate().find(|(_, &x)| x > 1) {
-            return Err(CliError::new(format!(
-                "{src} is uint8 with value {x} at flat index {i}; a uint8 mask must hold only \
-                 0 and 1 (convert with (a != 0) or a.astype(bool))"
-            )));
-        }
-        return Ok(Array {
-            data: a.data.into_iter().map(|x| x == 1).collect(),
-            shape: a.shape,
-        });
-    }
+    let int_fix;
     let fix = match float_fix {
         Some(fix) if ts.type_char() == TypeChar::Float => fix,
-        _ => "convert with a.astype(bool) (or a != 0)",
+        _ if matches!(ts.type_char(), TypeChar::Int | TypeChar::Uint) => {
+            int_fix = polarity.int_fix(src);
+            &int_fix
+        }
+        _ => "convert with a.astype(bool)",
     };
     Err(wrong_dtype(
         src,
         &ts,
-        &format!("bool (|b1), {meaning}"),
+        &format!("bool (|b1), {}", polarity.meaning()),
         fix,
     ))
+}
+
+/// Reads a Hugging Face `attention_mask`: integer (any width, signed or not) or bool, holding
+/// only 0 and 1, where 1 (true) keeps a key and 0 marks padding. Returns true = keep.
+pub fn read_keep_mask<'a>(src: impl Into<Source<'a>>) -> CliResult<Array<bool>> {
+    let src = src.into();
+    let (npy, ts) = open(&src, "int64 (<i8) or bool (|b1)")?;
+    if is(&ts, TypeChar::Bool, 1) {
+        return read_data(&src, npy, "");
+    }
+    let wide: Array<i64> = match (ts.type_char(), ts.size_field()) {
+        (TypeChar::Int, 8) => read_data(&src, npy, "")?,
+        (TypeChar::Int, 4) => widen::<i32>(&src, npy)?,
+        (TypeChar::Int, 2) => widen::<i16>(&src, npy)?,
+        (TypeChar::Int, 1) => widen::<i8>(&src, npy)?,
+        (TypeChar::Uint, 4) => widen::<u32>(&src, npy)?,
+        (TypeChar::Uint, 2) => widen::<u16>(&src, npy)?,
+        (TypeChar::Uint, 1) => widen::<u8>(&src, npy)?,
+        _ => {
+            return Err(wrong_dtype(
+                &src,
+                &ts,
+                "int64 (<i8) or bool (|b1), 1 = keep (a Hugging Face attention_mask)",
+                "a float mask is additive: give it to --bias (as float32)",
+            ))
+        }
+    };
+    if let Some((i, x)) = wide
+        .data
+        .iter()
+        .enumerate()
+        .find(|(_, &x)| x != 0 && x != 1)
+    {
+        return Err(CliError::new(format!(
+            "{src} holds {x} at flat index {i}; an attention_mask holds only 1 (keep) and 0 \
+             (padding)"
+        )));
+    }
+    Ok(Array {
+        data: wide.data.into_iter().map(|x| x == 1).collect(),
+        shape: wide.shape,
+    })
+}
+
+/// An integer array of `T` read and widened to i64.
+fn widen<T: Deserialize + Into<i64>>(src: &Source, npy: Npy) -> CliResult<Array<i64>> {
+    let a: Array<T> = read_data(src, npy, "")?;
+    Ok(Array {
+        data: a.data.into_iter().map(Into::into).collect(),
+        shape: a.shape,
+    })
 }
 
 /// `a` if it is 1-D (one length per batch entry).
