@@ -674,8 +674,9 @@ struct Saved {
     flags: &'static [&'static str],
 }
 
-/// Each layer through the binary with only the flags its model needs (T5: `--scale 1`; no
-/// `--no-bias`), against the f64 layer with the biases the file holds.
+/// Each layer through the binary with only the flags its model needs (none: no `--no-bias`,
+/// and T5's scale 1 comes from its names), against the f64 layer with the biases the file
+/// holds.
 #[test]
 fn model_families_match_the_f64_layer() {
     let Some(_) = engine() else { return };
@@ -707,7 +708,7 @@ fn model_families_match_the_f64_layer() {
             prefix: t5,
             config: e8.with_inner_dim(12),
             biases: [false; 4],
-            flags: &["--scale", "1"],
+            flags: &[],
         },
         Saved {
             what: "T5 v1.1: E 8, 3 heads of 4",
@@ -766,7 +767,10 @@ fn model_families_match_the_f64_layer() {
             saved
         };
         let mut attention = xattn::Attention::default();
-        if case.flags.contains(&"--scale") {
+        if case.names == "t5" {
+            // One case leaves the scale to the names, one gives --scale 1: the same layer.
+            let noted = err.contains("T5 and MT5 do not scale their logits, so the scale is 1");
+            assert_eq!(noted, !case.flags.contains(&"--scale"), "{what}: {err}");
             attention = attention.with_scale(1.0);
         }
         let inputs = (&query[..], &key[..], &value[..]);
@@ -776,6 +780,50 @@ fn model_families_match_the_f64_layer() {
         let e = assert_close(what, &got, &want, tol);
         eprintln!("{what:40} max err {e:.2e} (bound {tol:.2e})");
     }
+}
+
+/// A layer under T5 names runs at T5's scale, 1, when --scale is not given, and says so: the
+/// same numbers as with --scale 1, not those of 1/sqrt(head dim); --scale still overrides it.
+#[test]
+fn a_t5_layer_without_scale_runs_at_scale_1_with_a_note() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("t5scale");
+    let c = MhaConfig::new(8, 2).with_inner_dim(12);
+    let prefix = "encoder.block.0.layer.0.SelfAttention.";
+    let weights = dir.path("t5.safetensors");
+    write_safetensors(
+        &weights,
+        &layer_tensors(
+            "t5",
+            prefix,
+            &c,
+            &keep_biases(random_weights(&c, 71), [false; 4]),
+        ),
+    );
+    write_inputs(&dir, &c, 72);
+    let run = |flags: &[&str]| {
+        let out = xattn(&layer_args(&dir, &weights, prefix, 2, flags));
+        let err = stderr(&out);
+        assert!(out.status.success(), "{flags:?}: xattn failed: {err}");
+        (read_npy::<f32>(&dir.path("out.npy")).0, err)
+    };
+    let (default, err) = run(&[]);
+    assert_mentions(
+        &err,
+        &[
+            "note: T5 names",
+            "the scale is 1 (not 1/sqrt(head dim) = 0.4082)",
+            "pass --scale",
+        ],
+    );
+    let (one, err) = run(&["--scale", "1"]);
+    assert!(
+        !err.contains("note: T5"),
+        "no note when --scale is given: {err}"
+    );
+    assert_eq!(default, one, "a T5 layer without --scale is --scale 1");
+    let (sqrt, _) = run(&["--scale", &(1.0 / 6f64.sqrt()).to_string()]);
+    assert_ne!(sqrt, one, "--scale overrides T5's 1");
 }
 
 /// A UNet-like file: 240 unrelated tensors, diffusers layers `attn1` and `attn2` in two blocks,

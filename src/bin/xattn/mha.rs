@@ -38,8 +38,10 @@ Models (--names is detected from the names under --prefix; pass it when a prefix
       .bias where saved), e.g. --prefix model.decoder.layers.0.encoder_attn. Scale 1/sqrt(d).
   diffusers Attention            --names diffusers  to_q, to_k, to_v (usually unbiased), to_out.0,
       e.g. --prefix down_blocks.1.attentions.0.transformer_blocks.0.attn2. Scale 1/sqrt(d).
-  T5 (Hugging Face)              --names t5         q, k, v, o (no biases), e.g. --prefix
-      decoder.block.0.layer.1.EncDecAttention. T5 does not scale its logits: pass --scale 1.
+  T5, MT5 (Hugging Face)         --names t5         q, k, v, o (no biases), e.g. --prefix
+      decoder.block.0.layer.1.EncDecAttention. Scale 1: T5 does not scale its logits (its
+      query projection is initialised to absorb 1/sqrt(d)), so without --scale a T5 layer runs
+      at scale 1, with a note saying so.
 The inner width (heads x head dim) is the rows of the query projection, so layers where it
 differs from E (T5 v1.1, some diffusers blocks) load as saved; --heads must divide it.";
 
@@ -98,8 +100,8 @@ pub struct MhaArgs {
     /// it into the mask file instead.
     #[arg(long, value_name = "FILE")]
     key_padding_mask: Option<PathBuf>,
-    /// Logit scale; default 1/sqrt(head dim), as in PyTorch MHA, Whisper, BART and diffusers.
-    /// T5 does not scale its logits: pass --scale 1.
+    /// Logit scale; default 1/sqrt(head dim), as in PyTorch MHA, Whisper, BART and diffusers,
+    /// but 1 for a layer under T5 names (T5 and MT5 do not scale their logits; a note says so).
     #[arg(long, allow_negative_numbers = true, value_parser = parse_finite_f32)]
     scale: Option<f32>,
     #[command(flatten)]
@@ -347,7 +349,20 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     if let Some(out) = args.precision.out_dtype() {
         attention = attention.with_out_dtype(out);
     }
-    if let Some(s) = args.scale {
+    // The family's convention where the file shows it: T5's own code never scales the
+    // logits, and a user who ran the layer elsewhere expects what T5 computes. A note (not an
+    // error) because the names already say which model this is; --scale overrides it.
+    let scale = args.scale.or_else(|| {
+        (names == Names::T5).then(|| {
+            eprintln!(
+                "xattn: note: T5 names: T5 and MT5 do not scale their logits, so the scale is 1 \
+                 (not 1/sqrt(head dim) = {:.4}); pass --scale to choose another",
+                1.0 / ((inner / heads) as f64).sqrt()
+            );
+            1.0
+        })
+    });
+    if let Some(s) = scale {
         attention = attention.with_scale(s);
     }
     let attention = args.analytics.apply(args.masks.apply(attention, &shape)?);
