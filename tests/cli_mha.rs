@@ -826,6 +826,124 @@ fn a_t5_layer_without_scale_runs_at_scale_1_with_a_note() {
     assert_ne!(sqrt, one, "--scale overrides T5's 1");
 }
 
+/// `data` of 3-D `dims` with its first two axes swapped: `x.transpose(0, 1)`.
+fn swap01(data: &[f32], [x, y, f]: [usize; 3]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(data.len());
+    for j in 0..y {
+        for i in 0..x {
+            out.extend_from_slice(&data[(i * y + j) * f..][..f]);
+        }
+    }
+    out
+}
+
+/// PyTorch's nn.MultiheadAttention takes [seq, batch, features] unless batch_first=True:
+/// with --layout sbe (or seq-first) such inputs give the batch-first run's output transposed,
+/// and the same batch-first weights; without it, the mismatch names seq first and the way out.
+#[test]
+fn seq_first_inputs_equal_batch_first_inputs_transposed() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("seqfirst");
+    let c = MhaConfig::new(16, 2).with_kdim(10).with_vdim(12);
+    let prefix = "model.decoder.layers.0.encoder_attn.";
+    let weights = dir.path("layer.safetensors");
+    write_safetensors(
+        &weights,
+        &layer_tensors("hf", prefix, &c, &random_weights(&c, 81)),
+    );
+    // Batch first: query [2, 5, 16], key [2, 7, 10], value [2, 7, 12].
+    let ([query, key, value], data) = write_inputs(&dir, &c, 82);
+    let kpm = dir.path("kpm.npy");
+    let mask: Vec<bool> = (0..14).map(|i| i % 7 == 4 || i == 13).collect();
+    write_npy(&kpm, &mask, &[2, 7]);
+    let run = |flags: &[&str]| {
+        let mut args = layer_args(&dir, &weights, prefix, 2, flags);
+        args.extend(["--key-padding-mask".into(), s(&kpm)]);
+        args.extend(["--need-weights".into(), s(&dir.path("w.npy"))]);
+        let out = xattn(&args);
+        let err = stderr(&out);
+        assert!(out.status.success(), "{flags:?}: xattn failed: {err}");
+        let o = read_npy::<f32>(&dir.path("out.npy"));
+        let w = read_npy::<f32>(&dir.path("w.npy"));
+        (o, w, err)
+    };
+    let ((bf, bf_dims), w_bf, _) = run(&[]);
+    assert_eq!(bf_dims, [2, 5, 16]);
+    // The same inputs seq first.
+    let dims = [[2, 5, 16], [2, 7, 10], [2, 7, 12]];
+    for ((path, x), d) in [&query, &key, &value].into_iter().zip(&data).zip(dims) {
+        write_npy(path, &swap01(x, d), &[d[1], d[0], d[2]]);
+    }
+    for name in ["sbe", "seq-first"] {
+        let ((sf, sf_dims), w_sf, err) = run(&["--layout", name]);
+        assert_eq!(sf_dims, [5, 2, 16], "--layout {name}: out is seq first");
+        assert_eq!(sf, swap01(&bf, [2, 5, 16]), "--layout {name}: out");
+        assert_eq!(
+            w_sf, w_bf,
+            "--layout {name}: weights are batch first in both"
+        );
+        assert!(!err.contains("note:"), "{err}");
+    }
+    // Without --layout: batch 5 (query) against 7 (key), and the way out.
+    let mut args = layer_args(&dir, &weights, prefix, 2, &[]);
+    args.extend(["--key-padding-mask".into(), s(&kpm)]);
+    let _ = std::fs::remove_file(dir.path("out.npy"));
+    let err = fails(&dir, &args);
+    assert_mentions(
+        &err,
+        &[
+            "--query",
+            "--key",
+            "differ in batch: 5 vs 7",
+            "read as --layout bse [batch, seq, features]",
+            "they fit --layout sbe [seq, batch, features]",
+            "batch_first=False",
+            "x.transpose(0, 1)",
+        ],
+    );
+}
+
+/// Where query, key and value fit both layouts (same length and batch count in the first two
+/// axes), the default is read with a note, as `run` does; naming the layout silences it.
+#[test]
+fn mha_shapes_that_fit_both_layouts_get_a_note_unless_the_layout_is_named() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("bothlayouts");
+    let c = MhaConfig::new(8, 2);
+    let prefix = "attn.";
+    let weights = dir.path("layer.safetensors");
+    write_safetensors(
+        &weights,
+        &layer_tensors("hf", prefix, &c, &random_weights(&c, 91)),
+    );
+    // Self-attention: [5, 2, 8] three times; batch 5 of 2 tokens, or batch 2 of 5.
+    let x = random(80, 1.0, 92);
+    for f in ["query.npy", "key.npy", "value.npy"] {
+        write_npy(&dir.path(f), &x, &[5, 2, 8]);
+    }
+    let run = |flags: &[&str]| {
+        let out = xattn(&layer_args(&dir, &weights, prefix, 2, flags));
+        let err = stderr(&out);
+        assert!(out.status.success(), "{flags:?}: xattn failed: {err}");
+        (read_npy::<f32>(&dir.path("out.npy")).0, err)
+    };
+    let (default, err) = run(&[]);
+    assert_mentions(
+        &err,
+        &[
+            "note: query, key, value fit both layouts",
+            "bse: batch 5, M 2, N 2",
+            "sbe: batch 2, M 5, N 5",
+            "pass --layout",
+        ],
+    );
+    let (bse, err) = run(&["--layout", "bse"]);
+    assert!(!err.contains("note:"), "{err}");
+    assert_eq!(bse, default, "the default is bse");
+    let (sbe, _) = run(&["--layout", "sbe"]);
+    assert_ne!(sbe, bse, "the two readings differ: the note is needed");
+}
+
 /// A UNet-like file: 240 unrelated tensors, diffusers layers `attn1` and `attn2` in two blocks,
 /// and under `mid_block.attn2.` a layer missing `to_out.0`. Errors list what lies near the
 /// prefix — the layers below it, the tensors under it, or the closest layers — never the

@@ -80,7 +80,9 @@ enum Command {
     ///
     /// Inputs are float32 or float16 (one type; --dtype converts), C order, batch first
     /// (PyTorch batch_first=True): query [batch, M, E], key [batch, N, kdim], value [batch, N,
-    /// vdim]; 2-D inputs [seq, features] mean batch 1 and give outputs without the batch axis.
+    /// vdim]; with --layout sbe, seq first as nn.MultiheadAttention takes them by default
+    /// ([M, batch, E], ..., and the output [M, batch, E]); 2-D inputs [seq, features] mean
+    /// batch 1 and give outputs without the batch axis.
     /// E, kdim and vdim are read from the inputs' last dims, and the weights must fit them.
     /// Output: [batch, M, E], in the inputs' type (--out-dtype). The weights are kept in the
     /// inputs' type (--dtype) on the device.

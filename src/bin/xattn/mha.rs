@@ -22,6 +22,7 @@ use xattn::{
 };
 
 use crate::analytics::AnalyticsArgs;
+use crate::layout::SeqLayout;
 use crate::masks::MaskArgs;
 use crate::npy::{read_bool_as, read_floats, Array, Polarity};
 use crate::outputs::Outputs;
@@ -73,6 +74,16 @@ pub struct MhaArgs {
     /// bias the file holds for it, if any.
     #[arg(long)]
     no_bias: bool,
+    /// Axis order of the 3-D inputs and output: bse [batch, seq, features] (the default:
+    /// PyTorch batch_first=True, Hugging Face, diffusers) or sbe [seq, batch, features],
+    /// nn.MultiheadAttention's default (batch_first=False); batch-first and seq-first name
+    /// them too. 2-D inputs are the same in both. --need-weights, --key-padding-mask and the
+    /// statistics are batch first in both, as in PyTorch. A shape cannot show its layout: where
+    /// the inputs fit only the other layout the error says so, but where they fit both (e.g.
+    /// self-attention) a wrong layout gives wrong numbers with no error; without --layout a
+    /// note then asks to name it.
+    #[arg(long, value_enum, value_name = "LAYOUT")]
+    layout: Option<SeqLayout>,
     /// Query input, float32 or float16 [batch, M, E] or [M, E].
     #[arg(long, value_name = "FILE")]
     query: PathBuf,
@@ -130,6 +141,9 @@ struct Input<'a> {
     array: Array,
     /// The type the file stores.
     dtype: DType,
+    /// The file's dims, `[1, seq, features]` for a 2-D file.
+    file: [usize; 3],
+    /// `[batch, seq, features]`, once the layout is known ([`Input::read_as`]).
     dims: [usize; 3],
     /// The file had no batch axis.
     two_d: bool,
@@ -139,13 +153,14 @@ impl<'a> Input<'a> {
     fn read(flag: &'static str, path: &'a FsPath, features: &str) -> CliResult<Self> {
         let (array, dtype) = read_floats(path)?;
         let shown = path.display();
-        let (dims, two_d) = match *array.shape.as_slice() {
+        let (file, two_d) = match *array.shape.as_slice() {
             [s, f] => ([1, s, f], true),
-            [b, s, f] => ([b, s, f], false),
+            [x, y, f] => ([x, y, f], false),
             ref other => {
                 return Err(CliError::new(format!(
-                    "{flag} {shown} has shape {other:?}; it must be [batch, seq, {features}] or \
-                     [seq, {features}]"
+                    "{flag} {shown} has shape {other:?}; it must be [batch, seq, {features}] \
+                     (seq first with --layout sbe: [seq, batch, {features}]) or [seq, \
+                     {features}]"
                 )))
             }
         };
@@ -160,9 +175,28 @@ impl<'a> Input<'a> {
             path,
             array,
             dtype,
-            dims,
+            file,
+            dims: file,
             two_d,
         })
+    }
+
+    /// `[batch, seq, features]` of this input read in `layout`.
+    fn dims_as(&self, layout: SeqLayout) -> [usize; 3] {
+        if self.two_d {
+            self.file
+        } else {
+            layout.dims(self.file)
+        }
+    }
+
+    /// Reads this input in `layout`: its dims, and its data batch first.
+    fn read_as(&mut self, layout: SeqLayout) {
+        self.dims = self.dims_as(layout);
+        if !self.two_d {
+            let data = std::mem::take(&mut self.array.data);
+            self.array.data = layout.data(data, self.file);
+        }
     }
 
     /// `--flag file (shape [..])`, for messages.
@@ -176,18 +210,30 @@ impl<'a> Input<'a> {
     }
 }
 
-/// Checks that `a` and `b` agree on `axis` (`what` names it), for the inputs' batch and N.
-fn same_axis(a: &Input, b: &Input, axis: usize, what: &str) -> CliResult<()> {
-    if a.dims[axis] == b.dims[axis] {
-        return Ok(());
+/// How query, key and value fail to agree in batch or N when read in `layout`: whether it is
+/// the batch that differs, and the message.
+fn axes_disagree(inputs: [&Input; 3], layout: SeqLayout) -> Option<(bool, String)> {
+    let [q, k, v] = inputs;
+    let [qd, kd, vd] = inputs.map(|x| x.dims_as(layout));
+    for ((a, da), (b, db), axis, what) in [
+        ((q, qd), (k, kd), 0, "batch"),
+        ((q, qd), (v, vd), 0, "batch"),
+        ((k, kd), (v, vd), 1, "N (the number of keys)"),
+    ] {
+        if da[axis] != db[axis] {
+            return Some((
+                axis == 0,
+                format!(
+                    "{} and {} differ in {what}: {} vs {}",
+                    a.describe(),
+                    b.describe(),
+                    da[axis],
+                    db[axis]
+                ),
+            ));
+        }
     }
-    Err(CliError::new(format!(
-        "{} and {} differ in {what}: {} vs {}",
-        a.describe(),
-        b.describe(),
-        a.dims[axis],
-        b.dims[axis]
-    )))
+    None
 }
 
 /// A hint for a layer not found under `prefix`: a prefix missing its dot, or several name
@@ -272,11 +318,65 @@ fn key_padding_mask(path: &FsPath, batch: usize, n: usize, two_d: bool) -> CliRe
     )))
 }
 
+/// Checks that query, key and value agree in batch and N in the layout `named` (else the
+/// default). An error says which layout they were read in, and points to the other when they
+/// fit it (or, for a batch that differs, names seq first anyway); when they fit both and no
+/// layout was named, a note on stderr says so.
+fn read_layout(named: Option<SeqLayout>, inputs: [&Input; 3]) -> CliResult<()> {
+    let layout = named.unwrap_or_default();
+    let other = layout.other();
+    let three_d = !inputs[0].two_d;
+    let shapes = |l: SeqLayout| {
+        let [q, k, _] = inputs.map(|x| x.dims_as(l));
+        format!("batch {}, M {}, N {}", q[0], q[1], k[1])
+    };
+    let pass = |l: SeqLayout| {
+        format!(
+            "pass --layout {} (nn.MultiheadAttention's default, batch_first=False, is seq \
+             first: sbe), or give batch-first arrays (x.transpose(0, 1))",
+            l.name()
+        )
+    };
+    let read_as = format!("read as --layout {} {}", layout.name(), layout.axes());
+    match (
+        axes_disagree(inputs, layout),
+        three_d.then(|| axes_disagree(inputs, other)),
+    ) {
+        (None, Some(None)) if named.is_none() => {
+            eprintln!(
+                "xattn: note: query, key, value fit both layouts ({}: {}; {}: {}); reading \
+                 the default, {}: pass --layout to say which (nn.MultiheadAttention without \
+                 batch_first=True takes sbe)",
+                layout.name(),
+                shapes(layout),
+                other.name(),
+                shapes(other),
+                layout.name()
+            );
+            Ok(())
+        }
+        (None, _) => Ok(()),
+        (Some((_, e)), Some(None)) => Err(CliError::new(format!(
+            "{e} ({read_as}); they fit --layout {} {}: {}",
+            other.name(),
+            other.axes(),
+            pass(other)
+        ))),
+        (Some((true, e)), Some(Some(_))) if layout == SeqLayout::Bse => {
+            Err(CliError::new(format!(
+                "{e} ({read_as}); for seq-first arrays [seq, batch, features] {}",
+                pass(SeqLayout::Sbe)
+            )))
+        }
+        (Some((_, e)), _) => Err(CliError::new(format!("{e} ({read_as})"))),
+    }
+}
+
 /// Reads the inputs and weights, runs the layer on the default adapter, writes the outputs.
 pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
-    let q = Input::read("--query", &args.query, "E")?;
-    let k = Input::read("--key", &args.key, "kdim")?;
-    let v = Input::read("--value", &args.value, "vdim")?;
+    let mut q = Input::read("--query", &args.query, "E")?;
+    let mut k = Input::read("--key", &args.key, "kdim")?;
+    let mut v = Input::read("--value", &args.value, "vdim")?;
     if q.two_d != k.two_d || q.two_d != v.two_d {
         return Err(CliError::new(format!(
             "--query, --key and --value must all be 3-D [batch, seq, features] or all 2-D \
@@ -286,9 +386,11 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
             v.describe()
         )));
     }
-    same_axis(&q, &k, 0, "batch")?;
-    same_axis(&q, &v, 0, "batch")?;
-    same_axis(&k, &v, 1, "N (the number of keys)")?;
+    let layout = args.layout.unwrap_or_default();
+    read_layout(args.layout, [&q, &k, &v])?;
+    for x in [&mut q, &mut k, &mut v] {
+        x.read_as(layout);
+    }
     let dtype = args.precision.input_dtype(
         &[&q, &k, &v].map(|x| (format!("{} {}", x.flag, x.path.display()), x.dtype)),
     )?;
@@ -416,12 +518,16 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
 
     // Widened to f32 (exactly); an f16 output is written back as float16.
     let out_dtype = out.out.dtype();
-    outputs.write_as(
-        &args.out,
-        &out.out.to_host()?,
-        &out_dims(&[batch, m, e], squeeze),
-        out_dtype,
-    )?;
+    // Batch first from the layer; seq first back when the inputs were (3-D only).
+    let (o, o_dims) = if squeeze {
+        (out.out.to_host()?, vec![m, e])
+    } else {
+        (
+            layout.data(out.out.to_host()?, [batch, m, e]),
+            layout.dims([batch, m, e]).to_vec(),
+        )
+    };
+    outputs.write_as(&args.out, &o, &o_dims, out_dtype)?;
     if let Some(path) = &args.need_weights {
         let w = out
             .weights
