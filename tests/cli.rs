@@ -583,6 +583,91 @@ fn npy_header_errors_name_the_token_or_dtype_in_one_line() {
     );
 }
 
+/// Type strings numpy reads as this machine's order are read too: `=f4` (native), `|f4` and
+/// `|f2` (numpy: "not applicable", read as native), `|u1`, `=i8`; they give exactly what the
+/// `<` files give. `>f4` (big-endian) is read as such.
+#[test]
+fn native_and_not_applicable_byte_orders_are_read_as_numpy_reads_them() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("byteorder");
+    let sh = shape(2, 4, 6, 2, 2, 3);
+    let (q, k, v) = write_qkv(&dir, &sh, 71);
+    let hf: Vec<u8> = (0..12).map(|i| u8::from(i % 6 != 2)).collect();
+    write_npy(&dir.path("am.npy"), &hf, &[2, 6]);
+    write_npy(&dir.path("kl.npy"), &[6i64, 5], &[2]);
+    let flags = |am: &str, kl: &str| {
+        let mut a = run_args(&dir, &[]);
+        for (flag, file) in [("--attention-mask", am), ("--kv-lens", kl)] {
+            a.extend([flag.into(), s(&dir.path(file)).into()]);
+        }
+        a
+    };
+    let o = |args: &[String]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = xattn(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        read_npy::<f32>(&dir.path("o.npy"))
+    };
+    let (want, want_shape) = o(&flags("am.npy", "kl.npy"));
+    let dict = |descr: &str, shape: &str| {
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}")
+    };
+    let f32_bytes = |x: &[f32], be: bool| -> Vec<u8> {
+        x.iter()
+            .flat_map(|v| if be { v.to_be_bytes() } else { v.to_le_bytes() })
+            .collect()
+    };
+    let dims = |d: [usize; 4]| format!("({}, {}, {}, {})", d[0], d[1], d[2], d[3]);
+    write_npy_raw(
+        &dir.path("q.npy"),
+        &dict("=f4", &dims(sh.q_dims())),
+        &f32_bytes(&q, false),
+    );
+    write_npy_raw(
+        &dir.path("k.npy"),
+        &dict("|f4", &dims(sh.k_dims())),
+        &f32_bytes(&k, false),
+    );
+    write_npy_raw(
+        &dir.path("v.npy"),
+        &dict(">f4", &dims(sh.v_dims())),
+        &f32_bytes(&v, true),
+    );
+    write_npy_raw(&dir.path("am1.npy"), &dict("|u1", "(2, 6)"), &hf);
+    let kl: Vec<u8> = [6i64, 5].iter().flat_map(|x| x.to_le_bytes()).collect();
+    write_npy_raw(&dir.path("kl1.npy"), &dict("=i8", "(2,)"), &kl);
+    let (got, got_shape) = o(&flags("am1.npy", "kl1.npy"));
+    assert_eq!(
+        (got, got_shape),
+        (want.clone(), want_shape),
+        "=f4, |f4, >f4, |u1, =i8"
+    );
+    // float16 as |f2 gives what <f2 gives.
+    let halves = |x: &[f32]| -> Vec<u8> {
+        x.iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect()
+    };
+    let mut by_order = Vec::new();
+    for order in ["<", "|"] {
+        for (file, x, d) in [
+            ("q.npy", &q, sh.q_dims()),
+            ("k.npy", &k, sh.k_dims()),
+            ("v.npy", &v, sh.v_dims()),
+        ] {
+            write_npy_raw(
+                &dir.path(file),
+                &dict(&format!("{order}f2"), &dims(d)),
+                &halves(x),
+            );
+        }
+        let args: Vec<String> = run_args(&dir, &["--out-dtype", "f32"]);
+        by_order.push(o(&args).0);
+    }
+    assert_eq!(by_order[0], by_order[1], "|f2 is float16");
+    assert_ne!(by_order[0], want, "the f16 run ran in f16");
+}
+
 #[test]
 fn string_arrays_are_not_numbers() {
     let dir = error_setup("strings");

@@ -191,6 +191,56 @@ fn descr(text: &str) -> Option<&str> {
     value[1..].split(quote).next()
 }
 
+/// Rewrites the byte-order character of a plain dtype in the header's dict text `text` where
+/// numpy reads it as the machine's order but npyz does not: `=` (native), and `|` ("not
+/// applicable") on a type whose size makes the order matter (`|f2`, `|f4`: numpy reads them
+/// as native, `np.dtype('|f2') == np.dtype('=f2')`). Both become `<` or `>`, whichever this
+/// machine is, in place (one byte for one, so the header's length stays). Other type strings
+/// are left for the parser to accept or refuse.
+fn native_byte_order(text: &mut [u8]) {
+    let native = if cfg!(target_endian = "little") {
+        b'<'
+    } else {
+        b'>'
+    };
+    let Some(key) = text
+        .windows(7)
+        .position(|w| w == b"'descr'" || w == b"\"descr\"")
+    else {
+        return;
+    };
+    let mut at = key + 7;
+    let skip = |at: &mut usize, what: &[u8]| {
+        while text.get(*at).is_some_and(|b| what.contains(b)) {
+            *at += 1;
+        }
+    };
+    skip(&mut at, b" \t");
+    if text.get(at) != Some(&b':') {
+        return;
+    }
+    at += 1;
+    skip(&mut at, b" \t");
+    if !matches!(text.get(at), Some(b'\'' | b'"')) {
+        return; // a structured dtype: a list
+    }
+    let order = at + 1;
+    let (Some(&first), Some(&kind)) = (text.get(order), text.get(order + 1)) else {
+        return;
+    };
+    let size: u64 = text[order + 2..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .fold(0, |n, &d| {
+            n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+        });
+    // The numeric types, whose byte order matters above one byte.
+    let ordered = b"biufcmM".contains(&kind) && size > 1;
+    if first == b'=' || (first == b'|' && ordered) {
+        text[order] = native;
+    }
+}
+
 /// One line for a header that does not parse: the token a syntax error points at, or a dtype
 /// that is not a numpy type string (`expected` says which one was wanted).
 fn header_error(shown: &dyn Display, text: &str, e: &std::io::Error, expected: &str) -> CliError {
@@ -221,7 +271,8 @@ fn open<'a>(src: &Source<'a>, expected: &str) -> CliResult<(Npy<'a>, TypeStr)> {
     let npy = match src {
         Source::File(path) => {
             let (mut file, len) = open_file(path)?;
-            let (header, text_start) = read_header(&mut file, src, len)?;
+            let (mut header, text_start) = read_header(&mut file, src, len)?;
+            native_byte_order(&mut header[text_start..]);
             let header = NpyHeader::from_reader(&header[..]).map_err(|e| {
                 let text = String::from_utf8_lossy(&header[text_start..]);
                 header_error(src, text.trim_end(), &e, expected)
@@ -612,4 +663,48 @@ pub fn write_npy<T: AutoSerialize + Copy>(
         .map_err(fail)?;
     writer.extend(data.iter().copied()).map_err(fail)?;
     writer.finish().map_err(fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn native(text: &str) -> String {
+        let mut bytes = text.as_bytes().to_vec();
+        native_byte_order(&mut bytes);
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn byte_orders_numpy_reads_as_native_become_native() {
+        let n = if cfg!(target_endian = "little") {
+            '<'
+        } else {
+            '>'
+        };
+        for (given, want) in [
+            ("=f4", format!("{n}f4")),
+            ("|f2", format!("{n}f2")),
+            ("=u1", format!("{n}u1")),
+            ("=i8", format!("{n}i8")),
+            ("|u1", "|u1".to_string()),
+            ("|b1", "|b1".to_string()),
+            ("|S3", "|S3".to_string()),
+            ("<f4", "<f4".to_string()),
+            (">f4", ">f4".to_string()),
+        ] {
+            let text = format!("{{'descr': '{given}', 'fortran_order': False, 'shape': (2,), }}");
+            let got = native(&text);
+            assert_eq!(got, text.replace(given, &want), "{given}");
+            let ts = descr(&got).unwrap().parse::<TypeStr>();
+            assert!(ts.is_ok(), "{given} → {got}: {ts:?}");
+        }
+        // Double quotes and spaces; a structured dtype is left alone.
+        assert_eq!(
+            native("{\"descr\" : \"=f4\"}"),
+            format!("{{\"descr\" : \"{n}f4\"}}")
+        );
+        let list = "{'descr': [('a', '=f4')], }";
+        assert_eq!(native(list), list);
+    }
 }
