@@ -1595,6 +1595,39 @@ fn dtype_bf16_and_out_dtype_f32() {
 
 /// Inputs of different types are refused before the run, with the files and the way out;
 /// --dtype rounds float32 inputs but not one half type to the other.
+/// `--dtype f16` would turn a value past ±65504 into ±inf (and a row of logits into inf or
+/// NaN): refused before the run, naming the input, the element and the bound; bf16 (float32's
+/// range) and f32 take the same file.
+#[test]
+fn dtype_f16_refuses_values_past_its_range() {
+    let dir = error_setup("f16range");
+    let (mut k, shape) = read_npy::<f32>(&dir.path("k.npy"));
+    k[5] = 70000.0;
+    write_npy(&dir.path("k.npy"), &k, &shape);
+    let err = run_err(&dir, &["--dtype", "f16"]);
+    assert_mentions(
+        &err,
+        &[
+            "--k",
+            "k.npy",
+            "7e4 at [0, 0, 1, 2]",
+            "float16 (<f2)'s range (±65504)",
+            "+inf",
+            "--dtype bf16",
+        ],
+    );
+    if engine().is_some() {
+        for dtype in ["bf16", "f32"] {
+            let args = run_args(&dir, &["--dtype", dtype]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = xattn(&args);
+            assert!(out.status.success(), "--dtype {dtype}: {}", stderr(&out));
+            let (o, _) = read_npy::<f32>(&dir.path("o.npy"));
+            assert!(o.iter().all(|x| x.is_finite()), "--dtype {dtype}");
+        }
+    }
+}
+
 #[test]
 fn mixed_input_types_are_refused() {
     let dir = error_setup("mixed"); // q [2, 4, 2, 3], k, v [2, 6, 2, 3], float32

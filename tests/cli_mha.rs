@@ -944,6 +944,40 @@ fn mha_shapes_that_fit_both_layouts_get_a_note_unless_the_layout_is_named() {
     assert_ne!(sbe, bse, "the two readings differ: the note is needed");
 }
 
+/// `--dtype f16` keeps the inputs and the layer's weights in float16: a value past ±65504 in
+/// either would become inf, so it is refused before the run, by name.
+#[test]
+fn mha_dtype_f16_refuses_inputs_and_weights_past_its_range() {
+    let dir = TempDir::new("f16range");
+    let c = MhaConfig::new(8, 2);
+    let prefix = "attn.";
+    let mut w = random_weights(&c, 101);
+    w.k[3] = -1e5;
+    let weights = dir.path("layer.safetensors");
+    write_safetensors(&weights, &layer_tensors("hf", prefix, &c, &w));
+    write_inputs(&dir, &c, 102);
+    let args = layer_args(&dir, &weights, prefix, 2, &["--dtype", "f16"]);
+    let err = fails(&dir, &args);
+    assert_mentions(
+        &err,
+        &[
+            "W_k of --weights",
+            "layer.safetensors",
+            "-1e5 at [3]",
+            "±65504",
+            "-inf",
+        ],
+    );
+    let (mut q, shape) = read_npy::<f32>(&dir.path("query.npy"));
+    q[7] = 123456.0;
+    write_npy(&dir.path("query.npy"), &q, &shape);
+    let err = fails(&dir, &args);
+    assert_mentions(
+        &err,
+        &["--query", "query.npy", "1.23456e5 at [0, 0, 7]", "±65504"],
+    );
+}
+
 /// A UNet-like file: 240 unrelated tensors, diffusers layers `attn1` and `attn2` in two blocks,
 /// and under `mid_block.attn2.` a layer missing `to_out.0`. Errors list what lies near the
 /// prefix — the layers below it, the tensors under it, or the closest layers — never the

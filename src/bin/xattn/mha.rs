@@ -26,7 +26,7 @@ use crate::layout::SeqLayout;
 use crate::masks::MaskArgs;
 use crate::npy::{read_bool_as, read_floats, Array, Polarity};
 use crate::outputs::Outputs;
-use crate::precision::PrecisionArgs;
+use crate::precision::{check_range, PrecisionArgs};
 use crate::run::out_dims;
 use crate::{open_file, parse_finite_f32, three_pass_limit, CliError, CliResult};
 
@@ -394,6 +394,10 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     let dtype = args.precision.input_dtype(
         &[&q, &k, &v].map(|x| (format!("{} {}", x.flag, x.path.display()), x.dtype)),
     )?;
+    for x in [&q, &k, &v] {
+        let shown = format!("{} {}", x.flag, x.path.display());
+        check_range(&shown, &x.array.data, &x.array.shape, dtype)?;
+    }
     let squeeze = q.two_d;
     let ([batch, m, e], [_, n, kdim], vdim) = (q.dims, k.dims, v.dims[2]);
 
@@ -428,6 +432,22 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     let names = file.names();
     drop(file);
     drop(bytes);
+    // The layer is kept on the device in the inputs' type: its weights must fit it too.
+    for (name, w) in [
+        ("W_q", Some(&weights.q)),
+        ("W_k", Some(&weights.k)),
+        ("W_v", Some(&weights.v)),
+        ("W_o", Some(&weights.o)),
+        ("b_q", weights.q_bias.as_ref()),
+        ("b_k", weights.k_bias.as_ref()),
+        ("b_v", weights.v_bias.as_ref()),
+        ("b_o", weights.o_bias.as_ref()),
+    ] {
+        if let Some(w) = w {
+            let shown = format!("{name} of --weights {}", args.weights.display());
+            check_range(&shown, w, &[w.len()], dtype)?;
+        }
+    }
 
     let kpm = args
         .key_padding_mask

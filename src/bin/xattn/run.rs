@@ -17,7 +17,7 @@ use crate::layout::Layout;
 use crate::masks::MaskArgs;
 use crate::npy::{read_floats, Source};
 use crate::outputs::Outputs;
-use crate::precision::PrecisionArgs;
+use crate::precision::{check_range, PrecisionArgs};
 use crate::qkv::Bundle;
 use crate::{
     parse_finite_f32, parse_path_choice, three_pass_limit, CliError, CliResult, PathChoice,
@@ -112,6 +112,9 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
         read("v", args.v.as_ref())?,
     );
     let dtype = args.precision.input_dtype(&types)?;
+    for ((shown, _), x) in types.iter().zip([&q, &k, &v]) {
+        check_range(shown, &x.data, &x.shape, dtype)?;
+    }
     let layout = args.layout.unwrap_or_default();
     let (q_file, q3) = layout.file_dims("q", &q.shape)?;
     let (k_file, k3) = layout.file_dims("k", &k.shape)?;
