@@ -1734,6 +1734,68 @@ fn tiny_bench(extra: &[&str]) -> String {
     text
 }
 
+/// The benchmark's last line is its verdict: checked and all within the tolerance, or which
+/// results were not (exit status 1), or timed only.
+#[test]
+fn bench_ends_with_a_verdict() {
+    let Some(_) = engine() else { return };
+    let text = tiny_bench(&[]);
+    let last = text.lines().last().unwrap_or_default();
+    assert_eq!(
+        last,
+        "verdict: checked against the f64 reference: all 3 result(s) within the tolerance \
+         (--tolerance 1e-3, plus a half O's rounding)",
+        "{text}"
+    );
+    // A tolerance no f32 result meets: every case is named, and the exit status is 1.
+    let args = [
+        "bench",
+        "--m",
+        "20",
+        "--n",
+        "37",
+        "--dk",
+        "8",
+        "--heads",
+        "2",
+        "--name",
+        "tiny",
+        "--quick",
+        "--check",
+        "--tolerance",
+        "1e-15",
+    ];
+    let out = xattn(&args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let last = text.lines().last().unwrap_or_default();
+    assert_mentions(
+        last,
+        &[
+            "verdict: FAILED: 3 of 3 result(s)",
+            "tiny three-pass f32 (max |err|",
+            "tiny fused f32 (max |err|",
+            "tiny split-k f32 (max |err|",
+            "> 1.00e-15",
+        ],
+    );
+    assert_mentions(
+        &stderr(&out),
+        &["3 result(s) above the tolerance", "verdict line"],
+    );
+    // Without --check a custom shape is timed only, and says so.
+    let args = [
+        "bench", "--m", "8", "--n", "9", "--dk", "4", "--quick", "--path", "fused",
+    ];
+    let out = xattn(&args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        text.lines().last().unwrap_or_default(),
+        "verdict: timed only, not checked against the reference (pass --check)"
+    );
+}
+
 /// `bench` autotunes the fused kernel before timing and notes what it picked (M 200: R = 1, 2
 /// and 4 are candidates); --no-autotune times the planner's default. The JSON records name
 /// the configuration and where it came from, whichever candidate won.

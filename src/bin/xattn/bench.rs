@@ -733,6 +733,68 @@ fn json_record(r: &Record, ctx: &Context, b: &Bench) -> Value {
     })
 }
 
+/// The last line of the table: whether the results were checked against the reference and,
+/// if so, all within the tolerance or which were not (and which runs failed).
+fn verdict(records: &[Record], errors: &[String], checked: bool, args: &BenchArgs) -> String {
+    let tolerance = format!(
+        "--tolerance {:.0e}, plus a half O's rounding",
+        args.tolerance
+    );
+    let label = |r: &Record| {
+        format!(
+            "{} {} {}",
+            r.name,
+            path_label(r.requested, Some(r.path), r.stats),
+            r.dtype
+        )
+    };
+    let failed: Vec<String> = records
+        .iter()
+        .filter(|r| r.failed())
+        .map(|r| match r.check {
+            Check::Err(e) => format!("{} (max |err| {e:.2e} > {:.2e})", label(r), r.tolerance),
+            _ => label(r),
+        })
+        .collect();
+    let compared = records
+        .iter()
+        .filter(|r| matches!(r.check, Check::Err(_)))
+        .count();
+    let skipped = records.iter().filter(|r| r.check == Check::Skipped).count();
+    let skipped = if skipped > 0 {
+        format!(
+            "; {skipped} not checked (above --check-max-gflop {})",
+            args.check_max_gflop
+        )
+    } else {
+        String::new()
+    };
+    let runs = if errors.is_empty() {
+        String::new()
+    } else {
+        format!("; {} run(s) failed: {}", errors.len(), errors.join(", "))
+    };
+    if !failed.is_empty() {
+        format!(
+            "verdict: FAILED: {} of {compared} result(s) checked against the f64 reference are \
+             above the tolerance ({tolerance}): {}{skipped}{runs}",
+            failed.len(),
+            failed.join(", ")
+        )
+    } else if !errors.is_empty() {
+        format!("verdict: FAILED{runs}")
+    } else if !checked {
+        "verdict: timed only, not checked against the reference (pass --check)".to_string()
+    } else if compared == 0 {
+        format!("verdict: nothing checked against the f64 reference{skipped}")
+    } else {
+        format!(
+            "verdict: checked against the f64 reference: all {compared} result(s) within the \
+             tolerance ({tolerance}){skipped}"
+        )
+    }
+}
+
 /// Runs the benchmark and prints the table; fails (after writing the JSON) if any run failed
 /// or any check exceeded the tolerance.
 pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
@@ -838,7 +900,8 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
     let mut progress = Progress::new(&shapes, args.path, dtypes.len(), variants.len());
     let mut done = 0;
     let mut records: Vec<Record> = Vec::new();
-    let mut errors = 0;
+    // The runs that failed, labelled as their row is, with why.
+    let mut errors: Vec<String> = Vec::new();
     for (index, s) in shapes.iter().enumerate() {
         let first = records.len();
         for &dtype in &dtypes {
@@ -903,7 +966,12 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                         records.push(r);
                     }
                     Err(e) => {
-                        errors += 1;
+                        errors.push(format!(
+                            "{} {} {dtype} ({})",
+                            s.name,
+                            path_label(requested, None, stats),
+                            one_line(&e.to_string())
+                        ));
                         print_note(s, which, storage(dtype), &format!("error: {e}"));
                     }
                 }
@@ -923,12 +991,15 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
             path.display()
         );
     }
+    let verdict = verdict(&records, &errors, b.check, args);
+    println!("{verdict}");
     let failed = records.iter().filter(|r| r.failed()).count();
-    if failed > 0 || errors > 0 {
+    if failed > 0 || !errors.is_empty() {
         return Err(CliError::new(format!(
             "{failed} result(s) above the tolerance (--tolerance {:.0e}, plus a half O's \
-             rounding), {errors} run(s) failed",
-            args.tolerance
+             rounding), {} run(s) failed: the verdict line names them",
+            args.tolerance,
+            errors.len()
         )));
     }
     Ok(ExitCode::SUCCESS)

@@ -108,7 +108,9 @@ enum Command {
     /// --causal ALIGN masks every shape. Times are to GPU completion (GPU timestamps where the
     /// adapter has them, else the host clock around a waited run). The fused kernel's
     /// configuration is autotuned per shape bucket before the timed runs (--no-autotune
-    /// times the planner's default); the table notes what was picked.
+    /// times the planner's default); the table notes what was picked. The last line is the
+    /// verdict: checked against the reference and all within the tolerance, or which results
+    /// were not and which runs failed (the exit status is then 1), or timed only.
     Bench(bench::BenchArgs),
 }
 
