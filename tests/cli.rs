@@ -1014,6 +1014,92 @@ fn bench_json_must_be_a_regular_file() {
     assert_mentions(&err, &["--json", "b.json", "a FIFO"]);
 }
 
+/// The exit status the README promises: 2 for a usage error, ours (flags that do not go
+/// together) as clap's (an unknown flag), 1 for any other error.
+#[test]
+fn usage_errors_exit_2_and_other_errors_1() {
+    let dir = error_setup("usage");
+    let status = |extra: &[&str]| {
+        let args = run_args(&dir, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = xattn(&args);
+        let err = stderr(&out);
+        assert!(!err.contains("panicked"), "{err}");
+        (out.status.code(), err)
+    };
+    for extra in [
+        &["--bogus"][..],
+        &["--window", "1", "1"],
+        &[
+            "--causal",
+            "top-left",
+            "--align",
+            "bottom-right",
+            "--window",
+            "1",
+            "1",
+        ],
+        &["--key-segment", "0", "x", "1.5"],
+        &["--rtol", "1e-3"],
+    ] {
+        let (code, err) = status(extra);
+        assert_eq!(code, Some(2), "{extra:?}: {err}");
+    }
+    let (code, err) = status(&["--window", "1", "1"]);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.starts_with("xattn: error: --window needs an alignment"),
+        "{code:?} {err}"
+    );
+    // A file that does not fit: an error, not a usage error.
+    let m = dir.path("m.npy");
+    write_npy(&m, &[true; 5], &[5]);
+    let (code, err) = status(&["--mask", s(&m)]);
+    assert_eq!(code, Some(1), "{err}");
+    let out = xattn(&["bench", "--suite", "standard", "--only", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
+/// `run --help` shows the statistics under their own heading, not under "Precision".
+#[test]
+fn run_help_groups_the_statistics_under_their_own_heading() {
+    for cmd in ["run", "mha"] {
+        let out = xattn(&[cmd, "--help"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success());
+        let heading = |name: &str| {
+            text.lines()
+                .position(|l| l == name)
+                .unwrap_or_else(|| panic!("{cmd}: no heading {name}: {text}"))
+        };
+        let flag = |name: &str| {
+            text.lines()
+                .position(|l| l.trim_start().starts_with(name))
+                .unwrap_or_else(|| panic!("{cmd}: no {name}"))
+        };
+        let (precision, stats) = (
+            heading("Precision:"),
+            heading("Statistics and heatmaps of P:"),
+        );
+        assert!(
+            precision < flag("--dtype") && flag("--out-dtype") < stats,
+            "{cmd}: {text}"
+        );
+        for f in [
+            "--entropy",
+            "--focus",
+            "--coverage",
+            "--heatmap",
+            "--q-labels",
+        ] {
+            assert!(
+                flag(f) > stats,
+                "{cmd}: {f} under the statistics heading: {text}"
+            );
+        }
+    }
+}
+
 #[test]
 fn bench_only_names_a_shape() {
     let err = fails(&["bench", "--suite", "standard", "--only", "nope"]);

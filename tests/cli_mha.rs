@@ -978,6 +978,39 @@ fn mha_dtype_f16_refuses_inputs_and_weights_past_its_range() {
     );
 }
 
+/// Flags that do not go together are usage errors, exit status 2 as for clap's; a layer file
+/// that does not fit the flags is an error, 1.
+#[test]
+fn mha_usage_errors_exit_2() {
+    let dir = TempDir::new("usage");
+    let c = MhaConfig::new(8, 2);
+    let weights = dir.path("layer.safetensors");
+    write_safetensors(
+        &weights,
+        &layer_tensors("hf", "attn.", &c, &random_weights(&c, 111)),
+    );
+    write_inputs(&dir, &c, 112);
+    let kpm = dir.path("kpm.npy");
+    write_npy(&kpm, &[false; 14], &[2, 7]);
+    let (kp, am) = (s(&kpm), s(&dir.path("am.npy")));
+    for (heads, flags, code) in [
+        (2, vec!["--kv-heads", "3"], 2),
+        (
+            2,
+            vec!["--key-padding-mask", &kp, "--attention-mask", &am],
+            2,
+        ),
+        (2, vec!["--key-padding-mask", &kp, "--mask", &am], 2),
+        (2, vec!["--bogus"], 2),
+        (3, vec![], 1),
+    ] {
+        let out = xattn(&layer_args(&dir, &weights, "attn.", heads, &flags));
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(code), "{flags:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
 /// A UNet-like file: 240 unrelated tensors, diffusers layers `attn1` and `attn2` in two blocks,
 /// and under `mid_block.attn2.` a layer missing `to_out.0`. Errors list what lies near the
 /// prefix — the layers below it, the tensors under it, or the closest layers — never the

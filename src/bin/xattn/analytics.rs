@@ -15,6 +15,7 @@ use crate::{open_file, CliError, CliResult};
 
 /// Statistics of the attention weights P (see `xattn::stats`), each f32.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Statistics and heatmaps of P")]
 pub struct AnalyticsArgs {
     /// Write each query row's entropy −Σ_j P_ij ln P_ij (natural log) of its weights,
     /// [batch, heads, M]; 0 for a row that sees no key.

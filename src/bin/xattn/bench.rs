@@ -214,7 +214,7 @@ fn custom_shape(a: &BenchArgs) -> CliResult<Option<SuiteShape>> {
         return Ok(None);
     }
     let (Some(m), Some(n), Some(dk)) = (a.m, a.n, a.dk) else {
-        return Err(CliError::new(
+        return Err(CliError::usage(
             "a custom shape needs at least --m, --n and --dk",
         ));
     };
@@ -814,7 +814,7 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
     if !args.only.is_empty() {
         let names: Vec<&str> = shapes.iter().map(|s| s.name.as_str()).collect();
         if let Some(bad) = args.only.iter().find(|o| !names.contains(&o.as_str())) {
-            return Err(CliError::new(format!(
+            return Err(CliError::usage(format!(
                 "--only {bad}: no such shape; the shapes are {}",
                 names.join(", ")
             )));

@@ -116,12 +116,41 @@ enum Command {
 
 /// A failure reported to the user as one line: `xattn: error: <message>`.
 #[derive(Debug)]
-pub struct CliError(String);
+pub struct CliError {
+    msg: String,
+    /// A usage error (flags that do not go together, a flag's value): exit status 2, as for
+    /// the errors clap finds, rather than 1.
+    usage: bool,
+}
+
+/// The exit status of a usage error, clap's and ours alike (the README and `run --help`).
+pub const USAGE: u8 = 2;
 
 impl CliError {
     /// A failure with this message.
     pub fn new(msg: impl Into<String>) -> Self {
-        Self(msg.into())
+        Self {
+            msg: msg.into(),
+            usage: false,
+        }
+    }
+
+    /// A usage error with this message: the command line itself is wrong, whatever the files
+    /// hold (exit status [`USAGE`]).
+    pub fn usage(msg: impl Into<String>) -> Self {
+        Self {
+            msg: msg.into(),
+            usage: true,
+        }
+    }
+
+    /// The exit status for this failure: [`USAGE`] for a usage error, 1 otherwise.
+    pub fn exit_code(&self) -> ExitCode {
+        if self.usage {
+            ExitCode::from(USAGE)
+        } else {
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -133,13 +162,13 @@ pub fn one_line(s: &str) -> String {
 
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&one_line(&self.0))
+        f.write_str(&one_line(&self.msg))
     }
 }
 
 impl From<xattn::Error> for CliError {
     fn from(e: xattn::Error) -> Self {
-        Self(e.to_string())
+        Self::new(e.to_string())
     }
 }
 
@@ -327,7 +356,7 @@ fn main() -> ExitCode {
         Ok(Ok(code)) => code,
         Ok(Err(e)) => {
             eprintln!("xattn: error: {e}");
-            ExitCode::FAILURE
+            e.exit_code()
         }
         // The hook has already printed the one line.
         Err(_) => ExitCode::FAILURE,

@@ -134,7 +134,7 @@ fn given<'a>(
     let tensor = bundle.map(|b| b.get(name)).transpose()?.flatten();
     Ok(match (path, tensor) {
         (Some(path), Some(tensor)) => {
-            return Err(CliError::new(format!(
+            return Err(CliError::usage(format!(
                 "{flag} {} and the {tensor} both give `{name}`; drop one",
                 path.display()
             )))
@@ -169,14 +169,14 @@ fn read_bounded_lens(input: &Given, axis: &str, bound: usize) -> CliResult<Vec<u
 fn window_alignment(causal: Option<AlignArg>, align: Option<AlignArg>) -> CliResult<Alignment> {
     let name = |a: AlignArg| Alignment::from(a).name();
     match (causal, align) {
-        (Some(c), Some(a)) if c != a => Err(CliError::new(format!(
+        (Some(c), Some(a)) if c != a => Err(CliError::usage(format!(
             "--causal {} and --align {} disagree; a causal mask and a window share one \
              alignment (drop --align, or make them equal)",
             name(c),
             name(a)
         ))),
         (_, Some(a)) | (Some(a), None) => Ok(a.into()),
-        (None, None) => Err(CliError::new(
+        (None, None) => Err(CliError::usage(
             "--window needs an alignment: add --align top-left (row i on key i, PyTorch/JAX) \
              or --align bottom-right (last row on last key, FlashAttention/decoding), \
              or give --causal",
@@ -199,7 +199,7 @@ fn broadcast_dims(label: &str, shape: &[usize]) -> CliResult<[usize; 4]> {
 /// Parses one `--key-segment START END FACTOR`.
 fn key_segment(words: &[String]) -> CliResult<(usize, usize, f32)> {
     let bad = |what: &str, got: &str| {
-        CliError::new(format!(
+        CliError::usage(format!(
             "--key-segment {}: {what} `{got}` is not {}",
             words.join(" "),
             if what == "FACTOR" {
@@ -210,7 +210,7 @@ fn key_segment(words: &[String]) -> CliResult<(usize, usize, f32)> {
         ))
     };
     let [start, end, factor] = words else {
-        return Err(CliError::new(format!(
+        return Err(CliError::usage(format!(
             "--key-segment takes START END FACTOR, got {words:?}"
         )));
     };
@@ -247,7 +247,7 @@ impl MaskArgs {
         if let Some(w) = &self.window {
             let align = window_alignment(self.causal, self.align)?;
             let [left, right] = w[..] else {
-                return Err(CliError::new(format!(
+                return Err(CliError::usage(format!(
                     "--window takes LEFT RIGHT, got {w:?}"
                 )));
             };
@@ -272,7 +272,7 @@ impl MaskArgs {
         if let Some(path) = &self.attention_mask {
             let label = format!("--attention-mask {}", path.display());
             if opts.masking().mask.is_some() {
-                return Err(CliError::new(format!(
+                return Err(CliError::usage(format!(
                     "{label} and --mask cannot be combined: fold them into one --mask file \
                      (mask & (attention_mask != 0)[:, None, None, :]; --mask is true = attend)"
                 )));

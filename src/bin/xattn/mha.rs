@@ -416,7 +416,7 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
         )));
     }
     if !heads.is_multiple_of(kv_heads) {
-        return Err(CliError::new(format!(
+        return Err(CliError::usage(format!(
             "--kv-heads {kv_heads} does not divide --heads {heads}"
         )));
     }
@@ -455,13 +455,13 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
         .map(|path| key_padding_mask(path, batch, n, squeeze))
         .transpose()?;
     if kpm.is_some() && args.masks.attention_mask.is_some() {
-        return Err(CliError::new(
+        return Err(CliError::usage(
             "--key-padding-mask and --attention-mask give the same thing in opposite \
              polarities (true = ignore, 1 = keep): give one",
         ));
     }
     if kpm.is_some() && args.masks.mask.is_some() {
-        return Err(CliError::new(
+        return Err(CliError::usage(
             "--key-padding-mask and --mask cannot be combined: fold the padding into the --mask \
              file (mask & ~key_padding_mask[:, None, None, :]; --mask is true = attend)",
         ));
