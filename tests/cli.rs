@@ -829,9 +829,15 @@ fn an_interrupted_run_leaves_no_temporary_file() {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let during = temps();
-        let _ = Command::new("kill")
+        let sent = Command::new("kill")
             .args([format!("-{sig}"), child.id().to_string()])
             .status();
+        if sent.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!("no kill command here: the case is skipped");
+            return;
+        }
         let status = child.wait().unwrap();
         // Whenever the signal came: no temporary file remains.
         assert_eq!(temps(), 0, "SIG{sig} (n {n}) left temporary files");

@@ -82,19 +82,22 @@ fn refuse_existing(flag: &str, target: &Path) -> Result<(), String> {
 }
 
 /// Removal of the temporary files when the process is interrupted (SIGINT, SIGTERM, SIGHUP):
-/// the handler unlinks them, then dies of the same signal as it would have. SIGKILL cannot be
-/// caught; a run killed by it leaves its `.<name>.xattn-<pid>.tmp` files behind.
+/// the handler unlinks them (and, should the signal come in the middle of the commit, the
+/// targets already renamed, as a failed commit does), then dies of the same signal as it
+/// would have. SIGKILL cannot be caught; a run killed by it leaves its
+/// `.<name>.xattn-<pid>.tmp` files behind.
 ///
 /// Async-signal-safe by construction: the paths are C strings in a list that only grows (its
 /// nodes are leaked, never freed, so a handler running on any thread never reads freed
-/// memory), and the handler calls only `unlink`, `signal` and `raise`.
+/// memory), their states are atomics, and the handler calls only `unlink`, `signal` and
+/// `raise`.
 #[cfg(unix)]
 mod on_signal {
     use std::ffi::{c_char, c_int, CString};
     use std::os::unix::ffi::OsStrExt;
     use std::path::Path;
     use std::ptr::null_mut;
-    use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+    use std::sync::atomic::{AtomicPtr, AtomicU8, Ordering};
     use std::sync::Once;
 
     extern "C" {
@@ -108,10 +111,18 @@ mod on_signal {
     const SIGTERM: c_int = 15;
     const SIG_DFL: usize = 0;
 
+    /// The temporary file exists: the handler removes it.
+    const TEMP: u8 = 0;
+    /// Being renamed onto its target, in a commit not yet finished: the handler removes the
+    /// temporary file and the target, whichever exists.
+    const RENAMED: u8 = 1;
+    /// Committed or removed: the handler leaves both alone.
+    const DONE: u8 = 2;
+
     struct Node {
-        path: CString,
-        /// Cleared once the file is renamed onto its target or removed.
-        live: AtomicBool,
+        temp: CString,
+        target: CString,
+        state: AtomicU8,
         next: *mut Node,
     }
 
@@ -122,9 +133,14 @@ mod on_signal {
         let mut node = HEAD.load(Ordering::Acquire);
         // SAFETY: nodes are leaked, so every pointer in the list stays valid.
         while let Some(n) = unsafe { node.as_ref() } {
-            if n.live.load(Ordering::Acquire) {
+            let paths: [Option<&CString>; 2] = match n.state.load(Ordering::Acquire) {
+                TEMP => [Some(&n.temp), None],
+                RENAMED => [Some(&n.temp), Some(&n.target)],
+                _ => [None, None],
+            };
+            for path in paths.into_iter().flatten() {
                 // SAFETY: a NUL-terminated path.
-                unsafe { unlink(n.path.as_ptr()) };
+                unsafe { unlink(path.as_ptr()) };
             }
             node = n.next;
         }
@@ -136,19 +152,30 @@ mod on_signal {
         }
     }
 
-    /// A temporary file the handler removes until [`Registered::done`].
+    /// An output whose temporary file (then target) the handler removes until it is done.
     pub struct Registered(&'static Node);
 
     impl Registered {
-        /// The file is gone (renamed or removed): the handler leaves its path alone.
+        /// The temporary file is about to be renamed onto the target, in a commit.
+        pub fn renaming(&self) {
+            self.0.state.store(RENAMED, Ordering::Release);
+        }
+
+        /// The rename failed: the temporary file is still there, the target is not ours.
+        pub fn not_renamed(&self) {
+            self.0.state.store(TEMP, Ordering::Release);
+        }
+
+        /// The output is committed, or its temporary file removed: nothing left to remove.
         pub fn done(&self) {
-            self.0.live.store(false, Ordering::Release);
+            self.0.state.store(DONE, Ordering::Release);
         }
     }
 
-    /// Registers `path` for removal on a signal (installing the handler on first use).
-    pub fn register(path: &Path) -> Option<Registered> {
-        let path = CString::new(path.as_os_str().as_bytes()).ok()?;
+    /// Registers the output `target` written to `temp` (installing the handler on first use).
+    pub fn register(temp: &Path, target: &Path) -> Option<Registered> {
+        let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).ok();
+        let (temp, target) = (c(temp)?, c(target)?);
         INSTALL.call_once(|| {
             let h = handler as extern "C" fn(c_int) as usize;
             for sig in [SIGHUP, SIGINT, SIGTERM] {
@@ -157,8 +184,9 @@ mod on_signal {
             }
         });
         let node: &'static mut Node = Box::leak(Box::new(Node {
-            path,
-            live: AtomicBool::new(true),
+            temp,
+            target,
+            state: AtomicU8::new(TEMP),
             next: null_mut(),
         }));
         let mut head = HEAD.load(Ordering::Acquire);
@@ -178,9 +206,11 @@ mod on_signal {
 mod on_signal {
     pub struct Registered;
     impl Registered {
+        pub fn renaming(&self) {}
+        pub fn not_renamed(&self) {}
         pub fn done(&self) {}
     }
-    pub fn register(_: &std::path::Path) -> Option<Registered> {
+    pub fn register(_: &std::path::Path, _: &std::path::Path) -> Option<Registered> {
         None
     }
 }
@@ -261,7 +291,7 @@ impl Outputs {
             .create_new(true)
             .open(&temp)
             .map_err(|e| fail(format!("cannot create a file in {}: {e}", folder.display())))?;
-        let on_signal = on_signal::register(&temp);
+        let on_signal = on_signal::register(&temp, target);
         self.outputs.push(Output {
             flag,
             target: target.to_path_buf(),
@@ -334,11 +364,15 @@ impl Outputs {
             "every output is written before the commit"
         );
         for (i, output) in self.outputs.iter().enumerate() {
-            let renamed = fs::rename(&output.temp, &output.target);
-            if let (Ok(()), Some(r)) = (&renamed, &output.on_signal) {
-                r.done();
+            // Marked before the rename: a signal from here to the end of the commit removes
+            // this output whichever side of the rename it comes.
+            if let Some(r) = &output.on_signal {
+                r.renaming();
             }
-            if let Err(e) = renamed {
+            if let Err(e) = fs::rename(&output.temp, &output.target) {
+                if let Some(r) = &output.on_signal {
+                    r.not_renamed();
+                }
                 for done in &self.outputs[..i] {
                     let _ = fs::remove_file(&done.target);
                 }
@@ -347,6 +381,11 @@ impl Outputs {
                     output.flag,
                     output.target.display()
                 )));
+            }
+        }
+        for output in &self.outputs {
+            if let Some(r) = &output.on_signal {
+                r.done();
             }
         }
         self.outputs.clear();
