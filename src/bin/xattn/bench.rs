@@ -21,6 +21,7 @@ use xattn::{
 };
 
 use crate::masks::AlignArg;
+use crate::outputs::Outputs;
 use crate::precision::DtypeArg;
 use crate::suite::{self, SuiteShape};
 use crate::{one_line, parse_path_choice, path_names_hint, CliError, CliResult};
@@ -212,7 +213,7 @@ fn custom_shape(a: &BenchArgs) -> CliResult<Option<SuiteShape>> {
         return Ok(None);
     }
     let (Some(m), Some(n), Some(dk)) = (a.m, a.n, a.dk) else {
-        return Err(CliError::new(
+        return Err(CliError::usage(
             "a custom shape needs at least --m, --n and --dk",
         ));
     };
@@ -723,6 +724,68 @@ fn json_record(r: &Record, ctx: &Context, b: &Bench) -> Value {
     })
 }
 
+/// The last line of the table: whether the results were checked against the reference and,
+/// if so, all within the tolerance or which were not (and which runs failed).
+fn verdict(records: &[Record], errors: &[String], checked: bool, args: &BenchArgs) -> String {
+    let tolerance = format!(
+        "--tolerance {:.0e}, plus a half O's rounding",
+        args.tolerance
+    );
+    let label = |r: &Record| {
+        format!(
+            "{} {} {}",
+            r.name,
+            path_label(r.requested, Some(r.path), r.stats),
+            r.dtype
+        )
+    };
+    let failed: Vec<String> = records
+        .iter()
+        .filter(|r| r.failed())
+        .map(|r| match r.check {
+            Check::Err(e) => format!("{} (max |err| {e:.2e} > {:.2e})", label(r), r.tolerance),
+            _ => label(r),
+        })
+        .collect();
+    let compared = records
+        .iter()
+        .filter(|r| matches!(r.check, Check::Err(_)))
+        .count();
+    let skipped = records.iter().filter(|r| r.check == Check::Skipped).count();
+    let skipped = if skipped > 0 {
+        format!(
+            "; {skipped} not checked (above --check-max-gflop {})",
+            args.check_max_gflop
+        )
+    } else {
+        String::new()
+    };
+    let runs = if errors.is_empty() {
+        String::new()
+    } else {
+        format!("; {} run(s) failed: {}", errors.len(), errors.join(", "))
+    };
+    if !failed.is_empty() {
+        format!(
+            "verdict: FAILED: {} of {compared} result(s) checked against the f64 reference are \
+             above the tolerance ({tolerance}): {}{skipped}{runs}",
+            failed.len(),
+            failed.join(", ")
+        )
+    } else if !errors.is_empty() {
+        format!("verdict: FAILED{runs}")
+    } else if !checked {
+        "verdict: timed only, not checked against the reference (pass --check)".to_string()
+    } else if compared == 0 {
+        format!("verdict: nothing checked against the f64 reference{skipped}")
+    } else {
+        format!(
+            "verdict: checked against the f64 reference: all {compared} result(s) within the \
+             tolerance ({tolerance}){skipped}"
+        )
+    }
+}
+
 /// Runs the benchmark and prints the table; fails (after writing the JSON) if any run failed
 /// or any check exceeded the tolerance.
 pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
@@ -742,18 +805,16 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
     if !args.only.is_empty() {
         let names: Vec<&str> = shapes.iter().map(|s| s.name.as_str()).collect();
         if let Some(bad) = args.only.iter().find(|o| !names.contains(&o.as_str())) {
-            return Err(CliError::new(format!(
+            return Err(CliError::usage(format!(
                 "--only {bad}: no such shape; the shapes are {}",
                 names.join(", ")
             )));
         }
         shapes.retain(|s| args.only.contains(&s.name));
     }
-    if let Some(path) = &args.json {
-        // Fail now rather than after minutes of benchmarking.
-        std::fs::File::create(path)
-            .map_err(|e| CliError::new(format!("cannot write {}: {e}", path.display())))?;
-    }
+    // Checked (and its temporary file made) now rather than after minutes of benchmarking;
+    // a FIFO, device or link there is refused as for every output.
+    let mut json_out = Outputs::create(&[("--json", args.json.as_ref())])?;
 
     let ctx = Context::new()?;
     let timer = if args.wall_clock {
@@ -829,7 +890,8 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
     let mut progress = Progress::new(&shapes, args.path, dtypes.len(), variants.len());
     let mut done = 0;
     let mut records: Vec<Record> = Vec::new();
-    let mut errors = 0;
+    // The runs that failed, labelled as their row is, with why.
+    let mut errors: Vec<String> = Vec::new();
     for (index, s) in shapes.iter().enumerate() {
         let first = records.len();
         for &dtype in &dtypes {
@@ -895,7 +957,12 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                         records.push(r);
                     }
                     Err(e) => {
-                        errors += 1;
+                        errors.push(format!(
+                            "{} {} {dtype} ({})",
+                            s.name,
+                            path_label(requested, None, stats),
+                            one_line(&e.to_string())
+                        ));
                         print_note(s, which, storage(dtype), &format!("error: {e}"));
                     }
                 }
@@ -907,20 +974,23 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
     if let Some(path) = &args.json {
         let list: Vec<Value> = records.iter().map(|r| json_record(r, &ctx, &b)).collect();
         let text = serde_json::to_string_pretty(&list).expect("JSON values always serialize");
-        std::fs::write(path, text + "\n")
-            .map_err(|e| CliError::new(format!("cannot write {}: {e}", path.display())))?;
+        json_out.write_bytes(path, (text + "\n").as_bytes())?;
+        json_out.commit()?;
         eprintln!(
             "xattn: wrote {} record(s) to {}",
             list.len(),
             path.display()
         );
     }
+    let verdict = verdict(&records, &errors, b.check, args);
+    println!("{verdict}");
     let failed = records.iter().filter(|r| r.failed()).count();
-    if failed > 0 || errors > 0 {
+    if failed > 0 || !errors.is_empty() {
         return Err(CliError::new(format!(
             "{failed} result(s) above the tolerance (--tolerance {:.0e}, plus a half O's \
-             rounding), {errors} run(s) failed",
-            args.tolerance
+             rounding), {} run(s) failed: the verdict line names them",
+            args.tolerance,
+            errors.len()
         )));
     }
     Ok(ExitCode::SUCCESS)

@@ -17,7 +17,7 @@ use crate::layout::Layout;
 use crate::masks::MaskArgs;
 use crate::npy::{read_floats, Source};
 use crate::outputs::Outputs;
-use crate::precision::PrecisionArgs;
+use crate::precision::{check_range, PrecisionArgs};
 use crate::qkv::Bundle;
 use crate::{
     parse_finite_f32, parse_path_choice, three_pass_limit, CliError, CliResult, PathChoice,
@@ -112,6 +112,9 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
         read("v", args.v.as_ref())?,
     );
     let dtype = args.precision.input_dtype(&types)?;
+    for ((shown, _), x) in types.iter().zip([&q, &k, &v]) {
+        check_range(shown, &x.data, &x.shape, dtype)?;
+    }
     let layout = args.layout.unwrap_or_default();
     let (q_file, q3) = layout.file_dims("q", &q.shape)?;
     let (k_file, k3) = layout.file_dims("k", &k.shape)?;
@@ -140,7 +143,6 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     }
     let opts = args.masks.apply_with(opts, &shape, bundle.as_ref())?;
     let opts = args.analytics.apply(opts);
-    let heatmaps = args.analytics.heatmaps(shape.m, shape.n)?;
     drop(bundle);
     let mut targets = vec![
         ("--out", args.out.as_ref()),
@@ -149,6 +151,7 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     ];
     targets.extend(args.analytics.targets());
     let mut outputs = Outputs::create(&targets)?;
+    let heatmaps = args.analytics.heatmaps(&shape, &mut outputs)?;
 
     let ctx = Context::new()?;
     let engine = Engine::new(&ctx);
@@ -209,9 +212,13 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     }
     args.analytics
         .write(&mut outputs, &out.stats, &shape, squeeze)?;
+    let maps = match (&heatmaps, &out.stats.pooled) {
+        (Some(maps), Some(pooled)) => Some((maps, maps.write(&mut outputs, &shape, pooled, None)?)),
+        (Some(_), None) => return Err(CliError::new("the plan computed no heatmap")),
+        (None, _) => None,
+    };
     outputs.commit()?;
-    if let (Some(maps), Some(pooled)) = (&heatmaps, &out.stats.pooled) {
-        let count = maps.write(&shape, pooled, None)?;
+    if let Some((maps, count)) = maps {
         eprintln!(
             "xattn: wrote {count} heatmap(s) to {}",
             maps.dir().display()
