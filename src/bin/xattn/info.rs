@@ -172,5 +172,12 @@ pub fn info(args: &InfoArgs) -> CliResult<ExitCode> {
             "wall clock (no TIMESTAMP_QUERY)"
         }
     );
+    let lacks = ctx.degradations();
+    if lacks.is_empty() {
+        println!("  features xattn uses: all (subgroups, f16 in shaders, timestamps)");
+    }
+    for lack in lacks {
+        println!("  {lack}");
+    }
     Ok(ExitCode::SUCCESS)
 }

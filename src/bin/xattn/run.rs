@@ -180,6 +180,9 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     })?;
     if args.plan {
         eprintln!("{}", call.plan());
+        for lack in engine.context().degradations() {
+            eprintln!("  device {lack}");
+        }
     }
     let t_run = Instant::now();
     call.run()?;
