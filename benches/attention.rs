@@ -71,7 +71,7 @@ fn attention(c: &mut Criterion) {
         };
         // "elements" are floating-point operations, so criterion's elem/s reads as FLOP/s.
         group.throughput(Throughput::Elements(shape.flops() as u64));
-        let name = format!("{} {shape} {}", s.name, call.plan().path.name());
+        let name = format!("{} {shape} {}", s.name, call.plan().path().name());
         group.bench_function(name, |b| {
             b.iter(|| call.run().expect("the same run succeeded before timing"))
         });

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::Path as FsPath;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::call::Prepared;
 use crate::dtype::DType;
@@ -318,11 +318,6 @@ pub(crate) enum Scratch {
     Own,
 }
 
-/// Timed runs per candidate configuration at most, and the time after which the tuner
-/// stops at the first round (a large shape's single run is steady enough).
-const TUNE_RUNS: usize = 5;
-const TUNE_BUDGET: Duration = Duration::from_millis(500);
-
 fn dims4(t: &Tensor, name: &str) -> Result<[usize; 4]> {
     t.dims().try_into().map_err(|_| {
         Error::Shape(format!(
@@ -349,7 +344,6 @@ impl Engine {
             max_buffer: caps.max_buffer.min(real.max_buffer),
             max_workgroups: caps.max_workgroups.min(real.max_workgroups),
             max_workgroup_bytes: caps.max_workgroup_bytes.min(real.max_workgroup_bytes),
-            uniform_align: real.uniform_align,
             native_f16: caps.native_f16 && real.native_f16,
             fill: caps.fill,
             // The caller may turn subgroup lanes off, not choose another size.
@@ -370,7 +364,7 @@ impl Engine {
             caps,
             cache: Arc::new(PipelineCache::new(ctx)),
             pool: Arc::new(BufferPool::new(ctx)),
-            autotune: tune::env_setting().unwrap_or(false),
+            autotune: crate::settings::autotune().unwrap_or(false),
             tuner: Arc::new(TuneCache::new(tune::default_cache_file())),
         }
     }
@@ -562,10 +556,8 @@ impl Engine {
         Ok(Plan::new(&tuned_req, &self.caps).unwrap_or(plan))
     }
 
-    /// The median time of each of `candidates` that plans for `req`, fastest first: a warm-up
-    /// run each (it compiles the pipelines), then rounds over all of them, so that drift
-    /// touches every candidate alike, [`TUNE_RUNS`] or as many as [`TUNE_BUDGET`] allows
-    /// (at least one). GPU timestamps where the device has them, else the host clock around
+    /// Each of `candidates` that plans for `req`, timed by [`tune::measure`] on the call's
+    /// inputs and masks: GPU timestamps where the device has them, else the host clock around
     /// a run that waits for the device. Outputs are the tuner's own.
     fn time_candidates(
         &self,
@@ -575,7 +567,7 @@ impl Engine {
         opts: &Attention,
     ) -> Result<Vec<(FusedConfig, f64)>> {
         let timer = GpuTimer::new(&self.ctx);
-        let mut runs = Vec::new();
+        let mut calls = Vec::new();
         for &config in candidates {
             let forced = req.clone().with_fused_config(config);
             // A candidate this device cannot plan (a limit) is no candidate here.
@@ -583,39 +575,16 @@ impl Engine {
                 continue;
             };
             let call = self.bind(plan, (q, k, v), opts.masking(), None, Scratch::Pool)?;
-            runs.push((config, call, Vec::new()));
+            calls.push((config, call));
         }
-        let time_one = |call: &Prepared| -> Result<f64> {
-            let start = Instant::now();
-            match &timer {
-                Some(t) => call.run_timed(t),
-                None => {
-                    call.run()?;
-                    Ok(start.elapsed().as_secs_f64() * 1e3)
-                }
+        tune::measure(&calls, |call: &Prepared| match &timer {
+            Some(t) => call.run_timed(t),
+            None => {
+                let start = Instant::now();
+                call.run()?;
+                Ok(start.elapsed().as_secs_f64() * 1e3)
             }
-        };
-        for (_, call, _) in &runs {
-            time_one(call)?;
-        }
-        let start = Instant::now();
-        for round in 0..TUNE_RUNS {
-            if round > 0 && start.elapsed() > TUNE_BUDGET {
-                break;
-            }
-            for (_, call, times) in &mut runs {
-                times.push(time_one(call)?);
-            }
-        }
-        let mut medians: Vec<(FusedConfig, f64)> = runs
-            .into_iter()
-            .map(|(config, _, mut times)| {
-                times.sort_by(f64::total_cmp);
-                (config, tune::median(&times))
-            })
-            .collect();
-        medians.sort_by(|a, b| a.1.total_cmp(&b.1));
-        Ok(medians)
+        })
     }
 
     /// The lengths, mask and bias of `masking` on `shape` on the device, for a program

@@ -53,6 +53,7 @@ pub mod params;
 pub mod plan;
 #[doc(hidden)]
 pub mod program;
+pub mod settings;
 pub mod shape;
 pub mod stats;
 pub mod tune;

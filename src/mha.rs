@@ -15,6 +15,7 @@
 //! for any number of forward calls: decoder steps, diffusion steps.
 
 mod config;
+pub mod reference;
 pub mod weights;
 
 use std::borrow::Cow;

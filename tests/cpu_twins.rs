@@ -21,12 +21,12 @@ fn run_twins(
     (q, k, v): (&[f32], &[f32], &[f32]),
     masking: &Masking,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let io = &plan.io;
-    let inputs = mask_inputs(masking, &plan.shape, [io.lens, io.mask, io.bias])
+    let io = plan.io();
+    let inputs = mask_inputs(masking, &plan.shape(), [io.lens, io.mask, io.bias])
         .into_iter()
         .chain([(io.q, words(q)), (io.k, words(k)), (io.v, words(v))])
         .collect();
-    let mut out = run(&plan.program, &inputs).unwrap();
+    let mut out = run(plan.program(), &inputs).unwrap();
     let mut take = |id| floats(&out.remove(&id).unwrap());
     let (o, lse) = (take(io.o), take(io.lse));
     let w = io.weights.map(take).unwrap_or_default();
@@ -62,7 +62,7 @@ fn plans(req: &Request) -> Vec<(String, Plan)> {
         let forced = req.clone().with_fused_config(config);
         let plan = Plan::new(&forced, &CAPS).unwrap();
         let flash: Vec<(u32, bool, bool)> = plan
-            .program
+            .program()
             .dispatches()
             .filter_map(|d| match d.kernel {
                 xattn::kernels::Kernel::Flash(xattn::kernels::flash::Flash {
@@ -225,12 +225,12 @@ fn weight_blocks_twins_follow_the_statistics_to_the_reference() {
             ..CAPS
         };
         let plan = Plan::new(&req, &caps).unwrap();
-        let io = &plan.io;
+        let io = plan.io();
         let inputs = mask_inputs(m, &s, [io.lens, io.mask, io.bias])
             .into_iter()
             .chain([(io.q, words(&q)), (io.k, words(&k)), (io.v, words(&v))])
             .collect();
-        let mut out = run(&plan.program, &inputs).unwrap();
+        let mut out = run(plan.program(), &inputs).unwrap();
         let mut take = |id: Option<_>| id.map(|id| floats(&out.remove(&id).unwrap()));
         let got = xattn::HostOutput {
             o: Vec::new(),
@@ -497,7 +497,7 @@ fn matrix_unit_twin_follows_the_reference() {
                 .with_fused_config(FusedConfig::MATRIX_UNITS);
                 let plan = Plan::new(&req, &caps).unwrap();
                 let tiles: Vec<(u32, bool)> = plan
-                    .program
+                    .program()
                     .dispatches()
                     .filter_map(|d| match d.kernel {
                         xattn::kernels::Kernel::FlashCoop(
@@ -512,14 +512,14 @@ fn matrix_unit_twin_follows_the_reference() {
                     !tiles.is_empty() && tiles.iter().all(|&t| t == want_tile),
                     "{name} {dtype}: planned {tiles:?}\n{plan}"
                 );
-                let io = &plan.io;
+                let io = plan.io();
                 let half =
                     |x: &[f32]| -> Vec<u32> { bytemuck::pod_collect_to_vec(&dtype.encode(x)) };
                 let inputs = mask_inputs(m, &s, [io.lens, io.mask, io.bias])
                     .into_iter()
                     .chain([(io.q, half(&q)), (io.k, half(&k)), (io.v, half(&v))])
                     .collect();
-                let mut out = run(&plan.program, &inputs).unwrap();
+                let mut out = run(plan.program(), &inputs).unwrap();
                 let o = floats(&out.remove(&io.o).unwrap());
                 let lse = floats(&out.remove(&io.lse).unwrap());
                 let what = format!("matrix-unit twin {dtype} {} {name} {s}", path.name());

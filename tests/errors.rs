@@ -163,7 +163,7 @@ fn planner_names_the_limit_when_no_split_helps() {
         &CAPS,
     )
     .unwrap();
-    assert_eq!(auto.path, Path::ThreePass);
+    assert_eq!(auto.path(), Path::ThreePass);
 }
 
 #[test]

@@ -349,7 +349,7 @@ fn twins_run_half_programs_within_twice_the_naive_error() {
                     ..CAPS
                 };
                 let plan = Plan::new(&req, &caps).unwrap();
-                let io = &plan.io;
+                let io = plan.io();
                 let half = |x: &[f32]| -> Vec<u32> { bytemuck::pod_collect_to_vec(&dt.encode(x)) };
                 let mut inputs = HashMap::from([
                     (io.q, half(&q)),
@@ -364,7 +364,7 @@ fn twins_run_half_programs_within_twice_the_naive_error() {
                 if let Some(values) = m.bias_values() {
                     inputs.insert(io.bias, words(&values));
                 }
-                let mut out = run(&plan.program, &inputs).unwrap();
+                let mut out = run(plan.program(), &inputs).unwrap();
                 let o_words = out.remove(&io.o).unwrap();
                 let o = dt.decode(bytemuck::cast_slice(&o_words), want.o.len());
                 let err = max_err(&o, &want.o);

@@ -74,7 +74,7 @@ fn matrix_units_match_the_reference_or_are_refused() {
                     .plan(&tq, &tk, &tv, &opts)
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert!(
-                    plan.program
+                    plan.program()
                         .dispatches()
                         .any(|d| matches!(d.kernel, Kernel::FlashCoop(_))),
                     "{what}: {plan}"

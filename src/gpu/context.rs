@@ -133,15 +133,6 @@ pub fn wanted_limits(adapter: &wgpu::Adapter) -> wgpu::Limits {
     adapter.limits()
 }
 
-/// Whether `XATTN_MATRIX_UNITS` asks for the adapter's matrix units (wgpu's experimental
-/// cooperative matrices; see [`crate::FusedConfig::MATRIX_UNITS`]): `1`, `true` or `on`.
-pub fn matrix_units_wanted() -> bool {
-    std::env::var("XATTN_MATRIX_UNITS")
-        .ok()
-        .and_then(|v| crate::tune::parse_setting(&v))
-        .unwrap_or(false)
-}
-
 /// Creates the instance from the environment (`WGPU_BACKEND`, `WGPU_DEBUG`, …).
 pub fn instance() -> wgpu::Instance {
     wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
@@ -195,12 +186,13 @@ impl Context {
         let info = adapter.get_info();
         let mut features = adapter.features() & WANTED_FEATURES;
         let matrix = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
-        let matrix_configs = if matrix_units_wanted() && adapter.features().contains(matrix) {
-            features |= matrix;
-            adapter.cooperative_matrix_properties()
-        } else {
-            Vec::new()
-        };
+        let matrix_configs =
+            if crate::settings::matrix_units() && adapter.features().contains(matrix) {
+                features |= matrix;
+                adapter.cooperative_matrix_properties()
+            } else {
+                Vec::new()
+            };
         let experimental_features = if features.contains(matrix) {
             // SAFETY: wgpu asks callers of experimental features to accept that its
             // implementation may still have bugs. xattn enables this one only where the user

@@ -31,25 +31,25 @@ use crate::stats::Pool;
 #[derive(Clone, Debug)]
 pub struct Plan {
     /// The path chosen.
-    pub path: Path,
+    pub(crate) path: Path,
     /// The problem.
-    pub shape: AttnShape,
+    pub(crate) shape: AttnShape,
     /// Masks, lengths and logit controls baked into the params.
-    pub masks: MaskSpec,
+    pub(crate) masks: MaskSpec,
     /// The steps and buffers.
-    pub program: Program,
+    pub(crate) program: Program,
     /// The call's buffers in `program`.
-    pub io: AttnIo,
+    pub(crate) io: AttnIo,
     /// Element type of Q, K and V.
-    pub in_dtype: DType,
+    pub(crate) in_dtype: DType,
     /// Element type of O.
-    pub out_dtype: DType,
+    pub(crate) out_dtype: DType,
     /// The pooled map of P computed, if any.
-    pub pool: Option<Pool>,
+    pub(crate) pool: Option<Pool>,
     /// One line on the tiling (for people).
-    pub tiling: String,
+    pub(crate) tiling: String,
     /// The fused kernel's configuration and why, where the plan runs it.
-    pub fused: Option<ConfigChoice>,
+    pub(crate) fused: Option<ConfigChoice>,
 }
 
 /// How the planner computes one attention ([`append`]).
@@ -104,6 +104,58 @@ impl Plan {
     /// Number of dispatches.
     pub fn dispatches(&self) -> usize {
         self.program.dispatches().count()
+    }
+
+    /// The path chosen.
+    pub fn path(&self) -> Path {
+        self.path
+    }
+
+    /// The problem.
+    pub fn shape(&self) -> AttnShape {
+        self.shape
+    }
+
+    /// Masks, lengths and logit controls baked into the params.
+    pub fn masks(&self) -> &MaskSpec {
+        &self.masks
+    }
+
+    /// Element type of Q, K and V.
+    pub fn in_dtype(&self) -> DType {
+        self.in_dtype
+    }
+
+    /// Element type of O.
+    pub fn out_dtype(&self) -> DType {
+        self.out_dtype
+    }
+
+    /// The pooled map of P computed, if any.
+    pub fn pool(&self) -> Option<Pool> {
+        self.pool
+    }
+
+    /// One line on the tiling (for people).
+    pub fn tiling(&self) -> &str {
+        &self.tiling
+    }
+
+    /// The fused kernel's configuration and why, where the plan runs it.
+    pub fn fused(&self) -> Option<&ConfigChoice> {
+        self.fused.as_ref()
+    }
+
+    /// The steps and buffers (the IR the executors run; for tests and tools).
+    #[doc(hidden)]
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
+    /// The call's buffers in the program (for tests and tools).
+    #[doc(hidden)]
+    pub fn io(&self) -> &AttnIo {
+        &self.io
     }
 }
 

@@ -19,8 +19,6 @@ pub struct DeviceCaps {
     pub max_workgroups: u32,
     /// `max_compute_workgroup_storage_size`.
     pub max_workgroup_bytes: u64,
-    /// `min_uniform_buffer_offset_alignment`.
-    pub uniform_align: u64,
     /// Most loop iterations one shader invocation may run where the device ends loops early
     /// without an error ([`LLVMPIPE_LOOP_CAP`] on Mesa's llvmpipe), or `None`. The planner
     /// keeps every dispatch under it by the kernels' [`LoopCost`]: it splits the keys of
@@ -163,7 +161,6 @@ impl DeviceCaps {
             max_buffer: l.max_buffer_size,
             max_workgroups: l.max_compute_workgroups_per_dimension,
             max_workgroup_bytes: u64::from(l.max_compute_workgroup_storage_size),
-            uniform_align: u64::from(l.min_uniform_buffer_offset_alignment),
         }
     }
 

@@ -17,7 +17,6 @@ pub(crate) const CAPS: DeviceCaps = DeviceCaps {
     max_buffer: 2 << 30,
     max_workgroups: 65535,
     max_workgroup_bytes: 32 << 10,
-    uniform_align: 256,
     loop_cap: None,
     native_f16: false,
     fill: GPU_FILL,

@@ -44,7 +44,6 @@ pub const CAPS: xattn::plan::DeviceCaps = xattn::plan::DeviceCaps {
     max_buffer: 2 << 30,
     max_workgroups: 65535,
     max_workgroup_bytes: 32 << 10,
-    uniform_align: 256,
     loop_cap: Some(xattn::plan::LLVMPIPE_LOOP_CAP),
     native_f16: true,
     fill: xattn::plan::GPU_FILL,

@@ -474,7 +474,7 @@ impl Bench<'_> {
             median_ms: xattn::tune::median(&times),
             min_ms: times[0],
         };
-        let s = plan.shape;
+        let s = plan.shape();
         let mut tolerance = self.args.tolerance;
         let check = if !self.check {
             Check::Off
@@ -835,7 +835,7 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
         .with_autotune(
             !args.no_autotune
                 && args.fused_config.is_none()
-                && xattn::tune::env_setting().unwrap_or(true),
+                && xattn::settings::autotune().unwrap_or(true),
         ),
         timer,
         warmup: args.warmup.unwrap_or(if quick { 1 } else { 2 }),
@@ -928,11 +928,11 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                 };
                 let plan = call.plan();
                 // `auto` may plan a path the suite excludes for this shape.
-                if let Some((_, why)) = s.only.filter(|(only, _)| *only != plan.path) {
+                if let Some((_, why)) = s.only.filter(|(only, _)| *only != plan.path()) {
                     print_note(s, which, storage(dtype), &format!("skipped: {why}"));
                     continue;
                 }
-                if let Some(choice) = plan.fused.as_ref().filter(|_| b.engine.autotune()) {
+                if let Some(choice) = plan.fused().filter(|_| b.engine.autotune()) {
                     print_config(s, which, storage(dtype), choice);
                 }
                 let measured = b.measure(&call, &opts, x);
@@ -945,13 +945,13 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                             dtype,
                             storage: storage(dtype),
                             requested,
-                            path: plan.path,
+                            path: plan.path(),
                             timing,
                             check,
                             tolerance,
                             masks: masks_label(args.causal),
                             stats,
-                            config: plan.fused.clone(),
+                            config: plan.fused().cloned(),
                         };
                         print_row(&r);
                         records.push(r);

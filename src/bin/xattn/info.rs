@@ -157,7 +157,7 @@ pub fn info(args: &InfoArgs) -> CliResult<ExitCode> {
                     .f16_tile
                     .map_or("none".into(), |t| format!("{t}×{t} tiles")),
             ),
-            None if xattn::device::matrix_units_wanted() => {
+            None if xattn::settings::matrix_units() => {
                 "none fitting (square 8 or 16 tiles with f32 accumulators)".into()
             }
             None =>

@@ -205,7 +205,10 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     }
     if let Some(path) = &args.weights {
         let w = out.weights.as_ref().ok_or_else(|| {
-            CliError::new(format!("the {} plan returned no weights", plan.path.name()))
+            CliError::new(format!(
+                "the {} plan returned no weights",
+                plan.path().name()
+            ))
         })?;
         outputs.write(
             path,
@@ -228,10 +231,10 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
         );
     }
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let masks = if plan.masks.is_empty() {
+    let masks = if plan.masks().is_empty() {
         String::new()
     } else {
-        format!(" (masks: {})", plan.masks)
+        format!(" (masks: {})", plan.masks())
     };
     // The shape shows GQA as `H8/2` (query heads / K/V heads).
     let types = if o_dtype == dtype {
@@ -242,7 +245,7 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     eprintln!(
         "xattn: {shape} {types}{masks} on {} via {}: attention {run_ms:.1} ms, with transfers and writes {total_ms:.1} ms",
         ctx.describe(),
-        plan.path.name(),
+        plan.path().name(),
     );
     Ok(expect.map_or(ExitCode::SUCCESS, |e| e.check(&o)))
 }
