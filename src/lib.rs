@@ -19,7 +19,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Layouts, all row-major f32:
+//! Layouts, row-major; Q, K, V and O in the tensors' element type ([`DType`]: f32, f16 or
+//! bf16, computed in f32), LSE and weights in f32 (the CLI's `--layout bhsd` transposes
+//! PyTorch SDPA's `[batch, heads, seq, d]` on the host):
 //!
 //! | tensor | shape |
 //! |---|---|
@@ -71,3 +73,8 @@ pub use mha::{MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights, PreparedLa
 pub use plan::{DeviceCaps, Path, Plan, Request};
 pub use shape::AttnShape;
 pub use stats::{Pool, PoolOp, Stats, StatsOutput};
+
+// The README's Rust snippets compile as pasted: `cargo test --doc` builds them.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeSnippets;

@@ -1,4 +1,4 @@
-//! The kernel registry: one module per kernel, one line per kernel in [`registry!`].
+//! The kernel registry: one module per kernel, one line per kernel in `registry!`.
 //!
 //! A kernel lives in four places that share its name: `shaders/<name>.wgsl`, its module
 //! here (`src/kernels/<name>.rs`: its specialization, the pipeline cache key part, with
@@ -17,11 +17,12 @@
 //!    [`AttnParams`](crate::params::AttnParams)); `tests/shaders.rs` compares its layout
 //!    with naga's.
 //! 3. `src/kernels/<name>.rs`: the specialization struct and its [`KernelSpec`] impl.
-//! 4. One line in [`registry!`] below (and `mod <name>;` beside the others).
+//! 4. One line in `registry!` below (and `pub mod <name>;` beside the others).
 //! 5. `src/cpu/<name>.rs`: the twin, `run(params, specialization…, buffers)` unpacking the
 //!    bindings, and `pub mod <name>;` in `src/cpu/mod.rs`.
-//! 6. Its planner function (under `src/plan/`), which calls [`Program::dispatch`]
-//!    (crate::program::Program::dispatch) with the specialization and its params.
+//! 6. Its planner function (under `src/plan/`), which calls
+//!    [`Program::dispatch`](crate::program::Program::dispatch) with the specialization and
+//!    its params.
 //! 7. Its tests: the planner's specializations reach `tests/shaders.rs` through
 //!    `all_kernels`, the twin and the device through `tests/cpu_twins.rs` and the path's own
 //!    test file.

@@ -696,7 +696,7 @@ pub struct KeySplits {
 
 /// Key splits for the fused kernel on a grid of `br`-row workgroups: one where the grid alone
 /// fills the device ([`DeviceCaps::fill`]), else as many as fill it, each of at least
-/// [`MIN_SPLIT_KEYS`] keys; at least two when split-K is `forced`; always enough that none is
+/// `MIN_SPLIT_KEYS` (128) keys; at least two when split-K is `forced`; always enough that none is
 /// longer than `per_pass` keys (the loop cap); halved while the partials outgrow a binding.
 /// A pure function of shape and caps.
 pub fn split_count(

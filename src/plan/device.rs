@@ -25,7 +25,7 @@ pub struct DeviceCaps {
     /// the fused and `weighted_sum` kernels and refuses what no split can bound.
     pub loop_cap: Option<u64>,
     /// Whether kernels may declare `f16` arrays (`SHADER_F16` enabled on the device); without,
-    /// f16 tensors are read as packed pairs ([`Storage`]).
+    /// f16 tensors are read as packed pairs ([`Storage`](crate::Storage)).
     pub native_f16: bool,
     /// How many workgroups the device runs at once: split-K splits the keys until the grid
     /// has this many, and a grid that has them is not split.
@@ -39,7 +39,7 @@ pub struct DeviceCaps {
     /// of its own: a CPU adapter (`DeviceType::Cpu`: Mesa's llvmpipe runs invocations as SIMD
     /// lanes and loads lane by lane unless the address is a constant). Then `flash` loads K
     /// and V rows once per subgroup and broadcasts them by default
-    /// ([`FusedConfig::broadcast_loads`]).
+    /// ([`FusedConfig::broadcast_loads`](crate::FusedConfig::broadcast_loads)).
     pub scalar_lane_loads: bool,
     /// The device's matrix units (cooperative matrices), where xattn enabled them
     /// ([`matrix_units_of`]); `None` elsewhere.
