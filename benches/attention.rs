@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use xattn::{Attention, AttnShape, Context, Engine, Prepared};
 
 #[allow(dead_code)] // the CLI uses parts of the suite this bench does not
-#[path = "../src/bin/xattn/suite.rs"]
+#[path = "../cli/src/suite.rs"]
 mod suite;
 
 /// Uploads seeded inputs in [-1, 1], prepares the call (plan, outputs, bindings), and runs it

@@ -8,10 +8,25 @@ pub mod layer;
 pub mod mha_fixture;
 pub mod weight_stats;
 
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use rand::{Rng, SeedableRng};
 use xattn::{cpu::reference, Attention, AttnShape, Engine, HostOutput, Tensor};
+
+/// The repository root: the including crate's folder, or its parent for the CLI crate
+/// (`cli/`), whose tests share these helpers through `#[path]`.
+#[allow(dead_code)]
+pub fn repo_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if dir.join("shaders").is_dir() {
+        dir.to_path_buf()
+    } else {
+        dir.parent()
+            .expect("the CLI crate lies in the repository")
+            .to_path_buf()
+    }
+}
 
 /// The engine on the test adapter, shared by the tests of one binary.
 ///

@@ -2,6 +2,7 @@
 //! against the f64 reference, and the errors a user gets for bad mask, length and alignment
 //! input (checked on the host, before any device is opened, so they need no GPU).
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path as FsPath, PathBuf};
@@ -1157,7 +1158,7 @@ fn bench_causal_checks_against_the_masked_reference() {
 
 /// The fixture file `file` of case `case` (computed by PyTorch, bshd).
 fn fixture(case: &str, file: &str) -> PathBuf {
-    FsPath::new(env!("CARGO_MANIFEST_DIR"))
+    common::repo_dir()
         .join("tests/fixtures/masks")
         .join(case)
         .join(file)

@@ -5,6 +5,7 @@
 //! user gets for a wrong prefix, head count, mismatched inputs or flags (checked on the host
 //! before a device is opened, so they need no GPU).
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};
