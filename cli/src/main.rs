@@ -89,7 +89,10 @@ enum Command {
     ///
     /// Weights: PyTorch, Hugging Face, diffusers or T5 names under --prefix, detected (see the
     /// list after the options); biases where the file has them; the inner width (heads × head
-    /// dim) comes from the weights.
+    /// dim) comes from the weights. Any other tensor under --prefix (add_bias_kv's bias_k and
+    /// bias_v, diffusers' qk_norm and cross_attention_norm, T5's relative_attention_bias, a
+    /// name xattn does not know) changes what the model computes: the file is refused, naming
+    /// each, unless --ignore-tensors names them.
     ///
     /// The masks and logit controls of `xattn run` apply to the attention inside, with heads =
     /// --heads and d = inner width / H; --key-padding-mask adds PyTorch's padding mask (true =

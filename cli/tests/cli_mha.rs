@@ -1091,6 +1091,103 @@ fn weights_errors_list_what_is_near_the_prefix() {
     no_unrelated(&err);
 }
 
+/// A layer whose prefix holds tensors it does not read (here nn.MultiheadAttention's bias_k
+/// and bias_v of add_bias_kv=True, and T5's relative position bias) is refused before a
+/// device is opened, naming each tensor and what it is; with --ignore-tensors it runs, says
+/// what it ignored, and equals the f64 layer without them. Ignoring a tensor the file lacks,
+/// or one the layer reads, is an error naming it.
+#[test]
+fn mha_refuses_tensors_the_layer_does_not_read() {
+    let dir = TempDir::new("unread");
+    let c = MhaConfig::new(8, 2);
+    let (_, [query, key, value]) = write_inputs(&dir, &c, 720);
+    let saved = random_weights(&c, 721);
+    let mut tensors = layer_tensors("pytorch", "", &c, &saved);
+    tensors.push(("bias_k".into(), vec![1, 1, 8], random(8, 1.0, 722)));
+    tensors.push(("bias_v".into(), vec![1, 1, 8], random(8, 1.0, 723)));
+    let weights = dir.path("add_bias_kv.safetensors");
+    write_safetensors(&weights, &tensors);
+    let err = fails(&dir, &layer_args(&dir, &weights, "", 2, &[]));
+    assert_mentions(
+        &err,
+        &[
+            "--weights",
+            "add_bias_kv.safetensors",
+            "bias_k, bias_v: nn.MultiheadAttention(add_bias_kv=True)'s learned key and value",
+            "--ignore-tensors bias_k,bias_v",
+        ],
+    );
+    for (names, why) in [
+        (
+            "bias_k,nope",
+            "cannot ignore `nope`: the file holds no tensor `nope`",
+        ),
+        ("out_proj.weight", "the layer reads `out_proj.weight`"),
+    ] {
+        let err = fails(
+            &dir,
+            &layer_args(&dir, &weights, "", 2, &["--ignore-tensors", names]),
+        );
+        assert_mentions(&err, &[why]);
+    }
+    // Ignoring one of the two: the other is still refused.
+    let err = fails(
+        &dir,
+        &layer_args(&dir, &weights, "", 2, &["--ignore-tensors", "bias_k"]),
+    );
+    assert_mentions(&err, &["bias_v: nn.MultiheadAttention(add_bias_kv=True)"]);
+
+    let t5 = c.with_inner_dim(12);
+    let prefix = "encoder.block.0.layer.0.SelfAttention.";
+    let mut tensors = layer_tensors(
+        "t5",
+        prefix,
+        &t5,
+        &keep_biases(random_weights(&t5, 724), [false; 4]),
+    );
+    tensors.push((
+        format!("{prefix}relative_attention_bias.weight"),
+        vec![32, 2],
+        random(64, 1.0, 725),
+    ));
+    let t5_weights = dir.path("t5.safetensors");
+    write_safetensors(&t5_weights, &tensors);
+    let err = fails(&dir, &layer_args(&dir, &t5_weights, prefix, 2, &[]));
+    assert_mentions(
+        &err,
+        &[
+            "relative_attention_bias.weight: T5's relative position bias (pass it as --bias",
+            &format!("prefix `{prefix}`"),
+        ],
+    );
+
+    let Some(_) = engine() else { return };
+    let out = xattn(&layer_args(
+        &dir,
+        &weights,
+        "",
+        2,
+        &["--ignore-tensors", "bias_k", "--ignore-tensors", "bias_v"],
+    ));
+    let err = stderr(&out);
+    assert!(out.status.success(), "xattn failed: {err}");
+    assert_mentions(
+        &err,
+        &[
+            "note: --ignore-tensors: the layer runs without bias_k (nn.MultiheadAttention",
+            "bias_v (",
+            "differs from the model's",
+        ],
+    );
+    let (got, _) = read_npy::<f32>(&dir.path("out.npy"));
+    let attention = xattn::Attention::default();
+    let inputs = (&query[..], &key[..], &value[..]);
+    let (want, _) = reference_layer(&c, &saved, 2, inputs, &attention);
+    let scale = f64::from(attention.scale_for(c.head_dim()));
+    let (tol, _) = layer_tolerance(&c, &saved, [&query, &key, &value], 7, scale);
+    assert_close("ignored bias_k, bias_v", &got, &want, tol);
+}
+
 /// Where one prefix holds two families the error says to pass --names; with it, the layer's
 /// inner width (from the named family's W^Q) is what --heads must divide.
 #[test]
