@@ -499,6 +499,9 @@ fn the_layer_computes_statistics_per_head_and_averaged() {
 // ---------------------------------------------------------------------------------------------
 // Tensors under the prefix that the layer does not read (no GPU).
 
+/// Tensors beside a layer: `(name after the prefix, shape)`.
+type Extras = Vec<(&'static str, Vec<usize>)>;
+
 /// A layer of family `names` under `prefix` with `extra` tensors beside it (`(name after the
 /// prefix, shape)`), all seeded random: the file's bytes and the layer's weights.
 fn layer_with_extras(
@@ -526,7 +529,7 @@ fn tensors_the_layer_does_not_read_are_refused_by_name() {
     let e8 = MhaConfig::new(8, 2);
     let t5 = "encoder.block.0.layer.0.SelfAttention.";
     let attn2 = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.";
-    let cases: [(&str, &str, MhaConfig, Vec<(&str, Vec<usize>)>, &[&str]); 7] = [
+    let cases: [(&str, &str, MhaConfig, Extras, &[&str]); 7] = [
         (
             "pytorch",
             "",

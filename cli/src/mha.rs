@@ -5,8 +5,10 @@
 //! As in `xattn run`, everything that can be checked on the host is checked before a device is
 //! opened: the inputs' shapes against each other, the head counts against the layer's inner
 //! width (read from the weights file), the weights file against the sizes the inputs imply (the
-//! loader reads the file on the host), the key padding mask, the masks and the output folders.
-//! Errors name the flag and file they come from.
+//! loader reads the file on the host), the tensors under the prefix that the layer does not
+//! read (refused unless `--ignore-tensors` names them), the key padding mask, the masks, the
+//! logits of the projected query and key (refused where f32 cannot hold them: `logits`) and
+//! the output folders. Errors name the flag and file they come from.
 
 use std::io::Read;
 use std::path::{Path as FsPath, PathBuf};
@@ -23,6 +25,7 @@ use xattn::{
 
 use crate::analytics::AnalyticsArgs;
 use crate::layout::SeqLayout;
+use crate::logits::{check_layer_logits, LayerInput};
 use crate::masks::MaskArgs;
 use crate::npy::{read_bool_as, read_floats, Array, Polarity};
 use crate::outputs::Outputs;
@@ -516,6 +519,26 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     }
     let attention = args.analytics.apply(args.masks.apply(attention, &shape)?);
     let mask_spec = attention.masking().spec(&shape)?;
+    // The logits of the projected query and key, bounded through the weights (projected here
+    // only where that bound does not decide): those f32 cannot hold are refused now.
+    let (q_shown, k_shown) = [&q, &k]
+        .map(|x| format!("{} {}", x.flag, x.path.display()))
+        .into();
+    check_layer_logits(
+        &config,
+        &weights,
+        &LayerInput {
+            shown: &q_shown,
+            data: &q.array.data,
+            dims: q.dims,
+        },
+        &LayerInput {
+            shown: &k_shown,
+            data: &k.array.data,
+            dims: k.dims,
+        },
+        &attention,
+    )?;
     let need = match (&args.need_weights, args.per_head_weights) {
         (None, _) => NeedWeights::None,
         (Some(_), false) => NeedWeights::Averaged,
