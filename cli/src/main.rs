@@ -13,6 +13,7 @@ mod bench;
 mod expect;
 mod info;
 mod layout;
+mod logits;
 mod masks;
 mod mha;
 mod npy;
@@ -57,7 +58,9 @@ enum Command {
     /// when kv_heads < heads; the summary shows it as H<heads>/<kv_heads>).
     ///
     /// Masks and logit controls (causal, window, lengths, bool mask, bias, softcap, key
-    /// segments) combine; a row left with no key outputs zeros and LSE −inf.
+    /// segments) combine; a row left with no key outputs zeros and LSE −inf. Logits the f32
+    /// kernels cannot hold (|scale·q·k| past 5e37, or dot products whose terms may overflow)
+    /// are refused before the run, naming the inputs, the head, the query row and the key.
     ///
     /// What attends to what, on any path and without storing P: --entropy, --focus and
     /// --coverage write statistics of the weights (float32 .npy), --heatmap DIR writes PNG
@@ -89,7 +92,11 @@ enum Command {
     ///
     /// Weights: PyTorch, Hugging Face, diffusers or T5 names under --prefix, detected (see the
     /// list after the options); biases where the file has them; the inner width (heads × head
-    /// dim) comes from the weights.
+    /// dim) comes from the weights. Any other tensor under --prefix (add_bias_kv's bias_k and
+    /// bias_v, diffusers' qk_norm and cross_attention_norm, T5's relative_attention_bias, a
+    /// name xattn does not know) changes what the model computes: the file is refused, naming
+    /// each, unless --ignore-tensors names them. Logits of the projected query and key that the
+    /// f32 kernels cannot hold are refused before the run, as for `xattn run`.
     ///
     /// The masks and logit controls of `xattn run` apply to the attention inside, with heads =
     /// --heads and d = inner width / H; --key-padding-mask adds PyTorch's padding mask (true =

@@ -5,8 +5,10 @@
 //! As in `xattn run`, everything that can be checked on the host is checked before a device is
 //! opened: the inputs' shapes against each other, the head counts against the layer's inner
 //! width (read from the weights file), the weights file against the sizes the inputs imply (the
-//! loader reads the file on the host), the key padding mask, the masks and the output folders.
-//! Errors name the flag and file they come from.
+//! loader reads the file on the host), the tensors under the prefix that the layer does not
+//! read (refused unless `--ignore-tensors` names them), the key padding mask, the masks, the
+//! logits of the projected query and key (refused where f32 cannot hold them: `logits`) and
+//! the output folders. Errors name the flag and file they come from.
 
 use std::io::Read;
 use std::path::{Path as FsPath, PathBuf};
@@ -23,6 +25,7 @@ use xattn::{
 
 use crate::analytics::AnalyticsArgs;
 use crate::layout::SeqLayout;
+use crate::logits::{check_layer_logits, LayerInput};
 use crate::masks::MaskArgs;
 use crate::npy::{read_bool_as, read_floats, Array, Polarity};
 use crate::outputs::Outputs;
@@ -62,6 +65,15 @@ pub struct MhaArgs {
     /// whose query projection is there (needed only when a prefix holds more than one).
     #[arg(long, value_name = "SET")]
     names: Option<Names>,
+    /// Load the layer without these tensors under --prefix (names after the prefix, or in
+    /// full; comma-separated or repeated). A tensor under the prefix that the layer does not
+    /// read (nn.MultiheadAttention's bias_k and bias_v, diffusers' norm_q, norm_k and
+    /// norm_cross, T5's relative_attention_bias, any name xattn does not know) changes what the
+    /// model computes, so a file holding one is refused, naming each, unless it is named here;
+    /// the output then differs from the model's, and a note says what was ignored. A name that
+    /// is not such a tensor of the file is an error.
+    #[arg(long, value_name = "NAME[,NAME]", value_delimiter = ',')]
+    ignore_tensors: Vec<String>,
     /// Query heads; the inner width (rows of the query projection in --weights: E in most
     /// models) must be a multiple of it. Head dim = inner width / H.
     #[arg(long, value_name = "H", value_parser = positive)]
@@ -402,8 +414,26 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     let ([batch, m, e], [_, n, kdim], vdim) = (q.dims, k.dims, v.dims[2]);
 
     let bytes = read_weights(&args.weights)?;
-    let file = LayerFile::open(&bytes, &args.prefix, args.names)
+    let mut file = LayerFile::open(&bytes, &args.prefix, args.names)
         .map_err(|e| weights_error(args, None, e, &open_hint(&bytes, &args.prefix, args.names)))?;
+    file.ignore(&args.ignore_tensors)
+        .and_then(|()| file.check_unread())
+        .map_err(|e| weights_error(args, None, e, ""))?;
+    if !file.ignored().is_empty() {
+        let ignored: Vec<String> = file
+            .ignored()
+            .iter()
+            .map(|u| match u.what {
+                Some(what) => format!("{} ({what})", u.name),
+                None => u.name.clone(),
+            })
+            .collect();
+        eprintln!(
+            "xattn: note: --ignore-tensors: the layer runs without {}; its output differs from \
+             the model's wherever they take part",
+            ignored.join(", ")
+        );
+    }
     let inner = file.inner_dim();
     let heads = args.heads;
     let kv_heads = args.kv_heads.unwrap_or(heads);
@@ -489,6 +519,26 @@ pub fn mha(args: &MhaArgs) -> CliResult<ExitCode> {
     }
     let attention = args.analytics.apply(args.masks.apply(attention, &shape)?);
     let mask_spec = attention.masking().spec(&shape)?;
+    // The logits of the projected query and key, bounded through the weights (projected here
+    // only where that bound does not decide): those f32 cannot hold are refused now.
+    let (q_shown, k_shown) = [&q, &k]
+        .map(|x| format!("{} {}", x.flag, x.path.display()))
+        .into();
+    check_layer_logits(
+        &config,
+        &weights,
+        &LayerInput {
+            shown: &q_shown,
+            data: &q.array.data,
+            dims: q.dims,
+        },
+        &LayerInput {
+            shown: &k_shown,
+            data: &k.array.data,
+            dims: k.dims,
+        },
+        &attention,
+    )?;
     let need = match (&args.need_weights, args.per_head_weights) {
         (None, _) => NeedWeights::None,
         (Some(_), false) => NeedWeights::Averaged,

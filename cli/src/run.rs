@@ -1,8 +1,8 @@
 //! `xattn run`: attention on `.npy` files (or one safetensors file, `--qkv`).
 //!
-//! Everything that can be checked on the host (files, dtypes, ranks, shapes, output folders,
-//! the `--expect` reference) is checked before a device is opened, so a typo fails in
-//! milliseconds rather than after a long run.
+//! Everything that can be checked on the host (files, dtypes, ranks, shapes, logits f32
+//! cannot hold (`logits`), output folders, the `--expect` reference) is checked before a
+//! device is opened, so a typo fails in milliseconds rather than after a long run.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,6 +14,7 @@ use xattn::{Attention, Context, Engine, Path, Tensor};
 use crate::analytics::AnalyticsArgs;
 use crate::expect::ExpectArgs;
 use crate::layout::Layout;
+use crate::logits::{check_logits, Heads};
 use crate::masks::MaskArgs;
 use crate::npy::{read_floats, Source};
 use crate::outputs::Outputs;
@@ -144,6 +145,22 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     let opts = args.masks.apply_with(opts, &shape, bundle.as_ref())?;
     let opts = args.analytics.apply(opts);
     drop(bundle);
+    // Batch and seq first, as the device reads them; logits that f32 cannot hold are refused
+    // here, before a device is opened.
+    let (q_data, k_data) = (layout.data(q.data, q_file), layout.data(k.data, k_file));
+    check_logits(
+        &Heads {
+            shown: &types[0].0,
+            data: &q_data,
+            dims: shape.q_dims(),
+        },
+        &Heads {
+            shown: &types[1].0,
+            data: &k_data,
+            dims: shape.k_dims(),
+        },
+        &opts,
+    )?;
     let mut targets = vec![
         ("--out", args.out.as_ref()),
         ("--lse", args.lse.as_ref()),
@@ -157,12 +174,12 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     let engine = Engine::new(&ctx);
     let t0 = Instant::now();
     // Half files hold values their type represents: uploading them as it is exact.
-    let upload = |name, data: Vec<f32>, file, dims: [usize; 4]| {
-        Tensor::upload_as(&ctx, name, &layout.data(data, file), &dims, dtype)
-    };
-    let qt = upload("q", q.data, q_file, shape.q_dims())?;
-    let kt = upload("k", k.data, k_file, shape.k_dims())?;
-    let vt = upload("v", v.data, v_file, shape.v_dims())?;
+    let upload =
+        |name, data: &[f32], dims: [usize; 4]| Tensor::upload_as(&ctx, name, data, &dims, dtype);
+    let qt = upload("q", &q_data, shape.q_dims())?;
+    let kt = upload("k", &k_data, shape.k_dims())?;
+    drop((q_data, k_data));
+    let vt = upload("v", &layout.data(v.data, v_file), shape.v_dims())?;
     let call = engine.prepare(&qt, &kt, &vt, &opts).map_err(|e| {
         let forced_by: Vec<&str> = [
             (args.path.0 == Some(Path::ThreePass)).then_some("--path three-pass"),

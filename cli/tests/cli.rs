@@ -892,6 +892,158 @@ fn an_overflowing_scale_says_so() {
     assert!(!err.contains("got inf"), "{err}");
 }
 
+/// Logits f32 cannot hold, from finite inputs, are refused before the run, naming the inputs,
+/// the head, the row and key and the bound; without the check the run wrote inf or NaN.
+#[test]
+fn logits_past_what_f32_holds_are_refused_by_name() {
+    let dir = TempDir::new("logit-overflow");
+    let sh = AttnShape {
+        batch: 1,
+        m: 4,
+        n: 6,
+        q_heads: 2,
+        kv_heads: 2,
+        d_k: 3,
+        d_v: 3,
+    };
+    let (mut q, mut k, v) = qkv(&sh, 1.0, 81);
+    // [batch, seq, heads, d]: query row 1 and key 2 of head 1, dim 0.
+    let at = |row: usize, d: usize| (row * sh.q_heads + 1) * sh.d_k + d;
+    q[at(1, 0)] = 3e19;
+    k[at(2, 0)] = 3e19;
+    write_npy(&dir.path("q.npy"), &q, &sh.q_dims());
+    write_npy(&dir.path("k.npy"), &k, &sh.k_dims());
+    write_npy(&dir.path("v.npy"), &v, &sh.v_dims());
+    let err = run_err(&dir, &[]);
+    assert_mentions(
+        &err,
+        &[
+            "the logit at head 1 (batch 0), query row 1 of --q ",
+            "q.npy and key 2 of --k ",
+            "k.npy is 5.196e38",
+            "±5e37",
+        ],
+    );
+    // bf16 keeps 3.3e38 finite (3.4e38 it would round to inf, refused as such), but times an
+    // ordinary q it is no logit f32 holds.
+    let (q, mut k, _) = qkv(&sh, 1.0, 82);
+    k[at(5, 2)] = 3.3e38;
+    write_npy(&dir.path("q.npy"), &q, &sh.q_dims());
+    write_npy(&dir.path("k.npy"), &k, &sh.k_dims());
+    let err = run_err(&dir, &["--dtype", "bf16"]);
+    assert_mentions(&err, &["head 1 (batch 0)", "key 5 of --k", "±5e37"]);
+}
+
+/// Large logits f32 does hold run and match the f64 reference on every path: up to 1e37, and
+/// up to ±4.8e37, just inside the limit (5e37), where the cheap bound ‖q‖·‖k‖ is past it and
+/// the exact check decides. Rows alternate between all-positive and all-negative logits: a
+/// kept logit of −4.8e37 (−6.9e37 in the kernels' log2 units) must not pass for a removed key.
+#[test]
+fn large_logits_within_f32_run_and_match_the_reference() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("logit-large");
+    let sh = AttnShape {
+        batch: 1,
+        m: 4,
+        n: 6,
+        q_heads: 2,
+        kv_heads: 2,
+        d_k: 3,
+        d_v: 3,
+    };
+    let (q, k, v) = qkv(&sh, 1.0, 83);
+    // Keys near (1, 0, 0), query rows near ±(1, 0, 0), the sign alternating by row: every
+    // logit of a row has the row's sign, magnitudes within ±30% of each other. Queries have no
+    // third component, so key 0's, 3, adds to its norm (and the cheap bound) but to no logit.
+    let near_x = |x: &[f32], sign: &dyn Fn(usize) -> f32, z: f32| -> Vec<f32> {
+        x.chunks(3)
+            .enumerate()
+            .flat_map(|(r, c)| [sign(r) * (1.0 + 0.1 * c[0]), 0.3 * c[1], z * c[2]])
+            .collect()
+    };
+    let q = near_x(
+        &q,
+        &|r| {
+            if (r / sh.q_heads).is_multiple_of(2) {
+                1.0
+            } else {
+                -1.0
+            }
+        },
+        0.0,
+    );
+    let mut k = near_x(&k, &|_| 1.0, 0.3);
+    k[2] = 3.0;
+    let opts = Attention::default();
+    let scale = f64::from(opts.scale_for(sh.d_k));
+    for target in [1e37, 4.8e37] {
+        // Both scaled by s: logits by s², to a largest |logit| of `target`.
+        let unit = largest_logit(&sh, &q, &k, scale);
+        let s = (target / unit).sqrt() as f32;
+        let (q, k): (Vec<f32>, Vec<f32>) = (
+            q.iter().map(|x| x * s).collect(),
+            k.iter().map(|x| x * s).collect(),
+        );
+        let largest = largest_logit(&sh, &q, &k, scale);
+        assert!(
+            (0.99 * target..=1.01 * target).contains(&largest),
+            "logits up to {largest:e}"
+        );
+        let norm = |x: &[f32]| {
+            x.chunks(3)
+                .map(|r| r.iter().map(|&y| f64::from(y).powi(2)).sum::<f64>().sqrt())
+                .fold(0.0f64, f64::max)
+        };
+        let cheap = scale * norm(&q) * norm(&k);
+        eprintln!("largest |logit| {largest:e}, cheap bound {cheap:e}");
+        if target > 4e37 {
+            assert!(cheap > 5e37, "the exact check decides: bound {cheap:e}");
+        }
+        write_npy(&dir.path("q.npy"), &q, &sh.q_dims());
+        write_npy(&dir.path("k.npy"), &k, &sh.k_dims());
+        write_npy(&dir.path("v.npy"), &v, &sh.v_dims());
+        let want = reference::attention_masked(&sh, &q, &k, &v, scale, opts.masking());
+        assert!(want.lse.iter().any(|&x| x < -0.5 * target), "negative rows");
+        for path in ["three-pass", "fused", "split-k"] {
+            let args = run_args(&dir, &["--path", path]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = xattn(&args);
+            let what = format!("{path}, logits up to {target:e}");
+            assert!(out.status.success(), "{what}: {}", stderr(&out));
+            // One key dominates each row by far more than f32's rounding of the logits: O is
+            // that key's value, LSE its logit, to f32 rounding.
+            let (o, _) = read_npy::<f32>(&dir.path("o.npy"));
+            assert_close(&format!("{what}: O"), &o, &want.o, 1e-6);
+            let (lse, _) = read_npy::<f32>(&dir.path("lse.npy"));
+            assert_close(&format!("{what}: LSE"), &lse, &want.lse, 1e-5 * target);
+        }
+    }
+}
+
+/// The largest |scale·q_i·k_j| of `sh`'s heads, in f64.
+fn largest_logit(sh: &AttnShape, q: &[f32], k: &[f32], scale: f64) -> f64 {
+    let d = sh.d_k;
+    let group = sh.q_heads / sh.kv_heads;
+    let mut largest = 0.0f64;
+    for b in 0..sh.batch {
+        for h in 0..sh.q_heads {
+            for i in 0..sh.m {
+                let qi = &q[((b * sh.m + i) * sh.q_heads + h) * d..][..d];
+                for j in 0..sh.n {
+                    let kj = &k[((b * sh.n + j) * sh.kv_heads + h / group) * d..][..d];
+                    let dot: f64 = qi
+                        .iter()
+                        .zip(kj)
+                        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                        .sum();
+                    largest = largest.max((scale * dot).abs());
+                }
+            }
+        }
+    }
+    largest
+}
+
 #[test]
 fn a_negative_window_says_sides_are_at_least_zero() {
     let dir = error_setup("negwindow");

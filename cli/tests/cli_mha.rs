@@ -1091,6 +1091,188 @@ fn weights_errors_list_what_is_near_the_prefix() {
     no_unrelated(&err);
 }
 
+/// A layer whose prefix holds tensors it does not read (here nn.MultiheadAttention's bias_k
+/// and bias_v of add_bias_kv=True, and T5's relative position bias) is refused before a
+/// device is opened, naming each tensor and what it is; with --ignore-tensors it runs, says
+/// what it ignored, and equals the f64 layer without them. Ignoring a tensor the file lacks,
+/// or one the layer reads, is an error naming it.
+#[test]
+fn mha_refuses_tensors_the_layer_does_not_read() {
+    let dir = TempDir::new("unread");
+    let c = MhaConfig::new(8, 2);
+    let (_, [query, key, value]) = write_inputs(&dir, &c, 720);
+    let saved = random_weights(&c, 721);
+    let mut tensors = layer_tensors("pytorch", "", &c, &saved);
+    tensors.push(("bias_k".into(), vec![1, 1, 8], random(8, 1.0, 722)));
+    tensors.push(("bias_v".into(), vec![1, 1, 8], random(8, 1.0, 723)));
+    let weights = dir.path("add_bias_kv.safetensors");
+    write_safetensors(&weights, &tensors);
+    let err = fails(&dir, &layer_args(&dir, &weights, "", 2, &[]));
+    assert_mentions(
+        &err,
+        &[
+            "--weights",
+            "add_bias_kv.safetensors",
+            "bias_k, bias_v: nn.MultiheadAttention(add_bias_kv=True)'s learned key and value",
+            "--ignore-tensors bias_k,bias_v",
+        ],
+    );
+    for (names, why) in [
+        (
+            "bias_k,nope",
+            "cannot ignore `nope`: the file holds no tensor `nope`",
+        ),
+        ("out_proj.weight", "the layer reads `out_proj.weight`"),
+    ] {
+        let err = fails(
+            &dir,
+            &layer_args(&dir, &weights, "", 2, &["--ignore-tensors", names]),
+        );
+        assert_mentions(&err, &[why]);
+    }
+    // Ignoring one of the two: the other is still refused.
+    let err = fails(
+        &dir,
+        &layer_args(&dir, &weights, "", 2, &["--ignore-tensors", "bias_k"]),
+    );
+    assert_mentions(&err, &["bias_v: nn.MultiheadAttention(add_bias_kv=True)"]);
+
+    let t5 = c.with_inner_dim(12);
+    let prefix = "encoder.block.0.layer.0.SelfAttention.";
+    let mut tensors = layer_tensors(
+        "t5",
+        prefix,
+        &t5,
+        &keep_biases(random_weights(&t5, 724), [false; 4]),
+    );
+    tensors.push((
+        format!("{prefix}relative_attention_bias.weight"),
+        vec![32, 2],
+        random(64, 1.0, 725),
+    ));
+    let t5_weights = dir.path("t5.safetensors");
+    write_safetensors(&t5_weights, &tensors);
+    let err = fails(&dir, &layer_args(&dir, &t5_weights, prefix, 2, &[]));
+    assert_mentions(
+        &err,
+        &[
+            "relative_attention_bias.weight: T5's relative position bias (pass it as --bias",
+            &format!("prefix `{prefix}`"),
+        ],
+    );
+
+    let Some(_) = engine() else { return };
+    let out = xattn(&layer_args(
+        &dir,
+        &weights,
+        "",
+        2,
+        &["--ignore-tensors", "bias_k", "--ignore-tensors", "bias_v"],
+    ));
+    let err = stderr(&out);
+    assert!(out.status.success(), "xattn failed: {err}");
+    assert_mentions(
+        &err,
+        &[
+            "note: --ignore-tensors: the layer runs without bias_k (nn.MultiheadAttention",
+            "bias_v (",
+            "differs from the model's",
+        ],
+    );
+    let (got, _) = read_npy::<f32>(&dir.path("out.npy"));
+    let attention = xattn::Attention::default();
+    let inputs = (&query[..], &key[..], &value[..]);
+    let (want, _) = reference_layer(&c, &saved, 2, inputs, &attention);
+    let scale = f64::from(attention.scale_for(c.head_dim()));
+    let (tol, _) = layer_tolerance(&c, &saved, [&query, &key, &value], 7, scale);
+    assert_close("ignored bias_k, bias_v", &got, &want, tol);
+}
+
+/// The largest |logit| of the layer `w` on these inputs (batch 2, N 7), in f64.
+fn largest_logit(c: &MhaConfig, w: &xattn::mha::MhaWeights, query: &[f32], key: &[f32]) -> f64 {
+    use xattn::cpu::reference::linear;
+    let q = linear(query, &w.q, w.q_bias.as_deref(), c.embed_dim);
+    let k = linear(key, &w.k, w.k_bias.as_deref(), c.kdim);
+    let (d, group) = (c.head_dim(), c.num_heads / c.kv_heads);
+    let scale = 1.0 / (d as f64).sqrt();
+    let (m, n) = (q.len() / 2 / c.inner_dim, k.len() / 2 / c.kv_dim());
+    let mut largest = 0.0f64;
+    for b in 0..2 {
+        for h in 0..c.num_heads {
+            for i in 0..m {
+                for j in 0..n {
+                    let qi = &q[(b * m + i) * c.inner_dim + h * d..][..d];
+                    let kj = &k[(b * n + j) * c.kv_dim() + h / group * d..][..d];
+                    let dot: f64 = qi.iter().zip(kj).map(|(x, y)| x * y).sum();
+                    largest = largest.max((scale * dot).abs());
+                }
+            }
+        }
+    }
+    largest
+}
+
+/// The logits of the projected query and key that f32 cannot hold are refused before the run,
+/// naming the projection and the input (the run wrote NaN); large ones it holds, up to 1e37,
+/// run and match the f64 layer.
+#[test]
+fn mha_refuses_logits_past_what_f32_holds() {
+    let dir = TempDir::new("mha-logits");
+    let c = MhaConfig::new(8, 2);
+    let prefix = "attn.";
+    let w = random_weights(&c, 730);
+    let weights = dir.path("layer.safetensors");
+    write_safetensors(&weights, &layer_tensors("hf", prefix, &c, &w));
+    let ([qp, kp, _], [query, key, value]) = write_inputs(&dir, &c, 731);
+    let grown = |x: &[f32], by: f32| x.iter().map(|y| y * by).collect::<Vec<f32>>();
+    let (q_big, k_big) = (grown(&query, 3e19), grown(&key, 3e19));
+    assert!(largest_logit(&c, &w, &q_big, &k_big) > 1e38);
+    write_npy(&qp, &q_big, &[2, 5, 8]);
+    write_npy(&kp, &k_big, &[2, 7, 8]);
+    let err = fails(&dir, &layer_args(&dir, &weights, prefix, 2, &[]));
+    assert_mentions(
+        &err,
+        &[
+            "the logit at head ",
+            "of the query projected by W_q (--query ",
+            "of the key projected by W_k (--key ",
+            "±5e37",
+        ],
+    );
+
+    let Some(_) = engine() else { return };
+    // Scaled to logits up to about 1e37 (the biases do not scale), where the bound through the weights' norms is past the
+    // limit: the projections computed on the host decide.
+    let s = (1e37 / largest_logit(&c, &w, &query, &key)).sqrt() as f32;
+    let (q_large, k_large) = (grown(&query, s), grown(&key, s));
+    let largest = largest_logit(&c, &w, &q_large, &k_large);
+    assert!(
+        (5e36..=1.5e37).contains(&largest),
+        "logits up to {largest:e}"
+    );
+    let norm = |x: &[f32]| x.iter().map(|&y| f64::from(y).powi(2)).sum::<f64>().sqrt();
+    let rows_max = |x: &[f32]| x.chunks(8).map(norm).fold(0.0f64, f64::max);
+    let bound = |x: &[f32], wt: &[f32], b: &Option<Vec<f32>>, h: usize| {
+        norm(&wt[h * 32..(h + 1) * 32]) * rows_max(x)
+            + b.as_ref().map_or(0.0, |b| norm(&b[h * 4..(h + 1) * 4]))
+    };
+    let through_weights = (0..2)
+        .map(|h| 0.5 * bound(&q_large, &w.q, &w.q_bias, h) * bound(&k_large, &w.k, &w.k_bias, h))
+        .fold(0.0f64, f64::max);
+    assert!(through_weights > 5e37, "bound {through_weights:e}");
+    write_npy(&qp, &q_large, &[2, 5, 8]);
+    write_npy(&kp, &k_large, &[2, 7, 8]);
+    let out = xattn(&layer_args(&dir, &weights, prefix, 2, &[]));
+    assert!(out.status.success(), "xattn failed: {}", stderr(&out));
+    let (got, _) = read_npy::<f32>(&dir.path("out.npy"));
+    let attention = xattn::Attention::default();
+    let (want, _) = reference_layer(&c, &w, 2, (&q_large, &k_large, &value), &attention);
+    // One key dominates each row by far more than f32's rounding of the logits: the output is
+    // that key's projected value through W_o, to f32 rounding.
+    let top = want.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+    assert_close("logits up to 1e37", &got, &want, 1e-5 * top);
+}
+
 /// Where one prefix holds two families the error says to pass --names; with it, the layer's
 /// inner width (from the named family's W^Q) is what --heads must divide.
 #[test]
