@@ -3,7 +3,7 @@
 //! `cargo bench --bench attention`. Uses the same shapes as `xattn bench --suite standard`
 //! (the list is shared via `#[path]`), except `long`, which takes seconds per run on a
 //! software device and would make a criterion sample last minutes. Inputs are uploaded and
-//! outputs allocated once per shape; each iteration is one `Engine::run`, which waits until
+//! outputs allocated once per shape; each iteration is one `Prepared::run`, which waits until
 //! the device is idle, so the host clock measures completion, not submission.
 //! For per-path GPU-timestamp numbers use `xattn bench` instead.
 
@@ -12,24 +12,14 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use xattn::{Attention, AttnShape, Context, Engine, MaskInputs, Output, Plan, Tensor};
+use xattn::{Attention, AttnShape, Context, Engine, Prepared};
 
 #[allow(dead_code)] // the CLI uses parts of the suite this bench does not
-#[path = "../src/bin/xattn/suite.rs"]
+#[path = "../cli/src/suite.rs"]
 mod suite;
 
-/// Device inputs, plan and preallocated outputs of one shape.
-struct Prepared {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    masks: MaskInputs,
-    plan: Plan,
-    out: Output,
-}
-
-/// Uploads seeded inputs in [-1, 1], plans, allocates, and runs once untimed (compiling the
-/// pipelines and proving that the plan runs on this device).
+/// Uploads seeded inputs in [-1, 1], prepares the call (plan, outputs, bindings), and runs it
+/// once untimed (compiling the pipelines and proving that the plan runs on this device).
 fn prepare(
     engine: &Engine,
     shape: &AttnShape,
@@ -48,18 +38,10 @@ fn prepare(
         upload(shape.k_dims())?,
         upload(shape.v_dims())?,
     );
-    let plan = engine.plan(&q, &k, &v, opts)?;
-    let masks = engine.upload_masks(&plan, opts)?;
-    let out = engine.alloc_output(&plan)?;
-    engine.run(&plan, &q, &k, &v, &masks, &out, None)?;
-    Ok(Prepared {
-        q,
-        k,
-        v,
-        masks,
-        plan,
-        out,
-    })
+    // The call reads the inputs at each run; it keeps them alive through its bindings.
+    let call = engine.prepare(&q, &k, &v, opts)?;
+    call.run()?;
+    Ok(call)
 }
 
 fn attention(c: &mut Criterion) {
@@ -80,14 +62,7 @@ fn attention(c: &mut Criterion) {
     let opts = Attention::default();
     for (index, s) in suite::standard().into_iter().enumerate() {
         let shape = s.shape;
-        let Prepared {
-            q,
-            k,
-            v,
-            masks,
-            plan,
-            out,
-        } = match prepare(&engine, &shape, index as u64, &opts) {
+        let call = match prepare(&engine, &shape, index as u64, &opts) {
             Ok(p) => p,
             Err(e) => {
                 eprintln!("attention bench: skipping {} ({shape}): {e}", s.name);
@@ -96,12 +71,9 @@ fn attention(c: &mut Criterion) {
         };
         // "elements" are floating-point operations, so criterion's elem/s reads as FLOP/s.
         group.throughput(Throughput::Elements(shape.flops() as u64));
-        group.bench_function(format!("{} {shape} {}", s.name, plan.path.name()), |b| {
-            b.iter(|| {
-                engine
-                    .run(&plan, &q, &k, &v, &masks, &out, None)
-                    .expect("the same run succeeded before timing")
-            })
+        let name = format!("{} {shape} {}", s.name, call.plan().path().name());
+        group.bench_function(name, |b| {
+            b.iter(|| call.run().expect("the same run succeeded before timing"))
         });
     }
     group.finish();

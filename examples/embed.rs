@@ -32,7 +32,7 @@ fn next_query(len: usize, step: u32) -> Vec<f32> {
 
 fn main() -> xattn::Result<()> {
     // The app's device, opened the app's way.
-    let instance = xattn::gpu::context::instance();
+    let instance = xattn::device::instance();
     let adapter =
         pollster::block_on(instance.request_adapter(&Default::default())).map_err(|e| {
             xattn::Error::NoAdapter {

@@ -3,8 +3,9 @@
 use std::collections::HashMap;
 use std::path::Path as FsPath;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use crate::call::Prepared;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::fused_config::{ConfigChoice, ConfigSource, FusedConfig, Tuned};
@@ -13,9 +14,9 @@ use crate::gpu::executor::{self, Bindings, GpuTimer};
 use crate::gpu::pipelines::PipelineCache;
 use crate::gpu::pool::BufferPool;
 use crate::gpu::tensor::Tensor;
-use crate::mask::{Alignment, Broadcast, KeySegment, MaskSpec, Masking, Window};
+use crate::mask::{Alignment, Broadcast, KeySegment, Masking, Window};
 use crate::plan::{self, DeviceCaps, MergePlan, Path, Plan, Request, StatsIo};
-use crate::program::Program;
+use crate::program::{BufferId, Program};
 use crate::shape::{AttnShape, F32};
 use crate::stats::{Pool, Stats, StatsOutput};
 use crate::tune::{self, AdapterId, TuneCache, TuneKey};
@@ -202,27 +203,29 @@ impl Attention {
     }
 }
 
-/// Lengths, mask bits and bias of one call on the device, made by [`Engine::upload_masks`].
-/// Unused ones are 4-byte placeholders (bindings cannot be empty).
+/// Lengths, mask bits and bias of one call on the device; a call without a mask or a bias
+/// has none (its program declares them absent).
 #[derive(Debug)]
-pub struct MaskInputs {
+pub(crate) struct MaskInputs {
     lens: Tensor,
-    mask: Tensor,
-    bias: Tensor,
+    mask: Option<Tensor>,
+    bias: Option<Tensor>,
 }
 
 impl MaskInputs {
-    /// `[q_lens; batch] ++ [kv_lens; batch]` as u32 (a plan's `io.lens`).
-    pub fn lens(&self) -> &Tensor {
-        &self.lens
-    }
-    /// The packed bool-mask bits (a plan's `io.mask`).
-    pub fn mask(&self) -> &Tensor {
-        &self.mask
-    }
-    /// The additive bias as the kernels read it (a plan's `io.bias`).
-    pub fn bias(&self) -> &Tensor {
-        &self.bias
+    /// Binds these to the ids `[lens, mask, bias]` of a program made for the same masks.
+    pub(crate) fn bind<'a>(
+        &'a self,
+        [lens, mask, bias]: [BufferId; 3],
+        tensors: &mut Bindings<'a>,
+    ) {
+        tensors.insert(lens, &self.lens);
+        if let Some(t) = &self.mask {
+            tensors.insert(mask, t);
+        }
+        if let Some(t) = &self.bias {
+            tensors.insert(bias, t);
+        }
     }
 }
 
@@ -305,10 +308,15 @@ pub struct Engine {
     tuner: Arc<TuneCache>,
 }
 
-/// Timed runs per candidate configuration at most, and the time after which the tuner
-/// stops at the first round (a large shape's single run is steady enough).
-const TUNE_RUNS: usize = 5;
-const TUNE_BUDGET: Duration = Duration::from_millis(500);
+/// Where a bound call's scratch comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scratch {
+    /// The engine's pool: for a call that runs once and waits before it returns.
+    Pool,
+    /// A pool of the call's own: for prepared calls, whose work recorded into a caller's
+    /// encoder may outlive them.
+    Own,
+}
 
 fn dims4(t: &Tensor, name: &str) -> Result<[usize; 4]> {
     t.dims().try_into().map_err(|_| {
@@ -336,7 +344,6 @@ impl Engine {
             max_buffer: caps.max_buffer.min(real.max_buffer),
             max_workgroups: caps.max_workgroups.min(real.max_workgroups),
             max_workgroup_bytes: caps.max_workgroup_bytes.min(real.max_workgroup_bytes),
-            uniform_align: real.uniform_align,
             native_f16: caps.native_f16 && real.native_f16,
             fill: caps.fill,
             // The caller may turn subgroup lanes off, not choose another size.
@@ -357,7 +364,7 @@ impl Engine {
             caps,
             cache: Arc::new(PipelineCache::new(ctx)),
             pool: Arc::new(BufferPool::new(ctx)),
-            autotune: tune::env_setting().unwrap_or(false),
+            autotune: crate::settings::autotune().unwrap_or(false),
             tuner: Arc::new(TuneCache::new(tune::default_cache_file())),
         }
     }
@@ -423,7 +430,7 @@ impl Engine {
         let mut program = Program::new();
         let xs = program.input("x", x.dtype().bytes(rows * in_dim));
         let ws = program.input("w", w.dtype().bytes(*out_dim * in_dim));
-        let bs = program.input("b", b.map_or(4, |_| w.dtype().bytes(*out_dim)));
+        let bs = program.optional_input("b", w.dtype().bytes(*out_dim), b.is_some());
         let ys = program.output("y", (rows * *out_dim) as u64 * F32);
         if let Some(b) = b.filter(|b| b.dtype() != w.dtype()) {
             return Err(Error::Argument(format!(
@@ -440,45 +447,22 @@ impl Engine {
             b.is_some(),
             &self.caps,
         )?;
+        plan::check_loops(&program, &self.caps)?;
         let mut dims = lead.to_vec();
         dims.push(*out_dim);
         let y = Tensor::empty(&self.ctx, "linear_out", &dims)?;
-        // Bindings cannot be empty: a one-element stand-in where there is no bias.
-        let no_bias;
-        let b = match b {
-            Some(b) => b,
-            None => {
-                no_bias = Tensor::upload_as(&self.ctx, "no_bias", &[0.0], &[1], w.dtype())?;
-                &no_bias
-            }
-        };
-        self.execute(
-            &program,
-            &HashMap::from([(xs, x), (ws, w), (bs, b), (ys, &y)]),
-        )?;
+        let mut tensors = HashMap::from([(xs, x), (ws, w), (ys, &y)]);
+        if let Some(b) = b {
+            tensors.insert(bs, b);
+        }
+        self.execute(&program, &tensors)?;
         Ok(y)
     }
 
     /// Runs any program once with these tensors for its inputs and outputs (the layer's way
-    /// in), scratch from the pool.
+    /// in), scratch from the pool. Its maker checked its loops against this engine's caps.
     pub(crate) fn execute(&self, program: &Program, tensors: &Bindings) -> Result<()> {
-        self.execute_timed(program, tensors, None)
-    }
-
-    fn execute_timed(
-        &self,
-        program: &Program,
-        tensors: &Bindings,
-        timer: Option<&GpuTimer>,
-    ) -> Result<()> {
-        plan::check_loops(program, &self.caps)?;
-        executor::run(
-            &self.ctx,
-            (&self.cache, &self.pool),
-            program,
-            tensors,
-            timer,
-        )
+        executor::run(&self.ctx, (&self.cache, &self.pool), program, tensors, None)
     }
 
     /// Scratch and params buffers this engine's pool has created so far (a loop of calls of
@@ -572,10 +556,8 @@ impl Engine {
         Ok(Plan::new(&tuned_req, &self.caps).unwrap_or(plan))
     }
 
-    /// The median time of each of `candidates` that plans for `req`, fastest first: a warm-up
-    /// run each (it compiles the pipelines), then rounds over all of them, so that drift
-    /// touches every candidate alike, [`TUNE_RUNS`] or as many as [`TUNE_BUDGET`] allows
-    /// (at least one). GPU timestamps where the device has them, else the host clock around
+    /// Each of `candidates` that plans for `req`, timed by [`tune::measure`] on the call's
+    /// inputs and masks: GPU timestamps where the device has them, else the host clock around
     /// a run that waits for the device. Outputs are the tuner's own.
     fn time_candidates(
         &self,
@@ -585,82 +567,47 @@ impl Engine {
         opts: &Attention,
     ) -> Result<Vec<(FusedConfig, f64)>> {
         let timer = GpuTimer::new(&self.ctx);
-        let mut runs = Vec::new();
+        let mut calls = Vec::new();
         for &config in candidates {
             let forced = req.clone().with_fused_config(config);
             // A candidate this device cannot plan (a limit) is no candidate here.
             let Ok(plan) = Plan::new(&forced, &self.caps) else {
                 continue;
             };
-            let out = self.alloc_output(&plan)?;
-            let masks = self.upload_masks(&plan, opts)?;
-            runs.push((config, plan, out, masks, Vec::new()));
+            let call = self.bind(plan, (q, k, v), opts.masking(), None, Scratch::Pool)?;
+            calls.push((config, call));
         }
-        let time_one = |plan: &Plan, masks: &MaskInputs, out: &Output| -> Result<f64> {
-            let start = Instant::now();
-            self.run(plan, q, k, v, masks, out, timer.as_ref())?;
-            match &timer {
-                Some(t) => t.read_ms(&self.ctx),
-                None => Ok(start.elapsed().as_secs_f64() * 1e3),
+        tune::measure(&calls, |call: &Prepared| match &timer {
+            Some(t) => call.run_timed(t),
+            None => {
+                let start = Instant::now();
+                call.run()?;
+                Ok(start.elapsed().as_secs_f64() * 1e3)
             }
-        };
-        for (_, plan, out, masks, _) in &runs {
-            time_one(plan, masks, out)?;
-        }
-        let start = Instant::now();
-        for round in 0..TUNE_RUNS {
-            if round > 0 && start.elapsed() > TUNE_BUDGET {
-                break;
-            }
-            for (_, plan, out, masks, times) in &mut runs {
-                times.push(time_one(plan, masks, out)?);
-            }
-        }
-        let mut medians: Vec<(FusedConfig, f64)> = runs
-            .into_iter()
-            .map(|(config, _, _, _, mut times)| {
-                times.sort_by(f64::total_cmp);
-                (config, tune::median(&times))
-            })
-            .collect();
-        medians.sort_by(|a, b| a.1.total_cmp(&b.1));
-        Ok(medians)
-    }
-
-    /// Uploads the lengths, mask and bias of `opts` for `plan` (which must come from the same
-    /// options).
-    pub fn upload_masks(&self, plan: &Plan, opts: &Attention) -> Result<MaskInputs> {
-        self.upload_mask_inputs(&plan.shape, &plan.masks, opts)
-    }
-
-    /// The mask inputs of `opts` for a program planned with `spec` on `shape`.
-    pub(crate) fn upload_mask_inputs(
-        &self,
-        shape: &AttnShape,
-        spec: &MaskSpec,
-        opts: &Attention,
-    ) -> Result<MaskInputs> {
-        let m = &opts.masking;
-        if m.spec(shape)? != *spec {
-            return Err(Error::Argument(
-                "the plan was made with other masks than these options".into(),
-            ));
-        }
-        let lens = m.lens_words(shape);
-        let placeholder = [0u32];
-        let mask = m.mask_words();
-        let mask = mask.as_deref().unwrap_or(&placeholder);
-        let bias = m.bias_values();
-        let bias = bias.as_deref().unwrap_or(&[0.0]);
-        Ok(MaskInputs {
-            lens: Tensor::upload_u32(&self.ctx, "lens", &lens, &[lens.len()])?,
-            mask: Tensor::upload_u32(&self.ctx, "mask", mask, &[mask.len()])?,
-            bias: Tensor::upload(&self.ctx, "bias", bias, &[bias.len()])?,
         })
     }
 
-    /// Allocates outputs for `plan` (O, LSE and, if planned, weights).
-    pub fn alloc_output(&self, plan: &Plan) -> Result<Output> {
+    /// The lengths, mask and bias of `masking` on `shape` on the device, for a program
+    /// planned from the same masking (its spec computed once, when the call was planned).
+    pub(crate) fn mask_inputs(&self, shape: &AttnShape, masking: &Masking) -> Result<MaskInputs> {
+        let lens = masking.lens_words(shape);
+        let mask = masking
+            .mask_words()
+            .map(|w| Tensor::upload_u32(&self.ctx, "mask", &w, &[w.len()]))
+            .transpose()?;
+        let bias = masking
+            .bias_values()
+            .map(|b| Tensor::upload(&self.ctx, "bias", &b, &[b.len()]))
+            .transpose()?;
+        Ok(MaskInputs {
+            lens: Tensor::upload_u32(&self.ctx, "lens", &lens, &[lens.len()])?,
+            mask,
+            bias,
+        })
+    }
+
+    /// New outputs for `plan` (O, LSE and, if planned, weights and statistics).
+    fn outputs(&self, plan: &Plan) -> Result<Output> {
         let s = plan.shape;
         let wants_weights = plan.io.weights.is_some();
         Ok(Output {
@@ -675,9 +622,9 @@ impl Engine {
         })
     }
 
-    /// Computes attention on device tensors into new output tensors. Scratch and params
-    /// come from the engine's pool, so a loop of calls of one shape allocates only outputs;
-    /// [`Engine::prepare`] allocates nothing per run.
+    /// Computes attention on device tensors into new output tensors: [`Engine::prepare`]
+    /// and one run, with scratch from the engine's pool, so a loop of calls of one shape
+    /// allocates only outputs.
     pub fn attention(
         &self,
         q: &Tensor,
@@ -686,16 +633,14 @@ impl Engine {
         opts: &Attention,
     ) -> Result<Output> {
         let plan = self.plan(q, k, v, opts)?;
-        let masks = self.upload_masks(&plan, opts)?;
-        let out = self.alloc_output(&plan)?;
-        self.run(&plan, q, k, v, &masks, &out, None)?;
-        Ok(out)
+        self.bind(plan, (q, k, v), opts.masking(), None, Scratch::Pool)?
+            .finish()
     }
 
     /// Validates and plans one call once and binds it to `q`, `k`, `v`, its masks, new
-    /// outputs and scratch: [`Prepared::run`] and [`Prepared::encode`] then allocate nothing
-    /// and read the inputs' contents as they are at each run (a decoder writes the next query
-    /// into `q` and runs again).
+    /// outputs and scratch of its own: [`Prepared::run`] and [`Prepared::encode`] then
+    /// allocate nothing and read the inputs' contents as they are at each run (a decoder
+    /// writes the next query into `q` and runs again).
     pub fn prepare(
         &self,
         q: &Tensor,
@@ -704,8 +649,7 @@ impl Engine {
         opts: &Attention,
     ) -> Result<Prepared> {
         let plan = self.plan(q, k, v, opts)?;
-        let out = self.alloc_output(&plan)?;
-        self.bind(plan, (q, k, v), opts, out)
+        self.bind(plan, (q, k, v), opts.masking(), None, Scratch::Own)
     }
 
     /// [`Engine::prepare`] writing O into the caller's tensor `o` (e.g. a range of an app's
@@ -719,61 +663,51 @@ impl Engine {
         opts: &Attention,
     ) -> Result<Prepared> {
         let plan = self.plan(q, k, v, opts)?;
-        let mut out = self.alloc_output(&plan)?;
-        out.o = o.clone();
-        if let Some(lse) = lse {
-            out.lse = lse.clone();
-        }
-        self.bind(plan, (q, k, v), opts, out)
+        let into = (o, lse);
+        self.bind(plan, (q, k, v), opts.masking(), Some(into), Scratch::Own)
     }
 
+    /// Binds `plan` (made from `masking`) to the inputs, its masks, new outputs (O and LSE
+    /// the caller's where `into` gives them) and scratch.
     fn bind(
         &self,
         plan: Plan,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
-        opts: &Attention,
-        out: Output,
+        masking: &Masking,
+        into: Option<(&Tensor, Option<&Tensor>)>,
+        scratch: Scratch,
     ) -> Result<Prepared> {
-        let masks = self.upload_masks(&plan, opts)?;
+        let mut out = self.outputs(&plan)?;
+        if let Some((o, lse)) = into {
+            out.o = o.clone();
+            if let Some(lse) = lse {
+                out.lse = lse.clone();
+            }
+        }
+        let masks = self.mask_inputs(&plan.shape, masking)?;
         let tensors = self.tensors(&plan, (q, k, v), &masks, &out)?;
-        Ok(Prepared {
-            call: self.bind_program(&plan.program, &tensors)?,
-            plan,
-            out,
-        })
+        let bound = self.bind_program(&plan.program, &tensors, scratch)?;
+        Ok(Prepared::new(&self.ctx, bound, Some(plan), out))
     }
 
-    /// Binds any program to these tensors for repeated runs (the layer's way in). The bound
-    /// call keeps buffers of its own, not the shared pool's: work it recorded into a caller's
-    /// encoder may still be unsubmitted when it is dropped.
-    pub(crate) fn bind_program(&self, program: &Program, tensors: &Bindings) -> Result<Bound> {
-        plan::check_loops(program, &self.caps)?;
-        let own = Arc::new(BufferPool::new(&self.ctx));
-        let bound = self
-            .ctx
-            .scoped(|| executor::bind(&self.ctx, (&self.cache, &own), program, tensors))?;
-        Ok(Bound {
-            ctx: self.ctx.clone(),
-            bound,
-        })
-    }
-
-    /// Runs a plan made by [`Engine::plan`] with the masks of [`Engine::upload_masks`] into
-    /// existing outputs (from [`Engine::alloc_output`]); with a timer, GPU timestamps bracket
-    /// the work.
-    #[allow(clippy::too_many_arguments)]
-    pub fn run(
+    /// Binds any program (checked by its maker against this engine's caps) to these tensors
+    /// for repeated runs.
+    pub(crate) fn bind_program(
         &self,
-        plan: &Plan,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        masks: &MaskInputs,
-        out: &Output,
-        timer: Option<&GpuTimer>,
-    ) -> Result<()> {
-        let tensors = self.tensors(plan, (q, k, v), masks, out)?;
-        self.execute_timed(&plan.program, &tensors, timer)
+        program: &Program,
+        tensors: &Bindings,
+        scratch: Scratch,
+    ) -> Result<executor::Bound> {
+        let own;
+        let pool = match scratch {
+            Scratch::Pool => &self.pool,
+            Scratch::Own => {
+                own = Arc::new(BufferPool::new(&self.ctx));
+                &own
+            }
+        };
+        self.ctx
+            .scoped(|| executor::bind(&self.ctx, (&self.cache, pool), program, tensors))
     }
 
     /// The tensors of a call by buffer id, checked against the plan's dims.
@@ -819,12 +753,10 @@ impl Engine {
             (io.q, q),
             (io.k, k),
             (io.v, v),
-            (io.lens, &masks.lens),
-            (io.mask, &masks.mask),
-            (io.bias, &masks.bias),
             (io.o, &out.o),
             (io.lse, &out.lse),
         ]);
+        masks.bind([io.lens, io.mask, io.bias], &mut tensors);
         match (io.weights, &out.weights) {
             (Some(id), Some(w)) => {
                 expect(w, "output weights", &s.weights_dims())?;
@@ -953,88 +885,5 @@ impl Engine {
         let refs: Vec<(&Tensor, &Tensor)> = tensors.iter().map(|(o, l)| (o, l)).collect();
         let (o, lse) = self.merge(&refs)?;
         Ok((o.to_host()?, lse.to_host()?))
-    }
-}
-
-/// One attention call, validated, planned and bound once ([`Engine::prepare`]): its plan,
-/// masks, outputs, scratch, params and bind groups. Running it again allocates nothing and
-/// reads the inputs' contents at that time.
-#[derive(Debug)]
-pub struct Prepared {
-    call: Bound,
-    plan: Plan,
-    out: Output,
-}
-
-/// A plan bound to its buffers on one device: what prepared calls run.
-#[derive(Debug)]
-pub(crate) struct Bound {
-    ctx: Context,
-    bound: executor::Bound,
-}
-
-impl Bound {
-    pub(crate) fn run(&self) -> Result<()> {
-        self.bound.submit(&self.ctx, None)
-    }
-
-    pub(crate) async fn run_async(&self) -> Result<()> {
-        let done = self.ctx.scoped(|| {
-            self.bound.enqueue(&self.ctx, None);
-            Ok(self
-                .ctx
-                .completion(|fire| self.ctx.queue.on_submitted_work_done(fire)))
-        })?;
-        done.await;
-        self.ctx.take_fault()
-    }
-
-    pub(crate) fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
-        self.bound.record(encoder, None);
-    }
-}
-
-impl Prepared {
-    /// Submits the call's passes and waits for them; reports any device error of this call.
-    pub fn run(&self) -> Result<()> {
-        self.call.run()
-    }
-
-    /// [`Prepared::run`] as a future: submits now and resolves when the device has finished,
-    /// without blocking the awaiting thread (on native a waiter thread polls the device).
-    pub async fn run_async(&self) -> Result<()> {
-        self.call.run_async().await
-    }
-
-    /// Records the call's passes into the caller's encoder, after whatever the caller
-    /// recorded before and before what it records next; neither submits nor waits. Device
-    /// errors of the recorded work surface where the caller submits (in its error scopes).
-    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
-        self.call.encode(encoder);
-    }
-
-    /// O `[batch, M, q_heads, d_v]`, as of the last completed run.
-    pub fn o(&self) -> &Tensor {
-        &self.out.o
-    }
-
-    /// LSE `[batch, q_heads, M]`, as of the last completed run.
-    pub fn lse(&self) -> &Tensor {
-        &self.out.lse
-    }
-
-    /// The weights P, when the call asked for them.
-    pub fn weights(&self) -> Option<&Tensor> {
-        self.out.weights.as_ref()
-    }
-
-    /// What runs.
-    pub fn plan(&self) -> &Plan {
-        &self.plan
-    }
-
-    /// The output tensors.
-    pub fn into_output(self) -> Output {
-        self.out
     }
 }

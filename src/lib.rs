@@ -19,7 +19,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Layouts, all row-major f32:
+//! Layouts, row-major; Q, K, V and O in the tensors' element type ([`DType`]: f32, f16 or
+//! bf16, computed in f32), LSE and weights in f32 (the CLI's `--layout bhsd` transposes
+//! PyTorch SDPA's `[batch, heads, seq, d]` on the host):
 //!
 //! | tensor | shape |
 //! |---|---|
@@ -30,7 +32,9 @@
 //! | weights P | `[batch, q_heads, M, N]` |
 //! | LSE | `[batch, q_heads, M]`, natural log of Σ exp(scaled logits) |
 
+mod call;
 pub mod cpu;
+pub mod device;
 mod dtype;
 mod engine;
 mod error;
@@ -51,12 +55,14 @@ pub mod params;
 pub mod plan;
 #[doc(hidden)]
 pub mod program;
+pub mod settings;
 pub mod shape;
 pub mod stats;
 pub mod tune;
 
+pub use call::Prepared;
 pub use dtype::{DType, Storage};
-pub use engine::{Attention, Engine, HostOutput, MaskInputs, Output, Prepared};
+pub use engine::{Attention, Engine, HostOutput, Output};
 pub use error::{Error, Result};
 pub use fused_config::{ConfigChoice, ConfigSource, FusedConfig};
 pub use gpu::context::Context;
@@ -64,6 +70,11 @@ pub use gpu::executor::GpuTimer;
 pub use gpu::tensor::Tensor;
 pub use mask::Alignment;
 pub use mha::{MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights, PreparedLayer};
-pub use plan::{fill_of, loop_cap_of, DeviceCaps, Fill, Path, Plan, Request, LLVMPIPE_LOOP_CAP};
+pub use plan::{DeviceCaps, Path, Plan, Request};
 pub use shape::AttnShape;
 pub use stats::{Pool, PoolOp, Stats, StatsOutput};
+
+// The README's Rust snippets compile as pasted: `cargo test --doc` builds them.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeSnippets;

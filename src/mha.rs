@@ -14,151 +14,29 @@
 //! A [`SourceCache`] holds a source projected once into K/V (an encoder output, a text prompt)
 //! for any number of forward calls: decoder steps, diffusion steps.
 
+mod config;
+pub mod reference;
 pub mod weights;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::call::Prepared;
 use crate::dtype::DType;
-use crate::engine::{Attention, Engine};
+use crate::engine::{Attention, Engine, Scratch};
 use crate::error::{Error, Result};
 use crate::gpu::executor::Bindings;
 use crate::gpu::tensor::Tensor;
-use crate::plan::{self, AttnIo, DeviceCaps, Path, Request};
+use crate::plan::check::check_loops;
+use crate::plan::layer::{declare_params, layer_program, linear, LayerTypes};
+use crate::plan::request::Request;
 use crate::program::{BufferId, Program};
-use crate::shape::{AttnShape, F32};
+use crate::shape::F32;
 use crate::stats::StatsOutput;
 
+pub use config::{MhaConfig, NeedWeights};
 pub use weights::MhaWeights;
-
-/// Sizes of a layer. `inner_dim` (E unless set) must be a multiple of `num_heads` (head dim =
-/// inner / heads), `num_heads` a multiple of `kv_heads` (GQA when smaller).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MhaConfig {
-    /// E: width of the query input and the output.
-    pub embed_dim: usize,
-    /// Width of the projected queries, `num_heads · head_dim`: the output width of W^Q and the
-    /// input width of W^O. E in PyTorch, Whisper and BART; T5 v1.1 and some diffusers blocks
-    /// differ.
-    pub inner_dim: usize,
-    /// Query heads.
-    pub num_heads: usize,
-    /// Key/value heads (K and V projections output `kv_heads · head_dim` features).
-    pub kv_heads: usize,
-    /// Width of the key input (PyTorch `kdim`).
-    pub kdim: usize,
-    /// Width of the value input (PyTorch `vdim`).
-    pub vdim: usize,
-    /// Whether the layer adds the biases its weights carry. With `false` the layer adds none:
-    /// [`weights`] then ignores the biases a file holds, and [`MhaWeights::check`] refuses
-    /// weights that carry one.
-    pub bias: bool,
-}
-
-impl MhaConfig {
-    /// `num_heads` heads over width `embed_dim`; inner width, `kdim` and `vdim` = `embed_dim`,
-    /// biases on, no GQA.
-    pub fn new(embed_dim: usize, num_heads: usize) -> Self {
-        Self {
-            embed_dim,
-            inner_dim: embed_dim,
-            num_heads,
-            kv_heads: num_heads,
-            kdim: embed_dim,
-            vdim: embed_dim,
-            bias: true,
-        }
-    }
-    /// Width of the projected queries, `num_heads · head_dim`, when it differs from E.
-    pub fn with_inner_dim(mut self, inner_dim: usize) -> Self {
-        self.inner_dim = inner_dim;
-        self
-    }
-    /// Key/value heads (GQA/MQA).
-    pub fn with_kv_heads(mut self, kv_heads: usize) -> Self {
-        self.kv_heads = kv_heads;
-        self
-    }
-    /// Width of the key input.
-    pub fn with_kdim(mut self, kdim: usize) -> Self {
-        self.kdim = kdim;
-        self
-    }
-    /// Width of the value input.
-    pub fn with_vdim(mut self, vdim: usize) -> Self {
-        self.vdim = vdim;
-        self
-    }
-    /// Biases on or off.
-    pub fn with_bias(mut self, bias: bool) -> Self {
-        self.bias = bias;
-        self
-    }
-    /// Per-head dimension `inner_dim / num_heads`.
-    pub fn head_dim(&self) -> usize {
-        self.inner_dim / self.num_heads
-    }
-    /// Output features of the K and V projections.
-    pub fn kv_dim(&self) -> usize {
-        self.kv_heads * self.head_dim()
-    }
-    /// The attention problem inside the layer for a batch of M queries over N keys.
-    pub fn attn_shape(&self, batch: usize, m: usize, n: usize) -> AttnShape {
-        let d = self.head_dim();
-        AttnShape {
-            batch,
-            m,
-            n,
-            q_heads: self.num_heads,
-            kv_heads: self.kv_heads,
-            d_k: d,
-            d_v: d,
-        }
-    }
-
-    fn validate(&self) -> Result<()> {
-        let c = self;
-        let sizes = [
-            c.embed_dim,
-            c.inner_dim,
-            c.num_heads,
-            c.kv_heads,
-            c.kdim,
-            c.vdim,
-        ];
-        if sizes.contains(&0) {
-            return Err(Error::Shape(format!("layer sizes must be ≥ 1: {c:?}")));
-        }
-        if !c.inner_dim.is_multiple_of(c.num_heads) {
-            return Err(Error::Shape(format!(
-                "inner_dim {} (heads × head dim; embed_dim {} unless set) is not a multiple of \
-                 num_heads {}",
-                c.inner_dim, c.embed_dim, c.num_heads
-            )));
-        }
-        if !c.num_heads.is_multiple_of(c.kv_heads) {
-            return Err(Error::Shape(format!(
-                "num_heads {} is not a multiple of kv_heads {}",
-                c.num_heads, c.kv_heads
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// Which attention weights a forward call returns (PyTorch `need_weights` and
-/// `average_attn_weights`). Any of them forces the three-pass attention path.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum NeedWeights {
-    /// None (the fused paths may run).
-    #[default]
-    None,
-    /// Averaged over heads, `[batch, M, N]`.
-    Averaged,
-    /// Per head, `[batch, num_heads, M, N]`.
-    PerHead,
-}
 
 /// Options of one forward call.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -272,8 +150,6 @@ pub struct MultiHeadAttention {
     weights: [Tensor; 4],
     /// Biases in the same order, where a projection has one.
     biases: [Option<Tensor>; 4],
-    /// Bound in place of a missing bias (bindings cannot be empty).
-    no_bias: Tensor,
 }
 
 /// The four projections of a layer.
@@ -293,230 +169,6 @@ const PROJS: [Proj; 4] = [Proj::Q, Proj::K, Proj::V, Proj::O];
 
 fn f32_bytes(elems: usize) -> u64 {
     elems as u64 * F32
-}
-
-/// Declares each projection's weight and bias (one placeholder element where it has none).
-fn declare_params(
-    program: &mut Program,
-    c: &MhaConfig,
-    has_bias: [bool; 4],
-    dtype: DType,
-) -> [[BufferId; 2]; 4] {
-    let (e, inner, kv) = (c.embed_dim, c.inner_dim, c.kv_dim());
-    let sizes = [(inner, e), (kv, c.kdim), (kv, c.vdim), (e, inner)];
-    let names = ["q", "k", "v", "o"];
-    std::array::from_fn(|i| {
-        let (out, inp) = sizes[i];
-        [
-            program.input(&format!("w_{}", names[i]), dtype.bytes(out * inp)),
-            program.input(
-                &format!("b_{}", names[i]),
-                dtype.bytes(if has_bias[i] { out } else { 1 }),
-            ),
-        ]
-    })
-}
-
-/// A layer forward as one program (see [`layer_program`]) and its buffers.
-#[derive(Clone, Debug)]
-pub struct LayerProgram {
-    /// Projections, attention and output projection.
-    pub program: Program,
-    /// Query input `[batch, M, embed_dim]`.
-    pub query: BufferId,
-    /// Key and value: the raw inputs `[batch, N, kdim]` and `[batch, N, vdim]`, or a
-    /// cache's projected K and V `[batch, N, kv_heads, head_dim]`.
-    pub source: [BufferId; 2],
-    /// Weight and bias of W^Q, W^K, W^V, W^O.
-    pub params: [[BufferId; 2]; 4],
-    /// The attention's lengths, mask and bias inputs.
-    pub masks: [BufferId; 3],
-    /// Layer output `[batch, M, embed_dim]`.
-    pub out: BufferId,
-    /// Weights per head `[batch, heads, M, N]` or averaged `[batch, M, N]`, as asked.
-    pub weights: Option<BufferId>,
-    /// Statistics and pooled P per head, as `req` asks.
-    pub stats: plan::StatsIo,
-    /// The same averaged over heads.
-    pub mean_stats: plan::StatsIo,
-    /// The attention's path.
-    pub path: Path,
-    /// The attention's tiling (for people).
-    pub tiling: String,
-}
-
-/// Element types of a layer's forward pass. Projections, attention and W^O compute in f32
-/// and keep their intermediates (projected Q, K, V, O and a cache's K, V) in f32.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LayerTypes {
-    /// Query, key and value inputs.
-    pub input: DType,
-    /// Weights and biases.
-    pub weights: DType,
-    /// The output.
-    pub out: DType,
-}
-
-/// The forward program of a layer with sizes `c` for the attention `req` (its shape from
-/// [`MhaConfig::attn_shape`], `req.weights` iff `need` asks for weights, f32 in and out):
-/// Q (and, unless `cached`, K and V) projections, the attention on their outputs, weights
-/// averaged over heads where asked, and W^O, with inputs, weights and output of `types`.
-pub fn layer_program(
-    c: &MhaConfig,
-    req: &Request,
-    (cached, need, has_bias): (bool, NeedWeights, [bool; 4]),
-    types: LayerTypes,
-    caps: &DeviceCaps,
-) -> Result<LayerProgram> {
-    assert_eq!(
-        (req.dtype, req.out_dtype),
-        (DType::F32, DType::F32),
-        "the layer's attention runs on its f32 projections"
-    );
-    let s = req.shape;
-    let (batch, m, n) = (s.batch, s.m, s.n);
-    let mut program = Program::new();
-    let input = |elems| types.input.bytes(elems);
-    let query = program.input("query", input(batch * m * c.embed_dim));
-    let kv_bytes = f32_bytes(batch * n * c.kv_dim());
-    let source = if cached {
-        [
-            program.input("cached_k", kv_bytes),
-            program.input("cached_v", kv_bytes),
-        ]
-    } else {
-        [
-            program.input("key", input(batch * n * c.kdim)),
-            program.input("value", input(batch * n * c.vdim)),
-        ]
-    };
-    let params = declare_params(&mut program, c, has_bias, types.weights);
-    let [lens, mask, bias] = plan::mask_input_bytes(&s, &req.masks);
-    let masks = [
-        program.input("lens", lens),
-        program.input("mask", mask),
-        program.input("bias", bias),
-    ];
-    let out_elems = batch * m * c.embed_dim;
-    let out = program.output("out", types.out.bytes(out_elems));
-    let p_bytes = f32_bytes(s.weights_dims().iter().product());
-    let (p, weights) = match need {
-        NeedWeights::None => (None, None),
-        NeedWeights::PerHead => {
-            let w = program.output("weights", p_bytes);
-            (Some(w), Some(w))
-        }
-        NeedWeights::Averaged => (
-            Some(program.scratch("weights_per_head", p_bytes)),
-            Some(program.output("mean_weights", f32_bytes(batch * m * n))),
-        ),
-    };
-    let rows_q = batch * m;
-    let q_bytes = f32_bytes(rows_q * c.inner_dim);
-    let io = AttnIo {
-        q: program.scratch("q", q_bytes),
-        k: if cached {
-            source[0]
-        } else {
-            program.scratch("k", kv_bytes)
-        },
-        v: if cached {
-            source[1]
-        } else {
-            program.scratch("v", kv_bytes)
-        },
-        lens: masks[0],
-        mask: masks[1],
-        bias: masks[2],
-        o: program.scratch("o", q_bytes),
-        lse: program.scratch("lse", f32_bytes(s.lse_dims().iter().product())),
-        weights: p,
-        stats: plan::StatsIo::declare(&mut program, "", &s, req.stats, req.pool),
-    };
-    // Averaged over heads: the sizes of one head.
-    let one_head = AttnShape {
-        q_heads: 1,
-        kv_heads: 1,
-        ..s
-    };
-    let mean_stats = plan::StatsIo::declare(&mut program, "mean_", &one_head, req.stats, req.pool);
-    let proj = |program: &mut Program, i: usize, dims, x, (y, x_type)| {
-        let [w, b] = params[i];
-        let dtypes = (x_type, types.weights);
-        plan::linear(program, dims, [x, w, b, y], dtypes, has_bias[i], caps)
-    };
-    let x_in = types.input;
-    proj(
-        &mut program,
-        0,
-        (rows_q, c.embed_dim, c.inner_dim),
-        query,
-        (io.q, x_in),
-    )?;
-    if !cached {
-        proj(
-            &mut program,
-            1,
-            (batch * n, c.kdim, c.kv_dim()),
-            source[0],
-            (io.k, x_in),
-        )?;
-        proj(
-            &mut program,
-            2,
-            (batch * n, c.vdim, c.kv_dim()),
-            source[1],
-            (io.v, x_in),
-        )?;
-    }
-    let plan::Planned { path, tiling, .. } = plan::attention(req, caps, &mut program, &io)?;
-    if let (NeedWeights::Averaged, Some(p), Some(mean)) = (need, p, weights) {
-        plan::mean_heads(&mut program, &s, [p, mean], caps)?;
-    }
-    // Each statistic [batch, heads, rows, cols] averaged over heads by the same kernel.
-    let (gr, gc) = req.pool.map_or((0, 0), |p| p.grid(m, n));
-    let stat_dims = [(m, 1), (m, 1), (1, n), (gr, gc)];
-    let per_head = io.stats.named().into_iter().zip(mean_stats.named());
-    for (((_, from), (_, to)), (rows, cols)) in per_head.zip(stat_dims) {
-        if let (Some(from), Some(to)) = (from, to) {
-            let grid = AttnShape {
-                m: rows,
-                n: cols,
-                ..s
-            };
-            plan::mean_heads(&mut program, &grid, [from, to], caps)?;
-        }
-    }
-    // W^O writes f32; a half output is packed from scratch.
-    let out32 = if types.out == DType::F32 {
-        out
-    } else {
-        program.scratch("out_f32", f32_bytes(out_elems))
-    };
-    proj(
-        &mut program,
-        3,
-        (rows_q, c.inner_dim, c.embed_dim),
-        io.o,
-        (out32, DType::F32),
-    )?;
-    if out32 != out {
-        plan::pack(&mut program, out_elems, types.out, [out32, out], caps)?;
-    }
-    plan::check_loops(&program, caps)?;
-    Ok(LayerProgram {
-        program,
-        query,
-        source,
-        params,
-        masks,
-        out,
-        weights,
-        stats: io.stats,
-        mean_stats,
-        path,
-        tiling: format!("projections: 64×64 linear tiles; attention: {tiling}"),
-    })
 }
 
 /// The one type of a source's key and value.
@@ -596,7 +248,6 @@ impl MultiHeadAttention {
             id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
             weights: w.try_into().expect("four projections"),
             biases: b.try_into().expect("four projections"),
-            no_bias: Tensor::upload_as(ctx, "no_bias", &[0.0], &[1], dtype)?,
         })
     }
 
@@ -634,7 +285,9 @@ impl MultiHeadAttention {
     fn bind_params<'a>(&'a self, ids: &[[BufferId; 2]; 4], tensors: &mut Bindings<'a>) {
         for (i, [w, b]) in ids.iter().enumerate() {
             tensors.insert(*w, &self.weights[i]);
-            tensors.insert(*b, self.biases[i].as_ref().unwrap_or(&self.no_bias));
+            if let Some(bias) = &self.biases[i] {
+                tensors.insert(*b, bias);
+            }
         }
     }
 
@@ -655,7 +308,7 @@ impl MultiHeadAttention {
         let v_out = program.output("cached_v", kv_bytes);
         for (i, x, y, in_dim) in [(1, key_in, k_out, c.kdim), (2, value_in, v_out, c.vdim)] {
             let [w, b] = params[i];
-            plan::linear(
+            linear(
                 &mut program,
                 (batch * n, in_dim, c.kv_dim()),
                 [x, w, b, y],
@@ -664,6 +317,7 @@ impl MultiHeadAttention {
                 caps,
             )?;
         }
+        check_loops(&program, caps)?;
         let kv = [batch, n, c.kv_heads, c.head_dim()];
         let ctx = self.engine.context();
         let cache = SourceCache {
@@ -693,7 +347,9 @@ impl MultiHeadAttention {
         value: &Tensor,
         opts: &MhaOptions,
     ) -> Result<MhaOutput> {
-        self.prepare(query, key, value, opts)?.finish()
+        let source = self.raw_source(key, value)?;
+        self.prepare_forward(query, source, opts, Scratch::Pool)?
+            .finish()
     }
 
     /// [`MultiHeadAttention::forward`] validated, planned and bound once: the projections,
@@ -706,10 +362,8 @@ impl MultiHeadAttention {
         value: &Tensor,
         opts: &MhaOptions,
     ) -> Result<PreparedLayer> {
-        let c = &self.config;
-        let [batch, n, _] = dims3(key, "key", [None, None, Some(c.kdim)])?;
-        dims3(value, "value", [Some(batch), Some(n), Some(c.vdim)])?;
-        self.prepare_forward(query, Source::Raw { key, value }, batch, n, opts)
+        let source = self.raw_source(key, value)?;
+        self.prepare_forward(query, source, opts, Scratch::Own)
     }
 
     /// [`MultiHeadAttention::forward`] reading K/V from a cache this layer projected. Equal to
@@ -720,7 +374,9 @@ impl MultiHeadAttention {
         cache: &SourceCache,
         opts: &MhaOptions,
     ) -> Result<MhaOutput> {
-        self.prepare_cached(query, cache, opts)?.finish()
+        let source = self.cached_source(cache)?;
+        self.prepare_forward(query, source, opts, Scratch::Pool)?
+            .finish()
     }
 
     /// [`MultiHeadAttention::forward_cached`] prepared once (see
@@ -732,6 +388,20 @@ impl MultiHeadAttention {
         cache: &SourceCache,
         opts: &MhaOptions,
     ) -> Result<PreparedLayer> {
+        let source = self.cached_source(cache)?;
+        self.prepare_forward(query, source, opts, Scratch::Own)
+    }
+
+    /// The raw key `[batch, N, kdim]` and value `[batch, N, vdim]` as a source.
+    fn raw_source<'a>(&self, key: &'a Tensor, value: &'a Tensor) -> Result<Source<'a>> {
+        let c = &self.config;
+        let [batch, n, _] = dims3(key, "key", [None, None, Some(c.kdim)])?;
+        dims3(value, "value", [Some(batch), Some(n), Some(c.vdim)])?;
+        Ok(Source::Raw { key, value })
+    }
+
+    /// A cache as a source, if this layer projected it.
+    fn cached_source<'a>(&self, cache: &'a SourceCache) -> Result<Source<'a>> {
         if cache.layer_id != self.id {
             return Err(Error::Argument(format!(
                 "this source cache was projected by layer #{}, not by this layer (#{}): \
@@ -739,18 +409,21 @@ impl MultiHeadAttention {
                 cache.layer_id, self.id
             )));
         }
-        self.prepare_forward(query, Source::Cached(cache), cache.batch, cache.n, opts)
+        Ok(Source::Cached(cache))
     }
 
     fn prepare_forward(
         &self,
         query: &Tensor,
         source: Source,
-        batch: usize,
-        n: usize,
         opts: &MhaOptions,
+        scratch: Scratch,
     ) -> Result<PreparedLayer> {
         let c = self.config;
+        let (batch, n) = match source {
+            Source::Raw { key, .. } => (key.dims()[0], key.dims()[1]),
+            Source::Cached(cache) => (cache.batch, cache.n),
+        };
         let [_, m, _] = dims3(query, "query", [Some(batch), None, Some(c.embed_dim)])?;
         let shape = c.attn_shape(batch, m, n);
         let attention = opts.attention_for(batch, n)?;
@@ -782,9 +455,7 @@ impl MultiHeadAttention {
             types,
             self.engine.caps(),
         )?;
-        let masks = self
-            .engine
-            .upload_mask_inputs(&shape, &req.masks, &attention)?;
+        let masks = self.engine.mask_inputs(&shape, attention.masking())?;
         let ctx = self.engine.context();
         let weights = match need {
             NeedWeights::None => None,
@@ -798,16 +469,13 @@ impl MultiHeadAttention {
             Source::Raw { key, value } => (key, value),
             Source::Cached(cache) => (&cache.k, &cache.v),
         };
-        let [lens, mask, bias] = layer.masks;
         let mut tensors: Bindings = HashMap::from([
             (layer.query, query),
             (layer.source[0], key),
             (layer.source[1], value),
-            (lens, masks.lens()),
-            (mask, masks.mask()),
-            (bias, masks.bias()),
             (layer.out, &out),
         ]);
+        masks.bind(layer.masks, &mut tensors);
         if let (Some(id), Some(w)) = (layer.weights, &weights) {
             tensors.insert(id, w);
         }
@@ -823,53 +491,23 @@ impl MultiHeadAttention {
             }
         }
         self.bind_params(&layer.params, &mut tensors);
-        Ok(PreparedLayer {
-            call: self.engine.bind_program(&layer.program, &tensors)?,
-            output: MhaOutput {
-                out,
-                weights,
-                stats,
-                mean_stats,
-            },
-        })
+        let bound = self
+            .engine
+            .bind_program(&layer.program, &tensors, scratch)?;
+        drop(tensors);
+        let output = MhaOutput {
+            out,
+            weights,
+            stats,
+            mean_stats,
+        };
+        Ok(Prepared::new(ctx, bound, None, output))
     }
 }
 
 /// A layer forward bound once ([`MultiHeadAttention::prepare`],
-/// [`MultiHeadAttention::prepare_cached`]).
-#[derive(Debug)]
-pub struct PreparedLayer {
-    call: crate::engine::Bound,
-    output: MhaOutput,
-}
-
-impl PreparedLayer {
-    /// Submits the forward pass and waits; reports any device error of this call.
-    pub fn run(&self) -> Result<()> {
-        self.call.run()
-    }
-
-    /// [`PreparedLayer::run`] as a future that does not block the awaiting thread.
-    pub async fn run_async(&self) -> Result<()> {
-        self.call.run_async().await
-    }
-
-    /// Records the forward pass into the caller's encoder; neither submits nor waits.
-    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
-        self.call.encode(encoder);
-    }
-
-    /// The layer output `[batch, M, embed_dim]` (and weights, if requested), as of the last
-    /// completed run.
-    pub fn output(&self) -> &MhaOutput {
-        &self.output
-    }
-
-    fn finish(self) -> Result<MhaOutput> {
-        self.run()?;
-        Ok(self.output)
-    }
-}
+/// [`MultiHeadAttention::prepare_cached`]): [`Prepared`] with the layer's outputs.
+pub type PreparedLayer = Prepared<MhaOutput>;
 
 /// Where a forward call's K/V come from.
 enum Source<'a> {

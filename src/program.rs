@@ -10,6 +10,7 @@
 use std::fmt;
 
 use crate::kernels::{Access, Kernel};
+use crate::shape::human_bytes;
 
 /// A buffer of one [`Program`], issued by the program's builder methods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -31,7 +32,14 @@ pub enum Role {
     Output,
     /// Provided by the executor for the program's own use.
     Scratch,
+    /// An optional input the call does not have (a mask, a bias): its kernels' params say
+    /// they never read it, and the executor binds one shared placeholder (a binding cannot be
+    /// empty). The caller binds nothing.
+    Absent,
 }
+
+/// Bytes of the placeholder an executor binds for an absent input: one word.
+pub const ABSENT_BYTES: u64 = 4;
 
 /// One declared buffer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -122,6 +130,20 @@ impl Program {
     /// Declares a buffer the executor provides.
     pub fn scratch(&mut self, name: &str, bytes: u64) -> BufferId {
         self.declare(name, Role::Scratch, bytes)
+    }
+
+    /// Declares an optional input the call does not have ([`Role::Absent`]).
+    pub fn absent(&mut self, name: &str) -> BufferId {
+        self.declare(name, Role::Absent, ABSENT_BYTES)
+    }
+
+    /// Declares `name` as an input of `bytes` where `present`, else as absent.
+    pub fn optional_input(&mut self, name: &str, bytes: u64, present: bool) -> BufferId {
+        if present {
+            self.input(name, bytes)
+        } else {
+            self.absent(name)
+        }
     }
 
     /// Appends a dispatch of `kernel` with `params` on `buffers` (bindings 1.. in order).
@@ -254,7 +276,11 @@ impl fmt::Display for Program {
             }
         }
         writeln!(f, "  kernels: {}", kernels.join(", "))?;
-        for b in self.buffers.iter().filter(|b| b.role != Role::Input) {
+        for b in self
+            .buffers
+            .iter()
+            .filter(|b| matches!(b.role, Role::Output | Role::Scratch))
+        {
             let role = if b.role == Role::Output {
                 "output"
             } else {
@@ -267,21 +293,5 @@ impl fmt::Display for Program {
             "  allocated: {}",
             human_bytes(self.bytes(Role::Scratch) + self.bytes(Role::Output))
         )
-    }
-}
-
-/// `1.5 MiB`-style sizes.
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut x = b as f64;
-    let mut u = 0;
-    while x >= 1024.0 && u + 1 < UNITS.len() {
-        x /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{x:.1} {}", UNITS[u])
     }
 }

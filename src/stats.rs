@@ -54,12 +54,12 @@ impl PoolOp {
 }
 
 impl std::str::FromStr for PoolOp {
-    type Err = crate::Error;
-    fn from_str(s: &str) -> crate::Result<Self> {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> crate::error::Result<Self> {
         match s {
             "max" => Ok(PoolOp::Max),
             "mean" => Ok(PoolOp::Mean),
-            _ => Err(crate::Error::Argument(format!(
+            _ => Err(crate::error::Error::Argument(format!(
                 "unknown pooling `{s}` (expected max or mean)"
             ))),
         }
@@ -120,10 +120,10 @@ impl<T> Default for StatsOutput<T> {
     }
 }
 
-impl StatsOutput<crate::Tensor> {
+impl StatsOutput<crate::gpu::tensor::Tensor> {
     /// Each output read back to the host.
-    pub fn to_host(&self) -> crate::Result<StatsOutput<Vec<f32>>> {
-        self.as_ref().try_map(crate::Tensor::to_host)
+    pub fn to_host(&self) -> crate::error::Result<StatsOutput<Vec<f32>>> {
+        self.as_ref().try_map(crate::gpu::tensor::Tensor::to_host)
     }
 }
 

@@ -13,29 +13,54 @@ use std::fmt;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::dtype::Storage;
+use crate::error::Result;
 use crate::fused_config::FusedConfig;
 use crate::plan::{DeviceCaps, Request};
 
 /// The cache file's name; the version changes with its format or with what a key means.
 pub const CACHE_FILE: &str = "autotune-v2.json";
 
-/// Whether `XATTN_AUTOTUNE` turns autotuning on (`1`) or off (`0`); `None` where unset or
-/// not one of `0`, `1`, `true`, `false`, `on`, `off` (the caller's default applies).
-pub fn env_setting() -> Option<bool> {
-    parse_setting(&std::env::var("XATTN_AUTOTUNE").ok()?)
-}
+/// Timed runs per candidate configuration at most, and the time after which the tuner
+/// stops at the first round (a large shape's single run is steady enough).
+pub(crate) const TUNE_RUNS: usize = 5;
+pub(crate) const TUNE_BUDGET: Duration = Duration::from_millis(500);
 
-/// `1`, `true`, `on` → on; `0`, `false`, `off` → off (any case, surrounding blanks ignored).
-pub fn parse_setting(value: &str) -> Option<bool> {
-    match value.trim().to_ascii_lowercase().as_str() {
-        "1" | "true" | "on" => Some(true),
-        "0" | "false" | "off" => Some(false),
-        _ => None,
+/// The median time of each candidate, fastest first: a warm-up run each (it compiles the
+/// pipelines), then rounds over all of them, so that drift touches every candidate alike,
+/// [`TUNE_RUNS`] or as many as [`TUNE_BUDGET`] allows (at least one). `time_one` runs one
+/// candidate and returns its milliseconds.
+pub(crate) fn measure<C>(
+    candidates: &[(FusedConfig, C)],
+    mut time_one: impl FnMut(&C) -> Result<f64>,
+) -> Result<Vec<(FusedConfig, f64)>> {
+    for (_, c) in candidates {
+        time_one(c)?;
     }
+    let mut times = vec![Vec::new(); candidates.len()];
+    let start = Instant::now();
+    for round in 0..TUNE_RUNS {
+        if round > 0 && start.elapsed() > TUNE_BUDGET {
+            break;
+        }
+        for ((_, c), times) in candidates.iter().zip(&mut times) {
+            times.push(time_one(c)?);
+        }
+    }
+    let mut medians: Vec<(FusedConfig, f64)> = candidates
+        .iter()
+        .zip(times)
+        .map(|((config, _), mut times)| {
+            times.sort_by(f64::total_cmp);
+            (*config, median(&times))
+        })
+        .collect();
+    medians.sort_by(|a, b| a.1.total_cmp(&b.1));
+    Ok(medians)
 }
 
 /// The folder of the cache file, from the environment as `var` reads it: `$XATTN_CACHE_DIR`
@@ -437,14 +462,14 @@ mod tests {
                 77,
                 8,
                 40,
-                &plain.clone().with_path(crate::Path::SplitK),
+                &plain.clone().with_path(crate::plan::Path::SplitK),
             ),
             key(
                 1000,
                 77,
                 8,
                 40,
-                &plain.clone().with_causal(crate::Alignment::TopLeft),
+                &plain.clone().with_causal(crate::mask::Alignment::TopLeft),
             ),
         ] {
             assert_ne!(k, other);
@@ -520,19 +545,5 @@ mod tests {
         ];
         assert_eq!(env(&ignored), Some(PathBuf::from("/h/.cache/xattn")));
         assert_eq!(env(&[]), None);
-    }
-
-    #[test]
-    fn settings_parse() {
-        for (v, want) in [
-            ("1", Some(true)),
-            (" ON ", Some(true)),
-            ("0", Some(false)),
-            ("false", Some(false)),
-            ("", None),
-            ("2", None),
-        ] {
-            assert_eq!(parse_setting(v), want, "{v:?}");
-        }
     }
 }

@@ -54,7 +54,7 @@ fn check_path(path: Path, weights: bool) {
         }
         let (plan, got) =
             run_poisoned(engine, &s, (&q, &k, &v), &opts).unwrap_or_else(|e| panic!("{s}: {e}"));
-        assert_eq!(plan.path, path);
+        assert_eq!(plan.path(), path);
         let err = check_against_reference(
             &format!("{} {s}", path.name()),
             &s,

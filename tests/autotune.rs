@@ -41,7 +41,7 @@ fn run_checked(engine: &Engine, s: &AttnShape, opts: &Attention, seed: u64) -> P
 
 /// The tuned source of `plan`, asserted to be one.
 fn tuned(plan: &Plan) -> &xattn::fused_config::Tuned {
-    match plan.fused.as_ref().map(|c| &c.source) {
+    match plan.fused().map(|c| &c.source) {
         Some(ConfigSource::Tuned(t)) => t,
         other => panic!("expected a tuned configuration, got {other:?}\n{plan}"),
     }
@@ -65,7 +65,7 @@ fn a_bucket_is_timed_once_and_its_winner_reused() {
         3 * variants,
         "R = 1, 2 and 4 timed: {first}"
     );
-    assert_eq!(first.fused.as_ref().unwrap().config, t.timings[0].0);
+    assert_eq!(first.fused().unwrap().config, t.timings[0].0);
     assert!(first.to_string().contains("config: R="), "{first}");
     assert_eq!(tuner.autotune_measurements(), 1);
     assert!(dir.path(CACHE_FILE).is_file(), "the winner is saved");
@@ -73,7 +73,7 @@ fn a_bucket_is_timed_once_and_its_winner_reused() {
     // Same bucket: the winner from memory, nothing timed.
     let second = run_checked(&tuner, &tiny(150), &opts, 2);
     assert!(!tuned(&second).measured_now, "{second}");
-    assert_eq!(second.fused.as_ref().unwrap().config, t.timings[0].0);
+    assert_eq!(second.fused().unwrap().config, t.timings[0].0);
     assert_eq!(tuned(&second).timings, t.timings);
     assert!(second.to_string().contains("cached winner"), "{second}");
     assert_eq!(tuner.autotune_measurements(), 1);
@@ -82,7 +82,7 @@ fn a_bucket_is_timed_once_and_its_winner_reused() {
     let fresh = tuning(engine, &dir);
     let third = run_checked(&fresh, &tiny(129), &opts, 3);
     assert!(!tuned(&third).measured_now, "{third}");
-    assert_eq!(third.fused.as_ref().unwrap().config, t.timings[0].0);
+    assert_eq!(third.fused().unwrap().config, t.timings[0].0);
     assert_eq!(fresh.autotune_measurements(), 0);
 
     // Another bucket is timed.
@@ -98,7 +98,7 @@ fn forced_and_default_configs_are_not_tuned() {
     for r in [1, 2, 4] {
         let opts = Attention::default().with_fused_config(FusedConfig::rows(r));
         let plan = run_checked(&tuner, &tiny(200), &opts, 5);
-        let choice = plan.fused.as_ref().expect("a fused plan");
+        let choice = plan.fused().expect("a fused plan");
         assert_eq!(choice.config, FusedConfig::rows(r), "{plan}");
         assert_eq!(choice.source, ConfigSource::Forced, "{plan}");
         assert!(
@@ -111,7 +111,7 @@ fn forced_and_default_configs_are_not_tuned() {
     assert_eq!(tuner.autotune_measurements(), 1);
     let opts = Attention::default().with_fused_config(FusedConfig::rows(1));
     let plan = run_checked(&tuner, &tiny(200), &opts, 7);
-    assert_eq!(plan.fused.unwrap().source, ConfigSource::Forced);
+    assert_eq!(plan.fused().unwrap().source, ConfigSource::Forced);
     // One candidate (M = 1 on a device without subgroup lanes): nothing to time, the default
     // runs.
     let plain = xattn::DeviceCaps {
@@ -124,7 +124,7 @@ fn forced_and_default_configs_are_not_tuned() {
         .with_autotune(true)
         .with_autotune_cache(Some(&dir.path("")));
     let plan = run_checked(&plain, &shape(1, 1, 37, 2, 2, 8), &Attention::default(), 8);
-    assert_eq!(plan.fused.unwrap().source, ConfigSource::Default);
+    assert_eq!(plan.fused().unwrap().source, ConfigSource::Default);
     assert_eq!(plain.autotune_measurements(), 0);
     // Autotuning off: the default.
     let plan = run_checked(
@@ -133,7 +133,7 @@ fn forced_and_default_configs_are_not_tuned() {
         &Attention::default(),
         9,
     );
-    assert_eq!(plan.fused.unwrap().source, ConfigSource::Default);
+    assert_eq!(plan.fused().unwrap().source, ConfigSource::Default);
     assert_eq!(tuner.autotune_measurements(), 1);
     // A configuration the kernel does not have is a typed error.
     let s = tiny(200);

@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use xattn::cpu::program::{floats, run, words, HostBuffers};
 use xattn::cpu::reference;
 use xattn::mask::Masking;
-use xattn::mha::{layer_program, LayerTypes, MhaConfig, NeedWeights};
+use xattn::mha::{MhaConfig, NeedWeights};
+use xattn::plan::layer::{layer_program, LayerTypes};
 use xattn::plan::{MergePlan, Plan, Request};
 use xattn::program::Role;
 use xattn::{Alignment, Attention, AttnShape, FusedConfig, Path};
@@ -20,29 +21,33 @@ fn run_twins(
     (q, k, v): (&[f32], &[f32], &[f32]),
     masking: &Masking,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let io = &plan.io;
-    let inputs = mask_inputs(masking, &plan.shape, [io.lens, io.mask, io.bias])
+    let io = plan.io();
+    let inputs = mask_inputs(masking, &plan.shape(), [io.lens, io.mask, io.bias])
         .into_iter()
         .chain([(io.q, words(q)), (io.k, words(k)), (io.v, words(v))])
         .collect();
-    let mut out = run(&plan.program, &inputs).unwrap();
+    let mut out = run(plan.program(), &inputs).unwrap();
     let mut take = |id| floats(&out.remove(&id).unwrap());
     let (o, lse) = (take(io.o), take(io.lse));
     let w = io.weights.map(take).unwrap_or_default();
     (o, lse, w)
 }
 
-/// The lengths, mask and bias words the engine would upload, for these ids.
+/// The lengths, mask and bias words the engine would upload, for these ids (a call without
+/// a mask or a bias has none: its program declares them absent).
 fn mask_inputs(
     masking: &Masking,
     s: &AttnShape,
     [lens, mask, bias]: [xattn::program::BufferId; 3],
 ) -> HostBuffers {
-    HashMap::from([
-        (lens, masking.lens_words(s)),
-        (mask, masking.mask_words().unwrap_or(vec![0])),
-        (bias, words(&masking.bias_values().unwrap_or(vec![0.0]))),
-    ])
+    let mut inputs = HashMap::from([(lens, masking.lens_words(s))]);
+    if let Some(bits) = masking.mask_words() {
+        inputs.insert(mask, bits);
+    }
+    if let Some(values) = masking.bias_values() {
+        inputs.insert(bias, words(&values));
+    }
+    inputs
 }
 
 /// The plans of `req`: the planner's own, and for the fused paths one per configuration of
@@ -57,7 +62,7 @@ fn plans(req: &Request) -> Vec<(String, Plan)> {
         let forced = req.clone().with_fused_config(config);
         let plan = Plan::new(&forced, &CAPS).unwrap();
         let flash: Vec<(u32, bool, bool)> = plan
-            .program
+            .program()
             .dispatches()
             .filter_map(|d| match d.kernel {
                 xattn::kernels::Kernel::Flash(xattn::kernels::flash::Flash {
@@ -220,12 +225,12 @@ fn weight_blocks_twins_follow_the_statistics_to_the_reference() {
             ..CAPS
         };
         let plan = Plan::new(&req, &caps).unwrap();
-        let io = &plan.io;
+        let io = plan.io();
         let inputs = mask_inputs(m, &s, [io.lens, io.mask, io.bias])
             .into_iter()
             .chain([(io.q, words(&q)), (io.k, words(&k)), (io.v, words(&v))])
             .collect();
-        let mut out = run(&plan.program, &inputs).unwrap();
+        let mut out = run(plan.program(), &inputs).unwrap();
         let mut take = |id: Option<_>| id.map(|id| floats(&out.remove(&id).unwrap()));
         let got = xattn::HostOutput {
             o: Vec::new(),
@@ -492,7 +497,7 @@ fn matrix_unit_twin_follows_the_reference() {
                 .with_fused_config(FusedConfig::MATRIX_UNITS);
                 let plan = Plan::new(&req, &caps).unwrap();
                 let tiles: Vec<(u32, bool)> = plan
-                    .program
+                    .program()
                     .dispatches()
                     .filter_map(|d| match d.kernel {
                         xattn::kernels::Kernel::FlashCoop(
@@ -507,14 +512,14 @@ fn matrix_unit_twin_follows_the_reference() {
                     !tiles.is_empty() && tiles.iter().all(|&t| t == want_tile),
                     "{name} {dtype}: planned {tiles:?}\n{plan}"
                 );
-                let io = &plan.io;
+                let io = plan.io();
                 let half =
                     |x: &[f32]| -> Vec<u32> { bytemuck::pod_collect_to_vec(&dtype.encode(x)) };
                 let inputs = mask_inputs(m, &s, [io.lens, io.mask, io.bias])
                     .into_iter()
                     .chain([(io.q, half(&q)), (io.k, half(&k)), (io.v, half(&v))])
                     .collect();
-                let mut out = run(&plan.program, &inputs).unwrap();
+                let mut out = run(plan.program(), &inputs).unwrap();
                 let o = floats(&out.remove(&io.o).unwrap());
                 let lse = floats(&out.remove(&io.lse).unwrap());
                 let what = format!("matrix-unit twin {dtype} {} {name} {s}", path.name());

@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use xattn::cpu::reference;
-use xattn::{Attention, AttnShape, Context, Engine, Error, Output, Tensor};
+use xattn::{Attention, AttnShape, Context, Engine, Error, Tensor};
 
 /// A device of the caller's own on the test adapter, with an app error handler that records.
 fn app_device(engine: &Engine) -> (Context, Arc<Mutex<Vec<String>>>) {
     let want = engine.context().info.name.clone();
-    let adapter = xattn::gpu::context::adapters()
+    let adapter = xattn::device::adapters()
         .into_iter()
         .find(|a| a.get_info().name == want)
         .expect("the test adapter is listed");
@@ -107,16 +107,14 @@ fn attention_reads_and_writes_callers_buffers_at_offsets() {
         wrap(&inputs, in_at[2], &s.v_dims()),
     );
     let opts = Attention::default();
-    let plan = engine.plan(&tq, &tk, &tv, &opts).unwrap();
-    let masks = engine.upload_masks(&plan, &opts).unwrap();
-    let out = Output {
-        o: wrap(&outputs, out_at[0], &s.o_dims()),
-        lse: wrap(&outputs, out_at[1], &s.lse_dims()),
-        weights: None,
-        stats: Default::default(),
-    };
+    let (o, lse) = (
+        wrap(&outputs, out_at[0], &s.o_dims()),
+        wrap(&outputs, out_at[1], &s.lse_dims()),
+    );
     engine
-        .run(&plan, &tq, &tk, &tv, &masks, &out, None)
+        .prepare_into((&tq, &tk, &tv), &o, Some(&lse), &opts)
+        .unwrap()
+        .run()
         .unwrap();
 
     let after = wrap(&outputs, 0, &[out_size as usize / 4])
@@ -150,14 +148,9 @@ fn attention_reads_and_writes_callers_buffers_at_offsets() {
         .zip(&host_in)
         .all(|(a, b)| a.to_bits() == b.to_bits()));
 
-    let clash = Output {
-        o: wrap(&inputs, in_at[0], &s.o_dims()),
-        lse: wrap(&outputs, out_at[1], &s.lse_dims()),
-        weights: None,
-        stats: Default::default(),
-    };
+    let clash = wrap(&inputs, in_at[0], &s.o_dims());
     let e = engine
-        .run(&plan, &tq, &tk, &tv, &masks, &clash, None)
+        .prepare_into((&tq, &tk, &tv), &clash, Some(&lse), &opts)
         .unwrap_err();
     assert!(
         matches!(&e, Error::Argument(m) if m.contains("shares its wgpu buffer")),

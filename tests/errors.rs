@@ -163,7 +163,7 @@ fn planner_names_the_limit_when_no_split_helps() {
         &CAPS,
     )
     .unwrap();
-    assert_eq!(auto.path, Path::ThreePass);
+    assert_eq!(auto.path(), Path::ThreePass);
 }
 
 #[test]
@@ -226,22 +226,17 @@ fn bad_host_input_is_an_error_on_the_device_too() {
     let v4 = engine.upload(&v, &s.v_dims()).unwrap();
     let err = engine.attention(&q3, &k4, &v4, &opts).unwrap_err();
     assert!(err.to_string().contains("4 dims"), "{err}");
-    // Outputs of the wrong shape for a plan.
+    // An output of the wrong shape for the call.
     let q4 = engine.upload(&q, &s.q_dims()).unwrap();
-    let plan = engine.plan(&q4, &k4, &v4, &opts).unwrap();
     let other = AttnShape { m: 4, ..s };
-    let q_other = engine
+    let o_other = engine
         .upload(
-            &random(other.q_dims().iter().product(), 1.0, 3),
-            &other.q_dims(),
+            &random(other.o_dims().iter().product(), 1.0, 3),
+            &other.o_dims(),
         )
         .unwrap();
-    let out = engine
-        .alloc_output(&engine.plan(&q_other, &k4, &v4, &opts).unwrap())
-        .unwrap();
-    let masks = engine.upload_masks(&plan, &opts).unwrap();
     let err = engine
-        .run(&plan, &q4, &k4, &v4, &masks, &out, None)
+        .prepare_into((&q4, &k4, &v4), &o_other, None, &opts)
         .unwrap_err();
     assert!(err.to_string().contains("output o"), "{err}");
     // Merge of mismatched shards.

@@ -256,9 +256,9 @@ fn check_path(path: Path) {
         let opts = c.opts.clone().with_path(path);
         let (plan, got) = run_poisoned(engine, &c.shape, (&c.q, &c.k, &c.v), &opts)
             .unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert_eq!(plan.path, path, "{what}");
+        assert_eq!(plan.path(), path, "{what}");
         if path == Path::SplitK && c.shape.n > 256 {
-            eprintln!("{what}: {}", plan.tiling);
+            eprintln!("{what}: {}", plan.tiling());
         }
         // The f32 budget, plus the fixture's own rounding to f32 (half an ulp, ≤ ε·|value|).
         let base = c.base();

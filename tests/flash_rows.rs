@@ -32,7 +32,7 @@ fn configs_for(engine: &Engine, s: &AttnShape) -> Vec<FusedConfig> {
 /// least one).
 fn assert_config(plan: &Plan, config: FusedConfig) {
     let found: Vec<(u32, bool, bool)> = plan
-        .program
+        .program()
         .dispatches()
         .filter_map(|d| match d.kernel {
             Kernel::Flash(Flash {
@@ -92,7 +92,7 @@ fn every_rows_variant_matches_the_reference() {
                 let what = format!("{} {config} {s}", path.name());
                 let (plan, got) = run_poisoned(engine, &s, (&q, &k, &v), &opts)
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
-                assert_eq!(plan.path, path, "{what}");
+                assert_eq!(plan.path(), path, "{what}");
                 assert_config(&plan, config);
                 check_against_reference(&what, &s, opts.scale_for(s.d_k), (&q, &k, &v), &got);
             }
@@ -152,7 +152,7 @@ fn every_rows_variant_masks_like_the_reference() {
                 let what = format!("{} {config} {name} {s}", path.name());
                 let (plan, got) = run_poisoned(engine, &s, (&q, &k, &v), &o)
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
-                assert_eq!(plan.path, path, "{what}");
+                assert_eq!(plan.path(), path, "{what}");
                 assert_config(&plan, config);
                 assert_close(&format!("{what} O"), &got.o, &want.o, tol.o);
                 assert_close(&format!("{what} LSE"), &got.lse, &want.lse, tol.lse * 10.0);

@@ -163,14 +163,13 @@ fn check(
         }),
         "{what}: {plan}"
     );
-    let output = engine.alloc_output(&plan).unwrap();
-    assert_eq!(output.o.dtype(), out);
-    output.o.fill(f32::NAN).unwrap();
-    output.lse.fill(f32::NAN).unwrap();
-    let masks = engine.upload_masks(&plan, &opts).unwrap();
-    engine
-        .run(&plan, &tq, &tk, &tv, &masks, &output, None)
-        .unwrap();
+    let call = engine.prepare(&tq, &tk, &tv, &opts).unwrap();
+    assert_eq!(call.plan().to_string(), plan.to_string(), "{what}");
+    assert_eq!(call.o().dtype(), out);
+    call.o().fill(f32::NAN).unwrap();
+    call.lse().fill(f32::NAN).unwrap();
+    call.run().unwrap();
+    let output = call.into_output();
     let o = output.o.to_host().unwrap();
     let err = max_err(&o, &want.o);
     let tiny = 1e-6;
@@ -350,17 +349,22 @@ fn twins_run_half_programs_within_twice_the_naive_error() {
                     ..CAPS
                 };
                 let plan = Plan::new(&req, &caps).unwrap();
-                let io = &plan.io;
+                let io = plan.io();
                 let half = |x: &[f32]| -> Vec<u32> { bytemuck::pod_collect_to_vec(&dt.encode(x)) };
-                let inputs = HashMap::from([
+                let mut inputs = HashMap::from([
                     (io.q, half(&q)),
                     (io.k, half(&k)),
                     (io.v, half(&v)),
                     (io.lens, m.lens_words(&case_shape)),
-                    (io.mask, m.mask_words().unwrap_or(vec![0])),
-                    (io.bias, words(&m.bias_values().unwrap_or(vec![0.0]))),
                 ]);
-                let mut out = run(&plan.program, &inputs).unwrap();
+                // Absent from the program where the call has none.
+                if let Some(bits) = m.mask_words() {
+                    inputs.insert(io.mask, bits);
+                }
+                if let Some(values) = m.bias_values() {
+                    inputs.insert(io.bias, words(&values));
+                }
+                let mut out = run(plan.program(), &inputs).unwrap();
                 let o_words = out.remove(&io.o).unwrap();
                 let o = dt.decode(bytemuck::cast_slice(&o_words), want.o.len());
                 let err = max_err(&o, &want.o);

@@ -11,7 +11,9 @@ use common::*;
 use rand::{Rng, SeedableRng};
 use xattn::cpu::reference;
 use xattn::plan::{DeviceCaps, Plan, Request, FUSED_ROW_FLOATS, LLVMPIPE_LOOP_CAP};
-use xattn::{Alignment, Attention, AttnShape, Engine, Error, FusedConfig, HostOutput, Path};
+use xattn::{
+    Alignment, Attention, AttnShape, Engine, Error, FusedConfig, HostOutput, Path, Tensor,
+};
 
 /// The test engine planning with llvmpipe's loop cap, whatever the adapter.
 fn capped(engine: &Engine) -> Engine {
@@ -60,7 +62,7 @@ fn check(
 
 /// The longest loop the first `kernel` dispatch of `plan` may run under `cap`.
 fn max_len(plan: &Plan, kernel: &str, cap: u64) -> usize {
-    plan.program
+    plan.program()
         .dispatches()
         .find(|d| d.kernel.name() == kernel)
         .map(|d| d.kernel.loop_cost(&d.params).0.max_len(cap) as usize)
@@ -69,7 +71,7 @@ fn max_len(plan: &Plan, kernel: &str, cap: u64) -> usize {
 
 /// Every dispatch's loops within the cap, by the kernels' own cost model.
 fn assert_within_cap(plan: &Plan, cap: u64) {
-    for d in plan.program.dispatches() {
+    for d in plan.program().dispatches() {
         let (cost, len) = d.kernel.loop_cost(&d.params);
         assert!(
             cost.trips(len) < cap,
@@ -178,29 +180,34 @@ fn llvmpipe_cuts_loops_that_the_planner_does_not_split() {
     let tq = engine.upload(&q, &s.q_dims()).unwrap();
     let tk = engine.upload(&k, &s.k_dims()).unwrap();
     let tv = engine.upload(&v, &s.v_dims()).unwrap();
-    let masks = engine.upload_masks(&plan, &opts).unwrap();
-    let out = engine.alloc_output(&plan).unwrap();
-    // The engine refuses this plan (it checks every program against its device's cap), so
-    // it goes to the executor directly.
-    let io = &plan.io;
+    let ctx = engine.context();
+    let lens = opts.masking().lens_words(&s);
+    let lens = Tensor::upload_u32(ctx, "lens", &lens, &[lens.len()]).unwrap();
+    let o = Tensor::empty(ctx, "o", &s.o_dims()).unwrap();
+    let lse = Tensor::empty(ctx, "lse", &s.lse_dims()).unwrap();
+    // The engine runs only what it planned for its device's cap, so this plan goes to the
+    // executor directly.
+    let io = plan.io();
     let tensors = std::collections::HashMap::from([
         (io.q, &tq),
         (io.k, &tk),
         (io.v, &tv),
-        (io.lens, masks.lens()),
-        (io.mask, masks.mask()),
-        (io.bias, masks.bias()),
-        (io.o, &out.o),
-        (io.lse, &out.lse),
+        // No mask or bias: the program declares them absent.
+        (io.lens, &lens),
+        (io.o, &o),
+        (io.lse, &lse),
     ]);
     let resources = (&Default::default(), &Default::default());
-    xattn::gpu::executor::run(engine.context(), resources, &plan.program, &tensors, None).unwrap();
-    let refused = engine.run(&plan, &tq, &tk, &tv, &masks, &out, None);
+    xattn::gpu::executor::run(ctx, resources, plan.program(), &tensors, None).unwrap();
+    let own = engine.prepare(&tq, &tk, &tv, &opts).unwrap();
     assert!(
-        matches!(refused, Err(xattn::Error::Limit { .. })),
-        "the engine ran a plan over its device's loop cap: {refused:?}"
+        own.plan().dispatches() > plan.dispatches(),
+        "the engine's own plan of this call should split the key loop that the uncapped plan \
+         runs in one: {}",
+        own.plan()
     );
-    let o = out.o.to_host().unwrap();
+    assert_within_cap(own.plan(), cap);
+    let o = o.to_host().unwrap();
     let want = reference::attention(&s, &q, &k, &v, f64::from(opts.scale_for(s.d_k)));
     let worst = o
         .iter()
@@ -265,15 +272,15 @@ fn dispatches_at_the_loop_cap_are_right() {
         let opts = opts_for(per_pass);
         let (qa, ka, va) = qkv(&s, 1.0, 7);
         let (plan, got) = run_poisoned(engine, &s, (&qa, &ka, &va), &opts).unwrap();
-        assert_eq!((plan.path, plan.dispatches()), (Path::Fused, 1), "{plan}");
-        assert!(plan.tiling.contains(&format!("_r{r}")), "{plan}");
+        assert_eq!((plan.path(), plan.dispatches()), (Path::Fused, 1), "{plan}");
+        assert!(plan.tiling().contains(&format!("_r{r}")), "{plan}");
         assert_eq!(
-            plan.tiling.contains("_lanes"),
+            plan.tiling().contains("_lanes"),
             config.subgroup_lanes,
             "{plan}"
         );
         assert_eq!(
-            plan.tiling.contains("_bcast"),
+            plan.tiling().contains("_bcast"),
             config.broadcast_loads,
             "{plan}"
         );
@@ -287,7 +294,7 @@ fn dispatches_at_the_loop_cap_are_right() {
         // One key more is split.
         let s1 = shape(1, 5, per_pass + 1, 1, 1, d);
         let plan = Plan::new(&request(s1, &opts_for(per_pass + 1)), engine.caps()).unwrap();
-        assert_eq!(plan.path, Path::SplitK, "{plan}");
+        assert_eq!(plan.path(), Path::SplitK, "{plan}");
     }
     // Three-pass with the weights: P·V over key ranges, the first one exactly at the cap.
     let probe = shape(1, 1, 1, 1, 1, 1);
@@ -317,7 +324,7 @@ fn dispatches_at_the_loop_cap_are_right() {
     let (q, k, v) = qkv(&s, 0.05, 13);
     let opts = Attention::default();
     let (plan, got) = run_poisoned(engine, &s, (&q, &k, &v), &opts).unwrap();
-    assert_eq!(plan.path, Path::ThreePass);
+    assert_eq!(plan.path(), Path::ThreePass);
     assert_within_cap(&plan, LLVMPIPE_LOOP_CAP);
     check("three-pass d_k at the cap", &s, &opts, (&q, &k, &v), &got);
     let s = AttnShape {
@@ -344,11 +351,11 @@ fn split_k_over_eight_million_keys() {
     for path in [Path::Fused, Path::SplitK] {
         let opts = Attention::default().with_path(path);
         let (plan, got) = run_poisoned(engine, &s, (&q, &k, &v), &opts).unwrap();
-        assert_eq!(plan.path, Path::SplitK);
+        assert_eq!(plan.path(), Path::SplitK);
         assert_within_cap(&plan, LLVMPIPE_LOOP_CAP);
         // The error model's N·ε term (one f32 sum over all keys) would allow anything here;
         // split-K sums at most one split's keys, then the splits.
-        let Some(flash) = plan.program.dispatches().next() else {
+        let Some(flash) = plan.program().dispatches().next() else {
             panic!("{plan}")
         };
         let p: xattn::params::AttnParams = flash.params_as().expect("attention params");

@@ -25,7 +25,7 @@ fn every_masking_case_matches_the_reference_on_every_path() {
             let what = format!("{} {name} {s}", path.name());
             let (plan, got) = run_poisoned(engine, &s, (&q, &k, &v), &o)
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
-            assert_eq!(plan.path, path);
+            assert_eq!(plan.path(), path);
             worst = worst.max(assert_close(&format!("{what} O"), &got.o, &want.o, tol.o));
             assert_close(&format!("{what} LSE"), &got.lse, &want.lse, tol.lse * 10.0);
             if let Some(w) = &got.weights {

@@ -74,18 +74,19 @@ fn matrix_units_match_the_reference_or_are_refused() {
                     .plan(&tq, &tk, &tv, &opts)
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
                 assert!(
-                    plan.program
+                    plan.program()
                         .dispatches()
                         .any(|d| matches!(d.kernel, Kernel::FlashCoop(_))),
                     "{what}: {plan}"
                 );
-                let out = engine.alloc_output(&plan).unwrap();
-                poison(&out.o).unwrap();
-                poison(&out.lse).unwrap();
-                let masks = engine.upload_masks(&plan, &opts).unwrap();
-                engine
-                    .run(&plan, &tq, &tk, &tv, &masks, &out, None)
+                let call = engine
+                    .prepare(&tq, &tk, &tv, &opts)
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_eq!(call.plan().to_string(), plan.to_string(), "{what}");
+                poison(call.o()).unwrap();
+                poison(call.lse()).unwrap();
+                call.run().unwrap_or_else(|e| panic!("{what}: {e}"));
+                let out = call.into_output();
                 let o = out.o.to_host().unwrap();
                 let lse = out.lse.to_host().unwrap();
                 assert_close(&format!("{what} O"), &o, &want.o, tol.o + extra_o);

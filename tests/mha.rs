@@ -495,3 +495,235 @@ fn the_layer_computes_statistics_per_head_and_averaged() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tensors under the prefix that the layer does not read (no GPU).
+
+/// Tensors beside a layer: `(name after the prefix, shape)`.
+type Extras = Vec<(&'static str, Vec<usize>)>;
+
+/// A layer of family `names` under `prefix` with `extra` tensors beside it (`(name after the
+/// prefix, shape)`), all seeded random: the file's bytes and the layer's weights.
+fn layer_with_extras(
+    names: &str,
+    prefix: &str,
+    c: &MhaConfig,
+    extra: &[(&str, Vec<usize>)],
+    seed: u64,
+) -> (Vec<u8>, MhaWeights) {
+    let w = random_weights(c, seed);
+    let mut tensors = layer_tensors(names, prefix, c, &w);
+    for (i, (name, shape)) in extra.iter().enumerate() {
+        let values = random(shape.iter().product(), 1.0, seed + 100 + i as u64);
+        tensors.push((format!("{prefix}{name}"), shape.clone(), values));
+    }
+    (safetensors_bytes(&tensors), w)
+}
+
+/// Each kind of tensor a model keeps beside the projections, which changes what it computes
+/// (PyTorch's add_bias_kv, diffusers' qk_norm and cross_attention_norm, T5's relative position
+/// bias, LoRA, a name nobody knows), makes the file refused, naming every such tensor and what
+/// it is, where before it was dropped without a word.
+#[test]
+fn tensors_the_layer_does_not_read_are_refused_by_name() {
+    let e8 = MhaConfig::new(8, 2);
+    let t5 = "encoder.block.0.layer.0.SelfAttention.";
+    let attn2 = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.";
+    let cases: [(&str, &str, MhaConfig, Extras, &[&str]); 7] = [
+        (
+            "pytorch",
+            "",
+            e8,
+            vec![("bias_k", vec![1, 1, 8]), ("bias_v", vec![1, 1, 8])],
+            &[
+                "bias_k, bias_v: nn.MultiheadAttention(add_bias_kv=True)'s learned key and value",
+                "xattn does not implement add_bias_kv",
+                "--ignore-tensors bias_k,bias_v",
+            ],
+        ),
+        (
+            "diffusers",
+            attn2,
+            e8.with_kdim(6).with_vdim(6),
+            vec![("norm_q.weight", vec![4]), ("norm_k.weight", vec![4])],
+            &[
+                "norm_k.weight, norm_q.weight: diffusers qk_norm (RMSNorm/LayerNorm over each \
+                 head's query and key)",
+                attn2,
+            ],
+        ),
+        (
+            "diffusers",
+            attn2,
+            e8.with_kdim(6).with_vdim(6),
+            vec![("norm_cross.weight", vec![6]), ("norm_cross.bias", vec![6])],
+            &["norm_cross.bias, norm_cross.weight: diffusers cross_attention_norm (LayerNorm"],
+        ),
+        (
+            "t5",
+            t5,
+            e8.with_inner_dim(12),
+            vec![("relative_attention_bias.weight", vec![32, 2])],
+            &[
+                "relative_attention_bias.weight: T5's relative position bias (pass it as --bias, \
+                 computed by the model",
+                "the t5 layer under prefix `encoder.block.0.layer.0.SelfAttention.`",
+            ],
+        ),
+        (
+            "hf",
+            "model.decoder.layers.0.encoder_attn.",
+            e8,
+            vec![("rope.freqs", vec![4])],
+            &["rope.freqs: not part of a hf layer as xattn knows it"],
+        ),
+        (
+            "diffusers",
+            "",
+            e8,
+            vec![
+                ("to_q.lora_A.weight", vec![2, 8]),
+                ("to_q.lora_B.weight", vec![8, 2]),
+            ],
+            &["to_q.lora_A.weight, to_q.lora_B.weight: LoRA adapter weights"],
+        ),
+        (
+            "pytorch",
+            "attn.",
+            e8,
+            vec![
+                ("bias_k", vec![1, 1, 8]),
+                ("bias_v", vec![1, 1, 8]),
+                ("extra_scale", vec![1]),
+            ],
+            &[
+                "does not read 3 of the tensors there",
+                "bias_k, bias_v: nn.MultiheadAttention",
+                "extra_scale: not part of a pytorch layer",
+                "--ignore-tensors bias_k,bias_v,extra_scale",
+            ],
+        ),
+    ];
+    for (i, (names, prefix, c, extra, parts)) in cases.into_iter().enumerate() {
+        let (bytes, _) = layer_with_extras(names, prefix, &c, &extra, 400 + 10 * i as u64);
+        let what = format!("{names} under {prefix:?} with {extra:?}");
+        let err = match MhaWeights::from_safetensors(&bytes, prefix, &c) {
+            Ok(_) => panic!("{what}: loaded, the extra tensors dropped without a word"),
+            Err(e) => e,
+        };
+        assert!(matches!(err, xattn::Error::Weights(_)), "{what}: {err:?}");
+        let err = err.to_string();
+        for part in parts {
+            assert!(
+                err.contains(part),
+                "{what}: `{err}` should mention `{part}`"
+            );
+        }
+        for (name, _) in &extra {
+            assert!(err.contains(name), "{what}: `{err}` should name {name}");
+        }
+        eprintln!("{what}: {err}");
+    }
+}
+
+/// Named to `LayerFile::ignore` (after the prefix or in full), the unread tensors no longer
+/// stop the layer: it reads exactly the projections written, and lists what it set aside.
+/// A name the file lacks, or a tensor the layer reads, cannot be ignored.
+#[test]
+fn unread_tensors_named_to_ignore_load_without_them() {
+    let c = MhaConfig::new(8, 2);
+    let prefix = "encoder_attn.";
+    let extra = [
+        ("bias_k", vec![1, 1, 8]),
+        ("bias_v", vec![1, 1, 8]),
+        ("mystery", vec![3]),
+    ];
+    let (bytes, w) = layer_with_extras("pytorch", prefix, &c, &extra, 470);
+    let mut file = LayerFile::open(&bytes, prefix, None).unwrap();
+    let unread: Vec<(&str, bool)> = file
+        .unread()
+        .iter()
+        .map(|u| (u.name.as_str(), u.what.is_some()))
+        .collect();
+    assert_eq!(
+        unread,
+        [("bias_k", true), ("bias_v", true), ("mystery", false)]
+    );
+    // Ignoring only some: the rest still refuse, named.
+    file.ignore(&["bias_k", "encoder_attn.bias_v"]).unwrap();
+    let err = file.weights(&c).unwrap_err().to_string();
+    assert!(err.contains("mystery") && !err.contains("bias_k"), "{err}");
+    for (bad, why) in [
+        (
+            "nope",
+            "the file holds no tensor `nope` nor `encoder_attn.nope`",
+        ),
+        (
+            "in_proj_weight",
+            "the layer reads `encoder_attn.in_proj_weight`",
+        ),
+    ] {
+        let err = file.ignore(&["mystery", bad]).unwrap_err().to_string();
+        assert!(err.contains(why), "{bad}: `{err}` should say {why}");
+        assert!(
+            err.contains("`mystery`"),
+            "{bad}: `{err}` lists what is unread"
+        );
+    }
+    // A failed call ignored nothing; a name already ignored may be named again.
+    assert_eq!(file.unread().len(), 1);
+    file.ignore(&["mystery", "bias_k"]).unwrap();
+    assert!(file.unread().is_empty());
+    let ignored: Vec<&str> = file.ignored().iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(ignored, ["bias_k", "bias_v", "mystery"]);
+    assert_eq!(file.weights(&c).unwrap(), w);
+}
+
+/// What counts as the layer's: every tensor under its prefix, except those of layers deeper
+/// under it and the projections of another family there (the caller named which to read).
+/// Siblings whose names merely begin alike (`layer.1.` vs `layer.10.`) are not under the
+/// prefix; a module deeper that is not a whole layer is the layer's, and refused.
+#[test]
+fn tensors_of_other_layers_are_not_the_layers() {
+    let e8 = MhaConfig::new(8, 2);
+    let t5 = e8.with_inner_dim(12);
+    let p1 = "decoder.block.0.layer.1.EncDecAttention.";
+    let mut tensors = layer_tensors("t5", p1, &t5, &random_weights(&t5, 480));
+    tensors.extend(layer_tensors(
+        "t5",
+        "decoder.block.0.layer.10.EncDecAttention.",
+        &t5,
+        &random_weights(&t5, 481),
+    ));
+    tensors.push((
+        "decoder.block.0.layer.1.layer_norm.weight".into(),
+        vec![8],
+        random(8, 1.0, 482),
+    ));
+    // A layer with a whole layer deeper under its prefix.
+    tensors.extend(layer_tensors("hf", "attn.", &e8, &random_weights(&e8, 483)));
+    tensors.extend(layer_tensors(
+        "diffusers",
+        "attn.inner.",
+        &e8,
+        &random_weights(&e8, 484),
+    ));
+    let bytes = safetensors_bytes(&tensors);
+    for (prefix, c) in [(p1, t5), ("attn.", e8), ("attn.inner.", e8)] {
+        let file = LayerFile::open(&bytes, prefix, None).unwrap();
+        assert_eq!(file.unread(), [], "{prefix}");
+        file.weights(&c).unwrap_or_else(|e| panic!("{prefix}: {e}"));
+    }
+    // Half a layer deeper is no layer: its tensors are the outer layer's, unread.
+    tensors.push((
+        "attn.half.to_q.weight".into(),
+        vec![8, 8],
+        random(64, 1.0, 485),
+    ));
+    let bytes = safetensors_bytes(&tensors);
+    let err = MhaWeights::from_safetensors(&bytes, "attn.", &e8)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("half.to_q.weight"), "{err}");
+    assert!(!err.contains("inner."), "{err}");
+}

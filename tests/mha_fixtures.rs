@@ -96,6 +96,21 @@ fn fixtures_agree_with_an_f64_forward_pass() {
     }
 }
 
+/// No GPU needed: every fixture's file (PyTorch's packed and separate projections, Hugging
+/// Face's `k_proj` without bias, diffusers' `to_out.0`, T5's `q, k, v, o`) holds nothing its
+/// layer leaves unread, and loads.
+#[test]
+fn every_fixture_loads_with_no_tensor_unread() {
+    for c in cases() {
+        let bytes = std::fs::read(c.file("weights.safetensors")).unwrap();
+        let file = xattn::mha::weights::LayerFile::open(&bytes, &c.prefix, None)
+            .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        assert_eq!(file.unread(), [], "{}", c.name);
+        file.weights(&c.config())
+            .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+    }
+}
+
 /// The GPU layer loaded from each fixture's safetensors file (its own naming detection, the
 /// case's prefix) against PyTorch's output and attention weights.
 #[test]

@@ -5,8 +5,9 @@ use xattn::kernels::linear::Linear;
 use xattn::kernels::pack::Pack;
 use xattn::kernels::qk_scores::QkScores;
 use xattn::kernels::{Access, Kernel, SHADER_FILES};
-use xattn::mha::{layer_program, LayerTypes, MhaConfig, NeedWeights};
+use xattn::mha::{MhaConfig, NeedWeights};
 use xattn::params::{AttnParams, LinearParams};
+use xattn::plan::layer::{layer_program, LayerTypes};
 use xattn::plan::{DeviceCaps, MatrixUnits, MergePlan, Plan, Request};
 use xattn::{Alignment, Attention, AttnShape, FusedConfig, Path, Pool, PoolOp, Stats};
 use xattn::{DType, Storage};
@@ -16,7 +17,6 @@ const CAPS: DeviceCaps = DeviceCaps {
     max_buffer: 2 << 30,
     max_workgroups: 65535,
     max_workgroup_bytes: 16 << 10,
-    uniform_align: 256,
     loop_cap: Some(xattn::plan::LLVMPIPE_LOOP_CAP),
     native_f16: true,
     fill: xattn::plan::GPU_FILL,
@@ -91,13 +91,13 @@ fn all_kernels() -> Vec<Kernel> {
                         fused: None,
                     };
                     let caps = caps_for(native_f16);
-                    collect(&mut out, &Plan::new(&req, &caps).unwrap().program);
+                    collect(&mut out, Plan::new(&req, &caps).unwrap().program());
                     // Every rows-per-invocation variant R of the flash kernel, with and
                     // without subgroup lanes.
                     if path != Path::ThreePass {
                         for config in FusedConfig::ALL {
                             let forced = req.clone().with_fused_config(config);
-                            collect(&mut out, &Plan::new(&forced, &caps).unwrap().program);
+                            collect(&mut out, Plan::new(&forced, &caps).unwrap().program());
                         }
                     }
                 }
@@ -197,7 +197,7 @@ fn matrix_unit_kernels(d: usize, max_workgroup_bytes: u64) -> Vec<Kernel> {
                 }
                 .with_fused_config(FusedConfig::MATRIX_UNITS);
                 let plan = Plan::new(&req, &caps).unwrap_or_else(|e| panic!("d {d} {dtype}: {e}"));
-                collect(&mut out, &plan.program);
+                collect(&mut out, plan.program());
             }
         }
     }

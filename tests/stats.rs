@@ -51,7 +51,7 @@ fn statistics_match_the_reference_on_every_path_and_mask() {
             let what = format!("{} {name} {s}", path.name());
             let (plan, got) = run_poisoned(engine, &s, (&q, &k, &v), &o)
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
-            assert_eq!(plan.path, path);
+            assert_eq!(plan.path(), path);
             check_stats(&what, &s, &got, &want.weights, pool, base);
         }
     }
@@ -76,11 +76,11 @@ fn split_k_statistics_equal_the_fused_ones() {
     };
     let (fused_plan, fused) = run(Path::Fused);
     let (split_plan, split) = run(Path::SplitK);
-    assert_eq!(fused_plan.path, Path::Fused);
+    assert_eq!(fused_plan.path(), Path::Fused);
     assert!(
-        split_plan.tiling.contains("split"),
+        split_plan.tiling().contains("split"),
         "split-K plan: {}",
-        split_plan.tiling
+        split_plan.tiling()
     );
     // Both rebuild P from their own LSE; the LSEs agree to a few ulps, so do the statistics.
     let base = budget(&s, 1.0 / (s.d_k as f32).sqrt(), &q, &k, &v).lse;
@@ -108,21 +108,21 @@ fn statistics_need_no_m_by_n_memory() {
         .request(big)
         .unwrap();
     let caps = xattn::DeviceCaps {
-        loop_cap: Some(xattn::LLVMPIPE_LOOP_CAP),
+        loop_cap: Some(xattn::device::LLVMPIPE_LOOP_CAP),
         ..xattn::DeviceCaps::from_limits(&wgpu::Limits::default())
     };
     let plan = xattn::Plan::new(&req, &caps).unwrap();
-    let total: u64 = plan.program.buffers().iter().map(|b| b.bytes).sum();
+    let total: u64 = plan.program().buffers().iter().map(|b| b.bytes).sum();
     let p_bytes = (big.m * big.n * 4) as u64;
     eprintln!(
         "M = N = 16384, d 64, every statistic and a 2048² max-pooled map: {} declared, P \
          would be {}",
-        xattn::plan::human_bytes(total),
-        xattn::plan::human_bytes(p_bytes)
+        xattn::shape::human_bytes(total),
+        xattn::shape::human_bytes(p_bytes)
     );
     // Q, K, V, O (4 MiB each), LSE, three statistics and the 2048² map (16 MiB).
     assert!(total < p_bytes / 30, "{total} bytes declared");
-    assert!(plan.program.buffers().iter().all(|b| b.bytes <= 16 << 20));
+    assert!(plan.program().buffers().iter().all(|b| b.bytes <= 16 << 20));
 }
 
 #[test]
@@ -139,12 +139,12 @@ fn statistics_of_a_16384_square_run_on_the_fused_path() {
         "{s}: {:.1} s with uploads and readback",
         start.elapsed().as_secs_f64()
     );
-    let declared: u64 = plan.program.buffers().iter().map(|b| b.bytes).sum();
+    let declared: u64 = plan.program().buffers().iter().map(|b| b.bytes).sum();
     eprintln!(
         "{s} fused with every statistic: {} declared in all ({}), P would be {}",
-        xattn::plan::human_bytes(declared),
-        plan.path.name(),
-        xattn::plan::human_bytes((s.m * s.n * 4) as u64)
+        xattn::shape::human_bytes(declared),
+        plan.path().name(),
+        xattn::shape::human_bytes((s.m * s.n * 4) as u64)
     );
     assert!(declared < 8 << 20, "{declared} bytes");
     let (entropy, focus, coverage) = (
@@ -205,7 +205,7 @@ fn statistics_of_a_16384_square_run_on_the_fused_path() {
 
 /// Dispatches of `kernel` in `plan`.
 fn passes(plan: &xattn::Plan, kernel: &str) -> usize {
-    plan.program
+    plan.program()
         .dispatches()
         .filter(|d| d.kernel.name() == kernel)
         .count()

@@ -4,8 +4,8 @@
 
 use rand::rngs::StdRng;
 use rand::Rng;
-use xattn::cpu::reference;
 use xattn::mask::Masking;
+use xattn::mha::reference;
 use xattn::mha::MhaWeights;
 use xattn::{Attention, MhaConfig};
 

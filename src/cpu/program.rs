@@ -42,6 +42,8 @@ pub fn run(program: &Program, inputs: &HostBuffers) -> Result<HostBuffers> {
                 given.clone()
             }
             Role::Output | Role::Scratch => vec![f32::NAN.to_bits(); words],
+            // Never read; a word for the kernels' binding.
+            Role::Absent => vec![0; words],
         });
     }
     for step in program.steps() {

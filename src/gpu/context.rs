@@ -82,13 +82,55 @@ const WANTED_FEATURES: wgpu::Features = wgpu::Features::TIMESTAMP_QUERY
     .union(wgpu::Features::SHADER_F16)
     .union(wgpu::Features::SUBGROUP);
 
-/// Whether `XATTN_MATRIX_UNITS` asks for the adapter's matrix units (wgpu's experimental
-/// cooperative matrices; see [`crate::FusedConfig::MATRIX_UNITS`]): `1`, `true` or `on`.
-pub fn matrix_units_wanted() -> bool {
-    std::env::var("XATTN_MATRIX_UNITS")
-        .ok()
-        .and_then(|v| crate::tune::parse_setting(&v))
-        .unwrap_or(false)
+/// What xattn does without each wanted feature, and what that costs.
+const WITHOUT: [(wgpu::Features, &str, &str); 3] = [
+    (
+        wgpu::Features::SUBGROUP,
+        "SUBGROUP",
+        "the fused kernel runs without subgroup lanes or broadcast loads (on lavapipe one \
+         decode step, M 1 over N 1500 keys, 8 heads of 64, took 20.5 ms instead of 3.2 ms)",
+    ),
+    (
+        wgpu::Features::SHADER_F16,
+        "SHADER_F16",
+        "f16 tensors are read as packed pairs in u32 words and unpacked by the kernels \
+         instead of loaded as f16",
+    ),
+    (
+        wgpu::Features::TIMESTAMP_QUERY,
+        "TIMESTAMP_QUERY",
+        "the bench and the autotuner time with the host clock around a wait for the device, \
+         not with GPU timestamps",
+    ),
+];
+
+/// The features to request when opening a device on `adapter` for xattn: those it uses that
+/// the adapter has (subgroups, f16 in shaders, timestamps). Without them xattn still computes
+/// the same results, more slowly ([`Context::degradations`] says what each costs).
+///
+/// ```no_run
+/// # async fn open(adapter: wgpu::Adapter) -> xattn::Result<()> {
+/// let (device, queue) = adapter
+///     .request_device(&wgpu::DeviceDescriptor {
+///         required_features: xattn::device::wanted_features(&adapter),
+///         required_limits: xattn::device::wanted_limits(&adapter),
+///         ..Default::default()
+///     })
+///     .await
+///     .expect("a device");
+/// let ctx = xattn::Context::from_wgpu(device, queue)?;
+/// assert!(ctx.degradations().is_empty());
+/// # Ok(()) }
+/// ```
+pub fn wanted_features(adapter: &wgpu::Adapter) -> wgpu::Features {
+    adapter.features() & WANTED_FEATURES
+}
+
+/// The limits to request when opening a device on `adapter` for xattn: the adapter's own.
+/// wgpu's defaults (128 MiB per storage binding, 16 KiB of workgroup memory) make the planner
+/// split work more, or refuse problems the adapter could run.
+pub fn wanted_limits(adapter: &wgpu::Adapter) -> wgpu::Limits {
+    adapter.limits()
 }
 
 /// Creates the instance from the environment (`WGPU_BACKEND`, `WGPU_DEBUG`, …).
@@ -144,12 +186,13 @@ impl Context {
         let info = adapter.get_info();
         let mut features = adapter.features() & WANTED_FEATURES;
         let matrix = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
-        let matrix_configs = if matrix_units_wanted() && adapter.features().contains(matrix) {
-            features |= matrix;
-            adapter.cooperative_matrix_properties()
-        } else {
-            Vec::new()
-        };
+        let matrix_configs =
+            if crate::settings::matrix_units() && adapter.features().contains(matrix) {
+                features |= matrix;
+                adapter.cooperative_matrix_properties()
+            } else {
+                Vec::new()
+            };
         let experimental_features = if features.contains(matrix) {
             // SAFETY: wgpu asks callers of experimental features to accept that its
             // implementation may still have bugs. xattn enables this one only where the user
@@ -171,18 +214,36 @@ impl Context {
             adapter: info.name.clone(),
             reason: e.to_string(),
         })?;
-        let mut ctx = Self::from_wgpu(device, queue)?;
+        let mut ctx = Self::wrap(device, queue);
         ctx.matrix_configs = matrix_configs;
         ctx.watch_device();
+        for lack in ctx.degradations() {
+            log::info!("{}: the adapter {lack}", ctx.describe());
+        }
         Ok(ctx)
     }
 
     /// Wraps a device and queue the caller already owns: adapter info, limits and features
     /// are read from the device, and the caller's uncaptured-error and device-lost handlers
-    /// are left alone (xattn's errors reach xattn's calls through error scopes).
+    /// are left alone (xattn's errors reach xattn's calls through error scopes). Open the
+    /// device with [`wanted_features`] and [`wanted_limits`]: what it lacks of them is logged
+    /// as a warning (the `log` facade) with what it costs, and listed by
+    /// [`Context::degradations`].
     pub fn from_wgpu(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
+        let ctx = Self::wrap(device, queue);
+        for lack in ctx.degradations() {
+            log::warn!(
+                "{}: the device {lack}; open it with xattn::device::wanted_features(&adapter) \
+                 where the adapter has the feature",
+                ctx.describe()
+            );
+        }
+        Ok(ctx)
+    }
+
+    fn wrap(device: wgpu::Device, queue: wgpu::Queue) -> Self {
         let info = device.adapter_info();
-        Ok(Self {
+        Self {
             gl_serial: (info.backend == wgpu::Backend::Gl).then(Arc::default),
             info,
             limits: device.limits(),
@@ -192,7 +253,17 @@ impl Context {
             queue,
             fault: Arc::default(),
             created: Arc::default(),
-        })
+        }
+    }
+
+    /// What this device lacks of the features xattn uses, one line each with what it costs
+    /// (`has no SUBGROUP: …`); empty when it has them all. Results are the same either way.
+    pub fn degradations(&self) -> Vec<String> {
+        WITHOUT
+            .iter()
+            .filter(|(feature, _, _)| !self.features.contains(*feature))
+            .map(|(_, name, cost)| format!("has no {name}: {cost}"))
+            .collect()
     }
 
     /// On a device xattn owns: records errors outside any scope and device loss for

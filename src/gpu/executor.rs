@@ -118,6 +118,14 @@ fn check_bindings(program: &Program, tensors: &Bindings) -> Result<()> {
                 )))
             }
             (Role::Scratch, None) => {}
+            (Role::Absent, Some(_)) => {
+                return Err(Error::Argument(format!(
+                    "buffer `{}` is absent from this program (its call has none); it is not \
+                     bound by the caller",
+                    decl.name
+                )))
+            }
+            (Role::Absent, None) => {}
             (_, None) => {
                 return Err(Error::Argument(format!(
                     "the program's {:?} buffer `{}` was not bound",
@@ -175,7 +183,26 @@ pub fn bind(
             (id, pool.take(ctx, &label, decl.bytes, usage))
         })
         .collect();
+    // One placeholder for every absent input of the program.
+    let absent = (program.ids(Role::Absent).count() > 0).then(|| {
+        pool.take(
+            ctx,
+            "xattn.absent",
+            crate::program::ABSENT_BYTES,
+            wgpu::BufferUsages::STORAGE,
+        )
+    });
     let buffer = |id: BufferId| -> wgpu::BufferBinding {
+        if program.decl(id).role == Role::Absent {
+            let placeholder = absent
+                .as_ref()
+                .expect("taken where the program has absent inputs");
+            return wgpu::BufferBinding {
+                buffer: placeholder.buffer(),
+                offset: 0,
+                size: wgpu::BufferSize::new(crate::program::ABSENT_BYTES),
+            };
+        }
         match scratch.get(&id) {
             // A pooled buffer may be larger: bind the declared size.
             Some(b) => wgpu::BufferBinding {
@@ -275,6 +302,7 @@ pub fn bind(
     let passes = ops.iter().filter(|op| matches!(op, Op::Pass(_))).count();
     let mut buffers: Vec<Pooled> = scratch.into_values().collect();
     buffers.push(params);
+    buffers.extend(absent);
     Ok(Bound {
         ops,
         passes,

@@ -36,7 +36,7 @@ impl Drop for PipelineCache {
 
 impl PipelineCache {
     /// An empty cache for pipelines of `ctx`'s device.
-    pub fn new(ctx: &crate::Context) -> Self {
+    pub fn new(ctx: &crate::gpu::context::Context) -> Self {
         Self {
             pipelines: Mutex::default(),
             serial: ctx.serial_lock(),

@@ -69,7 +69,7 @@ impl Drop for Pooled {
 
 impl BufferPool {
     /// An empty pool for buffers of `ctx`'s device.
-    pub fn new(ctx: &crate::Context) -> Self {
+    pub fn new(ctx: &crate::gpu::context::Context) -> Self {
         Self {
             idle: Mutex::default(),
             created: AtomicU64::new(0),
@@ -80,7 +80,7 @@ impl BufferPool {
     /// A buffer of at least `size` bytes with `usage`, idle or new.
     pub fn take(
         self: &Arc<Self>,
-        ctx: &crate::Context,
+        ctx: &crate::gpu::context::Context,
         label: &str,
         size: u64,
         usage: wgpu::BufferUsages,

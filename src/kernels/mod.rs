@@ -1,4 +1,4 @@
-//! The kernel registry: one module per kernel, one line per kernel in [`registry!`].
+//! The kernel registry: one module per kernel, one line per kernel in `registry!`.
 //!
 //! A kernel lives in four places that share its name: `shaders/<name>.wgsl`, its module
 //! here (`src/kernels/<name>.rs`: its specialization, the pipeline cache key part, with
@@ -17,11 +17,12 @@
 //!    [`AttnParams`](crate::params::AttnParams)); `tests/shaders.rs` compares its layout
 //!    with naga's.
 //! 3. `src/kernels/<name>.rs`: the specialization struct and its [`KernelSpec`] impl.
-//! 4. One line in [`registry!`] below (and `mod <name>;` beside the others).
+//! 4. One line in `registry!` below (and `pub mod <name>;` beside the others).
 //! 5. `src/cpu/<name>.rs`: the twin, `run(params, specialization…, buffers)` unpacking the
 //!    bindings, and `pub mod <name>;` in `src/cpu/mod.rs`.
-//! 6. Its planner function (under `src/plan/`), which calls [`Program::dispatch`]
-//!    (crate::program::Program::dispatch) with the specialization and its params.
+//! 6. Its planner function (under `src/plan/`), which calls
+//!    [`Program::dispatch`](crate::program::Program::dispatch) with the specialization and
+//!    its params.
 //! 7. Its tests: the planner's specializations reach `tests/shaders.rs` through
 //!    `all_kernels`, the twin and the device through `tests/cpu_twins.rs` and the path's own
 //!    test file.
@@ -36,6 +37,7 @@ pub mod flash;
 pub mod flash_coop;
 pub mod key_coverage;
 pub mod linear;
+mod loop_cost;
 pub mod mean_heads;
 pub mod merge_partials;
 pub mod pack;
@@ -45,6 +47,8 @@ pub mod weight_blocks;
 pub mod weighted_sum;
 
 pub use common::resolve_includes;
+pub(crate) use loop_cost::looped;
+pub use loop_cost::LoopCost;
 
 /// How one binding of a kernel is accessed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,52 +59,6 @@ pub enum Access {
     Read,
     /// `var<storage, read_write>`.
     ReadWrite,
-}
-
-/// Loop iterations one invocation of a kernel may run in one dispatch, as
-/// `fixed + per_step · ⌈len / step⌉` over the kernel's one long loop (keys, a reduction dim or
-/// splits; [`KernelSpec::LONG_LOOP`] says which). Every loop the shader executes is counted as
-/// its iterations + 1 (the exit test counts on Mesa's llvmpipe, which ends a shader's loops
-/// once 65,535 iterations have run in one invocation, all loops together: see
-/// `plan::DeviceCaps::loop_cap`); loops over compile-time constants the shaders write out.
-/// An upper bound: the planner keeps every dispatch at or under the device's cap.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LoopCost {
-    /// Iterations whatever the length.
-    pub fixed: u64,
-    /// Iterations per step of the long loop.
-    pub per_step: u64,
-    /// Elements one step covers.
-    pub step: u64,
-}
-
-impl LoopCost {
-    /// A kernel without loops.
-    pub const NONE: LoopCost = LoopCost {
-        fixed: 0,
-        per_step: 0,
-        step: 1,
-    };
-
-    /// Iterations for a long loop over `len` elements.
-    pub fn trips(&self, len: u64) -> u64 {
-        self.fixed + self.per_step * len.div_ceil(self.step)
-    }
-
-    /// The longest loop (a multiple of `step`) whose iterations stay within `cap`; 0 if none,
-    /// unbounded for a kernel without a long loop.
-    pub fn max_len(&self, cap: u64) -> u64 {
-        match self.per_step {
-            0 if self.fixed <= cap => u64::MAX,
-            0 => 0,
-            per_step => cap.saturating_sub(self.fixed) / per_step * self.step,
-        }
-    }
-}
-
-/// The iterations of a loop of `n` iterations, exit test included.
-pub(crate) const fn looped(n: u64) -> u64 {
-    n + 1
 }
 
 /// What a kernel is: every fact the planner, the pipeline cache, the executors and the tests

@@ -17,6 +17,14 @@
 //! named. A projection has a bias when the file holds one (Whisper's `k_proj`, diffusers'
 //! `to_q/k/v` and T5 have none); with `MhaConfig::bias = false` the biases in the file are
 //! ignored. Tensors may be f32, f16 or bf16 (widened to f32).
+//!
+//! Every other tensor under the prefix changes what the model computes, so a file holding one
+//! is refused by name until it is ignored ([`LayerFile::ignore`]): PyTorch's `bias_k`, `bias_v`
+//! (`add_bias_kv=True`), diffusers' `norm_q`, `norm_k` (`qk_norm`), `norm_cross`
+//! (`cross_attention_norm`) and the added projections of joint attention, T5's
+//! `relative_attention_bias` (a position bias: give it as the attention's bias), RoPE, LoRA
+//! weights, and any tensor xattn does not know. The tensors of layers deeper under the prefix
+//! are theirs, not the layer's.
 
 use std::fmt;
 use std::str::FromStr;
@@ -28,7 +36,7 @@ use crate::mha::Proj;
 #[cfg(feature = "safetensors")]
 mod file;
 #[cfg(feature = "safetensors")]
-pub use file::LayerFile;
+pub use file::{LayerFile, Unread};
 
 /// The four projections in PyTorch `Linear` layout (`[out, in]`, row-major f32).
 #[derive(Clone, Debug, PartialEq)]

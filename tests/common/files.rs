@@ -147,3 +147,54 @@ pub fn write_safetensors_raw(path: &Path, tensors: &[(&str, safetensors::Dtype, 
 pub fn le_bytes<T: Copy, const N: usize>(data: &[T], bytes: fn(T) -> [u8; N]) -> Vec<u8> {
     data.iter().flat_map(|&x| bytes(x)).collect()
 }
+
+/// Runs `cmd` to completion like `Command::output`, but kills it and panics if it has not
+/// finished within `secs` seconds: for inputs that would make a broken binary block forever
+/// (a FIFO opened for reading).
+pub fn output_within(mut cmd: std::process::Command, secs: u64) -> std::process::Output {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the binary");
+    // Drained on threads, so that a chatty child cannot fill a pipe and stall.
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped")));
+    let err = drain(Box::new(child.stderr.take().expect("piped")));
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the binary") {
+            break status;
+        }
+        if start.elapsed().as_secs() >= secs {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {secs} s (blocked?)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().expect("stdout"),
+        stderr: err.join().expect("stderr"),
+    }
+}
+
+/// Makes a FIFO at `path`; false (after saying so) where `mkfifo` is missing or fails.
+pub fn make_fifo(path: &Path) -> bool {
+    let made = std::process::Command::new("mkfifo").arg(path).status();
+    let ok = made.is_ok_and(|st| st.success());
+    if !ok {
+        eprintln!("no mkfifo: the FIFO case is skipped");
+    }
+    ok
+}

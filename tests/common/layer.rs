@@ -91,7 +91,7 @@ pub fn keep_biases(w: MhaWeights, keep: [bool; 4]) -> MhaWeights {
     }
 }
 
-/// The layer in f64 (`reference::layer`) with these attention options: (out, per-head weights).
+/// The layer in f64 (`xattn::mha::reference::layer`) with these attention options: (out, per-head weights).
 pub fn reference_layer(
     c: &MhaConfig,
     w: &MhaWeights,
@@ -100,7 +100,7 @@ pub fn reference_layer(
     attention: &Attention,
 ) -> (Vec<f64>, Vec<f64>) {
     let scale = f64::from(attention.scale_for(c.head_dim()));
-    let r = reference::layer(c, w, inputs, batch, scale, attention.masking());
+    let r = xattn::mha::reference::layer(c, w, inputs, batch, scale, attention.masking());
     (r.o, r.weights)
 }
 

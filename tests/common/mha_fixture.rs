@@ -18,7 +18,7 @@ use super::files::read_npy;
 pub const EPS: f64 = f32::EPSILON as f64;
 
 pub fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mha")
+    crate::common::repo_dir().join("tests/fixtures/mha")
 }
 
 /// A safetensors file, F32 tensors only: name → (shape, values). Parsed by hand (8-byte

@@ -8,10 +8,25 @@ pub mod layer;
 pub mod mha_fixture;
 pub mod weight_stats;
 
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use rand::{Rng, SeedableRng};
 use xattn::{cpu::reference, Attention, AttnShape, Engine, HostOutput, Tensor};
+
+/// The repository root: the including crate's folder, or its parent for the CLI crate
+/// (`cli/`), whose tests share these helpers through `#[path]`.
+#[allow(dead_code)]
+pub fn repo_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if dir.join("shaders").is_dir() {
+        dir.to_path_buf()
+    } else {
+        dir.parent()
+            .expect("the CLI crate lies in the repository")
+            .to_path_buf()
+    }
+}
 
 /// The engine on the test adapter, shared by the tests of one binary.
 ///
@@ -44,7 +59,6 @@ pub const CAPS: xattn::plan::DeviceCaps = xattn::plan::DeviceCaps {
     max_buffer: 2 << 30,
     max_workgroups: 65535,
     max_workgroup_bytes: 32 << 10,
-    uniform_align: 256,
     loop_cap: Some(xattn::plan::LLVMPIPE_LOOP_CAP),
     native_f16: true,
     fill: xattn::plan::GPU_FILL,
@@ -89,8 +103,8 @@ pub fn run_poisoned(
     let q = engine.upload(q, &s.q_dims())?;
     let k = engine.upload(k, &s.k_dims())?;
     let v = engine.upload(v, &s.v_dims())?;
-    let plan = engine.plan(&q, &k, &v, opts)?;
-    let out = engine.alloc_output(&plan)?;
+    let call = engine.prepare(&q, &k, &v, opts)?;
+    let out = call.output();
     poison(&out.o)?;
     poison(&out.lse)?;
     if let Some(w) = &out.weights {
@@ -101,8 +115,9 @@ pub fn run_poisoned(
             poison(t)?;
         }
     }
-    let masks = engine.upload_masks(&plan, opts)?;
-    engine.run(&plan, &q, &k, &v, &masks, &out, None)?;
+    call.run()?;
+    let plan = call.plan().clone();
+    let out = call.into_output();
     let host = HostOutput {
         o: out.o.to_host()?,
         lse: out.lse.to_host()?,

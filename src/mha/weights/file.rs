@@ -144,6 +144,165 @@ fn complete(st: &SafeTensors, parts: &Parts) -> bool {
     parts.iter().all(|[w, _]| has(st, &w.name))
 }
 
+/// A tensor under a layer's prefix that the layer does not read ([`LayerFile::unread`]): it
+/// changes what the model computes, so a file holding one is refused unless it is ignored by
+/// name ([`LayerFile::ignore`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unread {
+    /// The tensor's name after the prefix.
+    pub name: String,
+    /// What it is in the model that saved it, where xattn knows.
+    pub what: Option<&'static str>,
+}
+
+const ADD_BIAS_KV: &str = "nn.MultiheadAttention(add_bias_kv=True)'s learned key and value, \
+     appended to the source after the projections; xattn does not implement add_bias_kv";
+const PACKED_AND_SEPARATE: &str = "PyTorch's separate q_proj_weight/k_proj_weight/v_proj_weight \
+     beside the packed in_proj_weight this layer reads: nn.MultiheadAttention saves one or the \
+     other, so which the model used is unknown";
+const DIFFUSERS_QK_NORM: &str = "diffusers qk_norm (RMSNorm/LayerNorm over each head's query and \
+     key); xattn does not implement it";
+const CROSS_NORM: &str = "diffusers cross_attention_norm (LayerNorm or GroupNorm of the source \
+     before the key and value projections); xattn does not implement it";
+const ADDED_KV: &str = "diffusers added_kv_proj_dim (a second, added sequence projected and \
+     attended jointly, as in SD3 and Flux); xattn does not implement it";
+const SPATIAL_NORM: &str = "diffusers spatial_norm (SpatialNorm of the query input); xattn does \
+     not implement it";
+const GROUP_NORM: &str = "diffusers group_norm (GroupNorm of the query input); xattn does not \
+     implement it";
+const PROCESSOR: &str = "an attention processor's own weights (e.g. IP-Adapter's to_k_ip and \
+     to_v_ip: a second cross-attention); xattn does not implement it";
+const HF_QK_NORM: &str = "a norm over each head's query and key (q_norm, k_norm, as in Qwen3 and \
+     OLMo 2); xattn does not implement it";
+const ROPE: &str = "rotary position embedding (RoPE) of the query and key; xattn does not \
+     implement it";
+const T5_RELATIVE_BIAS: &str = "T5's relative position bias (pass it as --bias, computed by the \
+     model: T5Attention.compute_bias gives the [1, heads, M, N] logit bias; in the library \
+     Attention::with_bias)";
+const LORA: &str = "LoRA adapter weights (a low-rank update of a projection): merge them into \
+     the projection's weight before saving";
+
+/// Tensors that models keep beside a family's projections: (family, name after the prefix, or
+/// a module when it ends in `.`, what it is).
+const KNOWN: &[(Names, &str, &str)] = &[
+    (Names::PyTorch, "bias_k", ADD_BIAS_KV),
+    (Names::PyTorch, "bias_v", ADD_BIAS_KV),
+    (Names::PyTorch, "q_proj_weight", PACKED_AND_SEPARATE),
+    (Names::PyTorch, "k_proj_weight", PACKED_AND_SEPARATE),
+    (Names::PyTorch, "v_proj_weight", PACKED_AND_SEPARATE),
+    (Names::HuggingFace, "q_norm.", HF_QK_NORM),
+    (Names::HuggingFace, "k_norm.", HF_QK_NORM),
+    (Names::HuggingFace, "rotary_emb.", ROPE),
+    (Names::Diffusers, "norm_q.", DIFFUSERS_QK_NORM),
+    (Names::Diffusers, "norm_k.", DIFFUSERS_QK_NORM),
+    (Names::Diffusers, "norm_cross.", CROSS_NORM),
+    (Names::Diffusers, "norm_added_q.", ADDED_KV),
+    (Names::Diffusers, "norm_added_k.", ADDED_KV),
+    (Names::Diffusers, "add_q_proj.", ADDED_KV),
+    (Names::Diffusers, "add_k_proj.", ADDED_KV),
+    (Names::Diffusers, "add_v_proj.", ADDED_KV),
+    (Names::Diffusers, "to_add_out.", ADDED_KV),
+    (Names::Diffusers, "spatial_norm.", SPATIAL_NORM),
+    (Names::Diffusers, "group_norm.", GROUP_NORM),
+    (Names::Diffusers, "processor.", PROCESSOR),
+    (Names::T5, "relative_attention_bias.", T5_RELATIVE_BIAS),
+];
+
+/// What the tensor `name` (after the prefix) is beside a layer of `family`, where known.
+fn what_is(family: Names, name: &str) -> Option<&'static str> {
+    if name.split('.').any(|part| part.starts_with("lora")) {
+        return Some(LORA);
+    }
+    KNOWN
+        .iter()
+        .find(|(f, known, _)| {
+            *f == family
+                && match known.strip_suffix('.') {
+                    Some(module) => name
+                        .strip_prefix(module)
+                        .is_some_and(|r| r.starts_with('.')),
+                    None => name == *known,
+                }
+        })
+        .map(|(_, _, what)| *what)
+}
+
+/// The tensors under `prefix` that the layer of `family` read through `parts` does not read.
+/// Not counted: the tensors of other layers, as [`layers`] finds them — those under a deeper
+/// prefix holding a layer, and the projections of another family complete at this prefix
+/// (the caller named which to read).
+fn unread(st: &SafeTensors, prefix: &str, family: Names, parts: &Parts) -> Vec<Unread> {
+    let all = layers(st);
+    let deeper: Vec<&str> = all
+        .iter()
+        .filter(|(p, _)| p.len() > prefix.len() && p.starts_with(prefix))
+        .map(|(p, _)| p.as_str())
+        .collect();
+    let mut others: Vec<String> = all
+        .iter()
+        .filter(|(p, f)| p == prefix && *f != family)
+        .filter_map(|(_, f)| present(*f, st, prefix))
+        .flat_map(|parts| parts.into_iter().flatten().map(|part| part.name))
+        .collect();
+    others.extend(parts.iter().flatten().map(|part| part.name.clone()));
+    let mut out: Vec<Unread> = st
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with(prefix))
+        .filter(|n| !others.iter().any(|o| o == *n))
+        .filter(|n| !deeper.iter().any(|p| n.starts_with(p)))
+        .map(|n| {
+            let name = n[prefix.len()..].to_string();
+            Unread {
+                what: what_is(family, &name),
+                name,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// The error for a layer whose prefix holds tensors it does not read: each named, grouped by
+/// what it is, with how to load the layer without them.
+fn unread_error(prefix: &str, family: Names, unread: &[Unread]) -> Error {
+    let mut groups: Vec<(Option<&str>, Vec<String>)> = Vec::new();
+    for u in unread {
+        match groups.iter_mut().find(|(what, _)| *what == u.what) {
+            Some((_, names)) => names.push(u.name.clone()),
+            None => groups.push((u.what, vec![u.name.clone()])),
+        }
+    }
+    // The known kinds first, in the file's order; the unknown ones last.
+    groups.sort_by_key(|(what, _)| what.is_none());
+    let described: Vec<String> = groups
+        .iter()
+        .map(|(what, names)| {
+            let what = what.map_or_else(
+                || format!("not part of a {family} layer as xattn knows it"),
+                str::to_string,
+            );
+            format!("{}: {what}", listed(names, 16))
+        })
+        .collect();
+    let names = match unread.len() {
+        1..=16 => unread
+            .iter()
+            .map(|u| u.name.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => "NAME,...".to_string(),
+    };
+    Error::Weights(format!(
+        "the {family} layer {} does not read {} of the tensors there, so its results would \
+         differ from the model's wherever they take part: {}. To load the layer without them \
+         anyway, name them to ignore (LayerFile::ignore; xattn mha --ignore-tensors {names})",
+        at(prefix),
+        unread.len(),
+        described.join("; "),
+    ))
+}
+
 /// The first `max` of `items`, and how many more.
 fn listed(items: &[String], max: usize) -> String {
     let shown = items[..max.min(items.len())].join(", ");
@@ -257,17 +416,43 @@ fn nearby(st: &SafeTensors, prefix: &str) -> String {
 
 /// The tensors of one layer in a safetensors file: its name family and where each projection's
 /// weight and bias lie under the prefix.
+///
+/// Every other tensor under the prefix (not those of a layer deeper under it) must be read by
+/// the layer or ignored by name: `bias_k`/`bias_v` (`add_bias_kv`), diffusers' `norm_q`,
+/// `norm_k` (`qk_norm`) and `norm_cross` (`cross_attention_norm`), T5's
+/// `relative_attention_bias` and any tensor xattn does not know change what the model
+/// computes, so [`LayerFile::weights`] refuses a file holding them, naming each
+/// ([`LayerFile::unread`]), until [`LayerFile::ignore`] names them:
+///
+/// ```no_run
+/// # fn main() -> xattn::Result<()> {
+/// use xattn::mha::weights::LayerFile;
+/// let bytes = std::fs::read("model.safetensors").expect("read the file");
+/// let mut file = LayerFile::open(&bytes, "encoder.block.0.layer.0.SelfAttention.", None)?;
+/// file.ignore(&["relative_attention_bias.weight"])?; // given as the attention's bias instead
+/// let config = xattn::MhaConfig::new(512, 8).with_bias(false);
+/// let weights = file.weights(&config)?;
+/// # Ok(()) }
+/// ```
 pub struct LayerFile<'a> {
     st: SafeTensors<'a>,
+    prefix: String,
     names: Names,
     parts: Parts,
+    /// Tensors under the prefix the layer does not read, not ignored.
+    unread: Vec<Unread>,
+    /// Those ignored by name.
+    ignored: Vec<Unread>,
 }
 
 impl fmt::Debug for LayerFile<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LayerFile")
+            .field("prefix", &self.prefix)
             .field("names", &self.names)
             .field("parts", &self.parts)
+            .field("unread", &self.unread)
+            .field("ignored", &self.ignored)
             .finish()
     }
 }
@@ -327,7 +512,94 @@ impl<'a> LayerFile<'a> {
                 shape_text(q.shape())
             )));
         }
-        Ok(Self { st, names, parts })
+        let unread = unread(&st, prefix, names, &parts);
+        Ok(Self {
+            st,
+            prefix: prefix.to_string(),
+            names,
+            parts,
+            unread,
+            ignored: Vec::new(),
+        })
+    }
+
+    /// The tensors under the prefix that the layer does not read and that are not ignored
+    /// (names after the prefix, with what each is where xattn knows): [`LayerFile::weights`]
+    /// refuses the file while there are any. Tensors of layers deeper under the prefix, and
+    /// the projections of another name family complete at the prefix, are not the layer's
+    /// and not listed.
+    pub fn unread(&self) -> &[Unread] {
+        &self.unread
+    }
+
+    /// The error [`LayerFile::weights`] returns while the prefix holds tensors the layer does
+    /// not read and that are not ignored: each named, with what it is, and how to ignore them.
+    pub fn check_unread(&self) -> Result<()> {
+        if self.unread.is_empty() {
+            return Ok(());
+        }
+        Err(unread_error(&self.prefix, self.names, &self.unread))
+    }
+
+    /// The tensors [`LayerFile::ignore`] has set aside.
+    pub fn ignored(&self) -> &[Unread] {
+        &self.ignored
+    }
+
+    /// Loads the layer without the unread tensors `names` (each after the prefix, or in full),
+    /// which then no longer stop [`LayerFile::weights`]: the layer computes without them, so
+    /// its results differ from the model's wherever they took part. Each name must be one of
+    /// [`LayerFile::unread`] (or already ignored); a name the file lacks, or a tensor the
+    /// layer reads, is an error naming it, and nothing is ignored.
+    pub fn ignore<S: AsRef<str>>(&mut self, names: &[S]) -> Result<()> {
+        let mut take = Vec::new();
+        for name in names.iter().map(AsRef::as_ref) {
+            let rel = name.strip_prefix(self.prefix.as_str());
+            let matches = |u: &Unread| u.name == name || Some(u.name.as_str()) == rel;
+            if let Some(i) = self.unread.iter().position(matches) {
+                take.push(i);
+                continue;
+            }
+            if self.ignored.iter().any(matches) {
+                continue;
+            }
+            return Err(self.ignore_error(name));
+        }
+        take.sort_unstable();
+        take.dedup();
+        for i in take.into_iter().rev() {
+            let u = self.unread.remove(i);
+            self.ignored.push(u);
+        }
+        self.ignored.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(())
+    }
+
+    /// Why `name` cannot be ignored.
+    fn ignore_error(&self, name: &str) -> Error {
+        let full = format!("{}{name}", self.prefix);
+        let in_file = [name, full.as_str()].into_iter().find(|n| has(&self.st, n));
+        let reads = self
+            .parts
+            .iter()
+            .flatten()
+            .any(|p| Some(p.name.as_str()) == in_file);
+        let why = match in_file {
+            None if self.prefix.is_empty() => format!("the file holds no tensor `{name}`"),
+            None => format!("the file holds no tensor `{name}` nor `{full}`"),
+            Some(n) if reads => format!("the layer reads `{n}`"),
+            Some(n) => format!(
+                "`{n}` is not one of the tensors the layer leaves unread {}",
+                at(&self.prefix)
+            ),
+        };
+        let left: Vec<String> = self.unread.iter().map(|u| quoted(&u.name)).collect();
+        let left = if left.is_empty() {
+            "none is left unread".to_string()
+        } else {
+            format!("those left unread are {}", listed(&left, 16))
+        };
+        Error::Weights(format!("cannot ignore `{name}`: {why}; {left}"))
     }
 
     /// The family the names belong to.
@@ -344,8 +616,10 @@ impl<'a> LayerFile<'a> {
     }
 
     /// Reads the four projections with the sizes of `c`, and each bias the file holds unless
-    /// `c.bias` is false.
+    /// `c.bias` is false. Refused while the prefix holds tensors the layer does not read
+    /// ([`LayerFile::unread`]), naming each and what it is.
     pub fn weights(&self, c: &MhaConfig) -> Result<MhaWeights> {
+        self.check_unread()?;
         let (e, inner, kv) = (c.embed_dim, c.inner_dim, c.kv_dim());
         let wq = &self.parts[0][0];
         if wq.block.is_some() && (c.kdim != e || c.vdim != e || kv != inner) {

@@ -13,6 +13,7 @@ mod bench;
 mod expect;
 mod info;
 mod layout;
+mod logits;
 mod masks;
 mod mha;
 mod npy;
@@ -28,7 +29,7 @@ use std::path::Path as FsPath;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use xattn::plan::{DeviceCaps, Request};
+use xattn::{DeviceCaps, Request};
 use xattn::{Path, Plan};
 
 /// Cross-attention on any GPU wgpu reaches (Vulkan, Metal, DX12, GL).
@@ -57,11 +58,19 @@ enum Command {
     /// when kv_heads < heads; the summary shows it as H<heads>/<kv_heads>).
     ///
     /// Masks and logit controls (causal, window, lengths, bool mask, bias, softcap, key
-    /// segments) combine; a row left with no key outputs zeros and LSE −inf.
+    /// segments) combine; a row left with no key outputs zeros and LSE −inf. Logits the f32
+    /// kernels cannot hold (|scale·q·k| past 5e37, or dot products whose terms may overflow)
+    /// are refused before the run, naming the inputs, the head, the query row and the key.
     ///
     /// What attends to what, on any path and without storing P: --entropy, --focus and
     /// --coverage write statistics of the weights (float32 .npy), --heatmap DIR writes PNG
     /// maps of P per head and averaged, pooled on the GPU where larger than 2048 a side.
+    ///
+    /// Outputs are written all or none: each to a temporary file beside it, renamed onto its
+    /// target once every output (heatmaps included) is written. An existing target must be a
+    /// regular file, which is replaced; a symbolic link, FIFO, device or folder there is
+    /// refused before the run, neither replaced nor written through (links are not followed:
+    /// name the file itself). Inputs must be regular files (or links to them).
     ///
     /// Exit status: 0 done (and O matches --expect), 1 an error, 2 a usage error, 3 O does
     /// not match --expect.
@@ -74,21 +83,29 @@ enum Command {
     ///
     /// Inputs are float32 or float16 (one type; --dtype converts), C order, batch first
     /// (PyTorch batch_first=True): query [batch, M, E], key [batch, N, kdim], value [batch, N,
-    /// vdim]; 2-D inputs [seq, features] mean batch 1 and give outputs without the batch axis.
+    /// vdim]; with --layout sbe, seq first as nn.MultiheadAttention takes them by default
+    /// ([M, batch, E], ..., and the output [M, batch, E]); 2-D inputs [seq, features] mean
+    /// batch 1 and give outputs without the batch axis.
     /// E, kdim and vdim are read from the inputs' last dims, and the weights must fit them.
     /// Output: [batch, M, E], in the inputs' type (--out-dtype). The weights are kept in the
     /// inputs' type (--dtype) on the device.
     ///
     /// Weights: PyTorch, Hugging Face, diffusers or T5 names under --prefix, detected (see the
     /// list after the options); biases where the file has them; the inner width (heads × head
-    /// dim) comes from the weights.
+    /// dim) comes from the weights. Any other tensor under --prefix (add_bias_kv's bias_k and
+    /// bias_v, diffusers' qk_norm and cross_attention_norm, T5's relative_attention_bias, a
+    /// name xattn does not know) changes what the model computes: the file is refused, naming
+    /// each, unless --ignore-tensors names them. Logits of the projected query and key that the
+    /// f32 kernels cannot hold are refused before the run, as for `xattn run`.
     ///
     /// The masks and logit controls of `xattn run` apply to the attention inside, with heads =
     /// --heads and d = inner width / H; --key-padding-mask adds PyTorch's padding mask (true =
-    /// ignore). A query row left with no key gets a zero attention output, so out = b_o there,
+    /// ignore), --attention-mask Hugging Face's (1 = keep); an integer 0/1 array is refused
+    /// as --key-padding-mask or --mask, with both conversions, as it does not say which it is. A query row left with no key gets a zero attention output, so out = b_o there,
     /// as PyTorch gives with need_weights=False (with need_weights=True it gives NaN).
     /// --entropy, --focus, --coverage and --heatmap work as for `xattn run`, per head (the
-    /// heatmaps also averaged over heads).
+    /// heatmaps also averaged over heads). Outputs are written all or none, and an existing
+    /// target must be a regular file, as for `xattn run` (links, FIFOs, devices are refused).
     Mha(mha::MhaArgs),
     /// Time the attention paths on standard or custom shapes.
     ///
@@ -98,18 +115,49 @@ enum Command {
     /// --causal ALIGN masks every shape. Times are to GPU completion (GPU timestamps where the
     /// adapter has them, else the host clock around a waited run). The fused kernel's
     /// configuration is autotuned per shape bucket before the timed runs (--no-autotune
-    /// times the planner's default); the table notes what was picked.
+    /// times the planner's default); the table notes what was picked. The last line is the
+    /// verdict: checked against the reference and all within the tolerance, or which results
+    /// were not and which runs failed (the exit status is then 1), or timed only.
     Bench(bench::BenchArgs),
 }
 
 /// A failure reported to the user as one line: `xattn: error: <message>`.
 #[derive(Debug)]
-pub struct CliError(String);
+pub struct CliError {
+    msg: String,
+    /// A usage error (flags that do not go together, a flag's value): exit status 2, as for
+    /// the errors clap finds, rather than 1.
+    usage: bool,
+}
+
+/// The exit status of a usage error, clap's and ours alike (the README and `run --help`).
+pub const USAGE: u8 = 2;
 
 impl CliError {
     /// A failure with this message.
     pub fn new(msg: impl Into<String>) -> Self {
-        Self(msg.into())
+        Self {
+            msg: msg.into(),
+            usage: false,
+        }
+    }
+
+    /// A usage error with this message: the command line itself is wrong, whatever the files
+    /// hold (exit status [`USAGE`]).
+    pub fn usage(msg: impl Into<String>) -> Self {
+        Self {
+            msg: msg.into(),
+            usage: true,
+        }
+    }
+
+    /// The exit status for this failure: [`USAGE`] for a usage error, 1 otherwise.
+    pub fn exit_code(&self) -> ExitCode {
+        if self.usage {
+            ExitCode::from(USAGE)
+        } else {
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -121,13 +169,13 @@ pub fn one_line(s: &str) -> String {
 
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&one_line(&self.0))
+        f.write_str(&one_line(&self.msg))
     }
 }
 
 impl From<xattn::Error> for CliError {
     fn from(e: xattn::Error) -> Self {
-        Self(e.to_string())
+        Self::new(e.to_string())
     }
 }
 
@@ -176,8 +224,9 @@ pub fn parse_finite_f32(s: &str) -> Result<f32, String> {
     }
 }
 
-/// What a file type is, for the message refusing a non-regular input.
-fn file_kind(t: FileType) -> &'static str {
+/// What a file type is, for the messages refusing what is not a regular file ("a FIFO (named
+/// pipe)", "a character device", "a symbolic link", "a folder", ...).
+pub fn file_kind(t: FileType) -> &'static str {
     #[cfg(unix)]
     {
         use std::os::unix::fs::FileTypeExt;
@@ -187,19 +236,27 @@ fn file_kind(t: FileType) -> &'static str {
         if t.is_socket() {
             return "a socket";
         }
-        if t.is_char_device() || t.is_block_device() {
-            return "a device";
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
         }
     }
-    if t.is_dir() {
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
         "a folder"
+    } else if t.is_file() {
+        "a regular file"
     } else {
         "not a regular file"
     }
 }
 
-/// Opens the input `path` and returns it with its length. Only a regular file is opened: a
-/// folder or a device is refused by what it is, and a FIFO without blocking on it.
+/// Opens the input `path` and returns it with its length. Only a regular file (or a symbolic
+/// link to one) is opened: a folder or a device is refused by what it is, and a FIFO without
+/// blocking on it.
 pub fn open_file(path: &FsPath) -> CliResult<(File, u64)> {
     let fail = |e: std::io::Error| CliError::new(format!("cannot open {}: {e}", path.display()));
     let meta = std::fs::metadata(path).map_err(fail)?;
@@ -294,6 +351,10 @@ fn ensure_runtime_dir() {}
 
 fn main() -> ExitCode {
     ensure_runtime_dir();
+    // Warnings (xattn's: what a device lacks; wgpu's own) on stderr; RUST_LOG overrides.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp(None)
+        .init();
     install_panic_hook();
     let cli = Cli::parse();
     let result = std::panic::catch_unwind(|| match cli.command {
@@ -306,7 +367,7 @@ fn main() -> ExitCode {
         Ok(Ok(code)) => code,
         Ok(Err(e)) => {
             eprintln!("xattn: error: {e}");
-            ExitCode::FAILURE
+            e.exit_code()
         }
         // The hook has already printed the one line.
         Err(_) => ExitCode::FAILURE,

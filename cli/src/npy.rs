@@ -6,8 +6,10 @@
 //! Only C-ordered arrays of the expected dtype are accepted: converting dtypes or transposing
 //! silently would hide mistakes (a float64 array saved by accident, a transposed layout), and
 //! the fix on the numpy side is one call, which the error names. The exceptions are lossless
-//! and unambiguous: lengths may be any 32- or 64-bit integer type, masks bool or uint8
-//! holding only 0 and 1.
+//! and unambiguous: lengths may be any 32- or 64-bit integer type. Bool masks must be bool: an
+//! integer 0/1 array does not say whether 1 keeps a key (Hugging Face) or removes it (PyTorch's
+//! byte masks), so it is refused with both conversions; `--attention-mask` reads Hugging
+//! Face's integer attention_mask, whose convention its name fixes.
 
 use std::fmt::{self, Display};
 use std::fs::File;
@@ -189,6 +191,56 @@ fn descr(text: &str) -> Option<&str> {
     value[1..].split(quote).next()
 }
 
+/// Rewrites the byte-order character of a plain dtype in the header's dict text `text` where
+/// numpy reads it as the machine's order but npyz does not: `=` (native), and `|` ("not
+/// applicable") on a type whose size makes the order matter (`|f2`, `|f4`: numpy reads them
+/// as native, `np.dtype('|f2') == np.dtype('=f2')`). Both become `<` or `>`, whichever this
+/// machine is, in place (one byte for one, so the header's length stays). Other type strings
+/// are left for the parser to accept or refuse.
+fn native_byte_order(text: &mut [u8]) {
+    let native = if cfg!(target_endian = "little") {
+        b'<'
+    } else {
+        b'>'
+    };
+    let Some(key) = text
+        .windows(7)
+        .position(|w| w == b"'descr'" || w == b"\"descr\"")
+    else {
+        return;
+    };
+    let mut at = key + 7;
+    let skip = |at: &mut usize, what: &[u8]| {
+        while text.get(*at).is_some_and(|b| what.contains(b)) {
+            *at += 1;
+        }
+    };
+    skip(&mut at, b" \t");
+    if text.get(at) != Some(&b':') {
+        return;
+    }
+    at += 1;
+    skip(&mut at, b" \t");
+    if !matches!(text.get(at), Some(b'\'' | b'"')) {
+        return; // a structured dtype: a list
+    }
+    let order = at + 1;
+    let (Some(&first), Some(&kind)) = (text.get(order), text.get(order + 1)) else {
+        return;
+    };
+    let size: u64 = text[order + 2..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .fold(0, |n, &d| {
+            n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+        });
+    // The numeric types, whose byte order matters above one byte.
+    let ordered = b"biufcmM".contains(&kind) && size > 1;
+    if first == b'=' || (first == b'|' && ordered) {
+        text[order] = native;
+    }
+}
+
 /// One line for a header that does not parse: the token a syntax error points at, or a dtype
 /// that is not a numpy type string (`expected` says which one was wanted).
 fn header_error(shown: &dyn Display, text: &str, e: &std::io::Error, expected: &str) -> CliError {
@@ -219,7 +271,8 @@ fn open<'a>(src: &Source<'a>, expected: &str) -> CliResult<(Npy<'a>, TypeStr)> {
     let npy = match src {
         Source::File(path) => {
             let (mut file, len) = open_file(path)?;
-            let (header, text_start) = read_header(&mut file, src, len)?;
+            let (mut header, text_start) = read_header(&mut file, src, len)?;
+            native_byte_order(&mut header[text_start..]);
             let header = NpyHeader::from_reader(&header[..]).map_err(|e| {
                 let text = String::from_utf8_lossy(&header[text_start..]);
                 header_error(src, text.trim_end(), &e, expected)
@@ -373,10 +426,60 @@ fn read_float(src: &Source, mask_fix: Option<&str>) -> CliResult<Array> {
     Err(wrong_dtype(src, &ts, F32, fix))
 }
 
-/// Reads a C-ordered bool array; uint8 holding only 0 and 1 is accepted as well (PyTorch's
-/// old byte masks). True means "may attend". A float array is refused with a pointer to
-/// `--bias`: PyTorch's float attention masks are additive (0 keeps a key, −inf removes it),
-/// and `a.astype(bool)` would invert one.
+/// How to turn an integer 0/1 array (Hugging Face's int64 attention_mask, PyTorch's old
+/// uint8 masks) into the bool mask `flag` wants, whose `true` means `meaning`. Such an array
+/// does not say whether 1 keeps or removes a key, so it is never taken as it is: both
+/// conversions are named, with the one that inverts it for the other convention.
+pub enum Polarity {
+    /// `--mask`: true = may attend (PyTorch SDPA's bool attn_mask, JAX).
+    Attend,
+    /// `--key-padding-mask`: true = ignore that key (PyTorch's key_padding_mask).
+    IgnoreKey,
+}
+
+impl Polarity {
+    fn meaning(&self) -> &'static str {
+        match self {
+            Self::Attend => "true = may attend (PyTorch SDPA's bool attn_mask)",
+            Self::IgnoreKey => "true = ignore that key (PyTorch's key_padding_mask)",
+        }
+    }
+
+    /// The conversions of an integer 0/1 array `src` to this polarity.
+    fn int_fix(&self, src: &Source) -> String {
+        let flag = match self {
+            Self::Attend => "--mask",
+            Self::IgnoreKey => "--key-padding-mask",
+        };
+        let (keep, ignore) = ("(a != 0)", "(a == 0)");
+        let hf = "or give a Hugging Face attention_mask [batch, N] as it is to --attention-mask \
+                  (1 = keep), or its lengths a.sum(1) to --kv-lens (right padding only)";
+        let how = match self {
+            Self::Attend => format!(
+                "where 1 means attend (SDPA-style, or a Hugging Face attention_mask: 1 = keep) \
+                 pass {keep}; where 1 means masked out (nn.MultiheadAttention's byte masks) \
+                 pass {ignore}; {hf}"
+            ),
+            Self::IgnoreKey => format!(
+                "from a PyTorch-style 0/1 padding mask (1 = ignore) pass {keep}; from a Hugging \
+                 Face attention_mask (1 = keep) pass {ignore}, {hf}"
+            ),
+        };
+        let as_ = match src {
+            Source::File(_) => format!("as {flag}"),
+            Source::Tensor { .. } => "as the tensor".to_string(),
+        };
+        format!(
+            "an integer 0/1 mask does not say whether 1 keeps or removes a key, so it is not \
+             read as it is; save a bool array {as_}: {how}"
+        )
+    }
+}
+
+/// Reads a C-ordered bool array for `--mask`: true means "may attend". A float array is
+/// refused with a pointer to `--bias`: PyTorch's float attention masks are additive (0 keeps a
+/// key, −inf removes it), and `a.astype(bool)` would invert one. An integer array (uint8
+/// included) is refused with both conversions ([`Polarity`]).
 pub fn read_bool<'a>(src: impl Into<Source<'a>>) -> CliResult<Array<bool>> {
     let src = src.into();
     let fix = format!(
@@ -384,17 +487,17 @@ pub fn read_bool<'a>(src: impl Into<Source<'a>>) -> CliResult<Array<bool>> {
          so it is a bias: {} (as float32) instead; a.astype(bool) would invert it",
         src.give_as("--bias", "bias")
     );
-    read_mask(&src, "true = attend", Some(&fix))
+    read_mask(&src, &Polarity::Attend, Some(&fix))
 }
 
-/// [`read_bool`] for a mask whose `true` means what `meaning` says (named in the dtype hint),
-/// where casting a float array is the fix.
-pub fn read_bool_meaning<'a>(src: impl Into<Source<'a>>, meaning: &str) -> CliResult<Array<bool>> {
-    read_mask(&src.into(), meaning, None)
+/// [`read_bool`] for a mask of `polarity`, where casting a float array is the fix.
+pub fn read_bool_as<'a>(src: impl Into<Source<'a>>, polarity: Polarity) -> CliResult<Array<bool>> {
+    read_mask(&src.into(), &polarity, None)
 }
 
-/// Reads a bool (or uint8 0/1) mask; `float_fix`, when given, is the fix for a float array.
-fn read_mask(src: &Source, meaning: &str, float_fix: Option<&str>) -> CliResult<Array<bool>> {
+/// Reads a bool mask; `float_fix`, when given, is the fix for a float array. Integer arrays
+/// are refused with the conversions for `polarity`.
+fn read_mask(src: &Source, polarity: &Polarity, float_fix: Option<&str>) -> CliResult<Array<bool>> {
     let (npy, ts) = open(src, "bool (|b1)")?;
     if is(&ts, TypeChar::Bool, 1) {
         return read_data(
@@ -403,29 +506,72 @@ fn read_mask(src: &Source, meaning: &str, float_fix: Option<&str>) -> CliResult<
             " (a bool array holds only bytes 0 and 1; rewrite it with a.astype(bool))",
         );
     }
-    if is(&ts, TypeChar::Uint, 1) {
-        let a: Array<u8> = read_data(src, npy, "")?;
-        if let Some((i, x)) = a.data.iter().enumerate().find(|(_, &x)| x > 1) {
-            return Err(CliError::new(format!(
-                "{src} is uint8 with value {x} at flat index {i}; a uint8 mask must hold only \
-                 0 and 1 (convert with (a != 0) or a.astype(bool))"
-            )));
-        }
-        return Ok(Array {
-            data: a.data.into_iter().map(|x| x == 1).collect(),
-            shape: a.shape,
-        });
-    }
+    let int_fix;
     let fix = match float_fix {
         Some(fix) if ts.type_char() == TypeChar::Float => fix,
-        _ => "convert with a.astype(bool) (or a != 0)",
+        _ if matches!(ts.type_char(), TypeChar::Int | TypeChar::Uint) => {
+            int_fix = polarity.int_fix(src);
+            &int_fix
+        }
+        _ => "convert with a.astype(bool)",
     };
     Err(wrong_dtype(
         src,
         &ts,
-        &format!("bool (|b1), {meaning}"),
+        &format!("bool (|b1), {}", polarity.meaning()),
         fix,
     ))
+}
+
+/// Reads a Hugging Face `attention_mask`: integer (any width, signed or not) or bool, holding
+/// only 0 and 1, where 1 (true) keeps a key and 0 marks padding. Returns true = keep.
+pub fn read_keep_mask<'a>(src: impl Into<Source<'a>>) -> CliResult<Array<bool>> {
+    let src = src.into();
+    let (npy, ts) = open(&src, "int64 (<i8) or bool (|b1)")?;
+    if is(&ts, TypeChar::Bool, 1) {
+        return read_data(&src, npy, "");
+    }
+    let wide: Array<i64> = match (ts.type_char(), ts.size_field()) {
+        (TypeChar::Int, 8) => read_data(&src, npy, "")?,
+        (TypeChar::Int, 4) => widen::<i32>(&src, npy)?,
+        (TypeChar::Int, 2) => widen::<i16>(&src, npy)?,
+        (TypeChar::Int, 1) => widen::<i8>(&src, npy)?,
+        (TypeChar::Uint, 4) => widen::<u32>(&src, npy)?,
+        (TypeChar::Uint, 2) => widen::<u16>(&src, npy)?,
+        (TypeChar::Uint, 1) => widen::<u8>(&src, npy)?,
+        _ => {
+            return Err(wrong_dtype(
+                &src,
+                &ts,
+                "int64 (<i8) or bool (|b1), 1 = keep (a Hugging Face attention_mask)",
+                "a float mask is additive: give it to --bias (as float32)",
+            ))
+        }
+    };
+    if let Some((i, x)) = wide
+        .data
+        .iter()
+        .enumerate()
+        .find(|(_, &x)| x != 0 && x != 1)
+    {
+        return Err(CliError::new(format!(
+            "{src} holds {x} at flat index {i}; an attention_mask holds only 1 (keep) and 0 \
+             (padding)"
+        )));
+    }
+    Ok(Array {
+        data: wide.data.into_iter().map(|x| x == 1).collect(),
+        shape: wide.shape,
+    })
+}
+
+/// An integer array of `T` read and widened to i64.
+fn widen<T: Deserialize + Into<i64>>(src: &Source, npy: Npy) -> CliResult<Array<i64>> {
+    let a: Array<T> = read_data(src, npy, "")?;
+    Ok(Array {
+        data: a.data.into_iter().map(Into::into).collect(),
+        shape: a.shape,
+    })
 }
 
 /// `a` if it is 1-D (one length per batch entry).
@@ -517,4 +663,48 @@ pub fn write_npy<T: AutoSerialize + Copy>(
         .map_err(fail)?;
     writer.extend(data.iter().copied()).map_err(fail)?;
     writer.finish().map_err(fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn native(text: &str) -> String {
+        let mut bytes = text.as_bytes().to_vec();
+        native_byte_order(&mut bytes);
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn byte_orders_numpy_reads_as_native_become_native() {
+        let n = if cfg!(target_endian = "little") {
+            '<'
+        } else {
+            '>'
+        };
+        for (given, want) in [
+            ("=f4", format!("{n}f4")),
+            ("|f2", format!("{n}f2")),
+            ("=u1", format!("{n}u1")),
+            ("=i8", format!("{n}i8")),
+            ("|u1", "|u1".to_string()),
+            ("|b1", "|b1".to_string()),
+            ("|S3", "|S3".to_string()),
+            ("<f4", "<f4".to_string()),
+            (">f4", ">f4".to_string()),
+        ] {
+            let text = format!("{{'descr': '{given}', 'fortran_order': False, 'shape': (2,), }}");
+            let got = native(&text);
+            assert_eq!(got, text.replace(given, &want), "{given}");
+            let ts = descr(&got).unwrap().parse::<TypeStr>();
+            assert!(ts.is_ok(), "{given} → {got}: {ts:?}");
+        }
+        // Double quotes and spaces; a structured dtype is left alone.
+        assert_eq!(
+            native("{\"descr\" : \"=f4\"}"),
+            format!("{{\"descr\" : \"{n}f4\"}}")
+        );
+        let list = "{'descr': [('a', '=f4')], }";
+        assert_eq!(native(list), list);
+    }
 }

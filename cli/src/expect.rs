@@ -1,8 +1,8 @@
 //! `xattn run --expect`: the result O compared with a reference array, element by element,
-//! as `numpy.allclose` does: |got − want| ≤ atol + rtol·|want|; equal infinities match, NaN
-//! never does. The reference is read and its shape checked before the run.
+//! as `numpy.allclose` does: |got − want| ≤ atol + rtol·|want|; an infinity matches only the
+//! same-signed infinity, NaN never matches (numpy's default `equal_nan=False`). The reference
+//! is read and its shape checked before the run.
 
-use std::cmp::Ordering;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -20,7 +20,8 @@ pub const MISMATCH: u8 = 3;
 pub struct ExpectArgs {
     /// Compare O with this float32 or float16 .npy (the shape and --layout of the O output):
     /// print the max abs and rel errors and the worst element, and exit with status 3 if any
-    /// element has |got − want| > atol + rtol·|want| (NaN never matches), 0 if none has.
+    /// element has |got − want| > atol + rtol·|want|, 0 if none has. As numpy.allclose: an
+    /// infinity matches only the same infinity, and NaN never matches (not even NaN).
     /// Outputs are written either way; --out is optional with --expect. A half O is compared
     /// as stored: an f16 O is within 2⁻¹¹·|O| of exact at best (bf16: 2⁻⁸), so give --rtol
     /// at least that.
@@ -117,6 +118,10 @@ fn max_nan(a: f64, b: f64) -> f64 {
     }
 }
 
+/// Compares as `numpy.allclose(got, want, rtol, atol)` with its default `equal_nan=False`:
+/// finite values within `atol + rtol·|want|`; an infinity matches only the same-signed
+/// infinity (the tolerance `atol + rtol·∞` would otherwise let any value match it), and NaN
+/// matches nothing, not even NaN.
 fn compare(got: &[f32], want: &[f32], rtol: f64, atol: f64) -> Comparison {
     let mut c = Comparison {
         failed: 0,
@@ -127,25 +132,23 @@ fn compare(got: &[f32], want: &[f32], rtol: f64, atol: f64) -> Comparison {
     let mut worst_ratio = f64::NEG_INFINITY;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let (g, w) = (f64::from(g), f64::from(w));
-        let diff = if g == w { 0.0 } else { (g - w).abs() };
-        let tol = atol + rtol * w.abs();
-        // rtol·|want| is NaN for rtol 0 and want ±∞: equal values match whatever it is.
-        if diff != 0.0
-            && !matches!(
-                diff.partial_cmp(&tol),
-                Some(Ordering::Less | Ordering::Equal)
-            )
-        {
+        // (error, relative error, how far outside its tolerance: > 1 fails)
+        let (diff, rel, ratio) = if g == w {
+            (0.0, 0.0, 0.0)
+        } else if g.is_nan() || w.is_nan() {
+            (f64::NAN, f64::NAN, f64::INFINITY)
+        } else if g.is_infinite() || w.is_infinite() {
+            (f64::INFINITY, f64::INFINITY, f64::INFINITY)
+        } else {
+            let diff = (g - w).abs();
+            let tol = atol + rtol * w.abs();
+            (diff, diff / w.abs(), diff / tol)
+        };
+        if ratio > 1.0 {
             c.failed += 1;
         }
-        let rel = if diff == 0.0 { 0.0 } else { diff / w.abs() };
         c.max_abs = max_nan(c.max_abs, diff);
         c.max_rel = max_nan(c.max_rel, rel);
-        let ratio = match diff / tol {
-            _ if diff == 0.0 => 0.0,
-            r if r.is_nan() => f64::INFINITY,
-            r => r,
-        };
         if ratio > worst_ratio {
             (worst_ratio, c.worst) = (ratio, i);
         }
@@ -220,6 +223,37 @@ mod tests {
             (0, 0.0, 0.0),
             "exact match"
         );
+    }
+
+    /// numpy: `np.allclose(x, np.inf)` is False for every finite x and for -inf, whatever the
+    /// tolerance; `np.allclose(np.nan, np.nan)` is False.
+    #[test]
+    fn infinities_match_only_themselves_as_in_numpy() {
+        let (inf, nan) = (f32::INFINITY, f32::NAN);
+        for (got, want, fails) in [
+            (1e30, inf, true),
+            (0.5, inf, true),
+            (-inf, inf, true),
+            (inf, -inf, true),
+            (inf, 1e30, true),
+            (-inf, -inf, false),
+            (inf, inf, false),
+            (nan, nan, true),
+            (0.5, nan, true),
+            (nan, 0.5, true),
+        ] {
+            for (rtol, atol) in [(1e-4, 1e-5), (1.0, 1.0), (0.0, 0.0)] {
+                let c = compare(&[0.25, got], &[0.25, want], rtol, atol);
+                assert_eq!(
+                    c.failed,
+                    usize::from(fails),
+                    "got {got} want {want} rtol {rtol} atol {atol}: {c:?}"
+                );
+                if fails {
+                    assert_eq!(c.worst, 1, "the worst element is the mismatch");
+                }
+            }
+        }
     }
 
     #[test]

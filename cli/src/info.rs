@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use xattn::gpu::context::{adapters, describe_info};
+use xattn::device::{adapters, describe_info};
 use xattn::Context;
 
 use crate::CliResult;
@@ -89,7 +89,7 @@ fn print_adapter(index: usize, adapter: &wgpu::Adapter, all_features: bool) {
     ];
     for (name, value) in limits {
         let human = if name.ends_with("_size") {
-            format!(" ({})", xattn::program::human_bytes(value))
+            format!(" ({})", xattn::shape::human_bytes(value))
         } else {
             String::new()
         };
@@ -157,7 +157,7 @@ pub fn info(args: &InfoArgs) -> CliResult<ExitCode> {
                     .f16_tile
                     .map_or("none".into(), |t| format!("{t}×{t} tiles")),
             ),
-            None if xattn::gpu::context::matrix_units_wanted() => {
+            None if xattn::settings::matrix_units() => {
                 "none fitting (square 8 or 16 tiles with f32 accumulators)".into()
             }
             None =>
@@ -172,5 +172,12 @@ pub fn info(args: &InfoArgs) -> CliResult<ExitCode> {
             "wall clock (no TIMESTAMP_QUERY)"
         }
     );
+    let lacks = ctx.degradations();
+    if lacks.is_empty() {
+        println!("  features xattn uses: all (subgroups, f16 in shaders, timestamps)");
+    }
+    for lack in lacks {
+        println!("  {lack}");
+    }
     Ok(ExitCode::SUCCESS)
 }

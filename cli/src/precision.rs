@@ -51,6 +51,8 @@ pub struct PrecisionArgs {
     /// Default: the type of the input files (float32 or float16 .npy; F32, F16 or BF16 tensors
     /// of --qkv), which must then be one type. float32 inputs are rounded to the type once, to
     /// nearest; half inputs widen exactly to f32, but are not rounded to the other half type.
+    /// A value past the type's range (±65504 for f16), which would become ±inf, is an error
+    /// naming the input and the element.
     #[arg(long, value_enum, value_name = "TYPE")]
     pub dtype: Option<DtypeArg>,
     /// Type of the output: same (the inputs' type: a float16 .npy for f16) or f32. numpy has
@@ -68,6 +70,52 @@ pub fn numpy_name(d: DType) -> &'static str {
         DType::F16 => "float16 (<f2)",
         DType::Bf16 => "bfloat16 (BF16)",
     }
+}
+
+/// The largest finite value of `d`, for messages.
+fn largest(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "3.4028235e38",
+        DType::F16 => "65504",
+        DType::Bf16 => "3.3895314e38",
+    }
+}
+
+/// Checks that every finite value of `data` (the input `shown`, of shape `dims`) stays finite
+/// when rounded to `dtype`: an error, not a warning, names the first that would not. A value
+/// past a half type's range rounds to ±inf, and one infinite element of Q or K makes its whole
+/// row of logits inf or NaN, so the output would be silently wrong rather than a little less
+/// precise (which is all `--dtype` promises); the fix is the user's to choose (scale the input,
+/// or a wider type), so nothing is clamped here. Values already infinite or NaN are the data's.
+pub fn check_range(shown: &str, data: &[f32], dims: &[usize], dtype: DType) -> CliResult<()> {
+    let overflows = |x: f32| match dtype {
+        DType::F32 => false,
+        DType::F16 => half::f16::from_f32(x).is_infinite(),
+        DType::Bf16 => half::bf16::from_f32(x).is_infinite(),
+    };
+    let Some((i, x)) = data
+        .iter()
+        .enumerate()
+        .find(|&(_, &x)| x.is_finite() && overflows(x))
+    else {
+        return Ok(());
+    };
+    let mut index = vec![0; dims.len()];
+    let mut rest = i;
+    for (at, &d) in index.iter_mut().zip(dims).rev() {
+        (*at, rest) = (rest % d.max(1), rest / d.max(1));
+    }
+    let wider = match dtype {
+        DType::F16 => "--dtype bf16 (float32's range) or f32",
+        _ => "--dtype f32",
+    };
+    Err(CliError::new(format!(
+        "{shown} holds {x:e} at {index:?}, beyond {}'s range (±{}): stored as {dtype} it would \
+         become {}inf; scale the input down, or pass {wider}",
+        numpy_name(dtype),
+        largest(dtype),
+        if *x < 0.0 { "-" } else { "+" }
+    )))
 }
 
 impl PrecisionArgs {
@@ -145,6 +193,29 @@ mod tests {
             .zip(types)
             .map(|(n, d)| (n.to_string(), d))
             .collect()
+    }
+
+    #[test]
+    fn values_past_a_half_range_are_refused_by_name_and_index() {
+        let data = [1.0, -65504.0, 65519.0, f32::INFINITY, -70000.0, 1e30];
+        let e = check_range("--q q.npy", &data, &[2, 3], DType::F16)
+            .unwrap_err()
+            .to_string();
+        // 65504 and 65519 round to 65504; inf is the data's; -70000 is the first to overflow.
+        for part in [
+            "--q q.npy",
+            "-7e4 at [1, 1]",
+            "float16 (<f2)",
+            "±65504",
+            "-inf",
+            "bf16",
+        ] {
+            assert!(e.contains(part), "{part}: {e}");
+        }
+        assert!(check_range("x", &data[..4], &[4], DType::F16).is_ok());
+        assert!(check_range("x", &data, &[6], DType::Bf16).is_ok());
+        assert!(check_range("x", &[3.4e38], &[1], DType::Bf16).is_err());
+        assert!(check_range("x", &[f32::MAX], &[1], DType::F32).is_ok());
     }
 
     #[test]

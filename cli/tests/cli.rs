@@ -2,6 +2,7 @@
 //! against the f64 reference, and the errors a user gets for bad mask, length and alignment
 //! input (checked on the host, before any device is opened, so they need no GPU).
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path as FsPath, PathBuf};
@@ -180,7 +181,7 @@ fn run_with_every_mask_on_gqa_matches_the_reference() {
 }
 
 #[test]
-fn run_with_a_2d_uint8_mask_int64_lengths_and_3d_inputs() {
+fn run_with_a_2d_bool_mask_int64_lengths_and_3d_inputs() {
     let Some(_) = engine() else { return };
     let dir = TempDir::new("small");
     let sh = AttnShape {
@@ -198,8 +199,7 @@ fn run_with_a_2d_uint8_mask_int64_lengths_and_3d_inputs() {
     write_npy(&dir.path("k.npy"), &k, &sh.k_dims()[1..]);
     write_npy(&dir.path("v.npy"), &v, &sh.v_dims()[1..]);
     let mask = bools(12 * 10, 0.7, 22);
-    let mask_u8: Vec<u8> = mask.iter().map(|&x| u8::from(x)).collect();
-    write_npy(&dir.path("m.npy"), &mask_u8, &[12, 10]); // [M, N] → [1, 1, M, N]
+    write_npy(&dir.path("m.npy"), &mask, &[12, 10]); // [M, N] → [1, 1, M, N]
     write_npy(&dir.path("kl.npy"), &[8i64], &[1]);
     let (m, kl) = (dir.path("m.npy"), dir.path("kl.npy"));
     let opts = Attention::default()
@@ -294,14 +294,106 @@ fn fails_in(dir: &TempDir, args: &[String]) -> String {
     err
 }
 
+/// An integer 0/1 mask (Hugging Face's int64 attention_mask: 1 = keep; PyTorch's old uint8
+/// masks: 1 = masked out) does not say its polarity, so --mask never takes one as it is; the
+/// error gives both conversions (once, it said a.astype(bool) for every integer mask).
 #[test]
-fn int64_mask_is_rejected_with_the_cast() {
-    // Hugging Face's attention_mask: int64, 1 = attend, which a.astype(bool) keeps.
-    let dir = error_setup("i64mask");
+fn integer_masks_are_refused_with_both_conversions() {
+    let dir = error_setup("intmask");
     let m = dir.path("m.npy");
-    write_npy(&m, &[1i64; 24], &[4, 6]);
-    let err = run_err(&dir, &["--mask", s(&m)]);
-    assert_mentions(&err, &["m.npy", "int64", "bool", "astype(bool)"]);
+    let keep = bools(24, 0.7, 5);
+    let ones = |x: &bool| u8::from(*x);
+    for dtype in ["int64", "int32", "uint8", "uint8 with a 2"] {
+        match dtype {
+            "int64" => write_npy(
+                &m,
+                &keep.iter().map(|x| i64::from(ones(x))).collect::<Vec<_>>(),
+                &[4, 6],
+            ),
+            "int32" => write_npy(
+                &m,
+                &keep.iter().map(|x| i32::from(ones(x))).collect::<Vec<_>>(),
+                &[4, 6],
+            ),
+            "uint8" => write_npy(&m, &keep.iter().map(ones).collect::<Vec<_>>(), &[4, 6]),
+            _ => {
+                let mut data: Vec<u8> = keep.iter().map(ones).collect();
+                data[7] = 2;
+                write_npy(&m, &data, &[4, 6]);
+            }
+        }
+        let err = run_err(&dir, &["--mask", s(&m)]);
+        assert_mentions(
+            &err,
+            &[
+                "m.npy",
+                dtype.split(' ').next().unwrap(),
+                "true = may attend",
+                "does not say whether 1 keeps or removes a key",
+                "1 = keep) pass (a != 0)",
+                "masked out (nn.MultiheadAttention's byte masks) pass (a == 0)",
+                "--attention-mask",
+                "a.sum(1) to --kv-lens",
+            ],
+        );
+        assert!(!err.contains("astype(bool)"), "{err}");
+    }
+}
+
+/// `--attention-mask` takes Hugging Face's attention_mask as it is (int64 [batch, N], 1 =
+/// keep) and gives exactly what --mask gives for the bool mask it stands for; a padding hole
+/// in the middle shows it is a mask, not lengths.
+#[test]
+fn attention_mask_equals_the_bool_mask_it_stands_for() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("hfmask");
+    let sh = shape(2, 5, 9, 2, 2, 8);
+    let (q, k, v) = write_qkv(&dir, &sh, 61);
+    // Batch 0: keys 0..9 but 3; batch 1: right-padded to 6.
+    let keep: Vec<bool> = (0..18)
+        .map(|i| if i < 9 { i != 3 } else { i - 9 < 6 })
+        .collect();
+    let hf: Vec<i64> = keep.iter().map(|&x| i64::from(x)).collect();
+    let (a, m) = (dir.path("am.npy"), dir.path("m.npy"));
+    write_npy(&a, &hf, &[2, 9]);
+    write_npy(&m, &keep, &[2, 1, 1, 9]);
+    let opts = Attention::default().with_mask([2, 1, 1, 9], keep.clone());
+    run_and_check(
+        "--attention-mask",
+        &dir,
+        &sh,
+        (&q, &k, &v),
+        &["--attention-mask", s(&a)],
+        &opts,
+    );
+    let (by_hf, _) = read_npy::<f32>(&dir.path("o.npy"));
+    run_and_check("--mask", &dir, &sh, (&q, &k, &v), &["--mask", s(&m)], &opts);
+    let (by_mask, _) = read_npy::<f32>(&dir.path("o.npy"));
+    assert_eq!(
+        by_hf, by_mask,
+        "--attention-mask a is --mask (a != 0)[:, None, None, :]"
+    );
+    let unmasked = run_and_check("none", &dir, &sh, (&q, &k, &v), &[], &Attention::default());
+    let (plain, _) = read_npy::<f32>(&dir.path("o.npy"));
+    assert_ne!(plain, by_hf, "the mask removes keys: {unmasked}");
+    // Values other than 0 and 1, a wrong shape, and --mask as well are refused.
+    for out in ["o.npy", "lse.npy"] {
+        std::fs::remove_file(dir.path(out)).unwrap();
+    }
+    let mut bad = hf.clone();
+    bad[4] = 2;
+    write_npy(&a, &bad, &[2, 9]);
+    let err = run_err(&dir, &["--attention-mask", s(&a)]);
+    assert_mentions(
+        &err,
+        &["am.npy", "holds 2 at flat index 4", "only 1 (keep) and 0"],
+    );
+    write_npy(&a, &hf, &[18]);
+    let err = run_err(&dir, &["--attention-mask", s(&a)]);
+    assert_mentions(&err, &["--attention-mask", "[18]", "[batch, N] = [2, 9]"]);
+    write_npy(&a, &hf, &[2, 9]);
+    let err = run_err(&dir, &["--attention-mask", s(&a), "--mask", s(&m)]);
+    assert_mentions(&err, &["--attention-mask", "--mask", "cannot be combined"]);
 }
 
 /// Issue 13: casting as the hints once said would invert a PyTorch float mask (0 / −inf
@@ -344,17 +436,6 @@ fn a_float_mask_points_to_bias_and_a_bool_bias_to_mask() {
         ],
     );
     assert!(!err.contains("convert with"), "{err}");
-}
-
-#[test]
-fn uint8_mask_with_other_values_is_rejected() {
-    let dir = error_setup("u8mask");
-    let m = dir.path("m.npy");
-    let mut data = [1u8; 24];
-    data[7] = 2;
-    write_npy(&m, &data, &[4, 6]);
-    let err = run_err(&dir, &["--mask", s(&m)]);
-    assert_mentions(&err, &["m.npy", "uint8", "0 and 1"]);
 }
 
 #[test]
@@ -503,6 +584,91 @@ fn npy_header_errors_name_the_token_or_dtype_in_one_line() {
     );
 }
 
+/// Type strings numpy reads as this machine's order are read too: `=f4` (native), `|f4` and
+/// `|f2` (numpy: "not applicable", read as native), `|u1`, `=i8`; they give exactly what the
+/// `<` files give. `>f4` (big-endian) is read as such.
+#[test]
+fn native_and_not_applicable_byte_orders_are_read_as_numpy_reads_them() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("byteorder");
+    let sh = shape(2, 4, 6, 2, 2, 3);
+    let (q, k, v) = write_qkv(&dir, &sh, 71);
+    let hf: Vec<u8> = (0..12).map(|i| u8::from(i % 6 != 2)).collect();
+    write_npy(&dir.path("am.npy"), &hf, &[2, 6]);
+    write_npy(&dir.path("kl.npy"), &[6i64, 5], &[2]);
+    let flags = |am: &str, kl: &str| {
+        let mut a = run_args(&dir, &[]);
+        for (flag, file) in [("--attention-mask", am), ("--kv-lens", kl)] {
+            a.extend([flag.into(), s(&dir.path(file)).into()]);
+        }
+        a
+    };
+    let o = |args: &[String]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = xattn(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        read_npy::<f32>(&dir.path("o.npy"))
+    };
+    let (want, want_shape) = o(&flags("am.npy", "kl.npy"));
+    let dict = |descr: &str, shape: &str| {
+        format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}")
+    };
+    let f32_bytes = |x: &[f32], be: bool| -> Vec<u8> {
+        x.iter()
+            .flat_map(|v| if be { v.to_be_bytes() } else { v.to_le_bytes() })
+            .collect()
+    };
+    let dims = |d: [usize; 4]| format!("({}, {}, {}, {})", d[0], d[1], d[2], d[3]);
+    write_npy_raw(
+        &dir.path("q.npy"),
+        &dict("=f4", &dims(sh.q_dims())),
+        &f32_bytes(&q, false),
+    );
+    write_npy_raw(
+        &dir.path("k.npy"),
+        &dict("|f4", &dims(sh.k_dims())),
+        &f32_bytes(&k, false),
+    );
+    write_npy_raw(
+        &dir.path("v.npy"),
+        &dict(">f4", &dims(sh.v_dims())),
+        &f32_bytes(&v, true),
+    );
+    write_npy_raw(&dir.path("am1.npy"), &dict("|u1", "(2, 6)"), &hf);
+    let kl: Vec<u8> = [6i64, 5].iter().flat_map(|x| x.to_le_bytes()).collect();
+    write_npy_raw(&dir.path("kl1.npy"), &dict("=i8", "(2,)"), &kl);
+    let (got, got_shape) = o(&flags("am1.npy", "kl1.npy"));
+    assert_eq!(
+        (got, got_shape),
+        (want.clone(), want_shape),
+        "=f4, |f4, >f4, |u1, =i8"
+    );
+    // float16 as |f2 gives what <f2 gives.
+    let halves = |x: &[f32]| -> Vec<u8> {
+        x.iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect()
+    };
+    let mut by_order = Vec::new();
+    for order in ["<", "|"] {
+        for (file, x, d) in [
+            ("q.npy", &q, sh.q_dims()),
+            ("k.npy", &k, sh.k_dims()),
+            ("v.npy", &v, sh.v_dims()),
+        ] {
+            write_npy_raw(
+                &dir.path(file),
+                &dict(&format!("{order}f2"), &dims(d)),
+                &halves(x),
+            );
+        }
+        let args: Vec<String> = run_args(&dir, &["--out-dtype", "f32"]);
+        by_order.push(o(&args).0);
+    }
+    assert_eq!(by_order[0], by_order[1], "|f2 is float16");
+    assert_ne!(by_order[0], want, "the f16 run ran in f16");
+}
+
 #[test]
 fn string_arrays_are_not_numbers() {
     let dir = error_setup("strings");
@@ -549,12 +715,333 @@ fn outputs_are_checked_before_the_run_and_left_whole_or_not_at_all() {
     assert_mentions(&err, &["--lse", "--out writes it too"]);
 }
 
+/// An output target that exists and is not a regular file (a symbolic link, a FIFO, a
+/// device, a folder) is refused before the run, by what it is, and left as it was: the
+/// atomic rename would replace it with a regular file.
+#[cfg(unix)]
+#[test]
+fn outputs_that_are_not_regular_files_are_refused_and_left_alone() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = error_setup("notregular");
+    let real = dir.path("real.bin");
+    std::fs::write(&real, "keep").unwrap();
+    let link = dir.path("link.npy");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let dangling = dir.path("dangling.npy");
+    std::os::unix::fs::symlink(dir.path("nowhere.npy"), &dangling).unwrap();
+    let args = |flag: &str, file: &FsPath| with(run_args(&dir, &[]), flag, s(file));
+    for (flag, target) in [("--out", &link), ("--lse", &link), ("--out", &dangling)] {
+        let err = fails_in(&dir, &args(flag, target));
+        assert_mentions(
+            &err,
+            &[
+                flag,
+                s(target),
+                "a symbolic link",
+                "does not write outputs through links",
+            ],
+        );
+        assert!(std::fs::symlink_metadata(target)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+    assert_eq!(std::fs::read_to_string(&real).unwrap(), "keep");
+    // Statistics and weights outputs too.
+    let w = with(
+        run_args(&dir, &["--path", "three-pass"]),
+        "--weights",
+        s(&link),
+    );
+    assert_mentions(&fails_in(&dir, &w), &["--weights", "a symbolic link"]);
+    let e = with(run_args(&dir, &[]), "--entropy", s(&dangling));
+    assert_mentions(&fails_in(&dir, &e), &["--entropy", "a symbolic link"]);
+    let folder = dir.path("folder.npy");
+    std::fs::create_dir(&folder).unwrap();
+    assert_mentions(
+        &fails_in(&dir, &args("--lse", &folder)),
+        &["--lse", "it is a folder"],
+    );
+    let fifo = dir.path("pipe.npy");
+    if make_fifo(&fifo) {
+        let err = fails_quickly(&dir, &args("--out", &fifo));
+        assert_mentions(&err, &["--out", "pipe.npy", "a FIFO", "not a regular file"]);
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    }
+    // A character device like /dev/null (made here, so that a broken check replaces only it).
+    let null = dir.path("null");
+    let made = Command::new("mknod")
+        .arg(&null)
+        .args(["c", "1", "3"])
+        .status();
+    if made.is_ok_and(|st| st.success()) {
+        let err = fails_in(&dir, &args("--lse", &null));
+        assert_mentions(&err, &["--lse", "a character device", "leave --lse out"]);
+        assert!(std::fs::metadata(&null)
+            .unwrap()
+            .file_type()
+            .is_char_device());
+    } else {
+        eprintln!("no mknod here: the device case is skipped");
+    }
+}
+
+/// A run interrupted by SIGTERM or SIGINT after its temporary files exist removes them and
+/// dies of the signal, leaving no output. (SIGKILL cannot be caught.)
+#[cfg(unix)]
+#[test]
+fn an_interrupted_run_leaves_no_temporary_file() {
+    use std::os::unix::process::ExitStatusExt;
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("interrupted");
+    let temps = || {
+        std::fs::read_dir(dir.path(""))
+            .unwrap()
+            .filter(|e| {
+                let e = e.as_ref().unwrap();
+                e.file_name().to_string_lossy().ends_with(".tmp")
+            })
+            .count()
+    };
+    let mut interrupted = 0;
+    // Larger problems until one is caught mid-run (the run must outlast the polling).
+    let tries = [
+        ("TERM", 256),
+        ("INT", 256),
+        ("TERM", 2048),
+        ("INT", 2048),
+        ("TERM", 16384),
+    ];
+    for (try_, (sig, n)) in tries.into_iter().enumerate() {
+        let sh = shape(1, 64, n, 8, 8, 64);
+        write_qkv(&dir, &sh, 40 + try_ as u64);
+        let args = run_args(&dir, &[]);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_xattn"))
+            .env("XATTN_CACHE_DIR", autotune_cache())
+            .args(&args)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        while temps() < 2 && start.elapsed().as_secs() < 60 {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let during = temps();
+        let sent = Command::new("kill")
+            .args([format!("-{sig}"), child.id().to_string()])
+            .status();
+        if sent.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!("no kill command here: the case is skipped");
+            return;
+        }
+        let status = child.wait().unwrap();
+        // Whenever the signal came: no temporary file remains.
+        assert_eq!(temps(), 0, "SIG{sig} (n {n}) left temporary files");
+        let written = dir.path("o.npy").exists();
+        if status.signal().is_none() || written {
+            eprintln!("n {n}: the run was done before the signal; trying again");
+            let _ = std::fs::remove_file(dir.path("o.npy"));
+            let _ = std::fs::remove_file(dir.path("lse.npy"));
+            continue;
+        }
+        assert_eq!(during, 2, "the temporary files of --out and --lse existed");
+        let want = if sig == "TERM" { 15 } else { 2 };
+        assert_eq!(status.signal(), Some(want), "dies of the signal");
+        assert!(!dir.path("lse.npy").exists(), "no output is left");
+        interrupted += 1;
+        if interrupted == 2 {
+            break;
+        }
+    }
+    assert!(
+        interrupted > 0,
+        "no run lasted long enough to be interrupted"
+    );
+}
+
+/// The heatmaps are part of the all-or-none set: a map that cannot be written (a folder in its
+/// place) fails the run before any work, and no other output is written.
+#[test]
+fn a_heatmap_that_cannot_be_written_fails_before_the_run_and_writes_nothing() {
+    let dir = error_setup("heatmap_clobber");
+    let maps = dir.path("maps");
+    std::fs::create_dir_all(maps.join("b1_h0.png")).unwrap();
+    let err = run_err(&dir, &["--heatmap", s(&maps)]);
+    assert_mentions(
+        &err,
+        &["--heatmap", "b1_h0.png", "a folder is where this map goes"],
+    );
+    let mut left: Vec<String> = std::fs::read_dir(&maps)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["b1_h0.png"], "no map and no temporary file is left");
+}
+
 #[test]
 fn an_overflowing_scale_says_so() {
     let dir = error_setup("scale");
     let err = run_err(&dir, &["--scale", "1e39"]);
     assert_mentions(&err, &["--scale", "1e39", "overflows f32"]);
     assert!(!err.contains("got inf"), "{err}");
+}
+
+/// Logits f32 cannot hold, from finite inputs, are refused before the run, naming the inputs,
+/// the head, the row and key and the bound; without the check the run wrote inf or NaN.
+#[test]
+fn logits_past_what_f32_holds_are_refused_by_name() {
+    let dir = TempDir::new("logit-overflow");
+    let sh = AttnShape {
+        batch: 1,
+        m: 4,
+        n: 6,
+        q_heads: 2,
+        kv_heads: 2,
+        d_k: 3,
+        d_v: 3,
+    };
+    let (mut q, mut k, v) = qkv(&sh, 1.0, 81);
+    // [batch, seq, heads, d]: query row 1 and key 2 of head 1, dim 0.
+    let at = |row: usize, d: usize| (row * sh.q_heads + 1) * sh.d_k + d;
+    q[at(1, 0)] = 3e19;
+    k[at(2, 0)] = 3e19;
+    write_npy(&dir.path("q.npy"), &q, &sh.q_dims());
+    write_npy(&dir.path("k.npy"), &k, &sh.k_dims());
+    write_npy(&dir.path("v.npy"), &v, &sh.v_dims());
+    let err = run_err(&dir, &[]);
+    assert_mentions(
+        &err,
+        &[
+            "the logit at head 1 (batch 0), query row 1 of --q ",
+            "q.npy and key 2 of --k ",
+            "k.npy is 5.196e38",
+            "±5e37",
+        ],
+    );
+    // bf16 keeps 3.3e38 finite (3.4e38 it would round to inf, refused as such), but times an
+    // ordinary q it is no logit f32 holds.
+    let (q, mut k, _) = qkv(&sh, 1.0, 82);
+    k[at(5, 2)] = 3.3e38;
+    write_npy(&dir.path("q.npy"), &q, &sh.q_dims());
+    write_npy(&dir.path("k.npy"), &k, &sh.k_dims());
+    let err = run_err(&dir, &["--dtype", "bf16"]);
+    assert_mentions(&err, &["head 1 (batch 0)", "key 5 of --k", "±5e37"]);
+}
+
+/// Large logits f32 does hold run and match the f64 reference on every path: up to 1e37, and
+/// up to ±4.8e37, just inside the limit (5e37), where the cheap bound ‖q‖·‖k‖ is past it and
+/// the exact check decides. Rows alternate between all-positive and all-negative logits: a
+/// kept logit of −4.8e37 (−6.9e37 in the kernels' log2 units) must not pass for a removed key.
+#[test]
+fn large_logits_within_f32_run_and_match_the_reference() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("logit-large");
+    let sh = AttnShape {
+        batch: 1,
+        m: 4,
+        n: 6,
+        q_heads: 2,
+        kv_heads: 2,
+        d_k: 3,
+        d_v: 3,
+    };
+    let (q, k, v) = qkv(&sh, 1.0, 83);
+    // Keys near (1, 0, 0), query rows near ±(1, 0, 0), the sign alternating by row: every
+    // logit of a row has the row's sign, magnitudes within ±30% of each other. Queries have no
+    // third component, so key 0's, 3, adds to its norm (and the cheap bound) but to no logit.
+    let near_x = |x: &[f32], sign: &dyn Fn(usize) -> f32, z: f32| -> Vec<f32> {
+        x.chunks(3)
+            .enumerate()
+            .flat_map(|(r, c)| [sign(r) * (1.0 + 0.1 * c[0]), 0.3 * c[1], z * c[2]])
+            .collect()
+    };
+    let q = near_x(
+        &q,
+        &|r| {
+            if (r / sh.q_heads).is_multiple_of(2) {
+                1.0
+            } else {
+                -1.0
+            }
+        },
+        0.0,
+    );
+    let mut k = near_x(&k, &|_| 1.0, 0.3);
+    k[2] = 3.0;
+    let opts = Attention::default();
+    let scale = f64::from(opts.scale_for(sh.d_k));
+    for target in [1e37, 4.8e37] {
+        // Both scaled by s: logits by s², to a largest |logit| of `target`.
+        let unit = largest_logit(&sh, &q, &k, scale);
+        let s = (target / unit).sqrt() as f32;
+        let (q, k): (Vec<f32>, Vec<f32>) = (
+            q.iter().map(|x| x * s).collect(),
+            k.iter().map(|x| x * s).collect(),
+        );
+        let largest = largest_logit(&sh, &q, &k, scale);
+        assert!(
+            (0.99 * target..=1.01 * target).contains(&largest),
+            "logits up to {largest:e}"
+        );
+        let norm = |x: &[f32]| {
+            x.chunks(3)
+                .map(|r| r.iter().map(|&y| f64::from(y).powi(2)).sum::<f64>().sqrt())
+                .fold(0.0f64, f64::max)
+        };
+        let cheap = scale * norm(&q) * norm(&k);
+        eprintln!("largest |logit| {largest:e}, cheap bound {cheap:e}");
+        if target > 4e37 {
+            assert!(cheap > 5e37, "the exact check decides: bound {cheap:e}");
+        }
+        write_npy(&dir.path("q.npy"), &q, &sh.q_dims());
+        write_npy(&dir.path("k.npy"), &k, &sh.k_dims());
+        write_npy(&dir.path("v.npy"), &v, &sh.v_dims());
+        let want = reference::attention_masked(&sh, &q, &k, &v, scale, opts.masking());
+        assert!(want.lse.iter().any(|&x| x < -0.5 * target), "negative rows");
+        for path in ["three-pass", "fused", "split-k"] {
+            let args = run_args(&dir, &["--path", path]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = xattn(&args);
+            let what = format!("{path}, logits up to {target:e}");
+            assert!(out.status.success(), "{what}: {}", stderr(&out));
+            // One key dominates each row by far more than f32's rounding of the logits: O is
+            // that key's value, LSE its logit, to f32 rounding.
+            let (o, _) = read_npy::<f32>(&dir.path("o.npy"));
+            assert_close(&format!("{what}: O"), &o, &want.o, 1e-6);
+            let (lse, _) = read_npy::<f32>(&dir.path("lse.npy"));
+            assert_close(&format!("{what}: LSE"), &lse, &want.lse, 1e-5 * target);
+        }
+    }
+}
+
+/// The largest |scale·q_i·k_j| of `sh`'s heads, in f64.
+fn largest_logit(sh: &AttnShape, q: &[f32], k: &[f32], scale: f64) -> f64 {
+    let d = sh.d_k;
+    let group = sh.q_heads / sh.kv_heads;
+    let mut largest = 0.0f64;
+    for b in 0..sh.batch {
+        for h in 0..sh.q_heads {
+            for i in 0..sh.m {
+                let qi = &q[((b * sh.m + i) * sh.q_heads + h) * d..][..d];
+                for j in 0..sh.n {
+                    let kj = &k[((b * sh.n + j) * sh.kv_heads + h / group) * d..][..d];
+                    let dot: f64 = qi
+                        .iter()
+                        .zip(kj)
+                        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                        .sum();
+                    largest = largest.max((scale * dot).abs());
+                }
+            }
+        }
+    }
+    largest
 }
 
 #[test]
@@ -564,20 +1051,65 @@ fn a_negative_window_says_sides_are_at_least_zero() {
     assert_mentions(&err, &["--window", "`-1`", "≥ 0"]);
 }
 
+/// [`fails`] for a command that must fail at once (on the host, before any device work), with
+/// a deadline: a FIFO opened for reading would block a broken binary forever.
+fn fails_quickly(dir: &TempDir, args: &[String]) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xattn"));
+    cmd.env("XATTN_CACHE_DIR", autotune_cache()).args(args);
+    let out = output_within(cmd, 60);
+    let err = stderr(&out);
+    assert!(
+        !out.status.success(),
+        "xattn {args:?} should fail; stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    for file in std::fs::read_dir(dir.path("")).unwrap() {
+        let name = file.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            !matches!(name.as_str(), "o.npy" | "lse.npy" | "w.npy") && !name.ends_with(".tmp"),
+            "{name} is left after an error: {err}"
+        );
+    }
+    err
+}
+
+/// Every file input is refused at once when it is not a regular file: a FIFO (which would
+/// block the read forever), a device, a folder.
 #[cfg(unix)]
 #[test]
 fn fifos_and_devices_are_refused_without_blocking() {
     let dir = error_setup("fifo");
     let fifo = dir.path("f.npy");
-    let made = Command::new("mkfifo").arg(&fifo).status();
-    if made.is_ok_and(|st| st.success()) {
-        let err = run_err(&dir, &["--mask", s(&fifo)]);
+    if make_fifo(&fifo) {
+        let maps = dir.path("maps");
+        for flags in [
+            vec!["--mask", s(&fifo)],
+            vec!["--q-lens", s(&fifo)],
+            vec!["--expect", s(&fifo)],
+            vec!["--heatmap", s(&maps), "--q-labels", s(&fifo)],
+            vec!["--heatmap", s(&maps), "--k-labels", s(&fifo)],
+        ] {
+            let err = fails_quickly(&dir, &run_args(&dir, &flags));
+            assert_mentions(&err, &["f.npy", "FIFO", "regular files"]);
+            if flags.len() > 2 {
+                assert_mentions(&err, &[flags[2]]);
+            }
+        }
+        let q_fifo = with(run_args(&dir, &[]), "--q", s(&fifo));
+        let err = fails_quickly(&dir, &q_fifo);
         assert_mentions(&err, &["f.npy", "FIFO", "regular files"]);
-    } else {
-        eprintln!("no mkfifo: the FIFO case is skipped");
+        let qkv = vec![
+            "run".into(),
+            "--qkv".into(),
+            s(&fifo).into(),
+            "--expect".into(),
+            s(&dir.path("o.npy")).into(),
+        ];
+        let err = fails_quickly(&dir, &qkv);
+        assert_mentions(&err, &["f.npy", "FIFO", "regular files"]);
     }
     let err = run_err(&dir, &["--bias", "/dev/null"]);
-    assert_mentions(&err, &["/dev/null", "a device", "regular files"]);
+    assert_mentions(&err, &["/dev/null", "a character device", "regular files"]);
     let err = run_err(&dir, &["--bias", s(&dir.path(""))]);
     assert_mentions(&err, &["a folder", "regular files"]);
 }
@@ -611,6 +1143,119 @@ fn a_three_pass_limit_names_the_limit_and_the_way_out() {
                 fix,
             ],
         );
+    }
+}
+
+/// `bench --json` is an output like the others: a FIFO there is refused before any timing
+/// (opening it to write would block until a reader came).
+#[cfg(unix)]
+#[test]
+fn bench_json_must_be_a_regular_file() {
+    let dir = TempDir::new("benchjson");
+    let fifo = dir.path("b.json");
+    if !make_fifo(&fifo) {
+        return;
+    }
+    let args: Vec<String> = [
+        "bench",
+        "--m",
+        "4",
+        "--n",
+        "4",
+        "--dk",
+        "4",
+        "--json",
+        s(&fifo),
+    ]
+    .map(String::from)
+    .to_vec();
+    let err = fails_quickly(&dir, &args);
+    assert_mentions(&err, &["--json", "b.json", "a FIFO"]);
+}
+
+/// The exit status the README promises: 2 for a usage error, ours (flags that do not go
+/// together) as clap's (an unknown flag), 1 for any other error.
+#[test]
+fn usage_errors_exit_2_and_other_errors_1() {
+    let dir = error_setup("usage");
+    let status = |extra: &[&str]| {
+        let args = run_args(&dir, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = xattn(&args);
+        let err = stderr(&out);
+        assert!(!err.contains("panicked"), "{err}");
+        (out.status.code(), err)
+    };
+    for extra in [
+        &["--bogus"][..],
+        &["--window", "1", "1"],
+        &[
+            "--causal",
+            "top-left",
+            "--align",
+            "bottom-right",
+            "--window",
+            "1",
+            "1",
+        ],
+        &["--key-segment", "0", "x", "1.5"],
+        &["--rtol", "1e-3"],
+    ] {
+        let (code, err) = status(extra);
+        assert_eq!(code, Some(2), "{extra:?}: {err}");
+    }
+    let (code, err) = status(&["--window", "1", "1"]);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.starts_with("xattn: error: --window needs an alignment"),
+        "{code:?} {err}"
+    );
+    // A file that does not fit: an error, not a usage error.
+    let m = dir.path("m.npy");
+    write_npy(&m, &[true; 5], &[5]);
+    let (code, err) = status(&["--mask", s(&m)]);
+    assert_eq!(code, Some(1), "{err}");
+    let out = xattn(&["bench", "--suite", "standard", "--only", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
+/// `run --help` shows the statistics under their own heading, not under "Precision".
+#[test]
+fn run_help_groups_the_statistics_under_their_own_heading() {
+    for cmd in ["run", "mha"] {
+        let out = xattn(&[cmd, "--help"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success());
+        let heading = |name: &str| {
+            text.lines()
+                .position(|l| l == name)
+                .unwrap_or_else(|| panic!("{cmd}: no heading {name}: {text}"))
+        };
+        let flag = |name: &str| {
+            text.lines()
+                .position(|l| l.trim_start().starts_with(name))
+                .unwrap_or_else(|| panic!("{cmd}: no {name}"))
+        };
+        let (precision, stats) = (
+            heading("Precision:"),
+            heading("Statistics and heatmaps of P:"),
+        );
+        assert!(
+            precision < flag("--dtype") && flag("--out-dtype") < stats,
+            "{cmd}: {text}"
+        );
+        for f in [
+            "--entropy",
+            "--focus",
+            "--coverage",
+            "--heatmap",
+            "--q-labels",
+        ] {
+            assert!(
+                flag(f) > stats,
+                "{cmd}: {f} under the statistics heading: {text}"
+            );
+        }
     }
 }
 
@@ -665,7 +1310,7 @@ fn bench_causal_checks_against_the_masked_reference() {
 
 /// The fixture file `file` of case `case` (computed by PyTorch, bshd).
 fn fixture(case: &str, file: &str) -> PathBuf {
-    FsPath::new(env!("CARGO_MANIFEST_DIR"))
+    common::repo_dir()
         .join("tests/fixtures/masks")
         .join(case)
         .join(file)
@@ -859,6 +1504,19 @@ fn expect_passes_within_tolerance_and_exits_3_on_a_mismatch() {
     );
     assert!(o_file.exists(), "O is written on a mismatch too");
     assert_exit("--atol 0.02", &run(&["--atol", "0.02"]), 0);
+    // numpy.allclose: a finite O never matches an infinity (atol + rtol·∞ is ∞, yet
+    // np.allclose(0.5, np.inf) is False), and NaN never matches, at any tolerance.
+    for (bad, what) in [(f32::INFINITY, "inf"), (f32::NAN, "NaN")] {
+        let mut o_bad = o.clone();
+        o_bad[13] = bad;
+        write_npy(&reference, &o_bad, &sh.o_dims());
+        let loose = ["--atol", "10", "--rtol", "10"];
+        let err = assert_exit(&format!("want {what}"), &run(&loose), 3);
+        assert_mentions(
+            &err,
+            &["MISMATCH", "in 1 of 80 elements", "worst [0, 1, 1, 1]"],
+        );
+    }
 }
 
 #[test]
@@ -1182,6 +1840,39 @@ fn dtype_bf16_and_out_dtype_f32() {
 
 /// Inputs of different types are refused before the run, with the files and the way out;
 /// --dtype rounds float32 inputs but not one half type to the other.
+/// `--dtype f16` would turn a value past ±65504 into ±inf (and a row of logits into inf or
+/// NaN): refused before the run, naming the input, the element and the bound; bf16 (float32's
+/// range) and f32 take the same file.
+#[test]
+fn dtype_f16_refuses_values_past_its_range() {
+    let dir = error_setup("f16range");
+    let (mut k, shape) = read_npy::<f32>(&dir.path("k.npy"));
+    k[5] = 70000.0;
+    write_npy(&dir.path("k.npy"), &k, &shape);
+    let err = run_err(&dir, &["--dtype", "f16"]);
+    assert_mentions(
+        &err,
+        &[
+            "--k",
+            "k.npy",
+            "7e4 at [0, 0, 1, 2]",
+            "float16 (<f2)'s range (±65504)",
+            "+inf",
+            "--dtype bf16",
+        ],
+    );
+    if engine().is_some() {
+        for dtype in ["bf16", "f32"] {
+            let args = run_args(&dir, &["--dtype", dtype]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = xattn(&args);
+            assert!(out.status.success(), "--dtype {dtype}: {}", stderr(&out));
+            let (o, _) = read_npy::<f32>(&dir.path("o.npy"));
+            assert!(o.iter().all(|x| x.is_finite()), "--dtype {dtype}");
+        }
+    }
+}
+
 #[test]
 fn mixed_input_types_are_refused() {
     let dir = error_setup("mixed"); // q [2, 4, 2, 3], k, v [2, 6, 2, 3], float32
@@ -1286,6 +1977,68 @@ fn tiny_bench(extra: &[&str]) -> String {
         stderr(&out)
     );
     text
+}
+
+/// The benchmark's last line is its verdict: checked and all within the tolerance, or which
+/// results were not (exit status 1), or timed only.
+#[test]
+fn bench_ends_with_a_verdict() {
+    let Some(_) = engine() else { return };
+    let text = tiny_bench(&[]);
+    let last = text.lines().last().unwrap_or_default();
+    assert_eq!(
+        last,
+        "verdict: checked against the f64 reference: all 3 result(s) within the tolerance \
+         (--tolerance 1e-3, plus a half O's rounding)",
+        "{text}"
+    );
+    // A tolerance no f32 result meets: every case is named, and the exit status is 1.
+    let args = [
+        "bench",
+        "--m",
+        "20",
+        "--n",
+        "37",
+        "--dk",
+        "8",
+        "--heads",
+        "2",
+        "--name",
+        "tiny",
+        "--quick",
+        "--check",
+        "--tolerance",
+        "1e-15",
+    ];
+    let out = xattn(&args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let last = text.lines().last().unwrap_or_default();
+    assert_mentions(
+        last,
+        &[
+            "verdict: FAILED: 3 of 3 result(s)",
+            "tiny three-pass f32 (max |err|",
+            "tiny fused f32 (max |err|",
+            "tiny split-k f32 (max |err|",
+            "> 1.00e-15",
+        ],
+    );
+    assert_mentions(
+        &stderr(&out),
+        &["3 result(s) above the tolerance", "verdict line"],
+    );
+    // Without --check a custom shape is timed only, and says so.
+    let args = [
+        "bench", "--m", "8", "--n", "9", "--dk", "4", "--quick", "--path", "fused",
+    ];
+    let out = xattn(&args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        text.lines().last().unwrap_or_default(),
+        "verdict: timed only, not checked against the reference (pass --check)"
+    );
 }
 
 /// `bench` autotunes the fused kernel before timing and notes what it picked (M 200: R = 1, 2

@@ -120,6 +120,72 @@ impl Layout {
     }
 }
 
+/// The order of the axes of `xattn mha`'s 3-D inputs and output: batch first, `[batch, seq,
+/// features]` (PyTorch `batch_first=True`, Hugging Face, diffusers), or sequence first, `[seq,
+/// batch, features]`, `nn.MultiheadAttention`'s default (`batch_first=False`). The layer reads
+/// batch first; seq-first arrays are transposed on the host when read and written. 2-D inputs
+/// `[seq, features]` are the same in both; the attention weights, the key padding mask and the
+/// statistics are batch first in both, as PyTorch returns and takes them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum SeqLayout {
+    /// [batch, seq, features]: PyTorch batch_first=True, Hugging Face, diffusers.
+    #[default]
+    #[value(alias = "batch-first")]
+    Bse,
+    /// [seq, batch, features]: nn.MultiheadAttention's default (batch_first=False).
+    #[value(alias = "seq-first")]
+    Sbe,
+}
+
+impl SeqLayout {
+    /// The name `--layout` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bse => "bse",
+            Self::Sbe => "sbe",
+        }
+    }
+
+    /// The axes of a 3-D array, for messages.
+    pub fn axes(self) -> &'static str {
+        match self {
+            Self::Bse => "[batch, seq, features] (batch first)",
+            Self::Sbe => "[seq, batch, features] (seq first, batch_first=False)",
+        }
+    }
+
+    /// The other layout.
+    pub fn other(self) -> Self {
+        match self {
+            Self::Bse => Self::Sbe,
+            Self::Sbe => Self::Bse,
+        }
+    }
+
+    /// 3-D `dims` converted between this layout and batch first, either way.
+    pub fn dims(self, [x, y, f]: [usize; 3]) -> [usize; 3] {
+        match self {
+            Self::Bse => [x, y, f],
+            Self::Sbe => [y, x, f],
+        }
+    }
+
+    /// `data` of 3-D `dims` converted between this layout and batch first, either way.
+    pub fn data(self, data: Vec<f32>, [x, y, f]: [usize; 3]) -> Vec<f32> {
+        if self == Self::Bse {
+            return data;
+        }
+        let mut out = Vec::with_capacity(data.len());
+        for j in 0..y {
+            for i in 0..x {
+                let at = (i * y + j) * f;
+                out.extend_from_slice(&data[at..at + f]);
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +203,21 @@ mod tests {
         assert_eq!(Layout::Bhsd.dims(dims), [1, 3, 2, 2]);
         assert_eq!(Layout::Bhsd.data(bshd, [1, 3, 2, 2]), bhsd);
         assert_eq!(Layout::Bshd.data(bhsd.clone(), dims), bhsd);
+    }
+
+    #[test]
+    fn seq_first_data_is_the_transpose_and_converts_back() {
+        // [L3, B2, E2] seq first: element (l, b, e) = 10l + b + e/10.
+        let dims = [3, 2, 2];
+        let lbe: Vec<f32> = (0..12)
+            .map(|i| (10 * (i / 4) + (i / 2) % 2) as f32 + (i % 2) as f32 / 10.0)
+            .collect();
+        let ble = SeqLayout::Sbe.data(lbe.clone(), dims);
+        // [B2, L3, E2]: (b, l, e).
+        assert_eq!(&ble[..6], &[0.0, 0.1, 10.0, 10.1, 20.0, 20.1]);
+        assert_eq!(SeqLayout::Sbe.dims(dims), [2, 3, 2]);
+        assert_eq!(SeqLayout::Sbe.data(ble, [2, 3, 2]), lbe);
+        assert_eq!(SeqLayout::Bse.data(lbe.clone(), dims), lbe);
     }
 
     #[test]

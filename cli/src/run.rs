@@ -1,8 +1,8 @@
 //! `xattn run`: attention on `.npy` files (or one safetensors file, `--qkv`).
 //!
-//! Everything that can be checked on the host (files, dtypes, ranks, shapes, output folders,
-//! the `--expect` reference) is checked before a device is opened, so a typo fails in
-//! milliseconds rather than after a long run.
+//! Everything that can be checked on the host (files, dtypes, ranks, shapes, logits f32
+//! cannot hold (`logits`), output folders, the `--expect` reference) is checked before a
+//! device is opened, so a typo fails in milliseconds rather than after a long run.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,10 +14,11 @@ use xattn::{Attention, Context, Engine, Path, Tensor};
 use crate::analytics::AnalyticsArgs;
 use crate::expect::ExpectArgs;
 use crate::layout::Layout;
+use crate::logits::{check_logits, Heads};
 use crate::masks::MaskArgs;
 use crate::npy::{read_floats, Source};
 use crate::outputs::Outputs;
-use crate::precision::PrecisionArgs;
+use crate::precision::{check_range, PrecisionArgs};
 use crate::qkv::Bundle;
 use crate::{
     parse_finite_f32, parse_path_choice, three_pass_limit, CliError, CliResult, PathChoice,
@@ -112,6 +113,9 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
         read("v", args.v.as_ref())?,
     );
     let dtype = args.precision.input_dtype(&types)?;
+    for ((shown, _), x) in types.iter().zip([&q, &k, &v]) {
+        check_range(shown, &x.data, &x.shape, dtype)?;
+    }
     let layout = args.layout.unwrap_or_default();
     let (q_file, q3) = layout.file_dims("q", &q.shape)?;
     let (k_file, k3) = layout.file_dims("k", &k.shape)?;
@@ -140,8 +144,23 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     }
     let opts = args.masks.apply_with(opts, &shape, bundle.as_ref())?;
     let opts = args.analytics.apply(opts);
-    let heatmaps = args.analytics.heatmaps(shape.m, shape.n)?;
     drop(bundle);
+    // Batch and seq first, as the device reads them; logits that f32 cannot hold are refused
+    // here, before a device is opened.
+    let (q_data, k_data) = (layout.data(q.data, q_file), layout.data(k.data, k_file));
+    check_logits(
+        &Heads {
+            shown: &types[0].0,
+            data: &q_data,
+            dims: shape.q_dims(),
+        },
+        &Heads {
+            shown: &types[1].0,
+            data: &k_data,
+            dims: shape.k_dims(),
+        },
+        &opts,
+    )?;
     let mut targets = vec![
         ("--out", args.out.as_ref()),
         ("--lse", args.lse.as_ref()),
@@ -149,18 +168,19 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     ];
     targets.extend(args.analytics.targets());
     let mut outputs = Outputs::create(&targets)?;
+    let heatmaps = args.analytics.heatmaps(&shape, &mut outputs)?;
 
     let ctx = Context::new()?;
     let engine = Engine::new(&ctx);
     let t0 = Instant::now();
     // Half files hold values their type represents: uploading them as it is exact.
-    let upload = |name, data: Vec<f32>, file, dims: [usize; 4]| {
-        Tensor::upload_as(&ctx, name, &layout.data(data, file), &dims, dtype)
-    };
-    let qt = upload("q", q.data, q_file, shape.q_dims())?;
-    let kt = upload("k", k.data, k_file, shape.k_dims())?;
-    let vt = upload("v", v.data, v_file, shape.v_dims())?;
-    let plan = engine.plan(&qt, &kt, &vt, &opts).map_err(|e| {
+    let upload =
+        |name, data: &[f32], dims: [usize; 4]| Tensor::upload_as(&ctx, name, data, &dims, dtype);
+    let qt = upload("q", &q_data, shape.q_dims())?;
+    let kt = upload("k", &k_data, shape.k_dims())?;
+    drop((q_data, k_data));
+    let vt = upload("v", &layout.data(v.data, v_file), shape.v_dims())?;
+    let call = engine.prepare(&qt, &kt, &vt, &opts).map_err(|e| {
         let forced_by: Vec<&str> = [
             (args.path.0 == Some(Path::ThreePass)).then_some("--path three-pass"),
             args.weights.is_some().then_some("--weights"),
@@ -176,13 +196,16 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
         )
     })?;
     if args.plan {
-        eprintln!("{plan}");
+        eprintln!("{}", call.plan());
+        for lack in engine.context().degradations() {
+            eprintln!("  device {lack}");
+        }
     }
-    let masks = engine.upload_masks(&plan, &opts)?;
-    let out = engine.alloc_output(&plan)?;
     let t_run = Instant::now();
-    engine.run(&plan, &qt, &kt, &vt, &masks, &out, None)?;
+    call.run()?;
     let run_ms = t_run.elapsed().as_secs_f64() * 1e3;
+    let plan = call.plan().clone();
+    let out = call.into_output();
 
     // Widened to f32 (exactly); an f16 O is written back as float16.
     let o = layout.data(out.o.to_host()?, shape.o_dims());
@@ -199,7 +222,10 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     }
     if let Some(path) = &args.weights {
         let w = out.weights.as_ref().ok_or_else(|| {
-            CliError::new(format!("the {} plan returned no weights", plan.path.name()))
+            CliError::new(format!(
+                "the {} plan returned no weights",
+                plan.path().name()
+            ))
         })?;
         outputs.write(
             path,
@@ -209,19 +235,23 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     }
     args.analytics
         .write(&mut outputs, &out.stats, &shape, squeeze)?;
+    let maps = match (&heatmaps, &out.stats.pooled) {
+        (Some(maps), Some(pooled)) => Some((maps, maps.write(&mut outputs, &shape, pooled, None)?)),
+        (Some(_), None) => return Err(CliError::new("the plan computed no heatmap")),
+        (None, _) => None,
+    };
     outputs.commit()?;
-    if let (Some(maps), Some(pooled)) = (&heatmaps, &out.stats.pooled) {
-        let count = maps.write(&shape, pooled, None)?;
+    if let Some((maps, count)) = maps {
         eprintln!(
             "xattn: wrote {count} heatmap(s) to {}",
             maps.dir().display()
         );
     }
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let masks = if plan.masks.is_empty() {
+    let masks = if plan.masks().is_empty() {
         String::new()
     } else {
-        format!(" (masks: {})", plan.masks)
+        format!(" (masks: {})", plan.masks())
     };
     // The shape shows GQA as `H8/2` (query heads / K/V heads).
     let types = if o_dtype == dtype {
@@ -232,7 +262,7 @@ pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
     eprintln!(
         "xattn: {shape} {types}{masks} on {} via {}: attention {run_ms:.1} ms, with transfers and writes {total_ms:.1} ms",
         ctx.describe(),
-        plan.path.name(),
+        plan.path().name(),
     );
     Ok(expect.map_or(ExitCode::SUCCESS, |e| e.check(&o)))
 }

@@ -2,6 +2,7 @@
 //! `.npy` files (`--entropy`, `--focus`, `--coverage`) and heatmaps of P pooled on the GPU
 //! (`--heatmap DIR`), on any path, without storing P.
 
+use std::io::Read;
 use std::path::{Path as FsPath, PathBuf};
 
 use clap::Args;
@@ -10,10 +11,11 @@ use xattn::{Attention, AttnShape, Pool, PoolOp, Stats, StatsOutput, Tensor};
 
 use crate::outputs::Outputs;
 use crate::run::out_dims;
-use crate::{CliError, CliResult};
+use crate::{open_file, CliError, CliResult};
 
 /// Statistics of the attention weights P (see `xattn::stats`), each f32.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Statistics and heatmaps of P")]
 pub struct AnalyticsArgs {
     /// Write each query row's entropy −Σ_j P_ij ln P_ij (natural log) of its weights,
     /// [batch, heads, M]; 0 for a row that sees no key.
@@ -53,10 +55,14 @@ pub struct Heatmaps {
     k_labels: Option<Vec<String>>,
 }
 
-/// One label per line of `path`; exactly `count` of them (the `flag`'s axis length).
+/// One label per line of `path`; exactly `count` of them (the `flag`'s axis length). Only a
+/// regular file is read (a FIFO would block).
 fn read_labels(flag: &str, path: &FsPath, count: usize) -> CliResult<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| CliError::new(format!("cannot read {flag} {}: {e}", path.display())))?;
+    let fail = |e: String| CliError::new(format!("cannot read {flag} {}: {e}", path.display()));
+    let (mut file, len) = open_file(path).map_err(|e| CliError::new(format!("{flag}: {e}")))?;
+    let mut text = String::with_capacity(usize::try_from(len).unwrap_or(0));
+    file.read_to_string(&mut text)
+        .map_err(|e| fail(e.to_string()))?;
     let labels: Vec<String> = text.lines().map(str::to_string).collect();
     if labels.len() != count {
         return Err(CliError::new(format!(
@@ -95,32 +101,33 @@ impl AnalyticsArgs {
         }
     }
 
-    /// Reads the labels and creates the heatmap folder (before any device work), for M query
-    /// rows and N keys.
-    pub fn heatmaps(&self, m: usize, n: usize) -> CliResult<Option<Heatmaps>> {
+    /// Reads the labels and creates the heatmap folder (before any device work), for shape
+    /// `s`, and adds the maps' files to `outputs`: written with the other outputs, all or none.
+    pub fn heatmaps(&self, s: &AttnShape, outputs: &mut Outputs) -> CliResult<Option<Heatmaps>> {
         let (Some(dir), Some(pool)) = (&self.heatmap, self.pool()) else {
             return Ok(None);
         };
         let (q_labels, k_labels) = (
             self.q_labels
                 .as_deref()
-                .map(|p| read_labels("--q-labels", p, m))
+                .map(|p| read_labels("--q-labels", p, s.m))
                 .transpose()?,
             self.k_labels
                 .as_deref()
-                .map(|p| read_labels("--k-labels", p, n))
+                .map(|p| read_labels("--k-labels", p, s.n))
                 .transpose()?,
         );
-        std::fs::create_dir_all(dir).map_err(|e| {
-            CliError::new(format!("cannot create --heatmap {}: {e}", dir.display()))
-        })?;
-
-        Ok(Some(Heatmaps {
+        outputs.create_dir("--heatmap", dir)?;
+        let maps = Heatmaps {
             dir: dir.clone(),
             pool,
             q_labels,
             k_labels,
-        }))
+        };
+        for (name, _) in maps.files(s) {
+            outputs.add("--heatmap", &dir.join(name))?;
+        }
+        Ok(Some(maps))
     }
 
     /// The output files, for [`Outputs::create`].
@@ -154,10 +161,28 @@ impl AnalyticsArgs {
 }
 
 impl Heatmaps {
+    /// The maps' file names for shape `s`, each with the head it shows (`None`: the mean).
+    fn files(&self, s: &AttnShape) -> Vec<(String, Option<usize>)> {
+        (0..s.batch)
+            .flat_map(|b| {
+                (0..s.q_heads)
+                    .map(move |h| (format!("b{b}_h{h}.png"), Some(h)))
+                    .chain([(format!("b{b}_mean.png"), None)])
+            })
+            .collect()
+    }
+
     /// Writes one PNG per (batch, head) of `pooled [batch, heads, rows, cols]` and one per
     /// batch entry of `mean [batch, rows, cols]` (the mean over heads; computed here from
-    /// `pooled` when `None`). Returns the number of files written.
-    pub fn write(&self, s: &AttnShape, pooled: &Tensor, mean: Option<&Tensor>) -> CliResult<usize> {
+    /// `pooled` when `None`) to `outputs`, which [`AnalyticsArgs::heatmaps`] added them to.
+    /// Returns the number of files written.
+    pub fn write(
+        &self,
+        outputs: &mut Outputs,
+        s: &AttnShape,
+        pooled: &Tensor,
+        mean: Option<&Tensor>,
+    ) -> CliResult<usize> {
         let (rows, cols) = self.pool.grid(s.m, s.n);
         let (br, bc) = self.pool.block(s.m, s.n);
         let maps = pooled.to_host()?;
@@ -190,8 +215,19 @@ impl Heatmaps {
         } else {
             format!("{}-pooled {br}×{bc} blocks of P", self.pool.op.name())
         };
-        let mut written = 0;
-        let mut draw = |values: &[f32], name: String, caption: String| -> CliResult<()> {
+        let files = self.files(s);
+        for (i, (name, head)) in files.iter().enumerate() {
+            let b = i / (s.q_heads + 1);
+            let (values, caption) = match head {
+                Some(h) => {
+                    let at = (b * s.q_heads + h) * area;
+                    (&maps[at..at + area], format!("{what}, batch {b} head {h}"))
+                }
+                None => (
+                    &mean[b * area..(b + 1) * area],
+                    format!("{what}, batch {b}, mean of {} heads", s.q_heads),
+                ),
+            };
             let style = HeatmapStyle {
                 q_labels: q_labels.clone(),
                 k_labels: k_labels.clone(),
@@ -199,28 +235,9 @@ impl Heatmaps {
                 range: None,
             };
             let png = render_png(values, rows, cols, &style)?;
-            let path = self.dir.join(name);
-            std::fs::write(&path, png)
-                .map_err(|e| CliError::new(format!("cannot write {}: {e}", path.display())))?;
-            written += 1;
-            Ok(())
-        };
-        for b in 0..s.batch {
-            for h in 0..s.q_heads {
-                let at = (b * s.q_heads + h) * area;
-                draw(
-                    &maps[at..at + area],
-                    format!("b{b}_h{h}.png"),
-                    format!("{what}, batch {b} head {h}"),
-                )?;
-            }
-            draw(
-                &mean[b * area..(b + 1) * area],
-                format!("b{b}_mean.png"),
-                format!("{what}, batch {b}, mean of {} heads", s.q_heads),
-            )?;
+            outputs.write_bytes(&self.dir.join(name), &png)?;
         }
-        Ok(written)
+        Ok(files.len())
     }
 
     /// The folder the maps go to.

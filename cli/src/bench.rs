@@ -1,7 +1,7 @@
 //! `xattn bench`: headless timings of each path on standard or custom shapes.
 //!
 //! Times GPU completion, not submission: with `TIMESTAMP_QUERY` the GPU's own timestamps
-//! bracket the plan's passes; otherwise the host clock brackets `Engine::run`, which waits
+//! bracket the call's passes; otherwise the host clock brackets `Prepared::run`, which waits
 //! until the device is idle. Inputs are uploaded once per shape and outputs allocated once
 //! per (shape, path), so only the attention itself is measured. With autotuning (the default)
 //! the fused kernel's configuration is chosen while planning, before any timed run.
@@ -15,13 +15,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use xattn::cpu::reference;
-use xattn::gpu::executor::GpuTimer;
 use xattn::{
     Attention, AttnShape, ConfigChoice, ConfigSource, Context, DType, Engine, FusedConfig,
-    MaskInputs, Path, Plan, Stats, Storage, Tensor,
+    GpuTimer, Path, Prepared, Stats, Storage, Tensor,
 };
 
 use crate::masks::AlignArg;
+use crate::outputs::Outputs;
 use crate::precision::DtypeArg;
 use crate::suite::{self, SuiteShape};
 use crate::{one_line, parse_path_choice, path_names_hint, CliError, CliResult};
@@ -213,7 +213,7 @@ fn custom_shape(a: &BenchArgs) -> CliResult<Option<SuiteShape>> {
         return Ok(None);
     }
     let (Some(m), Some(n), Some(dk)) = (a.m, a.n, a.dk) else {
-        return Err(CliError::new(
+        return Err(CliError::usage(
             "a custom shape needs at least --m, --n and --dk",
         ));
     };
@@ -300,7 +300,6 @@ fn out_rounding(dtype: DType) -> f64 {
 
 /// The device and the settings every measurement shares.
 struct Bench<'a> {
-    ctx: &'a Context,
     engine: Engine,
     timer: Option<GpuTimer>,
     warmup: u32,
@@ -444,20 +443,14 @@ impl Bench<'_> {
     }
 
     /// One run, in milliseconds to GPU completion.
-    fn time_once(
-        &self,
-        plan: &Plan,
-        x: &Inputs,
-        masks: &MaskInputs,
-        out: &xattn::Output,
-    ) -> CliResult<f64> {
+    fn time_once(&self, call: &Prepared) -> CliResult<f64> {
         let start = Instant::now();
-        self.engine
-            .run(plan, &x.q, &x.k, &x.v, masks, out, self.timer.as_ref())?;
-        let wall_ms = start.elapsed().as_secs_f64() * 1e3;
         match &self.timer {
-            Some(t) => Ok(t.read_ms(self.ctx)?),
-            None => Ok(wall_ms),
+            Some(t) => Ok(call.run_timed(t)?),
+            None => {
+                call.run()?;
+                Ok(start.elapsed().as_secs_f64() * 1e3)
+            }
         }
     }
 
@@ -465,24 +458,23 @@ impl Bench<'_> {
     /// error it is allowed.
     fn measure(
         &self,
-        plan: &Plan,
+        call: &Prepared,
         opts: &Attention,
         x: &mut Inputs,
     ) -> CliResult<(Timing, Check, f64)> {
-        let out = self.engine.alloc_output(plan)?;
-        let masks = self.engine.upload_masks(plan, opts)?;
         for _ in 0..self.warmup {
-            self.time_once(plan, x, &masks, &out)?;
+            self.time_once(call)?;
         }
         let mut times = (0..self.runs)
-            .map(|_| self.time_once(plan, x, &masks, &out))
+            .map(|_| self.time_once(call))
             .collect::<CliResult<Vec<f64>>>()?;
+        let (plan, out) = (call.plan(), call.output());
         times.sort_by(f64::total_cmp);
         let timing = Timing {
             median_ms: xattn::tune::median(&times),
             min_ms: times[0],
         };
-        let s = plan.shape;
+        let s = plan.shape();
         let mut tolerance = self.args.tolerance;
         let check = if !self.check {
             Check::Off
@@ -732,6 +724,68 @@ fn json_record(r: &Record, ctx: &Context, b: &Bench) -> Value {
     })
 }
 
+/// The last line of the table: whether the results were checked against the reference and,
+/// if so, all within the tolerance or which were not (and which runs failed).
+fn verdict(records: &[Record], errors: &[String], checked: bool, args: &BenchArgs) -> String {
+    let tolerance = format!(
+        "--tolerance {:.0e}, plus a half O's rounding",
+        args.tolerance
+    );
+    let label = |r: &Record| {
+        format!(
+            "{} {} {}",
+            r.name,
+            path_label(r.requested, Some(r.path), r.stats),
+            r.dtype
+        )
+    };
+    let failed: Vec<String> = records
+        .iter()
+        .filter(|r| r.failed())
+        .map(|r| match r.check {
+            Check::Err(e) => format!("{} (max |err| {e:.2e} > {:.2e})", label(r), r.tolerance),
+            _ => label(r),
+        })
+        .collect();
+    let compared = records
+        .iter()
+        .filter(|r| matches!(r.check, Check::Err(_)))
+        .count();
+    let skipped = records.iter().filter(|r| r.check == Check::Skipped).count();
+    let skipped = if skipped > 0 {
+        format!(
+            "; {skipped} not checked (above --check-max-gflop {})",
+            args.check_max_gflop
+        )
+    } else {
+        String::new()
+    };
+    let runs = if errors.is_empty() {
+        String::new()
+    } else {
+        format!("; {} run(s) failed: {}", errors.len(), errors.join(", "))
+    };
+    if !failed.is_empty() {
+        format!(
+            "verdict: FAILED: {} of {compared} result(s) checked against the f64 reference are \
+             above the tolerance ({tolerance}): {}{skipped}{runs}",
+            failed.len(),
+            failed.join(", ")
+        )
+    } else if !errors.is_empty() {
+        format!("verdict: FAILED{runs}")
+    } else if !checked {
+        "verdict: timed only, not checked against the reference (pass --check)".to_string()
+    } else if compared == 0 {
+        format!("verdict: nothing checked against the f64 reference{skipped}")
+    } else {
+        format!(
+            "verdict: checked against the f64 reference: all {compared} result(s) within the \
+             tolerance ({tolerance}){skipped}"
+        )
+    }
+}
+
 /// Runs the benchmark and prints the table; fails (after writing the JSON) if any run failed
 /// or any check exceeded the tolerance.
 pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
@@ -751,18 +805,16 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
     if !args.only.is_empty() {
         let names: Vec<&str> = shapes.iter().map(|s| s.name.as_str()).collect();
         if let Some(bad) = args.only.iter().find(|o| !names.contains(&o.as_str())) {
-            return Err(CliError::new(format!(
+            return Err(CliError::usage(format!(
                 "--only {bad}: no such shape; the shapes are {}",
                 names.join(", ")
             )));
         }
         shapes.retain(|s| args.only.contains(&s.name));
     }
-    if let Some(path) = &args.json {
-        // Fail now rather than after minutes of benchmarking.
-        std::fs::File::create(path)
-            .map_err(|e| CliError::new(format!("cannot write {}: {e}", path.display())))?;
-    }
+    // Checked (and its temporary file made) now rather than after minutes of benchmarking;
+    // a FIFO, device or link there is refused as for every output.
+    let mut json_out = Outputs::create(&[("--json", args.json.as_ref())])?;
 
     let ctx = Context::new()?;
     let timer = if args.wall_clock {
@@ -771,7 +823,6 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
         GpuTimer::new(&ctx)
     };
     let b = Bench {
-        ctx: &ctx,
         engine: if args.packed_f16 {
             let caps = xattn::DeviceCaps {
                 native_f16: false,
@@ -784,7 +835,7 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
         .with_autotune(
             !args.no_autotune
                 && args.fused_config.is_none()
-                && xattn::tune::env_setting().unwrap_or(true),
+                && xattn::settings::autotune().unwrap_or(true),
         ),
         timer,
         warmup: args.warmup.unwrap_or(if quick { 1 } else { 2 }),
@@ -839,7 +890,8 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
     let mut progress = Progress::new(&shapes, args.path, dtypes.len(), variants.len());
     let mut done = 0;
     let mut records: Vec<Record> = Vec::new();
-    let mut errors = 0;
+    // The runs that failed, labelled as their row is, with why.
+    let mut errors: Vec<String> = Vec::new();
     for (index, s) in shapes.iter().enumerate() {
         let first = records.len();
         for &dtype in &dtypes {
@@ -866,23 +918,24 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                     None => inputs.insert(b.inputs(&s.shape, seed, dtype)?),
                 };
                 let opts = options(args, requested, stats);
-                let plan = match b.engine.plan(&x.q, &x.k, &x.v, &opts) {
-                    Ok(plan) => plan,
+                let call = match b.engine.prepare(&x.q, &x.k, &x.v, &opts) {
+                    Ok(call) => call,
                     Err(e) => {
                         let note = format!("skipped, does not plan: {e}");
                         print_note(s, which, storage(dtype), &note);
                         continue;
                     }
                 };
+                let plan = call.plan();
                 // `auto` may plan a path the suite excludes for this shape.
-                if let Some((_, why)) = s.only.filter(|(only, _)| *only != plan.path) {
+                if let Some((_, why)) = s.only.filter(|(only, _)| *only != plan.path()) {
                     print_note(s, which, storage(dtype), &format!("skipped: {why}"));
                     continue;
                 }
-                if let Some(choice) = plan.fused.as_ref().filter(|_| b.engine.autotune()) {
+                if let Some(choice) = plan.fused().filter(|_| b.engine.autotune()) {
                     print_config(s, which, storage(dtype), choice);
                 }
-                let measured = b.measure(&plan, &opts, x);
+                let measured = b.measure(&call, &opts, x);
                 progress.advance(&s.shape);
                 match measured {
                     Ok((timing, check, tolerance)) => {
@@ -892,19 +945,24 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                             dtype,
                             storage: storage(dtype),
                             requested,
-                            path: plan.path,
+                            path: plan.path(),
                             timing,
                             check,
                             tolerance,
                             masks: masks_label(args.causal),
                             stats,
-                            config: plan.fused.clone(),
+                            config: plan.fused().cloned(),
                         };
                         print_row(&r);
                         records.push(r);
                     }
                     Err(e) => {
-                        errors += 1;
+                        errors.push(format!(
+                            "{} {} {dtype} ({})",
+                            s.name,
+                            path_label(requested, None, stats),
+                            one_line(&e.to_string())
+                        ));
                         print_note(s, which, storage(dtype), &format!("error: {e}"));
                     }
                 }
@@ -916,20 +974,23 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
     if let Some(path) = &args.json {
         let list: Vec<Value> = records.iter().map(|r| json_record(r, &ctx, &b)).collect();
         let text = serde_json::to_string_pretty(&list).expect("JSON values always serialize");
-        std::fs::write(path, text + "\n")
-            .map_err(|e| CliError::new(format!("cannot write {}: {e}", path.display())))?;
+        json_out.write_bytes(path, (text + "\n").as_bytes())?;
+        json_out.commit()?;
         eprintln!(
             "xattn: wrote {} record(s) to {}",
             list.len(),
             path.display()
         );
     }
+    let verdict = verdict(&records, &errors, b.check, args);
+    println!("{verdict}");
     let failed = records.iter().filter(|r| r.failed()).count();
-    if failed > 0 || errors > 0 {
+    if failed > 0 || !errors.is_empty() {
         return Err(CliError::new(format!(
             "{failed} result(s) above the tolerance (--tolerance {:.0e}, plus a half O's \
-             rounding), {errors} run(s) failed",
-            args.tolerance
+             rounding), {} run(s) failed: the verdict line names them",
+            args.tolerance,
+            errors.len()
         )));
     }
     Ok(ExitCode::SUCCESS)

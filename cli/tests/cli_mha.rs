@@ -5,6 +5,7 @@
 //! user gets for a wrong prefix, head count, mismatched inputs or flags (checked on the host
 //! before a device is opened, so they need no GPU).
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -440,6 +441,115 @@ fn bad_key_padding_masks_are_rejected() {
     );
 }
 
+/// An integer 0/1 key padding mask is refused, naming this flag's convention (true =
+/// ignore) and both conversions: following the old hint (a.astype(bool)) on a Hugging Face
+/// attention_mask (1 = keep) would ignore every real token.
+#[test]
+fn an_integer_key_padding_mask_is_refused_with_both_conversions() {
+    let c = Case::load("weights_averaged");
+    let dir = TempDir::new("intkpm");
+    let (kpm, _) = read_npy::<bool>(&c.file("key_padding_mask.npy"));
+    let p = dir.path("kpm.npy");
+    for dtype in ["int64", "uint8"] {
+        if dtype == "int64" {
+            let hf: Vec<i64> = kpm.iter().map(|&ignore| i64::from(!ignore)).collect();
+            write_npy(&p, &hf, &[c.b, c.n]);
+        } else {
+            let torch: Vec<u8> = kpm.iter().map(|&ignore| u8::from(ignore)).collect();
+            write_npy(&p, &torch, &[c.b, c.n]);
+        }
+        let err = fails(
+            &dir,
+            &with(c.fixture_args(&dir), "--key-padding-mask", &s(&p)),
+        );
+        assert_mentions(
+            &err,
+            &[
+                "kpm.npy",
+                dtype,
+                "true = ignore that key (PyTorch's key_padding_mask)",
+                "PyTorch-style 0/1 padding mask (1 = ignore) pass (a != 0)",
+                "Hugging Face attention_mask (1 = keep) pass (a == 0)",
+                "--attention-mask",
+                "a.sum(1) to --kv-lens",
+            ],
+        );
+        assert!(!err.contains("astype(bool)"), "{err}");
+    }
+}
+
+/// `--attention-mask` (Hugging Face: 1 = keep) gives exactly what the key padding mask it
+/// inverts gives, and the two together are refused.
+#[test]
+fn attention_mask_equals_the_key_padding_mask_it_inverts() {
+    let Some(_) = engine() else { return };
+    let c = Case::load("weights_averaged");
+    let dir = TempDir::new("hfmask");
+    let (kpm, _) = read_npy::<bool>(&c.file("key_padding_mask.npy"));
+    assert!(kpm.iter().any(|&x| x), "the fixture pads some keys");
+    let run = |args: &[String]| {
+        let out = xattn(args);
+        assert!(out.status.success(), "xattn failed: {}", stderr(&out));
+        read_npy::<f32>(&dir.path("out.npy")).0
+    };
+    let by_kpm = run(&c.fixture_args(&dir));
+    let hf: Vec<i64> = kpm.iter().map(|&ignore| i64::from(!ignore)).collect();
+    let a = dir.path("attention_mask.npy");
+    write_npy(&a, &hf, &[c.b, c.n]);
+    let (q, k, v) = (c.file("query.npy"), c.file("key.npy"), c.file("value.npy"));
+    let mut args = c.args(&dir, [&q, &k, &v], None);
+    args.extend(["--attention-mask".into(), s(&a)]);
+    let by_hf = run(&args);
+    assert_eq!(
+        by_hf, by_kpm,
+        "--attention-mask a is --key-padding-mask (a == 0)"
+    );
+    let none = run(&c.args(&dir, [&q, &k, &v], None));
+    assert_ne!(none, by_kpm, "the padding changes the output");
+    let mut both = c.fixture_args(&dir);
+    both.extend(["--attention-mask".into(), s(&a)]);
+    let _ = std::fs::remove_file(dir.path("out.npy"));
+    let err = fails(&dir, &both);
+    assert_mentions(
+        &err,
+        &["--key-padding-mask", "--attention-mask", "give one"],
+    );
+}
+
+/// Every file input of `mha` is refused at once when it is not a regular file: a FIFO would
+/// block the read forever.
+#[cfg(unix)]
+#[test]
+fn fifo_inputs_are_refused_without_blocking() {
+    let c = Case::load("weights_averaged");
+    let dir = TempDir::new("fifo");
+    let fifo = dir.path("f.npy");
+    if !make_fifo(&fifo) {
+        return;
+    }
+    for flag in [
+        "--weights",
+        "--query",
+        "--value",
+        "--key-padding-mask",
+        "--kv-lens",
+    ] {
+        let args = with(c.fixture_args(&dir), flag, &s(&fifo));
+        let out = output_within(
+            {
+                let mut cmd = Command::new(env!("CARGO_BIN_EXE_xattn"));
+                cmd.args(&args);
+                cmd
+            },
+            60,
+        );
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{flag}: should fail: {err}");
+        assert_mentions(&err, &["f.npy", "FIFO", "regular files"]);
+        assert!(!dir.path("out.npy").exists(), "{flag}: no output on error");
+    }
+}
+
 /// The masks and logit controls of `run` reach the attention inside the layer: the binary with
 /// --causal, --softcap and a key padding mask gives what the library gives in this process for
 /// the same options (same kernels, same device), and something else than without them.
@@ -565,8 +675,9 @@ struct Saved {
     flags: &'static [&'static str],
 }
 
-/// Each layer through the binary with only the flags its model needs (T5: `--scale 1`; no
-/// `--no-bias`), against the f64 layer with the biases the file holds.
+/// Each layer through the binary with only the flags its model needs (none: no `--no-bias`,
+/// and T5's scale 1 comes from its names), against the f64 layer with the biases the file
+/// holds.
 #[test]
 fn model_families_match_the_f64_layer() {
     let Some(_) = engine() else { return };
@@ -598,7 +709,7 @@ fn model_families_match_the_f64_layer() {
             prefix: t5,
             config: e8.with_inner_dim(12),
             biases: [false; 4],
-            flags: &["--scale", "1"],
+            flags: &[],
         },
         Saved {
             what: "T5 v1.1: E 8, 3 heads of 4",
@@ -657,7 +768,10 @@ fn model_families_match_the_f64_layer() {
             saved
         };
         let mut attention = xattn::Attention::default();
-        if case.flags.contains(&"--scale") {
+        if case.names == "t5" {
+            // One case leaves the scale to the names, one gives --scale 1: the same layer.
+            let noted = err.contains("T5 and MT5 do not scale their logits, so the scale is 1");
+            assert_eq!(noted, !case.flags.contains(&"--scale"), "{what}: {err}");
             attention = attention.with_scale(1.0);
         }
         let inputs = (&query[..], &key[..], &value[..]);
@@ -666,6 +780,235 @@ fn model_families_match_the_f64_layer() {
         let (tol, _) = layer_tolerance(&c, &used, [&query, &key, &value], 7, scale);
         let e = assert_close(what, &got, &want, tol);
         eprintln!("{what:40} max err {e:.2e} (bound {tol:.2e})");
+    }
+}
+
+/// A layer under T5 names runs at T5's scale, 1, when --scale is not given, and says so: the
+/// same numbers as with --scale 1, not those of 1/sqrt(head dim); --scale still overrides it.
+#[test]
+fn a_t5_layer_without_scale_runs_at_scale_1_with_a_note() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("t5scale");
+    let c = MhaConfig::new(8, 2).with_inner_dim(12);
+    let prefix = "encoder.block.0.layer.0.SelfAttention.";
+    let weights = dir.path("t5.safetensors");
+    write_safetensors(
+        &weights,
+        &layer_tensors(
+            "t5",
+            prefix,
+            &c,
+            &keep_biases(random_weights(&c, 71), [false; 4]),
+        ),
+    );
+    write_inputs(&dir, &c, 72);
+    let run = |flags: &[&str]| {
+        let out = xattn(&layer_args(&dir, &weights, prefix, 2, flags));
+        let err = stderr(&out);
+        assert!(out.status.success(), "{flags:?}: xattn failed: {err}");
+        (read_npy::<f32>(&dir.path("out.npy")).0, err)
+    };
+    let (default, err) = run(&[]);
+    assert_mentions(
+        &err,
+        &[
+            "note: T5 names",
+            "the scale is 1 (not 1/sqrt(head dim) = 0.4082)",
+            "pass --scale",
+        ],
+    );
+    let (one, err) = run(&["--scale", "1"]);
+    assert!(
+        !err.contains("note: T5"),
+        "no note when --scale is given: {err}"
+    );
+    assert_eq!(default, one, "a T5 layer without --scale is --scale 1");
+    let (sqrt, _) = run(&["--scale", &(1.0 / 6f64.sqrt()).to_string()]);
+    assert_ne!(sqrt, one, "--scale overrides T5's 1");
+}
+
+/// `data` of 3-D `dims` with its first two axes swapped: `x.transpose(0, 1)`.
+fn swap01(data: &[f32], [x, y, f]: [usize; 3]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(data.len());
+    for j in 0..y {
+        for i in 0..x {
+            out.extend_from_slice(&data[(i * y + j) * f..][..f]);
+        }
+    }
+    out
+}
+
+/// PyTorch's nn.MultiheadAttention takes [seq, batch, features] unless batch_first=True:
+/// with --layout sbe (or seq-first) such inputs give the batch-first run's output transposed,
+/// and the same batch-first weights; without it, the mismatch names seq first and the way out.
+#[test]
+fn seq_first_inputs_equal_batch_first_inputs_transposed() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("seqfirst");
+    let c = MhaConfig::new(16, 2).with_kdim(10).with_vdim(12);
+    let prefix = "model.decoder.layers.0.encoder_attn.";
+    let weights = dir.path("layer.safetensors");
+    write_safetensors(
+        &weights,
+        &layer_tensors("hf", prefix, &c, &random_weights(&c, 81)),
+    );
+    // Batch first: query [2, 5, 16], key [2, 7, 10], value [2, 7, 12].
+    let ([query, key, value], data) = write_inputs(&dir, &c, 82);
+    let kpm = dir.path("kpm.npy");
+    let mask: Vec<bool> = (0..14).map(|i| i % 7 == 4 || i == 13).collect();
+    write_npy(&kpm, &mask, &[2, 7]);
+    let run = |flags: &[&str]| {
+        let mut args = layer_args(&dir, &weights, prefix, 2, flags);
+        args.extend(["--key-padding-mask".into(), s(&kpm)]);
+        args.extend(["--need-weights".into(), s(&dir.path("w.npy"))]);
+        let out = xattn(&args);
+        let err = stderr(&out);
+        assert!(out.status.success(), "{flags:?}: xattn failed: {err}");
+        let o = read_npy::<f32>(&dir.path("out.npy"));
+        let w = read_npy::<f32>(&dir.path("w.npy"));
+        (o, w, err)
+    };
+    let ((bf, bf_dims), w_bf, _) = run(&[]);
+    assert_eq!(bf_dims, [2, 5, 16]);
+    // The same inputs seq first.
+    let dims = [[2, 5, 16], [2, 7, 10], [2, 7, 12]];
+    for ((path, x), d) in [&query, &key, &value].into_iter().zip(&data).zip(dims) {
+        write_npy(path, &swap01(x, d), &[d[1], d[0], d[2]]);
+    }
+    for name in ["sbe", "seq-first"] {
+        let ((sf, sf_dims), w_sf, err) = run(&["--layout", name]);
+        assert_eq!(sf_dims, [5, 2, 16], "--layout {name}: out is seq first");
+        assert_eq!(sf, swap01(&bf, [2, 5, 16]), "--layout {name}: out");
+        assert_eq!(
+            w_sf, w_bf,
+            "--layout {name}: weights are batch first in both"
+        );
+        assert!(!err.contains("note:"), "{err}");
+    }
+    // Without --layout: batch 5 (query) against 7 (key), and the way out.
+    let mut args = layer_args(&dir, &weights, prefix, 2, &[]);
+    args.extend(["--key-padding-mask".into(), s(&kpm)]);
+    let _ = std::fs::remove_file(dir.path("out.npy"));
+    let err = fails(&dir, &args);
+    assert_mentions(
+        &err,
+        &[
+            "--query",
+            "--key",
+            "differ in batch: 5 vs 7",
+            "read as --layout bse [batch, seq, features]",
+            "they fit --layout sbe [seq, batch, features]",
+            "batch_first=False",
+            "x.transpose(0, 1)",
+        ],
+    );
+}
+
+/// Where query, key and value fit both layouts (same length and batch count in the first two
+/// axes), the default is read with a note, as `run` does; naming the layout silences it.
+#[test]
+fn mha_shapes_that_fit_both_layouts_get_a_note_unless_the_layout_is_named() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("bothlayouts");
+    let c = MhaConfig::new(8, 2);
+    let prefix = "attn.";
+    let weights = dir.path("layer.safetensors");
+    write_safetensors(
+        &weights,
+        &layer_tensors("hf", prefix, &c, &random_weights(&c, 91)),
+    );
+    // Self-attention: [5, 2, 8] three times; batch 5 of 2 tokens, or batch 2 of 5.
+    let x = random(80, 1.0, 92);
+    for f in ["query.npy", "key.npy", "value.npy"] {
+        write_npy(&dir.path(f), &x, &[5, 2, 8]);
+    }
+    let run = |flags: &[&str]| {
+        let out = xattn(&layer_args(&dir, &weights, prefix, 2, flags));
+        let err = stderr(&out);
+        assert!(out.status.success(), "{flags:?}: xattn failed: {err}");
+        (read_npy::<f32>(&dir.path("out.npy")).0, err)
+    };
+    let (default, err) = run(&[]);
+    assert_mentions(
+        &err,
+        &[
+            "note: query, key, value fit both layouts",
+            "bse: batch 5, M 2, N 2",
+            "sbe: batch 2, M 5, N 5",
+            "pass --layout",
+        ],
+    );
+    let (bse, err) = run(&["--layout", "bse"]);
+    assert!(!err.contains("note:"), "{err}");
+    assert_eq!(bse, default, "the default is bse");
+    let (sbe, _) = run(&["--layout", "sbe"]);
+    assert_ne!(sbe, bse, "the two readings differ: the note is needed");
+}
+
+/// `--dtype f16` keeps the inputs and the layer's weights in float16: a value past ±65504 in
+/// either would become inf, so it is refused before the run, by name.
+#[test]
+fn mha_dtype_f16_refuses_inputs_and_weights_past_its_range() {
+    let dir = TempDir::new("f16range");
+    let c = MhaConfig::new(8, 2);
+    let prefix = "attn.";
+    let mut w = random_weights(&c, 101);
+    w.k[3] = -1e5;
+    let weights = dir.path("layer.safetensors");
+    write_safetensors(&weights, &layer_tensors("hf", prefix, &c, &w));
+    write_inputs(&dir, &c, 102);
+    let args = layer_args(&dir, &weights, prefix, 2, &["--dtype", "f16"]);
+    let err = fails(&dir, &args);
+    assert_mentions(
+        &err,
+        &[
+            "W_k of --weights",
+            "layer.safetensors",
+            "-1e5 at [3]",
+            "±65504",
+            "-inf",
+        ],
+    );
+    let (mut q, shape) = read_npy::<f32>(&dir.path("query.npy"));
+    q[7] = 123456.0;
+    write_npy(&dir.path("query.npy"), &q, &shape);
+    let err = fails(&dir, &args);
+    assert_mentions(
+        &err,
+        &["--query", "query.npy", "1.23456e5 at [0, 0, 7]", "±65504"],
+    );
+}
+
+/// Flags that do not go together are usage errors, exit status 2 as for clap's; a layer file
+/// that does not fit the flags is an error, 1.
+#[test]
+fn mha_usage_errors_exit_2() {
+    let dir = TempDir::new("usage");
+    let c = MhaConfig::new(8, 2);
+    let weights = dir.path("layer.safetensors");
+    write_safetensors(
+        &weights,
+        &layer_tensors("hf", "attn.", &c, &random_weights(&c, 111)),
+    );
+    write_inputs(&dir, &c, 112);
+    let kpm = dir.path("kpm.npy");
+    write_npy(&kpm, &[false; 14], &[2, 7]);
+    let (kp, am) = (s(&kpm), s(&dir.path("am.npy")));
+    for (heads, flags, code) in [
+        (2, vec!["--kv-heads", "3"], 2),
+        (
+            2,
+            vec!["--key-padding-mask", &kp, "--attention-mask", &am],
+            2,
+        ),
+        (2, vec!["--key-padding-mask", &kp, "--mask", &am], 2),
+        (2, vec!["--bogus"], 2),
+        (3, vec![], 1),
+    ] {
+        let out = xattn(&layer_args(&dir, &weights, "attn.", heads, &flags));
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(code), "{flags:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
     }
 }
 
@@ -746,6 +1089,188 @@ fn weights_errors_list_what_is_near_the_prefix() {
         ],
     );
     no_unrelated(&err);
+}
+
+/// A layer whose prefix holds tensors it does not read (here nn.MultiheadAttention's bias_k
+/// and bias_v of add_bias_kv=True, and T5's relative position bias) is refused before a
+/// device is opened, naming each tensor and what it is; with --ignore-tensors it runs, says
+/// what it ignored, and equals the f64 layer without them. Ignoring a tensor the file lacks,
+/// or one the layer reads, is an error naming it.
+#[test]
+fn mha_refuses_tensors_the_layer_does_not_read() {
+    let dir = TempDir::new("unread");
+    let c = MhaConfig::new(8, 2);
+    let (_, [query, key, value]) = write_inputs(&dir, &c, 720);
+    let saved = random_weights(&c, 721);
+    let mut tensors = layer_tensors("pytorch", "", &c, &saved);
+    tensors.push(("bias_k".into(), vec![1, 1, 8], random(8, 1.0, 722)));
+    tensors.push(("bias_v".into(), vec![1, 1, 8], random(8, 1.0, 723)));
+    let weights = dir.path("add_bias_kv.safetensors");
+    write_safetensors(&weights, &tensors);
+    let err = fails(&dir, &layer_args(&dir, &weights, "", 2, &[]));
+    assert_mentions(
+        &err,
+        &[
+            "--weights",
+            "add_bias_kv.safetensors",
+            "bias_k, bias_v: nn.MultiheadAttention(add_bias_kv=True)'s learned key and value",
+            "--ignore-tensors bias_k,bias_v",
+        ],
+    );
+    for (names, why) in [
+        (
+            "bias_k,nope",
+            "cannot ignore `nope`: the file holds no tensor `nope`",
+        ),
+        ("out_proj.weight", "the layer reads `out_proj.weight`"),
+    ] {
+        let err = fails(
+            &dir,
+            &layer_args(&dir, &weights, "", 2, &["--ignore-tensors", names]),
+        );
+        assert_mentions(&err, &[why]);
+    }
+    // Ignoring one of the two: the other is still refused.
+    let err = fails(
+        &dir,
+        &layer_args(&dir, &weights, "", 2, &["--ignore-tensors", "bias_k"]),
+    );
+    assert_mentions(&err, &["bias_v: nn.MultiheadAttention(add_bias_kv=True)"]);
+
+    let t5 = c.with_inner_dim(12);
+    let prefix = "encoder.block.0.layer.0.SelfAttention.";
+    let mut tensors = layer_tensors(
+        "t5",
+        prefix,
+        &t5,
+        &keep_biases(random_weights(&t5, 724), [false; 4]),
+    );
+    tensors.push((
+        format!("{prefix}relative_attention_bias.weight"),
+        vec![32, 2],
+        random(64, 1.0, 725),
+    ));
+    let t5_weights = dir.path("t5.safetensors");
+    write_safetensors(&t5_weights, &tensors);
+    let err = fails(&dir, &layer_args(&dir, &t5_weights, prefix, 2, &[]));
+    assert_mentions(
+        &err,
+        &[
+            "relative_attention_bias.weight: T5's relative position bias (pass it as --bias",
+            &format!("prefix `{prefix}`"),
+        ],
+    );
+
+    let Some(_) = engine() else { return };
+    let out = xattn(&layer_args(
+        &dir,
+        &weights,
+        "",
+        2,
+        &["--ignore-tensors", "bias_k", "--ignore-tensors", "bias_v"],
+    ));
+    let err = stderr(&out);
+    assert!(out.status.success(), "xattn failed: {err}");
+    assert_mentions(
+        &err,
+        &[
+            "note: --ignore-tensors: the layer runs without bias_k (nn.MultiheadAttention",
+            "bias_v (",
+            "differs from the model's",
+        ],
+    );
+    let (got, _) = read_npy::<f32>(&dir.path("out.npy"));
+    let attention = xattn::Attention::default();
+    let inputs = (&query[..], &key[..], &value[..]);
+    let (want, _) = reference_layer(&c, &saved, 2, inputs, &attention);
+    let scale = f64::from(attention.scale_for(c.head_dim()));
+    let (tol, _) = layer_tolerance(&c, &saved, [&query, &key, &value], 7, scale);
+    assert_close("ignored bias_k, bias_v", &got, &want, tol);
+}
+
+/// The largest |logit| of the layer `w` on these inputs (batch 2, N 7), in f64.
+fn largest_logit(c: &MhaConfig, w: &xattn::mha::MhaWeights, query: &[f32], key: &[f32]) -> f64 {
+    use xattn::cpu::reference::linear;
+    let q = linear(query, &w.q, w.q_bias.as_deref(), c.embed_dim);
+    let k = linear(key, &w.k, w.k_bias.as_deref(), c.kdim);
+    let (d, group) = (c.head_dim(), c.num_heads / c.kv_heads);
+    let scale = 1.0 / (d as f64).sqrt();
+    let (m, n) = (q.len() / 2 / c.inner_dim, k.len() / 2 / c.kv_dim());
+    let mut largest = 0.0f64;
+    for b in 0..2 {
+        for h in 0..c.num_heads {
+            for i in 0..m {
+                for j in 0..n {
+                    let qi = &q[(b * m + i) * c.inner_dim + h * d..][..d];
+                    let kj = &k[(b * n + j) * c.kv_dim() + h / group * d..][..d];
+                    let dot: f64 = qi.iter().zip(kj).map(|(x, y)| x * y).sum();
+                    largest = largest.max((scale * dot).abs());
+                }
+            }
+        }
+    }
+    largest
+}
+
+/// The logits of the projected query and key that f32 cannot hold are refused before the run,
+/// naming the projection and the input (the run wrote NaN); large ones it holds, up to 1e37,
+/// run and match the f64 layer.
+#[test]
+fn mha_refuses_logits_past_what_f32_holds() {
+    let dir = TempDir::new("mha-logits");
+    let c = MhaConfig::new(8, 2);
+    let prefix = "attn.";
+    let w = random_weights(&c, 730);
+    let weights = dir.path("layer.safetensors");
+    write_safetensors(&weights, &layer_tensors("hf", prefix, &c, &w));
+    let ([qp, kp, _], [query, key, value]) = write_inputs(&dir, &c, 731);
+    let grown = |x: &[f32], by: f32| x.iter().map(|y| y * by).collect::<Vec<f32>>();
+    let (q_big, k_big) = (grown(&query, 3e19), grown(&key, 3e19));
+    assert!(largest_logit(&c, &w, &q_big, &k_big) > 1e38);
+    write_npy(&qp, &q_big, &[2, 5, 8]);
+    write_npy(&kp, &k_big, &[2, 7, 8]);
+    let err = fails(&dir, &layer_args(&dir, &weights, prefix, 2, &[]));
+    assert_mentions(
+        &err,
+        &[
+            "the logit at head ",
+            "of the query projected by W_q (--query ",
+            "of the key projected by W_k (--key ",
+            "±5e37",
+        ],
+    );
+
+    let Some(_) = engine() else { return };
+    // Scaled to logits up to about 1e37 (the biases do not scale), where the bound through the weights' norms is past the
+    // limit: the projections computed on the host decide.
+    let s = (1e37 / largest_logit(&c, &w, &query, &key)).sqrt() as f32;
+    let (q_large, k_large) = (grown(&query, s), grown(&key, s));
+    let largest = largest_logit(&c, &w, &q_large, &k_large);
+    assert!(
+        (5e36..=1.5e37).contains(&largest),
+        "logits up to {largest:e}"
+    );
+    let norm = |x: &[f32]| x.iter().map(|&y| f64::from(y).powi(2)).sum::<f64>().sqrt();
+    let rows_max = |x: &[f32]| x.chunks(8).map(norm).fold(0.0f64, f64::max);
+    let bound = |x: &[f32], wt: &[f32], b: &Option<Vec<f32>>, h: usize| {
+        norm(&wt[h * 32..(h + 1) * 32]) * rows_max(x)
+            + b.as_ref().map_or(0.0, |b| norm(&b[h * 4..(h + 1) * 4]))
+    };
+    let through_weights = (0..2)
+        .map(|h| 0.5 * bound(&q_large, &w.q, &w.q_bias, h) * bound(&k_large, &w.k, &w.k_bias, h))
+        .fold(0.0f64, f64::max);
+    assert!(through_weights > 5e37, "bound {through_weights:e}");
+    write_npy(&qp, &q_large, &[2, 5, 8]);
+    write_npy(&kp, &k_large, &[2, 7, 8]);
+    let out = xattn(&layer_args(&dir, &weights, prefix, 2, &[]));
+    assert!(out.status.success(), "xattn failed: {}", stderr(&out));
+    let (got, _) = read_npy::<f32>(&dir.path("out.npy"));
+    let attention = xattn::Attention::default();
+    let (want, _) = reference_layer(&c, &w, 2, (&q_large, &k_large, &value), &attention);
+    // One key dominates each row by far more than f32's rounding of the logits: the output is
+    // that key's projected value through W_o, to f32 rounding.
+    let top = want.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+    assert_close("logits up to 1e37", &got, &want, 1e-5 * top);
 }
 
 /// Where one prefix holds two families the error says to pass --names; with it, the layer's

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use xattn::{Alignment, Attention, AttnShape};
 
-use crate::npy::{read_bias, read_bool, read_lens, Source};
+use crate::npy::{read_bias, read_bool, read_keep_mask, read_lens, Source};
 use crate::qkv::Bundle;
 use crate::{parse_finite_f32, CliError, CliResult};
 
@@ -69,12 +69,19 @@ pub struct MaskArgs {
     /// kv_len[b] are ignored (padding).
     #[arg(long, value_name = "FILE")]
     pub kv_lens: Option<PathBuf>,
-    /// Bool mask .npy, true = may attend, broadcast to [batch, heads, M, N]: each of the
-    /// first three dims 1 or full, the last N; fewer dims are padded with leading 1s as numpy
-    /// does ([M, N], [N]). uint8 holding only 0/1 is accepted too. A float mask (PyTorch's
-    /// additive 0 / −inf attn_mask) is a bias: give it to --bias.
+    /// Bool mask .npy, true = may attend (PyTorch SDPA's polarity), broadcast to [batch,
+    /// heads, M, N]: each of the first three dims 1 or full, the last N; fewer dims are padded
+    /// with leading 1s as numpy does ([M, N], [N]). Only bool: an integer 0/1 array (uint8
+    /// included) does not say whether 1 keeps or removes a key, so it is refused with both
+    /// conversions. A float mask (PyTorch's additive 0 / −inf attn_mask) is a bias: give it to
+    /// --bias.
     #[arg(long, value_name = "FILE")]
     pub mask: Option<PathBuf>,
+    /// A Hugging Face attention_mask .npy, [batch, N] ([N] for batch 1): 1 = keep that key, 0 =
+    /// padding (any integer type, or bool), as the tokenizer returns it. The same as --mask
+    /// (a != 0)[:, None, None, :]; cannot be combined with --mask.
+    #[arg(long, value_name = "FILE")]
+    pub attention_mask: Option<PathBuf>,
     /// Additive logit bias .npy (float32, e.g. ALiBi, or PyTorch's float attn_mask), broadcast
     /// like --mask; added after the softcap. −inf (or ≤ −1e30) removes the key; NaN and +inf
     /// are errors.
@@ -127,7 +134,7 @@ fn given<'a>(
     let tensor = bundle.map(|b| b.get(name)).transpose()?.flatten();
     Ok(match (path, tensor) {
         (Some(path), Some(tensor)) => {
-            return Err(CliError::new(format!(
+            return Err(CliError::usage(format!(
                 "{flag} {} and the {tensor} both give `{name}`; drop one",
                 path.display()
             )))
@@ -162,14 +169,14 @@ fn read_bounded_lens(input: &Given, axis: &str, bound: usize) -> CliResult<Vec<u
 fn window_alignment(causal: Option<AlignArg>, align: Option<AlignArg>) -> CliResult<Alignment> {
     let name = |a: AlignArg| Alignment::from(a).name();
     match (causal, align) {
-        (Some(c), Some(a)) if c != a => Err(CliError::new(format!(
+        (Some(c), Some(a)) if c != a => Err(CliError::usage(format!(
             "--causal {} and --align {} disagree; a causal mask and a window share one \
              alignment (drop --align, or make them equal)",
             name(c),
             name(a)
         ))),
         (_, Some(a)) | (Some(a), None) => Ok(a.into()),
-        (None, None) => Err(CliError::new(
+        (None, None) => Err(CliError::usage(
             "--window needs an alignment: add --align top-left (row i on key i, PyTorch/JAX) \
              or --align bottom-right (last row on last key, FlashAttention/decoding), \
              or give --causal",
@@ -192,7 +199,7 @@ fn broadcast_dims(label: &str, shape: &[usize]) -> CliResult<[usize; 4]> {
 /// Parses one `--key-segment START END FACTOR`.
 fn key_segment(words: &[String]) -> CliResult<(usize, usize, f32)> {
     let bad = |what: &str, got: &str| {
-        CliError::new(format!(
+        CliError::usage(format!(
             "--key-segment {}: {what} `{got}` is not {}",
             words.join(" "),
             if what == "FACTOR" {
@@ -203,7 +210,7 @@ fn key_segment(words: &[String]) -> CliResult<(usize, usize, f32)> {
         ))
     };
     let [start, end, factor] = words else {
-        return Err(CliError::new(format!(
+        return Err(CliError::usage(format!(
             "--key-segment takes START END FACTOR, got {words:?}"
         )));
     };
@@ -240,7 +247,7 @@ impl MaskArgs {
         if let Some(w) = &self.window {
             let align = window_alignment(self.causal, self.align)?;
             let [left, right] = w[..] else {
-                return Err(CliError::new(format!(
+                return Err(CliError::usage(format!(
                     "--window takes LEFT RIGHT, got {w:?}"
                 )));
             };
@@ -261,6 +268,30 @@ impl MaskArgs {
             let a = read_bool(src)?;
             opts = opts.with_mask(broadcast_dims(&label, &a.shape)?, a.data);
             check(&opts, &|| format!("{label} (shape {:?})", a.shape))?;
+        }
+        if let Some(path) = &self.attention_mask {
+            let label = format!("--attention-mask {}", path.display());
+            if opts.masking().mask.is_some() {
+                return Err(CliError::usage(format!(
+                    "{label} and --mask cannot be combined: fold them into one --mask file \
+                     (mask & (attention_mask != 0)[:, None, None, :]; --mask is true = attend)"
+                )));
+            }
+            let a = read_keep_mask(path)?;
+            let (b, n) = (s.batch, s.n);
+            if a.shape != [b, n] && !(b == 1 && a.shape == [n]) {
+                return Err(CliError::new(format!(
+                    "{label} has shape {:?}; an attention_mask is [batch, N] = [{b}, {n}]{}",
+                    a.shape,
+                    if b == 1 {
+                        format!(" or [N] = [{n}]")
+                    } else {
+                        String::new()
+                    }
+                )));
+            }
+            opts = opts.with_mask([b, 1, 1, n], a.data);
+            check(&opts, &|| label.clone())?;
         }
         if let Some(Given { label, src }) = given("--bias", self.bias.as_ref(), bundle, "bias")? {
             let a = read_bias(src)?;

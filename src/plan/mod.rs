@@ -1,0 +1,32 @@
+//! The scheduler: shape + options + device limits → a plan of dispatches and copies.
+//!
+//! The planner builds a [`Program`](crate::program::Program): every dispatch with its params
+//! and grid (already checked against the device's limits) over the buffers it declares. It
+//! holds no wgpu objects; the executor (`gpu::executor`) turns it into passes, the CPU
+//! executor (`cpu::program`) runs it through the kernels' twins.
+//!
+//! Split along its seams: [`device`] (what the planner knows about a device: limits and
+//! quirks), [`request`] (what a call asks for and the buffers it declares), [`attention`]
+//! (three-pass, fused, split-K, merge), [`stats`] (statistics and pooled maps), [`layer`]
+//! (projections and the layer's forward program) and [`check`] (limits and loop caps).
+
+pub mod attention;
+pub mod check;
+pub mod device;
+pub mod layer;
+pub mod request;
+pub mod stats;
+#[cfg(test)]
+pub(crate) mod tests;
+
+pub use crate::fused_config::{FUSED_ROWS, FUSED_ROW_FLOATS};
+pub use attention::{
+    base_params, split_count, KeySplits, MergePlan, Plan, Planned, FUSED_MAX_HEAD_DIM,
+};
+pub use check::check_loops;
+pub use device::{
+    fill_of, loop_cap_of, matrix_units_of, subgroup_lanes_of, DeviceCaps, Fill, MatrixUnits,
+    GPU_FILL, LLVMPIPE_LOOP_CAP,
+};
+pub use layer::{linear, mean_heads, pack};
+pub use request::{mask_input_bytes, AttnIo, Path, Request, StatsIo};
