@@ -101,7 +101,7 @@ fn twin_plans(req: &Request) -> Vec<(String, Plan)> {
         let forced = req.clone().with_fused_config(FusedConfig::MATRIX_UNITS);
         let plan = Plan::new(&forced, &matrix_caps()).unwrap();
         assert!(
-            plan.program
+            plan.program()
                 .dispatches()
                 .any(|d| matches!(d.kernel, Kernel::FlashCoop(_))),
             "{plan}"
@@ -114,15 +114,15 @@ fn twin_plans(req: &Request) -> Vec<(String, Plan)> {
 /// Runs `plan` with the CPU executor (every kernel by its twin): O, LSE, entropy and focus
 /// (the statistics empty where not asked for).
 fn run_twins(plan: &Plan, (q, k, v): (&[f32], &[f32], &[f32]), masking: &Masking) -> HostOutput {
-    let io = &plan.io;
-    let s = &plan.shape;
+    let io = plan.io();
+    let s = plan.shape();
     let mut inputs: HostBuffers = HashMap::from([
-        (io.lens, masking.lens_words(s)),
+        (io.lens, masking.lens_words(&s)),
         (io.mask, masking.mask_words().unwrap_or(vec![0])),
         (io.bias, words(&masking.bias_values().unwrap_or(vec![0.0]))),
     ]);
     inputs.extend([(io.q, words(q)), (io.k, words(k)), (io.v, words(v))]);
-    let mut out = run(&plan.program, &inputs).unwrap();
+    let mut out = run(plan.program(), &inputs).unwrap();
     let mut take = |id| floats(&out.remove(&id).unwrap());
     HostOutput {
         o: take(io.o),
@@ -304,7 +304,7 @@ fn infinite_values_give_the_references_infinities_on_every_path() {
                 let what = format!("{} {} {s}", variant_name(variant), case.name);
                 let (plan, got) = run_poisoned(engine, &s, (&q, &k, &case.v), &o)
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
-                assert_eq!(plan.path, variant.0, "{what}");
+                assert_eq!(plan.path(), variant.0, "{what}");
                 assert_matches(&format!("{what} O"), &got.o, &case.want.o, case.tol_o);
                 assert_matches(
                     &format!("{what} LSE"),
@@ -860,8 +860,7 @@ fn error_table() {
                 });
             let (plan, got) = run_poisoned(engine, &s, (&q, &k, &v), &opts).unwrap();
             let config = plan
-                .fused
-                .as_ref()
+                .fused()
                 .map(|c| format!(" {}", c.config))
                 .unwrap_or_default();
             row(
