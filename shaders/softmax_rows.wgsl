@@ -48,6 +48,12 @@ fn kept_exp(x: f32, mx: f32) -> f32 {
     return select(0.0, exp(x - mx), x > REMOVED_BELOW);
 }
 
+// A kept key's weight, at least MIN_WEIGHT (so that its ±∞ in V reaches O as in the
+// reference); 0 for a removed key.
+fn kept_weight(x: f32, mx: f32, inv: f32) -> f32 {
+    return select(0.0, max(exp(x - mx) * inv, MIN_WEIGHT), x > REMOVED_BELOW);
+}
+
 @compute @workgroup_size(WG, 1, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let row = wg.x;
@@ -74,7 +80,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
         row_lse = mx + log(sum);
     }
     for (var j = t; j < p.n; j += WG) {
-        s[base + j] = kept_exp(s[base + j], mx) * inv;
+        s[base + j] = kept_weight(s[base + j], mx, inv);
     }
     if t == 0u {
         let bh = p.bh_offset + lbh;

@@ -11,6 +11,21 @@
 @group(0) @binding(2) var<storage, read> v: array<Elem>;
 @group(0) @binding(3) var<storage, read_write> o: array<f32>;
 
+// accumulate_tile where P holds removed keys (weight exactly 0, kept keys' are at least
+// MIN_WEIGHT): their V adds nothing, not 0·∞ = NaN.
+fn accumulate_kept(acc: ptr<function, array<vec4<f32>, 4>>, lid: vec3<u32>) {
+    for (var kk = 0u; kk < BK; kk++) {
+        let ra = kk * TILE + lid.y;
+        let rb = kk * TILE + lid.x;
+        let a = vec4<f32>(a_tile[ra], a_tile[ra + WG], a_tile[ra + 2u * WG], a_tile[ra + 3u * WG]);
+        let c = vec4<f32>(b_tile[rb], b_tile[rb + WG], b_tile[rb + 2u * WG], b_tile[rb + 3u * WG]);
+        (*acc)[0] = select(fma(vec4<f32>(a.x), c, (*acc)[0]), (*acc)[0], vec4<bool>(a.x == 0.0));
+        (*acc)[1] = select(fma(vec4<f32>(a.y), c, (*acc)[1]), (*acc)[1], vec4<bool>(a.y == 0.0));
+        (*acc)[2] = select(fma(vec4<f32>(a.z), c, (*acc)[2]), (*acc)[2], vec4<bool>(a.z == 0.0));
+        (*acc)[3] = select(fma(vec4<f32>(a.w), c, (*acc)[3]), (*acc)[3], vec4<bool>(a.w == 0.0));
+    }
+}
+
 @compute @workgroup_size(16, 16, 1)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -44,7 +59,11 @@ fn main(
             b_tile[vk * TILE + c] = vv;
         }
         workgroupBarrier();
-        accumulate_tile(&acc, lid);
+        if ANY_MASKING {
+            accumulate_kept(&acc, lid);
+        } else {
+            accumulate_tile(&acc, lid);
+        }
         workgroupBarrier();
     }
 

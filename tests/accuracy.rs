@@ -361,8 +361,8 @@ fn masked_infinity_cases() -> Vec<(String, AttnShape, Attention, Values)> {
     ]
 }
 
-/// Fused and split-K only: three-pass multiplies each weight of P, 0 for a removed key, by V
-/// in `weighted_sum` (0·∞ = NaN there; see the report of issue 21).
+/// Every path: three-pass's `weighted_sum` adds nothing for a weight of exactly 0 (a removed
+/// key) where the call has masking.
 #[test]
 fn removed_keys_with_infinite_values_add_nothing() {
     let Some(engine) = engine() else { return };
@@ -382,10 +382,7 @@ fn removed_keys_with_infinite_values_add_nothing() {
         );
         let tol = budget_masked(&s, scale, (&q, &k, &finite_v), m);
         assert!(want.o.iter().any(|x| x.is_infinite()), "{name}");
-        for variant in gpu_variants(engine, &s, i)
-            .into_iter()
-            .filter(|v| v.0 != Path::ThreePass)
-        {
+        for variant in gpu_variants(engine, &s, i).into_iter() {
             let o = with_variant(&opts, variant);
             let what = format!("{} {name} {s}", variant_name(variant));
             let (_, got) = run_poisoned(engine, &s, (&q, &k, &v), &o)
@@ -410,7 +407,7 @@ fn tiny_weight_case() -> (AttnShape, f32, Vec<f32>, Vec<f32>, Vec<f32>) {
     (s, 1.0, q, k, v)
 }
 
-/// Fused and split-K only: three-pass rounds the key's weight in P to 0 (0·∞ = NaN).
+/// Every path: three-pass's `softmax_rows` keeps a kept key's weight at least MIN_WEIGHT.
 #[test]
 fn a_kept_key_whose_weight_underflows_keeps_its_infinity() {
     let Some(engine) = engine() else { return };
@@ -418,10 +415,7 @@ fn a_kept_key_whose_weight_underflows_keeps_its_infinity() {
     let want = reference::attention(&s, &q, &k, &v, f64::from(scale));
     assert!(want.o[0].is_infinite() && want.o[1].is_infinite());
     let opts = Attention::default().with_scale(scale);
-    for variant in gpu_variants(engine, &s, 0)
-        .into_iter()
-        .filter(|v| v.0 != Path::ThreePass)
-    {
+    for variant in gpu_variants(engine, &s, 0).into_iter() {
         let what = format!("{} tiny weight {s}", variant_name(variant));
         let (_, got) = run_poisoned(engine, &s, (&q, &k, &v), &with_variant(&opts, variant))
             .unwrap_or_else(|e| panic!("{what}: {e}"));

@@ -1,7 +1,7 @@
 //! CPU twin of `shaders/softmax_rows.wgsl`: row softmax of the scratch in place, plus LSE;
 //! scores ≤ `REMOVED_BELOW` are removed keys.
 
-use crate::cpu::mask::{MASKED, REMOVED_BELOW};
+use crate::cpu::mask::{MASKED, MIN_WEIGHT, REMOVED_BELOW};
 use crate::params::AttnParams;
 
 /// Runs the twin on the kernel's bindings 1.. as words: scores (in place), lse.
@@ -38,7 +38,11 @@ pub fn softmax_rows(p: &AttnParams, s: &mut [f32], lse: &mut [f32]) {
                 (0.0, f32::NEG_INFINITY)
             };
             for x in r.iter_mut() {
-                *x = kept_exp(*x) * inv;
+                *x = if *x > REMOVED_BELOW {
+                    (kept_exp(*x) * inv).max(MIN_WEIGHT)
+                } else {
+                    0.0
+                };
             }
             lse[((p.bh_offset + lbh) * p.m + p.row_offset + row) as usize] = row_lse;
         }

@@ -2,7 +2,7 @@
 
 use crate::cpu;
 use crate::dtype::Storage;
-use crate::kernels::common::{gemm_cost, storage_suffix, GEMM_WORKGROUP_BYTES};
+use crate::kernels::common::{any_masking, gemm_cost, variant_suffix, GEMM_WORKGROUP_BYTES};
 use crate::kernels::Access::{Read, ReadWrite, Uniform};
 use crate::kernels::{Access, KernelSpec, LoopCost};
 use crate::params::AttnParams;
@@ -10,6 +10,9 @@ use crate::params::AttnParams;
 /// The specialization of `weighted_sum`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct WeightedSum {
+    /// Whether the call has any masking: P then holds removed keys (weight 0), whose V must
+    /// add nothing (not 0·∞); without, the plain product is compiled.
+    pub masked: bool,
     /// How V is read.
     pub storage: Storage,
 }
@@ -26,7 +29,10 @@ impl KernelSpec for WeightedSum {
     }
 
     fn label(&self) -> String {
-        format!("xattn.weighted_sum{}", storage_suffix(self.storage))
+        format!(
+            "xattn.weighted_sum{}",
+            variant_suffix(self.storage, self.masked)
+        )
     }
 
     fn workgroup_bytes(&self) -> u64 {
@@ -42,10 +48,10 @@ impl KernelSpec for WeightedSum {
     }
 
     fn prelude(&self) -> String {
-        self.storage.wgsl("Elem", &["v"], false)
+        self.storage.wgsl("Elem", &["v"], false) + &any_masking(self.masked)
     }
 
     fn twin(&self, p: &AttnParams, buffers: &mut [Vec<u32>]) {
-        cpu::weighted_sum::run(p, self.storage, buffers)
+        cpu::weighted_sum::run(p, (self.storage, self.masked), buffers)
     }
 }

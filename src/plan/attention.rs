@@ -453,7 +453,10 @@ pub(super) fn three_pass(
         masked: !req.masks.is_empty(),
         storage,
     };
-    let weighted_sum = WeightedSum { storage };
+    let weighted_sum = WeightedSum {
+        masked: !req.masks.is_empty(),
+        storage,
+    };
     let kernel_mem = qk_scores.workgroup_bytes();
     if kernel_mem > caps.max_workgroup_bytes {
         return Err(limit_err(
