@@ -983,7 +983,10 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
         );
     }
     let verdict = verdict(&records, &errors, b.check, args);
-    println!("{verdict}");
+    println!(
+        "{verdict} ({:.1} s in all)",
+        progress.start.elapsed().as_secs_f64()
+    );
     let failed = records.iter().filter(|r| r.failed()).count();
     if failed > 0 || !errors.is_empty() {
         return Err(CliError::new(format!(

@@ -1986,12 +1986,16 @@ fn bench_ends_with_a_verdict() {
     let Some(_) = engine() else { return };
     let text = tiny_bench(&[]);
     let last = text.lines().last().unwrap_or_default();
+    // The verdict, then how long the whole run took.
+    let (verdict, took) = last.rsplit_once(" (").unwrap_or_default();
     assert_eq!(
-        last,
+        verdict,
         "verdict: checked against the f64 reference: all 3 result(s) within the tolerance \
          (--tolerance 1e-3, plus a half O's rounding)",
         "{text}"
     );
+    let seconds = took.strip_suffix(" s in all)").map(str::parse::<f64>);
+    assert!(matches!(seconds, Some(Ok(t)) if t > 0.0), "{text}");
     // A tolerance no f32 result meets: every case is named, and the exit status is 1.
     let args = [
         "bench",
