@@ -984,7 +984,7 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
     }
     let verdict = verdict(&records, &errors, b.check, args);
     println!(
-        "{verdict} ({:.1} s in all)",
+        "{verdict} ({:.2} s in all)",
         progress.start.elapsed().as_secs_f64()
     );
     let failed = records.iter().filter(|r| r.failed()).count();

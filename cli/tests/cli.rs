@@ -1995,7 +1995,7 @@ fn bench_ends_with_a_verdict() {
         "{text}"
     );
     let seconds = took.strip_suffix(" s in all)").map(str::parse::<f64>);
-    assert!(matches!(seconds, Some(Ok(t)) if t > 0.0), "{text}");
+    assert!(matches!(seconds, Some(Ok(t)) if t >= 0.0), "{text}");
     // A tolerance no f32 result meets: every case is named, and the exit status is 1.
     let args = [
         "bench",
@@ -2039,9 +2039,11 @@ fn bench_ends_with_a_verdict() {
     let out = xattn(&args);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{}", stderr(&out));
+    let last = text.lines().last().unwrap_or_default();
     assert_eq!(
-        text.lines().last().unwrap_or_default(),
-        "verdict: timed only, not checked against the reference (pass --check)"
+        last.rsplit_once(" (").map(|(verdict, _)| verdict),
+        Some("verdict: timed only, not checked against the reference (pass --check)"),
+        "{text}"
     );
 }
 
