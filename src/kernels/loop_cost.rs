@@ -2,8 +2,8 @@
 
 /// Loop iterations one invocation of a kernel may run in one dispatch, as
 /// `fixed + per_step · ⌈len / step⌉` over the kernel's one long loop (keys, a reduction dim or
-/// splits; [`KernelSpec::LONG_LOOP`] says which). Every loop the shader executes is counted as
-/// its iterations + 1 (the exit test counts on Mesa's llvmpipe, which ends a shader's loops
+/// splits; [`KernelSpec::LONG_LOOP`](crate::kernels::KernelSpec::LONG_LOOP) says which).
+/// Every loop the shader executes is counted as its iterations + 1 (the exit test counts on Mesa's llvmpipe, which ends a shader's loops
 /// once 65,535 iterations have run in one invocation, all loops together: see
 /// `plan::DeviceCaps::loop_cap`); loops over compile-time constants the shaders write out.
 /// An upper bound: the planner keeps every dispatch at or under the device's cap.
