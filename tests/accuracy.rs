@@ -15,23 +15,10 @@ use xattn::cpu::program::{floats, run, words, HostBuffers};
 use xattn::cpu::reference;
 use xattn::kernels::Kernel;
 use xattn::mask::Masking;
-use xattn::plan::{DeviceCaps, MatrixUnits, Plan, Request, FUSED_ROW_FLOATS};
+use xattn::plan::{DeviceCaps, MatrixUnits, Plan, Request};
 use xattn::{Alignment, Attention, AttnShape, Engine, FusedConfig, HostOutput, Path, Stats};
 
 const EPS: f64 = f32::EPSILON as f64;
-
-/// The fused configurations the planner may pick for the head dims of `s` on `engine`'s
-/// device (as tests/flash_rows.rs): R·(d_k + d_v) ≤ FUSED_ROW_FLOATS, subgroup lanes and
-/// broadcast loads where the device has subgroups.
-fn configs_for(engine: &Engine, s: &AttnShape) -> Vec<FusedConfig> {
-    let row = (s.d_k.next_multiple_of(4) + s.d_v.next_multiple_of(4)) as u32;
-    let lanes = engine.caps().subgroup_lanes.is_some();
-    FusedConfig::ALL
-        .into_iter()
-        .filter(|c| c.rows_per_invocation == 1 || c.rows_per_invocation * row <= FUSED_ROW_FLOATS)
-        .filter(|c| lanes || !(c.subgroup_lanes || c.broadcast_loads))
-        .collect()
-}
 
 /// Every (path, configuration) to run on the GPU: three-pass once, fused and split-K in each
 /// configuration. On GL, where each specialization compiles slowly, a rotating spread of
@@ -317,6 +304,23 @@ fn infinite_values_give_the_references_infinities_on_every_path() {
     }
 }
 
+/// `v` with `values` written in, the f64 reference on it, and the budget of the same inputs
+/// with those values 0 (an infinity's own error is checked exactly by `assert_matches`).
+fn with_infinities(
+    s: &AttnShape,
+    opts: &Attention,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    values: &[(usize, usize, f32)],
+) -> (Vec<f32>, reference::Reference, Budget) {
+    let v = with_values(s, v, values);
+    let scale = opts.scale_for(s.d_k);
+    let m = opts.masking();
+    let want = reference::attention_masked(s, q, k, &v, f64::from(scale), m);
+    let zeros: Vec<_> = values.iter().map(|&(j, d, _)| (j, d, 0.0)).collect();
+    let tol = budget_masked(s, scale, (q, k, &with_values(s, &v, &zeros)), m);
+    (v, want, tol)
+}
+
 /// Masks that remove keys holding ±∞ for some rows and not others: those rows stay finite.
 fn masked_infinity_cases() -> Vec<(String, AttnShape, Attention, Values)> {
     let (inf, ninf) = (f32::INFINITY, f32::NEG_INFINITY);
@@ -368,21 +372,9 @@ fn removed_keys_with_infinite_values_add_nothing() {
     let Some(engine) = engine() else { return };
     for (i, (name, s, opts, values)) in masked_infinity_cases().into_iter().enumerate() {
         let (q, k, v) = qkv(&s, 1.0, 2300 + i as u64);
-        let v = with_values(&s, &v, &values);
-        let scale = opts.scale_for(s.d_k);
-        let m = opts.masking();
-        let want = reference::attention_masked(&s, &q, &k, &v, f64::from(scale), m);
-        let finite_v = with_values(
-            &s,
-            &v,
-            &values
-                .iter()
-                .map(|&(j, d, _)| (j, d, 0.0))
-                .collect::<Vec<_>>(),
-        );
-        let tol = budget_masked(&s, scale, (&q, &k, &finite_v), m);
+        let (v, want, tol) = with_infinities(&s, &opts, (&q, &k, &v), &values);
         assert!(want.o.iter().any(|x| x.is_infinite()), "{name}");
-        for variant in gpu_variants(engine, &s, i).into_iter() {
+        for variant in gpu_variants(engine, &s, i) {
             let o = with_variant(&opts, variant);
             let what = format!("{} {name} {s}", variant_name(variant));
             let (_, got) = run_poisoned(engine, &s, (&q, &k, &v), &o)
@@ -455,24 +447,12 @@ fn twins_give_the_references_infinities() {
     }
     for (name, s, opts, values) in masked_infinity_cases() {
         let (q, k, v) = qkv(&s, 1.0, 2400);
-        let v = with_values(&s, &v, &values);
-        let scale = opts.scale_for(s.d_k);
-        let m = opts.masking();
-        let want = reference::attention_masked(&s, &q, &k, &v, f64::from(scale), m);
-        let finite_v = with_values(
-            &s,
-            &v,
-            &values
-                .iter()
-                .map(|&(j, d, _)| (j, d, 0.0))
-                .collect::<Vec<_>>(),
-        );
-        let tol = budget_masked(&s, scale, (&q, &k, &finite_v), m);
+        let (v, want, tol) = with_infinities(&s, &opts, (&q, &k, &v), &values);
         for path in [Path::Fused, Path::SplitK] {
             let req = opts.clone().with_path(path).request(s).unwrap();
             for (config, plan) in twin_plans(&req) {
                 let what = format!("twin {} {config} {name} {s}", path.name());
-                let got = run_twins(&plan, (&q, &k, &v), m);
+                let got = run_twins(&plan, (&q, &k, &v), opts.masking());
                 assert_matches(&format!("{what} O"), &got.o, &want.o, tol.o);
             }
         }

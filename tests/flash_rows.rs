@@ -11,22 +11,7 @@ use common::*;
 use xattn::cpu::reference;
 use xattn::kernels::flash::Flash;
 use xattn::kernels::Kernel;
-use xattn::plan::FUSED_ROW_FLOATS;
-use xattn::{Alignment, Attention, AttnShape, Engine, FusedConfig, Path, Plan};
-
-/// The configurations the planner may pick for the head dims of `s` on `engine`'s device:
-/// R·(d_k + d_v) ≤ FUSED_ROW_FLOATS (forcing larger R would only time llvmpipe compiling
-/// shaders no plan runs; naga still validates them all in tests/shaders.rs), subgroup lanes
-/// where the device has them.
-fn configs_for(engine: &Engine, s: &AttnShape) -> Vec<FusedConfig> {
-    let row = (s.d_k.next_multiple_of(4) + s.d_v.next_multiple_of(4)) as u32;
-    let lanes = engine.caps().subgroup_lanes.is_some();
-    FusedConfig::ALL
-        .into_iter()
-        .filter(|c| c.rows_per_invocation == 1 || c.rows_per_invocation * row <= FUSED_ROW_FLOATS)
-        .filter(|c| lanes || !(c.subgroup_lanes || c.broadcast_loads))
-        .collect()
-}
+use xattn::{Alignment, Attention, AttnShape, FusedConfig, Path, Plan};
 
 /// The R and lanes of every flash dispatch of `plan`, asserted to be `config`'s (and at
 /// least one).

@@ -434,3 +434,20 @@ pub fn mask_cases() -> Vec<(String, AttnShape, Attention)> {
 pub fn on_gl(engine: &Engine) -> bool {
     engine.context().info.backend == wgpu::Backend::Gl
 }
+
+/// The configurations the planner may pick for the head dims of `s` on `engine`'s device:
+/// R·(d_k + d_v) ≤ FUSED_ROW_FLOATS (forcing larger R would only time llvmpipe compiling
+/// shaders no plan runs; naga still validates them all in tests/shaders.rs), subgroup lanes
+/// and broadcast loads where the device has subgroups.
+pub fn configs_for(engine: &Engine, s: &AttnShape) -> Vec<xattn::FusedConfig> {
+    let row = (s.d_k.next_multiple_of(4) + s.d_v.next_multiple_of(4)) as u32;
+    let lanes = engine.caps().subgroup_lanes.is_some();
+    xattn::FusedConfig::ALL
+        .into_iter()
+        .filter(|c| {
+            c.rows_per_invocation == 1
+                || c.rows_per_invocation * row <= xattn::plan::FUSED_ROW_FLOATS
+        })
+        .filter(|c| lanes || !(c.subgroup_lanes || c.broadcast_loads))
+        .collect()
+}
