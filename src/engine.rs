@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::call::Prepared;
+use crate::dropout::Dropout;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::fused_config::{ConfigChoice, ConfigSource, FusedConfig, Tuned};
@@ -142,6 +143,15 @@ impl Attention {
         self.masking
             .segments
             .push(KeySegment { start, end, factor });
+        self
+    }
+    /// Drops each attention weight with probability `p` (`0 ≤ p < 1`) and scales the kept
+    /// ones by `1/(1 − p)`, from a counter-based RNG keyed by `seed` and `offset`: the mask
+    /// is a pure function of those and of (batch, head, row, key), so the backward
+    /// regenerates it. `p = 0` is the call without dropout, bit for bit. See
+    /// [`crate::dropout`].
+    pub fn with_dropout(mut self, p: f32, seed: u64, offset: u64) -> Self {
+        self.masking.dropout = Some(Dropout { p, seed, offset });
         self
     }
     /// The masks and logit controls.

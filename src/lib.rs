@@ -35,6 +35,7 @@
 mod call;
 pub mod cpu;
 pub mod device;
+pub mod dropout;
 mod dtype;
 mod engine;
 mod error;

@@ -25,6 +25,7 @@
 //! `nn.MultiheadAttention` returns NaN there with `need_weights=True` and zeros (before
 //! `out_proj`) with `need_weights=False`; JAX's `dot_product_attention` returns the mean of V.
 
+use crate::dropout::Dropout;
 use crate::error::{Error, Result};
 use crate::params::{flags, AttnParams, UNBOUNDED};
 use crate::shape::{check_len, AttnShape};
@@ -124,6 +125,8 @@ pub struct Masking {
     pub softcap: Option<f32>,
     /// Per-key-segment logit factors.
     pub segments: Vec<KeySegment>,
+    /// Dropout of the weights ([`crate::dropout`]).
+    pub dropout: Option<Dropout>,
     /// A causal and a window request that disagree on alignment (reported by `spec`).
     pub(crate) conflict: Option<(Alignment, Alignment)>,
 }
@@ -153,6 +156,8 @@ pub struct MaskSpec {
     pub segments: [(u32, u32, f32); MAX_SEGMENTS],
     /// Segments in use.
     pub n_segments: u32,
+    /// Dropout of the weights (`flags::DROPOUT`), if any.
+    pub dropout: Option<Dropout>,
 }
 
 impl Default for MaskSpec {
@@ -168,6 +173,7 @@ impl Default for MaskSpec {
             bias_dims: None,
             segments: [(0, 0, 0.0); MAX_SEGMENTS],
             n_segments: 0,
+            dropout: None,
         }
     }
 }
@@ -317,6 +323,26 @@ impl Masking {
         if !self.segments.is_empty() {
             spec.flags |= flags::SEGMENTS;
         }
+        if let Some(d) = self.dropout.filter(|d| d.p != 0.0) {
+            if !(0.0..1.0).contains(&d.p) {
+                return Err(Error::Argument(format!(
+                    "dropout probability must be in [0, 1), got {}",
+                    d.p
+                )));
+            }
+            // The kernels form the element index's row part, (b·q_heads + h)·M + i, in u32.
+            let rows = s.batch * s.q_heads * s.m;
+            if rows > u32::MAX as usize {
+                return Err(Error::Limit {
+                    what: format!("batch × q_heads × M = {rows} rows under dropout"),
+                    asked: rows as u64,
+                    limit_name: "u32 row index of the dropout counter",
+                    limit: u64::from(u32::MAX),
+                });
+            }
+            spec.flags |= flags::DROPOUT;
+            spec.dropout = Some(d);
+        }
         Ok(spec)
     }
 
@@ -438,6 +464,9 @@ impl MaskSpec {
         if let Some(d) = self.bias_dims {
             [p.bias_b, p.bias_h, p.bias_row] = broadcast_strides(d, d[3]);
         }
+        if let Some(d) = self.dropout {
+            d.apply(p);
+        }
         p.n_segments = self.n_segments;
         for (i, &(start, end, factor)) in self.segments.iter().enumerate() {
             p.seg_start[i] = start;
@@ -491,6 +520,12 @@ impl std::fmt::Display for MaskSpec {
         }
         if self.n_segments > 0 {
             parts.push(format!("{} key segment(s)", self.n_segments));
+        }
+        if let Some(d) = self.dropout {
+            parts.push(format!(
+                "dropout p {} (seed {}, offset {})",
+                d.p, d.seed, d.offset
+            ));
         }
         if parts.is_empty() {
             write!(f, "none")

@@ -75,6 +75,17 @@ pub struct AttnParams {
     pub grid_rows: u32,
     /// Blocks across the N keys (`⌈N / block_cols⌉`).
     pub grid_cols: u32,
+    /// Dropout (with `flags::DROPOUT`): a weight is dropped when its Philox draw is below
+    /// this, `round(p·2³²)` (see [`crate::dropout`]).
+    pub drop_below: u32,
+    /// Factor of a kept weight under dropout, `1/(1 − p)`.
+    pub keep_scale: f32,
+    /// Dropout seed, low then high word (the Philox key).
+    pub seed: [u32; 2],
+    /// Dropout offset, low then high word (the Philox counter's upper half).
+    pub offset: [u32; 2],
+    /// Padding to a multiple of 16 bytes.
+    pub _pad: [u32; 2],
     /// First key of each segment.
     pub seg_start: [u32; 4],
     /// One past the last key of each segment.
@@ -102,6 +113,8 @@ pub mod flags {
     pub const SPLIT_STATS: u32 = 16;
     /// `weight_blocks` combines this pass with what earlier passes wrote (sum or max).
     pub const ACCUMULATE: u32 = 32;
+    /// Attention weights are dropped at random ([`crate::dropout`]).
+    pub const DROPOUT: u32 = 64;
 }
 
 /// Parameters of the `linear` kernel: `Y[r, o] = Σ_i X[r, i]·W[o, i] + b[o]` for rows

@@ -32,6 +32,11 @@ struct AttnParams {
     block_cols: u32,
     grid_rows: u32,
     grid_cols: u32,
+    drop_below: u32,
+    keep_scale: f32,
+    seed: vec2<u32>,
+    offset: vec2<u32>,
+    _pad: vec2<u32>,
     seg_start: vec4<u32>,
     seg_end: vec4<u32>,
     seg_factor: vec4<f32>,
@@ -55,6 +60,8 @@ const FLAG_SPLIT_STATS: u32 = 16u;
 // flags bit (src/params.rs flags::ACCUMULATE): weight_blocks combines its pass with what
 // earlier passes wrote.
 const FLAG_ACCUMULATE: u32 = 32u;
+// flags bit (src/params.rs flags::DROPOUT): weights are dropped by common/dropout.wgsl.
+const FLAG_DROPOUT: u32 = 64u;
 
 // Logit of a removed key: finite (no reliance on IEEE infinities) and far below every kept
 // logit, in natural and log2 units alike: the host bounds scale, segment factors, softcap and

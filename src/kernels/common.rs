@@ -12,6 +12,10 @@ const COMMON_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/common/params.wgsl"),
     ),
     (
+        "common/dropout.wgsl",
+        include_str!("../../shaders/common/dropout.wgsl"),
+    ),
+    (
         "common/mask.wgsl",
         include_str!("../../shaders/common/mask.wgsl"),
     ),

@@ -230,6 +230,11 @@ pub fn append(
             ));
         }
     }
+    if req.masks.dropout.is_some() {
+        return Err(Error::Unsupported(
+            "dropout in the forward pass is not implemented yet".into(),
+        ));
+    }
     let fused_ok = s.d_k <= FUSED_MAX_HEAD_DIM && s.d_v <= FUSED_MAX_HEAD_DIM;
     // Fused or split-K, unless forced, is decided with the fused kernel's grid below.
     let path = match req.path {
