@@ -18,6 +18,7 @@
 //! focus, coverage, pooled weights) describe P before dropout.
 
 use crate::params::{flags, AttnParams};
+use crate::shape::AttnShape;
 
 const M0: u32 = 0xd251_1f53;
 const M1: u32 = 0xcd9e_8d57;
@@ -46,6 +47,16 @@ impl Dropout {
     /// The factor of a kept weight, `1/(1 − p)` in f32.
     pub fn keep_scale(&self) -> f32 {
         1.0 / (1.0 - self.p)
+    }
+
+    /// Whether the weight of `[b, h, i, j]` survives in a problem of shape `s`: the element
+    /// rule of the module docs, computed from the indices alone.
+    pub fn keeps_element(&self, s: &AttnShape, [b, h, i, j]: [usize; 4]) -> bool {
+        if self.p == 0.0 {
+            return true;
+        }
+        let index = (((b * s.q_heads + h) * s.m + i) * s.n + j) as u64;
+        draw(index, self.seed, self.offset) >= self.drop_below()
     }
 
     /// Sets the dropout fields and flag of `params` (nothing for `p = 0`).
@@ -85,6 +96,17 @@ pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     c
 }
 
+/// Word 0 of Philox4x32-10 for element `index`.
+fn draw(index: u64, seed: u64, offset: u64) -> u32 {
+    let ctr = [
+        index as u32,
+        (index >> 32) as u32,
+        offset as u32,
+        (offset >> 32) as u32,
+    ];
+    philox4x32_10(ctr, [seed as u32, (seed >> 32) as u32])[0]
+}
+
 /// Whether the weight of (batch·head `bh`, row `i`, key `j`) survives under `params` (the
 /// CPU twin of `dropout_keeps` in shaders/common/dropout.wgsl; true without dropout).
 pub fn keeps(params: &AttnParams, bh: u32, i: u32, j: u32) -> bool {
@@ -93,13 +115,8 @@ pub fn keeps(params: &AttnParams, bh: u32, i: u32, j: u32) -> bool {
     }
     let index =
         (u64::from(bh) * u64::from(params.m) + u64::from(i)) * u64::from(params.n) + u64::from(j);
-    let ctr = [
-        index as u32,
-        (index >> 32) as u32,
-        params.offset[0],
-        params.offset[1],
-    ];
-    philox4x32_10(ctr, params.seed)[0] >= params.drop_below
+    let join = |w: [u32; 2]| u64::from(w[0]) | u64::from(w[1]) << 32;
+    draw(index, join(params.seed), join(params.offset)) >= params.drop_below
 }
 
 #[cfg(test)]

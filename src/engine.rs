@@ -43,6 +43,8 @@ pub struct Attention {
     pool: Option<Pool>,
     masking: Masking,
     fused: Option<FusedConfig>,
+    bias_grad: bool,
+    grad_dtype: Option<DType>,
 }
 
 impl Attention {
@@ -153,6 +155,26 @@ impl Attention {
     pub fn with_dropout(mut self, p: f32, seed: u64, offset: u64) -> Self {
         self.masking.dropout = Some(Dropout { p, seed, offset });
         self
+    }
+    /// The backward ([`Engine::attention_backward`]) also returns dBias, the gradient of the
+    /// bias reduced (summed) to the bias's own dims, as for a learned relative-position bias.
+    pub fn with_bias_grad(mut self) -> Self {
+        self.bias_grad = true;
+        self
+    }
+    /// Whether the backward returns dBias.
+    pub fn bias_grad(&self) -> bool {
+        self.bias_grad
+    }
+    /// Writes the backward's dQ, dK and dV as `dtype` instead of the inputs' type (they are
+    /// accumulated in f32 whatever the types; dBias is f32).
+    pub fn with_grad_dtype(mut self, dtype: DType) -> Self {
+        self.grad_dtype = Some(dtype);
+        self
+    }
+    /// The type the backward writes dQ, dK and dV in for inputs of type `input`.
+    pub fn grad_dtype_for(&self, input: DType) -> DType {
+        self.grad_dtype.unwrap_or(input)
     }
     /// The masks and logit controls.
     pub fn masking(&self) -> &Masking {
@@ -328,7 +350,7 @@ pub(crate) enum Scratch {
     Own,
 }
 
-fn dims4(t: &Tensor, name: &str) -> Result<[usize; 4]> {
+pub(crate) fn dims4(t: &Tensor, name: &str) -> Result<[usize; 4]> {
     t.dims().try_into().map_err(|_| {
         Error::Shape(format!(
             "{name} must have 4 dims [batch, seq, heads, dim], got {:?}",
@@ -491,7 +513,13 @@ impl Engine {
         Tensor::upload(&self.ctx, "input", data, dims)
     }
 
-    fn request(&self, q: &Tensor, k: &Tensor, v: &Tensor, opts: &Attention) -> Result<Request> {
+    pub(crate) fn request(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        opts: &Attention,
+    ) -> Result<Request> {
         let shape = AttnShape::from_qkv(dims4(q, "q")?, dims4(k, "k")?, dims4(v, "v")?)?;
         if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
             return Err(Error::Argument(format!(

@@ -40,6 +40,7 @@ mod dtype;
 mod engine;
 mod error;
 pub mod fused_config;
+mod grad;
 // Internals, public for the tests, the CLI and the benches; what a user needs is re-exported
 // below.
 #[doc(hidden)]
@@ -69,6 +70,7 @@ pub use fused_config::{ConfigChoice, ConfigSource, FusedConfig};
 pub use gpu::context::Context;
 pub use gpu::executor::GpuTimer;
 pub use gpu::tensor::Tensor;
+pub use grad::{Grads, HostGrads};
 pub use mask::Alignment;
 pub use mha::{MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights, PreparedLayer};
 pub use plan::{DeviceCaps, Path, Plan, Request};

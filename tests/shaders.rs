@@ -8,7 +8,7 @@ use xattn::kernels::{Access, Kernel, SHADER_FILES};
 use xattn::mha::{MhaConfig, NeedWeights};
 use xattn::params::{AttnParams, LinearParams};
 use xattn::plan::layer::{layer_program, LayerTypes};
-use xattn::plan::{DeviceCaps, MatrixUnits, MergePlan, Plan, Request};
+use xattn::plan::{BackwardPlan, DeviceCaps, MatrixUnits, MergePlan, Plan, Request};
 use xattn::{Alignment, Attention, AttnShape, FusedConfig, Path, Pool, PoolOp, Stats};
 use xattn::{DType, Storage};
 
@@ -101,6 +101,20 @@ fn all_kernels() -> Vec<Kernel> {
                         }
                     }
                 }
+                // The backward's kernels, gradients in the inputs' type: specialized by
+                // head dims in vec4s, so every fourth d_k reaches each of them.
+                if d_k % 4 != 1 && types.len() == 1 {
+                    continue;
+                }
+                let req = Request {
+                    masks,
+                    dtype,
+                    out_dtype: dtype,
+                    ..Attention::default().request(shape).unwrap()
+                };
+                let caps = caps_for(native_f16);
+                let plan = BackwardPlan::new(&req, (dtype, dtype), false, &caps).unwrap();
+                collect(&mut out, plan.program());
             }
         }
     }
@@ -119,6 +133,15 @@ fn all_kernels() -> Vec<Kernel> {
         d_v: 4,
     };
     collect(&mut out, &MergePlan::new(&shape, 2, &CAPS).unwrap().program);
+    let biased = Attention::default().with_bias([1, 1, 3, 5], vec![0.5; 15]);
+    let plan = BackwardPlan::new(
+        &biased.request(shape).unwrap(),
+        (DType::F32, DType::F32),
+        true,
+        &CAPS,
+    )
+    .unwrap();
+    collect(&mut out, plan.program());
     let c = MhaConfig::new(8, 2);
     let req = Request {
         weights: true,

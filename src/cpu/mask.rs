@@ -118,7 +118,8 @@ pub fn mask_any(m: &MaskData, base: u32, lo: u32, hi: u32) -> bool {
     })
 }
 
-fn segment_factor(p: &AttnParams, j: u32) -> f32 {
+/// The logit factor of key j's segment (1 outside every segment).
+pub fn segment_factor(p: &AttnParams, j: u32) -> f32 {
     (0..p.n_segments as usize)
         .find(|&g| j >= p.seg_start[g] && j < p.seg_end[g])
         .map_or(1.0, |g| p.seg_factor[g])

@@ -14,6 +14,16 @@ pub mod flash;
 #[doc(hidden)]
 pub mod flash_coop;
 #[doc(hidden)]
+pub mod grad;
+#[doc(hidden)]
+pub mod grad_bias;
+#[doc(hidden)]
+pub mod grad_kv;
+#[doc(hidden)]
+pub mod grad_q;
+#[doc(hidden)]
+pub mod grad_rowdot;
+#[doc(hidden)]
 pub mod key_coverage;
 #[doc(hidden)]
 pub mod linear;

@@ -161,3 +161,137 @@ pub fn linear<T: Copy + Into<f64>>(
     }
     y
 }
+
+/// Reference gradients in f64, same layouts as the inputs.
+#[derive(Clone, Debug)]
+pub struct RefGrads {
+    /// dQ `[batch, M, q_heads, d_k]`.
+    pub dq: Vec<f64>,
+    /// dK `[batch, N, kv_heads, d_k]`.
+    pub dk: Vec<f64>,
+    /// dV `[batch, N, kv_heads, d_v]`.
+    pub dv: Vec<f64>,
+    /// dS, the gradient of the logits (and of a bias) `[batch, q_heads, M, N]`, unreduced.
+    pub ds: Vec<f64>,
+}
+
+/// The derivative of [`shaped`]'s logit with respect to the scaled dot product `x`.
+fn shaped_slope(m: &Masking, at: [usize; 4], x: f64) -> f64 {
+    let mut f = 1.0;
+    if let Some(seg) = m
+        .segments
+        .iter()
+        .find(|g| (g.start..g.end).contains(&at[3]))
+    {
+        f = f64::from(seg.factor);
+    }
+    if let Some(cap) = m.softcap {
+        let t = (f * x / f64::from(cap)).tanh();
+        f *= 1.0 - t * t;
+    }
+    f
+}
+
+/// The analytic backward of [`attention_masked`] (with its dropout, if `masking` has one):
+/// for `O = (P ∘ Z)·V/(1 − p)` and the gradient `d_o` of O, with
+/// `dP̃_ij = Z_ij/(1 − p)·dO_i·V_j` and `dS_ij = P_ij·(dP̃_ij − Σ_l P_il·dP̃_il)`:
+/// `dV_j = Σ_i P_ij·Z_ij/(1 − p)·dO_i`, `dQ_i = Σ_j dS_ij·y'_ij·scale·K_j`,
+/// `dK_j = Σ_i dS_ij·y'_ij·scale·Q_i` (y' the derivative of the shaped logit), summed over the
+/// query heads of each K/V head. Rows with no key left have zero gradients. The dropout mask
+/// comes from [`crate::dropout::Dropout::keeps_element`], the rule's only implementation on
+/// the host.
+pub fn attention_backward<T: Copy + Into<f64>>(
+    s: &AttnShape,
+    (q, k, v): (&[T], &[T], &[T]),
+    d_o: &[T],
+    scale: f64,
+    masking: &Masking,
+) -> RefGrads {
+    let (b_n, m_n, n_n, hq, hk, dk, dv) = (s.batch, s.m, s.n, s.q_heads, s.kv_heads, s.d_k, s.d_v);
+    let group = hq / hk;
+    let mut g = RefGrads {
+        dq: vec![0.0; b_n * m_n * hq * dk],
+        dk: vec![0.0; b_n * n_n * hk * dk],
+        dv: vec![0.0; b_n * n_n * hk * dv],
+        ds: vec![0.0; b_n * hq * m_n * n_n],
+    };
+    let drop = masking.dropout.filter(|d| d.p != 0.0);
+    let keep_scale = drop.map_or(1.0, |d| 1.0 / (1.0 - f64::from(d.p)));
+    let dot =
+        |a: &[T], b: &[T]| -> f64 { a.iter().zip(b).map(|(&x, &y)| x.into() * y.into()).sum() };
+    for b in 0..b_n {
+        for h in 0..hq {
+            let kh = h / group;
+            for i in 0..m_n {
+                let qi = ((b * m_n + i) * hq + h) * dk;
+                let oi = ((b * m_n + i) * hq + h) * dv;
+                // (j, x, logit) of the kept keys.
+                let kept: Vec<(usize, f64, f64)> = (0..n_n)
+                    .filter(|&j| keeps(masking, s, [b, h, i, j]))
+                    .filter_map(|j| {
+                        let kj = ((b * n_n + j) * hk + kh) * dk;
+                        let x = dot(&q[qi..qi + dk], &k[kj..kj + dk]) * scale;
+                        let y = shaped(masking, [b, h, i, j], x);
+                        (y > f64::NEG_INFINITY).then_some((j, x, y))
+                    })
+                    .collect();
+                let Some(max) = kept.iter().map(|t| t.2).reduce(f64::max) else {
+                    continue;
+                };
+                let sum: f64 = kept.iter().map(|t| (t.2 - max).exp()).sum();
+                // (j, x, P, Z/(1 − p), dP̃)
+                let terms: Vec<(usize, f64, f64, f64, f64)> = kept
+                    .iter()
+                    .map(|&(j, x, y)| {
+                        let z = drop.map_or(1.0, |d| {
+                            if d.keeps_element(s, [b, h, i, j]) {
+                                keep_scale
+                            } else {
+                                0.0
+                            }
+                        });
+                        let vj = ((b * n_n + j) * hk + kh) * dv;
+                        let dp = z * dot(&d_o[oi..oi + dv], &v[vj..vj + dv]);
+                        (j, x, (y - max).exp() / sum, z, dp)
+                    })
+                    .collect();
+                let delta: f64 = terms.iter().map(|t| t.2 * t.4).sum();
+                for &(j, x, p, z, dp) in &terms {
+                    let ds = p * (dp - delta);
+                    g.ds[((b * hq + h) * m_n + i) * n_n + j] = ds;
+                    let gx = ds * shaped_slope(masking, [b, h, i, j], x) * scale;
+                    let kj = ((b * n_n + j) * hk + kh) * dk;
+                    let vj = ((b * n_n + j) * hk + kh) * dv;
+                    for d in 0..dk {
+                        g.dq[qi + d] += gx * k[kj + d].into();
+                        g.dk[kj + d] += gx * q[qi + d].into();
+                    }
+                    for d in 0..dv {
+                        g.dv[vj + d] += p * z * d_o[oi + d].into();
+                    }
+                }
+            }
+        }
+    }
+    g
+}
+
+/// `ds` (`[batch, q_heads, M, N]`) summed to a bias's broadcast `dims`.
+pub fn reduce_to(s: &AttnShape, ds: &[f64], dims: [usize; 4]) -> Vec<f64> {
+    let mut out = vec![0.0; dims.iter().product()];
+    let pick = |x: usize, d: usize| if d == 1 { 0 } else { x };
+    for b in 0..s.batch {
+        for h in 0..s.q_heads {
+            for i in 0..s.m {
+                for j in 0..s.n {
+                    let at = ((pick(b, dims[0]) * dims[1] + pick(h, dims[1])) * dims[2]
+                        + pick(i, dims[2]))
+                        * dims[3]
+                        + j;
+                    out[at] += ds[((b * s.q_heads + h) * s.m + i) * s.n + j];
+                }
+            }
+        }
+    }
+    out
+}

@@ -16,6 +16,10 @@ const COMMON_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/common/dropout.wgsl"),
     ),
     (
+        "common/grad.wgsl",
+        include_str!("../../shaders/common/grad.wgsl"),
+    ),
+    (
         "common/mask.wgsl",
         include_str!("../../shaders/common/mask.wgsl"),
     ),

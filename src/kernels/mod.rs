@@ -35,6 +35,10 @@ use crate::error::{Error, Result};
 mod common;
 pub mod flash;
 pub mod flash_coop;
+pub mod grad_bias;
+pub mod grad_kv;
+pub mod grad_q;
+pub mod grad_rowdot;
 pub mod key_coverage;
 pub mod linear;
 mod loop_cost;
@@ -237,6 +241,10 @@ registry! {
     Pack(pack::Pack),
     WeightBlocks(weight_blocks::WeightBlocks),
     KeyCoverage(key_coverage::KeyCoverage),
+    GradRowdot(grad_rowdot::GradRowdot),
+    GradQ(grad_q::GradQ),
+    GradKv(grad_kv::GradKv),
+    GradBias(grad_bias::GradBias),
 }
 
 impl Kernel {

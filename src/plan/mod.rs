@@ -11,6 +11,7 @@
 //! (projections and the layer's forward program) and [`check`] (limits and loop caps).
 
 pub mod attention;
+pub mod backward;
 pub mod check;
 pub mod device;
 pub mod layer;
@@ -23,6 +24,7 @@ pub use crate::fused_config::{FUSED_ROWS, FUSED_ROW_FLOATS};
 pub use attention::{
     base_params, split_count, KeySplits, MergePlan, Plan, Planned, FUSED_MAX_HEAD_DIM,
 };
+pub use backward::{BackwardPlan, GradIo, GRAD_MAX_HEAD_DIM};
 pub use check::check_loops;
 pub use device::{
     fill_of, loop_cap_of, matrix_units_of, subgroup_lanes_of, DeviceCaps, Fill, MatrixUnits,

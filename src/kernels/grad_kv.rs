@@ -1,0 +1,96 @@
+//! `grad_kv`: dK and dV of the backward, summed over the query heads of each K/V head; Q/dO
+//! tiles in workgroup memory, one key per invocation.
+
+use crate::cpu;
+use crate::dtype::Storage;
+use crate::kernels::common::{any_masking, segment_lookup, variant_suffix};
+use crate::kernels::Access::{Read, ReadWrite, Uniform};
+use crate::kernels::{looped, Access, KernelSpec, LoopCost};
+use crate::params::AttnParams;
+
+/// The specialization of `grad_kv`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GradKv {
+    /// Head dim of Q/K, rounded up to a multiple of 4.
+    pub dk: u32,
+    /// Head dim of V, rounded up to a multiple of 4.
+    pub dv: u32,
+    /// Query rows per tile in workgroup memory.
+    pub br: u32,
+    /// Whether the call has any masking, dropout included (as `qk_scores`).
+    pub masked: bool,
+    /// How Q, K and V are read.
+    pub storage: Storage,
+}
+
+impl KernelSpec for GradKv {
+    type Params = AttnParams;
+    const NAME: &'static str = "grad_kv";
+    const FILE: &'static str = include_str!("../../shaders/grad_kv.wgsl");
+    const LONG_LOOP: &'static str = "query rows × query heads per pass";
+
+    fn bindings(&self) -> &'static [Access] {
+        // q, k, v, lens, mask, bias, lse, d_o, delta → dk, dv
+        &[
+            Uniform, Read, Read, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite,
+        ]
+    }
+
+    fn label(&self) -> String {
+        let variant = variant_suffix(self.storage, self.masked);
+        format!(
+            "xattn.grad_kv_dk{}_dv{}_br{}{variant}",
+            self.dk, self.dv, self.br
+        )
+    }
+
+    fn workgroup_bytes(&self) -> u64 {
+        u64::from(self.br * (self.dk + self.dv + 2)) * 4
+    }
+
+    /// The K/V row loads and the dK/dV stores; the head loop, and per head one partial row
+    /// tile; per tile of br rows: the tile loop, the staging loop (with dO's element loop)
+    /// and the row loop, and per row the two vec4 dot-product loops, the dV and dK updates
+    /// and two segment lookups (logit and slope). The long loop runs over the pass's rows
+    /// times its heads of the group (`key_begin .. key_end`).
+    fn loop_cost(&self, p: &AttnParams) -> (LoopCost, u64) {
+        let (dk4, dv4, br) = (
+            u64::from(self.dk / 4),
+            u64::from(self.dv / 4),
+            u64::from(self.br),
+        );
+        let group = u64::from(p.key_end - p.key_begin);
+        let staged = (br * (dk4 + dv4)).div_ceil(64);
+        let per_tile = 1 + looped(staged) * looped(4) + looped(br);
+        let per_row = 2 * looped(dv4) + 2 * looped(dk4) + 2 * segment_lookup(p);
+        let cost = LoopCost {
+            fixed: 2 * looped(dk4)
+                + 2 * looped(dv4)
+                + (dk4 + dv4) * looped(4)
+                + looped(group)
+                + group * (looped(0) + per_tile + br * per_row),
+            per_step: per_tile + br * per_row,
+            step: br,
+        };
+        (cost, u64::from(p.rows) * group)
+    }
+
+    fn storages(&self) -> Vec<Storage> {
+        vec![self.storage]
+    }
+
+    fn prelude(&self) -> String {
+        self.storage.wgsl("Elem", &["q", "k", "v"], false)
+            + &format!(
+                "const DK4: u32 = {}u;\nconst DV4: u32 = {}u;\nconst BR: u32 = {}u;\n",
+                self.dk / 4,
+                self.dv / 4,
+                self.br
+            )
+            + &any_masking(self.masked)
+    }
+
+    fn twin(&self, p: &AttnParams, buffers: &mut [Vec<u32>]) {
+        cpu::grad_kv::run(p, self.storage, buffers)
+    }
+}
