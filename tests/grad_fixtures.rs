@@ -5,12 +5,14 @@
 //! case.txt in, PyTorch's dQ, dK, dV (and dBias, where the case asks for it) out. The `layer`
 //! cases are for the layer backward's test.
 //!
-//! Two tests:
+//! Three tests:
 //!   * without a GPU, this file's own f64 backward (FlashAttention-2's formulas from the
 //!     crate's f64 reference P) reproduces the fixtures to f64 round-off: the files mean what
 //!     case.txt says in xattn's semantics (layouts, GQA sums, dBias reduced to the bias's own
 //!     dims, softcap and segment factors in the chain rule, zero gradient on rows with no key).
 //!     The same pass yields the per-element error bounds of the GPU test;
+//!   * without a GPU, a naive f32 backward (sequential sums) stays within those bounds, so
+//!     they leave an f32 implementation its room;
 //!   * on the GPU, `Engine::attention` then `Engine::attention_backward` must match PyTorch
 //!     within a bound derived for an f32 backward (see [`Bounds`]); rows with no key must give
 //!     exactly zero, never NaN.
@@ -68,7 +70,11 @@ fn read_lens(path: &FsPath, batch: usize) -> Option<Vec<u32>> {
     }
     let (lens, shape) = read_npy::<i32>(path);
     assert_eq!(shape, [batch], "{}", path.display());
-    Some(lens.into_iter().map(|l| u32::try_from(l).unwrap()).collect())
+    Some(
+        lens.into_iter()
+            .map(|l| u32::try_from(l).unwrap())
+            .collect(),
+    )
 }
 
 /// The `kind` of a case directory (case.txt's `kind = ...` line).
@@ -155,7 +161,11 @@ impl Case {
         let dbias = file("dbias.npy")
             .exists()
             .then(|| f64s("dbias.npy", &bias_dims.expect("dbias without a bias")));
-        assert_eq!(dbias.is_some(), bias_grad, "{name}: dbias.npy iff bias_grad");
+        assert_eq!(
+            dbias.is_some(),
+            bias_grad,
+            "{name}: dbias.npy iff bias_grad"
+        );
         Case {
             o: f64s("o.npy", &shape.o_dims()),
             lse: f64s("lse.npy", &shape.lse_dims()),
@@ -225,22 +235,32 @@ fn load_all() -> Vec<Case> {
     dirs.sort();
     let cases: Vec<Case> = dirs.iter().map(|d| Case::load(d)).collect();
     // Guard against an empty or partial fixture directory passing vacuously.
-    assert!(cases.len() >= 19, "only {} sdpa gradient cases", cases.len());
+    assert!(
+        cases.len() >= 19,
+        "only {} sdpa gradient cases",
+        cases.len()
+    );
     let has = |f: &dyn Fn(&Case) -> bool| cases.iter().any(f);
     let m = |c: &Case| c.opts.masking().clone();
     assert!(has(&|c| c.shape.d_v != c.shape.d_k));
-    assert!(has(&|c| c.shape.q_heads > c.shape.kv_heads && c.shape.kv_heads > 1));
+    assert!(has(
+        &|c| c.shape.q_heads > c.shape.kv_heads && c.shape.kv_heads > 1
+    ));
     assert!(has(&|c| c.shape.kv_heads == 1 && c.shape.q_heads > 1));
     assert!(has(&|c| m(c).softcap.is_some()));
     assert!(has(&|c| !m(c).segments.is_empty()));
-    assert!(has(&|c| c.bias_grad && c.bias_dims.unwrap()[..3] == [1, 1, 1]));
+    assert!(has(
+        &|c| c.bias_grad && c.bias_dims.unwrap()[..3] == [1, 1, 1]
+    ));
     assert!(has(&|c| c.bias_grad && c.bias_dims.unwrap()[1] > 1));
     assert!(has(&|c| c.bias_dims.is_some() && !c.bias_grad));
-    assert!(has(&|c| c.lse.iter().any(|&l| l == f64::NEG_INFINITY)));
+    assert!(has(&|c| c.lse.contains(&f64::NEG_INFINITY)));
     for a in [Alignment::TopLeft, Alignment::BottomRight] {
         for m_gt_n in [false, true] {
             assert!(
-                has(&|c| m(c).window.is_some_and(|w| w.align == a && w.left.is_none())
+                has(&|c| m(c)
+                    .window
+                    .is_some_and(|w| w.align == a && w.left.is_none())
                     && (c.shape.m > c.shape.n) == m_gt_n),
                 "a causal {a:?} case with M > N = {m_gt_n}"
             );
@@ -352,8 +372,13 @@ fn f64_backward(c: &Case) -> Bounds {
                 let d_o = &c.d_o[oi..oi + dv];
                 let o = &r.o[oi..oi + dv];
                 let d: f64 = d_o.iter().zip(o).map(|(&x, &y)| f(x) * y).sum();
-                let e_d = EPS * (dv as f64 + 1.0)
-                    * d_o.iter().zip(o).map(|(&x, &y)| (f(x) * y).abs()).sum::<f64>()
+                let e_d = EPS
+                    * (dv as f64 + 1.0)
+                    * d_o
+                        .iter()
+                        .zip(o)
+                        .map(|(&x, &y)| (f(x) * y).abs())
+                        .sum::<f64>()
                     + d_o
                         .iter()
                         .zip(o)
@@ -368,7 +393,11 @@ fn f64_backward(c: &Case) -> Bounds {
                     let vj = ((b * nn + j) * hk + kh) * dv;
                     let vrow = &c.v[vj..vj + dv];
                     let dp: f64 = d_o.iter().zip(vrow).map(|(&x, &y)| f(x) * f(y)).sum();
-                    let dp_abs: f64 = d_o.iter().zip(vrow).map(|(&x, &y)| (f(x) * f(y)).abs()).sum();
+                    let dp_abs: f64 = d_o
+                        .iter()
+                        .zip(vrow)
+                        .map(|(&x, &y)| (f(x) * f(y)).abs())
+                        .sum();
                     let g = dp - d;
                     let e_g = EPS * dv as f64 * dp_abs + e_d + EPS * g.abs();
                     // dL/d(final logit), and its error.
@@ -396,7 +425,8 @@ fn f64_backward(c: &Case) -> Bounds {
                                     .sum::<f64>();
                             let tp = 1.0 - (x / cap).tanh().powi(2);
                             let dx = ds * tp;
-                            let e = e_ds * tp + ds.abs() * (base / cap + 3.0 * EPS) + EPS * dx.abs();
+                            let e =
+                                e_ds * tp + ds.abs() * (base / cap + 3.0 * EPS) + EPS * dx.abs();
                             (dx, e)
                         }
                     };
@@ -429,7 +459,11 @@ fn f64_backward(c: &Case) -> Bounds {
 /// to the tolerance, or the first failing element.
 fn compare(what: &str, got: &[f32], want: &[f64], tol: &[f64]) -> Result<(f64, f64), String> {
     if got.len() != want.len() {
-        return Err(format!("{what}: {} elements, expected {}", got.len(), want.len()));
+        return Err(format!(
+            "{what}: {} elements, expected {}",
+            got.len(),
+            want.len()
+        ));
     }
     let mut worst = (0.0f64, 0.0f64);
     for (i, ((&g, &w), &t)) in got.iter().zip(want).zip(tol).enumerate() {
@@ -439,7 +473,14 @@ fn compare(what: &str, got: &[f32], want: &[f64], tol: &[f64]) -> Result<(f64, f
                 "{what}: element {i} is {g:e}, PyTorch {w:e} (error {err:e} > tolerance {t:e})"
             ));
         }
-        worst = (worst.0.max(err), if t > 0.0 { worst.1.max(err / t) } else { worst.1 });
+        worst = (
+            worst.0.max(err),
+            if t > 0.0 {
+                worst.1.max(err / t)
+            } else {
+                worst.1
+            },
+        );
     }
     Ok(worst)
 }
@@ -487,6 +528,146 @@ fn fixtures_agree_with_an_f64_backward() {
     }
 }
 
+/// A naive f32 evaluation of the forward and of the same backward formulas (sequential sums,
+/// P recomputed from its own f32 LSE, D from its own f32 O).
+fn f32_backward(c: &Case) -> (Vec<f32>, Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
+    let s = &c.shape;
+    let (bn, mn, nn, hq, hk, dk, dv) = (s.batch, s.m, s.n, s.q_heads, s.kv_heads, s.d_k, s.d_v);
+    let group = hq / hk;
+    let masking = c.opts.masking();
+    let scale = c.opts.scale_for(dk);
+    // Which keys a row keeps: the f64 reference's nonzero weights (no weight underflows in
+    // these fixtures' small logits).
+    let r = reference::attention_masked(s, &c.q, &c.k, &c.v, f64::from(scale), masking);
+    let factor = |j: usize| {
+        masking
+            .segments
+            .iter()
+            .find(|g| (g.start..g.end).contains(&j))
+            .map_or(1.0, |g| g.factor)
+    };
+    let bias_dims = c.bias_dims;
+    let bias_at = |b: usize, h: usize, i: usize, j: usize| {
+        bias_dims.map(|d| {
+            let pick = |x: usize, n: usize| if n == 1 { 0 } else { x };
+            ((pick(b, d[0]) * d[1] + pick(h, d[1])) * d[2] + pick(i, d[2])) * d[3] + j
+        })
+    };
+    let bias = masking.bias.as_ref().map(|b| b.data.clone());
+    let mut dq = vec![0f32; c.q.len()];
+    let mut dkk = vec![0f32; c.k.len()];
+    let mut dvv = vec![0f32; c.v.len()];
+    let mut db = c
+        .bias_grad
+        .then(|| vec![0f32; bias.as_ref().unwrap().len()]);
+    for b in 0..bn {
+        for h in 0..hq {
+            let kh = h / group;
+            for i in 0..mn {
+                let qi = ((b * mn + i) * hq + h) * dk;
+                let oi = ((b * mn + i) * hq + h) * dv;
+                let kept: Vec<usize> = (0..nn)
+                    .filter(|&j| r.weights[((b * hq + h) * mn + i) * nn + j] > 0.0)
+                    .collect();
+                if kept.is_empty() {
+                    continue;
+                }
+                // (raw logit scale·f·q·k, final logit) per kept key.
+                let logits: Vec<(f32, f32)> = kept
+                    .iter()
+                    .map(|&j| {
+                        let kj = ((b * nn + j) * hk + kh) * dk;
+                        let mut dot = 0f32;
+                        for e in 0..dk {
+                            dot += c.q[qi + e] * c.k[kj + e];
+                        }
+                        let raw = dot * scale * factor(j);
+                        let mut x = masking.softcap.map_or(raw, |cap| cap * (raw / cap).tanh());
+                        if let (Some(bias), Some(at)) = (&bias, bias_at(b, h, i, j)) {
+                            x += bias[at];
+                        }
+                        (raw, x)
+                    })
+                    .collect();
+                let max = logits.iter().fold(f32::NEG_INFINITY, |a, &(_, x)| a.max(x));
+                let sum: f32 = logits.iter().map(|&(_, x)| (x - max).exp()).sum();
+                let lse = max + sum.ln();
+                let mut o = vec![0f32; dv];
+                for (&j, &(_, x)) in kept.iter().zip(&logits) {
+                    let p = (x - lse).exp();
+                    let vj = ((b * nn + j) * hk + kh) * dv;
+                    for (acc, &x) in o.iter_mut().zip(&c.v[vj..vj + dv]) {
+                        *acc += p * x;
+                    }
+                }
+                let d_o = &c.d_o[oi..oi + dv];
+                let dot =
+                    |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |s, (&x, &y)| s + x * y);
+                let d = dot(d_o, &o);
+                for (&j, &(raw, x)) in kept.iter().zip(&logits) {
+                    let p = (x - lse).exp();
+                    let kj = ((b * nn + j) * hk + kh) * dk;
+                    let vj = ((b * nn + j) * hk + kh) * dv;
+                    let dp = dot(d_o, &c.v[vj..vj + dv]);
+                    let ds = p * (dp - d);
+                    if let (Some(db), Some(at)) = (&mut db, bias_at(b, h, i, j)) {
+                        db[at] += ds;
+                    }
+                    let dx = masking
+                        .softcap
+                        .map_or(ds, |cap| ds * (1.0 - (raw / cap).tanh().powi(2)));
+                    let sf = scale * factor(j);
+                    for e in 0..dk {
+                        dq[qi + e] += sf * dx * c.k[kj + e];
+                        dkk[kj + e] += sf * dx * c.q[qi + e];
+                    }
+                    for (acc, &x) in dvv[vj..vj + dv].iter_mut().zip(d_o) {
+                        *acc += p * x;
+                    }
+                }
+            }
+        }
+    }
+    (dq, dkk, dvv, db)
+}
+
+/// No GPU needed: the bounds of [`f64_backward`] hold for the naive f32 backward above, so
+/// they leave room for an f32 implementation (and they are not loose: the ratios printed show
+/// how much of each bound it uses).
+#[test]
+fn a_naive_f32_backward_stays_within_the_bounds() {
+    let mut worst = [0.0f64; 4];
+    let mut failures = Vec::new();
+    for c in load_all() {
+        let bounds = f64_backward(&c);
+        let (dq, dk, dv, db) = f32_backward(&c);
+        let mut w = [0.0f64; 4];
+        let mut check = |i: usize, name: &str, got: &[f32], want: &[f64], tol: &[f64]| match compare(
+            &format!("{} naive f32 {name}", c.name),
+            got,
+            want,
+            tol,
+        ) {
+            Ok((_, ratio)) => w[i] = ratio,
+            Err(msg) => failures.push(msg),
+        };
+        check(0, "dq", &dq, &c.dq, &bounds.dq.1);
+        check(1, "dk", &dk, &c.dk, &bounds.dk.1);
+        check(2, "dv", &dv, &c.dv, &bounds.dv.1);
+        if let (Some(db), Some(want), Some((_, tol))) = (&db, &c.dbias, &bounds.dbias) {
+            check(3, "dbias", db, want, tol);
+        }
+        for (a, b) in worst.iter_mut().zip(w) {
+            *a = a.max(b);
+        }
+    }
+    eprintln!(
+        "naive f32 backward, largest error / bound: dq {:.3}, dk {:.3}, dv {:.3}, dbias {:.3}",
+        worst[0], worst[1], worst[2], worst[3]
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// `Engine::attention` then `Engine::attention_backward` on the GPU against PyTorch, within
 /// the bounds of [`f64_backward`].
 #[test]
@@ -513,17 +694,32 @@ fn backward_matches_pytorch() {
             let tol_o: Vec<f64> = c.o.iter().map(|w| base * max_v + EPS * w.abs()).collect();
             compare(&format!("{what} O (forward)"), &o, &c.o, &tol_o)?;
             let lse = out.lse.to_host().map_err(e)?;
-            let tol_lse: Vec<f64> = c.lse.iter().map(|w| base * (1.0 + w.abs()) + EPS * w.abs()).collect();
+            let tol_lse: Vec<f64> = c
+                .lse
+                .iter()
+                .map(|w| base * (1.0 + w.abs()) + EPS * w.abs())
+                .collect();
             compare(&format!("{what} LSE (forward)"), &lse, &c.lse, &tol_lse)?;
 
-            let grads = engine
-                .attention_backward((&q, &k, &v), (&out.o, &out.lse), &d_o, &c.opts)
+            // Every gradient poisoned with NaN first: an element the kernels never write
+            // (a row with no key included) fails.
+            let call = engine
+                .prepare_backward((&q, &k, &v), (&out.o, &out.lse), &d_o, &c.opts)
                 .map_err(e)?;
+            let g: &xattn::Grads = call.output();
+            for t in [&g.dq, &g.dk, &g.dv].into_iter().chain(g.dbias.as_ref()) {
+                poison(t).map_err(e)?;
+            }
+            call.run().map_err(e)?;
+            let grads = call.into_output();
             let dims = |t: &xattn::Tensor, want: &[usize], name: &str| {
                 if t.dims() == want {
                     Ok(())
                 } else {
-                    Err(format!("{what}: {name} dims {:?}, expected {want:?}", t.dims()))
+                    Err(format!(
+                        "{what}: {name} dims {:?}, expected {want:?}",
+                        t.dims()
+                    ))
                 }
             };
             dims(&grads.dq, &s.q_dims(), "dq")?;
@@ -581,7 +777,19 @@ fn backward_matches_pytorch() {
     eprintln!(
         "largest error vs PyTorch over all cases (ratio to the bound): dq {:.2e} ({:.3}), \
          dk {:.2e} ({:.3}), dv {:.2e} ({:.3}), dbias {:.2e} ({:.3})",
-        worst[0].0, worst[0].1, worst[1].0, worst[1].1, worst[2].0, worst[2].1, worst[3].0, worst[3].1
+        worst[0].0,
+        worst[0].1,
+        worst[1].0,
+        worst[1].1,
+        worst[2].0,
+        worst[2].1,
+        worst[3].0,
+        worst[3].1
     );
-    assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
