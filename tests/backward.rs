@@ -242,7 +242,15 @@ fn reference_backward_matches_finite_differences() {
 #[test]
 fn gradients_match_the_reference_on_every_masking_case() {
     let Some(engine) = engine() else { return };
-    for (i, (name, s, opts)) in mask_cases().into_iter().enumerate() {
+    let cases = mask_cases();
+    let last = cases.len() - 1;
+    for (i, (name, s, opts)) in cases.into_iter().enumerate() {
+        // On GL, where llvmpipe compiles each specialization slowly, a spread of the cases:
+        // bottom-right causal with M > N (rows that see nothing), lengths, a full mask,
+        // ALiBi with dBias, GQA and the case that combines every control.
+        if on_gl(engine) && ![6, 10, 12, 15, last - 2, last].contains(&i) {
+            continue;
+        }
         let opts = if opts.masking().bias.is_some() {
             opts.with_bias_grad()
         } else {
@@ -274,6 +282,10 @@ fn gradients_match_the_reference_on_plain_shapes() {
         ),
     ];
     for (i, (name, s)) in cases.into_iter().enumerate() {
+        // On GL a spread: N = 1, GQA at d = 3, MQA at d = 80, d_v ≠ d_k.
+        if on_gl(engine) && ![1, 3, 4, 7].contains(&i) {
+            continue;
+        }
         let c = Case::new(s, Attention::default(), 200 + i as u64);
         let worst = check(engine, name, &c, &Attention::default());
         eprintln!("{name}: worst error {worst:.3} of budget");

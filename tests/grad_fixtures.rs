@@ -675,7 +675,12 @@ fn backward_matches_pytorch() {
     let Some(engine) = engine() else { return };
     let mut failures = Vec::new();
     let mut worst = [(0.0f64, 0.0f64); 4];
-    for c in load_all() {
+    for (i, c) in load_all().into_iter().enumerate() {
+        // On GL, where llvmpipe compiles each specialization slowly, every third case and
+        // the one that combines softcap, GQA, causal and a bias with its gradient.
+        if on_gl(engine) && i % 3 != 0 && c.name != "softcap_gqa_bias" {
+            continue;
+        }
         let s = &c.shape;
         let what = format!("{} {s}", c.name);
         let bounds = f64_backward(&c);
