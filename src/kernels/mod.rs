@@ -37,6 +37,7 @@ pub mod flash;
 pub mod flash_coop;
 pub mod key_coverage;
 pub mod linear;
+pub mod linear_grad;
 mod loop_cost;
 pub mod mean_heads;
 pub mod merge_partials;
@@ -233,6 +234,7 @@ registry! {
     FlashCoop(flash_coop::FlashCoop),
     MergePartials(merge_partials::MergePartials),
     Linear(linear::Linear),
+    LinearGrad(linear_grad::LinearGrad),
     MeanHeads(mean_heads::MeanHeads),
     Pack(pack::Pack),
     WeightBlocks(weight_blocks::WeightBlocks),
