@@ -49,6 +49,7 @@ pub mod gpu;
 pub mod heatmap;
 #[doc(hidden)]
 pub mod kernels;
+mod linear_grad;
 pub mod mask;
 pub mod mha;
 #[doc(hidden)]
@@ -71,6 +72,7 @@ pub use gpu::context::Context;
 pub use gpu::executor::GpuTimer;
 pub use gpu::tensor::Tensor;
 pub use grad::{Grads, HostGrads};
+pub use linear_grad::LinearGrads;
 pub use mask::Alignment;
 pub use mha::{MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights, PreparedLayer};
 pub use plan::{DeviceCaps, Path, Plan, Request};

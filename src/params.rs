@@ -138,6 +138,48 @@ pub struct LinearParams {
     pub _pad: [u32; 3],
 }
 
+/// Parameters of the `linear_grad` kernel, one of the two products of `linear`'s backward
+/// (`Y = X·Wᵀ + b`, W `[out_dim, in_dim]`, dY `[rows, out_dim]`), both
+/// `G[m, c] (+)= Σ_{k ∈ k_begin..k_end} A[m, k]·B[k, c]` with B `[K, in_dim]` row-major:
+///
+/// - [`linear_grad::INPUT`]: `dX = dY·W`: A = dY, B = W, K = out_dim, G = dX `[rows, in_dim]`;
+/// - [`linear_grad::WEIGHT`]: `dW = dYᵀ·X`: A = dYᵀ, B = X, K = rows, G = dW `[out_dim, in_dim]`,
+///   and where `has_bias`, `db[m] (+)= Σ_k dY[k, m]` (B's column `in_dim` read as ones).
+///
+/// Output rows `m_offset .. m_offset + m`. The first reduction range (`k_begin` = 0) writes
+/// G; later ones continue its sums from what is there.
+///
+/// Keep in sync with `LinearGradParams` in `shaders/linear_grad.wgsl`; `tests/shaders.rs`
+/// checks it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
+pub struct LinearGradParams {
+    /// Which product: [`linear_grad::INPUT`] or [`linear_grad::WEIGHT`].
+    pub product: u32,
+    /// First output row of this chunk.
+    pub m_offset: u32,
+    /// Output rows in this chunk.
+    pub m: u32,
+    /// Output columns: the layer's input features.
+    pub in_dim: u32,
+    /// The layer's output features (dY's row length).
+    pub out_dim: u32,
+    /// First term of the reduction this dispatch sums.
+    pub k_begin: u32,
+    /// One past its last term.
+    pub k_end: u32,
+    /// 1 when the weight product also writes db, else 0.
+    pub has_bias: u32,
+}
+
+/// [`LinearGradParams::product`] values.
+pub mod linear_grad {
+    /// `dX = dY·W`.
+    pub const INPUT: u32 = 0;
+    /// `dW = dYᵀ·X` (and `db = Σ_rows dY`).
+    pub const WEIGHT: u32 = 1;
+}
+
 /// Parameters of the `pack` kernel: how many f32 elements to pack into half pairs.
 ///
 /// Keep in sync with `PackParams` in `shaders/pack.wgsl`.

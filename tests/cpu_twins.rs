@@ -530,3 +530,80 @@ fn matrix_unit_twin_follows_the_reference() {
         }
     }
 }
+
+/// `linear`'s backward through the CPU executor (outputs start as NaN) against the f64
+/// reference within the f32 bound of each element ([`grad_tolerances`]), with and without a
+/// bias, f32 and half inputs; and with a loop cap that splits both reductions into 32-term
+/// ranges, bit for bit the unsplit result.
+///
+/// [`grad_tolerances`]: common::linear_grad::grad_tolerances
+#[test]
+fn linear_backward_twins_match_f64_and_split_alike() {
+    use common::linear_grad::{assert_close_each, backward_program, grad_tolerances, rounded};
+    use xattn::DType::{Bf16, F16, F32};
+    // Per 16-term step 23 loop iterations, 11 fixed: a cap of 60 leaves two steps.
+    let split = xattn::plan::DeviceCaps {
+        loop_cap: Some(60),
+        ..CAPS
+    };
+    let cases = [
+        (67, 130, 80, (F32, F32), true),
+        (200, 5, 64, (F16, Bf16), false),
+        (3, 64, 130, (Bf16, F32), true),
+        (1, 1, 1, (F32, F16), true),
+    ];
+    for (i, &(rows, in_dim, out_dim, (xt, wt), bias)) in cases.iter().enumerate() {
+        let dims = (rows, in_dim, out_dim);
+        let seed = 800 + 10 * i as u64;
+        let x = rounded(&random(rows * in_dim, 1.0, seed), xt);
+        let w = rounded(&random(out_dim * in_dim, 0.5, seed + 1), wt);
+        let dy = random(rows * out_dim, 1.0, seed + 2);
+        let (want_dx, want_dw, want_db) = reference::linear_backward(&x, &w, &dy, in_dim);
+        let [tol_dx, tol_dw, tol_db] = grad_tolerances(&x, &w, &dy, dims);
+        let encode = |data: &[f32], t: xattn::DType| -> Vec<u32> {
+            bytemuck::pod_collect_to_vec(&t.encode(data))
+        };
+        let mut results = Vec::new();
+        for caps in [CAPS, split] {
+            let (program, [xi, wi, dyi, dxi, dwi, dbi]) =
+                backward_program(dims, (xt, wt), bias, &caps);
+            let inputs = HashMap::from([
+                (xi, encode(&x, xt)),
+                (wi, encode(&w, wt)),
+                (dyi, words(&dy)),
+            ]);
+            let mut out = run(&program, &inputs).unwrap();
+            let what = format!(
+                "twin {rows}×{in_dim}→{out_dim} x {xt} w {wt} bias {bias} cap {:?}",
+                caps.loop_cap
+            );
+            let dx = floats(&out.remove(&dxi).unwrap());
+            let dw = floats(&out.remove(&dwi).unwrap());
+            assert_close_each(&format!("{what} dx"), &dx, &want_dx, &tol_dx);
+            assert_close_each(&format!("{what} dw"), &dw, &want_dw, &tol_dw);
+            let db = out.remove(&dbi).map(|db| floats(&db));
+            assert_eq!(
+                db.is_some(),
+                bias,
+                "{what}: db is an output iff there is a bias"
+            );
+            if let Some(db) = &db {
+                assert_close_each(&format!("{what} db"), db, &want_db, &tol_db);
+            }
+            results.push((program.dispatches().count(), (dx, dw, db)));
+        }
+        let [(whole, unsplit), (parts, split)] = &results[..] else {
+            unreachable!("two runs")
+        };
+        if rows.max(out_dim) > 32 {
+            assert!(
+                parts > whole,
+                "case {i}: the small cap splits ({parts} dispatches)"
+            );
+        }
+        assert!(
+            unsplit == split,
+            "case {i}: a split sum differs from the whole"
+        );
+    }
+}

@@ -2,12 +2,13 @@
 
 use xattn::kernels::flash_coop::FlashCoop;
 use xattn::kernels::linear::Linear;
+use xattn::kernels::linear_grad::LinearGrad;
 use xattn::kernels::pack::Pack;
 use xattn::kernels::qk_scores::QkScores;
 use xattn::kernels::{Access, Kernel, SHADER_FILES};
 use xattn::mha::{MhaConfig, NeedWeights};
-use xattn::params::{AttnParams, LinearParams};
-use xattn::plan::layer::{layer_program, LayerTypes};
+use xattn::params::{AttnParams, LinearGradParams, LinearParams};
+use xattn::plan::layer::{layer_program, linear_backward, LayerTypes};
 use xattn::plan::{BackwardPlan, DeviceCaps, MatrixUnits, MergePlan, Plan, Request};
 use xattn::{Alignment, Attention, AttnShape, FusedConfig, Path, Pool, PoolOp, Stats};
 use xattn::{DType, Storage};
@@ -164,6 +165,25 @@ fn all_kernels() -> Vec<Kernel> {
             )
             .unwrap();
             collect(&mut out, &layer.program);
+        }
+    }
+    // linear's backward with inputs and weights of every type, with a bias.
+    for (dtype, native_f16) in typed {
+        for types in [(dtype, DType::F32), (DType::F32, dtype), (dtype, dtype)] {
+            let mut program = xattn::program::Program::new();
+            let mut input = |name| program.input(name, 64);
+            let [x, w, dy] = [input("x"), input("w"), input("dy")];
+            let [dx, dw, db] = ["dx", "dw", "db"].map(|name| program.output(name, 64));
+            linear_backward(
+                &mut program,
+                (3, 5, 2),
+                [x, w, dy, dx, dw, db],
+                types,
+                true,
+                &caps_for(native_f16),
+            )
+            .unwrap();
+            collect(&mut out, &program);
         }
     }
     out
@@ -397,6 +417,30 @@ fn linear_params_layout_matches_wgsl() {
         ("out_dim", std::mem::offset_of!(LinearParams, out_dim)),
         ("has_bias", std::mem::offset_of!(LinearParams, has_bias)),
     ];
+    for (name, offset) in rust {
+        let found = members.iter().find(|(n, _)| n == name);
+        assert_eq!(found.map(|m| m.1), Some(offset), "offset of {name}");
+    }
+}
+
+#[test]
+fn linear_grad_params_layout_matches_wgsl() {
+    let kernel = Kernel::LinearGrad(LinearGrad {
+        src: Storage::PackedBf16,
+    });
+    let (size, members) = wgsl_layout(kernel, "LinearGradParams");
+    assert_eq!(size, std::mem::size_of::<LinearGradParams>());
+    let rust = [
+        ("product", std::mem::offset_of!(LinearGradParams, product)),
+        ("m_offset", std::mem::offset_of!(LinearGradParams, m_offset)),
+        ("m", std::mem::offset_of!(LinearGradParams, m)),
+        ("in_dim", std::mem::offset_of!(LinearGradParams, in_dim)),
+        ("out_dim", std::mem::offset_of!(LinearGradParams, out_dim)),
+        ("k_begin", std::mem::offset_of!(LinearGradParams, k_begin)),
+        ("k_end", std::mem::offset_of!(LinearGradParams, k_end)),
+        ("has_bias", std::mem::offset_of!(LinearGradParams, has_bias)),
+    ];
+    assert_eq!(members.len(), rust.len(), "every member is checked");
     for (name, offset) in rust {
         let found = members.iter().find(|(n, _)| n == name);
         assert_eq!(found.map(|m| m.1), Some(offset), "offset of {name}");

@@ -28,6 +28,8 @@ pub mod key_coverage;
 #[doc(hidden)]
 pub mod linear;
 #[doc(hidden)]
+pub mod linear_grad;
+#[doc(hidden)]
 pub mod mask;
 #[doc(hidden)]
 pub mod mean_heads;

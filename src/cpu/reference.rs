@@ -295,3 +295,32 @@ pub fn reduce_to(s: &AttnShape, ds: &[f64], dims: [usize; 4]) -> Vec<f64> {
     }
     out
 }
+
+/// The gradients of [`linear`] (`y = x·wᵀ + b`, `x [rows, in]`, `w [out, in]`) from
+/// `dy [rows, out]`, in f64: `(dx [rows, in], dw [out, in], db [out])` with
+/// `dx[r, i] = Σ_o dy[r, o]·w[o, i]`, `dw[o, i] = Σ_r dy[r, o]·x[r, i]`, `db[o] = Σ_r dy[r, o]`.
+pub fn linear_backward(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    in_dim: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let rows = x.len() / in_dim;
+    let out_dim = w.len() / in_dim;
+    let (mut dx, mut dw, mut db) = (
+        vec![0.0f64; rows * in_dim],
+        vec![0.0f64; out_dim * in_dim],
+        vec![0.0f64; out_dim],
+    );
+    for r in 0..rows {
+        for o in 0..out_dim {
+            let g = f64::from(dy[r * out_dim + o]);
+            db[o] += g;
+            for i in 0..in_dim {
+                dx[r * in_dim + i] += g * f64::from(w[o * in_dim + i]);
+                dw[o * in_dim + i] += g * f64::from(x[r * in_dim + i]);
+            }
+        }
+    }
+    (dx, dw, db)
+}

@@ -41,6 +41,7 @@ pub mod grad_q;
 pub mod grad_rowdot;
 pub mod key_coverage;
 pub mod linear;
+pub mod linear_grad;
 mod loop_cost;
 pub mod mean_heads;
 pub mod merge_partials;
@@ -237,6 +238,7 @@ registry! {
     FlashCoop(flash_coop::FlashCoop),
     MergePartials(merge_partials::MergePartials),
     Linear(linear::Linear),
+    LinearGrad(linear_grad::LinearGrad),
     MeanHeads(mean_heads::MeanHeads),
     Pack(pack::Pack),
     WeightBlocks(weight_blocks::WeightBlocks),

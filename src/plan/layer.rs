@@ -4,11 +4,13 @@
 use crate::dtype::{DType, Storage};
 use crate::error::Result;
 use crate::kernels::linear::Linear;
+use crate::kernels::linear_grad::LinearGrad;
 use crate::kernels::mean_heads::MeanHeads;
 use crate::kernels::pack::Pack;
+use crate::kernels::KernelSpec;
 use crate::mask::MaskSpec;
 use crate::mha::{MhaConfig, NeedWeights};
-use crate::params::{LinearParams, PackParams};
+use crate::params::{linear_grad, LinearGradParams, LinearParams, PackParams};
 use crate::plan::attention::{append, base_params, Planned};
 use crate::plan::check::{bytes, check_binding, check_grid, check_loops, fold_grid, limit_err};
 use crate::plan::device::DeviceCaps;
@@ -99,6 +101,152 @@ pub fn linear(
             &[x, w, b, y],
         );
         r0 += nr;
+    }
+    Ok(())
+}
+
+/// Appends the backward of [`linear`] (`y = x·wᵀ + b`, `x [rows, in_dim]`, `w [out_dim, in_dim]`)
+/// to `program`: from `dy [rows, out_dim]` (f32), the f32 gradients `dx = dy·w [rows, in_dim]`,
+/// `dw = dyᵀ·x [out_dim, in_dim]` and, where `has_bias`, `db = Σ_rows dy [out_dim]` (`db` may
+/// be absent otherwise). `x` and `w` are read as `x_type` and `w_type`; sums run in f32.
+///
+/// Both are `linear_grad` dispatches: one per chunk of output rows that fits the grid and per
+/// range of the reduction (output features for `dx`, rows for `dw` and `db`) that fits the
+/// device's loop cap. Later ranges continue the sums of earlier ones, so the result does not
+/// depend on the split, and nothing is summed with atomics.
+pub fn linear_backward(
+    program: &mut Program,
+    (rows, in_dim, out_dim): (usize, usize, usize),
+    [x, w, dy, dx, dw, db]: [BufferId; 6],
+    (x_type, w_type): (DType, DType),
+    has_bias: bool,
+    caps: &DeviceCaps,
+) -> Result<()> {
+    let what = |name: &str, dims: String, dtype: DType, elems: usize| {
+        check_binding(
+            &format!("linear_backward {name} {dims} {dtype}"),
+            dtype.bytes(elems),
+            caps,
+        )
+    };
+    what(
+        "input",
+        format!("[{rows}, {in_dim}]"),
+        x_type,
+        rows * in_dim,
+    )?;
+    what(
+        "weight",
+        format!("[{out_dim}, {in_dim}]"),
+        w_type,
+        out_dim * in_dim,
+    )?;
+    what(
+        "output gradient",
+        format!("[{rows}, {out_dim}]"),
+        DType::F32,
+        rows * out_dim,
+    )?;
+    what(
+        "input gradient",
+        format!("[{rows}, {in_dim}]"),
+        DType::F32,
+        rows * in_dim,
+    )?;
+    what(
+        "weight gradient",
+        format!("[{out_dim}, {in_dim}]"),
+        DType::F32,
+        out_dim * in_dim,
+    )?;
+    let u32_of = |n: usize, name: &str| {
+        u32::try_from(n).map_err(|_| {
+            limit_err(
+                format!("linear_backward {name} {n}"),
+                n as u64,
+                "u32 indices",
+                u64::from(u32::MAX),
+            )
+        })
+    };
+    let (in32, out32) = (u32_of(in_dim, "in_dim")?, u32_of(out_dim, "out_dim")?);
+    u32_of(rows, "rows")?;
+    let products = [
+        // dx = dy·w: output rows are the rows, the sum runs over output features.
+        (
+            linear_grad::INPUT,
+            w_type,
+            rows,
+            out_dim,
+            [dy, w, dx, db],
+            false,
+        ),
+        // dw = dyᵀ·x (db in the ones column): output rows are the output features, the sum
+        // runs over rows.
+        (
+            linear_grad::WEIGHT,
+            x_type,
+            out_dim,
+            rows,
+            [dy, x, dw, db],
+            has_bias,
+        ),
+    ];
+    for (product, src_type, m_len, k_len, buffers, ones) in products {
+        let kernel = LinearGrad {
+            src: Storage::of(src_type, caps.native_f16),
+        };
+        let cols = in_dim + usize::from(ones);
+        let col_tiles = check_grid(
+            "linear_backward column tile",
+            cols.div_ceil(LINEAR_TILE),
+            caps,
+        )?;
+        if col_tiles == 0 || m_len == 0 {
+            continue; // an empty gradient
+        }
+        let base = LinearGradParams {
+            product,
+            in_dim: in32,
+            out_dim: out32,
+            has_bias: u32::from(ones),
+            ..Default::default()
+        };
+        let span = caps.loop_len(&kernel.loop_cost(&base).0);
+        if span == 0 {
+            return Err(limit_err(
+                "linear_backward: even an empty reduction".to_string(),
+                kernel.loop_cost(&base).0.trips(0),
+                "loop iterations per invocation (Mesa llvmpipe ends loops past it)",
+                caps.loop_cap.unwrap_or(0),
+            ));
+        }
+        let span = usize::try_from(span).unwrap_or(usize::MAX);
+        let m_max = caps.max_workgroups as usize * LINEAR_TILE;
+        for m0 in (0..m_len).step_by(m_max) {
+            let nm = m_max.min(m_len - m0);
+            // At least one range: an empty sum (no rows, no output features) writes zeros.
+            let mut k0 = 0usize;
+            loop {
+                let k1 = k_len.min(k0.saturating_add(span));
+                program.dispatch(
+                    kernel,
+                    &LinearGradParams {
+                        m_offset: m0 as u32,
+                        m: nm as u32,
+                        k_begin: k0 as u32,
+                        k_end: k1 as u32,
+                        ..base
+                    },
+                    [col_tiles, nm.div_ceil(LINEAR_TILE) as u32, 1],
+                    &buffers,
+                );
+                if k1 >= k_len {
+                    break;
+                }
+                k0 = k1;
+            }
+        }
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 
 pub mod files;
 pub mod layer;
+pub mod linear_grad;
 pub mod mha_fixture;
 pub mod weight_stats;
 
