@@ -74,7 +74,7 @@ pub use gpu::tensor::Tensor;
 pub use grad::{Grads, HostGrads};
 pub use linear_grad::LinearGrads;
 pub use mask::Alignment;
-pub use mha::{MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights, PreparedLayer};
+pub use mha::{LayerGrads, MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights, PreparedLayer};
 pub use plan::{DeviceCaps, Path, Plan, Request};
 pub use shape::AttnShape;
 pub use stats::{Pool, PoolOp, Stats, StatsOutput};

@@ -14,6 +14,7 @@
 //! A [`SourceCache`] holds a source projected once into K/V (an encoder output, a text prompt)
 //! for any number of forward calls: decoder steps, diffusion steps.
 
+mod backward;
 mod config;
 pub mod reference;
 pub mod weights;
@@ -35,6 +36,7 @@ use crate::program::{BufferId, Program};
 use crate::shape::F32;
 use crate::stats::StatsOutput;
 
+pub use backward::LayerGrads;
 pub use config::{MhaConfig, NeedWeights};
 pub use weights::MhaWeights;
 

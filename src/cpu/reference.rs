@@ -299,10 +299,10 @@ pub fn reduce_to(s: &AttnShape, ds: &[f64], dims: [usize; 4]) -> Vec<f64> {
 /// The gradients of [`linear`] (`y = x·wᵀ + b`, `x [rows, in]`, `w [out, in]`) from
 /// `dy [rows, out]`, in f64: `(dx [rows, in], dw [out, in], db [out])` with
 /// `dx[r, i] = Σ_o dy[r, o]·w[o, i]`, `dw[o, i] = Σ_r dy[r, o]·x[r, i]`, `db[o] = Σ_r dy[r, o]`.
-pub fn linear_backward(
-    x: &[f32],
+pub fn linear_backward<X: Copy + Into<f64>, D: Copy + Into<f64>>(
+    x: &[X],
     w: &[f32],
-    dy: &[f32],
+    dy: &[D],
     in_dim: usize,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let rows = x.len() / in_dim;
@@ -314,11 +314,11 @@ pub fn linear_backward(
     );
     for r in 0..rows {
         for o in 0..out_dim {
-            let g = f64::from(dy[r * out_dim + o]);
+            let g: f64 = dy[r * out_dim + o].into();
             db[o] += g;
             for i in 0..in_dim {
                 dx[r * in_dim + i] += g * f64::from(w[o * in_dim + i]);
-                dw[o * in_dim + i] += g * f64::from(x[r * in_dim + i]);
+                dw[o * in_dim + i] += g * x[r * in_dim + i].into();
             }
         }
     }

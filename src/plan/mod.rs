@@ -15,6 +15,7 @@ pub mod backward;
 pub mod check;
 pub mod device;
 pub mod layer;
+pub mod layer_backward;
 pub mod request;
 pub mod stats;
 #[cfg(test)]

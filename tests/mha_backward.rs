@@ -1,0 +1,332 @@
+//! The layer's backward (`MultiHeadAttention::backward`, `backward_cached`) against the f64
+//! reference composed from the attention's and the projections' reference backwards:
+//! gradients of the inputs, of every weight and bias; GQA/MQA, kdim/vdim ≠ E, inner width ≠ E,
+//! no biases, key padding, causal, half weights, the cached source path, and the errors.
+
+mod common;
+
+use common::layer::random_weights;
+use common::*;
+use xattn::mha::reference::{self as layer_ref, LayerGrads as RefGrads};
+use xattn::mha::MhaWeights;
+use xattn::{
+    Alignment, Attention, DType, Engine, LayerGrads, MhaConfig, MhaOptions, MultiHeadAttention,
+    Tensor,
+};
+
+const EPS: f64 = f32::EPSILON as f64;
+
+struct Case {
+    config: MhaConfig,
+    dims: (usize, usize, usize),
+    opts: MhaOptions,
+    weights: DType,
+}
+
+fn case(config: MhaConfig, dims: (usize, usize, usize), opts: MhaOptions) -> Case {
+    Case {
+        config,
+        dims,
+        opts,
+        weights: DType::F32,
+    }
+}
+
+fn amax(x: &[f64]) -> f64 {
+    x.iter().fold(0.0f64, |a, &y| a.max(y.abs()))
+}
+
+/// A normwise budget: every f32 rounding along the chain (projections over E, kdim, vdim and
+/// inner; logits over head_dim with |logit| ≤ max_logit; sums over N keys and M·G rows;
+/// W^O over inner and E) adds at most ε relative to the magnitudes it combines, and the
+/// gradients are as large as their largest element: `4ε·L·max|g|` with L the chain's length.
+fn chain_len(c: &MhaConfig, (_, m, n): (usize, usize, usize), max_logit: f64) -> f64 {
+    let group = c.num_heads / c.kv_heads;
+    (c.embed_dim + c.kdim + c.vdim + 2 * c.inner_dim + 2 * c.head_dim() + n + m * group) as f64
+        + 1.0
+        + max_logit
+}
+
+fn upload3(engine: &Engine, data: &[f32], dims: [usize; 3]) -> Tensor {
+    engine.upload(data, &dims).unwrap()
+}
+
+/// Runs the layer's backward with every gradient poisoned first.
+fn run(
+    layer: &MultiHeadAttention,
+    (q, k, v, d_out): (&Tensor, &Tensor, &Tensor, &Tensor),
+    opts: &MhaOptions,
+) -> LayerGrads {
+    let call = layer.prepare_backward(q, k, v, d_out, opts).unwrap();
+    let g = call.output();
+    let all = [&g.d_query, &g.d_key, &g.d_value];
+    for t in all
+        .into_iter()
+        .chain(g.d_weights.iter().flatten())
+        .chain(g.d_biases.iter().flatten())
+    {
+        poison(t).unwrap();
+    }
+    call.run().unwrap();
+    call.into_output()
+}
+
+fn check(engine: &Engine, name: &str, c: &Case, seed: u64) -> f64 {
+    let cfg = c.config;
+    let (b, m, n) = c.dims;
+    let mut w = random_weights(&cfg, seed);
+    if c.weights != DType::F32 {
+        // The weights as the device holds them.
+        let round = |x: &mut Vec<f32>| *x = c.weights.decode(&c.weights.encode(x), x.len());
+        for t in [&mut w.q, &mut w.k, &mut w.v, &mut w.o] {
+            round(t);
+        }
+        for t in [&mut w.q_bias, &mut w.k_bias, &mut w.v_bias, &mut w.o_bias]
+            .into_iter()
+            .flatten()
+        {
+            round(t);
+        }
+    }
+    let layer = MultiHeadAttention::new_as(engine, cfg, &w, c.weights).unwrap();
+    let query = random(b * m * cfg.embed_dim, 1.0, seed + 10);
+    let key = random(b * n * cfg.kdim, 1.0, seed + 11);
+    let value = random(b * n * cfg.vdim, 1.0, seed + 12);
+    let d_out = random(b * m * cfg.embed_dim, 1.0, seed + 13);
+    let attention = c.opts.attention_for(b, n).unwrap().into_owned();
+    let scale = f64::from(attention.scale_for(cfg.head_dim()));
+    let want = layer_ref::layer_backward(
+        &cfg,
+        &w,
+        (&query, &key, &value),
+        &d_out,
+        b,
+        scale,
+        attention.masking(),
+    );
+    let tensors = (
+        &upload3(engine, &query, [b, m, cfg.embed_dim]),
+        &upload3(engine, &key, [b, n, cfg.kdim]),
+        &upload3(engine, &value, [b, n, cfg.vdim]),
+        &upload3(engine, &d_out, [b, m, cfg.embed_dim]),
+    );
+    let got = run(&layer, tensors, &c.opts);
+    compare(name, &cfg, c.dims, scale, &w, &got, &want)
+}
+
+/// Compares every gradient; returns the worst error relative to its budget.
+fn compare(
+    name: &str,
+    cfg: &MhaConfig,
+    dims: (usize, usize, usize),
+    scale: f64,
+    w: &MhaWeights,
+    got: &LayerGrads,
+    want: &RefGrads,
+) -> f64 {
+    // |logit| ≤ scale·head_dim·max|q|·max|k|, with the projections' outputs bounded by their
+    // inputs (|x| ≤ 1) times the largest absolute row sum of the weights plus the bias.
+    let row_sum = |wt: &[f32], bias: &Option<Vec<f32>>, in_dim: usize| {
+        let rows = wt
+            .chunks(in_dim)
+            .map(|r| r.iter().map(|x| f64::from(x.abs())).sum::<f64>());
+        rows.fold(0.0f64, f64::max)
+            + bias.as_ref().map_or(0.0, |b| {
+                b.iter().fold(0.0f64, |a, x| a.max(f64::from(x.abs())))
+            })
+    };
+    let max_logit = scale * cfg.head_dim() as f64 * row_sum(&w.q, &w.q_bias, cfg.embed_dim)
+        / cfg.head_dim() as f64
+        * row_sum(&w.k, &w.k_bias, cfg.kdim);
+    let len = chain_len(cfg, dims, max_logit);
+    let mut worst = 0.0f64;
+    // `magnitude`: what the gradient's elements are sums of, at their largest.
+    let mut one = |what: String, got: &Tensor, want: &[f64], magnitude: f64| {
+        let tol = 4.0 * EPS * len * magnitude.max(1e-30);
+        let err = assert_close(&what, &got.to_host().unwrap(), want, tol);
+        worst = worst.max(err / tol);
+    };
+    one(
+        format!("{name} d_query"),
+        &got.d_query,
+        &want.d_query,
+        amax(&want.d_query),
+    );
+    one(
+        format!("{name} d_key"),
+        &got.d_key,
+        &want.d_key,
+        amax(&want.d_key),
+    );
+    one(
+        format!("{name} d_value"),
+        &got.d_value,
+        &want.d_value,
+        amax(&want.d_value),
+    );
+    for (i, p) in ["W^Q", "W^K", "W^V", "W^O"].iter().enumerate() {
+        let t = got.d_weights[i]
+            .as_ref()
+            .expect("every weight has its gradient");
+        one(
+            format!("{name} d{p}"),
+            t,
+            &want.d_weights[i],
+            amax(&want.d_weights[i]),
+        );
+        match (&got.d_biases[i], want.d_biases[i].is_empty()) {
+            (Some(t), false) => {
+                // A bias's gradient is a column sum of the projection's output gradient; it
+                // may cancel to 0 (b_k's does: softmax ignores a constant added to a row's
+                // logits), so its budget is the sum of the magnitudes it adds.
+                let dz = &want.d_projected[i];
+                let cols = want.d_biases[i].len();
+                let mut sums = vec![0.0f64; cols];
+                for (e, x) in dz.iter().enumerate() {
+                    sums[e % cols] += x.abs();
+                }
+                one(
+                    format!("{name} d bias of {p}"),
+                    t,
+                    &want.d_biases[i],
+                    amax(&sums),
+                );
+            }
+            (None, true) => {}
+            (t, _) => panic!("{name}: bias gradient of {p} present: {}", t.is_some()),
+        }
+    }
+    worst
+}
+
+#[test]
+fn layer_gradients_match_the_f64_reference() {
+    let Some(engine) = engine() else { return };
+    let base = MhaConfig::new(32, 4);
+    let o = MhaOptions::default;
+    let mut cases = vec![
+        ("plain E32 H4", case(base, (2, 5, 37), o())),
+        (
+            "kdim/vdim ≠ E, GQA 4/2, not tile multiples",
+            case(
+                MhaConfig::new(80, 4)
+                    .with_kv_heads(2)
+                    .with_kdim(130)
+                    .with_vdim(7),
+                (1, 67, 129),
+                o(),
+            ),
+        ),
+        (
+            "no bias, MQA",
+            case(base.with_bias(false).with_kv_heads(1), (2, 3, 20), o()),
+        ),
+        (
+            "key padding, causal bottom-right",
+            case(
+                base.with_kdim(24),
+                (2, 6, 19),
+                o().with_key_padding_mask((0..38).map(|j| j % 19 >= 15 + j / 19).collect())
+                    .with_attention(Attention::default().with_causal(Alignment::BottomRight)),
+            ),
+        ),
+        (
+            "inner width 24 ≠ E 16, GQA 4/2",
+            case(
+                MhaConfig::new(16, 4).with_inner_dim(24).with_kv_heads(2),
+                (2, 5, 13),
+                o(),
+            ),
+        ),
+    ];
+    cases.push((
+        "bf16 weights",
+        Case {
+            weights: DType::Bf16,
+            ..case(base, (1, 7, 11), o())
+        },
+    ));
+    for (i, (name, c)) in cases.iter().enumerate() {
+        if on_gl(engine) && i % 2 == 1 {
+            continue;
+        }
+        let worst = check(engine, name, c, 40 + 100 * i as u64);
+        eprintln!("{name}: worst error {worst:.4} of budget");
+    }
+}
+
+#[test]
+fn the_cached_path_gives_the_caches_gradients() {
+    let Some(engine) = engine() else { return };
+    let cfg = MhaConfig::new(32, 4).with_kv_heads(2);
+    let (b, m, n) = (2, 6, 21);
+    let w = random_weights(&cfg, 7);
+    let layer = MultiHeadAttention::new(engine, cfg, &w).unwrap();
+    let query = random(b * m * cfg.embed_dim, 1.0, 70);
+    let key = random(b * n * cfg.kdim, 1.0, 71);
+    let value = random(b * n * cfg.vdim, 1.0, 72);
+    let d_out = random(b * m * cfg.embed_dim, 1.0, 73);
+    let (q, k, v, dy) = (
+        upload3(engine, &query, [b, m, cfg.embed_dim]),
+        upload3(engine, &key, [b, n, cfg.kdim]),
+        upload3(engine, &value, [b, n, cfg.vdim]),
+        upload3(engine, &d_out, [b, m, cfg.embed_dim]),
+    );
+    let opts = MhaOptions::default();
+    let cache = layer.project_source(&k, &v).unwrap();
+    let cached = layer.backward_cached(&q, &cache, &dy, &opts).unwrap();
+    let raw = layer.backward(&q, &k, &v, &dy, &opts).unwrap();
+    assert!(cached.d_weights[1].is_none() && cached.d_weights[2].is_none());
+    assert_eq!(cached.d_key.dims(), [b, n, cfg.kv_heads, cfg.head_dim()]);
+    // The query side and W^Q, W^O are the raw path's, bit for bit: the same program pieces
+    // on the same projected K and V.
+    assert_eq!(
+        cached.d_query.to_host().unwrap(),
+        raw.d_query.to_host().unwrap()
+    );
+    for i in [0, 3] {
+        let (a, r) = (&cached.d_weights[i], &raw.d_weights[i]);
+        assert_eq!(
+            a.as_ref().unwrap().to_host().unwrap(),
+            r.as_ref().unwrap().to_host().unwrap()
+        );
+    }
+    // The cache's gradients are the attention's dK and dV, which the raw path maps back
+    // through W^K and W^V: d_key = dK·W^K.
+    let dk = cached.d_key.to_host().unwrap();
+    let kv = cfg.kv_dim();
+    let mapped: Vec<f64> = (0..b * n * cfg.kdim)
+        .map(|e| {
+            let (row, i) = (e / cfg.kdim, e % cfg.kdim);
+            (0..kv)
+                .map(|o| f64::from(dk[row * kv + o]) * f64::from(w.k[o * cfg.kdim + i]))
+                .sum()
+        })
+        .collect();
+    let raw_dkey = raw.d_key.to_host().unwrap();
+    let tol = 4.0 * EPS * (kv as f64 + 1.0) * amax(&mapped) * 4.0;
+    assert_close("d_key through W^K", &raw_dkey, &mapped, tol);
+}
+
+#[test]
+fn bad_backward_calls_are_typed_errors() {
+    let Some(engine) = engine() else { return };
+    let cfg = MhaConfig::new(16, 2);
+    let layer = MultiHeadAttention::new(engine, cfg, &random_weights(&cfg, 9)).unwrap();
+    let x = upload3(engine, &random(2 * 3 * 16, 1.0, 1), [2, 3, 16]);
+    let s = upload3(engine, &random(2 * 5 * 16, 1.0, 2), [2, 5, 16]);
+    let opts = MhaOptions::default();
+    let bad = upload3(engine, &random(2 * 4 * 16, 1.0, 3), [2, 4, 16]);
+    let err = layer.backward(&x, &s, &s, &bad, &opts).unwrap_err();
+    assert!(err.to_string().contains("d_out"), "{err}");
+    let half = Tensor::upload_as(
+        engine.context(),
+        "d",
+        &random(96, 1.0, 4),
+        &[2, 3, 16],
+        DType::F16,
+    )
+    .unwrap();
+    let err = layer.backward(&x, &s, &s, &half, &opts).unwrap_err();
+    assert!(err.to_string().contains("f32"), "{err}");
+}
