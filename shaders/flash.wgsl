@@ -34,6 +34,13 @@
 // focus, max P = 1/l, into `row_stats [n_splits, 2, rows]` (0 and 0 for a row with no key),
 // binding 9, declared by the prelude.
 //
+// Dropout (DROPOUT, a specialization; semantics: src/dropout.rs): only O changes. The sums l
+// and t, the max, the LSE and the row statistics take every weight before dropout; O
+// accumulates `dropped(p, j)` (the dropped weights 0, through accumulate_pair_kept, so that a
+// dropped key's ±∞ in V adds nothing) and is scaled by keep_scale with 1/l at the end. The
+// element's index is the global one (bh, row_grow, key j of N), so every chunking and split
+// draws the same mask; merge_partials, linear in the splits' O, needs nothing else.
+//
 // Specialized by the host (prelude): how Q, K and V are read (`load_q`, `load4_k`, …: element
 // by element, or as vec4s where the head dims are multiples of 4) and O is written
 // (`store4_o`, binding 7), DK4, DV4 (head dims in vec4s, zero-padded), BC (keys per
@@ -43,7 +50,7 @@
 // straight-line helpers over DK4/DV4 vec4s and R rows: `score_block` (one key), `score_pair`
 // (keys c and c + 1 into sc), `rescale`, `accumulate_pair` and `accumulate_pair_kept` (into
 // acc), `fold_o` (acc into o_sum), `load_q_rows`, `store_o_rows` (from o_sum),
-// `merge_lanes` (a no-op without lanes), BROADCAST (whether K/V rows are loaded once per
+// `merge_lanes` (a no-op without lanes), DROPOUT and `dropped`, BROADCAST (whether K/V rows are loaded once per
 // subgroup and broadcast: then score_block, score_pair and the accumulate helpers take every
 // lane of the subgroup, and `subgroup_any`/`subgroup_all` are the subgroup's votes, else the
 // lane's own value), the entry point `main`, and `sees_block`,
@@ -52,6 +59,7 @@
 // invocation's loops after 65535 iterations in all: the planner bounds the keys of one pass by
 // this kernel's LoopCost (gpu/kernels.rs), which counts every loop left here.
 //!include common/params.wgsl
+//!include common/dropout.wgsl
 //!include common/mask.wgsl
 //!include common/sums.wgsl
 
@@ -82,6 +90,7 @@ var<private> row_mbase: array<u32, R>;
 var<private> row_grow: array<u32, R>;
 var<private> cur_b: u32;
 var<private> cur_h: u32;
+var<private> cur_bh: u32;
 // The tile's logits, one RV per key.
 var<private> sc: array<RV, BC>;
 // Where key j's K and V rows start (`k_row`, `v_row`), and the tile's first key and length:
@@ -147,6 +156,7 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
     let hd = head_of(p, bh);
     cur_b = hd.b;
     cur_h = hd.h;
+    cur_bh = bh;
     let split = wg.y;
     // The invocation's rows: row0 + r for r < R, those < p.rows live.
     let row0 = wg.x * BR + group * R;
@@ -292,7 +302,11 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
                         t_tile += pc * (tmax - sc[c]);
                         t_tile += pd * (tmax - sc[c + 1u]);
                     }
-                    if kept_only {
+                    if DROPOUT {
+                        // O takes the weights after dropout (the dropped ones 0).
+                        let j = t0 + c;
+                        accumulate_pair_kept(dropped(pc, j), dropped(pd, j + 1u), c);
+                    } else if kept_only {
                         accumulate_pair_kept(pc, pd, c);
                     } else {
                         accumulate_pair(pc, pd, c);
@@ -320,7 +334,10 @@ fn attend(wg: vec3<u32>, li: u32, group: u32, key_lane: u32) {
     // Every lane of the subgroup takes part, live or not; lane 0 then holds the rows' state.
     merge_lanes(&m_sum, &l_sum, &t_sum);
     let o_row0 = (((split * p.batch + hd.b) * p.m + p.row_offset + row0) * p.q_heads + hd.h) * p.d_v;
-    let inv_rows = select(RV(0.0), RV(1.0) / l_sum, l_sum > RV(0.0));
+    var inv_rows = select(RV(0.0), RV(1.0) / l_sum, l_sum > RV(0.0));
+    if DROPOUT {
+        inv_rows *= p.keep_scale;
+    }
     store_o_rows(o_row0, p.q_heads * p.d_v, select(0u, live_rows, key_lane == 0u), inv_rows);
     let rows = p.batch * p.q_heads * p.m;
     for (var r = 0u; r < R; r++) {

@@ -5,7 +5,13 @@
 // Its loops bound the keys per row on a device with a loop cap (gpu::kernels::LoopCost: about
 // 2.8M keys under llvmpipe's); 256 invocations would reach further but cost diffusion-shaped
 // calls (many rows of 77 keys) 30% on llvmpipe in their barriers.
+// DROPOUT (a specialization, from the prelude): the weights written are dropped out
+// (common/dropout.wgsl; semantics: src/dropout.rs) after the LSE is taken from them: the
+// kept ones scaled by keep_scale, the dropped ones 0, so weighted_sum's O is (P ∘ Z)·V/(1 − p)
+// and the weights returned are P ∘ Z/(1 − p). The element's index is the global one (bh_offset
+// + local bh, row_offset + row, key j of N), so every chunking draws the same mask.
 //!include common/params.wgsl
+//!include common/dropout.wgsl
 
 @group(0) @binding(0) var<uniform> p: AttnParams;
 @group(0) @binding(1) var<storage, read_write> s: array<f32>;
@@ -79,11 +85,16 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
         inv = 1.0 / sum;
         row_lse = mx + log(sum);
     }
+    let bh = p.bh_offset + lbh;
+    let grow = p.row_offset + row;
     for (var j = t; j < p.n; j += WG) {
-        s[base + j] = kept_weight(s[base + j], mx, inv);
+        var w = kept_weight(s[base + j], mx, inv);
+        if DROPOUT {
+            w = select(0.0, w * p.keep_scale, dropout_keeps(bh, grow, j));
+        }
+        s[base + j] = w;
     }
     if t == 0u {
-        let bh = p.bh_offset + lbh;
-        lse[bh * p.m + p.row_offset + row] = row_lse;
+        lse[bh * p.m + grow] = row_lse;
     }
 }

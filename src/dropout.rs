@@ -16,6 +16,16 @@
 //! [`Attention::with_weights`](crate::Attention::with_weights) are after dropout (as
 //! PyTorch's `need_weights` returns them): `P ∘ Z / (1 − p)`; the statistics (entropy,
 //! focus, coverage, pooled weights) describe P before dropout.
+//!
+//! Where it is applied: on the three-pass path `softmax_rows` drops the weights it writes after
+//! taking the LSE (so `weighted_sum` and the returned weights see `P ∘ Z/(1 − p)`; the
+//! statistics kernels rebuild P from Q, K and the LSE, never reading that scratch); the fused
+//! kernel `flash` (fused and each split of split-K) sums every weight into its l, t and LSE
+//! and accumulates only the kept ones into O, scaled by `1/(1 − p)` with `1/l` at the end
+//! (`merge_partials`, linear in the splits' O, needs nothing more). Each kernel specialization
+//! that drops weights has a `dropout` flag of its own, so the code is compiled only there. The
+//! matrix-unit kernel (`flash_coop`) does not apply dropout: forced under dropout it is an
+//! [`Error::Unsupported`](crate::Error::Unsupported), and the planner never picks it unforced.
 
 use crate::params::{flags, AttnParams};
 use crate::shape::AttnShape;

@@ -475,9 +475,20 @@ impl MaskSpec {
         }
     }
 
-    /// Whether any key is removed or reshaped.
+    /// Whether nothing is masked, shaped or dropped.
     pub fn is_empty(&self) -> bool {
         self.flags == 0 && !self.lens && self.win_left == UNBOUNDED && self.win_right == UNBOUNDED
+    }
+
+    /// Whether any key is removed or any logit reshaped before the softmax: what the
+    /// kernels' `masked` variants handle. Dropout, which acts on the weights after the
+    /// softmax, does not count (the dropout variants handle it).
+    pub fn masks_logits(&self) -> bool {
+        !MaskSpec {
+            flags: self.flags & !flags::DROPOUT,
+            ..*self
+        }
+        .is_empty()
     }
 }
 

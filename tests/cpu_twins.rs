@@ -193,6 +193,63 @@ fn twins_follow_masked_plans_to_the_reference() {
     }
 }
 
+/// The twins under dropout (every path, each flash configuration; unmasked and masked) against
+/// the reference with the same keep mask: O within the f32 budget scaled by 1/(1 − p) (plus
+/// keep_scale's rounding), the LSE before dropout, the weights 0 exactly where the reference's
+/// are (removed or dropped) and within tolerance elsewhere.
+#[test]
+fn twins_follow_dropout_plans_to_the_reference() {
+    let cases = mask_cases().into_iter().step_by(3).chain([(
+        "unmasked GQA".to_string(),
+        shape(2, 33, 200, 4, 2, 40),
+        Attention::default(),
+    )]);
+    let eps = f64::from(f32::EPSILON);
+    for (i, (name, s, opts)) in cases.enumerate() {
+        let p = [0.1f32, 0.5, 0.3][i % 3];
+        let opts = opts.with_dropout(p, 300 + i as u64, 1 << 33);
+        let (q, k, v) = qkv(&s, 1.0, 1300 + i as u64);
+        let scale = opts.scale_for(s.d_k);
+        let m = opts.masking();
+        let want = reference::attention_masked(&s, &q, &k, &v, f64::from(scale), m);
+        let tol = budget_masked(&s, scale, (&q, &k, &v), m);
+        let kf = 1.0 / (1.0 - f64::from(p));
+        let amax_v = v.iter().fold(0.0f64, |a, &x| a.max(f64::from(x.abs())));
+        for path in Path::ALL {
+            let req = Request {
+                shape: s,
+                scale,
+                weights: path == Path::ThreePass,
+                path: Some(path),
+                masks: m.spec(&s).unwrap(),
+                dtype: xattn::DType::F32,
+                out_dtype: xattn::DType::F32,
+                stats: Default::default(),
+                pool: None,
+                fused: None,
+            };
+            for (r, plan) in plans(&req) {
+                let (o, lse, w) = run_twins(&plan, (&q, &k, &v), m);
+                let what = format!("dropout twin {} r{r} {name} p {p} {s}", path.name());
+                assert_close(
+                    &format!("{what} O"),
+                    &o,
+                    &want.o,
+                    kf * (tol.o + 2.0 * eps * amax_v),
+                );
+                assert_close(&format!("{what} LSE"), &lse, &want.lse, tol.lse * 10.0);
+                if path == Path::ThreePass {
+                    for (e, (&g, &x)) in w.iter().zip(&want.weights).enumerate() {
+                        assert_eq!(g == 0.0, x == 0.0, "{what}: weight {e} {g} vs {x}");
+                    }
+                    let tol_w = kf * (tol.weights + 2.0 * eps);
+                    assert_close(&format!("{what} P"), &w, &want.weights, tol_w);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn weight_blocks_twins_follow_the_statistics_to_the_reference() {
     use common::weight_stats::check_stats;

@@ -70,7 +70,14 @@ fn all_kernels() -> Vec<Kernel> {
                 d_v,
             };
             let causal = Attention::default().with_causal(Alignment::TopLeft);
-            for masks in [Default::default(), causal.masking().spec(&shape).unwrap()] {
+            let spec = |a: Attention| a.masking().spec(&shape).unwrap();
+            let mut mask_specs = vec![Default::default(), spec(causal.clone())];
+            // The dropout variants, alone and with masks, where the dtypes vary too.
+            if types.len() > 1 {
+                let dropout = Attention::default().with_dropout(0.5, 1, 2);
+                mask_specs.extend([spec(dropout), spec(causal.with_dropout(0.5, 1, 2))]);
+            }
+            for masks in mask_specs {
                 for path in Path::ALL {
                     let req = Request {
                         shape,
@@ -301,6 +308,23 @@ fn the_planners_use_every_kernel() {
         assert!(
             kernels.iter().any(|k| k.name() == *name),
             "no plan dispatches {name}: the kernel tests would not reach it"
+        );
+    }
+    // The dropout variants (src/dropout.rs), each lanes/broadcast/R variant of flash among them.
+    for prefix in ["xattn.softmax_rows", "xattn.flash_dk"] {
+        let dropout =
+            |k: &&Kernel| k.label().starts_with(prefix) && k.label().ends_with("_dropout");
+        assert!(
+            kernels.iter().any(|k| dropout(&k)),
+            "no plan dispatches a dropout variant of {prefix}"
+        );
+    }
+    for part in ["_lanes", "_bcast", "_r4", "_masked"] {
+        assert!(
+            kernels
+                .iter()
+                .any(|k| k.label().contains(part) && k.label().ends_with("_dropout")),
+            "no dropout variant of flash with {part}"
         );
     }
 }

@@ -6,12 +6,15 @@
 //! each tile's l and t summed on their own, the block's (l, t, O) folded into the row's every
 //! [`fold_tiles`] tiles and after the last. With `lanes` > 1, each lane of the block takes the
 //! pairs of keys lane, lane + lanes, … of every tile with its own state, and the lanes are
-//! merged at the end (the shader's subgroup reductions).
+//! merged at the end (the shader's subgroup reductions). With dropout, O takes the weights
+//! after dropout (the dropped ones adding nothing) and is scaled by `keep_scale` at the end;
+//! the sums, the LSE and the row statistics are those before dropout.
 
 use crate::cpu::mask::{
     key_range, mask_any, mask_bit, mask_row_base, shape_logit, workgroup_keys, MaskData, MASKED,
     MIN_WEIGHT, REMOVED_BELOW,
 };
+use crate::dropout::keeps;
 use crate::params::{flags, AttnParams};
 
 use crate::cpu::widen;
@@ -45,8 +48,14 @@ impl Row {
     /// rescale and accumulate loop does: the block rebased to the new max, the tile's l and t
     /// summed on their own, O by each key in turn (the shader takes them two at a time, key c
     /// then key c + 1); keys of weight 0 (removed) leave O alone, as the shader's zero V rows
-    /// past a tile and its kept variant.
-    fn add_tile<'a>(&mut self, keys: &[(u32, f32)], v_row: impl Fn(u32) -> &'a [f32]) {
+    /// past a tile and its kept variant. `kept(grow, j)` is false for a weight dropped out
+    /// (always true without dropout): it adds to l and t, not to O.
+    fn add_tile<'a>(
+        &mut self,
+        keys: &[(u32, f32)],
+        v_row: impl Fn(u32) -> &'a [f32],
+        kept: impl Fn(u32, u32) -> bool,
+    ) {
         let tmax = keys.iter().fold(self.m, |a, &(_, s)| a.max(s));
         let alpha = (self.m - tmax).exp2().max(MIN_WEIGHT);
         let rebase = if self.l > 0.0 {
@@ -62,6 +71,7 @@ impl Row {
             let p = weight(s, tmax);
             l_tile += p;
             t_tile += p * (tmax - s);
+            let p = if kept(self.grow, j) { p } else { 0.0 };
             if p == 0.0 {
                 continue;
             }
@@ -114,10 +124,10 @@ pub fn weight(s: f32, tmax: f32) -> f32 {
 }
 
 /// Runs the twin on the kernel's bindings 1.. as words: q, k, v, lens, mask, bias → o, lse
-/// (and row_stats where the kernel writes them).
+/// (and row_stats where the kernel writes them); with `dropout`, O after dropout.
 pub fn run(
     p: &AttnParams,
-    (tiles, storage): ((u32, u32, u32, u32), Storage),
+    (tiles, storage, dropout): ((u32, u32, u32, u32), Storage, bool),
     buffers: &mut [Vec<u32>],
 ) {
     let count = buffers.len();
@@ -137,7 +147,7 @@ pub fn run(
         bytemuck::cast_slice_mut(lse),
         row_stats,
     );
-    flash(p, tiles, (&q, &k, &v), &m, out);
+    flash(p, (tiles, dropout), (&q, &k, &v), &m, out);
 }
 
 /// Writes split `split`'s normalized O into slice `split` of `o [n_splits, batch, M, q_heads, d_v]`
@@ -145,10 +155,10 @@ pub fn run(
 /// logit and ln(sum) into `lse [n_splits, 2, batch, q_heads, M]`), for every split of the
 /// chunk; `br` rows share a workgroup's key range, `r` rows an invocation's tiles. With
 /// `row_stats`, each row's entropy and focus over the split's keys into `row_stats [n_splits,
-/// 2, rows]`.
+/// 2, rows]`. With `dropout`, O takes the weights after dropout ([`crate::dropout`]).
 pub fn flash(
     p: &AttnParams,
-    (bc, br, r, lanes): (u32, u32, u32, u32),
+    ((bc, br, r, lanes), dropout): ((u32, u32, u32, u32), bool),
     (q, k, v): (&[f32], &[f32], &[f32]),
     masks: &MaskData,
     (o, lse, mut row_stats): (&mut [f32], &mut [f32], Option<&mut [f32]>),
@@ -175,6 +185,7 @@ pub fn flash(
             let vbase = (((b * p.n + j) * p.kv_heads + hk) * p.d_v) as usize;
             &v[vbase..vbase + dv]
         };
+        let drop_kept = |grow: u32, j: u32| !dropout || keeps(p, bh, grow, j);
         for split in 0..p.n_splits {
             let key_begin = split * p.split_len;
             let key_end = p.n.min(key_begin + p.split_len);
@@ -291,7 +302,7 @@ pub fn flash(
                                             .filter(|(c, _)| (c / 2) % lanes as usize == lane)
                                             .map(|(_, (j, s))| (j, s[i]))
                                             .collect();
-                                        row.add_tile(&keys, v_row);
+                                        row.add_tile(&keys, v_row, drop_kept);
                                     }
                                 }
                             }
@@ -302,7 +313,7 @@ pub fn flash(
                     for row in rows.iter().filter(|row| row.live) {
                         let (grow, l) = (row.grow, row.l_sum);
                         let at = [split, b, h, grow];
-                        let inv = write_row(p, (o, lse), at, &row.o_sum, (row.m_sum, l));
+                        let inv = write_row(p, (o, lse), (at, dropout), &row.o_sum, (row.m_sum, l));
                         let rows = p.batch * p.q_heads * p.m;
                         let at = bh * p.m + grow;
                         if let Some(out) = row_stats.as_deref_mut() {
@@ -324,11 +335,12 @@ pub fn flash(
 /// Writes a row's O, `acc / l`, into slice `split` of `o` and its LSE into `lse` (with
 /// `flags::SPLIT_STATS` its max logit and ln(sum) into two rows), from its max `m` (log2 units)
 /// and sum `l`; a row that saw no key (l = 0) gets 0 and LSE −∞, never 0/0. Returns 1 / l, or
-/// 0. As flash.wgsl and flash_coop.wgsl end.
+/// 0. As flash.wgsl and flash_coop.wgsl end; with `dropout` (flash only), O is `acc ·
+/// (keep_scale / l)`, as flash.wgsl scales its 1/l.
 pub fn write_row(
     p: &AttnParams,
     (o, lse): (&mut [f32], &mut [f32]),
-    [split, b, h, grow]: [u32; 4],
+    ([split, b, h, grow], dropout): ([u32; 4], bool),
     acc: &[f32],
     (m, l): (f32, f32),
 ) -> f32 {
@@ -337,9 +349,10 @@ pub fn write_row(
     } else {
         (0.0, f32::NEG_INFINITY, 0.0)
     };
+    let inv_o = if dropout { inv * p.keep_scale } else { inv };
     let obase = ((((split * p.batch + b) * p.m + grow) * p.q_heads + h) * p.d_v) as usize;
     for (d, a) in acc.iter().enumerate() {
-        o[obase + d] = a * inv;
+        o[obase + d] = a * inv_o;
     }
     let rows = p.batch * p.q_heads * p.m;
     let at = (b * p.q_heads + h) * p.m + grow;

@@ -151,7 +151,7 @@ pub fn flash_coop(
                         }
                     }
                     let out = (&mut *o, &mut *lse);
-                    write_row(p, out, [split, b, h, grow], &o_sum, (m_sum, l_sum));
+                    write_row(p, out, ([split, b, h, grow], false), &o_sum, (m_sum, l_sum));
                 }
             }
         }

@@ -1,8 +1,11 @@
 //! The reference: naive scaled dot-product attention, f64 accumulation, max-subtracted softmax,
 //! with the masks and logit controls of [`crate::mask`] applied literally from their
-//! definitions (no shared code with the kernels or their packing of masks).
+//! definitions (no shared code with the kernels or their packing of masks). Dropout takes
+//! only its keep mask from [`crate::dropout::keeps`] (the bits are the definition).
 
+use crate::dropout;
 use crate::mask::{Alignment, Masking, BIAS_REMOVES};
+use crate::params::AttnParams;
 use crate::shape::AttnShape;
 
 /// Reference results in f64, same layouts as the GPU outputs.
@@ -12,7 +15,8 @@ pub struct Reference {
     pub o: Vec<f64>,
     /// LSE `[batch, q_heads, M]` (−∞ for a row with no key left).
     pub lse: Vec<f64>,
-    /// P `[batch, q_heads, M, N]`.
+    /// P `[batch, q_heads, M, N]` (after dropout, `P ∘ Z/(1 − p)`, where the masking has
+    /// dropout).
     pub weights: Vec<f64>,
 }
 
@@ -78,7 +82,9 @@ fn shaped(m: &Masking, at: [usize; 4], mut x: f64) -> f64 {
 }
 
 /// [`attention`] with masks, lengths and logit controls. A row with no key left has O = 0,
-/// LSE = −∞ and weights 0.
+/// LSE = −∞ and weights 0. With dropout (`masking.dropout`, p ≠ 0): `O = (P ∘ Z)·V/(1 − p)`
+/// and weights `P ∘ Z/(1 − p)`, Z from [`dropout::keeps`], a dropped key adding nothing to O
+/// (whatever V holds); the LSE is that of P before dropout.
 pub fn attention_masked<T: Copy + Into<f64>>(
     s: &AttnShape,
     q: &[T],
@@ -94,6 +100,21 @@ pub fn attention_masked<T: Copy + Into<f64>>(
     let mut weights = vec![0.0; b_n * hq * m_n * n_n];
     // None = key removed.
     let mut logits = vec![None; n_n];
+    // The keep mask's params and the factor of a kept weight, 1/(1 − p) in f64.
+    let drop = masking.dropout.filter(|d| d.p != 0.0).map(|d| {
+        let mut params = AttnParams {
+            m: m_n as u32,
+            n: n_n as u32,
+            ..Default::default()
+        };
+        d.apply(&mut params);
+        (params, 1.0 / (1.0 - f64::from(d.p)))
+    });
+    let z = |bh: usize, i: usize, j: usize| match &drop {
+        None => 1.0,
+        Some((params, _)) if !dropout::keeps(params, bh as u32, i as u32, j as u32) => 0.0,
+        Some((_, kept)) => *kept,
+    };
     for b in 0..b_n {
         for h in 0..hq {
             let kh = h / group;
@@ -127,7 +148,12 @@ pub fn attention_masked<T: Copy + Into<f64>>(
                 let orow = &mut o[((b * m_n + i) * hq + h) * dv..][..dv];
                 for (j, logit) in logits.iter().enumerate() {
                     let Some(logit) = logit else { continue };
-                    let p = (logit - max).exp() / sum;
+                    // A dropped weight is 0 and adds nothing (1 without dropout).
+                    let z = z(b * hq + h, i, j);
+                    if z == 0.0 {
+                        continue;
+                    }
+                    let p = (logit - max).exp() / sum * z;
                     weights[((b * hq + h) * m_n + i) * n_n + j] = p;
                     let vrow = &v[((b * n_n + j) * hk + kh) * dv..][..dv];
                     for (acc, &x) in orow.iter_mut().zip(vrow) {

@@ -1,23 +1,27 @@
 //! CPU twin of `shaders/softmax_rows.wgsl`: row softmax of the scratch in place, plus LSE;
-//! scores ≤ `REMOVED_BELOW` are removed keys.
+//! scores ≤ `REMOVED_BELOW` are removed keys; with `dropout`, the weights written are dropped
+//! out after the LSE is taken.
 
 use crate::cpu::mask::{MASKED, MIN_WEIGHT, REMOVED_BELOW};
+use crate::dropout::keeps;
 use crate::params::AttnParams;
 
 /// Runs the twin on the kernel's bindings 1.. as words: scores (in place), lse.
-pub fn run(p: &AttnParams, buffers: &mut [Vec<u32>]) {
+pub fn run(p: &AttnParams, dropout: bool, buffers: &mut [Vec<u32>]) {
     let [scores, lse] = buffers else {
         crate::cpu::arity("softmax_rows", buffers.len())
     };
     softmax_rows(
         p,
+        dropout,
         bytemuck::cast_slice_mut(scores),
         bytemuck::cast_slice_mut(lse),
     );
 }
 
-/// Turns `s [bh_count, rows, N]` into weights and writes `lse [batch, q_heads, M]`.
-pub fn softmax_rows(p: &AttnParams, s: &mut [f32], lse: &mut [f32]) {
+/// Turns `s [bh_count, rows, N]` into weights (dropped out where `dropout`: kept ones times
+/// `keep_scale`, dropped ones 0) and writes `lse [batch, q_heads, M]` (before dropout).
+pub fn softmax_rows(p: &AttnParams, dropout: bool, s: &mut [f32], lse: &mut [f32]) {
     let n = p.n as usize;
     for lbh in 0..p.bh_count {
         for row in 0..p.rows {
@@ -37,14 +41,23 @@ pub fn softmax_rows(p: &AttnParams, s: &mut [f32], lse: &mut [f32]) {
             } else {
                 (0.0, f32::NEG_INFINITY)
             };
-            for x in r.iter_mut() {
-                *x = if *x > REMOVED_BELOW {
+            let (bh, grow) = (p.bh_offset + lbh, p.row_offset + row);
+            for (j, x) in r.iter_mut().enumerate() {
+                let mut w = if *x > REMOVED_BELOW {
                     (kept_exp(*x) * inv).max(MIN_WEIGHT)
                 } else {
                     0.0
                 };
+                if dropout {
+                    w = if keeps(p, bh, grow, j as u32) {
+                        w * p.keep_scale
+                    } else {
+                        0.0
+                    };
+                }
+                *x = w;
             }
-            lse[((p.bh_offset + lbh) * p.m + p.row_offset + row) as usize] = row_lse;
+            lse[(bh * p.m + grow) as usize] = row_lse;
         }
     }
 }

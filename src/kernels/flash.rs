@@ -42,6 +42,9 @@ pub struct Flash {
     /// on by `subgroupBroadcast` (the device's fixed subgroup size), or 1: each invocation
     /// loads every vec4 it reads (see `FusedConfig::broadcast_loads`).
     pub broadcast: u32,
+    /// Whether O accumulates the weights dropped out (common/dropout.wgsl), the sums and the
+    /// LSE staying those before dropout; without, the dropout code is compiled out.
+    pub dropout: bool,
 }
 
 impl KernelSpec for Flash {
@@ -77,8 +80,10 @@ impl KernelSpec for Flash {
             wide,
             lanes,
             broadcast,
+            dropout,
         } = *self;
         let stats = if stats { "_stats" } else { "" };
+        let dropout = if dropout { "_dropout" } else { "" };
         let wide = if wide { "" } else { "_scalar" };
         let mut lanes = if lanes > 1 {
             format!("_lanes{lanes}")
@@ -89,7 +94,9 @@ impl KernelSpec for Flash {
             lanes.push_str(&format!("_bcast{broadcast}"));
         }
         let variant = variant_suffix(storage, masked);
-        format!("xattn.flash_dk{dk}_dv{dv}_bc{bc}_br{br}_r{r}{lanes}{wide}{variant}{stats}")
+        format!(
+            "xattn.flash_dk{dk}_dv{dv}_bc{bc}_br{br}_r{r}{lanes}{wide}{variant}{stats}{dropout}"
+        )
     }
 
     fn workgroup_bytes(&self) -> u64 {
@@ -101,7 +108,8 @@ impl KernelSpec for Flash {
     /// invocations), the mask-word scan of each of the r rows, the score loop over the lane's
     /// pairs of keys (per key with the segment lookup per key and row, or per pair) and the
     /// accumulate loop (per pair). Fixed: the block loop's exit, the row set-up loop and the
-    /// row loop writing the LSE (Q and O rows are loaded and stored straight-line).
+    /// row loop writing the LSE (Q and O rows are loaded and stored straight-line; dropout's
+    /// Philox too).
     fn loop_cost(&self, p: &AttnParams) -> (LoopCost, u64) {
         let [dk, dv, bc, br, r, lanes] =
             [self.dk, self.dv, self.bc, self.br, self.r, self.lanes].map(u64::from);
@@ -150,6 +158,7 @@ impl KernelSpec for Flash {
         ));
         out.push_str(&any_masking(self.masked));
         out.push_str(&format!("const ROW_STATS: bool = {};\n", self.stats));
+        out.push_str(&dropped(self.r, self.dropout));
         out.push_str(if self.stats {
             "@group(0) @binding(9) var<storage, read_write> row_stats: array<f32>;\n\
              fn write_row_stats(i: u32, j: u32, entropy: f32, focus: f32) {\n    \
@@ -162,8 +171,28 @@ impl KernelSpec for Flash {
 
     fn twin(&self, p: &AttnParams, buffers: &mut [Vec<u32>]) {
         let tiles = (self.bc, self.br, self.r, self.lanes);
-        cpu::flash::run(p, (tiles, self.storage), buffers)
+        cpu::flash::run(p, (tiles, self.storage, self.dropout), buffers)
     }
+}
+
+/// `DROPOUT` and `dropped(w, j)`: the R rows' weights `w` for key j with the dropped ones
+/// zeroed (common/dropout.wgsl, the element of batch·head `cur_bh`, query `row_grow[i]`), or
+/// `w` itself without dropout (then never called).
+fn dropped(r: u32, dropout: bool) -> String {
+    let body = if !dropout {
+        "w".to_string()
+    } else if r == 1 {
+        "select(0.0, w, dropout_keeps(cur_bh, row_grow[0], j))".to_string()
+    } else {
+        let lanes: Vec<String> = (0..r)
+            .map(|i| format!("select(0.0, w[{i}], dropout_keeps(cur_bh, row_grow[{i}], j))"))
+            .collect();
+        format!("RV({})", lanes.join(",\n        "))
+    };
+    format!(
+        "const DROPOUT: bool = {dropout};\n\
+         fn dropped(w: RV, j: u32) -> RV {{\n    return {body};\n}}\n"
+    )
 }
 
 /// Flash's O binding (7) and `store4_o(base, d, x, len)`, which writes elements d..d + 4 of

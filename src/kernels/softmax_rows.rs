@@ -9,9 +9,13 @@ use crate::params::AttnParams;
 /// Invocations of a `softmax_rows` workgroup (`WG` in the shader).
 const WG: u64 = 128;
 
-/// The specialization of `softmax_rows` (none).
+/// The specialization of `softmax_rows`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct SoftmaxRows;
+pub struct SoftmaxRows {
+    /// Whether the weights written are dropped out (common/dropout.wgsl) after the LSE is
+    /// taken; without, the dropout code is compiled out.
+    pub dropout: bool,
+}
 
 impl KernelSpec for SoftmaxRows {
     type Params = AttnParams;
@@ -24,11 +28,17 @@ impl KernelSpec for SoftmaxRows {
         &[Uniform, ReadWrite, ReadWrite]
     }
 
+    fn label(&self) -> String {
+        let dropout = if self.dropout { "_dropout" } else { "" };
+        format!("xattn.softmax_rows{dropout}")
+    }
+
     fn workgroup_bytes(&self) -> u64 {
         WG * 4
     }
 
-    /// Three strided key loops; two tree reductions of log2(WG) levels.
+    /// Three strided key loops; two tree reductions of log2(WG) levels (dropout's Philox is
+    /// straight-line).
     fn loop_cost(&self, p: &AttnParams) -> (LoopCost, u64) {
         let cost = LoopCost {
             fixed: 3 * looped(0) + 2 * looped(WG.ilog2().into()),
@@ -38,7 +48,11 @@ impl KernelSpec for SoftmaxRows {
         (cost, u64::from(p.n))
     }
 
+    fn prelude(&self) -> String {
+        format!("const DROPOUT: bool = {};\n", self.dropout)
+    }
+
     fn twin(&self, p: &AttnParams, buffers: &mut [Vec<u32>]) {
-        cpu::softmax_rows::run(p, buffers)
+        cpu::softmax_rows::run(p, self.dropout, buffers)
     }
 }

@@ -230,11 +230,6 @@ pub fn append(
             ));
         }
     }
-    if req.masks.dropout.is_some() {
-        return Err(Error::Unsupported(
-            "dropout in the forward pass is not implemented yet".into(),
-        ));
-    }
     let fused_ok = s.d_k <= FUSED_MAX_HEAD_DIM && s.d_v <= FUSED_MAX_HEAD_DIM;
     // Fused or split-K, unless forced, is decided with the fused kernel's grid below.
     let path = match req.path {
@@ -292,7 +287,11 @@ pub fn append(
             let kernel = fused_kernel(
                 &s,
                 caps,
-                (!req.masks.is_empty(), row_stats),
+                (
+                    req.masks.masks_logits(),
+                    row_stats,
+                    req.masks.dropout.is_some(),
+                ),
                 storage,
                 choice.config,
             )?;
@@ -455,8 +454,13 @@ pub(super) fn three_pass(
     let budget = caps.max_binding.min(caps.max_buffer).min(SCRATCH_BUDGET);
     let max_wg = caps.max_workgroups as usize;
     let qk_scores = QkScores {
-        masked: !req.masks.is_empty(),
+        masked: req.masks.masks_logits(),
         storage,
+    };
+    // softmax_rows drops weights out after taking the LSE; weighted_sum then sees P ∘ Z/(1 − p),
+    // whose zeros (removed or dropped keys) must add nothing.
+    let softmax_rows = SoftmaxRows {
+        dropout: req.masks.dropout.is_some(),
     };
     let weighted_sum = WeightedSum {
         masked: !req.masks.is_empty(),
@@ -521,7 +525,7 @@ pub(super) fn three_pass(
             &[io.q, io.k, io.lens, io.mask, io.bias, scores],
         );
         program.dispatch(
-            SoftmaxRows,
+            softmax_rows,
             &params,
             [nr as u32, nbh as u32, 1],
             &[scores, io.lse],
@@ -565,15 +569,23 @@ pub(super) fn three_pass(
 /// The fused kernel with `config`: keys per tile the largest power of two ≤ 64 whose K and V
 /// tiles fit in 16 KiB of workgroup memory (the WebGPU default limit), or the device's limit
 /// if lower ([`tile_rows`]); subgroup lanes where `config` asks for them and the device has
-/// them (else [`Error::Argument`]).
+/// them (else [`Error::Argument`]). `masked`: keys removed or logits shaped; `dropout`: the
+/// weights dropped out ([`crate::dropout`]), which the matrix-unit kernel does not do.
 pub(super) fn fused_kernel(
     s: &AttnShape,
     caps: &DeviceCaps,
-    (masked, stats): (bool, bool),
+    (masked, stats, dropout): (bool, bool, bool),
     storage: Storage,
     config: FusedConfig,
 ) -> Result<Kernel> {
     if config.matrix_units {
+        if dropout {
+            return Err(Error::Unsupported(
+                "the matrix-unit kernel does not apply dropout; leave dropout out or use \
+                 the default configuration"
+                    .into(),
+            ));
+        }
         return matrix_unit_kernel(s, caps, (masked, stats), storage);
     }
     let dk = s.d_k.next_multiple_of(4) as u32;
@@ -606,6 +618,7 @@ pub(super) fn fused_kernel(
         wide: s.d_k.is_multiple_of(4) && s.d_v.is_multiple_of(4),
         lanes,
         broadcast,
+        dropout,
     }))
 }
 

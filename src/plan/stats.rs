@@ -79,7 +79,7 @@ pub(super) fn key_coverage(
     let kernel = KeyCoverage {
         dk,
         bq,
-        masked: !req.masks.is_empty(),
+        masked: req.masks.masks_logits(),
         storage: Storage::of(req.dtype, caps.native_f16),
     };
     let base = base_params(s, req.scale, &req.masks);
@@ -137,7 +137,7 @@ pub fn weight_blocks(
     )?;
     let kernel = WeightBlocks {
         op,
-        masked: !req.masks.is_empty(),
+        masked: req.masks.masks_logits(),
         storage: Storage::of(req.dtype, caps.native_f16),
     };
     let base = AttnParams {
