@@ -175,6 +175,12 @@ fn reference_backward_matches_finite_differences() {
                 .with_mask([2, 1, 1, 7], random_bools(14, 0.8, 6))
                 .with_kv_lens(vec![7, 6]),
         ),
+        (
+            "dropout + causal + GQA",
+            Attention::default()
+                .with_causal(Alignment::TopLeft)
+                .with_dropout(0.3, 17, 5),
+        ),
     ];
     for (name, opts) in cases {
         let c = Case::new(s, opts.clone(), 11);
@@ -471,4 +477,44 @@ fn bad_backward_calls_are_typed_errors() {
         )
         .unwrap_err();
     assert!(err.to_string().contains("up to 256"), "{err}");
+}
+
+#[test]
+fn dropout_gradients_use_the_forwards_mask() {
+    let Some(engine) = engine() else { return };
+    use Alignment::BottomRight;
+    let s = shape(2, 70, 90, 4, 2, 16);
+    let cases = [
+        ("p 0.1", Attention::default().with_dropout(0.1, 1, 0)),
+        (
+            "p 0.5 causal + bias + lengths",
+            Attention::default()
+                .with_dropout(0.5, 99, 1 << 40)
+                .with_causal(BottomRight)
+                .with_kv_lens(vec![90, 61])
+                .with_bias([1, 4, 70, 90], random(4 * 70 * 90, 1.0, 9))
+                .with_bias_grad(),
+        ),
+    ];
+    for (i, (name, opts)) in cases.into_iter().enumerate() {
+        // The reference draws the same mask from the twin's Philox; a backward that
+        // regenerated another mask (or none) would miss by O(1).
+        let c = Case::new(s, opts.clone(), 700 + i as u64);
+        let worst = check(engine, name, &c, &opts);
+        eprintln!("dropout {name}: worst error {worst:.3} of budget");
+    }
+    // Another offset is another mask: the gradients move by far more than the budget.
+    let c = Case::new(s, Attention::default().with_dropout(0.5, 1, 0), 710);
+    let a = run_backward(engine, &c, &c.opts).unwrap();
+    let b = run_backward(engine, &c, &c.opts.clone().with_dropout(0.5, 1, 1)).unwrap();
+    let moved =
+        a.dv.iter()
+            .zip(&b.dv)
+            .filter(|(x, y)| (*x - *y).abs() > 1e-3)
+            .count();
+    assert!(
+        moved > a.dv.len() / 4,
+        "{moved} of {} dV elements moved",
+        a.dv.len()
+    );
 }
