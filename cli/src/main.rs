@@ -12,6 +12,7 @@ mod analytics;
 mod bench;
 mod expect;
 mod info;
+mod inputs;
 mod layout;
 mod logits;
 mod masks;
