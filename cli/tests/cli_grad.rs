@@ -1,7 +1,8 @@
-//! `xattn grad` end to end: gradients written from .npy files
+//! `xattn grad` and `xattn bench --backward` end to end: gradients written from .npy files
 //! (GQA, causal, d_v ≠ d_k; a broadcast bias with its dBias in bhsd files) against the f64
 //! reference backward within the budgets `xattn::cpu::budget` derives; the usage and file
-//! errors (checked on the host before a device is opened, so they need no GPU).
+//! errors (checked on the host before a device is opened, so they need no GPU); and the
+//! backward rows, ratio line and checks of `bench --backward`.
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -273,4 +274,71 @@ fn grad_usage_and_file_errors() {
     let err = fails_with(1, &base);
     assert!(err.contains("share one type"), "{err}");
     assert!(!dir.path("dq.npy").exists(), "nothing written");
+}
+
+#[test]
+fn bench_backward_times_checks_and_prints_the_ratio() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("bench-backward");
+    let json = dir.path("b.json");
+    let out = xattn(&[
+        "bench",
+        "--backward",
+        "--m",
+        "40",
+        "--n",
+        "70",
+        "--dk",
+        "8",
+        "--heads",
+        "4",
+        "--kv-heads",
+        "2",
+        "--name",
+        "tiny",
+        "--quick",
+        "--check",
+        "--causal",
+        "top-left",
+        "--dtype",
+        "f32,f16",
+        "--json",
+        s(&json),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {text}\n{}",
+        stderr(&out)
+    );
+    assert!(text.contains("2.5× the forward's FLOPs"), "{text}");
+    assert!(text.contains("backward (err: d"), "{text}");
+    let ratios = text
+        .lines()
+        .find(|l| l.contains("time ratios:"))
+        .unwrap_or_else(|| panic!("no ratio line: {text}"));
+    assert!(
+        ratios.contains("backward/forward (f32)") && ratios.contains("backward/forward (f16)"),
+        "{ratios}"
+    );
+    assert!(
+        text.contains("verdict: checked against the f64 reference"),
+        "{text}"
+    );
+    let records: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let records = records.as_array().expect("a JSON list");
+    let backward: Vec<_> = records.iter().filter(|r| r["pass"] == "backward").collect();
+    assert_eq!(backward.len(), 2, "{records:?}");
+    for r in records {
+        assert_eq!(r["check"], "passed", "{r}");
+    }
+    // The backward's GFLOP/s counts 2.5 times the forward's FLOPs.
+    for r in backward {
+        let flops = r["flops"].as_f64().unwrap();
+        assert_eq!(flops, 2.5 * 2.0 * 4.0 * 40.0 * 70.0 * 16.0, "{r}");
+        let gflops = r["gflops"].as_f64().unwrap();
+        let ms = r["median_ms"].as_f64().unwrap();
+        assert!((gflops - flops / (ms * 1e6)).abs() <= 1e-9 * gflops, "{r}");
+    }
 }
