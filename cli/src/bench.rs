@@ -206,9 +206,9 @@ pub struct BenchArgs {
     /// Also time the backward (dQ, dK, dV from a random dO) beside the forward of each shape
     /// and dtype, on the planner's path (or the one --path names): a `backward` row after the
     /// forward's, with its median ms and GFLOP/s counting the backward as 2.5× the forward's
-    /// FLOPs (FlashAttention's count: five M×N matrix products to the forward's two; the
-    /// recomputation of P is not counted), and the backward/forward time ratio on the
-    /// shape's `time ratios` line. With --check (always on for the quick suite), dQ, dK and
+    /// FLOPs (FlashAttention's count: five M×N matrix products, the recomputed Q·Kᵀ among
+    /// them, to the forward's two), and the backward/forward time ratio on the shape's `time
+    /// ratios` line. With --check (always on for the quick suite), dQ, dK and
     /// dV are compared with the f64 reference backward within budgets derived per gradient
     /// from the shape and the inputs (xattn::cpu::budget); --check-max-gflop counts 2.5×.
     #[arg(long, conflicts_with = "stats")]

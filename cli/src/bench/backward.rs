@@ -10,10 +10,9 @@ use super::{out_rounding, print_note, Bench, Check, Inputs, Pass, Record, Timing
 use crate::suite::SuiteShape;
 use crate::{one_line, CliResult};
 
-/// The backward's FLOPs over the forward's, as FlashAttention counts them: five M×N matrix
-/// products (S = Q·Kᵀ recomputed, dV = Pᵀ·dO, dP = dO·Vᵀ, dQ = dS·K, dK = dSᵀ·Q) against
-/// the forward's two, less the recomputation (2.5 = 5/2 counts it; FlashAttention's own
-/// benchmarks divide by 2.5 × the forward's FLOPs).
+/// The backward's FLOPs over the forward's, as FlashAttention's benchmarks count them: five
+/// M×N matrix products (S = Q·Kᵀ recomputed, dV = Pᵀ·dO, dP = dO·Vᵀ, dQ = dS·K, dK = dSᵀ·Q)
+/// to the forward's two (Q·Kᵀ and P·V).
 pub const FLOPS_FACTOR: f64 = 2.5;
 
 /// Bytes of the backward's least traffic stored as `dtype`: Q, K, V, O and dO read, dQ, dK
