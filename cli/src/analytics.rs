@@ -9,8 +9,8 @@ use clap::Args;
 use xattn::heatmap::{render_png, HeatmapStyle};
 use xattn::{Attention, AttnShape, Pool, PoolOp, Stats, StatsOutput, Tensor};
 
+use crate::inputs::out_dims;
 use crate::outputs::Outputs;
-use crate::run::out_dims;
 use crate::{open_file, CliError, CliResult};
 
 /// Statistics of the attention weights P (see `xattn::stats`), each f32.

@@ -4,7 +4,10 @@
 //! bracket the call's passes; otherwise the host clock brackets `Prepared::run`, which waits
 //! until the device is idle. Inputs are uploaded once per shape and outputs allocated once
 //! per (shape, path), so only the attention itself is measured. With autotuning (the default)
-//! the fused kernel's configuration is chosen while planning, before any timed run.
+//! the fused kernel's configuration is chosen while planning, before any timed run. With
+//! `--backward` each forward is followed by its backward ([`backward`]), timed alike.
+
+mod backward;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -200,6 +203,16 @@ pub struct BenchArgs {
     /// XATTN_MATRIX_UNITS=1 and an adapter that reports them, see `xattn info`).
     #[arg(long, value_name = "CONFIG", value_parser = parse_fused_config)]
     fused_config: Option<FusedConfig>,
+    /// Also time the backward (dQ, dK, dV from a random dO) beside the forward of each shape
+    /// and dtype, on the planner's path (or the one --path names): a `backward` row after the
+    /// forward's, with its median ms and GFLOP/s counting the backward as 2.5× the forward's
+    /// FLOPs (FlashAttention's count: five M×N matrix products, the recomputed Q·Kᵀ among
+    /// them, to the forward's two), and the backward/forward time ratio on the shape's `time
+    /// ratios` line. With --check (always on for the quick suite), dQ, dK and
+    /// dV are compared with the f64 reference backward within budgets derived per gradient
+    /// from the shape and the inputs (xattn::cpu::budget); --check-max-gflop counts 2.5×.
+    #[arg(long, conflicts_with = "stats")]
+    backward: bool,
 }
 
 fn parse_fused_config(text: &str) -> Result<FusedConfig, String> {
@@ -267,15 +280,49 @@ struct Record {
     stats: Option<StatArg>,
     /// The fused kernel's configuration and why, where the path runs it.
     config: Option<ConfigChoice>,
+    /// The forward, or its backward (`--backward`).
+    pass: Pass,
+    /// What `check` compared: O, or the gradient furthest within (or past) its budget.
+    checked: &'static str,
+}
+
+/// A forward attention call or its backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    Forward,
+    Backward,
+}
+
+impl Pass {
+    fn name(self) -> &'static str {
+        match self {
+            Pass::Forward => "forward",
+            Pass::Backward => "backward",
+        }
+    }
+
+    /// The FLOPs of this pass of `s`: the forward's 2·B·H·M·N·(d_k + d_v), and 2.5 times
+    /// that for the backward, as FlashAttention counts it.
+    fn flops(self, s: &AttnShape) -> f64 {
+        match self {
+            Pass::Forward => s.flops(),
+            Pass::Backward => backward::FLOPS_FACTOR * s.flops(),
+        }
+    }
 }
 
 impl Record {
     fn gflops(&self) -> f64 {
-        self.shape.flops() / (self.timing.median_ms * 1e6)
+        self.pass.flops(&self.shape) / (self.timing.median_ms * 1e6)
     }
-    /// GB/s of the least traffic: Q, K, V read and O written once.
+    /// GB/s of the least traffic: Q, K, V read and O written once (the backward: Q, K, V,
+    /// O and dO read, dQ, dK and dV written once).
     fn gbps(&self) -> f64 {
-        min_bytes(&self.shape, self.dtype) as f64 / (self.timing.median_ms * 1e6)
+        let bytes = match self.pass {
+            Pass::Forward => min_bytes(&self.shape, self.dtype),
+            Pass::Backward => backward::min_bytes(&self.shape, self.dtype),
+        };
+        bytes as f64 / (self.timing.median_ms * 1e6)
     }
     fn failed(&self) -> bool {
         matches!(self.check, Check::Err(e) if e.is_nan() || e > self.tolerance)
@@ -319,8 +366,13 @@ struct Progress {
 
 impl Progress {
     /// Progress over `shapes`, each timed on the paths of `set` in `dtypes` types and
-    /// `variants` statistics variants.
-    fn new(shapes: &[SuiteShape], set: PathSet, dtypes: usize, variants: usize) -> Self {
+    /// `variants` statistics variants, each run a pass of `passes`.
+    fn new(
+        shapes: &[SuiteShape],
+        set: PathSet,
+        (dtypes, variants): (usize, usize),
+        passes: &[Pass],
+    ) -> Self {
         let total = shapes
             .iter()
             .map(|s| {
@@ -328,7 +380,7 @@ impl Progress {
                     .iter()
                     .filter(|(_, skip)| skip.is_none())
                     .count();
-                s.shape.flops() * runs as f64
+                passes.iter().map(|p| p.flops(&s.shape)).sum::<f64>() * runs as f64
             })
             .sum::<f64>()
             * (dtypes * variants) as f64;
@@ -339,8 +391,8 @@ impl Progress {
         }
     }
 
-    fn advance(&mut self, shape: &AttnShape) {
-        self.done += shape.flops();
+    fn advance(&mut self, pass: Pass, shape: &AttnShape) {
+        self.done += pass.flops(shape);
     }
 
     /// ` (12 s so far, about 40 s left)`, once something has been measured.
@@ -406,6 +458,8 @@ struct Inputs {
     v: Tensor,
     /// The reference O, computed on first use.
     reference_o: Option<Vec<f64>>,
+    /// dO for the backward (`--backward`): host copy rounded to the dtype, and on the device.
+    d_o: Option<(Vec<f32>, Tensor)>,
 }
 
 impl Bench<'_> {
@@ -428,10 +482,19 @@ impl Bench<'_> {
             x.into_iter().map(|y| dtype.round(y)).collect()
         };
         let host = [draw(s.q_dims()), draw(s.k_dims()), draw(s.v_dims())];
+        // Drawn after Q, K, V: they are the same with and without --backward.
+        let d_o = self.args.backward.then(|| draw(s.o_dims()));
         let ctx = self.engine.context();
         let q = Tensor::upload_as(ctx, "q", &host[0], &s.q_dims(), dtype)?;
         let k = Tensor::upload_as(ctx, "k", &host[1], &s.k_dims(), dtype)?;
         let v = Tensor::upload_as(ctx, "v", &host[2], &s.v_dims(), dtype)?;
+        // dO comes in O's type, which is the inputs'.
+        let d_o = d_o
+            .map(|h| {
+                let t = Tensor::upload_as(ctx, "d_o", &h, &s.o_dims(), dtype)?;
+                CliResult::Ok((h, t))
+            })
+            .transpose()?;
         Ok(Inputs {
             dtype,
             host,
@@ -439,11 +502,12 @@ impl Bench<'_> {
             k,
             v,
             reference_o: None,
+            d_o,
         })
     }
 
     /// One run, in milliseconds to GPU completion.
-    fn time_once(&self, call: &Prepared) -> CliResult<f64> {
+    fn time_once<O>(&self, call: &Prepared<O>) -> CliResult<f64> {
         let start = Instant::now();
         match &self.timer {
             Some(t) => Ok(call.run_timed(t)?),
@@ -454,6 +518,21 @@ impl Bench<'_> {
         }
     }
 
+    /// Warmup and timed runs of `call`: their median and minimum.
+    fn time<O>(&self, call: &Prepared<O>) -> CliResult<Timing> {
+        for _ in 0..self.warmup {
+            self.time_once(call)?;
+        }
+        let mut times = (0..self.runs)
+            .map(|_| self.time_once(call))
+            .collect::<CliResult<Vec<f64>>>()?;
+        times.sort_by(f64::total_cmp);
+        Ok(Timing {
+            median_ms: xattn::tune::median(&times),
+            min_ms: times[0],
+        })
+    }
+
     /// Warmup, timed runs and (with --check) the comparison for one planned path, with the
     /// error it is allowed.
     fn measure(
@@ -462,18 +541,8 @@ impl Bench<'_> {
         opts: &Attention,
         x: &mut Inputs,
     ) -> CliResult<(Timing, Check, f64)> {
-        for _ in 0..self.warmup {
-            self.time_once(call)?;
-        }
-        let mut times = (0..self.runs)
-            .map(|_| self.time_once(call))
-            .collect::<CliResult<Vec<f64>>>()?;
+        let timing = self.time(call)?;
         let (plan, out) = (call.plan(), call.output());
-        times.sort_by(f64::total_cmp);
-        let timing = Timing {
-            median_ms: xattn::tune::median(&times),
-            min_ms: times[0],
-        };
         let s = plan.shape();
         let mut tolerance = self.args.tolerance;
         let check = if !self.check {
@@ -558,11 +627,19 @@ fn print_row(r: &Record) {
         Check::Skipped => "skipped".to_string(),
         Check::Err(e) => format!("{e:.2e}{}", if r.failed() { " FAIL" } else { "" }),
     };
+    let path = match r.pass {
+        Pass::Forward => path_label(r.requested, Some(r.path), r.stats),
+        // The error column is that of the gradient named (the furthest within its budget).
+        Pass::Backward if matches!(r.check, Check::Err(_)) => {
+            format!("backward (err: {})", r.checked)
+        }
+        Pass::Backward => "backward".to_string(),
+    };
     println!(
         "{:<10} {:<26} {:<22} {:<11} {:>11.3} {:>11.3} {:>9.2} {:>8.2} {:>10}  {}",
         r.name,
         r.shape.to_string(),
-        path_label(r.requested, Some(r.path), r.stats),
+        path,
         r.storage.name(),
         r.timing.median_ms,
         r.timing.min_ms,
@@ -595,11 +672,30 @@ fn print_ratios(records: &[Record], dtypes: &[DType], stats: &[StatArg]) {
     let ms_with = |p: Path, d: DType, st: Option<StatArg>| {
         records
             .iter()
-            .find(|r| r.path == p && r.dtype == d && r.stats == st)
+            .find(|r| r.pass == Pass::Forward && r.path == p && r.dtype == d && r.stats == st)
             .map(|r| r.timing.median_ms)
     };
     let ms = |p: Path, d: DType| ms_with(p, d, None);
     let mut parts = Vec::new();
+    // The backward over its forward, per dtype.
+    for &d in dtypes {
+        let backward = records
+            .iter()
+            .find(|r| r.pass == Pass::Backward && r.dtype == d);
+        if let Some(b) = backward {
+            let suffix = if dtypes.len() > 1 {
+                format!(" ({d})")
+            } else {
+                String::new()
+            };
+            if let Some(f) = ms(b.path, d) {
+                parts.push(format!(
+                    "backward/forward{suffix} {:.2}×",
+                    b.timing.median_ms / f
+                ));
+            }
+        }
+    }
     for &d in dtypes {
         let suffix = if dtypes.len() > 1 {
             format!(" ({d})")
@@ -688,7 +784,7 @@ fn json_record(r: &Record, ctx: &Context, b: &Bench) -> Value {
             json!(r.tolerance),
         ),
     };
-    json!({
+    let mut record = json!({
         "name": r.name,
         "batch": s.batch,
         "heads": s.q_heads,
@@ -721,23 +817,34 @@ fn json_record(r: &Record, ctx: &Context, b: &Bench) -> Value {
         "check": check,
         "config": r.config.as_ref().map(|c| c.config.to_string()),
         "config_source": r.config.as_ref().map(|c| config_source_name(&c.source)),
-    })
+    });
+    if b.args.backward {
+        let fields = record.as_object_mut().expect("a JSON object");
+        fields.insert("pass".into(), json!(r.pass.name()));
+        fields.insert("checked".into(), json!(r.checked));
+        fields.insert("flops".into(), json!(r.pass.flops(&s)));
+    }
+    record
 }
 
 /// The last line of the table: whether the results were checked against the reference and,
 /// if so, all within the tolerance or which were not (and which runs failed).
 fn verdict(records: &[Record], errors: &[String], checked: bool, args: &BenchArgs) -> String {
-    let tolerance = format!(
+    let mut tolerance = format!(
         "--tolerance {:.0e}, plus a half O's rounding",
         args.tolerance
     );
-    let label = |r: &Record| {
-        format!(
+    if args.backward {
+        tolerance += "; for dQ, dK, dV budgets derived per gradient";
+    }
+    let label = |r: &Record| match r.pass {
+        Pass::Forward => format!(
             "{} {} {}",
             r.name,
             path_label(r.requested, Some(r.path), r.stats),
             r.dtype
-        )
+        ),
+        Pass::Backward => format!("{} backward {} {}", r.name, r.dtype, r.checked),
     };
     let failed: Vec<String> = records
         .iter()
@@ -867,6 +974,13 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
         "dtypes: {} for Q, K, V and O; computed in f32",
         read_as.join(", ")
     );
+    if args.backward {
+        println!(
+            "backward: dQ, dK, dV from a random dO after each forward, in the inputs' type; \
+             GFLOP/s counts {}× the forward's FLOPs (FlashAttention's count)",
+            backward::FLOPS_FACTOR
+        );
+    }
     print_header();
 
     let mut variants: Vec<Option<StatArg>> = vec![None];
@@ -876,18 +990,28 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
         }
     }
     let stat_list: Vec<StatArg> = variants.iter().flatten().copied().collect();
+    // The backward is timed after the forward on one path: the planner's unless named.
+    let (path_set, passes) = if args.backward {
+        let set = match args.path {
+            PathSet::All => PathSet::One(None),
+            one => one,
+        };
+        (set, &[Pass::Forward, Pass::Backward][..])
+    } else {
+        (args.path, &[Pass::Forward][..])
+    };
     let total: usize = dtypes.len()
         * variants.len()
         * shapes
             .iter()
             .map(|s| {
-                candidates(args.path, s)
+                candidates(path_set, s)
                     .iter()
                     .filter(|(_, skip)| skip.is_none())
                     .count()
             })
             .sum::<usize>();
-    let mut progress = Progress::new(&shapes, args.path, dtypes.len(), variants.len());
+    let mut progress = Progress::new(&shapes, path_set, (dtypes.len(), variants.len()), passes);
     let mut done = 0;
     let mut records: Vec<Record> = Vec::new();
     // The runs that failed, labelled as their row is, with why.
@@ -896,7 +1020,7 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
         let first = records.len();
         for &dtype in &dtypes {
             let mut inputs: Option<Inputs> = None;
-            let runs = candidates(args.path, s)
+            let runs = candidates(path_set, s)
                 .into_iter()
                 .flat_map(|c| variants.iter().map(move |&st| (c, st)));
             for ((requested, skip), stats) in runs {
@@ -936,7 +1060,7 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                     print_config(s, which, storage(dtype), choice);
                 }
                 let measured = b.measure(&call, &opts, x);
-                progress.advance(&s.shape);
+                progress.advance(Pass::Forward, &s.shape);
                 match measured {
                     Ok((timing, check, tolerance)) => {
                         let r = Record {
@@ -952,9 +1076,18 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                             masks: masks_label(args.causal),
                             stats,
                             config: plan.fused().cloned(),
+                            pass: Pass::Forward,
+                            checked: "O",
                         };
                         print_row(&r);
-                        records.push(r);
+                        if args.backward {
+                            let backward = b.backward_row(s, &r, (&call, &opts), x, &mut errors);
+                            progress.advance(Pass::Backward, &s.shape);
+                            records.push(r);
+                            records.extend(backward);
+                        } else {
+                            records.push(r);
+                        }
                     }
                     Err(e) => {
                         errors.push(format!(

@@ -2,6 +2,7 @@
 //!
 //! - `xattn info` lists the adapters wgpu can see and which one [`xattn::Context::new`] picks.
 //! - `xattn run` computes attention on `.npy` files.
+//! - `xattn grad` computes its gradients (dQ, dK, dV, dBias) from dO on `.npy` files.
 //! - `xattn mha` runs a multi-head attention layer (weights from safetensors) on `.npy` files.
 //! - `xattn bench` times every path on standard or custom shapes, headless.
 //!
@@ -11,7 +12,9 @@
 mod analytics;
 mod bench;
 mod expect;
+mod grad;
 mod info;
+mod inputs;
 mod layout;
 mod logits;
 mod masks;
@@ -75,6 +78,26 @@ enum Command {
     /// Exit status: 0 done (and O matches --expect), 1 an error, 2 a usage error, 3 O does
     /// not match --expect.
     Run(run::RunArgs),
+    /// The gradients of attention on .npy files: dQ, dK, dV (and dBias) from dO.
+    ///
+    /// Runs the forward of `xattn run` on the device (the same inputs, layouts, masks and
+    /// logit controls, --scale, --path, --dtype), then its backward, FlashAttention-2's: P
+    /// rebuilt tile by tile from the forward's LSE, nothing M×N stored, accumulated in f32.
+    /// --d-o is the gradient of the loss with respect to O, in O's shape and layout. Outputs
+    /// (at least one): --dq like q, --dk like k, --dv like v (with GQA/MQA summed over the
+    /// query heads of each K/V head), in the inputs' type (--grad-dtype f32 for float32), and
+    /// --dbias (float32) in the bias's own shape: the logits' gradient summed over the dims
+    /// it broadcasts over, as PyTorch autograd's bias.grad. Rows that see no key get zero
+    /// gradients. To compare with PyTorch autograd (through
+    /// torch.nn.functional.scaled_dot_product_attention, or a softmax written out), the
+    /// README's "Gradients" section has a script that writes the files and compares.
+    ///
+    /// --dropout P --seed S --offset O drops weights with probability P in the forward and
+    /// the backward alike (the same mask, regenerated from the seed; see xattn::dropout).
+    ///
+    /// Outputs are written all or none, and an existing target must be a regular file, as
+    /// for `xattn run`. Exit status: 0 done, 1 an error, 2 a usage error.
+    Grad(grad::GradArgs),
     /// Run a multi-head attention layer (PyTorch nn.MultiheadAttention, Hugging Face
     /// Whisper/BART/T5, diffusers Attention) on .npy files.
     ///
@@ -361,6 +384,7 @@ fn main() -> ExitCode {
     let result = std::panic::catch_unwind(|| match cli.command {
         Command::Info(args) => info::info(&args),
         Command::Run(args) => run::run(&args),
+        Command::Grad(args) => grad::grad(&args),
         Command::Mha(args) => mha::mha(&args),
         Command::Bench(args) => bench::bench(&args),
     });

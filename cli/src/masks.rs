@@ -230,10 +230,22 @@ impl MaskArgs {
     /// [`MaskArgs::apply`], with the mask, bias and lengths that `bundle` (`--qkv`) holds.
     pub fn apply_with(
         &self,
-        mut opts: Attention,
+        opts: Attention,
         s: &AttnShape,
         bundle: Option<&Bundle>,
     ) -> CliResult<Attention> {
+        Ok(self.apply_noting(opts, s, bundle)?.0)
+    }
+
+    /// [`MaskArgs::apply_with`], and the shape of the bias as its file (or tensor) holds it,
+    /// before broadcasting: the shape of its gradient.
+    pub fn apply_noting(
+        &self,
+        mut opts: Attention,
+        s: &AttnShape,
+        bundle: Option<&Bundle>,
+    ) -> CliResult<(Attention, Option<Vec<usize>>)> {
+        let mut bias_shape = None;
         // Checks what has been added so far; the first failing addition is the culprit.
         let check = |opts: &Attention, context: &dyn Fn() -> String| {
             opts.masking()
@@ -297,6 +309,7 @@ impl MaskArgs {
             let a = read_bias(src)?;
             opts = opts.with_bias(broadcast_dims(&label, &a.shape)?, a.data);
             check(&opts, &|| format!("{label} (shape {:?})", a.shape))?;
+            bias_shape = Some(a.shape);
         }
         if let Some(cap) = self.softcap {
             opts = opts.with_softcap(cap);
@@ -309,7 +322,7 @@ impl MaskArgs {
         if !self.key_segment.is_empty() {
             check(&opts, &|| "--key-segment".to_string())?;
         }
-        Ok(opts)
+        Ok((opts, bias_shape))
     }
 }
 

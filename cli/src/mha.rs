@@ -24,13 +24,13 @@ use xattn::{
 };
 
 use crate::analytics::AnalyticsArgs;
+use crate::inputs::out_dims;
 use crate::layout::SeqLayout;
 use crate::logits::{check_layer_logits, LayerInput};
 use crate::masks::MaskArgs;
 use crate::npy::{read_bool_as, read_floats, Array, Polarity};
 use crate::outputs::Outputs;
 use crate::precision::{check_range, PrecisionArgs};
-use crate::run::out_dims;
 use crate::{open_file, parse_finite_f32, three_pass_limit, CliError, CliResult};
 
 /// Which names each model saves and whether it scales its logits, shown after `xattn mha --help`.

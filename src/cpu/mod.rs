@@ -4,8 +4,9 @@
 //! kernels: it is the oracle every GPU path is tested against. The twins mirror the WGSL
 //! loops one for one (same tiling, same f32 arithmetic order where it matters) so a reader
 //! can hold a shader beside its twin, and so the algorithm of each kernel is tested on its
-//! own, without a GPU.
+//! own, without a GPU. [`budget`] holds the error allowed against the reference.
 
+pub mod budget;
 pub mod reference;
 
 // The twins: internals, public for the tests.

@@ -225,21 +225,7 @@ pub fn budget_masked(
 ) -> Budget {
     let amax = |x: &[f32]| x.iter().fold(0.0f64, |a, &y| a.max(f64::from(y.abs())));
     let eps = f64::from(f32::EPSILON);
-    let factor = m
-        .segments
-        .iter()
-        .fold(1.0f64, |a, g| a.max(f64::from(g.factor)));
-    let mut max_logit = f64::from(scale.abs()) * s.d_k as f64 * amax(q) * amax(k) * factor;
-    if let Some(cap) = m.softcap {
-        max_logit = max_logit.min(f64::from(cap));
-    }
-    if let Some(b) = &m.bias {
-        max_logit += b
-            .data
-            .iter()
-            .filter(|x| x.is_finite())
-            .fold(0.0f64, |a, &x| a.max(f64::from(x.abs())));
-    }
+    let max_logit = xattn::cpu::budget::max_logit(s, scale, q, k, m);
     let base = eps * (4.0 * (1.0 + max_logit) + s.n as f64);
     Budget {
         o: base * amax(v).max(1e-3),

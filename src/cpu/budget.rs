@@ -1,0 +1,118 @@
+//! Error budgets of the f32 kernels against the f64 reference ([`super::reference`]), derived
+//! from first principles rather than fitted: what an f32 computation of the same formulas may
+//! differ by, given the shape and the largest magnitudes of its inputs. The tests compare
+//! with them, and so does `xattn bench --backward --check`, on inputs it draws.
+
+use crate::cpu::reference;
+use crate::mask::Masking;
+use crate::shape::AttnShape;
+
+const EPS: f64 = f32::EPSILON as f64;
+
+fn amax(x: &[f32]) -> f64 {
+    x.iter().fold(0.0f64, |a, &y| a.max(f64::from(y.abs())))
+}
+
+/// A bound on |logit| under `m`: `|scale|·d_k·max|q|·max|k|` (the largest |scale·q·k|), times
+/// the largest key-segment factor, bounded by a softcap, plus the largest finite |bias|.
+pub fn max_logit(s: &AttnShape, scale: f32, q: &[f32], k: &[f32], m: &Masking) -> f64 {
+    let factor = m
+        .segments
+        .iter()
+        .fold(1.0f64, |a, g| a.max(f64::from(g.factor)));
+    let mut max_logit = f64::from(scale.abs()) * s.d_k as f64 * amax(q) * amax(k) * factor;
+    if let Some(cap) = m.softcap {
+        max_logit = max_logit.min(f64::from(cap));
+    }
+    if let Some(b) = &m.bias {
+        max_logit += b
+            .data
+            .iter()
+            .filter(|x| x.is_finite())
+            .fold(0.0f64, |a, &x| a.max(f64::from(x.abs())));
+    }
+    max_logit
+}
+
+/// Error budgets of the f32 backward against the f64 reference, per gradient (absolute).
+///
+/// A logit is off by δ ≈ ε·(1 + max|logit|) (as for the forward), so P by δ relative; dP =
+/// dO·V and D are d_v-term f32 dot products (ε·d_v relative to d_v·max|dO|·max|V|, bounding
+/// both); a gradient sums its terms sequentially in f32 (ε per term summed). With G_dp =
+/// d_v·max|dO|·max|V|·(1/(1 − p)) bounding |dP| and |D|:
+/// - dQ_i = Σ_j dS_ij·y'·scale·K_j with Σ_j |dS_ij| ≤ 2·G_dp: budget
+///   4ε·(1 + max_logit + d_k + d_v + N)·2·G_dp·scale·y'max·max|K|;
+/// - dK_j sums over every row and head that sees key j: its coverage C_j = Σ P_ij (from the
+///   reference weights) replaces Σ_j P = 1: 4ε·(1 + max_logit + d_k + d_v + M·G)·
+///   2·G_dp·scale·y'max·max|Q|·max C;
+/// - dV_j = Σ_i P̃_ij·dO_i: 4ε·(1 + max_logit + M·G)·max|dO|·max C/(1 − p);
+/// - dBias (each element a sum of dS over `terms` broadcast rows): 4ε·(1 + max_logit + d_k +
+///   d_v + terms)·2·G_dp·terms.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GradBudget {
+    /// dQ.
+    pub dq: f64,
+    /// dK.
+    pub dk: f64,
+    /// dV.
+    pub dv: f64,
+    /// dBias, per term summed: an element summing `terms` broadcast rows is allowed
+    /// `dbias_per_term·(dbias_len + terms)·terms`.
+    pub dbias_per_term: f64,
+    /// dBias: the terms of the sum's length that do not depend on the terms summed.
+    pub dbias_len: f64,
+}
+
+/// The [`GradBudget`] of the f32 backward of `q`, `k`, `v` (layouts of [`AttnShape`]) and
+/// `d_o` under logit scale `scale` and the masking `m`. Runs the reference forward (for the
+/// keys' coverage).
+pub fn grad_budget(
+    s: &AttnShape,
+    scale: f32,
+    (q, k, v, d_o): (&[f32], &[f32], &[f32], &[f32]),
+    m: &Masking,
+) -> GradBudget {
+    let logit_terms = 1.0 + max_logit(s, scale, q, k, m);
+    let keep = m.dropout.map_or(1.0, |d| 1.0 / (1.0 - f64::from(d.p)));
+    let g_dp = s.d_v as f64 * amax(d_o) * amax(v) * keep;
+    let slope = m
+        .segments
+        .iter()
+        .fold(1.0f64, |a, g| a.max(f64::from(g.factor.abs())));
+    let want = reference::attention_masked(s, q, k, v, f64::from(scale), m);
+    // Coverage of each (batch, kv head, key) by the rows and heads reading it.
+    let group = s.q_heads / s.kv_heads;
+    let mut coverage = vec![0.0f64; s.batch * s.kv_heads * s.n];
+    for (e, &w) in want.weights.iter().enumerate() {
+        let j = e % s.n;
+        let bh = e / (s.m * s.n);
+        let (b, h) = (bh / s.q_heads, bh % s.q_heads);
+        coverage[(b * s.kv_heads + h / group) * s.n + j] += w;
+    }
+    let cov = coverage.iter().fold(0.0f64, |a, &c| a.max(c)).max(1.0);
+    let d = (s.d_k + s.d_v) as f64;
+    let rows = (s.m * group) as f64;
+    let sc = f64::from(scale.abs()) * slope;
+    GradBudget {
+        dq: 4.0 * EPS * (logit_terms + d + s.n as f64) * 2.0 * g_dp * sc * amax(k),
+        dk: 4.0 * EPS * (logit_terms + d + rows) * 2.0 * g_dp * sc * amax(q) * cov,
+        dv: 4.0 * EPS * (logit_terms + rows) * amax(d_o) * cov * keep,
+        dbias_per_term: 4.0 * EPS * 2.0 * g_dp,
+        dbias_len: logit_terms + d,
+    }
+}
+
+impl GradBudget {
+    /// The budget where the forward's O is stored in a type of unit roundoff `u` (2⁻¹¹ for
+    /// f16, 2⁻⁸ for bf16) before D = rowsum(dO ∘ O) reads it: D is then off by
+    /// u·Σ|dO·O| ≤ u·d_v·max|dO|·max|V|, which dS carries like an error of dP, so dQ and dK
+    /// widen by u/(4ε) of their dP term; dV does not read O.
+    pub fn with_half_o(self, u: f64) -> GradBudget {
+        let widen = 1.0 + u / (4.0 * EPS);
+        GradBudget {
+            dq: self.dq * widen,
+            dk: self.dk * widen,
+            ..self
+        }
+    }
+}
