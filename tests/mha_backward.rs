@@ -240,6 +240,14 @@ fn layer_gradients_match_the_f64_reference() {
         ),
     ];
     cases.push((
+        "attention dropout 0.2",
+        case(
+            base.with_kv_heads(2),
+            (2, 9, 23),
+            o().with_attention(Attention::default().with_dropout(0.2, 3, 0)),
+        ),
+    ));
+    cases.push((
         "bf16 weights",
         Case {
             weights: DType::Bf16,
