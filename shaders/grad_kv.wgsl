@@ -15,7 +15,10 @@
 // (batch, kv head) pair bh_offset + z.
 //
 // Specialized by the host (prelude): DK4, DV4 (head dims in vec4s, zero-padded), BR (rows per
-// tile), ANY_MASKING and how Q, K, V are read (`load4_q`, …).
+// tile), ANY_MASKING, how Q, K, V are read (`load4_q`, …), and the straight-line helpers over
+// the key's vec4s (as grad_q's): `load_kv`, `score` (q·k of tile row c), `dp_of` (dO·v),
+// `add_dv` (dv_acc += w·dO of row c), `add_dk` (dk_acc += g·q of row c), `store_dk`,
+// `store_dv`.
 //!include common/params.wgsl
 //!include common/mask.wgsl
 //!include common/dropout.wgsl
@@ -77,12 +80,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let live = j < p.n;
     let kbase = ((b * p.n + min(j, p.n - 1u)) * p.kv_heads + hk) * p.d_k;
     let vbase = ((b * p.n + min(j, p.n - 1u)) * p.kv_heads + hk) * p.d_v;
-    for (var u = 0u; u < DK4; u++) {
-        kr[u] = load4_k(kbase, u * 4u, p.d_k);
-    }
-    for (var u = 0u; u < DV4; u++) {
-        vr[u] = load4_v(vbase, u * 4u, p.d_v);
-    }
+    load_kv(kbase, vbase);
     let ql = q_len(b);
     let kl = kv_len(b);
     let rows = workgroup_rows(p.row_offset, p.row_offset + p.rows, k0, min(k0 + WG, p.n), ql, kl);
@@ -100,14 +98,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                     let f = e - BR * DK4;
                     let c = min(f / DV4, len - 1u);
                     let obase = ((b * p.m + r0 + c) * p.q_heads + h) * p.d_v;
-                    let d = (f % DV4) * 4u;
-                    var x = vec4<f32>(0.0);
-                    for (var t = 0u; t < 4u; t++) {
-                        if d + t < p.d_v {
-                            x[t] = d_o[obase + d + t];
-                        }
-                    }
-                    do_tile[f] = x;
+                    do_tile[f] = load4_d_o(obase, (f % DV4) * 4u, p.d_v);
                 }
             }
             if li < BR {
@@ -120,27 +111,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 for (var c = 0u; c < len; c++) {
                     let i = r0 + c;
                     let row_lse = lse_tile[c];
-                    var s = 0.0;
-                    for (var u = 0u; u < DK4; u++) {
-                        s += dot(q_tile[c * DK4 + u], kr[u]);
-                    }
-                    let x = s * p.scale;
+                    let x = score(c) * p.scale;
                     let y = kept_logit(x, b, h, i, j);
                     if y > REMOVED_BELOW && row_lse > REMOVED_BELOW {
                         let pr = exp(y - row_lse);
-                        var dp = 0.0;
-                        for (var u = 0u; u < DV4; u++) {
-                            dp += dot(do_tile[c * DV4 + u], vr[u]);
-                        }
-                        let pv = dropped_p(pr, bh, i, j);
-                        for (var u = 0u; u < DV4; u++) {
-                            dv_acc[u] += pv * do_tile[c * DV4 + u];
-                        }
-                        let ds = pr * (dropped_dp(dp, bh, i, j) - d_tile[c]);
-                        let gk = ds * logit_slope(x, j) * p.scale;
-                        for (var u = 0u; u < DK4; u++) {
-                            dk_acc[u] += gk * q_tile[c * DK4 + u];
-                        }
+                        add_dv(c, dropped_p(pr, bh, i, j));
+                        let ds = pr * (dropped_dp(dp_of(c), bh, i, j) - d_tile[c]);
+                        add_dk(c, ds * logit_slope(x, j) * p.scale);
                     }
                 }
             }
@@ -148,31 +125,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
     }
     if live {
-        let kout = ((b * p.n + j) * p.kv_heads + hk) * p.d_k;
-        for (var u = 0u; u < DK4; u++) {
-            for (var t = 0u; t < 4u; t++) {
-                let d = u * 4u + t;
-                if d < p.d_k {
-                    var x = dk_acc[u][t];
-                    if (p.flags & FLAG_ACCUMULATE) != 0u {
-                        x += dk[kout + d];
-                    }
-                    dk[kout + d] = x;
-                }
-            }
-        }
-        let vout = ((b * p.n + j) * p.kv_heads + hk) * p.d_v;
-        for (var u = 0u; u < DV4; u++) {
-            for (var t = 0u; t < 4u; t++) {
-                let d = u * 4u + t;
-                if d < p.d_v {
-                    var x = dv_acc[u][t];
-                    if (p.flags & FLAG_ACCUMULATE) != 0u {
-                        x += dv[vout + d];
-                    }
-                    dv[vout + d] = x;
-                }
-            }
-        }
+        store_dk(((b * p.n + j) * p.kv_heads + hk) * p.d_k);
+        store_dv(((b * p.n + j) * p.kv_heads + hk) * p.d_v);
     }
 }

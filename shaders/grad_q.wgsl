@@ -10,7 +10,12 @@
 // wrote. Rows that saw no key (LSE −∞) get dQ = 0.
 //
 // Specialized by the host (prelude): DK4, DV4 (head dims in vec4s, zero-padded), BC (keys per
-// tile), ANY_MASKING and how Q, K, V are read (`load4_q`, …).
+// tile), ANY_MASKING, how Q, K, V are read (`load4_q`, …), and the straight-line helpers over
+// the row's vec4s: `load_rows` (Q and dO rows into qr, dor), `score` (q·k of tile key c),
+// `dp_of` (dO·v of tile key c), `add_k` (acc += g·k of tile key c) and `store_dq`. They are
+// written out so that qr, dor and acc are indexed by constants only and can live in
+// registers (a loop index would make them per-invocation memory), and because llvmpipe
+// counts every loop iteration against its cap.
 //!include common/params.wgsl
 //!include common/mask.wgsl
 //!include common/dropout.wgsl
@@ -47,20 +52,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if row < p.rows {
         row_lse = lse[bh * p.m + i];
         row_d = delta[bh * p.m + i];
-        let qbase = ((hd.b * p.m + i) * p.q_heads + hd.h) * p.d_k;
-        for (var u = 0u; u < DK4; u++) {
-            qr[u] = load4_q(qbase, u * 4u, p.d_k);
-        }
-        let obase = ((hd.b * p.m + i) * p.q_heads + hd.h) * p.d_v;
-        for (var u = 0u; u < DV4; u++) {
-            var x = vec4<f32>(0.0);
-            for (var c = 0u; c < 4u; c++) {
-                if u * 4u + c < p.d_v {
-                    x[c] = d_o[obase + u * 4u + c];
-                }
-            }
-            dor[u] = x;
-        }
+        let row_base = (hd.b * p.m + i) * p.q_heads + hd.h;
+        load_rows(row_base * p.d_k, row_base * p.d_v);
     }
     let live = row_lse > REMOVED_BELOW;
     let ql = q_len(hd.b);
@@ -84,41 +77,18 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         if live {
             for (var c = 0u; c < len; c++) {
                 let j = t0 + c;
-                var s = 0.0;
-                for (var u = 0u; u < DK4; u++) {
-                    s += dot(qr[u], k_tile[c * DK4 + u]);
-                }
-                let x = s * p.scale;
+                let x = score(c) * p.scale;
                 let y = kept_logit(x, hd.b, hd.h, i, j);
                 if y > REMOVED_BELOW {
                     let pr = exp(y - row_lse);
-                    var dp = 0.0;
-                    for (var u = 0u; u < DV4; u++) {
-                        dp += dot(dor[u], v_tile[c * DV4 + u]);
-                    }
-                    let ds = pr * (dropped_dp(dp, bh, i, j) - row_d);
-                    let g = ds * logit_slope(x, j) * p.scale;
-                    for (var u = 0u; u < DK4; u++) {
-                        acc[u] += g * k_tile[c * DK4 + u];
-                    }
+                    let ds = pr * (dropped_dp(dp_of(c), bh, i, j) - row_d);
+                    add_k(c, ds * logit_slope(x, j) * p.scale);
                 }
             }
         }
         workgroupBarrier();
     }
     if row < p.rows {
-        let base = ((hd.b * p.m + i) * p.q_heads + hd.h) * p.d_k;
-        for (var u = 0u; u < DK4; u++) {
-            for (var c = 0u; c < 4u; c++) {
-                let d = u * 4u + c;
-                if d < p.d_k {
-                    var x = acc[u][c];
-                    if (p.flags & FLAG_ACCUMULATE) != 0u {
-                        x += dq[base + d];
-                    }
-                    dq[base + d] = x;
-                }
-            }
-        }
+        store_dq(((hd.b * p.m + i) * p.q_heads + hd.h) * p.d_k);
     }
 }

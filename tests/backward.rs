@@ -237,10 +237,10 @@ fn gradients_match_the_reference_on_plain_shapes() {
 #[test]
 fn passes_split_under_a_loop_cap_give_the_same_gradients() {
     let Some(engine) = engine() else { return };
-    // A cap this small splits grad_kv into one head at a time and row passes, grad_q and
-    // grad_bias into key and term passes.
+    // A cap this small splits grad_kv into one head at a time and row passes of one tile,
+    // grad_q into key passes of two tiles and grad_bias into passes of a few terms.
     let caps = DeviceCaps {
-        loop_cap: Some(3000),
+        loop_cap: Some(200),
         ..*engine.caps()
     };
     let small = Engine::with_caps(engine.context(), caps);
@@ -452,4 +452,30 @@ fn dropout_gradients_use_the_forwards_mask() {
         "{moved} of {} dV elements moved",
         a.dv.len()
     );
+}
+
+#[test]
+fn the_loop_cap_holds_at_the_largest_dispatch() {
+    let Some(engine) = engine() else { return };
+    // 70,000 keys for one row (grad_q) and 70,000 rows for one key (grad_kv): each kernel's
+    // first pass runs as long as its loop cost allows under llvmpipe's cap (on such a device),
+    // so a cost that undercounted would let llvmpipe cut the loop and drop keys or rows.
+    for (name, s) in [
+        ("one row, 70,000 keys", shape(1, 1, 70_000, 1, 1, 8)),
+        ("70,000 rows, one key", shape(1, 70_000, 1, 1, 1, 8)),
+    ] {
+        let opts = Attention::default();
+        let c = Case::new(s, opts.clone(), 800);
+        let req = opts.request(s).unwrap();
+        let plan = BackwardPlan::new(&req, (DType::F32, DType::F32), false, engine.caps()).unwrap();
+        if engine.caps().loop_cap.is_some() {
+            let passes = plan
+                .program()
+                .dispatches()
+                .filter(|d| matches!(d.kernel.name(), "grad_q" | "grad_kv"))
+                .count();
+            assert!(passes > 2, "{name}: expected split passes\n{plan}");
+        }
+        check(engine, name, &c, &opts);
+    }
 }

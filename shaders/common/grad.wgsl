@@ -48,3 +48,11 @@ fn dropped_p(pr: f32, bh: u32, i: u32, j: u32) -> f32 {
     }
     return pr;
 }
+
+// Four elements of dO (f32) from `base + d`, zero past `len`.
+fn load4_d_o(base: u32, d: u32, len: u32) -> vec4<f32> {
+    let last = base + len - 1u;
+    let x = vec4<f32>(d_o[min(base + d, last)], d_o[min(base + d + 1u, last)],
+        d_o[min(base + d + 2u, last)], d_o[min(base + d + 3u, last)]);
+    return select(vec4<f32>(0.0), x, vec4<u32>(d) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(len));
+}

@@ -98,3 +98,61 @@ pub(crate) fn segment_lookup(p: &AttnParams) -> u64 {
         0
     }
 }
+
+/// WGSL `fn {name}(c: u32) -> f32`: the sum over `u < n` of `dot({a}, {b})` written out,
+/// `{u}` in the templates standing for u and `base` for `c·n` (so that private arrays are
+/// indexed by constants only and can live in registers).
+pub(crate) fn unrolled_dot(name: &str, n: u32, a: &str, b: &str) -> String {
+    let terms: Vec<String> = (0..n)
+        .map(|u| {
+            let (a, b) = (
+                a.replace("{u}", &u.to_string()),
+                b.replace("{u}", &u.to_string()),
+            );
+            format!("dot({a}, {b})")
+        })
+        .collect();
+    format!(
+        "fn {name}(c: u32) -> f32 {{\n    let base = c * {n}u;\n    return {};\n}}\n",
+        terms.join("\n        + ")
+    )
+}
+
+/// WGSL `fn {name}(c: u32, g: f32)`: `{acc}[u] += g * {b}` for each `u < n`, written out
+/// (`{u}` and `base = c·n` as in [`unrolled_dot`]).
+pub(crate) fn unrolled_axpy(name: &str, n: u32, acc: &str, b: &str) -> String {
+    let mut out = format!("fn {name}(c: u32, g: f32) {{\n    let base = c * {n}u;\n");
+    for u in 0..n {
+        let b = b.replace("{u}", &u.to_string());
+        out.push_str(&format!("    {acc}[{u}] += g * {b};\n"));
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// WGSL `fn {name}(...)` loading `{arr}[u] = {load}` for each `u < n` (`{d}` standing for
+/// `4u`), written out; `args` is the parameter list.
+pub(crate) fn unrolled_load(name: &str, args: &str, n: u32, arr: &str, load: &str) -> String {
+    let mut out = format!("fn {name}({args}) {{\n");
+    for u in 0..n {
+        let load = load.replace("{d}", &format!("{}u", 4 * u));
+        out.push_str(&format!("    {arr}[{u}] = {load};\n"));
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// WGSL `fn {name}(base: u32)` storing the f32 sums `{acc}` (n vec4s) into the first `len`
+/// elements of `{out}` from `base`, added to what is there under FLAG_ACCUMULATE, written out.
+pub(crate) fn unrolled_store(name: &str, n: u32, acc: &str, out: &str, len: &str) -> String {
+    let mut s =
+        format!("fn {name}(base: u32) {{\n    let add = (p.flags & FLAG_ACCUMULATE) != 0u;\n");
+    for e in 0..4 * n {
+        let (u, t) = (e / 4, e % 4);
+        s.push_str(&format!(
+            "    if {e}u < {len} {{\n        var x = {acc}[{u}][{t}];\n        if add {{\n            x += {out}[base + {e}u];\n        }}\n        {out}[base + {e}u] = x;\n    }}\n"
+        ));
+    }
+    s.push_str("}\n");
+    s
+}

@@ -3,7 +3,10 @@
 
 use crate::cpu;
 use crate::dtype::Storage;
-use crate::kernels::common::{any_masking, segment_lookup, variant_suffix};
+use crate::kernels::common::{
+    any_masking, segment_lookup, unrolled_axpy, unrolled_dot, unrolled_load, unrolled_store,
+    variant_suffix,
+};
 use crate::kernels::Access::{Read, ReadWrite, Uniform};
 use crate::kernels::{looped, Access, KernelSpec, LoopCost};
 use crate::params::AttnParams;
@@ -48,31 +51,25 @@ impl KernelSpec for GradKv {
         u64::from(self.br * (self.dk + self.dv + 2)) * 4
     }
 
-    /// The K/V row loads and the dK/dV stores; the head loop, and per head one partial row
-    /// tile; per tile of br rows: the tile loop, the staging loop (with dO's element loop)
-    /// and the row loop, and per row the two vec4 dot-product loops, the dV and dK updates
-    /// and two segment lookups (logit and slope). The long loop runs over the pass's rows
-    /// times its heads of the group (`key_begin .. key_end`).
+    /// The head loop, and per head one partial row tile; per tile of br rows: the tile loop,
+    /// the staging loop and the row loop, and per row two segment lookups (logit and slope);
+    /// loads, dot products, updates and stores are written out. The long loop runs over the
+    /// pass's rows times its heads of the group (`key_begin .. key_end`).
     fn loop_cost(&self, p: &AttnParams) -> (LoopCost, u64) {
         let (dk4, dv4, br) = (
             u64::from(self.dk / 4),
             u64::from(self.dv / 4),
             u64::from(self.br),
         );
-        let group = u64::from(p.key_end - p.key_begin);
+        let heads = u64::from(p.key_end - p.key_begin);
         let staged = (br * (dk4 + dv4)).div_ceil(64);
-        let per_tile = 1 + looped(staged) * looped(4) + looped(br);
-        let per_row = 2 * looped(dv4) + 2 * looped(dk4) + 2 * segment_lookup(p);
+        let per_tile = 1 + looped(staged) + looped(br) + br * 2 * segment_lookup(p);
         let cost = LoopCost {
-            fixed: 2 * looped(dk4)
-                + 2 * looped(dv4)
-                + (dk4 + dv4) * looped(4)
-                + looped(group)
-                + group * (looped(0) + per_tile + br * per_row),
-            per_step: per_tile + br * per_row,
+            fixed: looped(heads) + heads * (looped(0) + per_tile),
+            per_step: per_tile,
             step: br,
         };
-        (cost, u64::from(p.rows) * group)
+        (cost, u64::from(p.rows) * heads)
     }
 
     fn storages(&self) -> Vec<Storage> {
@@ -88,9 +85,38 @@ impl KernelSpec for GradKv {
                 self.br
             )
             + &any_masking(self.masked)
+            + &key_helpers(self.dk / 4, self.dv / 4)
     }
 
     fn twin(&self, p: &AttnParams, buffers: &mut [Vec<u32>]) {
         cpu::grad_kv::run(p, self.storage, buffers)
     }
+}
+
+/// The straight-line helpers of `grad_kv` over `dk4` and `dv4` vec4s (see the shader).
+fn key_helpers(dk4: u32, dv4: u32) -> String {
+    let mut out = String::from(
+        "fn load_kv(kbase: u32, vbase: u32) {\n    load_k_row(kbase);\n    load_v_row(vbase);\n}\n",
+    );
+    out += &unrolled_load(
+        "load_k_row",
+        "kbase: u32",
+        dk4,
+        "kr",
+        "load4_k(kbase, {d}, p.d_k)",
+    );
+    out += &unrolled_load(
+        "load_v_row",
+        "vbase: u32",
+        dv4,
+        "vr",
+        "load4_v(vbase, {d}, p.d_v)",
+    );
+    out += &unrolled_dot("score", dk4, "q_tile[base + {u}u]", "kr[{u}]");
+    out += &unrolled_dot("dp_of", dv4, "do_tile[base + {u}u]", "vr[{u}]");
+    out += &unrolled_axpy("add_dv", dv4, "dv_acc", "do_tile[base + {u}u]");
+    out += &unrolled_axpy("add_dk", dk4, "dk_acc", "q_tile[base + {u}u]");
+    out += &unrolled_store("store_dk", dk4, "dk_acc", "dk", "p.d_k");
+    out += &unrolled_store("store_dv", dv4, "dv_acc", "dv", "p.d_v");
+    out
 }

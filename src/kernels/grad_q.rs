@@ -3,7 +3,10 @@
 
 use crate::cpu;
 use crate::dtype::Storage;
-use crate::kernels::common::{any_masking, segment_lookup, variant_suffix};
+use crate::kernels::common::{
+    any_masking, segment_lookup, unrolled_axpy, unrolled_dot, unrolled_load, unrolled_store,
+    variant_suffix,
+};
 use crate::kernels::Access::{Read, ReadWrite, Uniform};
 use crate::kernels::{looped, Access, KernelSpec, LoopCost};
 use crate::params::AttnParams;
@@ -48,9 +51,9 @@ impl KernelSpec for GradQ {
         u64::from(self.bc * (self.dk + self.dv)) * 4
     }
 
-    /// The row loads and the dQ store (per vec4, and per element within it); per tile of bc
-    /// keys: the tile loop, the staging loop and the key loop, and per key the two vec4
-    /// dot-product loops, the dQ update and two segment lookups (logit and slope).
+    /// Per tile of bc keys: the tile loop, the staging loop and the key loop, and per key two
+    /// segment lookups (logit and slope); the row loads, dot products, updates and the store
+    /// are written out.
     fn loop_cost(&self, p: &AttnParams) -> (LoopCost, u64) {
         let (dk4, dv4, bc) = (
             u64::from(self.dk / 4),
@@ -58,10 +61,9 @@ impl KernelSpec for GradQ {
             u64::from(self.bc),
         );
         let staged = (bc * (dk4 + dv4)).div_ceil(64);
-        let per_key = 2 * looped(dk4) + looped(dv4) + 2 * segment_lookup(p);
         let cost = LoopCost {
-            fixed: looped(dk4) + dv4 * looped(4) + looped(dv4) + dk4 * looped(4) + looped(dk4),
-            per_step: 1 + looped(staged) + looped(bc) + bc * per_key,
+            fixed: looped(0),
+            per_step: 1 + looped(staged) + looped(bc) + bc * 2 * segment_lookup(p),
             step: bc,
         };
         (cost, u64::from(p.key_end - p.key_begin))
@@ -80,9 +82,34 @@ impl KernelSpec for GradQ {
                 self.bc
             )
             + &any_masking(self.masked)
+            + &rows_helpers(self.dk / 4, self.dv / 4)
     }
 
     fn twin(&self, p: &AttnParams, buffers: &mut [Vec<u32>]) {
         cpu::grad_q::run(p, self.storage, buffers)
     }
+}
+
+/// The straight-line helpers of `grad_q` over `dk4` and `dv4` vec4s (see the shader).
+fn rows_helpers(dk4: u32, dv4: u32) -> String {
+    let mut out = String::from("fn load_rows(qbase: u32, obase: u32) {\n    load_q_row(qbase);\n    load_do_row(obase);\n}\n");
+    out += &unrolled_load(
+        "load_q_row",
+        "qbase: u32",
+        dk4,
+        "qr",
+        "load4_q(qbase, {d}, p.d_k)",
+    );
+    out += &unrolled_load(
+        "load_do_row",
+        "obase: u32",
+        dv4,
+        "dor",
+        "load4_d_o(obase, {d}, p.d_v)",
+    );
+    out += &unrolled_dot("score", dk4, "qr[{u}]", "k_tile[base + {u}u]");
+    out += &unrolled_dot("dp_of", dv4, "dor[{u}]", "v_tile[base + {u}u]");
+    out += &unrolled_axpy("add_k", dk4, "acc", "k_tile[base + {u}u]");
+    out += &unrolled_store("store_dq", dk4, "acc", "dq", "p.d_k");
+    out
 }
