@@ -218,3 +218,56 @@ fn bad_backward_calls_are_typed_errors() {
     let err = layer.backward(&x, &s, &s, &half, &opts).unwrap_err();
     assert!(err.to_string().contains("f32"), "{err}");
 }
+
+/// A training step's update: `set_weights` writes new weights in place; a forward and a
+/// backward prepared before it read them at their next run, bit for bit as a layer built with
+/// them; a source cache projected before is refused; another set of biases is an error.
+#[test]
+fn set_weights_updates_prepared_calls_in_place() {
+    let Some(engine) = engine() else { return };
+    let cfg = MhaConfig::new(16, 2).with_kdim(12).with_vdim(12);
+    let (b, m, n) = (1, 3, 7);
+    let (w1, w2) = (random_weights(&cfg, 21), random_weights(&cfg, 22));
+    let mut layer = MultiHeadAttention::new(engine, cfg, &w1).unwrap();
+    let q = upload3(engine, &random(b * m * 16, 1.0, 23), [b, m, 16]);
+    let s = upload3(engine, &random(b * n * 12, 1.0, 24), [b, n, 12]);
+    let dy = upload3(engine, &random(b * m * 16, 1.0, 25), [b, m, 16]);
+    let opts = MhaOptions::default();
+    let forward = layer.prepare(&q, &s, &s, &opts).unwrap();
+    let backward = layer.prepare_backward(&q, &s, &s, &dy, &opts).unwrap();
+    let cache = layer.project_source(&s, &s).unwrap();
+    forward.run().unwrap();
+    let before = forward.output().out.to_host().unwrap();
+
+    layer.set_weights(&w2).unwrap();
+    forward.run().unwrap();
+    backward.run().unwrap();
+    let fresh = MultiHeadAttention::new(engine, cfg, &w2).unwrap();
+    let want = fresh.forward(&q, &s, &s, &opts).unwrap();
+    let got = forward.output().out.to_host().unwrap();
+    assert_ne!(
+        got, before,
+        "the prepared forward still reads the old weights"
+    );
+    assert_eq!(got, want.out.to_host().unwrap());
+    let want = fresh.backward(&q, &s, &s, &dy, &opts).unwrap();
+    let got = backward.output();
+    for (a, w) in got.d_weights.iter().zip(&want.d_weights) {
+        let (a, w) = (a.as_ref().unwrap(), w.as_ref().unwrap());
+        assert_eq!(a.to_host().unwrap(), w.to_host().unwrap());
+    }
+    assert_eq!(
+        got.d_query.to_host().unwrap(),
+        want.d_query.to_host().unwrap()
+    );
+
+    let err = layer.forward_cached(&q, &cache, &opts).unwrap_err();
+    assert!(err.to_string().contains("source cache"), "{err}");
+    let mut no_bias = w2.clone();
+    no_bias.k_bias = None;
+    let err = layer.set_weights(&no_bias).unwrap_err();
+    assert!(err.to_string().contains("bias"), "{err}");
+    let mut short = w2;
+    short.q.pop();
+    assert!(layer.set_weights(&short).is_err());
+}
