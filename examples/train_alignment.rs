@@ -344,10 +344,10 @@ fn run() -> AnyResult<()> {
     };
     std::fs::write(&png_path, render_png(&map, m, n, &style)?)?;
     println!("heatmap: {}", png_path.display());
-    if !(first / held_out >= 10.0) {
+    let fell = first / held_out;
+    if fell.is_nan() || fell < 10.0 {
         return Err(format!(
-            "the loss on unseen data fell only {:.1}× (at least 10× expected)",
-            first / held_out
+            "the loss on unseen data fell only {fell:.1}× (at least 10× expected)"
         )
         .into());
     }
