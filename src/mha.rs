@@ -146,7 +146,7 @@ static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(1);
 pub struct MultiHeadAttention {
     engine: Engine,
     config: MhaConfig,
-    /// Ties source caches to this layer's (immutable) weights.
+    /// Ties source caches to this layer's weights: a new id whenever they change.
     id: u64,
     /// W^Q, W^K, W^V, W^O in that order, `[out, in]`.
     weights: [Tensor; 4],
@@ -278,6 +278,41 @@ impl MultiHeadAttention {
     /// The type the weights are kept in.
     pub fn dtype(&self) -> DType {
         self.weights[0].dtype()
+    }
+
+    /// Overwrites the layer's weights in place with `weights` (host slices in PyTorch `Linear`
+    /// layout, rounded to the layer's [`MultiHeadAttention::dtype`]): what a training step
+    /// does after its update. The sizes and the set of biases must be the layer's. Like
+    /// [`Tensor::write`] it does not wait; work submitted afterwards sees the new weights,
+    /// including calls prepared before ([`MultiHeadAttention::prepare`],
+    /// [`MultiHeadAttention::prepare_backward`]), which read the weights as they are at each
+    /// run. A [`SourceCache`] projected before is refused afterwards (its K/V came from the
+    /// old weights): project the source again. A call prepared with
+    /// [`MultiHeadAttention::prepare_cached`] keeps reading the cache it was bound to.
+    pub fn set_weights(&mut self, weights: &MhaWeights) -> Result<()> {
+        weights.check(&self.config)?;
+        for (i, proj) in PROJS.iter().enumerate() {
+            if weights.get(*proj).1.is_some() != self.biases[i].is_some() {
+                return Err(Error::Argument(format!(
+                    "set_weights: the layer's {proj:?} projection {} a bias; new weights must \
+                     have the same biases",
+                    if self.biases[i].is_some() {
+                        "has"
+                    } else {
+                        "has no"
+                    }
+                )));
+            }
+        }
+        for (i, proj) in PROJS.iter().enumerate() {
+            let (data, bias) = weights.get(*proj);
+            self.weights[i].write(data)?;
+            if let (Some(t), Some(bias)) = (&self.biases[i], bias) {
+                t.write(bias)?;
+            }
+        }
+        self.id = NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn has_biases(&self) -> [bool; 4] {

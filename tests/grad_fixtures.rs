@@ -77,15 +77,6 @@ fn read_lens(path: &FsPath, batch: usize) -> Option<Vec<u32>> {
     )
 }
 
-/// The `kind` of a case directory (case.txt's `kind = ...` line).
-fn kind_of(dir: &FsPath) -> Option<String> {
-    let text = fs::read_to_string(dir.join("case.txt")).ok()?;
-    text.lines().find_map(|l| {
-        let (k, v) = l.split_once('=')?;
-        (k.trim() == "kind").then(|| v.trim().to_string())
-    })
-}
-
 impl Case {
     fn load(dir: &FsPath) -> Case {
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
@@ -230,7 +221,7 @@ fn load_all() -> Vec<Case> {
             )
         })
         .map(|e| e.expect("directory entry").path())
-        .filter(|p| kind_of(p).as_deref() == Some("sdpa"))
+        .filter(|p| fixture_kind(p).as_deref() == Some("sdpa"))
         .collect();
     dirs.sort();
     let cases: Vec<Case> = dirs.iter().map(|d| Case::load(d)).collect();

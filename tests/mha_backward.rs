@@ -6,12 +6,11 @@
 mod common;
 
 use common::layer::random_weights;
+use common::layer_grad::{amax, backward_poisoned, compare};
 use common::*;
-use xattn::mha::reference::{self as layer_ref, LayerGrads as RefGrads};
-use xattn::mha::MhaWeights;
+use xattn::mha::reference as layer_ref;
 use xattn::{
-    Alignment, Attention, DType, Engine, LayerGrads, MhaConfig, MhaOptions, MultiHeadAttention,
-    Tensor,
+    Alignment, Attention, DType, Engine, MhaConfig, MhaOptions, MultiHeadAttention, Tensor,
 };
 
 const EPS: f64 = f32::EPSILON as f64;
@@ -32,43 +31,8 @@ fn case(config: MhaConfig, dims: (usize, usize, usize), opts: MhaOptions) -> Cas
     }
 }
 
-fn amax(x: &[f64]) -> f64 {
-    x.iter().fold(0.0f64, |a, &y| a.max(y.abs()))
-}
-
-/// A normwise budget: every f32 rounding along the chain (projections over E, kdim, vdim and
-/// inner; logits over head_dim with |logit| ≤ max_logit; sums over N keys and M·G rows;
-/// W^O over inner and E) adds at most ε relative to the magnitudes it combines, and the
-/// gradients are as large as their largest element: `4ε·L·max|g|` with L the chain's length.
-fn chain_len(c: &MhaConfig, (_, m, n): (usize, usize, usize), max_logit: f64) -> f64 {
-    let group = c.num_heads / c.kv_heads;
-    (c.embed_dim + c.kdim + c.vdim + 2 * c.inner_dim + 2 * c.head_dim() + n + m * group) as f64
-        + 1.0
-        + max_logit
-}
-
 fn upload3(engine: &Engine, data: &[f32], dims: [usize; 3]) -> Tensor {
     engine.upload(data, &dims).unwrap()
-}
-
-/// Runs the layer's backward with every gradient poisoned first.
-fn run(
-    layer: &MultiHeadAttention,
-    (q, k, v, d_out): (&Tensor, &Tensor, &Tensor, &Tensor),
-    opts: &MhaOptions,
-) -> LayerGrads {
-    let call = layer.prepare_backward(q, k, v, d_out, opts).unwrap();
-    let g = call.output();
-    let all = [&g.d_query, &g.d_key, &g.d_value];
-    for t in all
-        .into_iter()
-        .chain(g.d_weights.iter().flatten())
-        .chain(g.d_biases.iter().flatten())
-    {
-        poison(t).unwrap();
-    }
-    call.run().unwrap();
-    call.into_output()
 }
 
 fn check(engine: &Engine, name: &str, c: &Case, seed: u64) -> f64 {
@@ -110,93 +74,9 @@ fn check(engine: &Engine, name: &str, c: &Case, seed: u64) -> f64 {
         &upload3(engine, &value, [b, n, cfg.vdim]),
         &upload3(engine, &d_out, [b, m, cfg.embed_dim]),
     );
-    let got = run(&layer, tensors, &c.opts);
-    compare(name, &cfg, c.dims, scale, &w, &got, &want)
-}
-
-/// Compares every gradient; returns the worst error relative to its budget.
-fn compare(
-    name: &str,
-    cfg: &MhaConfig,
-    dims: (usize, usize, usize),
-    scale: f64,
-    w: &MhaWeights,
-    got: &LayerGrads,
-    want: &RefGrads,
-) -> f64 {
-    // |logit| ≤ scale·head_dim·max|q|·max|k|, with the projections' outputs bounded by their
-    // inputs (|x| ≤ 1) times the largest absolute row sum of the weights plus the bias.
-    let row_sum = |wt: &[f32], bias: &Option<Vec<f32>>, in_dim: usize| {
-        let rows = wt
-            .chunks(in_dim)
-            .map(|r| r.iter().map(|x| f64::from(x.abs())).sum::<f64>());
-        rows.fold(0.0f64, f64::max)
-            + bias.as_ref().map_or(0.0, |b| {
-                b.iter().fold(0.0f64, |a, x| a.max(f64::from(x.abs())))
-            })
-    };
-    let max_logit = scale * cfg.head_dim() as f64 * row_sum(&w.q, &w.q_bias, cfg.embed_dim)
-        / cfg.head_dim() as f64
-        * row_sum(&w.k, &w.k_bias, cfg.kdim);
-    let len = chain_len(cfg, dims, max_logit);
-    let mut worst = 0.0f64;
-    // `magnitude`: what the gradient's elements are sums of, at their largest.
-    let mut one = |what: String, got: &Tensor, want: &[f64], magnitude: f64| {
-        let tol = 4.0 * EPS * len * magnitude.max(1e-30);
-        let err = assert_close(&what, &got.to_host().unwrap(), want, tol);
-        worst = worst.max(err / tol);
-    };
-    one(
-        format!("{name} d_query"),
-        &got.d_query,
-        &want.d_query,
-        amax(&want.d_query),
-    );
-    one(
-        format!("{name} d_key"),
-        &got.d_key,
-        &want.d_key,
-        amax(&want.d_key),
-    );
-    one(
-        format!("{name} d_value"),
-        &got.d_value,
-        &want.d_value,
-        amax(&want.d_value),
-    );
-    for (i, p) in ["W^Q", "W^K", "W^V", "W^O"].iter().enumerate() {
-        let t = got.d_weights[i]
-            .as_ref()
-            .expect("every weight has its gradient");
-        one(
-            format!("{name} d{p}"),
-            t,
-            &want.d_weights[i],
-            amax(&want.d_weights[i]),
-        );
-        match (&got.d_biases[i], want.d_biases[i].is_empty()) {
-            (Some(t), false) => {
-                // A bias's gradient is a column sum of the projection's output gradient; it
-                // may cancel to 0 (b_k's does: softmax ignores a constant added to a row's
-                // logits), so its budget is the sum of the magnitudes it adds.
-                let dz = &want.d_projected[i];
-                let cols = want.d_biases[i].len();
-                let mut sums = vec![0.0f64; cols];
-                for (e, x) in dz.iter().enumerate() {
-                    sums[e % cols] += x.abs();
-                }
-                one(
-                    format!("{name} d bias of {p}"),
-                    t,
-                    &want.d_biases[i],
-                    amax(&sums),
-                );
-            }
-            (None, true) => {}
-            (t, _) => panic!("{name}: bias gradient of {p} present: {}", t.is_some()),
-        }
-    }
-    worst
+    let got = backward_poisoned(&layer, tensors, &c.opts);
+    // The inputs are uniform in [-1, 1).
+    compare(name, &cfg, c.dims, scale, &w, [1.0, 1.0], &got, &want)
 }
 
 #[test]
@@ -337,4 +217,57 @@ fn bad_backward_calls_are_typed_errors() {
     .unwrap();
     let err = layer.backward(&x, &s, &s, &half, &opts).unwrap_err();
     assert!(err.to_string().contains("f32"), "{err}");
+}
+
+/// A training step's update: `set_weights` writes new weights in place; a forward and a
+/// backward prepared before it read them at their next run, bit for bit as a layer built with
+/// them; a source cache projected before is refused; another set of biases is an error.
+#[test]
+fn set_weights_updates_prepared_calls_in_place() {
+    let Some(engine) = engine() else { return };
+    let cfg = MhaConfig::new(16, 2).with_kdim(12).with_vdim(12);
+    let (b, m, n) = (1, 3, 7);
+    let (w1, w2) = (random_weights(&cfg, 21), random_weights(&cfg, 22));
+    let mut layer = MultiHeadAttention::new(engine, cfg, &w1).unwrap();
+    let q = upload3(engine, &random(b * m * 16, 1.0, 23), [b, m, 16]);
+    let s = upload3(engine, &random(b * n * 12, 1.0, 24), [b, n, 12]);
+    let dy = upload3(engine, &random(b * m * 16, 1.0, 25), [b, m, 16]);
+    let opts = MhaOptions::default();
+    let forward = layer.prepare(&q, &s, &s, &opts).unwrap();
+    let backward = layer.prepare_backward(&q, &s, &s, &dy, &opts).unwrap();
+    let cache = layer.project_source(&s, &s).unwrap();
+    forward.run().unwrap();
+    let before = forward.output().out.to_host().unwrap();
+
+    layer.set_weights(&w2).unwrap();
+    forward.run().unwrap();
+    backward.run().unwrap();
+    let fresh = MultiHeadAttention::new(engine, cfg, &w2).unwrap();
+    let want = fresh.forward(&q, &s, &s, &opts).unwrap();
+    let got = forward.output().out.to_host().unwrap();
+    assert_ne!(
+        got, before,
+        "the prepared forward still reads the old weights"
+    );
+    assert_eq!(got, want.out.to_host().unwrap());
+    let want = fresh.backward(&q, &s, &s, &dy, &opts).unwrap();
+    let got = backward.output();
+    for (a, w) in got.d_weights.iter().zip(&want.d_weights) {
+        let (a, w) = (a.as_ref().unwrap(), w.as_ref().unwrap());
+        assert_eq!(a.to_host().unwrap(), w.to_host().unwrap());
+    }
+    assert_eq!(
+        got.d_query.to_host().unwrap(),
+        want.d_query.to_host().unwrap()
+    );
+
+    let err = layer.forward_cached(&q, &cache, &opts).unwrap_err();
+    assert!(err.to_string().contains("source cache"), "{err}");
+    let mut no_bias = w2.clone();
+    no_bias.k_bias = None;
+    let err = layer.set_weights(&no_bias).unwrap_err();
+    assert!(err.to_string().contains("bias"), "{err}");
+    let mut short = w2;
+    short.q.pop();
+    assert!(layer.set_weights(&short).is_err());
 }

@@ -21,6 +21,12 @@ pub fn fixture_dir() -> PathBuf {
     crate::common::repo_dir().join("tests/fixtures/mha")
 }
 
+/// The gradient fixtures (`tests/fixtures/generate_grad.py`); the cases of kind `layer` load
+/// as [`Case`]s with [`Case::load_from`].
+pub fn grad_fixture_dir() -> PathBuf {
+    crate::common::repo_dir().join("tests/fixtures/grad")
+}
+
 /// A safetensors file, F32 tensors only: name → (shape, values). Parsed by hand (8-byte
 /// little-endian header length, JSON header, raw little-endian data) so that the test does not
 /// share a parser with the code under test.
@@ -89,6 +95,9 @@ pub struct Case {
     pub naming: Naming,
     pub need: Need,
     pub self_attention: bool,
+    /// Gradient fixtures: key and value are one source (a Hugging Face module's
+    /// `key_value_states`), so `key == value`.
+    pub shared_source: bool,
     pub b: usize,
     pub m: usize,
     pub n: usize,
@@ -104,7 +113,15 @@ pub struct Case {
 impl Case {
     /// The case in `tests/fixtures/mha/<name>/`.
     pub fn load(name: &str) -> Case {
-        let dir = fixture_dir().join(name);
+        Case::load_from(&fixture_dir(), name)
+    }
+
+    /// The case in `<fixtures>/<name>/`: the forward fixtures of `tests/fixtures/mha` or a
+    /// `kind = layer` case of `tests/fixtures/grad`, whose case.txt has no `need_weights`
+    /// (none returned), no `self_attention` (false) and a `shared_source` flag, and whose
+    /// out.npy is float64 (rounded to f32 here, as the forward fixtures store it).
+    pub fn load_from(fixtures: &Path, name: &str) -> Case {
+        let dir = fixtures.join(name);
         let text = std::fs::read_to_string(dir.join("case.txt"))
             .unwrap_or_else(|e| panic!("{name}/case.txt: {e}"));
         let mut kv = BTreeMap::new();
@@ -118,10 +135,21 @@ impl Case {
                 .unwrap_or_else(|| panic!("{name}: bad line {line:?}"));
             kv.insert(k.trim().to_string(), v.trim().to_string());
         }
+        // The gradient fixtures (kind = layer) leave out what they never vary; only they have
+        // a shared source.
+        let grad_kind = kv.get("kind").map(String::as_str) == Some("layer");
         let get = |k: &str| {
+            let default = match k {
+                "need_weights" if grad_kind => Some("none"),
+                "self_attention" if grad_kind => Some("false"),
+                "shared_source" => Some("false"),
+                _ => None,
+            };
             kv.get(k)
+                .map(String::as_str)
+                .or(default)
                 .unwrap_or_else(|| panic!("{name}: case.txt lacks {k}"))
-                .clone()
+                .to_string()
         };
         let int = |k: &str| get(k).parse::<usize>().unwrap();
         let flag = |k: &str| match get(k).as_str() {
@@ -158,7 +186,7 @@ impl Case {
             assert_eq!(shape, [b, n], "{name}: key_padding_mask");
             mask
         });
-        let (out, os) = read_npy::<f32>(&dir.join("out.npy"));
+        let (out, os) = read_floats(&dir.join("out.npy"));
         assert_eq!(os, [b, m, e], "{name}: out");
         let weights_path = dir.join("weights.npy");
         let weights = (need != Need::None).then(|| {
@@ -172,6 +200,10 @@ impl Case {
         });
         assert_eq!(weights.is_none(), !weights_path.exists(), "{name}");
         let (bias, self_attention) = (flag("bias"), flag("self_attention"));
+        let shared_source = flag("shared_source");
+        if shared_source {
+            assert!(key == value, "{name}: a shared source with key ≠ value");
+        }
         let prefix = kv.get("prefix").cloned().unwrap_or_default();
         Case {
             name: name.to_string(),
@@ -187,6 +219,7 @@ impl Case {
             naming,
             need,
             self_attention,
+            shared_source,
             b,
             m,
             n,
@@ -224,6 +257,101 @@ impl Case {
 // ---------------------------------------------------------------------------------------------
 // f64 reference with per-element error bounds
 
+/// Tensors by name (the case's prefix left out): shape and values in f64.
+pub type Tensors = BTreeMap<String, (Vec<usize>, Vec<f64>)>;
+
+/// An f32 or float64 .npy file as f32 (float64 rounded to nearest) and its shape.
+fn read_floats(path: &Path) -> (Vec<f32>, Vec<usize>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    if matches!(npy.dtype(), npyz::DType::Plain(t) if t.size_field() == 8) {
+        let (x, shape) = read_npy::<f64>(path);
+        (x.iter().map(|&v| v as f32).collect(), shape)
+    } else {
+        read_npy::<f32>(path)
+    }
+}
+
+/// The tensors of the case's safetensors file in f64, with the prefix left out.
+fn file_tensors(c: &Case) -> Tensors {
+    read_safetensors(&c.file("weights.safetensors"))
+        .into_iter()
+        .map(|(name, (shape, v))| {
+            let short = name
+                .strip_prefix(&c.prefix)
+                .unwrap_or_else(|| panic!("{}: {name} lacks the prefix {:?}", c.name, c.prefix));
+            let v = v.iter().map(|&x| f64::from(x)).collect();
+            (short.to_string(), (shape, v))
+        })
+        .collect()
+}
+
+/// W^Q, W^K, W^V, W^O (`[out, in]`) and their biases (`None` where `t` has none) from tensors
+/// named under the naming family case.txt states (not detected: the layer's own detection is
+/// what is under test): PyTorch's packed `in_proj_weight` and `in_proj_bias` are cut in three.
+/// `t` holds the layer's weights or, under the same names, their gradients; every tensor of
+/// `t` must be used.
+pub fn projections(c: &Case, t: &Tensors) -> ([Vec<f64>; 4], [Option<Vec<f64>>; 4]) {
+    let (e, inner) = (c.e, c.inner);
+    let mut used = 0;
+    let mut get = |name: &str, shape: &[usize]| -> Option<Vec<f64>> {
+        let (s, v) = t.get(name)?;
+        assert_eq!(s, shape, "{}: {name}", c.name);
+        used += 1;
+        Some(v.clone())
+    };
+    let shapes = [[inner, e], [inner, c.kdim], [inner, c.vdim], [e, inner]];
+    let missing = |name: &str| -> Vec<f64> { panic!("{}: no tensor {name}", c.name) };
+    let (w, b) = match c.naming {
+        Naming::Modules(modules) => {
+            let w = std::array::from_fn(|i| {
+                let name = format!("{}.weight", modules[i]);
+                get(&name, &shapes[i]).unwrap_or_else(|| missing(&name))
+            });
+            let b = std::array::from_fn(|i| get(&format!("{}.bias", modules[i]), &[shapes[i][0]]));
+            (w, b)
+        }
+        Naming::Torch => {
+            let [wq, wk, wv] = if c.kdim == e && c.vdim == e {
+                let w =
+                    get("in_proj_weight", &[3 * e, e]).unwrap_or_else(|| missing("in_proj_weight"));
+                [0, 1, 2].map(|i| w[i * e * e..(i + 1) * e * e].to_vec())
+            } else {
+                let names = ["q_proj_weight", "k_proj_weight", "v_proj_weight"];
+                std::array::from_fn(|i| {
+                    get(names[i], &shapes[i]).unwrap_or_else(|| missing(names[i]))
+                })
+            };
+            let wo = get("out_proj.weight", &[e, e]).unwrap_or_else(|| missing("out_proj.weight"));
+            // nn.MultiheadAttention has all four biases or none.
+            let mut bias = |name: &str, len: usize| {
+                let b = get(name, &[len]);
+                assert_eq!(
+                    b.is_some(),
+                    c.bias,
+                    "{}: {name} with bias = {}",
+                    c.name,
+                    c.bias
+                );
+                b
+            };
+            let [bq, bk, bv] = match bias("in_proj_bias", 3 * e) {
+                Some(b) => [0, 1, 2].map(|i| Some(b[i * e..(i + 1) * e].to_vec())),
+                None => [None, None, None],
+            };
+            ([wq, wk, wv, wo], [bq, bk, bv, bias("out_proj.bias", e)])
+        }
+    };
+    assert_eq!(
+        used,
+        t.len(),
+        "{}: unexpected tensors {:?}",
+        c.name,
+        t.keys().collect::<Vec<_>>()
+    );
+    (w, b)
+}
+
 /// The layer's parameters in f64, nn.Linear layout [out, in]; zero biases without bias.
 struct Params {
     wq: Vec<f64>,
@@ -237,66 +365,22 @@ struct Params {
 }
 
 impl Params {
-    /// Reads the case's safetensors file under the naming its case.txt states (not detected:
-    /// the layer's own detection is what is under test). Every tensor of the file must be used.
+    /// The case's safetensors file ([`projections`]); without a bias file (`bias = false`)
+    /// no bias may be there.
     fn load(c: &Case) -> Params {
-        let t = read_safetensors(&c.file("weights.safetensors"));
-        let (e, inner) = (c.e, c.inner);
-        let mut used = 0;
-        let mut get = |name: &str, shape: &[usize]| -> Vec<f64> {
-            let full = format!("{}{name}", c.prefix);
-            let (s, v) = t
-                .get(&full)
-                .unwrap_or_else(|| panic!("{}: no tensor {full}", c.name));
-            assert_eq!(s, shape, "{}: {full}", c.name);
-            used += 1;
-            v.iter().map(|&x| f64::from(x)).collect()
-        };
-        let shapes = [[inner, e], [inner, c.kdim], [inner, c.vdim], [e, inner]];
-        let [(wq, bq), (wk, bk), (wv, bv), (wo, bo)] = match c.naming {
-            Naming::Modules(modules) => std::array::from_fn(|i| {
-                let bias = format!("{}{}.bias", c.prefix, modules[i]);
-                let b = if t.contains_key(&bias) {
-                    get(&format!("{}.bias", modules[i]), &[shapes[i][0]])
-                } else {
-                    vec![0.0; shapes[i][0]]
-                };
-                (get(&format!("{}.weight", modules[i]), &shapes[i]), b)
-            }),
-            Naming::Torch => {
-                let w = if c.kdim == e && c.vdim == e {
-                    let w = get("in_proj_weight", &[3 * e, e]);
-                    [0, 1, 2].map(|i| w[i * e * e..(i + 1) * e * e].to_vec())
-                } else {
-                    let names = ["q_proj_weight", "k_proj_weight", "v_proj_weight"];
-                    std::array::from_fn(|i| get(names[i], &shapes[i]))
-                };
-                let b = if c.bias {
-                    get("in_proj_bias", &[3 * e])
-                } else {
-                    vec![0.0; 3 * e]
-                };
-                let bo = if c.bias {
-                    get("out_proj.bias", &[e])
-                } else {
-                    vec![0.0; e]
-                };
-                let [wq, wk, wv] = w;
-                [
-                    (wq, b[..e].to_vec()),
-                    (wk, b[e..2 * e].to_vec()),
-                    (wv, b[2 * e..].to_vec()),
-                    (get("out_proj.weight", &[e, e]), bo),
-                ]
-            }
-        };
-        assert_eq!(
-            used,
-            t.len(),
-            "{}: unexpected tensors {:?}",
-            c.name,
-            t.keys().collect::<Vec<_>>()
-        );
+        let (w, b) = projections(c, &file_tensors(c));
+        if !c.bias {
+            assert!(
+                b.iter().all(Option::is_none),
+                "{}: biases with bias = false",
+                c.name
+            );
+        }
+        let [wq, wk, wv, wo] = w;
+        let [bq, bk, bv, bo] = std::array::from_fn(|i| {
+            b[i].clone()
+                .unwrap_or_else(|| vec![0.0; [c.inner, c.inner, c.inner, c.e][i]])
+        });
         Params {
             wq,
             wk,
@@ -307,6 +391,24 @@ impl Params {
             wo,
             bo,
         }
+    }
+}
+
+/// The layer's weights as the case's file holds them (f32), parsed by the tests' own reader.
+pub fn fixture_weights(c: &Case) -> xattn::mha::MhaWeights {
+    let (w, b) = projections(c, &file_tensors(c));
+    let f32s = |x: &Vec<f64>| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+    let [q, k, v, o] = w.each_ref().map(f32s);
+    let [q_bias, k_bias, v_bias, o_bias] = b.each_ref().map(|x| x.as_ref().map(f32s));
+    xattn::mha::MhaWeights {
+        q,
+        k,
+        v,
+        o,
+        q_bias,
+        k_bias,
+        v_bias,
+        o_bias,
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod files;
 pub mod layer;
+pub mod layer_grad;
 pub mod linear_grad;
 pub mod mha_fixture;
 pub mod weight_stats;
@@ -27,6 +28,15 @@ pub fn repo_dir() -> PathBuf {
             .expect("the CLI crate lies in the repository")
             .to_path_buf()
     }
+}
+
+/// The `kind` of a gradient fixture's directory (case.txt's `kind = ...` line).
+pub fn fixture_kind(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("case.txt")).ok()?;
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k.trim() == "kind").then(|| v.trim().to_string())
+    })
 }
 
 /// The engine on the test adapter, shared by the tests of one binary.
