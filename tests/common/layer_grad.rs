@@ -73,8 +73,9 @@ pub fn compare(
             })
     };
     let [x_q, x_k] = inputs_amax;
-    let max_logit = scale * cfg.head_dim() as f64 * row_sum(&w.q, &w.q_bias, cfg.embed_dim, x_q)
-        / cfg.head_dim() as f64
+    let max_logit = scale
+        * cfg.head_dim() as f64
+        * row_sum(&w.q, &w.q_bias, cfg.embed_dim, x_q)
         * row_sum(&w.k, &w.k_bias, cfg.kdim, x_k);
     let len = chain_len(cfg, dims, max_logit);
     let mut worst = 0.0f64;
