@@ -346,22 +346,13 @@ pub fn layer_program(
     let s = req.shape;
     let (batch, m, n) = (s.batch, s.m, s.n);
     let mut program = Program::new();
-    let input = |elems| types.input.bytes(elems);
-    let query = program.input("query", input(batch * m * c.embed_dim));
-    let kv_bytes = f32_bytes(batch * n * c.kv_dim());
-    let source = if cached {
-        [
-            program.input("cached_k", kv_bytes),
-            program.input("cached_v", kv_bytes),
-        ]
-    } else {
-        [
-            program.input("key", input(batch * n * c.kdim)),
-            program.input("value", input(batch * n * c.vdim)),
-        ]
-    };
-    let params = declare_params(&mut program, c, has_bias, types.weights);
-    let masks = declare_mask_inputs(&mut program, "", &s, &req.masks);
+    let (query, source, params, masks) = declare_layer_inputs(
+        &mut program,
+        c,
+        req,
+        (cached, has_bias),
+        (types.input, types.weights),
+    );
     let out_elems = batch * m * c.embed_dim;
     let out = program.output("out", types.out.bytes(out_elems));
     let p_bytes = f32_bytes(s.weights_dims().iter().product());
@@ -377,27 +368,8 @@ pub fn layer_program(
         ),
     };
     let rows_q = batch * m;
-    let q_bytes = f32_bytes(rows_q * c.inner_dim);
-    let io = AttnIo {
-        q: program.scratch("q", q_bytes),
-        k: if cached {
-            source[0]
-        } else {
-            program.scratch("k", kv_bytes)
-        },
-        v: if cached {
-            source[1]
-        } else {
-            program.scratch("v", kv_bytes)
-        },
-        lens: masks[0],
-        mask: masks[1],
-        bias: masks[2],
-        o: program.scratch("o", q_bytes),
-        lse: program.scratch("lse", f32_bytes(s.lse_dims().iter().product())),
-        weights: p,
-        stats: StatsIo::declare(&mut program, "", &s, req.stats, req.pool),
-    };
+    let mut io = projected_io(&mut program, c, &s, (cached, source, masks), p);
+    io.stats = StatsIo::declare(&mut program, "", &s, req.stats, req.pool);
     // Averaged over heads: the sizes of one head.
     let one_head = AttnShape {
         q_heads: 1,
@@ -484,6 +456,71 @@ pub fn layer_program(
     })
 }
 
-fn f32_bytes(elems: usize) -> u64 {
+/// The inputs of a layer's forward or backward program, in this order: query `[batch, M, E]`,
+/// key and value (the raw inputs of `x_type`, or a cache's f32 K and V where `cached`), the
+/// weights and biases (of `w_type`, biases where `has_bias`) and the attention's masks.
+pub(super) fn declare_layer_inputs(
+    program: &mut Program,
+    c: &MhaConfig,
+    req: &Request,
+    (cached, has_bias): (bool, [bool; 4]),
+    (x_type, w_type): (DType, DType),
+) -> (BufferId, [BufferId; 2], [[BufferId; 2]; 4], [BufferId; 3]) {
+    let s = req.shape;
+    let rows_s = s.batch * s.n;
+    let query = program.input("query", x_type.bytes(s.batch * s.m * c.embed_dim));
+    let source = if cached {
+        let kv_bytes = f32_bytes(rows_s * c.kv_dim());
+        [
+            program.input("cached_k", kv_bytes),
+            program.input("cached_v", kv_bytes),
+        ]
+    } else {
+        [
+            program.input("key", x_type.bytes(rows_s * c.kdim)),
+            program.input("value", x_type.bytes(rows_s * c.vdim)),
+        ]
+    };
+    let params = declare_params(program, c, has_bias, w_type);
+    let masks = declare_mask_inputs(program, "", &s, &req.masks);
+    (query, source, params, masks)
+}
+
+/// The attention's buffers on a layer's f32 projections: Q, O and LSE scratch, K and V scratch
+/// (the cache's own `source` where `cached`), the layer's `masks` and the `weights` output
+/// given; no statistics (the caller declares those it wants after these).
+pub(super) fn projected_io(
+    program: &mut Program,
+    c: &MhaConfig,
+    s: &AttnShape,
+    (cached, source, masks): (bool, [BufferId; 2], [BufferId; 3]),
+    weights: Option<BufferId>,
+) -> AttnIo {
+    let q_bytes = f32_bytes(s.batch * s.m * c.inner_dim);
+    let kv_bytes = f32_bytes(s.batch * s.n * c.kv_dim());
+    let q = program.scratch("q", q_bytes);
+    let mut kv = |i: usize, name: &str| {
+        if cached {
+            source[i]
+        } else {
+            program.scratch(name, kv_bytes)
+        }
+    };
+    let (k, v) = (kv(0, "k"), kv(1, "v"));
+    AttnIo {
+        q,
+        k,
+        v,
+        lens: masks[0],
+        mask: masks[1],
+        bias: masks[2],
+        o: program.scratch("o", q_bytes),
+        lse: program.scratch("lse", f32_bytes(s.lse_dims().iter().product())),
+        weights,
+        stats: StatsIo::default(),
+    }
+}
+
+pub(super) fn f32_bytes(elems: usize) -> u64 {
     elems as u64 * F32
 }

@@ -10,10 +10,9 @@ use crate::plan::attention::append;
 use crate::plan::backward::{self, GradIo};
 use crate::plan::check::check_loops;
 use crate::plan::device::DeviceCaps;
-use crate::plan::layer::{declare_params, linear, linear_backward};
-use crate::plan::request::{declare_mask_inputs, AttnIo, Request, StatsIo};
+use crate::plan::layer::{declare_layer_inputs, f32_bytes, linear, linear_backward, projected_io};
+use crate::plan::request::Request;
 use crate::program::{BufferId, Program};
-use crate::shape::F32;
 
 /// A layer backward as one program and its buffers.
 #[derive(Clone, Debug)]
@@ -37,10 +36,6 @@ pub struct LayerBackward {
     pub d_params: [[Option<BufferId>; 2]; 4],
 }
 
-fn f32_bytes(elems: usize) -> u64 {
-    elems as u64 * F32
-}
-
 /// The backward program of a layer with sizes `c` for the attention `req` (f32, no weights
 /// or statistics), inputs of `x_type`, weights of `w_type`, biases where `has_bias`; K and V
 /// from a cache where `cached`.
@@ -55,21 +50,8 @@ pub fn layer_backward_program(
     let (batch, m, n) = (s.batch, s.m, s.n);
     let (rows_q, rows_s) = (batch * m, batch * n);
     let mut program = Program::new();
-    let query = program.input("query", x_type.bytes(rows_q * c.embed_dim));
-    let kv_bytes = f32_bytes(rows_s * c.kv_dim());
-    let source = if cached {
-        [
-            program.input("cached_k", kv_bytes),
-            program.input("cached_v", kv_bytes),
-        ]
-    } else {
-        [
-            program.input("key", x_type.bytes(rows_s * c.kdim)),
-            program.input("value", x_type.bytes(rows_s * c.vdim)),
-        ]
-    };
-    let params = declare_params(&mut program, c, has_bias, w_type);
-    let masks = declare_mask_inputs(&mut program, "", &s, &req.masks);
+    let (query, source, params, masks) =
+        declare_layer_inputs(&mut program, c, req, (cached, has_bias), (x_type, w_type));
     let d_out = program.input("d_out", f32_bytes(rows_q * c.embed_dim));
     let d_inputs = [
         program.output("d_query", f32_bytes(rows_q * c.embed_dim)),
@@ -98,26 +80,8 @@ pub fn layer_backward_program(
 
     // The forward, recomputed: projections and attention (O and LSE).
     let q_bytes = f32_bytes(rows_q * inner);
-    let io = AttnIo {
-        q: program.scratch("q", q_bytes),
-        k: if cached {
-            source[0]
-        } else {
-            program.scratch("k", kv_bytes)
-        },
-        v: if cached {
-            source[1]
-        } else {
-            program.scratch("v", kv_bytes)
-        },
-        lens: masks[0],
-        mask: masks[1],
-        bias: masks[2],
-        o: program.scratch("o", q_bytes),
-        lse: program.scratch("lse", f32_bytes(s.lse_dims().iter().product())),
-        weights: None,
-        stats: StatsIo::default(),
-    };
+    let kv_bytes = f32_bytes(rows_s * kv);
+    let io = projected_io(&mut program, c, &s, (cached, source, masks), None);
     let inputs = [query, source[0], source[1]];
     let targets = [io.q, io.k, io.v];
     for i in 0..3 {
