@@ -664,3 +664,99 @@ fn linear_backward_twins_match_f64_and_split_alike() {
         );
     }
 }
+
+/// The layer's backward program (forward recomputed, W^O's, the attention's and the
+/// projections' backward) on the CPU executor, raw and cached source, against the f64
+/// layer reference within the GPU tests' budget.
+#[test]
+fn the_cpu_executor_runs_the_layer_backward_program() {
+    use common::layer::random_weights;
+    use common::layer_grad::{cached, compare, HostLayerGrads};
+    use xattn::mha::reference::layer_backward;
+    use xattn::plan::layer_backward::layer_backward_program;
+    use xattn::{DType, Stats};
+    let c = MhaConfig {
+        kv_heads: 2,
+        kdim: 24,
+        vdim: 20,
+        ..MhaConfig::new(32, 4)
+    };
+    let (batch, m, n) = (2, 5, 37);
+    let w = random_weights(&c, 81);
+    let query = random(batch * m * c.embed_dim, 1.0, 82);
+    let key = random(batch * n * c.kdim, 1.0, 83);
+    let value = random(batch * n * c.vdim, 1.0, 84);
+    let d_out = random(batch * m * c.embed_dim, 1.0, 85);
+    let attention = Attention::default()
+        .with_causal(Alignment::BottomRight)
+        .with_kv_lens(vec![30, 37]);
+    let scale = f64::from(attention.scale_for(c.head_dim()));
+    let masking = attention.masking();
+    let want = layer_backward(
+        &c,
+        &w,
+        (&query, &key, &value),
+        &d_out,
+        batch,
+        scale,
+        masking,
+    );
+    let shape = c.attn_shape(batch, m, n);
+    let req = Request {
+        weights: false,
+        stats: Stats::default(),
+        out_dtype: DType::F32,
+        ..attention.request(shape).unwrap()
+    };
+    let narrow = |x: Vec<f64>| x.into_iter().map(|y| y as f32).collect::<Vec<f32>>();
+    let k_proj = narrow(reference::linear(&key, &w.k, w.k_bias.as_deref(), c.kdim));
+    let v_proj = narrow(reference::linear(&value, &w.v, w.v_bias.as_deref(), c.vdim));
+    for is_cached in [false, true] {
+        let lb = layer_backward_program(
+            &c,
+            &req,
+            (is_cached, [true; 4]),
+            (DType::F32, DType::F32),
+            &CAPS,
+        )
+        .unwrap();
+        let mut inputs = mask_inputs(masking, &shape, lb.masks);
+        inputs.insert(lb.query, words(&query));
+        inputs.insert(lb.d_out, words(&d_out));
+        let source = if is_cached {
+            [&k_proj, &v_proj]
+        } else {
+            [&key, &value]
+        };
+        for (id, data) in lb.source.iter().zip(source) {
+            inputs.insert(*id, words(data));
+        }
+        let params = [&w.q, &w.k, &w.v, &w.o];
+        let biases = [&w.q_bias, &w.k_bias, &w.v_bias, &w.o_bias];
+        for (i, [wid, bid]) in lb.params.iter().enumerate() {
+            inputs.insert(*wid, words(params[i]));
+            inputs.insert(*bid, words(biases[i].as_ref().unwrap()));
+        }
+        assert_eq!(
+            lb.program.ids(Role::Input).count(),
+            inputs.len(),
+            "every input given"
+        );
+        let mut out = run(&lb.program, &inputs).unwrap();
+        let mut take = |id| floats(&out.remove(&id).unwrap());
+        let got = HostLayerGrads {
+            d_query: take(lb.d_inputs[0]),
+            d_key: take(lb.d_inputs[1]),
+            d_value: take(lb.d_inputs[2]),
+            d_weights: lb.d_params.map(|[dw, _]| dw.map(&mut take)),
+            d_biases: lb.d_params.map(|[_, db]| db.map(&mut take)),
+        };
+        let (name, want) = if is_cached {
+            ("CPU layer backward, cached", cached(&want))
+        } else {
+            ("CPU layer backward", want.clone())
+        };
+        let worst = compare(name, &c, (batch, m, n), scale, &w, [1.0, 1.0], &got, &want);
+        eprintln!("{name}: worst error {worst:.4} of budget");
+    }
+}

@@ -11,16 +11,51 @@ use super::{assert_close, poison};
 
 const EPS: f64 = f32::EPSILON as f64;
 
+/// A layer's gradients on the host: from the GPU's tensors or the CPU executor's buffers.
+pub struct HostLayerGrads {
+    pub d_query: Vec<f32>,
+    pub d_key: Vec<f32>,
+    pub d_value: Vec<f32>,
+    pub d_weights: [Option<Vec<f32>>; 4],
+    pub d_biases: [Option<Vec<f32>>; 4],
+}
+
+impl HostLayerGrads {
+    pub fn of(g: &LayerGrads) -> HostLayerGrads {
+        let host = |t: &Tensor| t.to_host().unwrap();
+        HostLayerGrads {
+            d_query: host(&g.d_query),
+            d_key: host(&g.d_key),
+            d_value: host(&g.d_value),
+            d_weights: std::array::from_fn(|i| g.d_weights[i].as_ref().map(host)),
+            d_biases: std::array::from_fn(|i| g.d_biases[i].as_ref().map(host)),
+        }
+    }
+}
+
+/// The gradients of the cached path, where the layer's K and V inputs are the projected K
+/// and V: the attention's dK, dV, and no gradient of W^K, W^V or their biases.
+pub fn cached(want: &RefGrads) -> RefGrads {
+    let mut c = want.clone();
+    c.d_key = want.d_projected[1].clone();
+    c.d_value = want.d_projected[2].clone();
+    for i in [1, 2] {
+        c.d_weights[i].clear();
+        c.d_biases[i].clear();
+    }
+    c
+}
+
 pub fn amax(x: &[f64]) -> f64 {
     x.iter().fold(0.0f64, |a, &y| a.max(y.abs()))
 }
 
-/// Runs the layer's backward with every gradient poisoned first.
+/// Runs the layer's backward with every gradient poisoned first; its gradients on the host.
 pub fn backward_poisoned(
     layer: &MultiHeadAttention,
     (q, k, v, d_out): (&Tensor, &Tensor, &Tensor, &Tensor),
     opts: &MhaOptions,
-) -> LayerGrads {
+) -> HostLayerGrads {
     let call = layer.prepare_backward(q, k, v, d_out, opts).unwrap();
     let g = call.output();
     let all = [&g.d_query, &g.d_key, &g.d_value];
@@ -32,7 +67,7 @@ pub fn backward_poisoned(
         poison(t).unwrap();
     }
     call.run().unwrap();
-    call.into_output()
+    HostLayerGrads::of(call.output())
 }
 
 /// A normwise budget: every f32 rounding along the chain (projections over E, kdim, vdim and
@@ -46,7 +81,8 @@ pub fn chain_len(c: &MhaConfig, (_, m, n): (usize, usize, usize), max_logit: f64
         + max_logit
 }
 
-/// Compares every gradient of `got` with `want` (`[i]` in the order W^Q, W^K, W^V, W^O);
+/// Compares every gradient of `got` with `want` (`[i]` in the order W^Q, W^K, W^V, W^O; a
+/// weight's gradient absent from both where `want`'s is empty, as [`cached`] makes it);
 /// returns the worst error relative to its budget and prints nothing. `inputs_amax` is the
 /// largest |element| of the query and of the key input, `w` the layer's weights (both for the
 /// logit bound). `names` names the tensors in messages (`d_query`, ..., `dW^Q`, ...).
@@ -58,7 +94,7 @@ pub fn compare(
     scale: f64,
     w: &MhaWeights,
     inputs_amax: [f64; 2],
-    got: &LayerGrads,
+    got: &HostLayerGrads,
     want: &RefGrads,
 ) -> f64 {
     // |logit| ≤ scale·head_dim·max|q|·max|k|, with the projections' outputs bounded by their
@@ -80,9 +116,9 @@ pub fn compare(
     let len = chain_len(cfg, dims, max_logit);
     let mut worst = 0.0f64;
     // `magnitude`: what the gradient's elements are sums of, at their largest.
-    let mut one = |what: String, got: &Tensor, want: &[f64], magnitude: f64| {
+    let mut one = |what: String, got: &[f32], want: &[f64], magnitude: f64| {
         let tol = 4.0 * EPS * len * magnitude.max(1e-30);
-        let err = assert_close(&what, &got.to_host().unwrap(), want, tol);
+        let err = assert_close(&what, got, want, tol);
         worst = worst.max(err / tol);
     };
     one(
@@ -104,16 +140,18 @@ pub fn compare(
         amax(&want.d_value),
     );
     for (i, p) in ["W^Q", "W^K", "W^V", "W^O"].iter().enumerate() {
-        let t = got.d_weights[i]
-            .as_ref()
-            .expect("every weight has its gradient");
-        one(
-            format!("{name} d{p}"),
-            t,
-            &want.d_weights[i],
-            amax(&want.d_weights[i]),
-        );
-        match (&got.d_biases[i], want.d_biases[i].is_empty()) {
+        // A cache's K and V are inputs: W^K and W^V have no gradient on the cached path.
+        match (got.d_weights[i].as_deref(), want.d_weights[i].is_empty()) {
+            (Some(t), false) => one(
+                format!("{name} d{p}"),
+                t,
+                &want.d_weights[i],
+                amax(&want.d_weights[i]),
+            ),
+            (None, true) => {}
+            (t, _) => panic!("{name}: gradient of {p} present: {}", t.is_some()),
+        }
+        match (got.d_biases[i].as_deref(), want.d_biases[i].is_empty()) {
             (Some(t), false) => {
                 // A bias's gradient is a column sum of the projection's output gradient; it
                 // may cancel to 0 (b_k's does: softmax ignores a constant added to a row's
