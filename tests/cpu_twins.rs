@@ -12,7 +12,7 @@ use xattn::mask::Masking;
 use xattn::mha::{MhaConfig, NeedWeights};
 use xattn::plan::layer::{layer_program, LayerTypes};
 use xattn::plan::{MergePlan, Plan, Request};
-use xattn::program::Role;
+use xattn::program::{BufferId, Role};
 use xattn::{Alignment, Attention, AttnShape, FusedConfig, Path};
 
 /// Runs an attention plan with the CPU executor: (O, LSE, P or empty).
@@ -419,9 +419,19 @@ fn the_cpu_executor_runs_merge_plans() {
     );
 }
 
-#[test]
-fn the_cpu_executor_runs_layer_programs() {
-    use common::layer::{layer_tolerance, random_weights, reference_layer};
+/// A layer (GQA 4/2, kdim and vdim ≠ E), its random weights, inputs `(2, 5, 37)` and the
+/// f64 projections of its key and value narrowed to f32 (what a source cache holds).
+struct LayerCase {
+    c: MhaConfig,
+    dims: (usize, usize, usize),
+    w: xattn::mha::MhaWeights,
+    query: Vec<f32>,
+    key: Vec<f32>,
+    value: Vec<f32>,
+    projected: [Vec<f32>; 2],
+}
+
+fn layer_case(seed: u64) -> LayerCase {
     let c = MhaConfig {
         kv_heads: 2,
         kdim: 24,
@@ -429,18 +439,64 @@ fn the_cpu_executor_runs_layer_programs() {
         ..MhaConfig::new(32, 4)
     };
     let (batch, m, n) = (2, 5, 37);
-    let w = random_weights(&c, 61);
-    let query = random(batch * m * c.embed_dim, 1.0, 62);
-    let key = random(batch * n * c.kdim, 1.0, 63);
-    let value = random(batch * n * c.vdim, 1.0, 64);
+    let w = common::layer::random_weights(&c, seed);
+    let key = random(batch * n * c.kdim, 1.0, seed + 2);
+    let value = random(batch * n * c.vdim, 1.0, seed + 3);
+    let narrow = |x: Vec<f64>| x.into_iter().map(|y| y as f32).collect::<Vec<f32>>();
+    let projected = [
+        narrow(reference::linear(&key, &w.k, w.k_bias.as_deref(), c.kdim)),
+        narrow(reference::linear(&value, &w.v, w.v_bias.as_deref(), c.vdim)),
+    ];
+    LayerCase {
+        query: random(batch * m * c.embed_dim, 1.0, seed + 1),
+        c,
+        dims: (batch, m, n),
+        w,
+        key,
+        value,
+        projected,
+    }
+}
+
+/// A layer program's query, source (raw or projected) and every weight and bias of `w`.
+fn insert_layer_inputs(
+    inputs: &mut HostBuffers,
+    (query_id, source_ids, params): (BufferId, [BufferId; 2], [[BufferId; 2]; 4]),
+    (query, source): (&[f32], [&Vec<f32>; 2]),
+    w: &xattn::mha::MhaWeights,
+) {
+    inputs.insert(query_id, words(query));
+    for (id, data) in source_ids.iter().zip(source) {
+        inputs.insert(*id, words(data));
+    }
+    let weights = [&w.q, &w.k, &w.v, &w.o];
+    let biases = [&w.q_bias, &w.k_bias, &w.v_bias, &w.o_bias];
+    for (i, [wid, bid]) in params.iter().enumerate() {
+        inputs.insert(*wid, words(weights[i]));
+        inputs.insert(
+            *bid,
+            words(biases[i].as_ref().expect("the case has every bias")),
+        );
+    }
+}
+
+#[test]
+fn the_cpu_executor_runs_layer_programs() {
+    use common::layer::{layer_tolerance, reference_layer};
+    let LayerCase {
+        c,
+        dims: (batch, m, n),
+        w,
+        query,
+        key,
+        value,
+        projected,
+    } = layer_case(61);
     let attention = Attention::default().with_causal(Alignment::BottomRight);
     let (want, want_p) = reference_layer(&c, &w, batch, (&query, &key, &value), &attention);
     let scale = f64::from(attention.scale_for(c.head_dim()));
     let (tol, tol_p) = layer_tolerance(&c, &w, [&query, &key, &value], n, scale);
     let shape = c.attn_shape(batch, m, n);
-    let k_proj = reference::linear(&key, &w.k, w.k_bias.as_deref(), c.kdim);
-    let v_proj = reference::linear(&value, &w.v, w.v_bias.as_deref(), c.vdim);
-    let narrow = |x: &[f64]| x.iter().map(|&y| y as f32).collect::<Vec<f32>>();
     for cached in [false, true] {
         for need in [
             NeedWeights::None,
@@ -460,21 +516,17 @@ fn the_cpu_executor_runs_layer_programs() {
                 let kind = (cached, need, [true; 4]);
                 let lp = layer_program(&c, &req, kind, LayerTypes::default(), &CAPS).unwrap();
                 let mut inputs = mask_inputs(attention.masking(), &shape, lp.masks);
-                inputs.insert(lp.query, words(&query));
                 let source = if cached {
-                    [narrow(&k_proj), narrow(&v_proj)]
+                    [&projected[0], &projected[1]]
                 } else {
-                    [key.clone(), value.clone()]
+                    [&key, &value]
                 };
-                for (id, data) in lp.source.iter().zip(&source) {
-                    inputs.insert(*id, words(data));
-                }
-                let params = [&w.q, &w.k, &w.v, &w.o];
-                let biases = [&w.q_bias, &w.k_bias, &w.v_bias, &w.o_bias];
-                for (i, [wid, bid]) in lp.params.iter().enumerate() {
-                    inputs.insert(*wid, words(params[i]));
-                    inputs.insert(*bid, words(biases[i].as_ref().unwrap()));
-                }
+                insert_layer_inputs(
+                    &mut inputs,
+                    (lp.query, lp.source, lp.params),
+                    (&query, source),
+                    &w,
+                );
                 assert_eq!(
                     lp.program.ids(Role::Input).count(),
                     inputs.len(),
@@ -670,22 +722,19 @@ fn linear_backward_twins_match_f64_and_split_alike() {
 /// layer reference within the GPU tests' budget.
 #[test]
 fn the_cpu_executor_runs_the_layer_backward_program() {
-    use common::layer::random_weights;
     use common::layer_grad::{cached, compare, HostLayerGrads};
     use xattn::mha::reference::layer_backward;
     use xattn::plan::layer_backward::layer_backward_program;
     use xattn::{DType, Stats};
-    let c = MhaConfig {
-        kv_heads: 2,
-        kdim: 24,
-        vdim: 20,
-        ..MhaConfig::new(32, 4)
-    };
-    let (batch, m, n) = (2, 5, 37);
-    let w = random_weights(&c, 81);
-    let query = random(batch * m * c.embed_dim, 1.0, 82);
-    let key = random(batch * n * c.kdim, 1.0, 83);
-    let value = random(batch * n * c.vdim, 1.0, 84);
+    let LayerCase {
+        c,
+        dims: (batch, m, n),
+        w,
+        query,
+        key,
+        value,
+        projected,
+    } = layer_case(81);
     let d_out = random(batch * m * c.embed_dim, 1.0, 85);
     let attention = Attention::default()
         .with_causal(Alignment::BottomRight)
@@ -708,9 +757,6 @@ fn the_cpu_executor_runs_the_layer_backward_program() {
         out_dtype: DType::F32,
         ..attention.request(shape).unwrap()
     };
-    let narrow = |x: Vec<f64>| x.into_iter().map(|y| y as f32).collect::<Vec<f32>>();
-    let k_proj = narrow(reference::linear(&key, &w.k, w.k_bias.as_deref(), c.kdim));
-    let v_proj = narrow(reference::linear(&value, &w.v, w.v_bias.as_deref(), c.vdim));
     for is_cached in [false, true] {
         let lb = layer_backward_program(
             &c,
@@ -721,22 +767,18 @@ fn the_cpu_executor_runs_the_layer_backward_program() {
         )
         .unwrap();
         let mut inputs = mask_inputs(masking, &shape, lb.masks);
-        inputs.insert(lb.query, words(&query));
         inputs.insert(lb.d_out, words(&d_out));
         let source = if is_cached {
-            [&k_proj, &v_proj]
+            [&projected[0], &projected[1]]
         } else {
             [&key, &value]
         };
-        for (id, data) in lb.source.iter().zip(source) {
-            inputs.insert(*id, words(data));
-        }
-        let params = [&w.q, &w.k, &w.v, &w.o];
-        let biases = [&w.q_bias, &w.k_bias, &w.v_bias, &w.o_bias];
-        for (i, [wid, bid]) in lb.params.iter().enumerate() {
-            inputs.insert(*wid, words(params[i]));
-            inputs.insert(*bid, words(biases[i].as_ref().unwrap()));
-        }
+        insert_layer_inputs(
+            &mut inputs,
+            (lb.query, lb.source, lb.params),
+            (&query, source),
+            &w,
+        );
         assert_eq!(
             lb.program.ids(Role::Input).count(),
             inputs.len(),
