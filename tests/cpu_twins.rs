@@ -458,44 +458,54 @@ fn layer_case(seed: u64) -> LayerCase {
     }
 }
 
-/// A layer program's query, source (raw or projected) and every weight and bias of `w`.
-fn insert_layer_inputs(
-    inputs: &mut HostBuffers,
-    (query_id, source_ids, params): (BufferId, [BufferId; 2], [[BufferId; 2]; 4]),
-    (query, source): (&[f32], [&Vec<f32>; 2]),
-    w: &xattn::mha::MhaWeights,
-) {
-    inputs.insert(query_id, words(query));
-    for (id, data) in source_ids.iter().zip(source) {
-        inputs.insert(*id, words(data));
-    }
-    let weights = [&w.q, &w.k, &w.v, &w.o];
-    let biases = [&w.q_bias, &w.k_bias, &w.v_bias, &w.o_bias];
-    for (i, [wid, bid]) in params.iter().enumerate() {
-        inputs.insert(*wid, words(weights[i]));
-        inputs.insert(
-            *bid,
-            words(biases[i].as_ref().expect("the case has every bias")),
+impl LayerCase {
+    /// `inputs` with the layer program's query, source (raw, or projected where `cached`) and
+    /// every weight and bias added, checked to be all that `program` reads.
+    fn complete(
+        &self,
+        mut inputs: HostBuffers,
+        cached: bool,
+        program: &xattn::program::Program,
+        (query, source, params): (BufferId, [BufferId; 2], [[BufferId; 2]; 4]),
+    ) -> HostBuffers {
+        inputs.insert(query, words(&self.query));
+        let data = if cached {
+            [&self.projected[0], &self.projected[1]]
+        } else {
+            [&self.key, &self.value]
+        };
+        for (id, data) in source.iter().zip(data) {
+            inputs.insert(*id, words(data));
+        }
+        let w = &self.w;
+        let weights = [&w.q, &w.k, &w.v, &w.o];
+        let biases = [&w.q_bias, &w.k_bias, &w.v_bias, &w.o_bias];
+        for (i, [wid, bid]) in params.iter().enumerate() {
+            inputs.insert(*wid, words(weights[i]));
+            inputs.insert(
+                *bid,
+                words(biases[i].as_ref().expect("the case has every bias")),
+            );
+        }
+        assert_eq!(
+            program.ids(Role::Input).count(),
+            inputs.len(),
+            "every input given"
         );
+        inputs
     }
 }
 
 #[test]
 fn the_cpu_executor_runs_layer_programs() {
     use common::layer::{layer_tolerance, reference_layer};
-    let LayerCase {
-        c,
-        dims: (batch, m, n),
-        w,
-        query,
-        key,
-        value,
-        projected,
-    } = layer_case(61);
+    let case = layer_case(61);
+    let (c, (batch, m, n), w) = (case.c, case.dims, &case.w);
+    let (query, key, value) = (&case.query, &case.key, &case.value);
     let attention = Attention::default().with_causal(Alignment::BottomRight);
-    let (want, want_p) = reference_layer(&c, &w, batch, (&query, &key, &value), &attention);
+    let (want, want_p) = reference_layer(&c, w, batch, (query, key, value), &attention);
     let scale = f64::from(attention.scale_for(c.head_dim()));
-    let (tol, tol_p) = layer_tolerance(&c, &w, [&query, &key, &value], n, scale);
+    let (tol, tol_p) = layer_tolerance(&c, w, [query, key, value], n, scale);
     let shape = c.attn_shape(batch, m, n);
     for cached in [false, true] {
         for need in [
@@ -515,22 +525,11 @@ fn the_cpu_executor_runs_layer_programs() {
                 };
                 let kind = (cached, need, [true; 4]);
                 let lp = layer_program(&c, &req, kind, LayerTypes::default(), &CAPS).unwrap();
-                let mut inputs = mask_inputs(attention.masking(), &shape, lp.masks);
-                let source = if cached {
-                    [&projected[0], &projected[1]]
-                } else {
-                    [&key, &value]
-                };
-                insert_layer_inputs(
-                    &mut inputs,
+                let inputs = case.complete(
+                    mask_inputs(attention.masking(), &shape, lp.masks),
+                    cached,
+                    &lp.program,
                     (lp.query, lp.source, lp.params),
-                    (&query, source),
-                    &w,
-                );
-                assert_eq!(
-                    lp.program.ids(Role::Input).count(),
-                    inputs.len(),
-                    "every input given"
                 );
                 let mut out = run(&lp.program, &inputs).unwrap();
                 let what = format!("layer cached={cached} {need:?} {}", path.name());
@@ -726,30 +725,16 @@ fn the_cpu_executor_runs_the_layer_backward_program() {
     use xattn::mha::reference::layer_backward;
     use xattn::plan::layer_backward::layer_backward_program;
     use xattn::{DType, Stats};
-    let LayerCase {
-        c,
-        dims: (batch, m, n),
-        w,
-        query,
-        key,
-        value,
-        projected,
-    } = layer_case(81);
+    let case = layer_case(81);
+    let (c, (batch, m, n), w) = (case.c, case.dims, &case.w);
+    let (query, key, value) = (&case.query, &case.key, &case.value);
     let d_out = random(batch * m * c.embed_dim, 1.0, 85);
     let attention = Attention::default()
         .with_causal(Alignment::BottomRight)
         .with_kv_lens(vec![30, 37]);
     let scale = f64::from(attention.scale_for(c.head_dim()));
     let masking = attention.masking();
-    let want = layer_backward(
-        &c,
-        &w,
-        (&query, &key, &value),
-        &d_out,
-        batch,
-        scale,
-        masking,
-    );
+    let want = layer_backward(&c, w, (query, key, value), &d_out, batch, scale, masking);
     let shape = c.attn_shape(batch, m, n);
     let req = Request {
         weights: false,
@@ -766,23 +751,13 @@ fn the_cpu_executor_runs_the_layer_backward_program() {
             &CAPS,
         )
         .unwrap();
-        let mut inputs = mask_inputs(masking, &shape, lb.masks);
-        inputs.insert(lb.d_out, words(&d_out));
-        let source = if is_cached {
-            [&projected[0], &projected[1]]
-        } else {
-            [&key, &value]
-        };
-        insert_layer_inputs(
-            &mut inputs,
+        let mut masks = mask_inputs(masking, &shape, lb.masks);
+        masks.insert(lb.d_out, words(&d_out));
+        let inputs = case.complete(
+            masks,
+            is_cached,
+            &lb.program,
             (lb.query, lb.source, lb.params),
-            (&query, source),
-            &w,
-        );
-        assert_eq!(
-            lb.program.ids(Role::Input).count(),
-            inputs.len(),
-            "every input given"
         );
         let mut out = run(&lb.program, &inputs).unwrap();
         let mut take = |id| floats(&out.remove(&id).unwrap());
@@ -798,7 +773,7 @@ fn the_cpu_executor_runs_the_layer_backward_program() {
         } else {
             ("CPU layer backward", want.clone())
         };
-        let worst = compare(name, &c, (batch, m, n), scale, &w, [1.0, 1.0], &got, &want);
+        let worst = compare(name, &c, (batch, m, n), scale, w, [1.0, 1.0], &got, &want);
         eprintln!("{name}: worst error {worst:.4} of budget");
     }
 }
