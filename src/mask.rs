@@ -497,7 +497,9 @@ impl Masking {
             .clone()
             .unwrap_or_else(|| vec![b.keys_total as u32; s.batch]);
         let q = q.into_iter().map(|l| l.saturating_sub(b.row_offset as u32));
-        let kv = kv.into_iter().map(|l| l.saturating_sub(b.key_offset as u32));
+        let kv = kv
+            .into_iter()
+            .map(|l| l.saturating_sub(b.key_offset as u32));
         q.chain(kv).collect()
     }
 

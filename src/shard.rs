@@ -101,7 +101,12 @@ impl Counter {
 }
 
 /// Elements `lo..hi` of axis 1 of a row-major `[outer, len, inner]` array.
-fn slice_axis<T: Copy>(data: &[T], (outer, len, inner): (usize, usize, usize), lo: usize, hi: usize) -> Vec<T> {
+fn slice_axis<T: Copy>(
+    data: &[T],
+    (outer, len, inner): (usize, usize, usize),
+    lo: usize,
+    hi: usize,
+) -> Vec<T> {
     let mut out = Vec::with_capacity(outer * (hi - lo) * inner);
     for o in 0..outer {
         out.extend_from_slice(&data[(o * len + lo) * inner..(o * len + hi) * inner]);
@@ -110,7 +115,12 @@ fn slice_axis<T: Copy>(data: &[T], (outer, len, inner): (usize, usize, usize), l
 }
 
 /// Writes `part` (`[outer, hi − lo, inner]`) into elements `lo..hi` of axis 1 of `data`.
-fn put_axis<T: Copy>(data: &mut [T], (outer, len, inner): (usize, usize, usize), lo: usize, part: &[T]) {
+fn put_axis<T: Copy>(
+    data: &mut [T],
+    (outer, len, inner): (usize, usize, usize),
+    lo: usize,
+    part: &[T],
+) {
     let w = part.len() / outer.max(1);
     for o in 0..outer {
         data[(o * len + lo) * inner..][..w].copy_from_slice(&part[o * w..][..w]);
@@ -155,10 +165,21 @@ impl ShardedAttention {
     /// Uploads each device's shard of `k` `[batch, N, kv_heads, d_k]` and `v`
     /// `[batch, N, kv_heads, d_v]` (dims from `s`).
     pub fn upload_kv(&self, k: &[f32], v: &[f32], s: &AttnShape) -> Result<ShardedKv> {
-        self.upload_kv_counted(k, v, s, &mut Counter(vec![Traffic::default(); self.engines.len()]))
+        self.upload_kv_counted(
+            k,
+            v,
+            s,
+            &mut Counter(vec![Traffic::default(); self.engines.len()]),
+        )
     }
 
-    fn upload_kv_counted(&self, k: &[f32], v: &[f32], s: &AttnShape, count: &mut Counter) -> Result<ShardedKv> {
+    fn upload_kv_counted(
+        &self,
+        k: &[f32],
+        v: &[f32],
+        s: &AttnShape,
+        count: &mut Counter,
+    ) -> Result<ShardedKv> {
         check_len("k", &s.k_dims(), k.len())?;
         check_len("v", &s.v_dims(), v.len())?;
         let cuts = self.split.cuts(s.n, self.engines.len())?;
@@ -172,8 +193,20 @@ impl ShardedAttention {
             let rows = |d: usize| (s.batch, s.n, s.kv_heads * d);
             let ks = slice_axis(k, rows(s.d_k), n0, n1);
             let vs = slice_axis(v, rows(s.d_v), n0, n1);
-            let kt = Tensor::upload_as(e.context(), "shard_k", &ks, &[s.batch, n1 - n0, s.kv_heads, s.d_k], self.dtype)?;
-            let vt = Tensor::upload_as(e.context(), "shard_v", &vs, &[s.batch, n1 - n0, s.kv_heads, s.d_v], self.dtype)?;
+            let kt = Tensor::upload_as(
+                e.context(),
+                "shard_k",
+                &ks,
+                &[s.batch, n1 - n0, s.kv_heads, s.d_k],
+                self.dtype,
+            )?;
+            let vt = Tensor::upload_as(
+                e.context(),
+                "shard_v",
+                &vs,
+                &[s.batch, n1 - n0, s.kv_heads, s.d_v],
+                self.dtype,
+            )?;
             count.0[p].loaded += Counter::bytes(&kt) + Counter::bytes(&vt);
             shards.push(Some((kt, vt)));
         }
@@ -187,7 +220,14 @@ impl ShardedAttention {
 
     /// Validates a call: the options (as a single-device call of shape `s` would), what a
     /// sharded call cannot return, the output device, and `kv` against `s`.
-    fn check(&self, q: &[f32], s: &AttnShape, opts: &Attention, out: usize, kv: Option<&ShardedKv>) -> Result<()> {
+    fn check(
+        &self,
+        q: &[f32],
+        s: &AttnShape,
+        opts: &Attention,
+        out: usize,
+        kv: Option<&ShardedKv>,
+    ) -> Result<()> {
         check_len("q", &s.q_dims(), q.len())?;
         let req = opts.request_typed(*s, self.dtype)?;
         if req.weights || req.stats.any() || req.pool.is_some() {
@@ -234,7 +274,15 @@ impl ShardedAttention {
 
     /// The partial of `tile` (non-empty) on device `p`: attention of the tile's Q rows `q` over
     /// the tile's keys `kv`, as the block of the whole call.
-    fn partial(&self, p: usize, q: &Tensor, (k, v): (&Tensor, &Tensor), s: &AttnShape, tile: Tile, opts: &Attention) -> Result<Partial> {
+    fn partial(
+        &self,
+        p: usize,
+        q: &Tensor,
+        (k, v): (&Tensor, &Tensor),
+        s: &AttnShape,
+        tile: Tile,
+        opts: &Attention,
+    ) -> Result<Partial> {
         let masking = tile.masking(s, opts.masking());
         let block_opts = opts
             .clone()
@@ -254,7 +302,12 @@ impl ShardedAttention {
         let d = AttnShape { m: rows, ..*s };
         let lse = vec![f32::NEG_INFINITY; d.lse_dims().iter().product()];
         Ok(Partial {
-            o: Tensor::upload(ctx, "shard_o", &vec![0.0; d.o_dims().iter().product()], &d.o_dims())?,
+            o: Tensor::upload(
+                ctx,
+                "shard_o",
+                &vec![0.0; d.o_dims().iter().product()],
+                &d.o_dims(),
+            )?,
             lse: Tensor::upload(ctx, "shard_lse", &lse, &d.lse_dims())?,
         })
     }
@@ -265,22 +318,47 @@ impl ShardedAttention {
             return Ok(t.clone());
         }
         let host = t.to_host()?;
-        let moved = Tensor::upload_as(self.engines[to].context(), "carried", &host, t.dims(), t.dtype())?;
+        let moved = Tensor::upload_as(
+            self.engines[to].context(),
+            "carried",
+            &host,
+            t.dims(),
+            t.dtype(),
+        )?;
         count.0[from].sent += Counter::bytes(t);
         count.0[to].received += Counter::bytes(t);
         Ok(moved)
     }
 
     /// Q rows `r0..r1` uploaded to device `p`, counted.
-    fn load_q(&self, p: usize, q: &[f32], s: &AttnShape, (r0, r1): (usize, usize), count: &mut Counter) -> Result<Tensor> {
+    fn load_q(
+        &self,
+        p: usize,
+        q: &[f32],
+        s: &AttnShape,
+        (r0, r1): (usize, usize),
+        count: &mut Counter,
+    ) -> Result<Tensor> {
         let rows = slice_axis(q, (s.batch, s.m, s.q_heads * s.d_k), r0, r1);
-        let t = Tensor::upload_as(self.engines[p].context(), "shard_q", &rows, &[s.batch, r1 - r0, s.q_heads, s.d_k], self.dtype)?;
+        let t = Tensor::upload_as(
+            self.engines[p].context(),
+            "shard_q",
+            &rows,
+            &[s.batch, r1 - r0, s.q_heads, s.d_k],
+            self.dtype,
+        )?;
         count.0[p].loaded += Counter::bytes(&t);
         Ok(t)
     }
 
     /// Block results (rows, partial on device `out`) assembled on the host.
-    fn gather(&self, s: &AttnShape, blocks: Vec<((usize, usize), Partial)>, out: usize, count: &mut Counter) -> Result<(Vec<f32>, Vec<f32>)> {
+    fn gather(
+        &self,
+        s: &AttnShape,
+        blocks: Vec<((usize, usize), Partial)>,
+        out: usize,
+        count: &mut Counter,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         let mut o = vec![f32::NAN; s.o_dims().iter().product()];
         let mut lse = vec![f32::NAN; s.lse_dims().iter().product()];
         for ((r0, _), part) in blocks {
@@ -295,7 +373,15 @@ impl ShardedAttention {
     /// Sharded attention on host slices (layouts of [`Engine`]; `s` the whole call's shape):
     /// K and V cut and uploaded to their devices, Q sent to every device, the partials merged
     /// on device `out`. `opts` are the whole call's options, masks in global positions.
-    pub fn attention(&self, q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, opts: &Attention, out: usize) -> Result<ShardedOutput> {
+    pub fn attention(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        s: &AttnShape,
+        opts: &Attention,
+        out: usize,
+    ) -> Result<ShardedOutput> {
         self.check(q, s, opts, out, None)?;
         let mut count = Counter(vec![Traffic::default(); self.engines.len()]);
         let kv = self.upload_kv_counted(k, v, s, &mut count)?;
@@ -304,13 +390,28 @@ impl ShardedAttention {
 
     /// [`ShardedAttention::attention`] on K/V shards already on the devices
     /// ([`ShardedAttention::upload_kv`]).
-    pub fn attention_kv(&self, q: &[f32], kv: &ShardedKv, s: &AttnShape, opts: &Attention, out: usize) -> Result<ShardedOutput> {
+    pub fn attention_kv(
+        &self,
+        q: &[f32],
+        kv: &ShardedKv,
+        s: &AttnShape,
+        opts: &Attention,
+        out: usize,
+    ) -> Result<ShardedOutput> {
         self.check(q, s, opts, out, Some(kv))?;
         let count = Counter(vec![Traffic::default(); self.engines.len()]);
         self.star(q, kv, s, opts, out, count)
     }
 
-    fn star(&self, q: &[f32], kv: &ShardedKv, s: &AttnShape, opts: &Attention, out: usize, mut count: Counter) -> Result<ShardedOutput> {
+    fn star(
+        &self,
+        q: &[f32],
+        kv: &ShardedKv,
+        s: &AttnShape,
+        opts: &Attention,
+        out: usize,
+        mut count: Counter,
+    ) -> Result<ShardedOutput> {
         let mut partials = Vec::new();
         for (p, shard) in kv.shards.iter().enumerate() {
             let Some((k, v)) = shard else { continue };
@@ -341,7 +442,14 @@ impl ShardedAttention {
     /// the block, Q with its running (O, LSE), to the next device. After R steps each block has
     /// seen every shard; its (O, LSE) goes to device `out`, and the result to the host. K and V
     /// never move; the bytes moved are [`lv_bytes`].
-    pub fn lv_ring(&self, q: &[f32], kv: &ShardedKv, s: &AttnShape, opts: &Attention, out: usize) -> Result<ShardedOutput> {
+    pub fn lv_ring(
+        &self,
+        q: &[f32],
+        kv: &ShardedKv,
+        s: &AttnShape,
+        opts: &Attention,
+        out: usize,
+    ) -> Result<ShardedOutput> {
         self.check(q, s, opts, out, Some(kv))?;
         let r_n = self.engines.len();
         let mut count = Counter(vec![Traffic::default(); r_n]);
@@ -392,7 +500,14 @@ impl ShardedAttention {
     /// [`ShardedAttention::lv_ring`]); the K/V shards circulate, shard s starting on device s,
     /// each device merging the partial over the shard it holds at each step. Copies move (the
     /// resident shards stay where they are); the bytes moved are [`ring_bytes`].
-    pub fn kv_ring(&self, q: &[f32], kv: &ShardedKv, s: &AttnShape, opts: &Attention, out: usize) -> Result<ShardedOutput> {
+    pub fn kv_ring(
+        &self,
+        q: &[f32],
+        kv: &ShardedKv,
+        s: &AttnShape,
+        opts: &Attention,
+        out: usize,
+    ) -> Result<ShardedOutput> {
         self.check(q, s, opts, out, Some(kv))?;
         let r_n = self.engines.len();
         let mut count = Counter(vec![Traffic::default(); r_n]);
@@ -401,7 +516,11 @@ impl ShardedAttention {
         let mut qs = Vec::with_capacity(r_n);
         for p in 0..r_n {
             let rows = (row_cuts[p], row_cuts[p + 1]);
-            qs.push(if rows.0 < rows.1 { Some(self.load_q(p, q, s, rows, &mut count)?) } else { None });
+            qs.push(if rows.0 < rows.1 {
+                Some(self.load_q(p, q, s, rows, &mut count)?)
+            } else {
+                None
+            });
         }
         let mut runs: Vec<Option<Partial>> = (0..r_n).map(|_| None).collect();
         for step in 0..r_n {
@@ -417,10 +536,13 @@ impl ShardedAttention {
             }
             if step + 1 < r_n {
                 let mut next: Vec<Option<(Tensor, Tensor)>> = (0..r_n).map(|_| None).collect();
-                for p in 0..r_n {
+                for (p, shard) in held.iter().enumerate() {
                     let to = (p + 1) % r_n;
-                    if let Some((k, v)) = &held[p] {
-                        next[to] = Some((self.carry(k, (p, to), &mut count)?, self.carry(v, (p, to), &mut count)?));
+                    if let Some((k, v)) = shard {
+                        next[to] = Some((
+                            self.carry(k, (p, to), &mut count)?,
+                            self.carry(v, (p, to), &mut count)?,
+                        ));
                     }
                 }
                 held = next;
@@ -448,7 +570,16 @@ impl ShardedAttention {
     /// One step of a ring on device `p`: the partial of `tile` over the shard `kv` it holds
     /// (none where the tile has no key) merged into the running `run` (none before the first).
     #[allow(clippy::too_many_arguments)]
-    fn step(&self, p: usize, q: &Tensor, kv: Option<&(Tensor, Tensor)>, s: &AttnShape, tile: Tile, opts: &Attention, run: Option<Partial>) -> Result<Partial> {
+    fn step(
+        &self,
+        p: usize,
+        q: &Tensor,
+        kv: Option<&(Tensor, Tensor)>,
+        s: &AttnShape,
+        tile: Tile,
+        opts: &Attention,
+        run: Option<Partial>,
+    ) -> Result<Partial> {
         let part = match kv.filter(|_| !tile.is_empty()) {
             Some((k, v)) => Some(self.partial(p, q, (k, v), s, tile, opts)?),
             None => None,

@@ -114,7 +114,12 @@ fn check_sharded(
         // Both within their bounds of the reference, so within the sum of each other.
         let o64: Vec<f64> = single.o.iter().map(|&x| f64::from(x)).collect();
         let l64: Vec<f64> = single.lse.iter().map(|&x| f64::from(x)).collect();
-        assert_close(&format!("{what} O vs one device"), &got.o, &o64, tol_o + budget.o);
+        assert_close(
+            &format!("{what} O vs one device"),
+            &got.o,
+            &o64,
+            tol_o + budget.o,
+        );
         assert_close(
             &format!("{what} LSE vs one device"),
             &got.lse,
@@ -126,9 +131,7 @@ fn check_sharded(
     let bytes = RowBytes::of(s, dtype);
     let cuts = kv.cuts();
     let keys: Vec<usize> = cuts.windows(2).map(|w| w[1] - w[0]).collect();
-    let rows: Vec<usize> = (0..r)
-        .map(|p| (p + 1) * s.m / r - p * s.m / r)
-        .collect();
+    let rows: Vec<usize> = (0..r).map(|p| (p + 1) * s.m / r - p * s.m / r).collect();
     let model = match mode {
         Mode::Star => star_bytes(bytes, s.m, &keys, out),
         Mode::Lv => lv_bytes(bytes, &rows, out),
@@ -205,8 +208,7 @@ fn shifted_diagonals_on_every_path() {
     ];
     for (c, opts) in cases.into_iter().enumerate() {
         let scale = opts.scale_for(s.d_k);
-        let want =
-            reference::attention_masked(&s, &q, &k, &v, f64::from(scale), opts.masking());
+        let want = reference::attention_masked(&s, &q, &k, &v, f64::from(scale), opts.masking());
         let budget = budget_masked(&s, scale, (&q, &k, &v), opts.masking());
         for (pi, path) in Path::ALL.into_iter().enumerate() {
             let opts = opts.clone().with_path(path);
@@ -234,7 +236,11 @@ fn a_block_alone_matches_the_reference_of_its_part() {
     // reference on those rows, over those keys (the reference reads the block too).
     let Some(engine) = engine() else { return };
     let whole = shape(1, 40, 120, 2, 1, 8);
-    let s = AttnShape { m: 20, n: 40, ..whole };
+    let s = AttnShape {
+        m: 20,
+        n: 40,
+        ..whole
+    };
     let (q, k, v) = qkv(&s, 1.0, 4200);
     let block = Block {
         row_offset: 10,
@@ -251,8 +257,7 @@ fn a_block_alone_matches_the_reference_of_its_part() {
     ] {
         let opts = opts.with_block(block);
         let scale = opts.scale_for(s.d_k);
-        let want =
-            reference::attention_masked(&s, &q, &k, &v, f64::from(scale), opts.masking());
+        let want = reference::attention_masked(&s, &q, &k, &v, f64::from(scale), opts.masking());
         let budget = budget_masked(&s, scale, (&q, &k, &v), opts.masking());
         for path in Path::ALL {
             let (_, got) = run_poisoned(engine, &s, (&q, &k, &v), &opts.clone().with_path(path))
@@ -279,8 +284,7 @@ fn half_inputs_sharded() {
         let round = |x: &[f32]| x.iter().map(|&y| dtype.round(y)).collect::<Vec<f32>>();
         let (qr, kr, vr) = (round(&q), round(&k), round(&v));
         let scale = opts.scale_for(s.d_k);
-        let want =
-            reference::attention_masked(&s, &qr, &kr, &vr, f64::from(scale), opts.masking());
+        let want = reference::attention_masked(&s, &qr, &kr, &vr, f64::from(scale), opts.masking());
         let budget = budget_masked(&s, scale, (&qr, &kr, &vr), opts.masking());
         check_sharded(
             &format!("{dtype} {mode:?}"),
@@ -334,6 +338,11 @@ fn vulkan_and_gl_mixed() {
         return;
     }
     let gl = Engine::new(&Context::from_adapter(&gl).expect("the GL adapter opens"));
+    eprintln!(
+        "mixed: {} + {}",
+        vk.context().describe(),
+        gl.context().describe()
+    );
     let s = shape(1, 9, 100, 2, 1, 16);
     let (q, k, v) = qkv(&s, 1.0, 4500);
     let opts = Attention::default()
@@ -370,10 +379,18 @@ fn bad_input_is_a_typed_error() {
         ShardedAttention::new(&[], Split::Even),
         Err(Error::Argument(_))
     ));
-    for cuts in [vec![0, 20], vec![0, 20, 49], vec![1, 20, 50], vec![0, 30, 20, 50]] {
+    for cuts in [
+        vec![0, 20],
+        vec![0, 20, 49],
+        vec![1, 20, 50],
+        vec![0, 30, 20, 50],
+    ] {
         let sh = ShardedAttention::new(&two, Split::At(cuts.clone())).unwrap();
         let got = sh.attention(&q, &k, &v, &s, &opts, 0);
-        assert!(matches!(got, Err(Error::Argument(_))), "cuts {cuts:?}: {got:?}");
+        assert!(
+            matches!(got, Err(Error::Argument(_))),
+            "cuts {cuts:?}: {got:?}"
+        );
     }
     let sh = ShardedAttention::new(&two, Split::Even).unwrap();
     assert!(matches!(

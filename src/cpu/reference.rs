@@ -66,11 +66,7 @@ fn keeps(m: &Masking, s: &AttnShape, [b, h, i, j]: [usize; 4]) -> bool {
 /// The final logit of a kept key from its scaled dot product.
 fn shaped(m: &Masking, at: [usize; 4], mut x: f64) -> f64 {
     let key = at[3] + m.block.map_or(0, |k| k.key_offset);
-    if let Some(seg) = m
-        .segments
-        .iter()
-        .find(|g| (g.start..g.end).contains(&key))
-    {
+    if let Some(seg) = m.segments.iter().find(|g| (g.start..g.end).contains(&key)) {
         x *= f64::from(seg.factor);
     }
     if let Some(cap) = m.softcap {

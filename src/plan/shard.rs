@@ -170,10 +170,7 @@ pub fn lv_bytes(b: RowBytes, rows: &[usize], out: usize) -> Vec<Traffic> {
     for (block, &len) in rows.iter().enumerate() {
         let len = len as u64;
         for step in 0..r_n.saturating_sub(1) {
-            let (from, to) = (
-                lv_holder(block, step, r_n),
-                lv_holder(block, step + 1, r_n),
-            );
+            let (from, to) = (lv_holder(block, step, r_n), lv_holder(block, step + 1, r_n));
             t[from].sent += len * (b.q + b.o + b.lse);
             t[to].received += len * (b.q + b.o + b.lse);
         }
@@ -241,13 +238,18 @@ mod tests {
         assert!(Split::At(vec![0, 5, 9]).cuts(10, 2).is_err());
         assert!(Split::At(vec![0, 6, 5, 10]).cuts(10, 3).is_err());
         assert!(Split::At(vec![0, 10]).cuts(10, 2).is_err());
-        assert_eq!(Split::At(vec![0, 0, 10]).cuts(10, 2).unwrap(), vec![0, 0, 10]);
+        assert_eq!(
+            Split::At(vec![0, 0, 10]).cuts(10, 2).unwrap(),
+            vec![0, 0, 10]
+        );
     }
 
     #[test]
     fn cut_keeps_broadcast_dims() {
         // dims [2, 1, 3, 4]: value = 100·b + 10·row + key.
-        let data: Vec<i32> = (0..24).map(|e| 100 * (e / 12) + 10 * ((e / 4) % 3) + e % 4).collect();
+        let data: Vec<i32> = (0..24)
+            .map(|e| 100 * (e / 12) + 10 * ((e / 4) % 3) + e % 4)
+            .collect();
         let b = Broadcast {
             dims: [2, 1, 3, 4],
             data,
