@@ -56,7 +56,7 @@ fn workgroup_rows(lo: u32, hi: u32, k0: u32, k1: u32, ql: u32, kl: u32) -> KeyRa
     if k0 >= min(k1, kl) {
         return KeyRange(lo, lo);
     }
-    let off = select(0i, i32(kl) - i32(ql), p.bottom_right != 0u);
+    let off = select(0i, i32(kl) - i32(ql), p.bottom_right != 0u) + p.diag_shift;
     if p.win_right != UNBOUNDED {
         a = max(a, i32(k0) - i32(p.win_right) - off);
     }

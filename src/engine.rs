@@ -147,6 +147,15 @@ impl Attention {
             .push(KeySegment { start, end, factor });
         self
     }
+    /// Computes the block `block` of a longer call: this call's Q rows and K/V keys are rows
+    /// and keys of longer sequences, and its lengths, causal and window diagonals and key
+    /// segments are the longer call's; its mask and bias cover this call's rows and keys (see
+    /// [`crate::mask::Block`]). A shard of a sharded call ([`crate::shard`]) is such a block;
+    /// its O and LSE merge exactly with the other blocks' ([`Engine::merge`]).
+    pub fn with_block(mut self, block: crate::mask::Block) -> Self {
+        self.masking.block = Some(block);
+        self
+    }
     /// Drops each attention weight with probability `p` (`0 ≤ p < 1`) and scales the kept
     /// ones by `1/(1 − p)`, from a counter-based RNG keyed by `seed` and `offset`: the mask
     /// is a pure function of those and of (batch, head, row, key), so the backward
@@ -179,6 +188,11 @@ impl Attention {
     /// The masks and logit controls.
     pub fn masking(&self) -> &Masking {
         &self.masking
+    }
+    /// These options with their masks and logit controls replaced (a shard's, say).
+    pub(crate) fn with_masking(mut self, masking: Masking) -> Self {
+        self.masking = masking;
+        self
     }
     /// The scale used for head dim `d_k`.
     pub fn scale_for(&self, d_k: usize) -> f32 {

@@ -60,6 +60,7 @@ pub mod plan;
 pub mod program;
 pub mod settings;
 pub mod shape;
+pub mod shard;
 pub mod stats;
 pub mod tune;
 

@@ -87,6 +87,38 @@ pub struct KeySegment {
     pub factor: f32,
 }
 
+/// Where one call's rows and keys lie in longer sequences: the call is the block of rows
+/// `row_offset .. row_offset + M` of a query sequence of `rows_total` rows and keys
+/// `key_offset .. key_offset + N` of a source of `keys_total` keys (a shard of a sharded call,
+/// [`crate::shard`]). With a block, `q_lens`, `kv_lens`, the causal and window diagonals and the
+/// key segments speak of the whole sequences' positions (row `i` of the call is row
+/// `row_offset + i`, key `j` is key `key_offset + j`), so the block's result is exactly its part
+/// of the whole call's: its rows, over its keys. The bool mask and the bias cover the block
+/// alone (dims `[batch|1, q_heads|1, M|1, N]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Block {
+    /// First row of the block.
+    pub row_offset: usize,
+    /// Rows of the whole query sequence.
+    pub rows_total: usize,
+    /// First key of the block.
+    pub key_offset: usize,
+    /// Keys of the whole source.
+    pub keys_total: usize,
+}
+
+impl Block {
+    /// The block of keys `key_offset ..` of a source of `keys_total` keys, all rows.
+    pub fn keys(key_offset: usize, keys_total: usize, rows: usize) -> Self {
+        Block {
+            row_offset: 0,
+            rows_total: rows,
+            key_offset,
+            keys_total,
+        }
+    }
+}
+
 /// Bias values at or below this count as −∞: the key is removed, alike on every path.
 pub const BIAS_REMOVES: f32 = -1.0e30;
 
@@ -127,6 +159,8 @@ pub struct Masking {
     pub segments: Vec<KeySegment>,
     /// Dropout of the weights ([`crate::dropout`]).
     pub dropout: Option<Dropout>,
+    /// Where the call's rows and keys lie in longer sequences, if they do ([`Block`]).
+    pub block: Option<Block>,
     /// A causal and a window request that disagree on alignment (reported by `spec`).
     pub(crate) conflict: Option<(Alignment, Alignment)>,
 }
@@ -158,6 +192,8 @@ pub struct MaskSpec {
     pub n_segments: u32,
     /// Dropout of the weights (`flags::DROPOUT`), if any.
     pub dropout: Option<Dropout>,
+    /// Added to each row's diagonal ([`Block`]); 0 without a block.
+    pub diag_shift: i32,
 }
 
 impl Default for MaskSpec {
@@ -174,6 +210,7 @@ impl Default for MaskSpec {
             segments: [(0, 0, 0.0); MAX_SEGMENTS],
             n_segments: 0,
             dropout: None,
+            diag_shift: 0,
         }
     }
 }
@@ -264,28 +301,37 @@ impl Masking {
             )));
         }
         let mut spec = MaskSpec::default();
-        // The kernels add a diagonal (< M + N) and a window bound (≤ M + N) in i32.
+        let block = self.block_of(s)?;
+        let (m_all, n_all) = (block.rows_total, block.keys_total);
+        // The kernels add a diagonal (< M + N of the whole sequences) and a window bound
+        // (≤ that) in i32.
         let i32_room = (i32::MAX as usize - 1) / 2;
-        if s.m + s.n > i32_room {
+        if m_all + n_all > i32_room {
             return Err(Error::Limit {
-                what: format!("M + N = {}", s.m + s.n),
-                asked: (s.m + s.n) as u64,
+                what: format!("M + N = {}", m_all + n_all),
+                asked: (m_all + n_all) as u64,
                 limit_name: "i32 row/key arithmetic of the masks",
                 limit: i32_room as u64,
             });
         }
         if let Some(w) = self.window {
             // Wider than M + N is unbounded in effect; clamping keeps the kernels' i32 sums safe.
-            let clamp = |x: Option<usize>| x.map_or(UNBOUNDED, |x| x.min(s.m + s.n) as u32);
+            let clamp = |x: Option<usize>| x.map_or(UNBOUNDED, |x| x.min(m_all + n_all) as u32);
             spec.win_left = clamp(w.left);
             spec.win_right = clamp(w.right);
             spec.bottom_right = u32::from(w.align == Alignment::BottomRight);
+            // The block's lengths are its own, unclipped (`lens_words`): bottom-right, its
+            // diagonal i + kv_len − q_len is the whole one's already; top-left, row i sits on
+            // key row_offset + i of the whole source, key row_offset + i − key_offset here.
+            if w.align == Alignment::TopLeft {
+                spec.diag_shift = block.row_offset as i32 - block.key_offset as i32;
+            }
         }
         if let Some(l) = &self.q_lens {
-            check_lens("q_lens", l, s, s.m)?;
+            check_lens("q_lens", l, s, m_all)?;
         }
         if let Some(l) = &self.kv_lens {
-            check_lens("kv_lens", l, s, s.n)?;
+            check_lens("kv_lens", l, s, n_all)?;
         }
         spec.lens = self.q_lens.is_some() || self.kv_lens.is_some();
         if let Some(m) = &self.mask {
@@ -315,15 +361,31 @@ impl Masking {
             spec.flags |= flags::SOFTCAP;
             spec.softcap = cap;
         }
-        self.check_segments(s)?;
-        for (slot, seg) in spec.segments.iter_mut().zip(&self.segments) {
-            *slot = (seg.start as u32, seg.end as u32, seg.factor);
+        self.check_segments(n_all)?;
+        // The segments' parts within the block's keys, in its own key indices.
+        let (k0, k1) = (block.key_offset, block.key_offset + s.n);
+        let local = self
+            .segments
+            .iter()
+            .map(|g| (g.start.max(k0), g.end.min(k1), g.factor))
+            .filter(|(a, b, _)| a < b);
+        let mut n_segments = 0;
+        for (slot, (a, b, factor)) in spec.segments.iter_mut().zip(local) {
+            *slot = ((a - k0) as u32, (b - k0) as u32, factor);
+            n_segments += 1;
         }
-        spec.n_segments = self.segments.len() as u32;
-        if !self.segments.is_empty() {
+        spec.n_segments = n_segments;
+        if n_segments > 0 {
             spec.flags |= flags::SEGMENTS;
         }
         if let Some(d) = self.dropout.filter(|d| d.p != 0.0) {
+            if self.block.is_some() {
+                return Err(Error::Unsupported(
+                    "dropout in a block of a longer call (its keep mask is drawn at the block's \
+                     own row and key indices)"
+                        .into(),
+                ));
+            }
             if !(0.0..1.0).contains(&d.p) {
                 return Err(Error::Argument(format!(
                     "dropout probability must be in [0, 1), got {}",
@@ -371,7 +433,23 @@ impl Masking {
         Ok(())
     }
 
-    fn check_segments(&self, s: &AttnShape) -> Result<()> {
+    /// The block of `s` (the whole call when there is none), checked: it lies within the
+    /// whole sequences.
+    pub fn block_of(&self, s: &AttnShape) -> Result<Block> {
+        let Some(b) = self.block else {
+            return Ok(Block::keys(0, s.n, s.m));
+        };
+        if b.row_offset + s.m > b.rows_total || b.key_offset + s.n > b.keys_total {
+            return Err(Error::Shape(format!(
+                "a block of M = {} rows from row {} and N = {} keys from key {} does not lie \
+                 within {} rows and {} keys",
+                s.m, b.row_offset, s.n, b.key_offset, b.rows_total, b.keys_total
+            )));
+        }
+        Ok(b)
+    }
+
+    fn check_segments(&self, keys: usize) -> Result<()> {
         if self.segments.len() > MAX_SEGMENTS {
             return Err(Error::Argument(format!(
                 "{} key segments given; at most {MAX_SEGMENTS} are supported",
@@ -381,10 +459,10 @@ impl Masking {
         let mut sorted = self.segments.clone();
         sorted.sort_by_key(|g| g.start);
         for g in &sorted {
-            if g.start >= g.end || g.end > s.n {
+            if g.start >= g.end || g.end > keys {
                 return Err(Error::Argument(format!(
                     "key segment [{}, {}) must be non-empty and within the {} keys",
-                    g.start, g.end, s.n
+                    g.start, g.end, keys
                 )));
             }
             if !(g.factor.is_finite() && g.factor > 0.0) {
@@ -403,17 +481,26 @@ impl Masking {
         Ok(())
     }
 
-    /// `[q_lens..., kv_lens...]` as the kernels read them (defaults M and N).
+    /// `[q_lens..., kv_lens...]` as the kernels read them (defaults M and N). In a
+    /// [`Block`], the lengths past its first row and key, not clipped to its M and N (the
+    /// kernels bound rows and keys by M and N themselves): a bottom-right diagonal
+    /// `i + kv_len − q_len` then is the whole call's, and a length before the block is 0.
+    /// Call after [`Masking::spec`] has checked the block.
     pub fn lens_words(&self, s: &AttnShape) -> Vec<u32> {
+        let b = self.block.unwrap_or(Block::keys(0, s.n, s.m));
         let q = self
             .q_lens
             .clone()
-            .unwrap_or_else(|| vec![s.m as u32; s.batch]);
+            .unwrap_or_else(|| vec![b.rows_total as u32; s.batch]);
         let kv = self
             .kv_lens
             .clone()
-            .unwrap_or_else(|| vec![s.n as u32; s.batch]);
-        q.into_iter().chain(kv).collect()
+            .unwrap_or_else(|| vec![b.keys_total as u32; s.batch]);
+        let q = q.into_iter().map(|l| l.saturating_sub(b.row_offset as u32));
+        let kv = kv
+            .into_iter()
+            .map(|l| l.saturating_sub(b.key_offset as u32));
+        q.chain(kv).collect()
     }
 
     /// The bias as the kernels read it: values ≤ [`BIAS_REMOVES`] become −∞.
@@ -458,6 +545,7 @@ impl MaskSpec {
         p.win_left = self.win_left;
         p.win_right = self.win_right;
         p.bottom_right = self.bottom_right;
+        p.diag_shift = self.diag_shift;
         if let Some(d) = self.mask_dims {
             [p.mask_b, p.mask_h, p.mask_row] = broadcast_strides(d, d[3].div_ceil(32));
         }
@@ -516,6 +604,9 @@ impl std::fmt::Display for MaskSpec {
                 bound(left),
                 bound(right)
             )),
+        }
+        if self.diag_shift != 0 {
+            parts.push(format!("diagonal shifted {}", self.diag_shift));
         }
         if self.lens {
             parts.push("per-sequence lengths".into());

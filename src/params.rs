@@ -84,8 +84,11 @@ pub struct AttnParams {
     pub seed: [u32; 2],
     /// Dropout offset, low then high word (the Philox counter's upper half).
     pub offset: [u32; 2],
+    /// Added to every row's diagonal key (see `mask::Block`): a block of a longer sequence,
+    /// rows from `r0` and keys from `n0`, has its top-left diagonal at `r0 − n0`; 0 otherwise.
+    pub diag_shift: i32,
     /// Padding to a multiple of 16 bytes.
-    pub _pad: [u32; 2],
+    pub _pad: u32,
     /// First key of each segment.
     pub seg_start: [u32; 4],
     /// One past the last key of each segment.

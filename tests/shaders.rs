@@ -519,6 +519,7 @@ fn params_layout_matches_wgsl() {
         ("keep_scale", std::mem::offset_of!(AttnParams, keep_scale)),
         ("seed", std::mem::offset_of!(AttnParams, seed)),
         ("offset", std::mem::offset_of!(AttnParams, offset)),
+        ("diag_shift", std::mem::offset_of!(AttnParams, diag_shift)),
         ("_pad", std::mem::offset_of!(AttnParams, _pad)),
         ("seg_start", std::mem::offset_of!(AttnParams, seg_start)),
         ("seg_end", std::mem::offset_of!(AttnParams, seg_end)),

@@ -28,9 +28,10 @@ fn kv_len(b: u32) -> u32 {
     return lens[p.batch + b];
 }
 
-// Row i's diagonal key: i (top-left) or i + kv_len − q_len (bottom-right); may be negative.
+// Row i's diagonal key: i (top-left) or i + kv_len − q_len (bottom-right), plus the block's
+// shift (src/mask.rs Block: the lengths of a block are its own, unclipped); may be negative.
 fn diagonal(i: u32, ql: u32, kl: u32) -> i32 {
-    return i32(i) + select(0i, i32(kl) - i32(ql), p.bottom_right != 0u);
+    return i32(i) + select(0i, i32(kl) - i32(ql), p.bottom_right != 0u) + p.diag_shift;
 }
 
 // Bounds of the window around diagonal `dg`, clamped to [0, kl]. Window sizes are clamped to

@@ -56,7 +56,7 @@ impl MaskData<'_> {
     }
 }
 
-/// Row i's diagonal key (may be negative).
+/// Row i's diagonal key, plus the block's shift (may be negative).
 pub fn diagonal(p: &AttnParams, i: u32, ql: u32, kl: u32) -> i32 {
     i as i32
         + if p.bottom_right != 0 {
@@ -64,6 +64,7 @@ pub fn diagonal(p: &AttnParams, i: u32, ql: u32, kl: u32) -> i32 {
         } else {
             0
         }
+        + p.diag_shift
 }
 
 /// First key of the window around `dg`.

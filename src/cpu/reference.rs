@@ -32,11 +32,17 @@ fn broadcast_at<T: Copy>(dims: [usize; 4], data: &[T], [b, h, i, j]: [usize; 4])
         + j]
 }
 
-/// Whether row `i` of batch `b`, head `h` may see key `j`.
+/// Whether row `i` of batch `b`, head `h` may see key `j`. In a block (`masking.block`),
+/// lengths, diagonals and segments speak of the whole sequences' rows and keys, the mask of
+/// the block's own.
 fn keeps(m: &Masking, s: &AttnShape, [b, h, i, j]: [usize; 4]) -> bool {
-    let q_len = m.q_lens.as_ref().map_or(s.m, |l| l[b] as usize) as i64;
-    let kv_len = m.kv_lens.as_ref().map_or(s.n, |l| l[b] as usize) as i64;
-    let (i, j) = (i as i64, j as i64);
+    let (r0, m_all, k0, n_all) = m.block.map_or((0, s.m, 0, s.n), |k| {
+        (k.row_offset, k.rows_total, k.key_offset, k.keys_total)
+    });
+    let q_len = m.q_lens.as_ref().map_or(m_all, |l| l[b] as usize) as i64;
+    let kv_len = m.kv_lens.as_ref().map_or(n_all, |l| l[b] as usize) as i64;
+    let (local_i, local_j) = (i, j);
+    let (i, j) = ((i + r0) as i64, (j + k0) as i64);
     if i >= q_len || j >= kv_len {
         return false;
     }
@@ -54,16 +60,13 @@ fn keeps(m: &Masking, s: &AttnShape, [b, h, i, j]: [usize; 4]) -> bool {
     }
     m.mask
         .as_ref()
-        .is_none_or(|mask| broadcast_at(mask.dims, &mask.data, [b, h, i as usize, j as usize]))
+        .is_none_or(|mask| broadcast_at(mask.dims, &mask.data, [b, h, local_i, local_j]))
 }
 
 /// The final logit of a kept key from its scaled dot product.
 fn shaped(m: &Masking, at: [usize; 4], mut x: f64) -> f64 {
-    if let Some(seg) = m
-        .segments
-        .iter()
-        .find(|g| (g.start..g.end).contains(&at[3]))
-    {
+    let key = at[3] + m.block.map_or(0, |k| k.key_offset);
+    if let Some(seg) = m.segments.iter().find(|g| (g.start..g.end).contains(&key)) {
         x *= f64::from(seg.factor);
     }
     if let Some(cap) = m.softcap {

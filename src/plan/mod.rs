@@ -9,7 +9,8 @@
 //! quirks), [`request`] (what a call asks for and the buffers it declares), [`attention`]
 //! (three-pass, fused, split-K, merge), [`backward`] (the attention's gradients), [`stats`]
 //! (statistics and pooled maps), [`layer`] (projections and the layer's forward program),
-//! [`layer_backward`] (the layer's backward program) and [`check`] (limits and loop caps).
+//! [`layer_backward`] (the layer's backward program), [`check`] (limits and loop caps) and
+//! [`shard`] (cuts, blocks and byte counts of a call sharded over devices).
 
 pub mod attention;
 pub mod backward;
@@ -18,6 +19,7 @@ pub mod device;
 pub mod layer;
 pub mod layer_backward;
 pub mod request;
+pub mod shard;
 pub mod stats;
 #[cfg(test)]
 pub(crate) mod tests;

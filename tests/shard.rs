@@ -1,0 +1,437 @@
+//! Attention sharded over several devices of one process (xattn::shard): every masking case,
+//! uneven and empty shards, GQA, f16, the three schedules (merge on one device, LV ring, K/V
+//! ring) and a Vulkan + GL pair, against the f64 reference and the single-device call; the
+//! byte counters against the byte models; typed errors for bad input.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::*;
+use rand::{Rng, SeedableRng};
+use xattn::cpu::reference;
+use xattn::mask::Block;
+use xattn::shard::{
+    lv_bytes, ring_bytes, star_bytes, RowBytes, ShardedAttention, ShardedOutput, Split,
+};
+use xattn::{Alignment, Attention, AttnShape, Context, DType, Engine, Error, Path};
+
+/// Four engines, each on its own device opened on the test adapter (engine 0 is the tests'
+/// shared one).
+fn engines() -> Option<&'static [Engine]> {
+    let first = engine()?;
+    static MORE: OnceLock<Vec<Engine>> = OnceLock::new();
+    Some(MORE.get_or_init(|| {
+        let mut all = vec![first.clone()];
+        for _ in 0..3 {
+            let ctx = Context::new().expect("the test adapter opens more than one device");
+            all.push(Engine::new(&ctx));
+        }
+        all
+    }))
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Star,
+    Lv,
+    Ring,
+}
+
+/// The merge's f32 bound on top of the single-device budget: (O, LSE) extra for R shards and
+/// the largest finite |LSE|. Each merge weight exp(LSE_i − LSE) is off by at most
+/// ≈ 2ε·(1 + max|LSE|) relative (the exponent's own rounding), and the weighted sum of up to R
+/// terms adds R·ε; the rings chain R − 1 two-way merges, so in all at most
+/// 4ε·R·(1 + max|LSE|), times max|V| for O.
+fn merge_bound(r: usize, max_lse: f64, amax_v: f64) -> (f64, f64) {
+    let eps = f64::from(f32::EPSILON);
+    let rel = 4.0 * eps * r as f64 * (1.0 + max_lse);
+    (rel * amax_v.max(1e-3), rel)
+}
+
+fn amax(x: &[f32]) -> f64 {
+    x.iter().fold(0.0f64, |a, &y| a.max(f64::from(y.abs())))
+}
+
+fn max_finite(x: &[f64]) -> f64 {
+    x.iter()
+        .filter(|x| x.is_finite())
+        .fold(0.0f64, |a, &y| a.max(y.abs()))
+}
+
+/// Seeded cuts of `n` keys into `r` shards; with `empty`, one shard (not the last) holds none.
+fn uneven(n: usize, r: usize, empty: bool, seed: u64) -> Vec<usize> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut inner: Vec<usize> = (1..r).map(|_| rng.random_range(0..=n)).collect();
+    if empty && r > 2 {
+        inner[1] = inner[0];
+    } else if empty {
+        inner[0] = 0;
+    }
+    inner.sort();
+    let mut cuts = vec![0];
+    cuts.extend(inner);
+    cuts.push(n);
+    cuts
+}
+
+/// Runs `mode` over `engines` and checks the result against `want` (the reference) and
+/// `single` (the one-device call), and its byte counters against the model.
+#[allow(clippy::too_many_arguments)]
+fn check_sharded(
+    what: &str,
+    engines: &[&Engine],
+    split: Split,
+    mode: Mode,
+    dtype: DType,
+    s: &AttnShape,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    opts: &Attention,
+    out: usize,
+    (want, single): (&reference::Reference, Option<&xattn::HostOutput>),
+    budget: &Budget,
+) -> ShardedOutput {
+    let sharded = ShardedAttention::new(engines, split)
+        .unwrap()
+        .with_dtype(dtype);
+    let kv = sharded
+        .upload_kv(k, v, s)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let got = match mode {
+        Mode::Star => sharded.attention_kv(q, &kv, s, opts, out),
+        Mode::Lv => sharded.lv_ring(q, &kv, s, opts, out),
+        Mode::Ring => sharded.kv_ring(q, &kv, s, opts, out),
+    }
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let r = engines.len();
+    let max_lse = max_finite(&want.lse);
+    let (mo, ml) = merge_bound(r, max_lse, amax(v));
+    let tol_o = budget.o + mo;
+    let tol_lse = budget.lse * (1.0 + max_lse) + ml;
+    assert_close(&format!("{what} O"), &got.o, &want.o, tol_o);
+    assert_close(&format!("{what} LSE"), &got.lse, &want.lse, tol_lse);
+    if let Some(single) = single {
+        // Both within their bounds of the reference, so within the sum of each other.
+        let o64: Vec<f64> = single.o.iter().map(|&x| f64::from(x)).collect();
+        let l64: Vec<f64> = single.lse.iter().map(|&x| f64::from(x)).collect();
+        assert_close(
+            &format!("{what} O vs one device"),
+            &got.o,
+            &o64,
+            tol_o + budget.o,
+        );
+        assert_close(
+            &format!("{what} LSE vs one device"),
+            &got.lse,
+            &l64,
+            tol_lse + budget.lse * (1.0 + max_lse),
+        );
+    }
+    // Counted = modelled.
+    let bytes = RowBytes::of(s, dtype);
+    let cuts = kv.cuts();
+    let keys: Vec<usize> = cuts.windows(2).map(|w| w[1] - w[0]).collect();
+    let rows: Vec<usize> = (0..r).map(|p| (p + 1) * s.m / r - p * s.m / r).collect();
+    let model = match mode {
+        Mode::Star => star_bytes(bytes, s.m, &keys, out),
+        Mode::Lv => lv_bytes(bytes, &rows, out),
+        Mode::Ring => ring_bytes(bytes, &rows, &keys, out),
+    };
+    for (p, (t, m)) in got.traffic.iter().zip(&model).enumerate() {
+        assert_eq!(
+            (t.sent, t.received),
+            (m.sent, m.received),
+            "{what}: device {p} bytes sent/received, counted vs model"
+        );
+    }
+    got
+}
+
+#[test]
+fn every_masking_case_sharded_matches_the_reference_and_one_device() {
+    let Some(all) = engines() else { return };
+    let modes = [Mode::Star, Mode::Lv, Mode::Ring];
+    for (i, (name, s, opts)) in mask_cases().into_iter().enumerate() {
+        let r = 2 + i % 3;
+        let mode = modes[(i / 3 + i) % 3];
+        let engines: Vec<&Engine> = all[..r].iter().collect();
+        let (q, k, v) = qkv(&s, 1.0, 2300 + i as u64);
+        let scale = opts.scale_for(s.d_k);
+        let m = opts.masking();
+        let want = reference::attention_masked(&s, &q, &k, &v, f64::from(scale), m);
+        let budget = budget_masked(&s, scale, (&q, &k, &v), m);
+        let (_, single) = run_poisoned(&all[0], &s, (&q, &k, &v), &opts).unwrap();
+        // Even shards for the first of each three cases, then seeded uneven ones, with an
+        // empty shard every other time.
+        let split = if i % 3 == 0 {
+            Split::Even
+        } else {
+            Split::At(uneven(s.n, r, i % 2 == 0, 77 + i as u64))
+        };
+        let what = format!("{name} {s} R={r} {mode:?} {split:?}");
+        check_sharded(
+            &what,
+            &engines,
+            split,
+            mode,
+            DType::F32,
+            &s,
+            (&q, &k, &v),
+            &opts,
+            i % r,
+            (&want, Some(&single)),
+            &budget,
+        );
+    }
+}
+
+#[test]
+fn shifted_diagonals_on_every_path() {
+    // The block's diagonal shift on the three-pass, fused and split-K paths: causal and window
+    // masks of both alignments with lengths, shards cut off every tile boundary, one empty.
+    let Some(all) = engines() else { return };
+    let engines: Vec<&Engine> = all[..3].iter().collect();
+    let s = shape(2, 37, 150, 4, 2, 16);
+    let (q, k, v) = qkv(&s, 1.0, 4100);
+    let cases = [
+        Attention::default().with_causal(Alignment::TopLeft),
+        Attention::default()
+            .with_causal(Alignment::BottomRight)
+            .with_kv_lens(vec![150, 71])
+            .with_q_lens(vec![37, 20]),
+        Attention::default()
+            .with_window(Alignment::TopLeft, 9, 4)
+            .with_q_lens(vec![30, 37]),
+        Attention::default()
+            .with_window(Alignment::BottomRight, 20, 3)
+            .with_kv_lens(vec![90, 149]),
+    ];
+    for (c, opts) in cases.into_iter().enumerate() {
+        let scale = opts.scale_for(s.d_k);
+        let want = reference::attention_masked(&s, &q, &k, &v, f64::from(scale), opts.masking());
+        let budget = budget_masked(&s, scale, (&q, &k, &v), opts.masking());
+        for (pi, path) in Path::ALL.into_iter().enumerate() {
+            let opts = opts.clone().with_path(path);
+            let mode = [Mode::Star, Mode::Lv, Mode::Ring][(c + pi) % 3];
+            check_sharded(
+                &format!("case {c} {} {mode:?}", path.name()),
+                &engines,
+                Split::At(vec![0, 61, 61, 150]),
+                mode,
+                DType::F32,
+                &s,
+                (&q, &k, &v),
+                &opts,
+                1,
+                (&want, None),
+                &budget,
+            );
+        }
+    }
+}
+
+#[test]
+fn a_block_alone_matches_the_reference_of_its_part() {
+    // One block (rows 10..30 of 40, keys 50..90 of 120) computed alone equals the whole call's
+    // reference on those rows, over those keys (the reference reads the block too).
+    let Some(engine) = engine() else { return };
+    let whole = shape(1, 40, 120, 2, 1, 8);
+    let s = AttnShape {
+        m: 20,
+        n: 40,
+        ..whole
+    };
+    let (q, k, v) = qkv(&s, 1.0, 4200);
+    let block = Block {
+        row_offset: 10,
+        rows_total: 40,
+        key_offset: 50,
+        keys_total: 120,
+    };
+    for opts in [
+        Attention::default().with_causal(Alignment::TopLeft),
+        Attention::default()
+            .with_causal(Alignment::BottomRight)
+            .with_kv_lens(vec![75]),
+        Attention::default().with_key_segment(40, 60, 2.0),
+    ] {
+        let opts = opts.with_block(block);
+        let scale = opts.scale_for(s.d_k);
+        let want = reference::attention_masked(&s, &q, &k, &v, f64::from(scale), opts.masking());
+        let budget = budget_masked(&s, scale, (&q, &k, &v), opts.masking());
+        for path in Path::ALL {
+            let (_, got) = run_poisoned(engine, &s, (&q, &k, &v), &opts.clone().with_path(path))
+                .unwrap_or_else(|e| panic!("{opts:?}: {e}"));
+            let what = format!("{} {:?}", path.name(), opts.masking().window);
+            assert_close(&format!("{what} O"), &got.o, &want.o, budget.o);
+            let tol = budget.lse * (1.0 + max_finite(&want.lse));
+            assert_close(&format!("{what} LSE"), &got.lse, &want.lse, tol);
+        }
+    }
+}
+
+#[test]
+fn half_inputs_sharded() {
+    let Some(all) = engines() else { return };
+    let engines: Vec<&Engine> = all[..2].iter().collect();
+    let s = shape(1, 33, 140, 4, 2, 24);
+    let (q, k, v) = qkv(&s, 1.0, 4300);
+    let opts = Attention::default()
+        .with_causal(Alignment::BottomRight)
+        .with_bias([1, 1, 1, 140], random(140, 1.0, 4301));
+    for (dtype, mode) in [(DType::F16, Mode::Lv), (DType::Bf16, Mode::Star)] {
+        // The reference reads the inputs as stored.
+        let round = |x: &[f32]| x.iter().map(|&y| dtype.round(y)).collect::<Vec<f32>>();
+        let (qr, kr, vr) = (round(&q), round(&k), round(&v));
+        let scale = opts.scale_for(s.d_k);
+        let want = reference::attention_masked(&s, &qr, &kr, &vr, f64::from(scale), opts.masking());
+        let budget = budget_masked(&s, scale, (&qr, &kr, &vr), opts.masking());
+        check_sharded(
+            &format!("{dtype} {mode:?}"),
+            &engines,
+            Split::At(vec![0, 90, 140]),
+            mode,
+            dtype,
+            &s,
+            (&q, &k, &v),
+            &opts,
+            0,
+            (&want, None),
+            &budget,
+        );
+    }
+}
+
+#[test]
+fn host_slices_and_resident_shards_agree_and_count_their_loads() {
+    let Some(all) = engines() else { return };
+    let engines: Vec<&Engine> = all[..4].iter().collect();
+    let s = shape(2, 5, 333, 4, 4, 32);
+    let (q, k, v) = qkv(&s, 1.0, 4400);
+    let opts = Attention::default().with_kv_lens(vec![333, 100]);
+    let sharded = ShardedAttention::new(&engines, Split::Even).unwrap();
+    let a = sharded.attention(&q, &k, &v, &s, &opts, 3).unwrap();
+    let kv = sharded.upload_kv(&k, &v, &s).unwrap();
+    let b = sharded.attention_kv(&q, &kv, &s, &opts, 3).unwrap();
+    assert_eq!(a.o, b.o);
+    assert_eq!(a.lse, b.lse);
+    // Host slices load K and V each call; resident shards load Q only.
+    let kv_bytes = (s.batch * s.n * s.kv_heads * (s.d_k + s.d_v) * 4) as u64;
+    let q_bytes = (s.batch * s.m * s.q_heads * s.d_k * 4) as u64;
+    let loaded = |o: &ShardedOutput| o.traffic.iter().map(|t| t.loaded).sum::<u64>();
+    assert_eq!(loaded(&a), kv_bytes + 4 * q_bytes);
+    assert_eq!(loaded(&b), 4 * q_bytes);
+}
+
+#[test]
+fn vulkan_and_gl_mixed() {
+    let Some(vk) = engine() else { return };
+    let gl = xattn::gpu::context::adapters()
+        .into_iter()
+        .find(|a| a.get_info().backend == wgpu::Backend::Gl);
+    let Some(gl) = gl else {
+        eprintln!("\n*** SKIPPING the Vulkan + GL case: no GL adapter ***\n");
+        return;
+    };
+    if vk.context().info.backend == wgpu::Backend::Gl {
+        eprintln!("\n*** SKIPPING the Vulkan + GL case: the test device is GL already ***\n");
+        return;
+    }
+    let gl = Engine::new(&Context::from_adapter(&gl).expect("the GL adapter opens"));
+    eprintln!(
+        "mixed: {} + {}",
+        vk.context().describe(),
+        gl.context().describe()
+    );
+    let s = shape(1, 9, 100, 2, 1, 16);
+    let (q, k, v) = qkv(&s, 1.0, 4500);
+    let opts = Attention::default()
+        .with_causal(Alignment::BottomRight)
+        .with_key_segment(30, 70, 1.5);
+    let scale = opts.scale_for(s.d_k);
+    let want = reference::attention_masked(&s, &q, &k, &v, f64::from(scale), opts.masking());
+    let budget = budget_masked(&s, scale, (&q, &k, &v), opts.masking());
+    for (mode, out) in [(Mode::Star, 1), (Mode::Lv, 0)] {
+        check_sharded(
+            &format!("Vulkan + GL {mode:?}"),
+            &[vk, &gl],
+            Split::At(vec![0, 45, 100]),
+            mode,
+            DType::F32,
+            &s,
+            (&q, &k, &v),
+            &opts,
+            out,
+            (&want, None),
+            &budget,
+        );
+    }
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let Some(all) = engines() else { return };
+    let two: Vec<&Engine> = all[..2].iter().collect();
+    let s = shape(1, 4, 50, 2, 2, 8);
+    let (q, k, v) = qkv(&s, 1.0, 4600);
+    let opts = Attention::default();
+    assert!(matches!(
+        ShardedAttention::new(&[], Split::Even),
+        Err(Error::Argument(_))
+    ));
+    for cuts in [
+        vec![0, 20],
+        vec![0, 20, 49],
+        vec![1, 20, 50],
+        vec![0, 30, 20, 50],
+    ] {
+        let sh = ShardedAttention::new(&two, Split::At(cuts.clone())).unwrap();
+        let got = sh.attention(&q, &k, &v, &s, &opts, 0);
+        assert!(
+            matches!(got, Err(Error::Argument(_))),
+            "cuts {cuts:?}: {got:?}"
+        );
+    }
+    let sh = ShardedAttention::new(&two, Split::Even).unwrap();
+    assert!(matches!(
+        sh.attention(&q[1..], &k, &v, &s, &opts, 0),
+        Err(Error::Length { .. })
+    ));
+    assert!(matches!(
+        sh.attention(&q, &k, &v[1..], &s, &opts, 0),
+        Err(Error::Length { .. })
+    ));
+    assert!(matches!(
+        sh.attention(&q, &k, &v, &s, &opts, 2),
+        Err(Error::Argument(_))
+    ));
+    assert!(matches!(
+        sh.attention(&q, &k, &v, &s, &opts.clone().with_weights(), 0),
+        Err(Error::Unsupported(_))
+    ));
+    assert!(matches!(
+        sh.attention(&q, &k, &v, &s, &opts.clone().with_dropout(0.1, 1, 0), 0),
+        Err(Error::Unsupported(_))
+    ));
+    // A mask over other than the whole N keys, and K/V resident for another shape.
+    let bad_mask = opts.clone().with_mask([1, 1, 1, 25], vec![true; 25]);
+    assert!(matches!(
+        sh.attention(&q, &k, &v, &s, &bad_mask, 0),
+        Err(Error::Shape(_))
+    ));
+    let kv = sh.upload_kv(&k, &v, &s).unwrap();
+    let other = AttnShape { m: 3, n: 49, ..s };
+    assert!(matches!(
+        sh.lv_ring(&q[..3 * 16], &kv, &other, &opts, 0),
+        Err(Error::Shape(_))
+    ));
+    // A block beyond its whole sequences.
+    let block = Block {
+        row_offset: 0,
+        rows_total: 4,
+        key_offset: 10,
+        keys_total: 55,
+    };
+    let got = run_poisoned(&all[0], &s, (&q, &k, &v), &opts.clone().with_block(block));
+    assert!(matches!(got, Err(Error::Shape(_))), "{got:?}");
+}
