@@ -325,10 +325,7 @@ pub fn graph_request(
                 got: b.len(),
             });
         }
-        if let Some(x) = b
-            .iter()
-            .find(|x| x.is_nan() || (**x > BIAS_REMOVES && **x > LOGIT_FACTOR_MAX))
-        {
+        if let Some(x) = b.iter().find(|x| x.is_nan() || **x > LOGIT_FACTOR_MAX) {
             return Err(Error::Argument(format!(
                 "bias holds {x}; each value must be at most {LOGIT_FACTOR_MAX:e} (−∞ or ≤ \
                  {BIAS_REMOVES:e} removes its edge)"

@@ -14,7 +14,7 @@ pub fn run(p: &GraphParams, buffers: &mut [Vec<u32>]) {
     let o: &mut [f32] = bytemuck::cast_slice_mut(o);
     let lse: &mut [f32] = bytemuck::cast_slice_mut(lse);
     let (heads, dv) = (p.heads as usize, p.d_v as usize);
-    for at in 0..p.m as usize * heads * dv {
+    for (at, out_at) in o.iter_mut().enumerate().take(p.m as usize * heads * dv) {
         let (r, d) = (at / dv, at % dv);
         let (h, dst) = (r % heads, r / heads);
         let chunks = chunk_ptr[dst] as usize..chunk_ptr[dst + 1] as usize;
@@ -36,7 +36,7 @@ pub fn run(p: &GraphParams, buffers: &mut [Vec<u32>]) {
         } else {
             (0.0, f32::NEG_INFINITY)
         };
-        o[at] = out;
+        *out_at = out;
         if d == 0 {
             lse[h * p.m as usize + dst] = out_lse;
         }

@@ -204,7 +204,7 @@ impl GraphPlan {
         let chunk_len = match req.chunk_len {
             Some(c) => {
                 let c = c as u64;
-                if c == 0 || c % wg != 0 || c > cap_len {
+                if c == 0 || !c.is_multiple_of(wg) || c > cap_len {
                     return Err(Error::Argument(format!(
                         "chunk length {c} must be a positive multiple of {wg} and at most {} \
                          on this device",
