@@ -8,8 +8,9 @@
 //! Split along its seams: [`device`] (what the planner knows about a device: limits and
 //! quirks), [`request`] (what a call asks for and the buffers it declares), [`attention`]
 //! (three-pass, fused, split-K, merge), [`backward`] (the attention's gradients), [`stats`]
-//! (statistics and pooled maps), [`graph`] (attention over a graph's edge list), [`layer`] (projections and the layer's forward program),
-//! [`layer_backward`] (the layer's backward program) and [`check`] (limits and loop caps).
+//! (statistics and pooled maps), [`graph`] (attention over a graph's edge list), [`layer`]
+//! (projections and the layer's forward program), [`layer_backward`] (the layer's backward
+//! program) and [`check`] (limits and loop caps).
 
 pub mod attention;
 pub mod backward;
