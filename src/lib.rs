@@ -41,6 +41,7 @@ mod engine;
 mod error;
 pub mod fused_config;
 mod grad;
+pub mod graph;
 // Internals, public for the tests, the CLI and the benches; what a user needs is re-exported
 // below.
 #[doc(hidden)]
@@ -73,6 +74,7 @@ pub use gpu::context::Context;
 pub use gpu::executor::GpuTimer;
 pub use gpu::tensor::Tensor;
 pub use grad::{Grads, HostGrads};
+pub use graph::{Graph, GraphAttention, GraphHostOutput, GraphOutput};
 pub use linear_grad::LinearGrads;
 pub use mask::Alignment;
 pub use mha::{LayerGrads, MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights, PreparedLayer};

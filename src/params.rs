@@ -220,3 +220,46 @@ impl BlockOp {
         }
     }
 }
+
+/// Parameters of the edge-list attention kernels `graph_attention` and `graph_merge`
+/// (`src/plan/graph.rs`): one destination node's softmax over its in-neighbours.
+///
+/// Keep in sync with `GraphParams` in `shaders/common/graph.wgsl`; `tests/shaders.rs` checks
+/// it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
+pub struct GraphParams {
+    /// Destination nodes (query rows).
+    pub m: u32,
+    /// Source nodes (key/value rows).
+    pub n: u32,
+    /// Query heads.
+    pub heads: u32,
+    /// Key/value heads (dividing `heads`: query head h reads kv head h / (heads / kv_heads)).
+    pub kv_heads: u32,
+    /// Query/key head dimension.
+    pub d_k: u32,
+    /// Value head dimension.
+    pub d_v: u32,
+    /// Logit scale.
+    pub scale: f32,
+    /// [`graph_flags`] bits.
+    pub flags: u32,
+    /// Work items of `graph_attention`: destinations (whole neighbour lists) or chunks of
+    /// them (split); unused by `graph_merge`.
+    pub items: u32,
+    /// The longest loop of one invocation: edges one `graph_attention` workgroup walks (the
+    /// chunk length when split, else the largest in-degree), chunks of one destination for
+    /// `graph_merge`.
+    pub max_len: u32,
+    /// Edges of the graph.
+    pub edges: u32,
+    /// Padding to a multiple of 16 bytes.
+    pub _pad: u32,
+}
+
+/// Bits of [`GraphParams::flags`].
+pub mod graph_flags {
+    /// A per-edge, per-head additive bias `[E, heads]` (in CSR order) is bound.
+    pub const BIAS: u32 = 1;
+}

@@ -174,6 +174,12 @@ fn all_kernels() -> Vec<Kernel> {
             collect(&mut out, &layer.program);
         }
     }
+    // Edge-list attention: every value-dim slot count, whole lists and chunks, every storage.
+    for (dtype, native_f16) in typed {
+        for d_v in [1, 64, 65, 129, 256] {
+            out.extend(graph_kernels(dtype, native_f16, d_v));
+        }
+    }
     // linear's backward with inputs and weights of every type, with a bias.
     for (dtype, native_f16) in typed {
         for types in [(dtype, DType::F32), (DType::F32, dtype), (dtype, dtype)] {
@@ -192,6 +198,34 @@ fn all_kernels() -> Vec<Kernel> {
             .unwrap();
             collect(&mut out, &program);
         }
+    }
+    out
+}
+
+/// The kernels of edge-list attention plans at value head dim `d_v`: whole lists and forced
+/// chunks (which add graph_merge).
+fn graph_kernels(dtype: DType, native_f16: bool, d_v: usize) -> Vec<Kernel> {
+    use xattn::cpu::graph_reference::GraphDims;
+    use xattn::plan::graph::{GraphPlan, GraphRequest};
+    let mut out = Vec::new();
+    let row_ptr = [0u32, 2, 2, 5];
+    for chunk_len in [None, Some(64)] {
+        let req = GraphRequest {
+            dims: GraphDims {
+                m: 3,
+                n: 4,
+                heads: 2,
+                kv_heads: 1,
+                d_k: 5,
+                d_v,
+            },
+            scale: 1.0,
+            dtype,
+            bias: true,
+            chunk_len,
+        };
+        let plan = GraphPlan::new(&req, &row_ptr, &caps_for(native_f16)).unwrap();
+        collect(&mut out, plan.program());
     }
     out
 }
@@ -541,6 +575,35 @@ fn workgroup_memory_fits_the_portable_limit() {
             k.label(),
             k.workgroup_bytes()
         );
+    }
+}
+
+#[test]
+fn graph_params_layout_matches_wgsl() {
+    use xattn::params::GraphParams;
+    let (size, members) = wgsl_layout(
+        Kernel::GraphMerge(xattn::kernels::graph_merge::GraphMerge),
+        "GraphParams",
+    );
+    assert_eq!(size, std::mem::size_of::<GraphParams>(), "GraphParams size");
+    let rust = [
+        ("m", std::mem::offset_of!(GraphParams, m)),
+        ("n", std::mem::offset_of!(GraphParams, n)),
+        ("heads", std::mem::offset_of!(GraphParams, heads)),
+        ("kv_heads", std::mem::offset_of!(GraphParams, kv_heads)),
+        ("d_k", std::mem::offset_of!(GraphParams, d_k)),
+        ("d_v", std::mem::offset_of!(GraphParams, d_v)),
+        ("scale", std::mem::offset_of!(GraphParams, scale)),
+        ("flags", std::mem::offset_of!(GraphParams, flags)),
+        ("items", std::mem::offset_of!(GraphParams, items)),
+        ("max_len", std::mem::offset_of!(GraphParams, max_len)),
+        ("edges", std::mem::offset_of!(GraphParams, edges)),
+        ("_pad", std::mem::offset_of!(GraphParams, _pad)),
+    ];
+    assert_eq!(members.len(), rust.len(), "every member is checked");
+    for (name, offset) in rust {
+        let found = members.iter().find(|(n, _)| n == name);
+        assert_eq!(found.map(|m| m.1), Some(offset), "offset of {name}");
     }
 }
 

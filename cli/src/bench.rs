@@ -8,6 +8,7 @@
 //! `--backward` each forward is followed by its backward ([`backward`]), timed alike.
 
 mod backward;
+mod graph;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -213,6 +214,16 @@ pub struct BenchArgs {
     /// from the shape and the inputs (xattn::cpu::budget); --check-max-gflop counts 2.5×.
     #[arg(long, conflicts_with = "stats")]
     backward: bool,
+    /// Time edge-list attention (xattn::graph) instead of the suites: random graphs of each
+    /// --densities with uniform and power-law in-degrees (unique edges) against the fused
+    /// path with the equivalent dense bool mask, side by side, with the bytes each moves at
+    /// the least and the largest difference of their O. --m (default 16384), --n (default
+    /// --m), --heads, --dk (default 64), --dv, --warmup (1), --runs (3) and --seed apply.
+    #[arg(long, conflicts_with_all = ["backward", "stats", "suite"])]
+    graph: bool,
+    /// Edge densities E / (M·N) of --graph, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0.001,0.01,0.1")]
+    densities: Vec<f64>,
 }
 
 fn parse_fused_config(text: &str) -> Result<FusedConfig, String> {
@@ -896,6 +907,9 @@ fn verdict(records: &[Record], errors: &[String], checked: bool, args: &BenchArg
 /// Runs the benchmark and prints the table; fails (after writing the JSON) if any run failed
 /// or any check exceeded the tolerance.
 pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
+    if args.graph {
+        return graph::bench(args);
+    }
     let custom = custom_shape(args)?;
     let suite = match (args.suite, &custom) {
         (None, None) => Some(SuiteName::Quick),

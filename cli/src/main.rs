@@ -13,6 +13,7 @@ mod analytics;
 mod bench;
 mod expect;
 mod grad;
+mod graph;
 mod info;
 mod inputs;
 mod layout;
@@ -98,6 +99,19 @@ enum Command {
     /// Outputs are written all or none, and an existing target must be a regular file, as
     /// for `xattn run`. Exit status: 0 done, 1 an error, 2 a usage error.
     Grad(grad::GradArgs),
+    /// Attention over a graph's edge list on .npy files: each destination node attends to its
+    /// in-neighbours only.
+    ///
+    /// Q holds the destination nodes [M, heads, d_k], K and V the source nodes [N, kv_heads,
+    /// d_k] and [N, kv_heads, d_v] (M ≠ N for bipartite graphs; 4-D inputs with batch 1 too),
+    /// float32 or float16. The edges come as PyTorch Geometric's edge_index [2, E] (sources,
+    /// then destinations) or as CSR by destination (--row-ptr, --col-idx). Destination i's
+    /// softmax runs over its in-edges: logit scale·q_i·k_j (+ bias[e, h]); duplicates count
+    /// as often as they appear, self-loops as any edge, none are added. A destination with
+    /// no in-edge outputs 0 with LSE −inf, as PyTorch Geometric's TransformerConv outputs 0
+    /// there. No M×N mask or score matrix exists: work and memory grow with E·d. Outputs: O
+    /// [M, heads, d_v] and LSE [heads, M], float32, written all or none.
+    Graph(graph::GraphArgs),
     /// Run a multi-head attention layer (PyTorch nn.MultiheadAttention, Hugging Face
     /// Whisper/BART/T5, diffusers Attention) on .npy files.
     ///
@@ -385,6 +399,7 @@ fn main() -> ExitCode {
         Command::Info(args) => info::info(&args),
         Command::Run(args) => run::run(&args),
         Command::Grad(args) => grad::grad(&args),
+        Command::Graph(args) => graph::graph(&args),
         Command::Mha(args) => mha::mha(&args),
         Command::Bench(args) => bench::bench(&args),
     });

@@ -639,6 +639,43 @@ pub fn read_lens<'a>(src: impl Into<Source<'a>>) -> CliResult<Array<u32>> {
     })
 }
 
+/// Reads a C-ordered integer array of any shape (int32, int64, uint32 or uint64): graph
+/// indices, widened to i64 (uint64 above i64::MAX saturates; the caller checks the range).
+pub fn read_indices<'a>(src: impl Into<Source<'a>>) -> CliResult<Array<i64>> {
+    let src = src.into();
+    let (npy, ts) = open(&src, "int32 (<i4) or int64 (<i8)")?;
+    let widen_all = |data: Vec<i64>, shape| Array { data, shape };
+    if is(&ts, TypeChar::Int, 4) {
+        let a: Array<i32> = read_data(&src, npy, "")?;
+        Ok(widen_all(
+            a.data.into_iter().map(i64::from).collect(),
+            a.shape,
+        ))
+    } else if is(&ts, TypeChar::Int, 8) {
+        read_data(&src, npy, "")
+    } else if is(&ts, TypeChar::Uint, 4) {
+        let a: Array<u32> = read_data(&src, npy, "")?;
+        Ok(widen_all(
+            a.data.into_iter().map(i64::from).collect(),
+            a.shape,
+        ))
+    } else if is(&ts, TypeChar::Uint, 8) {
+        let a: Array<u64> = read_data(&src, npy, "")?;
+        let data = a
+            .data
+            .into_iter()
+            .map(|x| i64::try_from(x).unwrap_or(i64::MAX));
+        Ok(widen_all(data.collect(), a.shape))
+    } else {
+        Err(wrong_dtype(
+            &src,
+            &ts,
+            "int32 (<i4) or int64 (<i8) indices",
+            "convert with a.astype(np.int64)",
+        ))
+    }
+}
+
 /// Writes `data` to `file` as a C-ordered little-endian `.npy` array of shape `shape`, float32
 /// for `f32`, float16 for `half::f16`; `path` names the output in errors.
 pub fn write_npy<T: AutoSerialize + Copy>(

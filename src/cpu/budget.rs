@@ -116,3 +116,29 @@ impl GradBudget {
         }
     }
 }
+
+/// Error budgets of the f32 edge-list attention ([`crate::graph`]) against its f64 reference
+/// ([`super::graph_reference`]), absolute: O and LSE.
+///
+/// As for dense attention: a logit is a d_k-term f32 dot product plus the bias, off by
+/// δ ≈ 4ε·(1 + max|logit|) with max|logit| ≤ |scale|·d_k·max|q|·max|k| + max finite |bias|; the
+/// softmax turns δ into a relative weight error ≈ δ; a destination's sums run sequentially
+/// over its in-edges (at most `max_degree` terms, ε each); the exact merge of a split list
+/// adds a few roundings of the same order as the logit's. So LSE within
+/// ε·(4·(1 + max|logit|) + max_degree), and O within that times max|v|.
+pub fn graph_budget(
+    (scale, d_k): (f32, usize),
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    bias: Option<&[f32]>,
+    max_degree: usize,
+) -> (f64, f64) {
+    let mut max_logit = f64::from(scale.abs()) * d_k as f64 * amax(q) * amax(k);
+    if let Some(b) = bias {
+        max_logit += b
+            .iter()
+            .filter(|x| x.is_finite() && **x > crate::mask::BIAS_REMOVES)
+            .fold(0.0f64, |a, &x| a.max(f64::from(x.abs())));
+    }
+    let base = EPS * (4.0 * (1.0 + max_logit) + max_degree as f64);
+    (base * amax(v).max(1e-3), base)
+}

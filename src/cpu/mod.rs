@@ -25,6 +25,11 @@ pub mod grad_q;
 #[doc(hidden)]
 pub mod grad_rowdot;
 #[doc(hidden)]
+pub mod graph_attention;
+#[doc(hidden)]
+pub mod graph_merge;
+pub mod graph_reference;
+#[doc(hidden)]
 pub mod key_coverage;
 #[doc(hidden)]
 pub mod linear;

@@ -16,6 +16,10 @@ const COMMON_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/common/dropout.wgsl"),
     ),
     (
+        "common/graph.wgsl",
+        include_str!("../../shaders/common/graph.wgsl"),
+    ),
+    (
         "common/grad.wgsl",
         include_str!("../../shaders/common/grad.wgsl"),
     ),

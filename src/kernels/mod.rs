@@ -39,6 +39,8 @@ pub mod grad_bias;
 pub mod grad_kv;
 pub mod grad_q;
 pub mod grad_rowdot;
+pub mod graph_attention;
+pub mod graph_merge;
 pub mod key_coverage;
 pub mod linear;
 pub mod linear_grad;
@@ -247,6 +249,8 @@ registry! {
     GradQ(grad_q::GradQ),
     GradKv(grad_kv::GradKv),
     GradBias(grad_bias::GradBias),
+    GraphAttention(graph_attention::GraphAttention),
+    GraphMerge(graph_merge::GraphMerge),
 }
 
 impl Kernel {

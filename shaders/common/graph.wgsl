@@ -1,0 +1,22 @@
+// What the edge-list attention kernels share (graph_attention, graph_merge; semantics:
+// src/graph.rs). Mirrors `GraphParams` in src/params.rs; tests/shaders.rs checks size and
+// offsets.
+struct GraphParams {
+    m: u32,
+    n: u32,
+    heads: u32,
+    kv_heads: u32,
+    d_k: u32,
+    d_v: u32,
+    scale: f32,
+    flags: u32,
+    items: u32,
+    max_len: u32,
+    edges: u32,
+    _pad: u32,
+}
+
+// flags bit (src/params.rs graph_flags::BIAS): a per-edge, per-head bias [E, heads] is bound.
+const GRAPH_BIAS: u32 = 1u;
+// A bias at or below this removes its edge (src/mask.rs BIAS_REMOVES, as on the dense paths).
+const GRAPH_BIAS_REMOVES: f32 = -1.0e30;

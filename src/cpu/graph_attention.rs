@@ -1,0 +1,111 @@
+//! CPU twin of `shaders/graph_attention.wgsl`: each (work item, head)'s online softmax over
+//! tiles of 64 edges, the lanes of a workgroup walked one after another.
+
+use crate::cpu::mask::{MASKED, MIN_WEIGHT, REMOVED_BELOW};
+use crate::cpu::widen;
+use crate::kernels::graph_attention::{GraphAttention, GRAPH_WG};
+use crate::mask::BIAS_REMOVES;
+use crate::params::{graph_flags, GraphParams};
+
+/// Runs the twin on the kernel's bindings 1.. as words: q, k, v, row_ptr, col_idx, chunks,
+/// bias → o, lse.
+pub fn run(p: &GraphParams, spec: GraphAttention, buffers: &mut [Vec<u32>]) {
+    let [q, k, v, row_ptr, col_idx, chunks, bias, o, lse] = buffers else {
+        crate::cpu::arity("graph_attention", buffers.len())
+    };
+    let (q, k, v) = (
+        widen(spec.storage, q),
+        widen(spec.storage, k),
+        widen(spec.storage, v),
+    );
+    let bias: &[f32] = bytemuck::cast_slice(bias);
+    let o: &mut [f32] = bytemuck::cast_slice_mut(o);
+    let lse: &mut [f32] = bytemuck::cast_slice_mut(lse);
+    let (heads, kv_heads) = (p.heads as usize, p.kv_heads as usize);
+    let (dk, dv) = (p.d_k as usize, p.d_v as usize);
+    let wg = GRAPH_WG as usize;
+    // load4 of a row of `len` at `base`: zero past the row's end.
+    let load4 = |x: &[f32], base: usize, d: usize, len: usize| -> [f32; 4] {
+        std::array::from_fn(|u| if d + u < len { x[base + d + u] } else { 0.0 })
+    };
+    for item in 0..p.items as usize {
+        for h in 0..heads {
+            let kvh = h / (heads / kv_heads);
+            let (dst, e0, e1) = if spec.split {
+                let (dst, e0) = (chunks[2 * item] as usize, chunks[2 * item + 1] as usize);
+                let end = (e0 + p.max_len as usize).min(row_ptr[dst + 1] as usize);
+                (dst, e0, end)
+            } else {
+                (item, row_ptr[item] as usize, row_ptr[item + 1] as usize)
+            };
+            let q_base = (dst * heads + h) * dk;
+            let (mut m, mut l) = (MASKED, 0.0f32);
+            let mut acc = vec![0.0f32; dv];
+            let mut t0 = e0;
+            while t0 < e1 {
+                let len = wg.min(e1 - t0);
+                // Each lane's score and source.
+                let mut sh_s = vec![MASKED; wg];
+                let mut sh_j = vec![0usize; wg];
+                for li in 0..len {
+                    let e = t0 + li;
+                    let j = col_idx[e] as usize;
+                    let k_base = (j * kv_heads + kvh) * dk;
+                    let mut x = 0.0f32;
+                    for d in (0..dk).step_by(4) {
+                        let (a, b) = (load4(&q, q_base, d, dk), load4(&k, k_base, d, dk));
+                        x += a[0] * b[0] + a[1] * b[1] + a[2] * b[2] + a[3] * b[3];
+                    }
+                    let mut s = x * p.scale;
+                    if p.flags & graph_flags::BIAS != 0 {
+                        let b = bias[e * heads + h];
+                        s = if b <= BIAS_REMOVES { MASKED } else { s + b };
+                    }
+                    sh_s[li] = s;
+                    sh_j[li] = j;
+                }
+                let tmax = sh_s[..len].iter().fold(m, |a, &s| a.max(s));
+                let sh_w: Vec<f32> = sh_s
+                    .iter()
+                    .map(|&s| {
+                        if s > REMOVED_BELOW {
+                            (s - tmax).exp().max(MIN_WEIGHT)
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let alpha = (m - tmax).exp().max(MIN_WEIGHT);
+                l *= alpha;
+                acc.iter_mut().for_each(|a| *a *= alpha);
+                for t in 0..len {
+                    let w = sh_w[t];
+                    if w > 0.0 {
+                        l += w;
+                        let row = (sh_j[t] * kv_heads + kvh) * dv;
+                        for (d, a) in acc.iter_mut().enumerate() {
+                            *a = w.mul_add(v[row + d], *a);
+                        }
+                    }
+                }
+                m = tmax;
+                t0 += wg;
+            }
+            let (inv, row_max, log_sum) = if l > 0.0 {
+                (1.0 / l, m, l.ln())
+            } else {
+                (0.0, f32::NEG_INFINITY, 0.0)
+            };
+            let row = (item * heads + h) * dv;
+            for (d, a) in acc.iter().enumerate() {
+                o[row + d] = a * inv;
+            }
+            if spec.split {
+                lse[2 * (item * heads + h)] = row_max;
+                lse[2 * (item * heads + h) + 1] = log_sum;
+            } else {
+                lse[h * p.m as usize + dst] = row_max + log_sum;
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! The reference of edge-list attention ([`crate::graph`]): naive, f64 accumulation,
+//! max-subtracted softmax, built from the edge list as given (pairs of source and destination
+//! in the caller's order), sharing nothing with the kernels, their CSR or their chunking.
+
+use crate::mask::BIAS_REMOVES;
+
+/// The sizes of an edge-list attention: M destinations, N sources, heads and head dims.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GraphDims {
+    /// Destination nodes (query rows).
+    pub m: usize,
+    /// Source nodes (key/value rows).
+    pub n: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (dividing `heads`).
+    pub kv_heads: usize,
+    /// Query/key head dim.
+    pub d_k: usize,
+    /// Value head dim.
+    pub d_v: usize,
+}
+
+/// Reference results in f64: O `[M, heads, d_v]`, LSE `[heads, M]` (−∞ and O = 0 for a
+/// destination with no kept in-edge).
+#[derive(Clone, Debug)]
+pub struct GraphReference {
+    /// O.
+    pub o: Vec<f64>,
+    /// LSE.
+    pub lse: Vec<f64>,
+}
+
+/// Attention of `q [M, heads, d_k]` over `k [N, kv_heads, d_k]`, `v [N, kv_heads, d_v]` along
+/// `edges` (`(source, destination)` pairs; duplicates count twice, self-loops as any edge),
+/// with logit `scale·q_i·k_j` plus `bias [E, heads]` (in the order of `edges`; a value ≤
+/// [`BIAS_REMOVES`] removes the edge) where given.
+pub fn graph_attention<T: Copy + Into<f64>>(
+    s: GraphDims,
+    (q, k, v): (&[T], &[T], &[T]),
+    edges: &[(usize, usize)],
+    bias: Option<&[f32]>,
+    scale: f64,
+) -> GraphReference {
+    let group = s.heads / s.kv_heads;
+    let mut o = vec![0.0; s.m * s.heads * s.d_v];
+    let mut lse = vec![f64::NEG_INFINITY; s.heads * s.m];
+    // Each destination's in-edges, by edge id, in the given order.
+    let mut incoming: Vec<Vec<usize>> = vec![Vec::new(); s.m];
+    for (e, &(_, dst)) in edges.iter().enumerate() {
+        incoming[dst].push(e);
+    }
+    for (i, ins) in incoming.iter().enumerate() {
+        for h in 0..s.heads {
+            let kh = h / group;
+            let qrow = &q[(i * s.heads + h) * s.d_k..][..s.d_k];
+            // (source, logit) of each kept edge.
+            let logits: Vec<(usize, f64)> = ins
+                .iter()
+                .filter_map(|&e| {
+                    let j = edges[e].0;
+                    let b = bias.map_or(0.0, |b| b[e * s.heads + h]);
+                    if b <= BIAS_REMOVES {
+                        return None;
+                    }
+                    let krow = &k[(j * s.kv_heads + kh) * s.d_k..][..s.d_k];
+                    let dot: f64 = qrow
+                        .iter()
+                        .zip(krow)
+                        .map(|(&x, &y)| x.into() * y.into())
+                        .sum();
+                    Some((j, dot * scale + f64::from(b)))
+                })
+                .collect();
+            if logits.is_empty() {
+                continue;
+            }
+            let max = logits.iter().map(|l| l.1).fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = logits.iter().map(|l| (l.1 - max).exp()).sum();
+            lse[h * s.m + i] = max + sum.ln();
+            let orow = &mut o[(i * s.heads + h) * s.d_v..][..s.d_v];
+            for &(j, logit) in &logits {
+                let p = (logit - max).exp() / sum;
+                let vrow = &v[(j * s.kv_heads + kh) * s.d_v..][..s.d_v];
+                for (acc, &x) in orow.iter_mut().zip(vrow) {
+                    *acc += p * x.into();
+                }
+            }
+        }
+    }
+    GraphReference { o, lse }
+}

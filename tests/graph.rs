@@ -1,0 +1,485 @@
+//! Edge-list attention (`xattn::graph`): against the f64 reference built from the edge list,
+//! on random graphs with isolated nodes, hubs, self-loops, duplicate edges and bipartite node
+//! sets; whole and split neighbour lists; the dense-mask equivalence; the CPU executor; typed
+//! errors for bad input.
+
+mod common;
+
+use common::{assert_close, engine, poison, random, CAPS};
+use rand::{Rng, SeedableRng};
+use xattn::cpu::budget::graph_budget;
+use xattn::cpu::graph_reference::{graph_attention as reference, GraphDims, GraphReference};
+use xattn::cpu::program::{floats, run, words, HostBuffers};
+use xattn::graph::graph_request;
+use xattn::plan::graph::{GraphPlan, GraphSplit};
+use xattn::{Attention, DType, DeviceCaps, Engine, Error, Graph, GraphAttention, Tensor};
+
+/// A test graph: its edges as given, as `(source, destination)`.
+struct Case {
+    dims: GraphDims,
+    edges: Vec<(usize, usize)>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+fn dims(m: usize, n: usize, heads: usize, kv_heads: usize, d_k: usize, d_v: usize) -> GraphDims {
+    GraphDims {
+        m,
+        n,
+        heads,
+        kv_heads,
+        d_k,
+        d_v,
+    }
+}
+
+impl Case {
+    /// Seeded inputs for `edges`.
+    fn new(dims: GraphDims, edges: Vec<(usize, usize)>, seed: u64) -> Self {
+        Self {
+            q: random(dims.m * dims.heads * dims.d_k, 1.0, seed),
+            k: random(dims.n * dims.kv_heads * dims.d_k, 1.0, seed + 1),
+            v: random(dims.n * dims.kv_heads * dims.d_v, 1.0, seed + 2),
+            dims,
+            edges,
+        }
+    }
+
+    /// `e` random edges into the first `reach` destinations (the rest isolated), with
+    /// duplicates of some and, where the node sets coincide, self-loops.
+    fn random(dims: GraphDims, e: usize, reach: usize, seed: u64) -> Self {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut edges: Vec<(usize, usize)> = (0..e)
+            .map(|_| (rng.random_range(0..dims.n), rng.random_range(0..reach)))
+            .collect();
+        for i in 0..e / 10 {
+            edges.push(edges[i * 7 % e]);
+        }
+        if dims.m == dims.n {
+            edges.extend((0..reach).step_by(3).map(|i| (i, i)));
+        }
+        Self::new(dims, edges, seed + 10)
+    }
+
+    fn graph(&self) -> Graph {
+        let (src, dst): (Vec<i64>, Vec<i64>) = self
+            .edges
+            .iter()
+            .map(|&(s, d)| (s as i64, d as i64))
+            .unzip();
+        Graph::from_coo(self.dims.n, self.dims.m, &src, &dst).unwrap()
+    }
+
+    fn max_degree(&self) -> usize {
+        let mut deg = vec![0usize; self.dims.m];
+        for &(_, d) in &self.edges {
+            deg[d] += 1;
+        }
+        deg.into_iter().max().unwrap_or(0)
+    }
+
+    fn qkv_dims(&self) -> [[usize; 4]; 3] {
+        let s = self.dims;
+        [
+            [1, s.m, s.heads, s.d_k],
+            [1, s.n, s.kv_heads, s.d_k],
+            [1, s.n, s.kv_heads, s.d_v],
+        ]
+    }
+
+    fn reference(&self, opts: &GraphAttention) -> GraphReference {
+        let scale = f64::from(opts.scale_for(self.dims.d_k));
+        reference(
+            self.dims,
+            (&self.q, &self.k, &self.v),
+            &self.edges,
+            opts.bias(),
+            scale,
+        )
+    }
+
+    fn budget(&self, opts: &GraphAttention) -> (f64, f64) {
+        graph_budget(
+            (opts.scale_for(self.dims.d_k), self.dims.d_k),
+            (&self.q, &self.k, &self.v),
+            opts.bias(),
+            self.max_degree(),
+        )
+    }
+}
+
+/// Runs on the device with O and LSE poisoned first; returns the plan, O and LSE.
+fn run_gpu(
+    engine: &Engine,
+    c: &Case,
+    opts: &GraphAttention,
+    dtype: DType,
+) -> xattn::Result<(GraphPlan, Vec<f32>, Vec<f32>)> {
+    let [qd, kd, vd] = c.qkv_dims();
+    let up = |x: &[f32], d: [usize; 4]| Tensor::upload_as(engine.context(), "in", x, &d, dtype);
+    let (q, k, v) = (up(&c.q, qd)?, up(&c.k, kd)?, up(&c.v, vd)?);
+    let graph = c.graph();
+    let plan = engine.plan_graph((&q, &k, &v), &graph, opts)?;
+    let call = engine.prepare_graph((&q, &k, &v), &graph, opts)?;
+    poison(&call.output().o)?;
+    poison(&call.output().lse)?;
+    call.run()?;
+    let out = call.into_output();
+    Ok((plan, out.o.to_host()?, out.lse.to_host()?))
+}
+
+/// Runs `c` on the device and checks O and LSE against the reference; returns the plan.
+fn check(engine: &Engine, what: &str, c: &Case, opts: &GraphAttention) -> GraphPlan {
+    let (plan, o, lse) = run_gpu(engine, c, opts, DType::F32).unwrap();
+    let r = c.reference(opts);
+    let (tol_o, tol_lse) = c.budget(opts);
+    assert_close(&format!("{what} O"), &o, &r.o, tol_o);
+    assert_close(&format!("{what} LSE"), &lse, &r.lse, tol_lse);
+    plan
+}
+
+#[test]
+fn random_graphs_match_the_reference() {
+    let Some(engine) = engine() else { return };
+    let cases = [
+        // One node set: self-loops, duplicates, a third of the nodes isolated.
+        (
+            "square",
+            Case::random(dims(37, 37, 2, 2, 16, 16), 300, 25, 1),
+        ),
+        // Bipartite, GQA, d_k ≠ d_v.
+        (
+            "bipartite",
+            Case::random(dims(50, 23, 4, 2, 8, 12), 400, 50, 2),
+        ),
+        // Head dims 1 and 3, N = 1.
+        ("tiny", Case::random(dims(5, 1, 1, 1, 1, 3), 9, 4, 3)),
+        // Wide values (four dims per invocation), odd d_k, M = 1.
+        ("wide", Case::random(dims(1, 90, 2, 1, 3, 200), 150, 1, 4)),
+    ];
+    for (what, c) in &cases {
+        let plan = check(engine, what, c, &GraphAttention::default());
+        assert_eq!(plan.split, GraphSplit::Whole, "{what}: {plan}");
+    }
+}
+
+#[test]
+fn forced_chunks_match_the_reference() {
+    let Some(engine) = engine() else { return };
+    // Lists of up to ~300 edges in chunks of 64, merged; isolated destinations included.
+    let c = Case::random(dims(40, 40, 2, 1, 8, 8), 3000, 30, 5);
+    let opts = GraphAttention::default().with_chunk_len(64);
+    let plan = check(engine, "chunks of 64", &c, &opts);
+    let GraphSplit::Chunks { hubs, .. } = plan.split else {
+        panic!("{plan}")
+    };
+    assert!(hubs > 20, "{plan}");
+}
+
+#[test]
+fn a_hub_is_split_and_merged() {
+    let Some(engine) = engine() else { return };
+    // Destination 0 has 70,000 in-edges: more than one workgroup may walk under llvmpipe's
+    // loop cap (and over the balance threshold anywhere); the others a few each.
+    let d = dims(300, 2000, 2, 2, 8, 8);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    let mut edges: Vec<(usize, usize)> =
+        (0..70_000).map(|_| (rng.random_range(0..d.n), 0)).collect();
+    edges.extend((0..3000).map(|_| (rng.random_range(0..d.n), rng.random_range(1..250))));
+    let c = Case::new(d, edges, 60);
+    let plan = check(engine, "hub", &c, &GraphAttention::default());
+    let GraphSplit::Chunks {
+        hubs, max_chunks, ..
+    } = plan.split
+    else {
+        panic!("a 70,000-edge hub must be split: {plan}")
+    };
+    assert!(hubs >= 1 && max_chunks >= 3, "{plan}");
+    let text = plan.to_string();
+    assert!(text.contains("graph_merge"), "{text}");
+}
+
+#[test]
+fn a_small_loop_cap_splits_lists() {
+    let Some(engine) = engine() else { return };
+    // A cap of 1000 iterations leaves 7 tiles (448 edges) per workgroup at d_k = 16: each
+    // tile of 64 edges costs 1 + 5 (d_k in vec4s, exit test included) + 2 × 65 iterations.
+    let caps = DeviceCaps {
+        loop_cap: Some(1000),
+        ..*engine.caps()
+    };
+    let small = Engine::with_caps(engine.context(), caps);
+    let c = Case::random(dims(20, 60, 1, 1, 16, 5), 4000, 6, 7);
+    let plan = check(&small, "capped", &c, &GraphAttention::default());
+    let GraphSplit::Chunks { chunk_len, .. } = plan.split else {
+        panic!("{plan}")
+    };
+    assert_eq!(chunk_len, 448, "{plan}");
+}
+
+#[test]
+fn bias_shifts_and_removes_edges() {
+    let Some(engine) = engine() else { return };
+    let c = Case::random(dims(30, 30, 2, 2, 8, 8), 200, 30, 8);
+    let e = c.edges.len();
+    let mut bias = random(e * 2, 2.0, 80);
+    // Every edge into destination 3 removed (−∞ or ≤ −1e30): it outputs 0 and LSE −∞.
+    for (i, &(_, d)) in c.edges.iter().enumerate() {
+        if d == 3 {
+            bias[2 * i] = f32::NEG_INFINITY;
+            bias[2 * i + 1] = -2e30;
+        }
+    }
+    bias[1] = f32::NEG_INFINITY;
+    let opts = GraphAttention::default().with_bias(bias);
+    let r = c.reference(&opts);
+    assert_eq!(r.lse[3], f64::NEG_INFINITY);
+    check(engine, "bias", &c, &opts);
+    check(engine, "bias, chunks", &c, &opts.clone().with_chunk_len(64));
+}
+
+#[test]
+fn the_dense_masked_path_agrees() {
+    let Some(engine) = engine() else { return };
+    // Unique edges (a mask cannot hold duplicates), isolated destinations included.
+    let mut c = Case::random(dims(45, 33, 2, 1, 16, 16), 500, 40, 9);
+    c.edges.sort_unstable();
+    c.edges.dedup();
+    let s = c.dims;
+    let mut mask = vec![false; s.m * s.n];
+    for &(src, dst) in &c.edges {
+        mask[dst * s.n + src] = true;
+    }
+    let [qd, kd, vd] = c.qkv_dims();
+    let dense = engine
+        .attention_host(
+            (&c.q, qd),
+            (&c.k, kd),
+            (&c.v, vd),
+            &Attention::default().with_mask([1, 1, s.m, s.n], mask),
+        )
+        .unwrap();
+    let (_, o, lse) = run_gpu(engine, &c, &GraphAttention::default(), DType::F32).unwrap();
+    let (tol_o, tol_lse) = c.budget(&GraphAttention::default());
+    let to64 = |x: &[f32]| x.iter().map(|&y| f64::from(y)).collect::<Vec<f64>>();
+    // Each within budget of the reference, so within twice it of each other.
+    assert_close("graph vs dense O", &o, &to64(&dense.o), 2.0 * tol_o);
+    assert_close("graph vs dense LSE", &lse, &to64(&dense.lse), 2.0 * tol_lse);
+}
+
+#[test]
+fn half_inputs_accumulate_in_f32() {
+    let Some(engine) = engine() else { return };
+    let mut c = Case::random(dims(25, 31, 2, 2, 12, 8), 300, 20, 10);
+    let dtype = DType::F16;
+    for x in [&mut c.q, &mut c.k, &mut c.v] {
+        *x = dtype.decode(&dtype.encode(x), x.len());
+    }
+    let opts = GraphAttention::default();
+    let (_, o, lse) = run_gpu(engine, &c, &opts, dtype).unwrap();
+    let r = c.reference(&opts);
+    let (tol_o, tol_lse) = c.budget(&opts);
+    assert_close("f16 O", &o, &r.o, tol_o);
+    assert_close("f16 LSE", &lse, &r.lse, tol_lse);
+}
+
+#[test]
+fn csr_and_coo_agree() {
+    let Some(engine) = engine() else { return };
+    let c = Case::random(dims(20, 20, 1, 1, 4, 4), 100, 15, 11);
+    let coo = c.graph();
+    // The stable sort keeps each destination's edges (duplicates too) in the given order.
+    let mut by_dst: Vec<Vec<u32>> = vec![Vec::new(); 20];
+    for &(s, d) in &c.edges {
+        by_dst[d].push(s as u32);
+    }
+    let col: Vec<u32> = by_dst.concat();
+    assert_eq!(coo.col_idx(), col.as_slice());
+    let mut row_ptr = vec![0u32];
+    for l in &by_dst {
+        row_ptr.push(row_ptr.last().unwrap() + l.len() as u32);
+    }
+    let csr = Graph::from_csr(20, row_ptr, col).unwrap();
+    let [qd, kd, vd] = c.qkv_dims();
+    let opts = GraphAttention::default();
+    let a = engine
+        .graph_attention_host((&c.q, qd), (&c.k, kd), (&c.v, vd), &coo, &opts)
+        .unwrap();
+    let b = engine
+        .graph_attention_host((&c.q, qd), (&c.k, kd), (&c.v, vd), &csr, &opts)
+        .unwrap();
+    assert_eq!(a, b);
+}
+
+/// The planned programs through the CPU executor (the kernels' twins), whole and split.
+#[test]
+fn the_cpu_executor_runs_the_graph_program() {
+    let c = Case::random(dims(33, 41, 4, 2, 8, 70), 900, 30, 12);
+    let graph = c.graph();
+    let bias = random(graph.edges() * 4, 1.0, 120);
+    for opts in [
+        GraphAttention::default(),
+        GraphAttention::default().with_bias(bias).with_chunk_len(64),
+    ] {
+        let req = graph_request(c.qkv_dims().into(), DType::F32, &graph, &opts).unwrap();
+        let plan = GraphPlan::new(&req, graph.row_ptr(), &CAPS).unwrap();
+        let io = plan.io;
+        let mut inputs: HostBuffers = [
+            (io.q, words(&c.q)),
+            (io.k, words(&c.k)),
+            (io.v, words(&c.v)),
+        ]
+        .into_iter()
+        .collect();
+        inputs.extend(plan.index_inputs(graph.row_ptr(), graph.col_idx()));
+        if let Some(b) = opts.bias() {
+            inputs.insert(io.bias, words(&graph.to_csr_order(b, 4)));
+        }
+        let mut got = run(plan.program(), &inputs).unwrap();
+        let r = c.reference(&opts);
+        let (tol_o, tol_lse) = c.budget(&opts);
+        assert_close("twin O", &floats(&got.remove(&io.o).unwrap()), &r.o, tol_o);
+        assert_close(
+            "twin LSE",
+            &floats(&got.remove(&io.lse).unwrap()),
+            &r.lse,
+            tol_lse,
+        );
+    }
+}
+
+/// The planner's choice from the degree distribution, without a device.
+#[test]
+fn the_planner_splits_skewed_degrees_only() {
+    let d = dims(1000, 1000, 2, 2, 32, 32);
+    let req = |chunk_len| xattn::plan::graph::GraphRequest {
+        dims: d,
+        scale: 0.1,
+        dtype: DType::F32,
+        bias: false,
+        chunk_len,
+    };
+    // Uniform: 20 edges each.
+    let uniform: Vec<u32> = (0..=1000).map(|i| 20 * i).collect();
+    let plan = GraphPlan::new(&req(None), &uniform, &CAPS).unwrap();
+    assert_eq!(plan.split, GraphSplit::Whole, "{plan}");
+    assert!(plan.to_string().contains("split: none"), "{plan}");
+    // One hub of 5000 edges among lists of 2: over 8 × mean, split for balance.
+    let mut skewed = vec![0u32, 5000];
+    skewed.extend((1..1000).map(|i| 5000 + 2 * i));
+    let plan = GraphPlan::new(&req(None), &skewed, &CAPS).unwrap();
+    let GraphSplit::Chunks {
+        chunk_len, hubs, ..
+    } = plan.split
+    else {
+        panic!("{plan}")
+    };
+    assert_eq!((chunk_len, hubs), (1024, 1), "{plan}");
+    assert!(
+        plan.to_string().contains("for balance") || plan.to_string().contains("over max"),
+        "{plan}"
+    );
+    // A forced chunk length must be a multiple of 64.
+    assert!(matches!(
+        GraphPlan::new(&req(Some(100)), &uniform, &CAPS),
+        Err(Error::Argument(_))
+    ));
+}
+
+#[test]
+fn bad_graphs_are_typed_errors() {
+    let shape = |r: xattn::Result<Graph>| matches!(r, Err(Error::Shape(_)));
+    let arg = |r: xattn::Result<Graph>| matches!(r, Err(Error::Argument(_)));
+    assert!(
+        arg(Graph::from_csr(3, vec![0, 1, 2], vec![0, 3])),
+        "source ≥ N"
+    );
+    assert!(
+        shape(Graph::from_csr(3, vec![0, 2, 1], vec![0, 1])),
+        "row_ptr decreases"
+    );
+    assert!(
+        shape(Graph::from_csr(3, vec![0, 1, 3], vec![0, 1])),
+        "E mismatch"
+    );
+    assert!(
+        shape(Graph::from_csr(3, vec![1, 1, 2], vec![0, 1])),
+        "row_ptr[0] ≠ 0"
+    );
+    assert!(shape(Graph::from_csr(3, vec![0], vec![])), "no destination");
+    assert!(shape(Graph::from_csr(0, vec![0, 0], vec![])), "no source");
+    assert!(
+        arg(Graph::from_coo(3, 2, &[0, -1], &[0, 1])),
+        "negative source"
+    );
+    assert!(
+        arg(Graph::from_coo(3, 2, &[0, 1], &[0, 2])),
+        "destination ≥ M"
+    );
+    assert!(
+        shape(Graph::from_coo(3, 2, &[0, 1], &[0])),
+        "rows of different length"
+    );
+    assert!(
+        Graph::from_coo(3, 2, &[], &[]).is_ok(),
+        "no edges: every destination isolated"
+    );
+}
+
+#[test]
+fn bad_calls_are_typed_errors() {
+    let graph = Graph::from_coo(4, 3, &[0, 1, 3], &[0, 0, 2]).unwrap();
+    let d = [[1, 3, 2, 8], [1, 4, 2, 8], [1, 4, 2, 8]];
+    let req = |dims: [[usize; 4]; 3], opts: &GraphAttention| {
+        graph_request(dims.into(), DType::F32, &graph, opts)
+    };
+    let ok = GraphAttention::default();
+    assert!(req(d, &ok).is_ok());
+    assert!(matches!(
+        req([[2, 3, 2, 8], [2, 4, 2, 8], [2, 4, 2, 8]], &ok),
+        Err(Error::Unsupported(_))
+    ));
+    assert!(
+        matches!(req([[1, 5, 2, 8], d[1], d[2]], &ok), Err(Error::Shape(_))),
+        "M ≠ graph"
+    );
+    assert!(
+        matches!(
+            req([d[0], [1, 5, 2, 8], [1, 5, 2, 8]], &ok),
+            Err(Error::Shape(_))
+        ),
+        "N ≠ graph"
+    );
+    assert!(
+        matches!(req([[1, 3, 3, 8], d[1], d[2]], &ok), Err(Error::Shape(_))),
+        "heads"
+    );
+    let short = GraphAttention::default().with_bias(vec![0.0; 5]);
+    assert!(matches!(req(d, &short), Err(Error::Length { .. })));
+    let nan = GraphAttention::default().with_bias(vec![f32::NAN; 6]);
+    assert!(matches!(req(d, &nan), Err(Error::Argument(_))));
+    let inf = GraphAttention::default().with_bias(vec![f32::INFINITY; 6]);
+    assert!(matches!(req(d, &inf), Err(Error::Argument(_))));
+    let scale = GraphAttention::default().with_scale(f32::NAN);
+    assert!(matches!(req(d, &scale), Err(Error::Argument(_))));
+    // Through the engine: a value head dim over 256, a chunk length off 64.
+    let Some(engine) = engine() else { return };
+    let up = |dims: &[usize]| {
+        engine
+            .upload(&random(dims.iter().product(), 1.0, 1), dims)
+            .unwrap()
+    };
+    let (q, k) = (up(&[1, 3, 2, 8]), up(&[1, 4, 2, 8]));
+    let wide = up(&[1, 4, 2, 300]);
+    assert!(matches!(
+        engine.graph_attention((&q, &k, &wide), &graph, &ok),
+        Err(Error::Unsupported(_))
+    ));
+    let v = up(&[1, 4, 2, 8]);
+    let odd = GraphAttention::default().with_chunk_len(100);
+    assert!(matches!(
+        engine.graph_attention((&q, &k, &v), &graph, &odd),
+        Err(Error::Argument(_))
+    ));
+}
