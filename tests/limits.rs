@@ -240,31 +240,44 @@ fn dispatches_at_the_loop_cap_are_right() {
     // The fused kernel over exactly the keys one pass may walk, for every configuration the
     // planner may pick at that head dim: each R (M = 5: R = 2 and 4 leave dead rows in the
     // last invocation), with subgroup lanes and with broadcast loads where the device has
-    // subgroups.
+    // subgroups. Masked: every mask and logit control ("all"), and the masked variant without
+    // key segments, with a bool mask only or a softcap only (llvmpipe counts the exit test of
+    // a loop in a branch not taken: the segment lookup was such a loop, uncounted, until
+    // these cases found calls of 16,384 keys silently wrong).
     let lanes = engine.caps().subgroup_lanes.is_some();
-    let variants = [(1usize, false), (64, false), (256, false), (16, true)]
-        .into_iter()
-        .flat_map(|c| FusedConfig::ALL.map(|config| (c, config)))
-        .filter(|&((d, _), config)| {
-            let r = config.rows_per_invocation;
-            (r == 1 || r * 2 * d.next_multiple_of(4) as u32 <= FUSED_ROW_FLOATS)
-                && (lanes || !(config.subgroup_lanes || config.broadcast_loads))
-        });
-    for ((d, masked), config) in variants {
+    let variants = [
+        (1usize, ""),
+        (64, ""),
+        (256, ""),
+        (16, "all"),
+        (16, "mask"),
+        (16, "softcap"),
+    ]
+    .into_iter()
+    .flat_map(|c| FusedConfig::ALL.map(|config| (c, config)))
+    .filter(|&((d, _), config)| {
+        let r = config.rows_per_invocation;
+        (r == 1 || r * 2 * d.next_multiple_of(4) as u32 <= FUSED_ROW_FLOATS)
+            && (lanes || !(config.subgroup_lanes || config.broadcast_loads))
+    });
+    for ((d, masking), config) in variants {
         let r = config.rows_per_invocation;
         let probe = shape(1, 5, 64, 1, 1, d);
         let opts_for = |n: usize| {
             let opts = Attention::default()
                 .with_path(Path::Fused)
                 .with_fused_config(config);
-            if !masked {
-                return opts;
+            match masking {
+                "all" => opts
+                    .with_mask([1, 1, 1, n], random_bools(n, 0.9, 3))
+                    .with_bias([1, 1, 1, n], random(n, 1.0, 4))
+                    .with_key_segment(0, n / 2, 1.5)
+                    .with_key_segment(n / 2 + 1, n, 0.7)
+                    .with_softcap(5.0),
+                "mask" => opts.with_mask([1, 1, 1, n], random_bools(n, 0.9, 3)),
+                "softcap" => opts.with_softcap(5.0),
+                _ => opts,
             }
-            opts.with_mask([1, 1, 1, n], random_bools(n, 0.9, 3))
-                .with_bias([1, 1, 1, n], random(n, 1.0, 4))
-                .with_key_segment(0, n / 2, 1.5)
-                .with_key_segment(n / 2 + 1, n, 0.7)
-                .with_softcap(5.0)
         };
         let plan = Plan::new(&request(probe, &opts_for(64)), engine.caps()).unwrap();
         let per_pass = max_len(&plan, "flash", cap);
@@ -285,7 +298,7 @@ fn dispatches_at_the_loop_cap_are_right() {
             "{plan}"
         );
         check(
-            &format!("fused {config} at the cap {s}"),
+            &format!("fused {config} {masking} at the cap {s}"),
             &s,
             &opts,
             (&qa, &ka, &va),

@@ -99,13 +99,18 @@ fn mask_any(base: u32, lo: u32, hi: u32) -> bool {
     return false;
 }
 
+// The factor of the first of the n_segments segments that holds key j, 1 if none. Written
+// out over the 4 slots (MAX_SEGMENTS), with no loop: llvmpipe counts a loop's exit test
+// toward its per-invocation loop cap on every call, even where the call sits in a branch
+// not taken, and this one is called per row and key.
 fn segment_factor(j: u32) -> f32 {
-    for (var g = 0u; g < p.n_segments; g++) {
-        if j >= p.seg_start[g] && j < p.seg_end[g] {
-            return p.seg_factor[g];
-        }
-    }
-    return 1.0;
+    let inside = vec4<u32>(j) >= p.seg_start & vec4<u32>(j) < p.seg_end
+        & vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.n_segments);
+    var f = 1.0;
+    f = select(f, p.seg_factor[3], inside[3]);
+    f = select(f, p.seg_factor[2], inside[2]);
+    f = select(f, p.seg_factor[1], inside[1]);
+    return select(f, p.seg_factor[0], inside[0]);
 }
 
 // cap·tanh(y/cap) to f32 accuracy for every cap > 0. Near 0 it is y·(tanh t)/t by the odd

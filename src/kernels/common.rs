@@ -1,9 +1,8 @@
 //! What several kernels share: `shaders/common/` and its include step, label suffixes, the
-//! tiled GEMM's costs (`common/tile_gemm.wgsl`) and the segment lookup (`common/mask.wgsl`).
+//! tiled GEMM's costs (`common/tile_gemm.wgsl`).
 
 use crate::dtype::Storage;
 use crate::kernels::{looped, LoopCost};
-use crate::params::{flags, AttnParams};
 
 /// Shared WGSL pulled in by `//!include <path>` lines.
 const COMMON_FILES: &[(&str, &str)] = &[
@@ -83,23 +82,12 @@ pub(crate) const GEMM_WORKGROUP_BYTES: u64 = 2 * 1024 * 4;
 const GEMM_BK: u64 = 16;
 
 /// The tiled GEMM step: its loop, the staging loop (1024 elements / 256 invocations) and the
-/// BK loop of accumulate_tile. The 4×4 output loops and, where the logit is shaped per
-/// element, the segment lookup (`segments` iterations each) run once.
-pub(crate) fn gemm_cost(segments: u64) -> LoopCost {
+/// BK loop of accumulate_tile; the 4×4 output loops run once.
+pub(crate) fn gemm_cost() -> LoopCost {
     LoopCost {
-        fixed: looped(0) + looped(4) + 4 * looped(4) + 16 * segments,
+        fixed: looped(0) + looped(4) + 4 * looped(4),
         per_step: 1 + looped(4) + looped(GEMM_BK),
         step: GEMM_BK,
-    }
-}
-
-/// Iterations of one segment lookup (`segment_factor` in common/mask.wgsl) under `p`, 0
-/// where the logits have no segments.
-pub(crate) fn segment_lookup(p: &AttnParams) -> u64 {
-    if p.flags & flags::SEGMENTS != 0 {
-        looped(u64::from(p.n_segments))
-    } else {
-        0
     }
 }
 

@@ -4,7 +4,7 @@
 
 use crate::cpu;
 use crate::dtype::Storage;
-use crate::kernels::common::{any_masking, segment_lookup, variant_suffix};
+use crate::kernels::common::{any_masking, variant_suffix};
 use crate::kernels::Access::{Read, ReadWrite, Uniform};
 use crate::kernels::{looped, Access, KernelSpec, LoopCost};
 use crate::params::{flags, AttnParams};
@@ -106,7 +106,7 @@ impl KernelSpec for Flash {
     /// Per tile of bc keys: the tile loop, the block loop and the tile loop's exit (once per
     /// block of tiles, counted for every tile), K and V staging (by br / r · lanes
     /// invocations), the mask-word scan of each of the r rows, the score loop over the lane's
-    /// pairs of keys (per key with the segment lookup per key and row, or per pair) and the
+    /// pairs of keys (per key, or per pair) and the
     /// accumulate loop (per pair). Fixed: the block loop's exit, the row set-up loop and the
     /// row loop writing the LSE (Q and O rows are loaded and stored straight-line; dropout's
     /// Philox too).
@@ -115,8 +115,12 @@ impl KernelSpec for Flash {
             [self.dk, self.dv, self.bc, self.br, self.r, self.lanes].map(u64::from);
         let invocations = br / r * lanes;
         let pairs = bc.div_ceil(2 * lanes);
+        // Each row's mask-word scan; in the masked variant without a bool mask the scan's
+        // loop still runs its exit test (llvmpipe runs a branch's body, taken or not).
         let mask_words = if p.flags & flags::MASK != 0 {
             r * looped(bc.div_ceil(32) + 1)
+        } else if self.masked {
+            r * looped(0)
         } else {
             0
         };
@@ -127,7 +131,6 @@ impl KernelSpec for Flash {
                 + looped((bc * dv / 4).div_ceil(invocations))
                 + mask_words
                 + looped(2 * pairs)
-                + 2 * pairs * r * segment_lookup(p)
                 + looped(pairs),
             step: bc,
         };

@@ -4,7 +4,7 @@
 
 use crate::cpu;
 use crate::dtype::Storage;
-use crate::kernels::common::{any_masking, segment_lookup, variant_suffix};
+use crate::kernels::common::{any_masking, variant_suffix};
 use crate::kernels::Access::{Read, ReadWrite, Uniform};
 use crate::kernels::{looped, Access, KernelSpec, LoopCost};
 use crate::params::AttnParams;
@@ -76,9 +76,8 @@ impl KernelSpec for FlashCoop {
     /// Fixed: Q staging, O zeroing and O writing (by `lanes` invocations), the block loop's
     /// exit. Per tile of bc keys: the tile loop, the block loop, the tile loop's exit and the
     /// fold over O (once per block, counted for every tile), K and V staging, the score blocks
-    /// (bc / tile of them, each over dk / tile), the owner's two loops over the tile's keys
-    /// (with the segment lookup per key), O's rescaling, the P·V blocks (dv / tile of them,
-    /// each over bc / tile) and the loop over O of the values that are not finite (each over
+    /// (bc / tile of them, each over dk / tile), the owner's two loops over the tile's keys,
+    /// O's rescaling, the P·V blocks (dv / tile of them, each over bc / tile) and the loop over O of the values that are not finite (each over
     /// the tile's keys; run only for tiles whose V holds one, counted for every tile).
     fn loop_cost(&self, p: &AttnParams) -> (LoopCost, u64) {
         let [dk, dv, bc, tile, lanes] =
@@ -92,7 +91,6 @@ impl KernelSpec for FlashCoop {
                 + looped(bc / tile)
                 + bc / tile * looped(dk / tile)
                 + 2 * looped(bc)
-                + bc * segment_lookup(p)
                 + spread(tile * dv)
                 + looped(dv / tile)
                 + dv / tile * looped(bc / tile)

@@ -3,7 +3,7 @@
 
 use crate::cpu;
 use crate::dtype::Storage;
-use crate::kernels::common::{any_masking, segment_lookup, storage_suffix};
+use crate::kernels::common::{any_masking, storage_suffix};
 use crate::kernels::Access::{Read, ReadWrite, Uniform};
 use crate::kernels::{looped, Access, KernelSpec, LoopCost};
 use crate::params::AttnParams;
@@ -32,10 +32,9 @@ impl KernelSpec for GradBias {
         format!("xattn.grad_bias{}", storage_suffix(self.storage))
     }
 
-    /// Per term: the Q·K loop (4 dims a step), the dO·V loop and the segment lookup.
+    /// Per term: the Q·K loop (4 dims a step), and the dO·V loop.
     fn loop_cost(&self, p: &AttnParams) -> (LoopCost, u64) {
-        let per_term =
-            1 + looped(u64::from(p.d_k.div_ceil(4))) + looped(u64::from(p.d_v)) + segment_lookup(p);
+        let per_term = 1 + looped(u64::from(p.d_k.div_ceil(4))) + looped(u64::from(p.d_v));
         let cost = LoopCost {
             fixed: looped(0),
             per_step: per_term,

@@ -4,8 +4,7 @@
 use crate::cpu;
 use crate::dtype::Storage;
 use crate::kernels::common::{
-    any_masking, segment_lookup, unrolled_axpy, unrolled_dot, unrolled_load, unrolled_store,
-    variant_suffix,
+    any_masking, unrolled_axpy, unrolled_dot, unrolled_load, unrolled_store, variant_suffix,
 };
 use crate::kernels::Access::{Read, ReadWrite, Uniform};
 use crate::kernels::{looped, Access, KernelSpec, LoopCost};
@@ -52,8 +51,7 @@ impl KernelSpec for GradKv {
     }
 
     /// The head loop, and per head one partial row tile; per tile of br rows: the tile loop,
-    /// the staging loop and the row loop, and per row two segment lookups (logit and slope);
-    /// loads, dot products, updates and stores are written out. The long loop runs over the
+    /// the staging loop and the row loop; loads, dot products, updates and stores are written out. The long loop runs over the
     /// pass's rows times its heads of the group (`key_begin .. key_end`).
     fn loop_cost(&self, p: &AttnParams) -> (LoopCost, u64) {
         let (dk4, dv4, br) = (
@@ -63,7 +61,7 @@ impl KernelSpec for GradKv {
         );
         let heads = u64::from(p.key_end - p.key_begin);
         let staged = (br * (dk4 + dv4)).div_ceil(64);
-        let per_tile = 1 + looped(staged) + looped(br) + br * 2 * segment_lookup(p);
+        let per_tile = 1 + looped(staged) + looped(br);
         let cost = LoopCost {
             fixed: looped(heads) + heads * (looped(0) + per_tile),
             per_step: per_tile,

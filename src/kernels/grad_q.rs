@@ -4,8 +4,7 @@
 use crate::cpu;
 use crate::dtype::Storage;
 use crate::kernels::common::{
-    any_masking, segment_lookup, unrolled_axpy, unrolled_dot, unrolled_load, unrolled_store,
-    variant_suffix,
+    any_masking, unrolled_axpy, unrolled_dot, unrolled_load, unrolled_store, variant_suffix,
 };
 use crate::kernels::Access::{Read, ReadWrite, Uniform};
 use crate::kernels::{looped, Access, KernelSpec, LoopCost};
@@ -51,9 +50,8 @@ impl KernelSpec for GradQ {
         u64::from(self.bc * (self.dk + self.dv)) * 4
     }
 
-    /// Per tile of bc keys: the tile loop, the staging loop and the key loop, and per key two
-    /// segment lookups (logit and slope); the row loads, dot products, updates and the store
-    /// are written out.
+    /// Per tile of bc keys: the tile loop, the staging loop and the key loop; the row loads,
+    /// dot products, updates and the store are written out.
     fn loop_cost(&self, p: &AttnParams) -> (LoopCost, u64) {
         let (dk4, dv4, bc) = (
             u64::from(self.dk / 4),
@@ -63,7 +61,7 @@ impl KernelSpec for GradQ {
         let staged = (bc * (dk4 + dv4)).div_ceil(64);
         let cost = LoopCost {
             fixed: looped(0),
-            per_step: 1 + looped(staged) + looped(bc) + bc * 2 * segment_lookup(p),
+            per_step: 1 + looped(staged) + looped(bc),
             step: bc,
         };
         (cost, u64::from(p.key_end - p.key_begin))

@@ -3,7 +3,7 @@
 
 use crate::cpu;
 use crate::dtype::Storage;
-use crate::kernels::common::{any_masking, segment_lookup, variant_suffix};
+use crate::kernels::common::{any_masking, variant_suffix};
 use crate::kernels::Access::{Read, ReadWrite, Uniform};
 use crate::kernels::{looped, Access, KernelSpec, LoopCost};
 use crate::params::AttnParams;
@@ -42,13 +42,13 @@ impl KernelSpec for KeyCoverage {
     }
 
     /// The K row load (per vec4); per tile of bq rows: the tile loop, the staging loop and
-    /// the row loop, and per row the vec4 dot-product loop and the segment lookup.
+    /// the row loop, and per row the vec4 dot-product loop.
     fn loop_cost(&self, p: &AttnParams) -> (LoopCost, u64) {
         let (dk4, bq) = (u64::from(self.dk / 4), u64::from(self.bq));
         let staged = (bq * dk4).div_ceil(64);
         let cost = LoopCost {
             fixed: looped(dk4) + looped(0),
-            per_step: 1 + looped(staged) + looped(bq) + bq * (looped(dk4) + segment_lookup(p)),
+            per_step: 1 + looped(staged) + looped(bq) + bq * looped(dk4),
             step: bq,
         };
         (cost, u64::from(p.rows))

@@ -40,7 +40,7 @@ impl KernelSpec for Linear {
     }
 
     fn loop_cost(&self, p: &LinearParams) -> (LoopCost, u64) {
-        (gemm_cost(0), u64::from(p.in_dim))
+        (gemm_cost(), u64::from(p.in_dim))
     }
 
     fn storages(&self) -> Vec<Storage> {

@@ -40,7 +40,7 @@ impl KernelSpec for LinearGrad {
     fn loop_cost(&self, p: &LinearGradParams) -> (LoopCost, u64) {
         let cost = LoopCost {
             fixed: looped(0) + 2 * looped(4),
-            ..gemm_cost(0)
+            ..gemm_cost()
         };
         (cost, u64::from(p.k_end.saturating_sub(p.k_begin)))
     }

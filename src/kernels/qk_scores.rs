@@ -2,9 +2,7 @@
 
 use crate::cpu;
 use crate::dtype::Storage;
-use crate::kernels::common::{
-    any_masking, gemm_cost, segment_lookup, variant_suffix, GEMM_WORKGROUP_BYTES,
-};
+use crate::kernels::common::{any_masking, gemm_cost, variant_suffix, GEMM_WORKGROUP_BYTES};
 use crate::kernels::Access::{Read, ReadWrite, Uniform};
 use crate::kernels::{Access, KernelSpec, LoopCost};
 use crate::params::AttnParams;
@@ -42,7 +40,7 @@ impl KernelSpec for QkScores {
     }
 
     fn loop_cost(&self, p: &AttnParams) -> (LoopCost, u64) {
-        (gemm_cost(segment_lookup(p)), u64::from(p.d_k))
+        (gemm_cost(), u64::from(p.d_k))
     }
 
     fn storages(&self) -> Vec<Storage> {

@@ -3,7 +3,7 @@
 
 use crate::cpu;
 use crate::dtype::Storage;
-use crate::kernels::common::{any_masking, segment_lookup, variant_suffix};
+use crate::kernels::common::{any_masking, variant_suffix};
 use crate::kernels::Access::{Read, ReadWrite, Uniform};
 use crate::kernels::{looped, Access, KernelSpec, LoopCost};
 use crate::params::{AttnParams, BlockOp};
@@ -37,11 +37,11 @@ impl KernelSpec for WeightBlocks {
 
     /// Per (row, key) pair of the pass: its share of the row loop (one iteration per row, at
     /// most one per pair) and of the key loop (with each row's exit test: at most one per
-    /// pair), the head-dim loop and the segment lookup.
+    /// pair) and the head-dim loop.
     fn loop_cost(&self, p: &AttnParams) -> (LoopCost, u64) {
         let cost = LoopCost {
             fixed: looped(0),
-            per_step: 1 + 2 + looped(u64::from(p.d_k)) + segment_lookup(p),
+            per_step: 1 + 2 + looped(u64::from(p.d_k)),
             step: 1,
         };
         (cost, u64::from(p.rows) * u64::from(p.key_end - p.key_begin))

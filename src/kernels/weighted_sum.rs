@@ -40,7 +40,7 @@ impl KernelSpec for WeightedSum {
     }
 
     fn loop_cost(&self, p: &AttnParams) -> (LoopCost, u64) {
-        (gemm_cost(0), u64::from(p.key_end - p.key_begin))
+        (gemm_cost(), u64::from(p.key_end - p.key_begin))
     }
 
     fn storages(&self) -> Vec<Storage> {
