@@ -144,7 +144,8 @@ def assert_close(what, got, want, tol):
     want = np.asarray(want, dtype=np.float64)
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
     both_inf = np.isinf(got) & np.isinf(want) & (np.sign(got) == np.sign(want))
-    err = np.where(both_inf, 0.0, np.abs(got - want))
+    with np.errstate(invalid="ignore"):
+        err = np.where(both_inf, 0.0, np.abs(got - want))
     err = np.where(np.isnan(err), np.inf, err)
     tol = np.broadcast_to(tol, err.shape)
     bad = err > tol

@@ -268,6 +268,10 @@ class Tensor:
         b, s, h, d = self._raw.shape
         return (b, h, s, d) if self.layout == "bhsd" else (b, s, h, d)
 
+    def _bhsd_shape(self):
+        b, s, h, d = self._raw.shape
+        return (b, h, s, d)
+
     @property
     def dtype(self):
         """``float32``, ``float16`` or ``bfloat16`` (a name: NumPy has no bfloat16)."""
@@ -615,8 +619,9 @@ def scaled_dot_product_attention(
             + ", ".join(f"{n} {nd}-D" for n, nd in zip(names, ndims))
         )
     three_d = ndims[0] == 3
+    # Device tensors in [B, H, S, d] order whatever their layout.
     shapes = [
-        (x.shape if not isinstance(x, Tensor) else x.shape) for x in (query, key, value)
+        x._bhsd_shape() if isinstance(x, Tensor) else x.shape for x in (query, key, value)
     ]
     if three_d:
         shapes = [(s[0], 1, s[1], s[2]) for s in shapes]
