@@ -211,13 +211,13 @@ impl DeviceTensor {
 
 /// An input: a device tensor as it is, or a host array to upload.
 enum Input {
-    Device(xattn::Tensor),
+    Device(Box<xattn::Tensor>),
     Host(Host, Vec<usize>),
 }
 
 fn read_input(obj: &Bound<'_, PyAny>, bf16: bool, name: &str) -> PyResult<Input> {
     if let Ok(t) = obj.cast::<DeviceTensor>() {
-        return Ok(Input::Device(t.get().inner.clone()));
+        return Ok(Input::Device(Box::new(t.get().inner.clone())));
     }
     let (host, dims) = read_host(obj, bf16, name)?;
     Ok(Input::Host(host, dims))
@@ -490,7 +490,7 @@ impl Engine {
             let mut tensors = Vec::with_capacity(3);
             for input in inputs {
                 tensors.push(match input {
-                    Input::Device(t) => t,
+                    Input::Device(t) => *t,
                     Input::Host(host, dims) => upload(ctx, &host, &dims)?,
                 });
             }
