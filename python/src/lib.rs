@@ -576,6 +576,57 @@ fn adapters(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
     Ok(list)
 }
 
+/// A PNG picture of a 2-D map of weights (rows = queries, columns = keys), pooled first to at
+/// most `max_side` values a side (`pool`: "max" or "mean") where larger: xattn's heatmap
+/// (viridis, a legend, optional labels and caption). Returns the PNG file's bytes.
+#[pyfunction]
+#[pyo3(signature = (values, *, q_labels=None, k_labels=None, caption=None, range=None,
+    max_side=xattn::heatmap::MAX_SIDE, pool="max"))]
+#[allow(clippy::too_many_arguments)]
+fn heatmap_png<'py>(
+    py: Python<'py>,
+    values: PyReadonlyArrayDyn<'py, f32>,
+    q_labels: Option<Vec<String>>,
+    k_labels: Option<Vec<String>>,
+    caption: Option<String>,
+    range: Option<(f32, f32)>,
+    max_side: usize,
+    pool: &str,
+) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+    let [rows, cols]: [usize; 2] = values.shape().try_into().map_err(|_| {
+        PyValueError::new_err(format!(
+            "a heatmap takes a 2-D map [M, N], got shape {:?}",
+            values.shape()
+        ))
+    })?;
+    let op = match pool {
+        "max" => xattn::heatmap::PoolOp::Max,
+        "mean" => xattn::heatmap::PoolOp::Mean,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "pool must be 'max' or 'mean', got {other:?}"
+            )))
+        }
+    };
+    let data = contiguous(&values, "values")?;
+    let png = detached(py, move || {
+        let (pooled, r, c) = xattn::heatmap::pool_host(&data, rows, cols, max_side, op)?;
+        let pooled_labels = (r, c) != (rows, cols);
+        let style = xattn::heatmap::HeatmapStyle {
+            // Labels name single tokens: they are dropped where blocks were pooled.
+            q_labels: q_labels.filter(|_| r == rows),
+            k_labels: k_labels.filter(|_| c == cols),
+            caption: caption.or_else(|| {
+                pooled_labels
+                    .then(|| format!("{}-pooled {rows}x{cols} map, {r}x{c} blocks", op.name()))
+            }),
+            range,
+        };
+        xattn::heatmap::render_png(&pooled, r, c, &style)
+    })?;
+    Ok(pyo3::types::PyBytes::new(py, &png))
+}
+
 /// For the tests: a panic inside the device section comes back as a RuntimeError.
 #[pyfunction]
 fn _panic_for_tests(py: Python<'_>) -> PyResult<()> {
@@ -590,6 +641,7 @@ fn _xattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<DeviceTensor>()?;
     m.add_function(wrap_pyfunction!(adapters, m)?)?;
+    m.add_function(wrap_pyfunction!(heatmap_png, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
     Ok(())
 }

@@ -36,10 +36,12 @@ __all__ = [
     "AttentionResult",
     "DeviceError",
     "Engine",
+    "Heatmap",
     "Tensor",
     "adapters",
     "attention",
     "default_engine",
+    "heatmap",
     "scaled_dot_product_attention",
 ]
 
@@ -669,3 +671,51 @@ def scaled_dot_product_attention(
         bias=bias,
         dropout=_dropout(dropout_p, dropout_seed),
     )
+
+
+# --- pictures ----------------------------------------------------------------------------------
+
+
+class Heatmap:
+    """A PNG picture of attention weights; a Jupyter notebook displays it (``_repr_png_``).
+    ``png`` holds the file's bytes; :meth:`save` writes them."""
+
+    __slots__ = ("png",)
+
+    def __init__(self, png):
+        self.png = png
+
+    def _repr_png_(self):
+        return self.png
+
+    def save(self, path):
+        """Writes the PNG file."""
+        with open(path, "wb") as f:
+            f.write(self.png)
+
+    def __repr__(self):
+        return f"xattn.Heatmap({len(self.png)} bytes of PNG)"
+
+
+def heatmap(weights, *, q_labels=None, k_labels=None, caption=None, range=None, pool="max"):
+    """xattn's heatmap of a 2-D map of weights ``[M, N]`` (rows = queries, columns = keys), e.g.
+    ``attention(..., return_weights=True).weights[b, h]`` or a mean over heads: viridis, a
+    legend, optional token labels (one per row / column) and a caption; ``range=(low, high)``
+    fixes the colour map's ends (else the data's). Maps larger than 2048 a side are pooled
+    first (``pool``: ``"max"`` or ``"mean"`` over blocks), and their labels dropped.
+    Returns a :class:`Heatmap`."""
+    w = _as_numpy_any(weights, "weights")
+    if not _np.issubdtype(w.dtype, _np.floating):
+        raise ValueError(f"weights have dtype {w.dtype}: expected a float type")
+    if w.ndim != 2:
+        raise ValueError(f"a heatmap takes a 2-D map [M, N], got shape {list(w.shape)}")
+    labels = [None if x is None else [str(t) for t in x] for x in (q_labels, k_labels)]
+    png = _xattn.heatmap_png(
+        _np.ascontiguousarray(w, dtype=_np.float32),
+        q_labels=labels[0],
+        k_labels=labels[1],
+        caption=caption,
+        range=None if range is None else (float(range[0]), float(range[1])),
+        pool=pool,
+    )
+    return Heatmap(png)
