@@ -540,6 +540,81 @@ impl Engine {
         Ok(pyo3::types::PyTuple::new(py, items)?.into_any())
     }
 
+    /// The gradients of one attention call, FlashAttention-2's backward: q, k, v, the
+    /// forward's o (their dtype) and lse (float32 `[B, Hq, M]`), and d_o (o's dtype), in the
+    /// library's layout, with the forward's options (a dropout's seed included). Returns
+    /// `(dq, dk, dv)` as NumPy arrays in q's dtype (bfloat16 as uint16 bits).
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (q, k, v, o, lse, d_o, *, bf16=false, scale=None, causal=None,
+        window=None, window_align=None, q_lens=None, kv_lens=None, mask=None, bias=None,
+        softcap=None, key_segments=None, dropout=None))]
+    fn attention_backward<'py>(
+        &self,
+        py: Python<'py>,
+        q: &Bound<'py, PyAny>,
+        k: &Bound<'py, PyAny>,
+        v: &Bound<'py, PyAny>,
+        o: &Bound<'py, PyAny>,
+        lse: &Bound<'py, PyAny>,
+        d_o: &Bound<'py, PyAny>,
+        bf16: bool,
+        scale: Option<f64>,
+        causal: Option<&str>,
+        window: Option<(usize, usize)>,
+        window_align: Option<&str>,
+        q_lens: Option<Vec<u32>>,
+        kv_lens: Option<Vec<u32>>,
+        mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+        bias: Option<PyReadonlyArrayDyn<'py, f32>>,
+        softcap: Option<f64>,
+        key_segments: Option<Vec<(usize, usize, f64)>>,
+        dropout: Option<(f64, u64, u64)>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let inputs = [
+            read_input(q, bf16, "q")?,
+            read_input(k, bf16, "k")?,
+            read_input(v, bf16, "v")?,
+            read_input(o, bf16, "o")?,
+            read_input(lse, false, "lse")?,
+            read_input(d_o, bf16, "d_o")?,
+        ];
+        let o = options(
+            scale,
+            causal,
+            window,
+            window_align,
+            (q_lens, kv_lens),
+            (mask, bias),
+            softcap,
+            key_segments,
+            dropout,
+            (false, false, false),
+        )?;
+        let engine = self.inner.clone();
+        let grads = detached(py, move || {
+            let ctx = engine.context();
+            let mut t = Vec::with_capacity(6);
+            for input in inputs {
+                t.push(match input {
+                    Input::Device(t) => *t,
+                    Input::Host(host, dims) => upload(ctx, &host, &dims)?,
+                });
+            }
+            let g =
+                engine.attention_backward((&t[0], &t[1], &t[2]), (&t[3], &t[4]), &t[5], &o.opts)?;
+            let mut out = Vec::with_capacity(3);
+            for x in [&g.dq, &g.dk, &g.dv] {
+                out.push((download(x)?, x.dims().to_vec()));
+            }
+            Ok(out)
+        })?;
+        let mut items = Vec::with_capacity(3);
+        for (host, dims) in grads {
+            items.push(to_numpy(py, host, &dims)?);
+        }
+        Ok(pyo3::types::PyTuple::new(py, items)?.into_any())
+    }
+
     fn __repr__(&self) -> String {
         format!("Engine({})", self.inner.context().describe())
     }

@@ -1,4 +1,5 @@
-"""CPU torch tensors in and out, against torch's own scaled_dot_product_attention in float64.
+"""CPU torch tensors in and out, against torch's own scaled_dot_product_attention in float64,
+and gradients through torch.autograd against torch's autograd in float64.
 
 Skipped where torch is not importable: CI does not install it (the wheel on the package index is
 the CUDA build, about 540 MB to download and 5.7 GB installed); the NumPy tests check the same
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 import xattn
-from conftest import budget, check_o
+from conftest import budget, causal_of, check_o, reference
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -82,13 +83,100 @@ def test_upload_from_torch_returns_torch(engine):
     check_o("O bf16", got.float().numpy(), want, budget(qn, kn, vn)[0], "bfloat16")
 
 
-def test_requires_grad_is_refused_while_grad_is_on(engine):
+def grad_budget(q, k, v, d_o, p_ref, scale, hkv_group, dropout_p=0.0):
+    """The library's f32 backward budget (src/cpu/budget.rs `grad_budget`): a logit off by
+    ε·(1 + max|logit|), dP and D d_v-term dot products, each gradient a sequential f32 sum."""
+    eps = float(np.finfo(np.float32).eps)
+    amax = lambda x: float(np.abs(x).max())  # noqa: E731
+    b, hq, m, dk = q.shape
+    n, dv = k.shape[2], v.shape[3]
+    logit_terms = 1.0 + abs(scale) * dk * amax(q) * amax(k)
+    keep = 1.0 / (1.0 - dropout_p)
+    g_dp = dv * amax(d_o) * amax(v) * keep
+    # Coverage of each (batch, kv head, key) by the rows and query heads that read it.
+    cov = p_ref.reshape(b, hq // hkv_group, hkv_group, m, n).sum(axis=(2, 3)).max()
+    cov = max(float(cov), 1.0)
+    d, rows = dk + dv, m * hkv_group
+    return (
+        4 * eps * (logit_terms + d + n) * 2 * g_dp * abs(scale) * amax(k),
+        4 * eps * (logit_terms + d + rows) * 2 * g_dp * abs(scale) * amax(q) * cov,
+        4 * eps * (logit_terms + rows) * amax(d_o) * cov * keep,
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    [dict(), dict(is_causal=True), dict(enable_gqa=True, hkv=2), dict(attn_mask="bool")],
+    ids=["plain", "causal", "gqa", "bool-mask"],
+)
+def test_gradients_against_torch_autograd(engine, case):
+    case = dict(case)
+    hkv = case.pop("hkv", None)
+    q, k, v = tensors(57, 2, 4, 9, 13, 16, hkv=hkv, dv=8)
+    if case.get("attn_mask") == "bool":
+        mask = torch.rand(2, 1, 9, 13, generator=torch.Generator().manual_seed(58)) < 0.7
+        mask[..., 0] = True
+        case["attn_mask"] = mask
+    d_o = torch.randn(2, 4, 9, 8, generator=torch.Generator().manual_seed(59))
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out = engine.scaled_dot_product_attention(*leaves, **case)
+    assert out.requires_grad
+    out.backward(d_o)
+    leaves64 = [x.double().requires_grad_(True) for x in (q, k, v)]
+    ref = torch64(*leaves64, **case)
+    ref.backward(d_o.double())
+    check_o("O", out.detach().numpy(), ref.detach().numpy(), budget(*(x.numpy() for x in (q, k, v)))[0])
+    group = 4 // (hkv or 4)
+    mask = case.get("attn_mask")
+    _, _, probs = reference(
+        q.numpy(),
+        k.numpy(),
+        v.numpy(),
+        mask=None if mask is None else mask.numpy(),
+        causal=causal_of("top-left" if case.get("is_causal") else None),
+    )
+    tols = grad_budget(
+        *(x.numpy() for x in (q, k, v)), d_o.numpy(), probs, 1 / np.sqrt(16), group
+    )
+    for name, leaf, leaf64, tol in zip(("dq", "dk", "dv"), leaves, leaves64, tols):
+        assert leaf.grad is not None and leaf.grad.shape == leaf.shape
+        check_o(name, leaf.grad.numpy(), leaf64.grad.numpy(), tol)
+
+
+def test_gradients_in_half_types_come_back_in_their_type(engine):
+    # Accuracy of half gradients is the library's tests' business (tests/half_backward.rs);
+    # here: the types, shapes and finiteness through torch.autograd.
+    for dtype in (torch.float16, torch.bfloat16):
+        leaves = [x.requires_grad_(True) for x in tensors(60, 1, 2, 5, 7, 8, dtype=dtype)]
+        engine.scaled_dot_product_attention(*leaves, is_causal=True).sum().backward()
+        for x in leaves:
+            assert x.grad.dtype == dtype and x.grad.shape == x.shape
+            assert torch.isfinite(x.grad.float()).all()
+
+
+def test_dropout_gradients_use_the_forward_mask(engine):
+    # With dropout, O is linear in V given the mask: dV = (P ∘ Z/(1 − p))ᵀ·dO, and the weights
+    # the forward returns (same seed) are P ∘ Z/(1 − p).
+    q, k, v = tensors(61, 1, 2, 6, 10, 8)
+    p, seed = 0.3, 11
+    w = engine.attention(q, k, v, dropout_p=p, dropout_seed=seed, return_weights=True).weights
+    vv = v.clone().requires_grad_(True)
+    d_o = torch.randn(1, 2, 6, 8, generator=torch.Generator().manual_seed(62))
+    engine.scaled_dot_product_attention(q, k, vv, dropout_p=p, dropout_seed=seed).backward(d_o)
+    want = torch.einsum("bhmn,bhmd->bhnd", w.double(), d_o.double()).numpy()
+    _, _, probs = reference(q.numpy(), k.numpy(), v.numpy())
+    qn, kn, vn = (x.numpy() for x in (q, k, v))
+    tol_dv = grad_budget(qn, kn, vn, d_o.numpy(), probs, 1 / np.sqrt(8), 1, dropout_p=p)[2]
+    check_o("dV under dropout", vv.grad.numpy(), want, tol_dv)
+
+
+def test_a_bias_that_requires_grad_is_refused(engine):
     q, k, v = tensors(53, 1, 1, 2, 3, 8)
-    q.requires_grad_(True)
-    with pytest.raises(NotImplementedError, match="grad"):
-        engine.scaled_dot_product_attention(q, k, v)
+    bias = torch.zeros(2, 3).normal_().requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        engine.scaled_dot_product_attention(q.requires_grad_(True), k, v, attn_mask=bias)
     with torch.no_grad():
-        engine.scaled_dot_product_attention(q, k, v)
+        engine.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
 def test_unsupported_dtypes(engine):

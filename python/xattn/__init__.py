@@ -92,8 +92,8 @@ def _check_grad(x, name):
     torch = _torch()
     if x.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(
-            f"{name} requires grad: gradients through xattn from torch are not available yet; "
-            "call under torch.no_grad() or pass a detached tensor"
+            f"{name} requires grad: xattn returns gradients for q, k and v only (not for "
+            f"{name} yet); detach it or call under torch.no_grad()"
         )
 
 
@@ -395,7 +395,7 @@ def _inputs(q, k, v, layout, three_d=False):
     return got, dtypes[0], torch_out, (bq, hq, m, hk, n, dk, dv)
 
 
-def _run(
+def _prepare(
     engine,
     q,
     k,
@@ -414,10 +414,9 @@ def _run(
     softcap=None,
     key_segments=None,
     dropout=None,
-    return_lse=False,
-    return_weights=False,
-    return_stats=False,
 ):
+    """Checks a call's arguments into a :class:`_Call` (inputs in the library's layout, the
+    extension's keyword arguments)."""
     engine = engine if engine is not None else default_engine()
     if not isinstance(engine, Engine):
         raise ValueError(f"engine must be an xattn.Engine, got {type(engine).__name__}")
@@ -446,10 +445,7 @@ def _run(
             )
         if any(s < 0 or e < 0 for s, e, _ in segments):
             raise ValueError(f"key_segments' ranges must be non-negative; got {key_segments!r}")
-    o, lse, weights, stats = engine._raw.attention(
-        inputs[0],
-        inputs[1],
-        inputs[2],
+    raw_kwargs = dict(
         bf16=dtype == "bfloat16",
         scale=scale,
         causal=_alignment(causal, "causal"),
@@ -462,29 +458,129 @@ def _run(
         softcap=None if softcap is None else float(softcap),
         key_segments=segments,
         dropout=dropout,
-        return_lse=return_lse,
-        return_weights=return_weights,
-        return_stats=return_stats,
     )
-    if three_d:
-        out = o[:, :, 0, :]
-    else:
-        out = _from_library(o, layout)
-    out = _wrap(out, dtype, torch_out)
-    if not (return_lse or return_weights or return_stats):
-        return out
+    return _Call(engine, inputs, dtype, torch_out, layout, three_d, raw_kwargs)
 
-    def side(a):
+
+class _Call:
+    """One checked call: the engine, the inputs in the library's layout, their dtype, whether
+    results go back as torch, the caller's layout, and the extension's keyword arguments."""
+
+    __slots__ = ("engine", "inputs", "dtype", "torch_out", "layout", "three_d", "kwargs")
+
+    def __init__(self, engine, inputs, dtype, torch_out, layout, three_d, kwargs):
+        self.engine = engine
+        self.inputs = inputs
+        self.dtype = dtype
+        self.torch_out = torch_out
+        self.layout = layout
+        self.three_d = three_d
+        self.kwargs = kwargs
+
+    def forward(self, **returns):
+        return self.engine._raw.attention(*self.inputs, **self.kwargs, **returns)
+
+    def from_library(self, a, dtype=None):
+        """A [B, S, H, d] result in the caller's layout, dtype and kind."""
+        a = a[:, :, 0, :] if self.three_d else _from_library(a, self.layout)
+        return _wrap(a, dtype or self.dtype, self.torch_out)
+
+    def to_library(self, a):
+        """A host array in the caller's layout as the library's [B, S, H, d]."""
+        if self.three_d:
+            return _np.ascontiguousarray(a)[:, :, None, :]
+        return _to_library(a, self.layout)
+
+    def side(self, a):
+        """LSE, weights, statistics ([B, H, …] float32) in the caller's kind."""
         if a is None:
             return None
-        if three_d:
+        if self.three_d:
             a = a[:, 0]
-        return _wrap(a, "float32", torch_out)
+        return _wrap(a, "float32", self.torch_out)
 
+
+def _run(engine, q, k, v, *, return_lse=False, return_weights=False, return_stats=False, **kw):
+    if _needs_grad(q, k, v):
+        if return_lse or return_weights or return_stats:
+            raise NotImplementedError(
+                "gradients through xattn return O alone: call without return_lse, "
+                "return_weights and return_stats, or under torch.no_grad()"
+            )
+        for name in ("mask", "bias"):
+            m = kw.get(name)
+            if _is_torch(m) and m.requires_grad:
+                _check_grad(m, name)
+        return _autograd_function().apply(engine, kw, q, k, v)
+    call = _prepare(engine, q, k, v, **kw)
+    o, lse, weights, stats = call.forward(
+        return_lse=return_lse, return_weights=return_weights, return_stats=return_stats
+    )
+    out = call.from_library(o)
+    if not (return_lse or return_weights or return_stats):
+        return out
     entropy, focus, coverage = stats if stats is not None else (None, None, None)
     return AttentionResult(
-        out, side(lse), side(weights), side(entropy), side(focus), side(coverage)
+        out,
+        call.side(lse),
+        call.side(weights),
+        call.side(entropy),
+        call.side(focus),
+        call.side(coverage),
     )
+
+
+# --- gradients through torch.autograd ------------------------------------------------------------
+
+
+def _needs_grad(*xs):
+    torch = _torch()
+    if torch is None or not torch.is_grad_enabled():
+        return False
+    if not any(_is_torch(x) and x.requires_grad for x in xs):
+        return False
+    if not all(_is_torch(x) for x in xs):
+        raise NotImplementedError(
+            "gradients through xattn need q, k and v as torch tensors (not xattn.Tensor or "
+            "NumPy arrays beside a tensor that requires grad)"
+        )
+    return True
+
+
+_function = None
+
+
+def _autograd_function():
+    """The torch.autograd.Function whose backward is xattn's (FlashAttention-2's scheme: P
+    rebuilt from the forward's LSE; dropout's mask regenerated from its seed)."""
+    global _function
+    if _function is not None:
+        return _function
+    torch = _torch()
+
+    class XattnAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, engine, kw, q, k, v):
+            call = _prepare(engine, q.detach(), k.detach(), v.detach(), **kw)
+            o, lse, _, _ = call.forward(return_lse=True)
+            ctx.call, ctx.o, ctx.lse = call, o, lse
+            return call.from_library(o)
+
+        @staticmethod
+        def backward(ctx, d_o):
+            call = ctx.call
+            torch = _torch()
+            want = {"float32": torch.float32, "float16": torch.float16}.get(
+                call.dtype, torch.bfloat16
+            )
+            d, _, _ = _host(d_o.detach().to(want), "grad_output")
+            dq, dk, dv = call.engine._raw.attention_backward(
+                *call.inputs, ctx.o, ctx.lse, call.to_library(d), **call.kwargs
+            )
+            return None, None, call.from_library(dq), call.from_library(dk), call.from_library(dv)
+
+    _function = XattnAttention
+    return _function
 
 
 def attention(
@@ -599,8 +695,9 @@ def scaled_dot_product_attention(
       ``dropout_seed`` is given), not from torch's RNG, whose stream cannot be matched: same
       statistics, different bits;
     - computation is float32 whatever the dtype (O rounded once to it); float64 is refused;
-    - torch tensors that require grad raise ``NotImplementedError`` while grad is enabled
-      (gradients through xattn are not wired to torch.autograd yet);
+    - torch tensors that require grad get their gradients from xattn's backward through
+      ``torch.autograd`` (dQ, dK, dV; a float ``attn_mask`` that requires grad raises
+      ``NotImplementedError``);
     - the ``[B, H, L, E]`` layout is transposed to the library's ``[B, L, H, E]`` on the host
       in this version (a copy of Q, K, V and O); :func:`attention` with ``layout="bshd"``
       avoids it.
