@@ -196,3 +196,43 @@ def test_dropout_on_torch_tensors(engine):
 def test_numpy_results_stay_numpy(engine):
     q, k, v = (x.numpy() for x in tensors(56, 1, 1, 2, 3, 8))
     assert isinstance(xattn.scaled_dot_product_attention(q, k, v), np.ndarray)
+
+
+def test_route_sdpa_runs_a_torch_module_on_xattn(engine, monkeypatch):
+    # nn.MultiheadAttention in training mode with need_weights=False calls
+    # F.scaled_dot_product_attention; routed, its outputs and gradients stay within twice torch's
+    # own f32 error against the module in float64 (FlashAttention's criterion), and xattn ran.
+    import copy
+
+    torch.manual_seed(70)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True, kdim=24, vdim=24).train()
+    x = torch.randn(2, 7, 32)
+    src = torch.randn(2, 11, 24)
+    padding = torch.zeros(2, 11, dtype=torch.bool)
+    padding[1, 8:] = True
+
+    def run(module, dtype, routed):
+        xx = x.to(dtype).detach().clone().requires_grad_(True)
+        ctx = xattn.route_sdpa(engine) if routed else torch.enable_grad()
+        with ctx:
+            out, _ = module(xx, src.to(dtype), src.to(dtype), key_padding_mask=padding,
+                            need_weights=False)
+        out.backward(torch.ones_like(out))
+        grads = [xx.grad] + [p.grad for p in module.parameters()]
+        return out.detach(), grads
+
+    calls = []
+    real = xattn.scaled_dot_product_attention
+    monkeypatch.setattr(
+        xattn, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    m32, m32r, m64 = copy.deepcopy(mha), copy.deepcopy(mha), copy.deepcopy(mha).double()
+    out_torch, g_torch = run(m32, torch.float32, False)
+    out_xattn, g_xattn = run(m32r, torch.float32, True)
+    assert calls, "the routed module did not call xattn"
+    assert torch.nn.functional.scaled_dot_product_attention is not xattn.scaled_dot_product_attention
+    out_64, g_64 = run(m64, torch.float64, False)
+    err = lambda a, b: float((a.double() - b).abs().max())  # noqa: E731
+    assert err(out_xattn, out_64) <= 2 * err(out_torch, out_64), "output"
+    for i, (gx, gt, g6) in enumerate(zip(g_xattn, g_torch, g_64)):
+        assert err(gx, g6) <= 2 * err(gt, g6), f"gradient {i}"

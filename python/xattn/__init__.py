@@ -22,6 +22,7 @@ results come back as the same kind and dtype. Bad shapes, dtypes and arguments r
 
 from __future__ import annotations
 
+import contextlib as _contextlib
 import random as _random
 import sys as _sys
 import threading as _threading
@@ -42,6 +43,7 @@ __all__ = [
     "attention",
     "default_engine",
     "heatmap",
+    "route_sdpa",
     "scaled_dot_product_attention",
 ]
 
@@ -816,3 +818,35 @@ def heatmap(weights, *, q_labels=None, k_labels=None, caption=None, range=None, 
         pool=pool,
     )
     return Heatmap(png)
+
+
+# --- routing a torch model's attention ---------------------------------------------------------
+
+
+@_contextlib.contextmanager
+def route_sdpa(engine=None):
+    """Routes ``torch.nn.functional.scaled_dot_product_attention`` to xattn inside the block
+    (restored after it), so a model that calls it — ``nn.MultiheadAttention`` outside its
+    inference fast path, Hugging Face's and diffusers' SDPA attention — runs its attention on
+    xattn, gradients included::
+
+        with xattn.route_sdpa():
+            loss = model(x).sum(); loss.backward()
+
+    The one-line form for a whole program is
+    ``torch.nn.functional.scaled_dot_product_attention = xattn.scaled_dot_product_attention``.
+    Calls xattn cannot serve (float64, tensors on a CUDA device) raise instead of falling back.
+    """
+    import torch
+
+    functional = torch.nn.functional
+    before = functional.scaled_dot_product_attention
+
+    def routed(*args, **kwargs):
+        return scaled_dot_product_attention(*args, engine=engine, **kwargs)
+
+    functional.scaled_dot_product_attention = routed
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = before
