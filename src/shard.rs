@@ -313,6 +313,19 @@ impl ShardedAttention {
     }
 
     /// `t` moved from device `from` to device `to` through host memory, counted.
+    /// [`ShardedAttention::carry`] of a partial's O and LSE.
+    fn carry_partial(
+        &self,
+        part: &Partial,
+        route: (usize, usize),
+        count: &mut Counter,
+    ) -> Result<Partial> {
+        Ok(Partial {
+            o: self.carry(&part.o, route, count)?,
+            lse: self.carry(&part.lse, route, count)?,
+        })
+    }
+
     fn carry(&self, t: &Tensor, (from, to): (usize, usize), count: &mut Counter) -> Result<Tensor> {
         if from == to {
             return Ok(t.clone());
@@ -421,10 +434,7 @@ impl ShardedAttention {
             };
             let qp = self.load_q(p, q, s, tile.rows, &mut count)?;
             let part = self.partial(p, &qp, (k, v), s, tile, opts)?;
-            partials.push(Partial {
-                o: self.carry(&part.o, (p, out), &mut count)?,
-                lse: self.carry(&part.lse, (p, out), &mut count)?,
-            });
+            partials.push(self.carry_partial(&part, (p, out), &mut count)?);
         }
         let pairs: Vec<(&Tensor, &Tensor)> = partials.iter().map(|x| (&x.o, &x.lse)).collect();
         let (o, lse) = self.engines[out].merge(&pairs)?;
@@ -467,10 +477,7 @@ impl ShardedAttention {
                     let from = lv_holder(r, step - 1, r_n);
                     let prev = run.take().expect("set at step 0");
                     qb = self.carry(&qb, (from, p), &mut count)?;
-                    run = Some(Partial {
-                        o: self.carry(&prev.o, (from, p), &mut count)?,
-                        lse: self.carry(&prev.lse, (from, p), &mut count)?,
-                    });
+                    run = Some(self.carry_partial(&prev, (from, p), &mut count)?);
                 }
                 let tile = Tile {
                     rows,
@@ -480,13 +487,7 @@ impl ShardedAttention {
             }
             let last = lv_holder(r, r_n - 1, r_n);
             let fin = run.expect("R ≥ 1 steps ran");
-            done.push((
-                rows,
-                Partial {
-                    o: self.carry(&fin.o, (last, out), &mut count)?,
-                    lse: self.carry(&fin.lse, (last, out), &mut count)?,
-                },
-            ));
+            done.push((rows, self.carry_partial(&fin, (last, out), &mut count)?));
         }
         let (o, lse) = self.gather(s, done, out, &mut count)?;
         Ok(ShardedOutput {
@@ -553,10 +554,7 @@ impl ShardedAttention {
             let Some(fin) = run else { continue };
             done.push((
                 (row_cuts[p], row_cuts[p + 1]),
-                Partial {
-                    o: self.carry(&fin.o, (p, out), &mut count)?,
-                    lse: self.carry(&fin.lse, (p, out), &mut count)?,
-                },
+                self.carry_partial(&fin, (p, out), &mut count)?,
             ));
         }
         let (o, lse) = self.gather(s, done, out, &mut count)?;
