@@ -373,6 +373,19 @@ pub(crate) fn dims4(t: &Tensor, name: &str) -> Result<[usize; 4]> {
     })
 }
 
+/// Q, K and V are read as one element type: an error naming the three where they differ.
+pub(crate) fn same_dtype(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        return Err(Error::Argument(format!(
+            "q, k and v must share one type; got q {}, k {}, v {}",
+            q.dtype(),
+            k.dtype(),
+            v.dtype()
+        )));
+    }
+    Ok(())
+}
+
 impl Engine {
     /// An engine on `ctx` planning for the device's own limits and quirks.
     pub fn new(ctx: &Context) -> Self {
@@ -535,14 +548,7 @@ impl Engine {
         opts: &Attention,
     ) -> Result<Request> {
         let shape = AttnShape::from_qkv(dims4(q, "q")?, dims4(k, "k")?, dims4(v, "v")?)?;
-        if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-            return Err(Error::Argument(format!(
-                "q, k and v must share one type; got q {}, k {}, v {}",
-                q.dtype(),
-                k.dtype(),
-                v.dtype()
-            )));
-        }
+        same_dtype(q, k, v)?;
         opts.request_typed(shape, q.dtype())
     }
 

@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use crate::call::Prepared;
 use crate::cpu::graph_reference::GraphDims;
 use crate::dtype::DType;
-use crate::engine::{dims4, Engine, Scratch};
+use crate::engine::{dims4, same_dtype, Engine, Scratch};
 use crate::error::{Error, Result};
 use crate::gpu::executor::Bindings;
 use crate::gpu::tensor::Tensor;
@@ -356,14 +356,7 @@ impl Engine {
         graph: &Graph,
         opts: &GraphAttention,
     ) -> Result<GraphPlan> {
-        if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-            return Err(Error::Argument(format!(
-                "q, k and v must share one type; got q {}, k {}, v {}",
-                q.dtype(),
-                k.dtype(),
-                v.dtype()
-            )));
-        }
+        same_dtype(q, k, v)?;
         let dims = (dims4(q, "q")?, dims4(k, "k")?, dims4(v, "v")?);
         let req = graph_request(dims, q.dtype(), graph, opts)?;
         GraphPlan::new(&req, graph.row_ptr(), self.caps())
