@@ -215,6 +215,16 @@ enum Input {
     Host(Host, Vec<usize>),
 }
 
+impl Input {
+    /// The tensor on `ctx`'s device: a device tensor as it is, a host array uploaded.
+    fn on_device(self, ctx: &xattn::Context) -> xattn::Result<xattn::Tensor> {
+        match self {
+            Input::Device(t) => Ok(*t),
+            Input::Host(host, dims) => upload(ctx, &host, &dims),
+        }
+    }
+}
+
 fn read_input(obj: &Bound<'_, PyAny>, bf16: bool, name: &str) -> PyResult<Input> {
     if let Ok(t) = obj.cast::<DeviceTensor>() {
         return Ok(Input::Device(Box::new(t.get().inner.clone())));
@@ -487,13 +497,10 @@ impl Engine {
         let engine = self.inner.clone();
         let results = detached(py, move || {
             let ctx = engine.context();
-            let mut tensors = Vec::with_capacity(3);
-            for input in inputs {
-                tensors.push(match input {
-                    Input::Device(t) => *t,
-                    Input::Host(host, dims) => upload(ctx, &host, &dims)?,
-                });
-            }
+            let tensors = inputs
+                .into_iter()
+                .map(|i| i.on_device(ctx))
+                .collect::<xattn::Result<Vec<_>>>()?;
             let out = engine.attention(&tensors[0], &tensors[1], &tensors[2], &o.opts)?;
             let stats = if o.want_stats {
                 let s = &out.stats;
@@ -593,13 +600,10 @@ impl Engine {
         let engine = self.inner.clone();
         let grads = detached(py, move || {
             let ctx = engine.context();
-            let mut t = Vec::with_capacity(6);
-            for input in inputs {
-                t.push(match input {
-                    Input::Device(t) => *t,
-                    Input::Host(host, dims) => upload(ctx, &host, &dims)?,
-                });
-            }
+            let t = inputs
+                .into_iter()
+                .map(|i| i.on_device(ctx))
+                .collect::<xattn::Result<Vec<_>>>()?;
             let g =
                 engine.attention_backward((&t[0], &t[1], &t[2]), (&t[3], &t[4]), &t[5], &o.opts)?;
             let mut out = Vec::with_capacity(3);
