@@ -20,6 +20,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use xattn::{Alignment, Attention, DType, Stats};
 
+mod layer;
+
 create_exception!(
     _xattn,
     DeviceError,
@@ -168,6 +170,22 @@ fn to_numpy<'py>(py: Python<'py>, host: Host, dims: &[usize]) -> PyResult<Bound<
     })
 }
 
+/// A tensor read back with its dims, where there is one.
+fn download_some(t: Option<&xattn::Tensor>) -> xattn::Result<Option<(Host, Vec<usize>)>> {
+    t.map(|t| Ok((download(t)?, t.dims().to_vec()))).transpose()
+}
+
+/// [`to_numpy`] of a tensor read back, or None.
+fn numpy_or_none<'py>(
+    py: Python<'py>,
+    t: Option<(Host, Vec<usize>)>,
+) -> PyResult<Bound<'py, PyAny>> {
+    match t {
+        Some((host, dims)) => to_numpy(py, host, &dims),
+        None => Ok(py.None().into_bound(py)),
+    }
+}
+
 fn f32_numpy<'py>(py: Python<'py>, data: Vec<f32>, dims: &[usize]) -> PyResult<Bound<'py, PyAny>> {
     Ok(PyArray::from_vec(py, data).reshape(dims)?.into_any())
 }
@@ -223,6 +241,14 @@ impl Input {
             Input::Host(host, dims) => upload(ctx, &host, &dims),
         }
     }
+}
+
+/// Every input on `ctx`'s device, in order.
+fn on_device(
+    inputs: impl IntoIterator<Item = Input>,
+    ctx: &xattn::Context,
+) -> xattn::Result<Vec<xattn::Tensor>> {
+    inputs.into_iter().map(|i| i.on_device(ctx)).collect()
 }
 
 fn read_input(obj: &Bound<'_, PyAny>, bf16: bool, name: &str) -> PyResult<Input> {
@@ -497,10 +523,7 @@ impl Engine {
         let engine = self.inner.clone();
         let results = detached(py, move || {
             let ctx = engine.context();
-            let tensors = inputs
-                .into_iter()
-                .map(|i| i.on_device(ctx))
-                .collect::<xattn::Result<Vec<_>>>()?;
+            let tensors = on_device(inputs, ctx)?;
             let out = engine.attention(&tensors[0], &tensors[1], &tensors[2], &o.opts)?;
             let stats = if o.want_stats {
                 let s = &out.stats;
@@ -550,11 +573,12 @@ impl Engine {
     /// The gradients of one attention call, FlashAttention-2's backward: q, k, v, the
     /// forward's o (their dtype) and lse (float32 `[B, Hq, M]`), and d_o (o's dtype), in the
     /// library's layout, with the forward's options (a dropout's seed included). Returns
-    /// `(dq, dk, dv)` as NumPy arrays in q's dtype (bfloat16 as uint16 bits).
+    /// `(dq, dk, dv, dbias)` as NumPy arrays in q's dtype (bfloat16 as uint16 bits); dbias
+    /// (float32, the bias's dims) with `bias_grad`, else None.
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (q, k, v, o, lse, d_o, *, bf16=false, scale=None, causal=None,
         window=None, window_align=None, q_lens=None, kv_lens=None, mask=None, bias=None,
-        softcap=None, key_segments=None, dropout=None))]
+        softcap=None, key_segments=None, dropout=None, bias_grad=false))]
     fn attention_backward<'py>(
         &self,
         py: Python<'py>,
@@ -576,6 +600,7 @@ impl Engine {
         softcap: Option<f64>,
         key_segments: Option<Vec<(usize, usize, f64)>>,
         dropout: Option<(f64, u64, u64)>,
+        bias_grad: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let inputs = [
             read_input(q, bf16, "q")?,
@@ -585,7 +610,7 @@ impl Engine {
             read_input(lse, false, "lse")?,
             read_input(d_o, bf16, "d_o")?,
         ];
-        let o = options(
+        let mut o = options(
             scale,
             causal,
             window,
@@ -597,24 +622,23 @@ impl Engine {
             dropout,
             (false, false, false),
         )?;
+        if bias_grad {
+            o.opts = o.opts.with_bias_grad();
+        }
         let engine = self.inner.clone();
         let grads = detached(py, move || {
             let ctx = engine.context();
-            let t = inputs
-                .into_iter()
-                .map(|i| i.on_device(ctx))
-                .collect::<xattn::Result<Vec<_>>>()?;
+            let t = on_device(inputs, ctx)?;
             let g =
                 engine.attention_backward((&t[0], &t[1], &t[2]), (&t[3], &t[4]), &t[5], &o.opts)?;
-            let mut out = Vec::with_capacity(3);
-            for x in [&g.dq, &g.dk, &g.dv] {
-                out.push((download(x)?, x.dims().to_vec()));
-            }
-            Ok(out)
+            [Some(&g.dq), Some(&g.dk), Some(&g.dv), g.dbias.as_ref()]
+                .map(download_some)
+                .into_iter()
+                .collect::<xattn::Result<Vec<_>>>()
         })?;
-        let mut items = Vec::with_capacity(3);
-        for (host, dims) in grads {
-            items.push(to_numpy(py, host, &dims)?);
+        let mut items = Vec::with_capacity(4);
+        for grad in grads {
+            items.push(numpy_or_none(py, grad)?);
         }
         Ok(pyo3::types::PyTuple::new(py, items)?.into_any())
     }
@@ -719,6 +743,7 @@ fn _xattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DeviceError", m.py().get_type::<DeviceError>())?;
     m.add_class::<Engine>()?;
     m.add_class::<DeviceTensor>()?;
+    m.add_class::<layer::Layer>()?;
     m.add_function(wrap_pyfunction!(adapters, m)?)?;
     m.add_function(wrap_pyfunction!(heatmap_png, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;
