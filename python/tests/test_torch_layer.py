@@ -128,8 +128,13 @@ def test_an_optimizer_step_reaches_the_layer(engine):
 
 
 def linear_weights(q, k, v, o):
+    """The weights of four nn.Linear as conftest.layer_weights names them; an nn.Identity for
+    W^O (BERT's self-attention leaves it to the next module) is the identity matrix."""
     w = {}
     for name, lin in zip("qkvo", (q, k, v, o)):
+        if isinstance(lin, torch.nn.Identity):
+            w[name] = np.eye(w["q"].shape[0], dtype=np.float32)
+            continue
         w[name] = lin.weight.detach().numpy()
         if lin.bias is not None:
             w[name + "_bias"] = lin.bias.detach().numpy()
@@ -160,6 +165,17 @@ def test_hugging_face_modules(engine):
     check_module(engine, t5, linear_weights(t5.q, t5.k, t5.v, t5.o), 4, scale=1.0)
     with pytest.raises(ValueError, match="relative_attention_bias"):
         xattn.MultiheadAttention.from_torch(T5Attention(config, has_relative_attention_bias=True))
+    from transformers.models.whisper.modeling_whisper import WhisperAttention
+
+    whisper = WhisperAttention(32, 4).eval()  # k_proj has no bias
+    assert whisper.k_proj.bias is None
+    check_module(engine, whisper, linear_weights(whisper.q_proj, whisper.k_proj,
+                                                 whisper.v_proj, whisper.out_proj), 4)
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    bert = BertSelfAttention(transformers.BertConfig(hidden_size=32, num_attention_heads=4)).eval()
+    w = linear_weights(bert.query, bert.key, bert.value, torch.nn.Identity())
+    check_module(engine, bert, w, 4)
 
 
 def test_diffusers_attention(engine):

@@ -26,6 +26,7 @@ results come back as the same kind and dtype. Bad shapes, dtypes and arguments r
 from __future__ import annotations
 
 import contextlib as _contextlib
+import functools as _functools
 import random as _random
 import sys as _sys
 import threading as _threading
@@ -551,15 +552,11 @@ def _needs_grad(*xs):
     return True
 
 
-_function = None
-
-
+@_functools.cache
 def _autograd_function():
     """The torch.autograd.Function whose backward is xattn's (FlashAttention-2's scheme: P
-    rebuilt from the forward's LSE; dropout's mask regenerated from its seed)."""
-    global _function
-    if _function is not None:
-        return _function
+    rebuilt from the forward's LSE; dropout's mask regenerated from its seed); made on first
+    use."""
     torch = _torch()
 
     class XattnAttention(torch.autograd.Function):
@@ -586,8 +583,7 @@ def _autograd_function():
             grads = [call.from_library(g) for g in (dq, dk, dv)]
             return None, None, *grads, _bias_grad(dbias, ctx.bias, call.three_d)
 
-    _function = XattnAttention
-    return _function
+    return XattnAttention
 
 
 def _bias_grad(dbias, bias, three_d):

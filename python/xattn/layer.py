@@ -4,6 +4,8 @@ file, with ``nn.MultiheadAttention``'s forward."""
 
 from __future__ import annotations
 
+import functools as _functools
+
 import numpy as _np
 
 from . import _xattn
@@ -17,17 +19,25 @@ def _unsupported(module, what):
     return ValueError(f"xattn.MultiheadAttention cannot run this {type(module).__name__}: {what}")
 
 
-def _linears(module, q, k, v, o):
-    """The four projections' (weight, bias) as torch tensors from `nn.Linear`s; `o` may be
-    None (no output projection in the module: W^O is the identity)."""
+def _linears(heads, q, k, v, o):
+    """(sizes, the eight parameters as live torch tensors) of four `nn.Linear` projections;
+    `o` None where the module has no output projection (W^O is then the identity)."""
+    sizes = dict(
+        embed_dim=q.in_features,
+        num_heads=heads,
+        kdim=k.in_features,
+        vdim=v.in_features,
+        inner_dim=q.out_features,
+        kv_heads=heads * k.out_features // q.out_features,
+    )
     params = [q.weight, k.weight, v.weight, None if o is None else o.weight]
     params += [q.bias, k.bias, v.bias, None if o is None else o.bias]
-    return params
+    return sizes, params
 
 
 def _torch_params(module):
-    """(kind, sizes, the eight parameters as live torch tensors or None, scale, dropout) of a
-    supported module, or a ValueError saying what is unsupported."""
+    """(kind, sizes, the eight parameters as live torch tensors or None, scale, dropout,
+    batch_first) of a supported module, or a ValueError saying what is unsupported."""
     torch = _torch()
     name = type(module).__name__
     if isinstance(module, torch.nn.MultiheadAttention):
@@ -57,16 +67,8 @@ def _torch_params(module):
             raise _unsupported(module, "residual_connection=True is not supported")
         if getattr(module, "rescale_output_factor", 1.0) != 1.0:
             raise _unsupported(module, "rescale_output_factor ≠ 1 is not supported")
-        q = module.to_q
-        sizes = dict(
-            embed_dim=q.in_features,
-            num_heads=module.heads,
-            kdim=module.to_k.in_features,
-            vdim=module.to_v.in_features,
-            inner_dim=q.out_features,
-            kv_heads=module.heads * module.to_k.out_features // q.out_features,
-        )
-        params = _linears(module, q, module.to_k, module.to_v, module.to_out[0])
+        sizes, params = _linears(module.heads, module.to_q, module.to_k, module.to_v,
+                                 module.to_out[0])
         dropout = getattr(module.to_out[1], "p", 0.0) if len(module.to_out) > 1 else 0.0
         # The dropout after W^O is not the weights' dropout: refused in training rather than
         # misplaced (a no-op in eval mode).
@@ -77,17 +79,9 @@ def _torch_params(module):
         return "diffusers", sizes, params, getattr(module, "scale", None), 0.0, True
     if all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "out_proj")):
         # Hugging Face Whisper, BART, Marian, M2M100 and the like.
-        q = module.q_proj
         heads = getattr(module, "num_heads", None) or module.config.num_attention_heads
-        sizes = dict(
-            embed_dim=q.in_features,
-            num_heads=heads,
-            kdim=module.k_proj.in_features,
-            vdim=module.v_proj.in_features,
-            inner_dim=q.out_features,
-            kv_heads=heads * module.k_proj.out_features // q.out_features,
-        )
-        params = _linears(module, q, module.k_proj, module.v_proj, module.out_proj)
+        sizes, params = _linears(heads, module.q_proj, module.k_proj, module.v_proj,
+                                 module.out_proj)
         return "hf", sizes, params, getattr(module, "scaling", None), module.dropout, True
     if all(hasattr(module, a) for a in ("q", "k", "v", "o", "n_heads")):
         # Hugging Face T5: no scaling (folded into its initialisation); a position bias only in
@@ -98,31 +92,17 @@ def _torch_params(module):
                 "its relative_attention_bias (a position bias) is not supported: bind a layer "
                 "without one, or give the bias through attn_mask",
             )
-        sizes = dict(
-            embed_dim=module.q.in_features,
-            num_heads=module.n_heads,
-            kdim=module.k.in_features,
-            vdim=module.v.in_features,
-            inner_dim=module.q.out_features,
-        )
-        params = _linears(module, module.q, module.k, module.v, module.o)
+        sizes, params = _linears(module.n_heads, module.q, module.k, module.v, module.o)
         return "t5", sizes, params, 1.0, module.dropout, True
     if all(hasattr(module, a) for a in ("query", "key", "value", "num_attention_heads")):
         # BERT-like self-attention: the output projection lives in the next module, so W^O is
         # the identity here (exact in float32).
         if getattr(module, "position_embedding_type", "absolute") != "absolute":
             raise _unsupported(module, "relative position embeddings are not supported")
-        q = module.query
-        sizes = dict(
-            embed_dim=q.in_features,
-            num_heads=module.num_attention_heads,
-            kdim=module.key.in_features,
-            vdim=module.value.in_features,
-            inner_dim=q.out_features,
-        )
+        sizes, params = _linears(module.num_attention_heads, module.query, module.key,
+                                 module.value, None)
         if sizes["inner_dim"] != sizes["embed_dim"]:
             raise _unsupported(module, "an inner width other than the hidden size")
-        params = _linears(module, q, module.key, module.value, None)
         dropout = getattr(module.dropout, "p", 0.0)
         return "bert", sizes, params, None, dropout, True
     raise ValueError(
@@ -413,15 +393,11 @@ def _needs_grad(xs, params):
     return any(x is not None and x.requires_grad for x in [*xs, *params])
 
 
-_function = None
-
-
+@_functools.cache
 def _layer_function():
     """The torch.autograd.Function whose backward is the layer's backward on the device
-    (gradients of the inputs, the weights and the biases)."""
-    global _function
-    if _function is not None:
-        return _function
+    (gradients of the inputs, the weights and the biases); made on first use (torch is
+    imported only by callers who use it)."""
     torch = _torch()
 
     class XattnLayer(torch.autograd.Function):
@@ -449,5 +425,4 @@ def _layer_function():
                     out.append(torch.from_numpy(g).reshape(like.shape).to(like.dtype))
             return (None, None, *out)
 
-    _function = XattnLayer
-    return _function
+    return XattnLayer
