@@ -14,8 +14,8 @@ use xattn::mha::MhaWeights;
 use xattn::{DType, MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights};
 
 use crate::{
-    contiguous, detached, download, download_some, dtype_name, f32_numpy, numpy_or_none, on_device,
-    options, read_input, to_numpy, Engine,
+    contiguous, detached, download, download_some, dtype_name, f32_numpy, numpy_or_none, options,
+    read_input, to_numpy, Engine,
 };
 
 /// W^Q, W^K, W^V, W^O as the package passes them (float32, PyTorch `Linear` layout).
@@ -286,10 +286,11 @@ impl Layer {
         dropout: Option<(f64, u64, u64)>,
         need_weights: &str,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let inputs = [
-            read_input(query, bf16, "query")?,
-            read_input(key, bf16, "key")?,
-            read_input(value, bf16, "value")?,
+        let ctx = self.engine.context();
+        let t = [
+            read_input(query, bf16, "query", ctx)?,
+            read_input(key, bf16, "key", ctx)?,
+            read_input(value, bf16, "value", ctx)?,
         ];
         let opts = layer_options(
             scale,
@@ -300,7 +301,6 @@ impl Layer {
         )?;
         let (out, weights) = detached(py, || {
             let layer = self.read();
-            let t = on_device(inputs, self.engine.context())?;
             let out = layer.forward(&t[0], &t[1], &t[2], &opts)?;
             let weights = out
                 .weights
@@ -336,16 +336,16 @@ impl Layer {
         bias: Option<PyReadonlyArrayDyn<'py, f32>>,
         dropout: Option<(f64, u64, u64)>,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let inputs = [
-            read_input(query, bf16, "query")?,
-            read_input(key, bf16, "key")?,
-            read_input(value, bf16, "value")?,
-            read_input(d_out, false, "d_out")?,
+        let ctx = self.engine.context();
+        let t = [
+            read_input(query, bf16, "query", ctx)?,
+            read_input(key, bf16, "key", ctx)?,
+            read_input(value, bf16, "value", ctx)?,
+            read_input(d_out, false, "d_out", ctx)?,
         ];
         let opts = layer_options(scale, causal, (mask, bias), dropout, NeedWeights::None)?;
         let grads: Vec<_> = detached(py, || {
             let layer = self.read();
-            let t = on_device(inputs, self.engine.context())?;
             let g = layer.backward(&t[0], &t[1], &t[2], &t[3], &opts)?;
             let all = [Some(&g.d_query), Some(&g.d_key), Some(&g.d_value)]
                 .into_iter()

@@ -91,8 +91,7 @@ fn dtype_name(d: DType) -> &'static str {
     }
 }
 
-/// A host tensor copied out of a NumPy array (so that no Python thread can change it while the
-/// device reads it without the GIL).
+/// A tensor read back from the device.
 enum Host {
     F32(Vec<f32>),
     F16(Vec<half::f16>),
@@ -100,54 +99,61 @@ enum Host {
     Bf16(Vec<half::bf16>),
 }
 
-fn contiguous<'py, T: numpy::Element + Clone>(
-    a: &PyReadonlyArrayDyn<'py, T>,
+/// The elements of a C-contiguous array.
+fn as_slice<'a, T: numpy::Element>(
+    a: &'a PyReadonlyArrayDyn<'_, T>,
     name: &str,
-) -> PyResult<Vec<T>> {
+) -> PyResult<&'a [T]> {
     a.as_slice()
-        .map(<[T]>::to_vec)
         .map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
 }
 
-/// The array's elements and dims: float32, float16, or (with `bf16`) uint16 holding bfloat16
-/// bits.
-fn read_host(obj: &Bound<'_, PyAny>, bf16: bool, name: &str) -> PyResult<(Host, Vec<usize>)> {
-    if let Ok(a) = obj.cast::<PyArrayDyn<f32>>() {
+fn contiguous<T: numpy::Element + Clone>(
+    a: &PyReadonlyArrayDyn<'_, T>,
+    name: &str,
+) -> PyResult<Vec<T>> {
+    as_slice(a, name).map(<[T]>::to_vec)
+}
+
+/// A float32 or float16 array, or (with `bf16`) uint16 bfloat16 bits, uploaded to `ctx`'s
+/// device straight from the array's buffer: no host copy (NumPy views of torch tensors
+/// included), bfloat16 bits converted once. The GIL stays held meanwhile, so no Python thread
+/// changes the array while it is read.
+fn upload_host(
+    ctx: &xattn::Context,
+    obj: &Bound<'_, PyAny>,
+    bf16: bool,
+    name: &str,
+) -> PyResult<xattn::Tensor> {
+    let uploaded = if let Ok(a) = obj.cast::<PyArrayDyn<f32>>() {
         let a = a.readonly();
-        return Ok((Host::F32(contiguous(&a, name)?), a.shape().to_vec()));
-    }
-    if let Ok(a) = obj.cast::<PyArrayDyn<half::f16>>() {
+        xattn::Tensor::upload(ctx, "input", as_slice(&a, name)?, a.shape())
+    } else if let Ok(a) = obj.cast::<PyArrayDyn<half::f16>>() {
         let a = a.readonly();
-        return Ok((Host::F16(contiguous(&a, name)?), a.shape().to_vec()));
-    }
-    if bf16 {
-        if let Ok(a) = obj.cast::<PyArrayDyn<u16>>() {
-            let a = a.readonly();
-            let bits = contiguous(&a, name)?;
-            let data = bits.into_iter().map(half::bf16::from_bits).collect();
-            return Ok((Host::Bf16(data), a.shape().to_vec()));
-        }
-    }
-    let what = match obj.getattr("dtype") {
-        Ok(d) => format!("an array of dtype {d}"),
-        Err(_) => format!("a {}", obj.get_type().name()?),
-    };
-    Err(PyValueError::new_err(format!(
-        "{name} must be a float32 or float16 numpy array{} or an xattn device tensor; got {what}",
-        if bf16 {
+        xattn::Tensor::upload_f16(ctx, "input", as_slice(&a, name)?, a.shape())
+    } else if let (true, Ok(a)) = (bf16, obj.cast::<PyArrayDyn<u16>>()) {
+        let a = a.readonly();
+        let data: Vec<half::bf16> = as_slice(&a, name)?
+            .iter()
+            .map(|&bits| half::bf16::from_bits(bits))
+            .collect();
+        xattn::Tensor::upload_bf16(ctx, "input", &data, a.shape())
+    } else {
+        let what = match obj.getattr("dtype") {
+            Ok(d) => format!("an array of dtype {d}"),
+            Err(_) => format!("a {}", obj.get_type().name()?),
+        };
+        let bits = if bf16 {
             " (or uint16 bfloat16 bits)"
         } else {
             ""
-        }
-    )))
-}
-
-fn upload(ctx: &xattn::Context, host: &Host, dims: &[usize]) -> xattn::Result<xattn::Tensor> {
-    match host {
-        Host::F32(d) => xattn::Tensor::upload(ctx, "input", d, dims),
-        Host::F16(d) => xattn::Tensor::upload_f16(ctx, "input", d, dims),
-        Host::Bf16(d) => xattn::Tensor::upload_bf16(ctx, "input", d, dims),
-    }
+        };
+        return Err(PyValueError::new_err(format!(
+            "{name} must be a float32 or float16 numpy array{bits} or an xattn device tensor; \
+             got {what}"
+        )));
+    };
+    uploaded.map_err(to_py)
 }
 
 fn download(t: &xattn::Tensor) -> xattn::Result<Host> {
@@ -227,36 +233,18 @@ impl DeviceTensor {
     }
 }
 
-/// An input: a device tensor as it is, or a host array to upload.
-enum Input {
-    Device(Box<xattn::Tensor>),
-    Host(Host, Vec<usize>),
-}
-
-impl Input {
-    /// The tensor on `ctx`'s device: a device tensor as it is, a host array uploaded.
-    fn on_device(self, ctx: &xattn::Context) -> xattn::Result<xattn::Tensor> {
-        match self {
-            Input::Device(t) => Ok(*t),
-            Input::Host(host, dims) => upload(ctx, &host, &dims),
-        }
-    }
-}
-
-/// Every input on `ctx`'s device, in order.
-fn on_device(
-    inputs: impl IntoIterator<Item = Input>,
+/// An input on `ctx`'s device: a device tensor as it is, a host array uploaded
+/// ([`upload_host`]).
+fn read_input(
+    obj: &Bound<'_, PyAny>,
+    bf16: bool,
+    name: &str,
     ctx: &xattn::Context,
-) -> xattn::Result<Vec<xattn::Tensor>> {
-    inputs.into_iter().map(|i| i.on_device(ctx)).collect()
-}
-
-fn read_input(obj: &Bound<'_, PyAny>, bf16: bool, name: &str) -> PyResult<Input> {
-    if let Ok(t) = obj.cast::<DeviceTensor>() {
-        return Ok(Input::Device(Box::new(t.get().inner.clone())));
+) -> PyResult<xattn::Tensor> {
+    match obj.cast::<DeviceTensor>() {
+        Ok(t) => Ok(t.get().inner.clone()),
+        Err(_) => upload_host(ctx, obj, bf16, name),
     }
-    let (host, dims) = read_host(obj, bf16, name)?;
-    Ok(Input::Host(host, dims))
 }
 
 fn alignment(name: &str, value: &str) -> PyResult<Alignment> {
@@ -460,15 +448,8 @@ impl Engine {
 
     /// Uploads a float32/float16 array (uint16 bfloat16 bits with `bf16=True`) as it is.
     #[pyo3(signature = (array, bf16=false))]
-    fn upload(
-        &self,
-        py: Python<'_>,
-        array: &Bound<'_, PyAny>,
-        bf16: bool,
-    ) -> PyResult<DeviceTensor> {
-        let (host, dims) = read_host(array, bf16, "array")?;
-        let ctx = self.inner.context().clone();
-        let inner = detached(py, move || upload(&ctx, &host, &dims))?;
+    fn upload(&self, array: &Bound<'_, PyAny>, bf16: bool) -> PyResult<DeviceTensor> {
+        let inner = upload_host(self.inner.context(), array, bf16, "array")?;
         Ok(DeviceTensor { inner })
     }
 
@@ -503,10 +484,11 @@ impl Engine {
         return_weights: bool,
         return_stats: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let inputs = [
-            read_input(q, bf16, "q")?,
-            read_input(k, bf16, "k")?,
-            read_input(v, bf16, "v")?,
+        let ctx = self.inner.context();
+        let tensors = [
+            read_input(q, bf16, "q", ctx)?,
+            read_input(k, bf16, "k", ctx)?,
+            read_input(v, bf16, "v", ctx)?,
         ];
         let o = options(
             scale,
@@ -522,8 +504,6 @@ impl Engine {
         )?;
         let engine = self.inner.clone();
         let results = detached(py, move || {
-            let ctx = engine.context();
-            let tensors = on_device(inputs, ctx)?;
             let out = engine.attention(&tensors[0], &tensors[1], &tensors[2], &o.opts)?;
             let stats = if o.want_stats {
                 let s = &out.stats;
@@ -602,13 +582,14 @@ impl Engine {
         dropout: Option<(f64, u64, u64)>,
         bias_grad: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let inputs = [
-            read_input(q, bf16, "q")?,
-            read_input(k, bf16, "k")?,
-            read_input(v, bf16, "v")?,
-            read_input(o, bf16, "o")?,
-            read_input(lse, false, "lse")?,
-            read_input(d_o, bf16, "d_o")?,
+        let ctx = self.inner.context();
+        let t = [
+            read_input(q, bf16, "q", ctx)?,
+            read_input(k, bf16, "k", ctx)?,
+            read_input(v, bf16, "v", ctx)?,
+            read_input(o, bf16, "o", ctx)?,
+            read_input(lse, false, "lse", ctx)?,
+            read_input(d_o, bf16, "d_o", ctx)?,
         ];
         let mut o = options(
             scale,
@@ -627,8 +608,6 @@ impl Engine {
         }
         let engine = self.inner.clone();
         let grads = detached(py, move || {
-            let ctx = engine.context();
-            let t = on_device(inputs, ctx)?;
             let g =
                 engine.attention_backward((&t[0], &t[1], &t[2]), (&t[3], &t[4]), &t[5], &o.opts)?;
             [Some(&g.dq), Some(&g.dk), Some(&g.dv), g.dbias.as_ref()]

@@ -275,3 +275,16 @@ def test_route_sdpa_runs_a_torch_module_on_xattn(engine, monkeypatch):
     assert err(out_xattn, out_64) <= 2 * err(out_torch, out_64), "output"
     for i, (gx, gt, g6) in enumerate(zip(g_xattn, g_torch, g_64)):
         assert err(gx, g6) <= 2 * err(gt, g6), f"gradient {i}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_contiguous_torch_tensors_are_copied(engine, dtype):
+    # Contiguous tensors are read in place (a NumPy view, uploaded from its buffer); strided
+    # views are copied first, with the same results.
+    q, k, v = tensors(63, 1, 2, 5, 14, 8, dtype=dtype)
+    ks, vs = k[:, :, ::2], v[:, :, ::2]
+    assert not ks.is_contiguous()
+    got = engine.scaled_dot_product_attention(q, ks, vs)
+    assert torch.equal(got, engine.scaled_dot_product_attention(q, ks.contiguous(), vs.contiguous()))
+    view = k.transpose(1, 2)  # [B, S, H, d] as a view of [B, H, S, d]
+    assert torch.equal(engine.upload(view, layout="bshd").to_torch(), view)

@@ -19,7 +19,10 @@ The calls read like PyTorch's::
   device between calls (:meth:`Engine.upload`), so a decoding loop uploads K and V once.
 
 Inputs are NumPy arrays (float32, float16) or CPU torch tensors (float32, float16, bfloat16);
-results come back as the same kind and dtype. Bad shapes, dtypes and arguments raise
+results come back as the same kind and dtype. A C-contiguous input in the library's layout is
+uploaded straight from its buffer (a torch tensor through a NumPy view of its memory: no host
+copy); strided ones, and ``[B, H, S, d]`` inputs (transposed on the host in this version), are
+copied once first. Bad shapes, dtypes and arguments raise
 ``ValueError``; device failures raise :class:`DeviceError` (a ``RuntimeError``).
 """
 
