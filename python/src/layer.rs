@@ -91,7 +91,6 @@ impl Layer {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn config(
     embed_dim: usize,
     num_heads: usize,
@@ -109,32 +108,39 @@ fn config(
         .with_bias(bias)
 }
 
-/// The layer's call options: the attention's (masks, causal, dropout) and which weights.
-fn layer_options(
+/// The attention options of a layer call, as the package passes them: a dict with `scale`
+/// (1/√head_dim when None), `causal` (None, 'top-left' or 'bottom-right'), bool `mask`
+/// (True = may attend) and float `bias`, both `[B|1, H|1, M|1, N]`, and `dropout`
+/// ((p, seed, offset) or None).
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct CallOptions<'py> {
     scale: Option<f64>,
-    causal: Option<&str>,
-    (mask, bias): (
-        Option<PyReadonlyArrayDyn<'_, bool>>,
-        Option<PyReadonlyArrayDyn<'_, f32>>,
-    ),
+    causal: Option<String>,
+    mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    bias: Option<PyReadonlyArrayDyn<'py, f32>>,
     dropout: Option<(f64, u64, u64)>,
-    need: NeedWeights,
-) -> PyResult<MhaOptions> {
-    let o = options(
-        scale,
-        causal,
-        None,
-        None,
-        (None, None),
-        (mask, bias),
-        None,
-        None,
-        dropout,
-        (false, false, false),
-    )?;
-    Ok(MhaOptions::default()
-        .with_attention(o.opts)
-        .with_need_weights(need))
+}
+
+impl CallOptions<'_> {
+    /// The layer's options: these attention options and which weights.
+    fn layer(self, need: NeedWeights) -> PyResult<MhaOptions> {
+        let o = options(
+            self.scale,
+            self.causal.as_deref(),
+            None,
+            None,
+            (None, None),
+            (self.mask, self.bias),
+            None,
+            None,
+            self.dropout,
+            (false, false, false),
+        )?;
+        Ok(MhaOptions::default()
+            .with_attention(o.opts)
+            .with_need_weights(need))
+    }
 }
 
 #[pymethods]
@@ -266,24 +272,19 @@ impl Layer {
     }
 
     /// `forward(query [B, M, E], key [B, N, kdim], value [B, N, vdim])` with the attention's
-    /// `scale` (1/√head_dim when None), bool `mask` (True = may attend) and float `bias`, both `[B|1, H|1, M|1, N]`, `causal`,
-    /// `dropout` and `need_weights` ('none', 'averaged' or 'per_head'). Returns
-    /// `(out [B, M, E] in the inputs' dtype (bfloat16 as uint16 bits), weights float32 or None)`.
+    /// options `opts` ([`CallOptions`]) and `need_weights` ('none', 'averaged' or 'per_head').
+    /// Returns `(out [B, M, E] in the inputs' dtype (bfloat16 as uint16 bits), weights float32
+    /// or None)`.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (query, key, value, *, bf16=false, scale=None, causal=None, mask=None,
-        bias=None, dropout=None, need_weights="none"))]
+    #[pyo3(signature = (query, key, value, opts, *, bf16=false, need_weights="none"))]
     fn forward<'py>(
         &self,
         py: Python<'py>,
         query: &Bound<'py, PyAny>,
         key: &Bound<'py, PyAny>,
         value: &Bound<'py, PyAny>,
+        opts: CallOptions<'py>,
         bf16: bool,
-        scale: Option<f64>,
-        causal: Option<&str>,
-        mask: Option<PyReadonlyArrayDyn<'py, bool>>,
-        bias: Option<PyReadonlyArrayDyn<'py, f32>>,
-        dropout: Option<(f64, u64, u64)>,
         need_weights: &str,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let ctx = self.engine.context();
@@ -292,13 +293,7 @@ impl Layer {
             read_input(key, bf16, "key", ctx)?,
             read_input(value, bf16, "value", ctx)?,
         ];
-        let opts = layer_options(
-            scale,
-            causal,
-            (mask, bias),
-            dropout,
-            crate::layer::need_weights(need_weights)?,
-        )?;
+        let opts = opts.layer(crate::layer::need_weights(need_weights)?)?;
         let (out, weights) = detached(py, || {
             let layer = self.read();
             let out = layer.forward(&t[0], &t[1], &t[2], &opts)?;
@@ -316,12 +311,11 @@ impl Layer {
         PyTuple::new(py, [to_numpy(py, out.0, &out.1)?, weights])
     }
 
-    /// The gradients of `forward(query, key, value, ...)` (the same options) for the output's
-    /// gradient `d_out` (float32 `[B, M, E]`): `(d_query, d_key, d_value, (dW_q, dW_k, dW_v,
-    /// dW_o), (db_q, db_k, db_v, db_o))`, float32 arrays (None for a bias the layer lacks).
+    /// The gradients of `forward(query, key, value, opts)` for the output's gradient `d_out`
+    /// (float32 `[B, M, E]`): `(d_query, d_key, d_value, (dW_q, dW_k, dW_v, dW_o), (db_q,
+    /// db_k, db_v, db_o))`, float32 arrays (None for a bias the layer lacks).
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (query, key, value, d_out, *, bf16=false, scale=None, causal=None,
-        mask=None, bias=None, dropout=None))]
+    #[pyo3(signature = (query, key, value, d_out, opts, *, bf16=false))]
     fn backward<'py>(
         &self,
         py: Python<'py>,
@@ -329,12 +323,8 @@ impl Layer {
         key: &Bound<'py, PyAny>,
         value: &Bound<'py, PyAny>,
         d_out: &Bound<'py, PyAny>,
+        opts: CallOptions<'py>,
         bf16: bool,
-        scale: Option<f64>,
-        causal: Option<&str>,
-        mask: Option<PyReadonlyArrayDyn<'py, bool>>,
-        bias: Option<PyReadonlyArrayDyn<'py, f32>>,
-        dropout: Option<(f64, u64, u64)>,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let ctx = self.engine.context();
         let t = [
@@ -343,7 +333,7 @@ impl Layer {
             read_input(value, bf16, "value", ctx)?,
             read_input(d_out, false, "d_out", ctx)?,
         ];
-        let opts = layer_options(scale, causal, (mask, bias), dropout, NeedWeights::None)?;
+        let opts = opts.layer(NeedWeights::None)?;
         let grads: Vec<_> = detached(py, || {
             let layer = self.read();
             let g = layer.backward(&t[0], &t[1], &t[2], &t[3], &opts)?;

@@ -292,8 +292,8 @@ class MultiheadAttention:
     def _forward_raw(self, xs, kw, need):
         """The extension's forward on host inputs: (out, weights) as the inputs' kind."""
         arrays, dtype, torch_out = _layer_inputs([x.detach() if _is_torch(x) else x for x in xs])
-        out, weights = self._raw.forward(*arrays, bf16=dtype == "bfloat16", need_weights=need,
-                                         **kw)
+        out, weights = self._raw.forward(*arrays, kw, bf16=dtype == "bfloat16",
+                                         need_weights=need)
         weights = None if weights is None else _wrap(weights, "float32", torch_out)
         return _wrap(out, dtype, torch_out), weights
 
@@ -405,7 +405,7 @@ def _layer_function():
         def forward(ctx, layer, kw, query, key, value, *params):
             xs = [query.detach(), key.detach(), value.detach()]
             arrays, dtype, _ = _layer_inputs(xs)
-            out, _ = layer._raw.forward(*arrays, bf16=dtype == "bfloat16", **kw)
+            out, _ = layer._raw.forward(*arrays, kw, bf16=dtype == "bfloat16")
             ctx.layer, ctx.kw, ctx.arrays, ctx.dtype = layer, kw, arrays, dtype
             ctx.like = [query, key, value, *params]
             return _wrap(out, dtype, True)
@@ -414,7 +414,7 @@ def _layer_function():
         def backward(ctx, d_out):
             d = _np.ascontiguousarray(d_out.detach().float().numpy())
             dq, dk, dv, d_weights, d_biases = ctx.layer._raw.backward(
-                *ctx.arrays, d, bf16=ctx.dtype == "bfloat16", **ctx.kw
+                *ctx.arrays, d, ctx.kw, bf16=ctx.dtype == "bfloat16"
             )
             grads = [dq, dk, dv, *d_weights, *d_biases]
             out = []
