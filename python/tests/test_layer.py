@@ -193,3 +193,17 @@ def test_bad_files_and_inputs(engine, tmp_path):
         layer(query, key, value, attn_mask=np.zeros((4, 4), bool))
     with pytest.raises(ValueError, match="share one dtype"):
         layer(query, key.astype(np.float16), value)
+
+
+def test_threads_share_a_layer(engine, tmp_path):
+    # One layer called from several Python threads at once (the GIL released on the device):
+    # each thread's result is the one it gets alone.
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, layer = pytorch_layer(engine, tmp_path)
+    batches = [inputs(80 + i, 1, 4, 6, 32) for i in range(6)]
+    alone = [layer(*x, need_weights=False)[0] for x in batches]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda x: layer(*x, need_weights=False)[0], batches))
+    for a, b in zip(alone, together):
+        assert np.array_equal(a, b)
