@@ -187,3 +187,32 @@ def test_diffusers_attention(engine):
     w = linear_weights(attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])
     check_module(engine, attn, w, 4, kdim=24)
     assert diffusers is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_layer_gradients_meet_flash_attentions_criterion(engine, dtype):
+    # The module in a half type: ours (weights kept in that type on the device, every sum in
+    # f32) against torch's own module in that type, both against float64 on the same rounded
+    # weights and inputs, within twice torch's error plus one rounding of the largest value.
+    torch.manual_seed(97)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval().to(dtype)
+    x, src, d_out = (randn(98, 2, 6, 32).to(dtype), randn(99, 2, 7, 32).to(dtype),
+                     randn(100, 2, 6, 32).to(dtype))
+    unit = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+
+    def run(module, cast, routed):
+        module = copy.deepcopy(module).to(cast)
+        q = x.detach().clone().to(cast).requires_grad_(True)
+        s = src.detach().clone().to(cast)
+        call = xattn.MultiheadAttention.from_torch(module, engine=engine) if routed else module
+        out, _ = call(q, s, s, need_weights=False)
+        out.backward(d_out.to(cast))
+        return [out.detach(), q.grad] + [p.grad for p in module.parameters()]
+
+    ours, same, want = run(mha, dtype, True), run(mha, dtype, False), run(mha, torch.float64, False)
+    names = ["out", "d_query"] + [n for n, _ in mha.named_parameters()]
+    for name, a, b, w in zip(names, ours, same, want, strict=True):
+        assert a.dtype == dtype, name
+        err = lambda t: float((t.double() - w).abs().max())  # noqa: E731
+        allowed = 2 * err(b) + unit * float(w.abs().max())
+        assert err(a) <= allowed, f"{name} {dtype}: {err(a):.3e} > {allowed:.3e}"
