@@ -143,8 +143,11 @@ class MultiheadAttention:
     @classmethod
     def from_torch(cls, module, *, engine=None, dtype=None):
         """The layer of a torch attention module, its weights copied to the device (in
-        ``dtype``: the module's float32/float16/bfloat16 when None). Unsupported features
-        (``add_bias_kv``, ``add_zero_attn``, q/k norms, position biases…) raise ValueError."""
+        ``dtype``: the module's float32/float16/bfloat16 when None) and uploaded again when an
+        optimizer changes them. Unsupported features (``add_bias_kv``, ``add_zero_attn``, q/k
+        norms, position biases…) raise ValueError. The call is ``nn.MultiheadAttention``'s
+        whatever the module: a Hugging Face module's own causal flag is not read (pass
+        ``is_causal=True``), and its dropout follows the module's ``train()``/``eval()``."""
         torch = _torch()
         if torch is None or not isinstance(module, torch.nn.Module):
             raise ValueError(f"from_torch takes a torch.nn.Module, got {type(module).__name__}")
