@@ -1,5 +1,8 @@
-"""Error table against torch's SDPA in float64: xattn's error next to torch's own SDPA in the
-same dtype, on seeded random inputs (needs torch; prints a Markdown table)."""
+"""Error tables against torch in float64: xattn's error next to torch's own in the same dtype,
+on seeded random inputs (needs torch; prints Markdown tables): SDPA's output per case and dtype,
+then the gradients through torch.autograd (SDPA's dQ, dK, dV; the layer's output, input and
+weight gradients, xattn.MultiheadAttention.from_torch against nn.MultiheadAttention)."""
+import copy
 import torch, xattn
 F = torch.nn.functional
 g = torch.Generator().manual_seed(0)
@@ -32,3 +35,41 @@ for name, c in cases.items():
         own = F.scaled_dot_product_attention(qd, kd, vd, **kw_as(dt))
         e1 = (got.double() - ref).abs().max().item(); e2 = (own.double() - ref).abs().max().item()
         print(f"| {name} | {str(dt)[6:]} | {e1:.2e} | {e2:.2e} |")
+
+# The layer (xattn.MultiheadAttention.from_torch) and the gradients through torch.autograd
+# (of Q, K, V for SDPA; of the query and the weights for the layer), against float64 likewise.
+print("\n| call | dtype | xattn | torch same dtype |\n|---|---|---|---|")
+torch.manual_seed(0)
+mha = torch.nn.MultiheadAttention(256, 8, batch_first=True, kdim=192, vdim=192).eval()
+x, src = torch.randn(2, 64, 256, generator=g), torch.randn(2, 77, 192, generator=g)
+d_out = torch.randn(2, 64, 256, generator=g)
+
+
+def layer_run(module, dt, xattn_layer):
+    m = copy.deepcopy(module).to(dt)
+    xx = x.detach().clone().to(dt).requires_grad_(True)
+    call = xattn.MultiheadAttention.from_torch(m) if xattn_layer else m
+    out, _ = call(xx, src.to(dt), src.to(dt), need_weights=False)
+    out.backward(d_out.to(dt))
+    return [("layer out", out.detach()), ("layer d_query", xx.grad),
+            ("layer d_W_q", m.q_proj_weight.grad),
+            ("layer d_W_k", m.k_proj_weight.grad), ("layer d_W_out", m.out_proj.weight.grad)]
+
+
+def sdpa_run(fn, dt):
+    q, k, v = (t.detach().clone().to(dt).requires_grad_(True) for t in (qs, ks, vs))
+    fn(q, k, v, is_causal=True).backward(dos.to(dt))
+    return [("sdpa causal dQ", q.grad), ("sdpa causal dK", k.grad), ("sdpa causal dV", v.grad)]
+
+
+qs, ks, vs, dos = (torch.randn(2, 8, 64, 40, generator=g) for _ in range(4))
+for dt in (torch.float32, torch.float16, torch.bfloat16):
+    runs = [(lambda d, xl: sdpa_run(xattn.scaled_dot_product_attention if xl else
+                                    F.scaled_dot_product_attention, d))]
+    if dt == torch.float32:  # torch's layer has no half CPU backward for every op
+        runs.append(lambda d, xl: layer_run(mha, d, xl))
+    for run in runs:
+        ref, ours, own = run(torch.float64, False), run(dt, True), run(dt, False)
+        for (name, r), (_, a), (_, b) in zip(ref, ours, own):
+            e1 = (a.double() - r).abs().max().item(); e2 = (b.double() - r).abs().max().item()
+            print(f"| {name} | {str(dt)[6:]} | {e1:.2e} | {e2:.2e} |")

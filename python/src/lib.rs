@@ -20,6 +20,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use xattn::{Alignment, Attention, DType, Stats};
 
+mod layer;
+
 create_exception!(
     _xattn,
     DeviceError,
@@ -89,8 +91,7 @@ fn dtype_name(d: DType) -> &'static str {
     }
 }
 
-/// A host tensor copied out of a NumPy array (so that no Python thread can change it while the
-/// device reads it without the GIL).
+/// A tensor read back from the device.
 enum Host {
     F32(Vec<f32>),
     F16(Vec<half::f16>),
@@ -98,54 +99,61 @@ enum Host {
     Bf16(Vec<half::bf16>),
 }
 
-fn contiguous<'py, T: numpy::Element + Clone>(
-    a: &PyReadonlyArrayDyn<'py, T>,
+/// The elements of a C-contiguous array.
+fn as_slice<'a, T: numpy::Element>(
+    a: &'a PyReadonlyArrayDyn<'_, T>,
     name: &str,
-) -> PyResult<Vec<T>> {
+) -> PyResult<&'a [T]> {
     a.as_slice()
-        .map(<[T]>::to_vec)
         .map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
 }
 
-/// The array's elements and dims: float32, float16, or (with `bf16`) uint16 holding bfloat16
-/// bits.
-fn read_host(obj: &Bound<'_, PyAny>, bf16: bool, name: &str) -> PyResult<(Host, Vec<usize>)> {
-    if let Ok(a) = obj.cast::<PyArrayDyn<f32>>() {
+fn contiguous<T: numpy::Element + Clone>(
+    a: &PyReadonlyArrayDyn<'_, T>,
+    name: &str,
+) -> PyResult<Vec<T>> {
+    as_slice(a, name).map(<[T]>::to_vec)
+}
+
+/// A float32 or float16 array, or (with `bf16`) uint16 bfloat16 bits, uploaded to `ctx`'s
+/// device straight from the array's buffer: no host copy (NumPy views of torch tensors
+/// included), bfloat16 bits converted once. The GIL stays held meanwhile, so no Python thread
+/// changes the array while it is read.
+fn upload_host(
+    ctx: &xattn::Context,
+    obj: &Bound<'_, PyAny>,
+    bf16: bool,
+    name: &str,
+) -> PyResult<xattn::Tensor> {
+    let uploaded = if let Ok(a) = obj.cast::<PyArrayDyn<f32>>() {
         let a = a.readonly();
-        return Ok((Host::F32(contiguous(&a, name)?), a.shape().to_vec()));
-    }
-    if let Ok(a) = obj.cast::<PyArrayDyn<half::f16>>() {
+        xattn::Tensor::upload(ctx, "input", as_slice(&a, name)?, a.shape())
+    } else if let Ok(a) = obj.cast::<PyArrayDyn<half::f16>>() {
         let a = a.readonly();
-        return Ok((Host::F16(contiguous(&a, name)?), a.shape().to_vec()));
-    }
-    if bf16 {
-        if let Ok(a) = obj.cast::<PyArrayDyn<u16>>() {
-            let a = a.readonly();
-            let bits = contiguous(&a, name)?;
-            let data = bits.into_iter().map(half::bf16::from_bits).collect();
-            return Ok((Host::Bf16(data), a.shape().to_vec()));
-        }
-    }
-    let what = match obj.getattr("dtype") {
-        Ok(d) => format!("an array of dtype {d}"),
-        Err(_) => format!("a {}", obj.get_type().name()?),
-    };
-    Err(PyValueError::new_err(format!(
-        "{name} must be a float32 or float16 numpy array{} or an xattn device tensor; got {what}",
-        if bf16 {
+        xattn::Tensor::upload_f16(ctx, "input", as_slice(&a, name)?, a.shape())
+    } else if let (true, Ok(a)) = (bf16, obj.cast::<PyArrayDyn<u16>>()) {
+        let a = a.readonly();
+        let data: Vec<half::bf16> = as_slice(&a, name)?
+            .iter()
+            .map(|&bits| half::bf16::from_bits(bits))
+            .collect();
+        xattn::Tensor::upload_bf16(ctx, "input", &data, a.shape())
+    } else {
+        let what = match obj.getattr("dtype") {
+            Ok(d) => format!("an array of dtype {d}"),
+            Err(_) => format!("a {}", obj.get_type().name()?),
+        };
+        let bits = if bf16 {
             " (or uint16 bfloat16 bits)"
         } else {
             ""
-        }
-    )))
-}
-
-fn upload(ctx: &xattn::Context, host: &Host, dims: &[usize]) -> xattn::Result<xattn::Tensor> {
-    match host {
-        Host::F32(d) => xattn::Tensor::upload(ctx, "input", d, dims),
-        Host::F16(d) => xattn::Tensor::upload_f16(ctx, "input", d, dims),
-        Host::Bf16(d) => xattn::Tensor::upload_bf16(ctx, "input", d, dims),
-    }
+        };
+        return Err(PyValueError::new_err(format!(
+            "{name} must be a float32 or float16 numpy array{bits} or an xattn device tensor; \
+             got {what}"
+        )));
+    };
+    uploaded.map_err(to_py)
 }
 
 fn download(t: &xattn::Tensor) -> xattn::Result<Host> {
@@ -166,6 +174,22 @@ fn to_numpy<'py>(py: Python<'py>, host: Host, dims: &[usize]) -> PyResult<Bound<
             PyArray::from_vec(py, bits).reshape(dims)?.into_any()
         }
     })
+}
+
+/// A tensor read back with its dims, where there is one.
+fn download_some(t: Option<&xattn::Tensor>) -> xattn::Result<Option<(Host, Vec<usize>)>> {
+    t.map(|t| Ok((download(t)?, t.dims().to_vec()))).transpose()
+}
+
+/// [`to_numpy`] of a tensor read back, or None.
+fn numpy_or_none<'py>(
+    py: Python<'py>,
+    t: Option<(Host, Vec<usize>)>,
+) -> PyResult<Bound<'py, PyAny>> {
+    match t {
+        Some((host, dims)) => to_numpy(py, host, &dims),
+        None => Ok(py.None().into_bound(py)),
+    }
 }
 
 fn f32_numpy<'py>(py: Python<'py>, data: Vec<f32>, dims: &[usize]) -> PyResult<Bound<'py, PyAny>> {
@@ -209,28 +233,18 @@ impl DeviceTensor {
     }
 }
 
-/// An input: a device tensor as it is, or a host array to upload.
-enum Input {
-    Device(Box<xattn::Tensor>),
-    Host(Host, Vec<usize>),
-}
-
-impl Input {
-    /// The tensor on `ctx`'s device: a device tensor as it is, a host array uploaded.
-    fn on_device(self, ctx: &xattn::Context) -> xattn::Result<xattn::Tensor> {
-        match self {
-            Input::Device(t) => Ok(*t),
-            Input::Host(host, dims) => upload(ctx, &host, &dims),
-        }
+/// An input on `ctx`'s device: a device tensor as it is, a host array uploaded
+/// ([`upload_host`]).
+fn read_input(
+    obj: &Bound<'_, PyAny>,
+    bf16: bool,
+    name: &str,
+    ctx: &xattn::Context,
+) -> PyResult<xattn::Tensor> {
+    match obj.cast::<DeviceTensor>() {
+        Ok(t) => Ok(t.get().inner.clone()),
+        Err(_) => upload_host(ctx, obj, bf16, name),
     }
-}
-
-fn read_input(obj: &Bound<'_, PyAny>, bf16: bool, name: &str) -> PyResult<Input> {
-    if let Ok(t) = obj.cast::<DeviceTensor>() {
-        return Ok(Input::Device(Box::new(t.get().inner.clone())));
-    }
-    let (host, dims) = read_host(obj, bf16, name)?;
-    Ok(Input::Host(host, dims))
 }
 
 fn alignment(name: &str, value: &str) -> PyResult<Alignment> {
@@ -434,15 +448,8 @@ impl Engine {
 
     /// Uploads a float32/float16 array (uint16 bfloat16 bits with `bf16=True`) as it is.
     #[pyo3(signature = (array, bf16=false))]
-    fn upload(
-        &self,
-        py: Python<'_>,
-        array: &Bound<'_, PyAny>,
-        bf16: bool,
-    ) -> PyResult<DeviceTensor> {
-        let (host, dims) = read_host(array, bf16, "array")?;
-        let ctx = self.inner.context().clone();
-        let inner = detached(py, move || upload(&ctx, &host, &dims))?;
+    fn upload(&self, array: &Bound<'_, PyAny>, bf16: bool) -> PyResult<DeviceTensor> {
+        let inner = upload_host(self.inner.context(), array, bf16, "array")?;
         Ok(DeviceTensor { inner })
     }
 
@@ -477,10 +484,11 @@ impl Engine {
         return_weights: bool,
         return_stats: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let inputs = [
-            read_input(q, bf16, "q")?,
-            read_input(k, bf16, "k")?,
-            read_input(v, bf16, "v")?,
+        let ctx = self.inner.context();
+        let tensors = [
+            read_input(q, bf16, "q", ctx)?,
+            read_input(k, bf16, "k", ctx)?,
+            read_input(v, bf16, "v", ctx)?,
         ];
         let o = options(
             scale,
@@ -496,11 +504,6 @@ impl Engine {
         )?;
         let engine = self.inner.clone();
         let results = detached(py, move || {
-            let ctx = engine.context();
-            let tensors = inputs
-                .into_iter()
-                .map(|i| i.on_device(ctx))
-                .collect::<xattn::Result<Vec<_>>>()?;
             let out = engine.attention(&tensors[0], &tensors[1], &tensors[2], &o.opts)?;
             let stats = if o.want_stats {
                 let s = &out.stats;
@@ -550,11 +553,12 @@ impl Engine {
     /// The gradients of one attention call, FlashAttention-2's backward: q, k, v, the
     /// forward's o (their dtype) and lse (float32 `[B, Hq, M]`), and d_o (o's dtype), in the
     /// library's layout, with the forward's options (a dropout's seed included). Returns
-    /// `(dq, dk, dv)` as NumPy arrays in q's dtype (bfloat16 as uint16 bits).
+    /// `(dq, dk, dv, dbias)` as NumPy arrays in q's dtype (bfloat16 as uint16 bits); dbias
+    /// (float32, the bias's dims) with `bias_grad`, else None.
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (q, k, v, o, lse, d_o, *, bf16=false, scale=None, causal=None,
         window=None, window_align=None, q_lens=None, kv_lens=None, mask=None, bias=None,
-        softcap=None, key_segments=None, dropout=None))]
+        softcap=None, key_segments=None, dropout=None, bias_grad=false))]
     fn attention_backward<'py>(
         &self,
         py: Python<'py>,
@@ -576,16 +580,18 @@ impl Engine {
         softcap: Option<f64>,
         key_segments: Option<Vec<(usize, usize, f64)>>,
         dropout: Option<(f64, u64, u64)>,
+        bias_grad: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let inputs = [
-            read_input(q, bf16, "q")?,
-            read_input(k, bf16, "k")?,
-            read_input(v, bf16, "v")?,
-            read_input(o, bf16, "o")?,
-            read_input(lse, false, "lse")?,
-            read_input(d_o, bf16, "d_o")?,
+        let ctx = self.inner.context();
+        let t = [
+            read_input(q, bf16, "q", ctx)?,
+            read_input(k, bf16, "k", ctx)?,
+            read_input(v, bf16, "v", ctx)?,
+            read_input(o, bf16, "o", ctx)?,
+            read_input(lse, false, "lse", ctx)?,
+            read_input(d_o, bf16, "d_o", ctx)?,
         ];
-        let o = options(
+        let mut o = options(
             scale,
             causal,
             window,
@@ -597,24 +603,21 @@ impl Engine {
             dropout,
             (false, false, false),
         )?;
+        if bias_grad {
+            o.opts = o.opts.with_bias_grad();
+        }
         let engine = self.inner.clone();
         let grads = detached(py, move || {
-            let ctx = engine.context();
-            let t = inputs
-                .into_iter()
-                .map(|i| i.on_device(ctx))
-                .collect::<xattn::Result<Vec<_>>>()?;
             let g =
                 engine.attention_backward((&t[0], &t[1], &t[2]), (&t[3], &t[4]), &t[5], &o.opts)?;
-            let mut out = Vec::with_capacity(3);
-            for x in [&g.dq, &g.dk, &g.dv] {
-                out.push((download(x)?, x.dims().to_vec()));
-            }
-            Ok(out)
+            [Some(&g.dq), Some(&g.dk), Some(&g.dv), g.dbias.as_ref()]
+                .map(download_some)
+                .into_iter()
+                .collect::<xattn::Result<Vec<_>>>()
         })?;
-        let mut items = Vec::with_capacity(3);
-        for (host, dims) in grads {
-            items.push(to_numpy(py, host, &dims)?);
+        let mut items = Vec::with_capacity(4);
+        for grad in grads {
+            items.push(numpy_or_none(py, grad)?);
         }
         Ok(pyo3::types::PyTuple::new(py, items)?.into_any())
     }
@@ -719,6 +722,7 @@ fn _xattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DeviceError", m.py().get_type::<DeviceError>())?;
     m.add_class::<Engine>()?;
     m.add_class::<DeviceTensor>()?;
+    m.add_class::<layer::Layer>()?;
     m.add_function(wrap_pyfunction!(adapters, m)?)?;
     m.add_function(wrap_pyfunction!(heatmap_png, m)?)?;
     m.add_function(wrap_pyfunction!(_panic_for_tests, m)?)?;

@@ -14,6 +14,14 @@ import pytest
 
 import xattn
 
+try:
+    # torch's compiler stack loads triton, whose bundled LLVM crashes the process when Mesa's
+    # LLVM (lavapipe, llvmpipe) is loaded first: load it before the first engine opens (an
+    # optimizer's constructor imports it).
+    import torch._dynamo  # noqa: F401
+except ImportError:
+    pass
+
 EPS32 = float(np.finfo(np.float32).eps)
 # Unit roundoff of the half types O may be rounded to.
 UNIT = {"float32": 0.0, "float16": 2.0**-11, "bfloat16": 2.0**-8}
@@ -163,3 +171,99 @@ def check_o(what, got, want, tol_o, dtype="float32"):
     u = UNIT[dtype]
     tol = tol_o + u * (np.abs(want) + tol_o)
     return assert_close(what, got, want, tol)
+
+
+# --- the multi-head attention layer ---------------------------------------------------------
+
+
+def layer_weights(seed, e, heads, *, kv_heads=None, kdim=None, vdim=None, inner=None,
+                  biases=(True, True, True, True)):
+    """Seeded layer weights in PyTorch `Linear` layout: {"q", "k", "v", "o"} and the biases
+    {"q_bias", …} where `biases` says, float32, scaled like torch's default init."""
+    rng = np.random.default_rng(seed)
+    kv_heads = heads if kv_heads is None else kv_heads
+    kdim, vdim, inner = (e if x is None else x for x in (kdim, vdim, inner))
+    kv = kv_heads * (inner // heads)
+    shapes = {"q": (inner, e), "k": (kv, kdim), "v": (kv, vdim), "o": (e, inner)}
+    w = {name: rand(rng, s, scale=s[1] ** -0.5) for name, s in shapes.items()}
+    for (name, s), has in zip(shapes.items(), biases):
+        if has:
+            w[name + "_bias"] = rand(rng, (s[0],), scale=0.1)
+    return w
+
+
+def layer_reference(w, query, key, value, heads, kv_heads=None, **attn):
+    """(out [B, M, E], P [B, H, M, N]) of the layer in float64: the projections, `reference`
+    per head, the heads concatenated and projected by W^O."""
+    kv_heads = heads if kv_heads is None else kv_heads
+
+    def linear(x, name):
+        y = np.asarray(x, np.float64) @ w[name].astype(np.float64).T
+        b = w.get(name + "_bias")
+        return y if b is None else y + b
+
+    def split(y, h):
+        b, s, f = y.shape
+        return y.reshape(b, s, h, f // h).transpose(0, 2, 1, 3)
+
+    q = split(linear(query, "q"), heads)
+    k = split(linear(key, "k"), kv_heads)
+    v = split(linear(value, "v"), kv_heads)
+    o, _, p = reference(q, k, v, **attn)
+    b, h, m, d = o.shape
+    return linear(o.transpose(0, 2, 1, 3).reshape(b, m, h * d), "o"), p
+
+
+def layer_tolerance(w, query, key, value, heads, scale=None, bias=None):
+    """(out, weights) budgets of an f32 layer against `layer_reference`: the library's
+    `layer_tolerance` (tests/common/layer.rs) — the projections' rounding carried through the
+    logits and the softmax, then W^O's; an additive `bias` widens the logits' range as in
+    `budget`."""
+    n = np.asarray(key).shape[1]
+
+    def proj(x, name):
+        """(rounding budget, max |y|) of y = x·Wᵀ + b in f32."""
+        x = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
+        m = w[name].astype(np.float64)
+        y = np.abs(x @ m.T + w.get(name + "_bias", 0.0)).max()
+        return 4.0 * EPS32 * ((np.abs(x) @ np.abs(m).T).max() + y), y
+
+    (dq, qm), (dk, km), (dv, vm) = proj(query, "q"), proj(key, "k"), proj(value, "v")
+    d = w["q"].shape[0] // heads
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    logit = scale * d * qm * km
+    if bias is not None:
+        logit += amax(np.asarray(bias)[np.isfinite(bias)])
+    dlogit = scale * d * (dq * km + qm * dk)
+    d_o = EPS32 * (4.0 * (1.0 + logit) + n) * vm + 2.0 * dlogit * vm + dv
+    wo_l1 = float(np.abs(w["o"].astype(np.float64)).sum(axis=1).max())
+    out = d_o * wo_l1 + 4.0 * EPS32 * vm * wo_l1
+    weights = EPS32 * (4.0 * (1.0 + logit) + n) + 2.0 * dlogit
+    return out, weights
+
+
+def write_safetensors(path, tensors):
+    """A safetensors file of float32 `tensors` ({name: array}), written by hand (the format is
+    an 8-byte header length, a JSON header, the raw little-endian data)."""
+    import json
+    import struct
+
+    header, blobs, offset = {}, [], 0
+    for name, a in tensors.items():
+        data = np.ascontiguousarray(a, dtype="<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(np.shape(a)),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def criterion(what, got, ours32, want64):
+    """FlashAttention's criterion: our error against float64 within twice torch's own float32
+    error plus one rounding of the largest value (tests/half_backward.rs)."""
+    err = lambda a: float((a.double() - want64).abs().max())  # noqa: E731
+    allowed = 2 * err(ours32) + EPS32 * float(want64.abs().max())
+    assert err(got) <= allowed, f"{what}: error {err(got):.3e} > {allowed:.3e}"

@@ -12,17 +12,24 @@ The calls read like PyTorch's::
   (same arguments, same semantics; differences listed in its docstring).
 - :func:`attention` is the richer call: layouts, bottom-right causal, lengths, windows, softcap,
   key segments, additive bias, LSE, weights and row statistics.
+- :class:`MultiheadAttention` is xattn's layer with ``nn.MultiheadAttention``'s forward, from a
+  torch, Hugging Face or diffusers module (:meth:`~MultiheadAttention.from_torch`) or a
+  safetensors file (:meth:`~MultiheadAttention.from_safetensors`).
 - :func:`adapters` lists what wgpu sees; :class:`Engine` picks one and keeps tensors on the
   device between calls (:meth:`Engine.upload`), so a decoding loop uploads K and V once.
 
 Inputs are NumPy arrays (float32, float16) or CPU torch tensors (float32, float16, bfloat16);
-results come back as the same kind and dtype. Bad shapes, dtypes and arguments raise
+results come back as the same kind and dtype. A C-contiguous input in the library's layout is
+uploaded straight from its buffer (a torch tensor through a NumPy view of its memory: no host
+copy); strided ones, and ``[B, H, S, d]`` inputs (transposed on the host in this version), are
+copied once first. Bad shapes, dtypes and arguments raise
 ``ValueError``; device failures raise :class:`DeviceError` (a ``RuntimeError``).
 """
 
 from __future__ import annotations
 
 import contextlib as _contextlib
+import functools as _functools
 import random as _random
 import sys as _sys
 import threading as _threading
@@ -38,6 +45,7 @@ __all__ = [
     "DeviceError",
     "Engine",
     "Heatmap",
+    "MultiheadAttention",
     "Tensor",
     "adapters",
     "attention",
@@ -503,17 +511,15 @@ class _Call:
 
 
 def _run(engine, q, k, v, *, return_lse=False, return_weights=False, return_stats=False, **kw):
-    if _needs_grad(q, k, v):
+    bias = kw.get("bias")
+    bias = bias if _is_torch(bias) and _needs_grad(bias) else None
+    if _needs_grad(q, k, v, *([] if bias is None else [bias])):
         if return_lse or return_weights or return_stats:
             raise NotImplementedError(
                 "gradients through xattn return O alone: call without return_lse, "
                 "return_weights and return_stats, or under torch.no_grad()"
             )
-        for name in ("mask", "bias"):
-            m = kw.get(name)
-            if _is_torch(m) and m.requires_grad:
-                _check_grad(m, name)
-        return _autograd_function().apply(engine, kw, q, k, v)
+        return _autograd_function().apply(engine, kw, q, k, v, bias)
     call = _prepare(engine, q, k, v, **kw)
     o, lse, weights, stats = call.forward(
         return_lse=return_lse, return_weights=return_weights, return_stats=return_stats
@@ -549,23 +555,20 @@ def _needs_grad(*xs):
     return True
 
 
-_function = None
-
-
+@_functools.cache
 def _autograd_function():
     """The torch.autograd.Function whose backward is xattn's (FlashAttention-2's scheme: P
-    rebuilt from the forward's LSE; dropout's mask regenerated from its seed)."""
-    global _function
-    if _function is not None:
-        return _function
+    rebuilt from the forward's LSE; dropout's mask regenerated from its seed); made on first
+    use."""
     torch = _torch()
 
     class XattnAttention(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, engine, kw, q, k, v):
+        def forward(ctx, engine, kw, q, k, v, bias):
             call = _prepare(engine, q.detach(), k.detach(), v.detach(), **kw)
             o, lse, _, _ = call.forward(return_lse=True)
             ctx.call, ctx.o, ctx.lse = call, o, lse
+            ctx.bias = None if bias is None else (bias.shape, bias.dtype)
             return call.from_library(o)
 
         @staticmethod
@@ -576,13 +579,26 @@ def _autograd_function():
                 call.dtype, torch.bfloat16
             )
             d, _, _ = _host(d_o.detach().to(want), "grad_output")
-            dq, dk, dv = call.engine._raw.attention_backward(
-                *call.inputs, ctx.o, ctx.lse, call.to_library(d), **call.kwargs
+            dq, dk, dv, dbias = call.engine._raw.attention_backward(
+                *call.inputs, ctx.o, ctx.lse, call.to_library(d), bias_grad=ctx.bias is not None,
+                **call.kwargs
             )
-            return None, None, call.from_library(dq), call.from_library(dk), call.from_library(dv)
+            grads = [call.from_library(g) for g in (dq, dk, dv)]
+            return None, None, *grads, _bias_grad(dbias, ctx.bias, call.three_d)
 
-    _function = XattnAttention
-    return _function
+    return XattnAttention
+
+
+def _bias_grad(dbias, bias, three_d):
+    """The library's dBias (summed to the dims it read: [B|1, H|1, M|1, N]) as the gradient of
+    the caller's bias of (shape, dtype) `bias`: summed over the keys it broadcast, reshaped."""
+    if bias is None:
+        return None
+    shape, dtype = bias
+    g = dbias[:, 0] if three_d else dbias
+    if shape[-1] == 1 and g.shape[-1] != 1:
+        g = g.sum(axis=-1, keepdims=True)
+    return _torch().from_numpy(_np.ascontiguousarray(g)).reshape(shape).to(dtype)
 
 
 def attention(
@@ -698,8 +714,7 @@ def scaled_dot_product_attention(
       statistics, different bits;
     - computation is float32 whatever the dtype (O rounded once to it); float64 is refused;
     - torch tensors that require grad get their gradients from xattn's backward through
-      ``torch.autograd`` (dQ, dK, dV; a float ``attn_mask`` that requires grad raises
-      ``NotImplementedError``);
+      ``torch.autograd`` (dQ, dK, dV, and dBias for a float ``attn_mask`` that requires grad);
     - the ``[B, H, L, E]`` layout is transposed to the library's ``[B, L, H, E]`` on the host
       in this version (a copy of Q, K, V and O); :func:`attention` with ``layout="bshd"``
       avoids it.
@@ -750,10 +765,11 @@ def scaled_dot_product_attention(
         raise ValueError("attn_mask and is_causal=True cannot be given together (as in PyTorch)")
     mask = bias = None
     if attn_mask is not None:
-        m = _as_numpy_any(attn_mask, "attn_mask")
-        if m.dtype == _np.bool_:
+        # A torch float mask stays a tensor: it may require grad.
+        m = attn_mask if _is_torch(attn_mask) else _np.asarray(attn_mask)
+        if str(m.dtype) in ("bool", "torch.bool"):
             mask = m
-        elif _np.issubdtype(m.dtype, _np.floating):
+        elif m.is_floating_point() if _is_torch(m) else _np.issubdtype(m.dtype, _np.floating):
             bias = m
         else:
             raise ValueError(f"attn_mask has dtype {m.dtype}: expected bool or a float type")
@@ -850,3 +866,7 @@ def route_sdpa(engine=None):
         yield
     finally:
         functional.scaled_dot_product_attention = before
+
+
+# The layer reads the helpers above.
+from .layer import MultiheadAttention  # noqa: E402
