@@ -1,7 +1,8 @@
 //! Edge-list attention (`xattn::graph`): against the f64 reference built from the edge list,
 //! on random graphs with isolated nodes, hubs, self-loops, duplicate edges and bipartite node
-//! sets; whole and split neighbour lists; the dense-mask equivalence; the CPU executor; typed
-//! errors for bad input.
+//! sets; whole and split neighbour lists; edge features and heads averaged (PyG's
+//! `TransformerConv` `edge_attr` and `concat=False`) in every dtype; the dense-mask
+//! equivalence; the CPU executor; typed errors for bad input.
 
 mod common;
 
@@ -71,6 +72,23 @@ impl Case {
         Graph::from_coo(self.dims.n, self.dims.m, &src, &dst).unwrap()
     }
 
+    /// Seeded edge features `[E, heads, d_k]` for this case's edges.
+    fn edge_features(&self, seed: u64) -> Vec<f32> {
+        random(
+            self.edges.len() * self.dims.heads * self.dims.d_k,
+            0.5,
+            seed,
+        )
+    }
+
+    /// Q, K and V rounded to `dtype`, so that the reference sees what the device reads.
+    fn rounded_to(mut self, dtype: DType) -> Self {
+        for x in [&mut self.q, &mut self.k, &mut self.v] {
+            *x = dtype.decode(&dtype.encode(x), x.len());
+        }
+        self
+    }
+
     fn max_degree(&self) -> usize {
         let mut deg = vec![0usize; self.dims.m];
         for &(_, d) in &self.edges {
@@ -94,7 +112,7 @@ impl Case {
             self.dims,
             (&self.q, &self.k, &self.v),
             &self.edges,
-            opts.bias(),
+            opts.terms(),
             scale,
         )
     }
@@ -103,7 +121,7 @@ impl Case {
         graph_budget(
             (opts.scale_for(self.dims.d_k), self.dims.d_k),
             (&self.q, &self.k, &self.v),
-            opts.bias(),
+            opts.terms(),
             self.max_degree(),
         )
     }
@@ -131,7 +149,18 @@ fn run_gpu(
 
 /// Runs `c` on the device and checks O and LSE against the reference; returns the plan.
 fn check(engine: &Engine, what: &str, c: &Case, opts: &GraphAttention) -> GraphPlan {
-    let (plan, o, lse) = run_gpu(engine, c, opts, DType::F32).unwrap();
+    check_as(engine, what, c, opts, DType::F32)
+}
+
+/// [`check`] with Q, K, V uploaded as `dtype` (`c`'s values must be exact in it).
+fn check_as(
+    engine: &Engine,
+    what: &str,
+    c: &Case,
+    opts: &GraphAttention,
+    dtype: DType,
+) -> GraphPlan {
+    let (plan, o, lse) = run_gpu(engine, c, opts, dtype).unwrap();
     let r = c.reference(opts);
     let (tol_o, tol_lse) = c.budget(opts);
     assert_close(&format!("{what} O"), &o, &r.o, tol_o);
@@ -240,6 +269,104 @@ fn bias_shifts_and_removes_edges() {
 }
 
 #[test]
+fn edge_features_and_averaged_heads_match_the_reference() {
+    let Some(engine) = engine() else { return };
+    let cases = [
+        // Self-loops, duplicates, a third of the destinations isolated.
+        (
+            "square",
+            Case::random(dims(37, 37, 2, 2, 16, 16), 300, 25, 13),
+        ),
+        // Bipartite, GQA (a query head's features added to its shared K/V head), odd d.
+        (
+            "bipartite",
+            Case::random(dims(50, 23, 4, 2, 7, 7), 400, 50, 14),
+        ),
+        // d = 1, N = 1.
+        ("tiny", Case::random(dims(5, 1, 3, 1, 1, 1), 9, 4, 15)),
+        // Four value dims per invocation, M = 1.
+        (
+            "wide",
+            Case::random(dims(1, 90, 2, 1, 200, 200), 150, 1, 16),
+        ),
+    ];
+    for (what, c) in &cases {
+        let features = GraphAttention::default().with_edge_features(c.edge_features(130));
+        let bias = random(c.edges.len() * c.dims.heads, 1.0, 131);
+        for (how, opts) in [
+            ("features", features.clone()),
+            ("features, mean", features.clone().with_heads_averaged()),
+            ("mean", GraphAttention::default().with_heads_averaged()),
+            (
+                "features, bias, mean, chunks",
+                features
+                    .with_bias(bias)
+                    .with_heads_averaged()
+                    .with_chunk_len(64),
+            ),
+        ] {
+            let plan = check(engine, &format!("{what}, {how}"), c, &opts);
+            assert!(plan.to_string().contains("with "), "{plan}");
+        }
+    }
+}
+
+#[test]
+fn a_hub_with_edge_features_is_split_and_merged() {
+    let Some(engine) = engine() else { return };
+    // Destination 0 has 5,000 in-edges among lists of about 10: split for balance.
+    let d = dims(200, 300, 2, 2, 8, 8);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let mut edges: Vec<(usize, usize)> = (0..5000).map(|_| (rng.random_range(0..d.n), 0)).collect();
+    edges.extend((0..2000).map(|_| (rng.random_range(0..d.n), rng.random_range(1..190))));
+    let c = Case::new(d, edges, 170);
+    let opts = GraphAttention::default()
+        .with_edge_features(c.edge_features(171))
+        .with_heads_averaged();
+    let plan = check(engine, "hub, features, mean", &c, &opts);
+    assert!(
+        matches!(plan.split, GraphSplit::Chunks { hubs: 1.., .. }),
+        "{plan}"
+    );
+}
+
+#[test]
+fn every_dtype_with_edge_features_and_averaged_heads() {
+    let Some(engine) = engine() else { return };
+    for dtype in DType::ALL {
+        let c = Case::random(dims(25, 31, 2, 2, 12, 12), 300, 20, 18).rounded_to(dtype);
+        let opts = GraphAttention::default().with_edge_features(c.edge_features(180));
+        for opts in [opts.clone(), opts.with_heads_averaged()] {
+            check_as(engine, &format!("{dtype:?}"), &c, &opts, dtype);
+        }
+    }
+}
+
+#[test]
+fn an_isolated_destination_outputs_zero_with_averaged_heads() {
+    let Some(engine) = engine() else { return };
+    // Destinations 1 and 3 have no in-edge; edge features must not leak into them.
+    let c = Case::new(
+        dims(4, 3, 2, 1, 4, 4),
+        vec![(0, 0), (2, 0), (1, 2), (2, 2)],
+        19,
+    );
+    let opts = GraphAttention::default()
+        .with_edge_features(c.edge_features(190))
+        .with_heads_averaged();
+    let (_, o, lse) = run_gpu(engine, &c, &opts, DType::F32).unwrap();
+    for i in [1, 3] {
+        assert_eq!(&o[i * 4..][..4], &[0.0; 4], "O of destination {i}");
+        assert_eq!(lse[i], f32::NEG_INFINITY, "LSE of destination {i}, head 0");
+        assert_eq!(
+            lse[4 + i],
+            f32::NEG_INFINITY,
+            "LSE of destination {i}, head 1"
+        );
+    }
+}
+
+#[test]
 fn the_dense_masked_path_agrees() {
     let Some(engine) = engine() else { return };
     // Unique edges (a mask cannot hold duplicates), isolated destinations included.
@@ -312,16 +439,29 @@ fn csr_and_coo_agree() {
     assert_eq!(a, b);
 }
 
-/// The planned programs through the CPU executor (the kernels' twins), whole and split.
+/// The planned programs through the CPU executor (the kernels' twins): whole and split, with
+/// bias, edge features and averaged heads.
 #[test]
 fn the_cpu_executor_runs_the_graph_program() {
-    let c = Case::random(dims(33, 41, 4, 2, 8, 70), 900, 30, 12);
-    let graph = c.graph();
-    let bias = random(graph.edges() * 4, 1.0, 120);
-    for opts in [
-        GraphAttention::default(),
-        GraphAttention::default().with_bias(bias).with_chunk_len(64),
+    let wide = Case::random(dims(33, 41, 4, 2, 8, 70), 900, 30, 12);
+    let even = Case::random(dims(33, 41, 4, 2, 8, 8), 900, 30, 13);
+    let bias = random(wide.graph().edges() * 4, 1.0, 120);
+    let features = even.edge_features(121);
+    for (c, opts) in [
+        (&wide, GraphAttention::default()),
+        (
+            &wide,
+            GraphAttention::default().with_bias(bias).with_chunk_len(64),
+        ),
+        (
+            &even,
+            GraphAttention::default()
+                .with_edge_features(features)
+                .with_heads_averaged()
+                .with_chunk_len(64),
+        ),
     ] {
+        let graph = c.graph();
         let req = graph_request(c.qkv_dims().into(), DType::F32, &graph, &opts).unwrap();
         let plan = GraphPlan::new(&req, graph.row_ptr(), &CAPS).unwrap();
         let io = plan.io;
@@ -335,6 +475,9 @@ fn the_cpu_executor_runs_the_graph_program() {
         inputs.extend(plan.index_inputs(graph.row_ptr(), graph.col_idx()));
         if let Some(b) = opts.bias() {
             inputs.insert(io.bias, words(&graph.to_csr_order(b, 4)));
+        }
+        if let Some(f) = opts.edge_features() {
+            inputs.insert(io.edge_attr, words(&graph.to_csr_order(f, 4 * 8)));
         }
         let mut got = run(plan.program(), &inputs).unwrap();
         let r = c.reference(&opts);
@@ -358,6 +501,8 @@ fn the_planner_splits_skewed_degrees_only() {
         scale: 0.1,
         dtype: DType::F32,
         bias: false,
+        edge_features: false,
+        mean_heads: false,
         chunk_len,
     };
     // Uniform: 20 edges each.
@@ -463,6 +608,28 @@ fn bad_calls_are_typed_errors() {
     assert!(matches!(req(d, &inf), Err(Error::Argument(_))));
     let scale = GraphAttention::default().with_scale(f32::NAN);
     assert!(matches!(req(d, &scale), Err(Error::Argument(_))));
+    // Edge features: [E, heads, d] and finite, with d_k = d_v.
+    let features = |x: f32, len| GraphAttention::default().with_edge_features(vec![x; len]);
+    assert!(req(d, &features(0.5, 3 * 2 * 8)).is_ok());
+    assert!(matches!(
+        req(d, &features(0.5, 3 * 2 * 8 - 1)),
+        Err(Error::Length { .. })
+    ));
+    assert!(matches!(
+        req(d, &features(f32::NAN, 3 * 2 * 8)),
+        Err(Error::Argument(_))
+    ));
+    assert!(matches!(
+        req(d, &features(f32::INFINITY, 3 * 2 * 8)),
+        Err(Error::Argument(_))
+    ));
+    assert!(
+        matches!(
+            req([d[0], d[1], [1, 4, 2, 6]], &features(0.5, 3 * 2 * 8)),
+            Err(Error::Shape(_))
+        ),
+        "d_k ≠ d_v"
+    );
     // Through the engine: a value head dim over 256, a chunk length off 64.
     let Some(engine) = engine() else { return };
     let up = |dims: &[usize]| {

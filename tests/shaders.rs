@@ -222,6 +222,8 @@ fn graph_kernels(dtype: DType, native_f16: bool, d_v: usize) -> Vec<Kernel> {
             scale: 1.0,
             dtype,
             bias: true,
+            edge_features: false,
+            mean_heads: chunk_len.is_some(),
             chunk_len,
         };
         let plan = GraphPlan::new(&req, &row_ptr, &caps_for(native_f16)).unwrap();

@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use common::files::*;
 use common::*;
 use xattn::cpu::budget::graph_budget;
-use xattn::cpu::graph_reference::{graph_attention, GraphDims};
+use xattn::cpu::graph_reference::{graph_attention, GraphDims, GraphTerms};
 
 fn xattn(args: &[String]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_xattn"))
@@ -64,7 +64,8 @@ fn base_args(dir: &TempDir) -> Vec<String> {
 }
 
 fn check_outputs(dir: &TempDir, [q, k, v]: &[Vec<f32>; 3], edges: &[(usize, usize)]) {
-    let r = graph_attention(D, (q, k, v), edges, None, 1.0 / (D.d_k as f64).sqrt());
+    let terms = GraphTerms::default();
+    let r = graph_attention(D, (q, k, v), edges, terms, 1.0 / (D.d_k as f64).sqrt());
     let max_degree = (0..D.m)
         .map(|i| edges.iter().filter(|e| e.1 == i).count())
         .max()
@@ -72,7 +73,7 @@ fn check_outputs(dir: &TempDir, [q, k, v]: &[Vec<f32>; 3], edges: &[(usize, usiz
     let (tol_o, tol_lse) = graph_budget(
         (1.0 / (D.d_k as f32).sqrt(), D.d_k),
         (q, k, v),
-        None,
+        terms,
         max_degree,
     );
     let (o, o_shape) = read_npy::<f32>(&dir.path("o.npy"));

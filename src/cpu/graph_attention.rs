@@ -8,9 +8,9 @@ use crate::mask::BIAS_REMOVES;
 use crate::params::{graph_flags, GraphParams};
 
 /// Runs the twin on the kernel's bindings 1.. as words: q, k, v, row_ptr, col_idx, chunks,
-/// bias → o, lse.
+/// bias, edge_attr → o, lse.
 pub fn run(p: &GraphParams, spec: GraphAttention, buffers: &mut [Vec<u32>]) {
-    let [q, k, v, row_ptr, col_idx, chunks, bias, o, lse] = buffers else {
+    let [q, k, v, row_ptr, col_idx, chunks, bias, edge_attr, o, lse] = buffers else {
         crate::cpu::arity("graph_attention", buffers.len())
     };
     let (q, k, v) = (
@@ -19,6 +19,8 @@ pub fn run(p: &GraphParams, spec: GraphAttention, buffers: &mut [Vec<u32>]) {
         widen(spec.storage, v),
     );
     let bias: &[f32] = bytemuck::cast_slice(bias);
+    let features: &[f32] = bytemuck::cast_slice(edge_attr);
+    let has_features = p.flags & graph_flags::EDGE_FEATURES != 0;
     let o: &mut [f32] = bytemuck::cast_slice_mut(o);
     let lse: &mut [f32] = bytemuck::cast_slice_mut(lse);
     let (heads, kv_heads) = (p.heads as usize, p.kv_heads as usize);
@@ -51,9 +53,15 @@ pub fn run(p: &GraphParams, spec: GraphAttention, buffers: &mut [Vec<u32>]) {
                     let e = t0 + li;
                     let j = col_idx[e] as usize;
                     let k_base = (j * kv_heads + kvh) * dk;
+                    let f_base = (e * heads + h) * dk;
                     let mut x = 0.0f32;
                     for d in (0..dk).step_by(4) {
-                        let (a, b) = (load4(&q, q_base, d, dk), load4(&k, k_base, d, dk));
+                        let mut b = load4(&k, k_base, d, dk);
+                        if has_features {
+                            let f = load4(features, f_base, d, dk);
+                            b = std::array::from_fn(|u| b[u] + f[u]);
+                        }
+                        let a = load4(&q, q_base, d, dk);
                         x += a[0] * b[0] + a[1] * b[1] + a[2] * b[2] + a[3] * b[3];
                     }
                     let mut s = x * p.scale;
@@ -83,8 +91,13 @@ pub fn run(p: &GraphParams, spec: GraphAttention, buffers: &mut [Vec<u32>]) {
                     if w > 0.0 {
                         l += w;
                         let row = (sh_j[t] * kv_heads + kvh) * dv;
+                        let frow = ((t0 + t) * heads + h) * dv;
                         for (d, a) in acc.iter_mut().enumerate() {
-                            *a = w.mul_add(v[row + d], *a);
+                            let mut x = v[row + d];
+                            if has_features {
+                                x += features[frow + d];
+                            }
+                            *a = w.mul_add(x, *a);
                         }
                     }
                 }

@@ -21,8 +21,21 @@ pub struct GraphDims {
     pub d_v: usize,
 }
 
-/// Reference results in f64: O `[M, heads, d_v]`, LSE `[heads, M]` (−∞ and O = 0 for a
-/// destination with no kept in-edge).
+/// What a call adds to plain attention over the edges.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GraphTerms<'a> {
+    /// Additive logit bias `[E, heads]` in the order of the edges; a value ≤ [`BIAS_REMOVES`]
+    /// removes the edge.
+    pub bias: Option<&'a [f32]>,
+    /// Edge features `[E, heads, d]` (d = d_k = d_v) in the order of the edges, added to the
+    /// edge's key row in its logit and to its value row (PyG `TransformerConv`'s `edge_attr`).
+    pub edge_attr: Option<&'a [f32]>,
+    /// O averaged over heads (`[M, 1, d_v]`, PyG's `concat=False`) instead of side by side.
+    pub mean_heads: bool,
+}
+
+/// Reference results in f64: O `[M, heads, d_v]` (`[M, 1, d_v]` with heads averaged), LSE
+/// `[heads, M]` (−∞ and O = 0 for a destination with no kept in-edge).
 #[derive(Clone, Debug)]
 pub struct GraphReference {
     /// O.
@@ -33,15 +46,20 @@ pub struct GraphReference {
 
 /// Attention of `q [M, heads, d_k]` over `k [N, kv_heads, d_k]`, `v [N, kv_heads, d_v]` along
 /// `edges` (`(source, destination)` pairs; duplicates count twice, self-loops as any edge),
-/// with logit `scale·q_i·k_j` plus `bias [E, heads]` (in the order of `edges`; a value ≤
-/// [`BIAS_REMOVES`] removes the edge) where given.
+/// with logit `scale·q_i·(k_j + f_e)` plus `bias [E, heads]` and value `v_j + f_e`, where
+/// `terms` gives them (f = 0 otherwise).
 pub fn graph_attention<T: Copy + Into<f64>>(
     s: GraphDims,
     (q, k, v): (&[T], &[T], &[T]),
     edges: &[(usize, usize)],
-    bias: Option<&[f32]>,
+    terms: GraphTerms,
     scale: f64,
 ) -> GraphReference {
+    let feature = |e: usize, h: usize, d: usize| {
+        terms
+            .edge_attr
+            .map_or(0.0, |f| f64::from(f[(e * s.heads + h) * s.d_k + d]))
+    };
     let group = s.heads / s.kv_heads;
     let mut o = vec![0.0; s.m * s.heads * s.d_v];
     let mut lse = vec![f64::NEG_INFINITY; s.heads * s.m];
@@ -54,22 +72,20 @@ pub fn graph_attention<T: Copy + Into<f64>>(
         for h in 0..s.heads {
             let kh = h / group;
             let qrow = &q[(i * s.heads + h) * s.d_k..][..s.d_k];
-            // (source, logit) of each kept edge.
+            // (edge, logit) of each kept edge.
             let logits: Vec<(usize, f64)> = ins
                 .iter()
                 .filter_map(|&e| {
                     let j = edges[e].0;
-                    let b = bias.map_or(0.0, |b| b[e * s.heads + h]);
+                    let b = terms.bias.map_or(0.0, |b| b[e * s.heads + h]);
                     if b <= BIAS_REMOVES {
                         return None;
                     }
                     let krow = &k[(j * s.kv_heads + kh) * s.d_k..][..s.d_k];
-                    let dot: f64 = qrow
-                        .iter()
-                        .zip(krow)
-                        .map(|(&x, &y)| x.into() * y.into())
+                    let dot: f64 = (0..s.d_k)
+                        .map(|d| qrow[d].into() * (krow[d].into() + feature(e, h, d)))
                         .sum();
-                    Some((j, dot * scale + f64::from(b)))
+                    Some((e, dot * scale + f64::from(b)))
                 })
                 .collect();
             if logits.is_empty() {
@@ -79,14 +95,24 @@ pub fn graph_attention<T: Copy + Into<f64>>(
             let sum: f64 = logits.iter().map(|l| (l.1 - max).exp()).sum();
             lse[h * s.m + i] = max + sum.ln();
             let orow = &mut o[(i * s.heads + h) * s.d_v..][..s.d_v];
-            for &(j, logit) in &logits {
+            for &(e, logit) in &logits {
                 let p = (logit - max).exp() / sum;
-                let vrow = &v[(j * s.kv_heads + kh) * s.d_v..][..s.d_v];
-                for (acc, &x) in orow.iter_mut().zip(vrow) {
-                    *acc += p * x.into();
+                let vrow = &v[(edges[e].0 * s.kv_heads + kh) * s.d_v..][..s.d_v];
+                for (d, acc) in orow.iter_mut().enumerate() {
+                    *acc += p * (vrow[d].into() + feature(e, h, d));
                 }
             }
         }
+    }
+    if terms.mean_heads {
+        o = o
+            .chunks(s.heads * s.d_v)
+            .flat_map(|row| {
+                (0..s.d_v).map(move |d| {
+                    (0..s.heads).map(|h| row[h * s.d_v + d]).sum::<f64>() / s.heads as f64
+                })
+            })
+            .collect();
     }
     GraphReference { o, lse }
 }

@@ -3,7 +3,7 @@
 //! workgroup may walk on the device, over chunks of at most `chunk_len` edges followed by
 //! `graph_merge`, the exact log-sum-exp merge of each destination's chunks (split-K for
 //! graphs). The choice rests on the degree distribution and is explained by the plan's
-//! `Display`.
+//! `Display`. Heads averaged (PyG's `concat=False`) add `mean_heads` over the per-head O.
 
 use std::fmt;
 
@@ -12,8 +12,9 @@ use crate::dtype::{DType, Storage};
 use crate::error::{Error, Result};
 use crate::kernels::graph_attention::{GraphAttention, GRAPH_MAX_SLOTS, GRAPH_WG};
 use crate::kernels::graph_merge::GraphMerge;
+use crate::kernels::mean_heads::MeanHeads;
 use crate::kernels::KernelSpec;
-use crate::params::{graph_flags, GraphParams};
+use crate::params::{graph_flags, AttnParams, GraphParams};
 use crate::plan::check::{bytes, check_binding, check_grid, check_loops, fold_grid, limit_err};
 use crate::plan::device::DeviceCaps;
 use crate::program::{BufferId, Program};
@@ -37,6 +38,10 @@ pub struct GraphRequest {
     pub dtype: DType,
     /// Whether a per-edge, per-head bias is bound.
     pub bias: bool,
+    /// Whether edge features `[E, heads, d]` are bound.
+    pub edge_features: bool,
+    /// Whether O is averaged over heads.
+    pub mean_heads: bool,
     /// A chunk length forced by the caller (a multiple of 64), which always splits; `None`
     /// for the planner's choice.
     pub chunk_len: Option<usize>,
@@ -111,7 +116,9 @@ pub struct GraphIo {
     pub chunk_ptr: Option<BufferId>,
     /// The bias `[E, heads]` in CSR order (absent when none).
     pub bias: BufferId,
-    /// O `[1, M, heads, d_v]` (f32).
+    /// Edge features `[E, heads, d]` in CSR order (absent when none).
+    pub edge_attr: BufferId,
+    /// O `[1, M, heads, d_v]` (f32; `[1, M, 1, d_v]` with heads averaged).
     pub o: BufferId,
     /// LSE `[1, heads, M]` (f32).
     pub lse: BufferId,
@@ -176,7 +183,12 @@ impl GraphPlan {
             d_k: s.d_k as u32,
             d_v: s.d_v as u32,
             scale: req.scale,
-            flags: if req.bias { graph_flags::BIAS } else { 0 },
+            flags: if req.bias { graph_flags::BIAS } else { 0 }
+                | if req.edge_features {
+                    graph_flags::EDGE_FEATURES
+                } else {
+                    0
+                },
             items: 0,
             max_len: 0,
             edges: degrees.edges as u32,
@@ -256,8 +268,23 @@ impl GraphPlan {
             check_binding("bias", bias_bytes.max(4), caps)?,
             req.bias,
         );
-        let o_bytes = check_binding("o", bytes(s.m * s.heads * s.d_v), caps)?;
-        let o = program.output("o", o_bytes);
+        let features_bytes = degrees.edges * (s.heads * s.d_k) as u64 * 4;
+        let edge_attr = program.optional_input(
+            "edge_attr",
+            check_binding("edge_attr", features_bytes.max(4), caps)?,
+            req.edge_features,
+        );
+        let head_bytes = check_binding("o", bytes(s.m * s.heads * s.d_v), caps)?;
+        let o = program.output(
+            "o",
+            bytes(s.m * s.d_v) * if req.mean_heads { 1 } else { s.heads as u64 },
+        );
+        // With heads averaged, the per-head O goes to scratch first.
+        let o_heads = if req.mean_heads {
+            program.scratch("o_heads", head_bytes)
+        } else {
+            o
+        };
         let lse = program.output("lse", bytes(s.heads * s.m));
         let heads = check_grid("graph_attention heads", s.heads, caps)?;
         let grid_of = |items: u64| -> Result<[u32; 3]> {
@@ -275,7 +302,7 @@ impl GraphPlan {
                     spec(false),
                     &params,
                     grid_of(s.m as u64)?,
-                    &[q, k, v, rp, ci, chunks, bias, o, lse],
+                    &[q, k, v, rp, ci, chunks, bias, edge_attr, o_heads, lse],
                 );
                 (chunks, None, Vec::new(), Vec::new())
             }
@@ -311,16 +338,33 @@ impl GraphPlan {
                         spec(true),
                         &params,
                         grid_of(n_chunks)?,
-                        &[q, k, v, rp, ci, chunks, bias, o_parts, stats],
+                        &[q, k, v, rp, ci, chunks, bias, edge_attr, o_parts, stats],
                     );
                 }
                 params.items = s.m as u32;
                 params.max_len = max_chunks as u32;
                 let grid = fold_grid("graph_merge", s.m * s.heads * s.d_v, caps)?;
-                program.dispatch(GraphMerge, &params, grid, &[o_parts, stats, cp, o, lse]);
+                program.dispatch(
+                    GraphMerge,
+                    &params,
+                    grid,
+                    &[o_parts, stats, cp, o_heads, lse],
+                );
                 (chunks, Some(cp), table, ptrs)
             }
         };
+        if req.mean_heads {
+            // mean_heads reads O [M, heads, d_v] as weights [batch = M, heads, 1 × d_v].
+            let p = AttnParams {
+                batch: s.m as u32,
+                q_heads: s.heads as u32,
+                m: 1,
+                n: s.d_v as u32,
+                ..AttnParams::default()
+            };
+            let grid = fold_grid("mean_heads", s.m * s.d_v, caps)?;
+            program.dispatch(MeanHeads, &p, grid, &[o_heads, o]);
+        }
         check_loops(&program, caps)?;
         Ok(Self {
             req: *req,
@@ -339,12 +383,22 @@ impl GraphPlan {
                 chunks,
                 chunk_ptr,
                 bias,
+                edge_attr,
                 o,
                 lse,
             },
             chunk_table,
             chunk_ptr: chunk_ptrs,
         })
+    }
+
+    /// Heads of O: 1 when averaged, else the query heads.
+    pub fn out_heads(&self) -> usize {
+        if self.req.mean_heads {
+            1
+        } else {
+            self.req.dims.heads
+        }
     }
 
     /// The program.
@@ -380,6 +434,12 @@ impl GraphPlan {
             + (s.m * s.heads * (s.d_v + 1)) as u64 * 4;
         if self.req.bias {
             b += e * h * 4;
+        }
+        if self.req.edge_features {
+            b += e * h * (s.d_k + s.d_v) as u64 * 4;
+        }
+        if self.req.mean_heads {
+            b += (s.m * s.heads * s.d_v) as u64 * 4;
         }
         if let GraphSplit::Chunks { chunks, .. } = self.split {
             b += 2 * chunks * h * (s.d_v as u64 + 2) * 4;
@@ -466,6 +526,20 @@ impl fmt::Display for GraphPlan {
                      graph_merge"
                 )?
             }
+        }
+        let terms: Vec<&str> = [
+            (self.req.bias, "a bias per edge and head"),
+            (
+                self.req.edge_features,
+                "edge features added to keys and values",
+            ),
+            (self.req.mean_heads, "O averaged over heads by mean_heads"),
+        ]
+        .into_iter()
+        .filter_map(|(on, what)| on.then_some(what))
+        .collect();
+        if !terms.is_empty() {
+            writeln!(f, "  with {}", terms.join(", "))?;
         }
         writeln!(
             f,
