@@ -26,6 +26,11 @@
 //! - a destination with no (kept) in-edge outputs 0 and LSE −∞. PyG's `TransformerConv`
 //!   outputs 0 there too (its scatter softmax has no entries and the aggregation sums
 //!   nothing), before its skip connection and bias terms;
+//! - statistics ([`GraphAttention::with_stats`]) as for dense attention ([`crate::stats`]),
+//!   over the edges: entropy `−Σ P ln P` and focus `max P` per destination over its in-edges,
+//!   coverage `Σ P` per source over its out-edges, `[1, heads, M]` and `[1, heads, N]` (f32;
+//!   0 for a node without kept edges), each weight `P = exp(logit − LSE)` rebuilt from Q, K
+//!   and the LSE, never stored;
 //! - work and memory grow with E·d, never with M·N: no mask and no score matrix exist.
 
 use std::collections::HashMap;
@@ -209,6 +214,7 @@ pub struct GraphAttention {
     bias: Option<Vec<f32>>,
     edge_attr: Option<Vec<f32>>,
     mean_heads: bool,
+    stats: bool,
     chunk_len: Option<usize>,
 }
 
@@ -238,6 +244,13 @@ impl GraphAttention {
     /// side by side; LSE stays per head.
     pub fn with_heads_averaged(mut self) -> Self {
         self.mean_heads = true;
+        self
+    }
+
+    /// Also computes the weights' entropy and focus per destination and coverage per source
+    /// ([`GraphOutput::stats`]).
+    pub fn with_stats(mut self) -> Self {
+        self.stats = true;
         self
     }
 
@@ -281,6 +294,41 @@ pub struct GraphOutput {
     pub o: Tensor,
     /// LSE `[1, heads, M]` (f32; −∞ for a destination with no kept in-edge).
     pub lse: Tensor,
+    /// The weights' statistics, where asked for ([`GraphAttention::with_stats`]).
+    pub stats: Option<GraphStatsOutput>,
+}
+
+/// Statistics of an edge-list attention's weights (f32; 0 for a node without kept edges).
+#[derive(Debug)]
+pub struct GraphStatsOutput {
+    /// Entropy `−Σ P ln P` per destination over its in-edges, `[1, heads, M]`.
+    pub entropy: Tensor,
+    /// Focus `max P` per destination, `[1, heads, M]`.
+    pub focus: Tensor,
+    /// Coverage `Σ P` per source over its out-edges, `[1, heads, N]`.
+    pub coverage: Tensor,
+}
+
+/// [`GraphStatsOutput`] on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GraphHostStats {
+    /// Entropy `[1, heads, M]`.
+    pub entropy: Vec<f32>,
+    /// Focus `[1, heads, M]`.
+    pub focus: Vec<f32>,
+    /// Coverage `[1, heads, N]`.
+    pub coverage: Vec<f32>,
+}
+
+impl GraphStatsOutput {
+    /// The statistics on the host.
+    pub fn to_host(&self) -> Result<GraphHostStats> {
+        Ok(GraphHostStats {
+            entropy: self.entropy.to_host()?,
+            focus: self.focus.to_host()?,
+            coverage: self.coverage.to_host()?,
+        })
+    }
 }
 
 /// [`GraphOutput`] on the host.
@@ -290,6 +338,8 @@ pub struct GraphHostOutput {
     pub o: Vec<f32>,
     /// LSE `[1, heads, M]`.
     pub lse: Vec<f32>,
+    /// The statistics, where asked for.
+    pub stats: Option<GraphHostStats>,
 }
 
 /// The planner's request for `q`, `k`, `v` over `graph` with `opts`, validated.
@@ -403,6 +453,7 @@ pub fn graph_request(
         bias: opts.bias.is_some(),
         edge_features: opts.edge_attr.is_some(),
         mean_heads: opts.mean_heads,
+        stats: opts.stats,
         chunk_len: opts.chunk_len,
     })
 }
@@ -418,7 +469,7 @@ impl Engine {
         same_dtype(q, k, v)?;
         let dims = (dims4(q, "q")?, dims4(k, "k")?, dims4(v, "v")?);
         let req = graph_request(dims, q.dtype(), graph, opts)?;
-        GraphPlan::new(&req, graph.row_ptr(), self.caps())
+        GraphPlan::new(&req, (graph.row_ptr(), graph.col_idx()), self.caps())
     }
 
     /// Validates and plans one edge-list attention (see [`crate::graph`] for its semantics)
@@ -461,6 +512,7 @@ impl Engine {
         Ok(GraphHostOutput {
             o: out.o.to_host()?,
             lse: out.lse.to_host()?,
+            stats: out.stats.as_ref().map(|s| s.to_host()).transpose()?,
         })
     }
 
@@ -477,6 +529,14 @@ impl Engine {
         let out = GraphOutput {
             o: Tensor::empty(ctx, "graph_o", &[1, s.m, plan.out_heads(), s.d_v])?,
             lse: Tensor::empty(ctx, "graph_lse", &[1, s.heads, s.m])?,
+            stats: match plan.io.stats {
+                Some(_) => Some(GraphStatsOutput {
+                    entropy: Tensor::empty(ctx, "graph_entropy", &[1, s.heads, s.m])?,
+                    focus: Tensor::empty(ctx, "graph_focus", &[1, s.heads, s.m])?,
+                    coverage: Tensor::empty(ctx, "graph_coverage", &[1, s.heads, s.n])?,
+                }),
+                None => None,
+            },
         };
         let io = plan.io;
         let mut owned: Vec<(crate::program::BufferId, Tensor)> = Vec::new();
@@ -510,6 +570,13 @@ impl Engine {
             (io.o, &out.o),
             (io.lse, &out.lse),
         ]);
+        if let (Some(io), Some(t)) = (io.stats, &out.stats) {
+            tensors.extend([
+                (io.entropy, &t.entropy),
+                (io.focus, &t.focus),
+                (io.coverage, &t.coverage),
+            ]);
+        }
         for (id, t) in &owned {
             tensors.insert(*id, t);
         }

@@ -8,8 +8,11 @@ mod common;
 
 use common::{assert_close, engine, poison, random, CAPS};
 use rand::{Rng, SeedableRng};
-use xattn::cpu::budget::graph_budget;
-use xattn::cpu::graph_reference::{graph_attention as reference, GraphDims, GraphReference};
+use xattn::cpu::budget::{graph_budget, graph_stats_budget};
+use xattn::cpu::graph_reference::{
+    graph_attention as reference, graph_stats, GraphDims, GraphReference, GraphStatsReference,
+    GraphTerms,
+};
 use xattn::cpu::program::{floats, run, words, HostBuffers};
 use xattn::graph::graph_request;
 use xattn::plan::graph::{GraphPlan, GraphSplit};
@@ -87,6 +90,36 @@ impl Case {
             *x = dtype.decode(&dtype.encode(x), x.len());
         }
         self
+    }
+
+    fn stats_reference(&self, opts: &GraphAttention) -> GraphStatsReference {
+        let scale = f64::from(opts.scale_for(self.dims.d_k));
+        graph_stats(
+            self.dims,
+            (&self.q, &self.k),
+            &self.edges,
+            opts.terms(),
+            scale,
+        )
+    }
+
+    /// Budgets of entropy, focus and coverage.
+    fn stats_budget(&self, opts: &GraphAttention) -> (f64, f64, f64) {
+        let mut out = vec![0usize; self.dims.n];
+        for &(src, _) in &self.edges {
+            out[src] += 1;
+        }
+        let max_out = out.into_iter().max().unwrap_or(0);
+        graph_stats_budget(self.budget(opts).1, self.max_degree(), max_out)
+    }
+
+    /// Checks the statistics `got` (entropy, focus, coverage) against the reference.
+    fn check_stats(&self, what: &str, opts: &GraphAttention, got: [&[f32]; 3]) {
+        let r = self.stats_reference(opts);
+        let (te, tf, tc) = self.stats_budget(opts);
+        assert_close(&format!("{what} entropy"), got[0], &r.entropy, te);
+        assert_close(&format!("{what} focus"), got[1], &r.focus, tf);
+        assert_close(&format!("{what} coverage"), got[2], &r.coverage, tc);
     }
 
     fn max_degree(&self) -> usize {
@@ -367,6 +400,61 @@ fn an_isolated_destination_outputs_zero_with_averaged_heads() {
 }
 
 #[test]
+fn statistics_match_the_reference() {
+    let Some(engine) = engine() else { return };
+    let square = Case::random(dims(37, 37, 2, 2, 16, 16), 300, 25, 20);
+    let bipartite = Case::random(dims(50, 23, 4, 2, 7, 7), 400, 50, 21);
+    let features = bipartite.edge_features(210);
+    let mut bias = random(bipartite.edges.len() * 4, 1.0, 211);
+    bias[5] = f32::NEG_INFINITY;
+    // A source of 3,000 out-edges (several lane steps) into 100 destinations.
+    let d = dims(100, 40, 1, 1, 8, 8);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+    let mut edges: Vec<(usize, usize)> = (0..3000).map(|_| (0, rng.random_range(0..100))).collect();
+    edges.extend((0..500).map(|_| (rng.random_range(1..40), rng.random_range(0..90))));
+    let fan_out = Case::new(d, edges, 220);
+    let stats = GraphAttention::default().with_stats();
+    for (what, c, opts) in [
+        ("square", &square, stats.clone()),
+        (
+            "bipartite, features, bias, chunks",
+            &bipartite,
+            stats
+                .clone()
+                .with_edge_features(features)
+                .with_bias(bias)
+                .with_heads_averaged()
+                .with_chunk_len(64),
+        ),
+        ("fan-out", &fan_out, stats.clone()),
+    ] {
+        let [qd, kd, vd] = c.qkv_dims();
+        let up = |x: &[f32], d: [usize; 4]| engine.upload(x, &d).unwrap();
+        let (q, k, v) = (up(&c.q, qd), up(&c.k, kd), up(&c.v, vd));
+        let call = engine
+            .prepare_graph((&q, &k, &v), &c.graph(), &opts)
+            .unwrap();
+        let st = call.output().stats.as_ref().expect("asked for");
+        for t in [&st.entropy, &st.focus, &st.coverage] {
+            poison(t).unwrap();
+        }
+        call.run().unwrap();
+        let got = call.into_output().stats.unwrap().to_host().unwrap();
+        c.check_stats(what, &opts, [&got.entropy, &got.focus, &got.coverage]);
+        if what == "square" {
+            // Destinations 25.. have no in-edge: entropy and focus exactly 0, not poison.
+            for i in 25..37 {
+                assert_eq!(
+                    (got.entropy[i], got.focus[i]),
+                    (0.0, 0.0),
+                    "destination {i}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn the_dense_masked_path_agrees() {
     let Some(engine) = engine() else { return };
     // Unique edges (a mask cannot hold duplicates), isolated destinations included.
@@ -458,12 +546,13 @@ fn the_cpu_executor_runs_the_graph_program() {
             GraphAttention::default()
                 .with_edge_features(features)
                 .with_heads_averaged()
+                .with_stats()
                 .with_chunk_len(64),
         ),
     ] {
         let graph = c.graph();
         let req = graph_request(c.qkv_dims().into(), DType::F32, &graph, &opts).unwrap();
-        let plan = GraphPlan::new(&req, graph.row_ptr(), &CAPS).unwrap();
+        let plan = GraphPlan::new(&req, (graph.row_ptr(), graph.col_idx()), &CAPS).unwrap();
         let io = plan.io;
         let mut inputs: HostBuffers = [
             (io.q, words(&c.q)),
@@ -489,6 +578,104 @@ fn the_cpu_executor_runs_the_graph_program() {
             &r.lse,
             tol_lse,
         );
+        if let Some(st) = io.stats {
+            let [e, f, cov] = [st.entropy, st.focus, st.coverage]
+                .map(|id| floats(&got.remove(&id).expect("an output")));
+            c.check_stats("twin", &opts, [&e, &f, &cov]);
+        }
+    }
+}
+
+/// The reference backward (dQ, dK, dV, d edge features, d bias) against central finite
+/// differences of the forward reference: Q, K, V perturbed in f64, edge features and bias in
+/// f32 steps (their exact difference taken as the step). Without a device.
+#[test]
+fn the_reference_backward_matches_finite_differences() {
+    use xattn::cpu::graph_grad_reference::graph_attention_backward;
+    // GQA, self-loops, a duplicate, an isolated destination (4), a removed edge (bias −∞).
+    let d = dims(5, 4, 2, 1, 3, 3);
+    let edges = vec![
+        (0, 0),
+        (1, 0),
+        (1, 0),
+        (2, 1),
+        (3, 1),
+        (1, 1),
+        (2, 2),
+        (0, 3),
+        (3, 3),
+    ];
+    let to64 = |x: Vec<f32>| x.into_iter().map(f64::from).collect::<Vec<f64>>();
+    let q = to64(random(d.m * d.heads * d.d_k, 1.0, 30));
+    let k = to64(random(d.n * d.kv_heads * d.d_k, 1.0, 31));
+    let v = to64(random(d.n * d.kv_heads * d.d_v, 1.0, 32));
+    let mut bias = random(edges.len() * d.heads, 1.0, 33);
+    bias[2 * 4 + 1] = f32::NEG_INFINITY;
+    let features = random(edges.len() * d.heads * d.d_k, 0.5, 34);
+    let scale = 0.7;
+    for mean_heads in [false, true] {
+        let out_heads = if mean_heads { 1 } else { d.heads };
+        let d_o = to64(random(d.m * out_heads * d.d_v, 1.0, 35));
+        let loss = |q: &[f64], k: &[f64], v: &[f64], bias: &[f32], features: &[f32]| -> f64 {
+            let terms = GraphTerms {
+                bias: Some(bias),
+                edge_attr: Some(features),
+                mean_heads,
+            };
+            let r = reference(d, (q, k, v), &edges, terms, scale);
+            r.o.iter().zip(&d_o).map(|(o, g)| o * g).sum()
+        };
+        let terms = GraphTerms {
+            bias: Some(&bias),
+            edge_attr: Some(&features),
+            mean_heads,
+        };
+        let g = graph_attention_backward(d, (&q, &k, &v), &edges, terms, scale, &d_o);
+        let close = |what: &str, i: usize, got: f64, want: f64, tol: f64| {
+            assert!(
+                (got - want).abs() <= tol * (1.0 + want.abs()),
+                "{what}[{i}] (mean {mean_heads}): backward {got}, finite difference {want}"
+            );
+        };
+        let h = 1e-6;
+        for (what, x, grad) in [("dq", &q, &g.dq), ("dk", &k, &g.dk), ("dv", &v, &g.dv)] {
+            for i in 0..x.len() {
+                let at = |delta: f64| {
+                    let mut y = x.clone();
+                    y[i] += delta;
+                    match what {
+                        "dq" => loss(&y, &k, &v, &bias, &features),
+                        "dk" => loss(&q, &y, &v, &bias, &features),
+                        _ => loss(&q, &k, &y, &bias, &features),
+                    }
+                };
+                close(what, i, grad[i], (at(h) - at(-h)) / (2.0 * h), 1e-6);
+            }
+        }
+        let step = 1.0 / 1024.0;
+        let df = g.d_edge_attr.as_ref().expect("features given");
+        let db = g.d_bias.as_ref().expect("bias given");
+        for (what, x, grad) in [("df", &features, df), ("dbias", &bias, db)] {
+            for i in 0..x.len() {
+                if !x[i].is_finite() {
+                    assert_eq!(grad[i], 0.0, "a removed edge has no gradient");
+                    continue;
+                }
+                let at = |delta: f32| {
+                    let mut y = x.clone();
+                    y[i] += delta;
+                    let l = match what {
+                        "df" => loss(&q, &k, &v, &bias, &y),
+                        _ => loss(&q, &k, &v, &y, &features),
+                    };
+                    (l, f64::from(y[i]))
+                };
+                let ((hi, xh), (lo, xl)) = (at(step), at(-step));
+                close(what, i, grad[i], (hi - lo) / (xh - xl), 1e-5);
+            }
+        }
+        // The isolated destination 4 has no gradient.
+        assert!(g.dq[4 * d.heads * d.d_k..].iter().all(|&x| x == 0.0));
     }
 }
 
@@ -503,17 +690,18 @@ fn the_planner_splits_skewed_degrees_only() {
         bias: false,
         edge_features: false,
         mean_heads: false,
+        stats: false,
         chunk_len,
     };
     // Uniform: 20 edges each.
     let uniform: Vec<u32> = (0..=1000).map(|i| 20 * i).collect();
-    let plan = GraphPlan::new(&req(None), &uniform, &CAPS).unwrap();
+    let plan = GraphPlan::new(&req(None), (&uniform, &vec![0; 20_000]), &CAPS).unwrap();
     assert_eq!(plan.split, GraphSplit::Whole, "{plan}");
     assert!(plan.to_string().contains("split: none"), "{plan}");
     // One hub of 5000 edges among lists of 2: over 8 × mean, split for balance.
     let mut skewed = vec![0u32, 5000];
     skewed.extend((1..1000).map(|i| 5000 + 2 * i));
-    let plan = GraphPlan::new(&req(None), &skewed, &CAPS).unwrap();
+    let plan = GraphPlan::new(&req(None), (&skewed, &vec![0; 6998]), &CAPS).unwrap();
     let GraphSplit::Chunks {
         chunk_len, hubs, ..
     } = plan.split
@@ -527,7 +715,7 @@ fn the_planner_splits_skewed_degrees_only() {
     );
     // A forced chunk length must be a multiple of 64.
     assert!(matches!(
-        GraphPlan::new(&req(Some(100)), &uniform, &CAPS),
+        GraphPlan::new(&req(Some(100)), (&uniform, &vec![0; 20_000]), &CAPS),
         Err(Error::Argument(_))
     ));
 }

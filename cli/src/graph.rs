@@ -64,6 +64,16 @@ pub struct GraphArgs {
     /// Write LSE [heads, M] (float32; −inf for a destination without in-edges).
     #[arg(long, value_name = "FILE")]
     lse: Option<PathBuf>,
+    /// Write each destination's entropy −Σ P ln P of its weights over its in-edges
+    /// [heads, M] (float32; 0 without in-edges).
+    #[arg(long, value_name = "FILE")]
+    entropy: Option<PathBuf>,
+    /// Write each destination's focus max P over its in-edges [heads, M] (float32).
+    #[arg(long, value_name = "FILE")]
+    focus: Option<PathBuf>,
+    /// Write each source's coverage Σ P over its out-edges [heads, N] (float32).
+    #[arg(long, value_name = "FILE")]
+    coverage: Option<PathBuf>,
     /// Print the plan (whole lists or chunks, and why) to stderr before running.
     #[arg(long)]
     plan: bool,
@@ -178,9 +188,19 @@ pub fn graph(args: &GraphArgs) -> CliResult<ExitCode> {
     if args.mean_heads {
         opts = opts.with_heads_averaged();
     }
+    let stat_files = [
+        ("--entropy", args.entropy.as_ref()),
+        ("--focus", args.focus.as_ref()),
+        ("--coverage", args.coverage.as_ref()),
+    ];
+    if stat_files.iter().any(|(_, f)| f.is_some()) {
+        opts = opts.with_stats();
+    }
     // The request is validated on the host before a device is opened.
     xattn::graph::graph_request((qd, kd, vd), dtype, &graph, &opts)?;
-    let mut outputs = Outputs::create(&[("--out", Some(&args.out)), ("--lse", args.lse.as_ref())])?;
+    let mut files = vec![("--out", Some(&args.out)), ("--lse", args.lse.as_ref())];
+    files.extend(stat_files);
+    let mut outputs = Outputs::create(&files)?;
 
     let ctx = Context::new()?;
     let engine = Engine::new(&ctx);
@@ -203,13 +223,27 @@ pub fn graph(args: &GraphArgs) -> CliResult<ExitCode> {
         vec![1, m, out_heads, vd[3]]
     };
     outputs.write(&args.out, &out.o.to_host()?, &o_dims)?;
-    if let Some(path) = &args.lse {
-        let dims: Vec<usize> = if squeeze {
-            vec![qd[2], m]
+    // [heads, nodes], with a batch axis where the inputs had one.
+    let per_node = |nodes: usize| -> Vec<usize> {
+        if squeeze {
+            vec![qd[2], nodes]
         } else {
-            vec![1, qd[2], m]
-        };
-        outputs.write(path, &out.lse.to_host()?, &dims)?;
+            vec![1, qd[2], nodes]
+        }
+    };
+    if let Some(path) = &args.lse {
+        outputs.write(path, &out.lse.to_host()?, &per_node(m))?;
+    }
+    if let Some(stats) = &out.stats {
+        for (path, t, nodes) in [
+            (&args.entropy, &stats.entropy, m),
+            (&args.focus, &stats.focus, m),
+            (&args.coverage, &stats.coverage, n),
+        ] {
+            if let Some(path) = path {
+                outputs.write(path, &t.to_host()?, &per_node(nodes))?;
+            }
+        }
     }
     outputs.commit()?;
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;

@@ -10,8 +10,8 @@ use std::process::{Command, Output};
 
 use common::files::*;
 use common::*;
-use xattn::cpu::budget::graph_budget;
-use xattn::cpu::graph_reference::{graph_attention, GraphDims, GraphTerms};
+use xattn::cpu::budget::{graph_budget, graph_stats_budget};
+use xattn::cpu::graph_reference::{graph_attention, graph_stats, GraphDims, GraphTerms};
 
 fn xattn(args: &[String]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_xattn"))
@@ -130,6 +130,49 @@ fn graph_adds_edge_features_and_averages_heads() {
         ..GraphTerms::default()
     };
     check_outputs_of(&dir, d, &qkv, &edges, terms);
+}
+
+#[test]
+fn graph_writes_statistics_per_destination_and_source() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("cli_graph_stats");
+    let (qkv, edges) = write_inputs(&dir);
+    let mut ei: Vec<i64> = edges.iter().map(|e| e.0 as i64).collect();
+    ei.extend(edges.iter().map(|e| e.1 as i64));
+    write_npy(&dir.path("edges.npy"), &ei, &[2, edges.len()]);
+    let mut args = base_args(&dir);
+    args.extend(["--edge-index".into(), s(&dir.path("edges.npy"))]);
+    for stat in ["entropy", "focus", "coverage"] {
+        args.extend([format!("--{stat}"), s(&dir.path(&format!("{stat}.npy")))]);
+    }
+    let out = xattn(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    check_outputs(&dir, &qkv, &edges);
+    let [q, k, _] = &qkv;
+    let scale = 1.0 / (D.d_k as f64).sqrt();
+    let r = graph_stats(D, (q, k), &edges, GraphTerms::default(), scale);
+    let degree = |side: fn(&(usize, usize)) -> usize, nodes: usize| {
+        (0..nodes)
+            .map(|i| edges.iter().filter(|e| side(e) == i).count())
+            .max()
+            .unwrap()
+    };
+    let (_, tol_lse) = graph_budget(
+        (scale as f32, D.d_k),
+        (q, k, &qkv[2]),
+        GraphTerms::default(),
+        degree(|e| e.1, D.m),
+    );
+    let (te, tf, tc) = graph_stats_budget(tol_lse, degree(|e| e.1, D.m), degree(|e| e.0, D.n));
+    for (stat, want, tol, nodes) in [
+        ("entropy", &r.entropy, te, D.m),
+        ("focus", &r.focus, tf, D.m),
+        ("coverage", &r.coverage, tc, D.n),
+    ] {
+        let (got, shape) = read_npy::<f32>(&dir.path(&format!("{stat}.npy")));
+        assert_eq!(shape, [D.heads, nodes], "{stat}");
+        assert_close(stat, &got, want, tol);
+    }
 }
 
 #[test]

@@ -147,3 +147,17 @@ pub fn graph_budget(
     let base = EPS * (4.0 * (1.0 + max_logit) + max_degree as f64);
     (base * (amax(v) + feature).max(1e-3), base)
 }
+
+/// Error budgets of the statistics of edge-list attention's weights (`graph_stats`) against
+/// [`super::graph_reference::graph_stats`], absolute: entropy, focus, coverage; `lse` is
+/// [`graph_budget`]'s LSE budget, which bounds both the rebuilt logit's error and the LSE's.
+///
+/// A weight P = exp(s − LSE) is off by about P·δ with δ = 2·lse; −P ln P by |ln P + 1|·P·δ, so
+/// the entropy of a destination by (H + 1)·δ ≤ (ln max_in + 1)·δ, plus its sum's roundings
+/// (max_in terms, each below 1/e); the focus by δ; the coverage of a source, a sum of at most
+/// max_out weights below 1, by max_out·(δ + ε).
+pub fn graph_stats_budget(lse: f64, max_in: usize, max_out: usize) -> (f64, f64, f64) {
+    let delta = 2.0 * lse;
+    let entropy = ((max_in.max(1) as f64).ln() + 1.0) * delta + max_in as f64 * EPS;
+    (entropy, delta, max_out as f64 * (delta + EPS))
+}

@@ -116,3 +116,76 @@ pub fn graph_attention<T: Copy + Into<f64>>(
     }
     GraphReference { o, lse }
 }
+
+/// Reference statistics of the weights in f64: entropy `−Σ P ln P` and focus `max P` per
+/// destination `[heads, M]` over its in-edges, coverage `Σ P` per source `[heads, N]` over its
+/// out-edges (0 where a node has no kept edge).
+#[derive(Clone, Debug)]
+pub struct GraphStatsReference {
+    /// Entropy per destination.
+    pub entropy: Vec<f64>,
+    /// Focus per destination.
+    pub focus: Vec<f64>,
+    /// Coverage per source.
+    pub coverage: Vec<f64>,
+}
+
+/// The weights of [`graph_attention`]'s call, reduced per destination and per source.
+pub fn graph_stats<T: Copy + Into<f64>>(
+    s: GraphDims,
+    (q, k): (&[T], &[T]),
+    edges: &[(usize, usize)],
+    terms: GraphTerms,
+    scale: f64,
+) -> GraphStatsReference {
+    let group = s.heads / s.kv_heads;
+    // Each edge's logit per head, None where its bias removes it.
+    let logit = |e: usize, h: usize| -> Option<f64> {
+        let (j, i) = edges[e];
+        let b = terms.bias.map_or(0.0, |b| b[e * s.heads + h]);
+        if b <= BIAS_REMOVES {
+            return None;
+        }
+        let dot: f64 = (0..s.d_k)
+            .map(|d| {
+                let f = terms
+                    .edge_attr
+                    .map_or(0.0, |f| f64::from(f[(e * s.heads + h) * s.d_k + d]));
+                q[(i * s.heads + h) * s.d_k + d].into()
+                    * (k[(j * s.kv_heads + h / group) * s.d_k + d].into() + f)
+            })
+            .sum();
+        Some(dot * scale + f64::from(b))
+    };
+    let mut out = GraphStatsReference {
+        entropy: vec![0.0; s.heads * s.m],
+        focus: vec![0.0; s.heads * s.m],
+        coverage: vec![0.0; s.heads * s.n],
+    };
+    for h in 0..s.heads {
+        let logits: Vec<Option<f64>> = (0..edges.len()).map(|e| logit(e, h)).collect();
+        let mut max = vec![f64::NEG_INFINITY; s.m];
+        for (e, l) in logits.iter().enumerate() {
+            if let Some(l) = l {
+                max[edges[e].1] = max[edges[e].1].max(*l);
+            }
+        }
+        let mut sum = vec![0.0; s.m];
+        for (e, l) in logits.iter().enumerate() {
+            if let Some(l) = l {
+                sum[edges[e].1] += (l - max[edges[e].1]).exp();
+            }
+        }
+        for (e, l) in logits.iter().enumerate() {
+            let Some(l) = l else { continue };
+            let (j, i) = edges[e];
+            let p = (l - max[i]).exp() / sum[i];
+            if p > 0.0 {
+                out.entropy[h * s.m + i] -= p * p.ln();
+            }
+            out.focus[h * s.m + i] = out.focus[h * s.m + i].max(p);
+            out.coverage[h * s.n + j] += p;
+        }
+    }
+    out
+}
