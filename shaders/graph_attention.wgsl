@@ -26,6 +26,7 @@
 // `load_v`, `load4_edge_attr`, `load_edge_attr`), SLOTS and SPLIT.
 //!include common/params.wgsl
 //!include common/graph.wgsl
+//!include common/graph_logit.wgsl
 
 @group(0) @binding(0) var<uniform> g: GraphParams;
 @group(0) @binding(1) var<storage, read> q: array<Elem>;
@@ -78,8 +79,6 @@ fn main(
         e1 = row_ptr[dst + 1u];
     }
     let q_base = (dst * g.heads + h) * g.d_k;
-    let has_bias = (g.flags & GRAPH_BIAS) != 0u;
-    let has_features = (g.flags & GRAPH_EDGE_FEATURES) != 0u;
     var m = MASKED;
     var l = 0.0;
     zero_acc();
@@ -90,21 +89,7 @@ fn main(
         if li < len {
             let e = t0 + li;
             j = col_idx[e];
-            let k_base = (j * g.kv_heads + kvh) * g.d_k;
-            var x = 0.0;
-            let f_base = (e * g.heads + h) * g.d_k;
-            for (var d = 0u; d < g.d_k; d += 4u) {
-                var key = load4_k(k_base, d, g.d_k);
-                if has_features {
-                    key += load4_edge_attr(f_base, d, g.d_k);
-                }
-                x += dot(load4_q(q_base, d, g.d_k), key);
-            }
-            s = x * g.scale;
-            if has_bias {
-                let b = bias[e * g.heads + h];
-                s = select(s + b, MASKED, b <= GRAPH_BIAS_REMOVES);
-            }
+            s = edge_logit(q_base, (j * g.kv_heads + kvh) * g.d_k, e, h);
         }
         sh_s[li] = s;
         sh_j[li] = j;

@@ -14,6 +14,7 @@
 // The prelude declares how Q, K and the edge features are read, and BY_SOURCE.
 //!include common/params.wgsl
 //!include common/graph.wgsl
+//!include common/graph_logit.wgsl
 
 @group(0) @binding(0) var<uniform> g: GraphParams;
 @group(0) @binding(1) var<storage, read> q: array<Elem>;
@@ -41,24 +42,9 @@ fn weight(e: u32, j: u32, i: u32, h: u32) -> f32 {
         return 0.0;
     }
     let kvh = h / (g.heads / g.kv_heads);
-    let q_base = (i * g.heads + h) * g.d_k;
-    let k_base = (j * g.kv_heads + kvh) * g.d_k;
-    let f_base = (e * g.heads + h) * g.d_k;
-    var x = 0.0;
-    for (var d = 0u; d < g.d_k; d += 4u) {
-        var key = load4_k(k_base, d, g.d_k);
-        if (g.flags & GRAPH_EDGE_FEATURES) != 0u {
-            key += load4_edge_attr(f_base, d, g.d_k);
-        }
-        x += dot(load4_q(q_base, d, g.d_k), key);
-    }
-    var s = x * g.scale;
-    if (g.flags & GRAPH_BIAS) != 0u {
-        let b = bias[e * g.heads + h];
-        if b <= GRAPH_BIAS_REMOVES {
-            return 0.0;
-        }
-        s += b;
+    let s = edge_logit((i * g.heads + h) * g.d_k, (j * g.kv_heads + kvh) * g.d_k, e, h);
+    if s <= REMOVED_BELOW {
+        return 0.0;
     }
     return min(exp(s - l), 1.0);
 }

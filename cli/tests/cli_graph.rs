@@ -52,6 +52,13 @@ fn write_inputs_of(dir: &TempDir, d: GraphDims) -> ([Vec<f32>; 3], Vec<(usize, u
     ([q, k, v], edges)
 }
 
+/// Writes `edges` as an edge_index [2, E] (int64).
+fn write_edge_index(path: &FsPath, edges: &[(usize, usize)]) {
+    let mut ei: Vec<i64> = edges.iter().map(|e| e.0 as i64).collect();
+    ei.extend(edges.iter().map(|e| e.1 as i64));
+    write_npy(path, &ei, &[2, edges.len()]);
+}
+
 fn write_inputs(dir: &TempDir) -> ([Vec<f32>; 3], Vec<(usize, usize)>) {
     write_inputs_of(dir, D)
 }
@@ -105,9 +112,7 @@ fn graph_adds_edge_features_and_averages_heads() {
     let dir = TempDir::new("cli_graph_edge_attr");
     let d = GraphDims { d_v: 8, ..D };
     let (qkv, edges) = write_inputs_of(&dir, d);
-    let mut ei: Vec<i64> = edges.iter().map(|e| e.0 as i64).collect();
-    ei.extend(edges.iter().map(|e| e.1 as i64));
-    write_npy(&dir.path("edges.npy"), &ei, &[2, edges.len()]);
+    write_edge_index(&dir.path("edges.npy"), &edges);
     let features = random(edges.len() * d.heads * d.d_k, 0.5, 4);
     write_npy(
         &dir.path("edge_attr.npy"),
@@ -137,9 +142,7 @@ fn graph_writes_statistics_per_destination_and_source() {
     let Some(_) = engine() else { return };
     let dir = TempDir::new("cli_graph_stats");
     let (qkv, edges) = write_inputs(&dir);
-    let mut ei: Vec<i64> = edges.iter().map(|e| e.0 as i64).collect();
-    ei.extend(edges.iter().map(|e| e.1 as i64));
-    write_npy(&dir.path("edges.npy"), &ei, &[2, edges.len()]);
+    write_edge_index(&dir.path("edges.npy"), &edges);
     let mut args = base_args(&dir);
     args.extend(["--edge-index".into(), s(&dir.path("edges.npy"))]);
     for stat in ["entropy", "focus", "coverage"] {
@@ -180,9 +183,7 @@ fn graph_writes_o_and_lse_from_an_edge_index() {
     let Some(_) = engine() else { return };
     let dir = TempDir::new("cli_graph_coo");
     let (qkv, edges) = write_inputs(&dir);
-    let mut ei: Vec<i64> = edges.iter().map(|e| e.0 as i64).collect();
-    ei.extend(edges.iter().map(|e| e.1 as i64));
-    write_npy(&dir.path("edges.npy"), &ei, &[2, edges.len()]);
+    write_edge_index(&dir.path("edges.npy"), &edges);
     let mut args = base_args(&dir);
     args.extend([
         "--edge-index".into(),

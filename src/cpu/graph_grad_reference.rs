@@ -1,10 +1,10 @@
 //! The reference backward of edge-list attention ([`crate::graph`]): naive, f64, from the edge
-//! list as given, sharing nothing with the forward reference but its types. The gradients the
+//! list as given, sharing nothing with the kernels (with the forward reference: its types and
+//! its edge logit). The gradients the
 //! device backward must match (dQ per destination; dK, dV per source; d edge features and d
 //! bias per edge), checked here against finite differences of the forward reference.
 
-use crate::cpu::graph_reference::{GraphDims, GraphTerms};
-use crate::mask::BIAS_REMOVES;
+use crate::cpu::graph_reference::{destination_weights, incoming, GraphDims, GraphTerms};
 
 /// Gradients in f64, in the inputs' layouts and edge order.
 #[derive(Clone, Debug)]
@@ -60,42 +60,25 @@ pub fn graph_attention_backward<T: Copy + Into<f64>>(
             d_o[(i * s.heads + h) * s.d_v + x]
         }
     };
-    let mut incoming: Vec<Vec<usize>> = vec![Vec::new(); s.m];
-    for (e, &(_, dst)) in edges.iter().enumerate() {
-        incoming[dst].push(e);
-    }
-    for (i, ins) in incoming.iter().enumerate() {
+    for (i, ins) in incoming(s.m, edges).iter().enumerate() {
         for h in 0..s.heads {
             let kh = h / group;
             let qi = |x: usize| q[(i * s.heads + h) * s.d_k + x].into();
             let kj = |j: usize, x: usize| k[(j * s.kv_heads + kh) * s.d_k + x].into();
             let vj = |j: usize, x: usize| v[(j * s.kv_heads + kh) * s.d_v + x].into();
-            // (edge, logit) of each kept edge.
-            let kept: Vec<(usize, f64)> = ins
-                .iter()
-                .filter_map(|&e| {
-                    let b = terms.bias.map_or(0.0, |b| b[e * s.heads + h]);
-                    (b > BIAS_REMOVES).then(|| {
-                        let j = edges[e].0;
-                        let dot: f64 = (0..s.d_k).map(|x| qi(x) * (kj(j, x) + f(e, h, x))).sum();
-                        (e, dot * scale + f64::from(b))
-                    })
-                })
-                .collect();
-            if kept.is_empty() {
+            let Some((weights, _)) = destination_weights(s, (q, k), edges, terms, scale, (ins, h))
+            else {
                 continue;
-            }
-            let max = kept.iter().map(|l| l.1).fold(f64::NEG_INFINITY, f64::max);
-            let sum: f64 = kept.iter().map(|l| (l.1 - max).exp()).sum();
+            };
             // (edge, P, dO·u) of each kept edge, and D = Σ P·(dO·u).
-            let rows: Vec<(usize, f64, f64)> = kept
+            let rows: Vec<(usize, f64, f64)> = weights
                 .iter()
-                .map(|&(e, l)| {
+                .map(|&(e, p)| {
                     let j = edges[e].0;
                     let dp: f64 = (0..s.d_v)
                         .map(|x| grad_out(i, h, x) * (vj(j, x) + f(e, h, x)))
                         .sum();
-                    (e, (l - max).exp() / sum, dp)
+                    (e, p, dp)
                 })
                 .collect();
             let big_d: f64 = rows.iter().map(|r| r.1 * r.2).sum();

@@ -44,6 +44,66 @@ pub struct GraphReference {
     pub lse: Vec<f64>,
 }
 
+/// The logit of edge e (in the order of `edges`) for head h, `scale·q_i·(k_j + f_e) + bias`
+/// in f64; `None` where its bias removes the edge.
+pub fn edge_logit<T: Copy + Into<f64>>(
+    s: GraphDims,
+    (q, k): (&[T], &[T]),
+    edges: &[(usize, usize)],
+    terms: GraphTerms,
+    scale: f64,
+    (e, h): (usize, usize),
+) -> Option<f64> {
+    let (j, i) = edges[e];
+    let b = terms.bias.map_or(0.0, |b| b[e * s.heads + h]);
+    if b <= BIAS_REMOVES {
+        return None;
+    }
+    let (qrow, kh) = ((i * s.heads + h) * s.d_k, h / (s.heads / s.kv_heads));
+    let krow = (j * s.kv_heads + kh) * s.d_k;
+    let dot: f64 = (0..s.d_k)
+        .map(|d| {
+            let f = terms
+                .edge_attr
+                .map_or(0.0, |f| f64::from(f[(e * s.heads + h) * s.d_k + d]));
+            q[qrow + d].into() * (k[krow + d].into() + f)
+        })
+        .sum();
+    Some(dot * scale + f64::from(b))
+}
+
+/// The softmax of one destination's kept in-edges `ins` (edge ids) for head h: each kept
+/// edge's weight `(edge, P)` and the LSE; `None` where no edge is kept.
+pub fn destination_weights<T: Copy + Into<f64>>(
+    s: GraphDims,
+    qk: (&[T], &[T]),
+    edges: &[(usize, usize)],
+    terms: GraphTerms,
+    scale: f64,
+    (ins, h): (&[usize], usize),
+) -> Option<(Vec<(usize, f64)>, f64)> {
+    let logits: Vec<(usize, f64)> = ins
+        .iter()
+        .filter_map(|&e| edge_logit(s, qk, edges, terms, scale, (e, h)).map(|l| (e, l)))
+        .collect();
+    if logits.is_empty() {
+        return None;
+    }
+    let max = logits.iter().map(|l| l.1).fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = logits.iter().map(|l| (l.1 - max).exp()).sum();
+    let weights = logits.iter().map(|&(e, l)| (e, (l - max).exp() / sum));
+    Some((weights.collect(), max + sum.ln()))
+}
+
+/// Each destination's in-edges, by edge id, in the given order.
+pub fn incoming(m: usize, edges: &[(usize, usize)]) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = vec![Vec::new(); m];
+    for (e, &(_, dst)) in edges.iter().enumerate() {
+        out[dst].push(e);
+    }
+    out
+}
+
 /// Attention of `q [M, heads, d_k]` over `k [N, kv_heads, d_k]`, `v [N, kv_heads, d_v]` along
 /// `edges` (`(source, destination)` pairs; duplicates count twice, self-loops as any edge),
 /// with logit `scale·q_i·(k_j + f_e)` plus `bias [E, heads]` and value `v_j + f_e`, where
@@ -63,40 +123,16 @@ pub fn graph_attention<T: Copy + Into<f64>>(
     let group = s.heads / s.kv_heads;
     let mut o = vec![0.0; s.m * s.heads * s.d_v];
     let mut lse = vec![f64::NEG_INFINITY; s.heads * s.m];
-    // Each destination's in-edges, by edge id, in the given order.
-    let mut incoming: Vec<Vec<usize>> = vec![Vec::new(); s.m];
-    for (e, &(_, dst)) in edges.iter().enumerate() {
-        incoming[dst].push(e);
-    }
-    for (i, ins) in incoming.iter().enumerate() {
+    for (i, ins) in incoming(s.m, edges).iter().enumerate() {
         for h in 0..s.heads {
             let kh = h / group;
-            let qrow = &q[(i * s.heads + h) * s.d_k..][..s.d_k];
-            // (edge, logit) of each kept edge.
-            let logits: Vec<(usize, f64)> = ins
-                .iter()
-                .filter_map(|&e| {
-                    let j = edges[e].0;
-                    let b = terms.bias.map_or(0.0, |b| b[e * s.heads + h]);
-                    if b <= BIAS_REMOVES {
-                        return None;
-                    }
-                    let krow = &k[(j * s.kv_heads + kh) * s.d_k..][..s.d_k];
-                    let dot: f64 = (0..s.d_k)
-                        .map(|d| qrow[d].into() * (krow[d].into() + feature(e, h, d)))
-                        .sum();
-                    Some((e, dot * scale + f64::from(b)))
-                })
-                .collect();
-            if logits.is_empty() {
+            let Some((weights, l)) = destination_weights(s, (q, k), edges, terms, scale, (ins, h))
+            else {
                 continue;
-            }
-            let max = logits.iter().map(|l| l.1).fold(f64::NEG_INFINITY, f64::max);
-            let sum: f64 = logits.iter().map(|l| (l.1 - max).exp()).sum();
-            lse[h * s.m + i] = max + sum.ln();
+            };
+            lse[h * s.m + i] = l;
             let orow = &mut o[(i * s.heads + h) * s.d_v..][..s.d_v];
-            for &(e, logit) in &logits {
-                let p = (logit - max).exp() / sum;
+            for &(e, p) in &weights {
                 let vrow = &v[(edges[e].0 * s.kv_heads + kh) * s.d_v..][..s.d_v];
                 for (d, acc) in orow.iter_mut().enumerate() {
                     *acc += p * (vrow[d].into() + feature(e, h, d));
@@ -138,53 +174,24 @@ pub fn graph_stats<T: Copy + Into<f64>>(
     terms: GraphTerms,
     scale: f64,
 ) -> GraphStatsReference {
-    let group = s.heads / s.kv_heads;
-    // Each edge's logit per head, None where its bias removes it.
-    let logit = |e: usize, h: usize| -> Option<f64> {
-        let (j, i) = edges[e];
-        let b = terms.bias.map_or(0.0, |b| b[e * s.heads + h]);
-        if b <= BIAS_REMOVES {
-            return None;
-        }
-        let dot: f64 = (0..s.d_k)
-            .map(|d| {
-                let f = terms
-                    .edge_attr
-                    .map_or(0.0, |f| f64::from(f[(e * s.heads + h) * s.d_k + d]));
-                q[(i * s.heads + h) * s.d_k + d].into()
-                    * (k[(j * s.kv_heads + h / group) * s.d_k + d].into() + f)
-            })
-            .sum();
-        Some(dot * scale + f64::from(b))
-    };
     let mut out = GraphStatsReference {
         entropy: vec![0.0; s.heads * s.m],
         focus: vec![0.0; s.heads * s.m],
         coverage: vec![0.0; s.heads * s.n],
     };
-    for h in 0..s.heads {
-        let logits: Vec<Option<f64>> = (0..edges.len()).map(|e| logit(e, h)).collect();
-        let mut max = vec![f64::NEG_INFINITY; s.m];
-        for (e, l) in logits.iter().enumerate() {
-            if let Some(l) = l {
-                max[edges[e].1] = max[edges[e].1].max(*l);
+    for (i, ins) in incoming(s.m, edges).iter().enumerate() {
+        for h in 0..s.heads {
+            let Some((weights, _)) = destination_weights(s, (q, k), edges, terms, scale, (ins, h))
+            else {
+                continue;
+            };
+            for (e, p) in weights {
+                if p > 0.0 {
+                    out.entropy[h * s.m + i] -= p * p.ln();
+                }
+                out.focus[h * s.m + i] = out.focus[h * s.m + i].max(p);
+                out.coverage[h * s.n + edges[e].0] += p;
             }
-        }
-        let mut sum = vec![0.0; s.m];
-        for (e, l) in logits.iter().enumerate() {
-            if let Some(l) = l {
-                sum[edges[e].1] += (l - max[edges[e].1]).exp();
-            }
-        }
-        for (e, l) in logits.iter().enumerate() {
-            let Some(l) = l else { continue };
-            let (j, i) = edges[e];
-            let p = (l - max[i]).exp() / sum[i];
-            if p > 0.0 {
-                out.entropy[h * s.m + i] -= p * p.ln();
-            }
-            out.focus[h * s.m + i] = out.focus[h * s.m + i].max(p);
-            out.coverage[h * s.n + j] += p;
         }
     }
     out

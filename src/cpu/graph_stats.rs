@@ -1,12 +1,12 @@
 //! CPU twin of `shaders/graph_stats.wgsl`: each (segment, head)'s lanes walked one after
 //! another, then the same tree over them.
 
+use crate::cpu::graph_attention::edge_logit;
 use crate::cpu::mask::REMOVED_BELOW;
 use crate::cpu::widen;
 use crate::kernels::graph_attention::GRAPH_WG;
 use crate::kernels::graph_stats::GraphStats;
-use crate::mask::BIAS_REMOVES;
-use crate::params::{graph_flags, GraphParams};
+use crate::params::GraphParams;
 
 /// Runs the twin on the kernel's bindings 1.. as words: q, k, col_idx, dst, perm, ptr, bias,
 /// edge_attr, lse → out_a, out_b.
@@ -21,34 +21,16 @@ pub fn run(p: &GraphParams, spec: GraphStats, buffers: &mut [Vec<u32>]) {
     let out_a: &mut [f32] = bytemuck::cast_slice_mut(out_a);
     let out_b: &mut [f32] = bytemuck::cast_slice_mut(out_b);
     let (heads, kv_heads, dk) = (p.heads as usize, p.kv_heads as usize, p.d_k as usize);
-    let load4 = |x: &[f32], base: usize, d: usize| -> [f32; 4] {
-        std::array::from_fn(|u| if d + u < dk { x[base + d + u] } else { 0.0 })
-    };
     let weight = |e: usize, j: usize, i: usize, h: usize| -> f32 {
         let l = lse[h * p.m as usize + i];
         if l <= REMOVED_BELOW {
             return 0.0;
         }
         let kvh = h / (heads / kv_heads);
-        let (q_base, k_base) = ((i * heads + h) * dk, (j * kv_heads + kvh) * dk);
-        let f_base = (e * heads + h) * dk;
-        let mut x = 0.0f32;
-        for d in (0..dk).step_by(4) {
-            let mut key = load4(&k, k_base, d);
-            if p.flags & graph_flags::EDGE_FEATURES != 0 {
-                let f = load4(features, f_base, d);
-                key = std::array::from_fn(|u| key[u] + f[u]);
-            }
-            let a = load4(&q, q_base, d);
-            x += a[0] * key[0] + a[1] * key[1] + a[2] * key[2] + a[3] * key[3];
-        }
-        let mut s = x * p.scale;
-        if p.flags & graph_flags::BIAS != 0 {
-            let b = bias[e * heads + h];
-            if b <= BIAS_REMOVES {
-                return 0.0;
-            }
-            s += b;
+        let rows = ((i * heads + h) * dk, (j * kv_heads + kvh) * dk);
+        let s = edge_logit(p, [&q, &k, features, bias], rows, e, h);
+        if s <= REMOVED_BELOW {
+            return 0.0;
         }
         (s - l).exp().min(1.0)
     };
