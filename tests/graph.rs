@@ -679,6 +679,61 @@ fn the_reference_backward_matches_finite_differences() {
     }
 }
 
+/// PyTorch Geometric's `TransformerConv` in float64 (`tests/fixtures/generate_graph.py`:
+/// edge features on keys and values, heads concatenated and averaged, isolated destinations)
+/// against the device and the f64 reference, each within the f32 budget.
+#[test]
+fn pyg_transformer_conv_fixtures_agree() {
+    let Some(engine) = engine() else { return };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/graph");
+    let mut cases = 0;
+    for dir in std::fs::read_dir(&root).expect("tests/fixtures/graph") {
+        let dir = dir.unwrap().path();
+        let read = |f: &str| common::files::read_npy::<f32>(&dir.join(format!("{f}.npy")));
+        let ((q, qs), (k, ks), (v, _), (features, _)) =
+            (read("q"), read("k"), read("v"), read("edge_attr"));
+        let (ei, es) = common::files::read_npy::<i64>(&dir.join("edge_index.npy"));
+        let e = es[1];
+        let edges: Vec<(usize, usize)> = (0..e)
+            .map(|i| (ei[i] as usize, ei[e + i] as usize))
+            .collect();
+        let c = Case {
+            dims: dims(qs[0], ks[0], qs[1], ks[1], qs[2], qs[2]),
+            edges,
+            q,
+            k,
+            v,
+        };
+        let features = GraphAttention::default().with_edge_features(features);
+        for (file, opts) in [
+            ("o_concat", features.clone()),
+            ("o_mean", features.clone().with_heads_averaged()),
+        ] {
+            let (want, _) = common::files::read_npy::<f64>(&dir.join(format!("{file}.npy")));
+            let what = format!("{} {file}", dir.display());
+            let (_, o, _) = run_gpu(engine, &c, &opts, DType::F32).unwrap();
+            let (tol_o, _) = c.budget(&opts);
+            assert_close(&format!("{what}: device"), &o, &want, tol_o);
+            // PyG's scale 1/√d in f64 (the calls' default is that in f32).
+            let scale = 1.0 / (c.dims.d_k as f64).sqrt();
+            let qkv = (&c.q[..], &c.k[..], &c.v[..]);
+            let r = reference(c.dims, qkv, &c.edges, opts.terms(), scale).o;
+            // The reference within the f64 rounding of PyG's own sums (and its 1e-16).
+            let worst = r
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(worst < 1e-12, "{what}: reference off by {worst:e}");
+        }
+        cases += 1;
+    }
+    assert!(
+        cases >= 2,
+        "the fixtures are missing: run tests/fixtures/generate_graph.py"
+    );
+}
+
 /// The planner's choice from the degree distribution, without a device.
 #[test]
 fn the_planner_splits_skewed_degrees_only() {
