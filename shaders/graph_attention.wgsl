@@ -1,9 +1,10 @@
 // Attention over a graph's edge list (CPU twin: src/cpu/graph_attention.rs; semantics:
 // src/graph.rs). Destination node i attends to its in-neighbours only: the edges
 // row_ptr[i] .. row_ptr[i + 1] of the CSR by destination, whose sources col_idx[e] are rows of
-// K and V. Logit of edge e for head h: scale·q[i, h]·k[col_idx[e], h / group] (+ bias[e, h];
-// a bias ≤ GRAPH_BIAS_REMOVES removes the edge). Nothing M×N exists: work and memory grow with
-// E·d.
+// K and V. Logit of edge e for head h: scale·q[i, h]·(k[col_idx[e], h / group] + f[e, h])
+// (+ bias[e, h]; a bias ≤ GRAPH_BIAS_REMOVES removes the edge), and its value row
+// v[col_idx[e], h / group] + f[e, h], where f = edge_attr [E, heads, d] is bound (else 0).
+// Nothing M×N exists: work and memory grow with E·d.
 //
 // One workgroup of WG = 64 invocations per (work item, head): item = wg.x + wg.y·nwg.x, head =
 // wg.z. A work item is a destination's whole neighbour list (SPLIT = false), or one chunk of at
@@ -21,9 +22,11 @@
 // Output: without SPLIT, O [M, heads, d_v] (0 for a destination with no kept edge) and
 // LSE [heads, M] (−∞ there); with SPLIT, each chunk's normalized O into o [items, heads, d_v]
 // and its max logit and ln(sum) into lse [items, heads, 2] (−∞ and 0 for no kept edge).
-// The prelude declares how Q, K, V are read (`load4_q`, `load4_k`, `load_v`), SLOTS and SPLIT.
+// The prelude declares how Q, K, V and the edge features are read (`load4_q`, `load4_k`,
+// `load_v`, `load4_edge_attr`, `load_edge_attr`), SLOTS and SPLIT.
 //!include common/params.wgsl
 //!include common/graph.wgsl
+//!include common/graph_logit.wgsl
 
 @group(0) @binding(0) var<uniform> g: GraphParams;
 @group(0) @binding(1) var<storage, read> q: array<Elem>;
@@ -33,14 +36,24 @@
 @group(0) @binding(5) var<storage, read> col_idx: array<u32>;
 @group(0) @binding(6) var<storage, read> chunks: array<u32>;
 @group(0) @binding(7) var<storage, read> bias: array<f32>;
-@group(0) @binding(8) var<storage, read_write> o: array<f32>;
-@group(0) @binding(9) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(8) var<storage, read> edge_attr: array<Feature>;
+@group(0) @binding(9) var<storage, read_write> o: array<f32>;
+@group(0) @binding(10) var<storage, read_write> lse: array<f32>;
 
 const WG: u32 = 64u;
 
 var<workgroup> sh_s: array<f32, 64>;
 var<workgroup> sh_w: array<f32, 64>;
 var<workgroup> sh_j: array<u32, 64>;
+
+// Element d of the value row at `row` plus, where bound, of the edge features at `frow`.
+fn value_at(row: u32, frow: u32, d: u32) -> f32 {
+    var x = load_v(row + d);
+    if (g.flags & GRAPH_EDGE_FEATURES) != 0u {
+        x += load_edge_attr(frow + d);
+    }
+    return x;
+}
 
 @compute @workgroup_size(64, 1, 1)
 fn main(
@@ -66,7 +79,6 @@ fn main(
         e1 = row_ptr[dst + 1u];
     }
     let q_base = (dst * g.heads + h) * g.d_k;
-    let has_bias = (g.flags & GRAPH_BIAS) != 0u;
     var m = MASKED;
     var l = 0.0;
     zero_acc();
@@ -77,16 +89,7 @@ fn main(
         if li < len {
             let e = t0 + li;
             j = col_idx[e];
-            let k_base = (j * g.kv_heads + kvh) * g.d_k;
-            var x = 0.0;
-            for (var d = 0u; d < g.d_k; d += 4u) {
-                x += dot(load4_q(q_base, d, g.d_k), load4_k(k_base, d, g.d_k));
-            }
-            s = x * g.scale;
-            if has_bias {
-                let b = bias[e * g.heads + h];
-                s = select(s + b, MASKED, b <= GRAPH_BIAS_REMOVES);
-            }
+            s = edge_logit(q_base, (j * g.kv_heads + kvh) * g.d_k, e, h);
         }
         sh_s[li] = s;
         sh_j[li] = j;
@@ -104,7 +107,8 @@ fn main(
             let w = sh_w[t];
             if w > 0.0 {
                 l += w;
-                accumulate_edge(w, (sh_j[t] * g.kv_heads + kvh) * g.d_v, li);
+                let frow = ((t0 + t) * g.heads + h) * g.d_v;
+                accumulate_edge(w, (sh_j[t] * g.kv_heads + kvh) * g.d_v, frow, li);
             }
         }
         m = tmax;

@@ -6,28 +6,37 @@
 //! bipartite graph has M ≠ N; a graph on one node set passes the same features, or their
 //! projections, as both). Destination `i` attends to its in-neighbours only:
 //!
-//! `O[i, h] = Σ_{e: dst(e) = i} softmax_e(scale·q[i, h]·k[src(e), h / group] + bias[e, h]) · v[src(e), h / group]`
+//! `O[i, h] = Σ_{e: dst(e) = i} softmax_e(scale·q[i, h]·(k[src(e), h / group] + f[e, h]) + bias[e, h]) · (v[src(e), h / group] + f[e, h])`
 //!
 //! - layouts as for dense attention with batch 1: Q `[1, M, heads, d_k]`, K `[1, N, kv_heads,
 //!   d_k]`, V `[1, N, kv_heads, d_v]`, O `[1, M, heads, d_v]` (f32), LSE `[1, heads, M]` (f32,
 //!   natural log); query head h reads K/V head `h / (heads / kv_heads)` (GQA). Heads are
-//!   returned side by side ("concatenated" as in PyG's `concat=True`); the mean over heads
-//!   (`concat=False`) is left to the caller. Batches of graphs are one graph of their
-//!   disjoint union (batch 1 only).
+//!   returned side by side ("concatenated" as in PyG's `concat=True`), or averaged into O
+//!   `[1, M, 1, d_v]` ([`GraphAttention::with_heads_averaged`], PyG's `concat=False`; LSE
+//!   stays per head). Batches of graphs are one graph of their disjoint union (batch 1 only).
 //! - scale `1/√d_k` by default ([`GraphAttention::with_scale`]), as PyG's `TransformerConv`;
 //! - the bias ([`GraphAttention::with_bias`]) is per edge and head, `[E, heads]` in the order
 //!   the edges were given; a value ≤ −1e30 ([`crate::mask::BIAS_REMOVES`]) or −∞ removes its
 //!   edge, as on the dense paths;
+//! - edge features f ([`GraphAttention::with_edge_features`]) are per edge and head, `[E,
+//!   heads, d]` (f32, d = d_k = d_v) in the order the edges were given, added to the edge's
+//!   key row in its logit and to its value row, as PyG's `TransformerConv` adds its projected
+//!   `edge_attr` (`lin_edge(edge_attr)` viewed as `[E, heads, out_channels]`);
 //! - duplicate edges count as often as they appear, self-loops as any edge; none are added;
 //! - a destination with no (kept) in-edge outputs 0 and LSE −∞. PyG's `TransformerConv`
 //!   outputs 0 there too (its scatter softmax has no entries and the aggregation sums
 //!   nothing), before its skip connection and bias terms;
+//! - statistics ([`GraphAttention::with_stats`]) as for dense attention ([`crate::stats`]),
+//!   over the edges: entropy `−Σ P ln P` and focus `max P` per destination over its in-edges,
+//!   coverage `Σ P` per source over its out-edges, `[1, heads, M]` and `[1, heads, N]` (f32;
+//!   0 for a node without kept edges), each weight `P = exp(logit − LSE)` rebuilt from Q, K
+//!   and the LSE, never stored;
 //! - work and memory grow with E·d, never with M·N: no mask and no score matrix exist.
 
 use std::collections::HashMap;
 
 use crate::call::Prepared;
-use crate::cpu::graph_reference::GraphDims;
+use crate::cpu::graph_reference::{GraphDims, GraphTerms};
 use crate::dtype::DType;
 use crate::engine::{dims4, same_dtype, Engine, Scratch};
 use crate::error::{Error, Result};
@@ -203,6 +212,9 @@ impl Graph {
 pub struct GraphAttention {
     scale: Option<f32>,
     bias: Option<Vec<f32>>,
+    edge_attr: Option<Vec<f32>>,
+    mean_heads: bool,
+    stats: bool,
     chunk_len: Option<usize>,
 }
 
@@ -217,6 +229,28 @@ impl GraphAttention {
     /// (a value ≤ −1e30 or −∞ removes its edge; NaN, +∞ and values over 1e30 are refused).
     pub fn with_bias(mut self, bias: Vec<f32>) -> Self {
         self.bias = Some(bias);
+        self
+    }
+
+    /// Edge features `[E, heads, d]` (f32, finite, d = d_k = d_v) in the order the edges were
+    /// given, added to each edge's key row in its logit and to its value row, as PyG's
+    /// `TransformerConv` adds its projected `edge_attr`.
+    pub fn with_edge_features(mut self, edge_attr: Vec<f32>) -> Self {
+        self.edge_attr = Some(edge_attr);
+        self
+    }
+
+    /// O averaged over heads, `[1, M, 1, d_v]` (PyG's `concat=False`), instead of the heads
+    /// side by side; LSE stays per head.
+    pub fn with_heads_averaged(mut self) -> Self {
+        self.mean_heads = true;
+        self
+    }
+
+    /// Also computes the weights' entropy and focus per destination and coverage per source
+    /// ([`GraphOutput::stats`]).
+    pub fn with_stats(mut self) -> Self {
+        self.stats = true;
         self
     }
 
@@ -237,24 +271,75 @@ impl GraphAttention {
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
     }
+
+    /// The edge features, if any.
+    pub fn edge_features(&self) -> Option<&[f32]> {
+        self.edge_attr.as_deref()
+    }
+
+    /// The bias, edge features and head averaging, as the reference takes them.
+    pub fn terms(&self) -> GraphTerms<'_> {
+        GraphTerms {
+            bias: self.bias(),
+            edge_attr: self.edge_features(),
+            mean_heads: self.mean_heads,
+        }
+    }
 }
 
 /// Results of an edge-list attention on the device.
 #[derive(Debug)]
 pub struct GraphOutput {
-    /// O `[1, M, heads, d_v]` (f32).
+    /// O `[1, M, heads, d_v]` (f32; `[1, M, 1, d_v]` with heads averaged).
     pub o: Tensor,
     /// LSE `[1, heads, M]` (f32; −∞ for a destination with no kept in-edge).
     pub lse: Tensor,
+    /// The weights' statistics, where asked for ([`GraphAttention::with_stats`]).
+    pub stats: Option<GraphStatsOutput>,
+}
+
+/// Statistics of an edge-list attention's weights (f32; 0 for a node without kept edges).
+#[derive(Debug)]
+pub struct GraphStatsOutput {
+    /// Entropy `−Σ P ln P` per destination over its in-edges, `[1, heads, M]`.
+    pub entropy: Tensor,
+    /// Focus `max P` per destination, `[1, heads, M]`.
+    pub focus: Tensor,
+    /// Coverage `Σ P` per source over its out-edges, `[1, heads, N]`.
+    pub coverage: Tensor,
+}
+
+/// [`GraphStatsOutput`] on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GraphHostStats {
+    /// Entropy `[1, heads, M]`.
+    pub entropy: Vec<f32>,
+    /// Focus `[1, heads, M]`.
+    pub focus: Vec<f32>,
+    /// Coverage `[1, heads, N]`.
+    pub coverage: Vec<f32>,
+}
+
+impl GraphStatsOutput {
+    /// The statistics on the host.
+    pub fn to_host(&self) -> Result<GraphHostStats> {
+        Ok(GraphHostStats {
+            entropy: self.entropy.to_host()?,
+            focus: self.focus.to_host()?,
+            coverage: self.coverage.to_host()?,
+        })
+    }
 }
 
 /// [`GraphOutput`] on the host.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GraphHostOutput {
-    /// O `[1, M, heads, d_v]`.
+    /// O `[1, M, heads, d_v]` (`[1, M, 1, d_v]` with heads averaged).
     pub o: Vec<f32>,
     /// LSE `[1, heads, M]`.
     pub lse: Vec<f32>,
+    /// The statistics, where asked for.
+    pub stats: Option<GraphHostStats>,
 }
 
 /// The planner's request for `q`, `k`, `v` over `graph` with `opts`, validated.
@@ -332,6 +417,28 @@ pub fn graph_request(
             )));
         }
     }
+    if let Some(f) = &opts.edge_attr {
+        if d_k != d_v {
+            return Err(Error::Shape(format!(
+                "edge features are added to keys and values, so d_k ({d_k}) must equal d_v \
+                 ({d_v})"
+            )));
+        }
+        if f.len() != e * heads * d_k {
+            return Err(Error::Length {
+                name: "edge features",
+                shape: vec![e, heads, d_k],
+                expected: e * heads * d_k,
+                got: f.len(),
+            });
+        }
+        if let Some(i) = f.iter().position(|x| !x.is_finite()) {
+            return Err(Error::Argument(format!(
+                "edge features hold {} at {i}; they must be finite",
+                f[i]
+            )));
+        }
+    }
     Ok(GraphRequest {
         dims: GraphDims {
             m,
@@ -344,6 +451,9 @@ pub fn graph_request(
         scale,
         dtype,
         bias: opts.bias.is_some(),
+        edge_features: opts.edge_attr.is_some(),
+        mean_heads: opts.mean_heads,
+        stats: opts.stats,
         chunk_len: opts.chunk_len,
     })
 }
@@ -359,7 +469,7 @@ impl Engine {
         same_dtype(q, k, v)?;
         let dims = (dims4(q, "q")?, dims4(k, "k")?, dims4(v, "v")?);
         let req = graph_request(dims, q.dtype(), graph, opts)?;
-        GraphPlan::new(&req, graph.row_ptr(), self.caps())
+        GraphPlan::new(&req, (graph.row_ptr(), graph.col_idx()), self.caps())
     }
 
     /// Validates and plans one edge-list attention (see [`crate::graph`] for its semantics)
@@ -402,6 +512,7 @@ impl Engine {
         Ok(GraphHostOutput {
             o: out.o.to_host()?,
             lse: out.lse.to_host()?,
+            stats: out.stats.as_ref().map(|s| s.to_host()).transpose()?,
         })
     }
 
@@ -416,8 +527,16 @@ impl Engine {
         let s = plan.req.dims;
         let ctx = self.context();
         let out = GraphOutput {
-            o: Tensor::empty(ctx, "graph_o", &[1, s.m, s.heads, s.d_v])?,
+            o: Tensor::empty(ctx, "graph_o", &[1, s.m, plan.out_heads(), s.d_v])?,
             lse: Tensor::empty(ctx, "graph_lse", &[1, s.heads, s.m])?,
+            stats: match plan.io.stats {
+                Some(_) => Some(GraphStatsOutput {
+                    entropy: Tensor::empty(ctx, "graph_entropy", &[1, s.heads, s.m])?,
+                    focus: Tensor::empty(ctx, "graph_focus", &[1, s.heads, s.m])?,
+                    coverage: Tensor::empty(ctx, "graph_coverage", &[1, s.heads, s.n])?,
+                }),
+                None => None,
+            },
         };
         let io = plan.io;
         let mut owned: Vec<(crate::program::BufferId, Tensor)> = Vec::new();
@@ -427,16 +546,22 @@ impl Engine {
                 Tensor::upload_u32(ctx, "graph_index", &words, &[words.len()])?,
             ));
         }
-        if let Some(b) = opts.bias() {
-            let mut csr = graph.to_csr_order(b, s.heads);
+        for (id, name, data, width) in [
+            (io.bias, "graph_bias", opts.bias(), s.heads),
+            (
+                io.edge_attr,
+                "graph_edge_attr",
+                opts.edge_features(),
+                s.heads * s.d_k,
+            ),
+        ] {
+            let Some(data) = data else { continue };
+            let mut csr = graph.to_csr_order(data, width);
             if csr.is_empty() {
                 // A binding cannot be empty; no edge reads it.
                 csr.push(0.0);
             }
-            owned.push((
-                io.bias,
-                Tensor::upload(ctx, "graph_bias", &csr, &[csr.len()])?,
-            ));
+            owned.push((id, Tensor::upload(ctx, name, &csr, &[csr.len()])?));
         }
         let mut tensors: Bindings = HashMap::from([
             (io.q, q),
@@ -445,6 +570,13 @@ impl Engine {
             (io.o, &out.o),
             (io.lse, &out.lse),
         ]);
+        if let (Some(io), Some(t)) = (io.stats, &out.stats) {
+            tensors.extend([
+                (io.entropy, &t.entropy),
+                (io.focus, &t.focus),
+                (io.coverage, &t.coverage),
+            ]);
+        }
         for (id, t) in &owned {
             tensors.insert(*id, t);
         }

@@ -74,7 +74,9 @@ pub use gpu::context::Context;
 pub use gpu::executor::GpuTimer;
 pub use gpu::tensor::Tensor;
 pub use grad::{Grads, HostGrads};
-pub use graph::{Graph, GraphAttention, GraphHostOutput, GraphOutput};
+pub use graph::{
+    Graph, GraphAttention, GraphHostOutput, GraphHostStats, GraphOutput, GraphStatsOutput,
+};
 pub use linear_grad::LinearGrads;
 pub use mask::Alignment;
 pub use mha::{LayerGrads, MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights, PreparedLayer};

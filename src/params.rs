@@ -262,4 +262,8 @@ pub struct GraphParams {
 pub mod graph_flags {
     /// A per-edge, per-head additive bias `[E, heads]` (in CSR order) is bound.
     pub const BIAS: u32 = 1;
+    /// Edge features `[E, heads, d]` (in CSR order, d = d_k = d_v) are bound and added to
+    /// each edge's key and value rows, as PyG's `TransformerConv` adds its projected
+    /// `edge_attr`.
+    pub const EDGE_FEATURES: u32 = 2;
 }

@@ -208,7 +208,7 @@ fn graph_kernels(dtype: DType, native_f16: bool, d_v: usize) -> Vec<Kernel> {
     use xattn::cpu::graph_reference::GraphDims;
     use xattn::plan::graph::{GraphPlan, GraphRequest};
     let mut out = Vec::new();
-    let row_ptr = [0u32, 2, 2, 5];
+    let (row_ptr, col_idx) = ([0u32, 2, 2, 5], [0u32, 3, 1, 1, 2]);
     for chunk_len in [None, Some(64)] {
         let req = GraphRequest {
             dims: GraphDims {
@@ -222,9 +222,12 @@ fn graph_kernels(dtype: DType, native_f16: bool, d_v: usize) -> Vec<Kernel> {
             scale: 1.0,
             dtype,
             bias: true,
+            edge_features: false,
+            mean_heads: chunk_len.is_some(),
+            stats: true,
             chunk_len,
         };
-        let plan = GraphPlan::new(&req, &row_ptr, &caps_for(native_f16)).unwrap();
+        let plan = GraphPlan::new(&req, (&row_ptr, &col_idx), &caps_for(native_f16)).unwrap();
         collect(&mut out, plan.program());
     }
     out

@@ -42,6 +42,14 @@ pub struct GraphArgs {
     /// given; −inf (or ≤ −1e30) removes an edge.
     #[arg(long, value_name = "FILE")]
     bias: Option<PathBuf>,
+    /// Edge features [E, heads, d] (float32 or float16, d = d_k = d_v), in the order the edges
+    /// are given, added to each edge's key and value rows (PyG TransformerConv's projected
+    /// edge_attr).
+    #[arg(long, value_name = "FILE")]
+    edge_attr: Option<PathBuf>,
+    /// Average O over heads (PyG's concat=False): O [M, 1, d_v]; LSE stays per head.
+    #[arg(long)]
+    mean_heads: bool,
     /// Logit scale; default 1/sqrt(d_k).
     #[arg(long, allow_negative_numbers = true, value_parser = parse_finite_f32)]
     scale: Option<f32>,
@@ -49,12 +57,23 @@ pub struct GraphArgs {
     /// exactly, instead of the planner's choice.
     #[arg(long, value_name = "EDGES")]
     chunk_len: Option<usize>,
-    /// Write O [M, heads, d_v] (float32; 4-D inputs give [1, M, heads, d_v]).
+    /// Write O [M, heads, d_v] ([M, 1, d_v] with --mean-heads; float32; 4-D inputs give
+    /// [1, M, heads, d_v]).
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
     /// Write LSE [heads, M] (float32; −inf for a destination without in-edges).
     #[arg(long, value_name = "FILE")]
     lse: Option<PathBuf>,
+    /// Write each destination's entropy −Σ P ln P of its weights over its in-edges
+    /// [heads, M] (float32; 0 without in-edges).
+    #[arg(long, value_name = "FILE")]
+    entropy: Option<PathBuf>,
+    /// Write each destination's focus max P over its in-edges [heads, M] (float32).
+    #[arg(long, value_name = "FILE")]
+    focus: Option<PathBuf>,
+    /// Write each source's coverage Σ P over its out-edges [heads, N] (float32).
+    #[arg(long, value_name = "FILE")]
+    coverage: Option<PathBuf>,
     /// Print the plan (whole lists or chunks, and why) to stderr before running.
     #[arg(long)]
     plan: bool,
@@ -155,9 +174,33 @@ pub fn graph(args: &GraphArgs) -> CliResult<ExitCode> {
         }
         opts = opts.with_bias(b.data);
     }
+    if let Some(path) = &args.edge_attr {
+        let (f, _) = read_floats(path.as_path())?;
+        let want = [graph.edges(), qd[2], qd[3]];
+        if f.shape != want {
+            return Err(CliError::new(format!(
+                "--edge-attr has shape {:?}; it must be [E, heads, d_k] = {want:?}",
+                f.shape
+            )));
+        }
+        opts = opts.with_edge_features(f.data);
+    }
+    if args.mean_heads {
+        opts = opts.with_heads_averaged();
+    }
+    let stat_files = [
+        ("--entropy", args.entropy.as_ref()),
+        ("--focus", args.focus.as_ref()),
+        ("--coverage", args.coverage.as_ref()),
+    ];
+    if stat_files.iter().any(|(_, f)| f.is_some()) {
+        opts = opts.with_stats();
+    }
     // The request is validated on the host before a device is opened.
     xattn::graph::graph_request((qd, kd, vd), dtype, &graph, &opts)?;
-    let mut outputs = Outputs::create(&[("--out", Some(&args.out)), ("--lse", args.lse.as_ref())])?;
+    let mut files = vec![("--out", Some(&args.out)), ("--lse", args.lse.as_ref())];
+    files.extend(stat_files);
+    let mut outputs = Outputs::create(&files)?;
 
     let ctx = Context::new()?;
     let engine = Engine::new(&ctx);
@@ -173,19 +216,34 @@ pub fn graph(args: &GraphArgs) -> CliResult<ExitCode> {
     call.run()?;
     let run_ms = t_run.elapsed().as_secs_f64() * 1e3;
     let out = call.into_output();
+    let out_heads = if args.mean_heads { 1 } else { qd[2] };
     let o_dims: Vec<usize> = if squeeze {
-        vec![m, qd[2], vd[3]]
+        vec![m, out_heads, vd[3]]
     } else {
-        vec![1, m, qd[2], vd[3]]
+        vec![1, m, out_heads, vd[3]]
     };
     outputs.write(&args.out, &out.o.to_host()?, &o_dims)?;
-    if let Some(path) = &args.lse {
-        let dims: Vec<usize> = if squeeze {
-            vec![qd[2], m]
+    // [heads, nodes], with a batch axis where the inputs had one.
+    let per_node = |nodes: usize| -> Vec<usize> {
+        if squeeze {
+            vec![qd[2], nodes]
         } else {
-            vec![1, qd[2], m]
-        };
-        outputs.write(path, &out.lse.to_host()?, &dims)?;
+            vec![1, qd[2], nodes]
+        }
+    };
+    if let Some(path) = &args.lse {
+        outputs.write(path, &out.lse.to_host()?, &per_node(m))?;
+    }
+    if let Some(stats) = &out.stats {
+        for (path, t, nodes) in [
+            (&args.entropy, &stats.entropy, m),
+            (&args.focus, &stats.focus, m),
+            (&args.coverage, &stats.coverage, n),
+        ] {
+            if let Some(path) = path {
+                outputs.write(path, &t.to_host()?, &per_node(nodes))?;
+            }
+        }
     }
     outputs.commit()?;
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;

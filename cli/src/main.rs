@@ -106,11 +106,14 @@ enum Command {
     /// d_k] and [N, kv_heads, d_v] (M ≠ N for bipartite graphs; 4-D inputs with batch 1 too),
     /// float32 or float16. The edges come as PyTorch Geometric's edge_index [2, E] (sources,
     /// then destinations) or as CSR by destination (--row-ptr, --col-idx). Destination i's
-    /// softmax runs over its in-edges: logit scale·q_i·k_j (+ bias[e, h]); duplicates count
-    /// as often as they appear, self-loops as any edge, none are added. A destination with
-    /// no in-edge outputs 0 with LSE −inf, as PyTorch Geometric's TransformerConv outputs 0
-    /// there. No M×N mask or score matrix exists: work and memory grow with E·d. Outputs: O
-    /// [M, heads, d_v] and LSE [heads, M], float32, written all or none.
+    /// softmax runs over its in-edges: logit scale·q_i·(k_j + f_e) (+ bias[e, h]), value
+    /// v_j + f_e with edge features f (--edge-attr, as TransformerConv's edge_attr);
+    /// duplicates count as often as they appear, self-loops as any edge, none are added. A
+    /// destination with no in-edge outputs 0 with LSE −inf, as PyTorch Geometric's
+    /// TransformerConv outputs 0 there. No M×N mask or score matrix exists: work and memory
+    /// grow with E·d. Outputs: O [M, heads, d_v] (--mean-heads: [M, 1, d_v]) and LSE [heads,
+    /// M]; --entropy and --focus per destination, --coverage per source; float32, written
+    /// all or none.
     Graph(graph::GraphArgs),
     /// Run a multi-head attention layer (PyTorch nn.MultiheadAttention, Hugging Face
     /// Whisper/BART/T5, diffusers Attention) on .npy files.

@@ -1,5 +1,5 @@
 //! `xattn graph` end to end: O and LSE written from .npy node features and an edge list (COO
-//! edge_index int64, and CSR int32) against the f64 reference of the edge list within the
+//! edge_index int64, and CSR int32; edge features and heads averaged) against the f64 reference of the edge list within the
 //! budget `xattn::cpu::budget::graph_budget` derives; bad files and indices as errors.
 
 #[path = "../../tests/common/mod.rs"]
@@ -10,8 +10,8 @@ use std::process::{Command, Output};
 
 use common::files::*;
 use common::*;
-use xattn::cpu::budget::graph_budget;
-use xattn::cpu::graph_reference::{graph_attention, GraphDims};
+use xattn::cpu::budget::{graph_budget, graph_stats_budget};
+use xattn::cpu::graph_reference::{graph_attention, graph_stats, GraphDims, GraphTerms};
 
 fn xattn(args: &[String]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_xattn"))
@@ -37,19 +37,30 @@ const D: GraphDims = GraphDims {
     d_v: 6,
 };
 
-/// Writes q, k, v (3-D) and a bipartite edge list with duplicates and isolated destinations;
-/// returns the inputs and edges.
-fn write_inputs(dir: &TempDir) -> ([Vec<f32>; 3], Vec<(usize, usize)>) {
-    let q = random(D.m * D.heads * D.d_k, 1.0, 1);
-    let k = random(D.n * D.kv_heads * D.d_k, 1.0, 2);
-    let v = random(D.n * D.kv_heads * D.d_v, 1.0, 3);
-    write_npy(&dir.path("q.npy"), &q, &[D.m, D.heads, D.d_k]);
-    write_npy(&dir.path("k.npy"), &k, &[D.n, D.kv_heads, D.d_k]);
-    write_npy(&dir.path("v.npy"), &v, &[D.n, D.kv_heads, D.d_v]);
-    // Destinations 25.. are isolated; edge 0 appears twice.
-    let mut edges: Vec<(usize, usize)> = (0..150).map(|e| ((e * 7) % D.n, (e * 11) % 25)).collect();
+/// Writes q, k, v (3-D) of dims `d` and a bipartite edge list with duplicates and isolated
+/// destinations (25..); returns the inputs and edges.
+fn write_inputs_of(dir: &TempDir, d: GraphDims) -> ([Vec<f32>; 3], Vec<(usize, usize)>) {
+    let q = random(d.m * d.heads * d.d_k, 1.0, 1);
+    let k = random(d.n * d.kv_heads * d.d_k, 1.0, 2);
+    let v = random(d.n * d.kv_heads * d.d_v, 1.0, 3);
+    write_npy(&dir.path("q.npy"), &q, &[d.m, d.heads, d.d_k]);
+    write_npy(&dir.path("k.npy"), &k, &[d.n, d.kv_heads, d.d_k]);
+    write_npy(&dir.path("v.npy"), &v, &[d.n, d.kv_heads, d.d_v]);
+    // Edge 0 appears twice.
+    let mut edges: Vec<(usize, usize)> = (0..150).map(|e| ((e * 7) % d.n, (e * 11) % 25)).collect();
     edges.push(edges[0]);
     ([q, k, v], edges)
+}
+
+/// Writes `edges` as an edge_index [2, E] (int64).
+fn write_edge_index(path: &FsPath, edges: &[(usize, usize)]) {
+    let mut ei: Vec<i64> = edges.iter().map(|e| e.0 as i64).collect();
+    ei.extend(edges.iter().map(|e| e.1 as i64));
+    write_npy(path, &ei, &[2, edges.len()]);
+}
+
+fn write_inputs(dir: &TempDir) -> ([Vec<f32>; 3], Vec<(usize, usize)>) {
+    write_inputs_of(dir, D)
 }
 
 fn base_args(dir: &TempDir) -> Vec<String> {
@@ -63,25 +74,108 @@ fn base_args(dir: &TempDir) -> Vec<String> {
     a
 }
 
-fn check_outputs(dir: &TempDir, [q, k, v]: &[Vec<f32>; 3], edges: &[(usize, usize)]) {
-    let r = graph_attention(D, (q, k, v), edges, None, 1.0 / (D.d_k as f64).sqrt());
-    let max_degree = (0..D.m)
+fn check_outputs(dir: &TempDir, qkv: &[Vec<f32>; 3], edges: &[(usize, usize)]) {
+    check_outputs_of(dir, D, qkv, edges, GraphTerms::default());
+}
+
+fn check_outputs_of(
+    dir: &TempDir,
+    d: GraphDims,
+    [q, k, v]: &[Vec<f32>; 3],
+    edges: &[(usize, usize)],
+    terms: GraphTerms,
+) {
+    let r = graph_attention(d, (q, k, v), edges, terms, 1.0 / (d.d_k as f64).sqrt());
+    let max_degree = (0..d.m)
         .map(|i| edges.iter().filter(|e| e.1 == i).count())
         .max()
         .unwrap();
     let (tol_o, tol_lse) = graph_budget(
-        (1.0 / (D.d_k as f32).sqrt(), D.d_k),
+        (1.0 / (d.d_k as f32).sqrt(), d.d_k),
         (q, k, v),
-        None,
+        terms,
         max_degree,
     );
     let (o, o_shape) = read_npy::<f32>(&dir.path("o.npy"));
-    assert_eq!(o_shape, [D.m, D.heads, D.d_v]);
+    let out_heads = if terms.mean_heads { 1 } else { d.heads };
+    assert_eq!(o_shape, [d.m, out_heads, d.d_v]);
     assert_close("cli O", &o, &r.o, tol_o);
     let (lse, lse_shape) = read_npy::<f32>(&dir.path("lse.npy"));
-    assert_eq!(lse_shape, [D.heads, D.m]);
+    assert_eq!(lse_shape, [d.heads, d.m]);
     assert_close("cli LSE", &lse, &r.lse, tol_lse);
-    assert_eq!(lse[D.m - 1], f32::NEG_INFINITY, "an isolated destination");
+    assert_eq!(lse[d.m - 1], f32::NEG_INFINITY, "an isolated destination");
+}
+
+#[test]
+fn graph_adds_edge_features_and_averages_heads() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("cli_graph_edge_attr");
+    let d = GraphDims { d_v: 8, ..D };
+    let (qkv, edges) = write_inputs_of(&dir, d);
+    write_edge_index(&dir.path("edges.npy"), &edges);
+    let features = random(edges.len() * d.heads * d.d_k, 0.5, 4);
+    write_npy(
+        &dir.path("edge_attr.npy"),
+        &features,
+        &[edges.len(), d.heads, d.d_k],
+    );
+    let mut args = base_args(&dir);
+    args.extend([
+        "--edge-index".into(),
+        s(&dir.path("edges.npy")),
+        "--edge-attr".into(),
+        s(&dir.path("edge_attr.npy")),
+        "--mean-heads".into(),
+    ]);
+    let out = xattn(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let terms = GraphTerms {
+        edge_attr: Some(&features),
+        mean_heads: true,
+        ..GraphTerms::default()
+    };
+    check_outputs_of(&dir, d, &qkv, &edges, terms);
+}
+
+#[test]
+fn graph_writes_statistics_per_destination_and_source() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("cli_graph_stats");
+    let (qkv, edges) = write_inputs(&dir);
+    write_edge_index(&dir.path("edges.npy"), &edges);
+    let mut args = base_args(&dir);
+    args.extend(["--edge-index".into(), s(&dir.path("edges.npy"))]);
+    for stat in ["entropy", "focus", "coverage"] {
+        args.extend([format!("--{stat}"), s(&dir.path(&format!("{stat}.npy")))]);
+    }
+    let out = xattn(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    check_outputs(&dir, &qkv, &edges);
+    let [q, k, _] = &qkv;
+    let scale = 1.0 / (D.d_k as f64).sqrt();
+    let r = graph_stats(D, (q, k), &edges, GraphTerms::default(), scale);
+    let degree = |side: fn(&(usize, usize)) -> usize, nodes: usize| {
+        (0..nodes)
+            .map(|i| edges.iter().filter(|e| side(e) == i).count())
+            .max()
+            .unwrap()
+    };
+    let (_, tol_lse) = graph_budget(
+        (scale as f32, D.d_k),
+        (q, k, &qkv[2]),
+        GraphTerms::default(),
+        degree(|e| e.1, D.m),
+    );
+    let (te, tf, tc) = graph_stats_budget(tol_lse, degree(|e| e.1, D.m), degree(|e| e.0, D.n));
+    for (stat, want, tol, nodes) in [
+        ("entropy", &r.entropy, te, D.m),
+        ("focus", &r.focus, tf, D.m),
+        ("coverage", &r.coverage, tc, D.n),
+    ] {
+        let (got, shape) = read_npy::<f32>(&dir.path(&format!("{stat}.npy")));
+        assert_eq!(shape, [D.heads, nodes], "{stat}");
+        assert_close(stat, &got, want, tol);
+    }
 }
 
 #[test]
@@ -89,9 +183,7 @@ fn graph_writes_o_and_lse_from_an_edge_index() {
     let Some(_) = engine() else { return };
     let dir = TempDir::new("cli_graph_coo");
     let (qkv, edges) = write_inputs(&dir);
-    let mut ei: Vec<i64> = edges.iter().map(|e| e.0 as i64).collect();
-    ei.extend(edges.iter().map(|e| e.1 as i64));
-    write_npy(&dir.path("edges.npy"), &ei, &[2, edges.len()]);
+    write_edge_index(&dir.path("edges.npy"), &edges);
     let mut args = base_args(&dir);
     args.extend([
         "--edge-index".into(),

@@ -18,5 +18,8 @@ struct GraphParams {
 
 // flags bit (src/params.rs graph_flags::BIAS): a per-edge, per-head bias [E, heads] is bound.
 const GRAPH_BIAS: u32 = 1u;
+// flags bit (graph_flags::EDGE_FEATURES): edge features [E, heads, d] (d = d_k = d_v) are
+// bound and added to each edge's key and value rows.
+const GRAPH_EDGE_FEATURES: u32 = 2u;
 // A bias at or below this removes its edge (src/mask.rs BIAS_REMOVES, as on the dense paths).
 const GRAPH_BIAS_REMOVES: f32 = -1.0e30;

@@ -3,6 +3,7 @@
 //! differ by, given the shape and the largest magnitudes of its inputs. The tests compare
 //! with them, and so does `xattn bench --backward --check`, on inputs it draws.
 
+use crate::cpu::graph_reference::GraphTerms;
 use crate::cpu::reference;
 use crate::mask::Masking;
 use crate::shape::AttnShape;
@@ -126,19 +127,37 @@ impl GradBudget {
 /// over its in-edges (at most `max_degree` terms, ε each); the exact merge of a split list
 /// adds a few roundings of the same order as the logit's. So LSE within
 /// ε·(4·(1 + max|logit|) + max_degree), and O within that times max|v|.
+///
+/// Edge features add their largest magnitude to max|k| and max|v|; O averaged over heads is
+/// within the largest head's budget.
 pub fn graph_budget(
     (scale, d_k): (f32, usize),
     (q, k, v): (&[f32], &[f32], &[f32]),
-    bias: Option<&[f32]>,
+    terms: GraphTerms,
     max_degree: usize,
 ) -> (f64, f64) {
-    let mut max_logit = f64::from(scale.abs()) * d_k as f64 * amax(q) * amax(k);
-    if let Some(b) = bias {
+    let feature = terms.edge_attr.map_or(0.0, amax);
+    let mut max_logit = f64::from(scale.abs()) * d_k as f64 * amax(q) * (amax(k) + feature);
+    if let Some(b) = terms.bias {
         max_logit += b
             .iter()
             .filter(|x| x.is_finite() && **x > crate::mask::BIAS_REMOVES)
             .fold(0.0f64, |a, &x| a.max(f64::from(x.abs())));
     }
     let base = EPS * (4.0 * (1.0 + max_logit) + max_degree as f64);
-    (base * amax(v).max(1e-3), base)
+    (base * (amax(v) + feature).max(1e-3), base)
+}
+
+/// Error budgets of the statistics of edge-list attention's weights (`graph_stats`) against
+/// [`super::graph_reference::graph_stats`], absolute: entropy, focus, coverage; `lse` is
+/// [`graph_budget`]'s LSE budget, which bounds both the rebuilt logit's error and the LSE's.
+///
+/// A weight P = exp(s − LSE) is off by about P·δ with δ = 2·lse; −P ln P by |ln P + 1|·P·δ, so
+/// the entropy of a destination by (H + 1)·δ ≤ (ln max_in + 1)·δ, plus its sum's roundings
+/// (max_in terms, each below 1/e); the focus by δ; the coverage of a source, a sum of at most
+/// max_out weights below 1, by max_out·(δ + ε).
+pub fn graph_stats_budget(lse: f64, max_in: usize, max_out: usize) -> (f64, f64, f64) {
+    let delta = 2.0 * lse;
+    let entropy = ((max_in.max(1) as f64).ln() + 1.0) * delta + max_in as f64 * EPS;
+    (entropy, delta, max_out as f64 * (delta + EPS))
 }

@@ -8,9 +8,9 @@ use crate::mask::BIAS_REMOVES;
 use crate::params::{graph_flags, GraphParams};
 
 /// Runs the twin on the kernel's bindings 1.. as words: q, k, v, row_ptr, col_idx, chunks,
-/// bias → o, lse.
+/// bias, edge_attr → o, lse.
 pub fn run(p: &GraphParams, spec: GraphAttention, buffers: &mut [Vec<u32>]) {
-    let [q, k, v, row_ptr, col_idx, chunks, bias, o, lse] = buffers else {
+    let [q, k, v, row_ptr, col_idx, chunks, bias, edge_attr, o, lse] = buffers else {
         crate::cpu::arity("graph_attention", buffers.len())
     };
     let (q, k, v) = (
@@ -19,15 +19,13 @@ pub fn run(p: &GraphParams, spec: GraphAttention, buffers: &mut [Vec<u32>]) {
         widen(spec.storage, v),
     );
     let bias: &[f32] = bytemuck::cast_slice(bias);
+    let features: &[f32] = bytemuck::cast_slice(edge_attr);
     let o: &mut [f32] = bytemuck::cast_slice_mut(o);
     let lse: &mut [f32] = bytemuck::cast_slice_mut(lse);
     let (heads, kv_heads) = (p.heads as usize, p.kv_heads as usize);
     let (dk, dv) = (p.d_k as usize, p.d_v as usize);
+    let has_features = p.flags & graph_flags::EDGE_FEATURES != 0;
     let wg = GRAPH_WG as usize;
-    // load4 of a row of `len` at `base`: zero past the row's end.
-    let load4 = |x: &[f32], base: usize, d: usize, len: usize| -> [f32; 4] {
-        std::array::from_fn(|u| if d + u < len { x[base + d + u] } else { 0.0 })
-    };
     for item in 0..p.items as usize {
         for h in 0..heads {
             let kvh = h / (heads / kv_heads);
@@ -50,17 +48,8 @@ pub fn run(p: &GraphParams, spec: GraphAttention, buffers: &mut [Vec<u32>]) {
                 for li in 0..len {
                     let e = t0 + li;
                     let j = col_idx[e] as usize;
-                    let k_base = (j * kv_heads + kvh) * dk;
-                    let mut x = 0.0f32;
-                    for d in (0..dk).step_by(4) {
-                        let (a, b) = (load4(&q, q_base, d, dk), load4(&k, k_base, d, dk));
-                        x += a[0] * b[0] + a[1] * b[1] + a[2] * b[2] + a[3] * b[3];
-                    }
-                    let mut s = x * p.scale;
-                    if p.flags & graph_flags::BIAS != 0 {
-                        let b = bias[e * heads + h];
-                        s = if b <= BIAS_REMOVES { MASKED } else { s + b };
-                    }
+                    let rows = (q_base, (j * kv_heads + kvh) * dk);
+                    let s = edge_logit(p, [&q, &k, features, bias], rows, e, h);
                     sh_s[li] = s;
                     sh_j[li] = j;
                 }
@@ -83,8 +72,13 @@ pub fn run(p: &GraphParams, spec: GraphAttention, buffers: &mut [Vec<u32>]) {
                     if w > 0.0 {
                         l += w;
                         let row = (sh_j[t] * kv_heads + kvh) * dv;
+                        let frow = ((t0 + t) * heads + h) * dv;
                         for (d, a) in acc.iter_mut().enumerate() {
-                            *a = w.mul_add(v[row + d], *a);
+                            let mut x = v[row + d];
+                            if has_features {
+                                x += features[frow + d];
+                            }
+                            *a = w.mul_add(x, *a);
                         }
                     }
                 }
@@ -107,5 +101,43 @@ pub fn run(p: &GraphParams, spec: GraphAttention, buffers: &mut [Vec<u32>]) {
                 lse[h * p.m as usize + dst] = row_max + log_sum;
             }
         }
+    }
+}
+
+/// The twin of `edge_logit` (`shaders/common/graph_logit.wgsl`): scale·q·(k + f[e, h])
+/// (+ bias[e, h]) for the Q row at `q_base` and the K row at `k_base` of edge e, head h, as
+/// f32 over vec4 steps; MASKED where the bias removes the edge.
+pub fn edge_logit(
+    p: &GraphParams,
+    [q, k, features, bias]: [&[f32]; 4],
+    (q_base, k_base): (usize, usize),
+    e: usize,
+    h: usize,
+) -> f32 {
+    let (heads, dk) = (p.heads as usize, p.d_k as usize);
+    // load4 of a row at `base`: zero past the row's end.
+    let load4 = |x: &[f32], base: usize, d: usize| -> [f32; 4] {
+        std::array::from_fn(|u| if d + u < dk { x[base + d + u] } else { 0.0 })
+    };
+    let f_base = (e * heads + h) * dk;
+    let mut x = 0.0f32;
+    for d in (0..dk).step_by(4) {
+        let mut key = load4(k, k_base, d);
+        if p.flags & graph_flags::EDGE_FEATURES != 0 {
+            let f = load4(features, f_base, d);
+            key = std::array::from_fn(|u| key[u] + f[u]);
+        }
+        let a = load4(q, q_base, d);
+        x += a[0] * key[0] + a[1] * key[1] + a[2] * key[2] + a[3] * key[3];
+    }
+    let s = x * p.scale;
+    if p.flags & graph_flags::BIAS == 0 {
+        return s;
+    }
+    let b = bias[e * heads + h];
+    if b <= BIAS_REMOVES {
+        MASKED
+    } else {
+        s + b
     }
 }

@@ -26,9 +26,11 @@ pub mod grad_q;
 pub mod grad_rowdot;
 #[doc(hidden)]
 pub mod graph_attention;
+pub mod graph_grad_reference;
 #[doc(hidden)]
 pub mod graph_merge;
 pub mod graph_reference;
+pub mod graph_stats;
 #[doc(hidden)]
 pub mod key_coverage;
 #[doc(hidden)]

@@ -19,6 +19,10 @@ const COMMON_FILES: &[(&str, &str)] = &[
         include_str!("../../shaders/common/graph.wgsl"),
     ),
     (
+        "common/graph_logit.wgsl",
+        include_str!("../../shaders/common/graph_logit.wgsl"),
+    ),
+    (
         "common/grad.wgsl",
         include_str!("../../shaders/common/grad.wgsl"),
     ),

@@ -33,9 +33,9 @@ impl KernelSpec for GraphAttention {
     const LONG_LOOP: &'static str = "edges of one work item";
 
     fn bindings(&self) -> &'static [Access] {
-        // q, k, v, row_ptr, col_idx, chunks, bias → o, lse
+        // q, k, v, row_ptr, col_idx, chunks, bias, edge_attr → o, lse
         &[
-            Uniform, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite,
+            Uniform, Read, Read, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite,
         ]
     }
 
@@ -72,6 +72,7 @@ impl KernelSpec for GraphAttention {
 
     fn prelude(&self) -> String {
         let mut out = self.storage.wgsl("Elem", &["q", "k", "v"], false);
+        out.push_str(&Storage::F32.wgsl("Feature", &["edge_attr"], false));
         out.push_str(&format!(
             "const SLOTS: u32 = {}u;\nconst SPLIT: bool = {};\n\
              var<private> acc: array<f32, {}>;\n",
@@ -90,9 +91,9 @@ impl KernelSpec for GraphAttention {
         ));
         let wg = GRAPH_WG;
         out.push_str(&format!(
-            "fn accumulate_edge(w: f32, row: u32, li: u32) {{\n{}}}\n",
+            "fn accumulate_edge(w: f32, row: u32, frow: u32, li: u32) {{\n{}}}\n",
             each(&|u| format!(
-                "    if li + {d}u < g.d_v {{\n        acc[{u}] = fma(w, load_v(row + li + {d}u), acc[{u}]);\n    }}\n",
+                "    if li + {d}u < g.d_v {{\n        acc[{u}] = fma(w, value_at(row, frow, li + {d}u), acc[{u}]);\n    }}\n",
                 d = u * wg
             ))
         ));

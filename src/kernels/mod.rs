@@ -41,6 +41,7 @@ pub mod grad_q;
 pub mod grad_rowdot;
 pub mod graph_attention;
 pub mod graph_merge;
+pub mod graph_stats;
 pub mod key_coverage;
 pub mod linear;
 pub mod linear_grad;
@@ -251,6 +252,7 @@ registry! {
     GradBias(grad_bias::GradBias),
     GraphAttention(graph_attention::GraphAttention),
     GraphMerge(graph_merge::GraphMerge),
+    GraphStats(graph_stats::GraphStats),
 }
 
 impl Kernel {

@@ -3,7 +3,9 @@
 //! workgroup may walk on the device, over chunks of at most `chunk_len` edges followed by
 //! `graph_merge`, the exact log-sum-exp merge of each destination's chunks (split-K for
 //! graphs). The choice rests on the degree distribution and is explained by the plan's
-//! `Display`.
+//! `Display`. Heads averaged (PyG's `concat=False`) add `mean_heads` over the per-head O;
+//! statistics add two `graph_stats` dispatches: by destination over the CSR, by source over
+//! the transposed CSR built here on the host with the same counting sort.
 
 use std::fmt;
 
@@ -12,8 +14,10 @@ use crate::dtype::{DType, Storage};
 use crate::error::{Error, Result};
 use crate::kernels::graph_attention::{GraphAttention, GRAPH_MAX_SLOTS, GRAPH_WG};
 use crate::kernels::graph_merge::GraphMerge;
+use crate::kernels::graph_stats::GraphStats;
+use crate::kernels::mean_heads::MeanHeads;
 use crate::kernels::KernelSpec;
-use crate::params::{graph_flags, GraphParams};
+use crate::params::{graph_flags, AttnParams, GraphParams};
 use crate::plan::check::{bytes, check_binding, check_grid, check_loops, fold_grid, limit_err};
 use crate::plan::device::DeviceCaps;
 use crate::program::{BufferId, Program};
@@ -37,6 +41,12 @@ pub struct GraphRequest {
     pub dtype: DType,
     /// Whether a per-edge, per-head bias is bound.
     pub bias: bool,
+    /// Whether edge features `[E, heads, d]` are bound.
+    pub edge_features: bool,
+    /// Whether O is averaged over heads.
+    pub mean_heads: bool,
+    /// Whether the weights' entropy, focus and coverage are computed.
+    pub stats: bool,
     /// A chunk length forced by the caller (a multiple of 64), which always splits; `None`
     /// for the planner's choice.
     pub chunk_len: Option<usize>,
@@ -111,10 +121,56 @@ pub struct GraphIo {
     pub chunk_ptr: Option<BufferId>,
     /// The bias `[E, heads]` in CSR order (absent when none).
     pub bias: BufferId,
-    /// O `[1, M, heads, d_v]` (f32).
+    /// Edge features `[E, heads, d]` in CSR order (absent when none).
+    pub edge_attr: BufferId,
+    /// O `[1, M, heads, d_v]` (f32; `[1, M, 1, d_v]` with heads averaged).
     pub o: BufferId,
     /// LSE `[1, heads, M]` (f32).
     pub lse: BufferId,
+    /// The statistics' buffers, where asked for.
+    pub stats: Option<GraphStatsIo>,
+}
+
+/// The buffers of the statistics of an edge-list attention's weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GraphStatsIo {
+    /// The destination of each edge in CSR order, `[E]` u32.
+    pub dst: BufferId,
+    /// Each source's out-edges as CSR positions, `[E]` u32 (the transposed CSR).
+    pub perm: BufferId,
+    /// The transposed CSR's row pointers by source, `[N + 1]` u32.
+    pub src_ptr: BufferId,
+    /// Entropy `−Σ P ln P` per destination, `[1, heads, M]` (f32).
+    pub entropy: BufferId,
+    /// Focus `max P` per destination, `[1, heads, M]` (f32).
+    pub focus: BufferId,
+    /// Coverage `Σ P` per source over its out-edges, `[1, heads, N]` (f32).
+    pub coverage: BufferId,
+}
+
+/// The transposed CSR of a CSR by destination (`row_ptr`, `col_idx` over `sources`): the
+/// destination of each CSR position, each source's out-edges as CSR positions (a stable
+/// counting sort by source) and their row pointers.
+fn by_source(row_ptr: &[u32], col_idx: &[u32], sources: usize) -> [Vec<u32>; 3] {
+    let dst: Vec<u32> = row_ptr
+        .windows(2)
+        .enumerate()
+        .flat_map(|(i, w)| std::iter::repeat_n(i as u32, (w[1] - w[0]) as usize))
+        .collect();
+    let mut ptr = vec![0u32; sources + 1];
+    for &j in col_idx {
+        ptr[j as usize + 1] += 1;
+    }
+    for j in 0..sources {
+        ptr[j + 1] += ptr[j];
+    }
+    let mut next = ptr.clone();
+    let mut perm = vec![0u32; col_idx.len()];
+    for (e, &j) in col_idx.iter().enumerate() {
+        perm[next[j as usize] as usize] = e as u32;
+        next[j as usize] += 1;
+    }
+    [dst, perm, ptr]
 }
 
 /// What an edge-list attention runs: its program, buffers and why it splits as it does.
@@ -139,6 +195,8 @@ pub struct GraphPlan {
     pub io: GraphIo,
     chunk_table: Vec<u32>,
     chunk_ptr: Vec<u32>,
+    /// dst, perm and src_ptr of the statistics (empty without).
+    by_source: [Vec<u32>; 3],
 }
 
 fn round_up(x: u64, to: u64) -> u64 {
@@ -146,9 +204,13 @@ fn round_up(x: u64, to: u64) -> u64 {
 }
 
 impl GraphPlan {
-    /// Plans `req` over the graph whose CSR row pointers by destination are `row_ptr`
-    /// (M + 1 entries, validated by [`crate::graph::Graph`]).
-    pub fn new(req: &GraphRequest, row_ptr: &[u32], caps: &DeviceCaps) -> Result<Self> {
+    /// Plans `req` over the graph whose CSR by destination is `row_ptr` (M + 1 entries) and
+    /// `col_idx` (E sources), validated by [`crate::graph::Graph`].
+    pub fn new(
+        req: &GraphRequest,
+        (row_ptr, col_idx): (&[u32], &[u32]),
+        caps: &DeviceCaps,
+    ) -> Result<Self> {
         let s = req.dims;
         if row_ptr.len() != s.m + 1 {
             return Err(Error::Shape(format!(
@@ -176,7 +238,12 @@ impl GraphPlan {
             d_k: s.d_k as u32,
             d_v: s.d_v as u32,
             scale: req.scale,
-            flags: if req.bias { graph_flags::BIAS } else { 0 },
+            flags: if req.bias { graph_flags::BIAS } else { 0 }
+                | if req.edge_features {
+                    graph_flags::EDGE_FEATURES
+                } else {
+                    0
+                },
             items: 0,
             max_len: 0,
             edges: degrees.edges as u32,
@@ -256,8 +323,23 @@ impl GraphPlan {
             check_binding("bias", bias_bytes.max(4), caps)?,
             req.bias,
         );
-        let o_bytes = check_binding("o", bytes(s.m * s.heads * s.d_v), caps)?;
-        let o = program.output("o", o_bytes);
+        let features_bytes = degrees.edges * (s.heads * s.d_k) as u64 * 4;
+        let edge_attr = program.optional_input(
+            "edge_attr",
+            check_binding("edge_attr", features_bytes.max(4), caps)?,
+            req.edge_features,
+        );
+        let head_bytes = check_binding("o", bytes(s.m * s.heads * s.d_v), caps)?;
+        let o = program.output(
+            "o",
+            bytes(s.m * s.d_v) * if req.mean_heads { 1 } else { s.heads as u64 },
+        );
+        // With heads averaged, the per-head O goes to scratch first.
+        let o_heads = if req.mean_heads {
+            program.scratch("o_heads", head_bytes)
+        } else {
+            o
+        };
         let lse = program.output("lse", bytes(s.heads * s.m));
         let heads = check_grid("graph_attention heads", s.heads, caps)?;
         let grid_of = |items: u64| -> Result<[u32; 3]> {
@@ -275,7 +357,7 @@ impl GraphPlan {
                     spec(false),
                     &params,
                     grid_of(s.m as u64)?,
-                    &[q, k, v, rp, ci, chunks, bias, o, lse],
+                    &[q, k, v, rp, ci, chunks, bias, edge_attr, o_heads, lse],
                 );
                 (chunks, None, Vec::new(), Vec::new())
             }
@@ -311,15 +393,98 @@ impl GraphPlan {
                         spec(true),
                         &params,
                         grid_of(n_chunks)?,
-                        &[q, k, v, rp, ci, chunks, bias, o_parts, stats],
+                        &[q, k, v, rp, ci, chunks, bias, edge_attr, o_parts, stats],
                     );
                 }
                 params.items = s.m as u32;
                 params.max_len = max_chunks as u32;
                 let grid = fold_grid("graph_merge", s.m * s.heads * s.d_v, caps)?;
-                program.dispatch(GraphMerge, &params, grid, &[o_parts, stats, cp, o, lse]);
+                program.dispatch(
+                    GraphMerge,
+                    &params,
+                    grid,
+                    &[o_parts, stats, cp, o_heads, lse],
+                );
                 (chunks, Some(cp), table, ptrs)
             }
+        };
+        if req.mean_heads {
+            // mean_heads reads O [M, heads, d_v] as weights [batch = M, heads, 1 × d_v].
+            let p = AttnParams {
+                batch: s.m as u32,
+                q_heads: s.heads as u32,
+                m: 1,
+                n: s.d_v as u32,
+                ..AttnParams::default()
+            };
+            let grid = fold_grid("mean_heads", s.m * s.d_v, caps)?;
+            program.dispatch(MeanHeads, &p, grid, &[o_heads, o]);
+        }
+        let (stats, by_source) = if req.stats {
+            let tables = by_source(row_ptr, col_idx, s.n);
+            let max_out = tables[2].windows(2).map(|w| w[1] - w[0]).max();
+            let stats = GraphStatsIo {
+                dst: program.input("dst", words(degrees.edges)),
+                perm: program.input("perm", words(degrees.edges)),
+                src_ptr: program.input("src_ptr", words(s.n as u64 + 1)),
+                entropy: program.output("entropy", bytes(s.heads * s.m)),
+                focus: program.output("focus", bytes(s.heads * s.m)),
+                coverage: program.output("coverage", bytes(s.heads * s.n)),
+            };
+            let no_dst = program.absent("dst");
+            let no_perm = program.absent("perm");
+            params.items = s.m as u32;
+            params.max_len = degrees.max as u32;
+            let by_dst = GraphStats {
+                storage,
+                by_source: false,
+            };
+            program.dispatch(
+                by_dst,
+                &params,
+                grid_of(s.m as u64)?,
+                &[
+                    q,
+                    k,
+                    ci,
+                    no_dst,
+                    no_perm,
+                    rp,
+                    bias,
+                    edge_attr,
+                    lse,
+                    stats.entropy,
+                    stats.focus,
+                ],
+            );
+            params.items = s.n as u32;
+            params.max_len = max_out.unwrap_or(0);
+            let by_src = GraphStats {
+                storage,
+                by_source: true,
+            };
+            // By source the kernel writes out_a only; focus fills the binding unwritten.
+            program.dispatch(
+                by_src,
+                &params,
+                grid_of(s.n as u64)?,
+                &[
+                    q,
+                    k,
+                    ci,
+                    stats.dst,
+                    stats.perm,
+                    stats.src_ptr,
+                    bias,
+                    edge_attr,
+                    lse,
+                    stats.coverage,
+                    stats.focus,
+                ],
+            );
+            (Some(stats), tables)
+        } else {
+            (None, Default::default())
         };
         check_loops(&program, caps)?;
         Ok(Self {
@@ -339,12 +504,24 @@ impl GraphPlan {
                 chunks,
                 chunk_ptr,
                 bias,
+                edge_attr,
                 o,
                 lse,
+                stats,
             },
             chunk_table,
             chunk_ptr: chunk_ptrs,
+            by_source,
         })
+    }
+
+    /// Heads of O: 1 when averaged, else the query heads.
+    pub fn out_heads(&self) -> usize {
+        if self.req.mean_heads {
+            1
+        } else {
+            self.req.dims.heads
+        }
     }
 
     /// The program.
@@ -364,6 +541,12 @@ impl GraphPlan {
             out.push((self.io.chunks, at_least_one(&self.chunk_table)));
             out.push((cp, self.chunk_ptr.clone()));
         }
+        if let Some(st) = self.io.stats {
+            let [dst, perm, ptr] = &self.by_source;
+            out.push((st.dst, at_least_one(dst)));
+            out.push((st.perm, at_least_one(perm)));
+            out.push((st.src_ptr, ptr.clone()));
+        }
         out
     }
 
@@ -380,6 +563,12 @@ impl GraphPlan {
             + (s.m * s.heads * (s.d_v + 1)) as u64 * 4;
         if self.req.bias {
             b += e * h * 4;
+        }
+        if self.req.edge_features {
+            b += e * h * (s.d_k + s.d_v) as u64 * 4;
+        }
+        if self.req.mean_heads {
+            b += (s.m * s.heads * s.d_v) as u64 * 4;
         }
         if let GraphSplit::Chunks { chunks, .. } = self.split {
             b += 2 * chunks * h * (s.d_v as u64 + 2) * 4;
@@ -466,6 +655,24 @@ impl fmt::Display for GraphPlan {
                      graph_merge"
                 )?
             }
+        }
+        let terms: Vec<&str> = [
+            (self.req.bias, "a bias per edge and head"),
+            (
+                self.req.edge_features,
+                "edge features added to keys and values",
+            ),
+            (self.req.mean_heads, "O averaged over heads by mean_heads"),
+            (
+                self.req.stats,
+                "entropy and focus per destination, coverage per source (graph_stats)",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(on, what)| on.then_some(what))
+        .collect();
+        if !terms.is_empty() {
+            writeln!(f, "  with {}", terms.join(", "))?;
         }
         writeln!(
             f,

@@ -154,12 +154,13 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
         ctx.describe()
     );
     println!(
-        "{:>8} {:>9} {:>10} {:>8} {:>10} {:>10} {:>7} {:>11} {:>11} {:>9} {:>9}  graph plan",
+        "{:>8} {:>9} {:>10} {:>8} {:>10} {:>10} {:>10} {:>7} {:>11} {:>11} {:>9} {:>9}  graph plan",
         "density",
         "degrees",
         "edges",
         "max deg",
         "graph ms",
+        "+stats ms",
         "dense ms",
         "speedup",
         "graph MB",
@@ -184,6 +185,11 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
             let graph_ms = time(&call, warmup, runs)?;
             let graph_o = call.output().o.to_host()?;
             drop(call);
+            // With entropy, focus and coverage over the edges (graph_stats by destination and
+            // by source).
+            let stats = engine.prepare_graph((&q, &k, &v), &graph, &opts.clone().with_stats())?;
+            let stats_ms = time(&stats, warmup, runs)?;
+            drop(stats);
             // The same graph as a dense bool mask [1, 1, M, N] through the fused path.
             let mut mask = vec![false; m * n];
             for (i, w) in graph.row_ptr().windows(2).enumerate() {
@@ -216,7 +222,7 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                 } => format!("{chunks} chunks of ≤ {chunk_len}"),
             };
             println!(
-                "{:>7.1}% {:>9} {:>10} {:>8} {:>10.1} {:>10.1} {:>6.2}× {:>11.1} {:>11.1} {:>9.1e} {:>9.1e}  {split}",
+                "{:>7.1}% {:>9} {:>10} {:>8} {:>10.1} {:>10.1} {:>10.1} {:>6.2}× {:>11.1} {:>11.1} {:>9.1e} {:>9.1e}  {split}",
                 100.0 * density,
                 match kind {
                     Degrees::Uniform => "uniform",
@@ -225,6 +231,7 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
                 graph.edges(),
                 plan.degrees.max,
                 graph_ms,
+                stats_ms,
                 dense_ms,
                 dense_ms / graph_ms,
                 mb(plan.bytes_moved()),
