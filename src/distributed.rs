@@ -31,7 +31,7 @@
 //!
 //! ```no_run
 //! # fn main() -> xattn::Result<()> {
-//! use mpi::traits::*;
+//! use xattn::distributed::mpi::{self, traits::*};
 //! use xattn::distributed::{agree, Mode, RankAttention};
 //! use xattn::shard::Split;
 //! let universe = mpi::initialize().expect("MPI initializes once");
@@ -73,6 +73,10 @@ use crate::shard::{block_partial, check_call, put_axis, slice_axis};
 
 #[cfg(doc)]
 use crate::plan::shard::{lv_bytes, ring_bytes};
+
+/// The `mpi` crate this module is built on: communicators and `mpi::initialize` come from it,
+/// re-exported so that a program uses the same version.
+pub use mpi;
 
 /// Which schedule a distributed call runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -268,7 +272,11 @@ impl<'c, C: Communicator> RankAttention<'c, C> {
         let shard = if n0 == n1 {
             None
         } else {
-            Some(self.upload_shard(k, v, &shard)?)
+            let ctx = self.engine.context();
+            Some((
+                Tensor::upload_as(ctx, "rank_k", k, &shard.k_dims(), self.dtype)?,
+                Tensor::upload_as(ctx, "rank_v", v, &shard.v_dims(), self.dtype)?,
+            ))
         };
         Ok(RankKv {
             dims: [s.batch, s.n, s.kv_heads, s.d_k, s.d_v],
@@ -298,14 +306,6 @@ impl<'c, C: Communicator> RankAttention<'c, C> {
             )));
         }
         Ok(())
-    }
-
-    fn upload_shard(&self, k: &[f32], v: &[f32], shard: &AttnShape) -> Result<(Tensor, Tensor)> {
-        let ctx = self.engine.context();
-        Ok((
-            Tensor::upload_as(ctx, "rank_k", k, &shard.k_dims(), self.dtype)?,
-            Tensor::upload_as(ctx, "rank_v", v, &shard.v_dims(), self.dtype)?,
-        ))
     }
 
     /// Distributed attention (collective: every rank calls it with the same `q` (the whole
@@ -412,14 +412,7 @@ impl<'c, C: Communicator> RankAttention<'c, C> {
         let ctx = self.engine.context();
         let rows = tile.rows.1 - tile.rows.0;
         let bs = AttnShape { m: rows, ..*s };
-        let q_dims = bs.q_dims();
-        let qt = Tensor::upload_as(
-            ctx,
-            "rank_q",
-            &self.dtype.decode(q, q_dims.iter().product()),
-            &q_dims,
-            self.dtype,
-        )?;
+        let qt = from_wire(ctx, "rank_q", q, &bs.q_dims(), self.dtype)?;
         let (o, lse) = block_partial(&self.engine, &qt, (&kv.0, &kv.1), s, tile, opts)?;
         let (o, lse) = match run {
             None => (o, lse),
@@ -533,10 +526,7 @@ impl<'c, C: Communicator> RankAttention<'c, C> {
         };
         // The shard held, as sent: this rank's own first (downloaded once).
         let (mut k_held, mut v_held) = match &kv.shard {
-            Some((k, v)) => (
-                wire(self.dtype, &k.to_host()?),
-                wire(self.dtype, &v.to_host()?),
-            ),
+            Some((k, v)) => (to_wire(k)?, to_wire(v)?),
             None => (Vec::new(), Vec::new()),
         };
         let mut resident = kv.shard.clone();
@@ -569,16 +559,15 @@ impl<'c, C: Communicator> RankAttention<'c, C> {
                     let held = match (&resident, tile.is_empty()) {
                         (Some(kv), false) => Some(kv.clone()),
                         (None, false) => {
-                            let sh_shape = AttnShape {
+                            let ctx = self.engine.context();
+                            let sh = AttnShape {
                                 n: keys.1 - keys.0,
                                 ..*s
                             };
-                            let (ek, ev) = shard_dims(sh_shape.n);
-                            Some(self.upload_shard(
-                                &self.dtype.decode(&k_held, ek),
-                                &self.dtype.decode(&v_held, ev),
-                                &sh_shape,
-                            )?)
+                            Some((
+                                from_wire(ctx, "rank_k", &k_held, &sh.k_dims(), self.dtype)?,
+                                from_wire(ctx, "rank_v", &v_held, &sh.v_dims(), self.dtype)?,
+                            ))
                         }
                         _ => None,
                     };
@@ -658,6 +647,27 @@ fn wire(dtype: DType, data: &[f32]) -> Vec<u8> {
     let mut b = dtype.encode(data);
     b.truncate(data.len() * dtype.size() as usize);
     b
+}
+
+/// A tensor's elements as they travel ([`wire`]), copied as stored (no conversion).
+fn to_wire(t: &Tensor) -> Result<Vec<u8>> {
+    let mut b = t.to_host_bytes()?;
+    b.truncate(t.len() * t.dtype().size() as usize);
+    Ok(b)
+}
+
+/// Elements as they travel ([`wire`]) uploaded as stored: `dims` of `dtype`.
+fn from_wire(
+    ctx: &crate::Context,
+    name: &'static str,
+    bytes: &[u8],
+    dims: &[usize],
+    dtype: DType,
+) -> Result<Tensor> {
+    check_len(name, dims, bytes.len() / dtype.size() as usize)?;
+    let mut words = bytes.to_vec();
+    words.resize(dtype.bytes(bytes.len() / dtype.size() as usize) as usize, 0);
+    Tensor::upload_bytes(ctx, name, &words, dims, dtype)
 }
 
 /// What a ring counted and timed on one rank.

@@ -1,13 +1,14 @@
 //! `mpirun -n R xattn run --distributed` on localhost (the `mpi` feature; Open MPI's mpirun on
 //! the PATH): R = 2, 3 and 4 ranks, LV-XAttn and Ring Attention, every mask kind, uneven and
-//! empty shards, GQA and f16, each against the single-device call and the f64 reference within
-//! the merge's f32 bound; the byte counters against the byte model; a rank with bad input or
-//! no device makes mpirun exit non-zero, with that rank's error and no output file.
+//! empty shards, GQA, f16 and bf16, each against the single-device call and the f64 reference
+//! within the merge's f32 bound; the byte counters against the byte model; a rank with bad
+//! input, no device or another call makes mpirun exit non-zero, with that rank's error and no
+//! output file.
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::{Command, Output};
 
 use common::files::*;
@@ -44,7 +45,7 @@ fn mpirun_each(apps: &[Vec<String>]) -> Output {
     output_within(cmd, 120)
 }
 
-fn text(p: &PathBuf) -> String {
+fn text(p: &Path) -> String {
     p.to_str().expect("temp paths are UTF-8").to_string()
 }
 
@@ -90,7 +91,8 @@ fn amax(x: &[f32]) -> f64 {
 fn check(case: &Case, dir: &TempDir, seed: u64) {
     let s = &case.s;
     let (q, k, v) = qkv(s, 1.0, seed);
-    // Half inputs are stored rounded; the reference and the single call read the same values.
+    // Half inputs are stored rounded (bf16 as f32 files that --dtype bf16 converts, exactly);
+    // the reference and the single call read the same values.
     let round = |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(|e| case.dtype.round(e)).collect() };
     let (q, k, v) = (round(q), round(k), round(v));
     for (name, x, d) in [
@@ -213,7 +215,7 @@ fn every_mask_kind_on_2_3_and_4_ranks_matches_one_device() {
     let keep = random_bools(2 * 57, 0.7, 31); // key padding [batch, 1, 1, N]
     let general = random_bools(2 * 4 * 11 * 57, 0.8, 32); // [batch, heads, M, N]
     let bias = random(4 * 11 * 57, 1.0, 33); // [1, heads, M, N]
-    let cases = vec![
+    let cases = [
         Case {
             name: "plain",
             s: gqa,
@@ -301,6 +303,24 @@ fn every_mask_kind_on_2_3_and_4_ranks_matches_one_device() {
             ranks: 4,
             mode: "ring",
             shards: Some(vec![0, 25, 25, 57, 57]),
+        },
+        Case {
+            name: "bf16-lv-window",
+            s: gqa,
+            opts: Attention::default().with_window(Alignment::BottomRight, 15, 2),
+            flags: flags(&[
+                "--dtype",
+                "bf16",
+                "--window",
+                "15",
+                "2",
+                "--align",
+                "bottom-right",
+            ]),
+            dtype: DType::Bf16,
+            ranks: 2,
+            mode: "lv",
+            shards: Some(vec![0, 44, 57]),
         },
     ];
     for (i, case) in cases.iter().enumerate() {
