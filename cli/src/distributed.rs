@@ -23,7 +23,7 @@ use crate::{CliError, CliResult};
 pub struct DistArgs {
     /// Run across the ranks of `mpirun -n R xattn ...` (built with `--features mpi`): rank p
     /// holds shard p of the keys and one device; every rank reads the whole inputs and takes
-    /// its shard, rank 0 writes the outputs (O in float32 unless the inputs are half, LSE).
+    /// its shard, rank 0 writes --out (in the inputs' type, or --out-dtype) and --lse.
     #[arg(long)]
     pub distributed: bool,
     /// With --distributed: lv (LV-XAttn: query blocks and their running O and LSE move
