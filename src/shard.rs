@@ -49,6 +49,10 @@ use crate::gpu::tensor::Tensor;
 use crate::plan::shard::{even_cuts, lv_holder, ring_shard, Tile};
 use crate::shape::{check_len, AttnShape};
 
+mod layer;
+
+pub use layer::ShardedLayer;
+
 pub use crate::plan::shard::{lv_bytes, ring_bytes, star_bytes, RowBytes, Split, Traffic};
 
 /// Attention over several devices, K and V split along the key axis (see the [module
