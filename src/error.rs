@@ -72,6 +72,16 @@ pub enum Error {
         /// naga's diagnostic.
         message: String,
     },
+    /// Another rank of a distributed call failed or disagreed; its own error is on its stderr.
+    #[error("rank {rank} of {ranks}: {reason}")]
+    Rank {
+        /// The first rank (of the communicator) that failed.
+        rank: usize,
+        /// Ranks in the call.
+        ranks: usize,
+        /// What went wrong there, as far as this rank knows.
+        reason: String,
+    },
 }
 
 /// Result alias used throughout the crate.

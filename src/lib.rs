@@ -35,6 +35,8 @@
 mod call;
 pub mod cpu;
 pub mod device;
+#[cfg(feature = "mpi")]
+pub mod distributed;
 pub mod dropout;
 mod dtype;
 mod engine;

@@ -333,46 +333,66 @@ impl MultiHeadAttention {
         let c = &self.config;
         let [batch, n, _] = dims3(key, "key", [None, None, Some(c.kdim)])?;
         dims3(value, "value", [Some(batch), Some(n), Some(c.vdim)])?;
-        let caps = self.engine.caps();
-        let has_bias = self.has_biases();
-        let mut program = Program::new();
-        let x_type = source_type(key, value)?;
-        let key_in = program.input("key", x_type.bytes(batch * n * c.kdim));
-        let value_in = program.input("value", x_type.bytes(batch * n * c.vdim));
-        let params = declare_params(&mut program, c, has_bias, self.dtype());
-        let kv_bytes = f32_bytes(batch * n * c.kv_dim());
-        let k_out = program.output("cached_k", kv_bytes);
-        let v_out = program.output("cached_v", kv_bytes);
-        for (i, x, y, in_dim) in [(1, key_in, k_out, c.kdim), (2, value_in, v_out, c.vdim)] {
-            let [w, b] = params[i];
-            linear(
-                &mut program,
-                (batch * n, in_dim, c.kv_dim()),
-                [x, w, b, y],
-                (x_type, self.dtype()),
-                has_bias[i],
-                caps,
-            )?;
-        }
-        check_loops(&program, caps)?;
+        source_type(key, value)?;
         let kv = [batch, n, c.kv_heads, c.head_dim()];
-        let ctx = self.engine.context();
-        let cache = SourceCache {
+        let [k, v] = self
+            .project(&[(Proj::K, key, &kv), (Proj::V, value, &kv)])?
+            .try_into()
+            .expect("two projections");
+        Ok(SourceCache {
             layer_id: self.id,
             batch,
             n,
-            k: Tensor::empty(ctx, "cached_k", &kv)?,
-            v: Tensor::empty(ctx, "cached_v", &kv)?,
-        };
-        let mut tensors: Bindings = HashMap::from([
-            (key_in, key),
-            (value_in, value),
-            (k_out, &cache.k),
-            (v_out, &cache.v),
-        ]);
+            k,
+            v,
+        })
+    }
+
+    /// `x·Wᵀ + b` on the device for each `(projection, x, dims of the result)` (x's last axis
+    /// the projection's input width), in one program; the results are f32. What a sharded
+    /// layer runs piece by piece where each piece lives ([`crate::shard::ShardedLayer`]).
+    pub(crate) fn project(&self, jobs: &[(Proj, &Tensor, &[usize])]) -> Result<Vec<Tensor>> {
+        let caps = self.engine.caps();
+        let has_bias = self.has_biases();
+        let mut program = Program::new();
+        let params = declare_params(&mut program, &self.config, has_bias, self.dtype());
+        let ctx = self.engine.context();
+        let (mut ids, mut outs) = (Vec::new(), Vec::new());
+        for &(proj, x, dims) in jobs {
+            let i = proj as usize;
+            let [out_dim, in_dim] = [self.weights[i].dims()[0], self.weights[i].dims()[1]];
+            let rows = x.len() / in_dim;
+            if x.dims().last() != Some(&in_dim) || dims.iter().product::<usize>() != rows * out_dim
+            {
+                return Err(Error::Shape(format!(
+                    "the {proj:?} projection reads [.., {in_dim}] and writes {out_dim} per row; \
+                     got {:?} into {dims:?}",
+                    x.dims()
+                )));
+            }
+            let x_in = program.input("projected_in", x.dtype().bytes(x.len()));
+            let y = program.output("projected", f32_bytes(rows * out_dim));
+            let [w, b] = params[i];
+            linear(
+                &mut program,
+                (rows, in_dim, out_dim),
+                [x_in, w, b, y],
+                (x.dtype(), self.dtype()),
+                has_bias[i],
+                caps,
+            )?;
+            ids.push((x_in, y));
+            outs.push(Tensor::empty(ctx, "projected", dims)?);
+        }
+        check_loops(&program, caps)?;
+        let mut tensors: Bindings = HashMap::new();
+        for ((x_in, y), (&(_, x, _), out)) in ids.into_iter().zip(jobs.iter().zip(&outs)) {
+            tensors.insert(x_in, x);
+            tensors.insert(y, out);
+        }
         self.bind_params(&params, &mut tensors);
         self.engine.execute(&program, &tensors)?;
-        Ok(cache)
+        Ok(outs)
     }
 
     /// `forward(query, key, value)`: query `[batch, M, embed_dim]`, key `[batch, N, kdim]`,

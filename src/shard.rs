@@ -49,6 +49,10 @@ use crate::gpu::tensor::Tensor;
 use crate::plan::shard::{even_cuts, lv_holder, ring_shard, Tile};
 use crate::shape::{check_len, AttnShape};
 
+mod layer;
+
+pub use layer::ShardedLayer;
+
 pub use crate::plan::shard::{lv_bytes, ring_bytes, star_bytes, RowBytes, Split, Traffic};
 
 /// Attention over several devices, K and V split along the key axis (see the [module
@@ -101,7 +105,7 @@ impl Counter {
 }
 
 /// Elements `lo..hi` of axis 1 of a row-major `[outer, len, inner]` array.
-fn slice_axis<T: Copy>(
+pub(crate) fn slice_axis<T: Copy>(
     data: &[T],
     (outer, len, inner): (usize, usize, usize),
     lo: usize,
@@ -115,7 +119,7 @@ fn slice_axis<T: Copy>(
 }
 
 /// Writes `part` (`[outer, hi − lo, inner]`) into elements `lo..hi` of axis 1 of `data`.
-fn put_axis<T: Copy>(
+pub(crate) fn put_axis<T: Copy>(
     data: &mut [T],
     (outer, len, inner): (usize, usize, usize),
     lo: usize,
@@ -125,6 +129,50 @@ fn put_axis<T: Copy>(
     for o in 0..outer {
         data[(o * len + lo) * inner..][..w].copy_from_slice(&part[o * w..][..w]);
     }
+}
+
+/// Checks what every sharded call checks, on each device or rank alike: Q's length, the
+/// options as a single-device call of shape `s` and inputs of type `dtype` would, and what a
+/// sharded call cannot return.
+pub(crate) fn check_call(q: &[f32], s: &AttnShape, dtype: DType, opts: &Attention) -> Result<()> {
+    check_len("q", &s.q_dims(), q.len())?;
+    let req = opts.request_typed(*s, dtype)?;
+    if req.weights || req.stats.any() || req.pool.is_some() {
+        return Err(Error::Unsupported(
+            "a sharded call returns O and LSE only (weights and statistics are per key \
+                 over the whole source)"
+                .into(),
+        ));
+    }
+    if req.masks.dropout.is_some() {
+        return Err(Error::Unsupported("dropout in a sharded call".into()));
+    }
+    if opts.masking().block.is_some() {
+        return Err(Error::Argument(
+            "a sharded call makes its own blocks; give the whole call's options".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The partial (O in f32, LSE) of `tile` (non-empty) on `engine`: attention of the tile's Q
+/// rows `q` over the tile's keys `kv`, as the block of the whole call `s` with options `opts`.
+pub(crate) fn block_partial(
+    engine: &Engine,
+    q: &Tensor,
+    (k, v): (&Tensor, &Tensor),
+    s: &AttnShape,
+    tile: Tile,
+    opts: &Attention,
+) -> Result<(Tensor, Tensor)> {
+    let masking = tile.masking(s, opts.masking());
+    let block_opts = opts
+        .clone()
+        .with_scale(opts.scale_for(s.d_k))
+        .with_out_dtype(DType::F32)
+        .with_masking(masking);
+    let out = engine.attention(q, k, v, &block_opts)?;
+    Ok((out.o, out.lse))
 }
 
 /// A running partial result on one device: O `[batch, rows, q_heads, d_v]` f32 and LSE
@@ -228,23 +276,7 @@ impl ShardedAttention {
         out: usize,
         kv: Option<&ShardedKv>,
     ) -> Result<()> {
-        check_len("q", &s.q_dims(), q.len())?;
-        let req = opts.request_typed(*s, self.dtype)?;
-        if req.weights || req.stats.any() || req.pool.is_some() {
-            return Err(Error::Unsupported(
-                "a sharded call returns O and LSE only (weights and statistics are per key \
-                 over the whole source)"
-                    .into(),
-            ));
-        }
-        if req.masks.dropout.is_some() {
-            return Err(Error::Unsupported("dropout in a sharded call".into()));
-        }
-        if opts.masking().block.is_some() {
-            return Err(Error::Argument(
-                "a sharded call makes its own blocks; give the whole call's options".into(),
-            ));
-        }
+        check_call(q, s, self.dtype, opts)?;
         if out >= self.engines.len() {
             return Err(Error::Argument(format!(
                 "the result is merged on device {out}, but there are {} devices",
@@ -283,17 +315,8 @@ impl ShardedAttention {
         tile: Tile,
         opts: &Attention,
     ) -> Result<Partial> {
-        let masking = tile.masking(s, opts.masking());
-        let block_opts = opts
-            .clone()
-            .with_scale(opts.scale_for(s.d_k))
-            .with_out_dtype(DType::F32)
-            .with_masking(masking);
-        let out = self.engines[p].attention(q, k, v, &block_opts)?;
-        Ok(Partial {
-            o: out.o,
-            lse: out.lse,
-        })
+        let (o, lse) = block_partial(&self.engines[p], q, (k, v), s, tile, opts)?;
+        Ok(Partial { o, lse })
     }
 
     /// The partial of rows that saw no key yet on device `p`: O = 0, LSE = −∞.

@@ -7,14 +7,20 @@ mod common;
 
 use std::sync::OnceLock;
 
+use common::layer::{layer_tolerance, random_weights, reference_layer};
 use common::*;
 use rand::{Rng, SeedableRng};
 use xattn::cpu::reference;
 use xattn::mask::Block;
+use xattn::mha::MhaWeights;
 use xattn::shard::{
-    lv_bytes, ring_bytes, star_bytes, RowBytes, ShardedAttention, ShardedOutput, Split,
+    lv_bytes, ring_bytes, star_bytes, RowBytes, ShardedAttention, ShardedLayer, ShardedOutput,
+    Split,
 };
-use xattn::{Alignment, Attention, AttnShape, Context, DType, Engine, Error, Path};
+use xattn::{
+    Alignment, Attention, AttnShape, Context, DType, Engine, Error, MhaConfig, MhaOptions,
+    MultiHeadAttention, NeedWeights, Path,
+};
 
 /// Four engines, each on its own device opened on the test adapter (engine 0 is the tests'
 /// shared one).
@@ -36,17 +42,6 @@ enum Mode {
     Star,
     Lv,
     Ring,
-}
-
-/// The merge's f32 bound on top of the single-device budget: (O, LSE) extra for R shards and
-/// the largest finite |LSE|. Each merge weight exp(LSE_i − LSE) is off by at most
-/// ≈ 2ε·(1 + max|LSE|) relative (the exponent's own rounding), and the weighted sum of up to R
-/// terms adds R·ε; the rings chain R − 1 two-way merges, so in all at most
-/// 4ε·R·(1 + max|LSE|), times max|V| for O.
-fn merge_bound(r: usize, max_lse: f64, amax_v: f64) -> (f64, f64) {
-    let eps = f64::from(f32::EPSILON);
-    let rel = 4.0 * eps * r as f64 * (1.0 + max_lse);
-    (rel * amax_v.max(1e-3), rel)
 }
 
 fn amax(x: &[f32]) -> f64 {
@@ -434,4 +429,133 @@ fn bad_input_is_a_typed_error() {
     };
     let got = run_poisoned(&all[0], &s, (&q, &k, &v), &opts.clone().with_block(block));
     assert!(matches!(got, Err(Error::Shape(_))), "{got:?}");
+}
+
+/// `x` rounded to `dtype` and back, as the devices store it.
+fn stored(x: &[f32], dtype: DType) -> Vec<f32> {
+    let to = |x: f32| match dtype {
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+        DType::Bf16 => half::bf16::from_f32(x).to_f32(),
+        _ => x,
+    };
+    x.iter().map(|&x| to(x)).collect()
+}
+
+#[test]
+fn the_sharded_layer_matches_the_reference_and_one_device() {
+    let Some(all) = engines() else { return };
+    let o = MhaOptions::default;
+    let causal = Attention::default().with_causal(Alignment::BottomRight);
+    let kpm = |b: usize, n: usize| (0..b * n).map(|j| j % n >= n - 3 - j / n).collect();
+    #[rustfmt::skip]
+    let cases = [
+        ("plain", MhaConfig::new(32, 4), (2, 5, 37), o(), 3, true, DType::F32),
+        ("GQA 4/2, kdim 10, vdim 7, key padding", MhaConfig::new(16, 4).with_kv_heads(2).with_kdim(10).with_vdim(7), (2, 6, 19), o().with_key_padding_mask(kpm(2, 19)), 4, true, DType::F32),
+        ("no bias, MQA, causal", MhaConfig::new(32, 4).with_bias(false).with_kv_heads(1), (1, 9, 14), o().with_attention(causal), 2, false, DType::F32),
+        ("f16, GQA 4/2, inner 24 ≠ E 16", MhaConfig::new(16, 4).with_inner_dim(24).with_kv_heads(2), (2, 7, 33), o(), 3, true, DType::F16),
+    ];
+    for (i, (name, c, (b, m, n), opts, r, uneven_split, dtype)) in cases.into_iter().enumerate() {
+        let seed = 4100 + 20 * i as u64;
+        let w = random_weights(&c, seed);
+        let query = random(b * m * c.embed_dim, 1.0, seed + 10);
+        let key = random(b * n * c.kdim, 1.0, seed + 11);
+        let value = random(b * n * c.vdim, 1.0, seed + 12);
+        let split = if uneven_split {
+            Split::At(uneven(n, r, true, seed))
+        } else {
+            Split::Even
+        };
+        let engines: Vec<&Engine> = all[..r].iter().collect();
+        let layer = ShardedLayer::new(&engines, split.clone(), c, &w, dtype).unwrap();
+        let out = i % r;
+        let what = format!("{name} R={r} {split:?} {dtype} out={out}");
+        let got = layer
+            .forward(&query, &key, &value, (b, m, n), &opts, out)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        // The reference reads what the devices store.
+        let round = |x: &Option<Vec<f32>>| x.as_ref().map(|x| stored(x, dtype));
+        let ws = MhaWeights {
+            q: stored(&w.q, dtype),
+            k: stored(&w.k, dtype),
+            v: stored(&w.v, dtype),
+            o: stored(&w.o, dtype),
+            q_bias: round(&w.q_bias),
+            k_bias: round(&w.k_bias),
+            v_bias: round(&w.v_bias),
+            o_bias: round(&w.o_bias),
+        };
+        let [qs, ks, vs] = [&query, &key, &value].map(|x| stored(x, dtype));
+        let attention = opts.attention_for(b, n).unwrap().into_owned();
+        let (want, _) = reference_layer(&c, &ws, b, (&qs, &ks, &vs), &attention);
+        let scale = f64::from(attention.scale_for(c.head_dim()));
+        let (tol, _) = layer_tolerance(&c, &ws, [&qs, &ks, &vs], n, scale);
+        // The merge's bound on the heads, carried through W^O.
+        let v_heads = reference::linear(&vs, &ws.v, ws.v_bias.as_deref(), c.vdim);
+        let amax_v = v_heads.iter().fold(0.0f64, |a, &y| a.max(y.abs()));
+        let lse: Vec<f64> = got.lse.iter().map(|&x| f64::from(x)).collect();
+        let (mo, _) = merge_bound(r, max_finite(&lse), amax_v);
+        let wo_row =
+            ws.o.chunks(c.inner_dim)
+                .map(|row| row.iter().map(|&x| f64::from(x.abs())).sum::<f64>())
+                .fold(0.0f64, f64::max);
+        let tol = tol + mo * wo_row;
+        assert_eq!(got.o.len(), b * m * c.embed_dim, "{what}: output length");
+        assert_close(&format!("{what} out"), &got.o, &want, tol);
+        if dtype == DType::F32 {
+            let single = MultiHeadAttention::new(&all[0], c, &w).unwrap();
+            let up = |x: &[f32], d: usize, rows: usize| all[0].upload(x, &[b, rows, d]).unwrap();
+            let one = single
+                .forward(
+                    &up(&query, c.embed_dim, m),
+                    &up(&key, c.kdim, n),
+                    &up(&value, c.vdim, n),
+                    &opts,
+                )
+                .unwrap();
+            let one: Vec<f64> = one
+                .out
+                .to_host()
+                .unwrap()
+                .iter()
+                .map(|&x| f64::from(x))
+                .collect();
+            assert_close(
+                &format!("{what} out vs one device"),
+                &got.o,
+                &one,
+                2.0 * tol,
+            );
+        }
+        // The source projected once serves a second query.
+        let kv = layer.project_source(&key, &value, (b, n)).unwrap();
+        let again = layer.forward_kv(&query, &kv, m, &opts, out).unwrap();
+        assert_eq!(again.o, got.o, "{what}: forward_kv on a projected source");
+    }
+}
+
+#[test]
+fn the_sharded_layer_refuses_weights_and_bad_shapes() {
+    let Some(all) = engines() else { return };
+    let c = MhaConfig::new(16, 2);
+    let engines: Vec<&Engine> = all[..2].iter().collect();
+    let layer =
+        ShardedLayer::new(&engines, Split::Even, c, &random_weights(&c, 5), DType::F32).unwrap();
+    let (q, k) = (random(3 * 16, 1.0, 6), random(8 * 16, 1.0, 7));
+    let weights = MhaOptions::default().with_need_weights(NeedWeights::Averaged);
+    let err = layer
+        .forward(&q, &k, &k, (1, 3, 8), &weights, 0)
+        .unwrap_err();
+    assert!(matches!(err, Error::Unsupported(_)), "{err}");
+    let err = layer
+        .forward(&q[1..], &k, &k, (1, 3, 8), &MhaOptions::default(), 0)
+        .unwrap_err();
+    assert!(matches!(err, Error::Length { .. }), "{err}");
+    let err = layer
+        .forward(&q, &k[1..], &k, (1, 3, 8), &MhaOptions::default(), 0)
+        .unwrap_err();
+    assert!(matches!(err, Error::Length { .. }), "{err}");
+    let err = layer
+        .forward(&q, &k, &k, (1, 3, 8), &MhaOptions::default(), 2)
+        .unwrap_err();
+    assert!(matches!(err, Error::Argument(_)), "{err}");
 }

@@ -130,6 +130,11 @@ impl AnalyticsArgs {
         Ok(Some(maps))
     }
 
+    /// Whether any statistic or heatmap is asked for.
+    pub fn asked(&self) -> bool {
+        self.heatmap.is_some() || self.targets().iter().any(|(_, t)| t.is_some())
+    }
+
     /// The output files, for [`Outputs::create`].
     pub fn targets(&self) -> [(&'static str, Option<&PathBuf>); 3] {
         [

@@ -24,6 +24,7 @@ use xattn::{
     GpuTimer, Path, Prepared, Stats, Storage, Tensor,
 };
 
+use crate::distributed::{self, DistArgs, Timed};
 use crate::masks::AlignArg;
 use crate::outputs::Outputs;
 use crate::precision::DtypeArg;
@@ -224,6 +225,13 @@ pub struct BenchArgs {
     /// Edge densities E / (M·N) of --graph, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0.001,0.01,0.1")]
     densities: Vec<f64>,
+    /// `mpirun -n R xattn bench --distributed --mode lv|ring --m M --n N ...`: time one
+    /// distributed call of the custom shape (random inputs, the first --dtype, --warmup 1 and
+    /// --runs 3 unless given); rank 0 prints per rank the bytes sent and received (counted,
+    /// and the byte model's), compute time, waiting time and the bytes in flight during
+    /// compute.
+    #[command(flatten)]
+    dist: DistArgs,
 }
 
 fn parse_fused_config(text: &str) -> Result<FusedConfig, String> {
@@ -911,6 +919,17 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
         return graph::bench(args);
     }
     let custom = custom_shape(args)?;
+    if args.dist.distributed {
+        let shape = custom.ok_or_else(|| {
+            CliError::usage("--distributed times a custom shape: give --m, --n and --dk")
+        })?;
+        let timed = Timed {
+            warmup: args.warmup.unwrap_or(1),
+            runs: args.runs.unwrap_or(3),
+            seed: args.seed,
+        };
+        return distributed::bench(&shape.shape, args.dtype[0].into(), timed, &args.dist);
+    }
     let suite = match (args.suite, &custom) {
         (None, None) => Some(SuiteName::Quick),
         (chosen, _) => chosen,

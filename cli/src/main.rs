@@ -11,6 +11,7 @@
 
 mod analytics;
 mod bench;
+mod distributed;
 mod expect;
 mod grad;
 mod graph;

@@ -12,6 +12,7 @@ use clap::Args;
 use xattn::{Context, Engine, Path};
 
 use crate::analytics::AnalyticsArgs;
+use crate::distributed::{self, DistArgs, RunInputs};
 use crate::expect::ExpectArgs;
 use crate::inputs::{out_dims, CallArgs, QkvArgs};
 use crate::masks::MaskArgs;
@@ -44,11 +45,30 @@ pub struct RunArgs {
     analytics: AnalyticsArgs,
     #[command(flatten)]
     expect: ExpectArgs,
+    #[command(flatten)]
+    dist: DistArgs,
 }
 
 /// Reads the inputs, runs the plan on the default adapter, writes the outputs; with
 /// `--expect`, the exit status says whether O matches.
 pub fn run(args: &RunArgs) -> CliResult<ExitCode> {
+    if args.dist.distributed {
+        if args.weights.is_some() || args.analytics.asked() || args.expect.expect.is_some() {
+            return Err(CliError::usage(
+                "--distributed writes O and LSE only (--out, --lse): weights, statistics, \
+                 heatmaps and --expect need the whole source on one device",
+            ));
+        }
+        let inputs = RunInputs {
+            qkv: &args.qkv,
+            call: &args.call,
+            masks: &args.masks,
+            precision: &args.precision,
+            out: args.out.as_ref(),
+            lse: args.lse.as_ref(),
+        };
+        return distributed::run(&inputs, &args.dist);
+    }
     let mut input = args
         .qkv
         .load(&args.call, &args.masks, &args.precision, &[])?;

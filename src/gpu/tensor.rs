@@ -119,7 +119,7 @@ impl Tensor {
     }
 
     /// Uploads `bytes` (the elements of `dims` in `dtype`, padded to whole words).
-    fn upload_bytes(
+    pub(crate) fn upload_bytes(
         ctx: &Context,
         name: &'static str,
         bytes: &[u8],
@@ -329,7 +329,7 @@ impl Tensor {
     }
 
     /// The stored bytes.
-    fn to_host_bytes(&self) -> Result<Vec<u8>> {
+    pub(crate) fn to_host_bytes(&self) -> Result<Vec<u8>> {
         self.ctx.scoped(|| {
             let staging = self.stage();
             let (tx, rx) = std::sync::mpsc::channel();

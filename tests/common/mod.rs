@@ -225,6 +225,17 @@ pub fn check_against_reference(
     err
 }
 
+/// The merge's f32 bound on top of the single-device budget: (O, LSE) extra for R shards and
+/// the largest finite |LSE|. Each merge weight exp(LSE_i − LSE) is off by at most
+/// ≈ 2ε·(1 + max|LSE|) relative (the exponent's own rounding), and the weighted sum of up to R
+/// terms adds R·ε; the rings chain R − 1 two-way merges, so in all at most
+/// 4ε·R·(1 + max|LSE|), times max|V| for O.
+pub fn merge_bound(r: usize, max_lse: f64, amax_v: f64) -> (f64, f64) {
+    let eps = f64::from(f32::EPSILON);
+    let rel = 4.0 * eps * r as f64 * (1.0 + max_lse);
+    (rel * amax_v.max(1e-3), rel)
+}
+
 /// [`budget`] with the logit bound widened by the masking: segment factors multiply it, a
 /// softcap bounds it by the cap, a bias adds its largest finite magnitude.
 pub fn budget_masked(
