@@ -28,6 +28,9 @@
 //! ranks, so a transport between processes replaces `carry` and keeps the rest. Counters of the bytes each device sent and
 //! received come with every result ([`ShardedOutput::traffic`]) and equal the byte models.
 //!
+//! [`ShardedLayer`] is the multi-head layer on the same schedule: each device projects the
+//! source rows it holds, so K/V are never gathered; the merging device projects Q and applies W^O.
+//!
 //! ```no_run
 //! # fn main() -> xattn::Result<()> {
 //! use xattn::shard::{ShardedAttention, Split};

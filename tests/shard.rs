@@ -530,6 +530,17 @@ fn the_sharded_layer_matches_the_reference_and_one_device() {
         let kv = layer.project_source(&key, &value, (b, n)).unwrap();
         let again = layer.forward_kv(&query, &kv, m, &opts, out).unwrap();
         assert_eq!(again.o, got.o, "{what}: forward_kv on a projected source");
+        // Only the projected Q and the partials move, as the merge-on-one-device model says.
+        let keys: Vec<usize> = kv.cuts().windows(2).map(|w| w[1] - w[0]).collect();
+        let bytes = RowBytes::of(&c.attn_shape(b, m, n), DType::F32);
+        let model = star_bytes(bytes, m, &keys, out);
+        for (p, (t, want)) in got.traffic.iter().zip(&model).enumerate() {
+            assert_eq!(
+                (t.sent, t.received),
+                (want.sent, want.received),
+                "{what}: device {p} bytes sent/received, counted vs model"
+            );
+        }
     }
 }
 

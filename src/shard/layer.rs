@@ -4,7 +4,7 @@
 //! projects the queries and applies W^O to the merged heads. The attention in between is
 //! [`ShardedAttention::attention_kv`]'s, exact up to the merge's f32 rounding.
 
-use super::{check_call, Counter, ShardedAttention, ShardedKv, ShardedOutput, Split};
+use super::{Counter, ShardedAttention, ShardedKv, ShardedOutput, Split};
 use crate::dtype::DType;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -13,8 +13,10 @@ use crate::mha::{MhaConfig, MhaOptions, MhaWeights, MultiHeadAttention, NeedWeig
 use crate::plan::shard::Traffic;
 use crate::shape::{check_len, AttnShape};
 
-/// A multi-head attention layer over several devices, the source cut along its rows (see the
-/// [module docs](self)).
+/// A multi-head attention layer over several devices, the source cut along its rows: each
+/// device projects the source rows it holds into its K/V shard (W^K, W^V and their biases run
+/// where the shard lives, K/V are never gathered); the merging device projects the queries and
+/// applies W^O to the merged heads. Every device keeps the whole layer's weights.
 #[derive(Debug)]
 pub struct ShardedLayer {
     /// Source rows stored as the weights' type.
@@ -120,7 +122,7 @@ impl ShardedLayer {
         out: usize,
     ) -> Result<ShardedOutput> {
         let mut count = Counter(vec![Traffic::default(); self.layers.len()]);
-        self.check(query, (batch, m, n), opts)?;
+        self.check(query, (batch, m, n), opts, out, None)?;
         let kv = self.project_counted(key, value, (batch, n), &mut count)?;
         self.forward_counted(query, &kv, m, opts, out, count)
     }
@@ -138,12 +140,16 @@ impl ShardedLayer {
         self.forward_counted(query, kv, m, opts, out, count)
     }
 
-    /// What the layer checks before any device works: the query's length, the options.
+    /// What the layer checks before any device works: the query's length, the options, the
+    /// merging device and `kv` (as [`ShardedAttention::attention_kv`] checks them on the
+    /// projected Q).
     fn check(
         &self,
         query: &[f32],
         (batch, m, n): (usize, usize, usize),
         opts: &MhaOptions,
+        out: usize,
+        kv: Option<&ShardedKv>,
     ) -> Result<()> {
         let c = self.config();
         check_len("query", &[batch, m, c.embed_dim], query.len())?;
@@ -156,7 +162,8 @@ impl ShardedLayer {
         }
         let s = c.attn_shape(batch, m, n);
         let projected = vec![0.0; s.q_dims().iter().product()];
-        check_call(&projected, &s, DType::F32, &*opts.attention_for(batch, n)?)
+        let attention = opts.attention_for(batch, n)?;
+        self.attention.check(&projected, &s, &attention, out, kv)
     }
 
     fn forward_counted(
@@ -170,15 +177,10 @@ impl ShardedLayer {
     ) -> Result<ShardedOutput> {
         let c = self.config();
         let [batch, n, ..] = kv.dims;
-        self.check(query, (batch, m, n), opts)?;
+        self.check(query, (batch, m, n), opts, out, Some(kv))?;
         let s = c.attn_shape(batch, m, n);
         let attention = opts.attention_for(batch, n)?;
-        let engine = self.attention.engines.get(out).ok_or_else(|| {
-            Error::Argument(format!(
-                "the result is merged on device {out}, but there are {} devices",
-                self.layers.len()
-            ))
-        })?;
+        let engine = &self.attention.engines[out];
         let layer = &self.layers[out];
         let upload = |name, data: &[f32], dims: &[usize], dtype, count: &mut Counter| {
             let t = Tensor::upload_as(engine.context(), name, data, dims, dtype)?;
@@ -192,7 +194,6 @@ impl ShardedLayer {
             .try_into()
             .expect("one");
         let q = q.to_host()?;
-        self.attention.check(&q, &s, &attention, out, Some(kv))?;
         let merged = self.attention.star(&q, kv, &s, &attention, out, count)?;
         let mut count = Counter(merged.traffic);
         let heads_dims = [batch, m, c.inner_dim];
