@@ -104,12 +104,16 @@ fn opt_u32s(obj: &JsValue, name: &str) -> Result<Option<Vec<u32>>, JsValue> {
         .map(Some)
 }
 
-/// `value` passed through each `with` whose field `obj` has (read by `read`).
+/// Reads an optional field of a JavaScript object.
 type Reader<X> = fn(&JsValue, &str) -> Result<Option<X>, JsValue>;
+/// A builder method taking one field's value.
+type Setter<T, X> = fn(T, X) -> T;
+
+/// `value` passed through each `with` whose field `obj` has (read by `read`).
 fn with_fields<T, X>(
     mut value: T,
     (obj, read): (&JsValue, Reader<X>),
-    setters: &[(&str, fn(T, X) -> T)],
+    setters: &[(&str, Setter<T, X>)],
 ) -> Result<T, JsValue> {
     for (name, with) in setters {
         if let Some(x) = read(obj, name)? {
@@ -294,8 +298,20 @@ async fn read_stats(stats: &xattn::StatsOutput<Tensor>) -> Result<Object, JsValu
 #[wasm_bindgen]
 pub async fn open() -> Result<Device, JsValue> {
     let ctx = Context::new_async().await.map_err(js_error)?;
+    // The planner fills a CPU adapter with one workgroup per host thread; wasm's std cannot
+    // count them (it would plan for 1: perceiver-like calls then ran fused, 4× slower than
+    // split-K under SwiftShader), the browser can.
+    let threads = Reflect::get(&js_sys::global(), &"navigator".into())
+        .and_then(|nav| Reflect::get(&nav, &"hardwareConcurrency".into()))
+        .ok()
+        .and_then(|n| n.as_f64())
+        .map_or(1, |n| n as usize);
+    let caps = xattn::DeviceCaps {
+        fill: xattn::device::fill_of(ctx.info.device_type, threads),
+        ..ctx.caps()
+    };
     Ok(Device {
-        engine: Engine::new(&ctx),
+        engine: Engine::with_caps(&ctx, caps),
     })
 }
 
@@ -604,7 +620,7 @@ impl Layer {
         options: JsValue,
     ) -> Promise {
         rejecting((|| {
-            let c = self.layer.config().clone();
+            let c = *self.layer.config();
             let (batch, m, n) = (
                 usize_of(&dims, "batch")?,
                 usize_of(&dims, "m")?,
