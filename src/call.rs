@@ -54,7 +54,7 @@ impl<O> Prepared<O> {
                 .completion(|fire| self.ctx.queue.on_submitted_work_done(fire)))
         })?;
         done.await;
-        self.ctx.take_fault()
+        self.ctx.settle().await
     }
 
     /// Records the call's passes into the caller's encoder, after whatever the caller

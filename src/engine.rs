@@ -429,8 +429,10 @@ impl Engine {
     }
 
     /// This engine with autotuning on or off (overriding `XATTN_AUTOTUNE`); see [`Engine`].
+    /// On the web it stays off: the tuner times candidates by waiting for the device, which a
+    /// browser does not allow (the planner's default configuration runs).
     pub fn with_autotune(mut self, on: bool) -> Self {
-        self.autotune = on;
+        self.autotune = on && cfg!(not(target_arch = "wasm32"));
         self
     }
 

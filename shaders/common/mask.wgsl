@@ -103,9 +103,11 @@ fn mask_any(base: u32, lo: u32, hi: u32) -> bool {
 // out over the 4 slots (MAX_SEGMENTS), with no loop: llvmpipe counts a loop's exit test
 // toward its per-invocation loop cap on every call, even where the call sits in a branch
 // not taken, and this one is called per row and key.
+// WGSL's grammar wants each comparison parenthesized beside `&` (Chromium's Tint holds to it;
+// naga does not).
 fn segment_factor(j: u32) -> f32 {
-    let inside = vec4<u32>(j) >= p.seg_start & vec4<u32>(j) < p.seg_end
-        & vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.n_segments);
+    let inside = (vec4<u32>(j) >= p.seg_start) & (vec4<u32>(j) < p.seg_end)
+        & (vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.n_segments));
     var f = 1.0;
     f = select(f, p.seg_factor[3], inside[3]);
     f = select(f, p.seg_factor[2], inside[2]);

@@ -78,7 +78,10 @@ const REMOVED_BELOW: f32 = -1.0e38;
 // 2^−126·N·max|v|. Removed keys weigh exactly 0 and add nothing.
 const MIN_WEIGHT: f32 = 1.1754943508222875e-38;
 
-// −∞ for LSE of rows that saw no key (built at run time: WGSL has no infinite literals).
+// −∞ for LSE of rows that saw no key, built at run time: WGSL has no infinite literals, and
+// Chromium's compiler (Tint) rejects a constant expression that evaluates to one, such as
+// `bitcast<f32>(0xff800000u)`. A variable's value is no constant expression.
 fn neg_inf() -> f32 {
-    return bitcast<f32>(0xff800000u);
+    var bits = 0xff800000u;
+    return bitcast<f32>(bits);
 }

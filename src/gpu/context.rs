@@ -35,6 +35,26 @@ pub struct Context {
     /// Buffers and bind groups xattn has created on this device (see
     /// [`Context::objects_created`]).
     created: Arc<AtomicU64>,
+    /// On the web, the error scopes [`Context::scoped`] popped whose verdicts are still
+    /// promises; [`Context::settle`] awaits them.
+    #[cfg(target_arch = "wasm32")]
+    unsettled: Unsettled,
+}
+
+/// Error-scope verdicts not yet awaited (the web's scopes pop asynchronously).
+#[cfg(target_arch = "wasm32")]
+#[derive(Clone, Default)]
+struct Unsettled(Arc<Mutex<Vec<ScopeVerdict>>>);
+
+#[cfg(target_arch = "wasm32")]
+type ScopeVerdict = std::pin::Pin<Box<dyn std::future::Future<Output = Option<wgpu::Error>>>>;
+
+#[cfg(target_arch = "wasm32")]
+impl std::fmt::Debug for Unsettled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().unwrap_or_else(|p| p.into_inner()).len();
+        write!(f, "Unsettled({n} scopes)")
+    }
 }
 
 /// xattn's lock on a GL device, `None` elsewhere. wgpu's GL backend takes its one context
@@ -139,6 +159,7 @@ pub fn instance() -> wgpu::Instance {
 }
 
 /// Every adapter the instance can see on the backends `WGPU_BACKEND` allows.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn adapters() -> Vec<wgpu::Adapter> {
     let instance = instance();
     pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
@@ -154,35 +175,52 @@ fn backend_filter() -> String {
 impl Context {
     /// Opens the default adapter: `WGPU_ADAPTER_NAME` (substring, case-insensitive) picks
     /// one by name, `WGPU_BACKEND` restricts the backends, `WGPU_POWER_PREF` the preference.
+    /// Blocks until the device is open; on the web, where nothing may block, there is only
+    /// [`Context::new_async`].
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn new() -> Result<Self> {
+        pollster::block_on(Self::new_async())
+    }
+
+    /// [`Context::new`] as a future: the way to open a device in a browser (WebGPU's adapter
+    /// and device requests are promises), where the environment variables are never set.
+    pub async fn new_async() -> Result<Self> {
         let instance = instance();
         let adapter = match std::env::var("WGPU_ADAPTER_NAME") {
             Ok(want) => {
                 let want_lc = want.to_lowercase();
-                pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+                instance
+                    .enumerate_adapters(wgpu::Backends::all())
+                    .await
                     .into_iter()
                     .find(|a| a.get_info().name.to_lowercase().contains(&want_lc))
                     .ok_or_else(|| Error::NoAdapter {
                         detail: format!(" named like WGPU_ADAPTER_NAME={want}{}", backend_filter()),
                     })?
             }
-            Err(_) => pollster::block_on(
-                instance.request_adapter(&wgpu::RequestAdapterOptions {
+            Err(_) => instance
+                .request_adapter(&wgpu::RequestAdapterOptions {
                     power_preference: wgpu::PowerPreference::from_env()
                         .unwrap_or(wgpu::PowerPreference::HighPerformance),
                     ..Default::default()
-                }),
-            )
-            .map_err(|e| Error::NoAdapter {
-                detail: format!("{} ({e})", backend_filter()),
-            })?,
+                })
+                .await
+                .map_err(|e| Error::NoAdapter {
+                    detail: format!("{} ({e})", backend_filter()),
+                })?,
         };
-        Self::from_adapter(&adapter)
+        Self::from_adapter_async(&adapter).await
     }
 
     /// Opens a device on the given adapter with all of its limits and the features xattn uses;
     /// with `XATTN_MATRIX_UNITS=1` also its matrix units, where it reports them.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
+        pollster::block_on(Self::from_adapter_async(adapter))
+    }
+
+    /// [`Context::from_adapter`] as a future (the web's only way).
+    pub async fn from_adapter_async(adapter: &wgpu::Adapter) -> Result<Self> {
         let info = adapter.get_info();
         let mut features = adapter.features() & WANTED_FEATURES;
         let matrix = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
@@ -202,18 +240,20 @@ impl Context {
         } else {
             wgpu::ExperimentalFeatures::disabled()
         };
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("xattn.device"),
-            required_features: features,
-            required_limits: adapter.limits(),
-            experimental_features,
-            memory_hints: wgpu::MemoryHints::Performance,
-            ..Default::default()
-        }))
-        .map_err(|e| Error::RequestDevice {
-            adapter: info.name.clone(),
-            reason: e.to_string(),
-        })?;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("xattn.device"),
+                required_features: features,
+                required_limits: adapter.limits(),
+                experimental_features,
+                memory_hints: wgpu::MemoryHints::Performance,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::RequestDevice {
+                adapter: info.name.clone(),
+                reason: e.to_string(),
+            })?;
         let mut ctx = Self::wrap(device, queue);
         ctx.matrix_configs = matrix_configs;
         ctx.watch_device();
@@ -253,6 +293,8 @@ impl Context {
             queue,
             fault: Arc::default(),
             created: Arc::default(),
+            #[cfg(target_arch = "wasm32")]
+            unsettled: Unsettled::default(),
         }
     }
 
@@ -287,6 +329,11 @@ impl Context {
     /// first error they caught, else `work`'s result. wgpu's scopes are per thread, so
     /// another thread's errors, the caller's own included, never land here.
     ///
+    /// On the web a scope's verdict is a promise, and nothing may block on it: the scopes are
+    /// popped here and their verdicts reported by the call's [`Context::settle`] (the end of
+    /// every `_async` call), so an error still reaches the call that caused it, one await
+    /// later.
+    ///
     /// On wgpu's GL backend the work of xattn's calls is also serialized: that backend holds
     /// one context lock across a blocking wait, and a thread that waits more than 6 s for it
     /// panics inside wgpu (wgpu-hal's `CONTEXT_LOCK_TIMEOUT_SECS`); threads queue here
@@ -300,17 +347,44 @@ impl Context {
         ]
         .map(|filter| self.device.push_error_scope(filter));
         let result = work();
-        let mut caught = None;
         // Scopes pop innermost first.
-        for scope in scopes.into_iter().rev() {
-            if let Some(e) = pollster::block_on(scope.pop()) {
-                caught.get_or_insert(Error::Gpu(e.to_string()));
+        let popped = scopes.into_iter().rev().map(|scope| scope.pop());
+        #[cfg(target_arch = "wasm32")]
+        {
+            let mut unsettled = self.unsettled.0.lock().unwrap_or_else(|p| p.into_inner());
+            unsettled.extend(popped.map(|verdict| Box::pin(verdict) as ScopeVerdict));
+            result
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            // Every scope pops before the first error is reported.
+            let caught: Vec<wgpu::Error> = popped.filter_map(pollster::block_on).collect();
+            match caught.into_iter().next() {
+                Some(e) => Err(Error::Gpu(e.to_string())),
+                None => result,
             }
         }
-        match caught {
-            Some(e) => Err(e),
-            None => result,
+    }
+
+    /// Reports the first device error of xattn's calls not yet reported: on the web, the
+    /// verdicts of the error scopes [`Context::scoped`] popped (awaited here); everywhere,
+    /// what the device recorded outside any scope since the last check.
+    pub(crate) async fn settle(&self) -> Result<()> {
+        #[cfg(target_arch = "wasm32")]
+        {
+            let verdicts =
+                std::mem::take(&mut *self.unsettled.0.lock().unwrap_or_else(|p| p.into_inner()));
+            let mut caught = None;
+            for verdict in verdicts {
+                if let Some(e) = verdict.await {
+                    caught.get_or_insert(Error::Gpu(e.to_string()));
+                }
+            }
+            if let Some(e) = caught {
+                return Err(e);
+            }
         }
+        self.take_fault()
     }
 
     /// On the GL backend, xattn's lock on the device (see [`Context::scoped`]).
@@ -331,6 +405,18 @@ impl Context {
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::DeviceLost(e.to_string()))?;
         self.take_fault()
+    }
+
+    /// Whether a read of the device's memory may block until it arrives: not on the web,
+    /// where the browser runs a mapping's callback only after the calling task returns. There
+    /// `what` is refused with the async call to use instead.
+    pub(crate) fn blocking_read_allowed(&self, what: &str, instead: &str) -> Result<()> {
+        if cfg!(target_arch = "wasm32") {
+            return Err(Error::Unsupported(format!(
+                "{what} waits for the device, which a browser does not allow: use {instead}"
+            )));
+        }
+        Ok(())
     }
 
     /// The error the device recorded since the last check, if any (without waiting).

@@ -44,6 +44,7 @@ impl GpuTimer {
 
     /// Milliseconds between the first pass's start and the last pass's end of the last run.
     pub fn read_ms(&self, ctx: &Context) -> Result<f64> {
+        ctx.blocking_read_allowed("reading GPU timestamps", "the host clock")?;
         ctx.scoped(|| {
             let staging = ctx.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("xattn.timer.read"),

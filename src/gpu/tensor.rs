@@ -330,6 +330,8 @@ impl Tensor {
 
     /// The stored bytes.
     pub(crate) fn to_host_bytes(&self) -> Result<Vec<u8>> {
+        self.ctx
+            .blocking_read_allowed("Tensor::to_host", "Tensor::to_host_async")?;
         self.ctx.scoped(|| {
             let staging = self.stage();
             let (tx, rx) = std::sync::mpsc::channel();
@@ -362,7 +364,7 @@ impl Tensor {
             Ok((staging, (done, mapped)))
         })?;
         done.await;
-        self.ctx.take_fault()?;
+        self.ctx.settle().await?;
         let outcome = mapped.lock().unwrap_or_else(|p| p.into_inner()).take();
         let bytes = read_mapped(&staging, outcome);
         let _serial = self.ctx.serial();
