@@ -32,6 +32,11 @@
 //!   0 for a node without kept edges), each weight `P = exp(logit − LSE)` rebuilt from Q, K
 //!   and the LSE, never stored;
 //! - work and memory grow with E·d, never with M·N: no mask and no score matrix exist.
+//!
+//! Topology features for GTAT's graph cross-attention, each node's graphlet-orbit counts, come
+//! from [`orbits::graphlet_orbits`] (on the host).
+
+pub mod orbits;
 
 use std::collections::HashMap;
 
