@@ -26,6 +26,10 @@
 //! 7. Its tests: the planner's specializations reach `tests/shaders.rs` through
 //!    `all_kernels`, the twin and the device through `tests/cpu_twins.rs` and the path's own
 //!    test file.
+//!
+//! Workgroup memory starts undefined: pipelines are made without wgpu's zero-fill
+//! (`gpu::pipelines`, where the reason is), so a kernel writes every workgroup element it
+//! reads — tiles whole, padding included; flags and sums set by the kernel — before a barrier.
 
 use std::fmt;
 
