@@ -52,11 +52,15 @@ use crate::gpu::tensor::Tensor;
 use crate::plan::shard::{even_cuts, lv_holder, ring_shard, Tile};
 use crate::shape::{check_len, AttnShape};
 
+mod backward;
 mod layer;
 
+pub use backward::ShardedGrads;
 pub use layer::ShardedLayer;
 
-pub use crate::plan::shard::{lv_bytes, ring_bytes, star_bytes, RowBytes, Split, Traffic};
+pub use crate::plan::shard::{
+    backward_bytes, lv_bytes, ring_bytes, star_bytes, RowBytes, Split, Traffic,
+};
 
 /// Attention over several devices, K and V split along the key axis (see the [module
 /// docs](self)).
@@ -168,14 +172,18 @@ pub(crate) fn block_partial(
     tile: Tile,
     opts: &Attention,
 ) -> Result<(Tensor, Tensor)> {
+    let out = engine.attention(q, k, v, &block_options(s, tile, opts))?;
+    Ok((out.o, out.lse))
+}
+
+/// The whole call's options `opts` made those of `tile`'s block: its masks in global
+/// positions, the whole call's scale, O in f32.
+fn block_options(s: &AttnShape, tile: Tile, opts: &Attention) -> Attention {
     let masking = tile.masking(s, opts.masking());
-    let block_opts = opts
-        .clone()
+    opts.clone()
         .with_scale(opts.scale_for(s.d_k))
         .with_out_dtype(DType::F32)
-        .with_masking(masking);
-    let out = engine.attention(q, k, v, &block_opts)?;
-    Ok((out.o, out.lse))
+        .with_masking(masking)
 }
 
 /// A running partial result on one device: O `[batch, rows, q_heads, d_v]` f32 and LSE

@@ -10,12 +10,13 @@ use std::sync::OnceLock;
 use common::layer::{layer_tolerance, random_weights, reference_layer};
 use common::*;
 use rand::{Rng, SeedableRng};
+use xattn::cpu::budget::grad_budget;
 use xattn::cpu::reference;
 use xattn::mask::Block;
 use xattn::mha::MhaWeights;
 use xattn::shard::{
-    lv_bytes, ring_bytes, star_bytes, RowBytes, ShardedAttention, ShardedLayer, ShardedOutput,
-    Split,
+    backward_bytes, lv_bytes, ring_bytes, star_bytes, RowBytes, ShardedAttention, ShardedGrads,
+    ShardedLayer, ShardedOutput, Split,
 };
 use xattn::{
     Alignment, Attention, AttnShape, Context, DType, Engine, Error, MhaConfig, MhaOptions,
@@ -569,4 +570,172 @@ fn the_sharded_layer_refuses_weights_and_bad_shapes() {
         .forward(&q, &k, &k, (1, 3, 8), &MhaOptions::default(), 2)
         .unwrap_err();
     assert!(matches!(err, Error::Argument(_)), "{err}");
+}
+
+/// The sharded backward of `(q, k, v, d_o)` (inputs as stored in `dtype`) fed the one-device
+/// forward's O and LSE, against the f64 reference backward and the one-device backward; its
+/// byte counters against [`backward_bytes`].
+fn check_sharded_backward(
+    what: &str,
+    engines: &[&Engine],
+    split: Split,
+    dtype: DType,
+    s: &AttnShape,
+    (q, k, v, d_o): (&[f32], &[f32], &[f32], &[f32]),
+    opts: &Attention,
+) {
+    let (fwd, single) = engines[0]
+        .attention_backward_host((q, s.q_dims()), (k, s.k_dims()), (v, s.v_dims()), d_o, opts)
+        .unwrap_or_else(|e| panic!("{what} one device: {e}"));
+    let sharded = ShardedAttention::new(engines, split)
+        .unwrap()
+        .with_dtype(dtype);
+    let kv = sharded.upload_kv(k, v, s).unwrap();
+    let got = sharded
+        .backward_kv(q, &kv, (&fwd.o, &fwd.lse), d_o, s, opts)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let scale = opts.scale_for(s.d_k);
+    let want = reference::attention_backward(s, (q, k, v), d_o, f64::from(scale), opts.masking());
+    let b = grad_budget(s, scale, (q, k, v, d_o), opts.masking());
+    // The f32 sum of R partial dQs: (R − 1)·ε·Σ_s|dQ_s|, Σ_s|dQ_s| ≤ 2·d_v·max|dO|·max|V|·
+    // |scale|·slope·max|K| (the segments' largest factor scales the logits).
+    let slope = opts
+        .masking()
+        .segments
+        .iter()
+        .fold(1.0f64, |a, g| a.max(f64::from(g.factor.abs())));
+    let sum_bound = (engines.len() - 1) as f64
+        * f64::from(f32::EPSILON)
+        * 2.0
+        * s.d_v as f64
+        * amax(d_o)
+        * amax(v)
+        * f64::from(scale.abs())
+        * slope
+        * amax(k);
+    let (dk, dv) = got.gathered_kv();
+    for (name, got, want, one, tol) in [
+        ("dQ", &got.dq, &want.dq, &single.dq, b.dq + sum_bound),
+        ("dK", &dk, &want.dk, &single.dk, b.dk),
+        ("dV", &dv, &want.dv, &single.dv, b.dv),
+    ] {
+        assert_close(&format!("{what} {name}"), got, want, tol);
+        // Both within their budgets of the reference, so within the sum of each other.
+        let one: Vec<f64> = one.iter().map(|&x| f64::from(x)).collect();
+        assert_close(
+            &format!("{what} {name} vs one device"),
+            got,
+            &one,
+            2.0 * tol,
+        );
+    }
+    let keys: Vec<usize> = got.cuts.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(
+        got.traffic,
+        backward_bytes(s, dtype, &keys),
+        "{what}: bytes"
+    );
+}
+
+#[test]
+fn gradients_sharded_match_the_reference_and_one_device() {
+    let Some(all) = engines() else { return };
+    for (i, (name, s, opts)) in mask_cases().into_iter().enumerate() {
+        let r = 2 + i % 3;
+        let engines: Vec<&Engine> = all[..r].iter().collect();
+        let (q, k, v) = qkv(&s, 1.0, 5100 + i as u64);
+        let d_o = random(s.o_dims().iter().product(), 1.0, 5200 + i as u64);
+        // Even shards for the first of each three cases, then seeded uneven ones, with an
+        // empty shard every other time.
+        let split = if i % 3 == 0 {
+            Split::Even
+        } else {
+            Split::At(uneven(s.n, r, i % 2 == 0, 177 + i as u64))
+        };
+        let what = format!("{name} {s} R={r} {split:?}");
+        check_sharded_backward(
+            &what,
+            &engines,
+            split,
+            DType::F32,
+            &s,
+            (&q, &k, &v, &d_o),
+            &opts,
+        );
+    }
+}
+
+#[test]
+fn gradients_sharded_with_half_inputs_gqa_and_global_diagonals() {
+    let Some(all) = engines() else { return };
+    let s = shape(2, 37, 150, 4, 2, 16);
+    let opts = Attention::default()
+        .with_causal(Alignment::BottomRight)
+        .with_kv_lens(vec![150, 71])
+        .with_bias([1, 1, 1, 150], random(150, 1.0, 5301));
+    for (c, dtype) in [DType::F32, DType::F16, DType::Bf16]
+        .into_iter()
+        .enumerate()
+    {
+        // The reference reads the inputs as stored.
+        let round = |x: Vec<f32>| x.iter().map(|&y| dtype.round(y)).collect::<Vec<f32>>();
+        let (q, k, v) = qkv(&s, 1.0, 5300 + c as u64);
+        let (q, k, v) = (round(q), round(k), round(v));
+        let d_o = random(s.o_dims().iter().product(), 1.0, 5310 + c as u64);
+        let r = 2 + c;
+        let engines: Vec<&Engine> = all[..r].iter().collect();
+        let split = Split::At(uneven(s.n, r, c > 0, 5320 + c as u64));
+        check_sharded_backward(
+            &format!("{dtype} R={r} {split:?}"),
+            &engines,
+            split,
+            dtype,
+            &s,
+            (&q, &k, &v, &d_o),
+            &opts,
+        );
+    }
+}
+
+#[test]
+fn sharded_gradients_from_host_slices_and_their_errors() {
+    let Some(all) = engines() else { return };
+    let engines: Vec<&Engine> = all[..3].iter().collect();
+    let s = shape(2, 9, 70, 4, 2, 8);
+    let (q, k, v) = qkv(&s, 1.0, 5400);
+    let d_o = random(s.o_dims().iter().product(), 1.0, 5401);
+    let opts = Attention::default().with_causal(Alignment::TopLeft);
+    let sharded = ShardedAttention::new(&engines, Split::At(vec![0, 30, 30, 70])).unwrap();
+    let fwd = sharded.attention(&q, &k, &v, &s, &opts, 1).unwrap();
+    let ol = (&fwd.o[..], &fwd.lse[..]);
+    let a = sharded.backward(&q, &k, &v, ol, &d_o, &s, &opts).unwrap();
+    let kv = sharded.upload_kv(&k, &v, &s).unwrap();
+    let b = sharded.backward_kv(&q, &kv, ol, &d_o, &s, &opts).unwrap();
+    assert_eq!((&a.dq, &a.dk, &a.dv), (&b.dq, &b.dk, &b.dv));
+    // Host slices load K and V each call.
+    let kv_bytes = (s.batch * s.n * s.kv_heads * (s.d_k + s.d_v) * 4) as u64;
+    let loaded = |g: &ShardedGrads| g.traffic.iter().map(|t| t.loaded).sum::<u64>();
+    assert_eq!(loaded(&a), loaded(&b) + kv_bytes);
+    assert!(a.dk[1].is_empty() && a.dv[1].is_empty(), "the empty shard");
+    let bias = opts.clone().with_bias([1, 1, 1, 70], random(70, 1.0, 5402));
+    for (name, got) in [
+        (
+            "bias gradient",
+            sharded.backward_kv(&q, &kv, ol, &d_o, &s, &bias.with_bias_grad()),
+        ),
+        (
+            "short LSE",
+            sharded.backward_kv(&q, &kv, (ol.0, &ol.1[1..]), &d_o, &s, &opts),
+        ),
+        (
+            "short dO",
+            sharded.backward_kv(&q, &kv, ol, &d_o[1..], &s, &opts),
+        ),
+        (
+            "dropout",
+            sharded.backward_kv(&q, &kv, ol, &d_o, &s, &opts.clone().with_dropout(0.1, 1, 0)),
+        ),
+    ] {
+        assert!(got.is_err(), "{name}: {got:?}");
+    }
 }

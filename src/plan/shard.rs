@@ -227,6 +227,27 @@ pub fn star_bytes(b: RowBytes, m: usize, keys: &[usize], out: usize) -> Vec<Traf
     t
 }
 
+/// Bytes of the sharded backward on resident K/V ([`crate::shard::ShardedAttention::backward_kv`]):
+/// each device holding keys loads Q (in `dtype`), O, dO and the LSE of all M rows (f32) and
+/// returns its partial dQ over all rows and its keys' dK and dV (f32); nothing moves between
+/// devices.
+pub fn backward_bytes(s: &AttnShape, dtype: DType, keys: &[usize]) -> Vec<Traffic> {
+    let b = RowBytes::of(s, dtype);
+    let m = s.m as u64;
+    let dq_row = (s.batch * s.q_heads * s.d_k) as u64 * 4;
+    let dkv_key = (s.batch * s.kv_heads * (s.d_k + s.d_v)) as u64 * 4;
+    keys.iter()
+        .map(|&n| match n as u64 {
+            0 => Traffic::default(),
+            n => Traffic {
+                loaded: m * (b.q + 2 * b.o + b.lse),
+                returned: m * dq_row + n * dkv_key,
+                ..Traffic::default()
+            },
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
