@@ -2,11 +2,16 @@
 //! device, LV-XAttn, Ring Attention), counted and modelled, with the median time of each on
 //! this machine's devices (R devices opened on the default adapter) next to one device's.
 //!
+//! The sharded backward's bytes loaded and returned per device follow (d_v = d_k, so Q
+//! stands in for dO).
+//!
 //! `cargo run --release --example shard_bytes [M N heads d]`
 
 use std::time::Instant;
 
-use xattn::shard::{lv_bytes, ring_bytes, star_bytes, RowBytes, ShardedAttention, Split};
+use xattn::shard::{
+    backward_bytes, lv_bytes, ring_bytes, star_bytes, RowBytes, ShardedAttention, Split,
+};
 use xattn::{Attention, AttnShape, Context, DType, Engine};
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -92,6 +97,23 @@ fn main() -> xattn::Result<()> {
                     "counted = model"
                 );
             }
+        }
+        // The backward of the merge schedule's result: loads and returns only (see
+        // `backward_bytes`), timed once.
+        let out = sharded.attention_kv(&q, &kv, &s, &opts, 0)?;
+        let t = Instant::now();
+        let g = sharded.backward_kv(&q, &kv, (&out.o, &out.lse), &q, &s, &opts)?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        assert_eq!(
+            g.traffic,
+            backward_bytes(&s, DType::F32, &keys),
+            "counted = model"
+        );
+        for (p, c) in g.traffic.iter().enumerate() {
+            println!(
+                "| {r} | backward | {p} | loaded {} | returned {} | 0 | 0 | {ms:.1} |",
+                c.loaded, c.returned
+            );
         }
     }
     Ok(())

@@ -28,6 +28,10 @@
 //! ranks, so a transport between processes replaces `carry` and keeps the rest. Counters of the bytes each device sent and
 //! received come with every result ([`ShardedOutput::traffic`]) and equal the byte models.
 //!
+//! [`ShardedAttention::backward`] (and [`ShardedAttention::backward_kv`]) splits exactly by key
+//! shard too: each device runs the backward of its keys with the whole call's O, LSE and dO;
+//! dK and dV stay per shard, the partial dQs are summed in f32 ([`ShardedGrads`]).
+//!
 //! [`ShardedLayer`] is the multi-head layer on the same schedule: each device projects the
 //! source rows it holds, so K/V are never gathered; the merging device projects Q and applies W^O.
 //!
