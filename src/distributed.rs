@@ -74,6 +74,10 @@ use crate::shard::{block_partial, check_call, put_axis, slice_axis};
 #[cfg(doc)]
 use crate::plan::shard::{lv_bytes, ring_bytes};
 
+mod backward;
+
+pub use backward::RankGrads;
+
 /// The `mpi` crate this module is built on: communicators and `mpi::initialize` come from it,
 /// re-exported so that a program uses the same version.
 pub use mpi;
@@ -136,7 +140,7 @@ fn agree_on<C: Communicator, T>(comm: &C, local: Result<T>, facts: &[u64]) -> Re
             ranks,
             reason: format!(
                 "the call differs from rank 0's (batch, M, N, q_heads, kv_heads, d_k, d_v, \
-                 type, mode, out: {:?} there, {:?} on rank 0)",
+                 type, mode, out, backward: {:?} there, {:?} on rank 0)",
                 &rows[rank][1..],
                 &rows[0][1..]
             ),
@@ -172,10 +176,18 @@ pub struct RankOutput {
     pub o: Vec<f32>,
     /// LSE `[batch, q_heads, M]` on rank `out`; empty elsewhere.
     pub lse: Vec<f32>,
+    /// What this rank moved and where its time went.
+    pub cost: RankCost,
+}
+
+/// What one rank of a distributed call moved and where its time went.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RankCost {
     /// Bytes this rank sent to and received from the other ranks (`loaded` and `returned`
     /// stay 0: the caller's inputs are already on the rank).
     pub traffic: Traffic,
-    /// Time on the device: uploads, the block's attention, the merge, the download.
+    /// Time on the device: uploads, the block's attention (or backward), the merge, the
+    /// download.
     pub compute: Duration,
     /// Time blocked on transfers after the compute of a step (and on the final gather).
     pub wait: Duration,
@@ -188,6 +200,7 @@ pub struct RankOutput {
 const TAG_A: i32 = 1;
 const TAG_B: i32 = 2;
 const TAG_DONE: i32 = 3;
+const TAG_KEYS: i32 = 4;
 
 /// A running partial on the host: O `[batch, rows, q_heads, d_v]` and LSE `[batch, q_heads,
 /// rows]`, f32.
@@ -297,6 +310,58 @@ impl<'c, C: Communicator> RankAttention<'c, C> {
         self.upload_kv(&keys(k, s.d_k), &keys(v, s.d_v), s)
     }
 
+    /// The inverse of [`RankAttention::upload_kv_of_whole`] for a per-key result such as
+    /// [`RankGrads::dk`]: every rank's `part` `[batch, n1 − n0, width]` of its keys sent to
+    /// rank `out`, which returns the whole `[batch, N, width]`; the others return an empty
+    /// vector. Collective (the ranks first agree on the call, as [`RankAttention::attention`]
+    /// does); not counted in any [`RankCost`].
+    pub fn gather_keys(
+        &self,
+        part: &[f32],
+        width: usize,
+        s: &AttnShape,
+        out: usize,
+    ) -> Result<Vec<f32>> {
+        let keys = |p: usize| self.cuts[p + 1] - self.cuts[p];
+        let local = self.check_n(s).and_then(|()| {
+            check_len(
+                "the keys' part",
+                &[s.batch, keys(self.rank()), width],
+                part.len(),
+            )?;
+            if out >= self.ranks() {
+                return Err(Error::Argument(format!(
+                    "the keys are gathered on rank {out}, but there are {} ranks",
+                    self.ranks()
+                )));
+            }
+            Ok(())
+        });
+        let facts = [s.batch, s.n, width, out].map(|x| x as u64);
+        agree_on(self.comm, local, &facts)?;
+        if self.rank() != out {
+            let bytes = wire(DType::F32, part);
+            self.comm
+                .process_at_rank(out as i32)
+                .send_with_tag(&bytes[..], TAG_KEYS);
+            return Ok(Vec::new());
+        }
+        let mut whole = vec![f32::NAN; s.batch * s.n * width];
+        for p in 0..self.ranks() {
+            let data = if p == out {
+                part.to_vec()
+            } else {
+                let mut bytes = vec![0u8; s.batch * keys(p) * width * 4];
+                self.comm
+                    .process_at_rank(p as i32)
+                    .receive_into_with_tag(&mut bytes[..], TAG_KEYS);
+                DType::F32.decode(&bytes, bytes.len() / 4)
+            };
+            put_axis(&mut whole, (s.batch, s.n, width), self.cuts[p], &data);
+        }
+        Ok(whole)
+    }
+
     fn check_n(&self, s: &AttnShape) -> Result<()> {
         let n = self.cuts[self.ranks()];
         if s.n != n {
@@ -322,13 +387,7 @@ impl<'c, C: Communicator> RankAttention<'c, C> {
         out: usize,
     ) -> Result<RankOutput> {
         let local = self.check(q, kv, s, opts, out);
-        let facts = [s.batch, s.m, s.n, s.q_heads, s.kv_heads, s.d_k, s.d_v].map(|x| x as u64);
-        let facts = [
-            &facts[..],
-            &[self.dtype.size(), mode as u64, out as u64][..],
-        ]
-        .concat();
-        agree_on(self.comm, local, &facts)?;
+        agree_on(self.comm, local, &self.facts(s, mode, out, false))?;
         let mut ring = RingState {
             moved: mode == Mode::Lv,
             ..RingState::default()
@@ -343,11 +402,21 @@ impl<'c, C: Communicator> RankAttention<'c, C> {
         Ok(RankOutput {
             o,
             lse,
-            traffic: ring.traffic,
-            compute: ring.compute,
-            wait: ring.wait,
-            overlapped: ring.overlapped,
+            cost: ring.cost,
         })
+    }
+
+    /// What every rank of one call gives alike (checked by [`agree_on`]): the shape, the
+    /// stored type, the mode, the gathering rank and whether the call is a backward.
+    fn facts(&self, s: &AttnShape, mode: Mode, out: usize, backward: bool) -> Vec<u64> {
+        let dims = [s.batch, s.m, s.n, s.q_heads, s.kv_heads, s.d_k, s.d_v];
+        let call = [
+            self.dtype.size(),
+            mode as u64,
+            out as u64,
+            u64::from(backward),
+        ];
+        dims.iter().map(|&x| x as u64).chain(call).collect()
     }
 
     fn check(
@@ -462,7 +531,7 @@ impl<'c, C: Communicator> RankAttention<'c, C> {
                     None
                 } else {
                     ring.sent(q_held.len(), true);
-                    ring.traffic.received += q_next.len() as u64;
+                    ring.received(q_next.len());
                     Some((
                         next.immediate_send_with_tag(sc, &q_held[..], TAG_A),
                         prev.immediate_receive_into_with_tag(sc, &mut q_next[..], TAG_A),
@@ -470,13 +539,13 @@ impl<'c, C: Communicator> RankAttention<'c, C> {
                 };
                 let t = Instant::now();
                 let stepped = self.step(&q_held, kv.shard.as_ref(), s, tile, opts, run.take());
-                ring.compute += t.elapsed();
+                ring.cost.compute += t.elapsed();
                 let t = Instant::now();
                 if let Some((send, receive)) = q_reqs {
                     send.wait();
                     receive.wait();
                 }
-                ring.wait += t.elapsed();
+                ring.cost.wait += t.elapsed();
                 stepped
             })?;
             let stepped = stepped.unwrap_or_else(|| Run::nothing(s, tile.rows.1 - tile.rows.0));
@@ -486,7 +555,7 @@ impl<'c, C: Communicator> RankAttention<'c, C> {
             // The running O and LSE are this step's result: they move after it.
             let sending = stepped.bytes();
             ring.sent(sending.len(), false);
-            ring.traffic.received += run_next.len() as u64;
+            ring.received(run_next.len());
             let t = Instant::now();
             send_receive_into_with_tags(
                 &sending[..],
@@ -496,7 +565,7 @@ impl<'c, C: Communicator> RankAttention<'c, C> {
                 &prev,
                 TAG_B,
             );
-            ring.wait += t.elapsed();
+            ring.cost.wait += t.elapsed();
             q_held = q_next;
             run = Some(Run::from_bytes(&run_next, s, n_next));
         }
@@ -546,7 +615,7 @@ impl<'c, C: Communicator> RankAttention<'c, C> {
                     None
                 } else {
                     ring.sent(k_held.len() + v_held.len(), true);
-                    ring.traffic.received += (k_next.len() + v_next.len()) as u64;
+                    ring.received(k_next.len() + v_next.len());
                     Some([
                         next.immediate_send_with_tag(sc, &k_held[..], TAG_A),
                         next.immediate_send_with_tag(sc, &v_held[..], TAG_B),
@@ -573,12 +642,12 @@ impl<'c, C: Communicator> RankAttention<'c, C> {
                     };
                     self.step(&q_mine, held.as_ref(), s, tile, opts, run.take())
                 })();
-                ring.compute += t.elapsed();
+                ring.cost.compute += t.elapsed();
                 let t = Instant::now();
                 for r in reqs.into_iter().flatten() {
                     r.wait();
                 }
-                ring.wait += t.elapsed();
+                ring.cost.wait += t.elapsed();
                 stepped
             })?;
             if !last {
@@ -602,43 +671,61 @@ impl<'c, C: Communicator> RankAttention<'c, C> {
     fn gather(
         &self,
         s: &AttnShape,
-        ((r0, _), run): ((usize, usize), Run),
+        (rows, run): ((usize, usize), Run),
         out: usize,
         ring: &mut RingState,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (p, r_n) = (self.rank(), self.ranks());
-        let t = Instant::now();
-        if p != out {
-            let bytes = run.bytes();
-            ring.sent(bytes.len(), false);
-            self.comm
-                .process_at_rank(out as i32)
-                .send_with_tag(&bytes[..], TAG_DONE);
-            ring.wait += t.elapsed();
+        let row_bytes = s.batch * s.q_heads * (s.d_v + 1) * 4;
+        let blocks = self.gather_blocks(s.m, (rows, run.bytes()), row_bytes, out, ring);
+        if blocks.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
         let mut o = vec![f32::NAN; s.o_dims().iter().product()];
         let mut lse = vec![f32::NAN; s.lse_dims().iter().product()];
-        let mut place = |r0: usize, run: &Run| {
+        for ((r0, r1), bytes) in blocks {
+            let run = Run::from_bytes(&bytes, s, r1 - r0);
             put_axis(&mut o, (s.batch, s.m, s.q_heads * s.d_v), r0, &run.o);
             put_axis(&mut lse, (s.batch * s.q_heads, s.m, 1), r0, &run.lse);
-        };
-        place(r0, &run);
+        }
+        Ok((o, lse))
+    }
+
+    /// Every rank's finished block of the M query rows (its rows and `row_bytes` bytes a row)
+    /// sent to rank `out`, which returns all of them (its own included); the others return
+    /// none.
+    fn gather_blocks(
+        &self,
+        m: usize,
+        (rows, bytes): ((usize, usize), Vec<u8>),
+        row_bytes: usize,
+        out: usize,
+        ring: &mut RingState,
+    ) -> Vec<((usize, usize), Vec<u8>)> {
+        let (p, r_n) = (self.rank(), self.ranks());
+        let t = Instant::now();
+        if p != out {
+            ring.sent(bytes.len(), false);
+            self.comm
+                .process_at_rank(out as i32)
+                .send_with_tag(&bytes[..], TAG_DONE);
+            ring.cost.wait += t.elapsed();
+            return Vec::new();
+        }
+        let mut blocks = vec![(rows, bytes)];
         // The block rank `from` ends with: LV's p + 1, Ring's p.
-        let row_cuts = even_cuts(s.m, r_n);
+        let row_cuts = even_cuts(m, r_n);
         for from in (0..r_n).filter(|&f| f != out) {
             let b = ring.block_of(from, r_n);
             let rows = (row_cuts[b], row_cuts[b + 1]);
-            let n_rows = rows.1 - rows.0;
-            let mut bytes = vec![0u8; n_rows * s.batch * s.q_heads * (s.d_v + 1) * 4];
+            let mut bytes = vec![0u8; (rows.1 - rows.0) * row_bytes];
             self.comm
                 .process_at_rank(from as i32)
                 .receive_into_with_tag(&mut bytes[..], TAG_DONE);
-            ring.traffic.received += bytes.len() as u64;
-            place(rows.0, &Run::from_bytes(&bytes, s, n_rows));
+            ring.received(bytes.len());
+            blocks.push((rows, bytes));
         }
-        ring.wait += t.elapsed();
-        Ok((o, lse))
+        ring.cost.wait += t.elapsed();
+        blocks
     }
 }
 
@@ -673,20 +760,21 @@ fn from_wire(
 /// What a ring counted and timed on one rank.
 #[derive(Default)]
 struct RingState {
-    traffic: Traffic,
-    compute: Duration,
-    wait: Duration,
-    overlapped: u64,
+    cost: RankCost,
     /// Whether the blocks moved (LV: each rank ends with block p + 1) or stayed (Ring).
     moved: bool,
 }
 
 impl RingState {
     fn sent(&mut self, bytes: usize, during_compute: bool) {
-        self.traffic.sent += bytes as u64;
+        self.cost.traffic.sent += bytes as u64;
         if during_compute {
-            self.overlapped += bytes as u64;
+            self.cost.overlapped += bytes as u64;
         }
+    }
+
+    fn received(&mut self, bytes: usize) {
+        self.cost.traffic.received += bytes as u64;
     }
 
     fn block_of(&self, rank: usize, ranks: usize) -> usize {

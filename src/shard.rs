@@ -59,11 +59,13 @@ use crate::shape::{check_len, AttnShape};
 mod backward;
 mod layer;
 
+#[cfg(feature = "mpi")]
+pub(crate) use backward::block_backward;
 pub use backward::ShardedGrads;
 pub use layer::ShardedLayer;
 
 pub use crate::plan::shard::{
-    backward_bytes, lv_bytes, ring_bytes, star_bytes, RowBytes, Split, Traffic,
+    backward_bytes, lv_backward_bytes, lv_bytes, ring_bytes, star_bytes, RowBytes, Split, Traffic,
 };
 
 /// Attention over several devices, K and V split along the key axis (see the [module

@@ -23,7 +23,8 @@ use crate::{CliError, CliResult};
 pub struct DistArgs {
     /// Run across the ranks of `mpirun -n R xattn ...` (built with `--features mpi`): rank p
     /// holds shard p of the keys and one device; every rank reads the whole inputs and takes
-    /// its shard, rank 0 writes --out (in the inputs' type, or --out-dtype) and --lse.
+    /// its shard, rank 0 writes the outputs (`run`: --out in the inputs' type, or --out-dtype,
+    /// and --lse; `grad`: --dq, --dk, --dv, the backward riding LV-XAttn's ring).
     #[arg(long)]
     pub distributed: bool,
     /// With --distributed: lv (LV-XAttn: query blocks and their running O and LSE move
@@ -61,6 +62,20 @@ pub struct RunInputs<'a> {
     pub lse: Option<&'a PathBuf>,
 }
 
+/// Where `xattn grad --distributed` writes the gradients, and whether in f32 (else in the
+/// inputs' type).
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+pub struct GradOutputs<'a> {
+    pub dq: Option<&'a PathBuf>,
+    pub dk: Option<&'a PathBuf>,
+    pub dv: Option<&'a PathBuf>,
+    pub f32: bool,
+}
+
+/// What `xattn grad` reads before a device is opened: the inputs, dO `[batch, M, heads, d_v]`
+/// and the forward's options.
+pub type GradInputs = (crate::inputs::Loaded, Vec<f32>, xattn::Attention);
+
 #[cfg(not(feature = "mpi"))]
 fn unavailable() -> CliError {
     CliError::usage(
@@ -72,6 +87,16 @@ fn unavailable() -> CliError {
 /// `xattn run --distributed`.
 #[cfg(not(feature = "mpi"))]
 pub fn run(_: &RunInputs, _: &DistArgs) -> CliResult<ExitCode> {
+    Err(unavailable())
+}
+
+/// `xattn grad --distributed`.
+#[cfg(not(feature = "mpi"))]
+pub fn grad(
+    _: impl FnOnce() -> CliResult<GradInputs>,
+    _: &GradOutputs,
+    _: &DistArgs,
+) -> CliResult<ExitCode> {
     Err(unavailable())
 }
 
@@ -91,7 +116,7 @@ pub struct Timed {
 }
 
 #[cfg(feature = "mpi")]
-pub use ranks::{bench, run};
+pub use ranks::{bench, grad, run};
 
 #[cfg(feature = "mpi")]
 mod ranks {
@@ -101,8 +126,8 @@ mod ranks {
     use mpi::traits::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
-    use xattn::distributed::{agree, Mode, RankAttention, RankKv, RankOutput};
-    use xattn::shard::{lv_bytes, ring_bytes, RowBytes, Split, Traffic};
+    use xattn::distributed::{agree, Mode, RankAttention, RankCost, RankKv};
+    use xattn::shard::{lv_backward_bytes, lv_bytes, ring_bytes, RowBytes, Split, Traffic};
     use xattn::{Attention, AttnShape, Context, DType, Engine};
 
     use super::*;
@@ -206,7 +231,7 @@ mod ranks {
             &ready.part,
             &s,
             (input.dtype, mode),
-            &out,
+            &out.cost,
             &format!("{ms:.1} ms"),
         );
         Ok(ExitCode::SUCCESS)
@@ -259,13 +284,117 @@ mod ranks {
             &ready.part,
             s,
             (dtype, mode),
-            &out,
+            &out.cost,
             &format!(
                 "median of {} runs {:.1} ms (the last run's counters and times below)",
                 timed.runs,
                 median.as_secs_f64() * 1e3
             ),
         );
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// `xattn grad --distributed`: the forward (LV-XAttn, O and LSE on rank 0, then given to
+    /// every rank), the backward along the same ring, dK and dV gathered on rank 0, which
+    /// writes the gradients asked for.
+    pub fn grad(
+        load: impl FnOnce() -> CliResult<GradInputs>,
+        targets: &GradOutputs,
+        dist: &DistArgs,
+    ) -> CliResult<ExitCode> {
+        let universe = universe()?;
+        let world = universe.world();
+        let ready = prepare(&world, |world| {
+            let (input, d_o, opts) = load()?;
+            let outputs = if world.rank() == 0 {
+                Some(Outputs::create(&[
+                    ("--dq", targets.dq),
+                    ("--dk", targets.dk),
+                    ("--dv", targets.dv),
+                ])?)
+            } else {
+                None
+            };
+            let engine = Engine::new(&Context::new()?);
+            let part = RankAttention::new(world, &engine, split(dist), input.shape.n)?
+                .with_dtype(input.dtype);
+            let kv = part.upload_kv_of_whole(&input.k, &input.v, &input.shape)?;
+            Ok(Ready {
+                part,
+                kv,
+                rest: (input, d_o, opts, outputs),
+            })
+        })?;
+        let (input, d_o, opts, outputs) = ready.rest;
+        let (s, part) = (input.shape, &ready.part);
+        let t0 = Instant::now();
+        let forward = part.attention(Mode::Lv, &input.q, &ready.kv, &s, &opts, 0)?;
+        // The backward needs the whole call's O and LSE on every rank (each reads its block).
+        let (mut o, mut lse) = (forward.o, forward.lse);
+        o.resize(s.o_dims().iter().product(), 0.0);
+        lse.resize(s.lse_dims().iter().product(), 0.0);
+        let root = world.process_at_rank(0);
+        root.broadcast_into(&mut o[..]);
+        root.broadcast_into(&mut lse[..]);
+        let t1 = Instant::now();
+        let g = part.backward(
+            Mode::Lv,
+            &input.q,
+            &ready.kv,
+            (&o, &lse),
+            &d_o,
+            &s,
+            &opts,
+            0,
+        )?;
+        let backward_ms = t1.elapsed().as_secs_f64() * 1e3;
+        let dk = part.gather_keys(&g.dk, s.kv_heads * s.d_k, &s, 0)?;
+        let dv = part.gather_keys(&g.dv, s.kv_heads * s.d_v, &s, 0)?;
+        let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+        if let Some(mut outputs) = outputs {
+            // Accumulated in f32; written in the inputs' type unless --grad-dtype f32.
+            let dtype = if targets.f32 { DType::F32 } else { input.dtype };
+            for (path, data, dims) in [
+                (targets.dq, g.dq.clone(), s.q_dims()),
+                (targets.dk, dk, s.k_dims()),
+                (targets.dv, dv, s.v_dims()),
+            ] {
+                if let Some(path) = path {
+                    let data = input.layout.data(data, dims);
+                    outputs.write_as(path, &data, &input.file_dims(dims), dtype)?;
+                }
+            }
+            outputs.commit()?;
+        }
+        let rows = block_rows(s.m, world.size() as usize);
+        let bytes = RowBytes::of(&s, input.dtype);
+        let what = |pass: &str, ms: f64| {
+            format!(
+                "{s} {} over {} ranks, lv, {pass}: {ms:.1} ms",
+                input.dtype,
+                rows.len()
+            )
+        };
+        let forward_ms = (t1 - t0).as_secs_f64() * 1e3;
+        let model = lv_bytes(bytes, &rows, 0);
+        report_table(
+            &world,
+            part.cuts(),
+            &forward.cost,
+            &model,
+            &what("forward", forward_ms),
+        );
+        let model = lv_backward_bytes(bytes, &rows, 0);
+        report_table(
+            &world,
+            part.cuts(),
+            &g.cost,
+            &model,
+            &what("backward", backward_ms),
+        );
+        if world.rank() == 0 {
+            eprintln!("xattn: forward, backward and gathers {total_ms:.1} ms");
+        }
         Ok(ExitCode::SUCCESS)
     }
 
@@ -281,26 +410,10 @@ mod ranks {
         part: &RankAttention<SimpleCommunicator>,
         s: &AttnShape,
         (dtype, mode): (DType, Mode),
-        out: &RankOutput,
+        cost: &RankCost,
         total: &str,
     ) {
-        let ranks = world.size() as usize;
-        let t = out.traffic;
-        let mine = [
-            t.sent,
-            t.received,
-            out.compute.as_micros() as u64,
-            out.wait.as_micros() as u64,
-            out.overlapped,
-        ];
-        let mut all = vec![0u64; mine.len() * ranks];
-        world.all_gather_into(&mine[..], &mut all[..]);
-        if world.rank() != 0 {
-            return;
-        }
-        let rows: Vec<usize> = (0..ranks)
-            .map(|p| (p + 1) * s.m / ranks - p * s.m / ranks)
-            .collect();
+        let rows = block_rows(s.m, world.size() as usize);
         let cuts = part.cuts();
         let keys: Vec<usize> = cuts.windows(2).map(|w| w[1] - w[0]).collect();
         let bytes = RowBytes::of(s, dtype);
@@ -308,7 +421,41 @@ mod ranks {
             Mode::Lv => lv_bytes(bytes, &rows, 0),
             Mode::Ring => ring_bytes(bytes, &rows, &keys, 0),
         };
-        eprintln!("xattn: {s} {dtype} over {ranks} ranks, {mode}: {total}");
+        let what = format!("{s} {dtype} over {} ranks, {mode}: {total}", rows.len());
+        report_table(world, cuts, cost, &model, &what);
+    }
+
+    /// The M query rows cut into one even block per rank, as the rings cut them.
+    fn block_rows(m: usize, ranks: usize) -> Vec<usize> {
+        (0..ranks)
+            .map(|p| (p + 1) * m / ranks - p * m / ranks)
+            .collect()
+    }
+
+    /// Rank 0 prints `what`, then one line per rank: its keys, bytes sent and received
+    /// (counted, and `model`'s), compute and waiting times and overlap. Collective.
+    fn report_table(
+        world: &SimpleCommunicator,
+        cuts: &[usize],
+        cost: &RankCost,
+        model: &[Traffic],
+        what: &str,
+    ) {
+        let ranks = world.size() as usize;
+        let t = cost.traffic;
+        let mine = [
+            t.sent,
+            t.received,
+            cost.compute.as_micros() as u64,
+            cost.wait.as_micros() as u64,
+            cost.overlapped,
+        ];
+        let mut all = vec![0u64; mine.len() * ranks];
+        world.all_gather_into(&mine[..], &mut all[..]);
+        if world.rank() != 0 {
+            return;
+        }
+        eprintln!("xattn: {what}");
         eprintln!(
             "rank  keys              sent B (model)            received B (model)        compute ms  wait ms  overlap"
         );

@@ -9,9 +9,10 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{ArgGroup, Args};
-use xattn::{Context, DType, Engine, Path, Tensor};
+use xattn::{Attention, Context, DType, Engine, Path, Tensor};
 
-use crate::inputs::{CallArgs, Extra, QkvArgs};
+use crate::distributed::{self, DistArgs, GradOutputs, ModeArg};
+use crate::inputs::{CallArgs, Extra, Loaded, QkvArgs};
 use crate::masks::MaskArgs;
 use crate::outputs::Outputs;
 use crate::precision::{check_range, OutDtype, PrecisionArgs};
@@ -67,6 +68,8 @@ pub struct GradArgs {
         help_heading = "Precision"
     )]
     grad_dtype: OutDtype,
+    #[command(flatten)]
+    dist: DistArgs,
 }
 
 /// Dropout of the attention weights, forward and backward.
@@ -101,49 +104,31 @@ fn parse_probability(s: &str) -> Result<f32, String> {
     }
 }
 
-/// Reads the inputs and dO, runs the forward and the backward on the default adapter, writes
-/// the gradients asked for.
+/// Reads the inputs and dO, runs the forward and the backward on the default adapter (or,
+/// with --distributed, across the ranks of `mpirun`), writes the gradients asked for.
 pub fn grad(args: &GradArgs) -> CliResult<ExitCode> {
-    let extras = [Extra {
-        flag: "--d-o",
-        path: &args.d_o,
-    }];
-    let mut input = args
-        .qkv
-        .load(&args.call, &args.masks, &args.precision, &extras)?;
-    let (shape, dtype) = (input.shape, input.dtype);
-    let d_o = input.extras.pop().expect("dO is read with q, k, v");
-    let d_o_shown = input.types[3].0.clone();
-    let o_dims = input.file_dims(shape.o_dims());
-    if d_o.shape != o_dims {
-        let (other, name) = input.other_o_dims();
-        let hint = if d_o.shape == other {
-            format!("; it is O's shape with --layout {name}: pass --layout {name}")
-        } else {
-            String::new()
+    if args.dist.distributed {
+        if args.dbias.is_some() || args.dropout.dropout.is_some() {
+            return Err(CliError::usage(
+                "--distributed computes dQ, dK and dV: --dbias and --dropout need the whole \
+                 source on one device",
+            ));
+        }
+        if args.dist.mode != ModeArg::Lv {
+            return Err(CliError::usage(
+                "the distributed backward runs LV-XAttn's schedule: --mode lv",
+            ));
+        }
+        let outputs = GradOutputs {
+            dq: args.dq.as_ref(),
+            dk: args.dk.as_ref(),
+            dv: args.dv.as_ref(),
+            f32: args.grad_dtype == OutDtype::F32,
         };
-        return Err(CliError::new(format!(
-            "{d_o_shown} has shape {:?}; dO has the shape of O, {o_dims:?} ([batch, M, heads, \
-             d_v] in --layout {}{}){hint}",
-            d_o.shape,
-            input.layout.name(),
-            if input.squeeze { ", without batch" } else { "" },
-        )));
+        return distributed::grad(|| load(args), &outputs, &args.dist);
     }
-    if args.dbias.is_some() && input.bias_shape.is_none() {
-        return Err(CliError::usage(
-            "--dbias needs a bias: give --bias (or a `bias` tensor in --qkv); a call without \
-             one has no dBias",
-        ));
-    }
-    // dO is stored in O's type: checked against its range, not the inputs'.
-    let o_dtype = args.precision.out_dtype().unwrap_or(dtype);
-    check_range(&d_o_shown, &d_o.data, &d_o.shape, o_dtype)?;
-    let d_o_data = input
-        .layout
-        .data(d_o.data, input.layout.dims(shape.o_dims()));
-
-    let mut opts = std::mem::take(&mut input.opts);
+    let (mut input, d_o_data, mut opts) = load(args)?;
+    let (shape, dtype) = (input.shape, input.dtype);
     if let Some(p) = args.dropout.dropout {
         opts = opts.with_dropout(
             p,
@@ -239,4 +224,51 @@ pub fn grad(args: &GradArgs) -> CliResult<ExitCode> {
         plan.path().name(),
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reads and checks q, k, v, dO and the options (everything that can be checked before a
+/// device is opened): the inputs, dO in the inputs' layout made [batch, M, heads, d_v], and
+/// the forward's options.
+fn load(args: &GradArgs) -> CliResult<(Loaded, Vec<f32>, Attention)> {
+    let extras = [Extra {
+        flag: "--d-o",
+        path: &args.d_o,
+    }];
+    let mut input = args
+        .qkv
+        .load(&args.call, &args.masks, &args.precision, &extras)?;
+    let (shape, dtype) = (input.shape, input.dtype);
+    let d_o = input.extras.pop().expect("dO is read with q, k, v");
+    let d_o_shown = input.types[3].0.clone();
+    let o_dims = input.file_dims(shape.o_dims());
+    if d_o.shape != o_dims {
+        let (other, name) = input.other_o_dims();
+        let hint = if d_o.shape == other {
+            format!("; it is O's shape with --layout {name}: pass --layout {name}")
+        } else {
+            String::new()
+        };
+        return Err(CliError::new(format!(
+            "{d_o_shown} has shape {:?}; dO has the shape of O, {o_dims:?} ([batch, M, heads, \
+             d_v] in --layout {}{}){hint}",
+            d_o.shape,
+            input.layout.name(),
+            if input.squeeze { ", without batch" } else { "" },
+        )));
+    }
+    if args.dbias.is_some() && input.bias_shape.is_none() {
+        return Err(CliError::usage(
+            "--dbias needs a bias: give --bias (or a `bias` tensor in --qkv); a call without \
+             one has no dBias",
+        ));
+    }
+    // dO is stored in O's type: checked against its range, not the inputs'.
+    let o_dtype = args.precision.out_dtype().unwrap_or(dtype);
+    check_range(&d_o_shown, &d_o.data, &d_o.shape, o_dtype)?;
+    let d_o_data = input
+        .layout
+        .data(d_o.data, input.layout.dims(shape.o_dims()));
+
+    let opts = std::mem::take(&mut input.opts);
+    Ok((input, d_o_data, opts))
 }

@@ -97,6 +97,12 @@ enum Command {
     /// --dropout P --seed S --offset O drops weights with probability P in the forward and
     /// the backward alike (the same mask, regenerated from the seed; see xattn::dropout).
     ///
+    /// `mpirun -n R xattn grad --distributed ...` (the tool built with --features mpi) runs
+    /// the forward and the backward across R ranks, each holding one shard of the keys
+    /// (--shards): LV-XAttn's ring carries each query block with its Q, O, LSE, dO and
+    /// running dQ; dK and dV stay with their keys until rank 0 gathers them to write. Rank 0
+    /// prints each rank's bytes (counted and modelled), compute and wait times.
+    ///
     /// Outputs are written all or none, and an existing target must be a regular file, as
     /// for `xattn run`. Exit status: 0 done, 1 an error, 2 a usage error.
     Grad(grad::GradArgs),

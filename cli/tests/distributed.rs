@@ -13,6 +13,7 @@ use std::process::{Command, Output};
 
 use common::files::*;
 use common::*;
+use xattn::cpu::budget::grad_budget;
 use xattn::cpu::reference;
 use xattn::{Alignment, Attention, AttnShape, DType, Tensor};
 
@@ -90,24 +91,7 @@ fn amax(x: &[f32]) -> f64 {
 /// call, and rank 0's report of the bytes against the model.
 fn check(case: &Case, dir: &TempDir, seed: u64) {
     let s = &case.s;
-    let (q, k, v) = qkv(s, 1.0, seed);
-    // Half inputs are stored rounded (bf16 as f32 files that --dtype bf16 converts, exactly);
-    // the reference and the single call read the same values.
-    let round = |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(|e| case.dtype.round(e)).collect() };
-    let (q, k, v) = (round(q), round(k), round(v));
-    for (name, x, d) in [
-        ("q", &q, s.q_dims()),
-        ("k", &k, s.k_dims()),
-        ("v", &v, s.v_dims()),
-    ] {
-        let path = dir.path(&format!("{name}.npy"));
-        if case.dtype == DType::F16 {
-            let h: Vec<half::f16> = x.iter().map(|&e| half::f16::from_f32(e)).collect();
-            write_npy(&path, &h, &d);
-        } else {
-            write_npy(&path, x, &d);
-        }
-    }
+    let (q, k, v) = write_inputs(case, dir, seed);
     let (o_path, lse_path) = (dir.path("o.npy"), dir.path("lse.npy"));
     let mut args: Vec<String> = ["run", "--distributed", "--mode", case.mode]
         .map(String::from)
@@ -171,29 +155,11 @@ fn check(case: &Case, dir: &TempDir, seed: u64) {
         tol_lse + budget.lse * (1.0 + max_lse),
     );
     // Rank 0's report: "sent (model)" and "received (model)" agree on every rank.
-    let rows: Vec<&str> = err
-        .lines()
-        .filter(|l| {
-            l.split_whitespace()
-                .next()
-                .is_some_and(|w| w.parse::<usize>().is_ok())
-        })
-        .collect();
     assert_eq!(
-        rows.len(),
+        report_rows(&what, &err).len(),
         case.ranks,
         "{what}: one report line per rank: {err}"
     );
-    for line in rows {
-        let w: Vec<&str> = line.split_whitespace().collect();
-        let model = |x: &str| x.trim_matches(|c| c == '(' || c == ')').to_string();
-        assert_eq!(w[2], model(w[3]), "{what}: sent, counted vs model: {line}");
-        assert_eq!(
-            w[4],
-            model(w[5]),
-            "{what}: received, counted vs model: {line}"
-        );
-    }
 }
 
 fn flags(list: &[&str]) -> Vec<String> {
@@ -332,6 +298,351 @@ fn every_mask_kind_on_2_3_and_4_ranks_matches_one_device() {
         write_npy(&dir.path("mask.npy"), &general, &[2, 4, 11, 57]);
         write_npy(&dir.path("bias.npy"), &bias, &[1, 4, 11, 57]);
         check(case, &dir, 5100 + i as u64);
+    }
+}
+
+/// Writes q, k, v in `dir` as the case stores them (half values rounded first, f16 as a
+/// float16 file, bf16 as float32 that `--dtype bf16` converts exactly) and returns the values
+/// the ranks compute with.
+fn write_inputs(case: &Case, dir: &TempDir, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let s = &case.s;
+    let (q, k, v) = qkv(s, 1.0, seed);
+    let round = |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(|e| case.dtype.round(e)).collect() };
+    let (q, k, v) = (round(q), round(k), round(v));
+    for (name, x, d) in [
+        ("q", &q, s.q_dims()),
+        ("k", &k, s.k_dims()),
+        ("v", &v, s.v_dims()),
+    ] {
+        let path = dir.path(&format!("{name}.npy"));
+        if case.dtype == DType::F16 {
+            let h: Vec<half::f16> = x.iter().map(|&e| half::f16::from_f32(e)).collect();
+            write_npy(&path, &h, &d);
+        } else {
+            write_npy(&path, x, &d);
+        }
+    }
+    (q, k, v)
+}
+
+/// The lines of rank 0's report tables (those that start with a rank number), each checked:
+/// bytes sent and received as counted equal the model's.
+fn report_rows<'a>(what: &str, err: &'a str) -> Vec<&'a str> {
+    let rows: Vec<&str> = err
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|w| w.parse::<usize>().is_ok())
+        })
+        .collect();
+    for line in &rows {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let model = |x: &str| x.trim_matches(|c| c == '(' || c == ')').to_string();
+        assert_eq!(w[2], model(w[3]), "{what}: sent, counted vs model: {line}");
+        assert_eq!(
+            w[4],
+            model(w[5]),
+            "{what}: received, counted vs model: {line}"
+        );
+    }
+    rows
+}
+
+/// Runs `xattn grad --distributed` for `case` under mpirun and checks dQ, dK and dV against
+/// the f64 reference backward (its budget plus the bound of the f32 sums of the partials: R
+/// key shards into dQ, R query blocks into dK and dV) and the one-device backward, and both
+/// report tables (forward and backward) against the byte models.
+fn check_grad(case: &Case, dir: &TempDir, seed: u64) {
+    let s = &case.s;
+    let (q, k, v) = write_inputs(case, dir, seed);
+    // dO is read as the inputs are (a float16 file for f16), rounded alike.
+    let d_o: Vec<f32> = random(s.o_dims().iter().product(), 1.0, seed + 1)
+        .into_iter()
+        .map(|e| case.dtype.round(e))
+        .collect();
+    if case.dtype == DType::F16 {
+        let h: Vec<half::f16> = d_o.iter().map(|&e| half::f16::from_f32(e)).collect();
+        write_npy(&dir.path("d_o.npy"), &h, &s.o_dims());
+    } else {
+        write_npy(&dir.path("d_o.npy"), &d_o, &s.o_dims());
+    }
+    let mut args: Vec<String> = flags(&["grad", "--distributed", "--grad-dtype", "f32"]);
+    for name in ["q", "k", "v", "d-o", "dq", "dk", "dv"] {
+        let file = dir.path(&format!("{}.npy", name.replace('-', "_")));
+        args.extend([format!("--{name}"), text(&file)]);
+    }
+    if let Some(cuts) = &case.shards {
+        let cuts: Vec<String> = cuts.iter().map(usize::to_string).collect();
+        args.extend(["--shards".into(), cuts.join(",")]);
+    }
+    args.extend(
+        case.flags
+            .iter()
+            .map(|f| f.replace("{dir}", &text(&dir.path("")))),
+    );
+    let what = format!("{} R={} backward", case.name, case.ranks);
+    let started = std::time::Instant::now();
+    let out = mpirun(case.ranks, &args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{what}: mpirun failed: {err}");
+    eprintln!("{what}: {:.1} s\n{err}", started.elapsed().as_secs_f64());
+    assert_eq!(
+        report_rows(&what, &err).len(),
+        2 * case.ranks,
+        "{what}: a forward and a backward line per rank: {err}"
+    );
+
+    let scale = case.opts.scale_for(s.d_k);
+    let m = case.opts.masking();
+    let want = reference::attention_backward(s, (&q, &k, &v), &d_o, f64::from(scale), m);
+    let b = grad_budget(s, scale, (&q, &k, &v, &d_o), m);
+    // The f32 sums of R partials (the module docs of xattn::distributed::backward):
+    // (R − 1)·ε·Σ|partials|, with Σ_s|dQ_s| ≤ 2·d_v·max|dO|·max|V|·|scale|·slope·max|K|,
+    // Σ_b|dK_b| ≤ 2·M·g·d_v·max|dO|·max|V|·|scale|·slope·max|Q|, Σ_b|dV_b| ≤ M·g·max|dO|.
+    let slope = m
+        .segments
+        .iter()
+        .fold(1.0f64, |a, g| a.max(f64::from(g.factor.abs())));
+    let sums = (case.ranks - 1) as f64 * f64::from(f32::EPSILON);
+    let rows = (s.m * (s.q_heads / s.kv_heads)) as f64;
+    let ds = 2.0 * s.d_v as f64 * amax(&d_o) * amax(&v) * f64::from(scale.abs()) * slope;
+    let tol = [
+        b.dq + sums * ds * amax(&k),
+        b.dk + sums * rows * ds * amax(&q),
+        b.dv + sums * rows * amax(&d_o),
+    ];
+    let one = engine()
+        .expect("checked by the caller")
+        .attention_backward_host(
+            (&q, s.q_dims()),
+            (&k, s.k_dims()),
+            (&v, s.v_dims()),
+            &d_o,
+            &case.opts,
+        )
+        .unwrap_or_else(|e| panic!("{what} one device: {e}"))
+        .1;
+    for ((name, want, one, dims), tol) in [
+        ("dq", &want.dq, &one.dq, s.q_dims()),
+        ("dk", &want.dk, &one.dk, s.k_dims()),
+        ("dv", &want.dv, &one.dv, s.v_dims()),
+    ]
+    .into_iter()
+    .zip(tol)
+    {
+        let (got, got_dims) = read_npy::<f32>(&dir.path(&format!("{name}.npy")));
+        assert_eq!(got_dims, dims.to_vec(), "{what}: {name} dims");
+        let err = assert_close(&format!("{what} {name}"), &got, want, tol);
+        // Both within their budgets of the reference, so within the sum of each other.
+        let one: Vec<f64> = one.iter().map(|&x| f64::from(x)).collect();
+        let apart = assert_close(
+            &format!("{what} {name} vs one device"),
+            &got,
+            &one,
+            2.0 * tol,
+        );
+        eprintln!(
+            "{what} {name}: error {err:.1e} (tolerance {tol:.1e}), one device {apart:.1e} apart"
+        );
+    }
+}
+
+#[test]
+fn gradients_on_2_3_and_4_ranks_match_one_device() {
+    let Some(_) = engine() else { return };
+    let gqa = AttnShape {
+        batch: 2,
+        m: 13,
+        n: 57,
+        q_heads: 4,
+        kv_heads: 2,
+        d_k: 8,
+        d_v: 6,
+    };
+    let keep = random_bools(2 * 57, 0.7, 41); // key padding [batch, 1, 1, N]
+    let general = random_bools(2 * 4 * 13 * 57, 0.8, 42); // [batch, heads, M, N]
+    let bias = random(4 * 13 * 57, 1.0, 43); // [1, heads, M, N]
+    let case = |name, opts, flags: &[&str], dtype, ranks, shards: Option<Vec<usize>>| Case {
+        name,
+        s: gqa,
+        opts,
+        flags: flags.iter().map(|f| f.to_string()).collect(),
+        dtype,
+        ranks,
+        mode: "lv",
+        shards,
+    };
+    let cases = [
+        case("plain", Attention::default(), &[], DType::F32, 2, None),
+        case(
+            "causal-br-lens",
+            Attention::default()
+                .with_causal(Alignment::BottomRight)
+                .with_kv_lens(vec![57, 30])
+                .with_q_lens(vec![13, 7]),
+            &[
+                "--causal",
+                "bottom-right",
+                "--kv-lens",
+                "{dir}/kl.npy",
+                "--q-lens",
+                "{dir}/ql.npy",
+            ],
+            DType::F32,
+            3,
+            Some(vec![0, 20, 41, 57]),
+        ),
+        case(
+            "padding-window-bias",
+            Attention::default()
+                .with_mask([2, 1, 1, 57], keep.clone())
+                .with_window(Alignment::TopLeft, 9, 4)
+                .with_bias([1, 4, 13, 57], bias.clone()),
+            &[
+                "--mask",
+                "{dir}/keep.npy",
+                "--window",
+                "9",
+                "4",
+                "--align",
+                "top-left",
+                "--bias",
+                "{dir}/bias.npy",
+            ],
+            DType::F32,
+            4,
+            Some(vec![0, 13, 13, 40, 57]),
+        ),
+        case(
+            "bool-causal-softcap-segment",
+            Attention::default()
+                .with_mask([2, 4, 13, 57], general.clone())
+                .with_causal(Alignment::TopLeft)
+                .with_softcap(3.0)
+                .with_key_segment(10, 30, 1.5),
+            &[
+                "--mask",
+                "{dir}/mask.npy",
+                "--causal",
+                "top-left",
+                "--softcap",
+                "3",
+                "--key-segment",
+                "10",
+                "30",
+                "1.5",
+            ],
+            DType::F32,
+            3,
+            Some(vec![0, 0, 35, 57]),
+        ),
+        case(
+            "f16-causal-empty",
+            Attention::default().with_causal(Alignment::BottomRight),
+            &["--causal", "bottom-right"],
+            DType::F16,
+            4,
+            Some(vec![0, 25, 25, 57, 57]),
+        ),
+        case(
+            "bf16-window",
+            Attention::default().with_window(Alignment::BottomRight, 15, 2),
+            &[
+                "--dtype",
+                "bf16",
+                "--window",
+                "15",
+                "2",
+                "--align",
+                "bottom-right",
+            ],
+            DType::Bf16,
+            2,
+            Some(vec![0, 44, 57]),
+        ),
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let dir = TempDir::new(case.name);
+        write_npy(&dir.path("kl.npy"), &[57i32, 30], &[2]);
+        write_npy(&dir.path("ql.npy"), &[13i32, 7], &[2]);
+        write_npy(&dir.path("keep.npy"), &keep, &[2, 1, 1, 57]);
+        write_npy(&dir.path("mask.npy"), &general, &[2, 4, 13, 57]);
+        write_npy(&dir.path("bias.npy"), &bias, &[1, 4, 13, 57]);
+        check_grad(case, &dir, 5400 + 2 * i as u64);
+    }
+}
+
+#[test]
+fn the_distributed_backward_refuses_what_it_cannot_do() {
+    let Some(_) = engine() else { return };
+    let dir = TempDir::new("grad-refusals");
+    let s = AttnShape {
+        batch: 1,
+        m: 6,
+        n: 20,
+        q_heads: 2,
+        kv_heads: 2,
+        d_k: 4,
+        d_v: 4,
+    };
+    let case = Case {
+        name: "refusals",
+        s,
+        opts: Attention::default(),
+        flags: Vec::new(),
+        dtype: DType::F32,
+        ranks: 2,
+        mode: "lv",
+        shards: None,
+    };
+    write_inputs(&case, &dir, 5500);
+    write_npy(
+        &dir.path("d_o.npy"),
+        &random(6 * 2 * 4, 1.0, 5501),
+        &s.o_dims(),
+    );
+    write_npy(
+        &dir.path("d_o5.npy"),
+        &random(5 * 2 * 4, 1.0, 5502),
+        &[1, 5, 2, 4],
+    );
+    let dq = dir.path("dq.npy");
+    let base = |d_o: &str, extra: &[&str]| -> Vec<String> {
+        let mut a = flags(&["grad", "--distributed", "--dq", &text(&dq)]);
+        for (flag, file) in [
+            ("--q", "q.npy"),
+            ("--k", "k.npy"),
+            ("--v", "v.npy"),
+            ("--d-o", d_o),
+        ] {
+            a.extend([flag.into(), text(&dir.path(file))]);
+        }
+        a.extend(flags(extra));
+        a
+    };
+    for (what, args, says) in [
+        (
+            "ring mode",
+            base("d_o.npy", &["--mode", "ring"]),
+            "--mode lv",
+        ),
+        (
+            "dropout",
+            base("d_o.npy", &["--dropout", "0.1"]),
+            "--dropout",
+        ),
+        (
+            "dO of another shape",
+            base("d_o5.npy", &[]),
+            "dO has the shape of O",
+        ),
+    ] {
+        let out = mpirun(2, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: mpirun should fail: {err}");
+        assert!(err.contains(says), "{what}: stderr says `{says}`: {err}");
+        assert!(!dq.exists(), "{what}: no output is written");
     }
 }
 

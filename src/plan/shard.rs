@@ -133,6 +133,8 @@ pub struct RowBytes {
     pub lse: u64,
     /// K and V `[batch, ·, kv_heads, d_k + d_v]`, per key.
     pub kv: u64,
+    /// dQ `[batch, ·, q_heads, d_k]` in f32, per row (a backward's running gradient).
+    pub dq: u64,
 }
 
 impl RowBytes {
@@ -144,6 +146,7 @@ impl RowBytes {
             o: heads * s.d_v as u64 * 4,
             lse: heads * 4,
             kv: (s.batch * s.kv_heads * (s.d_k + s.d_v)) as u64 * dtype.size(),
+            dq: heads * s.d_k as u64 * 4,
         }
     }
 }
@@ -178,6 +181,31 @@ pub fn lv_bytes(b: RowBytes, rows: &[usize], out: usize) -> Vec<Traffic> {
         if last != out {
             t[last].sent += len * (b.o + b.lse);
             t[out].received += len * (b.o + b.lse);
+        }
+    }
+    t
+}
+
+/// Bytes moved between devices by LV-XAttn's backward over `devices` devices: query block `r`
+/// (`rows[r]` rows) starts on device `r` with its Q, the forward's O and LSE and the loss's dO
+/// (f32, as O) and a running dQ (f32); after each of the first R − 1 steps the device that
+/// holds it sends it on, `(q + 2·o + lse + dq)·rows` bytes (dK and dV stay where their keys
+/// are); after the last step its finished dQ goes to device `out` (nothing where it is there
+/// already). With `dq = batch·q_heads·d_k·4` per row, and `q`, `o`, `lse` as in [`lv_bytes`].
+pub fn lv_backward_bytes(b: RowBytes, rows: &[usize], out: usize) -> Vec<Traffic> {
+    let r_n = rows.len();
+    let mut t = vec![Traffic::default(); r_n];
+    for (block, &len) in rows.iter().enumerate() {
+        let len = len as u64;
+        for step in 0..r_n.saturating_sub(1) {
+            let (from, to) = (lv_holder(block, step, r_n), lv_holder(block, step + 1, r_n));
+            t[from].sent += len * (b.q + 2 * b.o + b.lse + b.dq);
+            t[to].received += len * (b.q + 2 * b.o + b.lse + b.dq);
+        }
+        let last = lv_holder(block, r_n - 1, r_n);
+        if last != out {
+            t[last].sent += len * b.dq;
+            t[out].received += len * b.dq;
         }
     }
     t
@@ -297,11 +325,13 @@ mod tests {
             o: 5,
             lse: 7,
             kv: 11,
+            dq: 13,
         };
         for t in [
             lv_bytes(b, &[4, 4, 3], 0),
             ring_bytes(b, &[4, 4, 3], &[2, 0, 9], 1),
             star_bytes(b, 11, &[3, 0, 4], 2),
+            lv_backward_bytes(b, &[4, 0, 3, 5], 2),
         ] {
             let sent: u64 = t.iter().map(|x| x.sent).sum();
             let received: u64 = t.iter().map(|x| x.received).sum();
@@ -315,5 +345,11 @@ mod tests {
         assert_eq!(t[2].sent, 2 * 4 * 15 + 4 * 12);
         assert_eq!(t[0].received, 2 * 4 * 15 + 2 * 4 * 12);
         assert_eq!(lv_bytes(b, &[4], 0)[0], Traffic::default());
+        // The backward: per hop q + 2·o + lse + dq = 3 + 10 + 7 + 13 = 33 a row, then dQ.
+        let t = lv_backward_bytes(b, &[4, 4, 4], 0);
+        assert_eq!(t[0].sent, 2 * 4 * 33);
+        assert_eq!(t[1].sent, 2 * 4 * 33 + 4 * 13);
+        assert_eq!(t[0].received, 2 * 4 * 33 + 2 * 4 * 13);
+        assert_eq!(lv_backward_bytes(b, &[4], 0)[0], Traffic::default());
     }
 }

@@ -12,9 +12,10 @@
 //! per element (ε = 2⁻²³).
 
 use crate::dtype::DType;
-use crate::engine::Attention;
+use crate::engine::{Attention, Engine};
 use crate::error::{Error, Result};
 use crate::gpu::tensor::Tensor;
+use crate::grad::Grads;
 use crate::plan::shard::{Tile, Traffic};
 use crate::shape::{check_len, AttnShape};
 
@@ -52,6 +53,22 @@ impl ShardedGrads {
         }
         (k, v)
     }
+}
+
+/// The gradients (f32) of `tile`'s block (non-empty) of the whole call `s` with options
+/// `opts` on `engine`: Q of the tile's rows, K and V of its keys, and the whole call's O, LSE
+/// and dO of the tile's rows. dK and dV are the block's share of its keys' gradients, dQ its
+/// share of its rows' (see the module docs: they add over the blocks).
+pub(crate) fn block_backward(
+    engine: &Engine,
+    qkv: (&Tensor, &Tensor, &Tensor),
+    (o, lse, d_o): (&Tensor, &Tensor, &Tensor),
+    s: &AttnShape,
+    tile: Tile,
+    opts: &Attention,
+) -> Result<Grads> {
+    let block_opts = block_options(s, tile, opts).with_grad_dtype(DType::F32);
+    engine.attention_backward(qkv, (o, lse), d_o, &block_opts)
 }
 
 /// Where a backward call's K and V come from.
@@ -148,12 +165,13 @@ impl ShardedAttention {
             let o_t = load("shard_o", o, &s.o_dims())?;
             let lse_t = load("shard_lse", lse, &s.lse_dims())?;
             let d_o_t = load("shard_d_o", d_o, &s.o_dims())?;
-            let block_opts = block_options(s, tile, opts).with_grad_dtype(DType::F32);
-            let g = self.engines[p].attention_backward(
+            let g = block_backward(
+                &self.engines[p],
                 (&qp, k, v),
-                (&o_t, &lse_t),
-                &d_o_t,
-                &block_opts,
+                (&o_t, &lse_t, &d_o_t),
+                s,
+                tile,
+                opts,
             )?;
             for (x, y) in dq.iter_mut().zip(g.dq.to_host()?) {
                 *x += y;
