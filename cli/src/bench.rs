@@ -24,7 +24,7 @@ use xattn::{
     GpuTimer, Path, Prepared, Stats, Storage, Tensor,
 };
 
-use crate::distributed::{self, DistArgs, Timed};
+use crate::distributed::{self, DistArgs, ModeArg, Timed};
 use crate::masks::AlignArg;
 use crate::outputs::Outputs;
 use crate::precision::DtypeArg;
@@ -229,7 +229,8 @@ pub struct BenchArgs {
     /// distributed call of the custom shape (random inputs, the first --dtype, --warmup 1 and
     /// --runs 3 unless given); rank 0 prints per rank the bytes sent and received (counted,
     /// and the byte model's), compute time, waiting time and the bytes in flight during
-    /// compute.
+    /// compute. With --backward (--mode lv) the backward of the last forward is timed and
+    /// reported likewise.
     #[command(flatten)]
     dist: DistArgs,
 }
@@ -923,10 +924,16 @@ pub fn bench(args: &BenchArgs) -> CliResult<ExitCode> {
         let shape = custom.ok_or_else(|| {
             CliError::usage("--distributed times a custom shape: give --m, --n and --dk")
         })?;
+        if args.backward && args.dist.mode != ModeArg::Lv {
+            return Err(CliError::usage(
+                "the distributed backward runs LV-XAttn's schedule: --mode lv",
+            ));
+        }
         let timed = Timed {
             warmup: args.warmup.unwrap_or(1),
             runs: args.runs.unwrap_or(3),
             seed: args.seed,
+            backward: args.backward,
         };
         return distributed::bench(&shape.shape, args.dtype[0].into(), timed, &args.dist);
     }

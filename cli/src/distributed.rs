@@ -113,6 +113,8 @@ pub struct Timed {
     pub warmup: u32,
     pub runs: u32,
     pub seed: u64,
+    /// Also time the backward (LV-XAttn's ring) of the last forward.
+    pub backward: bool,
 }
 
 #[cfg(feature = "mpi")]
@@ -263,35 +265,73 @@ mod ranks {
             Ok(Ready { part, kv, rest: q })
         })?;
         let opts = Attention::default();
-        let mut times = Vec::new();
-        let mut last = None;
-        for i in 0..timed.warmup + timed.runs {
-            world.barrier();
-            let t = Instant::now();
-            let out = ready
-                .part
-                .attention(mode, &ready.rest, &ready.kv, s, &opts, 0)?;
-            if i >= timed.warmup {
-                times.push(t.elapsed());
-                last = Some(out);
-            }
-        }
-        times.sort();
-        let median = times[times.len() / 2];
-        let out = last.expect("at least one timed run");
+        let (part, q) = (&ready.part, &ready.rest);
+        let (median, out) =
+            timed.median(&world, || part.attention(mode, q, &ready.kv, s, &opts, 0))?;
         report(
             &world,
-            &ready.part,
+            part,
             s,
             (dtype, mode),
             &out.cost,
-            &format!(
-                "median of {} runs {:.1} ms (the last run's counters and times below)",
-                timed.runs,
-                median.as_secs_f64() * 1e3
-            ),
+            &timed.label(median),
         );
+        if !timed.backward {
+            return Ok(ExitCode::SUCCESS);
+        }
+        // The backward of the last forward: its O and LSE given to every rank, dO drawn alike.
+        let (mut o, mut lse) = (out.o, out.lse);
+        o.resize(s.o_dims().iter().product(), 0.0);
+        lse.resize(s.lse_dims().iter().product(), 0.0);
+        let root = world.process_at_rank(0);
+        root.broadcast_into(&mut o[..]);
+        root.broadcast_into(&mut lse[..]);
+        let d_o = random(&mut StdRng::seed_from_u64(timed.seed + 7919), o.len());
+        let (median, g) = timed.median(&world, || {
+            part.backward(mode, q, &ready.kv, (&o, &lse), &d_o, s, &opts, 0)
+        })?;
+        let rows = block_rows(s.m, world.size() as usize);
+        let model = lv_backward_bytes(RowBytes::of(s, dtype), &rows, 0);
+        let what = format!(
+            "{s} {dtype} over {} ranks, lv backward: {}",
+            rows.len(),
+            timed.label(median)
+        );
+        report_table(&world, part.cuts(), &g.cost, &model, &what);
         Ok(ExitCode::SUCCESS)
+    }
+
+    impl Timed {
+        /// The median time of `runs` calls of `call` after `warmup` untimed ones, each
+        /// started together on every rank, and the last call's result.
+        fn median<T>(
+            &self,
+            world: &SimpleCommunicator,
+            mut call: impl FnMut() -> xattn::Result<T>,
+        ) -> CliResult<(Duration, T)> {
+            let mut times = Vec::new();
+            let mut last = None;
+            for i in 0..self.warmup + self.runs {
+                world.barrier();
+                let t = Instant::now();
+                let out = call()?;
+                if i >= self.warmup {
+                    times.push(t.elapsed());
+                    last = Some(out);
+                }
+            }
+            times.sort();
+            let out = last.expect("at least one timed run");
+            Ok((times[times.len() / 2], out))
+        }
+
+        fn label(&self, median: Duration) -> String {
+            format!(
+                "median of {} runs {:.1} ms (the last run's counters and times below)",
+                self.runs,
+                median.as_secs_f64() * 1e3
+            )
+        }
     }
 
     /// `xattn grad --distributed`: the forward (LV-XAttn, O and LSE on rank 0, then given to
