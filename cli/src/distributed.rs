@@ -133,7 +133,7 @@ mod ranks {
     use xattn::{Attention, AttnShape, Context, DType, Engine};
 
     use super::*;
-    use crate::inputs::out_dims;
+    use crate::inputs::{out_dims, Loaded};
     use crate::outputs::Outputs;
 
     impl From<ModeArg> for Mode {
@@ -171,6 +171,30 @@ mod ranks {
         Ok(ready)
     }
 
+    /// A rank's part of a call on files: rank 0 creates the outputs `targets`, every rank
+    /// opens its device and uploads its keys of `input`.
+    fn open_rank<'c>(
+        world: &'c SimpleCommunicator,
+        dist: &DistArgs,
+        input: &Loaded,
+        targets: &[(&'static str, Option<&PathBuf>)],
+    ) -> CliResult<(
+        RankAttention<'c, SimpleCommunicator>,
+        RankKv,
+        Option<Outputs>,
+    )> {
+        let outputs = if world.rank() == 0 {
+            Some(Outputs::create(targets)?)
+        } else {
+            None
+        };
+        let engine = Engine::new(&Context::new()?);
+        let part =
+            RankAttention::new(world, &engine, split(dist), input.shape.n)?.with_dtype(input.dtype);
+        let kv = part.upload_kv_of_whole(&input.k, &input.v, &input.shape)?;
+        Ok((part, kv, outputs))
+    }
+
     fn split(dist: &DistArgs) -> Split {
         if dist.shards.is_empty() {
             Split::Even
@@ -190,18 +214,8 @@ mod ranks {
             let input = inputs
                 .qkv
                 .load(inputs.call, inputs.masks, inputs.precision, &[])?;
-            let outputs = if world.rank() == 0 {
-                Some(Outputs::create(&[
-                    ("--out", inputs.out),
-                    ("--lse", inputs.lse),
-                ])?)
-            } else {
-                None
-            };
-            let engine = Engine::new(&Context::new()?);
-            let part = RankAttention::new(world, &engine, split(dist), input.shape.n)?
-                .with_dtype(input.dtype);
-            let kv = part.upload_kv_of_whole(&input.k, &input.v, &input.shape)?;
+            let targets = [("--out", inputs.out), ("--lse", inputs.lse)];
+            let (part, kv, outputs) = open_rank(world, dist, &input, &targets)?;
             Ok(Ready {
                 part,
                 kv,
@@ -346,19 +360,12 @@ mod ranks {
         let world = universe.world();
         let ready = prepare(&world, |world| {
             let (input, d_o, opts) = load()?;
-            let outputs = if world.rank() == 0 {
-                Some(Outputs::create(&[
-                    ("--dq", targets.dq),
-                    ("--dk", targets.dk),
-                    ("--dv", targets.dv),
-                ])?)
-            } else {
-                None
-            };
-            let engine = Engine::new(&Context::new()?);
-            let part = RankAttention::new(world, &engine, split(dist), input.shape.n)?
-                .with_dtype(input.dtype);
-            let kv = part.upload_kv_of_whole(&input.k, &input.v, &input.shape)?;
+            let files = [
+                ("--dq", targets.dq),
+                ("--dk", targets.dk),
+                ("--dv", targets.dv),
+            ];
+            let (part, kv, outputs) = open_rank(world, dist, &input, &files)?;
             Ok(Ready {
                 part,
                 kv,

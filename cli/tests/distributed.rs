@@ -166,9 +166,39 @@ fn flags(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
-#[test]
-fn every_mask_kind_on_2_3_and_4_ranks_matches_one_device() {
-    let Some(_) = engine() else { return };
+/// The masks and lengths the cases' flags name (M = 11, N = 57, batch 2, 4 query heads).
+struct MaskData {
+    /// Key padding `[batch, 1, 1, N]`.
+    keep: Vec<bool>,
+    /// A general bool mask `[batch, heads, M, N]`.
+    general: Vec<bool>,
+    /// A bias `[1, heads, M, N]`.
+    bias: Vec<f32>,
+}
+
+impl MaskData {
+    fn new() -> Self {
+        MaskData {
+            keep: random_bools(2 * 57, 0.7, 31),
+            general: random_bools(2 * 4 * 11 * 57, 0.8, 32),
+            bias: random(4 * 11 * 57, 1.0, 33),
+        }
+    }
+
+    /// The files the flags name, written in `dir` (where `check` writes the inputs).
+    fn write(&self, dir: &TempDir) {
+        write_npy(&dir.path("kl.npy"), &[57i32, 30], &[2]);
+        write_npy(&dir.path("ql.npy"), &[11i32, 7], &[2]);
+        write_npy(&dir.path("keep.npy"), &self.keep, &[2, 1, 1, 57]);
+        write_npy(&dir.path("mask.npy"), &self.general, &[2, 4, 11, 57]);
+        write_npy(&dir.path("bias.npy"), &self.bias, &[1, 4, 11, 57]);
+    }
+}
+
+/// Every mask kind on 2, 3 and 4 ranks, uneven and empty shards, GQA, f16 and bf16: the cases
+/// the forward runs as given and the backward on LV-XAttn's ring.
+fn mask_cases(d: &MaskData) -> Vec<Case> {
+    let (keep, general, bias) = (&d.keep, &d.general, &d.bias);
     let gqa = AttnShape {
         batch: 2,
         m: 11,
@@ -178,10 +208,7 @@ fn every_mask_kind_on_2_3_and_4_ranks_matches_one_device() {
         d_k: 8,
         d_v: 6,
     };
-    let keep = random_bools(2 * 57, 0.7, 31); // key padding [batch, 1, 1, N]
-    let general = random_bools(2 * 4 * 11 * 57, 0.8, 32); // [batch, heads, M, N]
-    let bias = random(4 * 11 * 57, 1.0, 33); // [1, heads, M, N]
-    let cases = [
+    vec![
         Case {
             name: "plain",
             s: gqa,
@@ -288,15 +315,16 @@ fn every_mask_kind_on_2_3_and_4_ranks_matches_one_device() {
             mode: "lv",
             shards: Some(vec![0, 44, 57]),
         },
-    ];
-    for (i, case) in cases.iter().enumerate() {
-        // The mask files the flags name, written where `check` writes the inputs.
+    ]
+}
+
+#[test]
+fn every_mask_kind_on_2_3_and_4_ranks_matches_one_device() {
+    let Some(_) = engine() else { return };
+    let data = MaskData::new();
+    for (i, case) in mask_cases(&data).iter().enumerate() {
         let dir = TempDir::new(case.name);
-        write_npy(&dir.path("kl.npy"), &[57i32, 30], &[2]);
-        write_npy(&dir.path("ql.npy"), &[11i32, 7], &[2]);
-        write_npy(&dir.path("keep.npy"), &keep, &[2, 1, 1, 57]);
-        write_npy(&dir.path("mask.npy"), &general, &[2, 4, 11, 57]);
-        write_npy(&dir.path("bias.npy"), &bias, &[1, 4, 11, 57]);
+        data.write(&dir);
         check(case, &dir, 5100 + i as u64);
     }
 }
@@ -451,125 +479,12 @@ fn check_grad(case: &Case, dir: &TempDir, seed: u64) {
 #[test]
 fn gradients_on_2_3_and_4_ranks_match_one_device() {
     let Some(_) = engine() else { return };
-    let gqa = AttnShape {
-        batch: 2,
-        m: 13,
-        n: 57,
-        q_heads: 4,
-        kv_heads: 2,
-        d_k: 8,
-        d_v: 6,
-    };
-    let keep = random_bools(2 * 57, 0.7, 41); // key padding [batch, 1, 1, N]
-    let general = random_bools(2 * 4 * 13 * 57, 0.8, 42); // [batch, heads, M, N]
-    let bias = random(4 * 13 * 57, 1.0, 43); // [1, heads, M, N]
-    let case = |name, opts, flags: &[&str], dtype, ranks, shards: Option<Vec<usize>>| Case {
-        name,
-        s: gqa,
-        opts,
-        flags: flags.iter().map(|f| f.to_string()).collect(),
-        dtype,
-        ranks,
-        mode: "lv",
-        shards,
-    };
-    let cases = [
-        case("plain", Attention::default(), &[], DType::F32, 2, None),
-        case(
-            "causal-br-lens",
-            Attention::default()
-                .with_causal(Alignment::BottomRight)
-                .with_kv_lens(vec![57, 30])
-                .with_q_lens(vec![13, 7]),
-            &[
-                "--causal",
-                "bottom-right",
-                "--kv-lens",
-                "{dir}/kl.npy",
-                "--q-lens",
-                "{dir}/ql.npy",
-            ],
-            DType::F32,
-            3,
-            Some(vec![0, 20, 41, 57]),
-        ),
-        case(
-            "padding-window-bias",
-            Attention::default()
-                .with_mask([2, 1, 1, 57], keep.clone())
-                .with_window(Alignment::TopLeft, 9, 4)
-                .with_bias([1, 4, 13, 57], bias.clone()),
-            &[
-                "--mask",
-                "{dir}/keep.npy",
-                "--window",
-                "9",
-                "4",
-                "--align",
-                "top-left",
-                "--bias",
-                "{dir}/bias.npy",
-            ],
-            DType::F32,
-            4,
-            Some(vec![0, 13, 13, 40, 57]),
-        ),
-        case(
-            "bool-causal-softcap-segment",
-            Attention::default()
-                .with_mask([2, 4, 13, 57], general.clone())
-                .with_causal(Alignment::TopLeft)
-                .with_softcap(3.0)
-                .with_key_segment(10, 30, 1.5),
-            &[
-                "--mask",
-                "{dir}/mask.npy",
-                "--causal",
-                "top-left",
-                "--softcap",
-                "3",
-                "--key-segment",
-                "10",
-                "30",
-                "1.5",
-            ],
-            DType::F32,
-            3,
-            Some(vec![0, 0, 35, 57]),
-        ),
-        case(
-            "f16-causal-empty",
-            Attention::default().with_causal(Alignment::BottomRight),
-            &["--causal", "bottom-right"],
-            DType::F16,
-            4,
-            Some(vec![0, 25, 25, 57, 57]),
-        ),
-        case(
-            "bf16-window",
-            Attention::default().with_window(Alignment::BottomRight, 15, 2),
-            &[
-                "--dtype",
-                "bf16",
-                "--window",
-                "15",
-                "2",
-                "--align",
-                "bottom-right",
-            ],
-            DType::Bf16,
-            2,
-            Some(vec![0, 44, 57]),
-        ),
-    ];
-    for (i, case) in cases.iter().enumerate() {
+    let data = MaskData::new();
+    for (i, case) in mask_cases(&data).into_iter().enumerate() {
         let dir = TempDir::new(case.name);
-        write_npy(&dir.path("kl.npy"), &[57i32, 30], &[2]);
-        write_npy(&dir.path("ql.npy"), &[13i32, 7], &[2]);
-        write_npy(&dir.path("keep.npy"), &keep, &[2, 1, 1, 57]);
-        write_npy(&dir.path("mask.npy"), &general, &[2, 4, 13, 57]);
-        write_npy(&dir.path("bias.npy"), &bias, &[1, 4, 13, 57]);
-        check_grad(case, &dir, 5400 + 2 * i as u64);
+        data.write(&dir);
+        let case = Case { mode: "lv", ..case };
+        check_grad(&case, &dir, 5400 + 2 * i as u64);
     }
 }
 
