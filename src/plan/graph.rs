@@ -317,16 +317,19 @@ impl GraphPlan {
             "col_idx",
             check_binding("col_idx", words(degrees.edges), caps)?,
         );
-        let bias_bytes = degrees.edges * s.heads as u64 * 4;
-        let bias = program.optional_input(
-            "bias",
-            check_binding("bias", bias_bytes.max(4), caps)?,
-            req.bias,
-        );
-        let features_bytes = degrees.edges * (s.heads * s.d_k) as u64 * 4;
+        // Per-edge inputs are checked against the device only where the call has them.
+        let per_edge = |name: &str, width: usize, present: bool| -> Result<u64> {
+            let bytes = (degrees.edges * width as u64 * 4).max(4);
+            if present {
+                check_binding(name, bytes, caps)
+            } else {
+                Ok(bytes)
+            }
+        };
+        let bias = program.optional_input("bias", per_edge("bias", s.heads, req.bias)?, req.bias);
         let edge_attr = program.optional_input(
             "edge_attr",
-            check_binding("edge_attr", features_bytes.max(4), caps)?,
+            per_edge("edge_attr", s.heads * s.d_k, req.edge_features)?,
             req.edge_features,
         );
         let head_bytes = check_binding("o", bytes(s.m * s.heads * s.d_v), caps)?;

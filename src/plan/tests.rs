@@ -285,3 +285,39 @@ fn fill_by_device_type() {
         assert_eq!(fill_of(t, 16), GPU_FILL);
     }
 }
+
+/// Per-edge inputs a call does not have are not held to the device's binding limit: a graph of
+/// 600,000 edges plans without edge features (which would need 600,000 · 64 · 4 bytes, over
+/// 128 MiB) and is refused, naming them, with.
+#[test]
+fn graph_inputs_absent_are_not_held_to_binding_limits() {
+    use super::graph::{GraphPlan, GraphRequest};
+    use crate::cpu::graph_reference::GraphDims;
+    let (m, edges) = (1000usize, 600_000usize);
+    let row_ptr: Vec<u32> = (0..=m).map(|i| (i * edges / m) as u32).collect();
+    let col_idx: Vec<u32> = (0..edges).map(|e| (e % m) as u32).collect();
+    let req = GraphRequest {
+        dims: GraphDims {
+            m,
+            n: m,
+            heads: 1,
+            kv_heads: 1,
+            d_k: 64,
+            d_v: 64,
+        },
+        scale: 0.125,
+        dtype: DType::F32,
+        bias: false,
+        edge_features: false,
+        mean_heads: false,
+        stats: false,
+        chunk_len: None,
+    };
+    GraphPlan::new(&req, (&row_ptr, &col_idx), &CAPS).expect("plans without edge features");
+    let with = GraphRequest {
+        edge_features: true,
+        ..req
+    };
+    let err = GraphPlan::new(&with, (&row_ptr, &col_idx), &CAPS).unwrap_err();
+    assert!(err.to_string().contains("edge_attr"), "{err}");
+}
