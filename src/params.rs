@@ -266,4 +266,8 @@ pub mod graph_flags {
     /// each edge's key and value rows, as PyG's `TransformerConv` adds its projected
     /// `edge_attr`.
     pub const EDGE_FEATURES: u32 = 2;
+    /// The backward's: O was averaged over heads, so dO is `[M, 1, d_v]` and each head's
+    /// share is dO / heads (`graph_grad_q` then sums D = Σ P·dP itself: the per-head O is
+    /// not kept).
+    pub const MEAN_HEADS: u32 = 4;
 }

@@ -23,3 +23,6 @@ const GRAPH_BIAS: u32 = 1u;
 const GRAPH_EDGE_FEATURES: u32 = 2u;
 // A bias at or below this removes its edge (src/mask.rs BIAS_REMOVES, as on the dense paths).
 const GRAPH_BIAS_REMOVES: f32 = -1.0e30;
+// flags bit (graph_flags::MEAN_HEADS, the backward's): O was averaged over heads, so dO is
+// [M, 1, d_v], each head's share dO / heads, and graph_grad_q sums D itself.
+const GRAPH_MEAN_HEADS: u32 = 4u;
