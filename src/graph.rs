@@ -33,9 +33,13 @@
 //!   and the LSE, never stored;
 //! - work and memory grow with E·d, never with M·N: no mask and no score matrix exist.
 //!
+//! Gradients: [`Engine::graph_attention_backward`] (see [`backward`]) returns dQ, dK, dV and,
+//! where the call has them, d edge features and d bias, in the given edge order.
+//!
 //! Topology features for GTAT's graph cross-attention, each node's graphlet-orbit counts, come
 //! from [`orbits::graphlet_orbits`] (on the host).
 
+pub mod backward;
 pub mod orbits;
 
 use std::collections::HashMap;
@@ -197,6 +201,15 @@ impl Graph {
     /// The source of each edge in CSR order, `[E]`.
     pub fn col_idx(&self) -> &[u32] {
         &self.col_idx
+    }
+
+    /// The given index of the edge at each CSR position, `[E]` (where per-edge data in CSR
+    /// order goes back to in the given order).
+    pub fn edge_ids(&self) -> Vec<u32> {
+        match &self.order {
+            None => (0..self.col_idx.len() as u32).collect(),
+            Some(order) => order.clone(),
+        }
     }
 
     /// Per-edge data `[E, width]` in the given edge order, rearranged into CSR order.
