@@ -570,3 +570,55 @@ fn lists_over_the_loop_cap_are_refused() {
         .is_ok());
     }
 }
+
+/// Lists as long as the loop cap lets one workgroup walk run whole on the device and match the
+/// reference: on llvmpipe a loop cost that undercounted would have the kernel's loops cut
+/// short, leaving gradients wrong or poisoned. The longest list that plans is searched with
+/// llvmpipe's cap, heads averaged with a bias and edge features (graph_grad_q's costliest
+/// loops), GQA 2/1 (graph_grad_kv walks a source's list once per query head).
+#[test]
+fn lists_at_the_loop_cap_run_whole() {
+    let Some(engine) = engine() else { return };
+    let s = dims(64, 64, 2, 1, 8, 8);
+    for into_hub in [true, false] {
+        let star = |fan: usize| -> Vec<(usize, usize)> {
+            (0..fan)
+                .map(|e| if into_hub { (e % 64, 0) } else { (0, e % 64) })
+                .collect()
+        };
+        let opts_for = |c: &Case| {
+            GraphAttention::default()
+                .with_bias(random(c.edges.len() * s.heads, 1.0, 3))
+                .with_edge_features(c.edge_features())
+                .with_heads_averaged()
+        };
+        let plans = |fan: usize| {
+            let c = Case::new(s, star(fan), 40);
+            let graph = c.graph();
+            let req =
+                graph_request(c.qkv_dims().into(), DType::F32, &graph, &opts_for(&c)).unwrap();
+            let ids = graph.edge_ids();
+            GraphBackwardPlan::new(&req, (graph.row_ptr(), graph.col_idx(), &ids), &CAPS).is_ok()
+        };
+        // The largest multiple of 64 that plans.
+        let (mut lo, mut hi) = (64, 64 * 1024);
+        assert!(plans(lo) && !plans(hi));
+        while hi - lo > 64 {
+            let mid = (lo + hi) / 128 * 64;
+            if plans(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let c = Case::new(s, star(lo), 40);
+        let opts = opts_for(&c);
+        let d_o = c.d_o(&opts);
+        let what = format!(
+            "{} of {lo} edges at the loop cap",
+            if into_hub { "in-list" } else { "out-list" }
+        );
+        let got = run_gpu(engine, &c, &opts, DType::F32, &d_o).unwrap();
+        check_grads(&what, &c, &opts, &d_o, &got);
+    }
+}
