@@ -2,7 +2,10 @@
 // gradients: src/cpu/graph_grad_reference.rs): dV_j = Σ_e P_e·dO_i and dK_j = scale·Σ_e
 // dS_e·q_i over source j's out-edges e (destination i), summed over the query heads h of K/V
 // head kvh (GQA). One workgroup of WG = 64 invocations per (source j, K/V head): j = wg.x +
-// wg.y·nwg.x, kvh = wg.z; no float atomics, one workgroup owns each row of dK and dV.
+// wg.y·nwg.x, kvh = wg.z; no float atomics, one workgroup owns each row of dK and dV. It walks
+// out-edges offset .. offset + max_len of the source's list: the whole list, or one chunk per
+// pass where the list (times the heads of the group) is longer than llvmpipe's loop cap lets
+// one invocation walk (GRAPH_ACCUMULATE: a later pass adds to the earlier passes' dK, dV).
 //
 // The out-edges come from the transposed CSR built on the host: out_edges [E, 2] holds, for
 // positions src_ptr[j] .. src_ptr[j + 1], each edge's given index (where graph_grad_q wrote
@@ -45,8 +48,10 @@ fn main(
     let kvh = wg.z;
     let group = g.heads / g.kv_heads;
     let mean = (g.flags & GRAPH_MEAN_HEADS) != 0u;
-    let e0 = src_ptr[j];
-    let e1 = src_ptr[j + 1u];
+    let end = src_ptr[j + 1u];
+    let e0 = min(src_ptr[j] + g.offset, end);
+    let e1 = e0 + min(g.max_len, end - e0);
+    let accumulate = (g.flags & GRAPH_ACCUMULATE) != 0u;
     var acc_k: array<f32, SLOTS>;
     var acc_v: array<f32, SLOTS>;
     for (var u = 0u; u < SLOTS; u++) {
@@ -90,10 +95,12 @@ fn main(
     for (var u = 0u; u < SLOTS; u++) {
         let d = li + WG * u;
         if d < g.d_k {
-            dk[(j * g.kv_heads + kvh) * g.d_k + d] = g.scale * acc_k[u];
+            let at = (j * g.kv_heads + kvh) * g.d_k + d;
+            dk[at] = select(0.0, dk[at], accumulate) + g.scale * acc_k[u];
         }
         if d < g.d_v {
-            dv[(j * g.kv_heads + kvh) * g.d_v + d] = gs * acc_v[u];
+            let at = (j * g.kv_heads + kvh) * g.d_v + d;
+            dv[at] = select(0.0, dv[at], accumulate) + gs * acc_v[u];
         }
     }
 }

@@ -1,7 +1,11 @@
 // The backward of edge-list attention by destination (CPU twin: src/cpu/graph_grad_q.rs;
 // semantics: src/graph.rs, gradients: src/cpu/graph_grad_reference.rs). One workgroup of
 // WG = 64 invocations per (destination i, head h): i = wg.x + wg.y·nwg.x, h = wg.z. It walks
-// i's in-edges, CSR positions row_ptr[i] .. row_ptr[i + 1], in tiles of WG edges: invocation
+// edges offset .. offset + max_len of i's in-edges (CSR positions row_ptr[i] ..
+// row_ptr[i + 1]): the whole list, or one chunk of it per pass where a list is longer than
+// llvmpipe's loop cap lets one invocation walk (GRAPH_ACCUMULATE: a later pass adds its dQ or
+// D to the earlier passes'; no float atomics, passes are dispatches in order). In tiles of WG
+// edges: invocation
 // t rebuilds edge t's logit s exactly as graph_attention does (edge_logit), its weight
 // P = exp(s − LSE[h, i]) (0 for a removed edge or a destination that kept none), dP = dO_i·u_e
 // with u_e = v_j + f_e, and dS = P·(dP − D_i); it writes P and dS per edge and head, at the
@@ -10,11 +14,12 @@
 // and, with edge features, writes d f_e[d] = scale·dS·q_i[d] + P·dO_i[d]. No float atomics:
 // each edge belongs to one destination, so one workgroup writes each of its values.
 //
-// D_i = Σ_e P_e·dP_e = dO_i·O_i: with heads side by side it comes from grad_rowdot (delta
-// [heads, M], read from the forward's O); with heads averaged (GRAPH_MEAN_HEADS) the per-head
-// O is not kept, so a first pass over the list sums P·dP here (lanes stride the list, a tree
-// over workgroup memory combines them), and dO_i per head is the mean's dO [M, 1, d_v] / heads.
-// The prelude declares how Q, K, V, the edge features and dO are read, and SLOTS.
+// D_i = Σ_e P_e·dP_e = dO_i·O_i ([heads, M]): with heads side by side it comes from
+// grad_rowdot (from the forward's O); with heads averaged (GRAPH_MEAN_HEADS) the per-head O is
+// not kept, so this kernel's DELTA_PASS specialization sums P·dP over the list first (lanes
+// stride the list, a tree over workgroup memory combines them) and writes only D; dO_i per
+// head is then the mean's dO [M, 1, d_v] / heads.
+// The prelude declares how Q, K, V, the edge features and dO are read, SLOTS and DELTA_PASS.
 //!include common/params.wgsl
 //!include common/graph.wgsl
 //!include common/graph_logit.wgsl
@@ -30,7 +35,7 @@
 @group(0) @binding(8) var<storage, read> edge_attr: array<Feature>;
 @group(0) @binding(9) var<storage, read> lse: array<f32>;
 @group(0) @binding(10) var<storage, read> d_o: array<Grad>;
-@group(0) @binding(11) var<storage, read> delta: array<f32>;
+@group(0) @binding(11) var<storage, read_write> delta: array<f32>;
 @group(0) @binding(12) var<storage, read_write> dq: array<f32>;
 @group(0) @binding(13) var<storage, read_write> p_edge: array<f32>;
 @group(0) @binding(14) var<storage, read_write> ds_edge: array<f32>;
@@ -75,8 +80,10 @@ fn main(
     }
     let h = wg.z;
     let kvh = h / (g.heads / g.kv_heads);
-    let e0 = row_ptr[i];
-    let e1 = row_ptr[i + 1u];
+    let end = row_ptr[i + 1u];
+    let e0 = min(row_ptr[i] + g.offset, end);
+    let e1 = e0 + min(g.max_len, end - e0);
+    let accumulate = (g.flags & GRAPH_ACCUMULATE) != 0u;
     let l = lse[h * g.m + i];
     let q_base = (i * g.heads + h) * g.d_k;
     let mean = (g.flags & GRAPH_MEAN_HEADS) != 0u;
@@ -99,8 +106,7 @@ fn main(
             gd[u] = load_d_o(do_base + d) * gs;
         }
     }
-    var big_d = 0.0;
-    if mean {
+    if DELTA_PASS {
         var part = 0.0;
         for (var e = e0 + li; e < e1; e += WG) {
             let j = col_idx[e];
@@ -116,12 +122,13 @@ fn main(
                 sh_p[li] += sh_p[li + half];
             }
         }
-        workgroupBarrier();
-        big_d = sh_p[0];
-        workgroupBarrier();
-    } else {
-        big_d = delta[h * g.m + i];
+        if li == 0u {
+            let at = h * g.m + i;
+            delta[at] = select(0.0, delta[at], accumulate) + sh_p[0];
+        }
+        return;
     }
+    let big_d = delta[h * g.m + i];
     for (var t0 = e0; t0 < e1; t0 += WG) {
         let len = min(WG, e1 - t0);
         var p = 0.0;
@@ -165,7 +172,7 @@ fn main(
     for (var u = 0u; u < SLOTS; u++) {
         let d = li + WG * u;
         if d < g.d_k {
-            dq[q_base + d] = g.scale * acc[u];
+            dq[q_base + d] = select(0.0, dq[q_base + d], accumulate) + g.scale * acc[u];
         }
     }
 }

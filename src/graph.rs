@@ -274,7 +274,8 @@ impl GraphAttention {
 
     /// Cuts every neighbour list into chunks of `len` edges (a positive multiple of 64 that
     /// fits the device's loop cap) merged exactly, instead of the planner's choice: for tests
-    /// and benchmarks of the split path.
+    /// and benchmarks of the split path. The backward ([`Engine::graph_attention_backward`])
+    /// then walks in- and out-lists in passes over chunks of `len` edges too.
     pub fn with_chunk_len(mut self, len: usize) -> Self {
         self.chunk_len = Some(len);
         self

@@ -4,9 +4,9 @@
 //! tests/graph.rs), on random graphs with isolated destinations, a hub (long in- and
 //! out-lists), self-loops, duplicate edges, bipartite node sets and GQA, with a bias that
 //! removes edges, edge features and averaged heads, in every dtype; every output poisoned
-//! first; within the budgets `xattn::cpu::budget::graph_grad_budget` derives. The CPU executor
-//! (the kernels' twins) on the same program; typed errors for bad calls and for lists over the
-//! loop cap (the backward does not chunk).
+//! first; within the budgets `xattn::cpu::budget::graph_grad_budget` derives; lists walked in
+//! passes over chunks (forced, and over llvmpipe's loop cap). The CPU executor (the kernels'
+//! twins) on the same program; typed errors for bad calls.
 
 mod common;
 
@@ -261,17 +261,25 @@ fn check_grads(
 }
 
 /// The options a case is run with: plain; a bias removing edges with edge features (where
-/// d_k = d_v); the same with heads averaged.
+/// d_k = d_v); the same with heads averaged; where a list is longer than 64, the last two in
+/// forced chunks of 64 edges (several passes of each backward kernel).
 fn option_sets(c: &Case) -> Vec<(&'static str, GraphAttention)> {
     let mut out = vec![("plain", GraphAttention::default())];
     let biased = GraphAttention::default().with_bias(c.bias());
-    if c.dims.d_k == c.dims.d_v {
+    let (full, mean) = if c.dims.d_k == c.dims.d_v {
         let full = biased.with_edge_features(c.edge_features());
         out.push(("bias+features", full.clone()));
-        out.push(("bias+features+mean", full.with_heads_averaged()));
+        out.push(("bias+features+mean", full.clone().with_heads_averaged()));
+        (full.clone(), full.with_heads_averaged())
     } else {
         out.push(("bias", biased.clone()));
-        out.push(("bias+mean", biased.with_heads_averaged()));
+        out.push(("bias+mean", biased.clone().with_heads_averaged()));
+        (biased.clone(), biased.with_heads_averaged())
+    };
+    let (max_in, max_out) = c.degrees();
+    if max_in.max(max_out) > 64 {
+        out.push(("chunks of 64", full.with_chunk_len(64)));
+        out.push(("chunks of 64, mean", mean.with_chunk_len(64)));
     }
     out
 }
@@ -510,13 +518,14 @@ fn bad_backward_calls_are_typed_errors() {
     ));
 }
 
-/// The backward walks whole lists: a destination's in-edges or a source's out-edges (times
-/// the query heads of its K/V head) over what one workgroup may walk under llvmpipe's loop cap
-/// is refused with the cap named, never cut short; lists within it plan.
+/// A destination's in-edges or a source's out-edges (times the query heads of its K/V head)
+/// longer than one workgroup may walk under llvmpipe's loop cap are walked in chunks, one pass
+/// each; a forced chunk length must be a multiple of 64 within the cap; a device where not
+/// even 64 edges fit refuses with the cap named.
 #[test]
-fn lists_over_the_loop_cap_are_refused() {
+fn long_lists_are_walked_in_passes() {
     let s = dims(100, 100, 2, 1, 8, 8);
-    let req = |graph: &Graph| {
+    let req = |graph: &Graph, opts: &GraphAttention| {
         graph_request(
             (
                 [1, s.m, s.heads, s.d_k],
@@ -525,59 +534,84 @@ fn lists_over_the_loop_cap_are_refused() {
             ),
             DType::F32,
             graph,
-            &GraphAttention::default(),
+            opts,
         )
         .unwrap()
     };
-    let plan = |graph: &Graph| {
+    let plan = |graph: &Graph, opts: &GraphAttention, caps: &DeviceCaps| {
         let ids = graph.edge_ids();
-        GraphBackwardPlan::new(&req(graph), (graph.row_ptr(), graph.col_idx(), &ids), &CAPS)
+        GraphBackwardPlan::new(
+            &req(graph, opts),
+            (graph.row_ptr(), graph.col_idx(), &ids),
+            caps,
+        )
     };
     let star = |fan: usize, into_hub: bool| {
         let (a, b): (Vec<i64>, Vec<i64>) = (0..fan).map(|e| (0, (e % 100) as i64)).unzip();
         let (src, dst) = if into_hub { (b, a) } else { (a, b) };
         Graph::from_coo(s.n, s.m, &src, &dst).unwrap()
     };
+    let plain = GraphAttention::default();
+    let mean = GraphAttention::default().with_heads_averaged();
     for into_hub in [true, false] {
-        let kernel = if into_hub {
-            "graph_grad_q"
-        } else {
-            "graph_grad_kv"
-        };
-        assert!(
-            plan(&star(5_000, into_hub)).is_ok(),
-            "{kernel}: 5,000 edges fit"
-        );
-        match plan(&star(40_000, into_hub)) {
-            Err(Error::Limit { what, limit, .. }) => {
-                assert!(what.contains(kernel), "{what}");
-                assert_eq!(limit, xattn::plan::LLVMPIPE_LOOP_CAP);
+        let chunks = |fan, opts: &GraphAttention| plan(&star(fan, into_hub), opts, &CAPS).unwrap();
+        let walk = |c: xattn::plan::graph_backward::GraphGradChunks| {
+            if into_hub {
+                c.q
+            } else {
+                c.kv
             }
-            other => panic!("{kernel}: 40,000 edges: {other:?}"),
+        };
+        assert_eq!(
+            walk(chunks(5_000, &plain).chunks).1,
+            1,
+            "5,000 edges in one pass"
+        );
+        let long = chunks(40_000, &mean);
+        let (chunk, passes) = walk(long.chunks);
+        assert!(passes > 1 && chunk % 64 == 0, "{long}");
+        assert_eq!(passes, 40_000u64.div_ceil(chunk), "{long}");
+        assert!(long.to_string().contains("passes"), "{long}");
+        if into_hub {
+            let (_, delta_passes) = long.chunks.delta.expect("heads averaged");
+            assert!(delta_passes >= 1 && delta_passes < passes, "{long}");
         }
-        // Without a loop cap the same list plans.
+        // Without a loop cap the same list runs in one pass.
         let uncapped = DeviceCaps {
             loop_cap: None,
             ..CAPS
         };
-        let graph = star(40_000, into_hub);
-        let ids = graph.edge_ids();
-        assert!(GraphBackwardPlan::new(
-            &req(&graph),
-            (graph.row_ptr(), graph.col_idx(), &ids),
-            &uncapped
-        )
-        .is_ok());
+        let one = plan(&star(40_000, into_hub), &mean, &uncapped).unwrap();
+        assert_eq!(walk(one.chunks).1, 1, "{one}");
+    }
+    // A forced chunk length off 64 is refused, as for the forward.
+    let odd = GraphAttention::default().with_chunk_len(100);
+    assert!(matches!(
+        plan(&star(500, true), &odd, &CAPS),
+        Err(Error::Argument(_))
+    ));
+    // A cap under one tile of 64 edges: refused with the cap named.
+    let tiny = DeviceCaps {
+        loop_cap: Some(150),
+        ..CAPS
+    };
+    match plan(&star(500, true), &plain, &tiny) {
+        Err(Error::Limit { what, limit, .. }) => {
+            assert!(what.contains("graph_grad_q"), "{what}");
+            assert_eq!(limit, 150);
+        }
+        other => panic!("a cap of 150 iterations: {:?}", other.map(|p| p.chunks)),
     }
 }
 
 /// Lists as long as the loop cap lets one workgroup walk run whole on the device and match the
 /// reference: on llvmpipe a loop cost that undercounted would have the kernel's loops cut
-/// short, leaving gradients wrong or poisoned. The longest list that plans is searched with
-/// llvmpipe's cap, heads averaged with a bias and edge features (graph_grad_q's costliest
-/// loops), GQA 2/1 (graph_grad_kv walks a source's list once per query head).
+/// short, leaving gradients wrong or poisoned. The longest list walked in one pass is searched
+/// with llvmpipe's cap, heads averaged with a bias and edge features (graph_grad_q's delta
+/// pass included), GQA 2/1 (graph_grad_kv walks a source's list once per query head). Lists
+/// 2.5 times as long are walked in passes over chunks and match too.
 #[test]
-fn lists_at_the_loop_cap_run_whole() {
+fn lists_at_and_over_the_loop_cap_match_the_reference() {
     let Some(engine) = engine() else { return };
     let s = dims(64, 64, 2, 1, 8, 8);
     for into_hub in [true, false] {
@@ -592,33 +626,43 @@ fn lists_at_the_loop_cap_run_whole() {
                 .with_edge_features(c.edge_features())
                 .with_heads_averaged()
         };
-        let plans = |fan: usize| {
+        let passes = |fan: usize| {
             let c = Case::new(s, star(fan), 40);
             let graph = c.graph();
             let req =
                 graph_request(c.qkv_dims().into(), DType::F32, &graph, &opts_for(&c)).unwrap();
             let ids = graph.edge_ids();
-            GraphBackwardPlan::new(&req, (graph.row_ptr(), graph.col_idx(), &ids), &CAPS).is_ok()
+            let plan =
+                GraphBackwardPlan::new(&req, (graph.row_ptr(), graph.col_idx(), &ids), &CAPS)
+                    .unwrap();
+            if into_hub {
+                plan.chunks.q.1
+            } else {
+                plan.chunks.kv.1
+            }
         };
-        // The largest multiple of 64 that plans.
+        // The largest multiple of 64 walked in one pass.
         let (mut lo, mut hi) = (64, 64 * 1024);
-        assert!(plans(lo) && !plans(hi));
+        assert!(passes(lo) == 1 && passes(hi) > 1);
         while hi - lo > 64 {
             let mid = (lo + hi) / 128 * 64;
-            if plans(mid) {
+            if passes(mid) == 1 {
                 lo = mid;
             } else {
                 hi = mid;
             }
         }
-        let c = Case::new(s, star(lo), 40);
-        let opts = opts_for(&c);
-        let d_o = c.d_o(&opts);
-        let what = format!(
-            "{} of {lo} edges at the loop cap",
-            if into_hub { "in-list" } else { "out-list" }
-        );
-        let got = run_gpu(engine, &c, &opts, DType::F32, &d_o).unwrap();
-        check_grads(&what, &c, &opts, &d_o, &got);
+        for fan in [lo, lo * 5 / 2] {
+            let c = Case::new(s, star(fan), 40);
+            let opts = opts_for(&c);
+            let d_o = c.d_o(&opts);
+            let what = format!(
+                "{} of {fan} edges in {} pass(es)",
+                if into_hub { "in-list" } else { "out-list" },
+                passes(fan)
+            );
+            let got = run_gpu(engine, &c, &opts, DType::F32, &d_o).unwrap();
+            check_grads(&what, &c, &opts, &d_o, &got);
+        }
     }
 }

@@ -610,7 +610,7 @@ fn graph_params_layout_matches_wgsl() {
         ("items", std::mem::offset_of!(GraphParams, items)),
         ("max_len", std::mem::offset_of!(GraphParams, max_len)),
         ("edges", std::mem::offset_of!(GraphParams, edges)),
-        ("_pad", std::mem::offset_of!(GraphParams, _pad)),
+        ("offset", std::mem::offset_of!(GraphParams, offset)),
     ];
     assert_eq!(members.len(), rust.len(), "every member is checked");
     for (name, offset) in rust {

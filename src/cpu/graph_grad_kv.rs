@@ -22,11 +22,14 @@ pub fn run(p: &GraphParams, spec: GraphGradKv, buffers: &mut [Vec<u32>]) {
     let (dk, dv) = (p.d_k as usize, p.d_v as usize);
     let group = heads / kv_heads;
     let mean = p.flags & graph_flags::MEAN_HEADS != 0;
+    let accumulate = p.flags & graph_flags::ACCUMULATE != 0;
     let wg = GRAPH_WG as usize;
     let slots = spec.slots as usize;
     for j in 0..p.items as usize {
         for kvh in 0..kv_heads {
-            let (e0, e1) = (src_ptr[j] as usize, src_ptr[j + 1] as usize);
+            let end = src_ptr[j + 1] as usize;
+            let e0 = (src_ptr[j] as usize + p.offset as usize).min(end);
+            let e1 = e0 + (p.max_len as usize).min(end - e0);
             let mut acc_k = vec![vec![0.0f32; slots]; wg];
             let mut acc_v = vec![vec![0.0f32; slots]; wg];
             for hh in 0..group {
@@ -69,10 +72,14 @@ pub fn run(p: &GraphParams, spec: GraphGradKv, buffers: &mut [Vec<u32>]) {
                 for u in 0..slots {
                     let d = li + wg * u;
                     if d < dk {
-                        dk_out[(j * kv_heads + kvh) * dk + d] = p.scale * acc_k[li][u];
+                        let at = (j * kv_heads + kvh) * dk + d;
+                        let before = if accumulate { dk_out[at] } else { 0.0 };
+                        dk_out[at] = before + p.scale * acc_k[li][u];
                     }
                     if d < dv {
-                        dv_out[(j * kv_heads + kvh) * dv + d] = gs * acc_v[li][u];
+                        let at = (j * kv_heads + kvh) * dv + d;
+                        let before = if accumulate { dv_out[at] } else { 0.0 };
+                        dv_out[at] = before + gs * acc_v[li][u];
                     }
                 }
             }

@@ -42,7 +42,7 @@ fn edge_dp(
 }
 
 /// Runs the twin on the kernel's bindings 1.. as words: q, k, v, row_ptr, col_idx, edge_id,
-/// bias, edge_attr, lse, d_o, delta → dq, p_edge, ds_edge, d_edge_attr.
+/// bias, edge_attr, lse, d_o → delta, dq, p_edge, ds_edge, d_edge_attr.
 pub fn run(p: &GraphParams, spec: GraphGradQ, buffers: &mut [Vec<u32>]) {
     let [q, k, v, row_ptr, col_idx, edge_id, bias, edge_attr, lse, d_o, delta, dq, p_edge, ds_edge, d_edge_attr] =
         buffers
@@ -58,7 +58,7 @@ pub fn run(p: &GraphParams, spec: GraphGradQ, buffers: &mut [Vec<u32>]) {
     let features: &[f32] = bytemuck::cast_slice(edge_attr);
     let lse: &[f32] = bytemuck::cast_slice(lse);
     let d_o: &[f32] = bytemuck::cast_slice(d_o);
-    let delta: &[f32] = bytemuck::cast_slice(delta);
+    let delta: &mut [f32] = bytemuck::cast_slice_mut(delta);
     let dq: &mut [f32] = bytemuck::cast_slice_mut(dq);
     let p_edge: &mut [f32] = bytemuck::cast_slice_mut(p_edge);
     let ds_edge: &mut [f32] = bytemuck::cast_slice_mut(ds_edge);
@@ -67,13 +67,16 @@ pub fn run(p: &GraphParams, spec: GraphGradQ, buffers: &mut [Vec<u32>]) {
     let (dk, dv, m) = (p.d_k as usize, p.d_v as usize, p.m as usize);
     let features_on = p.flags & graph_flags::EDGE_FEATURES != 0;
     let mean = p.flags & graph_flags::MEAN_HEADS != 0;
+    let accumulate = p.flags & graph_flags::ACCUMULATE != 0;
     let gs = if mean { 1.0 / heads as f32 } else { 1.0 };
     let wg = GRAPH_WG as usize;
     let slots = spec.slots as usize;
     for i in 0..p.items as usize {
         for h in 0..heads {
             let kvh = h / (heads / kv_heads);
-            let (e0, e1) = (row_ptr[i] as usize, row_ptr[i + 1] as usize);
+            let end = row_ptr[i + 1] as usize;
+            let e0 = (row_ptr[i] as usize + p.offset as usize).min(end);
+            let e1 = e0 + (p.max_len as usize).min(end - e0);
             let l = lse[h * m + i];
             let q_base = (i * heads + h) * dk;
             let do_base = if mean { i * dv } else { (i * heads + h) * dv };
@@ -90,7 +93,7 @@ pub fn run(p: &GraphParams, spec: GraphGradQ, buffers: &mut [Vec<u32>]) {
             let qd = |d: usize| if d < dk { q[q_base + d] } else { 0.0 };
             let gd = |d: usize| if d < dv { d_o[do_base + d] * gs } else { 0.0 };
             let mut acc = vec![vec![0.0f32; slots]; wg];
-            let big_d = if mean {
+            if spec.delta_pass {
                 let mut sh = vec![0.0f32; wg];
                 for (li, part) in sh.iter_mut().enumerate() {
                     let mut e = e0 + li;
@@ -110,10 +113,11 @@ pub fn run(p: &GraphParams, spec: GraphGradQ, buffers: &mut [Vec<u32>]) {
                     }
                     half /= 2;
                 }
-                sh[0]
-            } else {
-                delta[h * m + i]
-            };
+                let at = h * m + i;
+                delta[at] = if accumulate { delta[at] } else { 0.0 } + sh[0];
+                continue;
+            }
+            let big_d = delta[h * m + i];
             let mut t0 = e0;
             while t0 < e1 {
                 let len = wg.min(e1 - t0);
@@ -153,7 +157,8 @@ pub fn run(p: &GraphParams, spec: GraphGradQ, buffers: &mut [Vec<u32>]) {
             for (li, acc) in acc.iter().enumerate() {
                 for (u, d) in lane_dims(li).enumerate() {
                     if d < dk {
-                        dq[q_base + d] = p.scale * acc[u];
+                        let before = if accumulate { dq[q_base + d] } else { 0.0 };
+                        dq[q_base + d] = before + p.scale * acc[u];
                     }
                 }
             }

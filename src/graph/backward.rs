@@ -13,6 +13,8 @@
 //! `dbias_e = dS_e`. With heads averaged each head's dO is dO / heads. A removed edge (bias
 //! ≤ −1e30) and a destination without kept edges have zero gradients. Nothing is accumulated
 //! with float atomics: per destination, per edge and per source, one workgroup writes each.
+//! Lists longer than the device's loop cap lets one workgroup walk (llvmpipe's) are walked in
+//! passes over chunks whose sums add ([`crate::plan::graph_backward::GraphGradChunks`]).
 
 use std::collections::HashMap;
 

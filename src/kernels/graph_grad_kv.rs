@@ -46,8 +46,9 @@ impl KernelSpec for GraphGradKv {
 
     /// Per tile of 64 out-edges of one query head: the tile loop's test and the loop over the
     /// tile's edges with the slots loop in each. Fixed: the slots loops before and after, the
-    /// heads loop and each head's tile-loop exit. The long loop runs over the largest
-    /// out-degree (`max_len`), rounded up to whole tiles, once per query head of the group.
+    /// heads loop and each head's tile-loop exit. The long loop runs over `max_len` out-edges
+    /// (a whole list, or a chunk of one per pass), rounded up to whole tiles, once per query
+    /// head of the group.
     fn loop_cost(&self, p: &GraphParams) -> (LoopCost, u64) {
         let tile = u64::from(GRAPH_WG);
         let slots = u64::from(self.slots);

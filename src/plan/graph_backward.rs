@@ -7,9 +7,12 @@
 //! over its out-edges, the transposed CSR built here on the host: dK, dV from the P and dS
 //! `graph_grad_q` wrote).
 //!
-//! Lists are not chunked: a destination's in-edges or a source's out-edges (times the query
-//! heads of a K/V head) longer than one workgroup may walk under the device's loop cap
-//! (llvmpipe's) make the plan an [`Error::Limit`](crate::error::Error::Limit) naming the cap.
+//! A list longer than one workgroup may walk under the device's loop cap (llvmpipe's) is
+//! walked in chunks, one pass (dispatch) per chunk over every list, later passes adding to the
+//! earlier ones' dQ (or D), dK and dV: the LSE is given, so partial sums simply add, and the
+//! passes run in order, so nothing needs atomics ([`GraphGradChunks`]). Only a device where
+//! not even one tile of 64 edges fits refuses, with an
+//! [`Error::Limit`](crate::error::Error::Limit) naming the cap.
 
 use std::fmt;
 
@@ -19,8 +22,9 @@ use crate::kernels::grad_rowdot::GradRowdot;
 use crate::kernels::graph_attention::{GRAPH_MAX_SLOTS, GRAPH_WG};
 use crate::kernels::graph_grad_kv::GraphGradKv;
 use crate::kernels::graph_grad_q::GraphGradQ;
+use crate::kernels::{KernelSpec, LoopCost};
 use crate::params::{graph_flags, AttnParams, GraphParams};
-use crate::plan::check::{bytes, check_binding, check_grid, check_loops, fold_grid};
+use crate::plan::check::{bytes, check_binding, check_grid, check_loops, fold_grid, limit_err};
 use crate::plan::device::DeviceCaps;
 use crate::plan::graph::{Degrees, GraphRequest};
 use crate::program::{BufferId, Program};
@@ -66,6 +70,71 @@ pub struct GraphGradIo {
     pub d_edge_attr: Option<BufferId>,
 }
 
+/// How the backward's kernels walk the lists, each as (chunk length, passes): one pass over
+/// whole lists where the longest fits the device's loop cap, else chunks of the longest length
+/// that fits (a multiple of 64), one pass per chunk, later passes adding to the earlier ones'
+/// sums.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GraphGradChunks {
+    /// `graph_grad_q`'s delta passes over in-edges (heads averaged only).
+    pub delta: Option<(u64, u64)>,
+    /// `graph_grad_q`'s passes over in-edges.
+    pub q: (u64, u64),
+    /// `graph_grad_kv`'s passes over out-edges (each walked once per query head of a K/V
+    /// head).
+    pub kv: (u64, u64),
+}
+
+/// The chunk length and passes over lists of at most `longest` edges for a kernel of loop
+/// cost `cost` per edge walked, each edge walked `per` times: the longest list where it fits
+/// the device's loop cap, else the longest multiple of 64 that fits (or `forced`, a multiple
+/// of 64 within that). A device where not even 64 edges fit is an [`Error::Limit`].
+fn passes(
+    kernel: &str,
+    cost: LoopCost,
+    per: u64,
+    longest: u64,
+    forced: Option<u64>,
+    caps: &DeviceCaps,
+) -> Result<(u64, u64)> {
+    let wg = u64::from(GRAPH_WG);
+    let most = match caps.loop_len(&cost) {
+        u64::MAX => u64::from(u32::MAX) / wg * wg,
+        len => (len / per / wg * wg).min(u64::from(u32::MAX) / wg * wg),
+    };
+    if most < wg {
+        return Err(limit_err(
+            format!("{kernel}: one tile of {wg} edges"),
+            cost.trips(wg * per),
+            "loop iterations per invocation (Mesa llvmpipe ends loops past it)",
+            caps.loop_cap.unwrap_or(0),
+        ));
+    }
+    let chunk = match forced {
+        Some(c) if c == 0 || !c.is_multiple_of(wg) || c > most => {
+            return Err(Error::Argument(format!(
+                "chunk length {c} must be a positive multiple of {wg} and at most {most} for \
+                 {kernel} on this device"
+            )))
+        }
+        Some(c) => c,
+        None => longest.max(1).div_ceil(wg).saturating_mul(wg).min(most),
+    };
+    Ok((chunk, longest.div_ceil(chunk).max(1)))
+}
+
+/// `base` for pass `n` over chunks of `chunk` edges: its first edge, length, and
+/// [`graph_flags::ACCUMULATE`] after the first.
+fn pass_params(base: &GraphParams, n: u64, chunk: u64) -> GraphParams {
+    let mut p = *base;
+    p.offset = (n * chunk) as u32;
+    p.max_len = chunk as u32;
+    if n > 0 {
+        p.flags |= graph_flags::ACCUMULATE;
+    }
+    p
+}
+
 /// What an edge-list attention's backward runs: its program, buffers and index tables.
 #[derive(Clone, Debug)]
 pub struct GraphBackwardPlan {
@@ -77,6 +146,8 @@ pub struct GraphBackwardPlan {
     pub degrees: Degrees,
     /// The largest out-degree.
     pub max_out: u64,
+    /// How the lists are walked: each kernel's chunk length and passes.
+    pub chunks: GraphGradChunks,
     /// The steps and buffers.
     pub program: Program,
     /// The buffers in `program`.
@@ -218,9 +289,9 @@ impl GraphBackwardPlan {
                     0
                 },
             items: s.m as u32,
-            max_len: degrees.max as u32,
+            max_len: 0,
             edges: e as u32,
-            _pad: 0,
+            offset: 0,
         };
         let grid_of = |what: &str, items: u64, z: usize| -> Result<[u32; 3]> {
             let most = u64::from(caps.max_workgroups);
@@ -229,10 +300,30 @@ impl GraphBackwardPlan {
             Ok([x as u32, y, check_grid(what, z, caps)?])
         };
 
-        // D per destination and head from the forward's O, [heads, M] as the LSE.
-        let delta = match o {
+        // D per destination and head, [heads, M] as the LSE: from the forward's O, or summed
+        // over the edges by graph_grad_q's delta passes with heads averaged.
+        let delta = program.scratch("delta", bytes(s.heads * s.m));
+        let mut chunks = GraphGradChunks {
+            delta: None,
+            q: (0, 0),
+            kv: (0, 0),
+        };
+        let forced = req.chunk_len.map(|c| c as u64);
+        let q_buffers = [
+            q, k, v, rp, ci, eid, bias, edge_attr, lse, d_o, delta, dq, p_edge, ds_edge, df,
+        ];
+        let q_grid = grid_of("graph_grad_q destinations", s.m as u64, s.heads)?;
+        let passes_of = |kernel: GraphGradQ, program: &mut Program| -> Result<(u64, u64)> {
+            let (cost, _) = kernel.loop_cost(&params);
+            let (chunk, passes) = passes("graph_grad_q", cost, 1, degrees.max, forced, caps)?;
+            for n in 0..passes {
+                let p = pass_params(&params, n, chunk);
+                program.dispatch(kernel, &p, q_grid, &q_buffers);
+            }
+            Ok((chunk, passes))
+        };
+        match o {
             Some(o) => {
-                let delta = program.scratch("delta", bytes(s.heads * s.m));
                 let d_o32 = program.scratch("d_o_f32", o_bytes);
                 let p = AttnParams {
                     batch: 1,
@@ -246,32 +337,40 @@ impl GraphBackwardPlan {
                     storage: Storage::F32,
                 };
                 program.dispatch(rowdot, &p, grid, &[o, d_o, delta, d_o32]);
-                delta
             }
-            None => program.absent("delta"),
+            None => {
+                let kernel = GraphGradQ {
+                    storage,
+                    slots,
+                    delta_pass: true,
+                };
+                chunks.delta = Some(passes_of(kernel, &mut program)?);
+            }
+        }
+        let kernel = GraphGradQ {
+            storage,
+            slots,
+            delta_pass: false,
         };
-        program.dispatch(
-            GraphGradQ { storage, slots },
-            &params,
-            grid_of("graph_grad_q destinations", s.m as u64, s.heads)?,
-            &[
-                q, k, v, rp, ci, eid, bias, edge_attr, lse, d_o, delta, dq, p_edge, ds_edge, df,
-            ],
-        );
+        chunks.q = passes_of(kernel, &mut program)?;
         params.items = s.n as u32;
-        params.max_len = max_out as u32;
-        program.dispatch(
-            GraphGradKv { storage, slots },
-            &params,
-            grid_of("graph_grad_kv sources", s.n as u64, s.kv_heads)?,
-            &[q, d_o, sp, oe, p_edge, ds_edge, dk, dv],
-        );
+        let kernel = GraphGradKv { storage, slots };
+        let (cost, _) = kernel.loop_cost(&params);
+        let group = (s.heads / s.kv_heads) as u64;
+        let (chunk, n_passes) = passes("graph_grad_kv", cost, group, max_out, forced, caps)?;
+        let grid = grid_of("graph_grad_kv sources", s.n as u64, s.kv_heads)?;
+        for n in 0..n_passes {
+            let p = pass_params(&params, n, chunk);
+            program.dispatch(kernel, &p, grid, &[q, d_o, sp, oe, p_edge, ds_edge, dk, dv]);
+        }
+        chunks.kv = (chunk, n_passes);
         check_loops(&program, caps)?;
         Ok(Self {
             req: *req,
             storage,
             degrees,
             max_out,
+            chunks,
             program,
             io: GraphGradIo {
                 q,
@@ -327,17 +426,23 @@ impl fmt::Display for GraphBackwardPlan {
              d_k {}, d_v {}",
             s.m, s.n, self.degrees.edges, s.heads, s.kv_heads, s.d_k, s.d_v
         )?;
+        let c = self.chunks;
+        let walk = |(chunk, passes): (u64, u64)| match passes {
+            1 => "whole lists, 1 pass".to_string(),
+            n => format!("chunks of {chunk} edges, {n} passes"),
+        };
         writeln!(
             f,
-            "  lists whole (no chunks): largest in-degree {}, largest out-degree {}; D from {}; \
-             P and dS stored per edge and head for graph_grad_kv",
+            "  largest in-degree {}, largest out-degree {}; D from {}; graph_grad_q: {}; \
+             graph_grad_kv: {}; P and dS stored per edge and head for graph_grad_kv",
             self.degrees.max,
             self.max_out,
-            if self.req.mean_heads {
-                "the edges (heads averaged)"
-            } else {
-                "O by grad_rowdot"
-            }
+            match c.delta {
+                Some(d) => format!("the edges (heads averaged; {})", walk(d)),
+                None => "O by grad_rowdot".to_string(),
+            },
+            walk(c.q),
+            walk(c.kv)
         )?;
         write!(f, "{}", self.program)
     }
