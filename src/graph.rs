@@ -33,9 +33,13 @@
 //!   and the LSE, never stored;
 //! - work and memory grow with E·d, never with M·N: no mask and no score matrix exist.
 //!
+//! Gradients: [`Engine::graph_attention_backward`] (see [`backward`]) returns dQ, dK, dV and,
+//! where the call has them, d edge features and d bias, in the given edge order.
+//!
 //! Topology features for GTAT's graph cross-attention, each node's graphlet-orbit counts, come
 //! from [`orbits::graphlet_orbits`] (on the host).
 
+pub mod backward;
 pub mod orbits;
 
 use std::collections::HashMap;
@@ -199,6 +203,15 @@ impl Graph {
         &self.col_idx
     }
 
+    /// The given index of the edge at each CSR position, `[E]` (where per-edge data in CSR
+    /// order goes back to in the given order).
+    pub fn edge_ids(&self) -> Vec<u32> {
+        match &self.order {
+            None => (0..self.col_idx.len() as u32).collect(),
+            Some(order) => order.clone(),
+        }
+    }
+
     /// Per-edge data `[E, width]` in the given edge order, rearranged into CSR order.
     pub fn to_csr_order(&self, data: &[f32], width: usize) -> Vec<f32> {
         match &self.order {
@@ -261,7 +274,8 @@ impl GraphAttention {
 
     /// Cuts every neighbour list into chunks of `len` edges (a positive multiple of 64 that
     /// fits the device's loop cap) merged exactly, instead of the planner's choice: for tests
-    /// and benchmarks of the split path.
+    /// and benchmarks of the split path. The backward ([`Engine::graph_attention_backward`])
+    /// then walks in- and out-lists in passes over chunks of `len` edges too.
     pub fn with_chunk_len(mut self, len: usize) -> Self {
         self.chunk_len = Some(len);
         self

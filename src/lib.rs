@@ -76,6 +76,7 @@ pub use gpu::context::Context;
 pub use gpu::executor::GpuTimer;
 pub use gpu::tensor::Tensor;
 pub use grad::{Grads, HostGrads};
+pub use graph::backward::{GraphGrads, GraphHostGrads};
 pub use graph::{
     Graph, GraphAttention, GraphHostOutput, GraphHostStats, GraphOutput, GraphStatsOutput,
 };

@@ -254,8 +254,9 @@ pub struct GraphParams {
     pub max_len: u32,
     /// Edges of the graph.
     pub edges: u32,
-    /// Padding to a multiple of 16 bytes.
-    pub _pad: u32,
+    /// The backward's passes: the first edge of each list this pass walks (edges `offset ..
+    /// offset + max_len` of every list); 0 for the forward.
+    pub offset: u32,
 }
 
 /// Bits of [`GraphParams::flags`].
@@ -266,4 +267,11 @@ pub mod graph_flags {
     /// each edge's key and value rows, as PyG's `TransformerConv` adds its projected
     /// `edge_attr`.
     pub const EDGE_FEATURES: u32 = 2;
+    /// The backward's: O was averaged over heads, so dO is `[M, 1, d_v]` and each head's
+    /// share is dO / heads (D = Σ P·dP is then summed over the edges by `graph_grad_q`'s
+    /// delta passes: the per-head O is not kept).
+    pub const MEAN_HEADS: u32 = 4;
+    /// The backward's: a pass after the first over chunks of long lists, which adds its sums
+    /// to dQ (or D), dK and dV rather than writing them.
+    pub const ACCUMULATE: u32 = 8;
 }

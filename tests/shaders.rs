@@ -203,7 +203,7 @@ fn all_kernels() -> Vec<Kernel> {
 }
 
 /// The kernels of edge-list attention plans at value head dim `d_v`: whole lists and forced
-/// chunks (which add graph_merge).
+/// chunks (which add graph_merge), and the backward's.
 fn graph_kernels(dtype: DType, native_f16: bool, d_v: usize) -> Vec<Kernel> {
     use xattn::cpu::graph_reference::GraphDims;
     use xattn::plan::graph::{GraphPlan, GraphRequest};
@@ -229,6 +229,15 @@ fn graph_kernels(dtype: DType, native_f16: bool, d_v: usize) -> Vec<Kernel> {
         };
         let plan = GraphPlan::new(&req, (&row_ptr, &col_idx), &caps_for(native_f16)).unwrap();
         collect(&mut out, plan.program());
+        // The backward: grad_rowdot (heads side by side), graph_grad_q and graph_grad_kv.
+        let edge_ids = [4u32, 0, 3, 1, 2];
+        let back = xattn::plan::graph_backward::GraphBackwardPlan::new(
+            &req,
+            (&row_ptr, &col_idx, &edge_ids),
+            &caps_for(native_f16),
+        )
+        .unwrap();
+        collect(&mut out, back.program());
     }
     out
 }
@@ -601,7 +610,7 @@ fn graph_params_layout_matches_wgsl() {
         ("items", std::mem::offset_of!(GraphParams, items)),
         ("max_len", std::mem::offset_of!(GraphParams, max_len)),
         ("edges", std::mem::offset_of!(GraphParams, edges)),
-        ("_pad", std::mem::offset_of!(GraphParams, _pad)),
+        ("offset", std::mem::offset_of!(GraphParams, offset)),
     ];
     assert_eq!(members.len(), rust.len(), "every member is checked");
     for (name, offset) in rust {

@@ -161,3 +161,66 @@ pub fn graph_stats_budget(lse: f64, max_in: usize, max_out: usize) -> (f64, f64,
     let entropy = ((max_in.max(1) as f64).ln() + 1.0) * delta + max_in as f64 * EPS;
     (entropy, delta, max_out as f64 * (delta + EPS))
 }
+
+/// Error budgets of the f32 backward of edge-list attention (`graph_grad_q`, `graph_grad_kv`)
+/// against [`super::graph_grad_reference`], absolute, per gradient.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GraphGradBudget {
+    /// dQ.
+    pub dq: f64,
+    /// dK.
+    pub dk: f64,
+    /// dV.
+    pub dv: f64,
+    /// d edge features.
+    pub d_edge_attr: f64,
+    /// d bias.
+    pub d_bias: f64,
+}
+
+/// The [`GraphGradBudget`] of the backward of the call with dims `s`, logit `scale`, inputs
+/// `q`, `k`, `v`, `d_o` (O's layout) and `terms`, over a graph whose largest in-degree is
+/// `max_in` and largest out-degree `max_out`; `coverage` is the largest sum of weights P over
+/// one source's out-edges and the query heads of one K/V head (from the reference weights).
+///
+/// With `lse` the forward's LSE budget ([`graph_budget`]), which also bounds the rebuilt
+/// logit's error, a weight P = exp(s − LSE) is off by δ_P·P with δ_P = 2·lse + 2ε. With
+/// g = max|dO| (÷ heads where averaged), u = max|v| + max|f| and G = d_v·g·u bounding |dP| and
+/// |D|: dP = dO·u is a d_v-term f32 dot product, off by ε·(d_v + 1)·G; D (from O, itself within
+/// lse·u of the reference, or summed over at most max_in edges) by G·(δ_P + ε·(d_v + max_in));
+/// so dS = P·(dP − D) by P·G·r with r = 3·δ_P + ε·(2·d_v + max_in + 4). Then, Σ P = 1 over a
+/// destination's edges and Σ|dS| ≤ 2·G·Σ P, each sum of T terms adding ε·T of its terms'
+/// magnitude:
+/// - dQ = scale·Σ dS·(k + f) over ≤ max_in edges: scale·(max|k| + max|f|)·G·(r + 2ε·(max_in + 2));
+/// - d bias = dS: G·r;
+/// - d f = scale·dS·q + P·dO: scale·max|q|·G·(r + 4ε) + g·(δ_P + 3ε);
+/// - dV = Σ P·dO over T = group·max_out + 1 terms of weight ≤ coverage C: g·C·(δ_P + ε·(T + 2));
+/// - dK = scale·Σ dS·q likewise: scale·max|q|·G·C·(r + 2ε·(T + 1)).
+pub fn graph_grad_budget(
+    s: crate::cpu::graph_reference::GraphDims,
+    scale: f32,
+    (q, k, v, d_o): (&[f32], &[f32], &[f32], &[f32]),
+    terms: GraphTerms,
+    (max_in, max_out, coverage): (usize, usize, f64),
+) -> GraphGradBudget {
+    let (_, lse) = graph_budget((scale, s.d_k), (q, k, v), terms, max_in);
+    let delta_p = 2.0 * lse + 2.0 * EPS;
+    let feature = terms.edge_attr.map_or(0.0, amax);
+    let g = amax(d_o)
+        / if terms.mean_heads {
+            s.heads as f64
+        } else {
+            1.0
+        };
+    let big_g = s.d_v as f64 * g * (amax(v) + feature);
+    let r = 3.0 * delta_p + EPS * (2.0 * s.d_v as f64 + max_in as f64 + 4.0);
+    let sc = f64::from(scale.abs());
+    let t = ((s.heads / s.kv_heads) * max_out + 1) as f64;
+    GraphGradBudget {
+        dq: sc * (amax(k) + feature) * big_g * (r + 2.0 * EPS * (max_in as f64 + 2.0)),
+        dk: sc * amax(q) * big_g * coverage * (r + 2.0 * EPS * (t + 1.0)),
+        dv: g * coverage * (delta_p + EPS * (t + 2.0)),
+        d_edge_attr: sc * amax(q) * big_g * (r + 4.0 * EPS) + g * (delta_p + 3.0 * EPS),
+        d_bias: big_g * r,
+    }
+}

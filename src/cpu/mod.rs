@@ -26,6 +26,10 @@ pub mod grad_q;
 pub mod grad_rowdot;
 #[doc(hidden)]
 pub mod graph_attention;
+#[doc(hidden)]
+pub mod graph_grad_kv;
+#[doc(hidden)]
+pub mod graph_grad_q;
 pub mod graph_grad_reference;
 #[doc(hidden)]
 pub mod graph_merge;

@@ -44,6 +44,8 @@ pub mod grad_kv;
 pub mod grad_q;
 pub mod grad_rowdot;
 pub mod graph_attention;
+pub mod graph_grad_kv;
+pub mod graph_grad_q;
 pub mod graph_merge;
 pub mod graph_stats;
 pub mod key_coverage;
@@ -257,6 +259,8 @@ registry! {
     GraphAttention(graph_attention::GraphAttention),
     GraphMerge(graph_merge::GraphMerge),
     GraphStats(graph_stats::GraphStats),
+    GraphGradQ(graph_grad_q::GraphGradQ),
+    GraphGradKv(graph_grad_kv::GraphGradKv),
 }
 
 impl Kernel {

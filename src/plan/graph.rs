@@ -247,7 +247,7 @@ impl GraphPlan {
             items: 0,
             max_len: 0,
             edges: degrees.edges as u32,
-            _pad: 0,
+            offset: 0,
         };
         let spec = |split| GraphAttention {
             storage,

@@ -8,16 +8,17 @@
 //! Split along its seams: [`device`] (what the planner knows about a device: limits and
 //! quirks), [`request`] (what a call asks for and the buffers it declares), [`attention`]
 //! (three-pass, fused, split-K, merge), [`backward`] (the attention's gradients), [`stats`]
-//! (statistics and pooled maps), [`graph`] (attention over a graph's edge list), [`layer`]
-//! (projections and the layer's forward program), [`layer_backward`] (the layer's backward
-//! program), [`check`] (limits and loop caps) and [`shard`] (cuts, blocks and byte counts of a
-//! call sharded over devices).
+//! (statistics and pooled maps), [`graph`] (attention over a graph's edge list),
+//! [`graph_backward`] (its gradients), [`layer`] (projections and the layer's forward
+//! program), [`layer_backward`] (the layer's backward program), [`check`] (limits and loop
+//! caps) and [`shard`] (cuts, blocks and byte counts of a call sharded over devices).
 
 pub mod attention;
 pub mod backward;
 pub mod check;
 pub mod device;
 pub mod graph;
+pub mod graph_backward;
 pub mod layer;
 pub mod layer_backward;
 pub mod request;
