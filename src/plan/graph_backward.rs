@@ -248,8 +248,11 @@ impl GraphBackwardPlan {
         let oe = program.input("out_edges", check_binding("out_edges", words(2 * e), caps)?);
         let per_edge = check_binding("[E, heads] per-edge terms", words(e * s.heads as u64), caps)?;
         let bias = program.optional_input("bias", per_edge, req.bias);
-        let feature_bytes =
-            check_binding("edge features", words(e * (s.heads * s.d_k) as u64), caps)?;
+        // Edge features are held to the device's limit only where the call has them.
+        let feature_bytes = words(e * (s.heads * s.d_k) as u64);
+        if req.edge_features {
+            check_binding("edge features", feature_bytes, caps)?;
+        }
         let edge_attr = program.optional_input("edge_attr", feature_bytes, req.edge_features);
         let o_bytes = check_binding("o", bytes(s.m * out_heads * s.d_v), caps)?;
         let o = (!req.mean_heads).then(|| program.input("o", o_bytes));
