@@ -53,6 +53,7 @@ use crate::gpu::executor::Bindings;
 use crate::gpu::tensor::Tensor;
 use crate::mask::{BIAS_REMOVES, LOGIT_FACTOR_MAX};
 use crate::plan::graph::{GraphPlan, GraphRequest};
+use crate::program::BufferId;
 
 /// A directed graph as CSR by destination: destination `i`'s in-edges are positions
 /// `row_ptr[i] .. row_ptr[i + 1]`, their sources `col_idx[..]`. Built by [`Graph::from_csr`]
@@ -477,6 +478,45 @@ pub fn graph_request(
     })
 }
 
+/// The graph's index arrays (`index`: binding and words) and the call's per-edge inputs (bias
+/// `[E, heads]`, edge features `[E, heads, d_k]`, put in CSR order) uploaded for the bindings
+/// `bias` and `edge_attr` name (`heads` and `d_k` of the call); what the call lacks is not
+/// uploaded.
+pub(crate) fn upload_graph_inputs(
+    ctx: &crate::Context,
+    graph: &Graph,
+    opts: &GraphAttention,
+    index: Vec<(BufferId, Vec<u32>)>,
+    (bias, edge_attr): (BufferId, BufferId),
+    (heads, d_k): (usize, usize),
+) -> Result<Vec<(BufferId, Tensor)>> {
+    let mut owned = Vec::new();
+    for (id, words) in index {
+        owned.push((
+            id,
+            Tensor::upload_u32(ctx, "graph_index", &words, &[words.len()])?,
+        ));
+    }
+    for (id, name, data, width) in [
+        (bias, "graph_bias", opts.bias(), heads),
+        (
+            edge_attr,
+            "graph_edge_attr",
+            opts.edge_features(),
+            heads * d_k,
+        ),
+    ] {
+        let Some(data) = data else { continue };
+        let mut csr = graph.to_csr_order(data, width);
+        if csr.is_empty() {
+            // A binding cannot be empty; no edge reads it.
+            csr.push(0.0);
+        }
+        owned.push((id, Tensor::upload(ctx, name, &csr, &[csr.len()])?));
+    }
+    Ok(owned)
+}
+
 impl Engine {
     /// What [`Engine::graph_attention`] would run: whole lists or chunks, why, and the bytes.
     pub fn plan_graph(
@@ -558,30 +598,14 @@ impl Engine {
             },
         };
         let io = plan.io;
-        let mut owned: Vec<(crate::program::BufferId, Tensor)> = Vec::new();
-        for (id, words) in plan.index_inputs(graph.row_ptr(), graph.col_idx()) {
-            owned.push((
-                id,
-                Tensor::upload_u32(ctx, "graph_index", &words, &[words.len()])?,
-            ));
-        }
-        for (id, name, data, width) in [
-            (io.bias, "graph_bias", opts.bias(), s.heads),
-            (
-                io.edge_attr,
-                "graph_edge_attr",
-                opts.edge_features(),
-                s.heads * s.d_k,
-            ),
-        ] {
-            let Some(data) = data else { continue };
-            let mut csr = graph.to_csr_order(data, width);
-            if csr.is_empty() {
-                // A binding cannot be empty; no edge reads it.
-                csr.push(0.0);
-            }
-            owned.push((id, Tensor::upload(ctx, name, &csr, &[csr.len()])?));
-        }
+        let owned = upload_graph_inputs(
+            ctx,
+            graph,
+            opts,
+            plan.index_inputs(graph.row_ptr(), graph.col_idx()),
+            (io.bias, io.edge_attr),
+            (s.heads, s.d_k),
+        )?;
         let mut tensors: Bindings = HashMap::from([
             (io.q, q),
             (io.k, k),

@@ -24,7 +24,7 @@ use crate::engine::{dims4, same_dtype, Engine, Scratch};
 use crate::error::{Error, Result};
 use crate::gpu::executor::Bindings;
 use crate::gpu::tensor::Tensor;
-use crate::graph::{graph_request, Graph, GraphAttention, GraphHostOutput};
+use crate::graph::{graph_request, upload_graph_inputs, Graph, GraphAttention, GraphHostOutput};
 use crate::plan::graph_backward::GraphBackwardPlan;
 
 /// Gradients of one edge-list attention on the device (f32), in the layouts of its inputs.
@@ -194,30 +194,14 @@ impl Engine {
             },
         };
         let io = plan.io;
-        let mut owned: Vec<(crate::program::BufferId, Tensor)> = Vec::new();
-        for (id, words) in plan.index_inputs(graph.row_ptr(), graph.col_idx()) {
-            owned.push((
-                id,
-                Tensor::upload_u32(ctx, "graph_index", &words, &[words.len()])?,
-            ));
-        }
-        for (id, name, data, width) in [
-            (io.bias, "graph_bias", opts.bias(), s.heads),
-            (
-                io.edge_attr,
-                "graph_edge_attr",
-                opts.edge_features(),
-                s.heads * s.d_k,
-            ),
-        ] {
-            let Some(data) = data else { continue };
-            let mut csr = graph.to_csr_order(data, width);
-            if csr.is_empty() {
-                // A binding cannot be empty; no edge reads it.
-                csr.push(0.0);
-            }
-            owned.push((id, Tensor::upload(ctx, name, &csr, &[csr.len()])?));
-        }
+        let owned = upload_graph_inputs(
+            ctx,
+            graph,
+            opts,
+            plan.index_inputs(graph.row_ptr(), graph.col_idx()),
+            (io.bias, io.edge_attr),
+            (s.heads, s.d_k),
+        )?;
         let mut tensors: Bindings = HashMap::from([
             (io.q, q),
             (io.k, k),
