@@ -203,6 +203,29 @@ fn round_up(x: u64, to: u64) -> u64 {
     x.div_ceil(to) * to
 }
 
+/// Q `[M, heads, d_k]`, K and V `[N, kv_heads, d]` of `dtype` declared as `program`'s inputs,
+/// each first held to the device's binding limit (the forward's and the backward's planners).
+pub(crate) fn qkv_inputs(
+    program: &mut Program,
+    s: GraphDims,
+    dtype: DType,
+    caps: &DeviceCaps,
+) -> Result<(BufferId, BufferId, BufferId)> {
+    let mut input = |name: &str, elems: usize| -> Result<BufferId> {
+        let bytes = check_binding(
+            &format!("{name} ({elems} elements)"),
+            dtype.bytes(elems),
+            caps,
+        )?;
+        Ok(program.input(name, bytes))
+    };
+    Ok((
+        input("q", s.m * s.heads * s.d_k)?,
+        input("k", s.n * s.kv_heads * s.d_k)?,
+        input("v", s.n * s.kv_heads * s.d_v)?,
+    ))
+}
+
 impl GraphPlan {
     /// Plans `req` over the graph whose CSR by destination is `row_ptr` (M + 1 entries) and
     /// `col_idx` (E sources), validated by [`crate::graph::Graph`].
@@ -296,22 +319,8 @@ impl GraphPlan {
         };
 
         let mut program = Program::new();
-        let size = |dtype: DType, elems: usize| dtype.bytes(elems);
         let words = |n: u64| (n.max(1)) * 4;
-        for (name, elems) in [
-            ("q", s.m * s.heads * s.d_k),
-            ("k", s.n * s.kv_heads * s.d_k),
-            ("v", s.n * s.kv_heads * s.d_v),
-        ] {
-            check_binding(
-                &format!("{name} ({elems} elements)"),
-                size(req.dtype, elems),
-                caps,
-            )?;
-        }
-        let q = program.input("q", size(req.dtype, s.m * s.heads * s.d_k));
-        let k = program.input("k", size(req.dtype, s.n * s.kv_heads * s.d_k));
-        let v = program.input("v", size(req.dtype, s.n * s.kv_heads * s.d_v));
+        let (q, k, v) = qkv_inputs(&mut program, s, req.dtype, caps)?;
         let rp = program.input("row_ptr", words(s.m as u64 + 1));
         let ci = program.input(
             "col_idx",

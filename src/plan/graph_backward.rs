@@ -16,7 +16,7 @@
 
 use std::fmt;
 
-use crate::dtype::{DType, Storage};
+use crate::dtype::Storage;
 use crate::error::{Error, Result};
 use crate::kernels::grad_rowdot::GradRowdot;
 use crate::kernels::graph_attention::{GRAPH_MAX_SLOTS, GRAPH_WG};
@@ -26,7 +26,7 @@ use crate::kernels::{KernelSpec, LoopCost};
 use crate::params::{graph_flags, AttnParams, GraphParams};
 use crate::plan::check::{bytes, check_binding, check_grid, check_loops, fold_grid, limit_err};
 use crate::plan::device::DeviceCaps;
-use crate::plan::graph::{Degrees, GraphRequest};
+use crate::plan::graph::{qkv_inputs, Degrees, GraphRequest};
 use crate::program::{BufferId, Program};
 
 /// The buffers of an edge-list attention's backward program.
@@ -226,21 +226,7 @@ impl GraphBackwardPlan {
 
         let mut program = Program::new();
         let words = |n: u64| n.max(1) * 4;
-        let size = |dtype: DType, elems: usize| dtype.bytes(elems);
-        for (name, elems) in [
-            ("q", s.m * s.heads * s.d_k),
-            ("k", s.n * s.kv_heads * s.d_k),
-            ("v", s.n * s.kv_heads * s.d_v),
-        ] {
-            check_binding(
-                &format!("{name} ({elems} elements)"),
-                size(req.dtype, elems),
-                caps,
-            )?;
-        }
-        let q = program.input("q", size(req.dtype, s.m * s.heads * s.d_k));
-        let k = program.input("k", size(req.dtype, s.n * s.kv_heads * s.d_k));
-        let v = program.input("v", size(req.dtype, s.n * s.kv_heads * s.d_v));
+        let (q, k, v) = qkv_inputs(&mut program, s, req.dtype, caps)?;
         let rp = program.input("row_ptr", words(s.m as u64 + 1));
         let ci = program.input("col_idx", check_binding("col_idx", words(e), caps)?);
         let eid = program.input("edge_id", words(e));
