@@ -1,4 +1,5 @@
-//! The backward of [`Engine::linear`]: [`Engine::linear_backward`] and its [`LinearGrads`].
+//! The backward of [`Engine::linear`]: [`Engine::linear_backward`] and its [`LinearGrads`];
+//! [`Engine::add_into`], which sums the gradients of an input that feeds several products.
 
 use std::collections::HashMap;
 
@@ -112,5 +113,39 @@ impl Engine {
         }
         self.execute(&program, &tensors)?;
         Ok(grads)
+    }
+
+    /// `acc += x` element by element on the device (both f32, of the same dims): the gradient
+    /// of an input that feeds several products is the sum of theirs (a layer whose input is
+    /// projected twice). Errors: [`Error::Shape`] for different dims, [`Error::Argument`] for
+    /// a tensor that is not f32 or for `acc` and `x` in one buffer.
+    pub fn add_into(&self, acc: &Tensor, x: &Tensor) -> Result<()> {
+        if acc.dims() != x.dims() {
+            return Err(Error::Shape(format!(
+                "add_into needs tensors of one shape, got acc {:?} and x {:?}",
+                acc.dims(),
+                x.dims()
+            )));
+        }
+        if acc.dtype() != DType::F32 || x.dtype() != DType::F32 {
+            return Err(Error::Argument(format!(
+                "add_into sums f32 tensors, got acc {} and x {}",
+                acc.dtype(),
+                x.dtype()
+            )));
+        }
+        if acc.buffer() == x.buffer() {
+            return Err(Error::Argument(
+                "add_into: acc and x share one buffer, which one dispatch cannot both read and \
+                 write"
+                    .into(),
+            ));
+        }
+        let mut program = Program::new();
+        let bytes = x.dtype().bytes(x.len());
+        let xs = program.input("x", bytes);
+        let accs = program.output("acc", bytes);
+        plan::add(&mut program, x.len(), [xs, accs], self.caps())?;
+        self.execute(&program, &HashMap::from([(xs, x), (accs, acc)]))
     }
 }

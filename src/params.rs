@@ -183,6 +183,18 @@ pub mod linear_grad {
     pub const WEIGHT: u32 = 1;
 }
 
+/// Parameters of the `add` kernel: how many f32 elements to add.
+///
+/// Keep in sync with `AddParams` in `shaders/add.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
+pub struct AddParams {
+    /// Elements to add.
+    pub elems: u32,
+    /// Padding to 16 bytes.
+    pub _pad: [u32; 3],
+}
+
 /// Parameters of the `pack` kernel: how many f32 elements to pack into half pairs.
 ///
 /// Keep in sync with `PackParams` in `shaders/pack.wgsl`.

@@ -349,3 +349,42 @@ fn the_loop_cap_holds_at_the_largest_dispatch() {
         );
     }
 }
+
+/// `add_into` adds element by element in f32, so its sums are the host's bit for bit: sizes
+/// within one workgroup, off its 64, and past 65,535 workgroups (the grid folds into y).
+#[test]
+fn add_into_sums_as_the_host_does() {
+    let Some(engine) = engine() else { return };
+    for (i, len) in [1, 63, 64 * 65 + 3, 65_535 * 64 + 5]
+        .into_iter()
+        .enumerate()
+    {
+        let acc_host = random(len, 3.0, 40 + i as u64);
+        let x_host = random(len, 3.0, 80 + i as u64);
+        let acc = engine.upload(&acc_host, &[len]).unwrap();
+        let x = engine.upload(&x_host, &[len]).unwrap();
+        engine.add_into(&acc, &x).unwrap();
+        let want: Vec<f32> = acc_host.iter().zip(&x_host).map(|(a, x)| a + x).collect();
+        assert!(acc.to_host().unwrap() == want, "acc + x at {len} elements");
+        assert_eq!(x.to_host().unwrap(), x_host, "x is only read");
+    }
+}
+
+#[test]
+fn add_into_refuses_what_it_cannot_sum() {
+    let Some(engine) = engine() else { return };
+    let a = engine.upload(&random(6, 1.0, 1), &[2, 3]).unwrap();
+    let b = engine.upload(&random(6, 1.0, 2), &[3, 2]).unwrap();
+    assert!(matches!(engine.add_into(&a, &b), Err(Error::Shape(_))));
+    let half = Tensor::upload_as(engine.context(), "h", &random(6, 1.0, 3), &[2, 3], F16).unwrap();
+    assert!(matches!(
+        engine.add_into(&a, &half),
+        Err(Error::Argument(_))
+    ));
+    let view = a.reshaped(&[2, 3]).unwrap();
+    assert!(matches!(
+        engine.add_into(&a, &view),
+        Err(Error::Argument(_))
+    ));
+    assert!(matches!(a.reshaped(&[7]), Err(Error::Shape(_))));
+}

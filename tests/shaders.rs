@@ -199,6 +199,11 @@ fn all_kernels() -> Vec<Kernel> {
             collect(&mut out, &program);
         }
     }
+    // The sum of gradients (the GCA layer's backward).
+    let mut program = xattn::program::Program::new();
+    let (x, acc) = (program.input("x", 64), program.output("acc", 64));
+    xattn::plan::add(&mut program, 16, [x, acc], &caps_for(true)).unwrap();
+    collect(&mut out, &program);
     out
 }
 
@@ -617,6 +622,17 @@ fn graph_params_layout_matches_wgsl() {
         let found = members.iter().find(|(n, _)| n == name);
         assert_eq!(found.map(|m| m.1), Some(offset), "offset of {name}");
     }
+}
+
+#[test]
+fn add_params_layout_matches_wgsl() {
+    let (size, members) = wgsl_layout(Kernel::Add(xattn::kernels::add::Add), "AddParams");
+    assert_eq!(size, std::mem::size_of::<xattn::params::AddParams>());
+    let elems = members.iter().find(|(n, _)| n == "elems").map(|m| m.1);
+    assert_eq!(
+        elems,
+        Some(std::mem::offset_of!(xattn::params::AddParams, elems))
+    );
 }
 
 #[test]

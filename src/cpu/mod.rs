@@ -11,6 +11,8 @@ pub mod reference;
 
 // The twins: internals, public for the tests.
 #[doc(hidden)]
+pub mod add;
+#[doc(hidden)]
 pub mod flash;
 #[doc(hidden)]
 pub mod flash_coop;

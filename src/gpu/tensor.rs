@@ -206,6 +206,21 @@ impl Tensor {
         })
     }
 
+    /// The same device memory seen with other dims of the same element count (no copy; a
+    /// handle like a clone): `[M, heads·d]` as `[1, M, heads, d]`.
+    pub fn reshaped(&self, dims: &[usize]) -> Result<Self> {
+        if dims.iter().product::<usize>() != self.len() {
+            return Err(Error::Shape(format!(
+                "cannot view {:?} ({} elements) as {dims:?}",
+                self.dims,
+                self.len()
+            )));
+        }
+        let mut view = self.clone();
+        view.dims = dims.to_vec();
+        Ok(view)
+    }
+
     /// An uninitialized (zeroed by wgpu) f32 tensor of shape `dims`.
     pub fn empty(ctx: &Context, name: &str, dims: &[usize]) -> Result<Self> {
         Self::empty_as(ctx, name, dims, DType::F32)

@@ -36,6 +36,7 @@ use std::fmt;
 use crate::dtype::Storage;
 use crate::error::{Error, Result};
 
+pub mod add;
 mod common;
 pub mod flash;
 pub mod flash_coop;
@@ -250,6 +251,7 @@ registry! {
     LinearGrad(linear_grad::LinearGrad),
     MeanHeads(mean_heads::MeanHeads),
     Pack(pack::Pack),
+    Add(add::Add),
     WeightBlocks(weight_blocks::WeightBlocks),
     KeyCoverage(key_coverage::KeyCoverage),
     GradRowdot(grad_rowdot::GradRowdot),

@@ -3,6 +3,7 @@
 
 use crate::dtype::{DType, Storage};
 use crate::error::Result;
+use crate::kernels::add::Add;
 use crate::kernels::linear::Linear;
 use crate::kernels::linear_grad::LinearGrad;
 use crate::kernels::mean_heads::MeanHeads;
@@ -10,13 +11,36 @@ use crate::kernels::pack::Pack;
 use crate::kernels::KernelSpec;
 use crate::mask::MaskSpec;
 use crate::mha::{MhaConfig, NeedWeights};
-use crate::params::{linear_grad, LinearGradParams, LinearParams, PackParams};
+use crate::params::{linear_grad, AddParams, LinearGradParams, LinearParams, PackParams};
 use crate::plan::attention::{append, base_params, Planned};
 use crate::plan::check::{bytes, check_binding, check_grid, check_loops, fold_grid, limit_err};
 use crate::plan::device::DeviceCaps;
 use crate::plan::request::{declare_mask_inputs, AttnIo, Path, Request, StatsIo};
 use crate::program::{BufferId, Program};
 use crate::shape::{AttnShape, F32};
+
+/// Appends `acc += x` over `elems` f32 elements (a sum of gradients).
+pub fn add(
+    program: &mut Program,
+    elems: usize,
+    [x, acc]: [BufferId; 2],
+    caps: &DeviceCaps,
+) -> Result<()> {
+    let elems32 = u32::try_from(elems).map_err(|_| {
+        limit_err(
+            format!("{elems} elements to add"),
+            elems as u64,
+            "elements per add dispatch",
+            u64::from(u32::MAX),
+        )
+    })?;
+    let params = AddParams {
+        elems: elems32,
+        ..Default::default()
+    };
+    program.dispatch(Add, &params, fold_grid("add", elems, caps)?, &[x, acc]);
+    Ok(())
+}
 
 /// Appends packing `elems` f32 values of `from` into `to` as `dtype` pairs.
 pub fn pack(

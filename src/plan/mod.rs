@@ -37,5 +37,5 @@ pub use device::{
     fill_of, loop_cap_of, matrix_units_of, subgroup_lanes_of, DeviceCaps, Fill, MatrixUnits,
     GPU_FILL, LLVMPIPE_LOOP_CAP,
 };
-pub use layer::{linear, linear_backward, mean_heads, pack};
+pub use layer::{add, linear, linear_backward, mean_heads, pack};
 pub use request::{mask_input_bytes, AttnIo, Path, Request, StatsIo};
