@@ -37,9 +37,11 @@
 //! where the call has them, d edge features and d bias, in the given edge order.
 //!
 //! Topology features for GTAT's graph cross-attention, each node's graphlet-orbit counts, come
-//! from [`orbits::graphlet_orbits`] (on the host).
+//! from [`orbits::graphlet_orbits`] (on the host); the layer itself is
+//! [`gca::GraphCrossAttention`].
 
 pub mod backward;
+pub mod gca;
 pub mod orbits;
 
 use std::collections::HashMap;

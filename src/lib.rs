@@ -77,6 +77,7 @@ pub use gpu::executor::GpuTimer;
 pub use gpu::tensor::Tensor;
 pub use grad::{Grads, HostGrads};
 pub use graph::backward::{GraphGrads, GraphHostGrads};
+pub use graph::gca::{Branch, GcaConfig, GcaGrads, GcaOutput, GcaWeights, GraphCrossAttention};
 pub use graph::{
     Graph, GraphAttention, GraphHostOutput, GraphHostStats, GraphOutput, GraphStatsOutput,
 };

@@ -167,7 +167,10 @@ pub enum Proj {
     O,
 }
 
-const PROJS: [Proj; 4] = [Proj::Q, Proj::K, Proj::V, Proj::O];
+impl Proj {
+    /// The four, in index order.
+    pub const ALL: [Proj; 4] = [Proj::Q, Proj::K, Proj::V, Proj::O];
+}
 
 fn f32_bytes(elems: usize) -> u64 {
     elems as u64 * F32
@@ -230,7 +233,7 @@ impl MultiHeadAttention {
         ];
         let mut w = Vec::with_capacity(4);
         let mut b = Vec::with_capacity(4);
-        for (i, proj) in PROJS.iter().enumerate() {
+        for (i, proj) in Proj::ALL.iter().enumerate() {
             let (data, bias) = weights.get(*proj);
             w.push(Tensor::upload_as(
                 ctx,
@@ -291,7 +294,7 @@ impl MultiHeadAttention {
     /// [`MultiHeadAttention::prepare_cached`] keeps reading the cache it was bound to.
     pub fn set_weights(&mut self, weights: &MhaWeights) -> Result<()> {
         weights.check(&self.config)?;
-        for (i, proj) in PROJS.iter().enumerate() {
+        for (i, proj) in Proj::ALL.iter().enumerate() {
             if weights.get(*proj).1.is_some() != self.biases[i].is_some() {
                 return Err(Error::Argument(format!(
                     "set_weights: the layer's {proj:?} projection {} a bias; new weights must \
@@ -304,7 +307,7 @@ impl MultiHeadAttention {
                 )));
             }
         }
-        for (i, proj) in PROJS.iter().enumerate() {
+        for (i, proj) in Proj::ALL.iter().enumerate() {
             let (data, bias) = weights.get(*proj);
             self.weights[i].write(data)?;
             if let (Some(t), Some(bias)) = (&self.biases[i], bias) {

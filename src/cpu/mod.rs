@@ -16,6 +16,7 @@ pub mod add;
 pub mod flash;
 #[doc(hidden)]
 pub mod flash_coop;
+pub mod gca_reference;
 #[doc(hidden)]
 pub mod grad;
 #[doc(hidden)]
