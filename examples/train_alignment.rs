@@ -29,7 +29,6 @@ use std::time::Instant;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use xattn::heatmap::{render_png, HeatmapStyle};
-use xattn::mha::MhaWeights;
 use xattn::{Context, Engine, MhaConfig, MhaOptions, MultiHeadAttention, NeedWeights};
 
 mod common;
@@ -75,62 +74,6 @@ fn encode(x: f32) -> Vec<f32> {
             [(w * x).cos(), (w * x).sin()]
         })
         .collect()
-}
-
-/// Adam (Kingma & Ba) over one parameter tensor.
-struct Adam {
-    m: Vec<f32>,
-    v: Vec<f32>,
-}
-
-impl Adam {
-    const B1: f32 = 0.9;
-    const B2: f32 = 0.999;
-    const EPS: f32 = 1e-8;
-
-    fn new(len: usize) -> Self {
-        Self {
-            m: vec![0.0; len],
-            v: vec![0.0; len],
-        }
-    }
-
-    /// One step `t` (from 1) of size `lr` on `x` with gradient `g`.
-    fn step(&mut self, x: &mut [f32], g: &[f32], lr: f32, t: i32) {
-        let (c1, c2) = (1.0 - Self::B1.powi(t), 1.0 - Self::B2.powi(t));
-        for (((x, &g), m), v) in x.iter_mut().zip(g).zip(&mut self.m).zip(&mut self.v) {
-            *m = Self::B1 * *m + (1.0 - Self::B1) * g;
-            *v = Self::B2 * *v + (1.0 - Self::B2) * g * g;
-            *x -= lr * (*m / c1) / ((*v / c2).sqrt() + Self::EPS);
-        }
-    }
-}
-
-/// The layer's parameters as a list: W^Q, W^K, W^V, W^O, then the biases.
-fn params(w: &mut MhaWeights) -> [&mut Vec<f32>; 8] {
-    fn bias(b: &mut Option<Vec<f32>>) -> &mut Vec<f32> {
-        b.as_mut().expect("every projection has a bias")
-    }
-    let MhaWeights {
-        q,
-        k,
-        v,
-        o,
-        q_bias,
-        k_bias,
-        v_bias,
-        o_bias,
-    } = w;
-    [
-        q,
-        k,
-        v,
-        o,
-        bias(q_bias),
-        bias(k_bias),
-        bias(v_bias),
-        bias(o_bias),
-    ]
 }
 
 /// The loss `mean (out − y)²` and its gradient `2·(out − y)/count`.
