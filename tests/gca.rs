@@ -186,6 +186,7 @@ fn check(engine: &Engine, name: &str, c: &Case, seed: u64) -> f64 {
     let mut one = |what: String, got: &[f32], want: &[f64], magnitude: f64| {
         let tol = 4.0 * EPS * len * magnitude.max(1e-30);
         let err = assert_close(&what, got, want, tol);
+        eprintln!("{what}: max error {err:.2e} (budget {tol:.2e})");
         worst = worst.max(err / tol);
     };
     one(format!("{name} X'"), &got.x, &want_out.x, amax(&want_out.x));
@@ -341,19 +342,23 @@ fn the_reference_backward_matches_central_differences() {
     }
 }
 
+/// A small layer's config (features 6, topology 5) and its inputs on `nodes` nodes.
+fn small_inputs(engine: &Engine, nodes: usize) -> (GcaConfig, Graph, Tensor, Tensor) {
+    let cfg = GcaConfig::new(6, 5, 2, 4);
+    let graph = graph_of(nodes, &random_edges(nodes, 2, 8));
+    let upload = |width: usize, seed| {
+        engine
+            .upload(&random(nodes * width, 1.0, seed), &[nodes, width])
+            .unwrap()
+    };
+    (cfg, graph, upload(6, 1), upload(5, 2))
+}
+
 /// New weights written with `set_weights` give what a layer made with them gives.
 #[test]
 fn set_weights_gives_a_new_layers_outputs() {
     let Some(engine) = engine() else { return };
-    let cfg = GcaConfig::new(6, 5, 2, 4);
-    let nodes = 12;
-    let graph = graph_of(nodes, &random_edges(nodes, 2, 8));
-    let x = engine
-        .upload(&random(nodes * 6, 1.0, 1), &[nodes, 6])
-        .unwrap();
-    let t = engine
-        .upload(&random(nodes * 5, 1.0, 2), &[nodes, 5])
-        .unwrap();
+    let (cfg, graph, x, t) = small_inputs(engine, 12);
     let (first, second) = (random_weights(&cfg, 3), random_weights(&cfg, 30));
     let mut layer = GraphCrossAttention::new(engine, cfg, &first).unwrap();
     let before = layer.forward(&x, &t, &graph).unwrap().x.to_host().unwrap();
@@ -373,7 +378,8 @@ fn set_weights_gives_a_new_layers_outputs() {
 #[test]
 fn bad_layers_and_calls_are_typed_errors() {
     let Some(engine) = engine() else { return };
-    let cfg = GcaConfig::new(6, 5, 2, 4);
+    let nodes = 8;
+    let (cfg, graph, x, t) = small_inputs(engine, nodes);
     let w = random_weights(&cfg, 1);
     assert!(matches!(
         GraphCrossAttention::new(engine, GcaConfig::new(6, 5, 0, 4), &w),
@@ -390,14 +396,6 @@ fn bad_layers_and_calls_are_typed_errors() {
         Err(Error::Argument(_))
     ));
     let layer = GraphCrossAttention::new(engine, cfg, &w).unwrap();
-    let nodes = 8;
-    let graph = graph_of(nodes, &random_edges(nodes, 2, 2));
-    let x = engine
-        .upload(&random(nodes * 6, 1.0, 1), &[nodes, 6])
-        .unwrap();
-    let t = engine
-        .upload(&random(nodes * 5, 1.0, 2), &[nodes, 5])
-        .unwrap();
     let t_wide = engine
         .upload(&random(nodes * 6, 1.0, 2), &[nodes, 6])
         .unwrap();

@@ -19,6 +19,18 @@ use crate::plan::request::{declare_mask_inputs, AttnIo, Path, Request, StatsIo};
 use crate::program::{BufferId, Program};
 use crate::shape::{AttnShape, F32};
 
+/// `elems` as the u32 an element-wise kernel's params hold, or the limit error.
+fn elems_u32(elems: usize, kernel: &str) -> Result<u32> {
+    u32::try_from(elems).map_err(|_| {
+        limit_err(
+            format!("{elems} elements to {kernel}"),
+            elems as u64,
+            "elements per dispatch",
+            u64::from(u32::MAX),
+        )
+    })
+}
+
 /// Appends `acc += x` over `elems` f32 elements (a sum of gradients).
 pub fn add(
     program: &mut Program,
@@ -26,16 +38,8 @@ pub fn add(
     [x, acc]: [BufferId; 2],
     caps: &DeviceCaps,
 ) -> Result<()> {
-    let elems32 = u32::try_from(elems).map_err(|_| {
-        limit_err(
-            format!("{elems} elements to add"),
-            elems as u64,
-            "elements per add dispatch",
-            u64::from(u32::MAX),
-        )
-    })?;
     let params = AddParams {
-        elems: elems32,
+        elems: elems_u32(elems, "add")?,
         ..Default::default()
     };
     program.dispatch(Add, &params, fold_grid("add", elems, caps)?, &[x, acc]);
@@ -50,14 +54,7 @@ pub fn pack(
     [from, to]: [BufferId; 2],
     caps: &DeviceCaps,
 ) -> Result<()> {
-    let elems32 = u32::try_from(elems).map_err(|_| {
-        limit_err(
-            format!("{elems} elements to pack"),
-            elems as u64,
-            "elements per pack dispatch",
-            u64::from(u32::MAX),
-        )
-    })?;
+    let elems32 = elems_u32(elems, "pack")?;
     program.dispatch(
         Pack { to: dtype },
         &(PackParams {
