@@ -777,3 +777,24 @@ fn the_cpu_executor_runs_the_layer_backward_program() {
         eprintln!("{name}: worst error {worst:.4} of budget");
     }
 }
+
+/// The `add` twin through the CPU executor: a copy puts `a` in the (NaN-poisoned) output,
+/// `add` adds `x`, element by element in f32 as the host does, off the workgroup's 64.
+#[test]
+fn the_cpu_executor_runs_add() {
+    let len = 64 * 3 + 5;
+    let (a, x) = (random(len, 2.0, 1), random(len, 2.0, 2));
+    let mut program = xattn::program::Program::new();
+    let bytes = 4 * len as u64;
+    let (ai, xi, acc) = (
+        program.input("a", bytes),
+        program.input("x", bytes),
+        program.output("acc", bytes),
+    );
+    program.copy((ai, 0), (acc, 0), bytes);
+    xattn::plan::add(&mut program, len, [xi, acc], &CAPS).unwrap();
+    let inputs = HashMap::from([(ai, words(&a)), (xi, words(&x))]);
+    let got = floats(&run(&program, &inputs).unwrap()[&acc]);
+    let want: Vec<f32> = a.iter().zip(&x).map(|(a, x)| a + x).collect();
+    assert!(got == want, "acc = a + x");
+}
