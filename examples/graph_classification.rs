@@ -14,7 +14,8 @@
 //! a linear classifier of `[X + X' | T + T']` on the host. The baseline: the same classifier
 //! of X alone. Each step runs the layer's forward and backward on the device, the classifier
 //! and the cross-entropy loss on the host, and Adam on every weight (written back with
-//! `GraphCrossAttention::set_weights`). A GCA layer can only beat the baseline by reading the
+//! `GraphCrossAttention::set_weights`). T carries no class signal here (every class has the
+//! same expected degrees), so the GCA model can only beat the baseline by reading the
 //! neighbours: most of a node's neighbours share its class, so what they carry averages the
 //! noise away.
 //!

@@ -231,28 +231,13 @@ impl MultiHeadAttention {
             [config.kv_dim(), config.vdim],
             [e, inner],
         ];
-        let mut w = Vec::with_capacity(4);
-        let mut b = Vec::with_capacity(4);
-        for (i, proj) in Proj::ALL.iter().enumerate() {
-            let (data, bias) = weights.get(*proj);
-            w.push(Tensor::upload_as(
-                ctx,
-                "layer_weight",
-                data,
-                &shapes[i],
-                dtype,
-            )?);
-            b.push(
-                bias.map(|bias| Tensor::upload_as(ctx, "layer_bias", bias, &[bias.len()], dtype))
-                    .transpose()?,
-            );
-        }
+        let (weights, biases) = weights.upload(ctx, shapes, dtype)?;
         Ok(Self {
             engine: engine.clone(),
             config,
             id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
-            weights: w.try_into().expect("four projections"),
-            biases: b.try_into().expect("four projections"),
+            weights,
+            biases,
         })
     }
 
@@ -307,13 +292,7 @@ impl MultiHeadAttention {
                 )));
             }
         }
-        for (i, proj) in Proj::ALL.iter().enumerate() {
-            let (data, bias) = weights.get(*proj);
-            self.weights[i].write(data)?;
-            if let (Some(t), Some(bias)) = (&self.biases[i], bias) {
-                t.write(bias)?;
-            }
-        }
+        weights.write_into((&self.weights, &self.biases))?;
         self.id = NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

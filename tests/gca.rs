@@ -292,52 +292,48 @@ fn the_reference_backward_matches_central_differences() {
     };
     let g = gca_backward(&cfg, (&x, &t), &edges, &w, (&d_xo, &d_to));
     let h = 1e-6;
-    let close = |what: &str, fd: f64, an: f64| {
-        assert!(
-            (fd - an).abs() <= 1e-6 * (1.0 + an.abs()),
-            "{what}: central difference {fd}, backward {an}"
-        );
-    };
-    for i in 0..x.len() {
-        let (mut up, mut down) = (x.clone(), x.clone());
-        up[i] += h;
-        down[i] -= h;
-        close(
-            &format!("dX[{i}]"),
-            (loss(&up, &t, &w) - loss(&down, &t, &w)) / (2.0 * h),
-            g.d_x[i],
-        );
-    }
-    for i in 0..t.len() {
-        let (mut up, mut down) = (t.clone(), t.clone());
-        up[i] += h;
-        down[i] -= h;
-        close(
-            &format!("dT[{i}]"),
-            (loss(&x, &up, &w) - loss(&x, &down, &w)) / (2.0 * h),
-            g.d_t[i],
-        );
-    }
-    for b in 0..2 {
-        for p in 0..4 {
-            for i in 0..w.w[b][p].len() {
-                let (mut up, mut down) = (w.clone(), w.clone());
-                up.w[b][p][i] += h;
-                down.w[b][p][i] -= h;
-                let fd = (loss(&x, &t, &up) - loss(&x, &t, &down)) / (2.0 * h);
-                close(&format!("dW[{b}][{p}][{i}]"), fd, g.d_w[b][p][i]);
-            }
-            for i in 0..w.b[b][p].as_ref().unwrap().len() {
-                let (mut up, mut down) = (w.clone(), w.clone());
-                up.b[b][p].as_mut().unwrap()[i] += h;
-                down.b[b][p].as_mut().unwrap()[i] -= h;
-                let fd = (loss(&x, &t, &up) - loss(&x, &t, &down)) / (2.0 * h);
-                close(
-                    &format!("db[{b}][{p}][{i}]"),
-                    fd,
-                    g.d_b[b][p].as_ref().unwrap()[i],
+    // Every element i of one gradient against (L(θᵢ + h) − L(θᵢ − h)) / 2h, `shifted(i, δ)`
+    // being L with element i of its parameter (`len` elements) moved by δ.
+    let check_all =
+        |what: &str, analytic: &[f64], len: usize, shifted: &dyn Fn(usize, f64) -> f64| {
+            assert_eq!(analytic.len(), len, "{what}: length");
+            for (i, &an) in analytic.iter().enumerate() {
+                let fd = (shifted(i, h) - shifted(i, -h)) / (2.0 * h);
+                assert!(
+                    (fd - an).abs() <= 1e-6 * (1.0 + an.abs()),
+                    "{what}[{i}]: central difference {fd}, backward {an}"
                 );
             }
+        };
+    check_all("dX", &g.d_x, x.len(), &|i, d| {
+        let mut x = x.clone();
+        x[i] += d;
+        loss(&x, &t, &w)
+    });
+    check_all("dT", &g.d_t, t.len(), &|i, d| {
+        let mut t = t.clone();
+        t[i] += d;
+        loss(&x, &t, &w)
+    });
+    for b in 0..2 {
+        for p in 0..4 {
+            check_all(
+                &format!("dW[{b}][{p}]"),
+                &g.d_w[b][p],
+                w.w[b][p].len(),
+                &|i, d| {
+                    let mut w = w.clone();
+                    w.w[b][p][i] += d;
+                    loss(&x, &t, &w)
+                },
+            );
+            let bias_len = w.b[b][p].as_ref().unwrap().len();
+            let db = g.d_b[b][p].as_ref().unwrap();
+            check_all(&format!("db[{b}][{p}]"), db, bias_len, &|i, d| {
+                let mut w = w.clone();
+                w.b[b][p].as_mut().unwrap()[i] += d;
+                loss(&x, &t, &w)
+            });
         }
     }
 }

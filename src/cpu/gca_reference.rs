@@ -1,10 +1,12 @@
 //! The reference of the graph cross-attention layer ([`crate::graph::gca`]): naive, f64, built
-//! from the edge-list references ([`graph_reference`], [`graph_grad_reference`]) and plain
-//! f64 products, sharing nothing with the kernels. Its backward is checked against central
+//! from the edge-list references ([`graph_reference`], [`graph_grad_reference`]) and the
+//! projections' ([`crate::cpu::reference::linear`], its backward), sharing nothing with the
+//! kernels. Its backward is checked against central
 //! differences of its forward (tests/gca.rs).
 
 use crate::cpu::graph_grad_reference::graph_attention_backward;
 use crate::cpu::graph_reference::{graph_attention, GraphDims, GraphTerms};
+use crate::cpu::reference::{linear, linear_backward};
 use crate::graph::gca::{Branch, GcaConfig, GcaWeights};
 use crate::mha::Proj;
 
@@ -60,60 +62,17 @@ pub struct GcaGrads64 {
     pub d_projected: [[Vec<f64>; 4]; 2],
 }
 
-/// `y [rows, out] = x [rows, in]·wᵀ + b`.
-pub fn linear(x: &[f64], w: &[f64], b: Option<&[f64]>, in_dim: usize) -> Vec<f64> {
-    let out_dim = w.len() / in_dim;
-    x.chunks(in_dim)
-        .flat_map(|row| {
-            (0..out_dim).map(move |o| {
-                let dot: f64 = row
-                    .iter()
-                    .zip(&w[o * in_dim..][..in_dim])
-                    .map(|(a, b)| a * b)
-                    .sum();
-                dot + b.map_or(0.0, |b| b[o])
-            })
-        })
-        .collect()
-}
-
-/// The gradients of [`linear`] for `dy [rows, out]`: `dx = dy·w`, `dw = dyᵀ·x`, `db = Σ dy`.
-pub fn linear_backward(
-    x: &[f64],
-    w: &[f64],
-    dy: &[f64],
-    in_dim: usize,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let out_dim = w.len() / in_dim;
-    let rows = x.len() / in_dim;
-    let (mut dx, mut dw, mut db) = (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; out_dim]);
-    for r in 0..rows {
-        for o in 0..out_dim {
-            let g = dy[r * out_dim + o];
-            db[o] += g;
-            for i in 0..in_dim {
-                dx[r * in_dim + i] += g * w[o * in_dim + i];
-                dw[o * in_dim + i] += g * x[r * in_dim + i];
-            }
-        }
-    }
-    (dx, dw, db)
-}
-
 /// An input with its width.
 type Input<'a> = (&'a [f64], usize);
 
-/// What one branch reads: the input its weights come from (similarity) and the one it
-/// carries (values).
+/// What one branch reads, with widths: the input its weights come from (similarity) and the
+/// one it carries (values).
 fn branch_inputs<'a>(
     c: &GcaConfig,
     branch: Branch,
     (x, t): (&'a [f64], &'a [f64]),
 ) -> (Input<'a>, Input<'a>) {
-    match branch {
-        Branch::Features => ((t, c.topology_dim), (x, c.feature_dim)),
-        Branch::Topology => ((x, c.feature_dim), (t, c.topology_dim)),
-    }
+    branch.pick((x, c.feature_dim), (t, c.topology_dim))
 }
 
 fn dims(c: &GcaConfig, nodes: usize) -> GraphDims {

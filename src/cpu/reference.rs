@@ -170,10 +170,10 @@ pub fn attention_masked<T: Copy + Into<f64>>(
 }
 
 /// `y [rows, out] = x [rows, in]·wᵀ (+ b)` in f64 (PyTorch `Linear`).
-pub fn linear<T: Copy + Into<f64>>(
+pub fn linear<T: Copy + Into<f64>, W: Copy + Into<f64>>(
     x: &[T],
-    w: &[f32],
-    b: Option<&[f32]>,
+    w: &[W],
+    b: Option<&[W]>,
     in_dim: usize,
 ) -> Vec<f64> {
     let out_dim = w.len() / in_dim;
@@ -183,9 +183,9 @@ pub fn linear<T: Copy + Into<f64>>(
             let dot: f64 = row
                 .iter()
                 .zip(wrow)
-                .map(|(&a, &c)| a.into() * f64::from(c))
+                .map(|(&a, &c)| a.into() * c.into())
                 .sum();
-            y.push(dot + b.map_or(0.0, |b| f64::from(b[o])));
+            y.push(dot + b.map_or(0.0, |b| b[o].into()));
         }
     }
     y
@@ -328,9 +328,9 @@ pub fn reduce_to(s: &AttnShape, ds: &[f64], dims: [usize; 4]) -> Vec<f64> {
 /// The gradients of [`linear`] (`y = x·wᵀ + b`, `x [rows, in]`, `w [out, in]`) from
 /// `dy [rows, out]`, in f64: `(dx [rows, in], dw [out, in], db [out])` with
 /// `dx[r, i] = Σ_o dy[r, o]·w[o, i]`, `dw[o, i] = Σ_r dy[r, o]·x[r, i]`, `db[o] = Σ_r dy[r, o]`.
-pub fn linear_backward<X: Copy + Into<f64>, D: Copy + Into<f64>>(
+pub fn linear_backward<X: Copy + Into<f64>, W: Copy + Into<f64>, D: Copy + Into<f64>>(
     x: &[X],
-    w: &[f32],
+    w: &[W],
     dy: &[D],
     in_dim: usize,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
@@ -346,7 +346,7 @@ pub fn linear_backward<X: Copy + Into<f64>, D: Copy + Into<f64>>(
             let g: f64 = dy[r * out_dim + o].into();
             db[o] += g;
             for i in 0..in_dim {
-                dx[r * in_dim + i] += g * f64::from(w[o * in_dim + i]);
+                dx[r * in_dim + i] += g * w[o * in_dim + i].into();
                 dw[o * in_dim + i] += g * x[r * in_dim + i].into();
             }
         }

@@ -20,6 +20,7 @@
 //! on the device; X and T each feed three projections, so their gradients are sums
 //! ([`Engine::add_into`]). All in f32.
 
+use crate::dtype::DType;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::gpu::tensor::Tensor;
@@ -66,10 +67,7 @@ impl GcaConfig {
 
     /// `[out, in]` of W^Q, W^K, W^V, W^O of `branch`.
     pub fn weight_dims(&self, branch: Branch) -> [[usize; 2]; 4] {
-        let (sim, val) = match branch {
-            Branch::Features => (self.topology_dim, self.feature_dim),
-            Branch::Topology => (self.feature_dim, self.topology_dim),
-        };
+        let (sim, val) = branch.pick(self.feature_dim, self.topology_dim);
         let inner = self.inner();
         [[inner, sim], [inner, sim], [inner, val], [val, inner]]
     }
@@ -101,6 +99,15 @@ pub enum Branch {
 impl Branch {
     /// Both, in index order.
     pub const ALL: [Branch; 2] = [Branch::Features, Branch::Topology];
+
+    /// `(similarity input, value input)` of this branch, given X's and T's (tensors, widths):
+    /// the features branch weighs by T and carries X, the topology branch the reverse.
+    pub fn pick<T>(self, x: T, t: T) -> (T, T) {
+        match self {
+            Branch::Features => (t, x),
+            Branch::Topology => (x, t),
+        }
+    }
 }
 
 /// A GCA layer's weights on the host: each branch's four projections in PyTorch `Linear`
@@ -184,13 +191,13 @@ pub struct GcaGrads {
     pub d_biases: [[Option<Tensor>; 4]; 2],
 }
 
-/// What one branch's forward leaves for its backward.
+/// One branch's projections and attention: what its output projection reads and its
+/// backward needs.
 struct BranchActs {
     q: Tensor,
     k: Tensor,
     v: Tensor,
     attn: GraphOutput,
-    y: Tensor,
 }
 
 /// A GCA layer with its weights (f32) on one device.
@@ -207,21 +214,10 @@ impl GraphCrossAttention {
     pub fn new(engine: &Engine, config: GcaConfig, weights: &GcaWeights) -> Result<Self> {
         config.validate()?;
         weights.check(&config)?;
-        let ctx = engine.context();
-        let upload = |branch: Branch| -> Result<([Tensor; 4], [Option<Tensor>; 4])> {
-            let (mut w, mut b) = (Vec::new(), Vec::new());
-            for (proj, dims) in Proj::ALL.into_iter().zip(config.weight_dims(branch)) {
-                let (data, bias) = weights.branch(branch).get(proj);
-                w.push(Tensor::upload(ctx, "gca_weight", data, &dims)?);
-                b.push(
-                    bias.map(|x| Tensor::upload(ctx, "gca_bias", x, &[x.len()]))
-                        .transpose()?,
-                );
-            }
-            Ok((
-                w.try_into().expect("four projections"),
-                b.try_into().expect("four projections"),
-            ))
+        let upload = |branch: Branch| {
+            weights
+                .branch(branch)
+                .upload(engine.context(), config.weight_dims(branch), DType::F32)
         };
         let ((wf, bf), (wt, bt)) = (upload(Branch::Features)?, upload(Branch::Topology)?);
         Ok(Self {
@@ -241,13 +237,10 @@ impl GraphCrossAttention {
     pub fn set_weights(&mut self, weights: &GcaWeights) -> Result<()> {
         weights.check(&self.config)?;
         for branch in Branch::ALL {
-            for proj in Proj::ALL {
-                let (data, bias) = weights.branch(branch).get(proj);
-                self.weights[branch as usize][proj as usize].write(data)?;
-                if let (Some(t), Some(b)) = (&self.biases[branch as usize][proj as usize], bias) {
-                    t.write(b)?;
-                }
-            }
+            let i = branch as usize;
+            weights
+                .branch(branch)
+                .write_into((&self.weights[i], &self.biases[i]))?;
         }
         Ok(())
     }
@@ -284,20 +277,17 @@ impl GraphCrossAttention {
         GraphAttention::default()
     }
 
-    /// One branch's forward: its projections, the attention and the output projection.
-    fn branch_forward(
+    /// One branch's input projections and attention (its output projection is the caller's:
+    /// the backward needs none).
+    fn branch_attention(
         &self,
         branch: Branch,
         (x, t): (&Tensor, &Tensor),
         graph: &Graph,
     ) -> Result<BranchActs> {
-        let (sim, val) = match branch {
-            Branch::Features => (t, x),
-            Branch::Topology => (x, t),
-        };
+        let (sim, val) = branch.pick(x, t);
         let c = &self.config;
-        let nodes = x.dims()[0];
-        let heads = [1, nodes, c.heads, c.head_dim];
+        let heads = [1, x.dims()[0], c.heads, c.head_dim];
         let (w, b) = (
             &self.weights[branch as usize],
             &self.biases[branch as usize],
@@ -315,10 +305,18 @@ impl GraphCrossAttention {
         let attn = self
             .engine
             .graph_attention((&q, &k, &v), graph, &self.opts())?;
-        let o = attn.o.reshaped(&[nodes, c.inner()])?;
-        let o_proj = Proj::O as usize;
-        let y = self.engine.linear(&o, &w[o_proj], b[o_proj].as_ref())?;
-        Ok(BranchActs { q, k, v, attn, y })
+        Ok(BranchActs { q, k, v, attn })
+    }
+
+    /// One branch's output: its attention's O `[1, M, heads, head_dim]` through W^O.
+    fn branch_output(&self, branch: Branch, o: &Tensor) -> Result<Tensor> {
+        let o = o.reshaped(&[o.dims()[1], self.config.inner()])?;
+        let i = Proj::O as usize;
+        let (w, b) = (
+            &self.weights[branch as usize][i],
+            &self.biases[branch as usize][i],
+        );
+        self.engine.linear(&o, w, b.as_ref())
     }
 
     /// X' and T' for features `x [M, feature_dim]` and topology `t [M, topology_dim]` (f32,
@@ -326,11 +324,13 @@ impl GraphCrossAttention {
     /// in-neighbours).
     pub fn forward(&self, x: &Tensor, t: &Tensor, graph: &Graph) -> Result<GcaOutput> {
         self.check_inputs(x, t, graph)?;
-        let features = self.branch_forward(Branch::Features, (x, t), graph)?;
-        let topology = self.branch_forward(Branch::Topology, (x, t), graph)?;
+        let output = |branch| {
+            let acts = self.branch_attention(branch, (x, t), graph)?;
+            self.branch_output(branch, &acts.attn.o)
+        };
         Ok(GcaOutput {
-            x: features.y,
-            t: topology.y,
+            x: output(Branch::Features)?,
+            t: output(Branch::Topology)?,
         })
     }
 
@@ -362,12 +362,8 @@ impl GraphCrossAttention {
         let mut inputs = Vec::with_capacity(2);
         let (mut d_weights, mut d_biases) = (Vec::new(), Vec::new());
         for (branch, d_y) in [(Branch::Features, d_x), (Branch::Topology, d_t)] {
-            let (sim, val) = match branch {
-                Branch::Features => (t, x),
-                Branch::Topology => (x, t),
-            };
-            let acts = self.branch_forward(branch, (x, t), graph)?;
-            drop(acts.y);
+            let (sim, val) = branch.pick(x, t);
+            let acts = self.branch_attention(branch, (x, t), graph)?;
             let w = &self.weights[branch as usize];
             let o = acts.attn.o.reshaped(&flat)?;
             let out = e.linear_backward(&o, &w[Proj::O as usize], d_y, c.bias)?;

@@ -29,7 +29,10 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::gpu::context::Context;
+use crate::gpu::tensor::Tensor;
 use crate::mha::MhaConfig;
 use crate::mha::Proj;
 
@@ -119,6 +122,45 @@ impl MhaWeights {
             Proj::O => (&self.o, &self.o_bias),
         };
         (w, b.as_deref())
+    }
+
+    /// The four projections uploaded as `dtype` with `dims` (`[out, in]` each, lengths
+    /// checked by the caller), and their biases where present: a layer's device weights.
+    pub(crate) fn upload(
+        &self,
+        ctx: &Context,
+        dims: [[usize; 2]; 4],
+        dtype: DType,
+    ) -> Result<([Tensor; 4], [Option<Tensor>; 4])> {
+        let (mut w, mut b) = (Vec::with_capacity(4), Vec::with_capacity(4));
+        for (proj, dims) in Proj::ALL.into_iter().zip(dims) {
+            let (data, bias) = self.get(proj);
+            w.push(Tensor::upload_as(ctx, "layer_weight", data, &dims, dtype)?);
+            b.push(
+                bias.map(|bias| Tensor::upload_as(ctx, "layer_bias", bias, &[bias.len()], dtype))
+                    .transpose()?,
+            );
+        }
+        Ok((
+            w.try_into().expect("four projections"),
+            b.try_into().expect("four projections"),
+        ))
+    }
+
+    /// Writes these weights into tensors [`MhaWeights::upload`] made (lengths checked and
+    /// biases matched by the caller).
+    pub(crate) fn write_into(
+        &self,
+        (weights, biases): (&[Tensor; 4], &[Option<Tensor>; 4]),
+    ) -> Result<()> {
+        for (i, proj) in Proj::ALL.into_iter().enumerate() {
+            let (data, bias) = self.get(proj);
+            weights[i].write(data)?;
+            if let (Some(t), Some(bias)) = (&biases[i], bias) {
+                t.write(bias)?;
+            }
+        }
+        Ok(())
     }
 
     /// Checks every length against `config`.
